@@ -1,0 +1,35 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NODE_STAMP := tests/node/node_modules/.installed
+
+.PHONY: serve test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,embedded]'
+	touch $@
+
+$(NODE_STAMP): tests/node/package.json
+	cd tests/node && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+serve: $(STAMP)
+	$(BIN)/mongobranch serve
+
+test: $(STAMP) $(NODE_STAMP)
+	$(BIN)/ruff check proxy tests benchmarks
+	$(BIN)/mypy proxy
+	$(BIN)/pytest -q -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests benchmarks
+	$(BIN)/mypy proxy
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/passthrough.py
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules .mongobranch

@@ -1,0 +1,1 @@
+"""The admin HTTP API: a thin layer over the engine."""

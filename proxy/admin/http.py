@@ -1,0 +1,46 @@
+"""aiohttp application: health, metrics and (from the engine) branch routes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.metrics import REGISTRY
+
+
+def build_app(healthy: Callable[[], bool]) -> web.Application:
+    app = web.Application(middlewares=[_json_errors])
+
+    async def healthz(_request: web.Request) -> web.Response:
+        if healthy():
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "upstream unavailable"}, status=503)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = generate_latest(REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Callable) -> web.StreamResponse:  # type: ignore[type-arg]
+    """Every error the API returns is JSON {"error": ...}, including aiohttp's own 404/405."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json":
+            raise
+        return web.json_response({"error": exc.reason}, status=exc.status)
+
+
+async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return runner

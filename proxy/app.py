@@ -1,0 +1,111 @@
+"""`mongobranch serve`: wires the upstream, listeners, engine and admin API together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.admin import http
+from proxy.embedded import EmbeddedServer
+from proxy.net.handshake import Topology
+from proxy.net.router import ForwardAll
+from proxy.net.server import Listener
+from proxy.upstream.connection import UpstreamConfig
+from proxy.upstream.monitor import UpstreamMonitor
+
+log = logging.getLogger("mongobranch")
+
+
+def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return default_host, int(value)
+    return (host or default_host).strip("[]"), int(port)
+
+
+def parse_range(value: str) -> tuple[int, int]:
+    lo, sep, hi = value.partition("-")
+    if not sep:
+        raise ValueError(f"expected LO-HI, got {value!r}")
+    low, high = int(lo), int(hi)
+    if not 0 < low <= high < 65536:
+        raise ValueError(f"bad port range {value!r}")
+    return low, high
+
+
+@dataclass
+class ServeOptions:
+    upstream: str | None = None
+    listen: str = "127.0.0.1:27018"
+    admin: str = "127.0.0.1:9090"
+    branch_ports: str = "27100-27199"
+    meta_db: str = "mongobranch"
+    data_dir: str = ".mongobranch"
+    grace: float = 10.0
+
+
+class Proxy:
+    """A running proxy; tests start it in-process, `serve` runs it until a signal."""
+
+    def __init__(self, options: ServeOptions):
+        self.options = options
+        self.embedded: EmbeddedServer | None = None
+        self.topology = Topology()
+        self.upstream: UpstreamConfig | None = None
+        self.monitor: UpstreamMonitor | None = None
+        self.main: Listener | None = None
+        self.admin_runner: object | None = None
+        self.admin_port = 0
+
+    async def start(self) -> None:
+        opts = self.options
+        uri = opts.upstream
+        if not uri:
+            self.embedded = EmbeddedServer(Path(opts.data_dir))
+            await self.embedded.start()
+            uri = self.embedded.uri
+        self.upstream = UpstreamConfig.from_uri(uri)
+        self.monitor = UpstreamMonitor(self.upstream, self.topology)
+        if not await self.monitor.wait_ready(15.0):
+            log.warning("upstream %s is not answering yet; serving anyway",
+                        self.upstream.address)
+        self.monitor.start()
+        host, port = parse_hostport(opts.listen)
+        self.main = Listener("main", host, port, upstream=self.upstream,
+                             topology=self.topology, router=ForwardAll())
+        await self.main.start()
+        monitor = self.monitor
+        app = http.build_app(lambda: monitor.healthy)
+        ahost, aport = parse_hostport(opts.admin)
+        runner = await http.start(app, ahost, aport)
+        self.admin_runner = runner
+        self.admin_port = aport or runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self.main:
+            await self.main.stop(self.options.grace)
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()  # type: ignore[attr-defined]
+        if self.monitor:
+            await self.monitor.stop()
+        if self.embedded:
+            await self.embedded.stop()
+
+
+async def serve(options: ServeOptions) -> int:
+    proxy = Proxy(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await proxy.start()
+        log.info("mongobranch ready: main port %s, admin http://%s", options.listen, options.admin)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await proxy.stop()
+    return 0

@@ -1,0 +1,1 @@
+"""Listeners and client connections. Knows the wire protocol, not branches."""

@@ -1,0 +1,275 @@
+"""One client connection: framing, decompression, handshake, dispatch, forwarding."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from typing import Any
+
+from proxy import metrics
+from proxy.net import handshake
+from proxy.net.router import CommandError, Router
+from proxy.upstream.connection import (
+    UpstreamConfig,
+    UpstreamConnection,
+    UpstreamUnavailable,
+    next_request_id,
+)
+from proxy.wire import compression, legacy, opmsg
+from proxy.wire.bsonutil import decode
+from proxy.wire.errors import ProtocolError
+from proxy.wire.framing import OP_COMPRESSED, OP_MSG, OP_QUERY, Frame, read_frame
+
+log = logging.getLogger("mongobranch.conn")
+_connection_ids = itertools.count(1)
+
+# Never compressed, per the compression spec.
+_UNCOMPRESSIBLE = frozenset({
+    "hello", "isMaster", "ismaster", "saslStart", "saslContinue", "getnonce", "authenticate",
+    "createUser", "updateUser", "copydbSaslStart", "copydbgetnonce", "copydb",
+})
+
+
+def host_unreachable(message: str) -> dict[str, Any]:
+    return {"ok": 0.0, "errmsg": message, "code": 6, "codeName": "HostUnreachable"}
+
+
+class ClientConnection:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        upstream: UpstreamConfig,
+        topology: handshake.Topology,
+        router: Router,
+        listener: str,
+        stopping: asyncio.Event,
+    ):
+        self.reader = reader
+        self.writer = writer
+        self.router = router
+        self.topology = topology
+        self.listener = listener
+        self.stopping = stopping
+        self.connection_id = next(_connection_ids)
+        self.upstream = UpstreamConnection(upstream, topology.info.max_message_size_bytes)
+        self.app_name: str | None = None
+        self.user: str | None = None
+        self.client_metadata: dict[str, Any] | None = None
+        self.compressors: list[str] = []
+        self.busy = False
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    # -- the Context protocol the routers use -----------------------------------
+    async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
+        await self._ensure_upstream()
+        try:
+            return await self.upstream.command(db, body)
+        except UpstreamUnavailable:
+            metrics.UPSTREAM_ERRORS.inc()
+            raise
+
+    async def _ensure_upstream(self, hello: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        if self.upstream.connected:
+            return None
+        first = hello or handshake.upstream_hello({"client": self.client_metadata}
+                                                  if self.client_metadata else {})
+        try:
+            return await self.upstream.connect(first)
+        except UpstreamUnavailable:
+            metrics.UPSTREAM_ERRORS.inc()
+            raise
+
+    # -- main loop ----------------------------------------------------------------
+    async def serve(self) -> None:
+        gauge = metrics.OPEN_CONNECTIONS.labels(self.listener)
+        gauge.inc()
+        try:
+            while not self.stopping.is_set():
+                frame = await read_frame(self.reader, self.topology.info.max_message_size_bytes)
+                if frame is None:
+                    break
+                metrics.BYTES_IN.inc(16 + len(frame.payload))
+                self.busy = True
+                try:
+                    await self._dispatch(frame)
+                finally:
+                    self.busy = False
+                await self.writer.drain()
+        except ProtocolError as exc:
+            metrics.PROTOCOL_ERRORS.inc()
+            log.warning("closing connection %d from %s: %s", self.connection_id, self.peer, exc)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            gauge.dec()
+            self.upstream.close()
+            self.writer.close()
+
+    async def _dispatch(self, frame: Frame) -> None:
+        compressor: int | None = None
+        if frame.op_code == OP_COMPRESSED:
+            frame, compressor = compression.decompress(
+                frame, self.topology.info.max_message_size_bytes
+            )
+        if frame.op_code == OP_MSG:
+            await self._on_msg(frame, compressor)
+        elif frame.op_code == OP_QUERY:
+            await self._on_query(frame)
+        else:
+            raise ProtocolError(f"unsupported opCode {frame.op_code}")
+
+    def _write(self, frame: Frame, compressor: int | None, name: str) -> None:
+        if compressor is not None and name not in _UNCOMPRESSIBLE:
+            frame = compression.compress(frame, compressor)
+        data = frame.to_bytes()
+        metrics.BYTES_OUT.inc(len(data))
+        self.writer.write(data)
+
+    def _reply(self, body: dict[str, Any], request: Frame, compressor: int | None,
+               name: str) -> None:
+        frame = opmsg.build(body, request_id=next_request_id(), response_to=request.request_id)
+        self._write(frame, compressor, name)
+
+    async def _on_msg(self, frame: Frame, compressor: int | None) -> None:
+        name, flags = opmsg.peek_command(frame)
+        metrics.count_request(name)
+        started = time.perf_counter()
+        if flags & opmsg.CHECKSUM_PRESENT:
+            opmsg.sections_of(frame)  # verify before anything is forwarded
+        try:
+            if name in handshake.HELLO_NAMES:
+                msg = opmsg.parse(frame)
+                reply = await self._hello(msg.command)
+            elif self.router.wants(name):
+                msg = opmsg.parse(frame)
+                routed = await self._routed(msg)
+                if routed is None:
+                    await self._forward(frame, compressor, name, flags)
+                    return
+                reply = routed
+            else:
+                if name == "saslStart" or name == "authenticate":
+                    self._note_user(opmsg.parse(frame).command)
+                await self._forward(frame, compressor, name, flags)
+                return
+            if not flags & opmsg.MORE_TO_COME:
+                self._reply(reply, frame, compressor, name)
+        finally:
+            metrics.LATENCY.observe(time.perf_counter() - started)
+
+    def _note_user(self, cmd: dict[str, Any]) -> None:
+        """Remember who authenticates, for the WAL's client identity."""
+        user = cmd.get("user")
+        if isinstance(user, str):
+            self.user = user
+            return
+        payload = cmd.get("payload")
+        if isinstance(payload, bytes):
+            for part in payload.split(b","):
+                if part.startswith(b"n=") and len(part) > 2:
+                    self.user = part[2:].decode("utf-8", "replace").replace("=2C", ",").replace(
+                        "=3D", "=")
+                    return
+
+    async def _routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | None:
+        try:
+            return await self.router.handle(self, msg)
+        except CommandError as exc:
+            return exc.to_reply()
+        except UpstreamUnavailable as exc:
+            return host_unreachable(str(exc))
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            log.exception("command %s failed on connection %d", next(iter(msg.body), "?"),
+                          self.connection_id)
+            return {"ok": 0.0, "errmsg": f"mongobranch internal error: {exc!r}", "code": 1,
+                    "codeName": "InternalError"}
+
+    async def _forward(self, frame: Frame, compressor: int | None, name: str, flags: int) -> None:
+        try:
+            await self._ensure_upstream()
+            await self.upstream.send(frame.to_bytes())
+            if flags & opmsg.MORE_TO_COME:
+                return
+            while True:
+                reply = await self.upstream.receive()
+                reply.response_to = frame.request_id
+                self._write(reply, compressor, name)
+                if reply.op_code != OP_MSG or not opmsg.peek_command(reply)[1] & opmsg.MORE_TO_COME:
+                    return
+                await self.writer.drain()
+        except UpstreamUnavailable as exc:
+            metrics.UPSTREAM_ERRORS.inc()
+            self.upstream.close()
+            if not flags & opmsg.MORE_TO_COME:
+                self._reply(host_unreachable(str(exc)), frame, compressor, name)
+
+    # -- handshake ----------------------------------------------------------------
+    async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.client_metadata is None and isinstance(request.get("client"), dict):
+            self.client_metadata = request["client"]
+            app = request["client"].get("application")
+            if isinstance(app, dict):
+                self.app_name = app.get("name")
+        negotiated = handshake.negotiate_compression(request)
+        if negotiated is not None:
+            self.compressors = negotiated
+        if handshake.is_streaming(request):
+            await self._await_topology_change(request)
+        upstream_reply = None
+        if any(key in request for key in handshake.UPSTREAM_FIELDS):
+            if isinstance(request.get("speculativeAuthenticate"), dict):
+                self._note_user(request["speculativeAuthenticate"])
+            upstream_hello = handshake.upstream_hello(request)
+            try:
+                if self.upstream.connected:
+                    upstream_hello.pop("client", None)
+                    upstream_reply = await self.upstream.command("admin", upstream_hello)
+                else:
+                    upstream_reply = await self._ensure_upstream(upstream_hello)
+            except UpstreamUnavailable as exc:
+                log.info("hello could not reach the upstream: %s", exc)
+        return handshake.build_reply(
+            request, self.topology, self.connection_id,
+            upstream_reply=upstream_reply, negotiated=negotiated,
+        )
+
+    async def _await_topology_change(self, request: dict[str, Any]) -> None:
+        """Streaming hello: the topology never changes, so wait out maxAwaitTimeMS."""
+        try:
+            wait = max(0.0, float(request["maxAwaitTimeMS"]) / 1000.0)
+        except (TypeError, ValueError):
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), wait)
+
+    async def _on_query(self, frame: Frame) -> None:
+        query = legacy.parse_query(frame)
+        cmd = query.query
+        if "$query" in cmd and isinstance(cmd["$query"], dict):
+            cmd = cmd["$query"]
+        name = next(iter(cmd), "")
+        metrics.count_request(name)
+        if query.collection.endswith(".$cmd") and name in handshake.HELLO_NAMES:
+            reply = await self._hello(cmd)
+        else:
+            reply = {
+                "ok": 0.0, "code": 352, "codeName": "UnsupportedOpQueryCommand",
+                "errmsg": f"OP_QUERY is only supported for the hello handshake, not {name!r} "
+                          f"on {query.collection}",
+            }
+        self.writer.write(
+            legacy.build_reply(reply, request_id=next_request_id(),
+                               response_to=frame.request_id).to_bytes()
+        )
+
+
+def decode_reply(frame: Frame) -> dict[str, Any]:
+    return decode(opmsg.body_bytes(frame))

@@ -1,0 +1,169 @@
+"""OP_MSG: sections of kind 0 (body) and 1 (document sequence), optional CRC-32C."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+
+from proxy.wire.bsonutil import decode, doc_length, encode, first_key
+from proxy.wire.errors import ProtocolError
+from proxy.wire.framing import OP_MSG, Frame
+
+CHECKSUM_PRESENT = 1 << 0
+MORE_TO_COME = 1 << 1
+EXHAUST_ALLOWED = 1 << 16
+_KNOWN_FLAGS = CHECKSUM_PRESENT | MORE_TO_COME | EXHAUST_ALLOWED
+_UINT32 = struct.Struct("<I")
+_INT32 = struct.Struct("<i")
+
+
+@dataclass(slots=True)
+class OpMsg:
+    """A decoded OP_MSG; sequences are merged into the body by `command`."""
+
+    flags: int
+    body: dict[str, Any]
+    sequences: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def command(self) -> dict[str, Any]:
+        """The body with document sequences folded in, as a command handler sees it."""
+        if not self.sequences:
+            return self.body
+        merged = dict(self.body)
+        for name, docs in self.sequences.items():
+            merged[name] = docs
+        return merged
+
+
+def _verify_checksum(frame: Frame) -> bytes:
+    payload = frame.payload
+    if len(payload) < 8:
+        raise ProtocolError("OP_MSG with checksum flag is too short")
+    body, tail = payload[:-4], payload[-4:]
+    (expected,) = _UINT32.unpack(tail)
+    header = frame.to_bytes()[:16]
+    actual = crc32c.crc32c(header + body)
+    if actual != expected:
+        raise ProtocolError(f"OP_MSG checksum mismatch (got {expected:#x}, computed {actual:#x})")
+    return body
+
+
+def sections_of(frame: Frame) -> tuple[int, bytes]:
+    """Flags and the section bytes, with the checksum verified and stripped."""
+    if len(frame.payload) < 5:
+        raise ProtocolError("OP_MSG too short for flags and a section")
+    (flags,) = _UINT32.unpack_from(frame.payload, 0)
+    if flags & 0xFFFF & ~_KNOWN_FLAGS:
+        raise ProtocolError(f"OP_MSG has unknown required flag bits {flags:#x}")
+    payload = _verify_checksum(frame) if flags & CHECKSUM_PRESENT else frame.payload
+    return flags, payload
+
+
+def peek_command(frame: Frame) -> tuple[str, int]:
+    """Command name and flags of an OP_MSG without decoding its documents.
+
+    Returns ("", flags) when the first section is not a body.
+    """
+    payload = frame.payload
+    if len(payload) < 10:
+        raise ProtocolError("OP_MSG too short")
+    (flags,) = _UINT32.unpack_from(payload, 0)
+    pos = 4
+    # The body (kind 0) may follow kind-1 sections; drivers put it first.
+    while pos < len(payload):
+        kind = payload[pos]
+        if kind == 0:
+            doc_length(payload, pos + 1)
+            return first_key(payload, pos + 1), flags
+        if kind == 1:
+            (size,) = _INT32.unpack_from(payload, pos + 1)
+            if size < 5:
+                raise ProtocolError("bad document sequence size")
+            pos += 1 + size
+            continue
+        raise ProtocolError(f"unknown OP_MSG section kind {kind}")
+    raise ProtocolError("OP_MSG without a body section")
+
+
+def parse(frame: Frame) -> OpMsg:
+    flags, payload = sections_of(frame)
+    pos = 4
+    body: dict[str, Any] | None = None
+    sequences: dict[str, list[dict[str, Any]]] = {}
+    end = len(payload)
+    while pos < end:
+        kind = payload[pos]
+        pos += 1
+        if kind == 0:
+            if body is not None:
+                raise ProtocolError("OP_MSG has more than one body section")
+            length = doc_length(payload, pos)
+            body = decode(payload[pos : pos + length])
+            pos += length
+        elif kind == 1:
+            if pos + 4 > end:
+                raise ProtocolError("truncated document sequence")
+            (size,) = _INT32.unpack_from(payload, pos)
+            stop = pos + size
+            if size < 5 or stop > end:
+                raise ProtocolError(f"document sequence size {size} does not fit the message")
+            name_end = payload.find(b"\x00", pos + 4, stop)
+            if name_end < 0:
+                raise ProtocolError("document sequence identifier is not terminated")
+            name = payload[pos + 4 : name_end].decode("utf-8", "replace")
+            cursor = name_end + 1
+            docs = []
+            while cursor < stop:
+                length = doc_length(payload, cursor)
+                if cursor + length > stop:
+                    raise ProtocolError("document runs past its sequence")
+                docs.append(decode(payload[cursor : cursor + length]))
+                cursor += length
+            sequences.setdefault(name, []).extend(docs)
+            pos = stop
+        else:
+            raise ProtocolError(f"unknown OP_MSG section kind {kind}")
+    if body is None:
+        raise ProtocolError("OP_MSG without a body section")
+    return OpMsg(flags, body, sequences)
+
+
+def build(
+    body: dict[str, Any] | bytes,
+    *,
+    request_id: int,
+    response_to: int = 0,
+    flags: int = 0,
+    checksum: bool = False,
+) -> Frame:
+    raw = body if isinstance(body, bytes) else encode(body)
+    if checksum:
+        flags |= CHECKSUM_PRESENT
+    else:
+        flags &= ~CHECKSUM_PRESENT
+    payload = _UINT32.pack(flags) + b"\x00" + raw
+    frame = Frame(request_id, response_to, OP_MSG, payload)
+    if checksum:
+        header = frame.to_bytes()[:16]
+        # The header's length must already count the 4 checksum bytes.
+        header = _INT32.pack(16 + len(payload) + 4) + header[4:]
+        frame.payload = payload + _UINT32.pack(crc32c.crc32c(header + payload))
+    return frame
+
+
+def body_bytes(frame: Frame) -> bytes:
+    """The raw BSON of the body section of a reply (the only section replies have)."""
+    _, payload = sections_of(frame)
+    pos = 4
+    while pos < len(payload):
+        kind = payload[pos]
+        if kind == 0:
+            length = doc_length(payload, pos + 1)
+            return payload[pos + 1 : pos + 1 + length]
+        (size,) = _INT32.unpack_from(payload, pos + 1)
+        pos += 1 + size
+    raise ProtocolError("OP_MSG without a body section")
