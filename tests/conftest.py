@@ -1,0 +1,38 @@
+"""Session fixtures: one real SecantusDB upstream and one proxy process for the suite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from pymongo import MongoClient
+
+from tests.servers import ProxyProcess, Secantus
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Secantus]:
+    server = Secantus().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(upstream: Secantus) -> Iterator[ProxyProcess]:
+    proc = ProxyProcess(upstream.uri).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def direct(upstream: Secantus) -> Iterator[MongoClient]:
+    client: MongoClient = MongoClient(upstream.uri, directConnection=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def client(proxy: ProxyProcess) -> Iterator[MongoClient]:
+    c: MongoClient = MongoClient(proxy.uri, serverSelectionTimeoutMS=10000)
+    yield c
+    c.close()
