@@ -106,6 +106,10 @@ class ClientConnection:
             log.warning("closing connection %d from %s: %s", self.connection_id, self.peer, exc)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception:
+            metrics.PROTOCOL_ERRORS.inc()
+            log.exception("closing connection %d from %s: unexpected error", self.connection_id,
+                          self.peer)
         finally:
             gauge.dec()
             self.upstream.close()
@@ -137,25 +141,27 @@ class ClientConnection:
         self._write(frame, compressor, name)
 
     async def _on_msg(self, frame: Frame, compressor: int | None) -> None:
-        name, flags = opmsg.peek_command(frame)
+        # Flags, checksum and section framing are checked before anything else is done.
+        sections = opmsg.split(frame)
+        name, flags = sections.name, sections.flags
         metrics.count_request(name)
         started = time.perf_counter()
-        if flags & opmsg.CHECKSUM_PRESENT:
-            opmsg.sections_of(frame)  # verify before anything is forwarded
         try:
             if name in handshake.HELLO_NAMES:
-                msg = opmsg.parse(frame)
+                msg = sections.decode()
                 reply = await self._hello(msg.command)
             elif self.router.wants(name):
-                msg = opmsg.parse(frame)
+                msg = sections.decode()
                 routed = await self._routed(msg)
                 if routed is None:
                     await self._forward(frame, compressor, name, flags)
                     return
                 reply = routed
             else:
+                # Nothing malformed reaches the upstream: the connection that sent it is closed.
+                sections.validate()
                 if name == "saslStart" or name == "authenticate":
-                    self._note_user(opmsg.parse(frame).command)
+                    self._note_user(sections.decode().command)
                 await self._forward(frame, compressor, name, flags)
                 return
             if not flags & opmsg.MORE_TO_COME:
@@ -202,7 +208,7 @@ class ClientConnection:
                 reply = await self.upstream.receive()
                 reply.response_to = frame.request_id
                 self._write(reply, compressor, name)
-                if reply.op_code != OP_MSG or not opmsg.peek_command(reply)[1] & opmsg.MORE_TO_COME:
+                if reply.op_code != OP_MSG or not opmsg.flags_of(reply) & opmsg.MORE_TO_COME:
                     return
                 await self.writer.drain()
         except UpstreamUnavailable as exc:
@@ -257,18 +263,26 @@ class ClientConnection:
             cmd = cmd["$query"]
         name = next(iter(cmd), "")
         metrics.count_request(name)
+        flags = 0
         if query.collection.endswith(".$cmd") and name in handshake.HELLO_NAMES:
             reply = await self._hello(cmd)
+        elif query.collection.endswith(".$cmd"):
+            # As mongod 6.0+: only the handshake may still use OP_QUERY.
+            message = (f"Unsupported OP_QUERY command: {name}. The client driver may require an "
+                       f"upgrade. mongobranch only accepts hello and isMaster over OP_QUERY.")
+            reply = {"$err": message, "errmsg": message, "ok": 0.0, "code": 352,
+                     "codeName": "UnsupportedOpQueryCommand"}
+            flags = legacy.QUERY_FAILURE
         else:
-            reply = {
-                "ok": 0.0, "code": 352, "codeName": "UnsupportedOpQueryCommand",
-                "errmsg": f"OP_QUERY is only supported for the hello handshake, not {name!r} "
-                          f"on {query.collection}",
-            }
-        self.writer.write(
-            legacy.build_reply(reply, request_id=next_request_id(),
-                               response_to=frame.request_id).to_bytes()
-        )
+            message = ("OP_QUERY is no longer supported. The client driver may require an "
+                       f"upgrade (query on {query.collection}).")
+            reply = {"$err": message, "errmsg": message, "ok": 0.0, "code": 5739101,
+                     "codeName": "Location5739101"}
+            flags = legacy.QUERY_FAILURE
+        data = legacy.build_reply(reply, request_id=next_request_id(),
+                                  response_to=frame.request_id, flags=flags).to_bytes()
+        metrics.BYTES_OUT.inc(len(data))
+        self.writer.write(data)
 
 
 def decode_reply(frame: Frame) -> dict[str, Any]:

@@ -14,6 +14,10 @@ _QUERY_HEAD = struct.Struct("<i")
 _SKIP_RETURN = struct.Struct("<ii")
 _REPLY_HEAD = struct.Struct("<iqii")
 
+# OP_REPLY responseFlags.
+CURSOR_NOT_FOUND = 1 << 0
+QUERY_FAILURE = 1 << 1
+
 
 @dataclass(slots=True)
 class OpQuery:
@@ -47,8 +51,9 @@ def parse_query(frame: Frame) -> OpQuery:
     return OpQuery(flags, collection, skip, limit, query)
 
 
-def build_reply(doc: dict[str, Any], *, request_id: int, response_to: int) -> Frame:
-    payload = _REPLY_HEAD.pack(0, 0, 0, 1) + encode(doc)
+def build_reply(doc: dict[str, Any], *, request_id: int, response_to: int,
+                flags: int = 0) -> Frame:
+    payload = _REPLY_HEAD.pack(flags, 0, 0, 1) + encode(doc)
     return Frame(request_id, response_to, OP_REPLY, payload)
 
 

@@ -6,9 +6,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import bson
 import crc32c
+from bson.codec_options import CodecOptions
 
-from proxy.wire.bsonutil import decode, doc_length, encode, first_key
+from proxy.wire.bsonutil import CODEC, decode, doc_length, encode, first_key
 from proxy.wire.errors import ProtocolError
 from proxy.wire.framing import OP_MSG, Frame
 
@@ -18,6 +20,7 @@ EXHAUST_ALLOWED = 1 << 16
 _KNOWN_FLAGS = CHECKSUM_PRESENT | MORE_TO_COME | EXHAUST_ALLOWED
 _UINT32 = struct.Struct("<I")
 _INT32 = struct.Struct("<i")
+_VALIDATE: CodecOptions[dict[str, Any]] = CODEC.with_options(unicode_decode_error_handler="replace")
 
 
 @dataclass(slots=True)
@@ -63,38 +66,56 @@ def sections_of(frame: Frame) -> tuple[int, bytes]:
     return flags, payload
 
 
-def peek_command(frame: Frame) -> tuple[str, int]:
-    """Command name and flags of an OP_MSG without decoding its documents.
-
-    Returns ("", flags) when the first section is not a body.
-    """
-    payload = frame.payload
-    if len(payload) < 10:
-        raise ProtocolError("OP_MSG too short")
-    (flags,) = _UINT32.unpack_from(payload, 0)
-    pos = 4
-    # The body (kind 0) may follow kind-1 sections; drivers put it first.
-    while pos < len(payload):
-        kind = payload[pos]
-        if kind == 0:
-            doc_length(payload, pos + 1)
-            return first_key(payload, pos + 1), flags
-        if kind == 1:
-            (size,) = _INT32.unpack_from(payload, pos + 1)
-            if size < 5:
-                raise ProtocolError("bad document sequence size")
-            pos += 1 + size
-            continue
-        raise ProtocolError(f"unknown OP_MSG section kind {kind}")
-    raise ProtocolError("OP_MSG without a body section")
+def flags_of(frame: Frame) -> int:
+    """The flag bits of an OP_MSG, read without looking at its sections."""
+    if len(frame.payload) < 4:
+        raise ProtocolError("OP_MSG too short for flags")
+    return int(_UINT32.unpack_from(frame.payload, 0)[0])
 
 
-def parse(frame: Frame) -> OpMsg:
+@dataclass(slots=True)
+class Sections:
+    """An OP_MSG split into raw sections; the framing is checked, the BSON not yet decoded."""
+
+    flags: int
+    body: bytes
+    sequences: list[tuple[str, bytes]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The command name: the body's first field."""
+        return first_key(self.body, 0)
+
+    def validate(self) -> None:
+        """Decode every document once, so nothing malformed is ever forwarded.
+
+        Strings with invalid UTF-8 are let through, as mongod lets them through.
+        """
+        try:
+            bson.decode(self.body, _VALIDATE)
+            for _name, docs in self.sequences:
+                bson.decode_all(docs, _VALIDATE)
+        except Exception as exc:  # bson raises InvalidBSON and a few others
+            raise ProtocolError(f"invalid BSON: {exc}") from exc
+
+    def decode(self) -> OpMsg:
+        sequences: dict[str, list[dict[str, Any]]] = {}
+        for name, docs in self.sequences:
+            try:
+                decoded = bson.decode_all(docs, CODEC)
+            except Exception as exc:
+                raise ProtocolError(f"invalid BSON: {exc}") from exc
+            sequences.setdefault(name, []).extend(decoded)
+        return OpMsg(self.flags, decode(self.body), sequences)
+
+
+def split(frame: Frame) -> Sections:
+    """Check an OP_MSG's flags, checksum and section framing; no BSON is decoded."""
     flags, payload = sections_of(frame)
     pos = 4
-    body: dict[str, Any] | None = None
-    sequences: dict[str, list[dict[str, Any]]] = {}
     end = len(payload)
+    body: bytes | None = None
+    sequences: list[tuple[str, bytes]] = []
     while pos < end:
         kind = payload[pos]
         pos += 1
@@ -102,7 +123,7 @@ def parse(frame: Frame) -> OpMsg:
             if body is not None:
                 raise ProtocolError("OP_MSG has more than one body section")
             length = doc_length(payload, pos)
-            body = decode(payload[pos : pos + length])
+            body = payload[pos : pos + length]
             pos += length
         elif kind == 1:
             if pos + 4 > end:
@@ -114,22 +135,33 @@ def parse(frame: Frame) -> OpMsg:
             name_end = payload.find(b"\x00", pos + 4, stop)
             if name_end < 0:
                 raise ProtocolError("document sequence identifier is not terminated")
-            name = payload[pos + 4 : name_end].decode("utf-8", "replace")
+            try:
+                name = payload[pos + 4 : name_end].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ProtocolError("document sequence identifier is not UTF-8") from exc
             cursor = name_end + 1
-            docs = []
             while cursor < stop:
                 length = doc_length(payload, cursor)
                 if cursor + length > stop:
-                    raise ProtocolError("document runs past its sequence")
-                docs.append(decode(payload[cursor : cursor + length]))
+                    raise ProtocolError("document runs past its document sequence")
                 cursor += length
-            sequences.setdefault(name, []).extend(docs)
+            sequences.append((name, payload[name_end + 1 : stop]))
             pos = stop
         else:
             raise ProtocolError(f"unknown OP_MSG section kind {kind}")
     if body is None:
         raise ProtocolError("OP_MSG without a body section")
-    return OpMsg(flags, body, sequences)
+    return Sections(flags, body, sequences)
+
+
+def peek_command(frame: Frame) -> tuple[str, int]:
+    """Command name and flags of an OP_MSG, its framing checked but no BSON decoded."""
+    sections = split(frame)
+    return sections.name, sections.flags
+
+
+def parse(frame: Frame) -> OpMsg:
+    return split(frame).decode()
 
 
 def build(
@@ -157,13 +189,4 @@ def build(
 
 def body_bytes(frame: Frame) -> bytes:
     """The raw BSON of the body section of a reply (the only section replies have)."""
-    _, payload = sections_of(frame)
-    pos = 4
-    while pos < len(payload):
-        kind = payload[pos]
-        if kind == 0:
-            length = doc_length(payload, pos + 1)
-            return payload[pos + 1 : pos + 1 + length]
-        (size,) = _INT32.unpack_from(payload, pos + 1)
-        pos += 1 + size
-    raise ProtocolError("OP_MSG without a body section")
+    return split(frame).body
