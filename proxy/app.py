@@ -7,11 +7,17 @@ import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from pymongo import AsyncMongoClient
+
+from proxy.admin import branches as branch_routes
 from proxy.admin import http
+from proxy.branching.engine import Engine
+from proxy.branching.model import Branch
+from proxy.branching.router import EngineRouter
 from proxy.embedded import EmbeddedServer
 from proxy.net.handshake import Topology
-from proxy.net.router import ForwardAll
 from proxy.net.server import Listener
 from proxy.upstream.connection import UpstreamConfig
 from proxy.upstream.monitor import UpstreamMonitor
@@ -47,6 +53,32 @@ class ServeOptions:
     grace: float = 10.0
 
 
+class BranchPorts:
+    """One listener per branch, each serving that branch's view."""
+
+    def __init__(self, proxy: Proxy, host: str):
+        self.proxy = proxy
+        self.host = host
+        self.listeners: dict[str, Listener] = {}
+
+    async def open(self, branch: Branch) -> None:
+        assert self.proxy.upstream is not None and self.proxy.engine is not None
+        listener = Listener(f"branch:{branch.name}", self.host, branch.port,
+                            upstream=self.proxy.upstream, topology=self.proxy.topology,
+                            router=EngineRouter(self.proxy.engine, branch.name))
+        await listener.start()
+        self.listeners[branch.name] = listener
+
+    async def close(self, branch: Branch) -> None:
+        listener = self.listeners.pop(branch.name, None)
+        if listener is not None:
+            await listener.stop(self.proxy.options.grace)
+
+    async def stop_all(self, grace: float) -> None:
+        await asyncio.gather(*(lst.stop(grace) for lst in self.listeners.values()))
+        self.listeners.clear()
+
+
 class Proxy:
     """A running proxy; tests start it in-process, `serve` runs it until a signal."""
 
@@ -57,6 +89,9 @@ class Proxy:
         self.upstream: UpstreamConfig | None = None
         self.monitor: UpstreamMonitor | None = None
         self.main: Listener | None = None
+        self.engine: Engine | None = None
+        self.meta_client: AsyncMongoClient[dict[str, Any]] | None = None
+        self.ports: BranchPorts | None = None
         self.admin_runner: object | None = None
         self.admin_port = 0
 
@@ -74,11 +109,27 @@ class Proxy:
                         self.upstream.address)
         self.monitor.start()
         host, port = parse_hostport(opts.listen)
+        self.meta_client = AsyncMongoClient(
+            uri, directConnection=True, appname="mongobranch-engine", tz_aware=False,
+            datetime_conversion="DATETIME_AUTO", uuidRepresentation="unspecified",
+        )
+        self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
+                             host=host)
+        await self.engine.start()
+        self.ports = BranchPorts(self, host)
+        self.engine.ports = self.ports
+        for branch in list(self.engine.branches.values()):
+            try:
+                await self.ports.open(branch)
+            except OSError as exc:
+                log.error("branch %s: cannot listen on port %d: %s", branch.name, branch.port,
+                          exc)
         self.main = Listener("main", host, port, upstream=self.upstream,
-                             topology=self.topology, router=ForwardAll())
+                             topology=self.topology, router=EngineRouter(self.engine, None))
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy)
+        branch_routes.add_routes(app, self.engine)
         ahost, aport = parse_hostport(opts.admin)
         runner = await http.start(app, ahost, aport)
         self.admin_runner = runner
@@ -87,6 +138,12 @@ class Proxy:
     async def stop(self) -> None:
         if self.main:
             await self.main.stop(self.options.grace)
+        if self.ports:
+            await self.ports.stop_all(self.options.grace)
+        if self.engine:
+            await self.engine.stop()
+        if self.meta_client:
+            await self.meta_client.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()  # type: ignore[attr-defined]
         if self.monitor:

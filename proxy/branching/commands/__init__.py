@@ -1,0 +1,1 @@
+"""One handler per command family, registered in one table (see router.py)."""

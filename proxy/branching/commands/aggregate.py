@@ -1,0 +1,173 @@
+"""aggregate on a branch: the branch view is inlined for the source collection and
+for every collection a $lookup, $unionWith or $facet reaches; $out writes into
+the branch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.branching import views
+from proxy.branching.commands.base import Request
+from proxy.branching.errors import CommandError
+from proxy.branching.wal import DROP, PUT, Change
+
+Pipeline = list[dict[str, Any]]
+_TMP = "__mb_lk"
+
+
+def _rewrite(req: Request, pipeline: Pipeline) -> Pipeline:
+    out: Pipeline = []
+    for stage in pipeline:
+        if not isinstance(stage, dict) or len(stage) != 1:
+            raise CommandError(40323, "Location40323",
+                               "A pipeline stage specification object must contain exactly "
+                               "one field.")
+        name, spec = next(iter(stage.items()))
+        if name == "$lookup":
+            out.extend(_lookup(req, spec))
+        elif name == "$unionWith":
+            out.append({"$unionWith": _union(req, spec)})
+        elif name == "$facet" and isinstance(spec, dict):
+            out.append({"$facet": {k: _rewrite(req, v) for k, v in spec.items()}})
+        elif name == "$graphLookup" and isinstance(spec, dict) and \
+                req.layers(str(spec.get("from"))):
+            raise req.unsupported("$graphLookup from a collection the branch changed")
+        elif name in ("$changeStream", "$changeStreamSplitLargeEvent"):
+            raise req.unsupported("change streams")
+        elif name == "$merge":
+            raise req.unsupported("$merge")
+        else:
+            out.append(stage)
+    return out
+
+
+def _union(req: Request, spec: Any) -> dict[str, Any]:
+    if isinstance(spec, str):
+        spec = {"coll": spec}
+    if not isinstance(spec, dict):
+        return spec
+    spec = dict(spec)
+    inner = _rewrite(req, spec.get("pipeline") or [])
+    layers = req.layers(str(spec.get("coll")))
+    if layers:
+        inner = views.view_stages(layers) + inner
+    spec["pipeline"] = inner
+    return spec
+
+
+def _lookup(req: Request, spec: Any) -> Pipeline:
+    if not isinstance(spec, dict):
+        return [{"$lookup": spec}]
+    spec = dict(spec)
+    if "pipeline" in spec:
+        spec["pipeline"] = _rewrite(req, spec["pipeline"])
+    source = spec.get("from")
+    layers = req.layers(source) if isinstance(source, str) else []
+    if not layers:
+        return [{"$lookup": spec}]
+    if "localField" not in spec:
+        spec["pipeline"] = views.view_stages(layers) + spec.get("pipeline", [])
+        return [{"$lookup": spec}]
+    if "pipeline" in spec:
+        raise req.unsupported("$lookup with both localField and pipeline on a changed "
+                              "collection")
+    # Equality lookups keep mongod's array semantics: one lookup per layer, each
+    # excluding the ids hidden above it, concatenated.
+    dropped_at = next((i for i, layer in enumerate(layers) if layer.base_dropped), None)
+    parts: list[tuple[str, Pipeline]] = []
+    if dropped_at is None:
+        parts.append((source, views.exclusion(layers)))  # type: ignore[arg-type]
+    for j, layer in enumerate(layers):
+        if dropped_at is not None and j > dropped_at:
+            break
+        parts.append((layer.live, views.exclusion(layers[:j])))
+    stages: Pipeline = []
+    names = []
+    for i, (coll, excl) in enumerate(parts):
+        name = f"{_TMP}{i}"
+        names.append(name)
+        sub: dict[str, Any] = {"from": coll, "localField": spec["localField"],
+                               "foreignField": spec["foreignField"], "as": name}
+        if excl:
+            sub["pipeline"] = excl
+        stages.append({"$lookup": sub})
+    stages.append({"$set": {spec["as"]: {"$concatArrays": [f"${n}" for n in names]}}})
+    stages.append({"$unset": names})
+    return stages
+
+
+def _out_target(req: Request, pipeline: Pipeline) -> tuple[str, str] | None:
+    if not pipeline or not isinstance(pipeline[-1], dict) or "$out" not in pipeline[-1]:
+        return None
+    target = pipeline[-1]["$out"]
+    if isinstance(target, str):
+        return req.db, target
+    if isinstance(target, dict) and isinstance(target.get("coll"), str):
+        return str(target.get("db", req.db)), target["coll"]
+    raise CommandError(16994, "Location16994", "$out needs a collection name")
+
+
+async def plan_aggregate(req: Request, cmd: dict[str, Any]) -> dict[str, Any] | None:
+    """The rewritten aggregate, or None when the branch changed nothing it reads."""
+    pipeline = cmd.get("pipeline")
+    if not isinstance(pipeline, list):
+        raise CommandError(14, "TypeMismatch", "'pipeline' option must be specified as an array")
+    source = cmd.get("aggregate")
+    layers = req.layers(source) if isinstance(source, str) else []
+    rewritten = _rewrite(req, pipeline)
+    if not layers and rewritten == pipeline:
+        return None
+    if layers:
+        first: dict[str, Any] | None = None
+        rest = rewritten
+        if rest and "$match" in rest[0] and isinstance(rest[0]["$match"], dict):
+            first, rest = rest[0]["$match"], rest[1:]
+        rewritten = views.view_stages(layers, first) + rest
+    out = {k: v for k, v in cmd.items() if k not in ("$db", "pipeline")}
+    out["pipeline"] = rewritten
+    if isinstance(source, str) and layers and any(layer.base_dropped for layer in layers):
+        out.pop("hint", None)
+    return out
+
+
+async def aggregate(req: Request) -> dict[str, Any] | None:
+    req.reject_transactions()
+    pipeline = req.cmd.get("pipeline")
+    target = _out_target(req, pipeline) if isinstance(pipeline, list) else None
+    if target is not None:
+        return await _aggregate_out(req, target)
+    planned = await plan_aggregate(req, req.cmd)
+    if planned is None:
+        return None
+    return await req.run.reply(req.db, planned)
+
+
+async def _aggregate_out(req: Request, target: tuple[str, str]) -> dict[str, Any]:
+    """$out replaces the branch's collection: run into its overlay, log every document."""
+    db, coll = target
+    branch = req.on_branch
+    engine = req.engine
+    async with engine.writing(branch):
+        state = await engine.ensure_state(branch, db, coll, req.run)
+        await engine.mark_dirty(state)
+        cmd = dict(req.cmd)
+        cmd["pipeline"] = [*cmd["pipeline"][:-1], {"$out": {"db": db, "coll": state.live}}]
+        planned = await plan_aggregate(req, cmd)
+        assert planned is not None
+        reply = await req.run.reply(req.db, planned)
+        if not reply.get("ok"):
+            return reply
+        state.base_dropped = True
+        state.present = True
+        await engine.save_state(state)
+        ns = f"{db}.{coll}"
+        # The overlay must stay the fold of the WAL: a drop, then one put per document.
+        await engine.log_changes(branch, [Change(ns, None, DROP, None, None)], req.client())
+        await req.run(db, {"delete": state.hidden, "deletes": [{"q": {}, "limit": 0}]})
+        async for batch in req.run.batches(db, {"find": state.live}):
+            await engine.log_changes(branch, [Change(ns, d["_id"], PUT, None, d) for d in batch],
+                                     req.client())
+            await req.run(db, {"insert": state.hidden,
+                               "documents": [{"_id": d["_id"]} for d in batch]})
+        await engine.load_hidden(state)
+    return reply

@@ -1,0 +1,72 @@
+"""What every command handler receives, and the helpers they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.branching.engine import Engine
+from proxy.branching.errors import CommandError, not_supported
+from proxy.branching.model import Branch, NsState
+from proxy.branching.runner import Runner
+from proxy.net.router import Context
+
+# Fields that describe the client's session and transport, not the operation.
+SESSION_FIELDS = ("lsid", "txnNumber", "autocommit", "startTransaction", "$clusterTime",
+                  "$readPreference", "readConcern", "writeConcern", "$db", "apiVersion",
+                  "apiStrict", "apiDeprecationErrors", "comment", "maxTimeMS")
+# Carried from the user's read command onto its rewritten form.
+READ_CARRY = ("lsid", "$clusterTime", "$readPreference", "readConcern", "apiVersion",
+              "apiStrict", "apiDeprecationErrors", "comment", "maxTimeMS", "collation", "let",
+              "hint", "allowDiskUse")
+
+
+@dataclass
+class Request:
+    engine: Engine
+    branch: Branch | None
+    ctx: Context
+    run: Runner
+    db: str
+    cmd: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return next(iter(self.cmd))
+
+    @property
+    def on_branch(self) -> Branch:
+        assert self.branch is not None
+        return self.branch
+
+    def layers(self, coll: str) -> list[NsState]:
+        return self.engine.layers(self.on_branch, self.db, coll)
+
+    def client(self) -> dict[str, Any]:
+        return {"app": self.ctx.app_name, "user": self.ctx.user, "conn": self.ctx.connection_id}
+
+    def unsupported(self, what: str) -> CommandError:
+        return not_supported(what, self.on_branch.name)
+
+    def reject_transactions(self) -> None:
+        if self.cmd.get("autocommit") is False or self.cmd.get("startTransaction"):
+            raise self.unsupported("a multi-document transaction")
+
+
+def carry(src: dict[str, Any], dst: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    for key in fields:
+        if key in src:
+            dst[key] = src[key]
+    return dst
+
+
+def coll_name(req: Request) -> str:
+    value = req.cmd[req.name]
+    if not isinstance(value, str) or not value:
+        raise CommandError(73, "InvalidNamespace",
+                           f"collection name must be a non-empty string, not {value!r}")
+    return value
+
+
+def cursor_reply(ns: str, batch: list[dict[str, Any]], cursor_id: int = 0) -> dict[str, Any]:
+    return {"cursor": {"id": cursor_id, "ns": ns, "firstBatch": batch}, "ok": 1.0}

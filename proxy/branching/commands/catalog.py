@@ -1,0 +1,98 @@
+"""listCollections and listIndexes: the branch's catalog, with overlays hidden."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.branching import naming
+from proxy.branching.commands.base import Request, coll_name, cursor_reply
+from proxy.branching.errors import CommandError
+from proxy.branching.model import NsState
+
+ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
+
+
+async def base_collections(req: Request) -> dict[str, dict[str, Any]]:
+    """The upstream's collections in this database, reserved names left out."""
+    out: dict[str, dict[str, Any]] = {}
+    cmd = {"listCollections": 1}
+    async for batch in req.run.batches(req.db, cmd):
+        for info in batch:
+            if not naming.is_reserved(info["name"]):
+                out[info["name"]] = info
+    return out
+
+
+def branch_states(req: Request) -> dict[str, list[NsState]]:
+    """Per collection of this database, the states along the chain, nearest first."""
+    chain = req.engine.chain(req.on_branch)
+    out: dict[str, list[NsState]] = {}
+    for branch in chain:
+        for state in req.engine.states.values():
+            if state.bid == branch.bid and state.db == req.db:
+                out.setdefault(state.coll, []).append(state)
+    return out
+
+
+def visible(layers: list[NsState], in_base: bool) -> bool:
+    for layer in layers:
+        if layer.present is not None:
+            return layer.present
+    return in_base
+
+
+async def exists(req: Request, coll: str) -> bool:
+    layers = req.layers(coll)
+    for layer in layers:
+        if layer.present is not None:
+            return layer.present
+    reply = await req.run(req.db, {"listCollections": 1, "filter": {"name": coll},
+                                   "nameOnly": True})
+    return bool(reply["cursor"]["firstBatch"])
+
+
+async def visible_collections(req: Request) -> dict[str, dict[str, Any]]:
+    base = await base_collections(req)
+    states = branch_states(req)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(base) | set(states)):
+        layers = states.get(name, [])
+        if not visible(layers, name in base):
+            continue
+        if name in base and not any(layer.base_dropped for layer in layers):
+            out[name] = base[name]
+        else:
+            owner = next(layer for layer in layers if layer.present)
+            out[name] = {"name": name, "type": "collection", "options": owner.options,
+                         "info": {"readOnly": False}, "idIndex": ID_INDEX}
+    return out
+
+
+async def _filtered(req: Request, infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Apply the user's listCollections filter on the server, as mongod would."""
+    filt = req.cmd.get("filter")
+    if filt and infos:
+        cmd = {"aggregate": 1, "pipeline": [{"$documents": infos}, {"$match": filt}],
+               "cursor": {}}
+        infos = [d async for batch in req.run.batches(req.db, cmd) for d in batch]
+    if req.cmd.get("nameOnly"):
+        infos = [{"name": i["name"], "type": i.get("type", "collection")} for i in infos]
+    return infos
+
+
+async def list_collections(req: Request) -> dict[str, Any]:
+    if req.branch is None:
+        infos = list((await base_collections(req)).values())
+    else:
+        infos = list((await visible_collections(req)).values())
+    return cursor_reply(f"{req.db}.$cmd.listCollections", await _filtered(req, infos))
+
+
+async def list_indexes(req: Request) -> dict[str, Any] | None:
+    coll = coll_name(req)
+    if not req.layers(coll):
+        return None
+    if not await exists(req, coll):
+        raise CommandError(26, "NamespaceNotFound", f"ns does not exist: {req.db}.{coll}")
+    indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
+    return cursor_reply(f"{req.db}.{coll}", indexes)

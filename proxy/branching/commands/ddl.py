@@ -1,0 +1,193 @@
+"""create, drop, dropDatabase, renameCollection, createIndexes, dropIndexes: scoped
+to the branch's overlay and metadata; the base never changes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.branching import views
+from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
+from proxy.branching.commands.catalog import ID_INDEX, exists, visible_collections
+from proxy.branching.errors import CommandError
+from proxy.branching.model import NsState
+from proxy.branching.wal import DROP, PUT, Change
+
+
+async def _reset(req: Request, state: NsState, options: dict[str, Any]) -> None:
+    """Empty the branch's collection: the base is hidden and the overlay starts over."""
+    run = req.run
+    for name in (state.live, state.hidden):
+        await run.reply(state.db, {"drop": name})
+    await run(state.db, {"create": state.live, **options})
+    await run(state.db, {"create": state.hidden})
+    state.base_dropped = True
+    state.options = options
+    state.indexes = [dict(ID_INDEX)]
+    state.hidden_ids = {}
+    await req.engine.log_changes(req.on_branch, [Change(f"{state.db}.{state.coll}", None, DROP,
+                                                        None, None)], req.client())
+
+
+async def _state(req: Request, coll: str) -> NsState:
+    state = await req.engine.ensure_state(req.on_branch, req.db, coll, req.run)
+    await req.engine.mark_dirty(state)
+    return state
+
+
+async def create(req: Request) -> dict[str, Any]:
+    coll = coll_name(req)
+    options = {k: v for k, v in req.cmd.items() if k != "create" and k not in SESSION_FIELDS}
+    if "viewOn" in options:
+        raise req.unsupported("creating a view")
+    async with req.engine.writing(req.on_branch):
+        if await exists(req, coll):
+            state = req.engine.state(req.on_branch, req.db, coll)
+            current = state.options if state is not None and state.base_dropped else {}
+            if options and options != current:
+                raise CommandError(48, "NamespaceExists",
+                                   f"Collection {req.db}.{coll} already exists.")
+            return {"ok": 1.0}
+        state = await _state(req, coll)
+        await _reset(req, state, options)
+        state.present = True
+        await req.engine.save_state(state)
+    return {"ok": 1.0}
+
+
+async def _drop(req: Request, coll: str) -> int | None:
+    """Drop one collection on the branch; the number of indexes it had, None if absent."""
+    if not await exists(req, coll):
+        return None
+    indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
+    state = await _state(req, coll)
+    await _reset(req, state, {})
+    state.present = False
+    await req.engine.save_state(state)
+    return len(indexes)
+
+
+async def drop(req: Request) -> dict[str, Any]:
+    coll = coll_name(req)
+    async with req.engine.writing(req.on_branch):
+        was = await _drop(req, coll)
+    if was is None:
+        return {"ok": 1.0}
+    return {"nIndexesWas": was, "ns": f"{req.db}.{coll}", "ok": 1.0}
+
+
+async def drop_database(req: Request) -> dict[str, Any]:
+    async with req.engine.writing(req.on_branch):
+        for coll in await visible_collections(req):
+            await _drop(req, coll)
+    return {"dropped": req.db, "ok": 1.0}
+
+
+async def rename_collection(req: Request) -> dict[str, Any]:
+    if req.db != "admin":
+        raise CommandError(13, "Unauthorized", "renameCollection may only be run against the "
+                                               "admin database.")
+    source, target = req.cmd.get("renameCollection"), req.cmd.get("to")
+    if not isinstance(source, str) or not isinstance(target, str) or "." not in source \
+            or "." not in target:
+        raise CommandError(73, "InvalidNamespace", "renameCollection needs full namespaces")
+    sdb, scoll = source.split(".", 1)
+    tdb, tcoll = target.split(".", 1)
+    if sdb != tdb:
+        raise req.unsupported("renameCollection across databases")
+    sub = Request(req.engine, req.branch, req.ctx, req.run, sdb, req.cmd)
+    async with req.engine.writing(req.on_branch):
+        if not await exists(sub, scoll):
+            raise CommandError(26, "NamespaceNotFound",
+                               f"source namespace does not exist: {source}")
+        if source == target:
+            raise CommandError(20, "IllegalOperation", "Can't rename a collection to itself")
+        if await exists(sub, tcoll) and not req.cmd.get("dropTarget"):
+            raise CommandError(48, "NamespaceExists", f"target namespace exists: {target}")
+        indexes = await req.engine.view_indexes(req.on_branch, sdb, scoll, req.run)
+        layers = sub.layers(scoll)
+        src_state = await _state(sub, scoll)
+        dst_state = await _state(sub, tcoll)
+        await _reset(sub, dst_state, (src_state.options if src_state.base_dropped else {}))
+        stages = views.view_stages(layers) if layers else []
+        await req.run(sdb, {"aggregate": scoll, "cursor": {}, "pipeline": [
+            *stages, {"$merge": {"into": dst_state.live, "whenMatched": "replace"}}]})
+        specs = [{k: v for k, v in ix.items() if k not in ("v", "ns")} for ix in indexes
+                 if ix.get("name") != "_id_"]
+        if specs:
+            await req.run(sdb, {"createIndexes": dst_state.live, "indexes": specs})
+        dst_state.indexes = indexes
+        dst_state.present = True
+        ns = f"{sdb}.{tcoll}"
+        async for batch in req.run.batches(sdb, {"find": dst_state.live}):
+            await req.run(sdb, {"insert": dst_state.hidden,
+                                "documents": [{"_id": d["_id"]} for d in batch]})
+            await req.engine.log_changes(req.on_branch,
+                                         [Change(ns, d["_id"], PUT, None, d) for d in batch],
+                                         req.client())
+        await req.engine.save_state(dst_state)
+        await req.engine.load_hidden(dst_state)
+        await _reset(sub, src_state, {})
+        src_state.present = False
+        await req.engine.save_state(src_state)
+    return {"ok": 1.0}
+
+
+async def create_indexes(req: Request) -> dict[str, Any]:
+    coll = coll_name(req)
+    specs = req.cmd.get("indexes")
+    if not isinstance(specs, list) or not specs:
+        raise CommandError(2, "BadValue", "Must specify at least one index to create")
+    async with req.engine.writing(req.on_branch):
+        created = not await exists(req, coll)
+        before = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run) \
+            if not created else [dict(ID_INDEX)]
+        state = await _state(req, coll)
+        if created:
+            await _reset(req, state, {})
+        reply = await req.run.reply(req.db, {"createIndexes": state.live, "indexes": specs})
+        if not reply.get("ok"):
+            reply["errmsg"] = str(reply.get("errmsg", "")).replace(state.live, coll)
+            return reply
+        names = {ix["name"] for ix in before}
+        after = list(before)
+        for spec in specs:
+            if spec.get("name") not in names:
+                after.append({"v": 2, **spec})
+                names.add(spec.get("name"))
+        state.indexes = after
+        state.present = True
+        await req.engine.save_state(state)
+    return {"createdCollectionAutomatically": created, "numIndexesBefore": len(before),
+            "numIndexesAfter": len(after), "ok": 1.0}
+
+
+async def drop_indexes(req: Request) -> dict[str, Any]:
+    coll = coll_name(req)
+    which = req.cmd.get("index")
+    async with req.engine.writing(req.on_branch):
+        if not await exists(req, coll):
+            raise CommandError(26, "NamespaceNotFound", f"ns not found {req.db}.{coll}")
+        before = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
+        if which == "*":
+            drop = [ix for ix in before if ix["name"] != "_id_"]
+        else:
+            wanted = which if isinstance(which, list) else [which]
+            drop = []
+            for item in wanted:
+                match = [ix for ix in before
+                         if (isinstance(item, str) and ix["name"] == item)
+                         or (isinstance(item, dict) and ix["key"] == item)]
+                if not match:
+                    label = item if isinstance(item, str) else str(item)
+                    raise CommandError(27, "IndexNotFound",
+                                       f"index not found with name [{label}]")
+                if match[0]["name"] == "_id_":
+                    raise CommandError(72, "InvalidOptions", "cannot drop _id index")
+                drop.extend(match)
+        state = await _state(req, coll)
+        for ix in drop:
+            await req.run.reply(req.db, {"dropIndexes": state.live, "index": ix["name"]})
+        gone = {ix["name"] for ix in drop}
+        state.indexes = [ix for ix in before if ix["name"] not in gone]
+        await req.engine.save_state(state)
+    return {"nIndexesWas": len(before), "ok": 1.0}

@@ -1,0 +1,220 @@
+"""find, count, distinct, aggregate and explain on a branch: rewritten so the
+upstream evaluates the branch view (cluster_find / cluster_aggregate style)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from bson.regex import Regex
+
+from proxy.branching import views
+from proxy.branching.commands.base import READ_CARRY, Request, carry, coll_name
+from proxy.branching.errors import CommandError
+from proxy.branching.model import NsState
+
+# find options with no faithful aggregate equivalent.
+_FIND_UNSUPPORTED = ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData",
+                     "oplogReplay")
+
+
+def _is_point(filt: dict[str, Any]) -> bool:
+    """An equality on _id alone: one document, found on exactly one side."""
+    if list(filt) != ["_id"]:
+        return False
+    return not isinstance(filt["_id"], dict | list | Regex | re.Pattern)
+
+
+def _point_source(layers: list[NsState], value: Any) -> str | bool | None:
+    """Which collection holds a point-lookup id: the base (None), a live overlay
+    (its name), False for nowhere, True when the caches cannot tell."""
+    for layer in layers:
+        hidden = layer.hides(value)
+        if hidden is None:
+            return True
+        if hidden:
+            return layer.live
+        if layer.base_dropped:
+            return False
+    return None
+
+
+def _check_projection(req: Request, projection: dict[str, Any]) -> None:
+    for key, value in projection.items():
+        if key.endswith(".$") or key == "$":
+            raise req.unsupported("the positional projection operator '$'")
+        if isinstance(value, dict) and ("$elemMatch" in value or "$slice" in value):
+            raise req.unsupported(f"the {next(iter(value))} projection operator")
+
+
+def find_pipeline(req: Request, cmd: dict[str, Any], layers: list[NsState]) -> dict[str, Any]:
+    """The aggregate that answers a find on the branch view."""
+    coll = cmd["find"]
+    for opt in _FIND_UNSUPPORTED:
+        if cmd.get(opt):
+            raise req.unsupported(f"find option {opt!r}")
+    filt = cmd.get("filter") or {}
+    pipeline = views.view_stages(layers, filt)
+    if cmd.get("sort"):
+        pipeline.append({"$sort": cmd["sort"]})
+    if cmd.get("skip"):
+        pipeline.append({"$skip": cmd["skip"]})
+    limit = abs(int(cmd.get("limit") or 0))
+    if limit:
+        pipeline.append({"$limit": limit})
+    projection = cmd.get("projection")
+    if projection:
+        _check_projection(req, projection)
+        pipeline.append({"$project": projection})
+    cursor: dict[str, Any] = {}
+    if "batchSize" in cmd:
+        cursor["batchSize"] = cmd["batchSize"]
+    out = {"aggregate": coll, "pipeline": pipeline, "cursor": cursor}
+    return carry(cmd, out, READ_CARRY)
+
+
+async def find(req: Request) -> dict[str, Any] | None:
+    coll = coll_name(req)
+    layers = req.layers(coll)
+    if not layers:
+        return None
+    cmd = req.cmd
+    filt = cmd.get("filter") or {}
+    if _is_point(filt) and not cmd.get("skip"):
+        source = _point_source(layers, filt["_id"])
+        if source is None:
+            return None
+        if source is False:
+            return {"cursor": {"id": 0, "ns": f"{req.db}.{coll}", "firstBatch": []}, "ok": 1.0}
+        if isinstance(source, str):
+            point = {k: v for k, v in cmd.items() if k not in ("$db", "hint")}
+            point["find"] = source
+            point["singleBatch"] = True
+            reply = await req.run.reply(req.db, point)
+            if reply.get("ok"):
+                reply["cursor"]["ns"] = f"{req.db}.{coll}"
+            return reply
+    reply = await req.run.reply(req.db, find_pipeline(req, cmd, layers))
+    single = cmd.get("singleBatch") or int(cmd.get("limit") or 0) < 0
+    if single and reply.get("ok") and reply["cursor"]["id"]:
+        await req.run.reply(req.db, {"killCursors": coll, "cursors": [reply["cursor"]["id"]]})
+        reply["cursor"]["id"] = 0
+    return reply
+
+
+def count_pipeline(cmd: dict[str, Any], layers: list[NsState]) -> dict[str, Any]:
+    pipeline = views.view_stages(layers, cmd.get("query") or {})
+    if cmd.get("skip"):
+        pipeline.append({"$skip": int(cmd["skip"])})
+    limit = abs(int(cmd.get("limit") or 0))
+    if limit:
+        pipeline.append({"$limit": limit})
+    pipeline.append({"$count": "n"})
+    return carry(cmd, {"aggregate": cmd["count"], "pipeline": pipeline, "cursor": {}},
+                 READ_CARRY)
+
+
+async def count(req: Request) -> dict[str, Any] | None:
+    coll = coll_name(req)
+    layers = req.layers(coll)
+    if not layers:
+        return None
+    reply = await req.run(req.db, count_pipeline(req.cmd, layers))
+    batch = reply["cursor"]["firstBatch"]
+    return {"n": int(batch[0]["n"]) if batch else 0, "ok": 1.0}
+
+
+async def distinct(req: Request) -> dict[str, Any] | None:
+    coll = coll_name(req)
+    layers = req.layers(coll)
+    if not layers:
+        return None
+    cmd = req.cmd
+    key = cmd.get("key")
+    if not isinstance(key, str):
+        raise CommandError(14, "TypeMismatch", "distinct key must be a string")
+    filt = cmd.get("query") or {}
+    if any(layer.hidden_ids is None for layer in layers):
+        return await _distinct_by_pipeline(req, coll, key, filt, layers)
+    # Each side is a real distinct (exact array semantics); the server merges them.
+    parts: list[Any] = []
+    dropped_at = next((i for i, layer in enumerate(layers) if layer.base_dropped), None)
+    sides: list[tuple[str, list[NsState]]] = []
+    if dropped_at is None:
+        sides.append((coll, layers))
+    for j, layer in enumerate(layers):
+        if dropped_at is not None and j > dropped_at:
+            break
+        sides.append((layer.live, layers[:j]))
+    for name, above in sides:
+        hidden = [v for layer in above for v in (layer.hidden_ids or {}).values()]
+        query = filt
+        if hidden:
+            query = {"$and": [filt, {"_id": {"$nin": hidden}}]} if filt else \
+                {"_id": {"$nin": hidden}}
+        sub = carry(cmd, {"distinct": name, "key": key, "query": query}, READ_CARRY)
+        if name != coll:
+            sub.pop("hint", None)  # the hint names a base index
+        reply = await req.run(req.db, sub)
+        parts.extend(reply["values"])
+    return {"values": await _dedupe(req, parts), "ok": 1.0}
+
+
+async def _dedupe(req: Request, values: list[Any]) -> list[Any]:
+    """Distinct values of a list, compared by the server (BSON order, collation)."""
+    if len(values) < 2:
+        return values
+    cmd: dict[str, Any] = {
+        "aggregate": 1,
+        "pipeline": [{"$documents": [{"v": v} for v in values]}, {"$group": {"_id": "$v"}}],
+        "cursor": {},
+    }
+    carry(req.cmd, cmd, ("collation",))
+    return [doc["_id"] async for batch in req.run.batches(req.db, cmd) for doc in batch]
+
+
+async def _distinct_by_pipeline(req: Request, coll: str, key: str, filt: dict[str, Any],
+                                layers: list[NsState]) -> dict[str, Any]:
+    if "." in key:
+        raise req.unsupported("distinct on a dotted key over a large overlay")
+    path = f"${key}"
+    pipeline = [
+        *views.view_stages(layers, filt),
+        {"$match": {key: {"$not": {"$size": 0}}}},
+        {"$unwind": {"path": path, "preserveNullAndEmptyArrays": True}},
+        {"$group": {"_id": None, "v": {"$addToSet": path}}},
+    ]
+    cmd = carry(req.cmd, {"aggregate": coll, "pipeline": pipeline, "cursor": {}}, READ_CARRY)
+    reply = await req.run(req.db, cmd)
+    batch = reply["cursor"]["firstBatch"]
+    return {"values": batch[0]["v"] if batch else [], "ok": 1.0}
+
+
+async def explain(req: Request) -> dict[str, Any] | None:
+    inner = req.cmd.get("explain")
+    if not isinstance(inner, dict) or not inner:
+        raise CommandError(9, "FailedToParse", "explain needs a command document")
+    name = next(iter(inner))
+    coll = inner.get(name)
+    if not isinstance(coll, str):
+        return None
+    layers = req.layers(coll)
+    if name == "find" and layers:
+        rewritten = find_pipeline(req, inner, layers)
+    elif name == "count" and layers:
+        rewritten = count_pipeline(inner, layers)
+    elif name == "aggregate":
+        from proxy.branching.commands.aggregate import plan_aggregate
+
+        planned = await plan_aggregate(req, inner)
+        if planned is None:
+            return None
+        rewritten = planned
+    elif name in ("update", "delete", "findAndModify", "distinct") and layers:
+        raise req.unsupported(f"explain of {name} on a changed collection")
+    else:
+        return None
+    rewritten = {k: v for k, v in rewritten.items() if k not in ("lsid", "$clusterTime")}
+    out = {"explain": rewritten}
+    carry(req.cmd, out, ("verbosity", "lsid", "$clusterTime", "comment", "maxTimeMS"))
+    return await req.run.reply(req.db, out)

@@ -1,0 +1,471 @@
+"""insert, update, delete and findAndModify on a branch.
+
+Copy-on-write, then the real write: the documents a write will touch are copied
+from the parent view into the branch's live overlay (and their ids hidden from
+the parent), then the user's own statement runs against the overlay, so the
+upstream applies every update operator itself. Every changed document is
+logged with its pre- and post-image before the client hears back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bson
+from bson import ObjectId
+
+from proxy.branching import views
+from proxy.branching.commands.base import Request, coll_name
+from proxy.branching.errors import CommandError
+from proxy.branching.idkey import idkey
+from proxy.branching.model import NsState
+from proxy.branching.wal import DELETE, PUT, Change
+from proxy.wire.bsonutil import CODEC
+
+BATCH = 1000
+DUP_KEY = 11000
+
+
+class Writer:
+    """One write command on one collection of a branch, under the branch's write lock."""
+
+    def __init__(self, req: Request, coll: str, state: NsState):
+        self.req = req
+        self.coll = coll
+        self.state = state
+        self.ns = f"{req.db}.{coll}"
+        self.changes: list[Change] = []
+        self.wc_error: dict[str, Any] | None = None
+        self.write_concern = req.cmd.get("writeConcern")
+
+    @property
+    def layers(self) -> list[NsState]:
+        return self.req.layers(self.coll)
+
+    async def run(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """A command on an overlay; replies name the user's collection, not ours."""
+        if self.write_concern is not None and next(iter(cmd)) in (
+                "insert", "update", "delete", "findAndModify"):
+            cmd["writeConcern"] = self.write_concern
+        reply = await self.req.run.reply(self.req.db, cmd)
+        if "writeConcernError" in reply:
+            self.wc_error = reply["writeConcernError"]
+        return unmask(reply, self.state, self.coll)
+
+    async def check(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        reply = await self.run(cmd)
+        if not reply.get("ok"):
+            raise CommandError(int(reply.get("code", 8)), str(reply.get("codeName", "")),
+                               str(reply.get("errmsg", "")))
+        return reply
+
+    async def view_docs(self, filt: dict[str, Any], extra: list[dict[str, Any]] | None = None,
+                        options: dict[str, Any] | None = None, *, parent_only: bool = False,
+                        project_id: bool = False):  # type: ignore[no-untyped-def]
+        pipeline = views.view_stages(self.layers, filt, skip_top_live=parent_only)
+        pipeline += extra or []
+        if project_id:
+            pipeline.append({"$project": {"_id": 1}})
+        cmd: dict[str, Any] = {"aggregate": self.coll, "pipeline": pipeline, "cursor": {}}
+        for key, value in (options or {}).items():
+            if key == "hint" and any(layer.base_dropped for layer in self.layers):
+                continue
+            cmd[key] = value
+        async for batch in self.req.run.batches(self.req.db, cmd, BATCH):
+            yield batch
+
+    async def parent_has(self, ids: list[Any]) -> set[Any]:
+        """Which ids the parent view still shows (they would collide on insert)."""
+        found: set[Any] = set()
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start:start + BATCH]
+            async for batch in self.view_docs({"_id": {"$in": chunk}}, parent_only=True,
+                                              project_id=True):
+                found.update(idkey(d["_id"]) for d in batch)
+        return found
+
+    async def in_live(self, ids: list[Any]) -> set[Any]:
+        """Which of these visible ids the branch's own overlay already holds."""
+        known = [self.state.hides(i) for i in ids]
+        if all(k is not None for k in known):
+            return {idkey(i) for i, k in zip(ids, known, strict=True) if k}
+        found: set[Any] = set()
+        cmd = {"find": self.state.live, "filter": {"_id": {"$in": ids}},
+               "projection": {"_id": 1}}
+        async for batch in self.req.run.batches(self.req.db, cmd, BATCH):
+            found.update(idkey(d["_id"]) for d in batch)
+        return found
+
+    async def hide(self, ids: list[Any]) -> None:
+        if not ids:
+            return
+        await self.run({"insert": self.state.hidden, "documents": [{"_id": i} for i in ids],
+                        "ordered": False})
+        self.state.hide(ids)
+
+    async def copy_on_write(self, docs: list[dict[str, Any]]) -> list[Any]:
+        """Copy parent documents into the overlay; returns the ids copied now."""
+        owned = await self.in_live([d["_id"] for d in docs])
+        fresh = [d for d in docs if idkey(d["_id"]) not in owned]
+        if not fresh:
+            return []
+        ids = [d["_id"] for d in fresh]
+        await self.hide(ids)
+        await self.check({"insert": self.state.live, "documents": fresh, "ordered": False})
+        return ids
+
+    async def uncopy(self, ids: list[Any]) -> None:
+        """Undo a copy that turned out to change nothing, so the overlay stays minimal."""
+        if not ids:
+            return
+        await self.check({"delete": self.state.live,
+                          "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+        await self.check({"delete": self.state.hidden,
+                          "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+        self.state.unhide(ids)
+
+    async def live_docs(self, ids: list[Any]) -> dict[Any, dict[str, Any]]:
+        out: dict[Any, dict[str, Any]] = {}
+        cmd = {"find": self.state.live, "filter": {"_id": {"$in": ids}}}
+        async for batch in self.req.run.batches(self.req.db, cmd, BATCH):
+            for d in batch:
+                out[idkey(d["_id"])] = d
+        return out
+
+    async def record_puts(self, pres: list[dict[str, Any]], copied: list[Any]) -> None:
+        """Log what changed between pre-images and the overlay now; undo idle copies."""
+        posts = await self.live_docs([d["_id"] for d in pres])
+        copied_keys = {idkey(i) for i in copied}
+        idle = []
+        for pre in pres:
+            key = idkey(pre["_id"])
+            post = posts.get(key)
+            if post is None:
+                continue
+            if same(pre, post):
+                if key in copied_keys:
+                    idle.append(pre["_id"])
+                continue
+            self.changes.append(Change(self.ns, pre["_id"], PUT, pre, post))
+        await self.uncopy(idle)
+
+    async def upserted(self, new_id: Any) -> dict[str, Any] | None:
+        """After an upsert into the overlay: a duplicate-key error if the parent holds the id."""
+        if await self.parent_has([new_id]):
+            await self.check({"delete": self.state.live,
+                              "deletes": [{"q": {"_id": new_id}, "limit": 1}]})
+            return dup_key_error(self.ns, new_id)
+        await self.hide([new_id])
+        post = (await self.live_docs([new_id])).get(idkey(new_id))
+        self.changes.append(Change(self.ns, new_id, PUT, None, post))
+        return None
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return bson.encode(a, codec_options=CODEC) == bson.encode(b, codec_options=CODEC)
+
+
+def unmask(reply: dict[str, Any], state: NsState, coll: str) -> dict[str, Any]:
+    """Replace overlay names in error messages by the collection the user named."""
+    def fix(text: Any) -> Any:
+        return text.replace(state.live, coll) if isinstance(text, str) else text
+
+    if "errmsg" in reply:
+        reply["errmsg"] = fix(reply["errmsg"])
+    for err in reply.get("writeErrors", []):
+        err["errmsg"] = fix(err.get("errmsg"))
+    return reply
+
+
+def dup_key_error(ns: str, value: Any, index: int = 0) -> dict[str, Any]:
+    _db, _coll = ns.split(".", 1)
+    shown = bson.json_util.dumps(value) if not isinstance(value, str) else f'"{value}"'
+    return {
+        "index": index, "code": DUP_KEY,
+        "errmsg": f"E11000 duplicate key error collection: {ns} index: _id_ dup key: "
+                  f"{{ _id: {shown} }}",
+        "keyPattern": {"_id": 1}, "keyValue": {"_id": value},
+    }
+
+
+async def _begin(req: Request, coll: str) -> Writer:
+    engine = req.engine
+    state = await engine.ensure_state(req.on_branch, req.db, coll, req.run)
+    await engine.mark_dirty(state)
+    if state.present is not True:
+        state.present = True
+        await engine.save_state(state)
+    return Writer(req, coll, state)
+
+
+async def _finish(req: Request, writer: Writer, reply: dict[str, Any]) -> dict[str, Any]:
+    await req.engine.log_changes(req.on_branch, writer.changes, req.client(), _txn(req))
+    if writer.wc_error is not None:
+        reply["writeConcernError"] = writer.wc_error
+    req.engine.remember(_txn(req), reply)
+    return reply
+
+
+def _txn(req: Request) -> dict[str, Any] | None:
+    if "txnNumber" in req.cmd and isinstance(req.cmd.get("lsid"), dict):
+        return {"lsid": req.cmd["lsid"].get("id"), "n": req.cmd["txnNumber"]}
+    return None
+
+
+def _retried(req: Request) -> dict[str, Any] | None:
+    req.reject_transactions()
+    return req.engine.recall(_txn(req))
+
+
+def _stmt_error(index: int, reply: dict[str, Any]) -> dict[str, Any]:
+    err = {"index": index, "code": int(reply.get("code", 8)),
+           "errmsg": str(reply.get("errmsg", ""))}
+    for key in ("codeName", "errInfo", "keyPattern", "keyValue"):
+        if key in reply:
+            err[key] = reply[key]
+    return err
+
+
+# -- insert ---------------------------------------------------------------------------
+async def insert(req: Request) -> dict[str, Any]:
+    coll = coll_name(req)
+    if (done := _retried(req)) is not None:
+        return done
+    raw_docs = req.cmd.get("documents")
+    if not isinstance(raw_docs, list):
+        raise CommandError(9, "FailedToParse", "insert needs a 'documents' array")
+    docs = [d if "_id" in d else {"_id": ObjectId(), **d} for d in raw_docs]
+    ordered = req.cmd.get("ordered", True) is not False
+    n = 0
+    errors: list[dict[str, Any]] = []
+    async with req.engine.writing(req.on_branch):
+        writer = await _begin(req, coll)
+        for start in range(0, len(docs), BATCH):
+            chunk = docs[start:start + BATCH]
+            taken = await writer.parent_has([d["_id"] for d in chunk])
+            batch: list[tuple[int, dict[str, Any]]] = []
+            stop = False
+            for offset, doc in enumerate(chunk):
+                if idkey(doc["_id"]) in taken:
+                    errors.append(dup_key_error(writer.ns, doc["_id"], start + offset))
+                    if ordered:
+                        stop = True
+                        break
+                    continue
+                batch.append((start + offset, doc))
+            if batch:
+                reply = await writer.run({"insert": writer.state.live, "ordered": ordered,
+                                          "documents": [d for _, d in batch]})
+                if not reply.get("ok"):
+                    return reply
+                failed = set()
+                for err in reply.get("writeErrors", []):
+                    index, _ = batch[err["index"]]
+                    failed.add(err["index"])
+                    errors.append({**err, "index": index})
+                if ordered and failed:
+                    batch = batch[:min(failed)]
+                    stop = True
+                good = [d for i, (_, d) in enumerate(batch) if i not in failed]
+                await writer.hide([d["_id"] for d in good])
+                writer.changes.extend(Change(writer.ns, d["_id"], PUT, None, d) for d in good)
+                n += len(good)
+            if stop:
+                break
+        errors.sort(key=lambda e: e["index"])
+        result: dict[str, Any] = {"n": n, "ok": 1.0}
+        if errors:
+            result["writeErrors"] = errors
+        return await _finish(req, writer, result)
+
+
+# -- update ---------------------------------------------------------------------------
+_STMT_OPTS = ("collation", "arrayFilters", "hint")
+
+
+async def update(req: Request) -> dict[str, Any]:
+    coll = coll_name(req)
+    if (done := _retried(req)) is not None:
+        return done
+    stmts = req.cmd.get("updates")
+    if not isinstance(stmts, list):
+        raise CommandError(9, "FailedToParse", "update needs an 'updates' array")
+    ordered = req.cmd.get("ordered", True) is not False
+    totals = {"n": 0, "nModified": 0}
+    upserted: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    async with req.engine.writing(req.on_branch):
+        writer = await _begin(req, coll)
+        for index, stmt in enumerate(stmts):
+            outcome = await _update_stmt(writer, stmt, index)
+            if "error" in outcome:
+                errors.append(outcome["error"])
+            totals["n"] += outcome.get("n", 0)
+            totals["nModified"] += outcome.get("nModified", 0)
+            if "upserted" in outcome:
+                upserted.append({"index": index, "_id": outcome["upserted"]})
+            if errors and ordered:
+                break
+        result: dict[str, Any] = {"n": totals["n"] + len(upserted),
+                                  "nModified": totals["nModified"]}
+        if upserted:
+            result["upserted"] = upserted
+        if errors:
+            result["writeErrors"] = errors
+        result["ok"] = 1.0
+        return await _finish(req, writer, result)
+
+
+async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict[str, Any]:
+    req = writer.req
+    q = stmt.get("q") or {}
+    multi = bool(stmt.get("multi"))
+    options: dict[str, Any] = {k: stmt[k] for k in ("collation", "hint") if k in stmt}
+    if "let" in req.cmd:
+        options["let"] = req.cmd["let"]
+    extra: list[dict[str, Any]] = []
+    if not multi:
+        if stmt.get("sort"):
+            extra.append({"$sort": stmt["sort"]})
+        extra.append({"$limit": 1})
+    # Ids first, so documents this statement moves cannot be matched twice.
+    ids: list[Any] = []
+    try:
+        async for batch in writer.view_docs(q, extra, options, project_id=True):
+            ids.extend(d["_id"] for d in batch)
+    except CommandError as exc:
+        return {"error": {"index": index, "code": exc.code, "errmsg": str(exc)}}
+    base_stmt = {k: v for k, v in stmt.items() if k not in ("q", "multi", "upsert", "sort")}
+    if not ids:
+        if not stmt.get("upsert"):
+            return {"n": 0, "nModified": 0}
+        reply = await writer.run(_with_let(req, {
+            "update": writer.state.live,
+            "updates": [{**base_stmt, "q": q, "upsert": True, "multi": False}]}))
+        if not reply.get("ok"):
+            return {"error": _stmt_error(index, reply)}
+        if reply.get("writeErrors"):
+            return {"error": {**reply["writeErrors"][0], "index": index}}
+        new_id = reply["upserted"][0]["_id"]
+        dup = await writer.upserted(new_id)
+        if dup is not None:
+            return {"error": {**dup, "index": index}}
+        return {"upserted": new_id}
+    out = {"n": 0, "nModified": 0}
+    for start in range(0, len(ids), BATCH):
+        chunk = ids[start:start + BATCH]
+        pres = [d async for batch in writer.view_docs({"_id": {"$in": chunk}}) for d in batch]
+        copied = await writer.copy_on_write(pres)
+        reply = await writer.run(_with_let(req, {
+            "update": writer.state.live,
+            "updates": [{**base_stmt, "q": {"$and": [q, {"_id": {"$in": chunk}}]},
+                         "multi": True}]}))
+        await writer.record_puts(pres, copied)
+        if not reply.get("ok"):
+            return {**out, "error": _stmt_error(index, reply)}
+        out["n"] += int(reply.get("n", 0))
+        out["nModified"] += int(reply.get("nModified", 0))
+        if reply.get("writeErrors"):
+            return {**out, "error": {**reply["writeErrors"][0], "index": index}}
+    return out
+
+
+def _with_let(req: Request, cmd: dict[str, Any]) -> dict[str, Any]:
+    if "let" in req.cmd:
+        cmd["let"] = req.cmd["let"]
+    return cmd
+
+
+# -- delete ---------------------------------------------------------------------------
+async def delete(req: Request) -> dict[str, Any]:
+    coll = coll_name(req)
+    if (done := _retried(req)) is not None:
+        return done
+    stmts = req.cmd.get("deletes")
+    if not isinstance(stmts, list):
+        raise CommandError(9, "FailedToParse", "delete needs a 'deletes' array")
+    ordered = req.cmd.get("ordered", True) is not False
+    n = 0
+    errors: list[dict[str, Any]] = []
+    async with req.engine.writing(req.on_branch):
+        writer = await _begin(req, coll)
+        for index, stmt in enumerate(stmts):
+            options: dict[str, Any] = {k: stmt[k] for k in ("collation", "hint") if k in stmt}
+            if "let" in req.cmd:
+                options["let"] = req.cmd["let"]
+            extra = [{"$limit": 1}] if stmt.get("limit") == 1 else []
+            try:
+                pres = [d async for batch in writer.view_docs(stmt.get("q") or {}, extra, options)
+                        for d in batch]
+            except CommandError as exc:
+                errors.append({"index": index, "code": exc.code, "errmsg": str(exc)})
+                if ordered:
+                    break
+                continue
+            for start in range(0, len(pres), BATCH):
+                chunk = pres[start:start + BATCH]
+                await _remove(writer, chunk)
+            n += len(pres)
+        result: dict[str, Any] = {"n": n, "ok": 1.0}
+        if errors:
+            result["writeErrors"] = errors
+        return await _finish(req, writer, result)
+
+
+async def _remove(writer: Writer, pres: list[dict[str, Any]]) -> None:
+    ids = [d["_id"] for d in pres]
+    owned = await writer.in_live(ids)
+    await writer.check({"delete": writer.state.live,
+                        "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+    await writer.hide([i for i in ids if idkey(i) not in owned])
+    writer.changes.extend(Change(writer.ns, d["_id"], DELETE, d, None) for d in pres)
+
+
+# -- findAndModify ----------------------------------------------------------------------
+async def find_and_modify(req: Request) -> dict[str, Any]:
+    coll = coll_name(req)
+    if (done := _retried(req)) is not None:
+        return done
+    cmd = req.cmd
+    q = cmd.get("query") or {}
+    options: dict[str, Any] = {k: cmd[k] for k in ("collation", "hint", "let") if k in cmd}
+    extra: list[dict[str, Any]] = []
+    if cmd.get("sort"):
+        extra.append({"$sort": cmd["sort"]})
+    extra.append({"$limit": 1})
+    passthrough = {k: v for k, v in cmd.items()
+                   if k in ("remove", "update", "new", "fields", "arrayFilters", "collation",
+                            "let", "bypassDocumentValidation")}
+    async with req.engine.writing(req.on_branch):
+        writer = await _begin(req, coll)
+        pres = [d async for batch in writer.view_docs(q, extra, options) for d in batch]
+        if pres:
+            pre = pres[0]
+            copied = await writer.copy_on_write([pre])
+            reply = await writer.run({"findAndModify": writer.state.live,
+                                      "query": {"$and": [q, {"_id": pre["_id"]}]},
+                                      **passthrough})
+            if cmd.get("remove") and reply.get("ok") and reply.get("value") is not None:
+                writer.changes.append(Change(writer.ns, pre["_id"], DELETE, pre, None))
+            else:
+                await writer.record_puts([pre], copied)
+            return await _finish(req, writer, _fam_reply(reply))
+        if not cmd.get("upsert") or cmd.get("remove"):
+            return await _finish(req, writer, {
+                "lastErrorObject": {"n": 0, "updatedExisting": False}, "value": None, "ok": 1.0})
+        reply = await writer.run({"findAndModify": writer.state.live, "query": q,
+                                  "upsert": True, **passthrough})
+        if not reply.get("ok"):
+            return _fam_reply(reply)
+        new_id = reply.get("lastErrorObject", {}).get("upserted")
+        if new_id is not None:
+            dup = await writer.upserted(new_id)
+            if dup is not None:
+                return {"ok": 0.0, "errmsg": dup["errmsg"], "code": DUP_KEY,
+                        "codeName": "DuplicateKey", "keyPattern": dup["keyPattern"],
+                        "keyValue": dup["keyValue"]}
+        return await _finish(req, writer, _fam_reply(reply))
+
+
+def _fam_reply(reply: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in reply.items() if k not in ("$clusterTime", "operationTime")}

@@ -1,0 +1,335 @@
+"""The branch engine: registry, per-namespace overlay state, recovery and the WAL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from pymongo import AsyncMongoClient
+from pymongo.errors import DuplicateKeyError
+
+from proxy.branching import naming
+from proxy.branching.errors import BranchError
+from proxy.branching.model import Branch, NsState
+from proxy.branching.runner import Runner, pooled
+from proxy.branching.wal import Change, Wal
+
+log = logging.getLogger("mongobranch.engine")
+
+MAIN = "main"
+# Replies kept for retried writes; drivers retry once, immediately.
+RETRY_MEMORY = 10_000
+
+
+class Ports(Protocol):
+    """Opens and closes branch listeners; implemented by the serving layer."""
+
+    async def open(self, branch: Branch) -> None: ...
+
+    async def close(self, branch: Branch) -> None: ...
+
+
+class Engine:
+    def __init__(self, client: AsyncMongoClient[dict[str, Any]], meta_db: str,
+                 port_range: tuple[int, int], host: str = "127.0.0.1"):
+        self.client = client
+        self.meta = client[meta_db]
+        self.meta_db = meta_db
+        self.port_range = port_range
+        self.host = host
+        self.wal = Wal(client, meta_db)
+        self.pool = pooled(client)
+        self.branches: dict[str, Branch] = {}
+        self.states: dict[str, NsState] = {}
+        self.ports: Ports | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._dirty: set[str] = set()
+        self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- start-up -------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.wal.init()
+        async for doc in self.meta["branches"].find():
+            branch = Branch.from_doc(doc)
+            self.branches[branch.name] = branch
+        async for doc in self.meta["namespaces"].find():
+            state = NsState.from_doc(doc)
+            self.states[state.key] = state
+        dirty = [doc["_id"] async for doc in self.meta["dirty"].find()]
+        for key in dirty:
+            found = self.states.get(key)
+            if found is not None:
+                log.warning("rematerializing %s from the WAL after an unclean stop", key)
+                await self.rematerialize(found)
+            await self.meta["dirty"].delete_one({"_id": key})
+        for state in self.states.values():
+            await self.load_hidden(state)
+        self._flusher = asyncio.create_task(self._flush_dirty())
+
+    async def stop(self) -> None:
+        if self._flusher:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        for key in list(self._dirty):
+            await self.meta["dirty"].delete_one({"_id": key})
+        self._dirty.clear()
+
+    async def load_hidden(self, state: NsState) -> None:
+        from proxy.branching.model import HIDDEN_CACHE_LIMIT
+
+        state.hidden_ids = {}
+        coll = self.client[state.db][state.hidden]
+        async for doc in coll.find({}, {"_id": 1}).limit(HIDDEN_CACHE_LIMIT + 1):
+            state.hide([doc["_id"]])
+            if state.hidden_ids is None:
+                break
+
+    # -- branches ---------------------------------------------------------------------
+    def get(self, name: str) -> Branch:
+        branch = self.branches.get(name)
+        if branch is None:
+            raise BranchError(404, f"branch {name!r} does not exist")
+        return branch
+
+    def by_bid(self, bid: str) -> Branch | None:
+        return next((b for b in self.branches.values() if b.bid == bid), None)
+
+    def chain(self, branch: Branch) -> list[Branch]:
+        """The branch and its ancestors, nearest first, main excluded."""
+        out = []
+        current: Branch | None = branch
+        while current is not None:
+            out.append(current)
+            current = self.branches.get(current.parent) if current.parent != MAIN else None
+        return out
+
+    def children(self, name: str) -> list[str]:
+        return sorted(b.name for b in self.branches.values() if b.parent == name)
+
+    def _free_port(self) -> int:
+        used = {b.port for b in self.branches.values()}
+        for port in range(self.port_range[0], self.port_range[1] + 1):
+            if port not in used:
+                return port
+        raise BranchError(409, f"no free port left in {self.port_range[0]}-{self.port_range[1]}")
+
+    async def create_branch(self, name: Any, parent: Any = MAIN, port: Any = None) -> Branch:
+        if not naming.valid_branch_name(name):
+            raise BranchError(400, "branch name must match [A-Za-z0-9._-]{1,64} and not be "
+                                   f"'main', got {name!r}")
+        if not isinstance(parent, str) or (parent != MAIN and parent not in self.branches):
+            raise BranchError(404, f"parent branch {parent!r} does not exist")
+        if name in self.branches:
+            raise BranchError(409, f"branch {name!r} already exists")
+        if port is None:
+            port = self._free_port()
+        elif not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise BranchError(400, f"port must be an integer 1-65535, got {port!r}")
+        elif any(b.port == port for b in self.branches.values()):
+            raise BranchError(409, f"port {port} is already used by another branch")
+        branch = Branch(
+            name=name, bid=secrets.token_hex(4), parent=parent,
+            fork_lsn=await self.wal.current(),
+            created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0), port=port,
+        )
+        try:
+            await self.meta["branches"].insert_one(branch.to_doc())
+        except DuplicateKeyError as exc:
+            raise BranchError(409, f"branch {name!r} already exists") from exc
+        self.branches[name] = branch
+        if self.ports is not None:
+            try:
+                await self.ports.open(branch)
+            except OSError as exc:
+                del self.branches[name]
+                await self.meta["branches"].delete_one({"_id": name})
+                raise BranchError(409, f"port {port} cannot be opened: {exc}") from exc
+        log.info("created branch %s (parent %s, port %d)", name, parent, port)
+        return branch
+
+    async def drop_branch(self, name: str) -> None:
+        branch = self.get(name)
+        kids = self.children(name)
+        if kids:
+            raise BranchError(409, f"branch {name!r} has child branches: {', '.join(kids)}")
+        async with self.writing(branch):
+            if self.ports is not None:
+                await self.ports.close(branch)
+            for state in [s for s in self.states.values() if s.bid == branch.bid]:
+                db = self.client[state.db]
+                await db.drop_collection(state.live)
+                await db.drop_collection(state.hidden)
+                await self.meta["namespaces"].delete_one({"_id": state.key})
+                del self.states[state.key]
+            await self.wal.delete_branch(branch.bid)
+            await self.meta["branches"].delete_one({"_id": name})
+            del self.branches[name]
+        self._locks.pop(branch.bid, None)
+        log.info("dropped branch %s", name)
+
+    async def describe(self, name: str) -> dict[str, Any]:
+        branch = self.get(name)
+        info = branch.public(self.host)
+        namespaces = {}
+        for state in self.states.values():
+            if state.bid != branch.bid:
+                continue
+            db = self.client[state.db]
+            namespaces[f"{state.db}.{state.coll}"] = {
+                "changed": await db[state.hidden].count_documents({}),
+                "live": await db[state.live].count_documents({}),
+                "dropped": state.base_dropped,
+            }
+        info["namespaces"] = namespaces
+        info["children"] = self.children(name)
+        return info
+
+    # -- namespaces ---------------------------------------------------------------------
+    def state(self, branch: Branch, db: str, coll: str) -> NsState | None:
+        return self.states.get(f"{branch.bid}:{db}.{coll}")
+
+    def layers(self, branch: Branch, db: str, coll: str) -> list[NsState]:
+        """The states of this collection along the ancestry chain, nearest first."""
+        out = []
+        for b in self.chain(branch):
+            state = self.states.get(f"{b.bid}:{db}.{coll}")
+            if state is not None:
+                out.append(state)
+        return out
+
+    def touched(self, branch: Branch, db: str, coll: str) -> bool:
+        return any(f"{b.bid}:{db}.{coll}" in self.states for b in self.chain(branch))
+
+    async def ensure_state(self, branch: Branch, db: str, coll: str, run: Runner) -> NsState:
+        """The branch's overlay for a collection, created with the view's indexes."""
+        state = self.state(branch, db, coll)
+        if state is not None:
+            return state
+        state = NsState(branch.bid, db, coll)
+        indexes = await self.view_indexes(branch, db, coll, run)
+        await self._create_overlay(state, indexes, run)
+        await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(), upsert=True)
+        self.states[state.key] = state
+        return state
+
+    async def _create_overlay(self, state: NsState, indexes: list[dict[str, Any]],
+                              run: Runner) -> None:
+        for name in (state.live, state.hidden):
+            reply = await run.reply(state.db, {"create": name})
+            if not reply.get("ok") and reply.get("code") != 48:
+                raise BranchError(500, f"cannot create overlay {state.db}.{name}: "
+                                       f"{reply.get('errmsg')}")
+        specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
+        if specs:
+            await run(state.db, {"createIndexes": state.live, "indexes": specs})
+
+    async def view_indexes(self, branch: Branch, db: str, coll: str,
+                           run: Runner) -> list[dict[str, Any]]:
+        """The index list the branch shows for a collection."""
+        for layer in self.layers(branch, db, coll):
+            if layer.indexes is not None:
+                return list(layer.indexes)
+            if layer.base_dropped:
+                return [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
+        reply = await run.reply(db, {"listIndexes": coll})
+        if not reply.get("ok"):
+            return []
+        return list(reply["cursor"]["firstBatch"])
+
+    async def save_state(self, state: NsState) -> None:
+        await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(), upsert=True)
+
+    # -- writes -------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def writing(self, branch: Branch) -> AsyncIterator[None]:
+        """Serializes a branch's writes so its overlay and WAL advance together."""
+        lock = self._locks.setdefault(branch.bid, asyncio.Lock())
+        async with lock:
+            yield
+
+    async def mark_dirty(self, state: NsState) -> None:
+        """Before an overlay changes: on a crash, start-up rebuilds it from the WAL."""
+        if state.key in self._dirty:
+            return
+        await self.meta["dirty"].replace_one({"_id": state.key}, {"_id": state.key},
+                                             upsert=True)
+        self._dirty.add(state.key)
+
+    async def _flush_dirty(self) -> None:
+        """Clears markers of overlays that are at rest, so a restart has less to rebuild."""
+        while True:
+            await asyncio.sleep(1.0)
+            for key in list(self._dirty):
+                bid = key.split(":", 1)[0]
+                lock = self._locks.get(bid)
+                if lock is not None and lock.locked():
+                    continue
+                self._dirty.discard(key)
+                try:
+                    await self.meta["dirty"].delete_one({"_id": key})
+                except Exception:  # the marker stays; start-up will rebuild needlessly
+                    log.exception("could not clear dirty marker %s", key)
+
+    async def log_changes(self, branch: Branch, changes: list[Change], client: dict[str, Any],
+                          txn: dict[str, Any] | None = None) -> int:
+        return await self.wal.append(branch.bid, changes, client, txn)
+
+    # -- retryable writes -----------------------------------------------------------------
+    def recall(self, txn: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The reply already given to this (lsid, txnNumber): a retry never applies twice."""
+        if txn is None:
+            return None
+        return self._retries.get((bytes(txn["lsid"]) if txn["lsid"] else None, txn["n"]))
+
+    def remember(self, txn: dict[str, Any] | None, reply: dict[str, Any]) -> None:
+        if txn is None:
+            return
+        self._retries[(bytes(txn["lsid"]) if txn["lsid"] else None, txn["n"])] = reply
+        while len(self._retries) > RETRY_MEMORY:
+            self._retries.popitem(last=False)
+
+    async def rematerialize(self, state: NsState, upto: int | None = None) -> None:
+        """Rebuild an overlay as the fold of its WAL entries (up to an LSN)."""
+        db = self.client[state.db]
+        await db.drop_collection(state.live)
+        await db.drop_collection(state.hidden)
+        ns = f"{state.db}.{state.coll}"
+        match: dict[str, Any] = {"b": state.bid, "ns": ns}
+        if upto is not None:
+            match["_id"] = {"$lte": upto}
+        last_drop = await self.wal.entries.find_one({**match, "op": "drop"}, sort=[("_id", -1)])
+        if last_drop is not None:
+            state.base_dropped = True
+            match["_id"] = {**match.get("_id", {}), "$gt": last_drop["_id"]}
+        branch = self.by_bid(state.bid)
+        indexes = state.indexes
+        if indexes is None and branch is not None:
+            indexes = await self.view_indexes(branch, state.db, state.coll, self.pool)
+        await self._create_overlay(state, indexes or [], self.pool)
+        fold = [{"$match": match}, {"$sort": {"_id": 1}},
+                {"$group": {"_id": "$id", "op": {"$last": "$op"}, "post": {"$last": "$post"}}}]
+        await self.pool(self.meta_db, {
+            "aggregate": "wal", "allowDiskUse": True, "cursor": {},
+            "pipeline": [*fold, {"$project": {"_id": 1}},
+                         {"$merge": {"into": {"db": state.db, "coll": state.hidden}}}],
+        })
+        await self.pool(self.meta_db, {
+            "aggregate": "wal", "allowDiskUse": True, "cursor": {},
+            "pipeline": [*fold, {"$match": {"op": "put"}}, {"$replaceRoot": {"newRoot": "$post"}},
+                         {"$merge": {"into": {"db": state.db, "coll": state.live}}}],
+        })
+        await self.save_state(state)
+        await self.load_hidden(state)
+
+
+def overlay_index(spec: dict[str, Any]) -> dict[str, Any]:
+    """An index spec fit for createIndexes on an overlay collection."""
+    return {k: v for k, v in spec.items() if k not in ("v", "ns")}

@@ -1,0 +1,102 @@
+"""The engine's records: branches and the per-namespace state of each branch."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.branching import naming
+from proxy.branching.idkey import idkey
+
+# Hidden-id sets up to this size are kept in memory and excluded with $nin;
+# larger ones are excluded server-side by an indexed anti-join.
+HIDDEN_CACHE_LIMIT = 20_000
+
+
+@dataclass
+class Branch:
+    name: str
+    bid: str
+    parent: str
+    fork_lsn: int
+    created_at: dt.datetime
+    port: int
+    mode: str = "wal"
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"_id": self.name, "bid": self.bid, "parent": self.parent,
+                "fork_lsn": self.fork_lsn, "created_at": self.created_at, "port": self.port,
+                "mode": self.mode}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Branch:
+        return cls(name=doc["_id"], bid=doc["bid"], parent=doc["parent"],
+                   fork_lsn=int(doc["fork_lsn"]), created_at=doc["created_at"],
+                   port=int(doc["port"]), mode=doc.get("mode", "wal"))
+
+    def public(self, host: str) -> dict[str, Any]:
+        return {"name": self.name, "parent": self.parent, "port": self.port,
+                "uri": f"mongodb://{host}:{self.port}/", "mode": self.mode,
+                "fork_lsn": self.fork_lsn,
+                "created_at": self.created_at.replace(tzinfo=dt.UTC).isoformat()}
+
+
+@dataclass
+class NsState:
+    """What one branch changed in one collection."""
+
+    bid: str
+    db: str
+    coll: str
+    base_dropped: bool = False
+    # True: the collection exists on this branch; False: dropped; None: as the parent.
+    present: bool | None = None
+    indexes: list[dict[str, Any]] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    # idkey -> raw id; None once the set outgrew HIDDEN_CACHE_LIMIT.
+    hidden_ids: dict[Any, Any] | None = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.bid}:{self.db}.{self.coll}"
+
+    @property
+    def live(self) -> str:
+        return naming.live(self.bid, self.coll)
+
+    @property
+    def hidden(self) -> str:
+        return naming.hidden(self.bid, self.coll)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"_id": self.key, "bid": self.bid, "db": self.db, "coll": self.coll,
+                "base_dropped": self.base_dropped, "present": self.present,
+                "indexes": self.indexes,
+                "options": self.options}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> NsState:
+        return cls(bid=doc["bid"], db=doc["db"], coll=doc["coll"],
+                   base_dropped=bool(doc.get("base_dropped")), present=doc.get("present"),
+                   indexes=doc.get("indexes"),
+                   options=doc.get("options") or {})
+
+    def hide(self, ids: list[Any]) -> None:
+        if self.hidden_ids is None:
+            return
+        for value in ids:
+            self.hidden_ids[idkey(value)] = value
+        if len(self.hidden_ids) > HIDDEN_CACHE_LIMIT:
+            self.hidden_ids = None
+
+    def unhide(self, ids: list[Any]) -> None:
+        if self.hidden_ids is not None:
+            for value in ids:
+                self.hidden_ids.pop(idkey(value), None)
+
+    def hides(self, value: Any) -> bool | None:
+        """Whether this layer hides the id; None when the set is not cached."""
+        if self.hidden_ids is None:
+            return None
+        return idkey(value) in self.hidden_ids

@@ -1,0 +1,30 @@
+"""Reserved names of overlay collections.
+
+`__mb_<bid>_<kind>_<collection>`: the branch id is hex and the kind one
+letter, so a name splits back unambiguously whatever the collection name holds.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "__mb_"
+LIVE = "l"
+HIDDEN = "h"
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def live(bid: str, coll: str) -> str:
+    return f"{PREFIX}{bid}_{LIVE}_{coll}"
+
+
+def hidden(bid: str, coll: str) -> str:
+    return f"{PREFIX}{bid}_{HIDDEN}_{coll}"
+
+
+def is_reserved(coll: str) -> bool:
+    return coll.startswith(PREFIX)
+
+
+def valid_branch_name(name: object) -> bool:
+    return isinstance(name, str) and bool(_NAME_RE.match(name)) and name != "main"

@@ -1,0 +1,92 @@
+"""The command table: which handler serves which command on main and branch ports."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from proxy.branching.commands import admin, aggregate, catalog, ddl, read, write
+from proxy.branching.commands.base import Request
+from proxy.branching.engine import Engine
+from proxy.branching.errors import not_supported
+from proxy.branching.runner import Runner
+from proxy.net.router import CommandError, Context
+from proxy.wire.opmsg import OpMsg
+
+Handler = Callable[[Request], Awaitable[dict[str, Any] | None]]
+
+ADMIN: dict[str, Handler] = {
+    "createBranch": admin.create_branch,
+    "listBranches": admin.list_branches,
+    "branchInfo": admin.branch_info,
+    "dropBranch": admin.drop_branch,
+}
+
+BRANCH: dict[str, Handler] = {
+    "find": read.find,
+    "count": read.count,
+    "distinct": read.distinct,
+    "explain": read.explain,
+    "aggregate": aggregate.aggregate,
+    "listCollections": catalog.list_collections,
+    "listIndexes": catalog.list_indexes,
+    "insert": write.insert,
+    "update": write.update,
+    "delete": write.delete,
+    "findAndModify": write.find_and_modify,
+    "findandmodify": write.find_and_modify,
+    "create": ddl.create,
+    "drop": ddl.drop,
+    "dropDatabase": ddl.drop_database,
+    "renameCollection": ddl.rename_collection,
+    "createIndexes": ddl.create_indexes,
+    "dropIndexes": ddl.drop_indexes,
+    "deleteIndexes": ddl.drop_indexes,
+    **ADMIN,
+}
+
+MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN}
+
+# Commands that touch no collection data: forwarded unchanged from a branch port.
+# Anything neither here nor in BRANCH is refused there, so nothing reaches the base.
+FORWARDED = frozenset({
+    "ping", "buildInfo", "buildinfo", "getMore", "killCursors", "saslStart", "saslContinue",
+    "authenticate", "logout", "endSessions", "startSession", "refreshSessions", "killSessions",
+    "killAllSessions", "serverStatus", "hostInfo", "whatsmyuri", "getLog", "getParameter",
+    "connectionStatus", "getCmdLineOpts", "listDatabases", "commitTransaction",
+    "abortTransaction", "getDefaultRWConcern", "features", "lockInfo", "currentOp", "killOp",
+    "usersInfo", "rolesInfo", "atlasVersion", "getFreeMonitoringStatus", "listCommands",
+    "dbStats", "connPoolStats", "isMaster", "ismaster", "hello",
+})
+
+
+class EngineRouter:
+    """Serves one port: the main port (branch None) or a branch's."""
+
+    def __init__(self, engine: Engine, branch: str | None):
+        self.engine = engine
+        self.branch = branch
+        self.table = BRANCH if branch is not None else MAIN
+
+    def wants(self, name: str) -> bool:
+        if self.branch is None:
+            return name in self.table
+        return name not in FORWARDED
+
+    async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
+        cmd = msg.command
+        name = next(iter(cmd))
+        db = cmd.get("$db")
+        if not isinstance(db, str):
+            raise CommandError(40571, "Location40571", "OP_MSG requests require a $db argument")
+        branch = None
+        if self.branch is not None:
+            branch = self.engine.branches.get(self.branch)
+            if branch is None:
+                raise CommandError(26, "NamespaceNotFound",
+                                   f"branch {self.branch!r} was dropped")
+        handler = self.table.get(name)
+        if handler is None:
+            raise not_supported(f"command {name!r}", self.branch or "main")
+        req = Request(self.engine, branch, ctx, Runner(ctx.upstream_command), db, cmd)
+        return await handler(req)

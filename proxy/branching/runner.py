@@ -1,0 +1,82 @@
+"""Running commands on the upstream: one interface for a client's own connection
+and for the engine's pooled client, with cursors drained in batches."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from pymongo import AsyncMongoClient
+from pymongo.errors import OperationFailure
+
+from proxy.net.router import CommandError
+
+RawRun = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class Runner:
+    """Runs commands and raises CommandError for ok: 0 replies, as mongod phrased them."""
+
+    def __init__(self, raw: RawRun):
+        self.raw = raw
+
+    async def reply(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        """The reply as the server sent it, ok: 0 included."""
+        return await self.raw(db, cmd)
+
+    async def __call__(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        reply = await self.raw(db, cmd)
+        if not reply.get("ok"):
+            raise error_from(reply)
+        return reply
+
+    async def batches(self, db: str, cmd: dict[str, Any],
+                      batch_size: int = 1000) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every batch of a cursor-returning command; the cursor is killed if abandoned."""
+        cmd = dict(cmd)
+        cmd.setdefault("cursor", {})
+        cmd["cursor"] = {**cmd["cursor"], "batchSize": batch_size}
+        reply = await self(db, cmd)
+        cursor = reply["cursor"]
+        coll = cursor["ns"].split(".", 1)[1]
+        cursor_id = cursor["id"]
+        try:
+            if cursor["firstBatch"]:
+                yield cursor["firstBatch"]
+            while cursor_id:
+                reply = await self(db, {"getMore": cursor_id, "collection": coll,
+                                        "batchSize": batch_size})
+                cursor_id = reply["cursor"]["id"]
+                if reply["cursor"]["nextBatch"]:
+                    yield reply["cursor"]["nextBatch"]
+        finally:
+            if cursor_id:
+                await self.raw(db, {"killCursors": coll, "cursors": [cursor_id]})
+
+    async def docs(self, db: str, cmd: dict[str, Any]) -> list[dict[str, Any]]:
+        """All documents of a small cursor (callers bound it with a limit)."""
+        out: list[dict[str, Any]] = []
+        async for batch in self.batches(db, cmd):
+            out.extend(batch)
+        return out
+
+
+def error_from(reply: dict[str, Any]) -> CommandError:
+    extra = {k: v for k, v in reply.items()
+             if k not in ("ok", "errmsg", "code", "codeName", "$clusterTime", "operationTime")}
+    return CommandError(int(reply.get("code", 8)), str(reply.get("codeName", "UnknownError")),
+                        str(reply.get("errmsg", "command failed")), **extra)
+
+
+def pooled(client: AsyncMongoClient[dict[str, Any]]) -> Runner:
+    async def raw(db: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await client[db].command(cmd)
+        except OperationFailure as exc:
+            details = dict(exc.details or {})
+            details.setdefault("ok", 0.0)
+            details.setdefault("errmsg", str(exc))
+            details.setdefault("code", exc.code or 8)
+            return details
+
+    return Runner(raw)

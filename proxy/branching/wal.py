@@ -1,0 +1,76 @@
+"""The write-ahead log: one physical entry per changed document.
+
+Entries live in the metadata database as {_id: lsn, b: branch id, ns, id,
+op: put | delete | drop, pre, post, ts, client}. LSNs come from an atomic
+counter; a batch reserves its range in one round trip.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from bson.int64 import Int64
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+
+PUT = "put"
+DELETE = "delete"
+DROP = "drop"
+
+
+@dataclass
+class Change:
+    ns: str
+    id: Any
+    op: str
+    pre: dict[str, Any] | None
+    post: dict[str, Any] | None
+
+
+class Wal:
+    def __init__(self, client: AsyncMongoClient[dict[str, Any]], db: str):
+        self.db = client[db]
+        self.entries = self.db["wal"]
+        self.counters = self.db["counters"]
+
+    async def init(self) -> None:
+        await self.entries.create_index([("b", ASCENDING), ("ns", ASCENDING), ("_id", ASCENDING)])
+        await self.entries.create_index([("b", ASCENDING), ("_id", DESCENDING)])
+
+    async def reserve(self, n: int) -> int:
+        """The first of n consecutive fresh LSNs."""
+        doc = await self.counters.find_one_and_update(
+            {"_id": "lsn"}, {"$inc": {"v": Int64(n)}}, upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+        assert doc is not None
+        return int(doc["v"]) - n + 1
+
+    async def current(self) -> int:
+        doc = await self.counters.find_one({"_id": "lsn"})
+        return int(doc["v"]) if doc else 0
+
+    async def append(self, bid: str, changes: list[Change], client: dict[str, Any],
+                     txn: dict[str, Any] | None = None) -> int:
+        """Append changes in order; returns the last LSN (0 when there was nothing)."""
+        if not changes:
+            return 0
+        first = await self.reserve(len(changes))
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        docs = []
+        for i, change in enumerate(changes):
+            doc: dict[str, Any] = {"_id": Int64(first + i), "b": bid, "ns": change.ns,
+                                   "id": change.id, "op": change.op, "ts": now, "client": client}
+            if change.pre is not None:
+                doc["pre"] = change.pre
+            if change.post is not None:
+                doc["post"] = change.post
+            if txn is not None:
+                doc["txn"] = txn
+            docs.append(doc)
+        await self.entries.insert_many(docs, ordered=True)
+        return first + len(changes) - 1
+
+    async def delete_branch(self, bid: str) -> None:
+        await self.entries.delete_many({"b": bid})
