@@ -114,8 +114,8 @@ class Engine:
     def children(self, name: str) -> list[str]:
         return sorted(b.name for b in self.branches.values() if b.parent == name)
 
-    def _free_port(self) -> int:
-        used = {b.port for b in self.branches.values()}
+    def _free_port(self, skip: set[int] | None = None) -> int:
+        used = {b.port for b in self.branches.values()} | (skip or set())
         for port in range(self.port_range[0], self.port_range[1] + 1):
             if port not in used:
                 return port
@@ -129,6 +129,7 @@ class Engine:
             raise BranchError(404, f"parent branch {parent!r} does not exist")
         if name in self.branches:
             raise BranchError(409, f"branch {name!r} already exists")
+        auto = port is None
         if port is None:
             port = self._free_port()
         elif not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
@@ -146,13 +147,26 @@ class Engine:
             raise BranchError(409, f"branch {name!r} already exists") from exc
         self.branches[name] = branch
         if self.ports is not None:
-            try:
-                await self.ports.open(branch)
-            except OSError as exc:
-                del self.branches[name]
-                await self.meta["branches"].delete_one({"_id": name})
-                raise BranchError(409, f"port {port} cannot be opened: {exc}") from exc
-        log.info("created branch %s (parent %s, port %d)", name, parent, port)
+            busy: set[int] = set()
+            while True:
+                try:
+                    await self.ports.open(branch)
+                    break
+                except OSError as exc:
+                    busy.add(branch.port)
+                    error = BranchError(409, f"port {branch.port} cannot be opened: {exc}")
+                try:
+                    if not auto:
+                        raise error
+                    # An auto-assigned port held by another socket: take the next free one.
+                    branch.port = self._free_port(busy)
+                except BranchError:
+                    del self.branches[name]
+                    await self.meta["branches"].delete_one({"_id": name})
+                    raise
+                await self.meta["branches"].update_one({"_id": name},
+                                                       {"$set": {"port": branch.port}})
+        log.info("created branch %s (parent %s, port %d)", name, parent, branch.port)
         return branch
 
     async def drop_branch(self, name: str) -> None:
