@@ -33,8 +33,32 @@ _UNCOMPRESSIBLE = frozenset({
 })
 
 
-def host_unreachable(message: str) -> dict[str, Any]:
-    return {"ok": 0.0, "errmsg": message, "code": 6, "codeName": "HostUnreachable"}
+# Commands a driver may retry with the same txnNumber (the retryable-writes spec).
+_RETRYABLE_WRITES = frozenset({
+    "insert", "update", "delete", "findAndModify", "findandmodify", "bulkWrite",
+    "commitTransaction", "abortTransaction",
+})
+
+
+def host_unreachable(message: str, command: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The reply when the upstream cannot be reached, labelled as mongos labels it."""
+    reply: dict[str, Any] = {"ok": 0.0, "errmsg": message, "code": 6,
+                             "codeName": "HostUnreachable"}
+    labels = error_labels(command) if command is not None else []
+    if labels:
+        reply["errorLabels"] = labels
+    return reply
+
+
+def error_labels(command: dict[str, Any]) -> list[str]:
+    """Labels for a network-class error, so drivers retry what is safe to retry."""
+    name = next(iter(command), "")
+    if command.get("autocommit") is False and name not in ("commitTransaction",
+                                                           "abortTransaction"):
+        return ["TransientTransactionError"]
+    if "txnNumber" in command and name in _RETRYABLE_WRITES:
+        return ["RetryableWriteError"]
+    return []
 
 
 class ClientConnection:
@@ -98,9 +122,10 @@ class ClientConnection:
                 self.busy = True
                 try:
                     await self._dispatch(frame)
+                    # Still busy until the reply is on its way: a shutdown waits for it.
+                    await self.writer.drain()
                 finally:
                     self.busy = False
-                await self.writer.drain()
         except ProtocolError as exc:
             metrics.PROTOCOL_ERRORS.inc()
             log.warning("closing connection %d from %s: %s", self.connection_id, self.peer, exc)
@@ -154,15 +179,15 @@ class ClientConnection:
                 msg = sections.decode()
                 routed = await self._routed(msg)
                 if routed is None:
-                    await self._forward(frame, compressor, name, flags)
+                    await self._forward(frame, compressor, name, flags, msg.body)
                     return
                 reply = routed
             else:
                 # Nothing malformed reaches the upstream: the connection that sent it is closed.
-                sections.validate()
+                body = sections.validate()
                 if name == "saslStart" or name == "authenticate":
-                    self._note_user(sections.decode().command)
-                await self._forward(frame, compressor, name, flags)
+                    self._note_user(body)
+                await self._forward(frame, compressor, name, flags, body)
                 return
             if not flags & opmsg.MORE_TO_COME:
                 self._reply(reply, frame, compressor, name)
@@ -189,7 +214,7 @@ class ClientConnection:
         except CommandError as exc:
             return exc.to_reply()
         except UpstreamUnavailable as exc:
-            return host_unreachable(str(exc))
+            return host_unreachable(str(exc), msg.body)
         except ProtocolError:
             raise
         except Exception as exc:
@@ -198,7 +223,8 @@ class ClientConnection:
             return {"ok": 0.0, "errmsg": f"mongobranch internal error: {exc!r}", "code": 1,
                     "codeName": "InternalError"}
 
-    async def _forward(self, frame: Frame, compressor: int | None, name: str, flags: int) -> None:
+    async def _forward(self, frame: Frame, compressor: int | None, name: str, flags: int,
+                       body: dict[str, Any] | None = None) -> None:
         try:
             await self._ensure_upstream()
             await self.upstream.send(frame.to_bytes())
@@ -215,7 +241,7 @@ class ClientConnection:
             metrics.UPSTREAM_ERRORS.inc()
             self.upstream.close()
             if not flags & opmsg.MORE_TO_COME:
-                self._reply(host_unreachable(str(exc)), frame, compressor, name)
+                self._reply(host_unreachable(str(exc), body), frame, compressor, name)
 
     # -- handshake ----------------------------------------------------------------
     async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:

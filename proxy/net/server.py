@@ -44,6 +44,10 @@ class Listener:
         self._connections[conn] = task
         try:
             await conn.serve()
+        except asyncio.CancelledError:
+            # Cancelled by stop(). Ending normally keeps asyncio's stream callback from
+            # logging a CancelledError traceback for every connection closed at shutdown.
+            pass
         finally:
             self._connections.pop(conn, None)
 

@@ -89,22 +89,45 @@ class UpstreamConnection:
         return self._writer is not None and not self._writer.is_closing()
 
     async def connect(self, handshake: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Open the socket, send the first hello and authenticate if configured."""
+        """Open the socket, send the first hello and authenticate if configured.
+
+        The whole handshake is bounded by the connect timeout: an upstream that accepts
+        the TCP connection but never answers is as unavailable as one that refuses it.
+        """
         cfg = self.config
         try:
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(
-                    cfg.host, cfg.port, ssl=cfg.tls, server_hostname=cfg.server_hostname,
-                    limit=1 << 20,
-                ),
-                cfg.connect_timeout,
+            return await asyncio.wait_for(self._connect(handshake), cfg.connect_timeout)
+        except TimeoutError as exc:
+            self.close()
+            raise UpstreamUnavailable(
+                f"upstream {cfg.address} did not complete the handshake within "
+                f"{cfg.connect_timeout:g}s"
+            ) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    async def _connect(self, handshake: dict[str, Any] | None) -> dict[str, Any]:
+        cfg = self.config
+        self.close()
+        try:
+            self._reader, self._writer = await asyncio.open_connection(
+                cfg.host, cfg.port, ssl=cfg.tls, server_hostname=cfg.server_hostname,
+                limit=1 << 20,
             )
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError) as exc:
             raise UpstreamUnavailable(f"cannot connect to upstream {cfg.address}: {exc}") from exc
         hello = {"hello": 1, **(handshake or {})}
         reply = await self.command("admin", hello)
         if cfg.username and cfg.password is not None:
-            await authenticate(self.command, cfg.username, cfg.password, cfg.auth_source)
+            try:
+                await authenticate(self.command, cfg.username, cfg.password, cfg.auth_source)
+            except UpstreamUnavailable:
+                raise
+            except Exception as exc:  # AuthError, or a reply SCRAM cannot read
+                raise UpstreamUnavailable(
+                    f"authentication to upstream {cfg.address} as {cfg.username!r} failed: {exc}"
+                ) from exc
         return reply
 
     async def ensure(self, handshake: dict[str, Any] | None = None) -> None:
@@ -148,5 +171,10 @@ class UpstreamConnection:
         await self.send(frame.to_bytes())
         reply = await self.receive()
         if reply.op_code != OP_MSG:
+            self.close()
             raise UpstreamUnavailable(f"unexpected reply opcode {reply.op_code}")
-        return decode(opmsg.body_bytes(reply))
+        try:
+            return decode(opmsg.body_bytes(reply))
+        except ProtocolError as exc:
+            self.close()
+            raise UpstreamUnavailable(f"unreadable reply from upstream: {exc}") from exc

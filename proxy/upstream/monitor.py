@@ -22,22 +22,27 @@ class UpstreamMonitor:
 
     async def check(self) -> bool:
         try:
-            if not self._conn.connected:
-                reply = await self._conn.connect({"client": {"application": {
-                    "name": "mongobranch-monitor"}}})
-                self._apply(reply)
-            reply = await asyncio.wait_for(self._conn.command("admin", {"ping": 1}),
-                                           self.config.connect_timeout)
-            ok = bool(reply.get("ok"))
+            # Bounded as a whole: a hung upstream (one that accepts connections but never
+            # answers) must turn /healthz to 503, not freeze the monitor.
+            ok = await asyncio.wait_for(self._probe(), self.config.connect_timeout)
         except (UpstreamUnavailable, TimeoutError, OSError) as exc:
             self._conn.close()
             if self.healthy:
-                log.warning("upstream %s stopped answering: %s", self.config.address, exc)
+                log.warning("upstream %s stopped answering: %s", self.config.address,
+                            exc or type(exc).__name__)
             ok = False
         if ok and not self.healthy:
             log.info("upstream %s answers", self.config.address)
         self.healthy = ok
         return ok
+
+    async def _probe(self) -> bool:
+        if not self._conn.connected:
+            reply = await self._conn.connect({"client": {"application": {
+                "name": "mongobranch-monitor"}}})
+            self._apply(reply)
+        reply = await self._conn.command("admin", {"ping": 1})
+        return bool(reply.get("ok"))
 
     def _apply(self, hello: dict[str, object]) -> None:
         info = UpstreamInfo.from_hello(hello)
@@ -60,7 +65,11 @@ class UpstreamMonitor:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.check()
+            try:
+                await self.check()
+            except Exception:
+                log.exception("upstream health check failed")
+                self.healthy = False
 
     async def stop(self) -> None:
         if self._task:

@@ -86,17 +86,19 @@ class Sections:
         """The command name: the body's first field."""
         return first_key(self.body, 0)
 
-    def validate(self) -> None:
-        """Decode every document once, so nothing malformed is ever forwarded.
+    def validate(self) -> dict[str, Any]:
+        """Decode every document once, so nothing malformed is ever forwarded; the body.
 
-        Strings with invalid UTF-8 are let through, as mongod lets them through.
+        Strings with invalid UTF-8 are let through (replaced in the returned body), as
+        mongod lets them through.
         """
         try:
-            bson.decode(self.body, _VALIDATE)
+            body: dict[str, Any] = bson.decode(self.body, _VALIDATE)
             for _name, docs in self.sequences:
                 bson.decode_all(docs, _VALIDATE)
         except Exception as exc:  # bson raises InvalidBSON and a few others
             raise ProtocolError(f"invalid BSON: {exc}") from exc
+        return body
 
     def decode(self) -> OpMsg:
         sequences: dict[str, list[dict[str, Any]]] = {}
