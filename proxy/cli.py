@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from proxy.app import ServeOptions, parse_hostport, parse_range, serve
+# proxy.app (pymongo, aiohttp, the engine) is imported by `serve` only, so the
+# `branch` commands, thin HTTP clients, start quickly.
 
 
 def _run(coro: object) -> int:
@@ -46,6 +47,8 @@ def main() -> None:
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
               data_dir: str, log_level: str) -> None:
     """Run the proxy."""
+    from proxy.app import ServeOptions, parse_hostport, parse_range, serve
+
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -73,10 +76,10 @@ def _console(stderr: bool = False) -> Any:
     return console
 
 
-def _client(ctx: click.Context) -> Any:
+def _client(ctx: click.Context, admin_url: str | None) -> Any:
     from proxy.admin.client import AdminClient
 
-    return AdminClient(ctx.obj)
+    return AdminClient(admin_url or ctx.obj)
 
 
 def _call(fn: Callable[[], Any]) -> Any:
@@ -144,6 +147,9 @@ def _namespace_table(namespaces: dict[str, Any]) -> Any:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+# Also accepted after the subcommand: `mongobranch branch list --admin URL`.
+admin_option = click.option("--admin", "admin_url", default=None, metavar="URL",
+                            help="Admin API base URL (overrides the group option).")
 
 
 @main.group("branch")
@@ -163,11 +169,12 @@ def branch_group(ctx: click.Context, admin_url: str | None) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="Port for the branch [default: the next free one].")
 @json_option
+@admin_option
 @click.pass_context
 def branch_create(ctx: click.Context, name: str, parent: str | None, port: int | None,
-                  as_json: bool) -> None:
+                  as_json: bool, admin_url: str | None) -> None:
     """Create branch NAME."""
-    api = _client(ctx)
+    api = _client(ctx, admin_url)
     branch = _call(lambda: api.create_branch(name, parent, port))
     if as_json:
         _print_json(branch)
@@ -177,10 +184,11 @@ def branch_create(ctx: click.Context, name: str, parent: str | None, port: int |
 
 @branch_group.command("list")
 @json_option
+@admin_option
 @click.pass_context
-def branch_list(ctx: click.Context, as_json: bool) -> None:
+def branch_list(ctx: click.Context, as_json: bool, admin_url: str | None) -> None:
     """List branches."""
-    api = _client(ctx)
+    api = _client(ctx, admin_url)
     branches = sorted(_call(api.list_branches), key=lambda b: str(b.get("name")))
     if as_json:
         _print_json(branches)
@@ -193,10 +201,11 @@ def branch_list(ctx: click.Context, as_json: bool) -> None:
 @branch_group.command("show")
 @click.argument("name")
 @json_option
+@admin_option
 @click.pass_context
-def branch_show(ctx: click.Context, name: str, as_json: bool) -> None:
+def branch_show(ctx: click.Context, name: str, as_json: bool, admin_url: str | None) -> None:
     """Show branch NAME, its changed namespaces and children."""
-    api = _client(ctx)
+    api = _client(ctx, admin_url)
     branch = _call(lambda: api.get_branch(name))
     if as_json:
         _print_json(branch)
@@ -213,10 +222,11 @@ def branch_show(ctx: click.Context, name: str, as_json: bool) -> None:
 @branch_group.command("delete")
 @click.argument("name")
 @json_option
+@admin_option
 @click.pass_context
-def branch_delete(ctx: click.Context, name: str, as_json: bool) -> None:
+def branch_delete(ctx: click.Context, name: str, as_json: bool, admin_url: str | None) -> None:
     """Delete branch NAME (refused while it has child branches)."""
-    api = _client(ctx)
+    api = _client(ctx, admin_url)
     result = _call(lambda: api.delete_branch(name))
     if as_json:
         _print_json(result)
