@@ -359,7 +359,7 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
         reply = await writer.run(_with_let(req, {
             "update": writer.state.live,
             "updates": [{**base_stmt, "q": {"$and": [q, {"_id": {"$in": chunk}}]},
-                         "multi": True}]}))
+                         "multi": multi}]}))
         await writer.record_puts(pres, copied)
         if not reply.get("ok"):
             return {**out, "error": _stmt_error(index, reply)}
