@@ -33,6 +33,9 @@ _UNCOMPRESSIBLE = frozenset({
 })
 
 
+# Commands by which a client authenticates itself.
+_CLIENT_AUTH = frozenset({"saslStart", "authenticate"})
+
 # Commands a driver may retry with the same txnNumber (the retryable-writes spec).
 _RETRYABLE_WRITES = frozenset({
     "insert", "update", "delete", "findAndModify", "findandmodify", "bulkWrite",
@@ -98,13 +101,20 @@ class ClientConnection:
             metrics.UPSTREAM_ERRORS.inc()
             raise
 
-    async def _ensure_upstream(self, hello: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    async def _ensure_upstream(self, hello: dict[str, Any] | None = None, *,
+                               client_auth: bool = False) -> dict[str, Any] | None:
+        """Connect upstream if needed; the upstream's hello reply when this connected.
+
+        With `client_auth` the client is about to authenticate itself, so the URI's
+        credentials are not used on this connection: the client's identity is the one
+        the upstream sees, and its SCRAM conversation is not interleaved with the proxy's.
+        """
         if self.upstream.connected:
             return None
         first = hello or handshake.upstream_hello({"client": self.client_metadata}
                                                   if self.client_metadata else {})
         try:
-            return await self.upstream.connect(first)
+            return await self.upstream.connect(first, authenticate=not client_auth)
         except UpstreamUnavailable:
             metrics.UPSTREAM_ERRORS.inc()
             raise
@@ -226,7 +236,7 @@ class ClientConnection:
     async def _forward(self, frame: Frame, compressor: int | None, name: str, flags: int,
                        body: dict[str, Any] | None = None) -> None:
         try:
-            await self._ensure_upstream()
+            await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
             await self.upstream.send(frame.to_bytes())
             if flags & opmsg.MORE_TO_COME:
                 return
@@ -265,7 +275,8 @@ class ClientConnection:
                     upstream_hello.pop("client", None)
                     upstream_reply = await self.upstream.command("admin", upstream_hello)
                 else:
-                    upstream_reply = await self._ensure_upstream(upstream_hello)
+                    upstream_reply = await self._ensure_upstream(upstream_hello,
+                                                                 client_auth=True)
             except UpstreamUnavailable as exc:
                 log.info("hello could not reach the upstream: %s", exc)
         return handshake.build_reply(

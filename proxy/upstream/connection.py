@@ -88,15 +88,20 @@ class UpstreamConnection:
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
-    async def connect(self, handshake: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def connect(self, handshake: dict[str, Any] | None = None, *,
+                      authenticate: bool = True) -> dict[str, Any]:
         """Open the socket, send the first hello and authenticate if configured.
 
-        The whole handshake is bounded by the connect timeout: an upstream that accepts
-        the TCP connection but never answers is as unavailable as one that refuses it.
+        `authenticate=False` leaves authentication to the client, whose own SCRAM
+        conversation (speculative in `handshake`, or a saslStart next) must not be
+        interleaved with the proxy's. The whole handshake is bounded by the connect
+        timeout: an upstream that accepts the TCP connection but never answers is as
+        unavailable as one that refuses it.
         """
         cfg = self.config
         try:
-            return await asyncio.wait_for(self._connect(handshake), cfg.connect_timeout)
+            return await asyncio.wait_for(self._connect(handshake, authenticate),
+                                          cfg.connect_timeout)
         except TimeoutError as exc:
             self.close()
             raise UpstreamUnavailable(
@@ -107,7 +112,8 @@ class UpstreamConnection:
             self.close()
             raise
 
-    async def _connect(self, handshake: dict[str, Any] | None) -> dict[str, Any]:
+    async def _connect(self, handshake: dict[str, Any] | None,
+                       with_uri_credentials: bool) -> dict[str, Any]:
         cfg = self.config
         self.close()
         try:
@@ -119,7 +125,7 @@ class UpstreamConnection:
             raise UpstreamUnavailable(f"cannot connect to upstream {cfg.address}: {exc}") from exc
         hello = {"hello": 1, **(handshake or {})}
         reply = await self.command("admin", hello)
-        if cfg.username and cfg.password is not None:
+        if with_uri_credentials and cfg.username and cfg.password is not None:
             try:
                 await authenticate(self.command, cfg.username, cfg.password, cfg.auth_source)
             except UpstreamUnavailable:
