@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -260,6 +259,9 @@ class ClientConnection:
             app = request["client"].get("application")
             if isinstance(app, dict):
                 self.app_name = app.get("name")
+        problem = handshake.awaitable_problem(request, self.topology)
+        if problem is not None:
+            return problem
         negotiated = handshake.negotiate_compression(request)
         if negotiated is not None:
             self.compressors = negotiated
@@ -285,13 +287,18 @@ class ClientConnection:
         )
 
     async def _await_topology_change(self, request: dict[str, Any]) -> None:
-        """Streaming hello: the topology never changes, so wait out maxAwaitTimeMS."""
-        try:
-            wait = max(0.0, float(request["maxAwaitTimeMS"]) / 1000.0)
-        except (TypeError, ValueError):
+        """Streaming hello: hold the reply until the topology changes, maxAwaitTimeMS passes
+        or the proxy stops. A client whose topologyVersion is stale is answered at once."""
+        if not self.topology.is_current(request["topologyVersion"]):
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), wait)
+        wait = max(0.0, float(request["maxAwaitTimeMS"]) / 1000.0)
+        waiters = [asyncio.ensure_future(self.stopping.wait()),
+                   asyncio.ensure_future(self.topology.wait_changed())]
+        try:
+            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     async def _on_query(self, frame: Frame) -> None:
         query = legacy.parse_query(frame)

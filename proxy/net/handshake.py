@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from bson import ObjectId
+from bson import Int64, ObjectId
 
 from proxy.wire import compression
 
@@ -48,14 +49,86 @@ class Topology:
     info: UpstreamInfo = field(default_factory=UpstreamInfo)
     process_id: ObjectId = field(default_factory=ObjectId)
     counter: int = 0
+    _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     @property
     def topology_version(self) -> dict[str, Any]:
-        return {"processId": self.process_id, "counter": self.counter}
+        # int64 on the wire, as mongod sends it: some drivers (Go) refuse an int32 counter.
+        return {"processId": self.process_id, "counter": Int64(self.counter)}
+
+    def bump(self) -> None:
+        """The topology changed: wake every streaming hello waiting on the old version."""
+        self.counter += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def is_current(self, version: dict[str, Any]) -> bool:
+        """Whether a client's topologyVersion is this one (the only case a hello waits)."""
+        return version.get("processId") == self.process_id and version.get("counter") == \
+            self.counter
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
 
 
 def is_streaming(request: dict[str, Any]) -> bool:
-    return "topologyVersion" in request and "maxAwaitTimeMS" in request
+    return request.get("topologyVersion") is not None and \
+        request.get("maxAwaitTimeMS") is not None
+
+
+def _error(code: int, code_name: str, message: str) -> dict[str, Any]:
+    return {"ok": 0.0, "errmsg": message, "code": code, "codeName": code_name}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def awaitable_problem(request: dict[str, Any], topology: Topology) -> dict[str, Any] | None:
+    """mongod's checks of the awaitable-hello arguments; the error reply, or None."""
+    version = request.get("topologyVersion")
+    max_await = request.get("maxAwaitTimeMS")
+    if version is not None:
+        if not isinstance(version, dict):
+            return _error(14, "TypeMismatch", "BSON field 'hello.topologyVersion' is the wrong "
+                                              "type, expected type 'object'")
+        counter = version.get("counter")
+        if "counter" not in version or "processId" not in version:
+            return _error(40414, "IDLFailedToParse", "BSON field 'hello.topologyVersion."
+                          f"{'counter' if 'counter' not in version else 'processId'}' is "
+                          "missing but a required field")
+        if not isinstance(version["processId"], ObjectId):
+            return _error(14, "TypeMismatch", "BSON field 'hello.topologyVersion.processId' is "
+                                              "the wrong type, expected type 'objectId'")
+        if not isinstance(counter, int) or isinstance(counter, bool):
+            return _error(14, "TypeMismatch", "BSON field 'hello.topologyVersion.counter' is "
+                                              "the wrong type, expected type 'long'")
+    if max_await is not None:
+        if not _is_number(max_await):
+            return _error(14, "TypeMismatch", "BSON field 'hello.maxAwaitTimeMS' is the wrong "
+                                              "type, expected types '[int, decimal, long, double]'")
+        if max_await != max_await:  # NaN reads as 0
+            max_await = 0
+        if int(max_await) < 0:
+            return _error(2, "BadValue", "BSON field 'maxAwaitTimeMS' value must be >= 0, "
+                                         f"actual value '{int(max_await)}'")
+    if version is None and max_await is not None:
+        return _error(31368, "Location31368",
+                      "A request with 'maxAwaitTimeMS' must include a 'topologyVersion'")
+    if version is not None and max_await is None:
+        return _error(31368, "Location31368",
+                      "A request with a 'topologyVersion' must include 'maxAwaitTimeMS'")
+    if version is not None:
+        theirs = int(version["counter"])
+        if theirs < 0:
+            return _error(31372, "Location31372",
+                          "topologyVersion must have a non-negative counter")
+        if version["processId"] == topology.process_id and theirs > topology.counter:
+            return _error(31382, "Location31382",
+                          f"Received a topology version with counter: {theirs} which is "
+                          f"greater than the server topology version counter: "
+                          f"{topology.counter}")
+    return None
 
 
 def upstream_hello(request: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +162,7 @@ def build_reply(
         maxMessageSizeBytes=info.max_message_size_bytes,
         maxWriteBatchSize=info.max_write_batch_size,
         localTime=dt.datetime.now(dt.UTC).replace(tzinfo=None),
-        connectionId=connection_id,
+        connectionId=Int64(connection_id),
         minWireVersion=info.min_wire_version,
         maxWireVersion=info.max_wire_version,
         readOnly=False,

@@ -47,7 +47,7 @@ class UpstreamMonitor:
     def _apply(self, hello: dict[str, object]) -> None:
         info = UpstreamInfo.from_hello(hello)
         if self.topology.info.known and info != self.topology.info:
-            self.topology.counter += 1
+            self.topology.bump()
         self.topology.info = info
 
     async def wait_ready(self, timeout: float) -> bool:
