@@ -16,6 +16,7 @@ from pymongo.errors import DuplicateKeyError
 
 from proxy.branching import naming
 from proxy.branching.errors import BranchError
+from proxy.branching.merge import CursorTable
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner, pooled
 from proxy.branching.wal import Change, Wal
@@ -48,6 +49,7 @@ class Engine:
         self.branches: dict[str, Branch] = {}
         self.states: dict[str, NsState] = {}
         self.ports: Ports | None = None
+        self.cursors = CursorTable()
         self._locks: dict[str, asyncio.Lock] = {}
         self._dirty: set[str] = set()
         self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()

@@ -27,6 +27,8 @@ BRANCH: dict[str, Handler] = {
     "count": read.count,
     "distinct": read.distinct,
     "explain": read.explain,
+    "getMore": read.get_more,
+    "killCursors": read.kill_cursors,
     "aggregate": aggregate.aggregate,
     "listCollections": catalog.list_collections,
     "listIndexes": catalog.list_indexes,
@@ -50,7 +52,7 @@ MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN
 # Commands that touch no collection data: forwarded unchanged from a branch port.
 # Anything neither here nor in BRANCH is refused there, so nothing reaches the base.
 FORWARDED = frozenset({
-    "ping", "buildInfo", "buildinfo", "getMore", "killCursors", "saslStart", "saslContinue",
+    "ping", "buildInfo", "buildinfo", "saslStart", "saslContinue",
     "authenticate", "logout", "endSessions", "startSession", "refreshSessions", "killSessions",
     "killAllSessions", "serverStatus", "hostInfo", "whatsmyuri", "getLog", "getParameter",
     "connectionStatus", "getCmdLineOpts", "listDatabases", "commitTransaction",

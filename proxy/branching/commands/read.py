@@ -6,10 +6,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import bson
 from bson.regex import Regex
 
-from proxy.branching import views
-from proxy.branching.commands.base import READ_CARRY, Request, carry, coll_name
+from proxy.branching import merge, views
+from proxy.branching.commands.base import READ_CARRY, Request, carry, coll_name, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
 
@@ -94,11 +95,118 @@ async def find(req: Request) -> dict[str, Any] | None:
             if reply.get("ok"):
                 reply["cursor"]["ns"] = f"{req.db}.{coll}"
             return reply
+    if _mergeable(cmd, layers):
+        merged = await _merged_find(req, coll, layers)
+        if merged is not None:
+            return merged
     reply = await req.run.reply(req.db, find_pipeline(req, cmd, layers))
     single = cmd.get("singleBatch") or int(cmd.get("limit") or 0) < 0
     if single and reply.get("ok") and reply["cursor"]["id"]:
         await req.run.reply(req.db, {"killCursors": coll, "cursors": [reply["cursor"]["id"]]})
         reply["cursor"]["id"] = 0
+    return reply
+
+
+def _mergeable(cmd: dict[str, Any], layers: list[NsState]) -> bool:
+    """Whether the proxy can merge plain finds (DESIGN §5) instead of a server-side union."""
+    if any(layer.hidden_ids is None for layer in layers):
+        return False
+    sort = cmd.get("sort") or {}
+    projection = cmd.get("projection") or {}
+    if projection.get("_id") in (0, False):
+        return False  # the hidden-id check needs _id
+    if sort:
+        collation = cmd.get("collation") or {}
+        if collation.get("locale", "simple") != "simple":
+            return False  # sort keys would need ICU comparison
+        if any(isinstance(v, bool) or v not in (1, -1) for v in sort.values()):
+            return False  # $meta sorts and $natural
+        # SecantusDB drops every field from an exclusion projection that also asks for
+        # $meta (mongod does not): such finds take the server-side union.
+        if any(v in (0, False) for v in projection.values()):
+            return False
+    return b"$near" not in bson.encode(cmd.get("filter") or {})
+
+
+async def _merged_find(req: Request, coll: str,
+                       layers: list[NsState]) -> dict[str, Any] | None:
+    """The merged answer, or None when a side refused the find: the server-side union
+    then answers instead, with the upstream's own error if the query itself is bad.
+    (SecantusDB fails sortKey projections over array fields that mongod computes.)"""
+    cmd = req.cmd
+    sides = merge.plan_sides(coll, layers)
+    sort = cmd.get("sort") or {}
+    projection = dict(cmd.get("projection") or {})
+    if sort:
+        projection[merge.SORT_KEY] = {"$meta": "sortKey"}
+    skip = int(cmd.get("skip") or 0)
+    limit = abs(int(cmd.get("limit") or 0)) or None
+    single = bool(cmd.get("singleBatch")) or int(cmd.get("limit") or 0) < 0
+    first = int(cmd.get("batchSize", merge.DEFAULT_FIRST_BATCH))
+    cursor = merge.MergedCursor(req.db, coll, sides, [int(v) for v in sort.values()] or None,
+                                skip, limit, cmd.get("lsid"))
+    for side in sides:
+        hidden = sum(len(ids) for ids in side.hidden)
+        sub: dict[str, Any] = {"find": side.coll, "filter": cmd.get("filter") or {}}
+        if sort:
+            sub["sort"] = sort
+        if projection:
+            sub["projection"] = projection
+        if limit is not None:
+            sub["limit"] = skip + limit + hidden
+        sub["batchSize"] = max(first, 1) + skip + hidden
+        carry(cmd, sub, ("let", "maxTimeMS", "comment", "readConcern", "lsid", "allowDiskUse",
+                         "$readPreference", "collation", "apiVersion", "apiStrict"))
+        if side.coll == coll and "hint" in cmd:
+            sub["hint"] = cmd["hint"]
+        reply = await req.run.reply(req.db, sub)
+        if not reply.get("ok"):
+            await cursor.close(req.run)
+            return None
+        side.cursor_id = reply["cursor"]["id"]
+        side.accept(reply["cursor"]["firstBatch"])
+    docs = await cursor.batch(req.run, first)
+    cursor_id = 0
+    if single or cursor.done:
+        await cursor.close(req.run)
+    else:
+        cursor_id = req.engine.cursors.add(cursor)
+    return cursor_reply(f"{req.db}.{coll}", docs, cursor_id)
+
+
+async def get_more(req: Request) -> dict[str, Any] | None:
+    cursor = req.engine.cursors.get(req.cmd.get("getMore"))
+    if cursor is None:
+        return None
+    size = int(req.cmd.get("batchSize") or merge.GETMORE_BATCH)
+    docs = await cursor.batch(req.run, size)
+    cursor_id = cursor.id
+    if cursor.done:
+        req.engine.cursors.pop(cursor.id)
+        await cursor.close(req.run)
+        cursor_id = 0
+    return {"cursor": {"id": cursor_id, "ns": cursor.ns, "nextBatch": docs}, "ok": 1.0}
+
+
+async def kill_cursors(req: Request) -> dict[str, Any] | None:
+    ids = req.cmd.get("cursors")
+    if not isinstance(ids, list):
+        return None
+    ours = [i for i in ids if req.engine.cursors.get(i) is not None]
+    if not ours:
+        return None
+    for cursor_id in ours:
+        cursor = req.engine.cursors.pop(cursor_id)
+        if cursor is not None:
+            await cursor.close(req.run)
+    reply: dict[str, Any] = {"cursorsKilled": list(ours), "cursorsNotFound": [],
+                             "cursorsAlive": [], "cursorsUnknown": [], "ok": 1.0}
+    rest = [i for i in ids if i not in ours]
+    if rest:
+        upstream = await req.run(req.db, {"killCursors": req.cmd["killCursors"],
+                                          "cursors": rest})
+        for key in ("cursorsKilled", "cursorsNotFound", "cursorsAlive", "cursorsUnknown"):
+            reply[key] += upstream.get(key, [])
     return reply
 
 
