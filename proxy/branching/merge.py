@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import bson
+
 from proxy.branching.bsonorder import sort_key
 from proxy.branching.idkey import idkey
 from proxy.branching.model import NsState
@@ -122,8 +124,11 @@ class CursorTable:
         return self._cursors.pop(cursor_id, None)
 
 
-def plan_sides(coll: str, layers: list[NsState]) -> list[Side]:
-    """The collections a merged find reads, each with the hidden sets that filter it."""
+def plan_sides(coll: str, layers: list[NsState], skip_top_live: bool = False) -> list[Side]:
+    """The collections a merged find reads, each with the hidden sets that filter it.
+
+    skip_top_live leaves out the top branch's own overlay: the parent view a write copies
+    from."""
     sides: list[Side] = []
     dropped_at = next((i for i, layer in enumerate(layers) if layer.base_dropped), None)
     if dropped_at is None:
@@ -132,7 +137,80 @@ def plan_sides(coll: str, layers: list[NsState]) -> list[Side]:
     for j, layer in enumerate(layers):
         if dropped_at is not None and j > dropped_at:
             break
+        if j == 0 and skip_top_live:
+            continue
         sides.append(Side(layer.live, [above.hidden_ids for above in layers[:j]
                                        if above.hidden_ids]))
     return sides
 
+
+
+# find fields each side receives unchanged.
+_SIDE_FIELDS = ("let", "maxTimeMS", "comment", "readConcern", "lsid", "allowDiskUse",
+                "$readPreference", "collation", "apiVersion", "apiStrict")
+
+
+def mergeable(cmd: dict[str, Any], layers: list[NsState]) -> bool:
+    """Whether the proxy can merge plain finds (DESIGN §5) instead of a server-side union."""
+    if any(layer.hidden_ids is None for layer in layers):
+        return False
+    for opt in ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData"):
+        if cmd.get(opt):
+            return False
+    sort = cmd.get("sort") or {}
+    projection = cmd.get("projection") or {}
+    if projection.get("_id") in (0, False):
+        return False  # the hidden-id check needs _id
+    if sort:
+        collation = cmd.get("collation") or {}
+        if collation.get("locale", "simple") != "simple":
+            return False  # sort keys would need ICU comparison
+        if any(isinstance(v, bool) or v not in (1, -1) for v in sort.values()):
+            return False  # $meta sorts and $natural
+        # SecantusDB drops every field from an exclusion projection that also asks for
+        # $meta (mongod does not): such finds take the server-side union.
+        if any(v in (0, False) for v in projection.values()):
+            return False
+    return b"$near" not in bson.encode(cmd.get("filter") or {})
+
+
+async def open_find(run: Runner, db: str, coll: str, layers: list[NsState],
+                    cmd: dict[str, Any], first: int,
+                    skip_top_live: bool = False) -> MergedCursor | None:
+    """A merged cursor over the branch view for a find-shaped command, or None when the
+    server-side union must answer: the find is not mergeable, or a side refused it
+    (SecantusDB fails sortKey projections over array fields that mongod computes; a bad
+    query then gets the upstream's own error from the union)."""
+    if not mergeable(cmd, layers):
+        return None
+    sides = plan_sides(coll, layers, skip_top_live)
+    sort = cmd.get("sort") or {}
+    projection = dict(cmd.get("projection") or {})
+    if sort:
+        projection[SORT_KEY] = {"$meta": "sortKey"}
+    skip = int(cmd.get("skip") or 0)
+    limit = abs(int(cmd.get("limit") or 0)) or None
+    cursor = MergedCursor(db, coll, sides, [int(v) for v in sort.values()] or None, skip, limit,
+                          cmd.get("lsid"))
+    for side in sides:
+        hidden = sum(len(ids) for ids in side.hidden)
+        sub: dict[str, Any] = {"find": side.coll, "filter": cmd.get("filter") or {}}
+        if sort:
+            sub["sort"] = sort
+        if projection:
+            sub["projection"] = projection
+        if limit is not None:
+            sub["limit"] = skip + limit + hidden
+        sub["batchSize"] = max(first, 1) + skip + hidden
+        for key in _SIDE_FIELDS:
+            if key in cmd:
+                sub[key] = cmd[key]
+        if side.coll == coll and "hint" in cmd:
+            sub["hint"] = cmd["hint"]
+        reply = await run.reply(db, sub)
+        if not reply.get("ok"):
+            await cursor.close(run)
+            return None
+        side.cursor_id = reply["cursor"]["id"]
+        side.accept(reply["cursor"]["firstBatch"])
+    return cursor

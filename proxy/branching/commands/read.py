@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import bson
 from bson.regex import Regex
 
 from proxy.branching import merge, views
@@ -95,10 +94,9 @@ async def find(req: Request) -> dict[str, Any] | None:
             if reply.get("ok"):
                 reply["cursor"]["ns"] = f"{req.db}.{coll}"
             return reply
-    if _mergeable(cmd, layers):
-        merged = await _merged_find(req, coll, layers)
-        if merged is not None:
-            return merged
+    merged = await _merged_find(req, coll, layers)
+    if merged is not None:
+        return merged
     reply = await req.run.reply(req.db, find_pipeline(req, cmd, layers))
     single = cmd.get("singleBatch") or int(cmd.get("limit") or 0) < 0
     if single and reply.get("ok") and reply["cursor"]["id"]:
@@ -107,66 +105,16 @@ async def find(req: Request) -> dict[str, Any] | None:
     return reply
 
 
-def _mergeable(cmd: dict[str, Any], layers: list[NsState]) -> bool:
-    """Whether the proxy can merge plain finds (DESIGN §5) instead of a server-side union."""
-    if any(layer.hidden_ids is None for layer in layers):
-        return False
-    sort = cmd.get("sort") or {}
-    projection = cmd.get("projection") or {}
-    if projection.get("_id") in (0, False):
-        return False  # the hidden-id check needs _id
-    if sort:
-        collation = cmd.get("collation") or {}
-        if collation.get("locale", "simple") != "simple":
-            return False  # sort keys would need ICU comparison
-        if any(isinstance(v, bool) or v not in (1, -1) for v in sort.values()):
-            return False  # $meta sorts and $natural
-        # SecantusDB drops every field from an exclusion projection that also asks for
-        # $meta (mongod does not): such finds take the server-side union.
-        if any(v in (0, False) for v in projection.values()):
-            return False
-    return b"$near" not in bson.encode(cmd.get("filter") or {})
-
-
 async def _merged_find(req: Request, coll: str,
                        layers: list[NsState]) -> dict[str, Any] | None:
-    """The merged answer, or None when a side refused the find: the server-side union
-    then answers instead, with the upstream's own error if the query itself is bad.
-    (SecantusDB fails sortKey projections over array fields that mongod computes.)"""
     cmd = req.cmd
-    sides = merge.plan_sides(coll, layers)
-    sort = cmd.get("sort") or {}
-    projection = dict(cmd.get("projection") or {})
-    if sort:
-        projection[merge.SORT_KEY] = {"$meta": "sortKey"}
-    skip = int(cmd.get("skip") or 0)
-    limit = abs(int(cmd.get("limit") or 0)) or None
-    single = bool(cmd.get("singleBatch")) or int(cmd.get("limit") or 0) < 0
     first = int(cmd.get("batchSize", merge.DEFAULT_FIRST_BATCH))
-    cursor = merge.MergedCursor(req.db, coll, sides, [int(v) for v in sort.values()] or None,
-                                skip, limit, cmd.get("lsid"))
-    for side in sides:
-        hidden = sum(len(ids) for ids in side.hidden)
-        sub: dict[str, Any] = {"find": side.coll, "filter": cmd.get("filter") or {}}
-        if sort:
-            sub["sort"] = sort
-        if projection:
-            sub["projection"] = projection
-        if limit is not None:
-            sub["limit"] = skip + limit + hidden
-        sub["batchSize"] = max(first, 1) + skip + hidden
-        carry(cmd, sub, ("let", "maxTimeMS", "comment", "readConcern", "lsid", "allowDiskUse",
-                         "$readPreference", "collation", "apiVersion", "apiStrict"))
-        if side.coll == coll and "hint" in cmd:
-            sub["hint"] = cmd["hint"]
-        reply = await req.run.reply(req.db, sub)
-        if not reply.get("ok"):
-            await cursor.close(req.run)
-            return None
-        side.cursor_id = reply["cursor"]["id"]
-        side.accept(reply["cursor"]["firstBatch"])
+    cursor = await merge.open_find(req.run, req.db, coll, layers, cmd, first)
+    if cursor is None:
+        return None
     docs = await cursor.batch(req.run, first)
     cursor_id = 0
+    single = bool(cmd.get("singleBatch")) or int(cmd.get("limit") or 0) < 0
     if single or cursor.done:
         await cursor.close(req.run)
     else:
@@ -227,9 +175,31 @@ async def count(req: Request) -> dict[str, Any] | None:
     layers = req.layers(coll)
     if not layers:
         return None
-    reply = await req.run(req.db, count_pipeline(req.cmd, layers))
-    batch = reply["cursor"]["firstBatch"]
-    return {"n": int(batch[0]["n"]) if batch else 0, "ok": 1.0}
+    cmd = req.cmd
+    if any(layer.hidden_ids is None for layer in layers):
+        reply = await req.run(req.db, count_pipeline(cmd, layers))
+        batch = reply["cursor"]["firstBatch"]
+        return {"n": int(batch[0]["n"]) if batch else 0, "ok": 1.0}
+    # Per side: its matches, less those a layer above hides (an indexed $in on _id).
+    filt = cmd.get("query") or {}
+    total = 0
+    for side in merge.plan_sides(coll, layers):
+        sub = carry(cmd, {"count": side.coll, "query": filt}, _COUNT_CARRY)
+        if side.coll == coll and "hint" in cmd:
+            sub["hint"] = cmd["hint"]
+        total += int((await req.run(req.db, sub))["n"])
+        hidden = [v for ids in side.hidden for v in ids.values()]
+        if hidden:
+            sub["query"] = {"$and": [filt, {"_id": {"$in": hidden}}]} if filt else \
+                {"_id": {"$in": hidden}}
+            total -= int((await req.run(req.db, sub))["n"])
+    total = max(0, total - int(cmd.get("skip") or 0))
+    limit = abs(int(cmd.get("limit") or 0))
+    return {"n": min(total, limit) if limit else total, "ok": 1.0}
+
+
+_COUNT_CARRY = ("lsid", "$clusterTime", "readConcern", "collation", "comment", "maxTimeMS",
+                "apiVersion", "apiStrict")
 
 
 async def distinct(req: Request) -> dict[str, Any] | None:

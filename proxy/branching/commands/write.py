@@ -9,12 +9,13 @@ logged with its pre- and post-image before the client hears back.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import bson
 from bson import ObjectId
 
-from proxy.branching import views
+from proxy.branching import merge, views
 from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
@@ -59,19 +60,44 @@ class Writer:
                                str(reply.get("errmsg", "")))
         return reply
 
-    async def view_docs(self, filt: dict[str, Any], extra: list[dict[str, Any]] | None = None,
-                        options: dict[str, Any] | None = None, *, parent_only: bool = False,
-                        project_id: bool = False):  # type: ignore[no-untyped-def]
+    async def view_docs(self, filt: dict[str, Any], *, sort: dict[str, Any] | None = None,
+                        limit: int = 0, options: dict[str, Any] | None = None,
+                        parent_only: bool = False, project_id: bool = False,
+                        ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Batches of the branch view's documents matching a filter (the parent view's,
+        with parent_only): merged plain finds when possible, else a server-side union."""
+        options = dict(options or {})
+        if any(layer.base_dropped for layer in self.layers):
+            options.pop("hint", None)
+        find: dict[str, Any] = {"find": self.coll, "filter": filt, **options}
+        if sort:
+            find["sort"] = sort
+        if limit:
+            find["limit"] = limit
+        if project_id:
+            find["projection"] = {"_id": 1}
+        run = self.req.run
+        cursor = await merge.open_find(run, self.req.db, self.coll, self.layers, find, BATCH,
+                                       skip_top_live=parent_only)
+        if cursor is not None:
+            try:
+                while not cursor.done:
+                    batch = await cursor.batch(run, BATCH)
+                    if batch:
+                        yield batch
+            finally:
+                await cursor.close(run)
+            return
         pipeline = views.view_stages(self.layers, filt, skip_top_live=parent_only)
-        pipeline += extra or []
+        if sort:
+            pipeline.append({"$sort": sort})
+        if limit:
+            pipeline.append({"$limit": limit})
         if project_id:
             pipeline.append({"$project": {"_id": 1}})
-        cmd: dict[str, Any] = {"aggregate": self.coll, "pipeline": pipeline, "cursor": {}}
-        for key, value in (options or {}).items():
-            if key == "hint" and any(layer.base_dropped for layer in self.layers):
-                continue
-            cmd[key] = value
-        async for batch in self.req.run.batches(self.req.db, cmd, BATCH):
+        cmd: dict[str, Any] = {"aggregate": self.coll, "pipeline": pipeline, "cursor": {},
+                               **options}
+        async for batch in run.batches(self.req.db, cmd, BATCH):
             yield batch
 
     async def parent_has(self, ids: list[Any]) -> set[Any]:
@@ -323,16 +349,18 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
     options: dict[str, Any] = {k: stmt[k] for k in ("collation", "hint") if k in stmt}
     if "let" in req.cmd:
         options["let"] = req.cmd["let"]
-    extra: list[dict[str, Any]] = []
-    if not multi:
-        if stmt.get("sort"):
-            extra.append({"$sort": stmt["sort"]})
-        extra.append({"$limit": 1})
-    # Ids first, so documents this statement moves cannot be matched twice.
+    # Read every match before writing (so a moved document cannot match twice); keep
+    # the documents themselves while they fit one batch, else re-read per batch.
     ids: list[Any] = []
+    small: list[dict[str, Any]] | None = []
     try:
-        async for batch in writer.view_docs(q, extra, options, project_id=True):
+        async for batch in writer.view_docs(q, sort=stmt.get("sort") if not multi else None,
+                                            limit=0 if multi else 1, options=options):
             ids.extend(d["_id"] for d in batch)
+            if small is not None:
+                small.extend(batch)
+                if len(small) > BATCH:
+                    small = None
     except CommandError as exc:
         return {"error": {"index": index, "code": exc.code, "errmsg": str(exc)}}
     base_stmt = {k: v for k, v in stmt.items() if k not in ("q", "multi", "upsert", "sort")}
@@ -354,7 +382,8 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
     out = {"n": 0, "nModified": 0}
     for start in range(0, len(ids), BATCH):
         chunk = ids[start:start + BATCH]
-        pres = [d async for batch in writer.view_docs({"_id": {"$in": chunk}}) for d in batch]
+        pres = small if small is not None else \
+            [d async for batch in writer.view_docs({"_id": {"$in": chunk}}) for d in batch]
         copied = await writer.copy_on_write(pres)
         reply = await writer.run(_with_let(req, {
             "update": writer.state.live,
@@ -393,19 +422,17 @@ async def delete(req: Request) -> dict[str, Any]:
             options: dict[str, Any] = {k: stmt[k] for k in ("collation", "hint") if k in stmt}
             if "let" in req.cmd:
                 options["let"] = req.cmd["let"]
-            extra = [{"$limit": 1}] if stmt.get("limit") == 1 else []
+            # Deleting what a cursor already returned never makes it return more.
             try:
-                pres = [d async for batch in writer.view_docs(stmt.get("q") or {}, extra, options)
-                        for d in batch]
+                async for batch in writer.view_docs(
+                        stmt.get("q") or {}, limit=1 if stmt.get("limit") == 1 else 0,
+                        options=options):
+                    await _remove(writer, batch)
+                    n += len(batch)
             except CommandError as exc:
                 errors.append({"index": index, "code": exc.code, "errmsg": str(exc)})
                 if ordered:
                     break
-                continue
-            for start in range(0, len(pres), BATCH):
-                chunk = pres[start:start + BATCH]
-                await _remove(writer, chunk)
-            n += len(pres)
         result: dict[str, Any] = {"n": n, "ok": 1.0}
         if errors:
             result["writeErrors"] = errors
@@ -429,16 +456,13 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
     cmd = req.cmd
     q = cmd.get("query") or {}
     options: dict[str, Any] = {k: cmd[k] for k in ("collation", "hint", "let") if k in cmd}
-    extra: list[dict[str, Any]] = []
-    if cmd.get("sort"):
-        extra.append({"$sort": cmd["sort"]})
-    extra.append({"$limit": 1})
     passthrough = {k: v for k, v in cmd.items()
                    if k in ("remove", "update", "new", "fields", "arrayFilters", "collation",
                             "let", "bypassDocumentValidation")}
     async with req.engine.writing(req.on_branch):
         writer = await _begin(req, coll)
-        pres = [d async for batch in writer.view_docs(q, extra, options) for d in batch]
+        pres = [d async for batch in writer.view_docs(q, sort=cmd.get("sort"), limit=1,
+                                                       options=options) for d in batch]
         if pres:
             pre = pres[0]
             copied = await writer.copy_on_write([pre])
