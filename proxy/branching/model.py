@@ -56,6 +56,8 @@ class NsState:
     options: dict[str, Any] = field(default_factory=dict)
     # idkey -> raw id; None once the set outgrew HIDDEN_CACHE_LIMIT.
     hidden_ids: dict[Any, Any] | None = field(default_factory=dict)
+    # The view's unique indexes, learnt on the first write; None until then.
+    unique: list[dict[str, Any]] | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:

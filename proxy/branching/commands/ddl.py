@@ -23,6 +23,7 @@ async def _reset(req: Request, state: NsState, options: dict[str, Any]) -> None:
     state.base_dropped = True
     state.options = options
     state.indexes = [dict(ID_INDEX)]
+    state.unique = None
     state.hidden_ids = {}
     await req.engine.log_changes(req.on_branch, [Change(f"{state.db}.{state.coll}", None, DROP,
                                                         None, None)], req.client())
@@ -155,6 +156,7 @@ async def create_indexes(req: Request) -> dict[str, Any]:
                 after.append({"v": 2, **spec})
                 names.add(spec.get("name"))
         state.indexes = after
+        state.unique = None
         state.present = True
         await req.engine.save_state(state)
     return {"createdCollectionAutomatically": created, "numIndexesBefore": len(before),
@@ -189,5 +191,6 @@ async def drop_indexes(req: Request) -> dict[str, Any]:
             await req.run.reply(req.db, {"dropIndexes": state.live, "index": ix["name"]})
         gone = {ix["name"] for ix in drop}
         state.indexes = [ix for ix in before if ix["name"] not in gone]
+        state.unique = None
         await req.engine.save_state(state)
     return {"nIndexesWas": len(before), "ok": 1.0}

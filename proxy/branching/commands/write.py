@@ -15,7 +15,7 @@ from typing import Any
 import bson
 from bson import ObjectId
 
-from proxy.branching import merge, views
+from proxy.branching import merge, unique, views
 from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
@@ -99,6 +99,59 @@ class Writer:
                                **options}
         async for batch in run.batches(self.req.db, cmd, BATCH):
             yield batch
+
+    async def unique_specs(self) -> list[dict[str, Any]]:
+        if self.state.unique is None:
+            indexes = await self.req.engine.view_indexes(self.req.on_branch, self.req.db,
+                                                         self.coll, self.req.run)
+            self.state.unique = unique.unique_specs(indexes)
+        return self.state.unique
+
+    async def _collisions(self, cmd: dict[str, Any], head: list[dict[str, Any]]
+                          ) -> dict[Any, dict[str, Any]]:
+        """idkey -> a duplicate-key error body, for candidates that collide with the
+        parent view on some unique index."""
+        found: dict[Any, dict[str, Any]] = {}
+        for spec in await self.unique_specs():
+            pipeline = head + unique.collision_stages(self.coll, self.layers, spec)
+            async for batch in self.req.run.batches(self.req.db, {**cmd, "pipeline": pipeline,
+                                                                  "cursor": {}}):
+                for doc in batch:
+                    found.setdefault(idkey(doc["_id"]), unique.dup_error(self.ns, spec, doc, 0))
+        return found
+
+    async def collisions_new(self, docs: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+        if not docs or not await self.unique_specs():
+            return {}
+        return await self._collisions({"aggregate": 1}, [{"$documents": docs}])
+
+    async def collisions_live(self, ids: list[Any]) -> dict[Any, dict[str, Any]]:
+        if not ids or not await self.unique_specs():
+            return {}
+        return await self._collisions({"aggregate": self.state.live},
+                                      [{"$match": {"_id": {"$in": ids}}}])
+
+    async def reject_collisions(self, since: int, copied: list[Any]) -> dict[str, Any] | None:
+        """Undo changes logged since a point that collide on a unique index with the
+        parent view; the first such error, as mongod would report it."""
+        recent = [c for c in self.changes[since:] if c.op == PUT]
+        bad = await self.collisions_live([c.id for c in recent])
+        if not bad:
+            return None
+        copied_keys = {idkey(i) for i in copied}
+        first = None
+        for change in recent:
+            err = bad.get(idkey(change.id))
+            if err is None:
+                continue
+            first = first or err
+            self.changes.remove(change)
+            if change.pre is None or idkey(change.id) in copied_keys:
+                await self.uncopy([change.id])
+            else:
+                await self.check({"update": self.state.live, "updates": [
+                    {"q": {"_id": change.id}, "u": change.pre}]})
+        return first
 
     async def parent_has(self, ids: list[Any]) -> set[Any]:
         """Which ids the parent view still shows (they would collide on insert)."""
@@ -184,7 +237,7 @@ class Writer:
         await self.hide([new_id])
         post = (await self.live_docs([new_id])).get(idkey(new_id))
         self.changes.append(Change(self.ns, new_id, PUT, None, post))
-        return None
+        return await self.reject_collisions(len(self.changes) - 1, [])
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -204,7 +257,6 @@ def unmask(reply: dict[str, Any], state: NsState, coll: str) -> dict[str, Any]:
 
 
 def dup_key_error(ns: str, value: Any, index: int = 0) -> dict[str, Any]:
-    _db, _coll = ns.split(".", 1)
     shown = bson.json_util.dumps(value) if not isinstance(value, str) else f'"{value}"'
     return {
         "index": index, "code": DUP_KEY,
@@ -269,11 +321,14 @@ async def insert(req: Request) -> dict[str, Any]:
         for start in range(0, len(docs), BATCH):
             chunk = docs[start:start + BATCH]
             taken = await writer.parent_has([d["_id"] for d in chunk])
+            clashes = await writer.collisions_new(chunk)
             batch: list[tuple[int, dict[str, Any]]] = []
             stop = False
             for offset, doc in enumerate(chunk):
-                if idkey(doc["_id"]) in taken:
-                    errors.append(dup_key_error(writer.ns, doc["_id"], start + offset))
+                key = idkey(doc["_id"])
+                if key in taken or key in clashes:
+                    err = dup_key_error(writer.ns, doc["_id"]) if key in taken else clashes[key]
+                    errors.append({**err, "index": start + offset})
                     if ordered:
                         stop = True
                         break
@@ -389,7 +444,13 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
             "update": writer.state.live,
             "updates": [{**base_stmt, "q": {"$and": [q, {"_id": {"$in": chunk}}]},
                          "multi": multi}]}))
+        since = len(writer.changes)
         await writer.record_puts(pres, copied)
+        clash = await writer.reject_collisions(since, copied)
+        if clash is not None:
+            modified = len(writer.changes) - since
+            return {"n": out["n"] + modified, "nModified": out["nModified"] + modified,
+                    "error": {**clash, "index": index}}
         if not reply.get("ok"):
             return {**out, "error": _stmt_error(index, reply)}
         out["n"] += int(reply.get("n", 0))
@@ -472,7 +533,11 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
             if cmd.get("remove") and reply.get("ok") and reply.get("value") is not None:
                 writer.changes.append(Change(writer.ns, pre["_id"], DELETE, pre, None))
             else:
+                since = len(writer.changes)
                 await writer.record_puts([pre], copied)
+                clash = await writer.reject_collisions(since, copied)
+                if clash is not None:
+                    return _dup_reply(clash)
             return await _finish(req, writer, _fam_reply(reply))
         if not cmd.get("upsert") or cmd.get("remove"):
             return await _finish(req, writer, {
@@ -485,10 +550,13 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
         if new_id is not None:
             dup = await writer.upserted(new_id)
             if dup is not None:
-                return {"ok": 0.0, "errmsg": dup["errmsg"], "code": DUP_KEY,
-                        "codeName": "DuplicateKey", "keyPattern": dup["keyPattern"],
-                        "keyValue": dup["keyValue"]}
+                return _dup_reply(dup)
         return await _finish(req, writer, _fam_reply(reply))
+
+
+def _dup_reply(err: dict[str, Any]) -> dict[str, Any]:
+    return {"ok": 0.0, "errmsg": err["errmsg"], "code": DUP_KEY, "codeName": "DuplicateKey",
+            "keyPattern": err["keyPattern"], "keyValue": err["keyValue"]}
 
 
 def _fam_reply(reply: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""Write semantics on a branch that the differential test cannot reach: unique
+indexes across base and branch, retryable writes, error shapes, explain."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from bson import Int64
+from pymongo import MongoClient
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
+
+from tests.servers import ProxyProcess
+
+_names = itertools.count()
+
+
+@pytest.fixture()
+def branch(proxy: ProxyProcess, direct: MongoClient) -> Iterator[tuple[Any, Any]]:
+    n = next(_names)
+    db_name = f"bw_{n}"
+    base = direct[db_name]
+    base.people.insert_many([{"_id": i, "email": f"p{i}@x", "team": i % 3, "seat": i}
+                             for i in range(10)])
+    base.people.create_index("email", unique=True)
+    base.people.create_index([("team", 1), ("seat", 1)], unique=True)
+    status, body = proxy.api("POST", "/branches", {"name": f"bw-{n}"})
+    assert status == 201, body
+    client: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
+    yield client[db_name], base
+    client.close()
+    proxy.api("DELETE", f"/branches/bw-{n}")
+    direct.drop_database(db_name)
+
+
+def test_duplicate_id_against_base_has_mongod_shape(branch: tuple[Any, Any]) -> None:
+    db, _ = branch
+    with pytest.raises(DuplicateKeyError) as info:
+        db.people.insert_one({"_id": 3, "email": "new@x"})
+    details = info.value.details
+    assert details["code"] == 11000
+    assert details["keyPattern"] == {"_id": 1}
+    assert details["keyValue"] == {"_id": 3}
+    assert "E11000 duplicate key error collection: " in details["errmsg"]
+    assert "__mb_" not in details["errmsg"]
+
+
+def test_unique_secondary_index_enforced_across_base_and_branch(branch: tuple[Any, Any]
+                                                                ) -> None:
+    db, base = branch
+    with pytest.raises(DuplicateKeyError) as info:
+        db.people.insert_one({"_id": 100, "email": "p4@x"})
+    assert info.value.details["keyPattern"] == {"email": 1}
+    assert info.value.details["keyValue"] == {"email": "p4@x"}
+    # an update that would collide is refused and changes nothing
+    with pytest.raises(DuplicateKeyError):
+        db.people.update_one({"_id": 1}, {"$set": {"email": "p2@x"}})
+    assert db.people.find_one({"_id": 1})["email"] == "p1@x"
+    # compound unique index
+    with pytest.raises(DuplicateKeyError) as info:
+        db.people.insert_one({"_id": 101, "email": "z@x", "team": 1, "seat": 1})
+    assert info.value.details["keyPattern"] == {"team": 1, "seat": 1}
+    # once the branch deletes the base document, its key is free on the branch
+    db.people.delete_one({"_id": 4})
+    db.people.insert_one({"_id": 102, "email": "p4@x"})
+    assert db.people.count_documents({"email": "p4@x"}) == 1
+    # upsert into a taken key
+    with pytest.raises(DuplicateKeyError):
+        db.people.update_one({"_id": 103}, {"$set": {"email": "p5@x"}}, upsert=True)
+    assert db.people.find_one({"_id": 103}) is None
+    # the base never changed
+    assert base.people.count_documents({}) == 10
+    assert base.people.find_one({"_id": 4})["email"] == "p4@x"
+
+
+def test_ordered_and_unordered_bulk_error_indexes(branch: tuple[Any, Any]) -> None:
+    db, _ = branch
+
+    def person(i: int) -> dict[str, Any]:
+        # unique email and seat: missing keys would collide as null on the unique indexes
+        return {"_id": i, "email": f"n{i}@x", "team": 7, "seat": i}
+
+    docs = [person(200), person(2), person(201), person(5), person(202)]
+    with pytest.raises(BulkWriteError) as info:
+        db.people.insert_many(docs, ordered=True)
+    assert info.value.details["nInserted"] == 1
+    assert [e["index"] for e in info.value.details["writeErrors"]] == [1]
+    with pytest.raises(BulkWriteError) as info:
+        db.people.insert_many([person(300), person(2), person(301), person(5)], ordered=False)
+    assert info.value.details["nInserted"] == 2
+    assert [e["index"] for e in info.value.details["writeErrors"]] == [1, 3]
+    assert db.people.count_documents({"_id": {"$gte": 200}}) == 3
+
+
+def test_retryable_write_applies_once(branch: tuple[Any, Any]) -> None:
+    db, _ = branch
+    session = db.client.start_session()
+    try:
+        cmd = {"update": "people", "updates": [{"q": {"_id": 7}, "u": {"$inc": {"seat": 100}}}],
+               "lsid": session.session_id, "txnNumber": Int64(1)}
+        first = db.command(cmd)
+        again = db.command(cmd)
+        assert first["nModified"] == again["nModified"] == 1
+        assert db.people.find_one({"_id": 7})["seat"] == 107
+    finally:
+        session.end_session()
+
+
+def test_explain_runs_the_rewritten_command(branch: tuple[Any, Any]) -> None:
+    db, _ = branch
+    db.people.update_one({"_id": 1}, {"$set": {"team": 9}})
+    plan = db.command("explain", {"find": "people", "filter": {"team": 9}})
+    text = repr(plan)
+    assert plan["ok"] == 1.0
+    # the branch's overlay is part of what really runs
+    assert "__mb_" in text
+    assert db.people.find_one({"team": 9})["_id"] == 1
+
+
+def test_transactions_on_a_branch_are_refused_clearly(branch: tuple[Any, Any]) -> None:
+    db, _ = branch
+    with db.client.start_session() as session:
+        with pytest.raises(OperationFailure) as info:
+            with session.start_transaction():
+                db.people.insert_one({"_id": 500}, session=session)
+    assert "transaction" in str(info.value)
+    assert db.people.find_one({"_id": 500}) is None
