@@ -65,12 +65,12 @@ class Engine:
             state = NsState.from_doc(doc)
             self.states[state.key] = state
         dirty = [doc["_id"] async for doc in self.meta["dirty"].find()]
-        for key in dirty:
-            found = self.states.get(key)
-            if found is not None:
-                log.warning("rematerializing %s from the WAL after an unclean stop", key)
-                await self.rematerialize(found)
-            await self.meta["dirty"].delete_one({"_id": key})
+        stale = [self.states[key] for key in dirty if key in self.states]
+        for state in stale:
+            log.warning("rematerializing %s from the WAL after an unclean stop", state.key)
+        # Each overlay rebuilds server-side in one fold; collections rebuild in parallel.
+        await asyncio.gather(*(self.rematerialize(state) for state in stale))
+        await self.meta["dirty"].delete_many({"_id": {"$in": dirty}})
         for state in self.states.values():
             await self.load_hidden(state)
         self._flusher = asyncio.create_task(self._flush_dirty())
