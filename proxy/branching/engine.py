@@ -257,7 +257,8 @@ class Engine:
                 return [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
         reply = await run.reply(db, {"listIndexes": coll})
         if not reply.get("ok"):
-            return []
+            # Not in the base: a collection the branch creates starts with _id only.
+            return [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
         return list(reply["cursor"]["firstBatch"])
 
     async def save_state(self, state: NsState) -> None:

@@ -1,0 +1,112 @@
+"""DDL on a branch, compared step by step with the same DDL on a plain copy."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure
+
+from tests.servers import ProxyProcess
+
+_names = itertools.count()
+
+
+def seed(db: Any) -> None:
+    db.a.insert_many([{"_id": i, "k": i % 4, "s": f"v{i}"} for i in range(20)])
+    db.b.insert_many([{"_id": i, "k": i} for i in range(4)])
+    db.a.create_index("k")
+    db.c.insert_one({"_id": 1})
+
+
+@pytest.fixture()
+def pair(proxy: ProxyProcess, direct: MongoClient) -> Iterator[tuple[Any, Any, Any]]:
+    n = next(_names)
+    base_name, copy_name = f"ddl_base_{n}", f"ddl_copy_{n}"
+    seed(direct[base_name])
+    seed(direct[copy_name])
+    status, body = proxy.api("POST", "/branches", {"name": f"ddl-{n}"})
+    assert status == 201, body
+    client: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
+    yield client[base_name], direct[copy_name], direct[base_name]
+    client.close()
+    proxy.api("DELETE", f"/branches/ddl-{n}")
+    direct.drop_database(base_name)
+    direct.drop_database(copy_name)
+
+
+def snapshot(db: Any) -> Any:
+    """Collections, documents and indexes; overlays (which share the base database) aside."""
+    names = sorted(n for n in db.list_collection_names() if not n.startswith("__mb_"))
+    return {
+        "names": names,
+        "docs": {n: list(db[n].find().sort("_id", 1)) for n in names},
+        "indexes": {n: sorted((ix["name"], tuple(ix["key"].items()), bool(ix.get("unique")))
+                              for ix in db[n].list_indexes()) for n in names},
+    }
+
+
+def both(pair: tuple[Any, Any, Any], fn: Any) -> Any:
+    branch, copy, _ = pair
+    out = []
+    for db in (branch, copy):
+        try:
+            out.append(("ok", fn(db)))
+        except OperationFailure as exc:
+            out.append(("error", exc.code))
+    assert out[0] == out[1], f"branch {out[0]} != copy {out[1]}"
+    assert snapshot(branch) == snapshot(copy)
+    return out[0]
+
+
+def test_ddl_sequence_matches_a_copy(pair: tuple[Any, Any, Any]) -> None:
+    base_before = snapshot(pair[2])
+    both(pair, lambda db: db.create_collection("fresh").name)
+    both(pair, lambda db: db.fresh.insert_one({"_id": 1, "x": 1}).inserted_id)
+    both(pair, lambda db: db.command("create", "a")["ok"])  # exists, same options: ok
+    both(pair, lambda db: db.a.create_index([("s", 1)], unique=True))
+    both(pair, lambda db: db.a.create_index([("k", -1), ("s", 1)], name="ks"))
+    both(pair, lambda db: db.a.drop_index("k_1"))
+    both(pair, lambda db: db.a.drop_index("nope"))
+    both(pair, lambda db: db.a.update_many({"k": 1}, {"$set": {"moved": True}}).modified_count)
+    both(pair, lambda db: db.b.drop())
+    both(pair, lambda db: db.b.find_one())
+    both(pair, lambda db: db.b.insert_one({"_id": 9, "again": True}).inserted_id)
+    both(pair, lambda db: db.client.admin.command(
+        "renameCollection", f"{db.name}.a", to=f"{db.name}.renamed")["ok"])
+    both(pair, lambda db: db.renamed.count_documents({"moved": True}))
+    both(pair, lambda db: db.client.admin.command(
+        "renameCollection", f"{db.name}.c", to=f"{db.name}.renamed")["ok"])  # target exists
+    both(pair, lambda db: db.client.admin.command(
+        "renameCollection", f"{db.name}.c", to=f"{db.name}.b", dropTarget=True)["ok"])
+    both(pair, lambda db: db.client.admin.command(
+        "renameCollection", f"{db.name}.missing", to=f"{db.name}.x")["ok"])
+    both(pair, lambda db: list(db.renamed.aggregate([
+        {"$match": {"k": {"$lt": 2}}},
+        {"$lookup": {"from": "b", "localField": "_id", "foreignField": "_id", "as": "j"}},
+        {"$unionWith": {"coll": "fresh"}}, {"$sort": {"_id": 1, "k": 1}}])))
+    both(pair, lambda db: list(db.renamed.aggregate([
+        {"$match": {"k": 3}}, {"$project": {"s": 1}}, {"$out": "outcoll"}])))
+    both(pair, lambda db: db.outcoll.count_documents({}))
+    both(pair, lambda db: sorted(db.list_collection_names(filter={"name": {"$regex": "^r"}})))
+    both(pair, lambda db: db.client.drop_database(db.name))
+    both(pair, lambda db: db.list_collection_names())
+    both(pair, lambda db: db.again.insert_one({"_id": 1}).inserted_id)
+    # none of it reached the base
+    assert snapshot(pair[2]) == base_before
+
+
+def test_overlay_collections_are_never_listed(pair: tuple[Any, Any, Any],
+                                              proxy: ProxyProcess) -> None:
+    branch, _, base = pair
+    branch.a.update_one({"_id": 1}, {"$set": {"x": 1}})
+    assert any(n.startswith("__mb_") for n in base.list_collection_names())  # on the upstream
+    assert not any(n.startswith("__mb_") for n in branch.list_collection_names())
+    main: MongoClient = MongoClient(proxy.uri)
+    try:
+        assert not any(n.startswith("__mb_") for n in main[base.name].list_collection_names())
+    finally:
+        main.close()
