@@ -92,6 +92,7 @@ class Proxy:
         self.engine: Engine | None = None
         self.meta_client: AsyncMongoClient[dict[str, Any]] | None = None
         self.ports: BranchPorts | None = None
+        self._engine_retry: asyncio.Task[None] | None = None
         self.admin_runner: object | None = None
         self.admin_port = 0
 
@@ -115,15 +116,10 @@ class Proxy:
         )
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
                              host=host)
-        await self.engine.start()
         self.ports = BranchPorts(self, host)
         self.engine.ports = self.ports
-        for branch in list(self.engine.branches.values()):
-            try:
-                await self.ports.open(branch)
-            except OSError as exc:
-                log.error("branch %s: cannot listen on port %d: %s", branch.name, branch.port,
-                          exc)
+        if not await self._start_engine():
+            self._engine_retry = asyncio.create_task(self._retry_engine())
         self.main = Listener("main", host, port, upstream=self.upstream,
                              topology=self.topology, router=EngineRouter(self.engine, None))
         await self.main.start()
@@ -135,12 +131,38 @@ class Proxy:
         self.admin_runner = runner
         self.admin_port = aport or runner.addresses[0][1]
 
+    async def _start_engine(self) -> bool:
+        """Load branches and open their ports; the main port serves even when this fails
+        (an upstream down at start-up, or credentials that cannot read the metadata)."""
+        assert self.engine is not None and self.ports is not None
+        try:
+            await asyncio.wait_for(self.engine.start(), 60)
+        except Exception as exc:
+            self.engine.unavailable = f"branch engine cannot start: {exc}"
+            log.error("%s; the main port serves, branches are unavailable", exc)
+            return False
+        self.engine.unavailable = None
+        for branch in list(self.engine.branches.values()):
+            try:
+                await self.ports.open(branch)
+            except OSError as exc:
+                log.error("branch %s: cannot listen on port %d: %s", branch.name, branch.port,
+                          exc)
+        return True
+
+    async def _retry_engine(self) -> None:
+        while not await self._start_engine():
+            await asyncio.sleep(5.0)
+        log.info("branch engine started")
+
     async def stop(self) -> None:
+        if self._engine_retry is not None:
+            self._engine_retry.cancel()
         if self.main:
             await self.main.stop(self.options.grace)
         if self.ports:
             await self.ports.stop_all(self.options.grace)
-        if self.engine:
+        if self.engine and self.engine.unavailable is None:
             await self.engine.stop()
         if self.meta_client:
             await self.meta_client.close()

@@ -50,6 +50,8 @@ class Engine:
         self.states: dict[str, NsState] = {}
         self.ports: Ports | None = None
         self.cursors = CursorTable()
+        # Why branching is unavailable (None once start() succeeded).
+        self.unavailable: str | None = "branch engine is starting"
         self._locks: dict[str, asyncio.Lock] = {}
         self._dirty: set[str] = set()
         self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
@@ -95,7 +97,12 @@ class Engine:
                 break
 
     # -- branches ---------------------------------------------------------------------
+    def check_ready(self) -> None:
+        if self.unavailable is not None:
+            raise BranchError(503, self.unavailable)
+
     def get(self, name: str) -> Branch:
+        self.check_ready()
         branch = self.branches.get(name)
         if branch is None:
             raise BranchError(404, f"branch {name!r} does not exist")
@@ -124,6 +131,7 @@ class Engine:
         raise BranchError(409, f"no free port left in {self.port_range[0]}-{self.port_range[1]}")
 
     async def create_branch(self, name: Any, parent: Any = MAIN, port: Any = None) -> Branch:
+        self.check_ready()
         if not naming.valid_branch_name(name):
             raise BranchError(400, "branch name must match [A-Za-z0-9._-]{1,64} and not be "
                                    f"'main', got {name!r}")

@@ -9,7 +9,7 @@ from proxy.branching.engine import MAIN
 from proxy.branching.errors import BranchError, CommandError
 
 _CODES = {400: (2, "BadValue"), 404: (26, "NamespaceNotFound"),
-          409: (117, "ConflictingOperationInProgress")}
+          409: (117, "ConflictingOperationInProgress"), 503: (6, "HostUnreachable")}
 
 
 def as_command_error(exc: BranchError) -> CommandError:
@@ -37,6 +37,8 @@ async def create_branch(req: Request) -> dict[str, Any]:
 async def list_branches(req: Request) -> dict[str, Any]:
     _admin_only(req)
     engine = req.engine
+    if engine.unavailable is not None:
+        raise CommandError(6, "HostUnreachable", engine.unavailable)
     return {"branches": [b.public(engine.host) for b in engine.branches.values()], "ok": 1.0}
 
 
