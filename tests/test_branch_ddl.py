@@ -91,6 +91,15 @@ def test_ddl_sequence_matches_a_copy(pair: tuple[Any, Any, Any]) -> None:
     both(pair, lambda db: list(db.renamed.aggregate([
         {"$match": {"k": 3}}, {"$project": {"s": 1}}, {"$out": "outcoll"}])))
     both(pair, lambda db: db.outcoll.count_documents({}))
+    both(pair, lambda db: list(db.renamed.aggregate([
+        {"$match": {"k": {"$in": [0, 1]}}}, {"$project": {"k": 1, "tag": "merged"}},
+        {"$merge": {"into": "b", "whenMatched": "merge", "whenNotMatched": "insert"}}])))
+    both(pair, lambda db: list(db.renamed.aggregate([
+        {"$match": {"k": 2}}, {"$project": {"k": 1}},
+        {"$merge": {"into": "b", "whenMatched": "fail", "whenNotMatched": "discard"}}])))
+    both(pair, lambda db: list(db.renamed.aggregate([
+        {"$match": {"k": 0}}, {"$set": {"k": 100}},
+        {"$merge": {"into": "renamed", "whenMatched": "replace"}}])))
     both(pair, lambda db: sorted(db.list_collection_names(filter={"name": {"$regex": "^r"}})))
     both(pair, lambda db: db.client.drop_database(db.name))
     both(pair, lambda db: db.list_collection_names())

@@ -4,6 +4,7 @@ the branch."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from proxy.branching import views
@@ -34,8 +35,9 @@ def _rewrite(req: Request, pipeline: Pipeline) -> Pipeline:
             raise req.unsupported("$graphLookup from a collection the branch changed")
         elif name in ("$changeStream", "$changeStreamSplitLargeEvent"):
             raise req.unsupported("change streams")
-        elif name == "$merge":
-            raise req.unsupported("$merge")
+        elif name == "$merge" and stage is not pipeline[-1]:
+            raise CommandError(40601, "Location40601", "$merge can only be the final stage "
+                               "in the pipeline")
         else:
             out.append(stage)
     return out
@@ -136,6 +138,9 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
     target = _out_target(req, pipeline) if isinstance(pipeline, list) else None
     if target is not None:
         return await _aggregate_out(req, target)
+    merge_spec = _merge_spec(req, pipeline) if isinstance(pipeline, list) else None
+    if merge_spec is not None:
+        return await _aggregate_merge(req, merge_spec)
     planned = await plan_aggregate(req, req.cmd)
     if planned is None:
         return None
@@ -171,3 +176,69 @@ async def _aggregate_out(req: Request, target: tuple[str, str]) -> dict[str, Any
                                "documents": [{"_id": d["_id"]} for d in batch]})
         await engine.load_hidden(state)
     return reply
+
+
+def _merge_spec(req: Request, pipeline: Pipeline) -> dict[str, Any] | None:
+    if not pipeline or not isinstance(pipeline[-1], dict) or "$merge" not in pipeline[-1]:
+        return None
+    spec = pipeline[-1]["$merge"]
+    if isinstance(spec, str):
+        spec = {"into": spec}
+    if not isinstance(spec, dict):
+        raise CommandError(51182, "Location51182", "$merge needs a collection name or a document")
+    spec = dict(spec)
+    into = spec.get("into")
+    if isinstance(into, str):
+        spec["into"] = {"db": req.db, "coll": into}
+    elif not (isinstance(into, dict) and isinstance(into.get("coll"), str)):
+        raise CommandError(51178, "Location51178", "$merge 'into' must name a collection")
+    else:
+        spec["into"] = {"db": into.get("db", req.db), "coll": into["coll"]}
+    return spec
+
+
+async def _aggregate_merge(req: Request, spec: dict[str, Any]) -> dict[str, Any]:
+    """$merge into the branch's collection: the results land in a scratch collection,
+    then, a batch at a time, the documents they will meet are copied from the parent
+    view and the server runs the user's own $merge against the overlay."""
+    from proxy.branching.commands import write
+
+    db, coll = spec["into"]["db"], spec["into"]["coll"]
+    on = spec.get("on", "_id")
+    fields = [on] if isinstance(on, str) else list(on)
+    target = Request(req.engine, req.branch, req.ctx, req.run, db, req.cmd)
+    scratch = f"__mb_{req.on_branch.bid}_t_{secrets.token_hex(4)}"
+    async with req.engine.writing(req.on_branch):
+        writer = await write.begin(target, coll)
+        cmd = dict(req.cmd)
+        cmd["pipeline"] = [*cmd["pipeline"][:-1], {"$out": {"db": db, "coll": scratch}}]
+        planned = await plan_aggregate(req, cmd)
+        assert planned is not None
+        reply = await req.run.reply(req.db, planned)
+        if not reply.get("ok"):
+            return reply
+        failed: dict[str, Any] | None = None
+        try:
+            async for batch in req.run.batches(db, {"find": scratch}):
+                ids = [d["_id"] for d in batch]
+                if fields == ["_id"]:
+                    match: dict[str, Any] = {"_id": {"$in": ids}}
+                else:
+                    match = {"$or": [{f: d.get(f) for f in fields} for d in batch]}
+                pres = [d async for b in writer.view_docs(match) for d in b]
+                copied = await writer.copy_on_write(pres)
+                step = {**spec, "into": {"db": db, "coll": writer.state.live}}
+                merged = await req.run.reply(db, {"aggregate": scratch, "cursor": {}, "pipeline": [
+                    {"$match": {"_id": {"$in": ids}}}, {"$merge": step}]})
+                await writer.record_puts(pres, copied)
+                await writer.record_inserts(match, pres)
+                if not merged.get("ok"):
+                    failed = merged
+                    break
+        finally:
+            await req.run.reply(db, {"drop": scratch})
+        await write.finish(target, writer, {"ok": 1.0})
+    if failed is not None:
+        return write.unmask(failed, writer.state, coll)
+    return {"cursor": {"id": 0, "ns": f"{req.db}.{req.cmd.get('aggregate')}",
+                       "firstBatch": []}, "ok": 1.0}

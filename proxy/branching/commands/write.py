@@ -228,6 +228,15 @@ class Writer:
             self.changes.append(Change(self.ns, pre["_id"], PUT, pre, post))
         await self.uncopy(idle)
 
+    async def record_inserts(self, match: dict[str, Any], pres: list[dict[str, Any]]) -> None:
+        """Log documents a server-side write added to the overlay (they had no pre-image)."""
+        known = {idkey(d["_id"]) for d in pres}
+        cmd = {"find": self.state.live, "filter": match}
+        async for batch in self.req.run.batches(self.req.db, cmd, BATCH):
+            new = [d for d in batch if idkey(d["_id"]) not in known]
+            await self.hide([d["_id"] for d in new])
+            self.changes.extend(Change(self.ns, d["_id"], PUT, None, d) for d in new)
+
     async def upserted(self, new_id: Any) -> dict[str, Any] | None:
         """After an upsert into the overlay: a duplicate-key error if the parent holds the id."""
         if await self.parent_has([new_id]):
@@ -266,7 +275,7 @@ def dup_key_error(ns: str, value: Any, index: int = 0) -> dict[str, Any]:
     }
 
 
-async def _begin(req: Request, coll: str) -> Writer:
+async def begin(req: Request, coll: str) -> Writer:
     engine = req.engine
     state = await engine.ensure_state(req.on_branch, req.db, coll, req.run)
     await engine.mark_dirty(state)
@@ -276,7 +285,7 @@ async def _begin(req: Request, coll: str) -> Writer:
     return Writer(req, coll, state)
 
 
-async def _finish(req: Request, writer: Writer, reply: dict[str, Any]) -> dict[str, Any]:
+async def finish(req: Request, writer: Writer, reply: dict[str, Any]) -> dict[str, Any]:
     await req.engine.log_changes(req.on_branch, writer.changes, req.client(), _txn(req))
     if writer.wc_error is not None:
         reply["writeConcernError"] = writer.wc_error
@@ -317,7 +326,7 @@ async def insert(req: Request) -> dict[str, Any]:
     n = 0
     errors: list[dict[str, Any]] = []
     async with req.engine.writing(req.on_branch):
-        writer = await _begin(req, coll)
+        writer = await begin(req, coll)
         for start in range(0, len(docs), BATCH):
             chunk = docs[start:start + BATCH]
             taken = await writer.parent_has([d["_id"] for d in chunk])
@@ -357,7 +366,7 @@ async def insert(req: Request) -> dict[str, Any]:
         result: dict[str, Any] = {"n": n, "ok": 1.0}
         if errors:
             result["writeErrors"] = errors
-        return await _finish(req, writer, result)
+        return await finish(req, writer, result)
 
 
 # -- update ---------------------------------------------------------------------------
@@ -376,7 +385,7 @@ async def update(req: Request) -> dict[str, Any]:
     upserted: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     async with req.engine.writing(req.on_branch):
-        writer = await _begin(req, coll)
+        writer = await begin(req, coll)
         for index, stmt in enumerate(stmts):
             outcome = await _update_stmt(writer, stmt, index)
             if "error" in outcome:
@@ -394,7 +403,7 @@ async def update(req: Request) -> dict[str, Any]:
         if errors:
             result["writeErrors"] = errors
         result["ok"] = 1.0
-        return await _finish(req, writer, result)
+        return await finish(req, writer, result)
 
 
 async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict[str, Any]:
@@ -478,7 +487,7 @@ async def delete(req: Request) -> dict[str, Any]:
     n = 0
     errors: list[dict[str, Any]] = []
     async with req.engine.writing(req.on_branch):
-        writer = await _begin(req, coll)
+        writer = await begin(req, coll)
         for index, stmt in enumerate(stmts):
             options: dict[str, Any] = {k: stmt[k] for k in ("collation", "hint") if k in stmt}
             if "let" in req.cmd:
@@ -497,7 +506,7 @@ async def delete(req: Request) -> dict[str, Any]:
         result: dict[str, Any] = {"n": n, "ok": 1.0}
         if errors:
             result["writeErrors"] = errors
-        return await _finish(req, writer, result)
+        return await finish(req, writer, result)
 
 
 async def _remove(writer: Writer, pres: list[dict[str, Any]]) -> None:
@@ -521,7 +530,7 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
                    if k in ("remove", "update", "new", "fields", "arrayFilters", "collation",
                             "let", "bypassDocumentValidation")}
     async with req.engine.writing(req.on_branch):
-        writer = await _begin(req, coll)
+        writer = await begin(req, coll)
         pres = [d async for batch in writer.view_docs(q, sort=cmd.get("sort"), limit=1,
                                                        options=options) for d in batch]
         if pres:
@@ -538,9 +547,9 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
                 clash = await writer.reject_collisions(since, copied)
                 if clash is not None:
                     return _dup_reply(clash)
-            return await _finish(req, writer, _fam_reply(reply))
+            return await finish(req, writer, _fam_reply(reply))
         if not cmd.get("upsert") or cmd.get("remove"):
-            return await _finish(req, writer, {
+            return await finish(req, writer, {
                 "lastErrorObject": {"n": 0, "updatedExisting": False}, "value": None, "ok": 1.0})
         reply = await writer.run({"findAndModify": writer.state.live, "query": q,
                                   "upsert": True, **passthrough})
@@ -551,7 +560,7 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
             dup = await writer.upserted(new_id)
             if dup is not None:
                 return _dup_reply(dup)
-        return await _finish(req, writer, _fam_reply(reply))
+        return await finish(req, writer, _fam_reply(reply))
 
 
 def _dup_reply(err: dict[str, Any]) -> dict[str, Any]:
