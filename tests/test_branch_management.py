@@ -8,11 +8,13 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pymongo import MongoClient
+from pymongo.errors import PyMongoError
 
 from tests.branchutil import (
     Branches,
@@ -442,3 +444,70 @@ def test_branches_survive_restart(tmp_path: Path) -> None:
             second.stop()
         first.stop()
         server.stop()
+
+
+# -- more edges -------------------------------------------------------------------------------
+
+def test_parent_must_be_a_string(proxy: ProxyProcess) -> None:
+    for parent in (None, 5, ["main"]):
+        status, reply = proxy.api("POST", "/branches", {"name": unique("p"), "from": parent})
+        assert status == 400, reply
+        assert isinstance(reply, dict) and "from must be a branch name" in reply["error"]
+
+
+def test_unknown_charset_is_400(proxy: ProxyProcess) -> None:
+    status, reply = raw_post(proxy, "/branches", b'{"name": "cs"}',
+                             content_type="application/json; charset=no-such-charset")
+    assert status == 400, reply
+    assert isinstance(reply, dict) and "error" in reply
+
+
+def test_concurrent_creates(proxy: ProxyProcess, made: Branches) -> None:
+    names = [unique("conc") for _ in range(8)]
+    for name in names:
+        made.track(name)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda n: proxy.api("POST", "/branches", {"name": n}), names))
+    assert [status for status, _ in results] == [201] * 8
+    ports = [reply["port"] for _, reply in results]  # type: ignore[index]
+    assert len(set(ports)) == 8
+    same = unique("same")
+    made.track(same)
+    with ThreadPoolExecutor(6) as pool:
+        statuses = sorted(s for s, _ in pool.map(
+            lambda _: proxy.api("POST", "/branches", {"name": same}), range(6)))
+    assert statuses == [201, 409, 409, 409, 409, 409]
+    status, listed = proxy.api("GET", "/branches")
+    assert status == 200
+    assert sorted(b["name"] for b in listed if b["name"] in {*names, same}) == sorted(  # type: ignore[union-attr]
+        [*names, same])
+
+
+def test_recreated_name_starts_fresh(client: MongoClient, made: Branches) -> None:
+    db = unique("again").replace("-", "_")
+    client[db].items.insert_many([{"_id": 1}, {"_id": 2}])
+    name = unique("again")
+    branch = made.create(name)
+    with made.client(branch) as c:
+        c[db].items.insert_one({"_id": 3})
+        c[db].items.delete_one({"_id": 1})
+        c[db].extra.insert_one({"_id": 1})
+    made.cleanup()
+    branch = made.create(name)
+    with made.client(branch) as c:
+        assert sorted(d["_id"] for d in c[db].items.find()) == [1, 2]
+        assert "extra" not in c[db].list_collection_names()
+    client.drop_database(db)
+
+
+def test_delete_closes_connected_clients(proxy: ProxyProcess, made: Branches) -> None:
+    branch = made.create()
+    c: MongoClient = MongoClient(branch["uri"], serverSelectionTimeoutMS=2000,
+                                 retryReads=False, retryWrites=False)
+    try:
+        c.conn_db.items.insert_one({"_id": 1})
+        assert proxy.api("DELETE", f"/branches/{branch['name']}")[0] == 200
+        with pytest.raises(PyMongoError):
+            c.conn_db.items.find_one()
+    finally:
+        c.close()

@@ -20,7 +20,7 @@ def _error(status: int, message: str) -> web.Response:
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, LookupError) as exc:
         raise BranchError(400, f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise BranchError(400, "request body must be a JSON object")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.metrics import REGISTRY
+
+log = logging.getLogger("mongobranch.admin")
 
 
 def build_app(healthy: Callable[[], bool]) -> web.Application:
@@ -36,6 +39,9 @@ async def _json_errors(request: web.Request, handler: Callable) -> web.StreamRes
         if exc.content_type == "application/json":
             raise
         return web.json_response({"error": exc.reason}, status=exc.status)
+    except Exception as exc:  # a bug or an upstream failure: still a JSON error
+        log.exception("admin API %s %s failed", request.method, request.path)
+        return web.json_response({"error": f"internal error: {exc}"}, status=500)
 
 
 async def start(app: web.Application, host: str, port: int) -> web.AppRunner:

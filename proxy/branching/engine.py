@@ -135,7 +135,9 @@ class Engine:
         if not naming.valid_branch_name(name):
             raise BranchError(400, "branch name must match [A-Za-z0-9._-]{1,64} and not be "
                                    f"'main', got {name!r}")
-        if not isinstance(parent, str) or (parent != MAIN and parent not in self.branches):
+        if not isinstance(parent, str):
+            raise BranchError(400, f"from must be a branch name (a string), got {parent!r}")
+        if parent != MAIN and parent not in self.branches:
             raise BranchError(404, f"parent branch {parent!r} does not exist")
         if name in self.branches:
             raise BranchError(409, f"branch {name!r} already exists")
