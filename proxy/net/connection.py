@@ -166,8 +166,10 @@ class ClientConnection:
         if compressor is not None and name not in _UNCOMPRESSIBLE:
             frame = compression.compress(frame, compressor)
         data = frame.to_bytes()
-        metrics.BYTES_OUT.inc(len(data))
-        self.writer.write(data)
+        try:
+            self.writer.write(data)  # first: the reply leaves before the bookkeeping
+        finally:
+            metrics.BYTES_OUT.inc(len(data))
 
     def _reply(self, body: dict[str, Any], request: Frame, compressor: int | None,
                name: str) -> None:
@@ -235,7 +237,8 @@ class ClientConnection:
     async def _forward(self, frame: Frame, compressor: int | None, name: str, flags: int,
                        body: dict[str, Any] | None = None) -> None:
         try:
-            await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
+            if not self.upstream.connected:  # no coroutine round trip on the hot path
+                await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
             await self.upstream.send(frame.to_bytes())
             if flags & opmsg.MORE_TO_COME:
                 return

@@ -20,6 +20,10 @@ EXHAUST_ALLOWED = 1 << 16
 _KNOWN_FLAGS = CHECKSUM_PRESENT | MORE_TO_COME | EXHAUST_ALLOWED
 _UINT32 = struct.Struct("<I")
 _INT32 = struct.Struct("<i")
+# Flags, first section kind and its document length: the whole of a plain command's framing.
+_PLAIN_HEAD = struct.Struct("<IBi")
+# Flags that send split() down the general path (a checksum, or bits it must reject).
+_NOT_PLAIN = CHECKSUM_PRESENT | (0xFFFF & ~_KNOWN_FLAGS)
 _VALIDATE: CodecOptions[dict[str, Any]] = CODEC.with_options(unicode_decode_error_handler="replace")
 
 
@@ -113,6 +117,13 @@ class Sections:
 
 def split(frame: Frame) -> Sections:
     """Check an OP_MSG's flags, checksum and section framing; no BSON is decoded."""
+    payload = frame.payload
+    if len(payload) >= 9:
+        # Fast path with the same result: no checksum and one body section filling the
+        # message, which is how drivers send nearly every command.
+        flags, kind, length = _PLAIN_HEAD.unpack_from(payload, 0)
+        if kind == 0 and length >= 5 and length == len(payload) - 5 and not flags & _NOT_PLAIN:
+            return Sections(flags, payload[5:])
     flags, payload = sections_of(frame)
     pos = 4
     end = len(payload)
