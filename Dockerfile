@@ -1,0 +1,37 @@
+# mongobranch: the proxy plus the embedded SecantusDB server (used when no --upstream
+# is given). Build from the repository root:
+#
+#   docker build -t mongobranch .
+#   docker run -p 27018:27018 -p 9090:9090 mongobranch                        # embedded server
+#   docker run -p 27018:27018 -p 9090:9090 mongobranch --upstream mongodb://db:27017/
+#
+# Arguments after the image name are appended to `mongobranch serve`; a repeated option
+# (e.g. --listen 127.0.0.1:27018) overrides the one in the entrypoint. The upstream URI can
+# also come from the MONGOBRANCH_UPSTREAM environment variable.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+# Every dependency, SecantusDB included, ships manylinux wheels: no compiler needed.
+RUN pip install ".[embedded]" \
+    && useradd --system --uid 10001 --home-dir /data --create-home mongobranch
+
+USER mongobranch
+WORKDIR /data
+# Data of the embedded server; unused with --upstream (branch metadata lives upstream).
+VOLUME ["/data"]
+
+# Main port, admin HTTP API, branch ports.
+EXPOSE 27018 9090 27100-27199
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2)"]
+
+ENTRYPOINT ["mongobranch", "serve", "--listen", "0.0.0.0:27018", "--admin", "0.0.0.0:9090", \
+            "--data-dir", "/data"]
