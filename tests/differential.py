@@ -29,7 +29,8 @@ def make_doc(rng: random.Random, _id: int) -> dict[str, Any]:
     elif roll < 0.9:
         doc["a"] = rng.choice(WORDS)
     if rng.random() < 0.85:
-        doc["b"] = {"c": rng.randint(0, 5), "d": [rng.randint(0, 9) for _ in range(rng.randint(0, 4))]}
+        doc["b"] = {"c": rng.randint(0, 5),
+                    "d": [rng.randint(0, 9) for _ in range(rng.randint(0, 4))]}
     if rng.random() < 0.8:
         doc["tags"] = rng.sample(WORDS, rng.randint(0, 3))
     if rng.random() < 0.9:
@@ -129,8 +130,8 @@ class Runner:
         op = rng.choices(
             ["find", "count", "distinct", "agg", "insert", "insert_many", "update_one",
              "update_many", "replace", "upsert", "delete_one", "delete_many", "fam", "index",
-             "estimated", "find_one_id"],
-            weights=[18, 6, 5, 10, 6, 3, 8, 5, 3, 4, 3, 2, 6, 1, 1, 6],
+             "estimated", "find_one_id", "other_write"],
+            weights=[18, 6, 5, 10, 6, 3, 8, 5, 3, 4, 3, 2, 6, 1, 1, 6, 2],
         )[0]
         getattr(self, "op_" + op)()
 
@@ -237,6 +238,13 @@ class Runner:
     def op_update_many(self) -> None:
         filt = rand_filter(self.rng)
         upd = rand_update(self.rng)
+        # A multi-update that fails part-way leaves the documents it reached first
+        # changed, and which come first is natural order, unspecified: keep array
+        # operators away from fields an upsert may have made scalar.
+        for op, field in (("$push", "tags"), ("$pull", "tags"), ("$addToSet", "b.d")):
+            if isinstance(upd, dict) and op in upd:
+                filt = {"$and": [filt, {"$or": [{field: {"$exists": False}},
+                                                {field: {"$type": "array"}}]}]}
         self.both(f"update_many {filt} {upd}",
                   lambda db: raw(db.items.update_many(filt, upd)))
 
@@ -270,6 +278,10 @@ class Runner:
         kind = rng.choice(["update", "replace", "delete"])
         after = rng.random() < 0.5
         upsert = rng.random() < 0.2 and kind != "delete"
+        if upsert:
+            # An upsert without an _id in its filter gets a server-generated ObjectId,
+            # which no two servers share: pin the _id so both sides insert the same.
+            filt = {"$and": [filt, {"_id": rng.randint(0, self.next_id + 50)}]}
 
         def fn(db: Database[Any]) -> Any:
             c: Collection[Any] = db.items
@@ -282,6 +294,22 @@ class Runner:
                                               return_document=ret, upsert=upsert)
             return c.find_one_and_delete(filt, projection=proj, sort=sort)
         self.both(f"findAndModify {kind} {filt} sort={sort} after={after} upsert={upsert}", fn)
+
+    def op_other_write(self) -> None:
+        """Change the collection that $lookup and $unionWith read, so they see a branch view."""
+        rng = self.rng
+        choice = rng.choice(["insert", "update", "delete"])
+        if choice == "insert":
+            self.next_id += 1
+            doc = {"_id": self.next_id, "k": rng.randint(0, 5), "label": "new"}
+            self.both(f"other insert {doc}", lambda db: db.other.insert_one(dict(doc)).inserted_id)
+        elif choice == "update":
+            k = rng.randint(0, 5)
+            self.both(f"other update k={k}", lambda db: raw(db.other.update_many(
+                {"k": k}, {"$set": {"k": (k + 1) % 6}})))
+        else:
+            _id = rng.randint(0, 30)
+            self.both(f"other delete {_id}", lambda db: raw(db.other.delete_one({"_id": _id})))
 
     def op_index(self) -> None:
         key = self.rng.choice(["a", "s", "b.c"])
