@@ -75,6 +75,8 @@ class Engine:
         await self.meta["dirty"].delete_many({"_id": {"$in": dirty}})
         for state in self.states.values():
             await self.load_hidden(state)
+        for doc in reversed(await self.wal.recent_replies(RETRY_MEMORY)):
+            self.remember(doc["txn"], doc["reply"])
         self._flusher = asyncio.create_task(self._flush_dirty())
 
     async def stop(self) -> None:
@@ -186,9 +188,11 @@ class Engine:
         kids = self.children(name)
         if kids:
             raise BranchError(409, f"branch {name!r} has child branches: {', '.join(kids)}")
+        # Close the port before taking the write lock: a write still in flight there
+        # finishes (it needs the lock) instead of stalling the drop.
+        if self.ports is not None:
+            await self.ports.close(branch)
         async with self.writing(branch):
-            if self.ports is not None:
-                await self.ports.close(branch)
             for state in [s for s in self.states.values() if s.bid == branch.bid]:
                 db = self.client[state.db]
                 await db.drop_collection(state.live)
@@ -306,8 +310,9 @@ class Engine:
                     log.exception("could not clear dirty marker %s", key)
 
     async def log_changes(self, branch: Branch, changes: list[Change], client: dict[str, Any],
-                          txn: dict[str, Any] | None = None) -> int:
-        return await self.wal.append(branch.bid, changes, client, txn)
+                          txn: dict[str, Any] | None = None,
+                          reply: dict[str, Any] | None = None) -> int:
+        return await self.wal.append(branch.bid, changes, client, txn, reply)
 
     # -- retryable writes -----------------------------------------------------------------
     def recall(self, txn: dict[str, Any] | None) -> dict[str, Any] | None:

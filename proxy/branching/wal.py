@@ -52,8 +52,12 @@ class Wal:
         return int(doc["v"]) if doc else 0
 
     async def append(self, bid: str, changes: list[Change], client: dict[str, Any],
-                     txn: dict[str, Any] | None = None) -> int:
-        """Append changes in order; returns the last LSN (0 when there was nothing)."""
+                     txn: dict[str, Any] | None = None,
+                     reply: dict[str, Any] | None = None) -> int:
+        """Append changes in order; returns the last LSN (0 when there was nothing).
+
+        A retryable write's reply rides on its last entry, so a retry after a restart
+        is answered from the log instead of being applied again."""
         if not changes:
             return 0
         first = await self.reserve(len(changes))
@@ -69,8 +73,15 @@ class Wal:
             if txn is not None:
                 doc["txn"] = txn
             docs.append(doc)
+        if txn is not None and reply is not None:
+            docs[-1]["reply"] = reply
         await self.entries.insert_many(docs, ordered=True)
         return first + len(changes) - 1
+
+    async def recent_replies(self, limit: int) -> list[dict[str, Any]]:
+        """The newest logged retryable-write replies, newest first."""
+        cursor = self.entries.find({"reply": {"$exists": True}}, {"txn": 1, "reply": 1})
+        return [doc async for doc in cursor.sort("_id", DESCENDING).limit(limit)]
 
     async def delete_branch(self, bid: str) -> None:
         await self.entries.delete_many({"b": bid})

@@ -228,6 +228,14 @@ class Writer:
             self.changes.append(Change(self.ns, pre["_id"], PUT, pre, post))
         await self.uncopy(idle)
 
+    async def flush(self) -> None:
+        """Log a large write a batch at a time, so memory stays bounded. Like a mongod
+        multi-document write, one that spans batches is not atomic across a crash."""
+        if len(self.changes) >= BATCH:
+            await self.req.engine.log_changes(self.req.on_branch, self.changes,
+                                              self.req.client(), _txn(self.req))
+            self.changes.clear()
+
     async def record_inserts(self, match: dict[str, Any], pres: list[dict[str, Any]]) -> None:
         """Log documents a server-side write added to the overlay (they had no pre-image)."""
         known = {idkey(d["_id"]) for d in pres}
@@ -286,9 +294,10 @@ async def begin(req: Request, coll: str) -> Writer:
 
 
 async def finish(req: Request, writer: Writer, reply: dict[str, Any]) -> dict[str, Any]:
-    await req.engine.log_changes(req.on_branch, writer.changes, req.client(), _txn(req))
     if writer.wc_error is not None:
         reply["writeConcernError"] = writer.wc_error
+    await req.engine.log_changes(req.on_branch, writer.changes, req.client(), _txn(req), reply)
+    writer.changes.clear()
     req.engine.remember(_txn(req), reply)
     return reply
 
@@ -360,6 +369,7 @@ async def insert(req: Request) -> dict[str, Any]:
                 await writer.hide([d["_id"] for d in good])
                 writer.changes.extend(Change(writer.ns, d["_id"], PUT, None, d) for d in good)
                 n += len(good)
+            await writer.flush()
             if stop:
                 break
         errors.sort(key=lambda e: e["index"])
@@ -466,6 +476,7 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
         out["nModified"] += int(reply.get("nModified", 0))
         if reply.get("writeErrors"):
             return {**out, "error": {**reply["writeErrors"][0], "index": index}}
+        await writer.flush()
     return out
 
 
@@ -499,6 +510,7 @@ async def delete(req: Request) -> dict[str, Any]:
                         options=options):
                     await _remove(writer, batch)
                     n += len(batch)
+                    await writer.flush()
             except CommandError as exc:
                 errors.append({"index": index, "code": exc.code, "errmsg": str(exc)})
                 if ordered:
