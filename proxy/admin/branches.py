@@ -6,11 +6,39 @@ import json
 from typing import Any
 
 from aiohttp import web
+from bson import json_util
 
+from proxy.branching import history
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 
-_CREATE_FIELDS = {"name", "from", "port"}
+_CREATE_FIELDS = {"name", "from", "port", "at"}
+_JSON = json_util.JSONOptions(json_mode=json_util.JSONMode.RELAXED, tz_aware=True)
+
+
+def dumps(value: Any) -> str:
+    """JSON for documents: BSON types in relaxed Extended JSON."""
+    return json_util.dumps(value, json_options=_JSON)
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.json_response(value, status=status, dumps=dumps)
+
+
+def _int_param(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise BranchError(400, f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _only(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(body) - allowed
+    if unknown:
+        raise BranchError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -31,11 +59,14 @@ def add_routes(app: web.Application, engine: Engine) -> None:
     async def create(request: web.Request) -> web.Response:
         try:
             body = await _body(request)
-            unknown = set(body) - _CREATE_FIELDS
-            if unknown:
-                raise BranchError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
-            branch = await engine.create_branch(body.get("name"), body.get("from", MAIN),
-                                                body.get("port"))
+            _only(body, _CREATE_FIELDS)
+            if body.get("at") is not None:
+                branch = await history.create_at(engine, body.get("name"),
+                                                 body.get("from", MAIN), body["at"],
+                                                 body.get("port"))
+            else:
+                branch = await engine.create_branch(body.get("name"), body.get("from", MAIN),
+                                                    body.get("port"))
         except BranchError as exc:
             return _error(exc.status, str(exc))
         return web.json_response(branch.public(engine.host), status=201)
@@ -47,7 +78,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
 
     async def show(request: web.Request) -> web.Response:
         try:
-            return web.json_response(await engine.describe(request.match_info["name"]))
+            return _json(await engine.describe(request.match_info["name"]))
         except BranchError as exc:
             return _error(exc.status, str(exc))
 
@@ -58,6 +89,63 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             return _error(exc.status, str(exc))
         return web.json_response({"deleted": request.match_info["name"]})
 
+    async def log(request: web.Request) -> web.Response:
+        try:
+            entries = await history.log(engine, request.match_info["name"],
+                                        _int_param(request, "limit") or 100,
+                                        _int_param(request, "before_lsn"))
+        except BranchError as exc:
+            return _error(exc.status, str(exc))
+        return _json({"branch": request.match_info["name"], "entries": entries})
+
+    async def diff(request: web.Request) -> web.StreamResponse:
+        """Streamed: one change at a time, so memory does not grow with the diff."""
+        name = request.match_info["name"]
+        try:
+            branch = engine.get(name)
+        except BranchError as exc:
+            return _error(exc.status, str(exc))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(f'{{"branch": {json.dumps(name)}, '
+                             f'"parent": {json.dumps(branch.parent)}, "changes": ['.encode())
+        summary: dict[str, Any] = {}
+        first = True
+        async for change in history.diff(engine, name):
+            history.summarize(summary, change)
+            await response.write((("" if first else ",\n") + dumps(change)).encode())
+            first = False
+        await response.write(f'], "summary": {dumps(summary)}}}\n'.encode())
+        await response.write_eof()
+        return response
+
+    async def merge(request: web.Request) -> web.Response:
+        try:
+            body = await _body(request)
+            _only(body, {"into", "strategy", "dry_run"})
+            result = await history.merge(engine, request.match_info["name"], body.get("into"),
+                                         body.get("strategy", "abort"),
+                                         body.get("dry_run", False))
+        except BranchError as exc:
+            return _error(exc.status, str(exc))
+        aborted = result["strategy"] == "abort" and result["conflicts"] and \
+            not result["dry_run"]
+        return _json(result, 409 if aborted else 200)
+
+    async def reset(request: web.Request) -> web.Response:
+        try:
+            body = await _body(request)
+            _only(body, {"to"})
+            if "to" not in body:
+                raise BranchError(400, "reset needs 'to': an LSN or an ISO-8601 time")
+            return _json(await history.reset(engine, request.match_info["name"], body["to"]))
+        except BranchError as exc:
+            return _error(exc.status, str(exc))
+
+    app.router.add_get("/branches/{name}/log", log)
+    app.router.add_get("/branches/{name}/diff", diff)
+    app.router.add_post("/branches/{name}/merge", merge)
+    app.router.add_post("/branches/{name}/reset", reset)
     app.router.add_post("/branches", create)
     app.router.add_get("/branches", list_all)
     app.router.add_get("/branches/{name}", show)

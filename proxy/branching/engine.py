@@ -19,7 +19,7 @@ from proxy.branching.errors import BranchError
 from proxy.branching.merge import CursorTable
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner, pooled
-from proxy.branching.wal import Change, Wal
+from proxy.branching.wal import CREATE, RESETS, Change, Wal
 
 log = logging.getLogger("mongobranch.engine")
 
@@ -275,6 +275,9 @@ class Engine:
             return [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
         return list(reply["cursor"]["firstBatch"])
 
+    async def save_branch(self, branch: Branch) -> None:
+        await self.meta["branches"].replace_one({"_id": branch.name}, branch.to_doc())
+
     async def save_state(self, state: NsState) -> None:
         await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(), upsert=True)
 
@@ -329,19 +332,24 @@ class Engine:
             self._retries.popitem(last=False)
 
     async def rematerialize(self, state: NsState, upto: int | None = None) -> None:
-        """Rebuild an overlay as the fold of its WAL entries (up to an LSN)."""
+        """Rebuild an overlay as the fold of its visible WAL entries (up to an LSN)."""
         db = self.client[state.db]
         await db.drop_collection(state.live)
         await db.drop_collection(state.hidden)
+        branch = self.by_bid(state.bid)
         ns = f"{state.db}.{state.coll}"
         match: dict[str, Any] = {"b": state.bid, "ns": ns}
+        if branch is not None and branch.voids:
+            match.update(branch.visible())
         if upto is not None:
             match["_id"] = {"$lte": upto}
-        last_drop = await self.wal.entries.find_one({**match, "op": "drop"}, sort=[("_id", -1)])
-        if last_drop is not None:
-            state.base_dropped = True
-            match["_id"] = {**match.get("_id", {}), "$gt": last_drop["_id"]}
-        branch = self.by_bid(state.bid)
+        marker = await self.wal.entries.find_one({**match, "op": {"$in": list(RESETS)}},
+                                                 sort=[("_id", -1)])
+        state.base_dropped = marker is not None
+        state.present = None
+        if marker is not None:
+            match["_id"] = {**match.get("_id", {}), "$gt": marker["_id"]}
+            state.present = marker["op"] == CREATE or None
         indexes = state.indexes
         if indexes is None and branch is not None:
             indexes = await self.view_indexes(branch, state.db, state.coll, self.pool)
@@ -358,6 +366,10 @@ class Engine:
             "pipeline": [*fold, {"$match": {"op": "put"}}, {"$replaceRoot": {"newRoot": "$post"}},
                          {"$merge": {"into": {"db": state.db, "coll": state.live}}}],
         })
+        if state.present is None and await db[state.live].count_documents({}, limit=1):
+            state.present = True  # writing to a collection creates it
+        elif state.present is None and state.base_dropped:
+            state.present = False
         await self.save_state(state)
         await self.load_hidden(state)
 

@@ -23,17 +23,26 @@ class Branch:
     created_at: dt.datetime
     port: int
     mode: str = "wal"
+    # LSN ranges (lo, hi] a reset made invisible: kept in the WAL for audit only.
+    voids: list[list[int]] = field(default_factory=list)
 
     def to_doc(self) -> dict[str, Any]:
         return {"_id": self.name, "bid": self.bid, "parent": self.parent,
                 "fork_lsn": self.fork_lsn, "created_at": self.created_at, "port": self.port,
-                "mode": self.mode}
+                "mode": self.mode, "voids": self.voids}
+
+    def visible(self) -> dict[str, Any]:
+        """A WAL filter leaving out the entries a reset voided."""
+        if not self.voids:
+            return {}
+        return {"$nor": [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in self.voids]}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Branch:
         return cls(name=doc["_id"], bid=doc["bid"], parent=doc["parent"],
                    fork_lsn=int(doc["fork_lsn"]), created_at=doc["created_at"],
-                   port=int(doc["port"]), mode=doc.get("mode", "wal"))
+                   port=int(doc["port"]), mode=doc.get("mode", "wal"),
+                   voids=[list(v) for v in doc.get("voids", [])])
 
     def public(self, host: str) -> dict[str, Any]:
         return {"name": self.name, "parent": self.parent, "port": self.port,

@@ -17,6 +17,9 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 PUT = "put"
 DELETE = "delete"
 DROP = "drop"
+CREATE = "create"
+# Entries that empty a collection on the branch: replay starts after the last one.
+RESETS = (DROP, CREATE)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 from proxy.branching import views
 from proxy.branching.commands.base import Request
 from proxy.branching.errors import CommandError
-from proxy.branching.wal import DROP, PUT, Change
+from proxy.branching.wal import CREATE, PUT, Change
 
 Pipeline = list[dict[str, Any]]
 _TMP = "__mb_lk"
@@ -167,7 +167,7 @@ async def _aggregate_out(req: Request, target: tuple[str, str]) -> dict[str, Any
         await engine.save_state(state)
         ns = f"{db}.{coll}"
         # The overlay must stay the fold of the WAL: a drop, then one put per document.
-        await engine.log_changes(branch, [Change(ns, None, DROP, None, None)], req.client())
+        await engine.log_changes(branch, [Change(ns, None, CREATE, None, None)], req.client())
         await req.run(db, {"delete": state.hidden, "deletes": [{"q": {}, "limit": 0}]})
         async for batch in req.run.batches(db, {"find": state.live}):
             await engine.log_changes(branch, [Change(ns, d["_id"], PUT, None, d) for d in batch],

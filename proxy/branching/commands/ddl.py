@@ -10,10 +10,11 @@ from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
 from proxy.branching.commands.catalog import ID_INDEX, exists, visible_collections
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
-from proxy.branching.wal import DROP, PUT, Change
+from proxy.branching.wal import CREATE, DROP, PUT, Change
 
 
-async def _reset(req: Request, state: NsState, options: dict[str, Any]) -> None:
+async def _reset(req: Request, state: NsState, options: dict[str, Any],
+                 marker: str = DROP) -> None:
     """Empty the branch's collection: the base is hidden and the overlay starts over."""
     run = req.run
     for name in (state.live, state.hidden):
@@ -25,8 +26,8 @@ async def _reset(req: Request, state: NsState, options: dict[str, Any]) -> None:
     state.indexes = [dict(ID_INDEX)]
     state.unique = None
     state.hidden_ids = {}
-    await req.engine.log_changes(req.on_branch, [Change(f"{state.db}.{state.coll}", None, DROP,
-                                                        None, None)], req.client())
+    await req.engine.log_changes(req.on_branch, [Change(f"{state.db}.{state.coll}", None,
+                                                        marker, None, None)], req.client())
 
 
 async def _state(req: Request, coll: str) -> NsState:
@@ -49,7 +50,7 @@ async def create(req: Request) -> dict[str, Any]:
                                    f"Collection {req.db}.{coll} already exists.")
             return {"ok": 1.0}
         state = await _state(req, coll)
-        await _reset(req, state, options)
+        await _reset(req, state, options, CREATE)
         state.present = True
         await req.engine.save_state(state)
     return {"ok": 1.0}
@@ -108,7 +109,8 @@ async def rename_collection(req: Request) -> dict[str, Any]:
         layers = sub.layers(scoll)
         src_state = await _state(sub, scoll)
         dst_state = await _state(sub, tcoll)
-        await _reset(sub, dst_state, (src_state.options if src_state.base_dropped else {}))
+        await _reset(sub, dst_state, (src_state.options if src_state.base_dropped else {}),
+                     CREATE)
         stages = views.view_stages(layers) if layers else []
         await req.run(sdb, {"aggregate": scoll, "cursor": {}, "pipeline": [
             *stages, {"$merge": {"into": dst_state.live, "whenMatched": "replace"}}]})
@@ -144,7 +146,7 @@ async def create_indexes(req: Request) -> dict[str, Any]:
             if not created else [dict(ID_INDEX)]
         state = await _state(req, coll)
         if created:
-            await _reset(req, state, {})
+            await _reset(req, state, {}, CREATE)
         reply = await req.run.reply(req.db, {"createIndexes": state.live, "indexes": specs})
         if not reply.get("ok"):
             reply["errmsg"] = str(reply.get("errmsg", "")).replace(state.live, coll)

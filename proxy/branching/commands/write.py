@@ -15,7 +15,7 @@ from typing import Any
 import bson
 from bson import ObjectId
 
-from proxy.branching import merge, unique, views
+from proxy.branching import reader, unique
 from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
@@ -60,45 +60,15 @@ class Writer:
                                str(reply.get("errmsg", "")))
         return reply
 
-    async def view_docs(self, filt: dict[str, Any], *, sort: dict[str, Any] | None = None,
-                        limit: int = 0, options: dict[str, Any] | None = None,
-                        parent_only: bool = False, project_id: bool = False,
-                        ) -> AsyncIterator[list[dict[str, Any]]]:
+    def view_docs(self, filt: dict[str, Any], *, sort: dict[str, Any] | None = None,
+                  limit: int = 0, options: dict[str, Any] | None = None,
+                  parent_only: bool = False, project_id: bool = False,
+                  ) -> AsyncIterator[list[dict[str, Any]]]:
         """Batches of the branch view's documents matching a filter (the parent view's,
-        with parent_only): merged plain finds when possible, else a server-side union."""
-        options = dict(options or {})
-        if any(layer.base_dropped for layer in self.layers):
-            options.pop("hint", None)
-        find: dict[str, Any] = {"find": self.coll, "filter": filt, **options}
-        if sort:
-            find["sort"] = sort
-        if limit:
-            find["limit"] = limit
-        if project_id:
-            find["projection"] = {"_id": 1}
-        run = self.req.run
-        cursor = await merge.open_find(run, self.req.db, self.coll, self.layers, find, BATCH,
-                                       skip_top_live=parent_only)
-        if cursor is not None:
-            try:
-                while not cursor.done:
-                    batch = await cursor.batch(run, BATCH)
-                    if batch:
-                        yield batch
-            finally:
-                await cursor.close(run)
-            return
-        pipeline = views.view_stages(self.layers, filt, skip_top_live=parent_only)
-        if sort:
-            pipeline.append({"$sort": sort})
-        if limit:
-            pipeline.append({"$limit": limit})
-        if project_id:
-            pipeline.append({"$project": {"_id": 1}})
-        cmd: dict[str, Any] = {"aggregate": self.coll, "pipeline": pipeline, "cursor": {},
-                               **options}
-        async for batch in run.batches(self.req.db, cmd, BATCH):
-            yield batch
+        with parent_only)."""
+        return reader.view_batches(self.req.run, self.req.db, self.coll, self.layers, filt,
+                                   sort=sort, limit=limit, options=options,
+                                   skip_top_live=parent_only, project_id=project_id)
 
     async def unique_specs(self) -> list[dict[str, Any]]:
         if self.state.unique is None:

@@ -1,0 +1,483 @@
+"""History computed from the WAL (DESIGN §11): log, diff, merge, reset, and branches
+at a past point.
+
+Everything streams in batches: a diff or a merge never holds more than one batch
+of documents, whatever the number of changes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson.int64 import Int64
+
+from proxy.branching import reader
+from proxy.branching.commands.write import same
+from proxy.branching.engine import MAIN, Engine
+from proxy.branching.errors import BranchError
+from proxy.branching.idkey import idkey
+from proxy.branching.model import Branch, NsState
+from proxy.branching.wal import DELETE, PUT, RESETS, Change
+
+BATCH = reader.BATCH
+STRATEGIES = ("abort", "ours", "theirs")
+
+
+@dataclass
+class SystemContext:
+    """The identity the engine's own writes carry in the WAL."""
+
+    app_name: str | None = "mongobranch"
+    user: str | None = None
+    connection_id: int = 0
+
+    async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("system writes run on the engine's pool")
+
+
+# -- points in history -----------------------------------------------------------------
+async def resolve_point(engine: Engine, at: Any) -> int:
+    """An LSN from an LSN or an ISO-8601 time (the last entry at or before it)."""
+    if isinstance(at, bool):
+        raise BranchError(400, f"'at'/'to' must be an LSN or an ISO-8601 time, not {at!r}")
+    if isinstance(at, int):
+        if at < 0:
+            raise BranchError(400, f"LSN must not be negative, got {at}")
+        return at
+    if isinstance(at, str) and at.strip().lstrip("-").isdigit():
+        return await resolve_point(engine, int(at))
+    if not isinstance(at, str):
+        raise BranchError(400, f"'at'/'to' must be an LSN or an ISO-8601 time, not {at!r}")
+    try:
+        when = dt.datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BranchError(400, f"not an LSN or ISO-8601 time: {at!r}") from exc
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    doc = await engine.wal.entries.find_one({"ts": {"$lte": when}}, sort=[("_id", -1)])
+    return int(doc["_id"]) if doc else 0
+
+
+# -- log ---------------------------------------------------------------------------------
+async def log(engine: Engine, name: str, limit: int = 100,
+              before_lsn: int | None = None) -> list[dict[str, Any]]:
+    branch = engine.get(name)
+    if not 0 < limit <= 10_000:
+        raise BranchError(400, f"limit must be 1-10000, got {limit}")
+    query: dict[str, Any] = {"b": branch.bid}
+    if before_lsn is not None:
+        query["_id"] = {"$lt": before_lsn}
+    out = []
+    cursor = engine.wal.entries.find(query, {"pre": 0, "post": 0}).sort("_id", -1).limit(limit)
+    async for doc in cursor:
+        lsn = int(doc["_id"])
+        out.append({
+            "lsn": lsn, "time": doc["ts"].replace(tzinfo=dt.UTC).isoformat(),
+            "op": doc["op"], "ns": doc["ns"], "_id": doc.get("id"),
+            "client": doc.get("client") or {},
+            "visible": not any(lo < lsn <= hi for lo, hi in branch.voids),
+        })
+    return out
+
+
+# -- diff --------------------------------------------------------------------------------
+def parent_of(engine: Engine, branch: Branch) -> Branch | None:
+    return None if branch.parent == MAIN else engine.get(branch.parent)
+
+
+def parent_layers(engine: Engine, branch: Branch, db: str, coll: str) -> list[NsState]:
+    parent = parent_of(engine, branch)
+    return [] if parent is None else engine.layers(parent, db, coll)
+
+
+def branch_states(engine: Engine, branch: Branch) -> list[NsState]:
+    return sorted((s for s in engine.states.values() if s.bid == branch.bid),
+                  key=lambda s: (s.db, s.coll))
+
+
+async def _by_id(batches: AsyncIterator[list[dict[str, Any]]]) -> dict[Any, dict[str, Any]]:
+    return {idkey(d["_id"]): d async for batch in batches for d in batch}
+
+
+def _classify(ns: str, key_id: Any, parent: dict[str, Any] | None,
+              mine: dict[str, Any] | None) -> dict[str, Any] | None:
+    if parent is None and mine is None:
+        return None
+    if parent is None:
+        op = "insert"
+    elif mine is None:
+        op = "delete"
+    elif same(parent, mine):
+        return None
+    else:
+        op = "update"
+    return {"ns": ns, "op": op, "_id": key_id, "parent": parent, "branch": mine}
+
+
+async def diff(engine: Engine, name: str) -> AsyncIterator[dict[str, Any]]:
+    """Document changes of a branch relative to its parent's current state, then its
+    collection and index changes ({"ns", "collection"|"index", ...})."""
+    branch = engine.get(name)
+    for state in branch_states(engine, branch):
+        ns = f"{state.db}.{state.coll}"
+        layers = parent_layers(engine, branch, state.db, state.coll)
+        changes = (_diff_replaced(engine, state, layers) if state.base_dropped
+                   else diff_state(engine, branch, state))
+        async for change in changes:
+            yield change
+        if state.base_dropped:
+            yield {"ns": ns, "collection": "recreated" if state.present else "dropped"}
+        if state.indexes is not None:
+            async for change in _index_changes(engine, branch, state):
+                yield change
+
+
+async def _diff_replaced(engine: Engine, state: NsState,
+                         layers: list[NsState]) -> AsyncIterator[dict[str, Any]]:
+    """A collection the branch dropped or recreated: every parent document is gone unless
+    the branch holds one with its _id."""
+    pool = engine.pool
+    ns = f"{state.db}.{state.coll}"
+    async for batch in reader.view_batches(pool, state.db, state.coll, layers, {}):
+        ids = [d["_id"] for d in batch]
+        mine = await _by_id(pool.batches(state.db, {
+            "find": state.live, "filter": {"_id": {"$in": ids}}}, BATCH))
+        for doc in batch:
+            change = _classify(ns, doc["_id"], doc, mine.get(idkey(doc["_id"])))
+            if change is not None:
+                yield change
+    async for batch in pool.batches(state.db, {"find": state.live}, BATCH):
+        ids = [d["_id"] for d in batch]
+        theirs = await _by_id(reader.view_batches(pool, state.db, state.coll, layers,
+                                                  {"_id": {"$in": ids}}, project_id=True))
+        for doc in batch:
+            if idkey(doc["_id"]) not in theirs:
+                yield {"ns": ns, "op": "insert", "_id": doc["_id"], "parent": None,
+                       "branch": doc}
+
+
+async def _index_changes(engine: Engine, branch: Branch,
+                         state: NsState) -> AsyncIterator[dict[str, Any]]:
+    ns = f"{state.db}.{state.coll}"
+    parent = parent_of(engine, branch)
+    if parent is None:
+        reply = await engine.pool.reply(state.db, {"listIndexes": state.coll})
+        theirs = reply["cursor"]["firstBatch"] if reply.get("ok") else []
+    else:
+        theirs = await engine.view_indexes(parent, state.db, state.coll, engine.pool)
+    mine = {ix["name"]: ix for ix in state.indexes or []}
+    other = {ix["name"]: ix for ix in theirs}
+    for name in sorted(set(mine) - set(other)):
+        yield {"ns": ns, "index": "created", "name": name, "spec": mine[name]}
+    for name in sorted(set(other) - set(mine)):
+        yield {"ns": ns, "index": "dropped", "name": name, "spec": other[name]}
+
+
+def summarize(summary: dict[str, Any], change: dict[str, Any]) -> None:
+    per = summary.setdefault(change["ns"], {"insert": 0, "update": 0, "delete": 0,
+                                            "collection": None, "indexes": 0})
+    if "op" in change:
+        per[change["op"]] += 1
+    elif "collection" in change:
+        per["collection"] = change["collection"]
+    else:
+        per["indexes"] += 1
+
+
+# -- merge ---------------------------------------------------------------------------------
+@dataclass
+class MergeResult:
+    branch: str
+    into: str
+    strategy: str
+    dry_run: bool
+    applied: dict[str, int] = field(default_factory=lambda: {"insert": 0, "update": 0,
+                                                             "delete": 0})
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+    collections: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"branch": self.branch, "into": self.into, "strategy": self.strategy,
+                "dry_run": self.dry_run, "applied": self.applied,
+                "conflicts": self.conflicts, "skipped_conflicts": self.skipped,
+                "collections": self.collections}
+
+
+async def _first_pres(engine: Engine, branch: Branch, ns: str,
+                      ids: list[Any]) -> dict[Any, dict[str, Any] | None]:
+    """For each id, the parent image the branch saw when it first touched it."""
+    match = {"b": branch.bid, "ns": ns, "id": {"$in": ids}, **branch.visible()}
+    pipeline = [{"$match": match}, {"$sort": {"_id": 1}},
+                {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
+    out: dict[Any, dict[str, Any] | None] = {}
+    async for batch in engine.pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True}):
+        for doc in batch:
+            out[idkey(doc["_id"])] = doc["first"].get("pre")
+    return out
+
+
+async def merge(engine: Engine, name: str, into: Any = None, strategy: Any = "abort",
+                dry_run: Any = False) -> dict[str, Any]:
+    """Apply the branch's net changes to its parent, detecting conflicts: documents the
+    parent changed after the branch first touched them. Re-running an interrupted merge
+    finishes it: writes are by _id and idempotent, and a document the parent already
+    holds in the branch's version is neither a conflict nor written again."""
+    branch = engine.get(name)
+    target = branch.parent if into is None else into
+    if target != branch.parent:
+        raise BranchError(400, f"branch {name!r} merges into its parent {branch.parent!r}, "
+                               f"not {target!r}")
+    if strategy not in STRATEGIES:
+        raise BranchError(400, f"strategy must be one of {', '.join(STRATEGIES)}")
+    if not isinstance(dry_run, bool):
+        raise BranchError(400, "dry_run must be true or false")
+    result = MergeResult(name, target, strategy, dry_run)
+    if strategy == "abort":
+        await _scan(engine, branch, result, apply=False)
+        if result.conflicts or dry_run:
+            return result.to_json()
+    elif dry_run:
+        await _scan(engine, branch, result, apply=False)
+        return result.to_json()
+    await engine.meta["merges"].replace_one(
+        {"_id": name}, {"_id": name, "into": target, "strategy": strategy, "status": "running",
+                        "started": dt.datetime.now(dt.UTC).replace(tzinfo=None)}, upsert=True)
+    result = MergeResult(name, target, strategy, dry_run)
+    await _scan(engine, branch, result, apply=True)
+    await engine.meta["merges"].update_one(
+        {"_id": name}, {"$set": {"status": "done", "result": result.to_json(),
+                                 "lsn": Int64(await engine.wal.current())}})
+    return result.to_json()
+
+
+async def _scan(engine: Engine, branch: Branch, result: MergeResult, *, apply: bool) -> None:
+    applier = Applier(engine, branch) if apply else None
+    for state in branch_states(engine, branch):
+        ns = f"{state.db}.{state.coll}"
+        if state.base_dropped:
+            result.collections.append({"ns": ns, "collection": "recreated" if state.present
+                                       else "dropped"})
+            if applier is not None:
+                await applier.replace_collection(state)
+        pending: list[dict[str, Any]] = []
+        layers = parent_layers(engine, branch, state.db, state.coll)
+        source = (_diff_replaced(engine, state, layers) if state.base_dropped
+                  else diff_state(engine, branch, state))
+        async for change in source:
+            pending.append(change)
+            if len(pending) >= BATCH:
+                await _merge_batch(engine, branch, state, pending, result, applier)
+                pending = []
+        if pending:
+            await _merge_batch(engine, branch, state, pending, result, applier)
+        if state.indexes is not None:
+            async for change in _index_changes(engine, branch, state):
+                result.collections.append(change)
+                if applier is not None:
+                    await applier.index(state, change)
+
+
+async def diff_state(engine: Engine, branch: Branch,
+                     state: NsState) -> AsyncIterator[dict[str, Any]]:
+    pool = engine.pool
+    ns = f"{state.db}.{state.coll}"
+    layers = parent_layers(engine, branch, state.db, state.coll)
+    async for batch in pool.batches(state.db, {"find": state.hidden, "sort": {"_id": 1}},
+                                    BATCH):
+        ids = [d["_id"] for d in batch]
+        mine = await _by_id(pool.batches(state.db, {
+            "find": state.live, "filter": {"_id": {"$in": ids}}}, BATCH))
+        theirs = await _by_id(reader.view_batches(pool, state.db, state.coll, layers,
+                                                  {"_id": {"$in": ids}}))
+        for value in ids:
+            change = _classify(ns, value, theirs.get(idkey(value)), mine.get(idkey(value)))
+            if change is not None:
+                yield change
+
+
+async def _merge_batch(engine: Engine, branch: Branch, state: NsState,
+                       changes: list[dict[str, Any]], result: MergeResult,
+                       applier: Applier | None) -> None:
+    ns = f"{state.db}.{state.coll}"
+    firsts = {} if state.base_dropped else await _first_pres(
+        engine, branch, ns, [c["_id"] for c in changes])
+    chosen = []
+    for change in changes:
+        key = idkey(change["_id"])
+        first = firsts.get(key)
+        current = change["parent"]
+        conflict = key in firsts and not _equal(current, first)
+        if conflict:
+            if len(result.conflicts) < 1000:
+                result.conflicts.append({"ns": ns, "_id": change["_id"], "op": change["op"],
+                                         "parent": current, "base": first,
+                                         "branch": change["branch"]})
+            if result.strategy == "theirs":
+                result.skipped += 1
+                continue
+        chosen.append(change)
+        result.applied[change["op"]] += 1
+    if applier is not None and chosen:
+        await applier.documents(state, chosen)
+
+
+def _equal(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return same(a, b)
+
+
+class Applier:
+    """Writes a merge into the parent: the base collections for main, else through the
+    parent branch's own write path, so its WAL records the merge."""
+
+    def __init__(self, engine: Engine, branch: Branch):
+        self.engine = engine
+        self.parent = parent_of(engine, branch)
+
+    async def _command(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        if self.parent is None:
+            return await self.engine.pool(db, cmd)
+        from proxy.branching.commands.base import Request
+        from proxy.branching.router import BRANCH
+
+        req = Request(self.engine, self.parent, SystemContext(), self.engine.pool, db, cmd)
+        reply = await BRANCH[next(iter(cmd))](req)
+        if reply is None or not reply.get("ok"):
+            raise BranchError(500, f"merge write failed: {reply}")
+        return reply
+
+    async def documents(self, state: NsState, changes: list[dict[str, Any]]) -> None:
+        puts = [{"q": {"_id": c["_id"]}, "u": c["branch"], "upsert": True}
+                for c in changes if c["branch"] is not None]
+        deletes = [{"q": {"_id": c["_id"]}, "limit": 1} for c in changes if c["branch"] is None]
+        if puts:
+            reply = await self._command(state.db, {"update": state.coll, "updates": puts,
+                                                   "ordered": False})
+            if reply.get("writeErrors"):
+                raise BranchError(409, f"merge write failed: {reply['writeErrors'][0]}")
+        if deletes:
+            await self._command(state.db, {"delete": state.coll, "deletes": deletes,
+                                           "ordered": False})
+
+    async def replace_collection(self, state: NsState) -> None:
+        """The branch dropped (and maybe recreated) the collection: so does the parent."""
+        await self._command(state.db, {"drop": state.coll})
+        if state.present:
+            await self._command(state.db, {"create": state.coll, **state.options})
+
+    async def index(self, state: NsState, change: dict[str, Any]) -> None:
+        if change["index"] == "created":
+            spec = {k: v for k, v in change["spec"].items() if k not in ("v", "ns")}
+            await self._command(state.db, {"createIndexes": state.coll, "indexes": [spec]})
+        else:
+            await self._command(state.db, {"dropIndexes": state.coll, "index": change["name"]})
+
+
+# -- reset ----------------------------------------------------------------------------------
+async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
+    """Return the branch to its state at an LSN or time. Later entries stay in the WAL,
+    voided; child branches first take a copy of what they saw, so they keep it."""
+    branch = engine.get(name)
+    lsn = await resolve_point(engine, to)
+    current = await engine.wal.current()
+    async with engine.writing(branch):
+        frozen = 0
+        for child in [engine.get(c) for c in engine.children(name)]:
+            frozen += await _freeze_into(engine, branch, child)
+        voided = 0
+        if lsn < current:
+            voided = await engine.wal.entries.count_documents(
+                {"b": branch.bid, "_id": {"$gt": lsn, "$lte": current}, **branch.visible()})
+            branch.voids.append([lsn, current])
+            await engine.save_branch(branch)
+        for state in branch_states(engine, branch):
+            await engine.mark_dirty(state)
+            await engine.rematerialize(state)
+    return {"branch": name, "to_lsn": lsn, "voided_entries": voided,
+            "copied_into_children": frozen}
+
+
+async def _freeze_into(engine: Engine, parent: Branch, child: Branch) -> int:
+    """Give a child its own copy of every document the parent changed that the child
+    still reads through the parent."""
+    pool = engine.pool
+    copied = 0
+    for state in branch_states(engine, parent):
+        mine = await engine.ensure_state(child, state.db, state.coll, pool)
+        await engine.mark_dirty(mine)
+        ns = f"{state.db}.{state.coll}"
+        async for batch in pool.batches(state.db, {"find": state.hidden}, BATCH):
+            ids = [d["_id"] for d in batch]
+            owned = await _by_id(pool.batches(state.db, {
+                "find": mine.hidden, "filter": {"_id": {"$in": ids}}}, BATCH))
+            fresh = [i for i in ids if idkey(i) not in owned]
+            if not fresh:
+                continue
+            docs = await _by_id(pool.batches(state.db, {
+                "find": state.live, "filter": {"_id": {"$in": fresh}}}, BATCH))
+            live = list(docs.values())
+            if live:
+                await pool(state.db, {"insert": mine.live, "documents": live,
+                                      "ordered": False})
+            await pool(state.db, {"insert": mine.hidden,
+                                  "documents": [{"_id": i} for i in fresh], "ordered": False})
+            mine.hide(fresh)
+            await engine.log_changes(child, [
+                Change(ns, i, PUT, None, docs[idkey(i)]) if idkey(i) in docs
+                else Change(ns, i, DELETE, None, None) for i in fresh], {"app": "mongobranch"})
+            copied += len(fresh)
+    return copied
+
+
+# -- branches at a point ---------------------------------------------------------------------
+async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
+                    port: Any = None) -> Branch:
+    """A branch holding the parent's state at a past point: every document the parent
+    changed since is given back its image from then (the pre-image of the first later
+    change). Costs what the parent changed, never the size of the base."""
+    if parent == MAIN or parent is None:
+        raise BranchError(400, "a branch of main at a past point is not possible: changes "
+                               "made on main are not in the WAL")
+    source = engine.get(str(parent))
+    lsn = await resolve_point(engine, at)
+    later = {"b": source.bid, "_id": {"$gt": lsn}, **source.visible()}
+    marker = await engine.wal.entries.find_one({**later, "op": {"$in": list(RESETS)}})
+    if marker is not None:
+        raise BranchError(409, f"{source.name} dropped or recreated {marker['ns']} after that "
+                               "point; a branch at that point is not supported")
+    branch = await engine.create_branch(name, source.name, port)
+    branch.fork_lsn = lsn
+    await engine.save_branch(branch)
+    pool = engine.pool
+    async with engine.writing(branch):
+        for state in branch_states(engine, source):
+            ns = f"{state.db}.{state.coll}"
+            pipeline = [{"$match": {**later, "ns": ns}}, {"$sort": {"_id": 1}},
+                        {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
+            mine: NsState | None = None
+            async for batch in pool.batches(engine.meta_db, {
+                    "aggregate": "wal", "pipeline": pipeline, "cursor": {},
+                    "allowDiskUse": True}):
+                if mine is None:
+                    mine = await engine.ensure_state(branch, state.db, state.coll, pool)
+                    await engine.mark_dirty(mine)
+                ids = [d["_id"] for d in batch]
+                docs = [d["first"]["pre"] for d in batch if d["first"].get("pre") is not None]
+                if docs:
+                    await pool(state.db, {"insert": mine.live, "documents": docs,
+                                          "ordered": False})
+                await pool(state.db, {"insert": mine.hidden,
+                                      "documents": [{"_id": i} for i in ids], "ordered": False})
+                mine.hide(ids)
+                await engine.log_changes(branch, [
+                    Change(ns, d["_id"], PUT, None, d["first"]["pre"])
+                    if d["first"].get("pre") is not None
+                    else Change(ns, d["_id"], DELETE, None, None) for d in batch],
+                    {"app": "mongobranch"})
+    return branch
