@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 from bson import json_util
 
-from proxy.branching import history
+from proxy.branching import gc, history
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 
@@ -142,6 +142,18 @@ def add_routes(app: web.Application, engine: Engine) -> None:
         except BranchError as exc:
             return _error(exc.status, str(exc))
 
+    async def collect(request: web.Request) -> web.Response:
+        try:
+            engine.check_ready()
+            body = await _body(request)
+            _only(body, {"retention"})
+            if "retention" not in body:
+                raise BranchError(400, "gc needs 'retention', e.g. \"7d\"")
+            return _json(await gc.collect(engine, gc.parse_duration(body["retention"])))
+        except BranchError as exc:
+            return _error(exc.status, str(exc))
+
+    app.router.add_post("/gc", collect)
     app.router.add_get("/branches/{name}/log", log)
     app.router.add_get("/branches/{name}/diff", diff)
     app.router.add_post("/branches/{name}/merge", merge)

@@ -19,7 +19,7 @@ from proxy.branching.errors import BranchError
 from proxy.branching.merge import CursorTable
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner, pooled
-from proxy.branching.wal import CREATE, RESETS, Change, Wal
+from proxy.branching.wal import CREATE, RESETS, Change, Wal, image
 
 log = logging.getLogger("mongobranch.engine")
 
@@ -355,7 +355,8 @@ class Engine:
             indexes = await self.view_indexes(branch, state.db, state.coll, self.pool)
         await self._create_overlay(state, indexes or [], self.pool)
         fold = [{"$match": match}, {"$sort": {"_id": 1}},
-                {"$group": {"_id": "$id", "op": {"$last": "$op"}, "post": {"$last": "$post"}}}]
+                {"$group": {"_id": "$id", "op": {"$last": "$op"}, "post": {"$last": "$post"},
+                            "postz": {"$last": "$postz"}}}]
         await self.pool(self.meta_db, {
             "aggregate": "wal", "allowDiskUse": True, "cursor": {},
             "pipeline": [*fold, {"$project": {"_id": 1}},
@@ -363,9 +364,18 @@ class Engine:
         })
         await self.pool(self.meta_db, {
             "aggregate": "wal", "allowDiskUse": True, "cursor": {},
-            "pipeline": [*fold, {"$match": {"op": "put"}}, {"$replaceRoot": {"newRoot": "$post"}},
+            "pipeline": [*fold, {"$match": {"op": "put", "post": {"$type": "object"}}},
+                         {"$replaceRoot": {"newRoot": "$post"}},
                          {"$merge": {"into": {"db": state.db, "coll": state.live}}}],
         })
+        # Images gc compressed are unpacked here, a batch at a time.
+        async for batch in self.pool.batches(self.meta_db, {
+                "aggregate": "wal", "allowDiskUse": True, "cursor": {},
+                "pipeline": [*fold, {"$match": {"op": "put", "post": None,
+                                                "postz": {"$ne": None}}}]}):
+            docs = [image(d, "post") for d in batch]
+            await self.pool(state.db, {"insert": state.live, "ordered": False,
+                                       "documents": [d for d in docs if d is not None]})
         if state.present is None and await db[state.live].count_documents({}, limit=1):
             state.present = True  # writing to a collection creates it
         elif state.present is None and state.base_dropped:

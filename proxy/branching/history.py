@@ -14,13 +14,13 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import reader
+from proxy.branching import gc, reader
 from proxy.branching.commands.write import same
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
-from proxy.branching.wal import DELETE, PUT, RESETS, Change
+from proxy.branching.wal import DELETE, PUT, RESETS, Change, image
 
 BATCH = reader.BATCH
 STRATEGIES = ("abort", "ours", "theirs")
@@ -71,7 +71,8 @@ async def log(engine: Engine, name: str, limit: int = 100,
     if before_lsn is not None:
         query["_id"] = {"$lt": before_lsn}
     out = []
-    cursor = engine.wal.entries.find(query, {"pre": 0, "post": 0}).sort("_id", -1).limit(limit)
+    cursor = engine.wal.entries.find(query, {"pre": 0, "post": 0, "prez": 0, "postz": 0})
+    cursor = cursor.sort("_id", -1).limit(limit)
     async for doc in cursor:
         lsn = int(doc["_id"])
         out.append({
@@ -217,7 +218,7 @@ async def _first_pres(engine: Engine, branch: Branch, ns: str,
     async for batch in engine.pool.batches(engine.meta_db, {
             "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True}):
         for doc in batch:
-            out[idkey(doc["_id"])] = doc["first"].get("pre")
+            out[idkey(doc["_id"])] = image(doc["first"], "pre")
     return out
 
 
@@ -385,6 +386,7 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
     voided; child branches first take a copy of what they saw, so they keep it."""
     branch = engine.get(name)
     lsn = await resolve_point(engine, to)
+    await gc.check_point(engine, lsn)
     current = await engine.wal.current()
     async with engine.writing(branch):
         frozen = 0
@@ -446,6 +448,7 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
                                "made on main are not in the WAL")
     source = engine.get(str(parent))
     lsn = await resolve_point(engine, at)
+    await gc.check_point(engine, lsn)
     later = {"b": source.bid, "_id": {"$gt": lsn}, **source.visible()}
     marker = await engine.wal.entries.find_one({**later, "op": {"$in": list(RESETS)}})
     if marker is not None:
@@ -468,7 +471,8 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
                     mine = await engine.ensure_state(branch, state.db, state.coll, pool)
                     await engine.mark_dirty(mine)
                 ids = [d["_id"] for d in batch]
-                docs = [d["first"]["pre"] for d in batch if d["first"].get("pre") is not None]
+                pres = [image(d["first"], "pre") for d in batch]
+                docs = [p for p in pres if p is not None]
                 if docs:
                     await pool(state.db, {"insert": mine.live, "documents": docs,
                                           "ordered": False})
@@ -476,8 +480,7 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
                                       "documents": [{"_id": i} for i in ids], "ordered": False})
                 mine.hide(ids)
                 await engine.log_changes(branch, [
-                    Change(ns, d["_id"], PUT, None, d["first"]["pre"])
-                    if d["first"].get("pre") is not None
-                    else Change(ns, d["_id"], DELETE, None, None) for d in batch],
-                    {"app": "mongobranch"})
+                    Change(ns, d["_id"], PUT, None, pre) if pre is not None
+                    else Change(ns, d["_id"], DELETE, None, None)
+                    for d, pre in zip(batch, pres, strict=True)], {"app": "mongobranch"})
     return branch

@@ -11,8 +11,13 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+import bson
+import zstandard
+from bson.binary import Binary
 from bson.int64 import Int64
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+
+from proxy.wire.bsonutil import CODEC
 
 PUT = "put"
 DELETE = "delete"
@@ -20,6 +25,27 @@ DROP = "drop"
 CREATE = "create"
 # Entries that empty a collection on the branch: replay starts after the last one.
 RESETS = (DROP, CREATE)
+
+
+_ZC = zstandard.ZstdCompressor(level=9)
+_ZD = zstandard.ZstdDecompressor()
+
+
+def packed(image: dict[str, Any]) -> Binary | None:
+    """A zstd-compressed image, or None when compression would not save space."""
+    raw = bson.encode(image, codec_options=CODEC)
+    small = _ZC.compress(raw)
+    return Binary(small) if len(small) < len(raw) else None
+
+
+def image(entry: dict[str, Any], which: str) -> dict[str, Any] | None:
+    """An entry's pre- or post-image, whether stored plain or compressed by gc."""
+    if entry.get(which) is not None:
+        return entry[which]  # type: ignore[no-any-return]
+    blob = entry.get(which + "z")
+    if blob is None:
+        return None
+    return bson.decode(_ZD.decompress(bytes(blob)), CODEC)
 
 
 @dataclass
