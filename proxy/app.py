@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import signal
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pymongo import AsyncMongoClient
 
 from proxy.admin import branches as branch_routes
 from proxy.admin import http
+from proxy.branching import gc
 from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
 from proxy.branching.router import EngineRouter
@@ -51,6 +53,9 @@ class ServeOptions:
     meta_db: str = "mongobranch"
     data_dir: str = ".mongobranch"
     grace: float = 10.0
+    # Periodic WAL retention ("7d"); None leaves gc to `mongobranch gc`.
+    gc_retention: str | None = None
+    gc_interval: float = 3600.0
 
 
 class BranchPorts:
@@ -93,6 +98,7 @@ class Proxy:
         self.meta_client: AsyncMongoClient[dict[str, Any]] | None = None
         self.ports: BranchPorts | None = None
         self._engine_retry: asyncio.Task[None] | None = None
+        self._gc_task: asyncio.Task[None] | None = None
         self.admin_runner: object | None = None
         self.admin_port = 0
 
@@ -120,6 +126,9 @@ class Proxy:
         self.engine.ports = self.ports
         if not await self._start_engine():
             self._engine_retry = asyncio.create_task(self._retry_engine())
+        if opts.gc_retention:
+            self._gc_task = asyncio.create_task(self._periodic_gc(
+                gc.parse_duration(opts.gc_retention), opts.gc_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
                              topology=self.topology, router=EngineRouter(self.engine, None))
         await self.main.start()
@@ -155,9 +164,23 @@ class Proxy:
             await asyncio.sleep(5.0)
         log.info("branch engine started")
 
+    async def _periodic_gc(self, retention: dt.timedelta, interval: float) -> None:
+        assert self.engine is not None
+        while True:
+            await asyncio.sleep(interval)
+            if self.engine.unavailable is not None:
+                continue
+            try:
+                result = await gc.collect(self.engine, retention)
+                log.info("gc: horizon LSN %s, WAL %s -> %s bytes", result["horizon_lsn"],
+                         result["before"]["bytes"], result["after"]["bytes"])
+            except Exception:
+                log.exception("periodic gc failed; it runs again in %.0fs", interval)
+
     async def stop(self) -> None:
-        if self._engine_retry is not None:
-            self._engine_retry.cancel()
+        for task in (self._engine_retry, self._gc_task):
+            if task is not None:
+                task.cancel()
         if self.main:
             await self.main.stop(self.options.grace)
         if self.ports:

@@ -302,15 +302,17 @@ class Engine:
         while True:
             await asyncio.sleep(1.0)
             for key in list(self._dirty):
-                bid = key.split(":", 1)[0]
-                lock = self._locks.get(bid)
-                if lock is not None and lock.locked():
+                lock = self._locks.setdefault(key.split(":", 1)[0], asyncio.Lock())
+                if lock.locked():
                     continue
-                self._dirty.discard(key)
-                try:
-                    await self.meta["dirty"].delete_one({"_id": key})
-                except Exception:  # the marker stays; start-up will rebuild needlessly
-                    log.exception("could not clear dirty marker %s", key)
+                # Under the branch's lock, so no write can start between the delete and
+                # the set update and find its marker gone.
+                async with lock:
+                    try:
+                        await self.meta["dirty"].delete_one({"_id": key})
+                        self._dirty.discard(key)
+                    except Exception:  # the marker stays; start-up rebuilds needlessly
+                        log.exception("could not clear dirty marker %s", key)
 
     async def log_changes(self, branch: Branch, changes: list[Change], client: dict[str, Any],
                           txn: dict[str, Any] | None = None,

@@ -7,6 +7,7 @@ counter; a batch reserves its range in one round trip.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,9 @@ from bson.int64 import Int64
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 
 from proxy.wire.bsonutil import CODEC
+
+# LSNs taken from the shared counter at a time (one metadata round trip per block).
+LSN_BLOCK = 256
 
 PUT = "put"
 DELETE = "delete"
@@ -62,21 +66,38 @@ class Wal:
         self.db = client[db]
         self.entries = self.db["wal"]
         self.counters = self.db["counters"]
+        self._reserving = asyncio.Lock()
+        self._next = 0
+        self._end = 0
+        self._issued: int | None = None
 
     async def init(self) -> None:
         await self.entries.create_index([("b", ASCENDING), ("ns", ASCENDING), ("_id", ASCENDING)])
         await self.entries.create_index([("b", ASCENDING), ("_id", DESCENDING)])
 
     async def reserve(self, n: int) -> int:
-        """The first of n consecutive fresh LSNs."""
-        doc = await self.counters.find_one_and_update(
-            {"_id": "lsn"}, {"$inc": {"v": Int64(n)}}, upsert=True,
-            return_document=ReturnDocument.AFTER,
-        )
-        assert doc is not None
-        return int(doc["v"]) - n + 1
+        """The first of n consecutive fresh LSNs. The counter is advanced a block at a
+        time, so most appends cost no round trip for it; unused numbers of a block are
+        gaps, which LSNs allow."""
+        async with self._reserving:
+            if self._next + n > self._end:
+                size = max(n, LSN_BLOCK)
+                doc = await self.counters.find_one_and_update(
+                    {"_id": "lsn"}, {"$inc": {"v": Int64(size)}}, upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+                assert doc is not None
+                self._end = int(doc["v"]) + 1
+                self._next = self._end - size
+            first = self._next
+            self._next += n
+            self._issued = self._next - 1
+            return first
 
     async def current(self) -> int:
+        """The newest LSN issued: every entry written so far is at or below it."""
+        if self._issued is not None:
+            return self._issued
         doc = await self.counters.find_one({"_id": "lsn"})
         return int(doc["v"]) if doc else 0
 
