@@ -9,6 +9,7 @@ logged with its pre- and post-image before the client hears back.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -145,12 +146,32 @@ class Writer:
             found.update(idkey(d["_id"]) for d in batch)
         return found
 
-    async def hide(self, ids: list[Any]) -> None:
+    async def hide(self, ids: list[Any], *, pooled: bool = False) -> None:
+        """Hide ids from the parent. pooled: on the engine's own connection, so it can run
+        beside a write on the client's (the hidden-id collection is the proxy's own)."""
         if not ids:
             return
-        await self.run({"insert": self.state.hidden, "documents": [{"_id": i} for i in ids],
-                        "ordered": False})
+        cmd = {"insert": self.state.hidden, "documents": [{"_id": i} for i in ids],
+               "ordered": False}
+        if pooled:
+            await self.req.engine.pool.reply(self.req.db, cmd)
+        else:
+            await self.run(cmd)
         self.state.hide(ids)
+
+    async def unhide_absent(self, ids: list[Any]) -> None:
+        """Undo hiding for ids the overlay turned out not to hold."""
+        if not ids:
+            return
+        present: set[Any] = set()
+        cmd = {"find": self.state.live, "filter": {"_id": {"$in": ids}}, "projection": {"_id": 1}}
+        async for batch in self.req.run.batches(self.req.db, cmd, BATCH):
+            present.update(idkey(d["_id"]) for d in batch)
+        absent = [i for i in ids if idkey(i) not in present]
+        if absent:
+            await self.check({"delete": self.state.hidden,
+                              "deletes": [{"q": {"_id": {"$in": absent}}, "limit": 0}]})
+            self.state.unhide(absent)
 
     async def copy_on_write(self, docs: list[dict[str, Any]]) -> list[Any]:
         """Copy parent documents into the overlay; returns the ids copied now."""
@@ -323,9 +344,15 @@ async def insert(req: Request) -> dict[str, Any]:
                     continue
                 batch.append((start + offset, doc))
             if batch:
-                reply = await writer.run({"insert": writer.state.live, "ordered": ordered,
-                                          "documents": [d for _, d in batch]})
+                # New ids hide nothing of the parent yet, so hiding them can run beside the
+                # insert; ids that did not land are un-hidden after.
+                tried = [d["_id"] for _, d in batch]
+                reply, _ = await asyncio.gather(
+                    writer.run({"insert": writer.state.live, "ordered": ordered,
+                                "documents": [d for _, d in batch]}),
+                    writer.hide(tried, pooled=True))
                 if not reply.get("ok"):
+                    await writer.unhide_absent(tried)
                     return reply
                 failed = set()
                 for err in reply.get("writeErrors", []):
@@ -336,7 +363,8 @@ async def insert(req: Request) -> dict[str, Any]:
                     batch = batch[:min(failed)]
                     stop = True
                 good = [d for i, (_, d) in enumerate(batch) if i not in failed]
-                await writer.hide([d["_id"] for d in good])
+                landed = {idkey(d["_id"]) for d in good}
+                await writer.unhide_absent([i for i in tried if idkey(i) not in landed])
                 writer.changes.extend(Change(writer.ns, d["_id"], PUT, None, d) for d in good)
                 n += len(good)
             await writer.flush()
