@@ -158,7 +158,8 @@ admin_option = click.option("--admin", "admin_url", default=None, metavar="URL",
               "default http://127.0.0.1:9090].")
 @click.pass_context
 def branch_group(ctx: click.Context, admin_url: str | None) -> None:
-    """Create, list, show and delete branches through the admin API."""
+    """Create, list, show, delete, log, diff, merge and reset branches through the admin
+    API."""
     ctx.obj = admin_url
 
 
@@ -168,14 +169,20 @@ def branch_group(ctx: click.Context, admin_url: str | None) -> None:
               help="Parent branch [default: main].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="Port for the branch [default: the next free one].")
+@click.option("--at", "at", default=None, metavar="LSN|ISO",
+              help="Start from the parent's state at this LSN or ISO-8601 time "
+              "(the parent must be a branch).")
 @json_option
 @admin_option
 @click.pass_context
 def branch_create(ctx: click.Context, name: str, parent: str | None, port: int | None,
-                  as_json: bool, admin_url: str | None) -> None:
+                  at: str | None, as_json: bool, admin_url: str | None) -> None:
     """Create branch NAME."""
+    from proxy.admin.client import point
+
     api = _client(ctx, admin_url)
-    branch = _call(lambda: api.create_branch(name, parent, port))
+    branch = _call(lambda: api.create_branch(name, parent, port,
+                                             None if at is None else point(at)))
     if as_json:
         _print_json(branch)
     else:
@@ -232,6 +239,245 @@ def branch_delete(ctx: click.Context, name: str, as_json: bool, admin_url: str |
         _print_json(result)
     else:
         click.echo(f"deleted branch {name}")
+
+
+# -- history: log, diff, merge, reset ---------------------------------------------------
+
+def _titled(table_cls: Any, title: str, **kwargs: Any) -> Any:
+    """A table whose title stays on one line however narrow its columns."""
+    return table_cls(title=title, title_justify="left", min_width=len(title), **kwargs)
+
+
+def _id_text(value: Any) -> str:
+    """An _id as printed in tables: Extended JSON wrappers shown compactly."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+def _client_text(client: dict[str, Any] | None) -> str:
+    if not client:
+        return "-"
+    parts = [f"{key}={client[key]}" for key in ("app", "user", "conn")
+             if client.get(key) not in (None, "")]
+    return " ".join(parts) or "-"
+
+
+def _log_table(name: str, entries: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = _titled(Table, f"log of {name} (newest first)")
+    for col in ("lsn", "time", "op", "ns", "_id", "client", "visible"):
+        table.add_column(col, no_wrap=True, justify="right" if col == "lsn" else "left")
+    for entry in entries:
+        table.add_row(str(entry.get("lsn")), _text(entry.get("time")), _text(entry.get("op")),
+                      _text(entry.get("ns")), _id_text(entry.get("_id")),
+                      _client_text(entry.get("client")), _text(entry.get("visible")))
+    return table
+
+
+def _change_row(change: dict[str, Any]) -> tuple[str, str, str]:
+    if "op" in change:
+        return change["ns"], change["op"], _id_text(change.get("_id"))
+    if "collection" in change:
+        return change["ns"], f"collection {change['collection']}", "-"
+    return change["ns"], f"index {change.get('index')}", _text(change.get("name"))
+
+
+def _changes_table(changes: list[dict[str, Any]], title: str) -> Any:
+    from rich.table import Table
+
+    table = _titled(Table, title)
+    table.add_column("ns", no_wrap=True)
+    table.add_column("op", no_wrap=True)
+    table.add_column("_id / index", no_wrap=True)
+    for change in changes:
+        table.add_row(*_change_row(change))
+    return table
+
+
+SUMMARY_COLUMNS = ("insert", "update", "delete", "collection", "indexes")
+
+
+def _summary_table(summary: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = _titled(Table, "summary")
+    table.add_column("ns", no_wrap=True)
+    for col in SUMMARY_COLUMNS:
+        table.add_column(col, justify="left" if col == "collection" else "right")
+    for ns in sorted(summary):
+        per = summary[ns] or {}
+        table.add_row(ns, *(_text(per.get(col)) for col in SUMMARY_COLUMNS))
+    return table
+
+
+def _merge_tables(result: dict[str, Any], refused: bool = False) -> list[Any]:
+    """Counts, collection changes and conflicts; counts are "to apply" for a dry run and
+    for a merge refused for its conflicts (nothing was applied)."""
+    from rich.table import Table
+
+    pending = bool(result.get("dry_run")) or refused
+    mode = " (dry run)" if result.get("dry_run") else " (aborted)" if refused else ""
+    head = _titled(Table, f"merge {result.get('branch')} into {result.get('into')}{mode}",
+                   show_header=False)
+    head.add_column("field", style="bold", no_wrap=True)
+    head.add_column("value", no_wrap=True, justify="right")
+    applied = result.get("applied") or {}
+    head.add_row("strategy", _text(result.get("strategy")))
+    for op in ("insert", "update", "delete"):
+        head.add_row(f"{op}s {'to apply' if pending else 'applied'}",
+                     str(applied.get(op, 0)))
+    conflicts = result.get("conflicts") or []
+    head.add_row("conflicts", str(len(conflicts)))
+    head.add_row("skipped conflicts", str(result.get("skipped_conflicts", 0)))
+    tables = [head]
+    collections = result.get("collections") or []
+    if collections:
+        tables.append(_changes_table(collections, "collections and indexes"))
+    if conflicts:
+        table = _titled(Table, "conflicts: the parent changed these after the branch did")
+        for col in ("ns", "_id", "branch op", "parent now"):
+            table.add_column(col, no_wrap=True)
+        for c in conflicts:
+            table.add_row(_text(c.get("ns")), _id_text(c.get("_id")), _text(c.get("op")),
+                          "deleted" if c.get("parent") is None else "changed")
+        tables.append(table)
+    return tables
+
+
+@branch_group.command("log")
+@click.argument("name")
+@click.option("--limit", type=int, default=None, help="At most N entries [default: 100].")
+@click.option("--before-lsn", type=int, default=None, metavar="N",
+              help="Only entries with an LSN below N (to page back).")
+@json_option
+@admin_option
+@click.pass_context
+def branch_log(ctx: click.Context, name: str, limit: int | None, before_lsn: int | None,
+               as_json: bool, admin_url: str | None) -> None:
+    """The WAL entries of branch NAME, newest first."""
+    api = _client(ctx, admin_url)
+    result = _call(lambda: api.branch_log(name, limit, before_lsn))
+    if as_json:
+        _print_json(result)
+        return
+    entries = result.get("entries") or []
+    if not entries:
+        click.echo(f"no log entries for branch {name}")
+        return
+    _console().print(_log_table(name, entries))
+
+
+@branch_group.command("diff")
+@click.argument("name")
+@json_option
+@admin_option
+@click.pass_context
+def branch_diff(ctx: click.Context, name: str, as_json: bool, admin_url: str | None) -> None:
+    """The changes of branch NAME against its parent's current state."""
+    api = _client(ctx, admin_url)
+    if as_json:
+        # The server streams the diff: pass it through without holding it.
+        def relay() -> None:
+            out = sys.stdout.buffer
+            for chunk in api.diff_stream(name):
+                out.write(chunk)
+            out.flush()
+
+        _call(relay)
+        return
+    result = _call(lambda: api.branch_diff(name))
+    changes = result.get("changes") or []
+    console = _console()
+    if not changes:
+        console.print(f"no changes: {name} matches {result.get('parent')}")
+        return
+    console.print(_changes_table(changes, f"changes of {name} against "
+                                          f"{result.get('parent')}"))
+    console.print(_summary_table(result.get("summary") or {}))
+
+
+@branch_group.command("merge")
+@click.argument("name")
+@click.option("--into", default=None, metavar="PARENT",
+              help="The branch's parent (checked) [default: the parent].")
+@click.option("--strategy", type=click.Choice(["abort", "ours", "theirs"]), default="abort",
+              show_default=True, help="On conflicts: abort the merge, take the branch's "
+              "version (ours) or keep the parent's (theirs).")
+@click.option("--dry-run", is_flag=True, help="Report what would be merged; change nothing.")
+@json_option
+@admin_option
+@click.pass_context
+def branch_merge(ctx: click.Context, name: str, into: str | None, strategy: str,
+                 dry_run: bool, as_json: bool, admin_url: str | None) -> None:
+    """Merge branch NAME into its parent. Exits 1 when conflicts abort the merge."""
+    api = _client(ctx, admin_url)
+    result = _call(lambda: _refused_merge_passes(
+        lambda: api.merge_branch(name, into, strategy, dry_run)))
+    refused = isinstance(result, _Refused)
+    body = result.body if refused else result
+    if as_json:
+        _print_json(body)
+    else:
+        console = _console()
+        for table in _merge_tables(body, refused):
+            console.print(table)
+    if refused:
+        count = len(body.get("conflicts") or [])
+        click.echo(f"error: merge of {name} into {body.get('into')} aborted: {count} "
+                   "conflict(s); nothing was changed. Re-run with --strategy ours or theirs.",
+                   err=True)
+        sys.exit(1)
+
+
+class _Refused:
+    """A merge the server refused for conflicts (409 with the result as its body)."""
+
+    def __init__(self, body: dict[str, Any]):
+        self.body = body
+
+
+def _refused_merge_passes(fn: Callable[[], Any]) -> Any:
+    from proxy.admin.client import ApiError
+
+    try:
+        return fn()
+    except ApiError as exc:
+        if exc.status == 409 and isinstance(exc.body, dict) and "conflicts" in exc.body:
+            return _Refused(exc.body)
+        raise
+
+
+@branch_group.command("reset")
+@click.argument("name")
+@click.option("--to", "to", required=True, metavar="LSN|ISO",
+              help="The LSN or ISO-8601 time to return the branch to.")
+@json_option
+@admin_option
+@click.pass_context
+def branch_reset(ctx: click.Context, name: str, to: str, as_json: bool,
+                 admin_url: str | None) -> None:
+    """Return branch NAME to its state at an LSN or time; later entries are voided."""
+    from proxy.admin.client import point
+
+    api = _client(ctx, admin_url)
+    result = _call(lambda: api.reset_branch(name, point(to)))
+    if as_json:
+        _print_json(result)
+        return
+    from rich.table import Table
+
+    table = _titled(Table, f"reset {name}", show_header=False)
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", no_wrap=True, justify="right")
+    for key in ("to_lsn", "voided_entries", "copied_into_children"):
+        table.add_row(key, _text(result.get(key)))
+    _console().print(table)
 
 
 if __name__ == "__main__":

@@ -91,8 +91,9 @@ def add_routes(app: web.Application, engine: Engine) -> None:
 
     async def log(request: web.Request) -> web.Response:
         try:
+            limit = _int_param(request, "limit")
             entries = await history.log(engine, request.match_info["name"],
-                                        _int_param(request, "limit") or 100,
+                                        100 if limit is None else limit,
                                         _int_param(request, "before_lsn"))
         except BranchError as exc:
             return _error(exc.status, str(exc))

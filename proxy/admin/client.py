@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:9090"
@@ -14,11 +16,13 @@ ENV_VAR = "MONGOBRANCH_ADMIN"
 
 
 class ApiError(Exception):
-    """The API answered with an error status; the message is its {"error": ...}."""
+    """The API answered with an error status; the message is its {"error": ...}, and body
+    the parsed reply (a merge refused for conflicts answers 409 with its full result)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, body: Any = None):
         super().__init__(message)
         self.status = status
+        self.body = body
 
 
 class Unreachable(Exception):
@@ -43,32 +47,49 @@ class AdminClient:
         self.timeout = timeout
 
     def request(self, method: str, path: str, body: object | None = None) -> Any:
+        raw = b"".join(self.stream(method, path, body))
+        try:
+            return json.loads(raw or b"null")
+        except ValueError as exc:
+            raise ApiError(0, f"the admin API at {self.url} did not answer JSON") from exc
+
+    def stream(self, method: str, path: str, body: object | None = None,
+               chunk: int = 64 * 1024) -> Iterator[bytes]:
+        """The reply body in chunks as it arrives (a diff is streamed by the server)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
+            resp = urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            raise ApiError(exc.code, _error_message(exc.code, exc.read())) from exc
+            raw = exc.read()
+            raise ApiError(exc.code, _error_message(exc.code, raw), _parse(raw)) from exc
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise Unreachable(self.url, reason) from exc
-        try:
-            return json.loads(raw or b"null")
-        except ValueError as exc:
-            raise ApiError(0, f"the admin API at {self.url} did not answer JSON") from exc
+        with resp:
+            try:
+                while True:
+                    part = resp.read(chunk)
+                    if not part:
+                        return
+                    yield part
+            except (http.client.HTTPException, OSError) as exc:
+                raise ApiError(0, f"the admin API at {self.url} broke off its reply: "
+                                  f"{exc!r}") from exc
 
     # -- branches -------------------------------------------------------------------
-    def create_branch(self, name: str, parent: str | None = None,
-                      port: int | None = None) -> dict[str, Any]:
+    def create_branch(self, name: str, parent: str | None = None, port: int | None = None,
+                      at: int | str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name}
         if parent is not None:
             body["from"] = parent
         if port is not None:
             body["port"] = port
+        if at is not None:
+            body["at"] = at
         return dict(self.request("POST", "/branches", body))
 
     def list_branches(self) -> list[dict[str, Any]]:
@@ -80,17 +101,58 @@ class AdminClient:
     def delete_branch(self, name: str) -> dict[str, Any]:
         return dict(self.request("DELETE", "/branches/" + _quote(name)))
 
+    # -- history --------------------------------------------------------------------
+    def branch_log(self, name: str, limit: int | None = None,
+                   before_lsn: int | None = None) -> dict[str, Any]:
+        query = {k: str(v) for k, v in (("limit", limit), ("before_lsn", before_lsn))
+                 if v is not None}
+        path = f"/branches/{_quote(name)}/log"
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        return dict(self.request("GET", path))
+
+    def diff_stream(self, name: str) -> Iterator[bytes]:
+        """The diff's JSON as the server streams it."""
+        return self.stream("GET", f"/branches/{_quote(name)}/diff")
+
+    def branch_diff(self, name: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/branches/{_quote(name)}/diff"))
+
+    def merge_branch(self, name: str, into: str | None = None, strategy: str | None = None,
+                     dry_run: bool = False) -> dict[str, Any]:
+        """The merge result; a merge refused for conflicts raises ApiError(409) whose body
+        is the result with its conflicts."""
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if into is not None:
+            body["into"] = into
+        if strategy is not None:
+            body["strategy"] = strategy
+        return dict(self.request("POST", f"/branches/{_quote(name)}/merge", body))
+
+    def reset_branch(self, name: str, to: int | str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/branches/{_quote(name)}/reset", {"to": to}))
+
+
+def point(value: str) -> int | str:
+    """An LSN (digits) as an integer; anything else (an ISO-8601 time) as given."""
+    text = value.strip()
+    return int(text) if text.isdigit() else value
+
 
 def _quote(name: str) -> str:
     # "." and ".." are valid branch names but dot segments of a URL path: encode the dots.
     return urllib.parse.quote(name, safe="").replace(".", "%2E")
 
 
-def _error_message(status: int, raw: bytes) -> str:
+def _parse(raw: bytes) -> Any:
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except ValueError:
-        body = None
+        return None
+
+
+def _error_message(status: int, raw: bytes) -> str:
+    body = _parse(raw)
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         return str(body["error"])
     text = raw.decode(errors="replace").strip()
