@@ -180,8 +180,9 @@ class Writer:
         if not fresh:
             return []
         ids = [d["_id"] for d in fresh]
-        await self.hide(ids)
-        await self.check({"insert": self.state.live, "documents": fresh, "ordered": False})
+        await asyncio.gather(
+            self.hide(ids, pooled=True),
+            self.check({"insert": self.state.live, "documents": fresh, "ordered": False}))
         return ids
 
     async def uncopy(self, ids: list[Any]) -> None:
@@ -451,6 +452,8 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
         if dup is not None:
             return {"error": {**dup, "index": index}}
         return {"upserted": new_id}
+    if not multi and small is not None and len(small) == 1:
+        return await _update_one(writer, stmt, q, small[0], index)
     out = {"n": 0, "nModified": 0}
     for start in range(0, len(ids), BATCH):
         chunk = ids[start:start + BATCH]
@@ -476,6 +479,32 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
             return {**out, "error": {**reply["writeErrors"][0], "index": index}}
         await writer.flush()
     return out
+
+
+async def _update_one(writer: Writer, stmt: dict[str, Any], q: dict[str, Any],
+                      pre: dict[str, Any], index: int) -> dict[str, Any]:
+    """A single-document update as findAndModify on the overlay: the server applies the
+    statement and hands back the post-image in the same round trip."""
+    copied = await writer.copy_on_write([pre])
+    cmd: dict[str, Any] = {"findAndModify": writer.state.live,
+                           "query": {"$and": [q, {"_id": pre["_id"]}]},
+                           "update": stmt.get("u"), "new": True}
+    for key in ("arrayFilters", "collation", "hint", "bypassDocumentValidation"):
+        if key in stmt:
+            cmd[key] = stmt[key]
+    reply = await writer.run(_with_let(writer.req, cmd))
+    post = reply.get("value") if reply.get("ok") else None
+    if post is None or same(pre, post):
+        await writer.uncopy(copied)
+        if not reply.get("ok"):
+            return {"error": _stmt_error(index, reply)}
+        return {"n": int(reply["lastErrorObject"].get("n", 0)), "nModified": 0}
+    since = len(writer.changes)
+    writer.changes.append(Change(writer.ns, pre["_id"], PUT, pre, post))
+    clash = await writer.reject_collisions(since, copied)
+    if clash is not None:
+        return {"n": 0, "nModified": 0, "error": {**clash, "index": index}}
+    return {"n": 1, "nModified": 1}
 
 
 def _with_let(req: Request, cmd: dict[str, Any]) -> dict[str, Any]:
