@@ -25,14 +25,14 @@ def seed_base(db: Any, rng: random.Random) -> None:
     db.items.create_index("s")
 
 
-@pytest.fixture()
+@pytest.fixture(params=["wal", "copy"])
 def pair(proxy: ProxyProcess, direct: MongoClient, request: pytest.FixtureRequest
          ) -> Iterator[tuple[Any, Any, str]]:
     name = f"diff-{request.node.name}".replace("[", "-").replace("]", "")[:60]
     base_db, copy_db = f"dbase_{abs(hash(name)) % 10**6}", f"dcopy_{abs(hash(name)) % 10**6}"
     seed_base(direct[base_db], random.Random(SEED))
     seed_base(direct[copy_db], random.Random(SEED))
-    status, body = proxy.api("POST", "/branches", {"name": name})
+    status, body = proxy.api("POST", "/branches", {"name": name, "mode": request.param})
     assert status == 201, body
     branch: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
     yield branch[base_db], direct[copy_db], name

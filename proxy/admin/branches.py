@@ -12,7 +12,7 @@ from proxy.branching import gc, history
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 
-_CREATE_FIELDS = {"name", "from", "port", "at"}
+_CREATE_FIELDS = {"name", "from", "port", "at", "mode"}
 _JSON = json_util.JSONOptions(json_mode=json_util.JSONMode.RELAXED, tz_aware=True)
 
 
@@ -66,7 +66,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
                                                  body.get("port"))
             else:
                 branch = await engine.create_branch(body.get("name"), body.get("from", MAIN),
-                                                    body.get("port"))
+                                                    body.get("port"), body.get("mode", "wal"))
         except BranchError as exc:
             return _error(exc.status, str(exc))
         return web.json_response(branch.public(engine.host), status=201)

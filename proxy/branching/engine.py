@@ -132,8 +132,13 @@ class Engine:
                 return port
         raise BranchError(409, f"no free port left in {self.port_range[0]}-{self.port_range[1]}")
 
-    async def create_branch(self, name: Any, parent: Any = MAIN, port: Any = None) -> Branch:
+    async def create_branch(self, name: Any, parent: Any = MAIN, port: Any = None,
+                            mode: Any = "wal", progress: Any = None) -> Branch:
+        """A metadata insert and a listener; a copy branch first copies its parent's data,
+        so no client ever sees it half-copied."""
         self.check_ready()
+        if mode not in ("wal", "copy"):
+            raise BranchError(400, f"mode must be 'wal' or 'copy', got {mode!r}")
         if not naming.valid_branch_name(name):
             raise BranchError(400, "branch name must match [A-Za-z0-9._-]{1,64} and not be "
                                    f"'main', got {name!r}")
@@ -154,12 +159,21 @@ class Engine:
             name=name, bid=secrets.token_hex(4), parent=parent,
             fork_lsn=await self.wal.current(),
             created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0), port=port,
+            mode=mode,
         )
         try:
             await self.meta["branches"].insert_one(branch.to_doc())
         except DuplicateKeyError as exc:
             raise BranchError(409, f"branch {name!r} already exists") from exc
         self.branches[name] = branch
+        if mode == "copy":
+            from proxy.branching.copymode import materialize
+
+            try:
+                await materialize(self, branch, progress)
+            except Exception:
+                await self._forget(branch)
+                raise
         if self.ports is not None:
             busy: set[int] = set()
             while True:
@@ -175,13 +189,24 @@ class Engine:
                     # An auto-assigned port held by another socket: take the next free one.
                     branch.port = self._free_port(busy)
                 except BranchError:
-                    del self.branches[name]
-                    await self.meta["branches"].delete_one({"_id": name})
+                    await self._forget(branch)
                     raise
                 await self.meta["branches"].update_one({"_id": name},
                                                        {"$set": {"port": branch.port}})
         log.info("created branch %s (parent %s, port %d)", name, parent, branch.port)
         return branch
+
+    async def _forget(self, branch: Branch) -> None:
+        """Remove a branch's overlays, WAL entries and metadata."""
+        for state in [s for s in self.states.values() if s.bid == branch.bid]:
+            db = self.client[state.db]
+            await db.drop_collection(state.live)
+            await db.drop_collection(state.hidden)
+            await self.meta["namespaces"].delete_one({"_id": state.key})
+            del self.states[state.key]
+        await self.wal.delete_branch(branch.bid)
+        await self.meta["branches"].delete_one({"_id": branch.name})
+        self.branches.pop(branch.name, None)
 
     async def drop_branch(self, name: str) -> None:
         branch = self.get(name)
@@ -193,15 +218,7 @@ class Engine:
         if self.ports is not None:
             await self.ports.close(branch)
         async with self.writing(branch):
-            for state in [s for s in self.states.values() if s.bid == branch.bid]:
-                db = self.client[state.db]
-                await db.drop_collection(state.live)
-                await db.drop_collection(state.hidden)
-                await self.meta["namespaces"].delete_one({"_id": state.key})
-                del self.states[state.key]
-            await self.wal.delete_branch(branch.bid)
-            await self.meta["branches"].delete_one({"_id": name})
-            del self.branches[name]
+            await self._forget(branch)
         self._locks.pop(branch.bid, None)
         log.info("dropped branch %s", name)
 
@@ -243,7 +260,8 @@ class Engine:
         state = self.state(branch, db, coll)
         if state is not None:
             return state
-        state = NsState(branch.bid, db, coll)
+        # A copy branch never reads through to its parent, even for new collections.
+        state = NsState(branch.bid, db, coll, base_dropped=branch.mode == "copy")
         indexes = await self.view_indexes(branch, db, coll, run)
         await self._create_overlay(state, indexes, run)
         await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(), upsert=True)
@@ -289,9 +307,14 @@ class Engine:
         async with lock:
             yield
 
+    def copy_mode(self, bid: str) -> bool:
+        branch = self.by_bid(bid)
+        return branch is not None and branch.mode == "copy"
+
     async def mark_dirty(self, state: NsState) -> None:
-        """Before an overlay changes: on a crash, start-up rebuilds it from the WAL."""
-        if state.key in self._dirty:
+        """Before an overlay changes: on a crash, start-up rebuilds it from the WAL. A copy
+        branch's collections are its data, not a cache, and are never rebuilt."""
+        if state.key in self._dirty or self.copy_mode(state.bid):
             return
         await self.meta["dirty"].replace_one({"_id": state.key}, {"_id": state.key},
                                              upsert=True)

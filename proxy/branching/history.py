@@ -8,13 +8,14 @@ of documents, whatever the number of changes.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import gc, reader
+from proxy.branching import copymode, gc, reader
+from proxy.branching.commands.base import SystemContext
 from proxy.branching.commands.write import same
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
@@ -24,18 +25,6 @@ from proxy.branching.wal import DELETE, PUT, RESETS, Change, image
 
 BATCH = reader.BATCH
 STRATEGIES = ("abort", "ours", "theirs")
-
-
-@dataclass
-class SystemContext:
-    """The identity the engine's own writes carry in the WAL."""
-
-    app_name: str | None = "mongobranch"
-    user: str | None = None
-    connection_id: int = 0
-
-    async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
-        raise RuntimeError("system writes run on the engine's pool")
 
 
 # -- points in history -----------------------------------------------------------------
@@ -118,22 +107,85 @@ def _classify(ns: str, key_id: Any, parent: dict[str, Any] | None,
     return {"ns": ns, "op": op, "_id": key_id, "parent": parent, "branch": mine}
 
 
-async def diff(engine: Engine, name: str) -> AsyncIterator[dict[str, Any]]:
+async def diff(engine: Engine, name: str) -> AsyncGenerator[dict[str, Any], None]:
     """Document changes of a branch relative to its parent's current state, then its
     collection and index changes ({"ns", "collection"|"index", ...})."""
     branch = engine.get(name)
     for state in branch_states(engine, branch):
-        ns = f"{state.db}.{state.coll}"
         layers = parent_layers(engine, branch, state.db, state.coll)
-        changes = (_diff_replaced(engine, state, layers) if state.base_dropped
+        whole = await replaced(engine, branch, state)
+        changes = (_diff_replaced(engine, state, layers) if whole
                    else diff_state(engine, branch, state))
         async for change in changes:
             yield change
-        if state.base_dropped:
-            yield {"ns": ns, "collection": "recreated" if state.present else "dropped"}
-        if state.indexes is not None:
+        if whole:
+            coll_change = await collection_change(engine, branch, state)
+            if coll_change is not None:
+                yield coll_change
+        if state.indexes is not None and state.present is not False:
             async for change in _index_changes(engine, branch, state):
                 yield change
+
+
+async def replaced(engine: Engine, branch: Branch, state: NsState) -> bool:
+    """Whether the branch replaced the whole collection (dropped or recreated it). A copy
+    branch hides its parent by construction; only a logged drop or create counts."""
+    if not state.base_dropped:
+        return False
+    if branch.mode != "copy":
+        return True
+    marker = await engine.wal.entries.find_one({
+        "b": branch.bid, "ns": f"{state.db}.{state.coll}", "op": {"$in": list(RESETS)},
+        **branch.visible()})
+    return marker is not None
+
+
+async def touched_ids(engine: Engine, branch: Branch,
+                      state: NsState) -> AsyncIterator[list[Any]]:
+    """Batches of the ids a branch changed in a collection: its hidden set, or for a copy
+    branch (whose copy hides everything) the ids in its visible WAL entries."""
+    if branch.mode != "copy":
+        async for batch in engine.pool.batches(state.db, {"find": state.hidden,
+                                                          "sort": {"_id": 1}}, BATCH):
+            yield [d["_id"] for d in batch]
+        return
+    pipeline = [{"$match": {"b": branch.bid, "ns": f"{state.db}.{state.coll}",
+                            "op": {"$nin": list(RESETS)}, **branch.visible()}},
+                {"$group": {"_id": "$id"}}]
+    async for batch in engine.pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
+            BATCH):
+        yield [d["_id"] for d in batch]
+
+
+async def parent_collection(engine: Engine, branch: Branch, db: str,
+                            coll: str) -> dict[str, Any] | None:
+    """The options of the collection as the branch's parent shows it; None if absent."""
+    layers = parent_layers(engine, branch, db, coll)
+    for layer in layers:
+        if layer.present is not None:
+            if not layer.present:
+                return None
+            break
+    reply = await engine.pool.reply(db, {"listCollections": 1, "filter": {"name": coll}})
+    found = reply["cursor"]["firstBatch"] if reply.get("ok") else []
+    if found and not any(layer.base_dropped for layer in layers):
+        return dict(found[0].get("options") or {})
+    owner = next((layer for layer in layers if layer.present), None)
+    return None if owner is None else dict(owner.options)
+
+
+async def collection_change(engine: Engine, branch: Branch,
+                            state: NsState) -> dict[str, Any] | None:
+    """For a collection the branch dropped (and maybe recreated): the change a merge
+    makes to the parent's collection itself, None when the parent already matches."""
+    ns = f"{state.db}.{state.coll}"
+    theirs = await parent_collection(engine, branch, state.db, state.coll)
+    if not state.present:
+        return None if theirs is None else {"ns": ns, "collection": "dropped"}
+    if theirs is not None and theirs == state.options:
+        return None  # documents and indexes carry the rest
+    return {"ns": ns, "collection": "recreated"}
 
 
 async def _diff_replaced(engine: Engine, state: NsState,
@@ -169,8 +221,9 @@ async def _index_changes(engine: Engine, branch: Branch,
         theirs = reply["cursor"]["firstBatch"] if reply.get("ok") else []
     else:
         theirs = await engine.view_indexes(parent, state.db, state.coll, engine.pool)
-    mine = {ix["name"]: ix for ix in state.indexes or []}
-    other = {ix["name"]: ix for ix in theirs}
+    # Every collection has its _id index: never a change.
+    mine = {ix["name"]: ix for ix in state.indexes or [] if ix["name"] != "_id_"}
+    other = {ix["name"]: ix for ix in theirs if ix["name"] != "_id_"}
     for name in sorted(set(mine) - set(other)):
         yield {"ns": ns, "index": "created", "name": name, "spec": mine[name]}
     for name in sorted(set(other) - set(mine)):
@@ -259,28 +312,45 @@ async def merge(engine: Engine, name: str, into: Any = None, strategy: Any = "ab
 async def _scan(engine: Engine, branch: Branch, result: MergeResult, *, apply: bool) -> None:
     applier = Applier(engine, branch) if apply else None
     for state in branch_states(engine, branch):
-        ns = f"{state.db}.{state.coll}"
-        if state.base_dropped:
-            result.collections.append({"ns": ns, "collection": "recreated" if state.present
-                                       else "dropped"})
+        coll_change = (await collection_change(engine, branch, state)
+                       if await replaced(engine, branch, state) else None)
+        if coll_change is not None:
+            result.collections.append(coll_change)
+        if coll_change is None:
+            await _documents(engine, branch, state, result, applier)
+        elif coll_change["collection"] == "dropped":
+            # Counted against the parent's documents; the drop removes them all.
+            await _documents(engine, branch, state, result, None)
+            if applier is not None:
+                await applier.drop_collection(state)
+        else:
+            # Counted against the parent's documents, then the parent's collection is
+            # replaced by the branch's (options included) and its documents written.
+            await _documents(engine, branch, state, result, None)
             if applier is not None:
                 await applier.replace_collection(state)
-        pending: list[dict[str, Any]] = []
-        layers = parent_layers(engine, branch, state.db, state.coll)
-        source = (_diff_replaced(engine, state, layers) if state.base_dropped
-                  else diff_state(engine, branch, state))
-        async for change in source:
-            pending.append(change)
-            if len(pending) >= BATCH:
-                await _merge_batch(engine, branch, state, pending, result, applier)
-                pending = []
-        if pending:
-            await _merge_batch(engine, branch, state, pending, result, applier)
-        if state.indexes is not None:
+                await _documents(engine, branch, state, MergeResult(
+                    result.branch, result.into, result.strategy, result.dry_run), applier)
+        if state.indexes is not None and state.present is not False:
             async for change in _index_changes(engine, branch, state):
                 result.collections.append(change)
                 if applier is not None:
                     await applier.index(state, change)
+
+
+async def _documents(engine: Engine, branch: Branch, state: NsState, result: MergeResult,
+                     applier: Applier | None) -> None:
+    pending: list[dict[str, Any]] = []
+    layers = parent_layers(engine, branch, state.db, state.coll)
+    source = (_diff_replaced(engine, state, layers) if await replaced(engine, branch, state)
+              else diff_state(engine, branch, state))
+    async for change in source:
+        pending.append(change)
+        if len(pending) >= BATCH:
+            await _merge_batch(engine, branch, state, pending, result, applier)
+            pending = []
+    if pending:
+        await _merge_batch(engine, branch, state, pending, result, applier)
 
 
 async def diff_state(engine: Engine, branch: Branch,
@@ -288,9 +358,7 @@ async def diff_state(engine: Engine, branch: Branch,
     pool = engine.pool
     ns = f"{state.db}.{state.coll}"
     layers = parent_layers(engine, branch, state.db, state.coll)
-    async for batch in pool.batches(state.db, {"find": state.hidden, "sort": {"_id": 1}},
-                                    BATCH):
-        ids = [d["_id"] for d in batch]
+    async for ids in touched_ids(engine, branch, state):
         mine = await _by_id(pool.batches(state.db, {
             "find": state.live, "filter": {"_id": {"$in": ids}}}, BATCH))
         theirs = await _by_id(reader.view_batches(pool, state.db, state.coll, layers,
@@ -305,7 +373,7 @@ async def _merge_batch(engine: Engine, branch: Branch, state: NsState,
                        changes: list[dict[str, Any]], result: MergeResult,
                        applier: Applier | None) -> None:
     ns = f"{state.db}.{state.coll}"
-    firsts = {} if state.base_dropped else await _first_pres(
+    firsts = {} if await replaced(engine, branch, state) else await _first_pres(
         engine, branch, ns, [c["_id"] for c in changes])
     chosen = []
     for change in changes:
@@ -366,11 +434,14 @@ class Applier:
             await self._command(state.db, {"delete": state.coll, "deletes": deletes,
                                            "ordered": False})
 
-    async def replace_collection(self, state: NsState) -> None:
-        """The branch dropped (and maybe recreated) the collection: so does the parent."""
+    async def drop_collection(self, state: NsState) -> None:
+        """The branch dropped the collection: so does the parent."""
         await self._command(state.db, {"drop": state.coll})
-        if state.present:
-            await self._command(state.db, {"create": state.coll, **state.options})
+
+    async def replace_collection(self, state: NsState) -> None:
+        """The branch recreated the collection: so does the parent, with its options."""
+        await self._command(state.db, {"drop": state.coll})
+        await self._command(state.db, {"create": state.coll, **state.options})
 
     async def index(self, state: NsState, change: dict[str, Any]) -> None:
         if change["index"] == "created":
@@ -383,26 +454,59 @@ class Applier:
 # -- reset ----------------------------------------------------------------------------------
 async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
     """Return the branch to its state at an LSN or time. Later entries stay in the WAL,
-    voided; child branches first take a copy of what they saw, so they keep it."""
+    voided; child branches first take a copy of what they saw, so they keep it.
+
+    The state at an LSN is the one the branch showed when the log stood there: resets
+    made later are undone first (their voids go), so resetting into a voided range
+    brings back what was visible then."""
     branch = engine.get(name)
     lsn = await resolve_point(engine, to)
     await gc.check_point(engine, lsn)
+    await _check_reopened(engine, branch, lsn)
     current = await engine.wal.current()
     async with engine.writing(branch):
         frozen = 0
         for child in [engine.get(c) for c in engine.children(name)]:
             frozen += await _freeze_into(engine, branch, child)
         voided = 0
-        if lsn < current:
-            voided = await engine.wal.entries.count_documents(
-                {"b": branch.bid, "_id": {"$gt": lsn, "$lte": current}, **branch.visible()})
-            branch.voids.append([lsn, current])
+        kept = [v for v in branch.voids if v[1] <= lsn]
+        if lsn < current or kept != branch.voids:
+            if lsn < current:
+                voided = await engine.wal.entries.count_documents(
+                    {"b": branch.bid, "_id": {"$gt": lsn, "$lte": current},
+                     **branch.visible()})
+            branch.voids = kept + ([[lsn, current]] if lsn < current else [])
             await engine.save_branch(branch)
-        for state in branch_states(engine, branch):
+        if branch.mode == "copy":
+            await copymode.undo_to(engine, branch, lsn)
+        for state in branch_states(engine, branch) if branch.mode != "copy" else []:
             await engine.mark_dirty(state)
             await engine.rematerialize(state)
     return {"branch": name, "to_lsn": lsn, "voided_entries": voided,
             "copied_into_children": frozen}
+
+
+def visible_at(branch: Branch, lsn: int) -> dict[str, Any]:
+    """A WAL filter for the entries the branch showed when the log stood at lsn: at or
+    before it, outside the ranges voided by resets made by then."""
+    ranges = [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in branch.voids if hi <= lsn]
+    return {"b": branch.bid, "_id": {"$lte": lsn}, **({"$nor": ranges} if ranges else {})}
+
+
+def _reopened(branch: Branch, lsn: int) -> list[dict[str, Any]]:
+    """Ranges at or before lsn that a later reset voided: visible then, not now."""
+    return [{"_id": {"$gt": lo, "$lte": min(hi, lsn)}} for lo, hi in branch.voids
+            if hi > lsn > lo]
+
+
+async def _check_reopened(engine: Engine, branch: Branch, lsn: int) -> None:
+    """gc deletes voided entries below its horizon: a point inside such a range cannot
+    be rebuilt."""
+    first = await gc.horizon(engine)
+    for lo, hi in branch.voids:
+        if hi > lsn > lo and lo < first:
+            raise BranchError(409, f"LSN {lsn} lies in a range a reset voided ({lo}-{hi}) "
+                                   f"whose entries gc removed below its horizon {first}")
 
 
 async def _freeze_into(engine: Engine, parent: Branch, child: Branch) -> int:
@@ -430,8 +534,10 @@ async def _freeze_into(engine: Engine, parent: Branch, child: Branch) -> int:
             await pool(state.db, {"insert": mine.hidden,
                                   "documents": [{"_id": i} for i in fresh], "ordered": False})
             mine.hide(fresh)
+            # The pre-image is what the child saw: a later merge compares the parent
+            # against it.
             await engine.log_changes(child, [
-                Change(ns, i, PUT, None, docs[idkey(i)]) if idkey(i) in docs
+                Change(ns, i, PUT, docs[idkey(i)], docs[idkey(i)]) if idkey(i) in docs
                 else Change(ns, i, DELETE, None, None) for i in fresh], {"app": "mongobranch"})
             copied += len(fresh)
     return copied
@@ -440,47 +546,101 @@ async def _freeze_into(engine: Engine, parent: Branch, child: Branch) -> int:
 # -- branches at a point ---------------------------------------------------------------------
 async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
                     port: Any = None) -> Branch:
-    """A branch holding the parent's state at a past point: every document the parent
-    changed since is given back its image from then (the pre-image of the first later
-    change). Costs what the parent changed, never the size of the base."""
+    """A branch holding the parent's state at a past point: every document whose image
+    differs between then and now is given back its image from then. Costs what the
+    parent changed, never the size of the base.
+
+    The image at the point is the fold of the entries visible then (resets made later
+    do not hide them); a document the parent had not changed by then gets the parent's
+    own image from then: the pre-image of its first later change."""
     if parent == MAIN or parent is None:
         raise BranchError(400, "a branch of main at a past point is not possible: changes "
                                "made on main are not in the WAL")
     source = engine.get(str(parent))
     lsn = await resolve_point(engine, at)
     await gc.check_point(engine, lsn)
-    later = {"b": source.bid, "_id": {"$gt": lsn}, **source.visible()}
-    marker = await engine.wal.entries.find_one({**later, "op": {"$in": list(RESETS)}})
+    await _check_reopened(engine, source, lsn)
+    then = visible_at(source, lsn)
+    reopened = _reopened(source, lsn)
+    # Entries by which the view now may differ from the view then.
+    differ: list[dict[str, Any]] = [{"_id": {"$gt": lsn}, **source.visible()}]
+    if reopened:
+        differ.append({**then, "$or": reopened})
+    marker = await engine.wal.entries.find_one({"b": source.bid, "$or": differ,
+                                                "op": {"$in": list(RESETS)}})
     if marker is not None:
         raise BranchError(409, f"{source.name} dropped or recreated {marker['ns']} after that "
                                "point; a branch at that point is not supported")
-    branch = await engine.create_branch(name, source.name, port)
+    any_later = {"b": source.bid, "$or": [{"_id": {"$gt": lsn}}, *reopened]}
+    branch = await engine.create_branch(name, source.name, port, source.mode)
     branch.fork_lsn = lsn
     await engine.save_branch(branch)
+    if source.mode == "copy":
+        await copymode.undo_to(engine, source, lsn, branch)
+        return branch
     pool = engine.pool
     async with engine.writing(branch):
         for state in branch_states(engine, source):
             ns = f"{state.db}.{state.coll}"
-            pipeline = [{"$match": {**later, "ns": ns}}, {"$sort": {"_id": 1}},
-                        {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
+            ids_pipeline = [{"$match": {**any_later, "ns": ns}}, {"$group": {"_id": "$id"}}]
             mine: NsState | None = None
-            async for batch in pool.batches(engine.meta_db, {
-                    "aggregate": "wal", "pipeline": pipeline, "cursor": {},
+            async for group in pool.batches(engine.meta_db, {
+                    "aggregate": "wal", "pipeline": ids_pipeline, "cursor": {},
                     "allowDiskUse": True}):
+                restore = await _images_then(engine, source, state, lsn,
+                                             [g["_id"] for g in group])
+                if not restore:
+                    continue
                 if mine is None:
                     mine = await engine.ensure_state(branch, state.db, state.coll, pool)
                     await engine.mark_dirty(mine)
-                ids = [d["_id"] for d in batch]
-                pres = [image(d["first"], "pre") for d in batch]
-                docs = [p for p in pres if p is not None]
+                ids = [i for i, _, _ in restore]
+                docs = [img for _, _, img in restore if img is not None]
                 if docs:
                     await pool(state.db, {"insert": mine.live, "documents": docs,
                                           "ordered": False})
                 await pool(state.db, {"insert": mine.hidden,
                                       "documents": [{"_id": i} for i in ids], "ordered": False})
                 mine.hide(ids)
+                # Pre-images are the source's documents now, what the new branch hides:
+                # merging it back finds no conflict unless the source changes them again.
                 await engine.log_changes(branch, [
-                    Change(ns, d["_id"], PUT, None, pre) if pre is not None
-                    else Change(ns, d["_id"], DELETE, None, None)
-                    for d, pre in zip(batch, pres, strict=True)], {"app": "mongobranch"})
+                    Change(ns, i, PUT, now, img) if img is not None
+                    else Change(ns, i, DELETE, now, None) for i, now, img in restore],
+                    {"app": "mongobranch"})
     return branch
+
+
+async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
+                       ids: list[Any]) -> list[tuple[Any, Any, Any]]:
+    """(id, image now, image at lsn) for the ids whose image differs; None: absent."""
+    pool = engine.pool
+    ns = f"{state.db}.{state.coll}"
+    then: dict[Any, dict[str, Any] | None] = {}
+    fold = [{"$match": {**visible_at(source, lsn), "ns": ns, "id": {"$in": ids}}},
+            {"$sort": {"_id": 1}},
+            {"$group": {"_id": "$id", "last": {"$last": "$$ROOT"}}}]
+    async for batch in pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": fold, "cursor": {}, "allowDiskUse": True}):
+        for doc in batch:
+            last = doc["last"]
+            then[idkey(doc["_id"])] = image(last, "post") if last["op"] == PUT else None
+    firsts = [{"$match": {"b": source.bid, "ns": ns, "id": {"$in": ids}, "_id": {"$gt": lsn}}},
+              {"$sort": {"_id": 1}},
+              {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
+    async for batch in pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True}):
+        for doc in batch:
+            then.setdefault(idkey(doc["_id"]), image(doc["first"], "pre"))
+    now = await _by_id(reader.view_batches(pool, state.db, state.coll,
+                                           engine.layers(source, state.db, state.coll),
+                                           {"_id": {"$in": ids}}))
+    out = []
+    for value in ids:
+        key = idkey(value)
+        if key not in then:
+            continue  # read through the parent then as now
+        img, cur = then[key], now.get(key)
+        if not _equal(img, cur):
+            out.append((value, cur, img))
+    return out

@@ -150,6 +150,20 @@ _SIDE_FIELDS = ("let", "maxTimeMS", "comment", "readConcern", "lsid", "allowDisk
                 "$readPreference", "collation", "apiVersion", "apiStrict")
 
 
+async def _open_direct(run: Runner, db: str, coll: str, side: Side, cmd: dict[str, Any],
+                       first: int) -> MergedCursor | None:
+    """One collection holds the whole view (a copy branch, a dropped-and-refilled
+    collection): the user's find runs on it unchanged, every option included; only
+    the cursor's namespace is the proxy's to keep."""
+    sub = {k: v for k, v in cmd.items() if k not in ("find", "$db", "singleBatch")}
+    reply = await run.reply(db, {"find": side.coll, **sub, "batchSize": first})
+    if not reply.get("ok"):
+        return None
+    side.cursor_id = reply["cursor"]["id"]
+    side.accept(reply["cursor"]["firstBatch"])
+    return MergedCursor(db, coll, [side], None, 0, None, cmd.get("lsid"))
+
+
 def mergeable(cmd: dict[str, Any], layers: list[NsState]) -> bool:
     """Whether the proxy can merge plain finds (DESIGN §5) instead of a server-side union."""
     if any(layer.hidden_ids is None for layer in layers):
@@ -181,9 +195,11 @@ async def open_find(run: Runner, db: str, coll: str, layers: list[NsState],
     server-side union must answer: the find is not mergeable, or a side refused it
     (SecantusDB fails sortKey projections over array fields that mongod computes; a bad
     query then gets the upstream's own error from the union)."""
+    sides = plan_sides(coll, layers, skip_top_live)
+    if len(sides) == 1 and not sides[0].hidden:
+        return await _open_direct(run, db, coll, sides[0], cmd, first)
     if not mergeable(cmd, layers):
         return None
-    sides = plan_sides(coll, layers, skip_top_live)
     sort = cmd.get("sort") or {}
     projection = dict(cmd.get("projection") or {})
     if sort:

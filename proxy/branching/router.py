@@ -20,6 +20,10 @@ ADMIN: dict[str, Handler] = {
     "listBranches": admin.list_branches,
     "branchInfo": admin.branch_info,
     "dropBranch": admin.drop_branch,
+    "branchLog": admin.branch_log,
+    "branchDiff": admin.branch_diff,
+    "mergeBranch": admin.merge_branch,
+    "resetBranch": admin.reset_branch,
 }
 
 BRANCH: dict[str, Handler] = {

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import bson
+
+from proxy.branching import history
 from proxy.branching.commands.base import SESSION_FIELDS, Request
 from proxy.branching.engine import MAIN
 from proxy.branching.errors import BranchError, CommandError
@@ -17,7 +21,11 @@ def as_command_error(exc: BranchError) -> CommandError:
     return CommandError(code, name, str(exc))
 
 
-_CREATE_FIELDS = {"createBranch", "from", "port", *SESSION_FIELDS}
+_CREATE_FIELDS = {"createBranch", "from", "port", "at", *SESSION_FIELDS}
+# branchDiff answers in one document: beyond this many changes (or bytes) it refers the
+# user to the HTTP API, which streams.
+DIFF_LIMIT = 10_000
+DIFF_BYTES = 12 * 1024 * 1024
 
 
 def _admin_only(req: Request) -> None:
@@ -43,8 +51,15 @@ async def create_branch(req: Request) -> dict[str, Any]:
         raise CommandError(2, "BadValue",
                            f"createBranch: unknown field(s): {', '.join(unknown)}")
     try:
-        branch = await req.engine.create_branch(cmd.get("createBranch"), cmd.get("from", MAIN),
-                                                cmd.get("port"))
+        if cmd.get("at") is not None:
+            at = cmd["at"]
+            if isinstance(at, float) and at.is_integer():
+                at = int(at)  # the shell may send numbers as doubles
+            branch = await history.create_at(req.engine, cmd.get("createBranch"),
+                                             cmd.get("from", MAIN), at, cmd.get("port"))
+        else:
+            branch = await req.engine.create_branch(cmd.get("createBranch"),
+                                                    cmd.get("from", MAIN), cmd.get("port"))
     except BranchError as exc:
         raise as_command_error(exc) from exc
     return {**branch.public(req.engine.host), "ok": 1.0}
@@ -79,3 +94,103 @@ async def drop_branch(req: Request) -> dict[str, Any]:
     except BranchError as exc:
         raise as_command_error(exc) from exc
     return {"ok": 1.0}
+
+
+# -- history -------------------------------------------------------------------------------
+def _only(req: Request, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(k for k in req.cmd
+                     if k != req.name and k not in allowed and k not in SESSION_FIELDS
+                     and not k.startswith("$"))
+    if unknown:
+        raise CommandError(2, "BadValue", f"{req.name}: unknown field(s): {', '.join(unknown)}")
+
+
+def _optional_int(req: Request, key: str) -> int | None:
+    value = req.cmd.get(key)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # the shell sends numbers as doubles
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CommandError(2, "BadValue", f"{req.name}: {key} must be an integer, "
+                                          f"got {value!r}")
+    return value
+
+
+async def branch_log(req: Request) -> dict[str, Any]:
+    """{branchLog: name, limit?, beforeLsn?}: WAL entries, newest first."""
+    _admin_only(req)
+    _only(req, ("limit", "beforeLsn"))
+    name = _target(req)
+    limit = _optional_int(req, "limit")
+    try:
+        entries = await history.log(req.engine, name, 100 if limit is None else limit,
+                                    _optional_int(req, "beforeLsn"))
+    except BranchError as exc:
+        raise as_command_error(exc) from exc
+    return {"branch": name, "entries": entries, "ok": 1.0}
+
+
+async def branch_diff(req: Request) -> dict[str, Any]:
+    """{branchDiff: name}: the changes in one document, up to DIFF_LIMIT of them."""
+    _admin_only(req)
+    _only(req, ())
+    name = _target(req)
+    try:
+        branch = req.engine.get(name)
+        changes: list[dict[str, Any]] = []
+        summary: dict[str, Any] = {}
+        size = 0
+        async with contextlib.aclosing(history.diff(req.engine, name)) as stream:
+            async for change in stream:
+                size += len(bson.encode(change))
+                if len(changes) >= DIFF_LIMIT or size > DIFF_BYTES:
+                    what = (f"more than {DIFF_LIMIT} changes" if len(changes) >= DIFF_LIMIT
+                            else f"more than {DIFF_BYTES // (1024 * 1024)} MiB of changes")
+                    raise CommandError(
+                        10334, "BSONObjectTooLarge",
+                        f"branchDiff: branch {name!r} has {what}, too many for one reply; "
+                        f"use the admin HTTP API, which streams the diff: GET "
+                        f"/branches/{name}/diff (or `mongobranch branch diff {name} --json`)")
+                history.summarize(summary, change)
+                changes.append(change)
+    except BranchError as exc:
+        raise as_command_error(exc) from exc
+    return {"branch": name, "parent": branch.parent, "changes": changes, "summary": summary,
+            "ok": 1.0}
+
+
+async def merge_branch(req: Request) -> dict[str, Any]:
+    """{mergeBranch: name, into?, strategy?, dryRun?}. Conflicts under strategy abort are
+    an error (nothing was merged) carrying the full result, conflicts included."""
+    _admin_only(req)
+    _only(req, ("into", "strategy", "dryRun"))
+    name = _target(req)
+    try:
+        result = await history.merge(req.engine, name, req.cmd.get("into"),
+                                     req.cmd.get("strategy", "abort"),
+                                     req.cmd.get("dryRun", False))
+    except BranchError as exc:
+        raise as_command_error(exc) from exc
+    if result["strategy"] == "abort" and result["conflicts"] and not result["dry_run"]:
+        raise CommandError(117, "ConflictingOperationInProgress",
+                           f"merge of {name!r} into {result['into']!r} aborted: "
+                           f"{len(result['conflicts'])} conflict(s); nothing was changed. "
+                           "Re-run with strategy 'ours' or 'theirs'", **result)
+    return {**result, "ok": 1.0}
+
+
+async def reset_branch(req: Request) -> dict[str, Any]:
+    """{resetBranch: name, to: LSN | ISO-8601 time}."""
+    _admin_only(req)
+    _only(req, ("to",))
+    name = _target(req)
+    if "to" not in req.cmd:
+        raise CommandError(2, "BadValue", "resetBranch needs 'to': an LSN or an ISO-8601 time")
+    to = req.cmd["to"]
+    if isinstance(to, float) and to.is_integer():
+        to = int(to)
+    try:
+        return {**await history.reset(req.engine, name, to), "ok": 1.0}
+    except BranchError as exc:
+        raise as_command_error(exc) from exc

@@ -32,10 +32,10 @@ def _point_source(layers: list[NsState], value: Any) -> str | bool | None:
         hidden = layer.hides(value)
         if hidden is None:
             return True
-        if hidden:
+        if hidden or layer.base_dropped:
+            # Hidden: this layer owns the id. Dropped: nothing below shows through, so
+            # the id is in this layer's live documents or nowhere.
             return layer.live
-        if layer.base_dropped:
-            return False
     return None
 
 
@@ -112,7 +112,13 @@ async def _merged_find(req: Request, coll: str,
     cursor = await merge.open_find(req.run, req.db, coll, layers, cmd, first)
     if cursor is None:
         return None
-    docs = await cursor.batch(req.run, first)
+    try:
+        docs = await cursor.batch(req.run, first)
+    except CommandError:
+        # A side refused a getMore (SecantusDB's sortKey over an empty array): the
+        # server-side union answers instead.
+        await cursor.close(req.run)
+        return None
     cursor_id = 0
     single = bool(cmd.get("singleBatch")) or int(cmd.get("limit") or 0) < 0
     if single or cursor.done:

@@ -136,6 +136,8 @@ class Writer:
 
     async def in_live(self, ids: list[Any]) -> set[Any]:
         """Which of these visible ids the branch's own overlay already holds."""
+        if self.state.base_dropped:
+            return {idkey(i) for i in ids}  # nothing shows through: all are its own
         known = [self.state.hides(i) for i in ids]
         if all(k is not None for k in known):
             return {idkey(i) for i, k in zip(ids, known, strict=True) if k}
