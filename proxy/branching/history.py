@@ -92,6 +92,36 @@ async def _by_id(batches: AsyncIterator[list[dict[str, Any]]]) -> dict[Any, dict
     return {idkey(d["_id"]): d async for batch in batches for d in batch}
 
 
+# Ids per $in lookup: a few round trips per batch; SecantusDB's $in costs grow with the
+# square of the list.
+IN_CHUNK = 100
+
+
+def _chunks(ids: list[Any]) -> list[list[Any]]:
+    return [ids[i:i + IN_CHUNK] for i in range(0, len(ids), IN_CHUNK)]
+
+
+async def _find_ids(engine: Engine, db: str, coll: str,
+                    ids: list[Any]) -> dict[Any, dict[str, Any]]:
+    """The documents of a plain collection (an overlay) with these ids, by idkey."""
+    out: dict[Any, dict[str, Any]] = {}
+    for chunk in _chunks(ids):
+        out.update(await _by_id(engine.pool.batches(db, {
+            "find": coll, "filter": {"_id": {"$in": chunk}}}, BATCH)))
+    return out
+
+
+async def _view_ids(engine: Engine, db: str, coll: str, layers: list[NsState], ids: list[Any],
+                    project_id: bool = False) -> dict[Any, dict[str, Any]]:
+    """The documents of a view (no layers: the base) with these ids, by idkey."""
+    out: dict[Any, dict[str, Any]] = {}
+    for chunk in _chunks(ids):
+        out.update(await _by_id(reader.view_batches(engine.pool, db, coll, layers,
+                                                    {"_id": {"$in": chunk}},
+                                                    project_id=project_id)))
+    return out
+
+
 def _classify(ns: str, key_id: Any, parent: dict[str, Any] | None,
               mine: dict[str, Any] | None) -> dict[str, Any] | None:
     if parent is None and mine is None:
@@ -140,22 +170,25 @@ async def replaced(engine: Engine, branch: Branch, state: NsState) -> bool:
     return marker is not None
 
 
-async def touched_ids(engine: Engine, branch: Branch,
-                      state: NsState) -> AsyncIterator[list[Any]]:
-    """Batches of the ids a branch changed in a collection: its hidden set, or for a copy
-    branch (whose copy hides everything) the ids in its visible WAL entries."""
-    if branch.mode != "copy":
-        async for batch in engine.pool.batches(state.db, {"find": state.hidden,
-                                                          "sort": {"_id": 1}}, BATCH):
-            yield [d["_id"] for d in batch]
-        return
+async def touched(engine: Engine, branch: Branch,
+                  state: NsState) -> AsyncIterator[list[tuple[Any, dict[str, Any] | None]]]:
+    """Batches of the ids a branch changed in a collection, in _id order, each with the
+    parent image the branch saw when it first touched it (None: absent then).
+
+    One pass over the branch's visible WAL entries for the collection: the logged ids
+    are the hidden set (rematerialization rebuilds one from the other), and the first
+    pre-images come with them, with no per-batch lookup in the WAL (which has no index
+    on ids)."""
     pipeline = [{"$match": {"b": branch.bid, "ns": f"{state.db}.{state.coll}",
                             "op": {"$nin": list(RESETS)}, **branch.visible()}},
-                {"$group": {"_id": "$id"}}]
+                {"$sort": {"_id": 1}},
+                {"$group": {"_id": "$id", "pre": {"$first": "$pre"},
+                            "prez": {"$first": "$prez"}}},
+                {"$sort": {"_id": 1}}]
     async for batch in engine.pool.batches(engine.meta_db, {
             "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
             BATCH):
-        yield [d["_id"] for d in batch]
+        yield [(d["_id"], image(d, "pre")) for d in batch]
 
 
 async def parent_collection(engine: Engine, branch: Branch, db: str,
@@ -195,17 +228,14 @@ async def _diff_replaced(engine: Engine, state: NsState,
     pool = engine.pool
     ns = f"{state.db}.{state.coll}"
     async for batch in reader.view_batches(pool, state.db, state.coll, layers, {}):
-        ids = [d["_id"] for d in batch]
-        mine = await _by_id(pool.batches(state.db, {
-            "find": state.live, "filter": {"_id": {"$in": ids}}}, BATCH))
+        mine = await _find_ids(engine, state.db, state.live, [d["_id"] for d in batch])
         for doc in batch:
             change = _classify(ns, doc["_id"], doc, mine.get(idkey(doc["_id"])))
             if change is not None:
                 yield change
     async for batch in pool.batches(state.db, {"find": state.live}, BATCH):
-        ids = [d["_id"] for d in batch]
-        theirs = await _by_id(reader.view_batches(pool, state.db, state.coll, layers,
-                                                  {"_id": {"$in": ids}}, project_id=True))
+        theirs = await _view_ids(engine, state.db, state.coll, layers,
+                                 [d["_id"] for d in batch], project_id=True)
         for doc in batch:
             if idkey(doc["_id"]) not in theirs:
                 yield {"ns": ns, "op": "insert", "_id": doc["_id"], "parent": None,
@@ -259,20 +289,6 @@ class MergeResult:
                 "dry_run": self.dry_run, "applied": self.applied,
                 "conflicts": self.conflicts, "skipped_conflicts": self.skipped,
                 "collections": self.collections}
-
-
-async def _first_pres(engine: Engine, branch: Branch, ns: str,
-                      ids: list[Any]) -> dict[Any, dict[str, Any] | None]:
-    """For each id, the parent image the branch saw when it first touched it."""
-    match = {"b": branch.bid, "ns": ns, "id": {"$in": ids}, **branch.visible()}
-    pipeline = [{"$match": match}, {"$sort": {"_id": 1}},
-                {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
-    out: dict[Any, dict[str, Any] | None] = {}
-    async for batch in engine.pool.batches(engine.meta_db, {
-            "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True}):
-        for doc in batch:
-            out[idkey(doc["_id"])] = image(doc["first"], "pre")
-    return out
 
 
 async def merge(engine: Engine, name: str, into: Any = None, strategy: Any = "abort",
@@ -340,47 +356,56 @@ async def _scan(engine: Engine, branch: Branch, result: MergeResult, *, apply: b
 
 async def _documents(engine: Engine, branch: Branch, state: NsState, result: MergeResult,
                      applier: Applier | None) -> None:
-    pending: list[dict[str, Any]] = []
+    pending: list[tuple[dict[str, Any], Any]] = []
     layers = parent_layers(engine, branch, state.db, state.coll)
-    source = (_diff_replaced(engine, state, layers) if await replaced(engine, branch, state)
-              else diff_state(engine, branch, state))
-    async for change in source:
-        pending.append(change)
+    if await replaced(engine, branch, state):
+        # The whole collection is the branch's: no per-document conflicts.
+        source: AsyncIterator[tuple[dict[str, Any], Any]] = (
+            (change, _UNSEEN) async for change in _diff_replaced(engine, state, layers))
+    else:
+        source = _state_changes(engine, branch, state)
+    async for pair in source:
+        pending.append(pair)
         if len(pending) >= BATCH:
-            await _merge_batch(engine, branch, state, pending, result, applier)
+            await _merge_batch(state, pending, result, applier)
             pending = []
     if pending:
-        await _merge_batch(engine, branch, state, pending, result, applier)
+        await _merge_batch(state, pending, result, applier)
+
+
+# The first pre-image of a change whose collection the branch replaced: not compared.
+_UNSEEN = object()
 
 
 async def diff_state(engine: Engine, branch: Branch,
                      state: NsState) -> AsyncIterator[dict[str, Any]]:
-    pool = engine.pool
+    async for change, _ in _state_changes(engine, branch, state):
+        yield change
+
+
+async def _state_changes(engine: Engine, branch: Branch, state: NsState,
+                         ) -> AsyncIterator[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """(change, first pre-image) for each document the branch changed in a collection
+    it did not replace."""
     ns = f"{state.db}.{state.coll}"
     layers = parent_layers(engine, branch, state.db, state.coll)
-    async for ids in touched_ids(engine, branch, state):
-        mine = await _by_id(pool.batches(state.db, {
-            "find": state.live, "filter": {"_id": {"$in": ids}}}, BATCH))
-        theirs = await _by_id(reader.view_batches(pool, state.db, state.coll, layers,
-                                                  {"_id": {"$in": ids}}))
-        for value in ids:
+    async for batch in touched(engine, branch, state):
+        ids = [value for value, _ in batch]
+        mine = await _find_ids(engine, state.db, state.live, ids)
+        theirs = await _view_ids(engine, state.db, state.coll, layers, ids)
+        for value, first in batch:
             change = _classify(ns, value, theirs.get(idkey(value)), mine.get(idkey(value)))
             if change is not None:
-                yield change
+                yield change, first
 
 
-async def _merge_batch(engine: Engine, branch: Branch, state: NsState,
-                       changes: list[dict[str, Any]], result: MergeResult,
-                       applier: Applier | None) -> None:
+async def _merge_batch(state: NsState, changes: list[tuple[dict[str, Any], Any]],
+                       result: MergeResult, applier: Applier | None) -> None:
     ns = f"{state.db}.{state.coll}"
-    firsts = {} if await replaced(engine, branch, state) else await _first_pres(
-        engine, branch, ns, [c["_id"] for c in changes])
     chosen = []
-    for change in changes:
-        key = idkey(change["_id"])
-        first = firsts.get(key)
+    for change, first in changes:
         current = change["parent"]
-        conflict = key in firsts and not _equal(current, first)
+        conflict = first is not _UNSEEN and not _equal(current, first)
         if conflict:
             if len(result.conflicts) < 1000:
                 result.conflicts.append({"ns": ns, "_id": change["_id"], "op": change["op"],
@@ -520,13 +545,11 @@ async def _freeze_into(engine: Engine, parent: Branch, child: Branch) -> int:
         ns = f"{state.db}.{state.coll}"
         async for batch in pool.batches(state.db, {"find": state.hidden}, BATCH):
             ids = [d["_id"] for d in batch]
-            owned = await _by_id(pool.batches(state.db, {
-                "find": mine.hidden, "filter": {"_id": {"$in": ids}}}, BATCH))
+            owned = await _find_ids(engine, state.db, mine.hidden, ids)
             fresh = [i for i in ids if idkey(i) not in owned]
             if not fresh:
                 continue
-            docs = await _by_id(pool.batches(state.db, {
-                "find": state.live, "filter": {"_id": {"$in": fresh}}}, BATCH))
+            docs = await _find_ids(engine, state.db, state.live, fresh)
             live = list(docs.values())
             if live:
                 await pool(state.db, {"insert": mine.live, "documents": live,
@@ -632,9 +655,8 @@ async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
             "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True}):
         for doc in batch:
             then.setdefault(idkey(doc["_id"]), image(doc["first"], "pre"))
-    now = await _by_id(reader.view_batches(pool, state.db, state.coll,
-                                           engine.layers(source, state.db, state.coll),
-                                           {"_id": {"$in": ids}}))
+    now = await _view_ids(engine, state.db, state.coll,
+                          engine.layers(source, state.db, state.coll), ids)
     out = []
     for value in ids:
         key = idkey(value)
