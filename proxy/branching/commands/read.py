@@ -196,9 +196,14 @@ async def count(req: Request) -> dict[str, Any] | None:
         total += int((await req.run(req.db, sub))["n"])
         hidden = [v for ids in side.hidden for v in ids.values()]
         if hidden:
-            sub["query"] = {"$and": [filt, {"_id": {"$in": hidden}}]} if filt else \
-                {"_id": {"$in": hidden}}
-            total -= int((await req.run(req.db, sub))["n"])
+            # The ids first (an index lookup), the user's filter over just those.
+            stages: list[dict[str, Any]] = [{"$match": {"_id": {"$in": hidden}}}]
+            if filt:
+                stages.append({"$match": filt})
+            agg = carry(cmd, {"aggregate": side.coll, "cursor": {},
+                              "pipeline": [*stages, {"$count": "n"}]}, _COUNT_CARRY)
+            batch = (await req.run(req.db, agg))["cursor"]["firstBatch"]
+            total -= int(batch[0]["n"]) if batch else 0
     total = max(0, total - int(cmd.get("skip") or 0))
     limit = abs(int(cmd.get("limit") or 0))
     return {"n": min(total, limit) if limit else total, "ok": 1.0}

@@ -464,7 +464,7 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
         copied = await writer.copy_on_write(pres)
         reply = await writer.run(_with_let(req, {
             "update": writer.state.live,
-            "updates": [{**base_stmt, "q": {"$and": [q, {"_id": {"$in": chunk}}]},
+            "updates": [{**base_stmt, "q": _by_id(q, stmt.get("u"), {"$in": chunk}),
                          "multi": multi}]}))
         since = len(writer.changes)
         await writer.record_puts(pres, copied)
@@ -485,28 +485,39 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
 
 async def _update_one(writer: Writer, stmt: dict[str, Any], q: dict[str, Any],
                       pre: dict[str, Any], index: int) -> dict[str, Any]:
-    """A single-document update as findAndModify on the overlay: the server applies the
-    statement and hands back the post-image in the same round trip."""
+    """A single-document update, addressed to the overlay by _id (which every server
+    answers from the index) rather than by the user's filter again."""
     copied = await writer.copy_on_write([pre])
-    cmd: dict[str, Any] = {"findAndModify": writer.state.live,
-                           "query": {"$and": [q, {"_id": pre["_id"]}]},
-                           "update": stmt.get("u"), "new": True}
-    for key in ("arrayFilters", "collation", "hint", "bypassDocumentValidation"):
-        if key in stmt:
-            cmd[key] = stmt[key]
-    reply = await writer.run(_with_let(writer.req, cmd))
-    post = reply.get("value") if reply.get("ok") else None
-    if post is None or same(pre, post):
-        await writer.uncopy(copied)
-        if not reply.get("ok"):
-            return {"error": _stmt_error(index, reply)}
-        return {"n": int(reply["lastErrorObject"].get("n", 0)), "nModified": 0}
+    base_stmt = {k: v for k, v in stmt.items() if k not in ("q", "multi", "upsert", "sort")}
+    reply = await writer.run(_with_let(writer.req, {
+        "update": writer.state.live,
+        "updates": [{**base_stmt, "q": _by_id(q, stmt.get("u"), pre["_id"])}]}))
     since = len(writer.changes)
-    writer.changes.append(Change(writer.ns, pre["_id"], PUT, pre, post))
+    await writer.record_puts([pre], copied)
+    if not reply.get("ok"):
+        return {"error": _stmt_error(index, reply)}
+    if reply.get("writeErrors"):
+        return {"n": 0, "nModified": 0, "error": {**reply["writeErrors"][0], "index": index}}
     clash = await writer.reject_collisions(since, copied)
     if clash is not None:
         return {"n": 0, "nModified": 0, "error": {**clash, "index": index}}
-    return {"n": 1, "nModified": 1}
+    return {"n": int(reply.get("n", 0)), "nModified": int(reply.get("nModified", 0))}
+
+
+def _positional(update: Any) -> bool:
+    """Whether an update uses the positional $ operator, which needs the user's filter."""
+    if not isinstance(update, dict):
+        return False
+    return any(key == "$" or key.endswith(".$") or ".$." in key
+               for fields in update.values() if isinstance(fields, dict) for key in fields)
+
+
+def _by_id(q: dict[str, Any], update: Any, ids: Any) -> dict[str, Any]:
+    """The filter for an overlay write on documents already matched: their ids (indexed on
+    every server), with the user's filter kept only where the positional $ needs it."""
+    if _positional(update):
+        return {"$and": [q, {"_id": ids}]}
+    return {"_id": ids}
 
 
 def _with_let(req: Request, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -567,47 +578,78 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
     cmd = req.cmd
     q = cmd.get("query") or {}
     options: dict[str, Any] = {k: cmd[k] for k in ("collation", "hint", "let") if k in cmd}
-    passthrough = {k: v for k, v in cmd.items()
-                   if k in ("remove", "update", "new", "fields", "arrayFilters", "collation",
-                            "let", "bypassDocumentValidation")}
     async with req.engine.writing(req.on_branch):
         writer = await begin(req, coll)
         pres = [d async for batch in writer.view_docs(q, sort=cmd.get("sort"), limit=1,
                                                        options=options) for d in batch]
+        live = writer.state.live
+
+        async def projected(doc_id: Any) -> dict[str, Any] | None:
+            """The document as findAndModify returns it: with the user's fields projection,
+            computed by the server."""
+            find: dict[str, Any] = {"find": live, "filter": {"_id": doc_id}, "limit": 1,
+                                    "singleBatch": True}
+            if cmd.get("fields"):
+                find["projection"] = cmd["fields"]
+            batch = (await writer.check(find))["cursor"]["firstBatch"]
+            return batch[0] if batch else None
+
+        statement: dict[str, Any] = {k: cmd[k] for k in ("arrayFilters", "collation", "hint")
+                                     if k in cmd}
+        write_opts: dict[str, Any] = {k: cmd[k] for k in ("let", "bypassDocumentValidation")
+                                      if k in cmd}
         if pres:
             pre = pres[0]
             copied = await writer.copy_on_write([pre])
-            reply = await writer.run({"findAndModify": writer.state.live,
-                                      "query": {"$and": [q, {"_id": pre["_id"]}]},
-                                      **passthrough})
-            if cmd.get("remove") and reply.get("ok") and reply.get("value") is not None:
+            value = None if cmd.get("new") and not cmd.get("remove") else \
+                await projected(pre["_id"])
+            if cmd.get("remove"):
+                await writer.check({"delete": live,
+                                    "deletes": [{"q": {"_id": pre["_id"]}, "limit": 1}]})
                 writer.changes.append(Change(writer.ns, pre["_id"], DELETE, pre, None))
-            else:
-                since = len(writer.changes)
-                await writer.record_puts([pre], copied)
-                clash = await writer.reject_collisions(since, copied)
-                if clash is not None:
-                    return _dup_reply(clash)
-            return await finish(req, writer, _fam_reply(reply))
+                return await finish(req, writer, {"lastErrorObject": {"n": 1},
+                                                  "value": value, "ok": 1.0})
+            reply = await writer.run({"update": live, **write_opts, "updates": [{
+                **statement, "q": _by_id(q, cmd.get("update"), pre["_id"]),
+                "u": cmd.get("update")}]})
+            since = len(writer.changes)
+            await writer.record_puts([pre], copied)
+            if not reply.get("ok") or reply.get("writeErrors"):
+                return _fam_error(reply)
+            clash = await writer.reject_collisions(since, copied)
+            if clash is not None:
+                return _dup_reply(clash)
+            if cmd.get("new"):
+                value = await projected(pre["_id"])
+            return await finish(req, writer, {
+                "lastErrorObject": {"n": 1, "updatedExisting": True}, "value": value,
+                "ok": 1.0})
         if not cmd.get("upsert") or cmd.get("remove"):
             return await finish(req, writer, {
                 "lastErrorObject": {"n": 0, "updatedExisting": False}, "value": None, "ok": 1.0})
-        reply = await writer.run({"findAndModify": writer.state.live, "query": q,
-                                  "upsert": True, **passthrough})
-        if not reply.get("ok"):
-            return _fam_reply(reply)
-        new_id = reply.get("lastErrorObject", {}).get("upserted")
-        if new_id is not None:
-            dup = await writer.upserted(new_id)
-            if dup is not None:
-                return _dup_reply(dup)
-        return await finish(req, writer, _fam_reply(reply))
+        reply = await writer.run({"update": live, **write_opts, "updates": [{
+            **statement, "q": q, "u": cmd.get("update"), "upsert": True}]})
+        if not reply.get("ok") or reply.get("writeErrors"):
+            return _fam_error(reply)
+        new_id = reply["upserted"][0]["_id"]
+        dup = await writer.upserted(new_id)
+        if dup is not None:
+            return _dup_reply(dup)
+        return await finish(req, writer, {
+            "lastErrorObject": {"n": 1, "updatedExisting": False, "upserted": new_id},
+            "value": await projected(new_id) if cmd.get("new") else None, "ok": 1.0})
+
+
+def _fam_error(reply: dict[str, Any]) -> dict[str, Any]:
+    """An update's failure, shaped as findAndModify reports it (a command error)."""
+    err = reply["writeErrors"][0] if reply.get("writeErrors") else reply
+    out = {"ok": 0.0, "errmsg": err.get("errmsg", ""), "code": err.get("code", 8)}
+    for key in ("codeName", "errInfo", "keyPattern", "keyValue"):
+        if key in err:
+            out[key] = err[key]
+    return out
 
 
 def _dup_reply(err: dict[str, Any]) -> dict[str, Any]:
     return {"ok": 0.0, "errmsg": err["errmsg"], "code": DUP_KEY, "codeName": "DuplicateKey",
             "keyPattern": err["keyPattern"], "keyValue": err["keyValue"]}
-
-
-def _fam_reply(reply: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in reply.items() if k not in ("$clusterTime", "operationTime")}
