@@ -18,6 +18,7 @@ from proxy.branching import gc
 from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
 from proxy.branching.router import EngineRouter
+from proxy.config import Config
 from proxy.embedded import EmbeddedServer
 from proxy.net.handshake import Topology
 from proxy.net.server import Listener
@@ -56,6 +57,10 @@ class ServeOptions:
     # Periodic WAL retention ("7d"); None leaves gc to `mongobranch gc`.
     gc_retention: str | None = None
     gc_interval: float = 3600.0
+    # Feature flags; None: from the environment, the config file or the default.
+    config_path: str | None = None
+    default_mode: str | None = None
+    allow_wal: bool | None = None
 
 
 class BranchPorts:
@@ -122,6 +127,8 @@ class Proxy:
         )
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
                              host=host)
+        self.engine.config = Config.load(opts.config_path, flags={
+            "default_mode": opts.default_mode, "allow_wal": opts.allow_wal})
         self.ports = BranchPorts(self, host)
         self.engine.ports = self.ports
         if not await self._start_engine():

@@ -66,7 +66,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
                                                  body.get("port"))
             else:
                 branch = await engine.create_branch(body.get("name"), body.get("from", MAIN),
-                                                    body.get("port"), body.get("mode", "wal"))
+                                                    body.get("port"), body.get("mode"))
         except BranchError as exc:
             return _error(exc.status, str(exc))
         return web.json_response(branch.public(engine.host), status=201)
@@ -154,6 +154,10 @@ def add_routes(app: web.Application, engine: Engine) -> None:
         except BranchError as exc:
             return _error(exc.status, str(exc))
 
+    async def config(_request: web.Request) -> web.Response:
+        return _json(engine.config.to_json())
+
+    app.router.add_get("/config", config)
     app.router.add_post("/gc", collect)
     app.router.add_get("/branches/{name}/log", log)
     app.router.add_get("/branches/{name}/diff", diff)

@@ -20,6 +20,7 @@ from proxy.branching.merge import CursorTable
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner, pooled
 from proxy.branching.wal import CREATE, RESETS, Change, Wal, image
+from proxy.config import Config
 
 log = logging.getLogger("mongobranch.engine")
 
@@ -50,6 +51,7 @@ class Engine:
         self.states: dict[str, NsState] = {}
         self.ports: Ports | None = None
         self.cursors = CursorTable()
+        self.config = Config()
         # Why branching is unavailable (None once start() succeeded).
         self.unavailable: str | None = "branch engine is starting"
         self._locks: dict[str, asyncio.Lock] = {}
@@ -133,12 +135,18 @@ class Engine:
         raise BranchError(409, f"no free port left in {self.port_range[0]}-{self.port_range[1]}")
 
     async def create_branch(self, name: Any, parent: Any = MAIN, port: Any = None,
-                            mode: Any = "wal", progress: Any = None) -> Branch:
+                            mode: Any = None, progress: Any = None) -> Branch:
         """A metadata insert and a listener; a copy branch first copies its parent's data,
-        so no client ever sees it half-copied."""
+        so no client ever sees it half-copied. Without a mode, the feature flags choose."""
         self.check_ready()
-        if mode not in ("wal", "copy"):
+        if mode is not None and mode not in ("wal", "copy"):
             raise BranchError(400, f"mode must be 'wal' or 'copy', got {mode!r}")
+        if isinstance(name, str):
+            mode, why = self.config.mode_for(name, mode)
+            if mode == "wal" and not self.config.allow_wal.value:
+                raise BranchError(403, f"WAL branches are disabled (allow_wal=false, from "
+                                       f"{self.config.allow_wal.source}); the mode came from "
+                                       f"{why}: create it with mode \"copy\"")
         if not naming.valid_branch_name(name):
             raise BranchError(400, "branch name must match [A-Za-z0-9._-]{1,64} and not be "
                                    f"'main', got {name!r}")

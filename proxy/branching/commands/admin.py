@@ -13,7 +13,8 @@ from proxy.branching.engine import MAIN
 from proxy.branching.errors import BranchError, CommandError
 
 _CODES = {400: (2, "BadValue"), 404: (26, "NamespaceNotFound"),
-          409: (117, "ConflictingOperationInProgress"), 503: (6, "HostUnreachable")}
+          403: (20, "IllegalOperation"), 409: (117, "ConflictingOperationInProgress"),
+          503: (6, "HostUnreachable")}
 
 
 def as_command_error(exc: BranchError) -> CommandError:

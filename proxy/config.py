@@ -1,0 +1,129 @@
+"""Feature flags: command-line flags over MONGOBRANCH_* environment variables over a
+TOML file over defaults. Every effective value remembers where it came from, so
+`GET /config` and `mongobranch config` can say why a setting is what it is.
+
+```toml
+default_mode = "wal"        # mode of new branches: "wal" or "copy"
+allow_wal = true            # false: creating a WAL branch is refused; existing ones serve
+
+[[overrides]]               # per-branch overrides, first match wins
+match = "perf-*"            # a branch name or fnmatch pattern
+mode = "copy"
+```
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("wal", "copy")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Setting:
+    value: Any
+    source: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "source": self.source}
+
+
+def _bool(text: Any, where: str) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{where}: expected true or false, got {text!r}")
+
+
+def _mode(text: Any, where: str) -> str:
+    if text not in MODES:
+        raise ConfigError(f"{where}: mode must be one of {', '.join(MODES)}, got {text!r}")
+    return str(text)
+
+
+@dataclass
+class Config:
+    default_mode: Setting = field(default_factory=lambda: Setting("wal", "default"))
+    allow_wal: Setting = field(default_factory=lambda: Setting(True, "default"))
+    overrides: list[dict[str, str]] = field(default_factory=list)
+    overrides_source: str = "default"
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None,
+             flags: Mapping[str, Any] | None = None) -> Config:
+        env = os.environ if env is None else env
+        flags = flags or {}
+        config = cls()
+        if path is None and env.get("MONGOBRANCH_CONFIG"):
+            path = env["MONGOBRANCH_CONFIG"]
+        if path is not None:
+            config._apply_file(Path(path))
+        if "MONGOBRANCH_DEFAULT_MODE" in env:
+            config.default_mode = Setting(
+                _mode(env["MONGOBRANCH_DEFAULT_MODE"], "MONGOBRANCH_DEFAULT_MODE"),
+                "env MONGOBRANCH_DEFAULT_MODE")
+        if "MONGOBRANCH_ALLOW_WAL" in env:
+            config.allow_wal = Setting(_bool(env["MONGOBRANCH_ALLOW_WAL"],
+                                             "MONGOBRANCH_ALLOW_WAL"),
+                                       "env MONGOBRANCH_ALLOW_WAL")
+        if flags.get("default_mode") is not None:
+            config.default_mode = Setting(_mode(flags["default_mode"], "--default-mode"),
+                                          "flag --default-mode")
+        if flags.get("allow_wal") is not None:
+            config.allow_wal = Setting(_bool(flags["allow_wal"], "--allow-wal"),
+                                       "flag --allow-wal/--no-allow-wal")
+        return config
+
+    def _apply_file(self, path: Path) -> None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        where = f"file {path}"
+        unknown = set(data) - {"default_mode", "allow_wal", "overrides"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+        if "default_mode" in data:
+            self.default_mode = Setting(_mode(data["default_mode"], where), where)
+        if "allow_wal" in data:
+            self.allow_wal = Setting(_bool(data["allow_wal"], where), where)
+        overrides = data.get("overrides", [])
+        if not isinstance(overrides, list):
+            raise ConfigError(f"{where}: overrides must be an array of tables")
+        for item in overrides:
+            if not isinstance(item, dict) or set(item) != {"match", "mode"}:
+                raise ConfigError(f"{where}: each override needs exactly 'match' and 'mode'")
+            self.overrides.append({"match": str(item["match"]),
+                                   "mode": _mode(item["mode"], where)})
+        if overrides:
+            self.overrides_source = where
+
+    def mode_for(self, name: str, asked: str | None) -> tuple[str, str]:
+        """The mode a new branch gets, and why."""
+        if asked is not None:
+            return asked, "request"
+        for rule in self.overrides:
+            if fnmatch.fnmatchcase(name, rule["match"]):
+                return rule["mode"], f"override {rule['match']!r} ({self.overrides_source})"
+        return self.default_mode.value, f"default_mode ({self.default_mode.source})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"default_mode": self.default_mode.to_json(),
+                "allow_wal": self.allow_wal.to_json(),
+                "overrides": {"value": self.overrides, "source": self.overrides_source}}
