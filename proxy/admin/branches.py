@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 from bson import json_util
 
-from proxy.branching import gc, history
+from proxy.branching import copymode, gc, history
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 
@@ -157,6 +157,18 @@ def add_routes(app: web.Application, engine: Engine) -> None:
     async def config(_request: web.Request) -> web.Response:
         return _json(engine.config.to_json())
 
+    async def migrate(request: web.Request) -> web.Response:
+        try:
+            body = await _body(request)
+            _only(body, {"to"})
+            if "to" not in body:
+                raise BranchError(400, "migrate needs 'to': \"wal\" or \"copy\"")
+            return _json(await copymode.migrate(engine, request.match_info["name"],
+                                                body["to"]))
+        except BranchError as exc:
+            return _error(exc.status, str(exc))
+
+    app.router.add_post("/branches/{name}/migrate", migrate)
     app.router.add_get("/config", config)
     app.router.add_post("/gc", collect)
     app.router.add_get("/branches/{name}/log", log)

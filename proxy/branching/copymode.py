@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.branching import views
+from proxy.branching import reader, views
 from proxy.branching.commands import catalog
 from proxy.branching.commands.base import Request, SystemContext
+from proxy.branching.commands.write import same
 from proxy.branching.engine import MAIN, Engine, overlay_index
 from proxy.branching.errors import BranchError
+from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
-from proxy.branching.wal import RESETS, image
+from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, Change, image
 
 COPY = "copy"
 WAL = "wal"
@@ -110,3 +112,130 @@ async def undo_to(engine: Engine, branch: Branch, lsn: int,
                 {"q": {"_id": entry["id"]}, "u": pre, "upsert": True}]})
         undone += 1
     return undone
+
+
+async def migrate(engine: Engine, name: str, to: Any) -> dict[str, Any]:
+    """Convert a branch in place between WAL and copy mode: same data, same port.
+    Clients get retryable errors while it runs (the router refuses the branch's
+    commands); an interrupted migration is finished at the next start-up."""
+    branch = engine.get(name)
+    if to not in MODES:
+        raise BranchError(400, f"'to' must be one of {', '.join(MODES)}, got {to!r}")
+    if branch.mode == to and branch.migrating is None:
+        return {"branch": name, "mode": to, "migrated": False, "collections": 0}
+    if to == WAL and not engine.config.allow_wal.value:
+        raise BranchError(403, "WAL branches are disabled (allow_wal=false, from "
+                               f"{engine.config.allow_wal.source})")
+    engine.migrating.add(name)
+    try:
+        async with engine.writing(branch):
+            branch.migrating = to
+            await engine.save_branch(branch)
+            converted = await (_to_copy(engine, branch) if to == COPY
+                               else _to_wal(engine, branch))
+            branch.mode = to
+            branch.migrating = None
+            await engine.save_branch(branch)
+    finally:
+        engine.migrating.discard(name)
+    return {"branch": name, "mode": to, "migrated": True, "collections": converted}
+
+
+async def _swap(engine: Engine, db: str, scratch: str, live: str) -> None:
+    await engine.pool("admin", {"renameCollection": f"{db}.{scratch}", "to": f"{db}.{live}",
+                                "dropTarget": True})
+
+
+async def _to_copy(engine: Engine, branch: Branch) -> int:
+    """Every collection the branch shows becomes a full copy of its view."""
+    pool = engine.pool
+    count = 0
+    for db in await user_databases(engine):
+        for coll, info in (await parent_collections(engine, branch, db)).items():
+            layers = engine.layers(branch, db, coll)
+            indexes = await engine.view_indexes(branch, db, coll, pool)
+            state = await engine.ensure_state(branch, db, coll, pool)
+            scratch = f"__mb_{branch.bid}_m_{coll}"
+            await pool.reply(db, {"drop": scratch})
+            options = dict(info.get("options") or {})
+            await pool(db, {"create": scratch, **options})
+            specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
+            if specs:
+                await pool(db, {"createIndexes": scratch, "indexes": specs})
+            await pool(db, {"aggregate": coll, "cursor": {}, "allowDiskUse": True,
+                            "pipeline": [*views.view_stages(layers),
+                                         {"$merge": {"into": scratch}}]})
+            await _swap(engine, db, scratch, state.live)
+            state.base_dropped, state.present = True, True
+            state.indexes, state.options = indexes, options
+            await engine.save_state(state)
+            count += 1
+    return count
+
+
+async def _to_wal(engine: Engine, branch: Branch) -> int:
+    """Every copied collection becomes an overlay of what differs from the parent, and
+    the WAL gets the entries that rebuild it, so a WAL branch can replay itself."""
+    from proxy.branching.history import parent_layers, replaced
+
+    pool = engine.pool
+    count = 0
+    identity = {"app": "mongobranch-migrate"}
+    for state in [s for s in engine.states.values() if s.bid == branch.bid]:
+        ns = f"{state.db}.{state.coll}"
+        if await replaced(engine, branch, state) or not state.base_dropped:
+            # Replaced on the branch (or already an overlay): log it whole.
+            if state.base_dropped:
+                await engine.log_changes(branch, [Change(ns, None, CREATE, None, None)],
+                                         identity)
+                async for batch in pool.batches(state.db, {"find": state.live}):
+                    await engine.log_changes(branch, [Change(ns, d["_id"], PUT, None, d)
+                                                      for d in batch], identity)
+            count += 1
+            continue
+        layers = parent_layers(engine, branch, state.db, state.coll)
+        scratch_live = f"__mb_{branch.bid}_m_{state.coll}"
+        scratch_hidden = f"__mb_{branch.bid}_n_{state.coll}"
+        for name in (scratch_live, scratch_hidden):
+            await pool.reply(state.db, {"drop": name})
+            await pool(state.db, {"create": name})
+        specs = [overlay_index(ix) for ix in state.indexes or [] if ix.get("name") != "_id_"]
+        if specs:
+            await pool(state.db, {"createIndexes": scratch_live, "indexes": specs})
+        await engine.log_changes(branch, [Change(ns, None, REBASE, None, None)], identity)
+        # Documents the copy holds differently from the parent, or the parent lacks.
+        async for batch in pool.batches(state.db, {"find": state.live}):
+            ids = [d["_id"] for d in batch]
+            theirs: dict[Any, dict[str, Any]] = {}
+            async for got in reader.view_batches(pool, state.db, state.coll, layers,
+                                                 {"_id": {"$in": ids}}):
+                theirs.update((idkey(d["_id"]), d) for d in got)
+            differ = [d for d in batch if idkey(d["_id"]) not in theirs
+                      or not same(theirs[idkey(d["_id"])], d)]
+            if differ:
+                await pool(state.db, {"insert": scratch_live, "documents": differ})
+                await pool(state.db, {"insert": scratch_hidden,
+                                      "documents": [{"_id": d["_id"]} for d in differ]})
+                await engine.log_changes(branch, [Change(ns, d["_id"], PUT, None, d)
+                                                  for d in differ], identity)
+        # Documents the parent shows that the copy does not hold: deleted on the branch.
+        async for got in reader.view_batches(pool, state.db, state.coll, layers, {}):
+            ids = [d["_id"] for d in got]
+            mine: set[Any] = set()
+            async for b in pool.batches(state.db, {"find": state.live,
+                                                   "filter": {"_id": {"$in": ids}},
+                                                   "projection": {"_id": 1}}):
+                mine.update(idkey(d["_id"]) for d in b)
+            gone = [i for i in ids if idkey(i) not in mine]
+            if gone:
+                await pool(state.db, {"insert": scratch_hidden,
+                                      "documents": [{"_id": i} for i in gone]})
+                await engine.log_changes(branch, [Change(ns, i, DELETE, None, None)
+                                                  for i in gone], identity)
+        await _swap(engine, state.db, scratch_live, state.live)
+        await _swap(engine, state.db, scratch_hidden, state.hidden)
+        state.base_dropped = False  # present stays: the branch still shows what it showed
+        await engine.save_state(state)
+        await engine.load_hidden(state)
+        count += 1
+    return count

@@ -19,7 +19,7 @@ from proxy.branching.errors import BranchError
 from proxy.branching.merge import CursorTable
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner, pooled
-from proxy.branching.wal import CREATE, RESETS, Change, Wal, image
+from proxy.branching.wal import CREATE, RESETS, STARTS, Change, Wal, image
 from proxy.config import Config
 
 log = logging.getLogger("mongobranch.engine")
@@ -52,6 +52,8 @@ class Engine:
         self.ports: Ports | None = None
         self.cursors = CursorTable()
         self.config = Config()
+        # Branches being converted between modes: their ports answer with retryable errors.
+        self.migrating: set[str] = set()
         # Why branching is unavailable (None once start() succeeded).
         self.unavailable: str | None = "branch engine is starting"
         self._locks: dict[str, asyncio.Lock] = {}
@@ -79,6 +81,13 @@ class Engine:
             await self.load_hidden(state)
         for doc in reversed(await self.wal.recent_replies(RETRY_MEMORY)):
             self.remember(doc["txn"], doc["reply"])
+        self.unavailable = None
+        for branch in [b for b in self.branches.values() if b.migrating]:
+            from proxy.branching.copymode import migrate
+
+            log.warning("finishing the migration of %s to %s mode", branch.name,
+                        branch.migrating)
+            await migrate(self, branch.name, branch.migrating)
         self._flusher = asyncio.create_task(self._flush_dirty())
 
     async def stop(self) -> None:
@@ -376,9 +385,9 @@ class Engine:
             match.update(branch.visible())
         if upto is not None:
             match["_id"] = {"$lte": upto}
-        marker = await self.wal.entries.find_one({**match, "op": {"$in": list(RESETS)}},
+        marker = await self.wal.entries.find_one({**match, "op": {"$in": list(STARTS)}},
                                                  sort=[("_id", -1)])
-        state.base_dropped = marker is not None
+        state.base_dropped = marker is not None and marker["op"] in RESETS
         state.present = None
         if marker is not None:
             match["_id"] = {**match.get("_id", {}), "$gt": marker["_id"]}

@@ -19,7 +19,7 @@ from pymongo import DeleteMany, UpdateOne
 
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError
-from proxy.branching.wal import RESETS, packed
+from proxy.branching.wal import STARTS, packed
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 BATCH = 1000
@@ -83,12 +83,12 @@ async def _fold(engine: Engine, old: dict[str, Any]) -> int:
     """Fold one namespace's old entries; returns how many entries went."""
     wal = engine.wal.entries
     gone = 0
-    marker = await wal.find_one({**old, "op": {"$in": list(RESETS)}}, sort=[("_id", -1)])
+    marker = await wal.find_one({**old, "op": {"$in": list(STARTS)}}, sort=[("_id", -1)])
     after = dict(old)
     if marker is not None:
         gone += (await wal.delete_many({**old, "_id": {"$lt": marker["_id"]}})).deleted_count
         after["_id"] = {"$gt": marker["_id"], "$lte": old["_id"]["$lte"]}
-    pipeline = [{"$match": {**after, "op": {"$nin": list(RESETS)}}}, {"$sort": {"_id": 1}},
+    pipeline = [{"$match": {**after, "op": {"$nin": list(STARTS)}}}, {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "first": {"$first": "$_id"}, "last": {"$last": "$_id"},
                             "pre": {"$first": "$pre"}, "prez": {"$first": "$prez"},
                             "n": {"$sum": 1}}},

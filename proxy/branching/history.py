@@ -21,7 +21,7 @@ from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
-from proxy.branching.wal import DELETE, PUT, RESETS, Change, image
+from proxy.branching.wal import DELETE, PUT, RESETS, STARTS, Change, image
 
 BATCH = reader.BATCH
 STRATEGIES = ("abort", "ours", "theirs")
@@ -180,7 +180,7 @@ async def touched(engine: Engine, branch: Branch,
     pre-images come with them, with no per-batch lookup in the WAL (which has no index
     on ids)."""
     pipeline = [{"$match": {"b": branch.bid, "ns": f"{state.db}.{state.coll}",
-                            "op": {"$nin": list(RESETS)}, **branch.visible()}},
+                            "op": {"$nin": list(STARTS)}, **branch.visible()}},
                 {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "pre": {"$first": "$pre"},
                             "prez": {"$first": "$prez"}}},
@@ -488,7 +488,10 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
     lsn = await resolve_point(engine, to)
     await gc.check_point(engine, lsn)
     await _check_reopened(engine, branch, lsn)
-    current = await engine.wal.current()
+    # A reset takes an LSN of its own: the void ends there, above every entry written
+    # before it, so the state at the last entry's LSN stays the one before the reset,
+    # and the state after the reset is the one at this LSN.
+    current = await engine.wal.reserve(1)
     async with engine.writing(branch):
         frozen = 0
         for child in [engine.get(c) for c in engine.children(name)]:
@@ -605,7 +608,8 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
     async with engine.writing(branch):
         for state in branch_states(engine, source):
             ns = f"{state.db}.{state.coll}"
-            ids_pipeline = [{"$match": {**any_later, "ns": ns}}, {"$group": {"_id": "$id"}}]
+            ids_pipeline = [{"$match": {**any_later, "ns": ns, "op": {"$nin": list(STARTS)}}},
+                            {"$group": {"_id": "$id"}}]
             mine: NsState | None = None
             async for group in pool.batches(engine.meta_db, {
                     "aggregate": "wal", "pipeline": ids_pipeline, "cursor": {},

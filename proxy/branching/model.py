@@ -25,11 +25,13 @@ class Branch:
     mode: str = "wal"
     # LSN ranges (lo, hi] a reset made invisible: kept in the WAL for audit only.
     voids: list[list[int]] = field(default_factory=list)
+    # The mode a migration is converting to; set while it runs (and if it was cut off).
+    migrating: str | None = None
 
     def to_doc(self) -> dict[str, Any]:
         return {"_id": self.name, "bid": self.bid, "parent": self.parent,
                 "fork_lsn": self.fork_lsn, "created_at": self.created_at, "port": self.port,
-                "mode": self.mode, "voids": self.voids}
+                "mode": self.mode, "voids": self.voids, "migrating": self.migrating}
 
     def visible(self) -> dict[str, Any]:
         """A WAL filter leaving out the entries a reset voided."""
@@ -42,7 +44,8 @@ class Branch:
         return cls(name=doc["_id"], bid=doc["bid"], parent=doc["parent"],
                    fork_lsn=int(doc["fork_lsn"]), created_at=doc["created_at"],
                    port=int(doc["port"]), mode=doc.get("mode", "wal"),
-                   voids=[list(v) for v in doc.get("voids", [])])
+                   voids=[list(v) for v in doc.get("voids", [])],
+                   migrating=doc.get("migrating"))
 
     def public(self, host: str) -> dict[str, Any]:
         return {"name": self.name, "parent": self.parent, "port": self.port,

@@ -91,6 +91,11 @@ class EngineRouter:
             if branch is None:
                 raise CommandError(26, "NamespaceNotFound",
                                    f"branch {self.branch!r} was dropped")
+            if branch.name in self.engine.migrating:
+                raise CommandError(
+                    11602, "InterruptedDueToReplStateChange",
+                    f"branch {branch.name!r} is migrating to {branch.migrating} mode; retry",
+                    errorLabels=["RetryableWriteError"])
         handler = self.table.get(name)
         if handler is None:
             raise not_supported(f"command {name!r}", self.branch or "main")

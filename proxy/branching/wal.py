@@ -27,8 +27,12 @@ PUT = "put"
 DELETE = "delete"
 DROP = "drop"
 CREATE = "create"
-# Entries that empty a collection on the branch: replay starts after the last one.
+REBASE = "rebase"
+# Entries that replace a collection on the branch (the parent no longer shows through).
 RESETS = (DROP, CREATE)
+# Entries replay starts after (the last one): a rebase restarts the overlay of a
+# collection whose parent still shows through (a copy branch migrated to WAL).
+STARTS = (DROP, CREATE, REBASE)
 
 
 _ZC = zstandard.ZstdCompressor(level=9)
