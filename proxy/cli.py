@@ -44,10 +44,25 @@ def main() -> None:
               help="Data directory of the embedded server.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--config", "config_path", default=None, metavar="PATH",
+              help="TOML file of feature flags [env MONGOBRANCH_CONFIG].")
+@click.option("--default-mode", type=click.Choice(["wal", "copy"]), default=None,
+              help="Mode of new branches [env MONGOBRANCH_DEFAULT_MODE; default wal].")
+@click.option("--allow-wal/--no-allow-wal", default=None,
+              help="Whether WAL branches may be created [env MONGOBRANCH_ALLOW_WAL].")
+@click.option("--gc-retention", default=None, metavar="DURATION",
+              help="Run gc periodically with this retention (e.g. 7d).")
+@click.option("--gc-interval", default=3600.0, show_default=True, type=float,
+              help="Seconds between periodic gc runs.")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
-              data_dir: str, log_level: str) -> None:
+              data_dir: str, log_level: str, config_path: str | None,
+              default_mode: str | None, allow_wal: bool | None, gc_retention: str | None,
+              gc_interval: float) -> None:
     """Run the proxy."""
     from proxy.app import ServeOptions, parse_hostport, parse_range, serve
+    from proxy.branching.errors import BranchError
+    from proxy.branching.gc import parse_duration
+    from proxy.config import Config, ConfigError
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,11 +70,59 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
         parse_hostport(listen)
         parse_hostport(admin)
         parse_range(branch_ports)
-    except ValueError as exc:
+        Config.load(config_path, flags={"default_mode": default_mode, "allow_wal": allow_wal})
+        if gc_retention:
+            parse_duration(gc_retention)
+    except (ValueError, ConfigError, BranchError) as exc:
         raise click.BadParameter(str(exc)) from exc
     options = ServeOptions(upstream=upstream, listen=listen, admin=admin,
-                           branch_ports=branch_ports, meta_db=meta_db, data_dir=data_dir)
+                           branch_ports=branch_ports, meta_db=meta_db, data_dir=data_dir,
+                           config_path=config_path, default_mode=default_mode,
+                           allow_wal=allow_wal, gc_retention=gc_retention,
+                           gc_interval=gc_interval)
     sys.exit(_run(serve(options)))
+
+
+@main.command("config")
+@click.option("--admin", "admin_url", envvar="MONGOBRANCH_ADMIN", default=None, metavar="URL",
+              help="Admin API base URL [env MONGOBRANCH_ADMIN].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def config_cmd(admin_url: str | None, as_json: bool) -> None:
+    """Show the server's effective feature flags and where each came from."""
+    from rich.table import Table
+
+    from proxy.admin.client import AdminClient
+
+    config = _call(lambda: AdminClient(admin_url).config())
+    if as_json:
+        _print_json(config)
+        return
+    table = Table(title="effective configuration", title_justify="left")
+    for col in ("setting", "value", "source"):
+        table.add_column(col, no_wrap=True)
+    for key, setting in config.items():
+        table.add_row(key, _text(setting.get("value")), setting.get("source", ""))
+    _console().print(table)
+
+
+@main.command("gc")
+@click.option("--retention", required=True, metavar="DURATION",
+              help="Keep full history this long: 30s, 15m, 12h, 7d, 2w.")
+@click.option("--admin", "admin_url", envvar="MONGOBRANCH_ADMIN", default=None, metavar="URL",
+              help="Admin API base URL [env MONGOBRANCH_ADMIN].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def gc_cmd(retention: str, admin_url: str | None, as_json: bool) -> None:
+    """Compact WAL history older than the retention window (visible data never changes)."""
+    from proxy.admin.client import AdminClient
+
+    result = _call(lambda: AdminClient(admin_url).gc(retention))
+    if as_json:
+        _print_json(result)
+        return
+    before, after = result["before"], result["after"]
+    click.echo(f"horizon LSN {result['horizon_lsn']}: WAL {before['entries']} entries / "
+               f"{before['bytes']} bytes -> {after['entries']} entries / {after['bytes']} "
+               f"bytes ({result['folded']} folded, {result['compressed']} compressed)")
 
 
 # -- mongobranch branch ... : a thin client of the admin HTTP API ---------------------------
@@ -172,21 +235,85 @@ def branch_group(ctx: click.Context, admin_url: str | None) -> None:
 @click.option("--at", "at", default=None, metavar="LSN|ISO",
               help="Start from the parent's state at this LSN or ISO-8601 time "
               "(the parent must be a branch).")
+@click.option("--mode", type=click.Choice(["wal", "copy"]), default=None,
+              help="wal: copy-on-write over the parent; copy: a full copy "
+              "[default: the server's default_mode flag].")
 @json_option
 @admin_option
 @click.pass_context
 def branch_create(ctx: click.Context, name: str, parent: str | None, port: int | None,
-                  at: str | None, as_json: bool, admin_url: str | None) -> None:
+                  at: str | None, mode: str | None, as_json: bool,
+                  admin_url: str | None) -> None:
     """Create branch NAME."""
     from proxy.admin.client import point
 
     api = _client(ctx, admin_url)
-    branch = _call(lambda: api.create_branch(name, parent, port,
-                                             None if at is None else point(at)))
+
+    def create() -> Any:
+        return api.create_branch(name, parent, port, None if at is None else point(at), mode)
+
+    if mode == "copy" and not as_json:
+        branch = _call(lambda: _with_progress(api, name, create))
+    else:
+        branch = _call(create)
     if as_json:
         _print_json(branch)
     else:
         _console().print(_detail_table(branch))
+
+
+def _with_progress(api: Any, name: str, create: Callable[[], Any]) -> Any:
+    """Runs a copy branch's creation while a progress bar follows the server's copy."""
+    import threading
+
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = create()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    with Progress(TextColumn("copying {task.fields[ns]}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} collections"),
+                  console=_console(stderr=True), transient=True) as bar:
+        task = bar.add_task("copy", total=None, ns="")
+        while thread.is_alive():
+            thread.join(0.3)
+            try:
+                state = api.progress(name)
+            except Exception:  # not started yet, or finished
+                continue
+            bar.update(task, total=state.get("total"), completed=state.get("done", 0),
+                       ns=state.get("ns", ""))
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@branch_group.command("migrate")
+@click.argument("name")
+@click.option("--to", "to", type=click.Choice(["wal", "copy"]), required=True,
+              help="The mode to convert the branch to.")
+@json_option
+@admin_option
+@click.pass_context
+def branch_migrate(ctx: click.Context, name: str, to: str, as_json: bool,
+                   admin_url: str | None) -> None:
+    """Convert branch NAME to another mode in place (same data, same port)."""
+    api = _client(ctx, admin_url)
+    result = _call(lambda: api.migrate_branch(name, to))
+    if as_json:
+        _print_json(result)
+    elif result.get("migrated"):
+        click.echo(f"branch {name} is now a {to} branch "
+                   f"({result.get('collections', 0)} collections converted)")
+    else:
+        click.echo(f"branch {name} already is a {to} branch")
 
 
 @branch_group.command("list")

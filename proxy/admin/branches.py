@@ -168,6 +168,13 @@ def add_routes(app: web.Application, engine: Engine) -> None:
         except BranchError as exc:
             return _error(exc.status, str(exc))
 
+    async def progress(request: web.Request) -> web.Response:
+        state = engine.progress.get(request.match_info["name"])
+        if state is None:
+            return _error(404, f"branch {request.match_info['name']!r} is not being copied")
+        return _json(state)
+
+    app.router.add_get("/branches/{name}/progress", progress)
     app.router.add_post("/branches/{name}/migrate", migrate)
     app.router.add_get("/config", config)
     app.router.add_post("/gc", collect)

@@ -82,8 +82,10 @@ class AdminClient:
 
     # -- branches -------------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, port: int | None = None,
-                      at: int | str | None = None) -> dict[str, Any]:
+                      at: int | str | None = None, mode: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name}
+        if mode is not None:
+            body["mode"] = mode
         if parent is not None:
             body["from"] = parent
         if port is not None:
@@ -91,6 +93,18 @@ class AdminClient:
         if at is not None:
             body["at"] = at
         return dict(self.request("POST", "/branches", body))
+
+    def progress(self, name: str) -> dict[str, Any]:
+        return dict(self.request("GET", "/branches/" + _quote(name) + "/progress"))
+
+    def migrate_branch(self, name: str, to: str) -> dict[str, Any]:
+        return dict(self.request("POST", "/branches/" + _quote(name) + "/migrate", {"to": to}))
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/config"))
+
+    def gc(self, retention: str) -> dict[str, Any]:
+        return dict(self.request("POST", "/gc", {"retention": retention}))
 
     def list_branches(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/branches"))

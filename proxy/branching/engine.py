@@ -54,6 +54,8 @@ class Engine:
         self.config = Config()
         # Branches being converted between modes: their ports answer with retryable errors.
         self.migrating: set[str] = set()
+        # Copy branches being created: name -> {"done", "total", "ns"}.
+        self.progress: dict[str, dict[str, Any]] = {}
         # Why branching is unavailable (None once start() succeeded).
         self.unavailable: str | None = "branch engine is starting"
         self._locks: dict[str, asyncio.Lock] = {}
@@ -186,11 +188,17 @@ class Engine:
         if mode == "copy":
             from proxy.branching.copymode import materialize
 
+            def report(ns: str, done: int, total: int) -> None:
+                self.progress[name] = {"ns": ns, "done": done, "total": total}
+
+            self.progress[name] = {"ns": "", "done": 0, "total": None}
             try:
-                await materialize(self, branch, progress)
+                await materialize(self, branch, progress or report)
             except Exception:
                 await self._forget(branch)
                 raise
+            finally:
+                self.progress.pop(name, None)
         if self.ports is not None:
             busy: set[int] = set()
             while True:

@@ -22,7 +22,7 @@ def as_command_error(exc: BranchError) -> CommandError:
     return CommandError(code, name, str(exc))
 
 
-_CREATE_FIELDS = {"createBranch", "from", "port", "at", *SESSION_FIELDS}
+_CREATE_FIELDS = {"createBranch", "from", "port", "at", "mode", *SESSION_FIELDS}
 # branchDiff answers in one document: beyond this many changes (or bytes) it refers the
 # user to the HTTP API, which streams.
 DIFF_LIMIT = 10_000
@@ -60,7 +60,8 @@ async def create_branch(req: Request) -> dict[str, Any]:
                                              cmd.get("from", MAIN), at, cmd.get("port"))
         else:
             branch = await req.engine.create_branch(cmd.get("createBranch"),
-                                                    cmd.get("from", MAIN), cmd.get("port"))
+                                                    cmd.get("from", MAIN), cmd.get("port"),
+                                                    cmd.get("mode"))
     except BranchError as exc:
         raise as_command_error(exc) from exc
     return {**branch.public(req.engine.host), "ok": 1.0}
