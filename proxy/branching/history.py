@@ -481,32 +481,51 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
     """Return the branch to its state at an LSN or time. Later entries stay in the WAL,
     voided; child branches first take a copy of what they saw, so they keep it.
 
-    The state at an LSN is the one the branch showed when the log stood there: resets
-    made later are undone first (their voids go), so resetting into a voided range
-    brings back what was visible then."""
+    The state at an LSN is the one the branch showed when the log stood there, resets
+    included: every reset is recorded as (to, at), taking an LSN of its own (at), and
+    the entries in effect at a point n are those at or before n outside the chain of
+    resets that led there (see voids_at). The branch's voids are that chain for now, so
+    a reset into a range an earlier reset voided brings back what was visible then."""
     branch = engine.get(name)
     lsn = await resolve_point(engine, to)
     await gc.check_point(engine, lsn)
-    await _check_reopened(engine, branch, lsn)
-    # A reset takes an LSN of its own: the void ends there, above every entry written
-    # before it, so the state at the last entry's LSN stays the one before the reset,
-    # and the state after the reset is the one at this LSN.
-    current = await engine.wal.reserve(1)
+    resets = await recorded_resets(engine, branch)
+    await _check_reopened(engine, branch, resets, lsn)
+    if branch.mode == "copy":
+        # A copy is taken back by undoing its visible entries after the point: right
+        # only when the point's voids are the current ones below it.
+        current = voids_at(resets, None)
+        if any(lo < lsn < hi for lo, hi in current) or \
+                voids_at(resets, lsn) != [v for v in current if v[1] <= lsn]:
+            raise BranchError(409, f"{name} is a copy branch: it cannot be reset into a "
+                                   "range an earlier reset voided")
     async with engine.writing(branch):
+        # The LSN of the reset itself: above every entry written before it, so the
+        # state at the last entry's LSN stays the one before the reset.
+        at = await engine.wal.reserve(1)
+        after = [*resets, (lsn, at)] if lsn < at else resets
+        # Entries voided now that the reset brings back.
+        voids = voids_at(after, None)
+        reopened: dict[str, Any] | None = None
+        if branch.voids:
+            reopened = {"b": branch.bid, "_id": {"$lte": lsn},
+                        "$or": [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in branch.voids]}
+            if voids:
+                reopened["$nor"] = [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in voids]
         frozen = 0
         for child in [engine.get(c) for c in engine.children(name)]:
-            frozen += await _freeze_into(engine, branch, child)
-        voided = 0
-        kept = [v for v in branch.voids if v[1] <= lsn]
-        if lsn < current or kept != branch.voids:
-            if lsn < current:
-                voided = await engine.wal.entries.count_documents(
-                    {"b": branch.bid, "_id": {"$gt": lsn, "$lte": current},
-                     **branch.visible()})
-            branch.voids = kept + ([[lsn, current]] if lsn < current else [])
-            await engine.save_branch(branch)
+            frozen += await _freeze_into(engine, branch, child, reopened)
+        voided = await engine.wal.entries.count_documents(
+            {"b": branch.bid, "_id": {"$gt": lsn, "$lte": at}, **branch.visible()})
         if branch.mode == "copy":
-            await copymode.undo_to(engine, branch, lsn)
+            await copymode.undo_to(engine, branch, lsn)  # under the voids before this one
+        # Voids first: they name this reset too (recorded_resets reads both), so a
+        # crash between the two loses nothing.
+        branch.voids = voids
+        await engine.save_branch(branch)
+        if lsn < at:
+            await engine.meta["resets"].insert_one({"b": branch.bid, "to": Int64(lsn),
+                                                    "at": Int64(at)})
         for state in branch_states(engine, branch) if branch.mode != "copy" else []:
             await engine.mark_dirty(state)
             await engine.rematerialize(state)
@@ -514,45 +533,69 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
             "copied_into_children": frozen}
 
 
-def visible_at(branch: Branch, lsn: int) -> dict[str, Any]:
-    """A WAL filter for the entries the branch showed when the log stood at lsn: at or
-    before it, outside the ranges voided by resets made by then."""
-    ranges = [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in branch.voids if hi <= lsn]
-    return {"b": branch.bid, "_id": {"$lte": lsn}, **({"$nor": ranges} if ranges else {})}
+async def recorded_resets(engine: Engine, branch: Branch) -> list[tuple[int, int]]:
+    """Every reset of the branch as (to, at): the LSN it went back to, the LSN it took.
+    Voids saved before resets were recorded count as resets too."""
+    found = {(int(doc["to"]), int(doc["at"]))
+             async for doc in engine.meta["resets"].find({"b": branch.bid})}
+    found.update((int(lo), int(hi)) for lo, hi in branch.voids)
+    return sorted(found, key=lambda r: r[1])
 
 
-def _reopened(branch: Branch, lsn: int) -> list[dict[str, Any]]:
-    """Ranges at or before lsn that a later reset voided: visible then, not now."""
-    return [{"_id": {"$gt": lo, "$lte": min(hi, lsn)}} for lo, hi in branch.voids
-            if hi > lsn > lo]
+def voids_at(resets: list[tuple[int, int]], lsn: int | None) -> list[list[int]]:
+    """The voided ranges in effect at an LSN (None: now): the last reset taken at or
+    before it voids (to, at]; before `to`, the last reset taken at or before `to`
+    applies, and so on. Resets off that chain (taken inside a range a later reset went
+    back across) void nothing there."""
+    out: list[list[int]] = []
+    limit = lsn
+    while True:
+        before = [r for r in resets if limit is None or r[1] <= limit]
+        if not before:
+            return out
+        to, at = max(before, key=lambda r: r[1])
+        out.append([to, at])
+        limit = to
 
 
-async def _check_reopened(engine: Engine, branch: Branch, lsn: int) -> None:
+def visible_at(bid: str, lsn: int, voids: list[list[int]]) -> dict[str, Any]:
+    """A WAL filter for the entries a branch showed when the log stood at lsn, given the
+    voids in effect then."""
+    ranges = [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in voids]
+    return {"b": bid, "_id": {"$lte": lsn}, **({"$nor": ranges} if ranges else {})}
+
+
+async def _check_reopened(engine: Engine, branch: Branch, resets: list[tuple[int, int]],
+                          lsn: int) -> None:
     """gc deletes voided entries below its horizon: a point inside such a range cannot
     be rebuilt."""
     first = await gc.horizon(engine)
-    for lo, hi in branch.voids:
+    for lo, hi in resets:
         if hi > lsn > lo and lo < first:
             raise BranchError(409, f"LSN {lsn} lies in a range a reset voided ({lo}-{hi}) "
                                    f"whose entries gc removed below its horizon {first}")
 
 
-async def _freeze_into(engine: Engine, parent: Branch, child: Branch) -> int:
-    """Give a child its own copy of every document the parent changed that the child
-    still reads through the parent."""
+async def _freeze_into(engine: Engine, parent: Branch, child: Branch,
+                       reopened: dict[str, Any] | None = None) -> int:
+    """Give a child its own copy of every document a reset of the parent is about to
+    change that the child still reads through the parent: what the parent changed, and
+    the ids of the entries the reset brings back (a WAL filter, `reopened`)."""
     pool = engine.pool
     copied = 0
     for state in branch_states(engine, parent):
-        mine = await engine.ensure_state(child, state.db, state.coll, pool)
-        await engine.mark_dirty(mine)
         ns = f"{state.db}.{state.coll}"
-        async for batch in pool.batches(state.db, {"find": state.hidden}, BATCH):
-            ids = [d["_id"] for d in batch]
+        layers = engine.layers(parent, state.db, state.coll)
+        mine: NsState | None = None
+        async for ids in _ids_to_freeze(engine, state, reopened):
+            if mine is None:
+                mine = await engine.ensure_state(child, state.db, state.coll, pool)
+                await engine.mark_dirty(mine)
             owned = await _find_ids(engine, state.db, mine.hidden, ids)
             fresh = [i for i in ids if idkey(i) not in owned]
             if not fresh:
                 continue
-            docs = await _find_ids(engine, state.db, state.live, fresh)
+            docs = await _view_ids(engine, state.db, state.coll, layers, fresh)
             live = list(docs.values())
             if live:
                 await pool(state.db, {"insert": mine.live, "documents": live,
@@ -567,6 +610,21 @@ async def _freeze_into(engine: Engine, parent: Branch, child: Branch) -> int:
                 else Change(ns, i, DELETE, None, None) for i in fresh], {"app": "mongobranch"})
             copied += len(fresh)
     return copied
+
+
+async def _ids_to_freeze(engine: Engine, state: NsState,
+                         reopened: dict[str, Any] | None) -> AsyncIterator[list[Any]]:
+    async for batch in engine.pool.batches(state.db, {"find": state.hidden}, BATCH):
+        yield [d["_id"] for d in batch]
+    if reopened is None:
+        return
+    pipeline = [{"$match": {**reopened, "ns": f"{state.db}.{state.coll}",
+                            "op": {"$in": [PUT, DELETE]}}},
+                {"$group": {"_id": "$id"}}]
+    async for batch in engine.pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
+            BATCH):
+        yield [d["_id"] for d in batch]
 
 
 # -- branches at a point ---------------------------------------------------------------------
@@ -585,13 +643,15 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
     source = engine.get(str(parent))
     lsn = await resolve_point(engine, at)
     await gc.check_point(engine, lsn)
-    await _check_reopened(engine, source, lsn)
-    then = visible_at(source, lsn)
-    reopened = _reopened(source, lsn)
-    # Entries by which the view now may differ from the view then.
+    resets = await recorded_resets(engine, source)
+    await _check_reopened(engine, source, resets, lsn)
+    then = voids_at(resets, lsn)
+    # Entries by which the view now may differ from the view then: later ones, and
+    # earlier ones inside any reset's range (voided now or then).
+    reopened = [{"_id": {"$gt": lo, "$lte": min(hi, lsn)}} for lo, hi in resets if lo < lsn]
     differ: list[dict[str, Any]] = [{"_id": {"$gt": lsn}, **source.visible()}]
     if reopened:
-        differ.append({**then, "$or": reopened})
+        differ.append({"_id": {"$lte": lsn}, "$or": reopened})
     marker = await engine.wal.entries.find_one({"b": source.bid, "$or": differ,
                                                 "op": {"$in": list(RESETS)}})
     if marker is not None:
@@ -614,7 +674,7 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
             async for group in pool.batches(engine.meta_db, {
                     "aggregate": "wal", "pipeline": ids_pipeline, "cursor": {},
                     "allowDiskUse": True}):
-                restore = await _images_then(engine, source, state, lsn,
+                restore = await _images_then(engine, source, state, lsn, then,
                                              [g["_id"] for g in group])
                 if not restore:
                     continue
@@ -639,12 +699,16 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
 
 
 async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
-                       ids: list[Any]) -> list[tuple[Any, Any, Any]]:
-    """(id, image now, image at lsn) for the ids whose image differs; None: absent."""
+                       voids: list[list[int]], ids: list[Any]) -> list[tuple[Any, Any, Any]]:
+    """(id, image now, image at lsn) for the ids whose image differs; None: absent.
+
+    The image then is the fold of the entries visible then; for a document the source
+    had not changed then, the parent's image then: the pre-image of the source's first
+    later change of it, else (nothing later) the parent's image now."""
     pool = engine.pool
     ns = f"{state.db}.{state.coll}"
     then: dict[Any, dict[str, Any] | None] = {}
-    fold = [{"$match": {**visible_at(source, lsn), "ns": ns, "id": {"$in": ids}}},
+    fold = [{"$match": {**visible_at(source.bid, lsn, voids), "ns": ns, "id": {"$in": ids}}},
             {"$sort": {"_id": 1}},
             {"$group": {"_id": "$id", "last": {"$last": "$$ROOT"}}}]
     async for batch in pool.batches(engine.meta_db, {
@@ -659,13 +723,17 @@ async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
             "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True}):
         for doc in batch:
             then.setdefault(idkey(doc["_id"]), image(doc["first"], "pre"))
+    rest = [value for value in ids if idkey(value) not in then]
+    if rest:
+        theirs = await _view_ids(engine, state.db, state.coll,
+                                 parent_layers(engine, source, state.db, state.coll), rest)
+        for value in rest:
+            then[idkey(value)] = theirs.get(idkey(value))
     now = await _view_ids(engine, state.db, state.coll,
                           engine.layers(source, state.db, state.coll), ids)
     out = []
     for value in ids:
         key = idkey(value)
-        if key not in then:
-            continue  # read through the parent then as now
         img, cur = then[key], now.get(key)
         if not _equal(img, cur):
             out.append((value, cur, img))
