@@ -241,10 +241,10 @@ class Runner:
         # A multi-update that fails part-way leaves the documents it reached first
         # changed, and which come first is natural order, unspecified: keep array
         # operators away from fields an upsert may have made scalar.
-        for op, field in (("$push", "tags"), ("$pull", "tags"), ("$addToSet", "b.d")):
+        for op, path in (("$push", "tags"), ("$pull", "tags"), ("$addToSet", "b.d")):
             if isinstance(upd, dict) and op in upd:
-                filt = {"$and": [filt, {"$or": [{field: {"$exists": False}},
-                                                {field: {"$type": "array"}}]}]}
+                filt = {"$and": [filt, {"$or": [{path: {"$exists": False}},
+                                                {path: {"$type": "array"}}]}]}
         self.both(f"update_many {filt} {upd}",
                   lambda db: raw(db.items.update_many(filt, upd)))
 

@@ -121,8 +121,8 @@ def test_explain_runs_the_rewritten_command(branch: tuple[Any, Any]) -> None:
 
 def test_transactions_on_a_branch_are_refused_clearly(branch: tuple[Any, Any]) -> None:
     db, _ = branch
-    with db.client.start_session() as session, pytest.raises(OperationFailure) as info:
-        with session.start_transaction():
-            db.people.insert_one({"_id": 500}, session=session)
+    with db.client.start_session() as session, pytest.raises(OperationFailure) as info, \
+            session.start_transaction():
+        db.people.insert_one({"_id": 500}, session=session)
     assert "transaction" in str(info.value)
     assert db.people.find_one({"_id": 500}) is None

@@ -230,6 +230,7 @@ class Engine:
             await self.meta["namespaces"].delete_one({"_id": state.key})
             del self.states[state.key]
         await self.wal.delete_branch(branch.bid)
+        await self.meta["resets"].delete_many({"b": branch.bid})
         await self.meta["branches"].delete_one({"_id": branch.name})
         self.branches.pop(branch.name, None)
 

@@ -78,6 +78,8 @@ class Wal:
     async def init(self) -> None:
         await self.entries.create_index([("b", ASCENDING), ("ns", ASCENDING), ("_id", ASCENDING)])
         await self.entries.create_index([("b", ASCENDING), ("_id", DESCENDING)])
+        await self.entries.create_index([("b", ASCENDING), ("ns", ASCENDING), ("id", ASCENDING),
+                                         ("_id", ASCENDING)])
 
     async def reserve(self, n: int) -> int:
         """The first of n consecutive fresh LSNs. The counter is advanced a block at a

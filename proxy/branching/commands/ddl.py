@@ -155,7 +155,9 @@ async def create_indexes(req: Request) -> dict[str, Any]:
         after = list(before)
         for spec in specs:
             if spec.get("name") not in names:
-                after.append({"v": 2, **spec})
+                # mongod's field order: v, key, name, then the options
+                after.append({"v": 2, "key": spec.get("key"), "name": spec.get("name"),
+                              **{k: v for k, v in spec.items() if k not in ("key", "name")}})
                 names.add(spec.get("name"))
         state.indexes = after
         state.unique = None
