@@ -1,14 +1,36 @@
-"""One client connection: framing, decompression, handshake, dispatch, forwarding."""
+"""One client connection: framing, decompression, handshake, dispatch, forwarding.
+
+Built on asyncio Protocols, client side and upstream side. Messages are sliced from
+the byte stream in `data_received` and handled one at a time, in order:
+
+* the fast path, for a message forwarded unchanged (not hello, not a command the
+  router serves, upstream connected): its framing and top-level BSON structure are
+  checked, it is written to the upstream socket from `data_received` itself, and
+  each reply is written to the client from the upstream's `data_received`. No task,
+  no future, no decode;
+* everything else (hello, routed commands, OP_QUERY, connecting the upstream, the
+  client's own authentication) runs as a task on the decode + handle path.
+
+Messages that arrive while one is in flight wait in a queue (a driver never sends
+the next request before the reply, but moreToCome requests and misbehaving clients
+do); reading pauses while the queue is long, while the upstream's write buffer is
+full, and the upstream stops being read while the client's write buffer is full.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
+import struct
 import time
+from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from proxy import metrics
+from proxy.metrics import HOT, LATENCY_BUCKETS, count_request, observe_latency
 from proxy.net import handshake
 from proxy.net.router import CommandError, Router
 from proxy.upstream.connection import (
@@ -18,9 +40,17 @@ from proxy.upstream.connection import (
     next_request_id,
 )
 from proxy.wire import compression, legacy, opmsg
-from proxy.wire.bsonutil import decode
+from proxy.wire.bsonutil import SKIM_ELEMENTS, SKIM_OPTIONS, check_document, decode, first_key
 from proxy.wire.errors import ProtocolError
-from proxy.wire.framing import OP_COMPRESSED, OP_MSG, OP_QUERY, Frame, read_frame
+from proxy.wire.framing import (
+    HEADER,
+    HEADER_SIZE,
+    OP_COMPRESSED,
+    OP_MSG,
+    OP_QUERY,
+    Frame,
+    MessageProtocol,
+)
 
 log = logging.getLogger("mongobranch.conn")
 _connection_ids = itertools.count(1)
@@ -40,6 +70,38 @@ _RETRYABLE_WRITES = frozenset({
     "insert", "update", "delete", "findAndModify", "findandmodify", "bulkWrite",
     "commitTransaction", "abortTransaction",
 })
+
+# Never on the fast path: answered here (hello), or the client's identity is noted.
+_SLOW_NAMES = handshake.HELLO_NAMES | _CLIENT_AUTH
+
+_OP_MSG_CODE = OP_MSG.to_bytes(4, "little")
+_PLAIN_HEAD = opmsg.PLAIN_HEAD
+_NOT_PLAIN = opmsg.NOT_PLAIN
+_MORE_TO_COME = opmsg.MORE_TO_COME
+_BODY_AT = HEADER_SIZE + 5  # a plain OP_MSG's body: after the header, flags and kind byte
+_NAME_AT = _BODY_AT + 5  # its first field's name: after the body's length and type byte
+_NOT_FAST = _NOT_PLAIN | _MORE_TO_COME
+_LENGTH = struct.Struct("<i")
+_requests = HOT.requests
+_latency_counts = HOT.latency_counts
+_LATENCY_BUCKETS = LATENCY_BUCKETS
+_bisect_left = bisect.bisect_left
+_perf_counter = time.perf_counter
+_skim = SKIM_ELEMENTS
+_SKIM_OPTIONS = SKIM_OPTIONS
+_FAST_NAMES_MAX = 256  # the names are the clients' to choose: the cache stays bounded
+
+# Messages queued beyond these many bytes pause reading from the client.
+_QUEUE_HIGH = 1 << 20
+_CLIENT_WRITE_HIGH = 1 << 20
+_CLIENT_WRITE_LOW = 1 << 18
+
+# Why reading from the client is paused (bits).
+_PAUSED_QUEUE = 1
+_PAUSED_UPSTREAM = 2
+
+# What the connection is doing.
+_IDLE, _FORWARDING, _TASK = 0, 1, 2
 
 
 def host_unreachable(message: str, command: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -63,33 +125,76 @@ def error_labels(command: dict[str, Any]) -> list[str]:
     return []
 
 
-class ClientConnection:
+def _decoded_or_none(body: bytes | None) -> dict[str, Any] | None:
+    """The command of a request the upstream could not serve, for its error labels."""
+    if body is None:
+        return None
+    try:
+        return decode(body)
+    except ProtocolError:
+        return None
+
+
+def _more_to_come(msg: bytes) -> bool:
+    """Whether a reply message says more replies follow (an exhaust stream)."""
+    return msg[12:16] == _OP_MSG_CODE and len(msg) > HEADER_SIZE and bool(msg[16] & _MORE_TO_COME)
+
+
+class ClientConnection(MessageProtocol):
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         *,
         upstream: UpstreamConfig,
         topology: handshake.Topology,
         router: Router,
         listener: str,
         stopping: asyncio.Event,
+        on_closed: Callable[[ClientConnection], None] | None = None,
+        fast_names: dict[bytes, str] | None = None,
     ):
-        self.reader = reader
-        self.writer = writer
+        super().__init__(topology.info.max_message_size_bytes)
         self.router = router
         self.topology = topology
         self.listener = listener
         self.stopping = stopping
+        self.on_closed = on_closed
+        # Raw command names (the bytes on the wire) whose messages are forwarded unchanged,
+        # each with its requests-counter key; shared by the listener's connections.
+        self._fast_names: dict[bytes, str] = {} if fast_names is None else fast_names
+        self._reply_sink = self._on_reply
         self.connection_id = next(_connection_ids)
-        self.upstream = UpstreamConnection(upstream, topology.info.max_message_size_bytes)
+        self.upstream = UpstreamConnection(upstream, topology.info.max_message_size_bytes,
+                                           owner=self)
         self.app_name: str | None = None
         self.user: str | None = None
         self.client_metadata: dict[str, Any] | None = None
         self.compressors: list[str] = []
-        self.busy = False
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer = "?"
+        self.transport: Any = None
+        self._gauge = metrics.OPEN_CONNECTIONS.labels(listener)
+        self._state = _IDLE
+        self._task: asyncio.Task[None] | None = None
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._read_paused = 0
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._eof = False
+        self._shutting_down = False
+        self._closing = False
+        self._lost = False
+        self._reported_closed = False
+        # The forwarded request in flight (fast path).
+        self._req_started = 0.0
+        self._req_compressor: int | None = None
+        self._req_name = ""
+        self._req_msg = b""
+        self._req_body: bytes | None = None  # None: the plain body of _req_msg
+
+    @property
+    def busy(self) -> bool:
+        """A request is in flight or waiting: a shutdown lets it finish first."""
+        return self._state != _IDLE or bool(self._queue)
 
     # -- the Context protocol the routers use -----------------------------------
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -118,70 +223,360 @@ class ClientConnection:
             metrics.UPSTREAM_ERRORS.inc()
             raise
 
-    # -- main loop ----------------------------------------------------------------
-    async def serve(self) -> None:
-        gauge = metrics.OPEN_CONNECTIONS.labels(self.listener)
-        gauge.inc()
-        try:
-            while not self.stopping.is_set():
-                frame = await read_frame(self.reader, self.topology.info.max_message_size_bytes)
-                if frame is None:
-                    break
-                metrics.BYTES_IN.inc(16 + len(frame.payload))
-                self.busy = True
-                try:
-                    await self._dispatch(frame)
-                    # Still busy until the reply is on its way: a shutdown waits for it.
-                    await self.writer.drain()
-                finally:
-                    self.busy = False
-        except ProtocolError as exc:
-            metrics.PROTOCOL_ERRORS.inc()
-            log.warning("closing connection %d from %s: %s", self.connection_id, self.peer, exc)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except Exception:
-            metrics.PROTOCOL_ERRORS.inc()
-            log.exception("closing connection %d from %s: unexpected error", self.connection_id,
-                          self.peer)
-        finally:
-            gauge.dec()
-            self.upstream.close()
-            self.writer.close()
+    # -- transport callbacks --------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_CLIENT_WRITE_HIGH, low=_CLIENT_WRITE_LOW)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._gauge.inc()
+        if self.stopping.is_set():
+            self._close()
 
-    async def _dispatch(self, frame: Frame) -> None:
+    def data_received(self, data: bytes) -> None:
+        # The fast path, inline: exactly one whole plain OP_MSG whose command is forwarded
+        # unchanged, with nothing buffered, queued or in flight and the upstream connected.
+        if (not self._state and not self._buf and not self._queue and not self._write_paused
+                and len(data) > _NAME_AT and data[12:16] == _OP_MSG_CODE):
+            flags, kind, length = _PLAIN_HEAD.unpack_from(data, HEADER_SIZE)
+            if (kind == 0 and length == len(data) - _BODY_AT and not flags & _NOT_FAST
+                    and _LENGTH.unpack_from(data)[0] == len(data) and self._reading):
+                counter = self._fast_names.get(data[_NAME_AT : data.find(b"\x00", _NAME_AT)])
+                proto = self.upstream.protocol
+                if counter is not None and proto is not None:
+                    HOT.bytes_in += len(data)
+                    _requests[counter] += 1
+                    # check_document, inlined: the body's elements, in C.
+                    try:
+                        if data[-1] or _skim is None:
+                            raise ValueError
+                        _skim(data, _NAME_AT - 1, len(data) - 1, _SKIM_OPTIONS, {}, True)
+                    except Exception:
+                        try:
+                            check_document(data, _BODY_AT, len(data))
+                        except ProtocolError as exc:
+                            self._protocol_error(exc)
+                            return
+                    self._state = _FORWARDING
+                    self._req_started = _perf_counter()
+                    self._req_msg = data
+                    self._req_body = None
+                    proto.sink = self._reply_sink
+                    proto.transport.write(data)
+                    return
+        MessageProtocol.data_received(self, data)
+
+    def message_received(self, msg: bytes) -> None:
+        if self._state or self._queue or self._write_paused:
+            self._enqueue(msg)
+            return
+        self._process(msg)
+
+    def frame_error(self, exc: ProtocolError) -> None:
+        self._protocol_error(exc)
+
+    def eof_received(self) -> bool:
+        partial = self.partial_message_error()
+        if partial is not None:
+            self._protocol_error(partial)
+            return False
+        if self._state == _IDLE and not self._queue:
+            return False  # the transport closes itself
+        self._eof = True  # answer what is in flight, then close
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._closing = True
+        self.stop_delivery()
+        self._gauge.dec()
+        self._queue.clear()
+        self._wake_drain()
+        if self._state == _FORWARDING:
+            self._state = _IDLE
+        if self._task is None:
+            self._finish()
+        # else: the task runs to its end (a routed command is not cut in the middle);
+        # _task_done finishes.
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.upstream.resume_reading()
+        self._wake_drain()
+        if self._state == _IDLE:
+            self._next()
+
+    # -- UpstreamOwner --------------------------------------------------------------
+    def upstream_lost(self, reason: str) -> None:
+        """The upstream dropped while the fast path waited for a reply."""
+        if self._state != _FORWARDING:
+            return
+        metrics.UPSTREAM_ERRORS.inc()
+        msg = self._req_msg
+        body = msg[_BODY_AT:] if self._req_body is None else self._req_body
+        reply = host_unreachable(reason, _decoded_or_none(body))
+        frame = opmsg.build(reply, request_id=next_request_id(),
+                            response_to=HEADER.unpack_from(msg)[1])
+        self._write(frame, self._req_compressor, self._req_name)
+        self._forward_done()
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        if paused:
+            self._pause_reading(_PAUSED_UPSTREAM)
+        else:
+            self._resume_reading(_PAUSED_UPSTREAM)
+
+    # -- the queue and the state machine ---------------------------------------------
+    def _enqueue(self, msg: bytes) -> None:
+        self._queue.append(msg)
+        self._queued += len(msg)
+        if self._queued > _QUEUE_HIGH:
+            self._pause_reading(_PAUSED_QUEUE)
+
+    def _next(self) -> None:
+        """Idle again: handle queued messages, or close if that is what is left to do."""
+        queue = self._queue
+        while queue and self._state == _IDLE and not self._write_paused and not self._closing:
+            msg = queue.popleft()
+            self._queued -= len(msg)
+            self._process(msg)
+        if self._read_paused & _PAUSED_QUEUE and self._queued <= _QUEUE_HIGH // 4:
+            self._resume_reading(_PAUSED_QUEUE)
+        if self._state == _IDLE and not queue and (self._eof or self._shutting_down):
+            self._close()
+
+    def _pause_reading(self, why: int) -> None:
+        if not self._read_paused and not self._closing:
+            self.transport.pause_reading()
+        self._read_paused |= why
+
+    def _resume_reading(self, why: int) -> None:
+        if not self._read_paused & why:
+            return
+        self._read_paused &= ~why
+        if not self._read_paused and not self._closing:
+            self.transport.resume_reading()
+
+    def shutdown(self) -> None:
+        """The listener stops: close now if idle, else once the request in flight is answered."""
+        self._shutting_down = True
+        if self._state == _IDLE and not self._queue:
+            self._close()
+
+    def abort(self) -> None:
+        """The grace period is over: drop the connection and whatever it was doing."""
+        if self._task is not None:
+            self._task.cancel()
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+
+    def _close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self.stop_delivery()
+            self.transport.close()  # flushes what is buffered first
+
+    def _finish(self) -> None:
+        """The client is gone and nothing runs for it any more."""
+        self.upstream.close()
+        if not self._reported_closed:
+            self._reported_closed = True
+            if self.on_closed is not None:
+                self.on_closed(self)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        metrics.PROTOCOL_ERRORS.inc()
+        log.warning("closing connection %d from %s: %s", self.connection_id, self.peer, exc)
+        self._close()
+
+    # -- one message ----------------------------------------------------------------
+    def _process(self, msg: bytes) -> None:
+        HOT.bytes_in += len(msg)
+        try:
+            if msg[12:16] == _OP_MSG_CODE and len(msg) > _BODY_AT:
+                flags, kind, length = _PLAIN_HEAD.unpack_from(msg, HEADER_SIZE)
+                if kind == 0 and length == len(msg) - _BODY_AT and not flags & _NOT_PLAIN:
+                    # A plain OP_MSG: no checksum, one body section filling the message.
+                    name = first_key(msg, _BODY_AT)
+                    count_request(name)
+                    if self._is_fast(name, msg) and self.upstream.connected:
+                        check_document(msg, _BODY_AT, len(msg))
+                        self._forward_now(msg, None, name, flags, None)
+                        return
+                    _len, request_id, response_to, _op = HEADER.unpack_from(msg)
+                    frame = Frame(request_id, response_to, OP_MSG, msg[HEADER_SIZE:])
+                    sections = opmsg.Sections(flags, msg[_BODY_AT:])
+                    self._start(self._on_msg(frame, sections, None, time.perf_counter()))
+                    return
+            self._general(msg)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
+    def _is_fast(self, name: str, msg: bytes) -> bool:
+        """Whether a plain OP_MSG with this command is forwarded unchanged; remembered."""
+        if name in _SLOW_NAMES or self.router.wants(name):
+            return False
+        if len(self._fast_names) < _FAST_NAMES_MAX and msg[_BODY_AT + 4]:
+            raw = msg[_NAME_AT : msg.find(b"\x00", _NAME_AT)]
+            self._fast_names[raw] = name if name in _requests else "other"
+        return True
+
+    def _general(self, msg: bytes) -> None:
+        """Anything but a plain OP_MSG: compressed, checksummed, sequences, OP_QUERY."""
+        _len, request_id, response_to, op_code = HEADER.unpack_from(msg)
+        frame = Frame(request_id, response_to, op_code, msg[HEADER_SIZE:])
         compressor: int | None = None
-        if frame.op_code == OP_COMPRESSED:
+        if op_code == OP_COMPRESSED:
             frame, compressor = compression.decompress(
                 frame, self.topology.info.max_message_size_bytes
             )
         if frame.op_code == OP_MSG:
-            await self._on_msg(frame, compressor)
+            # Flags, checksum and section framing are checked before anything else is done.
+            sections = opmsg.split(frame)
+            name = sections.name
+            count_request(name)
+            started = time.perf_counter()
+            if (name not in _SLOW_NAMES and self.upstream.connected
+                    and not self.router.wants(name)):
+                sections.validate()
+                data = msg if compressor is None else frame.to_bytes()
+                self._forward_now(data, compressor, name, sections.flags, sections.body,
+                                  started)
+                return
+            self._start(self._on_msg(frame, sections, compressor, started))
         elif frame.op_code == OP_QUERY:
-            await self._on_query(frame)
+            self._start(self._on_query(frame))
         else:
             raise ProtocolError(f"unsupported opCode {frame.op_code}")
+
+    def _forward_now(self, msg: bytes, compressor: int | None, name: str, flags: int,
+                     body: bytes | None, started: float | None = None) -> None:
+        """Forward now (the fast path but for the general framing): the message goes to
+        the upstream socket, replies come to `_on_reply` from the upstream's data_received."""
+        upstream = self.upstream
+        if flags & _MORE_TO_COME:
+            upstream.write(msg)  # no reply to wait for
+            return
+        self._state = _FORWARDING
+        self._req_started = time.perf_counter() if started is None else started
+        self._req_compressor = compressor
+        self._req_name = name
+        self._req_msg = msg
+        self._req_body = body
+        upstream.forward(self._reply_sink if compressor is None else self._on_compressed_reply)
+        upstream.write(msg)
+
+    def _on_reply(self, msg: bytes) -> None:
+        """A reply on the fast path, forwarded as the upstream sent it."""
+        if not self._closing:
+            self.transport.write(msg)
+        HOT.bytes_out += len(msg)
+        if msg[12:16] == _OP_MSG_CODE and len(msg) > HEADER_SIZE and msg[16] & _MORE_TO_COME:
+            return  # an exhaust stream: more replies follow
+        # observe_latency, inlined
+        elapsed = _perf_counter() - self._req_started
+        _latency_counts[_bisect_left(_LATENCY_BUCKETS, elapsed)] += 1
+        HOT.latency_sum += elapsed
+        self._state = _IDLE
+        proto = self.upstream.protocol
+        if proto is not None:
+            proto.sink = None
+        if self._queue or self._eof or self._shutting_down or self._lost:
+            self._after_forward()
+
+    def _on_compressed_reply(self, msg: bytes) -> None:
+        """A reply to a compressed request: compressed the same way, unless it must not be."""
+        more = _more_to_come(msg)
+        if self._req_name not in _UNCOMPRESSIBLE:
+            _len, request_id, response_to, op_code = HEADER.unpack_from(msg)
+            msg = compression.compress(
+                Frame(request_id, response_to, op_code, msg[HEADER_SIZE:]),
+                self._req_compressor or 0,
+            ).to_bytes()
+        if not self._closing:
+            self.transport.write(msg)
+        HOT.bytes_out += len(msg)
+        if not more:
+            self._forward_done()
+
+    def _forward_done(self) -> None:
+        observe_latency(time.perf_counter() - self._req_started)
+        self._state = _IDLE
+        self._req_compressor = None
+        self.upstream.stop_forwarding()
+        self._after_forward()
+
+    def _after_forward(self) -> None:
+        self._req_msg = b""
+        self._req_body = None
+        if self._lost:
+            self._finish()
+        elif self._queue or self._eof or self._shutting_down:
+            self._next()
+
+    # -- the slow path: a task per message ----------------------------------------------
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._state = _TASK
+        task = asyncio.get_running_loop().create_task(coro)
+        self._task = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        self._state = _IDLE
+        if self._lost:
+            if not task.cancelled():
+                task.exception()  # retrieved: the client is gone, nothing to report to
+            self._finish()
+            return
+        if task.cancelled():
+            self._close()
+            return
+        exc = task.exception()
+        if exc is None:
+            self._next()
+        elif isinstance(exc, ProtocolError):
+            self._protocol_error(exc)
+        elif isinstance(exc, ConnectionError):
+            self._close()
+        else:
+            metrics.PROTOCOL_ERRORS.inc()
+            log.error("closing connection %d from %s: unexpected error", self.connection_id,
+                      self.peer, exc_info=exc)
+            self._close()
 
     def _write(self, frame: Frame, compressor: int | None, name: str) -> None:
         if compressor is not None and name not in _UNCOMPRESSIBLE:
             frame = compression.compress(frame, compressor)
         data = frame.to_bytes()
-        try:
-            self.writer.write(data)  # first: the reply leaves before the bookkeeping
-        finally:
-            metrics.BYTES_OUT.inc(len(data))
+        if not self._closing:
+            self.transport.write(data)  # first: the reply leaves before the bookkeeping
+        HOT.bytes_out += len(data)
 
     def _reply(self, body: dict[str, Any], request: Frame, compressor: int | None,
                name: str) -> None:
         frame = opmsg.build(body, request_id=next_request_id(), response_to=request.request_id)
         self._write(frame, compressor, name)
 
-    async def _on_msg(self, frame: Frame, compressor: int | None) -> None:
-        # Flags, checksum and section framing are checked before anything else is done.
-        sections = opmsg.split(frame)
+    async def _drain(self) -> None:
+        while self._write_paused and not self._lost:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await self._drained
+            finally:
+                self._drained = None
+
+    def _wake_drain(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def _on_msg(self, frame: Frame, sections: opmsg.Sections, compressor: int | None,
+                      started: float) -> None:
         name, flags = sections.name, sections.flags
-        metrics.count_request(name)
-        started = time.perf_counter()
         try:
             if name in handshake.HELLO_NAMES:
                 msg = sections.decode()
@@ -190,20 +585,20 @@ class ClientConnection:
                 msg = sections.decode()
                 routed = await self._routed(msg)
                 if routed is None:
-                    await self._forward(frame, compressor, name, flags, msg.body)
+                    await self._forward(frame, compressor, name, flags, sections.body)
                     return
                 reply = routed
             else:
                 # Nothing malformed reaches the upstream: the connection that sent it is closed.
-                body = sections.validate()
-                if name == "saslStart" or name == "authenticate":
-                    self._note_user(body)
-                await self._forward(frame, compressor, name, flags, body)
+                sections.validate()
+                if name in _CLIENT_AUTH:
+                    self._note_user(decode(sections.body))
+                await self._forward(frame, compressor, name, flags, sections.body)
                 return
             if not flags & opmsg.MORE_TO_COME:
                 self._reply(reply, frame, compressor, name)
         finally:
-            metrics.LATENCY.observe(time.perf_counter() - started)
+            observe_latency(time.perf_counter() - started)
 
     def _note_user(self, cmd: dict[str, Any]) -> None:
         """Remember who authenticates, for the WAL's client identity."""
@@ -235,25 +630,26 @@ class ClientConnection:
                     "codeName": "InternalError"}
 
     async def _forward(self, frame: Frame, compressor: int | None, name: str, flags: int,
-                       body: dict[str, Any] | None = None) -> None:
+                       body: bytes) -> None:
+        """Forward from a task: connect first if needed, then wait for the replies."""
         try:
-            if not self.upstream.connected:  # no coroutine round trip on the hot path
+            if not self.upstream.connected:
                 await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
             await self.upstream.send(frame.to_bytes())
             if flags & opmsg.MORE_TO_COME:
                 return
             while True:
                 reply = await self.upstream.receive()
-                reply.response_to = frame.request_id
                 self._write(reply, compressor, name)
                 if reply.op_code != OP_MSG or not opmsg.flags_of(reply) & opmsg.MORE_TO_COME:
                     return
-                await self.writer.drain()
+                await self._drain()
         except UpstreamUnavailable as exc:
             metrics.UPSTREAM_ERRORS.inc()
             self.upstream.close()
             if not flags & opmsg.MORE_TO_COME:
-                self._reply(host_unreachable(str(exc), body), frame, compressor, name)
+                self._reply(host_unreachable(str(exc), _decoded_or_none(body)), frame,
+                            compressor, name)
 
     # -- handshake ----------------------------------------------------------------
     async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +705,7 @@ class ClientConnection:
         if "$query" in cmd and isinstance(cmd["$query"], dict):
             cmd = cmd["$query"]
         name = next(iter(cmd), "")
-        metrics.count_request(name)
+        count_request(name)
         flags = 0
         if query.collection.endswith(".$cmd") and name in handshake.HELLO_NAMES:
             reply = await self._hello(cmd)
@@ -328,8 +724,9 @@ class ClientConnection:
             flags = legacy.QUERY_FAILURE
         data = legacy.build_reply(reply, request_id=next_request_id(),
                                   response_to=frame.request_id, flags=flags).to_bytes()
-        metrics.BYTES_OUT.inc(len(data))
-        self.writer.write(data)
+        HOT.bytes_out += len(data)
+        if not self._closing:
+            self.transport.write(data)
 
 
 def decode_reply(frame: Frame) -> dict[str, Any]:

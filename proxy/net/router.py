@@ -37,7 +37,11 @@ class Context(Protocol):
 
 class Router(Protocol):
     def wants(self, name: str) -> bool:
-        """Whether a command of this name is served here rather than forwarded raw."""
+        """Whether a command of this name is served here rather than forwarded raw.
+
+        The answer must depend on the name alone: a listener asks once per name and
+        remembers the names it forwards raw.
+        """
         ...
 
     async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:

@@ -24,50 +24,46 @@ class Listener:
         self.router = router
         self.stopping = asyncio.Event()
         self._server: asyncio.Server | None = None
-        self._connections: dict[ClientConnection, asyncio.Task[None]] = {}
+        self._connections: set[ClientConnection] = set()
+        # Command names whose messages this port forwards unchanged (router.wants is
+        # asked once per name), for the connections' fast path.
+        self._fast_names: dict[bytes, str] = {}
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accept, self.host, self.port, limit=1 << 20, reuse_address=True
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._new_connection, self.host, self.port, reuse_address=True
         )
         sock = self._server.sockets[0].getsockname()
         self.port = sock[1]
         log.info("%s listening on %s:%d", self.name, self.host, self.port)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _new_connection(self) -> ClientConnection:
         conn = ClientConnection(
-            reader, writer, upstream=self.upstream, topology=self.topology,
-            router=self.router, listener=self.name, stopping=self.stopping,
+            upstream=self.upstream, topology=self.topology, router=self.router,
+            listener=self.name, stopping=self.stopping, on_closed=self._connections.discard,
+            fast_names=self._fast_names,
         )
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections[conn] = task
-        try:
-            await conn.serve()
-        except asyncio.CancelledError:
-            # Cancelled by stop(). Ending normally keeps asyncio's stream callback from
-            # logging a CancelledError traceback for every connection closed at shutdown.
-            pass
-        finally:
-            self._connections.pop(conn, None)
+        self._connections.add(conn)
+        return conn
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish, then close every client."""
         self.stopping.set()
         if self._server is not None:
             self._server.close()
-        deadline = asyncio.get_running_loop().time() + grace
-        for conn, task in list(self._connections.items()):
-            if not conn.busy:
-                task.cancel()
-        while self._connections and asyncio.get_running_loop().time() < deadline:
-            for conn, task in list(self._connections.items()):
-                if not conn.busy:
-                    task.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # Idle connections close now, busy ones once their request is answered (and their
+        # reply flushed: a connection leaves the set when its transport is gone).
+        for conn in list(self._connections):
+            conn.shutdown()
+        while self._connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for task in list(self._connections.values()):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections.values(), return_exceptions=True)
+        for conn in list(self._connections):
+            conn.abort()
+        settle = loop.time() + 1.0
+        while self._connections and loop.time() < settle:
+            await asyncio.sleep(0.01)
         if self._server is not None:
             await self._server.wait_closed()

@@ -69,3 +69,75 @@ async def read_frame(
             f"truncated message: header says {length} bytes, got {HEADER_SIZE + len(exc.partial)}"
         ) from exc
     return Frame(request_id, response_to, op_code, payload)
+
+
+_LENGTH = struct.Struct("<i")
+
+
+class MessageProtocol(asyncio.Protocol):
+    """An asyncio Protocol that slices its byte stream into whole messages.
+
+    Each complete message (header included, as one `bytes`) goes to `message_received`,
+    in order, from `data_received` itself: no task and no future per message. A length
+    out of range goes to `frame_error` and nothing more is delivered afterwards.
+    """
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+        self.max_message_size = max_message_size
+        self._buf = bytearray()
+        self._need = HEADER_SIZE  # bytes the buffer must hold before anything can be sliced
+        self._reading = True
+
+    def message_received(self, msg: bytes) -> None:
+        raise NotImplementedError
+
+    def frame_error(self, exc: ProtocolError) -> None:
+        raise NotImplementedError
+
+    def stop_delivery(self) -> None:
+        """Deliver nothing more (the connection is being closed)."""
+        self._reading = False
+        self._buf.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._reading:
+            return
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return
+            data = bytes(buf)
+            buf.clear()
+        end = len(data)
+        pos = 0
+        length = 0
+        while end - pos >= HEADER_SIZE:
+            (length,) = _LENGTH.unpack_from(data, pos)
+            if length < HEADER_SIZE or length > self.max_message_size:
+                try:
+                    check_length(length, self.max_message_size)
+                except ProtocolError as exc:
+                    self.stop_delivery()
+                    self.frame_error(exc)
+                return
+            if end - pos < length:
+                break
+            msg = data if pos == 0 and length == end else data[pos : pos + length]
+            pos += length
+            self.message_received(msg)
+            if not self._reading:
+                return
+        if pos < end:
+            buf += memoryview(data)[pos:]
+            self._need = length if end - pos >= HEADER_SIZE else HEADER_SIZE
+
+    def partial_message_error(self) -> ProtocolError | None:
+        """At EOF: the error for a message cut short, None if the stream ended cleanly."""
+        buf = self._buf
+        if not self._reading or not buf:
+            return None
+        if len(buf) < HEADER_SIZE:
+            return ProtocolError("connection closed inside a message header")
+        (length,) = _LENGTH.unpack_from(buf, 0)
+        return ProtocolError(f"truncated message: header says {length} bytes, got {len(buf)}")

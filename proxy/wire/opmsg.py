@@ -8,9 +8,8 @@ from typing import Any
 
 import bson
 import crc32c
-from bson.codec_options import CodecOptions
 
-from proxy.wire.bsonutil import CODEC, decode, doc_length, encode, first_key
+from proxy.wire.bsonutil import CODEC, check_document, decode, doc_length, encode, first_key
 from proxy.wire.errors import ProtocolError
 from proxy.wire.framing import OP_MSG, Frame
 
@@ -21,10 +20,9 @@ _KNOWN_FLAGS = CHECKSUM_PRESENT | MORE_TO_COME | EXHAUST_ALLOWED
 _UINT32 = struct.Struct("<I")
 _INT32 = struct.Struct("<i")
 # Flags, first section kind and its document length: the whole of a plain command's framing.
-_PLAIN_HEAD = struct.Struct("<IBi")
+PLAIN_HEAD = struct.Struct("<IBi")
 # Flags that send split() down the general path (a checksum, or bits it must reject).
-_NOT_PLAIN = CHECKSUM_PRESENT | (0xFFFF & ~_KNOWN_FLAGS)
-_VALIDATE: CodecOptions[dict[str, Any]] = CODEC.with_options(unicode_decode_error_handler="replace")
+NOT_PLAIN = CHECKSUM_PRESENT | (0xFFFF & ~_KNOWN_FLAGS)
 
 
 @dataclass(slots=True)
@@ -90,19 +88,19 @@ class Sections:
         """The command name: the body's first field."""
         return first_key(self.body, 0)
 
-    def validate(self) -> dict[str, Any]:
-        """Decode every document once, so nothing malformed is ever forwarded; the body.
+    def validate(self) -> None:
+        """Check the framing of every document, so nothing malformed is forwarded.
 
-        Strings with invalid UTF-8 are let through (replaced in the returned body), as
-        mongod lets them through.
+        Builds no objects: see `bsonutil.check_document` for what is checked. Strings
+        with invalid UTF-8 are let through, as mongod lets them through.
         """
-        try:
-            body: dict[str, Any] = bson.decode(self.body, _VALIDATE)
-            for _name, docs in self.sequences:
-                bson.decode_all(docs, _VALIDATE)
-        except Exception as exc:  # bson raises InvalidBSON and a few others
-            raise ProtocolError(f"invalid BSON: {exc}") from exc
-        return body
+        check_document(self.body, 0, len(self.body))
+        for _name, docs in self.sequences:
+            pos, end = 0, len(docs)
+            while pos < end:
+                stop = pos + doc_length(docs, pos)
+                check_document(docs, pos, stop)
+                pos = stop
 
     def decode(self) -> OpMsg:
         sequences: dict[str, list[dict[str, Any]]] = {}
@@ -121,8 +119,8 @@ def split(frame: Frame) -> Sections:
     if len(payload) >= 9:
         # Fast path with the same result: no checksum and one body section filling the
         # message, which is how drivers send nearly every command.
-        flags, kind, length = _PLAIN_HEAD.unpack_from(payload, 0)
-        if kind == 0 and length >= 5 and length == len(payload) - 5 and not flags & _NOT_PLAIN:
+        flags, kind, length = PLAIN_HEAD.unpack_from(payload, 0)
+        if kind == 0 and length >= 5 and length == len(payload) - 5 and not flags & NOT_PLAIN:
             return Sections(flags, payload[5:])
     flags, payload = sections_of(frame)
     pos = 4
