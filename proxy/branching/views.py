@@ -17,7 +17,7 @@ _NOTHING: Stage = {"$match": {"_id": {"$in": []}}}
 _HIDE_FIELD = "__mb_hidden"
 # Up to this many hidden ids are excluded with $nin; past it an indexed anti-join
 # against the hidden-id collection costs less (measured on the embedded server).
-NIN_LIMIT = 256
+NIN_LIMIT = 64
 
 
 def _anti_join(layer: NsState) -> list[Stage]:
