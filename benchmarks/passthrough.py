@@ -19,7 +19,9 @@ machine falls on all of them alike:
   when the clients do not compete with it for the 2 cores.
 
 Direct and socat are addressed with directConnection=true; the proxy is
-addressed like a mongos, without it. The script never asserts: it prints a
+addressed like a mongos, without it, and (latency only, target `proxy-dc`,
+unless --no-proxy-dc) once more with directConnection=true, which separates
+the driver's own cost of a mongos topology from the proxy's. The script never asserts: it prints a
 table and rewrites the "## Passthrough (issue 2)" section of
 benchmarks/RESULTS.md.
 
@@ -168,6 +170,7 @@ def measure_latency(targets: list[Target], rounds: int, block: int) -> dict[Any,
         t.name: MongoClient(t.uri, maxPoolSize=1) for t in targets}
     samples: dict[tuple[str, str], list[float]] = {}
     block_medians: dict[tuple[str, str], list[float]] = {}
+    relay_cpu: dict[tuple[str, str], float] = {}
     rnd = random.Random(1)
     try:
         ops = {}
@@ -185,10 +188,14 @@ def measure_latency(targets: list[Target], rounds: int, block: int) -> dict[Any,
                 for t in order:
                     fn = ops[(t.name, op)]
                     got = []
+                    cpu0 = cpu_seconds(t.pid, t.children) if t.pid else 0.0
                     for _ in range(block):
                         start = perf()
                         fn()
                         got.append(perf() - start)
+                    if t.pid:
+                        relay_cpu[(t.name, op)] = (relay_cpu.get((t.name, op), 0.0)
+                                                   + cpu_seconds(t.pid, t.children) - cpu0)
                     samples.setdefault((t.name, op), []).extend(got)
                     block_medians.setdefault((t.name, op), []).append(statistics.median(got))
     finally:
@@ -201,6 +208,8 @@ def measure_latency(targets: list[Target], rounds: int, block: int) -> dict[Any,
         out[(name, op, "n")] = len(values)
     for (name, op), meds in block_medians.items():
         out[(name, op, "blocks")] = meds
+    for (name, op), seconds in relay_cpu.items():
+        out[(name, op, "relay_cpu")] = seconds / len(samples[(name, op)]) * 1e6
     return out
 
 
@@ -396,7 +405,8 @@ def fmt(v: float | None, spec: str = ".0f") -> str:
 
 
 def report(lat: dict[Any, Any], thr: dict[Any, Any], names: list[str], levels: list[Level],
-           window: float) -> str:
+           window: float, thr_names: list[str] | None = None) -> str:
+    thr_names = names if thr_names is None else thr_names
     lines = ["Round-trip latency, µs (one request at a time):", "",
              "| target | ping p50 | ping p99 | find p50 | find p99 |", "|---|---|---|---|---|"]
     for n in names:
@@ -407,7 +417,7 @@ def report(lat: dict[Any, Any], thr: dict[Any, Any], names: list[str], levels: l
               "clients (connections), \"raw\" = the raw-wire client:", "",
               "| target | " + " | ".join(lv.label for lv in levels) + " |",
               "|---|" + "---|" * len(levels)]
-    for n in names:
+    for n in thr_names if levels else []:
         row = [n]
         for lv in levels:
             spread = thr[(n, lv, "ops")]
@@ -444,6 +454,11 @@ def report(lat: dict[Any, Any], thr: dict[Any, Any], names: list[str], levels: l
                  + ratio(paired(n, op), paired("socat", op)) for op in ("ping", "find")]
         lines.append(f"| same from per-round paired block medians ({n}), µs | "
                      f"{cells[0]} | {cells[1]} | |")
+    for n in names[1:]:
+        if (n, "ping", "relay_cpu") in lat:
+            lines.append(f"| {n}: relay CPU µs per request (latency runs) | "
+                         f"{lat[(n, 'ping', 'relay_cpu')]:.1f} | "
+                         f"{lat[(n, 'find', 'relay_cpu')]:.1f} | |")
 
     def share(n: str, lv: Level) -> float:
         return 100.0 * sum(thr[(n, lv, "ops_total")]) / sum(thr[("direct", lv, "ops_total")])
@@ -454,15 +469,17 @@ def report(lat: dict[Any, Any], thr: dict[Any, Any], names: list[str], levels: l
             a / d for a, d in zip(thr[(n, lv, "ops")], thr[("direct", lv, "ops")], strict=True)
             if d > 0)
 
+    if not levels:
+        return "\n".join(lines)
     lines += ["", "| figure | " + " | ".join(lv.label for lv in levels) + " | target |",
               "|---|" + "---|" * (len(levels) + 1)]
-    for n in names[1:]:
+    for n in thr_names[1:]:
         b = "**" if n == "proxy" else ""
         lines.append(f"| {b}{n} throughput, % of direct{b} (median of per-round ratios) | "
                      + " | ".join(f"{b}{share(n, lv):.1f}%{b} ({paired_share(n, lv):.0f}%)"
                                   for lv in levels)
                      + (" | >= 85% at x64 |" if n in ("proxy", "baseline") else " | |"))
-    for n in names:
+    for n in thr_names:
         cells = []
         for lv in levels:
             ops = sum(thr[(n, lv, "ops_total")]) or 1
@@ -504,6 +521,10 @@ def main() -> int:
                     help="also run the proxy from another source tree (a directory holding a "
                          "`proxy/` package, e.g. a `git worktree` of an older commit) as target "
                          "'baseline', interleaved with the others: a before/after in one run")
+    ap.add_argument("--no-proxy-dc", action="store_true",
+                    help="skip the latency target 'proxy-dc': the same proxy process addressed "
+                         "with directConnection=true, as direct and socat are (the difference "
+                         "to 'proxy' is the driver's own cost of talking to a mongos)")
     ap.add_argument("--python-floor", action="store_true",
                     help="also measure the minimal Python relays of benchmarks/pyrelay.py "
                          "(targets py-protocol and py-streams)")
@@ -574,6 +595,10 @@ def main() -> int:
                 break
             time.sleep(0.1)
         targets.append(Target("proxy", f"mongodb://127.0.0.1:{p_port}/", p_port, proxy.pid))
+        if not args.no_proxy_dc:
+            targets.append(Target("proxy-dc",
+                                  f"mongodb://127.0.0.1:{p_port}/?directConnection=true",
+                                  p_port, proxy.pid))
         if args.baseline:
             base = str(Path(args.baseline).resolve())
             q_port, qa_port, qb_port = free_port(), free_port(), free_port()
@@ -590,6 +615,8 @@ def main() -> int:
             targets.append(Target("baseline", f"mongodb://127.0.0.1:{q_port}/", q_port,
                                   baseline.pid))
         names = [t.name for t in targets]
+        thr_targets = [t for t in targets if t.name != "proxy-dc"]
+        thr_names = [t.name for t in thr_targets]
 
         seed: Any
         with MongoClient(targets[0].uri) as seed:
@@ -614,7 +641,7 @@ def main() -> int:
         lat = measure_latency(targets, args.lat_rounds, args.lat_block)
         print(f"throughput: {', '.join(lv.label for lv in levels)}, {args.thr_rounds} rounds "
               f"x {args.window}s per target, rotated ...", flush=True)
-        thr = measure_throughput(targets, server.pid, levels, args.thr_rounds, args.window,
+        thr = measure_throughput(thr_targets, server.pid, levels, args.thr_rounds, args.window,
                                  args.workers)
     finally:
         if profiler is not None:
@@ -624,7 +651,7 @@ def main() -> int:
         procs.stop_all()
     elapsed = time.monotonic() - began
 
-    table = report(lat, thr, names, levels, args.window)
+    table = report(lat, thr, names, levels, args.window, thr_names)
     command = ".venv/bin/python benchmarks/passthrough.py" + (
         "" if sys.argv[1:] == [] else " " + " ".join(sys.argv[1:]))
     client_desc = (
@@ -638,7 +665,11 @@ def main() -> int:
         f"so on 2 cores the clients compete with the proxy for CPU; the \"raw\" level repeats "
         "x64 with a minimal client (pre-encoded OP_MSG finds written on plain asyncio "
         "sockets, one per concurrent client, replies read by length and not decoded) that "
-        "leaves the CPU to the server and the relay.")
+        "leaves the CPU to the server and the relay."
+        + ("" if args.no_proxy_dc else
+           " `proxy-dc` (latency only) is the same proxy process addressed with "
+           "directConnection=true, as direct and socat are: the difference to `proxy` is "
+           "the driver's own work for a mongos topology, on the client's CPU."))
     body = "\n".join([
         SECTION, "",
         f"Measured {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} in "
@@ -655,7 +686,9 @@ def main() -> int:
         "CPU per find is process CPU time (utime+stime from /proc) during the throughput "
         "windows divided by the finds completed; \"relay\" is socat (all its forks) or the "
         "proxy. Every process shares the same 2 cores, so relay CPU is taken from the server "
-        "and the clients.", "",
+        "and the clients. \"Relay CPU µs per request (latency runs)\" is the same measure "
+        "over the one-at-a-time latency blocks: what one forwarded request costs the relay, "
+        "syscalls included.", "",
     ])
     print()
     print(body)

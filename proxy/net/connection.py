@@ -81,7 +81,8 @@ _MORE_TO_COME = opmsg.MORE_TO_COME
 _BODY_AT = HEADER_SIZE + 5  # a plain OP_MSG's body: after the header, flags and kind byte
 _NAME_AT = _BODY_AT + 5  # its first field's name: after the body's length and type byte
 _NOT_FAST = _NOT_PLAIN | _MORE_TO_COME
-_LENGTH = struct.Struct("<i")
+# Length, opCode, then (if an OP_MSG) flags, first section kind and its document's length.
+_FAST_HEAD = struct.Struct("<i8xiIBi")
 _requests = HOT.requests
 _latency_counts = HOT.latency_counts
 _LATENCY_BUCKETS = LATENCY_BUCKETS
@@ -237,10 +238,11 @@ class ClientConnection(MessageProtocol):
         # The fast path, inline: exactly one whole plain OP_MSG whose command is forwarded
         # unchanged, with nothing buffered, queued or in flight and the upstream connected.
         if (not self._state and not self._buf and not self._queue and not self._write_paused
-                and len(data) > _NAME_AT and data[12:16] == _OP_MSG_CODE):
-            flags, kind, length = _PLAIN_HEAD.unpack_from(data, HEADER_SIZE)
-            if (kind == 0 and length == len(data) - _BODY_AT and not flags & _NOT_FAST
-                    and _LENGTH.unpack_from(data)[0] == len(data) and self._reading):
+                and len(data) > _NAME_AT):
+            length, op_code, flags, kind, body_length = _FAST_HEAD.unpack_from(data)
+            if (length == len(data) and op_code == OP_MSG and kind == 0
+                    and body_length == length - _BODY_AT and not flags & _NOT_FAST
+                    and self._reading):
                 counter = self._fast_names.get(data[_NAME_AT : data.find(b"\x00", _NAME_AT)])
                 proto = self.upstream.protocol
                 if counter is not None and proto is not None:
@@ -475,7 +477,7 @@ class ClientConnection(MessageProtocol):
         if not self._closing:
             self.transport.write(msg)
         HOT.bytes_out += len(msg)
-        if msg[12:16] == _OP_MSG_CODE and len(msg) > HEADER_SIZE and msg[16] & _MORE_TO_COME:
+        if len(msg) > HEADER_SIZE and msg[16] & _MORE_TO_COME and msg[12:16] == _OP_MSG_CODE:
             return  # an exhaust stream: more replies follow
         # observe_latency, inlined
         elapsed = _perf_counter() - self._req_started
