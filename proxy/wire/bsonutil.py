@@ -94,6 +94,24 @@ def check_document(data: bytes, start: int, end: int) -> None:
         decode_checked(data[start:end])
 
 
+def check_documents(data: bytes) -> None:
+    """`check_document` for each of the documents laid end to end in data (an OP_MSG
+    document sequence: an insert's documents, say), in one loop."""
+    skim, options, unpack = SKIM_ELEMENTS, SKIM_OPTIONS, _INT32.unpack_from
+    pos, end = 0, len(data)
+    while pos < end:
+        stop = pos + doc_length(data, pos) if end - pos < 5 else pos + unpack(data, pos)[0]
+        if stop - pos < 5 or stop > end or data[stop - 1] or skim is None:
+            doc_length(data, pos)  # raises for a length that does not fit
+            check_document(data, pos, stop)
+        else:
+            try:
+                skim(data, pos + 4, stop - 1, options, {}, True)
+            except Exception:
+                check_document(data, pos, stop)
+        pos = stop
+
+
 def decode_checked(data: bytes) -> dict[str, Any]:
     """A full decode that lets invalid UTF-8 through; ProtocolError if not valid BSON."""
     try:

@@ -9,7 +9,15 @@ from typing import Any
 import bson
 import crc32c
 
-from proxy.wire.bsonutil import CODEC, check_document, decode, doc_length, encode, first_key
+from proxy.wire.bsonutil import (
+    CODEC,
+    check_document,
+    check_documents,
+    decode,
+    doc_length,
+    encode,
+    first_key,
+)
 from proxy.wire.errors import ProtocolError
 from proxy.wire.framing import OP_MSG, Frame
 
@@ -89,18 +97,15 @@ class Sections:
         return first_key(self.body, 0)
 
     def validate(self) -> None:
-        """Check the framing of every document, so nothing malformed is forwarded.
+        """Check every document's structure, so nothing malformed is forwarded.
 
-        Builds no objects: see `bsonutil.check_document` for what is checked. Strings
-        with invalid UTF-8 are let through, as mongod lets them through.
+        See `bsonutil.check_document` for what is checked: the top-level elements of
+        the body and of each document of a sequence, not the full decode. Strings with
+        invalid UTF-8 are let through, as mongod lets them through.
         """
         check_document(self.body, 0, len(self.body))
         for _name, docs in self.sequences:
-            pos, end = 0, len(docs)
-            while pos < end:
-                stop = pos + doc_length(docs, pos)
-                check_document(docs, pos, stop)
-                pos = stop
+            check_documents(docs)
 
     def decode(self) -> OpMsg:
         sequences: dict[str, list[dict[str, Any]]] = {}
