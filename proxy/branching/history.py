@@ -657,7 +657,8 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
     if marker is not None:
         raise BranchError(409, f"{source.name} dropped or recreated {marker['ns']} after that "
                                "point; a branch at that point is not supported")
-    any_later = {"b": source.bid, "$or": [{"_id": {"$gt": lsn}}, *reopened]}
+    any_later = {"b": source.bid, "$or": [{"_id": {"$gt": lsn}}, *reopened]} if reopened \
+        else {"b": source.bid, "_id": {"$gt": lsn}}
     branch = await engine.create_branch(name, source.name, port, source.mode)
     branch.fork_lsn = lsn
     await engine.save_branch(branch)
@@ -708,7 +709,11 @@ async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
     pool = engine.pool
     ns = f"{state.db}.{state.coll}"
     then: dict[Any, dict[str, Any] | None] = {}
-    fold = [{"$match": {**visible_at(source.bid, lsn, voids), "ns": ns, "id": {"$in": ids}}},
+    # The ids alone first, then the LSN range: SecantusDB answers the first $match from
+    # the (b, ns, id, _id) index but scans the whole WAL for the combined filter (mongod
+    # coalesces the two stages into the same indexed plan).
+    by_id = {"$match": {"b": source.bid, "ns": ns, "id": {"$in": ids}}}
+    fold = [by_id, {"$match": visible_at(source.bid, lsn, voids)},
             {"$sort": {"_id": 1}},
             {"$group": {"_id": "$id", "last": {"$last": "$$ROOT"}}}]
     async for batch in pool.batches(engine.meta_db, {
@@ -716,7 +721,7 @@ async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
         for doc in batch:
             last = doc["last"]
             then[idkey(doc["_id"])] = image(last, "post") if last["op"] == PUT else None
-    firsts = [{"$match": {"b": source.bid, "ns": ns, "id": {"$in": ids}, "_id": {"$gt": lsn}}},
+    firsts = [by_id, {"$match": {"_id": {"$gt": lsn}}},
               {"$sort": {"_id": 1}},
               {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
     async for batch in pool.batches(engine.meta_db, {
