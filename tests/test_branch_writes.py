@@ -126,3 +126,46 @@ def test_transactions_on_a_branch_are_refused_clearly(branch: tuple[Any, Any]) -
         db.people.insert_one({"_id": 500}, session=session)
     assert "transaction" in str(info.value)
     assert db.people.find_one({"_id": 500}) is None
+
+
+def test_aggregate_over_a_large_overlay(proxy: ProxyProcess, direct: MongoClient) -> None:
+    """More hidden ids than a $nin carries: a leading $match selecting few base documents
+    narrows the exclusion to the hidden ids among them; one selecting many keeps the
+    anti-join. Both answer as a plain copy does."""
+    n = next(_names)
+    db_name = f"bw_{n}"
+    base = direct[db_name]
+    base.items.insert_many([{"_id": i, "k": i, "g": i % 5} for i in range(3000)])
+    base.items.create_index("k")
+    status, body = proxy.api("POST", "/branches", {"name": f"bw-{n}"})
+    assert status == 201, body
+    client: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
+    try:
+        db = client[db_name]
+        db.items.update_many({"_id": {"$in": list(range(0, 3000, 10))}}, {"$inc": {"k": 1}})
+        db.items.delete_many({"_id": {"$in": list(range(5, 3000, 30))}})
+        db.items.insert_one({"_id": "new", "k": 105, "g": 0})
+        want = {i: i + (1 if i % 10 == 0 else 0) for i in range(3000) if i % 30 != 5}
+        want_k = {**want, "new": 105}
+
+        def expect(lo: int, hi: int) -> list[dict[str, Any]]:
+            groups: dict[int, int] = {}
+            for i, k in want_k.items():
+                if lo <= k < hi:
+                    g = 0 if i == "new" else int(i) % 5
+                    groups[g] = groups.get(g, 0) + 1
+            return [{"_id": g, "n": c} for g, c in sorted(groups.items())]
+
+        for lo, hi in ((100, 160), (0, 2500)):  # few base matches, then more than 1,000
+            pipeline = [{"$match": {"k": {"$gte": lo, "$lt": hi}}},
+                        {"$group": {"_id": "$g", "n": {"$sum": 1}}}, {"$sort": {"_id": 1}}]
+            assert list(db.items.aggregate(pipeline)) == expect(lo, hi), (lo, hi)
+            plan = str(db.command("explain", {"aggregate": "items", "pipeline": pipeline,
+                                              "cursor": {}}))
+            narrowed = "'$lookup'" not in plan
+            assert narrowed == (hi - lo < 1000), plan[:300]
+        assert base.items.count_documents({"k": {"$gte": 100, "$lt": 160}}) == 60
+    finally:
+        client.close()
+        proxy.api("DELETE", f"/branches/bw-{n}")
+        direct.drop_database(db_name)

@@ -134,3 +134,48 @@ def test_migrate_errors(proxy: ProxyProcess, setup: tuple[str, Any]) -> None:
     assert proxy.api("POST", "/branches/nope/migrate", {"to": "copy"})[0] == 404
     status, body = proxy.api("POST", f"/branches/{name}/migrate", {"to": "wal"})
     assert status == 200 and body["migrated"] is False  # type: ignore[index]
+
+
+def test_copy_branch_reads_run_on_the_copy(proxy: ProxyProcess, setup: tuple[str, Any]) -> None:
+    """A copy branch answers from its copied collection alone: cursors opened there
+    page through the proxy under the user's namespace, and explain shows the copy."""
+    db_name, base = setup
+    name = f"mode-{db_name.split('_')[1]}"
+    status, body = proxy.api("POST", "/branches", {"name": name, "mode": "copy"})
+    assert status == 201, body
+    client: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
+    try:
+        db = client[db_name]
+        db.items.update_many({"_id": {"$lt": 50}}, {"$inc": {"v": 1000}})
+        pipeline = [{"$match": {"v": {"$gte": 10}}}, {"$sort": {"_id": 1}},
+                    {"$project": {"v": 1}}]
+        got = list(db.items.aggregate(pipeline, batchSize=7))
+        want = [{"_id": i, "v": i + 1000 if i < 50 else i} for i in range(600)
+                if (i + 1000 if i < 50 else i) >= 10]
+        assert got == want
+        cursor = db.items.aggregate([{"$sort": {"_id": -1}}], batchSize=5)
+        assert cursor.address is not None and next(cursor)["_id"] == 599
+        cursor.close()  # killCursors on a proxy-held cursor
+        found = list(db.items.find({"tag": "t3"}, batch_size=4).sort("v", -1).hint("tag_1"))
+        assert [d["_id"] for d in found] == sorted(
+            (i for i in range(600) if i % 7 == 3), key=lambda i: -(i + 1000 if i < 50 else i))
+        joined = list(db.other.aggregate([
+            {"$lookup": {"from": "items", "localField": "_id", "foreignField": "_id",
+                         "as": "item"}},
+            {"$unionWith": {"coll": "items", "pipeline": [{"$match": {"_id": 599}}]}},
+            {"$sort": {"_id": 1}}]))
+        assert [d["item"][0]["v"] for d in joined[:10]] == [i + 1000 for i in range(10)]
+        assert joined[-1] == {"_id": 599, "v": 599, "tag": "t4"}
+        graph = list(db.other.aggregate([
+            {"$match": {"_id": 1}},
+            {"$graphLookup": {"from": "items", "startWith": "$_id", "connectFromField": "_id",
+                              "connectToField": "_id", "as": "hops", "maxDepth": 0}}]))
+        assert [h["v"] for h in graph[0]["hops"]] == [1001]
+        assert db.items.count_documents({"v": {"$gte": 1000}}) == 50
+        assert sorted(db.items.distinct("tag")) == [f"t{i}" for i in range(7)]
+        plan = db.command("explain", {"aggregate": "items", "pipeline": [], "cursor": {}})
+        namespace = plan["queryPlanner"]["namespace"]
+        assert namespace.startswith(f"{db_name}.__mb_") and namespace.endswith("_l_items")
+        assert base.items.find_one({"_id": 1})["v"] == 1  # the base never changed
+    finally:
+        client.close()

@@ -71,8 +71,9 @@ async def materialize(engine: Engine, branch: Branch,
         specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
         if specs:
             await pool(db, {"createIndexes": state.live, "indexes": specs})
-        await pool(db, {"aggregate": coll, "cursor": {}, "allowDiskUse": True, "pipeline": [
-            *views.view_stages(layers), {"$merge": {"into": state.live}}]})
+        source, stages = views.view_source(coll, layers)
+        await pool(db, {"aggregate": source, "cursor": {}, "allowDiskUse": True, "pipeline": [
+            *stages, {"$merge": {"into": state.live}}]})
         copied += int((await pool(db, {"count": state.live}))["n"])
         await engine.save_state(state)
         engine.states[state.key] = state
@@ -162,9 +163,9 @@ async def _to_copy(engine: Engine, branch: Branch) -> int:
             specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
             if specs:
                 await pool(db, {"createIndexes": scratch, "indexes": specs})
-            await pool(db, {"aggregate": coll, "cursor": {}, "allowDiskUse": True,
-                            "pipeline": [*views.view_stages(layers),
-                                         {"$merge": {"into": scratch}}]})
+            source, stages = views.view_source(coll, layers)
+            await pool(db, {"aggregate": source, "cursor": {}, "allowDiskUse": True,
+                            "pipeline": [*stages, {"$merge": {"into": scratch}}]})
             await _swap(engine, db, scratch, state.live)
             state.base_dropped, state.present = True, True
             state.indexes, state.options = indexes, options

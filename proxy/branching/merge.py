@@ -8,6 +8,7 @@ set lookup) and merges the streams by sort key, then applies skip and limit.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections import deque
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
+from bson.regex import Regex
 
 from proxy.branching.bsonorder import sort_key
 from proxy.branching.idkey import idkey
@@ -35,6 +37,9 @@ class Side:
     buffer: deque[dict[str, Any]] = field(default_factory=deque)
 
     def accept(self, docs: list[dict[str, Any]]) -> None:
+        if not self.hidden:
+            self.buffer.extend(docs)
+            return
         for doc in docs:
             key = idkey(doc.get("_id"))
             if not any(key in ids for ids in self.hidden):
@@ -124,6 +129,21 @@ class CursorTable:
         return self._cursors.pop(cursor_id, None)
 
 
+def adopt(table: CursorTable, db: str, coll: str, source: str, reply: dict[str, Any],
+          lsid: Any) -> dict[str, Any]:
+    """A reply from a read the proxy ran on another collection than the user named:
+    the client sees its own namespace, and an open cursor becomes the proxy's, since
+    the upstream would refuse a getMore naming the user's collection."""
+    cursor = reply.get("cursor")
+    if source == coll or not reply.get("ok") or not isinstance(cursor, dict):
+        return reply
+    cursor["ns"] = f"{db}.{coll}"
+    if cursor.get("id"):
+        side = Side(source, [], cursor_id=cursor["id"])
+        cursor["id"] = table.add(MergedCursor(db, coll, [side], None, 0, None, lsid))
+    return reply
+
+
 def plan_sides(coll: str, layers: list[NsState], skip_top_live: bool = False) -> list[Side]:
     """The collections a merged find reads, each with the hidden sets that filter it.
 
@@ -143,6 +163,27 @@ def plan_sides(coll: str, layers: list[NsState], skip_top_live: bool = False) ->
                                        if above.hidden_ids]))
     return sides
 
+
+
+def point_sides(coll: str, layers: list[NsState], filt: Any,
+                skip_top_live: bool = False) -> list[Side] | None:
+    """For an equality on _id alone, the one side that can hold the document (none when
+    no side can): the top layer hiding the id owns it, else the base has it. None when
+    the filter is not such a point or the hidden-id caches cannot tell."""
+    if not isinstance(filt, dict) or list(filt) != ["_id"]:
+        return None
+    value = filt["_id"]
+    if isinstance(value, dict | list | Regex | re.Pattern):
+        return None
+    for j, layer in enumerate(layers):
+        hidden = layer.hides(value)
+        if hidden is None:
+            return None
+        if hidden or layer.base_dropped:
+            # Hidden: this layer owns the id. Dropped: nothing below shows through, so
+            # the id is in this layer's live documents or nowhere.
+            return [] if j == 0 and skip_top_live else [Side(layer.live, [])]
+    return [Side(coll, [])]
 
 
 # find fields each side receives unchanged.
@@ -200,6 +241,7 @@ async def open_find(run: Runner, db: str, coll: str, layers: list[NsState],
         return await _open_direct(run, db, coll, sides[0], cmd, first)
     if not mergeable(cmd, layers):
         return None
+    sides = point_sides(coll, layers, cmd.get("filter"), skip_top_live) or sides
     sort = cmd.get("sort") or {}
     projection = dict(cmd.get("projection") or {})
     if sort:

@@ -40,13 +40,15 @@ async def view_batches(run: Runner, db: str, coll: str, layers: list[NsState],
         finally:
             await cursor.close(run)
         return
-    pipeline = views.view_stages(layers, filt, skip_top_live=skip_top_live)
+    source, pipeline = views.view_source(coll, layers, filt, skip_top_live=skip_top_live)
     if sort:
         pipeline.append({"$sort": sort})
     if limit:
         pipeline.append({"$limit": limit})
     if project_id:
         pipeline.append({"$project": {"_id": 1}})
-    cmd: dict[str, Any] = {"aggregate": coll, "pipeline": pipeline, "cursor": {}, **options}
+    if source != coll:
+        options.pop("hint", None)
+    cmd: dict[str, Any] = {"aggregate": source, "pipeline": pipeline, "cursor": {}, **options}
     async for batch in run.batches(db, cmd, BATCH):
         yield batch

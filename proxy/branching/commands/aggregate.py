@@ -7,7 +7,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from proxy.branching import views
+from proxy.branching import merge, views
 from proxy.branching.commands.base import Request
 from proxy.branching.errors import CommandError
 from proxy.branching.wal import CREATE, PUT, Change
@@ -32,7 +32,10 @@ def _rewrite(req: Request, pipeline: Pipeline) -> Pipeline:
             out.append({"$facet": {k: _rewrite(req, v) for k, v in spec.items()}})
         elif name == "$graphLookup" and isinstance(spec, dict) and \
                 req.layers(str(spec.get("from"))):
-            raise req.unsupported("$graphLookup from a collection the branch changed")
+            top = views.whole(req.layers(str(spec.get("from"))))
+            if top is None:
+                raise req.unsupported("$graphLookup from a collection the branch changed")
+            out.append({"$graphLookup": {**spec, "from": top}})
         elif name in ("$changeStream", "$changeStreamSplitLargeEvent"):
             raise req.unsupported("change streams")
         elif name == "$merge" and stage is not pipeline[-1]:
@@ -51,7 +54,10 @@ def _union(req: Request, spec: Any) -> dict[str, Any]:
     spec = dict(spec)
     inner = _rewrite(req, spec.get("pipeline") or [])
     layers = req.layers(str(spec.get("coll")))
-    if layers:
+    top = views.whole(layers)
+    if top is not None:
+        spec["coll"] = top
+    elif layers:
         inner = views.view_stages(layers) + inner
     spec["pipeline"] = inner
     return spec
@@ -67,6 +73,9 @@ def _lookup(req: Request, spec: Any) -> Pipeline:
     layers = req.layers(source) if isinstance(source, str) else []
     if not layers:
         return [{"$lookup": spec}]
+    top = views.whole(layers)
+    if top is not None:
+        return [{"$lookup": {**spec, "from": top}}]
     if "localField" not in spec:
         spec["pipeline"] = views.view_stages(layers) + spec.get("pipeline", [])
         return [{"$lookup": spec}]
@@ -109,6 +118,40 @@ def _out_target(req: Request, pipeline: Pipeline) -> tuple[str, str] | None:
     raise CommandError(16994, "Location16994", "$out needs a collection name")
 
 
+# A leading $match selecting at most this many base documents narrows the hidden ids
+# to exclude from the base down to those it selects (DESIGN §5's "1% overlay" case).
+NARROW_LIMIT = 1000
+_NARROW_CARRY = ("lsid", "$clusterTime", "readConcern", "collation", "let", "hint",
+                 "maxTimeMS", "apiVersion", "apiStrict")
+
+
+async def _base_hidden(req: Request, cmd: dict[str, Any], source: str, layers: list[Any],
+                       first: dict[str, Any] | None) -> list[Any] | None:
+    """The hidden ids among the base documents a leading $match selects, when few: a
+    short $nin then replaces the anti-join, which costs a lookup per base document. The
+    server still evaluates the filter; the proxy only intersects id sets. None: the
+    anti-join stays (no $match, too many matches, or the filter is the server's to
+    reject on the aggregate itself)."""
+    if not first or not views.needs_anti_join(layers):
+        return None
+    find: dict[str, Any] = {"find": source, "filter": first, "projection": {"_id": 1},
+                            "limit": NARROW_LIMIT + 1, "batchSize": NARROW_LIMIT + 1}
+    for key in _NARROW_CARRY:
+        if key in cmd:
+            find[key] = cmd[key]
+    reply = await req.run.reply(req.db, find)
+    if not reply.get("ok"):
+        return None
+    batch, cursor_id = reply["cursor"]["firstBatch"], reply["cursor"]["id"]
+    if cursor_id:  # more than one batch (large ids): not the few documents this is for
+        await req.run.reply(req.db, {"killCursors": source, "cursors": [cursor_id]})
+        return None
+    if len(batch) > NARROW_LIMIT:
+        return None
+    hidden = views.hidden_among(layers, [d["_id"] for d in batch])
+    return hidden if len(hidden) <= views.NIN_LIMIT else None
+
+
 async def plan_aggregate(req: Request, cmd: dict[str, Any]) -> dict[str, Any] | None:
     """The rewritten aggregate, or None when the branch changed nothing it reads."""
     pipeline = cmd.get("pipeline")
@@ -119,13 +162,18 @@ async def plan_aggregate(req: Request, cmd: dict[str, Any]) -> dict[str, Any] | 
     rewritten = _rewrite(req, pipeline)
     if not layers and rewritten == pipeline:
         return None
-    if layers:
+    top = views.whole(layers)
+    target = top if top is not None else source
+    if layers and top is None:
         first: dict[str, Any] | None = None
         rest = rewritten
         if rest and "$match" in rest[0] and isinstance(rest[0]["$match"], dict):
             first, rest = rest[0]["$match"], rest[1:]
-        rewritten = views.view_stages(layers, first) + rest
+        base_hidden = await _base_hidden(req, cmd, source, layers, first) \
+            if isinstance(source, str) else None
+        rewritten = views.view_stages(layers, first, base_hidden=base_hidden) + rest
     out = {k: v for k, v in cmd.items() if k not in ("$db", "pipeline")}
+    out["aggregate"] = target
     out["pipeline"] = rewritten
     if isinstance(source, str) and layers and any(layer.base_dropped for layer in layers):
         out.pop("hint", None)
@@ -144,7 +192,11 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
     planned = await plan_aggregate(req, req.cmd)
     if planned is None:
         return None
-    return await req.run.reply(req.db, planned)
+    reply = await req.run.reply(req.db, planned)
+    if "explain" in planned:
+        return reply
+    return merge.adopt(req.engine.cursors, req.db, str(req.cmd.get("aggregate")),
+                       planned["aggregate"], reply, req.cmd.get("lsid"))
 
 
 async def _aggregate_out(req: Request, target: tuple[str, str]) -> dict[str, Any]:

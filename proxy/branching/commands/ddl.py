@@ -111,8 +111,8 @@ async def rename_collection(req: Request) -> dict[str, Any]:
         dst_state = await _state(sub, tcoll)
         await _reset(sub, dst_state, (src_state.options if src_state.base_dropped else {}),
                      CREATE)
-        stages = views.view_stages(layers) if layers else []
-        await req.run(sdb, {"aggregate": scoll, "cursor": {}, "pipeline": [
+        source, stages = views.view_source(scoll, layers) if layers else (scoll, [])
+        await req.run(sdb, {"aggregate": source, "cursor": {}, "pipeline": [
             *stages, {"$merge": {"into": dst_state.live, "whenMatched": "replace"}}]})
         specs = [{k: v for k, v in ix.items() if k not in ("v", "ns")} for ix in indexes
                  if ix.get("name") != "_id_"]

@@ -3,10 +3,7 @@ upstream evaluates the branch view (cluster_find / cluster_aggregate style)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
-
-from bson.regex import Regex
 
 from proxy.branching import merge, views
 from proxy.branching.commands.base import READ_CARRY, Request, carry, coll_name, cursor_reply
@@ -16,27 +13,6 @@ from proxy.branching.model import NsState
 # find options with no faithful aggregate equivalent.
 _FIND_UNSUPPORTED = ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData",
                      "oplogReplay")
-
-
-def _is_point(filt: dict[str, Any]) -> bool:
-    """An equality on _id alone: one document, found on exactly one side."""
-    if list(filt) != ["_id"]:
-        return False
-    return not isinstance(filt["_id"], dict | list | Regex | re.Pattern)
-
-
-def _point_source(layers: list[NsState], value: Any) -> str | bool | None:
-    """Which collection holds a point-lookup id: the base (None), a live overlay
-    (its name), False for nowhere, True when the caches cannot tell."""
-    for layer in layers:
-        hidden = layer.hides(value)
-        if hidden is None:
-            return True
-        if hidden or layer.base_dropped:
-            # Hidden: this layer owns the id. Dropped: nothing below shows through, so
-            # the id is in this layer's live documents or nowhere.
-            return layer.live
-    return None
 
 
 def _check_projection(req: Request, projection: dict[str, Any]) -> None:
@@ -54,7 +30,7 @@ def find_pipeline(req: Request, cmd: dict[str, Any], layers: list[NsState]) -> d
         if cmd.get(opt):
             raise req.unsupported(f"find option {opt!r}")
     filt = cmd.get("filter") or {}
-    pipeline = views.view_stages(layers, filt)
+    source, pipeline = views.view_source(coll, layers, filt)
     if cmd.get("sort"):
         pipeline.append({"$sort": cmd["sort"]})
     if cmd.get("skip"):
@@ -69,8 +45,10 @@ def find_pipeline(req: Request, cmd: dict[str, Any], layers: list[NsState]) -> d
     cursor: dict[str, Any] = {}
     if "batchSize" in cmd:
         cursor["batchSize"] = cmd["batchSize"]
-    out = {"aggregate": coll, "pipeline": pipeline, "cursor": cursor}
-    return carry(cmd, out, READ_CARRY)
+    out = carry(cmd, {"aggregate": source, "pipeline": pipeline, "cursor": cursor}, READ_CARRY)
+    if source != coll:
+        out.pop("hint", None)
+    return out
 
 
 async def find(req: Request) -> dict[str, Any] | None:
@@ -79,30 +57,31 @@ async def find(req: Request) -> dict[str, Any] | None:
     if not layers:
         return None
     cmd = req.cmd
-    filt = cmd.get("filter") or {}
-    if _is_point(filt) and not cmd.get("skip"):
-        source = _point_source(layers, filt["_id"])
-        if source is None:
-            return None
-        if source is False:
+    sides = merge.point_sides(coll, layers, cmd.get("filter"))
+    if sides is not None and not cmd.get("skip"):
+        if not sides:
             return {"cursor": {"id": 0, "ns": f"{req.db}.{coll}", "firstBatch": []}, "ok": 1.0}
-        if isinstance(source, str):
-            point = {k: v for k, v in cmd.items() if k not in ("$db", "hint")}
-            point["find"] = source
-            point["singleBatch"] = True
-            reply = await req.run.reply(req.db, point)
-            if reply.get("ok"):
-                reply["cursor"]["ns"] = f"{req.db}.{coll}"
-            return reply
+        if sides[0].coll == coll:
+            return None
+        point = {k: v for k, v in cmd.items() if k not in ("$db", "hint")}
+        point["find"] = sides[0].coll
+        point["singleBatch"] = True
+        reply = await req.run.reply(req.db, point)
+        if reply.get("ok"):
+            reply["cursor"]["ns"] = f"{req.db}.{coll}"
+        return reply
     merged = await _merged_find(req, coll, layers)
     if merged is not None:
         return merged
-    reply = await req.run.reply(req.db, find_pipeline(req, cmd, layers))
+    planned = find_pipeline(req, cmd, layers)
+    reply = await req.run.reply(req.db, planned)
     single = cmd.get("singleBatch") or int(cmd.get("limit") or 0) < 0
     if single and reply.get("ok") and reply["cursor"]["id"]:
-        await req.run.reply(req.db, {"killCursors": coll, "cursors": [reply["cursor"]["id"]]})
+        await req.run.reply(req.db, {"killCursors": planned["aggregate"],
+                                     "cursors": [reply["cursor"]["id"]]})
         reply["cursor"]["id"] = 0
-    return reply
+    return merge.adopt(req.engine.cursors, req.db, coll, planned["aggregate"], reply,
+                       cmd.get("lsid"))
 
 
 async def _merged_find(req: Request, coll: str,
@@ -165,15 +144,17 @@ async def kill_cursors(req: Request) -> dict[str, Any] | None:
 
 
 def count_pipeline(cmd: dict[str, Any], layers: list[NsState]) -> dict[str, Any]:
-    pipeline = views.view_stages(layers, cmd.get("query") or {})
+    source, pipeline = views.view_source(cmd["count"], layers, cmd.get("query") or {})
     if cmd.get("skip"):
         pipeline.append({"$skip": int(cmd["skip"])})
     limit = abs(int(cmd.get("limit") or 0))
     if limit:
         pipeline.append({"$limit": limit})
     pipeline.append({"$count": "n"})
-    return carry(cmd, {"aggregate": cmd["count"], "pipeline": pipeline, "cursor": {}},
-                 READ_CARRY)
+    out = carry(cmd, {"aggregate": source, "pipeline": pipeline, "cursor": {}}, READ_CARRY)
+    if source != cmd["count"]:
+        out.pop("hint", None)
+    return out
 
 
 async def count(req: Request) -> dict[str, Any] | None:
@@ -267,13 +248,16 @@ async def _distinct_by_pipeline(req: Request, coll: str, key: str, filt: dict[st
     if "." in key:
         raise req.unsupported("distinct on a dotted key over a large overlay")
     path = f"${key}"
+    source, stages = views.view_source(coll, layers, filt)
     pipeline = [
-        *views.view_stages(layers, filt),
+        *stages,
         {"$match": {key: {"$not": {"$size": 0}}}},
         {"$unwind": {"path": path, "preserveNullAndEmptyArrays": True}},
         {"$group": {"_id": None, "v": {"$addToSet": path}}},
     ]
-    cmd = carry(req.cmd, {"aggregate": coll, "pipeline": pipeline, "cursor": {}}, READ_CARRY)
+    cmd = carry(req.cmd, {"aggregate": source, "pipeline": pipeline, "cursor": {}}, READ_CARRY)
+    if source != coll:
+        cmd.pop("hint", None)
     reply = await req.run(req.db, cmd)
     batch = reply["cursor"]["firstBatch"]
     return {"values": batch[0]["v"] if batch else [], "ok": 1.0}

@@ -564,8 +564,10 @@ async def delete(req: Request) -> dict[str, Any]:
 async def _remove(writer: Writer, pres: list[dict[str, Any]]) -> None:
     ids = [d["_id"] for d in pres]
     owned = await writer.in_live(ids)
-    await writer.check({"delete": writer.state.live,
-                        "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+    mine = [i for i in ids if idkey(i) in owned]
+    if mine:  # the overlay holds only ids it hides: the others are the parent's to hide
+        await writer.check({"delete": writer.state.live,
+                            "deletes": [{"q": {"_id": {"$in": mine}}, "limit": 0}]})
     await writer.hide([i for i in ids if idkey(i) not in owned])
     writer.changes.extend(Change(writer.ns, d["_id"], DELETE, d, None) for d in pres)
 
