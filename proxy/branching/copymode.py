@@ -21,6 +21,7 @@ from proxy.branching.engine import MAIN, Engine, overlay_index
 from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
+from proxy.branching.runner import Runner
 from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, Change, image
 
 COPY = "copy"
@@ -64,22 +65,42 @@ async def materialize(engine: Engine, branch: Branch,
                    else await _base_indexes(engine, db, coll))
         state = NsState(branch.bid, db, coll, base_dropped=True, present=True,
                         indexes=indexes, options=dict(info.get("options") or {}))
-        await pool.reply(db, {"drop": state.live})
         await pool.reply(db, {"drop": state.hidden})
-        await pool(db, {"create": state.live, **state.options})
         await pool(db, {"create": state.hidden})
-        specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
-        if specs:
-            await pool(db, {"createIndexes": state.live, "indexes": specs})
-        source, stages = views.view_source(coll, layers)
-        await pool(db, {"aggregate": source, "cursor": {}, "allowDiskUse": True, "pipeline": [
-            *stages, {"$merge": {"into": state.live}}]})
+        await _fill(pool, db, coll, layers, state.live, state.options, indexes)
         copied += int((await pool(db, {"count": state.live}))["n"])
         await engine.save_state(state)
         engine.states[state.key] = state
         if progress is not None:
             progress(f"{db}.{coll}", step + 1, len(plan))
     return copied
+
+
+async def _fill(pool: Runner, db: str, coll: str, layers: list[NsState], target: str,
+                options: dict[str, Any], indexes: list[dict[str, Any]]) -> None:
+    """A new collection holding the view of coll, with its options and indexes.
+
+    Without collection options the copy is an $out and the indexes are built after:
+    SecantusDB's $out writes about 3.5x faster than $merge into an indexed collection
+    (50,000 documents: 7.7 s against 27 s, 2.6 s more for an index built after), and it
+    replaces the target's indexes rather than keeping them as mongod does, so they
+    cannot come first. A collection with options (validator, capped, collation, ...) is
+    created with them and filled by $merge, which keeps them."""
+    source, stages = views.view_source(coll, layers)
+    specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
+    await pool.reply(db, {"drop": target})
+    if options:
+        await pool(db, {"create": target, **options})
+        if specs:
+            await pool(db, {"createIndexes": target, "indexes": specs})
+        await pool(db, {"aggregate": source, "cursor": {}, "allowDiskUse": True,
+                        "pipeline": [*stages, {"$merge": {"into": target}}]})
+        return
+    await pool(db, {"aggregate": source, "cursor": {}, "allowDiskUse": True,
+                    "pipeline": [*stages, {"$out": target}]})
+    await pool.reply(db, {"create": target})  # an $out of nothing leaves no collection
+    if specs:
+        await pool(db, {"createIndexes": target, "indexes": specs})
 
 
 async def _base_indexes(engine: Engine, db: str, coll: str) -> list[dict[str, Any]]:
@@ -157,15 +178,8 @@ async def _to_copy(engine: Engine, branch: Branch) -> int:
             indexes = await engine.view_indexes(branch, db, coll, pool)
             state = await engine.ensure_state(branch, db, coll, pool)
             scratch = f"__mb_{branch.bid}_m_{coll}"
-            await pool.reply(db, {"drop": scratch})
             options = dict(info.get("options") or {})
-            await pool(db, {"create": scratch, **options})
-            specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
-            if specs:
-                await pool(db, {"createIndexes": scratch, "indexes": specs})
-            source, stages = views.view_source(coll, layers)
-            await pool(db, {"aggregate": source, "cursor": {}, "allowDiskUse": True,
-                            "pipeline": [*stages, {"$merge": {"into": scratch}}]})
+            await _fill(pool, db, coll, layers, scratch, options, indexes)
             await _swap(engine, db, scratch, state.live)
             state.base_dropped, state.present = True, True
             state.indexes, state.options = indexes, options
