@@ -179,3 +179,32 @@ def test_copy_branch_reads_run_on_the_copy(proxy: ProxyProcess, setup: tuple[str
         assert base.items.find_one({"_id": 1})["v"] == 1  # the base never changed
     finally:
         client.close()
+
+
+def test_copy_branch_keeps_empty_collections_and_options(proxy: ProxyProcess,
+                                                         setup: tuple[str, Any]) -> None:
+    """An empty collection is copied as an empty collection, and a collection with
+    options keeps them (its validator still refuses what it refused on the parent)."""
+    db_name, base = setup
+    name = f"mode-{db_name.split('_')[1]}"
+    base.create_collection("empty")
+    base.create_collection("checked", validator={"n": {"$type": "int"}})
+    base.checked.insert_one({"_id": 1, "n": 1})
+    base.checked.create_index("n")
+    status, body = proxy.api("POST", "/branches", {"name": name, "mode": "copy"})
+    assert status == 201, body
+    client: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
+    try:
+        db = client[db_name]
+        assert {"empty", "checked", "items", "other"} <= set(db.list_collection_names())
+        assert db.empty.count_documents({}) == 0
+        options = db.checked.options()
+        assert options.get("validator") == {"n": {"$type": "int"}}
+        assert sorted(ix["name"] for ix in db.checked.list_indexes()) == ["_id_", "n_1"]
+        with pytest.raises(OperationFailure) as info:
+            db.checked.insert_one({"_id": 2, "n": "not an int"})
+        assert info.value.code == 121  # DocumentValidationFailure
+        db.checked.insert_one({"_id": 3, "n": 3})
+        assert [d["_id"] for d in db.checked.find().sort("_id", 1)] == [1, 3]
+    finally:
+        client.close()

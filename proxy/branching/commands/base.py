@@ -82,3 +82,9 @@ def coll_name(req: Request) -> str:
 
 def cursor_reply(ns: str, batch: list[dict[str, Any]], cursor_id: int = 0) -> dict[str, Any]:
     return {"cursor": {"id": cursor_id, "ns": ns, "firstBatch": batch}, "ok": 1.0}
+
+
+def documents_stage(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A $documents stage yielding these documents as they are: its argument is an
+    expression, so a bare "$name" string or {"$type": ...} inside one would be evaluated."""
+    return {"$documents": [{"$literal": doc} for doc in docs]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.branching import naming
-from proxy.branching.commands.base import Request, coll_name, cursor_reply
+from proxy.branching.commands.base import Request, coll_name, cursor_reply, documents_stage
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
 
@@ -72,7 +72,7 @@ async def _filtered(req: Request, infos: list[dict[str, Any]]) -> list[dict[str,
     """Apply the user's listCollections filter on the server, as mongod would."""
     filt = req.cmd.get("filter")
     if filt and infos:
-        cmd = {"aggregate": 1, "pipeline": [{"$documents": infos}, {"$match": filt}],
+        cmd = {"aggregate": 1, "pipeline": [documents_stage(infos), {"$match": filt}],
                "cursor": {}}
         infos = [d async for batch in req.run.batches(req.db, cmd) for d in batch]
     if req.cmd.get("nameOnly"):

@@ -6,7 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.branching import merge, views
-from proxy.branching.commands.base import READ_CARRY, Request, carry, coll_name, cursor_reply
+from proxy.branching.commands.base import (
+    READ_CARRY,
+    Request,
+    carry,
+    coll_name,
+    cursor_reply,
+    documents_stage,
+)
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
 
@@ -236,7 +243,8 @@ async def _dedupe(req: Request, values: list[Any]) -> list[Any]:
         return values
     cmd: dict[str, Any] = {
         "aggregate": 1,
-        "pipeline": [{"$documents": [{"v": v} for v in values]}, {"$group": {"_id": "$v"}}],
+        "pipeline": [documents_stage([{"v": v} for v in values]),
+                     {"$group": {"_id": "$v"}}],
         "cursor": {},
     }
     carry(req.cmd, cmd, ("collation",))

@@ -17,7 +17,7 @@ import bson
 from bson import ObjectId
 
 from proxy.branching import reader, unique
-from proxy.branching.commands.base import Request, coll_name
+from proxy.branching.commands.base import Request, coll_name, documents_stage
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import NsState
@@ -94,7 +94,7 @@ class Writer:
     async def collisions_new(self, docs: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
         if not docs or not await self.unique_specs():
             return {}
-        return await self._collisions({"aggregate": 1}, [{"$documents": docs}])
+        return await self._collisions({"aggregate": 1}, [documents_stage(docs)])
 
     async def collisions_live(self, ids: list[Any]) -> dict[Any, dict[str, Any]]:
         if not ids or not await self.unique_specs():
