@@ -283,7 +283,7 @@ class Size:
 
 
 def create_branches(stack: Stack, size: Size, count: int, clock: Clock, rates: Rates,
-                    latency_sizes: set[int], allowance: float) -> None:
+                    latency_sizes: set[int], allowance: float, max_copied: int) -> None:
     """count WAL and count copy branches, interleaved; a copy branch only when its
     projected time still leaves room for the updates that follow."""
     n = size.n
@@ -295,6 +295,13 @@ def create_branches(stack: Stack, size: Size, count: int, clock: Clock, rates: R
                     continue
                 guess = rates.copy_secs(n, size.create[COPY])
                 copies = len(size.create[COPY]) + 1
+                if copies * n > max_copied:
+                    size.copy_stop = (
+                        f"copy branch {copies} of {count} not started: {copies} copies of "
+                        f"{n:,} documents would pass --max-copied-docs {max_copied:,}, the "
+                        "guard that keeps the in-memory upstream within this machine's RAM")
+                    clock.say("  " + size.copy_stop)
+                    continue
                 reserve = (rates.update_secs(WAL, per) * count
                            + rates.update_secs(COPY, per) * copies + SLACK)
                 if copies > 1 and n in latency_sizes:
@@ -789,7 +796,7 @@ def run_size(stack: Stack, size: Size, args: argparse.Namespace, clock: Clock,
     rates.seed = n / size.seed_secs
     clock.say(f"{n:,}: creating {args.branches} WAL and {args.branches} copy branches ...")
     create_branches(stack, size, args.branches, clock, rates, args.latency_sizes,
-                    args.latency_allowance)
+                    args.latency_allowance, args.max_copied_docs)
     clock.say(f"{n:,}: 1% updates and storage ...")
     update_and_measure(stack, size, clock, rates)
     if n not in args.latency_sizes:
@@ -822,6 +829,9 @@ def main() -> int:
                     help="sizes at which to measure latency, if the budget allows")
     ap.add_argument("--branches", type=int, default=10, help="branches per mode and size")
     ap.add_argument("--budget", type=float, default=720.0, help="seconds for the whole run")
+    ap.add_argument("--max-copied-docs", type=int, default=4_000_000,
+                    help="copy branches at one size hold at most this many documents in all "
+                         "(the upstream keeps everything in memory)")
     ap.add_argument("--lat-rounds", type=int, default=20)
     ap.add_argument("--latency-allowance", type=float, default=120.0,
                     help="seconds for one size's latency phase: rounds stop past it")
