@@ -168,14 +168,14 @@ class Stack:
         raise AssertionError("unreachable")
 
 
-def start_stack(procs: Procs, nports: int) -> Stack:
+def start_stack(procs: Procs, nports: int, cache: str) -> Stack:
     server_exe, proxy_exe = executable("secantusd-py"), executable("mongobranch")
     if not server_exe or not proxy_exe:
         raise SystemExit("secantusd-py or mongobranch not found: pip install -e '.[embedded]'")
     up_port = free_port()
     server = procs.spawn("secantus", [
         server_exe, "--host", "127.0.0.1", "--port", str(up_port), "--storage-path", ":memory:",
-        "--log-level", "WARNING"])
+        "--cache-size", cache, "--log-level", "WARNING"])
     wait_port(up_port, server)
     upstream = f"mongodb://127.0.0.1:{up_port}/"
     p_port, a_port = free_port(), free_port()
@@ -320,6 +320,11 @@ def create_branches(stack: Stack, size: Size, count: int, clock: Clock, rates: R
             t0 = time.perf_counter()
             status, body = stack.api("POST", "/branches", {"name": name, "mode": mode})
             took = time.perf_counter() - t0
+            if status != 201 and mode == COPY:
+                size.copy_stop = (f"copy branch {len(size.create[COPY]) + 1} of {count} "
+                                  f"failed after {took:.0f}s: HTTP {status} {body}")
+                clock.say("  " + size.copy_stop)
+                continue
             if status != 201:
                 raise RuntimeError(f"creating {name}: {status} {body}")
             if body.get("mode") != mode:
@@ -829,6 +834,8 @@ def main() -> int:
                     help="sizes at which to measure latency, if the budget allows")
     ap.add_argument("--branches", type=int, default=10, help="branches per mode and size")
     ap.add_argument("--budget", type=float, default=720.0, help="seconds for the whole run")
+    ap.add_argument("--upstream-cache", default="16G",
+                    help="SecantusDB --cache-size: its in-memory storage lives in that cache")
     ap.add_argument("--max-copied-docs", type=int, default=4_000_000,
                     help="copy branches at one size hold at most this many documents in all "
                          "(the upstream keeps everything in memory)")
@@ -854,7 +861,7 @@ def main() -> int:
     rates = Rates()
     sizes = [Size(int(x)) for x in args.sizes.split(",")]
     try:
-        stack = start_stack(procs, 2 * args.branches + 10)
+        stack = start_stack(procs, 2 * args.branches + 10, args.upstream_cache)
         clock.say(f"logs in {logdir}")
         measured: Size | None = None  # the last size seeded, torn down before the next
         for size in sizes:
@@ -882,7 +889,8 @@ def main() -> int:
         f"- {info['python']}, pymongo {info['pymongo']}; proxy at {rev_start}"
         + ("" if info["rev"] == rev_start else
            f" when the run started ({info['rev']} when it ended)"),
-        "- upstream: one SecantusDB (`secantusd-py --storage-path :memory:`) behind one proxy "
+        "- upstream: one SecantusDB (`secantusd-py --storage-path :memory: --cache-size "
+        f"{args.upstream_cache}`) behind one proxy "
         "(`mongobranch serve --upstream ...`); base documents inserted directly on the "
         f"upstream with insert_many batches of {BATCH:,}. The sizes run one after another in "
         f"the same database `{DB}`: a copy branch copies every user database, so each size's "

@@ -18,7 +18,7 @@ from proxy.branching.commands import catalog
 from proxy.branching.commands.base import Request, SystemContext
 from proxy.branching.commands.write import same
 from proxy.branching.engine import MAIN, Engine, overlay_index
-from proxy.branching.errors import BranchError
+from proxy.branching.errors import BranchError, CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner
@@ -65,12 +65,17 @@ async def materialize(engine: Engine, branch: Branch,
                    else await _base_indexes(engine, db, coll))
         state = NsState(branch.bid, db, coll, base_dropped=True, present=True,
                         indexes=indexes, options=dict(info.get("options") or {}))
+        engine.states[state.key] = state  # known from now on, so a failure drops it too
         await pool.reply(db, {"drop": state.hidden})
         await pool(db, {"create": state.hidden})
-        await _fill(pool, db, coll, layers, state.live, state.options, indexes)
+        try:
+            await _fill(pool, db, coll, layers, state.live, state.options, indexes)
+        except CommandError as exc:
+            raise BranchError(502, f"copying {db}.{coll} for copy branch {branch.name!r} "
+                                   f"failed on the upstream: {exc} (code {exc.code}); "
+                                   "nothing of the branch was kept") from exc
         copied += int((await pool(db, {"count": state.live}))["n"])
         await engine.save_state(state)
-        engine.states[state.key] = state
         if progress is not None:
             progress(f"{db}.{coll}", step + 1, len(plan))
     return copied
@@ -89,15 +94,16 @@ async def _fill(pool: Runner, db: str, coll: str, layers: list[NsState], target:
     source, stages = views.view_source(coll, layers)
     specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
     await pool.reply(db, {"drop": target})
+    # A copy holds the documents as they are, even those a validator added later refuses.
+    copy = {"aggregate": source, "cursor": {}, "allowDiskUse": True,
+            "bypassDocumentValidation": True}
     if options:
         await pool(db, {"create": target, **options})
         if specs:
             await pool(db, {"createIndexes": target, "indexes": specs})
-        await pool(db, {"aggregate": source, "cursor": {}, "allowDiskUse": True,
-                        "pipeline": [*stages, {"$merge": {"into": target}}]})
+        await pool(db, {**copy, "pipeline": [*stages, {"$merge": {"into": target}}]})
         return
-    await pool(db, {"aggregate": source, "cursor": {}, "allowDiskUse": True,
-                    "pipeline": [*stages, {"$out": target}]})
+    await pool(db, {**copy, "pipeline": [*stages, {"$out": target}]})
     await pool.reply(db, {"create": target})  # an $out of nothing leaves no collection
     if specs:
         await pool(db, {"createIndexes": target, "indexes": specs})
