@@ -333,3 +333,67 @@ def test_retried_write_after_restart_is_not_applied_twice(upstream: Secantus) ->
         for proc in proxies:
             proc.kill()
         direct.close()
+
+
+def test_sigkill_during_copy_branch_creation(upstream: Secantus) -> None:
+    """A copy branch whose copy is cut off was never acknowledged: after a restart it is
+    gone with everything it had copied, instead of serving part of its data (the
+    collections not yet copied would read through to the live base)."""
+    direct: MongoClient = MongoClient(upstream.uri, directConnection=True)
+    proxies: list[ProxyProcess] = []
+    name = "half-copied"
+    try:
+        direct[DB]["a_big"].insert_many([{"_id": i, "pad": "x" * 200} for i in range(20_000)])
+        direct[DB]["z_small"].insert_many([{"_id": i} for i in range(10)])
+        first = ProxyProcess(upstream.uri, meta_db=META).start()
+        proxies.append(first)
+        replies: list[Any] = []
+
+        def create() -> None:
+            try:
+                replies.append(first.api("POST", "/branches", {"name": name, "mode": "copy"}))
+            except OSError as exc:  # the kill cuts the request off
+                replies.append(exc)
+
+        creating = threading.Thread(target=create)
+        creating.start()
+        deadline = time.monotonic() + 30
+        branch = None
+        while time.monotonic() < deadline:
+            branch = direct[META]["branches"].find_one({"_id": name})
+            if branch and direct[META]["namespaces"].find_one(
+                    {"_id": f"{branch['bid']}:{DB}.a_big"}):
+                break
+            time.sleep(0.005)
+        assert branch is not None and branch.get("creating") is True, branch
+        first.kill()
+        creating.join(30)
+        assert isinstance(replies[0], OSError), f"the copy finished before the kill: {replies}"
+        bid = branch["bid"]
+        live = f"__mb_{bid}_l_a_big"
+        # The upstream finishes the dead proxy's copy on its own: let it, so nothing it
+        # writes afterwards can outlive the clean-up.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and direct[DB][live].estimated_document_count() < 20_000:
+            time.sleep(0.2)
+
+        second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
+        second.start()
+        proxies.append(second)
+        assert second.api("GET", f"/branches/{name}")[0] == 404
+        assert "cut off" in second.read_log()
+        assert not [c for c in direct[DB].list_collection_names() if c.startswith(f"__mb_{bid}")]
+        assert direct[META]["namespaces"].count_documents({"_id": {"$regex": f"^{bid}:"}}) == 0
+        status, body = second.api("POST", "/branches", {"name": name, "mode": "copy"})
+        assert status == 201, body
+        client: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
+        try:
+            direct[DB]["z_small"].insert_one({"_id": 99})  # the copy is a snapshot
+            assert client[DB]["z_small"].count_documents({}) == 10
+            assert client[DB]["a_big"].count_documents({}) == 20_000
+        finally:
+            client.close()
+    finally:
+        for proxy in proxies:
+            proxy.kill()
+        direct.close()

@@ -65,7 +65,9 @@ async def materialize(engine: Engine, branch: Branch,
                    else await _base_indexes(engine, db, coll))
         state = NsState(branch.bid, db, coll, base_dropped=True, present=True,
                         indexes=indexes, options=dict(info.get("options") or {}))
-        engine.states[state.key] = state  # known from now on, so a failure drops it too
+        # Known (and saved) before the copy, so a failure or a crash drops it with the rest.
+        engine.states[state.key] = state
+        await engine.save_state(state)
         await pool.reply(db, {"drop": state.hidden})
         await pool(db, {"create": state.hidden})
         try:

@@ -72,6 +72,10 @@ class Engine:
         async for doc in self.meta["namespaces"].find():
             state = NsState.from_doc(doc)
             self.states[state.key] = state
+        for branch in [b for b in self.branches.values() if b.creating]:
+            log.warning("dropping copy branch %s: its copy was cut off before the branch "
+                        "was created", branch.name)
+            await self._forget(branch)
         dirty = [doc["_id"] async for doc in self.meta["dirty"].find()]
         stale = [self.states[key] for key in dirty if key in self.states]
         for state in stale:
@@ -178,7 +182,7 @@ class Engine:
             name=name, bid=secrets.token_hex(4), parent=parent,
             fork_lsn=await self.wal.current(),
             created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0), port=port,
-            mode=mode,
+            mode=mode, creating=mode == "copy",
         )
         try:
             await self.meta["branches"].insert_one(branch.to_doc())
@@ -199,6 +203,8 @@ class Engine:
                 raise
             finally:
                 self.progress.pop(name, None)
+            branch.creating = False
+            await self.save_branch(branch)
         if self.ports is not None:
             busy: set[int] = set()
             while True:

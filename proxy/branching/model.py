@@ -27,11 +27,15 @@ class Branch:
     voids: list[list[int]] = field(default_factory=list)
     # The mode a migration is converting to; set while it runs (and if it was cut off).
     migrating: str | None = None
+    # Set while a copy branch's data is being copied: one found at start-up was cut off
+    # before its creation was acknowledged, and holds only part of its data.
+    creating: bool = False
 
     def to_doc(self) -> dict[str, Any]:
         return {"_id": self.name, "bid": self.bid, "parent": self.parent,
                 "fork_lsn": self.fork_lsn, "created_at": self.created_at, "port": self.port,
-                "mode": self.mode, "voids": self.voids, "migrating": self.migrating}
+                "mode": self.mode, "voids": self.voids, "migrating": self.migrating,
+                "creating": self.creating}
 
     def visible(self) -> dict[str, Any]:
         """A WAL filter leaving out the entries a reset voided."""
@@ -45,7 +49,7 @@ class Branch:
                    fork_lsn=int(doc["fork_lsn"]), created_at=doc["created_at"],
                    port=int(doc["port"]), mode=doc.get("mode", "wal"),
                    voids=[list(v) for v in doc.get("voids", [])],
-                   migrating=doc.get("migrating"))
+                   migrating=doc.get("migrating"), creating=bool(doc.get("creating")))
 
     def public(self, host: str) -> dict[str, Any]:
         return {"name": self.name, "parent": self.parent, "port": self.port,
