@@ -4,14 +4,17 @@ indexes across base and branch, retryable writes, error shapes, explain."""
 from __future__ import annotations
 
 import itertools
+import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from bson import Int64
+from bson import Binary, Int64
 from pymongo import MongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
+from tests import rawwire
 from tests.servers import ProxyProcess
 
 _names = itertools.count()
@@ -185,3 +188,29 @@ def test_values_that_look_like_expressions_stay_values(branch: tuple[Any, Any]) 
     assert "$5 off" in emails and "$x" in emails and len(emails) == 10
     db.create_collection("checked", validator={"n": {"$type": "int"}})
     assert db.checked.options() == {"validator": {"n": {"$type": "int"}}}
+
+
+def test_concurrent_retries_of_one_write_apply_it_once(branch: tuple[Any, Any]) -> None:
+    """A driver may retry a write (same lsid and txnNumber) on a new connection while its
+    first attempt is still running on the proxy: every attempt gets the same outcome and
+    the write is applied once."""
+    db, _ = branch
+    port = db.client.address[1]
+    cmd = {"update": "people", "updates": [{"q": {"_id": 7}, "u": {"$inc": {"seat": 100}}}],
+           "ordered": True, "lsid": {"id": Binary(uuid.uuid4().bytes, 4)},
+           "txnNumber": Int64(1), "$db": db.name}
+    replies: list[dict[str, Any]] = []
+    start = threading.Barrier(8)
+
+    def attempt() -> None:
+        with rawwire.connect(port) as sock:
+            start.wait()
+            replies.append(rawwire.command(sock, cmd))
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [r.get("nModified") for r in replies] == [1] * 8, replies
+    assert db.people.find_one({"_id": 7})["seat"] == 107

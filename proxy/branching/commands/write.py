@@ -304,6 +304,13 @@ def _txn(req: Request) -> dict[str, Any] | None:
 
 def _retried(req: Request) -> dict[str, Any] | None:
     req.reject_transactions()
+    return _recalled(req)
+
+
+def _recalled(req: Request) -> dict[str, Any] | None:
+    """The reply to an earlier attempt of this retryable write. Asked again under the
+    branch's write lock: a driver's retry can arrive while the first attempt still waits
+    for that lock or runs, and must then repeat its outcome, not apply it again."""
     return req.engine.recall(_txn(req))
 
 
@@ -329,6 +336,8 @@ async def insert(req: Request) -> dict[str, Any]:
     n = 0
     errors: list[dict[str, Any]] = []
     async with req.engine.writing(req.on_branch):
+        if (done := _recalled(req)) is not None:
+            return done
         writer = await begin(req, coll)
         for start in range(0, len(docs), BATCH):
             chunk = docs[start:start + BATCH]
@@ -396,6 +405,8 @@ async def update(req: Request) -> dict[str, Any]:
     upserted: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     async with req.engine.writing(req.on_branch):
+        if (done := _recalled(req)) is not None:
+            return done
         writer = await begin(req, coll)
         for index, stmt in enumerate(stmts):
             outcome = await _update_stmt(writer, stmt, index)
@@ -538,6 +549,8 @@ async def delete(req: Request) -> dict[str, Any]:
     n = 0
     errors: list[dict[str, Any]] = []
     async with req.engine.writing(req.on_branch):
+        if (done := _recalled(req)) is not None:
+            return done
         writer = await begin(req, coll)
         for index, stmt in enumerate(stmts):
             options: dict[str, Any] = {k: stmt[k] for k in ("collation", "hint") if k in stmt}
@@ -581,6 +594,8 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
     q = cmd.get("query") or {}
     options: dict[str, Any] = {k: cmd[k] for k in ("collation", "hint", "let") if k in cmd}
     async with req.engine.writing(req.on_branch):
+        if (done := _recalled(req)) is not None:
+            return done
         writer = await begin(req, coll)
         pres = [d async for batch in writer.view_docs(q, sort=cmd.get("sort"), limit=1,
                                                        options=options) for d in batch]
