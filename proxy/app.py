@@ -122,7 +122,9 @@ class Proxy:
         self.monitor.start()
         host, port = parse_hostport(opts.listen)
         self.meta_client = AsyncMongoClient(
+            # Fail fast while the upstream is down: the admin API answers 503 within seconds.
             uri, directConnection=True, appname="mongobranch-engine", tz_aware=False,
+            serverSelectionTimeoutMS=5000,
             datetime_conversion="DATETIME_AUTO", uuidRepresentation="unspecified",
         )
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),

@@ -143,6 +143,9 @@ def test_upstream_killed_then_restarted(upstream: Upstream, proxy: ProxyProcess)
         if isinstance(write_err, OperationFailure):
             assert write_err.has_error_label("RetryableWriteError")
         wait_healthz(proxy, 503)
+        # Branch management needs the upstream: a clear 503, within seconds.
+        status, body = proxy.api("POST", "/branches", {"name": "during-outage"})
+        assert status == 503 and "upstream unavailable" in body["error"], body  # type: ignore[index]
         # The proxy answers the handshake itself: the driver still sees it.
         assert client.admin.command("hello")["msg"] == "isdbgrid"
 
@@ -152,6 +155,9 @@ def test_upstream_killed_then_restarted(upstream: Upstream, proxy: ProxyProcess)
         assert sorted(d["_id"] for d in coll.find()) == [0, 1, 2, 3, 4]
         coll.insert_one({"_id": 5})
         assert coll.count_documents({}) == 6
+        status, body = proxy.api("POST", "/branches", {"name": "during-outage"})
+        assert status == 201, body
+        assert proxy.api("DELETE", "/branches/during-outage")[0] == 200
     finally:
         client.close()
     assert "Traceback" not in proxy.read_log()

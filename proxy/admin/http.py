@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pymongo.errors import ConnectionFailure
 
 from proxy.metrics import REGISTRY
 
@@ -39,6 +40,10 @@ async def _json_errors(request: web.Request, handler: Callable) -> web.StreamRes
         if exc.content_type == "application/json":
             raise
         return web.json_response({"error": exc.reason}, status=exc.status)
+    except ConnectionFailure as exc:  # the upstream is down or unreachable: not our bug
+        log.warning("admin API %s %s: upstream unavailable: %s", request.method, request.path,
+                    exc)
+        return web.json_response({"error": f"upstream unavailable: {exc}"}, status=503)
     except Exception as exc:  # a bug or an upstream failure: still a JSON error
         log.exception("admin API %s %s failed", request.method, request.path)
         return web.json_response({"error": f"internal error: {exc}"}, status=500)

@@ -199,7 +199,13 @@ class Engine:
             try:
                 await materialize(self, branch, progress or report)
             except Exception:
-                await self._forget(branch)
+                try:
+                    await self._forget(branch)
+                except Exception:
+                    # Its metadata still says "creating": the next start removes the rest.
+                    log.exception("could not remove copy branch %s after its copy failed",
+                                  name)
+                    self.branches.pop(name, None)
                 raise
             finally:
                 self.progress.pop(name, None)
