@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from typing import Any, Protocol
 
 from pymongo import AsyncMongoClient
@@ -16,6 +16,7 @@ from pymongo.errors import DuplicateKeyError
 
 from proxy.branching import naming
 from proxy.branching.errors import BranchError
+from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner, pooled
@@ -58,7 +59,7 @@ class Engine:
         self.progress: dict[str, dict[str, Any]] = {}
         # Why branching is unavailable (None once start() succeeded).
         self.unavailable: str | None = "branch engine is starting"
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, BranchLock] = {}
         self._dirty: set[str] = set()
         self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
         self._flusher: asyncio.Task[None] | None = None
@@ -339,11 +340,17 @@ class Engine:
 
     # -- writes -------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def writing(self, branch: Branch) -> AsyncIterator[None]:
-        """Serializes a branch's writes so its overlay and WAL advance together."""
-        lock = self._locks.setdefault(branch.bid, asyncio.Lock())
-        async with lock:
+    async def writing(self, branch: Branch, point: Hashable | None = None
+                      ) -> AsyncIterator[None]:
+        """Serializes a branch's writes so its overlay and WAL advance together; writes
+        on one document each (point: its (namespace, idkey)) only against writes on the
+        same document and against everything else (locks.py)."""
+        lock = self.branch_lock(branch.bid)
+        async with lock.exclusive() if point is None else lock.shared(point):
             yield
+
+    def branch_lock(self, bid: str) -> BranchLock:
+        return self._locks.setdefault(bid, BranchLock())
 
     def copy_mode(self, bid: str) -> bool:
         branch = self.by_bid(bid)
@@ -363,12 +370,12 @@ class Engine:
         while True:
             await asyncio.sleep(1.0)
             for key in list(self._dirty):
-                lock = self._locks.setdefault(key.split(":", 1)[0], asyncio.Lock())
+                lock = self.branch_lock(key.split(":", 1)[0])
                 if lock.locked():
                     continue
                 # Under the branch's lock, so no write can start between the delete and
                 # the set update and find its marker gone.
-                async with lock:
+                async with lock.exclusive():
                     try:
                         await self.meta["dirty"].delete_one({"_id": key})
                         self._dirty.discard(key)

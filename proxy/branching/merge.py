@@ -165,16 +165,31 @@ def plan_sides(coll: str, layers: list[NsState], skip_top_live: bool = False) ->
 
 
 
-def point_sides(coll: str, layers: list[NsState], filt: Any,
-                skip_top_live: bool = False) -> list[Side] | None:
-    """For an equality on _id alone, the one side that can hold the document (none when
-    no side can): the top layer hiding the id owns it, else the base has it. None when
-    the filter is not such a point or the hidden-id caches cannot tell."""
+def collated(cmd: dict[str, Any]) -> bool:
+    """Whether a command compares strings by a collation: then {_id: "a"} may match "A"."""
+    collation = cmd.get("collation")
+    return isinstance(collation, dict) and collation.get("locale", "simple") != "simple"
+
+
+def point_id(filt: Any) -> tuple[Any] | None:
+    """(the _id,) when a filter is an equality on _id alone: one document at most."""
     if not isinstance(filt, dict) or list(filt) != ["_id"]:
         return None
     value = filt["_id"]
     if isinstance(value, dict | list | Regex | re.Pattern):
         return None
+    return (value,)
+
+
+def point_sides(coll: str, layers: list[NsState], filt: Any,
+                skip_top_live: bool = False) -> list[Side] | None:
+    """For an equality on _id alone, the one side that can hold the document (none when
+    no side can): the top layer hiding the id owns it, else the base has it. None when
+    the filter is not such a point or the hidden-id caches cannot tell."""
+    point = point_id(filt)
+    if point is None:
+        return None
+    value = point[0]
     for j, layer in enumerate(layers):
         hidden = layer.hides(value)
         if hidden is None:
@@ -241,7 +256,8 @@ async def open_find(run: Runner, db: str, coll: str, layers: list[NsState],
         return await _open_direct(run, db, coll, sides[0], cmd, first)
     if not mergeable(cmd, layers):
         return None
-    sides = point_sides(coll, layers, cmd.get("filter"), skip_top_live) or sides
+    if not collated(cmd):
+        sides = point_sides(coll, layers, cmd.get("filter"), skip_top_live) or sides
     sort = cmd.get("sort") or {}
     projection = dict(cmd.get("projection") or {})
     if sort:

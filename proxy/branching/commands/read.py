@@ -64,7 +64,7 @@ async def find(req: Request) -> dict[str, Any] | None:
     if not layers:
         return None
     cmd = req.cmd
-    sides = merge.point_sides(coll, layers, cmd.get("filter"))
+    sides = None if merge.collated(cmd) else merge.point_sides(coll, layers, cmd.get("filter"))
     if sides is not None and not cmd.get("skip"):
         if not sides:
             return {"cursor": {"id": 0, "ns": f"{req.db}.{coll}", "firstBatch": []}, "ok": 1.0}

@@ -10,13 +10,13 @@ logged with its pre- and post-image before the client hears back.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
 import bson
 from bson import ObjectId
 
-from proxy.branching import reader, unique
+from proxy.branching import merge, reader, unique
 from proxy.branching.commands.base import Request, coll_name, documents_stage
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
@@ -279,12 +279,24 @@ def dup_key_error(ns: str, value: Any, index: int = 0) -> dict[str, Any]:
 
 async def begin(req: Request, coll: str) -> Writer:
     engine = req.engine
-    state = await engine.ensure_state(req.on_branch, req.db, coll, req.run)
-    await engine.mark_dirty(state)
-    if state.present is not True:
-        state.present = True
-        await engine.save_state(state)
+    # Point writes on other ids may be setting up the same collection at the same time.
+    async with engine.branch_lock(req.on_branch.bid).setup:
+        state = await engine.ensure_state(req.on_branch, req.db, coll, req.run)
+        await engine.mark_dirty(state)
+        if state.present is not True:
+            state.present = True
+            await engine.save_state(state)
     return Writer(req, coll, state)
+
+
+def _point(req: Request, coll: str, stmts: list[Any]) -> Hashable | None:
+    """The lock key of a write on one document named by _id; None for any other write,
+    which then holds its branch exclusively."""
+    stmt = stmts[0] if len(stmts) == 1 else None
+    if not isinstance(stmt, dict) or merge.collated(req.cmd) or merge.collated(stmt):
+        return None
+    point = merge.point_id(stmt.get("q"))
+    return None if point is None else (req.db, coll, idkey(point[0]))
 
 
 async def finish(req: Request, writer: Writer, reply: dict[str, Any]) -> dict[str, Any]:
@@ -335,7 +347,8 @@ async def insert(req: Request) -> dict[str, Any]:
     ordered = req.cmd.get("ordered", True) is not False
     n = 0
     errors: list[dict[str, Any]] = []
-    async with req.engine.writing(req.on_branch):
+    point = (req.db, coll, idkey(docs[0]["_id"])) if len(docs) == 1 else None
+    async with req.engine.writing(req.on_branch, point):
         if (done := _recalled(req)) is not None:
             return done
         writer = await begin(req, coll)
@@ -404,7 +417,7 @@ async def update(req: Request) -> dict[str, Any]:
     totals = {"n": 0, "nModified": 0}
     upserted: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
-    async with req.engine.writing(req.on_branch):
+    async with req.engine.writing(req.on_branch, _point(req, coll, stmts)):
         if (done := _recalled(req)) is not None:
             return done
         writer = await begin(req, coll)
@@ -548,7 +561,7 @@ async def delete(req: Request) -> dict[str, Any]:
     ordered = req.cmd.get("ordered", True) is not False
     n = 0
     errors: list[dict[str, Any]] = []
-    async with req.engine.writing(req.on_branch):
+    async with req.engine.writing(req.on_branch, _point(req, coll, stmts)):
         if (done := _recalled(req)) is not None:
             return done
         writer = await begin(req, coll)
@@ -593,7 +606,7 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
     cmd = req.cmd
     q = cmd.get("query") or {}
     options: dict[str, Any] = {k: cmd[k] for k in ("collation", "hint", "let") if k in cmd}
-    async with req.engine.writing(req.on_branch):
+    async with req.engine.writing(req.on_branch, _point(req, coll, [{"q": q}])):
         if (done := _recalled(req)) is not None:
             return done
         writer = await begin(req, coll)
