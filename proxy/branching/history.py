@@ -709,25 +709,26 @@ async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
     pool = engine.pool
     ns = f"{state.db}.{state.coll}"
     then: dict[Any, dict[str, Any] | None] = {}
-    # The ids alone first, then the LSN range: SecantusDB answers the first $match from
-    # the (b, ns, id, _id) index but scans the whole WAL for the combined filter (mongod
-    # coalesces the two stages into the same indexed plan).
-    by_id = {"$match": {"b": source.bid, "ns": ns, "id": {"$in": ids}}}
-    fold = [by_id, {"$match": visible_at(source.bid, lsn, voids)},
-            {"$sort": {"_id": 1}},
-            {"$group": {"_id": "$id", "last": {"$last": "$$ROOT"}}}]
-    async for batch in pool.batches(engine.meta_db, {
-            "aggregate": "wal", "pipeline": fold, "cursor": {}, "allowDiskUse": True}):
-        for doc in batch:
-            last = doc["last"]
-            then[idkey(doc["_id"])] = image(last, "post") if last["op"] == PUT else None
-    firsts = [by_id, {"$match": {"_id": {"$gt": lsn}}},
-              {"$sort": {"_id": 1}},
-              {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
-    async for batch in pool.batches(engine.meta_db, {
-            "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True}):
-        for doc in batch:
-            then.setdefault(idkey(doc["_id"]), image(doc["first"], "pre"))
+    for chunk in _chunks(ids):
+        # The ids alone first, then the LSN range: SecantusDB answers the first $match
+        # from the (b, ns, id, _id) index but scans the whole WAL for the combined filter
+        # (mongod coalesces the two stages into the same indexed plan).
+        by_id = {"$match": {"b": source.bid, "ns": ns, "id": {"$in": chunk}}}
+        fold = [by_id, {"$match": visible_at(source.bid, lsn, voids)},
+                {"$sort": {"_id": 1}},
+                {"$group": {"_id": "$id", "last": {"$last": "$$ROOT"}}}]
+        async for batch in pool.batches(engine.meta_db, {
+                "aggregate": "wal", "pipeline": fold, "cursor": {}, "allowDiskUse": True}):
+            for doc in batch:
+                last = doc["last"]
+                then[idkey(doc["_id"])] = image(last, "post") if last["op"] == PUT else None
+        firsts = [by_id, {"$match": {"_id": {"$gt": lsn}}},
+                  {"$sort": {"_id": 1}},
+                  {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
+        async for batch in pool.batches(engine.meta_db, {
+                "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True}):
+            for doc in batch:
+                then.setdefault(idkey(doc["_id"]), image(doc["first"], "pre"))
     rest = [value for value in ids if idkey(value) not in then]
     if rest:
         theirs = await _view_ids(engine, state.db, state.coll,
