@@ -736,11 +736,14 @@ def report(args: argparse.Namespace, sizes: list[Size], doc_bytes: float) -> str
             lines.append(f"| {labels[op]} | - | {ms(pct(w, .5))} | {ms(pct(w, .9))} | "
                          f"{ms(pct(c, .5))} | {ms(pct(c, .9))} | "
                          f"**{pct(w, .5) / pct(c, .5):.2f}x** |")
-        lines += ["", "On a copy branch the proxy sends an aggregation upstream as a `$match` "
-                      "that selects nothing from the base collection followed by a `$unionWith` "
-                      "of the copied collection carrying the user's `$match` "
-                      "(`views.view_stages`, called from `aggregate.plan_aggregate`), not as an "
-                      "aggregation on the copied collection itself.", ""]
+        lines += ["", "A copy branch runs the aggregation on its copied collection itself. A WAL "
+                      "branch runs it on the base collection with the branch's live documents "
+                      "added by a `$unionWith` of its overlay; SecantusDB evaluates a "
+                      "`$unionWith` sub-pipeline without indexes (its `$match` scans the whole "
+                      "overlay: 352 ms for 200 of 20,000 documents, against 7 ms for the same "
+                      "`$match` as a first stage), so the WAL branch's aggregation grows with "
+                      "its overlay (100 live documents at 10,000, 1,000+ at 100,000). mongod "
+                      "answers that `$match` from the overlay's index.", ""]
     warnings = [f"{s.n:,}: {w}" for s in sizes for w in s.warnings]
     lines += ["Correctness checks during the run (each 1% update's modified count, a "
               "read-back of an updated document, the count command on the first branch of each "
