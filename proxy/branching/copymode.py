@@ -22,7 +22,7 @@ from proxy.branching.errors import BranchError, CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner
-from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, Change, image
+from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, Change, image, matching
 
 COPY = "copy"
 WAL = "wal"
@@ -122,12 +122,13 @@ async def undo_to(engine: Engine, branch: Branch, lsn: int,
     its visible entries after it (to another copy of it, with target)."""
     target = target or branch
     later = {"b": branch.bid, "_id": {"$gt": lsn}, **branch.visible()}
-    marker = await engine.wal.entries.find_one({**later, "op": {"$in": list(RESETS)}})
+    marker = await engine.wal.first({**later, "op": {"$in": list(RESETS)}})
     if marker is not None:
         raise BranchError(409, f"{branch.name} dropped or recreated {marker['ns']} after "
                                "that point; a copy branch cannot be taken back across it")
     undone = 0
-    cursor = engine.wal.entries.find(later).sort("_id", -1)
+    cursor = await engine.wal.entries.aggregate([*matching(later), {"$sort": {"_id": -1}}],
+                                                allowDiskUse=True)
     async for entry in cursor:
         db, coll = entry["ns"].split(".", 1)
         state = engine.state(target, db, coll)

@@ -20,7 +20,7 @@ from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner, pooled
-from proxy.branching.wal import CREATE, RESETS, STARTS, Change, Wal, image
+from proxy.branching.wal import CREATE, RESETS, STARTS, Change, Wal, image, matching
 from proxy.config import Config
 
 log = logging.getLogger("mongobranch.engine")
@@ -413,8 +413,7 @@ class Engine:
             match.update(branch.visible())
         if upto is not None:
             match["_id"] = {"$lte": upto}
-        marker = await self.wal.entries.find_one({**match, "op": {"$in": list(STARTS)}},
-                                                 sort=[("_id", -1)])
+        marker = await self.wal.first({**match, "op": {"$in": list(STARTS)}}, newest=True)
         state.base_dropped = marker is not None and marker["op"] in RESETS
         state.present = None
         if marker is not None:
@@ -424,7 +423,7 @@ class Engine:
         if indexes is None and branch is not None:
             indexes = await self.view_indexes(branch, state.db, state.coll, self.pool)
         await self._create_overlay(state, indexes or [], self.pool)
-        fold = [{"$match": match}, {"$sort": {"_id": 1}},
+        fold = [*matching(match), {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "op": {"$last": "$op"}, "post": {"$last": "$post"},
                             "postz": {"$last": "$postz"}}}]
         await self.pool(self.meta_db, {

@@ -19,7 +19,7 @@ from pymongo import DeleteMany, UpdateOne
 
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError
-from proxy.branching.wal import STARTS, packed
+from proxy.branching.wal import STARTS, matching, packed
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 BATCH = 1000
@@ -83,12 +83,12 @@ async def _fold(engine: Engine, old: dict[str, Any]) -> int:
     """Fold one namespace's old entries; returns how many entries went."""
     wal = engine.wal.entries
     gone = 0
-    marker = await wal.find_one({**old, "op": {"$in": list(STARTS)}}, sort=[("_id", -1)])
+    marker = await engine.wal.first({**old, "op": {"$in": list(STARTS)}}, newest=True)
     after = dict(old)
     if marker is not None:
         gone += (await wal.delete_many({**old, "_id": {"$lt": marker["_id"]}})).deleted_count
         after["_id"] = {"$gt": marker["_id"], "$lte": old["_id"]["$lte"]}
-    pipeline = [{"$match": {**after, "op": {"$nin": list(STARTS)}}}, {"$sort": {"_id": 1}},
+    pipeline = [*matching({**after, "op": {"$nin": list(STARTS)}}), {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "first": {"$first": "$_id"}, "last": {"$last": "$_id"},
                             "pre": {"$first": "$pre"}, "prez": {"$first": "$prez"},
                             "n": {"$sum": 1}}},
@@ -117,13 +117,15 @@ async def _fold(engine: Engine, old: dict[str, Any]) -> int:
 
 
 async def _compress(engine: Engine, limit: int) -> int:
+    """Compress the plain images of entries up to limit: one pass per branch over its
+    (b, _id) index. A filter on the images themselves, or pages by LSN, would make
+    SecantusDB examine the whole range for every page."""
     wal = engine.wal.entries
     done = 0
-    query = {"_id": {"$lte": limit}, "incompressible": {"$exists": False},
-             "$or": [{"pre": {"$type": "object"}}, {"post": {"$type": "object"}}]}
-    while True:
-        ops = []
-        async for entry in wal.find(query).limit(BATCH):
+    for branch in list(engine.branches.values()):
+        ops: list[UpdateOne] = []
+        async for entry in wal.find({"b": branch.bid, "_id": {"$lte": limit}},
+                                    {"pre": 1, "post": 1}).sort("_id", 1):
             update: dict[str, Any] = {}
             for field in ("pre", "post"):
                 if isinstance(entry.get(field), dict):
@@ -131,10 +133,13 @@ async def _compress(engine: Engine, limit: int) -> int:
                     if blob is not None:
                         update.setdefault("$set", {})[field + "z"] = blob
                         update.setdefault("$unset", {})[field] = ""
-            # Entries that would not shrink are marked, so the scan moves past them.
-            ops.append(UpdateOne({"_id": entry["_id"]},
-                                 update or {"$set": {"incompressible": True}}))
-            done += bool(update)
-        if not ops:
-            return done
-        await wal.bulk_write(ops, ordered=False)
+            if update:
+                ops.append(UpdateOne({"_id": entry["_id"]}, update))
+            if len(ops) >= BATCH:
+                await wal.bulk_write(ops, ordered=False)
+                done += len(ops)
+                ops = []
+        if ops:
+            await wal.bulk_write(ops, ordered=False)
+            done += len(ops)
+    return done

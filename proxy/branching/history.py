@@ -21,7 +21,7 @@ from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
-from proxy.branching.wal import DELETE, PUT, RESETS, STARTS, Change, image
+from proxy.branching.wal import DELETE, PUT, RESETS, STARTS, Change, image, matching
 
 BATCH = reader.BATCH
 STRATEGIES = ("abort", "ours", "theirs")
@@ -164,7 +164,7 @@ async def replaced(engine: Engine, branch: Branch, state: NsState) -> bool:
         return False
     if branch.mode != "copy":
         return True
-    marker = await engine.wal.entries.find_one({
+    marker = await engine.wal.first({
         "b": branch.bid, "ns": f"{state.db}.{state.coll}", "op": {"$in": list(RESETS)},
         **branch.visible()})
     return marker is not None
@@ -179,8 +179,8 @@ async def touched(engine: Engine, branch: Branch,
     are the hidden set (rematerialization rebuilds one from the other), and the first
     pre-images come with them, with no per-batch lookup in the WAL (which has no index
     on ids)."""
-    pipeline = [{"$match": {"b": branch.bid, "ns": f"{state.db}.{state.coll}",
-                            "op": {"$nin": list(STARTS)}, **branch.visible()}},
+    pipeline = [*matching({"b": branch.bid, "ns": f"{state.db}.{state.coll}",
+                           "op": {"$nin": list(STARTS)}, **branch.visible()}),
                 {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "pre": {"$first": "$pre"},
                             "prez": {"$first": "$prez"}}},
@@ -515,7 +515,7 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
         frozen = 0
         for child in [engine.get(c) for c in engine.children(name)]:
             frozen += await _freeze_into(engine, branch, child, reopened)
-        voided = await engine.wal.entries.count_documents(
+        voided = await engine.wal.count(
             {"b": branch.bid, "_id": {"$gt": lsn, "$lte": at}, **branch.visible()})
         if branch.mode == "copy":
             await copymode.undo_to(engine, branch, lsn)  # under the voids before this one
@@ -618,8 +618,8 @@ async def _ids_to_freeze(engine: Engine, state: NsState,
         yield [d["_id"] for d in batch]
     if reopened is None:
         return
-    pipeline = [{"$match": {**reopened, "ns": f"{state.db}.{state.coll}",
-                            "op": {"$in": [PUT, DELETE]}}},
+    pipeline = [*matching({**reopened, "ns": f"{state.db}.{state.coll}",
+                           "op": {"$in": [PUT, DELETE]}}),
                 {"$group": {"_id": "$id"}}]
     async for batch in engine.pool.batches(engine.meta_db, {
             "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
@@ -649,11 +649,11 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
     # Entries by which the view now may differ from the view then: later ones, and
     # earlier ones inside any reset's range (voided now or then).
     reopened = [{"_id": {"$gt": lo, "$lte": min(hi, lsn)}} for lo, hi in resets if lo < lsn]
-    differ: list[dict[str, Any]] = [{"_id": {"$gt": lsn}, **source.visible()}]
+    differ: dict[str, Any] = {"b": source.bid, "_id": {"$gt": lsn}, **source.visible()}
     if reopened:
-        differ.append({"_id": {"$lte": lsn}, "$or": reopened})
-    marker = await engine.wal.entries.find_one({"b": source.bid, "$or": differ,
-                                                "op": {"$in": list(RESETS)}})
+        differ = {"b": source.bid, "$or": [{"_id": {"$gt": lsn}, **source.visible()},
+                                           {"_id": {"$lte": lsn}, "$or": reopened}]}
+    marker = await engine.wal.first({**differ, "op": {"$in": list(RESETS)}})
     if marker is not None:
         raise BranchError(409, f"{source.name} dropped or recreated {marker['ns']} after that "
                                "point; a branch at that point is not supported")
@@ -669,7 +669,7 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
     async with engine.writing(branch):
         for state in branch_states(engine, source):
             ns = f"{state.db}.{state.coll}"
-            ids_pipeline = [{"$match": {**any_later, "ns": ns, "op": {"$nin": list(STARTS)}}},
+            ids_pipeline = [*matching({**any_later, "ns": ns, "op": {"$nin": list(STARTS)}}),
                             {"$group": {"_id": "$id"}}]
             mine: NsState | None = None
             async for group in pool.batches(engine.meta_db, {

@@ -56,6 +56,25 @@ def image(entry: dict[str, Any], which: str) -> dict[str, Any] | None:
     return bson.decode(_ZD.decompress(bytes(blob)), CODEC)
 
 
+# The fields the WAL's indexes are built on.
+_INDEXED = ("b", "ns", "id", "_id")
+
+
+def matching(filt: dict[str, Any]) -> list[dict[str, Any]]:
+    """A WAL filter as $match stages: first the part an index answers, then the rest.
+
+    SecantusDB uses an index only when every predicate of a filter is on that index's
+    fields, and never for an `$in` beside a range: `{b, ns, op}` scans the whole WAL
+    where `{b, ns}` walks one branch's entries (measured on 100,000 entries: 3.0 s
+    against 0.04 s). mongod coalesces consecutive $match stages into one plan, so the
+    split costs it nothing."""
+    head = {k: v for k, v in filt.items() if k in _INDEXED}
+    rest = {k: v for k, v in filt.items() if k not in _INDEXED}
+    if "_id" in head and isinstance(head.get("id"), dict):
+        rest["_id"] = head.pop("_id")
+    return [{"$match": head}, *([{"$match": rest}] if rest else [])]
+
+
 @dataclass
 class Change:
     ns: str
@@ -133,6 +152,19 @@ class Wal:
             docs[-1]["reply"] = reply
         await self.entries.insert_many(docs, ordered=True)
         return first + len(changes) - 1
+
+    async def first(self, filt: dict[str, Any], *, newest: bool = False
+                    ) -> dict[str, Any] | None:
+        """The oldest (newest) entry matching a filter, read through an index."""
+        pipeline = [*matching(filt), {"$sort": {"_id": -1 if newest else 1}}, {"$limit": 1}]
+        async for doc in await self.entries.aggregate(pipeline):
+            return doc  # type: ignore[no-any-return]
+        return None
+
+    async def count(self, filt: dict[str, Any]) -> int:
+        async for doc in await self.entries.aggregate([*matching(filt), {"$count": "n"}]):
+            return int(doc["n"])
+        return 0
 
     async def recent_replies(self, limit: int) -> list[dict[str, Any]]:
         """The newest logged retryable-write replies, newest first."""
