@@ -77,7 +77,10 @@ AT_NOTE = (
     "each element, so its cost grows with the square of the list (measured: 1,000 ids "
     "6.7 s, 100 ids 0.13 s on a 10,000-entry WAL); hence the two stages and the chunks. "
     "What remains is one pair of aggregations per 100 restored documents, each walking the "
-    "index entries of its ids.")
+    "index entries of its ids. The ids to restore come from `{b, ns, _id: {$gt: lsn}}` "
+    "(indexed) with the `op` test in a second `$match` (`wal.matching`); with `op` in the "
+    "same stage SecantusDB scanned the whole WAL, and the end point of `src` took 9.9 s "
+    "instead of 1.8 s.")
 
 
 # -- processes ------------------------------------------------------------------------------

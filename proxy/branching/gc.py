@@ -125,7 +125,7 @@ async def _compress(engine: Engine, limit: int) -> int:
     for branch in list(engine.branches.values()):
         ops: list[UpdateOne] = []
         async for entry in wal.find({"b": branch.bid, "_id": {"$lte": limit}},
-                                    {"pre": 1, "post": 1}).sort("_id", 1):
+                                    {"pre": 1, "post": 1}).sort("_id", 1).batch_size(BATCH):
             update: dict[str, Any] = {}
             for field in ("pre", "post"):
                 if isinstance(entry.get(field), dict):
