@@ -177,8 +177,7 @@ async def touched(engine: Engine, branch: Branch,
 
     One pass over the branch's visible WAL entries for the collection: the logged ids
     are the hidden set (rematerialization rebuilds one from the other), and the first
-    pre-images come with them, with no per-batch lookup in the WAL (which has no index
-    on ids)."""
+    pre-images come with them, with no per-batch lookup in the WAL."""
     pipeline = [*matching({"b": branch.bid, "ns": f"{state.db}.{state.coll}",
                            "op": {"$nin": list(STARTS)}, **branch.visible()}),
                 {"$sort": {"_id": 1}},
