@@ -709,11 +709,8 @@ async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
     ns = f"{state.db}.{state.coll}"
     then: dict[Any, dict[str, Any] | None] = {}
     for chunk in _chunks(ids):
-        # The ids alone first, then the LSN range: SecantusDB answers the first $match
-        # from the (b, ns, id, _id) index but scans the whole WAL for the combined filter
-        # (mongod coalesces the two stages into the same indexed plan).
-        by_id = {"$match": {"b": source.bid, "ns": ns, "id": {"$in": chunk}}}
-        fold = [by_id, {"$match": visible_at(source.bid, lsn, voids)},
+        by_id = {"ns": ns, "id": {"$in": chunk}}
+        fold = [*matching({**visible_at(source.bid, lsn, voids), **by_id}),
                 {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "last": {"$last": "$$ROOT"}}}]
         async for batch in pool.batches(engine.meta_db, {
@@ -721,7 +718,7 @@ async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
             for doc in batch:
                 last = doc["last"]
                 then[idkey(doc["_id"])] = image(last, "post") if last["op"] == PUT else None
-        firsts = [by_id, {"$match": {"_id": {"$gt": lsn}}},
+        firsts = [*matching({"b": source.bid, **by_id, "_id": {"$gt": lsn}}),
                   {"$sort": {"_id": 1}},
                   {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
         async for batch in pool.batches(engine.meta_db, {
