@@ -125,6 +125,10 @@ class Proxy:
             # Fail fast while the upstream is down: the admin API answers 503 within seconds.
             uri, directConnection=True, appname="mongobranch-engine", tz_aware=False,
             serverSelectionTimeoutMS=5000,
+            # Retire pooled connections before a server, firewall or load balancer drops
+            # them as idle (SecantusDB closes a connection idle for 300 s): a dropped one
+            # handed to a merge fails it.
+            maxIdleTimeMS=60_000,
             datetime_conversion="DATETIME_AUTO", uuidRepresentation="unspecified",
         )
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
