@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,embedded]'
 	touch $@
 
-$(NODE_STAMP): tests/node/package.json
-	cd tests/node && npm install --no-audit --no-fund --loglevel=error
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 serve: $(STAMP)
