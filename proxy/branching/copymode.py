@@ -1,4 +1,5 @@
-"""Copy branches (DESIGN §12): the traditional way, beside WAL branches.
+"""Copy branches (docs/ARCHITECTURE.md, "Copy branches"): the traditional way, beside
+WAL branches.
 
 A copy branch holds a full server-side copy of every collection its parent shows,
 under the reserved overlay names, with the parent hidden entirely. Every command then

@@ -1,5 +1,5 @@
-"""History computed from the WAL (DESIGN §11): log, diff, merge, reset, and branches
-at a past point.
+"""History computed from the WAL (docs/ARCHITECTURE.md, "History"): log, diff, merge,
+reset, and branches at a past point.
 
 Everything streams in batches: a diff or a merge never holds more than one batch
 of documents, whatever the number of changes.

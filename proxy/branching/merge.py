@@ -221,7 +221,8 @@ async def _open_direct(run: Runner, db: str, coll: str, side: Side, cmd: dict[st
 
 
 def mergeable(cmd: dict[str, Any], layers: list[NsState]) -> bool:
-    """Whether the proxy can merge plain finds (DESIGN §5) instead of a server-side union."""
+    """Whether the proxy can merge plain finds instead of a server-side union
+    (docs/ARCHITECTURE.md, "Reads")."""
     if any(layer.hidden_ids is None for layer in layers):
         return False
     for opt in ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData"):

@@ -119,7 +119,7 @@ def _out_target(req: Request, pipeline: Pipeline) -> tuple[str, str] | None:
 
 
 # A leading $match selecting at most this many base documents narrows the hidden ids
-# to exclude from the base down to those it selects (DESIGN §5's "1% overlay" case).
+# to exclude from the base down to those it selects (a small overlay: the common case).
 NARROW_LIMIT = 1000
 _NARROW_CARRY = ("lsid", "$clusterTime", "readConcern", "collation", "let", "hint",
                  "maxTimeMS", "apiVersion", "apiStrict")
