@@ -291,9 +291,6 @@ class Engine:
                 out.append(state)
         return out
 
-    def touched(self, branch: Branch, db: str, coll: str) -> bool:
-        return any(f"{b.bid}:{db}.{coll}" in self.states for b in self.chain(branch))
-
     async def ensure_state(self, branch: Branch, db: str, coll: str, run: Runner) -> NsState:
         """The branch's overlay for a collection, created with the view's indexes."""
         state = self.state(branch, db, coll)

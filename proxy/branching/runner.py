@@ -53,14 +53,6 @@ class Runner:
             if cursor_id:
                 await self.raw(db, {"killCursors": coll, "cursors": [cursor_id]})
 
-    async def docs(self, db: str, cmd: dict[str, Any]) -> list[dict[str, Any]]:
-        """All documents of a small cursor (callers bound it with a limit)."""
-        out: list[dict[str, Any]] = []
-        async for batch in self.batches(db, cmd):
-            out.extend(batch)
-        return out
-
-
 def error_from(reply: dict[str, Any]) -> CommandError:
     extra = {k: v for k, v in reply.items()
              if k not in ("ok", "errmsg", "code", "codeName", "$clusterTime", "operationTime")}

@@ -730,6 +730,3 @@ class ClientConnection(MessageProtocol):
         if not self._closing:
             self.transport.write(data)
 
-
-def decode_reply(frame: Frame) -> dict[str, Any]:
-    return decode(opmsg.body_bytes(frame))

@@ -236,10 +236,6 @@ class UpstreamConnection:
                 ) from exc
         return reply
 
-    async def ensure(self, handshake: dict[str, Any] | None = None) -> None:
-        if not self.connected:
-            await self.connect(handshake)
-
     def close(self) -> None:
         proto = self._proto
         if proto is not None:

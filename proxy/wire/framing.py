@@ -50,27 +50,6 @@ def check_length(length: int, max_size: int) -> None:
         raise ProtocolError(f"message length {length} exceeds maxMessageSizeBytes {max_size}")
 
 
-async def read_frame(
-    reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_MESSAGE_SIZE
-) -> Frame | None:
-    """Read one frame; None on a clean EOF between messages."""
-    try:
-        header = await reader.readexactly(HEADER_SIZE)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise ProtocolError("connection closed inside a message header") from exc
-    length, request_id, response_to, op_code = HEADER.unpack(header)
-    check_length(length, max_size)
-    try:
-        payload = await reader.readexactly(length - HEADER_SIZE)
-    except asyncio.IncompleteReadError as exc:
-        raise ProtocolError(
-            f"truncated message: header says {length} bytes, got {HEADER_SIZE + len(exc.partial)}"
-        ) from exc
-    return Frame(request_id, response_to, op_code, payload)
-
-
 _LENGTH = struct.Struct("<i")
 
 

@@ -170,16 +170,6 @@ def split(frame: Frame) -> Sections:
     return Sections(flags, body, sequences)
 
 
-def peek_command(frame: Frame) -> tuple[str, int]:
-    """Command name and flags of an OP_MSG, its framing checked but no BSON decoded."""
-    sections = split(frame)
-    return sections.name, sections.flags
-
-
-def parse(frame: Frame) -> OpMsg:
-    return split(frame).decode()
-
-
 def build(
     body: dict[str, Any] | bytes,
     *,

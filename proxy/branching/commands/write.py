@@ -403,9 +403,6 @@ async def insert(req: Request) -> dict[str, Any]:
 
 
 # -- update ---------------------------------------------------------------------------
-_STMT_OPTS = ("collation", "arrayFilters", "hint")
-
-
 async def update(req: Request) -> dict[str, Any]:
     coll = coll_name(req)
     if (done := _retried(req)) is not None:
