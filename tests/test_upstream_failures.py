@@ -248,12 +248,17 @@ def test_signal_drains_in_flight_request_then_exits_0(
                                       serverSelectionTimeoutMS=1000, retryReads=False)
     idle: MongoClient = MongoClient(proxy.uri, serverSelectionTimeoutMS=1000)
     result: dict[str, Any] = {}
+    stopped = False
     try:
         client.uf.drain.drop()
         client.uf.drain.insert_many([{"_id": i, "pad": "x" * 1000} for i in range(2000)])
         idle.admin.command("ping")  # an idle pooled connection, plus its monitor's stream
-        block_next(upstream, "find", "slow-at-shutdown", 2500)
         before = _requests(proxy, "find")
+        # The upstream answers nothing until the test releases it: the find stays in
+        # flight for as long as the test needs, however busy the machine.
+        assert upstream.proc is not None
+        upstream.proc.send_signal(signal.SIGSTOP)
+        stopped = True
 
         def slow_find() -> None:
             try:
@@ -277,6 +282,8 @@ def test_signal_drains_in_flight_request_then_exits_0(
         assert _refused(proxy.port), "new connections still accepted during shutdown"
         assert worker.is_alive(), "the slow request should still be in flight"
 
+        upstream.proc.send_signal(signal.SIGCONT)
+        stopped = False
         code = proxy.proc.wait(timeout=15)  # grace is 10 s
         worker.join(10)
         assert code == 0
@@ -285,6 +292,8 @@ def test_signal_drains_in_flight_request_then_exits_0(
         assert [d["_id"] for d in result["docs"]] == list(range(2000))
         assert _refused(proxy.port)
     finally:
+        if stopped and upstream.proc is not None:
+            upstream.proc.send_signal(signal.SIGCONT)
         client.close()
         idle.close()
     log = proxy.read_log()
