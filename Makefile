@@ -22,7 +22,8 @@ serve: $(STAMP)
 test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/ruff check proxy tests benchmarks
 	$(BIN)/mypy proxy
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra tests/unit
+	$(BIN)/pytest -q -ra --ignore=tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests benchmarks

@@ -1,0 +1,110 @@
+"""The pure parts of the read planner and of history, in process: which collections a
+branch view reads, which side a point lookup goes to, when finds can be merged, which
+resets void what."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from bson import Int64
+
+from proxy.branching import merge, views
+from proxy.branching.history import voids_at
+from proxy.branching.model import NsState
+
+
+def layer(bid: str, hidden: list[Any] | None = (), *, dropped: bool = False) -> NsState:
+    state = NsState(bid=bid, db="app", coll="items", base_dropped=dropped)
+    if hidden is None:
+        state.hidden_ids = None
+    else:
+        state.hide(list(hidden))
+    return state
+
+
+def test_small_cached_hidden_sets_are_excluded_with_nin() -> None:
+    top, parent = layer("b2", [1, 2]), layer("b1", [3])
+    assert views.exclusion([top, parent]) == [{"$match": {"_id": {"$nin": [1, 2, 3]}}}]
+    assert views.exclusion([layer("b1")]) == []
+
+
+def test_large_or_uncached_hidden_sets_take_the_anti_join() -> None:
+    big = layer("b1", list(range(views.NIN_LIMIT + 1)))
+    stages = views.exclusion([big])
+    assert stages[0]["$lookup"]["from"] == big.hidden
+    uncached, empty = layer("b2", None), layer("b3")
+    # Only layers that hide something get a join.
+    assert [s["$lookup"]["from"] for s in views.exclusion([uncached, empty]) if "$lookup" in s] \
+        == [uncached.hidden]
+
+
+def test_view_unions_each_layer_with_the_exclusions_of_the_layers_above() -> None:
+    top, parent = layer("b2", [1]), layer("b1", [2])
+    stages = views.view_stages([top, parent], {"x": 1})
+    assert stages == [
+        {"$match": {"x": 1}}, {"$match": {"_id": {"$nin": [1, 2]}}},
+        {"$unionWith": {"coll": top.live, "pipeline": [{"$match": {"x": 1}}]}},
+        {"$unionWith": {"coll": parent.live, "pipeline": [
+            {"$match": {"x": 1}}, {"$match": {"_id": {"$nin": [1]}}}]}},
+    ]
+
+
+def test_a_dropped_collection_hides_everything_below_it() -> None:
+    top, mid, bottom = layer("b3"), layer("b2", dropped=True), layer("b1", [5])
+    stages = views.view_stages([top, mid, bottom])
+    assert stages[0] == {"$match": {"_id": {"$in": []}}}
+    assert [s["$unionWith"]["coll"] for s in stages[1:]] == [top.live, mid.live]
+    assert views.whole([mid]) == mid.live and views.whole([top, mid]) is None
+
+
+def test_point_lookup_reads_the_one_side_that_owns_the_id() -> None:
+    top, parent = layer("b2", [1]), layer("b1", [2])
+    sides = merge.point_sides("items", [top, parent], {"_id": 1})
+    assert sides is not None and [s.coll for s in sides] == [top.live]
+    # 1, 1.0 and Int64(1) are one _id under BSON equality.
+    sides = merge.point_sides("items", [top, parent], {"_id": Int64(2)})
+    assert sides is not None and [s.coll for s in sides] == [parent.live]
+    sides = merge.point_sides("items", [top, parent], {"_id": 3})
+    assert sides is not None and [s.coll for s in sides] == ["items"]
+    assert merge.point_sides("items", [top, parent], {"_id": 1}, skip_top_live=True) == []
+
+
+@pytest.mark.parametrize("filt", [{"_id": {"$gt": 1}}, {"_id": 1, "x": 2}, {"x": 1},
+                                  {"_id": [1]}, None])
+def test_anything_but_an_id_equality_is_not_a_point(filt: Any) -> None:
+    assert merge.point_sides("items", [layer("b1", [1])], filt) is None
+
+
+def test_point_lookup_needs_the_hidden_set_in_memory() -> None:
+    assert merge.point_sides("items", [layer("b1", None)], {"_id": 1}) is None
+
+
+@pytest.mark.parametrize(("cmd", "expected"), [
+    ({"find": "items", "filter": {"x": 1}, "sort": {"x": 1}}, True),
+    ({"find": "items", "sort": {"x": -1, "_id": 1}, "projection": {"x": 1}}, True),
+    ({"find": "items", "projection": {"_id": 0}}, False),
+    ({"find": "items", "sort": {"x": 1}, "collation": {"locale": "fr"}}, False),
+    ({"find": "items", "sort": {"score": {"$meta": "textScore"}}}, False),
+    ({"find": "items", "sort": {"x": 1}, "projection": {"y": 0}}, False),
+    ({"find": "items", "filter": {"loc": {"$near": [0, 0]}}}, False),
+    ({"find": "items", "min": {"x": 1}}, False),
+    ({"find": "items", "tailable": True}, False),
+])
+def test_when_finds_can_be_merged_in_the_proxy(cmd: dict[str, Any], expected: bool) -> None:
+    assert merge.mergeable(cmd, [layer("b1", [1])]) is expected
+
+
+def test_finds_are_not_merged_without_the_hidden_set_in_memory() -> None:
+    assert merge.mergeable({"find": "items"}, [layer("b1", None)]) is False
+
+
+def test_voids_follow_the_chain_of_resets() -> None:
+    # Reset at 20 back to 10, then at 40 back to 25 (after the first reset).
+    resets = [(10, 20), (25, 40)]
+    assert voids_at(resets, None) == [[25, 40], [10, 20]]
+    assert voids_at(resets, 30) == [[10, 20]]
+    assert voids_at(resets, 5) == []
+    # Back to 15, a point before the first reset was taken: what was visible then (the
+    # entries up to 15) is visible again, and the first reset voids nothing on this chain.
+    assert voids_at([(10, 20), (15, 40)], None) == [[15, 40]]
