@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.net.router import CommandError
+from proxy.wire.errors import CommandError
 
 __all__ = ["BranchError", "CommandError", "not_supported"]
 

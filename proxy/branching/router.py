@@ -8,9 +8,9 @@ from typing import Any
 from proxy.branching.commands import admin, aggregate, catalog, ddl, read, write
 from proxy.branching.commands.base import Request
 from proxy.branching.engine import Engine
-from proxy.branching.errors import not_supported
+from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.runner import Runner
-from proxy.net.router import CommandError, Context
+from proxy.net.router import Context
 from proxy.wire.opmsg import OpMsg
 
 Handler = Callable[[Request], Awaitable[dict[str, Any] | None]]

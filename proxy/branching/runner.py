@@ -9,7 +9,7 @@ from typing import Any
 from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure
 
-from proxy.net.router import CommandError
+from proxy.wire.errors import CommandError
 
 RawRun = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 

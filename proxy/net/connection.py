@@ -32,7 +32,7 @@ from typing import Any
 from proxy import metrics
 from proxy.metrics import HOT, LATENCY_BUCKETS, count_request, observe_latency
 from proxy.net import handshake
-from proxy.net.router import CommandError, Router
+from proxy.net.router import Router
 from proxy.upstream.connection import (
     UpstreamConfig,
     UpstreamConnection,
@@ -41,7 +41,7 @@ from proxy.upstream.connection import (
 )
 from proxy.wire import compression, legacy, opmsg
 from proxy.wire.bsonutil import SKIM_ELEMENTS, SKIM_OPTIONS, check_document, decode, first_key
-from proxy.wire.errors import ProtocolError
+from proxy.wire.errors import CommandError, ProtocolError
 from proxy.wire.framing import (
     HEADER,
     HEADER_SIZE,

@@ -7,22 +7,6 @@ from typing import Any, Protocol
 from proxy.wire.opmsg import OpMsg
 
 
-class CommandError(Exception):
-    """A command failure reported to the client as mongod would: ok 0 with a code."""
-
-    def __init__(self, code: int, code_name: str, message: str, **extra: Any):
-        super().__init__(message)
-        self.code = code
-        self.code_name = code_name
-        self.extra = extra
-
-    def to_reply(self) -> dict[str, Any]:
-        return {
-            "ok": 0.0, "errmsg": str(self), "code": self.code, "codeName": self.code_name,
-            **self.extra,
-        }
-
-
 class Context(Protocol):
     """What a router may ask of the client connection it serves."""
 
