@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from pymongo import DeleteOne, InsertOne, MongoClient, ReplaceOne, UpdateOne
+from pymongo import DeleteOne, InsertOne, MongoClient, ReplaceOne, ReturnDocument, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, OperationFailure
 
@@ -59,7 +59,8 @@ def contents(db: Database[Any]) -> list[dict[str, Any]]:
 
 
 def seed(db: Database[Any]) -> None:
-    db.items.insert_many([{"_id": i, "v": "base", "u": i} for i in range(10)])
+    db.items.insert_many([{"_id": i, "v": "base", "u": i, "n": i % 10, "z": 1000 + i}
+                          for i in range(20)])
     db.items.create_index("u", unique=True, sparse=True)
 
 
@@ -136,3 +137,53 @@ def test_colliding_upsert_of_a_deleted_id_keeps_it_deleted(pair: Pair, taken: in
     pair.both(lambda db: db.items.bulk_write(
         [ReplaceOne({"_id": 7}, {"u": taken}, upsert=True), InsertOne({"_id": 400})],
         ordered=False).bulk_api_result)
+
+
+SORT = [("n", 1), ("_id", 1)]
+
+
+def fam_update(filt: Any, upd: Any, after: bool, proj: Any, upsert: bool
+               ) -> Callable[[Database[Any]], Any]:
+    """The whole findAndModify reply (lastErrorObject too), without the gossip."""
+    def fn(db: Database[Any]) -> Any:
+        reply = db.command("findAndModify", "items", query=filt, update=upd, new=after,
+                           fields=proj, upsert=upsert, sort=dict(SORT))
+        return {k: v for k, v in reply.items() if k not in ("$clusterTime", "operationTime")}
+    return fn
+
+
+def fam_same_replacement(filt: Any, after: bool) -> Callable[[Database[Any]], Any]:
+    ret = ReturnDocument.AFTER if after else ReturnDocument.BEFORE
+
+    def fn(db: Database[Any]) -> Any:
+        doc = db.items.find_one(filt, sort=SORT)
+        return db.items.find_one_and_replace(
+            {"_id": doc["_id"]}, {k: v for k, v in doc.items() if k != "_id"},
+            return_document=ret)
+    return fn
+
+
+def fam_delete(filt: Any, proj: Any) -> Callable[[Database[Any]], Any]:
+    return lambda db: db.items.find_one_and_delete(filt, projection=proj, sort=SORT)
+
+
+def test_find_and_modify_that_changes_nothing_returns_the_matched_document(pair: Pair
+                                                                          ) -> None:
+    """The issue's reproduction, and the same no-op through every findAndModify option,
+    on a document only the base has, one the branch changed and one it inserted."""
+    pair.both(lambda db: raw(db.items.update_one({"_id": 0}, {"$set": {"n": 50}})))
+    pair.both(lambda db: db.items.delete_one({"_id": 10}).deleted_count)
+    pair.both(lambda db: db.items.insert_one({"_id": 50, "n": 3, "z": 900}).inserted_id)
+    issue = {"$or": [{"n": {"$lt": 1}}, {"z": {"$gt": 1015}}]}
+    got = pair.both(fam_update(issue, {"$pull": {"arr": 4}}, True, None, False))
+    assert got[1]["value"]["_id"] == 16
+    filters = [issue, {"_id": 0}, {"z": 900}]
+    noops = [{"$pull": {"arr": 4}}, {"$set": {"n": 3}}, {"$max": {"z": 5}}]
+    for filt, upd, after, proj, upsert in itertools.product(
+            filters, noops, [True, False], [None, {"n": 1}, {"z": 0}], [True, False]):
+        got = pair.both(fam_update(filt, upd, after, proj, upsert))
+        assert got[1]["value"] is not None, (filt, upd, after, proj, upsert)
+    for filt, after in itertools.product(filters, [True, False]):
+        assert pair.both(fam_same_replacement(filt, after))[1] is not None
+    for filt, proj in itertools.product(filters, [None, {"n": 1}]):
+        pair.both(fam_delete(filt, proj))

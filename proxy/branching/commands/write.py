@@ -655,15 +655,18 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
             reply = await writer.run({"update": live, **write_opts, "updates": [{
                 **statement, "q": _by_id(q, cmd.get("update"), pre["_id"]),
                 "u": cmd.get("update")}]})
+            failed = not reply.get("ok") or reply.get("writeErrors")
+            if cmd.get("new") and not failed:
+                # Read before record_puts: an update that changed nothing has its copy
+                # taken out of the overlay again, yet findAndModify returns the document.
+                value = await projected(pre["_id"])
             since = len(writer.changes)
             await writer.record_puts([pre], copied)
-            if not reply.get("ok") or reply.get("writeErrors"):
+            if failed:
                 return _fam_error(reply)
             clash = await writer.reject_collisions(since, copied)
             if clash is not None:
                 return _dup_reply(clash)
-            if cmd.get("new"):
-                value = await projected(pre["_id"])
             return await finish(req, writer, {
                 "lastErrorObject": {"n": 1, "updatedExisting": True}, "value": value,
                 "ok": 1.0})
