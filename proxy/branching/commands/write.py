@@ -104,7 +104,8 @@ class Writer:
 
     async def reject_collisions(self, since: int, copied: list[Any]) -> dict[str, Any] | None:
         """Undo changes logged since a point that collide on a unique index with the
-        parent view; the first such error, as mongod would report it."""
+        parent view; the first such error, as mongod would report it. copied: the ids
+        this write hid itself, the only ones the undo un-hides."""
         recent = [c for c in self.changes[since:] if c.op == PUT]
         bad = await self.collisions_live([c.id for c in recent])
         if not bad:
@@ -117,8 +118,11 @@ class Writer:
                 continue
             first = first or err
             self.changes.remove(change)
-            if change.pre is None or idkey(change.id) in copied_keys:
+            if idkey(change.id) in copied_keys:
                 await self.uncopy([change.id])
+            elif change.pre is None:  # new, but hidden before (an id the branch deleted)
+                await self.check({"delete": self.state.live,
+                                  "deletes": [{"q": {"_id": change.id}, "limit": 1}]})
             else:
                 await self.check({"update": self.state.live, "updates": [
                     {"q": {"_id": change.id}, "u": change.pre}]})
@@ -148,21 +152,30 @@ class Writer:
             found.update(idkey(d["_id"]) for d in batch)
         return found
 
-    async def hide(self, ids: list[Any], *, pooled: bool = False) -> None:
-        """Hide ids from the parent. pooled: on the engine's own connection, so it can run
-        beside a write on the client's (the hidden-id collection is the proxy's own)."""
+    async def hide(self, ids: list[Any], *, pooled: bool = False) -> list[Any]:
+        """Hide ids from the parent; returns those this call hid (the others were hidden
+        already: by an earlier delete, or as the branch's own documents), the only ones
+        an undo may un-hide. pooled: on the engine's own connection, so it can run beside
+        a write on the client's (the hidden-id collection is the proxy's own)."""
         if not ids:
-            return
+            return []
         cmd = {"insert": self.state.hidden, "documents": [{"_id": i} for i in ids],
                "ordered": False}
-        if pooled:
-            await self.req.engine.pool.reply(self.req.db, cmd)
-        else:
-            await self.run(cmd)
-        self.state.hide(ids)
+        reply = await (self.req.engine.pool.reply(self.req.db, cmd) if pooled
+                       else self.run(cmd))
+        if not reply.get("ok"):
+            raise CommandError(int(reply.get("code", 8)), str(reply.get("codeName", "")),
+                               str(reply.get("errmsg", "")))
+        # A duplicate: hidden already. Any other error (an _id no collection takes, which
+        # the write itself is refused for too): not hidden.
+        errors = {e["index"]: e.get("code") for e in reply.get("writeErrors", [])}
+        self.state.hide([i for n, i in enumerate(ids) if errors.get(n, DUP_KEY) == DUP_KEY])
+        return [i for n, i in enumerate(ids) if n not in errors]
 
     async def unhide_absent(self, ids: list[Any]) -> None:
-        """Undo hiding for ids the overlay turned out not to hold."""
+        """Undo hiding for ids the overlay turned out not to hold. Only for ids this
+        write hid itself: un-hiding one an earlier delete hid would bring the parent's
+        version back."""
         if not ids:
             return
         present: set[Any] = set()
@@ -245,10 +258,10 @@ class Writer:
             await self.check({"delete": self.state.live,
                               "deletes": [{"q": {"_id": new_id}, "limit": 1}]})
             return dup_key_error(self.ns, new_id)
-        await self.hide([new_id])
+        hid = await self.hide([new_id])
         post = (await self.live_docs([new_id])).get(idkey(new_id))
         self.changes.append(Change(self.ns, new_id, PUT, None, post))
-        return await self.reject_collisions(len(self.changes) - 1, [])
+        return await self.reject_collisions(len(self.changes) - 1, hid)
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -372,12 +385,12 @@ async def insert(req: Request) -> dict[str, Any]:
                 # New ids hide nothing of the parent yet, so hiding them can run beside the
                 # insert; ids that did not land are un-hidden after.
                 tried = [d["_id"] for _, d in batch]
-                reply, _ = await asyncio.gather(
+                reply, hid = await asyncio.gather(
                     writer.run({"insert": writer.state.live, "ordered": ordered,
                                 "documents": [d for _, d in batch]}),
                     writer.hide(tried, pooled=True))
                 if not reply.get("ok"):
-                    await writer.unhide_absent(tried)
+                    await writer.unhide_absent(hid)
                     return reply
                 failed = set()
                 for err in reply.get("writeErrors", []):
@@ -389,7 +402,7 @@ async def insert(req: Request) -> dict[str, Any]:
                     stop = True
                 good = [d for i, (_, d) in enumerate(batch) if i not in failed]
                 landed = {idkey(d["_id"]) for d in good}
-                await writer.unhide_absent([i for i in tried if idkey(i) not in landed])
+                await writer.unhide_absent([i for i in hid if idkey(i) not in landed])
                 writer.changes.extend(Change(writer.ns, d["_id"], PUT, None, d) for d in good)
                 n += len(good)
             await writer.flush()
@@ -639,15 +652,18 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
             reply = await writer.run({"update": live, **write_opts, "updates": [{
                 **statement, "q": _by_id(q, cmd.get("update"), pre["_id"]),
                 "u": cmd.get("update")}]})
+            failed = not reply.get("ok") or reply.get("writeErrors")
+            if cmd.get("new") and not failed:
+                # Read before record_puts: an update that changed nothing has its copy
+                # taken out of the overlay again, yet findAndModify returns the document.
+                value = await projected(pre["_id"])
             since = len(writer.changes)
             await writer.record_puts([pre], copied)
-            if not reply.get("ok") or reply.get("writeErrors"):
+            if failed:
                 return _fam_error(reply)
             clash = await writer.reject_collisions(since, copied)
             if clash is not None:
                 return _dup_reply(clash)
-            if cmd.get("new"):
-                value = await projected(pre["_id"])
             return await finish(req, writer, {
                 "lastErrorObject": {"n": 1, "updatedExisting": True}, "value": value,
                 "ok": 1.0})
