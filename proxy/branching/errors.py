@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from proxy.wire.errors import CommandError
 
-__all__ = ["BranchError", "CommandError", "not_supported"]
+__all__ = ["BranchError", "CommandError", "code_name", "not_supported"]
+
+# Names of the codes a write the engine runs on an overlay may fail with.
+_CODE_NAMES = {
+    2: "BadValue", 9: "FailedToParse", 14: "TypeMismatch", 28: "PathNotViable",
+    40: "ConflictingUpdateOperators", 52: "DollarPrefixedFieldName", 55: "DottedFieldName",
+    56: "EmptyFieldName", 66: "ImmutableField", 121: "DocumentValidationFailure",
+    11000: "DuplicateKey",
+}
+
+
+def code_name(code: int) -> str:
+    """mongod's name for an error code: numbered assertions without one are "Location<code>"."""
+    return _CODE_NAMES.get(code, f"Location{code}")
 
 
 class BranchError(Exception):

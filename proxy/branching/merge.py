@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
+from bson.int64 import Int64
 from bson.regex import Regex
 
 from proxy.branching.bsonorder import sort_key
@@ -140,7 +141,7 @@ def adopt(table: CursorTable, db: str, coll: str, source: str, reply: dict[str, 
     cursor["ns"] = f"{db}.{coll}"
     if cursor.get("id"):
         side = Side(source, [], cursor_id=cursor["id"])
-        cursor["id"] = table.add(MergedCursor(db, coll, [side], None, 0, None, lsid))
+        cursor["id"] = Int64(table.add(MergedCursor(db, coll, [side], None, 0, None, lsid)))
     return reply
 
 

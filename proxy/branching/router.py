@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.branching.commands import admin, aggregate, catalog, ddl, read, write
-from proxy.branching.commands.base import Request
+from proxy.branching.commands.base import Request, in_mongod_order
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.runner import Runner
@@ -100,4 +100,5 @@ class EngineRouter:
         if handler is None:
             raise not_supported(f"command {name!r}", self.branch or "main")
         req = Request(self.engine, branch, ctx, Runner(ctx.upstream_command), db, cmd)
-        return await handler(req)
+        reply = await handler(req)
+        return None if reply is None else in_mongod_order(reply)

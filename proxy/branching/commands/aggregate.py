@@ -8,7 +8,7 @@ import secrets
 from typing import Any
 
 from proxy.branching import merge, views
-from proxy.branching.commands.base import Request
+from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.wal import CREATE, PUT, Change
 
@@ -292,5 +292,4 @@ async def _aggregate_merge(req: Request, spec: dict[str, Any]) -> dict[str, Any]
         await write.finish(target, writer, {"ok": 1.0})
     if failed is not None:
         return write.unmask(failed, writer.state, coll)
-    return {"cursor": {"id": 0, "ns": f"{req.db}.{req.cmd.get('aggregate')}",
-                       "firstBatch": []}, "ok": 1.0}
+    return cursor_reply(f"{req.db}.{req.cmd.get('aggregate')}", [])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bson.int64 import Int64
+
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch, NsState
@@ -80,8 +82,29 @@ def coll_name(req: Request) -> str:
     return value
 
 
-def cursor_reply(ns: str, batch: list[dict[str, Any]], cursor_id: int = 0) -> dict[str, Any]:
-    return {"cursor": {"id": cursor_id, "ns": ns, "firstBatch": batch}, "ok": 1.0}
+def cursor_reply(ns: str, batch: list[dict[str, Any]], cursor_id: int = 0,
+                 batch_key: str = "firstBatch") -> dict[str, Any]:
+    """A cursor reply the proxy builds itself, in mongod's shape: the id is always a BSON
+    int64 (0 included), which the Node, Go and Java drivers insist on; a Python int
+    that fits 32 bits would be encoded as int32."""
+    return {"cursor": {batch_key: batch, "id": Int64(cursor_id), "ns": ns}, "ok": 1.0}
+
+
+# Appended by the server after a reply's own fields and its ok.
+GOSSIP = ("$clusterTime", "operationTime")
+
+
+def in_mongod_order(reply: dict[str, Any]) -> dict[str, Any]:
+    """A successful reply in mongod's order: its own fields, then ok (which mongod's
+    command framework appends after them), then the gossip. Error replies start with ok,
+    as mongod's do."""
+    if not reply.get("ok"):
+        return reply
+    ok = reply.pop("ok")
+    gossip = {key: reply.pop(key) for key in GOSSIP if key in reply}
+    reply["ok"] = ok
+    reply.update(gossip)
+    return reply
 
 
 def documents_stage(docs: list[dict[str, Any]]) -> dict[str, Any]:

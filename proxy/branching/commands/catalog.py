@@ -12,14 +12,18 @@ from proxy.branching.model import NsState
 ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
 
 
-async def base_collections(req: Request) -> dict[str, dict[str, Any]]:
-    """The upstream's collections in this database, reserved names left out."""
+async def base_collections(req: Request, reserved: dict[str, dict[str, Any]] | None = None
+                           ) -> dict[str, dict[str, Any]]:
+    """The upstream's collections in this database, reserved names left out (kept in
+    `reserved` when given)."""
     out: dict[str, dict[str, Any]] = {}
     cmd = {"listCollections": 1}
     async for batch in req.run.batches(req.db, cmd):
         for info in batch:
             if not naming.is_reserved(info["name"]):
                 out[info["name"]] = info
+            elif reserved is not None:
+                reserved[info["name"]] = info
     return out
 
 
@@ -52,7 +56,8 @@ async def exists(req: Request, coll: str) -> bool:
 
 
 async def visible_collections(req: Request) -> dict[str, dict[str, Any]]:
-    base = await base_collections(req)
+    overlays: dict[str, dict[str, Any]] = {}
+    base = await base_collections(req, overlays)
     states = branch_states(req)
     out: dict[str, dict[str, Any]] = {}
     for name in sorted(set(base) | set(states)):
@@ -63,9 +68,22 @@ async def visible_collections(req: Request) -> dict[str, dict[str, Any]]:
             out[name] = base[name]
         else:
             owner = next(layer for layer in layers if layer.present)
-            out[name] = {"name": name, "type": "collection", "options": owner.options,
-                         "info": {"readOnly": False}, "idIndex": ID_INDEX}
+            out[name] = _owned_info(req, name, owner, overlays.get(owner.live))
     return out
+
+
+def _owned_info(req: Request, name: str, owner: NsState,
+                live: dict[str, Any] | None) -> dict[str, Any]:
+    """A collection the branch owns, listed as the server lists its overlay (the
+    collection's uuid and every field the server adds), under the user's name."""
+    if live is None:
+        return {"name": name, "type": "collection", "options": owner.options,
+                "info": {"readOnly": False}, "idIndex": ID_INDEX}
+    info = {**live, "name": name, "options": owner.options}
+    id_index = live.get("idIndex")
+    if isinstance(id_index, dict) and "ns" in id_index:
+        info["idIndex"] = {**id_index, "ns": f"{req.db}.{name}"}
+    return info
 
 
 async def _filtered(req: Request, infos: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bson.int64 import Int64
+
 from proxy.branching import merge, views
 from proxy.branching.commands.base import (
     READ_CARRY,
@@ -67,7 +69,7 @@ async def find(req: Request) -> dict[str, Any] | None:
     sides = None if merge.collated(cmd) else merge.point_sides(coll, layers, cmd.get("filter"))
     if sides is not None and not cmd.get("skip"):
         if not sides:
-            return {"cursor": {"id": 0, "ns": f"{req.db}.{coll}", "firstBatch": []}, "ok": 1.0}
+            return cursor_reply(f"{req.db}.{coll}", [])
         if sides[0].coll == coll:
             return None
         point = {k: v for k, v in cmd.items() if k not in ("$db", "hint")}
@@ -86,7 +88,7 @@ async def find(req: Request) -> dict[str, Any] | None:
     if single and reply.get("ok") and reply["cursor"]["id"]:
         await req.run.reply(req.db, {"killCursors": planned["aggregate"],
                                      "cursors": [reply["cursor"]["id"]]})
-        reply["cursor"]["id"] = 0
+        reply["cursor"]["id"] = Int64(0)
     return merge.adopt(req.engine.cursors, req.db, coll, planned["aggregate"], reply,
                        cmd.get("lsid"))
 
@@ -125,7 +127,7 @@ async def get_more(req: Request) -> dict[str, Any] | None:
         req.engine.cursors.pop(cursor.id)
         await cursor.close(req.run)
         cursor_id = 0
-    return {"cursor": {"id": cursor_id, "ns": cursor.ns, "nextBatch": docs}, "ok": 1.0}
+    return cursor_reply(cursor.ns, docs, cursor_id, "nextBatch")
 
 
 async def kill_cursors(req: Request) -> dict[str, Any] | None:

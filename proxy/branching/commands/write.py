@@ -18,7 +18,7 @@ from bson import ObjectId
 
 from proxy.branching import merge, reader, unique
 from proxy.branching.commands.base import Request, coll_name, documents_stage
-from proxy.branching.errors import CommandError
+from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
 from proxy.branching.model import NsState
 from proxy.branching.wal import DELETE, PUT, Change
@@ -441,12 +441,13 @@ async def update(req: Request) -> dict[str, Any]:
                 upserted.append({"index": index, "_id": outcome["upserted"]})
             if errors and ordered:
                 break
-        result: dict[str, Any] = {"n": totals["n"] + len(upserted),
-                                  "nModified": totals["nModified"]}
-        if upserted:
-            result["upserted"] = upserted
+        # mongod's order: the fields every write reply has, then the update's own.
+        result: dict[str, Any] = {"n": totals["n"] + len(upserted)}
         if errors:
             result["writeErrors"] = errors
+        if upserted:
+            result["upserted"] = upserted
+        result["nModified"] = totals["nModified"]
         result["ok"] = 1.0
         return await finish(req, writer, result)
 
@@ -686,8 +687,11 @@ async def find_and_modify(req: Request) -> dict[str, Any]:
 def _fam_error(reply: dict[str, Any]) -> dict[str, Any]:
     """An update's failure, shaped as findAndModify reports it (a command error)."""
     err = reply["writeErrors"][0] if reply.get("writeErrors") else reply
-    out = {"ok": 0.0, "errmsg": err.get("errmsg", ""), "code": err.get("code", 8)}
-    for key in ("codeName", "errInfo", "keyPattern", "keyValue"):
+    code = int(err.get("code", 8))
+    # A write error carries no codeName; the command error findAndModify answers does.
+    out = {"ok": 0.0, "errmsg": err.get("errmsg", ""), "code": code,
+           "codeName": err.get("codeName") or code_name(code)}
+    for key in ("errInfo", "keyPattern", "keyValue"):
         if key in err:
             out[key] = err[key]
     return out
