@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +43,12 @@ def main() -> None:
               help="Data directory of the embedded server.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-format", default="text", show_default=True,
+              type=click.Choice(["text", "json"]),
+              help="json: one JSON object per line (time, level, logger, message).")
+@click.option("--metrics-branch-limit", default=100, show_default=True,
+              type=click.IntRange(0, 10_000),
+              help="Branches with their own label in /metrics; the rest count as 'other'.")
 @click.option("--config", "config_path", default=None, metavar="PATH",
               help="TOML file of feature flags [env MONGOBRANCH_CONFIG].")
 @click.option("--default-mode", type=click.Choice(["wal", "copy"]), default=None,
@@ -55,17 +60,17 @@ def main() -> None:
 @click.option("--gc-interval", default=3600.0, show_default=True, type=float,
               help="Seconds between periodic gc runs.")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
-              data_dir: str, log_level: str, config_path: str | None,
-              default_mode: str | None, allow_wal: bool | None, gc_retention: str | None,
-              gc_interval: float) -> None:
+              data_dir: str, log_level: str, log_format: str, metrics_branch_limit: int,
+              config_path: str | None, default_mode: str | None, allow_wal: bool | None,
+              gc_retention: str | None, gc_interval: float) -> None:
     """Run the proxy."""
     from proxy.app import ServeOptions, parse_hostport, parse_range, serve
     from proxy.branching.errors import BranchError
     from proxy.branching.gc import parse_duration
     from proxy.config import Config, ConfigError
+    from proxy.logs import configure
 
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(log_level, log_format)
     try:
         parse_hostport(listen)
         parse_hostport(admin)
@@ -79,7 +84,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            branch_ports=branch_ports, meta_db=meta_db, data_dir=data_dir,
                            config_path=config_path, default_mode=default_mode,
                            allow_wal=allow_wal, gc_retention=gc_retention,
-                           gc_interval=gc_interval)
+                           gc_interval=gc_interval, metrics_branch_limit=metrics_branch_limit)
     sys.exit(_run(serve(options)))
 
 
