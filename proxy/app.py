@@ -64,6 +64,9 @@ class ServeOptions:
     allow_wal: bool | None = None
     # Branches with their own metrics labels; the rest are counted as branch="other".
     metrics_branch_limit: int = 100
+    # The host branch URIs name (the --listen host when None): a proxy listening on
+    # 0.0.0.0 hands out URIs its clients can resolve.
+    advertise_host: str | None = None
 
 
 class BranchPorts:
@@ -142,7 +145,7 @@ class Proxy:
             datetime_conversion="DATETIME_AUTO", uuidRepresentation="unspecified",
         )
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
-                             host=host)
+                             host=opts.advertise_host or host)
         self.engine.config = Config.load(opts.config_path, flags={
             "default_mode": opts.default_mode, "allow_wal": opts.allow_wal})
         self.ports = BranchPorts(self, host)

@@ -43,6 +43,8 @@ def main() -> None:
               help="Data directory of the embedded server.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--advertise-host", default=None, metavar="HOST",
+              help="Host named in branch connection strings [default: the --listen host].")
 @click.option("--log-format", default="text", show_default=True,
               type=click.Choice(["text", "json"]),
               help="json: one JSON object per line (time, level, logger, message).")
@@ -60,9 +62,10 @@ def main() -> None:
 @click.option("--gc-interval", default=3600.0, show_default=True, type=float,
               help="Seconds between periodic gc runs.")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
-              data_dir: str, log_level: str, log_format: str, metrics_branch_limit: int,
-              config_path: str | None, default_mode: str | None, allow_wal: bool | None,
-              gc_retention: str | None, gc_interval: float) -> None:
+              data_dir: str, log_level: str, advertise_host: str | None, log_format: str,
+              metrics_branch_limit: int, config_path: str | None,
+              default_mode: str | None, allow_wal: bool | None, gc_retention: str | None,
+              gc_interval: float) -> None:
     """Run the proxy."""
     from proxy.app import ServeOptions, parse_hostport, parse_range, serve
     from proxy.branching.errors import BranchError
@@ -84,7 +87,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            branch_ports=branch_ports, meta_db=meta_db, data_dir=data_dir,
                            config_path=config_path, default_mode=default_mode,
                            allow_wal=allow_wal, gc_retention=gc_retention,
-                           gc_interval=gc_interval, metrics_branch_limit=metrics_branch_limit)
+                           gc_interval=gc_interval, metrics_branch_limit=metrics_branch_limit,
+                           advertise_host=advertise_host)
     sys.exit(_run(serve(options)))
 
 
@@ -150,18 +154,33 @@ def _client(ctx: click.Context, admin_url: str | None) -> Any:
     return AdminClient(admin_url or ctx.obj)
 
 
+# Exit codes, for scripts and CI (documented in the README). 2 is also click's own code
+# for a usage error, so "bad input" means the same whether click or the API refused it.
+EXIT_OTHER = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
+EXIT_CONFLICT = 4
+EXIT_NOT_FOUND = 5
+_EXIT_BY_STATUS = {400: EXIT_BAD_INPUT, 404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT}
+
+
+def exit_code(status: int) -> int:
+    """The exit code for an API error status."""
+    return _EXIT_BY_STATUS.get(status, EXIT_OTHER)
+
+
 def _call(fn: Callable[[], Any]) -> Any:
-    """Runs one API call; errors go to stderr: 1 for an API error, 2 when unreachable."""
+    """Runs one API call; an error goes to stderr as one line and exits with its code."""
     from proxy.admin.client import ApiError, Unreachable
 
     try:
         return fn()
     except Unreachable as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_UNREACHABLE)
     except ApiError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exit_code(exc.status))
 
 
 def _print_json(value: Any) -> None:
@@ -215,6 +234,9 @@ def _namespace_table(namespaces: dict[str, Any]) -> Any:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+output_option = click.option(
+    "--output", "-o", "output", type=click.Choice(["table", "json", "uri"]), default=None,
+    help="table (default), json, or uri: only the branch's connection string, for scripts.")
 # Also accepted after the subcommand: `mongobranch branch list --admin URL`.
 admin_option = click.option("--admin", "admin_url", default=None, metavar="URL",
                             help="Admin API base URL (overrides the group option).")
@@ -244,24 +266,38 @@ def branch_group(ctx: click.Context, admin_url: str | None) -> None:
               help="wal: copy-on-write over the parent; copy: a full copy "
               "[default: the server's default_mode flag].")
 @json_option
+@output_option
 @admin_option
 @click.pass_context
 def branch_create(ctx: click.Context, name: str, parent: str | None, port: int | None,
-                  at: str | None, mode: str | None, as_json: bool,
+                  at: str | None, mode: str | None, as_json: bool, output: str | None,
                   admin_url: str | None) -> None:
-    """Create branch NAME."""
+    """Create branch NAME. Exits 4 if it exists (see the README for every exit code)."""
     from proxy.admin.client import point
 
+    output = _output(as_json, output)
     api = _client(ctx, admin_url)
 
     def create() -> Any:
         return api.create_branch(name, parent, port, None if at is None else point(at), mode)
 
-    if mode == "copy" and not as_json:
+    if mode == "copy" and output == "table":
         branch = _call(lambda: _with_progress(api, name, create))
     else:
         branch = _call(create)
-    if as_json:
+    _print_branch(branch, output)
+
+
+def _output(as_json: bool, output: str | None) -> str:
+    if as_json and output not in (None, "json"):
+        raise click.UsageError(f"--json and --output {output} contradict each other")
+    return "json" if as_json else output or "table"
+
+
+def _print_branch(branch: dict[str, Any], output: str) -> None:
+    if output == "uri":
+        click.echo(branch["uri"])
+    elif output == "json":
         _print_json(branch)
     else:
         _console().print(_detail_table(branch))
@@ -340,14 +376,17 @@ def branch_list(ctx: click.Context, as_json: bool, admin_url: str | None) -> Non
 @branch_group.command("show")
 @click.argument("name")
 @json_option
+@output_option
 @admin_option
 @click.pass_context
-def branch_show(ctx: click.Context, name: str, as_json: bool, admin_url: str | None) -> None:
-    """Show branch NAME, its changed namespaces and children."""
+def branch_show(ctx: click.Context, name: str, as_json: bool, output: str | None,
+                admin_url: str | None) -> None:
+    """Show branch NAME, its changed namespaces and children. Exits 5 if there is none."""
+    output = _output(as_json, output)
     api = _client(ctx, admin_url)
     branch = _call(lambda: api.get_branch(name))
-    if as_json:
-        _print_json(branch)
+    if output != "table":
+        _print_branch(branch, output)
         return
     console = _console()
     console.print(_detail_table(branch))
@@ -364,7 +403,7 @@ def branch_show(ctx: click.Context, name: str, as_json: bool, admin_url: str | N
 @admin_option
 @click.pass_context
 def branch_delete(ctx: click.Context, name: str, as_json: bool, admin_url: str | None) -> None:
-    """Delete branch NAME (refused while it has child branches)."""
+    """Delete branch NAME (refused while it has child branches: exit 4; none: exit 5)."""
     api = _client(ctx, admin_url)
     result = _call(lambda: api.delete_branch(name))
     if as_json:
@@ -547,7 +586,7 @@ def branch_diff(ctx: click.Context, name: str, as_json: bool, admin_url: str | N
 @click.pass_context
 def branch_merge(ctx: click.Context, name: str, into: str | None, strategy: str,
                  dry_run: bool, as_json: bool, admin_url: str | None) -> None:
-    """Merge branch NAME into its parent. Exits 1 when conflicts abort the merge."""
+    """Merge branch NAME into its parent. Exits 4 when conflicts abort the merge."""
     api = _client(ctx, admin_url)
     result = _call(lambda: _refused_merge_passes(
         lambda: api.merge_branch(name, into, strategy, dry_run)))
@@ -564,7 +603,7 @@ def branch_merge(ctx: click.Context, name: str, into: str | None, strategy: str,
         click.echo(f"error: merge of {name} into {body.get('into')} aborted: {count} "
                    "conflict(s); nothing was changed. Re-run with --strategy ours or theirs.",
                    err=True)
-        sys.exit(1)
+        sys.exit(EXIT_CONFLICT)
 
 
 class _Refused:
