@@ -134,6 +134,20 @@ def gc_cmd(retention: str, admin_url: str | None, as_json: bool) -> None:
                f"bytes ({result['folded']} folded, {result['compressed']} compressed)")
 
 
+@main.command("mcp")
+@click.option("--admin", "admin_url", envvar="MONGOBRANCH_ADMIN", default=None, metavar="URL",
+              help="Admin API base URL [env MONGOBRANCH_ADMIN].")
+def mcp_cmd(admin_url: str | None) -> None:
+    """Serve branch tools to AI agents: an MCP server on stdin/stdout."""
+    try:
+        from proxy import mcpserver
+    except ImportError as exc:
+        click.echo(f"error: mongobranch mcp needs the mcp package ({exc}): "
+                   "pip install 'mongobranch[mcp]'", err=True)
+        sys.exit(EXIT_OTHER)
+    mcpserver.run(admin_url)
+
+
 # -- mongobranch branch ... : a thin client of the admin HTTP API ---------------------------
 
 BRANCH_COLUMNS = ("name", "parent", "port", "uri", "created_at")
