@@ -142,8 +142,9 @@ def mcp_cmd(admin_url: str | None) -> None:
     try:
         from proxy import mcpserver
     except ImportError as exc:
-        click.echo(f"error: mongobranch mcp needs the mcp package ({exc}): "
-                   "pip install 'mongobranch[mcp]'", err=True)
+        click.echo(f"error: mongobranch mcp needs the mcp package ({exc}): install "
+                   "mongobranch with its mcp extra, e.g. pip install '.[mcp]' in a checkout",
+                   err=True)
         sys.exit(EXIT_OTHER)
     mcpserver.run(admin_url)
 

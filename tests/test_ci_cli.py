@@ -135,7 +135,8 @@ def test_workflow_branch_per_pull_request(proxy: ProxyProcess, tmp_path: Path) -
     assert "== 'closed'" in workflow["jobs"]["drop"]["if"]
     number = str(int(unique("x")[-6:], 16))
     context = {"secrets.MONGOBRANCH_ADMIN": proxy.admin_url,
-               "github.event.pull_request.number": number}
+               "github.event.pull_request.number": number,
+               "vars.MONGOBRANCH_PIP": "(not used: the test runs the installed CLI)"}
     name = f"pr-{number}"
     github_env = tmp_path / "github_env"
     try:
