@@ -45,9 +45,10 @@ def main() -> None:
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--advertise-host", default=None, metavar="HOST",
               help="Host named in branch connection strings [default: the --listen host].")
-@click.option("--log-format", default="text", show_default=True,
-              type=click.Choice(["text", "json"]),
-              help="json: one JSON object per line (time, level, logger, message).")
+@click.option("--log-format", envvar="MONGOBRANCH_LOG_FORMAT", default="text",
+              show_default=True, type=click.Choice(["text", "json"]),
+              help="json: one JSON object per line (time, level, logger, message) "
+              "[env MONGOBRANCH_LOG_FORMAT].")
 @click.option("--metrics-branch-limit", default=100, show_default=True,
               type=click.IntRange(0, 10_000),
               help="Branches with their own label in /metrics; the rest count as 'other'.")

@@ -187,12 +187,17 @@ def test_json_formatter_keeps_tracebacks_and_extra_fields() -> None:
 
 
 def test_serve_refuses_unknown_log_format(upstream: Secantus) -> None:
+    import os
     import subprocess
 
     from tests.servers import BIN
 
     done = subprocess.run([str(BIN / "mongobranch"), "serve", "--upstream", upstream.uri,
                            "--log-format", "xml"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--log-format" in done.stderr
+    env = {**os.environ, "MONGOBRANCH_LOG_FORMAT": "yaml"}
+    done = subprocess.run([str(BIN / "mongobranch"), "serve", "--upstream", upstream.uri],
+                          capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2 and "--log-format" in done.stderr
 
 
