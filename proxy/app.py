@@ -12,6 +12,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
+from proxy import metrics
 from proxy.admin import branches as branch_routes
 from proxy.admin import http
 from proxy.branching import gc
@@ -61,6 +62,11 @@ class ServeOptions:
     config_path: str | None = None
     default_mode: str | None = None
     allow_wal: bool | None = None
+    # Branches with their own metrics labels; the rest are counted as branch="other".
+    metrics_branch_limit: int = 100
+    # The host branch URIs name (the --listen host when None): a proxy listening on
+    # 0.0.0.0 hands out URIs its clients can resolve.
+    advertise_host: str | None = None
 
 
 class BranchPorts:
@@ -75,12 +81,18 @@ class BranchPorts:
         assert self.proxy.upstream is not None and self.proxy.engine is not None
         listener = Listener(f"branch:{branch.name}", self.host, branch.port,
                             upstream=self.proxy.upstream, topology=self.proxy.topology,
-                            router=EngineRouter(self.proxy.engine, branch.name))
-        await listener.start()
+                            router=EngineRouter(self.proxy.engine, branch.name),
+                            stats=metrics.BRANCHES.acquire(branch.name))
+        try:
+            await listener.start()
+        except OSError:
+            metrics.BRANCHES.release(branch.name)
+            raise
         self.listeners[branch.name] = listener
 
     async def close(self, branch: Branch) -> None:
         listener = self.listeners.pop(branch.name, None)
+        metrics.BRANCHES.release(branch.name)
         if listener is not None:
             await listener.stop(self.proxy.options.grace)
 
@@ -115,6 +127,7 @@ class Proxy:
             await self.embedded.start()
             uri = self.embedded.uri
         self.upstream = UpstreamConfig.from_uri(uri)
+        metrics.BRANCHES.limit = opts.metrics_branch_limit
         self.monitor = UpstreamMonitor(self.upstream, self.topology)
         if not await self.monitor.wait_ready(15.0):
             log.warning("upstream %s is not answering yet; serving anyway",
@@ -132,7 +145,7 @@ class Proxy:
             datetime_conversion="DATETIME_AUTO", uuidRepresentation="unspecified",
         )
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
-                             host=host)
+                             host=opts.advertise_host or host)
         self.engine.config = Config.load(opts.config_path, flags={
             "default_mode": opts.default_mode, "allow_wal": opts.allow_wal})
         self.ports = BranchPorts(self, host)
@@ -143,7 +156,8 @@ class Proxy:
             self._gc_task = asyncio.create_task(self._periodic_gc(
                 gc.parse_duration(opts.gc_retention), opts.gc_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
-                             topology=self.topology, router=EngineRouter(self.engine, None))
+                             topology=self.topology, router=EngineRouter(self.engine, None),
+                             stats=metrics.BRANCHES.main)
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy)

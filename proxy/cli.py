@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +43,15 @@ def main() -> None:
               help="Data directory of the embedded server.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--advertise-host", default=None, metavar="HOST",
+              help="Host named in branch connection strings [default: the --listen host].")
+@click.option("--log-format", envvar="MONGOBRANCH_LOG_FORMAT", default="text",
+              show_default=True, type=click.Choice(["text", "json"]),
+              help="json: one JSON object per line (time, level, logger, message) "
+              "[env MONGOBRANCH_LOG_FORMAT].")
+@click.option("--metrics-branch-limit", default=100, show_default=True,
+              type=click.IntRange(0, 10_000),
+              help="Branches with their own label in /metrics; the rest count as 'other'.")
 @click.option("--config", "config_path", default=None, metavar="PATH",
               help="TOML file of feature flags [env MONGOBRANCH_CONFIG].")
 @click.option("--default-mode", type=click.Choice(["wal", "copy"]), default=None,
@@ -55,7 +63,8 @@ def main() -> None:
 @click.option("--gc-interval", default=3600.0, show_default=True, type=float,
               help="Seconds between periodic gc runs.")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
-              data_dir: str, log_level: str, config_path: str | None,
+              data_dir: str, log_level: str, advertise_host: str | None, log_format: str,
+              metrics_branch_limit: int, config_path: str | None,
               default_mode: str | None, allow_wal: bool | None, gc_retention: str | None,
               gc_interval: float) -> None:
     """Run the proxy."""
@@ -63,9 +72,9 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
     from proxy.branching.errors import BranchError
     from proxy.branching.gc import parse_duration
     from proxy.config import Config, ConfigError
+    from proxy.logs import configure
 
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(log_level, log_format)
     try:
         parse_hostport(listen)
         parse_hostport(admin)
@@ -79,7 +88,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            branch_ports=branch_ports, meta_db=meta_db, data_dir=data_dir,
                            config_path=config_path, default_mode=default_mode,
                            allow_wal=allow_wal, gc_retention=gc_retention,
-                           gc_interval=gc_interval)
+                           gc_interval=gc_interval, metrics_branch_limit=metrics_branch_limit,
+                           advertise_host=advertise_host)
     sys.exit(_run(serve(options)))
 
 
@@ -125,6 +135,21 @@ def gc_cmd(retention: str, admin_url: str | None, as_json: bool) -> None:
                f"bytes ({result['folded']} folded, {result['compressed']} compressed)")
 
 
+@main.command("mcp")
+@click.option("--admin", "admin_url", envvar="MONGOBRANCH_ADMIN", default=None, metavar="URL",
+              help="Admin API base URL [env MONGOBRANCH_ADMIN].")
+def mcp_cmd(admin_url: str | None) -> None:
+    """Serve branch tools to AI agents: an MCP server on stdin/stdout."""
+    try:
+        from proxy import mcpserver
+    except ImportError as exc:
+        click.echo(f"error: mongobranch mcp needs the mcp package ({exc}): install "
+                   "mongobranch with its mcp extra, e.g. pip install '.[mcp]' in a checkout",
+                   err=True)
+        sys.exit(EXIT_OTHER)
+    mcpserver.run(admin_url)
+
+
 # -- mongobranch branch ... : a thin client of the admin HTTP API ---------------------------
 
 BRANCH_COLUMNS = ("name", "parent", "port", "uri", "created_at")
@@ -145,18 +170,33 @@ def _client(ctx: click.Context, admin_url: str | None) -> Any:
     return AdminClient(admin_url or ctx.obj)
 
 
+# Exit codes, for scripts and CI (documented in the README). 2 is also click's own code
+# for a usage error, so "bad input" means the same whether click or the API refused it.
+EXIT_OTHER = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
+EXIT_CONFLICT = 4
+EXIT_NOT_FOUND = 5
+_EXIT_BY_STATUS = {400: EXIT_BAD_INPUT, 404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT}
+
+
+def exit_code(status: int) -> int:
+    """The exit code for an API error status."""
+    return _EXIT_BY_STATUS.get(status, EXIT_OTHER)
+
+
 def _call(fn: Callable[[], Any]) -> Any:
-    """Runs one API call; errors go to stderr: 1 for an API error, 2 when unreachable."""
+    """Runs one API call; an error goes to stderr as one line and exits with its code."""
     from proxy.admin.client import ApiError, Unreachable
 
     try:
         return fn()
     except Unreachable as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_UNREACHABLE)
     except ApiError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exit_code(exc.status))
 
 
 def _print_json(value: Any) -> None:
@@ -210,6 +250,9 @@ def _namespace_table(namespaces: dict[str, Any]) -> Any:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+output_option = click.option(
+    "--output", "-o", "output", type=click.Choice(["table", "json", "uri"]), default=None,
+    help="table (default), json, or uri: only the branch's connection string, for scripts.")
 # Also accepted after the subcommand: `mongobranch branch list --admin URL`.
 admin_option = click.option("--admin", "admin_url", default=None, metavar="URL",
                             help="Admin API base URL (overrides the group option).")
@@ -239,24 +282,38 @@ def branch_group(ctx: click.Context, admin_url: str | None) -> None:
               help="wal: copy-on-write over the parent; copy: a full copy "
               "[default: the server's default_mode flag].")
 @json_option
+@output_option
 @admin_option
 @click.pass_context
 def branch_create(ctx: click.Context, name: str, parent: str | None, port: int | None,
-                  at: str | None, mode: str | None, as_json: bool,
+                  at: str | None, mode: str | None, as_json: bool, output: str | None,
                   admin_url: str | None) -> None:
-    """Create branch NAME."""
+    """Create branch NAME. Exits 4 if it exists (see the README for every exit code)."""
     from proxy.admin.client import point
 
+    output = _output(as_json, output)
     api = _client(ctx, admin_url)
 
     def create() -> Any:
         return api.create_branch(name, parent, port, None if at is None else point(at), mode)
 
-    if mode == "copy" and not as_json:
+    if mode == "copy" and output == "table":
         branch = _call(lambda: _with_progress(api, name, create))
     else:
         branch = _call(create)
-    if as_json:
+    _print_branch(branch, output)
+
+
+def _output(as_json: bool, output: str | None) -> str:
+    if as_json and output not in (None, "json"):
+        raise click.UsageError(f"--json and --output {output} contradict each other")
+    return "json" if as_json else output or "table"
+
+
+def _print_branch(branch: dict[str, Any], output: str) -> None:
+    if output == "uri":
+        click.echo(branch["uri"])
+    elif output == "json":
         _print_json(branch)
     else:
         _console().print(_detail_table(branch))
@@ -335,14 +392,17 @@ def branch_list(ctx: click.Context, as_json: bool, admin_url: str | None) -> Non
 @branch_group.command("show")
 @click.argument("name")
 @json_option
+@output_option
 @admin_option
 @click.pass_context
-def branch_show(ctx: click.Context, name: str, as_json: bool, admin_url: str | None) -> None:
-    """Show branch NAME, its changed namespaces and children."""
+def branch_show(ctx: click.Context, name: str, as_json: bool, output: str | None,
+                admin_url: str | None) -> None:
+    """Show branch NAME, its changed namespaces and children. Exits 5 if there is none."""
+    output = _output(as_json, output)
     api = _client(ctx, admin_url)
     branch = _call(lambda: api.get_branch(name))
-    if as_json:
-        _print_json(branch)
+    if output != "table":
+        _print_branch(branch, output)
         return
     console = _console()
     console.print(_detail_table(branch))
@@ -359,7 +419,7 @@ def branch_show(ctx: click.Context, name: str, as_json: bool, admin_url: str | N
 @admin_option
 @click.pass_context
 def branch_delete(ctx: click.Context, name: str, as_json: bool, admin_url: str | None) -> None:
-    """Delete branch NAME (refused while it has child branches)."""
+    """Delete branch NAME (refused while it has child branches: exit 4; none: exit 5)."""
     api = _client(ctx, admin_url)
     result = _call(lambda: api.delete_branch(name))
     if as_json:
@@ -542,7 +602,7 @@ def branch_diff(ctx: click.Context, name: str, as_json: bool, admin_url: str | N
 @click.pass_context
 def branch_merge(ctx: click.Context, name: str, into: str | None, strategy: str,
                  dry_run: bool, as_json: bool, admin_url: str | None) -> None:
-    """Merge branch NAME into its parent. Exits 1 when conflicts abort the merge."""
+    """Merge branch NAME into its parent. Exits 4 when conflicts abort the merge."""
     api = _client(ctx, admin_url)
     result = _call(lambda: _refused_merge_passes(
         lambda: api.merge_branch(name, into, strategy, dry_run)))
@@ -559,7 +619,7 @@ def branch_merge(ctx: click.Context, name: str, into: str | None, strategy: str,
         click.echo(f"error: merge of {name} into {body.get('into')} aborted: {count} "
                    "conflict(s); nothing was changed. Re-run with --strategy ours or theirs.",
                    err=True)
-        sys.exit(1)
+        sys.exit(EXIT_CONFLICT)
 
 
 class _Refused:

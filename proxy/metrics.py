@@ -9,11 +9,17 @@ Everything runs on the event loop's thread, so plain arithmetic is safe.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -100,3 +106,103 @@ class _HotCollector(Collector):
 
 
 REGISTRY.register(_HotCollector())
+
+
+class PortStats:
+    """One port's request figures (a branch's, or the main port's), bumped where the
+    global latency is observed; `last_started` is a perf_counter reading, turned into a
+    wall-clock time only when scraped."""
+
+    __slots__ = ("last_started", "latency_counts", "latency_sum")
+
+    def __init__(self) -> None:
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.last_started = 0.0
+
+    def observe(self, started: float, elapsed: float) -> None:
+        self.latency_counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+        self.latency_sum += elapsed
+        self.last_started = started
+
+    @property
+    def requests(self) -> int:
+        return sum(self.latency_counts)
+
+    def last_used(self) -> float:
+        """Unix time of the last request's start, 0 if there was none."""
+        if not self.last_started:
+            return 0.0
+        return time.time() - (time.perf_counter() - self.last_started)
+
+
+OTHER = "other"
+
+
+class BranchSeries:
+    """Per-branch series with a cap on branch labels: a scrape's size stays bounded
+    however many branches exist. Ports beyond the cap share the `other` label; the main
+    port is always labelled `main`. A dropped branch frees its label."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self.limit = limit
+        self.ports: dict[str, PortStats] = {}
+        self.other = PortStats()
+        self.main = PortStats()
+        self.folded: set[str] = set()
+
+    def acquire(self, branch: str) -> PortStats:
+        stats = self.ports.get(branch)
+        if stats is not None:
+            return stats
+        if len(self.ports) < self.limit:
+            stats = self.ports[branch] = PortStats()
+            self.folded.discard(branch)
+            return stats
+        self.folded.add(branch)
+        return self.other
+
+    def release(self, branch: str) -> None:
+        self.ports.pop(branch, None)
+        self.folded.discard(branch)
+
+    def series(self) -> Iterator[tuple[str, PortStats]]:
+        yield "main", self.main
+        yield from self.ports.items()
+        yield OTHER, self.other
+
+
+BRANCHES = BranchSeries()
+
+
+class _BranchCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "mongobranch_branch_requests", "Requests answered on a branch's port "
+            "(main: the main port; other: branches beyond the label cap)", labels=["branch"])
+        latency = HistogramMetricFamily("mongobranch_branch_request_seconds",
+                                        "Request latency by branch port", labels=["branch"])
+        last = GaugeMetricFamily("mongobranch_branch_last_request_timestamp_seconds",
+                                 "Unix time of the last request on a branch's port "
+                                 "(0: none since the proxy started)", labels=["branch"])
+        for label, stats in BRANCHES.series():
+            total = 0
+            buckets = []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), stats.latency_counts,
+                                    strict=True):
+                total += count
+                buckets.append((floatToGoString(bound), total))
+            requests.add_metric([label], total)
+            latency.add_metric([label], buckets, sum_value=stats.latency_sum)
+            last.add_metric([label], stats.last_used())
+        yield requests
+        yield latency
+        yield last
+        yield GaugeMetricFamily("mongobranch_branch_labels_folded",
+                                "Branches counted under branch=\"other\" (label cap reached)",
+                                value=len(BRANCHES.folded))
+        yield GaugeMetricFamily("mongobranch_branch_label_limit",
+                                "The cap on per-branch labels", value=BRANCHES.limit)
+
+
+REGISTRY.register(_BranchCollector())

@@ -111,14 +111,14 @@ def test_merge_dry_run_then_merge(proxy: ProxyProcess, client: MongoClient, made
         assert contents(client[db_name].items) == contents(b[db_name].items)
 
 
-def test_merge_conflicts_exit_1_and_are_shown(proxy: ProxyProcess, client: MongoClient,
+def test_merge_conflicts_exit_4_and_are_shown(proxy: ProxyProcess, client: MongoClient,
                                               made: Branches, db_name: str) -> None:
     branch = changed_branch(client, made, db_name)
     name = branch["name"]
     client[db_name].items.update_one({"_id": 1}, {"$set": {"v": "main"}})
     before = contents(client[db_name].items)
     done = cli("--admin", proxy.admin_url, "merge", name)
-    assert done.returncode == 1
+    assert done.returncode == 4
     assert done.stderr.startswith(f"error: merge of {name} into main aborted: 1 conflict(s)")
     assert "conflicts: the parent changed these" in done.stdout
     assert f"merge {name} into main (aborted)" in done.stdout
@@ -126,7 +126,7 @@ def test_merge_conflicts_exit_1_and_are_shown(proxy: ProxyProcess, client: Mongo
     assert rows(done.stdout, f"{db_name}.items") == [[f"{db_name}.items", "1", "update",
                                                        "changed"]]
     done = cli("--admin", proxy.admin_url, "merge", name, "--json")
-    assert done.returncode == 1
+    assert done.returncode == 4
     body = json.loads(done.stdout)
     assert [c["_id"] for c in body["conflicts"]] == [1]
     assert body["conflicts"][0]["parent"]["v"] == "main"
@@ -187,27 +187,27 @@ def test_reset_and_create_at(proxy: ProxyProcess, client: MongoClient, made: Bra
     assert now != then
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("log", "no-such-hcli"), "branch 'no-such-hcli' does not exist"),
-    (("diff", "no-such-hcli"), "branch 'no-such-hcli' does not exist"),
-    (("merge", "no-such-hcli"), "branch 'no-such-hcli' does not exist"),
-    (("reset", "no-such-hcli", "--to", "0"), "branch 'no-such-hcli' does not exist"),
-    (("reset", "BRANCH", "--to", "whenever"), "not an LSN or ISO-8601 time: 'whenever'"),
+@pytest.mark.parametrize(("args", "message", "code"), [
+    (("log", "no-such-hcli"), "branch 'no-such-hcli' does not exist", 5),
+    (("diff", "no-such-hcli"), "branch 'no-such-hcli' does not exist", 5),
+    (("merge", "no-such-hcli"), "branch 'no-such-hcli' does not exist", 5),
+    (("reset", "no-such-hcli", "--to", "0"), "branch 'no-such-hcli' does not exist", 5),
+    (("reset", "BRANCH", "--to", "whenever"), "not an LSN or ISO-8601 time: 'whenever'", 2),
     (("merge", "BRANCH", "--into", "elsewhere"),
-     "branch 'BRANCH' merges into its parent 'main', not 'elsewhere'"),
-    (("log", "BRANCH", "--limit", "0"), "limit must be 1-10000, got 0"),
-    (("create", "NEW", "--at", "1"), "a branch of main at a past point is not possible"),
-    (("create", "NEW", "--from", "BRANCH", "--at", "later"), "not an LSN or ISO-8601 time"),
+     "branch 'BRANCH' merges into its parent 'main', not 'elsewhere'", 2),
+    (("log", "BRANCH", "--limit", "0"), "limit must be 1-10000, got 0", 2),
+    (("create", "NEW", "--at", "1"), "a branch of main at a past point is not possible", 2),
+    (("create", "NEW", "--from", "BRANCH", "--at", "later"), "not an LSN or ISO-8601 time", 2),
 ])
-def test_api_errors_exit_1(proxy: ProxyProcess, made: Branches, args: tuple[str, ...],
-                           message: str) -> None:
+def test_api_errors_exit_codes(proxy: ProxyProcess, made: Branches, args: tuple[str, ...],
+                               message: str, code: int) -> None:
     branch = made.create()["name"]
     new = unique("never")
     args = tuple(branch if a == "BRANCH" else new if a == "NEW" else a for a in args)
     message = message.replace("BRANCH", branch)
     for extra in ((), ("--json",)):
         done = cli("--admin", proxy.admin_url, *args, *extra)
-        assert done.returncode == 1, done
+        assert done.returncode == code, done
         assert done.stdout == ""
         assert done.stderr.startswith(f"error: {message}"), done.stderr
         assert len(done.stderr.splitlines()) == 1
@@ -224,6 +224,6 @@ def test_usage_errors_and_unreachable(proxy: ProxyProcess) -> None:
     for args in (("log", "x"), ("diff", "x"), ("diff", "x", "--json"), ("merge", "x"),
                  ("reset", "x", "--to", "1"), ("create", "x", "--from", "y", "--at", "1")):
         done = cli("--admin", url, *args)
-        assert done.returncode == 2, done
+        assert done.returncode == 3, done
         assert done.stdout == ""
         assert done.stderr.startswith(f"error: cannot reach the admin API at {url}")

@@ -49,7 +49,7 @@ def test_copy_create_migrate_config_and_gc(proxy: ProxyProcess, direct: MongoCli
         assert collected.returncode == 0, collected.stderr
         assert "horizon LSN" in collected.stdout
         refused = run(proxy, "gc", "--retention", "soon")
-        assert refused.returncode == 1 and "retention must look like" in refused.stderr
+        assert refused.returncode == 2 and "retention must look like" in refused.stderr
     finally:
         run(proxy, "branch", "delete", "cli-copy")
         direct.drop_database("cli_modes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import http.client
 import json
 import os
@@ -129,6 +130,11 @@ class AdminClient:
         """The diff's JSON as the server streams it."""
         return self.stream("GET", f"/branches/{_quote(name)}/diff")
 
+    def diff_items(self, name: str) -> Iterator[tuple[str, Any]]:
+        """The diff parsed as it streams, one change in memory at a time:
+        ("parent", name), then ("change", change) for each, then ("summary", summary)."""
+        return _diff_items(self.diff_stream(name), self.url)
+
     def branch_diff(self, name: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/branches/{_quote(name)}/diff"))
 
@@ -145,6 +151,64 @@ class AdminClient:
 
     def reset_branch(self, name: str, to: int | str) -> dict[str, Any]:
         return dict(self.request("POST", f"/branches/{_quote(name)}/reset", {"to": to}))
+
+
+_CHANGES = '"changes": ['
+
+
+def _diff_items(chunks: Iterator[bytes], url: str) -> Iterator[tuple[str, Any]]:
+    """Parses the server's diff stream: a header object up to `"changes": [`, the changes
+    separated by commas, then `], "summary": {...}}` (proxy/admin/branches.py writes it)."""
+    decoder = json.JSONDecoder()
+    text = codecs.getincrementaldecoder("utf-8")()
+    buf = ""
+    source = iter(chunks)
+
+    def more() -> bool:
+        nonlocal buf
+        for chunk in source:
+            buf += text.decode(chunk)
+            return True
+        buf += text.decode(b"", final=True)
+        return False
+
+    def broken() -> ApiError:
+        return ApiError(0, f"the admin API at {url} sent a diff that is not well-formed")
+
+    while _CHANGES not in buf:
+        if not more():
+            raise broken()
+    head, _, buf = buf.partition(_CHANGES)
+    try:
+        yield "parent", json.loads(head.rstrip().rstrip(",") + "}").get("parent")
+    except ValueError as exc:
+        raise broken() from exc
+    pos = 0
+    while True:
+        while pos < len(buf) and buf[pos] in " \t\r\n,":
+            pos += 1
+        if pos < len(buf) and buf[pos] == "]":
+            break
+        try:
+            change, end = decoder.raw_decode(buf, pos)
+        except ValueError:
+            buf = buf[pos:]
+            pos = 0
+            if not more():
+                raise broken() from None
+            continue
+        yield "change", change
+        pos = end
+        if pos > 1 << 16:  # keep the buffer to what is not parsed yet
+            buf, pos = buf[pos:], 0
+    rest, buf = buf[pos + 1:], ""
+    while more():
+        rest += buf
+        buf = ""
+    try:
+        yield "summary", json.loads("{" + rest.strip().lstrip(",")).get("summary")
+    except ValueError as exc:
+        raise broken() from exc
 
 
 def point(value: str) -> int | str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,6 +13,9 @@ from pymongo.errors import ConnectionFailure
 from proxy.metrics import REGISTRY
 
 log = logging.getLogger("mongobranch.admin")
+
+# The web console: static files, served as they are (no build step, nothing external).
+CONSOLE = Path(__file__).resolve().parent / "console"
 
 
 def build_app(healthy: Callable[[], bool]) -> web.Application:
@@ -28,7 +32,23 @@ def build_app(healthy: Callable[[], bool]) -> web.Application:
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    add_console(app)
     return app
+
+
+def add_console(app: web.Application) -> None:
+    """/console/: a page that calls this same API from the browser."""
+    async def to_console(_request: web.Request) -> web.StreamResponse:
+        # Relative, so that it also holds behind a reverse proxy's path prefix.
+        return web.Response(status=302, headers={"Location": "console/"})
+
+    async def index(_request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(CONSOLE / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.router.add_get("/", to_console)
+    app.router.add_get("/console", to_console)
+    app.router.add_get("/console/", index)
+    app.router.add_static("/console/", CONSOLE)
 
 
 @web.middleware

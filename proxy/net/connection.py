@@ -30,7 +30,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from proxy import metrics
-from proxy.metrics import HOT, LATENCY_BUCKETS, count_request, observe_latency
+from proxy.metrics import HOT, LATENCY_BUCKETS, PortStats, count_request, observe_latency
 from proxy.net import handshake
 from proxy.net.router import Router
 from proxy.upstream.connection import (
@@ -152,6 +152,7 @@ class ClientConnection(MessageProtocol):
         stopping: asyncio.Event,
         on_closed: Callable[[ClientConnection], None] | None = None,
         fast_names: dict[bytes, str] | None = None,
+        stats: PortStats | None = None,
     ):
         super().__init__(topology.info.max_message_size_bytes)
         self.router = router
@@ -173,6 +174,8 @@ class ClientConnection(MessageProtocol):
         self.peer = "?"
         self.transport: Any = None
         self._gauge = metrics.OPEN_CONNECTIONS.labels(listener)
+        # The port's own figures (per-branch metrics), beside the global ones.
+        self._stats = PortStats() if stats is None else stats
         self._state = _IDLE
         self._task: asyncio.Task[None] | None = None
         self._queue: deque[bytes] = deque()
@@ -479,10 +482,16 @@ class ClientConnection(MessageProtocol):
         HOT.bytes_out += len(msg)
         if len(msg) > HEADER_SIZE and msg[16] & _MORE_TO_COME and msg[12:16] == _OP_MSG_CODE:
             return  # an exhaust stream: more replies follow
-        # observe_latency, inlined
-        elapsed = _perf_counter() - self._req_started
-        _latency_counts[_bisect_left(_LATENCY_BUCKETS, elapsed)] += 1
+        # observe_latency and the port's PortStats.observe, inlined
+        started = self._req_started
+        elapsed = _perf_counter() - started
+        bucket = _bisect_left(_LATENCY_BUCKETS, elapsed)
+        _latency_counts[bucket] += 1
         HOT.latency_sum += elapsed
+        stats = self._stats
+        stats.latency_counts[bucket] += 1
+        stats.latency_sum += elapsed
+        stats.last_started = started
         self._state = _IDLE
         proto = self.upstream.protocol
         if proto is not None:
@@ -506,7 +515,9 @@ class ClientConnection(MessageProtocol):
             self._forward_done()
 
     def _forward_done(self) -> None:
-        observe_latency(time.perf_counter() - self._req_started)
+        elapsed = time.perf_counter() - self._req_started
+        observe_latency(elapsed)
+        self._stats.observe(self._req_started, elapsed)
         self._state = _IDLE
         self._req_compressor = None
         self.upstream.stop_forwarding()
@@ -600,7 +611,9 @@ class ClientConnection(MessageProtocol):
             if not flags & opmsg.MORE_TO_COME:
                 self._reply(reply, frame, compressor, name)
         finally:
-            observe_latency(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            observe_latency(elapsed)
+            self._stats.observe(started, elapsed)
 
     def _note_user(self, cmd: dict[str, Any]) -> None:
         """Remember who authenticates, for the WAL's client identity."""

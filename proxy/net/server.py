@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from proxy.metrics import PortStats
 from proxy.net.connection import ClientConnection
 from proxy.net.handshake import Topology
 from proxy.net.router import Router
@@ -15,13 +16,14 @@ log = logging.getLogger("mongobranch.listener")
 
 class Listener:
     def __init__(self, name: str, host: str, port: int, *, upstream: UpstreamConfig,
-                 topology: Topology, router: Router):
+                 topology: Topology, router: Router, stats: PortStats | None = None):
         self.name = name
         self.host = host
         self.port = port
         self.upstream = upstream
         self.topology = topology
         self.router = router
+        self.stats = stats
         self.stopping = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._connections: set[ClientConnection] = set()
@@ -42,7 +44,7 @@ class Listener:
         conn = ClientConnection(
             upstream=self.upstream, topology=self.topology, router=self.router,
             listener=self.name, stopping=self.stopping, on_closed=self._connections.discard,
-            fast_names=self._fast_names,
+            fast_names=self._fast_names, stats=self.stats,
         )
         self._connections.add(conn)
         return conn
