@@ -157,6 +157,7 @@ def fam_same_replacement(filt: Any, after: bool) -> Callable[[Database[Any]], An
 
     def fn(db: Database[Any]) -> Any:
         doc = db.items.find_one(filt, sort=SORT)
+        assert doc is not None
         return db.items.find_one_and_replace(
             {"_id": doc["_id"]}, {k: v for k, v in doc.items() if k != "_id"},
             return_document=ret)
