@@ -371,14 +371,19 @@ async def insert(req: Request) -> dict[str, Any]:
             clashes = await writer.collisions_new(chunk)
             batch: list[tuple[int, dict[str, Any]]] = []
             stop = False
+            # Ordered, the first document the parent view refuses ends the batch, but
+            # only if every document before it lands: else the batch stops earlier and
+            # never reaches it.
+            held: dict[str, Any] | None = None
             for offset, doc in enumerate(chunk):
                 key = idkey(doc["_id"])
                 if key in taken or key in clashes:
                     err = dup_key_error(writer.ns, doc["_id"]) if key in taken else clashes[key]
-                    errors.append({**err, "index": start + offset})
                     if ordered:
+                        held = {**err, "index": start + offset}
                         stop = True
                         break
+                    errors.append({**err, "index": start + offset})
                     continue
                 batch.append((start + offset, doc))
             if batch:
@@ -400,11 +405,14 @@ async def insert(req: Request) -> dict[str, Any]:
                 if ordered and failed:
                     batch = batch[:min(failed)]
                     stop = True
+                    held = None
                 good = [d for i, (_, d) in enumerate(batch) if i not in failed]
                 landed = {idkey(d["_id"]) for d in good}
                 await writer.unhide_absent([i for i in hid if idkey(i) not in landed])
                 writer.changes.extend(Change(writer.ns, d["_id"], PUT, None, d) for d in good)
                 n += len(good)
+            if held is not None:
+                errors.append(held)
             await writer.flush()
             if stop:
                 break
