@@ -154,7 +154,7 @@ def seed(db: Any) -> None:
         db[name].create_index("u", unique=True)
 
 
-WRITE_COLLS = ("w_insert", "w_update", "w_delete", "w_fam", "w_merge")
+WRITE_COLLS = ("w_insert", "w_update", "w_delete", "w_fam", "w_merge", "w_wc")
 
 
 @dataclass
@@ -327,17 +327,41 @@ def find_and_modify(run: Session) -> None:
     run({"findAndModify": "w_fam", "query": {"_id": 4}, "update": {"$set": {"u": "u5"}}})
 
 
+# A write concern no single server satisfies: the write is applied and the reply
+# carries a writeConcernError.
+UNSATISFIABLE = {"w": 2, "wtimeout": 10}
+
+
+def write_concern_errors(run: Session) -> None:
+    run({"insert": "w_wc", "documents": [{"_id": 1, "u": "a"}],
+         "writeConcern": UNSATISFIABLE})
+    run({"insert": "w_wc", "documents": [{"_id": 2, "u": "b"}, {"_id": 1, "u": "c"}],
+         "writeConcern": UNSATISFIABLE})
+    run({"update": "w_wc", "updates": [{"q": {"_id": 3}, "u": {"$set": {"x": 1}}}],
+         "writeConcern": UNSATISFIABLE})
+    run({"delete": "w_wc", "deletes": [{"q": {"_id": 4}, "limit": 1}],
+         "writeConcern": UNSATISFIABLE})
+    run({"findAndModify": "w_wc", "query": {"_id": 5}, "update": {"$set": {"x": 1}},
+         "writeConcern": UNSATISFIABLE})
+
+
+def errors(run: Session) -> None:
+    run({"find": "items", "filter": {"$bogus": 1}})
+    run({"insert": "w_insert", "documents": "not an array"})
+    run({"listIndexes": "no_such_collection"})
+
+
 CASES: dict[str, Case] = {f.__name__: f for f in (
     find_single_batch, find_batches, find_unsorted_batches, find_limit,
     find_single_batch_flag, find_points, find_empty, find_projection, aggregate_batches,
     aggregate_group, aggregate_merge, kill_cursors, list_collections, list_indexes, count,
-    distinct, insert, update, delete, find_and_modify)}
+    distinct, insert, update, delete, find_and_modify, write_concern_errors, errors)}
 
 
 def _comparable(name: str, reply: dict[str, Any]) -> dict[str, Any]:
-    """The reply body with the gossip fields left out, and a catalog's entries in name
-    order (the server lists them in no set order)."""
-    body = {k: v for k, v in reply.items() if k not in GOSSIP}
+    """The reply with a catalog's entries in name order (the server lists them in no set
+    order)."""
+    body = dict(reply)
     cursor = body.get("cursor")
     if name in ("listCollections", "listIndexes") and isinstance(cursor, dict):
         cursor = dict(cursor)
@@ -357,11 +381,11 @@ def run_case(target: Target, case: Case) -> list[tuple[str, dict[str, Any]]]:
 
 def ok_last(reply: dict[str, Any]) -> dict[str, Any]:
     """A successful reply with ok after its own fields, as mongod's command framework
-    appends it. SecantusDB puts ok before writeErrors in insert and delete replies."""
+    appends it, then the gossip. SecantusDB puts ok before writeErrors in insert replies."""
     if not reply.get("ok"):
         return reply
-    body = {k: v for k, v in reply.items() if k != "ok"}
-    return {**body, "ok": reply["ok"]}
+    body = {k: v for k, v in reply.items() if k != "ok" and k not in GOSSIP}
+    return {**body, "ok": reply["ok"], **{k: reply[k] for k in GOSSIP if k in reply}}
 
 
 def compare(expected: list[tuple[str, dict[str, Any]]],
@@ -385,7 +409,9 @@ def compare(expected: list[tuple[str, dict[str, Any]]],
 
 # SecantusDB puts ok before writeErrors in an insert's reply; mongod after. The branch
 # port, which builds the reply, is held to mongod's order; the main port forwards.
-_GAPS = {"insert": "SecantusDB orders an insert reply n, ok, writeErrors; mongod puts ok last"}
+_GAPS = {"insert": "SecantusDB orders an insert reply n, ok, writeErrors; mongod puts ok last",
+         "write_concern_errors": "SecantusDB orders an insert reply n, ok, writeErrors; "
+                                 "mongod puts ok last"}
 
 
 @pytest.mark.parametrize("case", [
@@ -430,9 +456,16 @@ def test_admin_replies_have_mongod_conventions(world: World) -> None:
             client[world.branch.db].items.update_one({"_id": 1}, {"$set": {"s": "changed"}})
         on_main = run_case(world.main, admin)
         on_branch = run_case(branch_port, admin)
+        upstream = world.upstream.session()
+        try:
+            gossip = [key for key in GOSSIP if key in upstream({"ping": 1}, db="admin")]
+        finally:
+            upstream.close()
         problems = []
         for name, reply in [*on_main, *on_branch]:
             problems += [f"{name}: {p}" for p in convention_problems(reply)]
+            # As mongos: the upstream's cluster time on every reply, built here or not.
+            problems += [f"{name}: no {key}" for key in gossip if key not in reply]
         problems += compare(on_main, on_branch, "branch port vs main port")
         assert not problems, "\n".join(problems)
     finally:
@@ -442,3 +475,19 @@ def test_admin_replies_have_mongod_conventions(world: World) -> None:
             assert not convention_problems(dropped)
         finally:
             session.close()
+
+
+def test_causal_session_on_a_branch_sees_operation_times(world: World) -> None:
+    """pymongo's causally consistent session advances on the operationTime of replies the
+    branch port built, and its next read sends it back as afterClusterTime."""
+    with MongoClient(f"mongodb://127.0.0.1:{world.branch.port}/") as client:
+        coll = client[world.branch.db].w_causal
+        with client.start_session(causal_consistency=True) as session:
+            coll.insert_one({"_id": 1}, session=session)
+            after_insert = session.operation_time
+            assert after_insert is not None
+            assert session.cluster_time is not None
+            coll.update_one({"_id": 1}, {"$set": {"x": 1}}, session=session)
+            assert session.operation_time is not None
+            assert session.operation_time >= after_insert
+            assert coll.find_one({"_id": 1}, session=session) == {"_id": 1, "x": 1}

@@ -104,6 +104,11 @@ _PAUSED_UPSTREAM = 2
 # What the connection is doing.
 _IDLE, _FORWARDING, _TASK = 0, 1, 2
 
+# Cluster-time gossip: a reply field pair the server appends after ok.
+_GOSSIP = ("$clusterTime", "operationTime")
+# The latest pair decoded on any connection, for one that has not talked to the upstream.
+_latest_gossip: dict[str, Any] = {}
+
 
 def host_unreachable(message: str, command: dict[str, Any] | None = None) -> dict[str, Any]:
     """The reply when the upstream cannot be reached, labelled as mongos labels it."""
@@ -169,6 +174,7 @@ class ClientConnection(MessageProtocol):
         self.app_name: str | None = None
         self.user: str | None = None
         self.client_metadata: dict[str, Any] | None = None
+        self._gossip: dict[str, Any] = {}
         self.compressors: list[str] = []
         self.peer = "?"
         self.transport: Any = None
@@ -201,10 +207,20 @@ class ClientConnection(MessageProtocol):
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         await self._ensure_upstream()
         try:
-            return await self.upstream.command(db, body)
+            reply = await self.upstream.command(db, body)
         except UpstreamUnavailable:
             metrics.UPSTREAM_ERRORS.inc()
             raise
+        if "operationTime" in reply or "$clusterTime" in reply:
+            gossip = {key: reply[key] for key in _GOSSIP if key in reply}
+            self._gossip = gossip
+            _latest_gossip.clear()
+            _latest_gossip.update(gossip)
+        return reply
+
+    @property
+    def gossip(self) -> dict[str, Any]:
+        return self._gossip or _latest_gossip
 
     async def _ensure_upstream(self, hello: dict[str, Any] | None = None, *,
                                client_auth: bool = False) -> dict[str, Any] | None:
