@@ -61,6 +61,7 @@ class ServeOptions:
     config_path: str | None = None
     default_mode: str | None = None
     allow_wal: bool | None = None
+    legacy_op_query: bool | None = None
 
 
 class BranchPorts:
@@ -75,7 +76,8 @@ class BranchPorts:
         assert self.proxy.upstream is not None and self.proxy.engine is not None
         listener = Listener(f"branch:{branch.name}", self.host, branch.port,
                             upstream=self.proxy.upstream, topology=self.proxy.topology,
-                            router=EngineRouter(self.proxy.engine, branch.name))
+                            router=EngineRouter(self.proxy.engine, branch.name),
+                            legacy_op_query=self.proxy.engine.config.legacy_op_query.value)
         await listener.start()
         self.listeners[branch.name] = listener
 
@@ -134,7 +136,8 @@ class Proxy:
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
                              host=host)
         self.engine.config = Config.load(opts.config_path, flags={
-            "default_mode": opts.default_mode, "allow_wal": opts.allow_wal})
+            "default_mode": opts.default_mode, "allow_wal": opts.allow_wal,
+            "legacy_op_query": opts.legacy_op_query})
         self.ports = BranchPorts(self, host)
         self.engine.ports = self.ports
         if not await self._start_engine():
@@ -143,7 +146,8 @@ class Proxy:
             self._gc_task = asyncio.create_task(self._periodic_gc(
                 gc.parse_duration(opts.gc_retention), opts.gc_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
-                             topology=self.topology, router=EngineRouter(self.engine, None))
+                             topology=self.topology, router=EngineRouter(self.engine, None),
+                             legacy_op_query=self.engine.config.legacy_op_query.value)
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy)

@@ -106,3 +106,12 @@ def test_go_driver(go_smoke: Path, ports: dict[str, str], port: str) -> None:
     _check_smoke(out)
     if port == "main":
         assert out["txn"] == 1
+
+
+@pytest.mark.parametrize("port", ["main", "branch"])
+def test_java_driver(java_smoke: str, ports: dict[str, str], port: str) -> None:
+    db = unique("java").replace("-", "_")
+    out = _json_line(_run(["java", "-cp", java_smoke, "Smoke", ports[port], db], timeout=180),
+                     "the Java program")
+    _check_smoke(out)
+    assert isinstance(out["version"], str) and out["version"]

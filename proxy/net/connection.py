@@ -157,8 +157,11 @@ class ClientConnection(MessageProtocol):
         stopping: asyncio.Event,
         on_closed: Callable[[ClientConnection], None] | None = None,
         fast_names: dict[bytes, str] | None = None,
+        legacy_op_query: bool = True,
     ):
         super().__init__(topology.info.max_message_size_bytes)
+        # Legacy OP_QUERY commands are translated to OP_MSG; off: refused, as mongod 6.0+.
+        self.legacy_op_query = legacy_op_query
         self.router = router
         self.topology = topology
         self.listener = listener
@@ -725,9 +728,14 @@ class ClientConnection(MessageProtocol):
         name = next(iter(cmd), "")
         count_request(name)
         flags = 0
-        if query.collection.endswith(".$cmd") and name in handshake.HELLO_NAMES:
+        body = legacy.command_body(query)
+        if body is not None and name in handshake.HELLO_NAMES:
             reply = await self._hello(cmd)
-        elif query.collection.endswith(".$cmd"):
+        elif body is not None and self.legacy_op_query and name:
+            # Older drivers (Java 3.6 runs buildinfo and authenticates this way): served
+            # as the same command over OP_MSG would be, answered in an OP_REPLY.
+            reply = await self._legacy_command(body)
+        elif body is not None:
             # As mongod 6.0+: only the handshake may still use OP_QUERY.
             message = (f"Unsupported OP_QUERY command: {name}. The client driver may require an "
                        f"upgrade. mongobranch only accepts hello and isMaster over OP_QUERY.")
@@ -745,6 +753,25 @@ class ClientConnection(MessageProtocol):
         HOT.bytes_out += len(data)
         if not self._closing:
             self.transport.write(data)
+
+    async def _legacy_command(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A legacy OP_QUERY command, run as an OP_MSG: routed like one, else sent to the
+        upstream (which may no longer speak OP_QUERY) as one."""
+        name = next(iter(body))
+        if self.router.wants(name):
+            routed = await self._routed(opmsg.OpMsg(0, body))
+            if routed is not None:
+                return routed
+        if name in _CLIENT_AUTH:
+            self._note_user(body)
+        try:
+            if not self.upstream.connected:
+                await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
+            db = body.pop("$db")
+            return await self.upstream_command(db, body)
+        except UpstreamUnavailable as exc:
+            self.upstream.close()
+            return host_unreachable(str(exc), body)
 
 
 def decode_reply(frame: Frame) -> dict[str, Any]:
