@@ -149,11 +149,15 @@ def seed(db: Any) -> None:
          "sub": {"a": i}, "when": datetime.datetime(2026, 1, 1 + i)} for i in range(10)])
     db.items.create_index("n")
     db.other.insert_one({"_id": 1})
+    db.refilled.insert_many(REFILLED)
     for name in WRITE_COLLS:
         db[name].insert_many([{"_id": i, "u": f"u{i}", "n": i} for i in range(10)])
         db[name].create_index("u", unique=True)
 
 
+# Dropped and refilled on the branch, which then owns it outright: its reads run in place,
+# the proxy holding their cursors under the user's namespace.
+REFILLED = [{"_id": i, "n": i % 4, "big": Int64(i)} for i in range(10)]
 WRITE_COLLS = ("w_insert", "w_update", "w_delete", "w_fam", "w_merge", "w_wc")
 
 
@@ -180,6 +184,8 @@ def world(proxy: ProxyProcess, direct: MongoClient) -> Iterator[World]:
             db.items.update_one({"_id": 0}, {"$set": {"s": "s0"}})
             db.other.update_one({"_id": 1}, {"$set": {"x": None}})
             db.fresh.insert_one({"_id": 1})
+            db.refilled.drop()
+            db.refilled.insert_many(REFILLED)
             for name in WRITE_COLLS:
                 db[name].update_one({"_id": 9}, {"$set": {"n": 9}})
         for t in "UM":
@@ -242,6 +248,20 @@ def find_empty(run: Session) -> None:
 def find_projection(run: Session) -> None:
     run.drain(run({"find": "items", "projection": {"big": 1, "when": 1}, "sort": {"_id": 1},
                    "batchSize": 4}), "items", 4)
+
+
+def owned_collection(run: Session) -> None:
+    run.drain(run({"find": "refilled", "sort": {"_id": 1}, "batchSize": 3}), "refilled", 3)
+    run.drain(run({"find": "refilled", "filter": {"n": {"$gt": 0}}, "batchSize": 4}),
+              "refilled", 4)
+    run.drain(run({"aggregate": "refilled", "pipeline": [{"$sort": {"_id": -1}}],
+                   "cursor": {"batchSize": 3}}), "refilled", 3)
+    first = run({"aggregate": "refilled", "pipeline": [], "cursor": {"batchSize": 2}})
+    run({"killCursors": "refilled", "cursors": [first["cursor"]["id"]]})
+    run({"count": "refilled", "query": {"n": 1}})
+    run({"distinct": "refilled", "key": "n"})
+    run({"listIndexes": "refilled"})
+    run({"listCollections": 1, "filter": {"name": "refilled"}})
 
 
 def aggregate_batches(run: Session) -> None:
@@ -353,7 +373,8 @@ def errors(run: Session) -> None:
 
 CASES: dict[str, Case] = {f.__name__: f for f in (
     find_single_batch, find_batches, find_unsorted_batches, find_limit,
-    find_single_batch_flag, find_points, find_empty, find_projection, aggregate_batches,
+    find_single_batch_flag, find_points, find_empty, find_projection, owned_collection,
+    aggregate_batches,
     aggregate_group, aggregate_merge, kill_cursors, list_collections, list_indexes, count,
     distinct, insert, update, delete, find_and_modify, write_concern_errors, errors)}
 
