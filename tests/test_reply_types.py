@@ -158,7 +158,7 @@ def seed(db: Any) -> None:
 # Dropped and refilled on the branch, which then owns it outright: its reads run in place,
 # the proxy holding their cursors under the user's namespace.
 REFILLED = [{"_id": i, "n": i % 4, "big": Int64(i)} for i in range(10)]
-WRITE_COLLS = ("w_insert", "w_update", "w_delete", "w_fam", "w_merge", "w_wc")
+WRITE_COLLS = ("w_insert", "w_update", "w_delete", "w_fam", "w_merge", "w_wc", "w_dup")
 
 
 @dataclass
@@ -512,3 +512,27 @@ def test_causal_session_on_a_branch_sees_operation_times(world: World) -> None:
             assert session.operation_time is not None
             assert session.operation_time >= after_insert
             assert coll.find_one({"_id": 1}, session=session) == {"_id": 1, "x": 1}
+
+
+@pytest.mark.parametrize("value", ["u1", None, 7])
+def test_duplicate_key_messages_read_as_the_upstreams(world: World, value: Any) -> None:
+    """The branch enforces unique secondary keys across base and branch itself; its
+    message prints the key as the server does (strings quoted, null, numbers)."""
+    messages = []
+    for target in (world.upstream, world.branch):
+        session = target.session()
+        try:
+            # Key u "u1" exists in the base; null and 7 are inserted first, then again.
+            first = {"_id": f"first-{value}", "u": value}
+            if value is not None and value != "u1":
+                assert session({"insert": "w_dup", "documents": [first]})["n"] == 1
+            elif value is None:
+                session({"insert": "w_dup", "documents": [{"_id": "no-u"}]})
+            doc = {"_id": f"again-{value}"} if value is None else {"_id": f"again-{value}",
+                                                                   "u": value}
+            reply = session({"insert": "w_dup", "documents": [doc]})
+        finally:
+            session.close()
+        (error,) = reply["writeErrors"]
+        messages.append(error["errmsg"].replace(target.db, "DB"))
+    assert messages[1] == messages[0]
