@@ -67,6 +67,7 @@ class ServeOptions:
     # The host branch URIs name (the --listen host when None): a proxy listening on
     # 0.0.0.0 hands out URIs its clients can resolve.
     advertise_host: str | None = None
+    legacy_op_query: bool | None = None
 
 
 class BranchPorts:
@@ -82,7 +83,8 @@ class BranchPorts:
         listener = Listener(f"branch:{branch.name}", self.host, branch.port,
                             upstream=self.proxy.upstream, topology=self.proxy.topology,
                             router=EngineRouter(self.proxy.engine, branch.name),
-                            stats=metrics.BRANCHES.acquire(branch.name))
+                            stats=metrics.BRANCHES.acquire(branch.name),
+                            legacy_op_query=self.proxy.engine.config.legacy_op_query.value)
         try:
             await listener.start()
         except OSError:
@@ -147,7 +149,8 @@ class Proxy:
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
                              host=opts.advertise_host or host)
         self.engine.config = Config.load(opts.config_path, flags={
-            "default_mode": opts.default_mode, "allow_wal": opts.allow_wal})
+            "default_mode": opts.default_mode, "allow_wal": opts.allow_wal,
+            "legacy_op_query": opts.legacy_op_query})
         self.ports = BranchPorts(self, host)
         self.engine.ports = self.ports
         if not await self._start_engine():
@@ -157,7 +160,8 @@ class Proxy:
                 gc.parse_duration(opts.gc_retention), opts.gc_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
                              topology=self.topology, router=EngineRouter(self.engine, None),
-                             stats=metrics.BRANCHES.main)
+                             stats=metrics.BRANCHES.main,
+                             legacy_op_query=self.engine.config.legacy_op_query.value)
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy)

@@ -104,6 +104,11 @@ _PAUSED_UPSTREAM = 2
 # What the connection is doing.
 _IDLE, _FORWARDING, _TASK = 0, 1, 2
 
+# Cluster-time gossip: a reply field pair the server appends after ok.
+_GOSSIP = ("$clusterTime", "operationTime")
+# The latest pair decoded on any connection, for one that has not talked to the upstream.
+_latest_gossip: dict[str, Any] = {}
+
 
 def host_unreachable(message: str, command: dict[str, Any] | None = None) -> dict[str, Any]:
     """The reply when the upstream cannot be reached, labelled as mongos labels it."""
@@ -153,8 +158,11 @@ class ClientConnection(MessageProtocol):
         on_closed: Callable[[ClientConnection], None] | None = None,
         fast_names: dict[bytes, str] | None = None,
         stats: PortStats | None = None,
+        legacy_op_query: bool = True,
     ):
         super().__init__(topology.info.max_message_size_bytes)
+        # Legacy OP_QUERY commands are translated to OP_MSG; off: refused, as mongod 6.0+.
+        self.legacy_op_query = legacy_op_query
         self.router = router
         self.topology = topology
         self.listener = listener
@@ -170,6 +178,7 @@ class ClientConnection(MessageProtocol):
         self.app_name: str | None = None
         self.user: str | None = None
         self.client_metadata: dict[str, Any] | None = None
+        self._gossip: dict[str, Any] = {}
         self.compressors: list[str] = []
         self.peer = "?"
         self.transport: Any = None
@@ -204,10 +213,20 @@ class ClientConnection(MessageProtocol):
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         await self._ensure_upstream()
         try:
-            return await self.upstream.command(db, body)
+            reply = await self.upstream.command(db, body)
         except UpstreamUnavailable:
             metrics.UPSTREAM_ERRORS.inc()
             raise
+        if "operationTime" in reply or "$clusterTime" in reply:
+            gossip = {key: reply[key] for key in _GOSSIP if key in reply}
+            self._gossip = gossip
+            _latest_gossip.clear()
+            _latest_gossip.update(gossip)
+        return reply
+
+    @property
+    def gossip(self) -> dict[str, Any]:
+        return self._gossip or _latest_gossip
 
     async def _ensure_upstream(self, hello: dict[str, Any] | None = None, *,
                                client_auth: bool = False) -> dict[str, Any] | None:
@@ -722,9 +741,14 @@ class ClientConnection(MessageProtocol):
         name = next(iter(cmd), "")
         count_request(name)
         flags = 0
-        if query.collection.endswith(".$cmd") and name in handshake.HELLO_NAMES:
+        body = legacy.command_body(query)
+        if body is not None and name in handshake.HELLO_NAMES:
             reply = await self._hello(cmd)
-        elif query.collection.endswith(".$cmd"):
+        elif body is not None and self.legacy_op_query and name:
+            # Older drivers (Java 3.6 runs buildinfo and authenticates this way): served
+            # as the same command over OP_MSG would be, answered in an OP_REPLY.
+            reply = await self._legacy_command(body)
+        elif body is not None:
             # As mongod 6.0+: only the handshake may still use OP_QUERY.
             message = (f"Unsupported OP_QUERY command: {name}. The client driver may require an "
                        f"upgrade. mongobranch only accepts hello and isMaster over OP_QUERY.")
@@ -743,3 +767,21 @@ class ClientConnection(MessageProtocol):
         if not self._closing:
             self.transport.write(data)
 
+    async def _legacy_command(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A legacy OP_QUERY command, run as an OP_MSG: routed like one, else sent to the
+        upstream (which may no longer speak OP_QUERY) as one."""
+        name = next(iter(body))
+        if self.router.wants(name):
+            routed = await self._routed(opmsg.OpMsg(0, body))
+            if routed is not None:
+                return routed
+        if name in _CLIENT_AUTH:
+            self._note_user(body)
+        try:
+            if not self.upstream.connected:
+                await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
+            db = body.pop("$db")
+            return await self.upstream_command(db, body)
+        except UpstreamUnavailable as exc:
+            self.upstream.close()
+            return host_unreachable(str(exc), body)

@@ -39,6 +39,7 @@ class Writer:
         self.changes: list[Change] = []
         self.wc_error: dict[str, Any] | None = None
         self.write_concern = req.cmd.get("writeConcern")
+        self.wc_sent = False
 
     @property
     def layers(self) -> list[NsState]:
@@ -49,6 +50,7 @@ class Writer:
         if self.write_concern is not None and next(iter(cmd)) in (
                 "insert", "update", "delete", "findAndModify"):
             cmd["writeConcern"] = self.write_concern
+            self.wc_sent = True
         reply = await self.req.run.reply(self.req.db, cmd)
         if "writeConcernError" in reply:
             self.wc_error = reply["writeConcernError"]
@@ -313,6 +315,11 @@ def _point(req: Request, coll: str, stmts: list[Any]) -> Hashable | None:
 
 
 async def finish(req: Request, writer: Writer, reply: dict[str, Any]) -> dict[str, Any]:
+    if writer.write_concern is not None and not writer.wc_sent:
+        # Every statement failed before reaching the overlay. mongod still waits for the
+        # client's write concern and reports a writeConcernError: so does a no-op write.
+        await writer.run({"delete": writer.state.hidden,
+                          "deletes": [{"q": {"_id": {"$in": []}}, "limit": 1}]})
     if writer.wc_error is not None:
         reply["writeConcernError"] = writer.wc_error
     await req.engine.log_changes(req.on_branch, writer.changes, req.client(), _txn(req), reply)
