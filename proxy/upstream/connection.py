@@ -427,9 +427,12 @@ class UpstreamConnection:
         if proto is not self._proto:
             return
         forwarding = proto.sink is not None
+        # Only a connection lost in the middle of a request says something about the
+        # server: one it closed while idle (SecantusDB does after 300 s) does not.
+        busy = forwarding or self._lock.locked() or self._waiter is not None
         address = self.address
         self.close()
-        if address is not None and self.config.topology is not None:
+        if busy and address is not None and self.config.topology is not None:
             self.config.topology.report(address, None)
         self._error = reason
         if forwarding and self.owner is not None:
