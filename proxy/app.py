@@ -12,6 +12,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous import uri_parser as async_uri_parser
+from pymongo.errors import ConfigurationError
 
 from proxy import metrics
 from proxy.admin import branches as branch_routes
@@ -78,6 +79,18 @@ async def connect_upstream(
     parsing of `uri`: seed lists, `replicaSet` and `mongodb+srv://` (SRV and TXT records)
     are discovered and monitored by that client, whose topology tells every raw
     connection where the primary is."""
+    try:
+        return await _connect_upstream(uri)
+    except (ConfigurationError, ValueError, OSError) as exc:
+        raise UpstreamConfigError(f"--upstream: {exc}") from exc
+
+
+class UpstreamConfigError(Exception):
+    """The upstream URI cannot be used (bad option, unreadable file, SRV lookup failed)."""
+
+
+async def _connect_upstream(
+        uri: str) -> tuple[AsyncMongoClient[dict[str, Any]], UpstreamConfig]:
     parsed = await async_uri_parser.parse_uri(uri)
     given = {key.lower() for key in parsed["options"]}
     defaults: dict[str, Any] = {}
@@ -264,7 +277,11 @@ async def serve(options: ServeOptions) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await proxy.start()
+        try:
+            await proxy.start()
+        except UpstreamConfigError as exc:
+            log.error("%s", exc)
+            return 2
         log.info("mongobranch ready: main port %s, admin http://%s", options.listen, options.admin)
         await stop.wait()
         log.info("shutting down")

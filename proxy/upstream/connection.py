@@ -177,7 +177,7 @@ class _UpstreamProtocol(MessageProtocol):
         if (sink is not None and not self._buf and len(data) >= HEADER_SIZE
                 and _LENGTH.unpack_from(data)[0] == len(data)):
             conn = self.conn
-            if len(data) <= _STATE_CHANGE_MAX and conn is not None:
+            if conn is not None and (len(data) <= _STATE_CHANGE_MAX or conn._retiring):
                 data = conn._before_reply(data)
             sink(data)
         else:
@@ -186,7 +186,7 @@ class _UpstreamProtocol(MessageProtocol):
     def message_received(self, msg: bytes) -> None:
         sink = self.sink
         conn = self.conn
-        if len(msg) <= _STATE_CHANGE_MAX and conn is not None:
+        if conn is not None and (len(msg) <= _STATE_CHANGE_MAX or conn._retiring):
             msg = conn._before_reply(msg)
         if sink is not None:
             sink(msg)
@@ -398,12 +398,11 @@ class UpstreamConnection:
         so that whatever the reply sets off next opens a connection to the new primary;
         the reply itself is still delivered, with the labels that make the client's driver
         retry it (as mongos labels a shard's state-change errors)."""
-        if self._retiring and not (msg[12:16] == _OP_MSG_BYTES and len(msg) > HEADER_SIZE
-                                   and msg[16] & opmsg.MORE_TO_COME):
-            self.close()
-            return msg
         change = state_change(msg)
         if change is None or self.address is None:
+            if self._retiring and not (msg[12:16] == _OP_MSG_BYTES and len(msg) > HEADER_SIZE
+                                       and msg[16] & opmsg.MORE_TO_COME):
+                self.close()
             return msg
         address = self.address
         self.close()
