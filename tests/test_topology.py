@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from bson import Int64
-from pymongo import MongoClient
+from pymongo import MongoClient, monitoring
 from pymongo.errors import PyMongoError
 
 from tests.servers import ProxyProcess, Secantus, free_port
@@ -248,6 +248,23 @@ def admin(rs_node: Secantus) -> Iterator[MongoClient]:
     client.close()
 
 
+class _Failures(monitoring.CommandListener):
+    """The commands a client saw fail (its driver retried them): proof that a failpoint
+    armed for this client's appName did fire."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self.names.append(event.command_name)
+
+
 def _fail_next(admin: MongoClient, commands: list[str], **data: object) -> None:
     admin.admin.command("configureFailPoint", "failCommand", mode={"times": 1},
                         data={"failCommands": commands, **data})
@@ -264,32 +281,44 @@ def test_not_writable_primary_is_labelled_retried_and_applied_once(
         rs_proxy: ProxyProcess, admin: MongoClient) -> None:
     """A state-change error (the failpoint's, which SecantusDB labels as mongod does)
     retires the connection; the driver's retry runs on a new one, and applies once."""
-    with MongoClient(rs_proxy.uri, serverSelectionTimeoutMS=20000) as client:
+    app = "topo-nwp"
+    seen = _Failures()
+    with MongoClient(rs_proxy.uri, appname=app, serverSelectionTimeoutMS=20000,
+                     event_listeners=[seen]) as client:
         coll = client.elect.nwp
         coll.insert_one({"_id": 0})
-        _fail_next(admin, ["insert"], errorCode=10107)
+        _fail_next(admin, ["insert"], errorCode=10107, appName=app)
         coll.insert_one({"_id": 1})
         assert coll.count_documents({}) == 2
-        _fail_next(admin, ["update"], errorCode=189)
+        _fail_next(admin, ["update"], errorCode=189, appName=app)
         coll.update_one({"_id": 1}, {"$inc": {"n": 1}})
         assert coll.find_one({"_id": 1}) == {"_id": 1, "n": 1}
-        _fail_next(admin, ["aggregate"], errorCode=11602)
+        _fail_next(admin, ["aggregate"], errorCode=11602, appName=app)
         assert coll.count_documents({}) == 2  # a retryable read
+    assert seen.names == ["insert", "update", "aggregate"]
 
 
 @pytest.mark.parametrize("port", ["main", "branch"])
 def test_closed_connection_is_retried_and_applied_once(
         rs_proxy: ProxyProcess, admin: MongoClient, port: str) -> None:
+    """The failpoint is limited to this client's appName, which the proxy passes on in
+    the handshake of the client's upstream connection: on a branch port it cuts the
+    command the proxy runs there, never the engine's own pooled writes (whose
+    interplay with a cut overlay write is the branch write path's gap, README)."""
     uri = dict(zip(["main", "branch"], _ports(rs_proxy, f"close-{port}"), strict=True))[port]
-    with MongoClient(uri, serverSelectionTimeoutMS=20000) as client:
+    app = f"topo-close-{port}"
+    seen = _Failures()
+    with MongoClient(uri, appname=app, serverSelectionTimeoutMS=20000,
+                     event_listeners=[seen]) as client:
         coll = client.elect[f"close_{port}"]
         coll.insert_one({"_id": 0})
-        _fail_next(admin, ["insert"], closeConnection=True)
+        _fail_next(admin, ["insert"], closeConnection=True, appName=app)
         coll.insert_one({"_id": 1})
-        _fail_next(admin, ["update"], closeConnection=True)
+        _fail_next(admin, ["update"], closeConnection=True, appName=app)
         coll.update_one({"_id": 1}, {"$inc": {"n": 1}})
         assert coll.count_documents({}) == 2
         assert coll.find_one({"_id": 1}) == {"_id": 1, "n": 1}
+    assert seen.names == ["insert", "update"]
 
 
 @pytest.mark.parametrize("port", ["main", "branch"])
