@@ -29,6 +29,8 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from pymongo.errors import ConnectionFailure, NotPrimaryError, OperationFailure, PyMongoError
+
 from proxy import metrics
 from proxy.metrics import HOT, LATENCY_BUCKETS, PortStats, count_request, observe_latency
 from proxy.net import handshake
@@ -39,6 +41,7 @@ from proxy.upstream.connection import (
     UpstreamUnavailable,
     next_request_id,
 )
+from proxy.upstream.topology import STATE_CHANGE_CODES
 from proxy.wire import compression, legacy, opmsg
 from proxy.wire.bsonutil import SKIM_ELEMENTS, SKIM_OPTIONS, check_document, decode, first_key
 from proxy.wire.errors import CommandError, ProtocolError
@@ -120,6 +123,27 @@ def host_unreachable(message: str, command: dict[str, Any] | None = None) -> dic
     return reply
 
 
+def upstream_state_error(exc: PyMongoError, command: dict[str, Any]) -> dict[str, Any] | None:
+    """The reply for an engine operation that the upstream's election or loss cut short
+    (the engine's client could not finish it): the state-change code, or
+    HostUnreachable, labelled so that the client's driver retries. None for any other
+    error."""
+    details = getattr(exc, "details", None)
+    details = details if isinstance(details, dict) else {}
+    code = details.get("code", 10107 if isinstance(exc, NotPrimaryError) else None)
+    if isinstance(exc, (NotPrimaryError, OperationFailure)) and code in STATE_CHANGE_CODES:
+        reply: dict[str, Any] = {"ok": 0.0, "errmsg": str(details.get("errmsg", exc)),
+                                 "code": code,
+                                 "codeName": details.get("codeName", "NotWritablePrimary")}
+        labels = error_labels(command)
+        if labels:
+            reply["errorLabels"] = labels
+        return reply
+    if isinstance(exc, ConnectionFailure):
+        return host_unreachable(f"upstream unavailable: {exc}", command)
+    return None
+
+
 def error_labels(command: dict[str, Any]) -> list[str]:
     """Labels for a network-class error, so drivers retry what is safe to retry."""
     name = next(iter(command), "")
@@ -180,6 +204,9 @@ class ClientConnection(MessageProtocol):
         self.client_metadata: dict[str, Any] | None = None
         self._gossip: dict[str, Any] = {}
         self.compressors: list[str] = []
+        # The client authenticated itself on its upstream connection: a new upstream
+        # connection (after an election) would not carry that identity.
+        self._client_authenticated = False
         self.peer = "?"
         self.transport: Any = None
         self._gauge = metrics.OPEN_CONNECTIONS.labels(listener)
@@ -238,6 +265,10 @@ class ClientConnection(MessageProtocol):
         """
         if self.upstream.connected:
             return None
+        if self._client_authenticated and not client_auth:
+            # The upstream moved (an election) under a client that authenticated itself:
+            # a network error makes its driver reconnect and authenticate again there.
+            raise ConnectionError("the upstream connection moved; the client reconnects")
         first = hello or handshake.upstream_hello({"client": self.client_metadata}
                                                   if self.client_metadata else {})
         try:
@@ -340,6 +371,10 @@ class ClientConnection(MessageProtocol):
         if self._state != _FORWARDING:
             return
         metrics.UPSTREAM_ERRORS.inc()
+        if self._client_authenticated:
+            self._close()  # a network error: the driver retries on a new connection
+            self._forward_done()
+            return
         msg = self._req_msg
         body = msg[_BODY_AT:] if self._req_body is None else self._req_body
         reply = host_unreachable(reason, _decoded_or_none(body))
@@ -347,6 +382,11 @@ class ClientConnection(MessageProtocol):
                             response_to=HEADER.unpack_from(msg)[1])
         self._write(frame, self._req_compressor, self._req_name)
         self._forward_done()
+
+    def retry_labels(self) -> list[str]:
+        body = self._req_msg[_BODY_AT:] if self._req_body is None else self._req_body
+        command = _decoded_or_none(body) if body else None
+        return error_labels(command) if command is not None else []
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
@@ -625,6 +665,7 @@ class ClientConnection(MessageProtocol):
                 sections.validate()
                 if name in _CLIENT_AUTH:
                     self._note_user(decode(sections.body))
+                    self._client_authenticated = True
                 await self._forward(frame, compressor, name, flags, sections.body)
                 return
             if not flags & opmsg.MORE_TO_COME:
@@ -650,22 +691,39 @@ class ClientConnection(MessageProtocol):
 
     async def _routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | None:
         try:
-            return await self.router.handle(self, msg)
+            reply = await self.router.handle(self, msg)
         except CommandError as exc:
-            return exc.to_reply()
+            reply = exc.to_reply()
         except UpstreamUnavailable as exc:
             return host_unreachable(str(exc), msg.body)
-        except ProtocolError:
+        except (ProtocolError, ConnectionError):
             raise
+        except PyMongoError as exc:
+            failed = upstream_state_error(exc, msg.body)
+            if failed is None:
+                return self._internal_error(msg, exc)
+            return failed
         except Exception as exc:
-            log.exception("command %s failed on connection %d", next(iter(msg.body), "?"),
-                          self.connection_id)
-            return {"ok": 0.0, "errmsg": f"mongobranch internal error: {exc!r}", "code": 1,
-                    "codeName": "InternalError"}
+            return self._internal_error(msg, exc)
+        if reply is not None and not reply.get("ok") and reply.get("code") in STATE_CHANGE_CODES:
+            # An election cut the command short: labelled as mongos labels it.
+            labels = error_labels(msg.body)
+            have = reply.get("errorLabels")
+            have = list(have) if isinstance(have, list) else []
+            if labels:
+                reply["errorLabels"] = have + [lb for lb in labels if lb not in have]
+        return reply
+
+    def _internal_error(self, msg: opmsg.OpMsg, exc: Exception) -> dict[str, Any]:
+        log.error("command %s failed on connection %d", next(iter(msg.body), "?"),
+                  self.connection_id, exc_info=exc)
+        return {"ok": 0.0, "errmsg": f"mongobranch internal error: {exc!r}", "code": 1,
+                "codeName": "InternalError"}
 
     async def _forward(self, frame: Frame, compressor: int | None, name: str, flags: int,
                        body: bytes) -> None:
         """Forward from a task: connect first if needed, then wait for the replies."""
+        self._req_body = body  # for retry_labels
         try:
             if not self.upstream.connected:
                 await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
@@ -684,6 +742,8 @@ class ClientConnection(MessageProtocol):
             if not flags & opmsg.MORE_TO_COME:
                 self._reply(host_unreachable(str(exc), _decoded_or_none(body)), frame,
                             compressor, name)
+        finally:
+            self._req_body = None
 
     # -- handshake ----------------------------------------------------------------
     async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -704,6 +764,7 @@ class ClientConnection(MessageProtocol):
         if any(key in request for key in handshake.UPSTREAM_FIELDS):
             if isinstance(request.get("speculativeAuthenticate"), dict):
                 self._note_user(request["speculativeAuthenticate"])
+                self._client_authenticated = True
             upstream_hello = handshake.upstream_hello(request)
             try:
                 if self.upstream.connected:
