@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
@@ -35,6 +36,16 @@ def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, in
     return (host or default_host).strip("[]"), int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listening address accepts connections from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
 def parse_range(value: str) -> tuple[int, int]:
     lo, sep, hi = value.partition("-")
     if not sep:
@@ -61,6 +72,9 @@ class ServeOptions:
     config_path: str | None = None
     default_mode: str | None = None
     allow_wal: bool | None = None
+    # Whether clients that do not authenticate run as the --upstream URI's user; None:
+    # only when the listening address is loopback-only.
+    anonymous_as_uri_user: bool | None = None
 
 
 class BranchPorts:
@@ -75,7 +89,8 @@ class BranchPorts:
         assert self.proxy.upstream is not None and self.proxy.engine is not None
         listener = Listener(f"branch:{branch.name}", self.host, branch.port,
                             upstream=self.proxy.upstream, topology=self.proxy.topology,
-                            router=EngineRouter(self.proxy.engine, branch.name))
+                            router=EngineRouter(self.proxy.engine, branch.name),
+                            anonymous_as_uri_user=self.proxy.anonymous_as_uri_user)
         await listener.start()
         self.listeners[branch.name] = listener
 
@@ -106,6 +121,7 @@ class Proxy:
         self._gc_task: asyncio.Task[None] | None = None
         self.admin_runner: object | None = None
         self.admin_port = 0
+        self.anonymous_as_uri_user = False
 
     async def start(self) -> None:
         opts = self.options
@@ -121,6 +137,7 @@ class Proxy:
                         self.upstream.address)
         self.monitor.start()
         host, port = parse_hostport(opts.listen)
+        self.anonymous_as_uri_user = self._anonymous_policy(host)
         self.meta_client = AsyncMongoClient(
             # Fail fast while the upstream is down: the admin API answers 503 within seconds.
             uri, directConnection=True, appname="mongobranch-engine", tz_aware=False,
@@ -143,7 +160,8 @@ class Proxy:
             self._gc_task = asyncio.create_task(self._periodic_gc(
                 gc.parse_duration(opts.gc_retention), opts.gc_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
-                             topology=self.topology, router=EngineRouter(self.engine, None))
+                             topology=self.topology, router=EngineRouter(self.engine, None),
+                             anonymous_as_uri_user=self.anonymous_as_uri_user)
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy)
@@ -152,6 +170,23 @@ class Proxy:
         runner = await http.start(app, ahost, aport)
         self.admin_runner = runner
         self.admin_port = aport or runner.addresses[0][1]
+
+    def _anonymous_policy(self, host: str) -> bool:
+        """Whether clients that do not authenticate get the URI user's privileges: the
+        operator's explicit choice, else yes only on a loopback-only listener."""
+        assert self.upstream is not None
+        choice = self.options.anonymous_as_uri_user
+        if not self.upstream.username:
+            return False  # nothing to lend: anonymous clients are the upstream's to judge
+        if choice is None:
+            choice = is_loopback(host)
+            why = "the listener is loopback-only" if choice else (
+                f"the listener {host} is not loopback-only; --anonymous-as-uri-user lends them")
+        else:
+            why = "--anonymous-as-uri-user" if choice else "--no-anonymous-as-uri-user"
+        log.info("clients that do not authenticate %s the upstream URI user's privileges (%s)",
+                 "get" if choice else "do not get", why)
+        return choice
 
     async def _start_engine(self) -> bool:
         """Load branches and open their ports; the main port serves even when this fails

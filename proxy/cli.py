@@ -54,10 +54,13 @@ def main() -> None:
               help="Run gc periodically with this retention (e.g. 7d).")
 @click.option("--gc-interval", default=3600.0, show_default=True, type=float,
               help="Seconds between periodic gc runs.")
+@click.option("--anonymous-as-uri-user/--no-anonymous-as-uri-user", default=None,
+              help="Whether clients that do not authenticate run with the --upstream URI's "
+                   "credentials [default: only when --listen is a loopback address].")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
               data_dir: str, log_level: str, config_path: str | None,
               default_mode: str | None, allow_wal: bool | None, gc_retention: str | None,
-              gc_interval: float) -> None:
+              gc_interval: float, anonymous_as_uri_user: bool | None) -> None:
     """Run the proxy."""
     from proxy.app import ServeOptions, parse_hostport, parse_range, serve
     from proxy.branching.errors import BranchError
@@ -79,7 +82,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            branch_ports=branch_ports, meta_db=meta_db, data_dir=data_dir,
                            config_path=config_path, default_mode=default_mode,
                            allow_wal=allow_wal, gc_retention=gc_retention,
-                           gc_interval=gc_interval)
+                           gc_interval=gc_interval,
+                           anonymous_as_uri_user=anonymous_as_uri_user)
     sys.exit(_run(serve(options)))
 
 

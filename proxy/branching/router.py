@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from proxy.branching import authz
 from proxy.branching.commands import admin, aggregate, catalog, ddl, read, write
 from proxy.branching.commands.base import Request
 from proxy.branching.engine import Engine
@@ -96,6 +97,8 @@ class EngineRouter:
                     11602, "InterruptedDueToReplStateChange",
                     f"branch {branch.name!r} is migrating to {branch.migrating} mode; retry",
                     errorLabels=["RetryableWriteError"])
+            if name not in ADMIN:
+                authz.check_branch_port(cmd, db, self.engine.meta_db, branch.name)
         handler = self.table.get(name)
         if handler is None:
             raise not_supported(f"command {name!r}", self.branch or "main")

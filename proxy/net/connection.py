@@ -152,8 +152,12 @@ class ClientConnection(MessageProtocol):
         stopping: asyncio.Event,
         on_closed: Callable[[ClientConnection], None] | None = None,
         fast_names: dict[bytes, str] | None = None,
+        anonymous_as_uri_user: bool = True,
     ):
         super().__init__(topology.info.max_message_size_bytes)
+        # Whether a client that does not authenticate itself runs as the URI's user; when
+        # not, its upstream connection stays unauthenticated and the upstream refuses it.
+        self.anonymous_as_uri_user = anonymous_as_uri_user
         self.router = router
         self.topology = topology
         self.listener = listener
@@ -219,7 +223,8 @@ class ClientConnection(MessageProtocol):
         first = hello or handshake.upstream_hello({"client": self.client_metadata}
                                                   if self.client_metadata else {})
         try:
-            return await self.upstream.connect(first, authenticate=not client_auth)
+            return await self.upstream.connect(
+                first, authenticate=self.anonymous_as_uri_user and not client_auth)
         except UpstreamUnavailable:
             metrics.UPSTREAM_ERRORS.inc()
             raise

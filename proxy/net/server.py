@@ -15,13 +15,14 @@ log = logging.getLogger("mongobranch.listener")
 
 class Listener:
     def __init__(self, name: str, host: str, port: int, *, upstream: UpstreamConfig,
-                 topology: Topology, router: Router):
+                 topology: Topology, router: Router, anonymous_as_uri_user: bool = True):
         self.name = name
         self.host = host
         self.port = port
         self.upstream = upstream
         self.topology = topology
         self.router = router
+        self.anonymous_as_uri_user = anonymous_as_uri_user
         self.stopping = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._connections: set[ClientConnection] = set()
@@ -42,7 +43,7 @@ class Listener:
         conn = ClientConnection(
             upstream=self.upstream, topology=self.topology, router=self.router,
             listener=self.name, stopping=self.stopping, on_closed=self._connections.discard,
-            fast_names=self._fast_names,
+            fast_names=self._fast_names, anonymous_as_uri_user=self.anonymous_as_uri_user,
         )
         self._connections.add(conn)
         return conn
