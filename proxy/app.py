@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
@@ -13,8 +12,8 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
+from proxy.admin import auth, http
 from proxy.admin import branches as branch_routes
-from proxy.admin import http
 from proxy.branching import gc
 from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
@@ -34,16 +33,6 @@ def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, in
     if not sep:
         return default_host, int(value)
     return (host or default_host).strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listening address accepts connections from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any interface
 
 
 def parse_range(value: str) -> tuple[int, int]:
@@ -75,6 +64,8 @@ class ServeOptions:
     # Whether clients that do not authenticate run as the --upstream URI's user; None:
     # only when the listening address is loopback-only.
     anonymous_as_uri_user: bool | None = None
+    # Bearer tokens of the admin API: this file, and the MONGOBRANCH_ADMIN_TOKEN* variables.
+    admin_token_file: str | None = None
 
 
 class BranchPorts:
@@ -125,6 +116,12 @@ class Proxy:
 
     async def start(self) -> None:
         opts = self.options
+        tokens = auth.Tokens.load(opts.admin_token_file)
+        ahost, aport = parse_hostport(opts.admin)
+        auth.check_exposure(ahost, aport, tokens)
+        if not tokens:
+            log.warning("the admin API on %s has no token: anyone who can reach it may manage "
+                        "branches (set MONGOBRANCH_ADMIN_TOKEN)", opts.admin)
         uri = opts.upstream
         if not uri:
             self.embedded = EmbeddedServer(Path(opts.data_dir))
@@ -164,9 +161,8 @@ class Proxy:
                              anonymous_as_uri_user=self.anonymous_as_uri_user)
         await self.main.start()
         monitor = self.monitor
-        app = http.build_app(lambda: monitor.healthy)
+        app = http.build_app(lambda: monitor.healthy, tokens)
         branch_routes.add_routes(app, self.engine)
-        ahost, aport = parse_hostport(opts.admin)
         runner = await http.start(app, ahost, aport)
         self.admin_runner = runner
         self.admin_port = aport or runner.addresses[0][1]
@@ -179,7 +175,7 @@ class Proxy:
         if not self.upstream.username:
             return False  # nothing to lend: anonymous clients are the upstream's to judge
         if choice is None:
-            choice = is_loopback(host)
+            choice = auth.is_loopback(host)
             why = "the listener is loopback-only" if choice else (
                 f"the listener {host} is not loopback-only; --anonymous-as-uri-user lends them")
         else:

@@ -54,14 +54,19 @@ def main() -> None:
               help="Run gc periodically with this retention (e.g. 7d).")
 @click.option("--gc-interval", default=3600.0, show_default=True, type=float,
               help="Seconds between periodic gc runs.")
+@click.option("--admin-token-file", default=None, metavar="PATH",
+              help="Bearer tokens of the admin API, one `admin:TOKEN` or `read:TOKEN` a line "
+                   "[env MONGOBRANCH_ADMIN_TOKEN_FILE; also MONGOBRANCH_ADMIN_TOKEN(S)].")
 @click.option("--anonymous-as-uri-user/--no-anonymous-as-uri-user", default=None,
               help="Whether clients that do not authenticate run with the --upstream URI's "
                    "credentials [default: only when --listen is a loopback address].")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
               data_dir: str, log_level: str, config_path: str | None,
               default_mode: str | None, allow_wal: bool | None, gc_retention: str | None,
-              gc_interval: float, anonymous_as_uri_user: bool | None) -> None:
+              gc_interval: float, admin_token_file: str | None,
+              anonymous_as_uri_user: bool | None) -> None:
     """Run the proxy."""
+    from proxy.admin import auth
     from proxy.app import ServeOptions, parse_hostport, parse_range, serve
     from proxy.branching.errors import BranchError
     from proxy.branching.gc import parse_duration
@@ -71,11 +76,15 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         parse_hostport(listen)
-        parse_hostport(admin)
+        admin_host, admin_port = parse_hostport(admin)
+        auth.check_exposure(admin_host, admin_port,
+                            auth.Tokens.load(admin_token_file))
         parse_range(branch_ports)
         Config.load(config_path, flags={"default_mode": default_mode, "allow_wal": allow_wal})
         if gc_retention:
             parse_duration(gc_retention)
+    except auth.TokenError as exc:
+        raise click.UsageError(str(exc)) from exc
     except (ValueError, ConfigError, BranchError) as exc:
         raise click.BadParameter(str(exc)) from exc
     options = ServeOptions(upstream=upstream, listen=listen, admin=admin,
@@ -83,7 +92,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            config_path=config_path, default_mode=default_mode,
                            allow_wal=allow_wal, gc_retention=gc_retention,
                            gc_interval=gc_interval,
-                           anonymous_as_uri_user=anonymous_as_uri_user)
+                           anonymous_as_uri_user=anonymous_as_uri_user,
+                           admin_token_file=admin_token_file)
     sys.exit(_run(serve(options)))
 
 

@@ -9,13 +9,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pymongo.errors import ConnectionFailure
 
+from proxy.admin import auth
 from proxy.metrics import REGISTRY
 
 log = logging.getLogger("mongobranch.admin")
 
 
-def build_app(healthy: Callable[[], bool]) -> web.Application:
-    app = web.Application(middlewares=[_json_errors])
+def build_app(healthy: Callable[[], bool],
+              tokens: auth.Tokens | None = None) -> web.Application:
+    app = web.Application(middlewares=[auth.middleware(tokens or auth.Tokens()), _json_errors])
 
     async def healthz(_request: web.Request) -> web.Response:
         if healthy():
