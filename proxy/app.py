@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from proxy.branching.model import Branch
 from proxy.branching.router import EngineRouter
 from proxy.config import Config
 from proxy.embedded import EmbeddedServer
+from proxy.net import tls
 from proxy.net.handshake import Topology
 from proxy.net.server import Listener
 from proxy.upstream.connection import UpstreamConfig
@@ -66,6 +68,11 @@ class ServeOptions:
     anonymous_as_uri_user: bool | None = None
     # Bearer tokens of the admin API: this file, and the MONGOBRANCH_ADMIN_TOKEN* variables.
     admin_token_file: str | None = None
+    # TLS on the listening side (main, branch ports, admin API); with tls_ca, client
+    # certificates signed by it are required.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
 
 class BranchPorts:
@@ -81,7 +88,8 @@ class BranchPorts:
         listener = Listener(f"branch:{branch.name}", self.host, branch.port,
                             upstream=self.proxy.upstream, topology=self.proxy.topology,
                             router=EngineRouter(self.proxy.engine, branch.name),
-                            anonymous_as_uri_user=self.proxy.anonymous_as_uri_user)
+                            anonymous_as_uri_user=self.proxy.anonymous_as_uri_user,
+                            tls=self.proxy.tls)
         await listener.start()
         self.listeners[branch.name] = listener
 
@@ -113,12 +121,15 @@ class Proxy:
         self.admin_runner: object | None = None
         self.admin_port = 0
         self.anonymous_as_uri_user = False
+        self.tls: ssl.SSLContext | None = None
 
     async def start(self) -> None:
         opts = self.options
         tokens = auth.Tokens.load(opts.admin_token_file)
         ahost, aport = parse_hostport(opts.admin)
         auth.check_exposure(ahost, aport, tokens)
+        if opts.tls_cert:
+            self.tls = tls.server_context(opts.tls_cert, opts.tls_key, opts.tls_ca)
         if not tokens:
             log.warning("the admin API on %s has no token: anyone who can reach it may manage "
                         "branches (set MONGOBRANCH_ADMIN_TOKEN)", opts.admin)
@@ -158,12 +169,12 @@ class Proxy:
                 gc.parse_duration(opts.gc_retention), opts.gc_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
                              topology=self.topology, router=EngineRouter(self.engine, None),
-                             anonymous_as_uri_user=self.anonymous_as_uri_user)
+                             anonymous_as_uri_user=self.anonymous_as_uri_user, tls=self.tls)
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy, tokens)
         branch_routes.add_routes(app, self.engine)
-        runner = await http.start(app, ahost, aport)
+        runner = await http.start(app, ahost, aport, self.tls)
         self.admin_runner = runner
         self.admin_port = aport or runner.addresses[0][1]
 

@@ -57,13 +57,20 @@ def main() -> None:
 @click.option("--admin-token-file", default=None, metavar="PATH",
               help="Bearer tokens of the admin API, one `admin:TOKEN` or `read:TOKEN` a line "
                    "[env MONGOBRANCH_ADMIN_TOKEN_FILE; also MONGOBRANCH_ADMIN_TOKEN(S)].")
+@click.option("--tls-cert", default=None, metavar="PEM",
+              help="Serve TLS on the main and branch ports and the admin API with this "
+                   "certificate (and its key, unless --tls-key).")
+@click.option("--tls-key", default=None, metavar="PEM", help="The certificate's private key.")
+@click.option("--tls-ca", default=None, metavar="PEM",
+              help="Require client certificates signed by this CA.")
 @click.option("--anonymous-as-uri-user/--no-anonymous-as-uri-user", default=None,
               help="Whether clients that do not authenticate run with the --upstream URI's "
                    "credentials [default: only when --listen is a loopback address].")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
               data_dir: str, log_level: str, config_path: str | None,
               default_mode: str | None, allow_wal: bool | None, gc_retention: str | None,
-              gc_interval: float, admin_token_file: str | None,
+              gc_interval: float, admin_token_file: str | None, tls_cert: str | None,
+              tls_key: str | None, tls_ca: str | None,
               anonymous_as_uri_user: bool | None) -> None:
     """Run the proxy."""
     from proxy.admin import auth
@@ -71,6 +78,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
     from proxy.branching.errors import BranchError
     from proxy.branching.gc import parse_duration
     from proxy.config import Config, ConfigError
+    from proxy.net.tls import server_context
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -83,6 +91,10 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
         Config.load(config_path, flags={"default_mode": default_mode, "allow_wal": allow_wal})
         if gc_retention:
             parse_duration(gc_retention)
+        if (tls_key or tls_ca) and not tls_cert:
+            raise click.UsageError("--tls-key and --tls-ca need --tls-cert")
+        if tls_cert:
+            server_context(tls_cert, tls_key, tls_ca)
     except auth.TokenError as exc:
         raise click.UsageError(str(exc)) from exc
     except (ValueError, ConfigError, BranchError) as exc:
@@ -93,7 +105,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            allow_wal=allow_wal, gc_retention=gc_retention,
                            gc_interval=gc_interval,
                            anonymous_as_uri_user=anonymous_as_uri_user,
-                           admin_token_file=admin_token_file)
+                           admin_token_file=admin_token_file, tls_cert=tls_cert,
+                           tls_key=tls_key, tls_ca=tls_ca)
     sys.exit(_run(serve(options)))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from proxy.net.connection import ClientConnection
 from proxy.net.handshake import Topology
@@ -15,7 +16,8 @@ log = logging.getLogger("mongobranch.listener")
 
 class Listener:
     def __init__(self, name: str, host: str, port: int, *, upstream: UpstreamConfig,
-                 topology: Topology, router: Router, anonymous_as_uri_user: bool = True):
+                 topology: Topology, router: Router, anonymous_as_uri_user: bool = True,
+                 tls: ssl.SSLContext | None = None):
         self.name = name
         self.host = host
         self.port = port
@@ -23,6 +25,7 @@ class Listener:
         self.topology = topology
         self.router = router
         self.anonymous_as_uri_user = anonymous_as_uri_user
+        self.tls = tls
         self.stopping = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._connections: set[ClientConnection] = set()
@@ -33,11 +36,12 @@ class Listener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._new_connection, self.host, self.port, reuse_address=True
+            self._new_connection, self.host, self.port, reuse_address=True, ssl=self.tls
         )
         sock = self._server.sockets[0].getsockname()
         self.port = sock[1]
-        log.info("%s listening on %s:%d", self.name, self.host, self.port)
+        log.info("%s listening on %s:%d%s", self.name, self.host, self.port,
+                 " (TLS)" if self.tls else "")
 
     def _new_connection(self) -> ClientConnection:
         conn = ClientConnection(
