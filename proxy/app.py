@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pymongo import AsyncMongoClient
+from pymongo.errors import OperationFailure
 
 from proxy.admin import auth, http
 from proxy.admin import branches as branch_routes
@@ -202,8 +203,26 @@ class Proxy:
         try:
             await asyncio.wait_for(self.engine.start(), 60)
         except Exception as exc:
-            self.engine.unavailable = f"branch engine cannot start: {exc}"
-            log.error("%s; the main port serves, branches are unavailable", exc)
+            refused = isinstance(exc, OperationFailure) and exc.code in (13, 18)
+            if refused and self.upstream is not None and not self.upstream.username:
+                # No credentials will appear without a restart: say what is needed, once.
+                self.engine.unavailable = (
+                    "branching is off: the upstream requires authentication and the "
+                    "--upstream URI has no credentials for mongobranch's metadata; give it "
+                    f"a user with readWrite on {self.options.meta_db!r} "
+                    "(mongodb://user:pass@host/?authSource=admin). The main port forwards "
+                    "each client's own authentication")
+                log.error("%s", self.engine.unavailable)
+                return True
+            if refused:
+                self.engine.unavailable = (
+                    f"branch engine cannot start: the --upstream user may not use the "
+                    f"metadata database {self.options.meta_db!r} (it needs readWrite on "
+                    f"it): {exc}")
+            else:
+                self.engine.unavailable = f"branch engine cannot start: {exc}"
+            log.error("%s; the main port serves, branches are unavailable",
+                      self.engine.unavailable)
             return False
         self.engine.unavailable = None
         for branch in list(self.engine.branches.values()):
@@ -217,7 +236,8 @@ class Proxy:
     async def _retry_engine(self) -> None:
         while not await self._start_engine():
             await asyncio.sleep(5.0)
-        log.info("branch engine started")
+        if self.engine is not None and self.engine.unavailable is None:
+            log.info("branch engine started")
 
     async def _periodic_gc(self, retention: dt.timedelta, interval: float) -> None:
         assert self.engine is not None
