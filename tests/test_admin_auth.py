@@ -3,6 +3,7 @@ the API without one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -90,6 +91,28 @@ def test_scopes(guarded: ProxyProcess) -> None:
     assert call(guarded, "DELETE", "/branches/by-admin", READ)[0] == 403
     assert call(guarded, "DELETE", "/branches/by-admin", ADMIN)[:2] == (
         200, {"deleted": "by-admin"})
+
+
+def test_audit_names_the_token(guarded: ProxyProcess) -> None:
+    """Runs after test_scopes: its create, refused create and delete are in the audit log."""
+    marker = "mongobranch.audit: "
+    lines = [json.loads(line.split(marker, 1)[1]) for line in guarded.read_log().splitlines()
+             if marker in line]
+    fp = hashlib.sha256(ADMIN.encode()).hexdigest()[:12]
+    read_fp = hashlib.sha256(READ.encode()).hexdigest()[:12]
+    assert ADMIN not in guarded.read_log() and READ not in guarded.read_log()
+    created = [e for e in lines if e["op"] == "POST /branches" and e["user"]
+               and e["user"].startswith(("admin-api:admin", "admin-api:read"))]
+    assert [(e["branch"], e["user"], e["outcome"]) for e in created] == [
+        (None, f"admin-api:read:{read_fp}", "refused"),
+        ("by-admin", f"admin-api:admin:{fp}", "ok")]
+    assert all(e["via"] == "http" and e["client"] == "127.0.0.1" for e in created)
+    unauthenticated = [e for e in lines if e["user"] is None]
+    assert unauthenticated and all(e["outcome"] == "refused" and e["code"] == 401
+                                   for e in unauthenticated)
+    deleted = [e for e in lines if e["op"] == "DELETE /branches/{name}" and e["user"]]
+    assert [(e["branch"], e["outcome"]) for e in deleted] == [("by-admin", "refused"),
+                                                              ("by-admin", "ok")]
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

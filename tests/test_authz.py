@@ -6,13 +6,16 @@ URI, as the README suggests. Each client authenticates as itself (or not at all)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from bson.binary import Binary
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
+from tests import rawwire
 from tests.servers import ProxyProcess, Secantus
 
 META = "mongobranch_test"
@@ -187,6 +190,57 @@ def test_metadata_and_overlays_never_through_a_branch_port(proxy: ProxyProcess,
             c.admin.command({"dropBranch": "other"})
 
 
+def audit_lines(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    marker = "mongobranch.audit: "
+    return [json.loads(line.split(marker, 1)[1]) for line in proxy.read_log().splitlines()
+            if marker in line]
+
+
+def wal_users(upstream: Secantus, ids: list[Any]) -> list[Any]:
+    with MongoClient(upstream.uri, directConnection=True, username=ROOT, password=PW) as c:
+        return [e["client"]["user"] for e in c[META].wal.find({"ns": "app.items",
+                                                                "id": {"$in": ids}})]
+
+
+def test_audit_and_wal_name_the_authenticated_user(proxy: ProxyProcess, upstream: Secantus,
+                                                   feat: dict[str, Any]) -> None:
+    with connect(proxy.port, "reader") as c:
+        refused(c.admin.command, {"dropBranch": "feat"})
+    lines = audit_lines(proxy)
+    created = [e for e in lines if e["op"] == "createBranch" and e["branch"] == "feat"]
+    assert len(created) == 1
+    assert created[0]["user"] == "brancher@admin" and created[0]["outcome"] == "ok"
+    assert created[0]["client"].startswith("127.0.0.1:") and created[0]["via"] == "wire"
+    dropped = [e for e in lines if e["op"] == "dropBranch" and e["user"] == "reader@admin"]
+    assert dropped and dropped[-1]["outcome"] == "refused" and dropped[-1]["code"] == 13
+    assert "dropBranch" in dropped[-1]["error"]
+    merges = [e for e in lines if e["op"] == "mergeBranch" and e["outcome"] == "refused"]
+    assert {e["user"] for e in merges} >= {"reader@admin", "writer@admin", "keeper@admin"}
+    # The WAL names who wrote, as the upstream authenticated them.
+    assert wal_users(upstream, [1, 3]) == ["brancher@admin", "brancher@admin"]
+
+
+def test_a_claimed_name_is_not_an_identity(upstream: Secantus, proxy: ProxyProcess,
+                                           feat: dict[str, Any]) -> None:
+    """A SCRAM conversation started as 'brancher' and never finished: the client is not
+    brancher (nor the URI user: it chose to authenticate itself), for the upstream, the
+    WAL and the audit alike."""
+    with rawwire.connect(feat["port"]) as sock:
+        start = rawwire.command(sock, {"saslStart": 1, "mechanism": "SCRAM-SHA-256",
+                                       "payload": Binary(b"n,,n=brancher,r=abcdefghijkl"),
+                                       "$db": "admin"})
+        assert start["ok"] == 1.0
+        reply = rawwire.command(sock, {"insert": "items", "documents": [{"_id": "claimed"}],
+                                       "$db": "app"}, request_id=2)
+        assert reply["code"] == 13, reply
+        reply = rawwire.command(sock, {"createBranch": "claimed", "$db": "admin"},
+                                request_id=3)
+        assert reply["code"] == 13, reply
+    assert wal_users(upstream, ["claimed"]) == []
+    attempt = [e for e in audit_lines(proxy) if e["branch"] == "claimed"]
+    assert [(e["user"], e["outcome"]) for e in attempt] == [(None, "refused")]
+
+
 def test_brancher_merges(proxy: ProxyProcess, upstream: Secantus,
                          feat: dict[str, Any]) -> None:
     """Runs last of the merge tests: it changes the base."""
@@ -195,6 +249,9 @@ def test_brancher_merges(proxy: ProxyProcess, upstream: Secantus,
         assert result["applied"] == {"insert": 1, "update": 1, "delete": 0}
     assert base_items(upstream) == [{"_id": 1, "v": "branch"}, {"_id": 2, "v": "base"},
                                     {"_id": 3, "v": "branch"}]
+    merged = [e for e in audit_lines(proxy) if e["op"] == "mergeBranch"
+              and e["outcome"] == "ok" and not e["dry_run"]]
+    assert [e["user"] for e in merged] == ["brancher@admin"]
 
 
 # -- anonymous clients --------------------------------------------------------------------

@@ -15,6 +15,7 @@ An entry is `SCOPE:TOKEN` or a bare `TOKEN` (scope admin).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+
+from proxy.branching import audit
 
 log = logging.getLogger("mongobranch.admin")
 
@@ -98,6 +101,11 @@ class Tokens:
         return READ if scopes else None
 
 
+def fingerprint(token: str) -> str:
+    """Names a token in the audit log without revealing it."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -116,7 +124,13 @@ def check_exposure(host: str, port: int, tokens: Tokens) -> None:
             f"{ENV_TOKEN_FILE}), or listen on a loopback address (--admin 127.0.0.1:{port})")
 
 
-def _denied(status: int, message: str) -> web.Response:
+def _denied(request: web.Request, status: int, message: str) -> web.Response:
+    if request.method not in ("GET", "HEAD"):
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else request.path
+        audit.record(f"{request.method} {route}", branch=request.match_info.get("name"),
+                     user=request.get("mb_user"), client=str(request.remote), via="http",
+                     outcome="refused", code=status, error=message)
     headers = {"WWW-Authenticate": 'Bearer realm="mongobranch"'} if status == 401 else {}
     return web.json_response({"error": message}, status=status, headers=headers)
 
@@ -129,19 +143,24 @@ def middleware(tokens: Tokens) -> Callable[..., Awaitable[web.StreamResponse]]:
     async def check(request: web.Request,
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                     ) -> web.StreamResponse:
-        if not tokens or request.path in OPEN_PATHS:
+        if not tokens:
+            request["mb_user"] = "admin-api:open"
+            return await handler(request)
+        if request.path in OPEN_PATHS:
             return await handler(request)
         header = request.headers.get("Authorization", "")
         kind, _, presented = header.partition(" ")
         if kind.lower() != "bearer" or not presented.strip():
-            return _denied(401, "authentication required: send 'Authorization: Bearer "
-                                "<token>' (the CLI sends $MONGOBRANCH_ADMIN_TOKEN)")
+            return _denied(request, 401, "authentication required: send 'Authorization: "
+                                         "Bearer <token>' (the CLI sends "
+                                         "$MONGOBRANCH_ADMIN_TOKEN)")
         scope = tokens.scope_of(presented.strip())
         if scope is None:
-            return _denied(401, "invalid admin token")
+            return _denied(request, 401, "invalid admin token")
+        request["mb_user"] = f"admin-api:{scope}:{fingerprint(presented.strip())}"
         if scope == READ and request.method not in ("GET", "HEAD"):
-            return _denied(403, f"a read-only token may not {request.method} {request.path}; "
-                                "this needs an admin token")
+            return _denied(request, 403, f"a read-only token may not {request.method} "
+                                         f"{request.path}; this needs an admin token")
         return await handler(request)
 
     return check

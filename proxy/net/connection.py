@@ -71,8 +71,11 @@ _RETRYABLE_WRITES = frozenset({
     "commitTransaction", "abortTransaction",
 })
 
-# Never on the fast path: answered here (hello), or the client's identity is noted.
-_SLOW_NAMES = handshake.HELLO_NAMES | _CLIENT_AUTH
+# Commands after which the connection's authenticated user may have changed.
+_IDENTITY_CHANGES = _CLIENT_AUTH | {"saslContinue", "logout"}
+
+# Never on the fast path: answered here (hello), or the client's identity may change.
+_SLOW_NAMES = handshake.HELLO_NAMES | _IDENTITY_CHANGES
 
 _OP_MSG_CODE = OP_MSG.to_bytes(4, "little")
 _PLAIN_HEAD = opmsg.PLAIN_HEAD
@@ -171,7 +174,9 @@ class ClientConnection(MessageProtocol):
         self.upstream = UpstreamConnection(upstream, topology.info.max_message_size_bytes,
                                            owner=self)
         self.app_name: str | None = None
+        # The authenticated user, as the upstream reports it (see authenticated_user).
         self.user: str | None = None
+        self._identity_known = False
         self.client_metadata: dict[str, Any] | None = None
         self.compressors: list[str] = []
         self.peer = "?"
@@ -598,8 +603,8 @@ class ClientConnection(MessageProtocol):
             else:
                 # Nothing malformed reaches the upstream: the connection that sent it is closed.
                 sections.validate()
-                if name in _CLIENT_AUTH:
-                    self._note_user(decode(sections.body))
+                if name in _IDENTITY_CHANGES:
+                    self._identity_known = False
                 await self._forward(frame, compressor, name, flags, sections.body)
                 return
             if not flags & opmsg.MORE_TO_COME:
@@ -607,19 +612,31 @@ class ClientConnection(MessageProtocol):
         finally:
             observe_latency(time.perf_counter() - started)
 
-    def _note_user(self, cmd: dict[str, Any]) -> None:
-        """Remember who authenticates, for the WAL's client identity."""
-        user = cmd.get("user")
-        if isinstance(user, str):
-            self.user = user
-            return
-        payload = cmd.get("payload")
-        if isinstance(payload, bytes):
-            for part in payload.split(b","):
-                if part.startswith(b"n=") and len(part) > 2:
-                    self.user = part[2:].decode("utf-8", "replace").replace("=2C", ",").replace(
-                        "=3D", "=")
-                    return
+    async def authenticated_user(self) -> str | None:
+        """Who the upstream says this connection is ("user@db"), None when anonymous.
+
+        Asked of the upstream (connectionStatus) on first need and remembered until the
+        client runs an authentication command again; a name a client merely claims in a
+        SCRAM conversation is never taken for its identity.
+        """
+        if self._identity_known:
+            return self.user
+        try:
+            reply = await self.upstream_command("admin", {"connectionStatus": 1})
+        except UpstreamUnavailable:
+            return None
+        if reply.get("ok"):
+            auth_info = reply.get("authInfo")
+            users = auth_info.get("authenticatedUsers") if isinstance(auth_info, dict) else None
+            names = [f"{u.get('user')}@{u.get('db')}" for u in users or []
+                     if isinstance(u, dict)]
+            self.user = ",".join(names) or None
+        elif reply.get("code") == 13:
+            self.user = None  # SecantusDB refuses connectionStatus before authentication
+        else:
+            return None
+        self._identity_known = True
+        return self.user
 
     async def _routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | None:
         try:
@@ -675,8 +692,8 @@ class ClientConnection(MessageProtocol):
             await self._await_topology_change(request)
         upstream_reply = None
         if any(key in request for key in handshake.UPSTREAM_FIELDS):
-            if isinstance(request.get("speculativeAuthenticate"), dict):
-                self._note_user(request["speculativeAuthenticate"])
+            if "speculativeAuthenticate" in request:
+                self._identity_known = False
             upstream_hello = handshake.upstream_hello(request)
             try:
                 if self.upstream.connected:

@@ -29,9 +29,14 @@ class Context(Protocol):
     connection_id: int
     app_name: str | None
     user: str | None
+    peer: str
 
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         """Run a command on this client's own upstream connection."""
+        ...
+
+    async def authenticated_user(self) -> str | None:
+        """Who the upstream says the client is ("user@db"); also sets `user`."""
         ...
 
 

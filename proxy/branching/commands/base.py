@@ -28,9 +28,13 @@ class SystemContext:
     app_name: str | None = "mongobranch"
     user: str | None = None
     connection_id: int = 0
+    peer: str = "mongobranch"
 
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("system requests run on the engine's pool")
+
+    async def authenticated_user(self) -> str | None:
+        return self.user
 
 
 @dataclass
