@@ -24,7 +24,7 @@ from proxy.config import Config
 from proxy.embedded import EmbeddedServer
 from proxy.net import tls
 from proxy.net.handshake import Topology
-from proxy.net.server import Listener
+from proxy.net.server import Listener, raise_open_file_limit
 from proxy.upstream.connection import UpstreamConfig
 from proxy.upstream.monitor import UpstreamMonitor
 
@@ -131,6 +131,7 @@ class Proxy:
         auth.check_exposure(ahost, aport, tokens)
         if opts.tls_cert:
             self.tls = tls.server_context(opts.tls_cert, opts.tls_key, opts.tls_ca)
+        raise_open_file_limit()
         if not tokens:
             log.warning("the admin API on %s has no token: anyone who can reach it may manage "
                         "branches (set MONGOBRANCH_ADMIN_TOKEN)", opts.admin)

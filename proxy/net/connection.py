@@ -154,6 +154,7 @@ class ClientConnection(MessageProtocol):
         listener: str,
         stopping: asyncio.Event,
         on_closed: Callable[[ClientConnection], None] | None = None,
+        on_opened: Callable[[ClientConnection], None] | None = None,
         fast_names: dict[bytes, str] | None = None,
         anonymous_as_uri_user: bool = True,
     ):
@@ -166,6 +167,9 @@ class ClientConnection(MessageProtocol):
         self.listener = listener
         self.stopping = stopping
         self.on_closed = on_closed
+        # Called once the transport is up (after the TLS handshake, on a TLS port): a
+        # client whose handshake fails never counts as a connection.
+        self.on_opened = on_opened
         # Raw command names (the bytes on the wire) whose messages are forwarded unchanged,
         # each with its requests-counter key; shared by the listener's connections.
         self._fast_names: dict[bytes, str] = {} if fast_names is None else fast_names
@@ -241,6 +245,8 @@ class ClientConnection(MessageProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._gauge.inc()
+        if self.on_opened is not None:
+            self.on_opened(self)
         if self.stopping.is_set():
             self._close()
 
@@ -409,7 +415,7 @@ class ClientConnection(MessageProtocol):
     def _process(self, msg: bytes) -> None:
         HOT.bytes_in += len(msg)
         try:
-            if msg[12:16] == _OP_MSG_CODE and len(msg) > _BODY_AT:
+            if msg[12:16] == _OP_MSG_CODE and len(msg) >= HEADER_SIZE + _PLAIN_HEAD.size:
                 flags, kind, length = _PLAIN_HEAD.unpack_from(msg, HEADER_SIZE)
                 if kind == 0 and length == len(msg) - _BODY_AT and not flags & _NOT_PLAIN:
                     # A plain OP_MSG: no checksum, one body section filling the message.
@@ -427,6 +433,13 @@ class ClientConnection(MessageProtocol):
             self._general(msg)
         except ProtocolError as exc:
             self._protocol_error(exc)
+        except Exception:
+            # A bug must not leave the connection open and silent (the client would wait
+            # forever, and a queued message would never be answered): close it.
+            metrics.PROTOCOL_ERRORS.inc()
+            log.exception("closing connection %d from %s: unexpected error", self.connection_id,
+                          self.peer)
+            self._close()
 
     def _is_fast(self, name: str, msg: bytes) -> bool:
         """Whether a plain OP_MSG with this command is forwarded unchanged; remembered."""
