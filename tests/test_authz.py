@@ -159,6 +159,21 @@ def test_reading_a_branch_needs_what_reading_main_needs(proxy: ProxyProcess,
         refused(c.app.items.find_one)
 
 
+def test_refused_branch_writes_change_nothing(proxy: ProxyProcess,
+                                              feat: dict[str, Any]) -> None:
+    """A reader's update or delete of a parent document on a branch is refused by the
+    upstream, and the document stays in the branch view (its copy-on-write hides it from
+    the parent with the proxy's own connection: that must not outlive the refusal)."""
+    with connect(feat["port"], "reader") as b:
+        refused(b.app.items.update_one, {"_id": 2}, {"$set": {"v": "reader"}})
+        refused(b.app.items.delete_one, {"_id": 2})
+        refused(b.app.items.update_many, {}, {"$set": {"v": "reader"}})
+        assert b.app.items.find_one({"_id": 2}) == {"_id": 2, "v": "base"}
+        assert b.app.items.count_documents({}) == 3
+    with connect(feat["port"], "brancher") as b:
+        assert b.app.items.find_one({"_id": 2}) == {"_id": 2, "v": "base"}
+
+
 def test_metadata_and_overlays_never_through_a_branch_port(proxy: ProxyProcess,
                                                            feat: dict[str, Any]) -> None:
     live = f"__mb_{feat['bid']}_l_items"

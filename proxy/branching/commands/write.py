@@ -21,8 +21,11 @@ from proxy.branching.commands.base import Request, coll_name, documents_stage
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import NsState
+from proxy.branching.runner import error_from
 from proxy.branching.wal import DELETE, PUT, Change
 from proxy.wire.bsonutil import CODEC
+
+UNAUTHORIZED = 13
 
 BATCH = 1000
 DUP_KEY = 11000
@@ -156,10 +159,24 @@ class Writer:
         cmd = {"insert": self.state.hidden, "documents": [{"_id": i} for i in ids],
                "ordered": False}
         if pooled:
-            await self.req.engine.pool.reply(self.req.db, cmd)
+            reply = await self.req.engine.pool.reply(self.req.db, cmd)
+            if not reply.get("ok"):
+                raise error_from(reply)
         else:
-            await self.run(cmd)
+            await self.check(cmd)  # the upstream judges the client's right to write here
         self.state.hide(ids)
+
+    async def unhide_pooled(self, ids: list[Any]) -> None:
+        """Undo a pooled hide whose companion write on the client's connection failed (it
+        may have been refused: then the proxy's own connection must not have changed the
+        branch view on the client's behalf)."""
+        if not ids:
+            return
+        reply = await self.req.engine.pool.reply(self.req.db, {
+            "delete": self.state.hidden, "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+        if not reply.get("ok"):
+            raise error_from(reply)
+        self.state.unhide(ids)
 
     async def unhide_absent(self, ids: list[Any]) -> None:
         """Undo hiding for ids the overlay turned out not to hold."""
@@ -182,9 +199,18 @@ class Writer:
         if not fresh:
             return []
         ids = [d["_id"] for d in fresh]
-        await asyncio.gather(
+        hidden, copied = await asyncio.gather(
             self.hide(ids, pooled=True),
-            self.check({"insert": self.state.live, "documents": fresh, "ordered": False}))
+            self.check({"insert": self.state.live, "documents": fresh, "ordered": False}),
+            return_exceptions=True)
+        if isinstance(copied, BaseException):
+            if not isinstance(hidden, BaseException):
+                await self.unhide_pooled(ids)
+            raise copied
+        if isinstance(hidden, BaseException):
+            await self.check({"delete": self.state.live,
+                              "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+            raise hidden
         return ids
 
     async def uncopy(self, ids: list[Any]) -> None:
@@ -377,7 +403,7 @@ async def insert(req: Request) -> dict[str, Any]:
                                 "documents": [d for _, d in batch]}),
                     writer.hide(tried, pooled=True))
                 if not reply.get("ok"):
-                    await writer.unhide_absent(tried)
+                    await writer.unhide_pooled(tried)  # the insert failed as a whole
                     return reply
                 failed = set()
                 for err in reply.get("writeErrors", []):
@@ -461,6 +487,8 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
                 if len(small) > BATCH:
                     small = None
     except CommandError as exc:
+        if exc.code == UNAUTHORIZED:
+            raise  # as mongod: a refused privilege fails the whole command
         return {"error": {"index": index, "code": exc.code, "errmsg": str(exc)}}
     base_stmt = {k: v for k, v in stmt.items() if k not in ("q", "multi", "upsert", "sort")}
     if not ids:
@@ -578,6 +606,8 @@ async def delete(req: Request) -> dict[str, Any]:
                     n += len(batch)
                     await writer.flush()
             except CommandError as exc:
+                if exc.code == UNAUTHORIZED:
+                    raise  # as mongod: a refused privilege fails the whole command
                 errors.append({"index": index, "code": exc.code, "errmsg": str(exc)})
                 if ordered:
                     break
