@@ -8,12 +8,22 @@
 # Arguments after the image name are appended to `mongobranch serve`; a repeated option
 # (e.g. --listen 127.0.0.1:27018) overrides the one in the entrypoint. The upstream URI can
 # also come from the MONGOBRANCH_UPSTREAM environment variable.
+#
+# The admin API listens on 0.0.0.0:9090, so it needs a bearer token: the proxy refuses
+# to start without one. It is read from the secret file below (Docker/Compose secrets are
+# mounted under /run/secrets/), e.g.
+#
+#   openssl rand -hex 32 > admin-token
+#   docker run --mount type=bind,src=$PWD/admin-token,dst=/run/secrets/mongobranch_admin_token,readonly ...
+#
+# (or pass MONGOBRANCH_ADMIN_TOKEN with MONGOBRANCH_ADMIN_TOKEN_FILE set empty).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MONGOBRANCH_ADMIN_TOKEN_FILE=/run/secrets/mongobranch_admin_token
 
 WORKDIR /src
 COPY pyproject.toml README.md ./

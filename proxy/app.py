@@ -6,25 +6,27 @@ import asyncio
 import datetime as dt
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous import uri_parser as async_uri_parser
-from pymongo.errors import ConfigurationError
+from pymongo.errors import ConfigurationError, OperationFailure
 
 from proxy import metrics
+from proxy.admin import auth, http
 from proxy.admin import branches as branch_routes
-from proxy.admin import http
 from proxy.branching import gc
 from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
 from proxy.branching.router import EngineRouter
 from proxy.config import Config
 from proxy.embedded import EmbeddedServer
+from proxy.net import tls
 from proxy.net.handshake import Topology
-from proxy.net.server import Listener
+from proxy.net.server import Listener, raise_open_file_limit
 from proxy.upstream.connection import UpstreamConfig
 from proxy.upstream.monitor import UpstreamMonitor
 from proxy.upstream.scram import SUPPORTED as SUPPORTED_MECHANISMS
@@ -72,6 +74,16 @@ class ServeOptions:
     # 0.0.0.0 hands out URIs its clients can resolve.
     advertise_host: str | None = None
     legacy_op_query: bool | None = None
+    # Whether clients that do not authenticate run as the --upstream URI's user; None:
+    # only when the listening address is loopback-only.
+    anonymous_as_uri_user: bool | None = None
+    # Bearer tokens of the admin API: this file, and the MONGOBRANCH_ADMIN_TOKEN* variables.
+    admin_token_file: str | None = None
+    # TLS on the listening side (main, branch ports, admin API); with tls_ca, client
+    # certificates signed by it are required.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
 
 async def connect_upstream(
@@ -138,7 +150,9 @@ class BranchPorts:
                             upstream=self.proxy.upstream, topology=self.proxy.topology,
                             router=EngineRouter(self.proxy.engine, branch.name),
                             stats=metrics.BRANCHES.acquire(branch.name),
-                            legacy_op_query=self.proxy.engine.config.legacy_op_query.value)
+                            legacy_op_query=self.proxy.engine.config.legacy_op_query.value,
+                            anonymous_as_uri_user=self.proxy.anonymous_as_uri_user,
+                            tls=self.proxy.tls)
         try:
             await listener.start()
         except OSError:
@@ -174,9 +188,20 @@ class Proxy:
         self._gc_task: asyncio.Task[None] | None = None
         self.admin_runner: object | None = None
         self.admin_port = 0
+        self.anonymous_as_uri_user = False
+        self.tls: ssl.SSLContext | None = None
 
     async def start(self) -> None:
         opts = self.options
+        tokens = auth.Tokens.load(opts.admin_token_file)
+        ahost, aport = parse_hostport(opts.admin)
+        auth.check_exposure(ahost, aport, tokens)
+        if opts.tls_cert:
+            self.tls = tls.server_context(opts.tls_cert, opts.tls_key, opts.tls_ca)
+        raise_open_file_limit()
+        if not tokens:
+            log.warning("the admin API on %s has no token: anyone who can reach it may manage "
+                        "branches (set MONGOBRANCH_ADMIN_TOKEN)", opts.admin)
         uri = opts.upstream
         if not uri:
             self.embedded = EmbeddedServer(Path(opts.data_dir))
@@ -192,6 +217,7 @@ class Proxy:
             log.info("upstream topology: %s", self.upstream.topology.describe())
         self.monitor.start()
         host, port = parse_hostport(opts.listen)
+        self.anonymous_as_uri_user = self._anonymous_policy(host)
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
                              host=opts.advertise_host or host)
         self.engine.config = Config.load(opts.config_path, flags={
@@ -207,15 +233,32 @@ class Proxy:
         self.main = Listener("main", host, port, upstream=self.upstream,
                              topology=self.topology, router=EngineRouter(self.engine, None),
                              stats=metrics.BRANCHES.main,
-                             legacy_op_query=self.engine.config.legacy_op_query.value)
+                             legacy_op_query=self.engine.config.legacy_op_query.value,
+                             anonymous_as_uri_user=self.anonymous_as_uri_user, tls=self.tls)
         await self.main.start()
         monitor = self.monitor
-        app = http.build_app(lambda: monitor.healthy)
+        app = http.build_app(lambda: monitor.healthy, tokens)
         branch_routes.add_routes(app, self.engine)
-        ahost, aport = parse_hostport(opts.admin)
-        runner = await http.start(app, ahost, aport)
+        runner = await http.start(app, ahost, aport, self.tls)
         self.admin_runner = runner
         self.admin_port = aport or runner.addresses[0][1]
+
+    def _anonymous_policy(self, host: str) -> bool:
+        """Whether clients that do not authenticate get the URI user's privileges: the
+        operator's explicit choice, else yes only on a loopback-only listener."""
+        assert self.upstream is not None
+        choice = self.options.anonymous_as_uri_user
+        if not self.upstream.username:
+            return False  # nothing to lend: anonymous clients are the upstream's to judge
+        if choice is None:
+            choice = auth.is_loopback(host)
+            why = "the listener is loopback-only" if choice else (
+                f"the listener {host} is not loopback-only; --anonymous-as-uri-user lends them")
+        else:
+            why = "--anonymous-as-uri-user" if choice else "--no-anonymous-as-uri-user"
+        log.info("clients that do not authenticate %s the upstream URI user's privileges (%s)",
+                 "get" if choice else "do not get", why)
+        return choice
 
     async def _start_engine(self) -> bool:
         """Load branches and open their ports; the main port serves even when this fails
@@ -224,8 +267,26 @@ class Proxy:
         try:
             await asyncio.wait_for(self.engine.start(), 60)
         except Exception as exc:
-            self.engine.unavailable = f"branch engine cannot start: {exc}"
-            log.error("%s; the main port serves, branches are unavailable", exc)
+            refused = isinstance(exc, OperationFailure) and exc.code in (13, 18)
+            if refused and self.upstream is not None and not self.upstream.username:
+                # No credentials will appear without a restart: say what is needed, once.
+                self.engine.unavailable = (
+                    "branching is off: the upstream requires authentication and the "
+                    "--upstream URI has no credentials for mongobranch's metadata; give it "
+                    f"a user with readWrite on {self.options.meta_db!r} "
+                    "(mongodb://user:pass@host/?authSource=admin). The main port forwards "
+                    "each client's own authentication")
+                log.error("%s", self.engine.unavailable)
+                return True
+            if refused:
+                self.engine.unavailable = (
+                    f"branch engine cannot start: the --upstream user may not use the "
+                    f"metadata database {self.options.meta_db!r} (it needs readWrite on "
+                    f"it): {exc}")
+            else:
+                self.engine.unavailable = f"branch engine cannot start: {exc}"
+            log.error("%s; the main port serves, branches are unavailable",
+                      self.engine.unavailable)
             return False
         self.engine.unavailable = None
         for branch in list(self.engine.branches.values()):
@@ -239,7 +300,8 @@ class Proxy:
     async def _retry_engine(self) -> None:
         while not await self._start_engine():
             await asyncio.sleep(5.0)
-        log.info("branch engine started")
+        if self.engine is not None and self.engine.unavailable is None:
+            log.info("branch engine started")
 
     async def _periodic_gc(self, retention: dt.timedelta, interval: float) -> None:
         assert self.engine is not None

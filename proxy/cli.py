@@ -66,28 +66,52 @@ def main() -> None:
               help="Run gc periodically with this retention (e.g. 7d).")
 @click.option("--gc-interval", default=3600.0, show_default=True, type=float,
               help="Seconds between periodic gc runs.")
+@click.option("--admin-token-file", default=None, metavar="PATH",
+              help="Bearer tokens of the admin API, one `admin:TOKEN` or `read:TOKEN` a line "
+                   "[env MONGOBRANCH_ADMIN_TOKEN_FILE; also MONGOBRANCH_ADMIN_TOKEN(S)].")
+@click.option("--tls-cert", default=None, metavar="PEM",
+              help="Serve TLS on the main and branch ports and the admin API with this "
+                   "certificate (and its key, unless --tls-key).")
+@click.option("--tls-key", default=None, metavar="PEM", help="The certificate's private key.")
+@click.option("--tls-ca", default=None, metavar="PEM",
+              help="Require client certificates signed by this CA.")
+@click.option("--anonymous-as-uri-user/--no-anonymous-as-uri-user", default=None,
+              help="Whether clients that do not authenticate run with the --upstream URI's "
+                   "credentials [default: only when --listen is a loopback address].")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
               data_dir: str, log_level: str, advertise_host: str | None, log_format: str,
               metrics_branch_limit: int, config_path: str | None,
               default_mode: str | None, allow_wal: bool | None,
               legacy_op_query: bool | None, gc_retention: str | None,
-              gc_interval: float) -> None:
+              gc_interval: float, admin_token_file: str | None, tls_cert: str | None,
+              tls_key: str | None, tls_ca: str | None,
+              anonymous_as_uri_user: bool | None) -> None:
     """Run the proxy."""
+    from proxy.admin import auth
     from proxy.app import ServeOptions, parse_hostport, parse_range, serve
     from proxy.branching.errors import BranchError
     from proxy.branching.gc import parse_duration
     from proxy.config import Config, ConfigError
     from proxy.logs import configure
+    from proxy.net.tls import server_context
 
     configure(log_level, log_format)
     try:
         parse_hostport(listen)
-        parse_hostport(admin)
+        admin_host, admin_port = parse_hostport(admin)
+        auth.check_exposure(admin_host, admin_port,
+                            auth.Tokens.load(admin_token_file))
         parse_range(branch_ports)
         Config.load(config_path, flags={"default_mode": default_mode, "allow_wal": allow_wal,
                                         "legacy_op_query": legacy_op_query})
         if gc_retention:
             parse_duration(gc_retention)
+        if (tls_key or tls_ca) and not tls_cert:
+            raise click.UsageError("--tls-key and --tls-ca need --tls-cert")
+        if tls_cert:
+            server_context(tls_cert, tls_key, tls_ca)
+    except auth.TokenError as exc:
+        raise click.UsageError(str(exc)) from exc
     except (ValueError, ConfigError, BranchError) as exc:
         raise click.BadParameter(str(exc)) from exc
     options = ServeOptions(upstream=upstream, listen=listen, admin=admin,
@@ -96,7 +120,10 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            allow_wal=allow_wal, legacy_op_query=legacy_op_query,
                            gc_retention=gc_retention,
                            gc_interval=gc_interval, metrics_branch_limit=metrics_branch_limit,
-                           advertise_host=advertise_host)
+                           advertise_host=advertise_host,
+                           anonymous_as_uri_user=anonymous_as_uri_user,
+                           admin_token_file=admin_token_file, tls_cert=tls_cert,
+                           tls_key=tls_key, tls_ca=tls_ca)
     sys.exit(_run(serve(options)))
 
 

@@ -37,6 +37,15 @@ def wait_port(port: int, timeout: float = 60.0,
     raise TimeoutError(f"port {port} did not open within {timeout}s")
 
 
+_CAPPED_LAUNCHER = """
+import functools, sys
+import secantus.cli as cli
+cap = int(sys.argv.pop(1))
+cli.SecantusDBServer = functools.partial(cli.SecantusDBServer, max_connections=cap)
+sys.exit(cli.main())
+"""
+
+
 @dataclass
 class Secantus:
     """A SecantusDB server process (in memory unless a storage path is given)."""
@@ -45,6 +54,9 @@ class Secantus:
     storage: str = ":memory:"
     auth: bool = False
     extra: list[str] = field(default_factory=list)
+    # SecantusDB refuses connections beyond 1,000 and has no option for it (mongod has no
+    # such default cap): set, the server is started with this cap instead.
+    max_connections: int | None = None
     proc: subprocess.Popen[bytes] | None = None
     log: str = ""
 
@@ -53,11 +65,14 @@ class Secantus:
         return f"mongodb://127.0.0.1:{self.port}/"
 
     def start(self) -> Secantus:
-        args = [str(BIN / "secantusd-py"), "--host", "127.0.0.1", "--port", str(self.port),
+        launcher = [str(BIN / "secantusd-py")]
+        if self.max_connections is not None:
+            launcher = [sys.executable, "-c", _CAPPED_LAUNCHER, str(self.max_connections)]
+        args = [*launcher, "--host", "127.0.0.1", "--port", str(self.port),
                 "--storage-path", self.storage, "--log-level", "WARNING"]
         if self.auth:
             args.append("--auth")
-        args += self.extra
+        args.extend(self.extra)
         self.log = tempfile.mktemp(prefix="secantus-", suffix=".log")
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)

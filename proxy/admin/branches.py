@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from bson import json_util
 
-from proxy.branching import copymode, gc, history
+from proxy.branching import audit, copymode, gc, history
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 
@@ -55,10 +57,47 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+Route = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def audited(op: str) -> Callable[[Route], Route]:
+    """One audit line per call of a route that changes branches, whatever its outcome."""
+
+    def wrap(route: Route) -> Route:
+        @functools.wraps(route)
+        async def run(request: web.Request) -> web.Response:
+            try:
+                response = await route(request)
+            except Exception as exc:
+                _audit(request, op, 500, repr(exc))
+                raise
+            error = None
+            if response.status >= 400 and response.text:
+                try:
+                    error = json.loads(response.text).get("error")
+                except (ValueError, AttributeError):
+                    error = None
+            _audit(request, op, response.status, error)
+            return response
+
+        return run
+
+    return wrap
+
+
+def _audit(request: web.Request, op: str, status: int, error: str | None) -> None:
+    audit.record(op, branch=request.get("mb_branch") or request.match_info.get("name"),
+                 user=request.get("mb_user"), client=str(request.remote), via="http",
+                 outcome=audit.outcome_of(status, http=True),
+                 code=status if status >= 400 else None, error=error)
+
+
 def add_routes(app: web.Application, engine: Engine) -> None:
+    @audited("POST /branches")
     async def create(request: web.Request) -> web.Response:
         try:
             body = await _body(request)
+            request["mb_branch"] = body.get("name")
             _only(body, _CREATE_FIELDS)
             if body.get("at") is not None:
                 branch = await history.create_at(engine, body.get("name"),
@@ -82,6 +121,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
         except BranchError as exc:
             return _error(exc.status, str(exc))
 
+    @audited("DELETE /branches/{name}")
     async def delete(request: web.Request) -> web.Response:
         try:
             await engine.drop_branch(request.match_info["name"])
@@ -120,6 +160,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
         await response.write_eof()
         return response
 
+    @audited("POST /branches/{name}/merge")
     async def merge(request: web.Request) -> web.Response:
         try:
             body = await _body(request)
@@ -133,6 +174,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             not result["dry_run"]
         return _json(result, 409 if aborted else 200)
 
+    @audited("POST /branches/{name}/reset")
     async def reset(request: web.Request) -> web.Response:
         try:
             body = await _body(request)
@@ -143,6 +185,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
         except BranchError as exc:
             return _error(exc.status, str(exc))
 
+    @audited("POST /gc")
     async def collect(request: web.Request) -> web.Response:
         try:
             engine.check_ready()
@@ -157,6 +200,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
     async def config(_request: web.Request) -> web.Response:
         return _json(engine.config.to_json())
 
+    @audited("POST /branches/{name}/migrate")
     async def migrate(request: web.Request) -> web.Response:
         try:
             body = await _body(request)

@@ -14,6 +14,8 @@ from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 ENV_VAR = "MONGOBRANCH_ADMIN"
+TOKEN_ENV = "MONGOBRANCH_ADMIN_TOKEN"
+TOKEN_FILE_ENV = "MONGOBRANCH_ADMIN_TOKEN_FILE"
 
 
 class ApiError(Exception):
@@ -42,10 +44,34 @@ def resolve_url(url: str | None) -> str:
     return value.rstrip("/")
 
 
+def resolve_token() -> str | None:
+    """$MONGOBRANCH_ADMIN_TOKEN, else the first token of $MONGOBRANCH_ADMIN_TOKEN_FILE (the
+    server's token file format, so one mounted secret serves both)."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            for raw in f:
+                line = raw.split("#", 1)[0].strip()
+                if line:
+                    scope, sep, rest = line.partition(":")
+                    return rest if sep and scope in ("admin", "read") else line
+    except OSError as exc:
+        raise ApiError(0, f"cannot read the admin token file {path}: "
+                          f"{exc.strerror or exc}") from exc
+    return None
+
+
 class AdminClient:
-    def __init__(self, url: str | None = None, timeout: float = 60.0):
+    def __init__(self, url: str | None = None, timeout: float = 60.0,
+                 token: str | None = None):
         self.url = resolve_url(url)
         self.timeout = timeout
+        self.token = token if token is not None else resolve_token()
 
     def request(self, method: str, path: str, body: object | None = None) -> Any:
         raw = b"".join(self.stream(method, path, body))
@@ -59,6 +85,8 @@ class AdminClient:
         """The reply body in chunks as it arrives (a diff is streamed by the server)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         if data is not None:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pymongo.errors import ConnectionFailure
 
+from proxy.admin import auth
 from proxy.metrics import REGISTRY
 
 log = logging.getLogger("mongobranch.admin")
@@ -18,8 +20,9 @@ log = logging.getLogger("mongobranch.admin")
 CONSOLE = Path(__file__).resolve().parent / "console"
 
 
-def build_app(healthy: Callable[[], bool]) -> web.Application:
-    app = web.Application(middlewares=[_json_errors])
+def build_app(healthy: Callable[[], bool],
+              tokens: auth.Tokens | None = None) -> web.Application:
+    app = web.Application(middlewares=[auth.middleware(tokens or auth.Tokens()), _json_errors])
 
     async def healthz(_request: web.Request) -> web.Response:
         if healthy():
@@ -69,9 +72,10 @@ async def _json_errors(request: web.Request, handler: Callable) -> web.StreamRes
         return web.json_response({"error": f"internal error: {exc}"}, status=500)
 
 
-async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def start(app: web.Application, host: str, port: int,
+                tls: ssl.SSLContext | None = None) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     await site.start()
     return runner

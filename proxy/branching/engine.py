@@ -19,7 +19,7 @@ from proxy.branching.errors import BranchError
 from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
 from proxy.branching.model import Branch, NsState
-from proxy.branching.runner import Runner, pooled
+from proxy.branching.runner import Runner, error_from, pooled
 from proxy.branching.wal import CREATE, RESETS, STARTS, Change, Wal, image, matching
 from proxy.config import Config
 
@@ -308,6 +308,8 @@ class Engine:
                               run: Runner) -> None:
         for name in (state.live, state.hidden):
             reply = await run.reply(state.db, {"create": name})
+            if reply.get("code") == 13:
+                raise error_from(reply)  # the caller may not write here: mongod's refusal
             if not reply.get("ok") and reply.get("code") != 48:
                 raise BranchError(500, f"cannot create overlay {state.db}.{name}: "
                                        f"{reply.get('errmsg')}")

@@ -14,14 +14,16 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import copymode, gc, reader
+from proxy.branching import authz, copymode, gc, reader
 from proxy.branching.commands.base import SystemContext
 from proxy.branching.commands.write import same
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
+from proxy.branching.runner import Runner
 from proxy.branching.wal import DELETE, PUT, RESETS, STARTS, Change, image, matching
+from proxy.net.router import Context
 
 BATCH = reader.BATCH
 STRATEGIES = ("abort", "ours", "theirs")
@@ -291,11 +293,16 @@ class MergeResult:
 
 
 async def merge(engine: Engine, name: str, into: Any = None, strategy: Any = "abort",
-                dry_run: Any = False) -> dict[str, Any]:
+                dry_run: Any = False, caller: Caller | None = None) -> dict[str, Any]:
     """Apply the branch's net changes to its parent, detecting conflicts: documents the
     parent changed after the branch first touched them. Re-running an interrupted merge
     finishes it: writes are by _id and idempotent, and a document the parent already
-    holds in the branch's version is neither a conflict nor written again."""
+    holds in the branch's version is neither a conflict nor written again.
+
+    With a `caller` (a wire client), the parent's collections are written on the
+    caller's own upstream connection, so the upstream judges each write by the
+    caller's privileges; without one (the admin API, the operator's channel) they are
+    written with the proxy's own credentials."""
     branch = engine.get(name)
     target = branch.parent if into is None else into
     if target != branch.parent:
@@ -316,16 +323,20 @@ async def merge(engine: Engine, name: str, into: Any = None, strategy: Any = "ab
     await engine.meta["merges"].replace_one(
         {"_id": name}, {"_id": name, "into": target, "strategy": strategy, "status": "running",
                         "started": dt.datetime.now(dt.UTC).replace(tzinfo=None)}, upsert=True)
+    if caller is not None:
+        for state in branch_states(engine, branch):
+            await authz.require_write(caller.run, state.db, state.coll, "mergeBranch")
     result = MergeResult(name, target, strategy, dry_run)
-    await _scan(engine, branch, result, apply=True)
+    await _scan(engine, branch, result, apply=True, caller=caller)
     await engine.meta["merges"].update_one(
         {"_id": name}, {"$set": {"status": "done", "result": result.to_json(),
                                  "lsn": Int64(await engine.wal.current())}})
     return result.to_json()
 
 
-async def _scan(engine: Engine, branch: Branch, result: MergeResult, *, apply: bool) -> None:
-    applier = Applier(engine, branch) if apply else None
+async def _scan(engine: Engine, branch: Branch, result: MergeResult, *, apply: bool,
+                caller: Caller | None = None) -> None:
+    applier = Applier(engine, branch, caller) if apply else None
     for state in branch_states(engine, branch):
         coll_change = (await collection_change(engine, branch, state)
                        if await replaced(engine, branch, state) else None)
@@ -425,21 +436,31 @@ def _equal(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return same(a, b)
 
 
+@dataclass
+class Caller:
+    """The client a merge runs for: its connection and its identity in the WAL."""
+
+    run: Runner
+    ctx: Context
+
+
 class Applier:
     """Writes a merge into the parent: the base collections for main, else through the
     parent branch's own write path, so its WAL records the merge."""
 
-    def __init__(self, engine: Engine, branch: Branch):
+    def __init__(self, engine: Engine, branch: Branch, caller: Caller | None = None):
         self.engine = engine
         self.parent = parent_of(engine, branch)
+        self.run = engine.pool if caller is None else caller.run
+        self.ctx: Context = SystemContext() if caller is None else caller.ctx
 
     async def _command(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
         if self.parent is None:
-            return await self.engine.pool(db, cmd)
+            return await self.run(db, cmd)
         from proxy.branching.commands.base import Request
         from proxy.branching.router import BRANCH
 
-        req = Request(self.engine, self.parent, SystemContext(), self.engine.pool, db, cmd)
+        req = Request(self.engine, self.parent, self.ctx, self.run, db, cmd)
         reply = await BRANCH[next(iter(cmd))](req)
         if reply is None or not reply.get("ok"):
             raise BranchError(500, f"merge write failed: {reply}")

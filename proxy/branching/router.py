@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from proxy.branching import audit, authz
 from proxy.branching.commands import admin, aggregate, catalog, ddl, read, write
 from proxy.branching.commands.base import Request, in_mongod_order
 from proxy.branching.engine import Engine
@@ -52,6 +53,11 @@ BRANCH: dict[str, Handler] = {
 }
 
 MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN}
+
+# Commands that only read: they need no identity for the WAL.
+READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",
+                   "listCollections", "listIndexes", "listBranches", "branchInfo",
+                   "branchLog", "branchDiff"})
 
 # Commands that touch no collection data: forwarded unchanged from a branch port.
 # Anything neither here nor in BRANCH is refused there, so nothing reaches the base.
@@ -103,8 +109,29 @@ class EngineRouter:
                     11602, "InterruptedDueToReplStateChange",
                     f"branch {branch.name!r} is migrating to {branch.migrating} mode; retry",
                     errorLabels=["RetryableWriteError"])
+            if name not in ADMIN:
+                authz.check_branch_port(cmd, db, self.engine.meta_db, branch.name)
         handler = self.table.get(name)
         if handler is None:
             raise not_supported(f"command {name!r}", self.branch or "main")
+        if name not in READS:
+            await ctx.authenticated_user()  # the WAL and the audit name who did it
         req = Request(self.engine, branch, ctx, Runner(ctx.upstream_command), db, cmd)
-        return await handler(req)
+        if name not in audit.WIRE_OPS:
+            return await handler(req)
+        target = cmd[name]
+        try:
+            reply = await handler(req)
+        except CommandError as exc:
+            audit.record(name, branch=target, user=ctx.user, client=ctx.peer, via="wire",
+                         outcome=audit.outcome_of(exc.code, http=False), code=exc.code,
+                         error=str(exc), port=self.branch or "main")
+            raise
+        except Exception as exc:
+            audit.record(name, branch=target, user=ctx.user, client=ctx.peer, via="wire",
+                         outcome="failed", error=repr(exc), port=self.branch or "main")
+            raise
+        audit.record(name, branch=target, user=ctx.user, client=ctx.peer, via="wire",
+                     outcome="ok", port=self.branch or "main",
+                     dry_run=cmd.get("dryRun") is True)
+        return reply

@@ -74,8 +74,11 @@ _RETRYABLE_WRITES = frozenset({
     "commitTransaction", "abortTransaction",
 })
 
-# Never on the fast path: answered here (hello), or the client's identity is noted.
-_SLOW_NAMES = handshake.HELLO_NAMES | _CLIENT_AUTH
+# Commands after which the connection's authenticated user may have changed.
+_IDENTITY_CHANGES = _CLIENT_AUTH | {"saslContinue", "logout"}
+
+# Never on the fast path: answered here (hello), or the client's identity may change.
+_SLOW_NAMES = handshake.HELLO_NAMES | _IDENTITY_CHANGES
 
 _OP_MSG_CODE = OP_MSG.to_bytes(4, "little")
 _PLAIN_HEAD = opmsg.PLAIN_HEAD
@@ -180,18 +183,26 @@ class ClientConnection(MessageProtocol):
         listener: str,
         stopping: asyncio.Event,
         on_closed: Callable[[ClientConnection], None] | None = None,
+        on_opened: Callable[[ClientConnection], None] | None = None,
         fast_names: dict[bytes, str] | None = None,
         stats: PortStats | None = None,
         legacy_op_query: bool = True,
+        anonymous_as_uri_user: bool = True,
     ):
         super().__init__(topology.info.max_message_size_bytes)
         # Legacy OP_QUERY commands are translated to OP_MSG; off: refused, as mongod 6.0+.
         self.legacy_op_query = legacy_op_query
+        # Whether a client that does not authenticate itself runs as the URI's user; when
+        # not, its upstream connection stays unauthenticated and the upstream refuses it.
+        self.anonymous_as_uri_user = anonymous_as_uri_user
         self.router = router
         self.topology = topology
         self.listener = listener
         self.stopping = stopping
         self.on_closed = on_closed
+        # Called once the transport is up (after the TLS handshake, on a TLS port): a
+        # client whose handshake fails never counts as a connection.
+        self.on_opened = on_opened
         # Raw command names (the bytes on the wire) whose messages are forwarded unchanged,
         # each with its requests-counter key; shared by the listener's connections.
         self._fast_names: dict[bytes, str] = {} if fast_names is None else fast_names
@@ -200,7 +211,9 @@ class ClientConnection(MessageProtocol):
         self.upstream = UpstreamConnection(upstream, topology.info.max_message_size_bytes,
                                            owner=self)
         self.app_name: str | None = None
+        # The authenticated user, as the upstream reports it (see authenticated_user).
         self.user: str | None = None
+        self._identity_known = False
         self.client_metadata: dict[str, Any] | None = None
         self._gossip: dict[str, Any] = {}
         self.compressors: list[str] = []
@@ -272,7 +285,8 @@ class ClientConnection(MessageProtocol):
         first = hello or handshake.upstream_hello({"client": self.client_metadata}
                                                   if self.client_metadata else {})
         try:
-            return await self.upstream.connect(first, authenticate=not client_auth)
+            return await self.upstream.connect(
+                first, authenticate=self.anonymous_as_uri_user and not client_auth)
         except UpstreamUnavailable:
             metrics.UPSTREAM_ERRORS.inc()
             raise
@@ -284,6 +298,8 @@ class ClientConnection(MessageProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._gauge.inc()
+        if self.on_opened is not None:
+            self.on_opened(self)
         if self.stopping.is_set():
             self._close()
 
@@ -461,7 +477,7 @@ class ClientConnection(MessageProtocol):
     def _process(self, msg: bytes) -> None:
         HOT.bytes_in += len(msg)
         try:
-            if msg[12:16] == _OP_MSG_CODE and len(msg) > _BODY_AT:
+            if msg[12:16] == _OP_MSG_CODE and len(msg) >= HEADER_SIZE + _PLAIN_HEAD.size:
                 flags, kind, length = _PLAIN_HEAD.unpack_from(msg, HEADER_SIZE)
                 if kind == 0 and length == len(msg) - _BODY_AT and not flags & _NOT_PLAIN:
                     # A plain OP_MSG: no checksum, one body section filling the message.
@@ -479,6 +495,13 @@ class ClientConnection(MessageProtocol):
             self._general(msg)
         except ProtocolError as exc:
             self._protocol_error(exc)
+        except Exception:
+            # A bug must not leave the connection open and silent (the client would wait
+            # forever, and a queued message would never be answered): close it.
+            metrics.PROTOCOL_ERRORS.inc()
+            log.exception("closing connection %d from %s: unexpected error", self.connection_id,
+                          self.peer)
+            self._close()
 
     def _is_fast(self, name: str, msg: bytes) -> bool:
         """Whether a plain OP_MSG with this command is forwarded unchanged; remembered."""
@@ -664,8 +687,9 @@ class ClientConnection(MessageProtocol):
                 # Nothing malformed reaches the upstream: the connection that sent it is closed.
                 sections.validate()
                 if name in _CLIENT_AUTH:
-                    self._note_user(decode(sections.body))
                     self._client_authenticated = True
+                if name in _IDENTITY_CHANGES:
+                    self._identity_known = False
                 await self._forward(frame, compressor, name, flags, sections.body)
                 return
             if not flags & opmsg.MORE_TO_COME:
@@ -675,19 +699,31 @@ class ClientConnection(MessageProtocol):
             observe_latency(elapsed)
             self._stats.observe(started, elapsed)
 
-    def _note_user(self, cmd: dict[str, Any]) -> None:
-        """Remember who authenticates, for the WAL's client identity."""
-        user = cmd.get("user")
-        if isinstance(user, str):
-            self.user = user
-            return
-        payload = cmd.get("payload")
-        if isinstance(payload, bytes):
-            for part in payload.split(b","):
-                if part.startswith(b"n=") and len(part) > 2:
-                    self.user = part[2:].decode("utf-8", "replace").replace("=2C", ",").replace(
-                        "=3D", "=")
-                    return
+    async def authenticated_user(self) -> str | None:
+        """Who the upstream says this connection is ("user@db"), None when anonymous.
+
+        Asked of the upstream (connectionStatus) on first need and remembered until the
+        client runs an authentication command again; a name a client merely claims in a
+        SCRAM conversation is never taken for its identity.
+        """
+        if self._identity_known:
+            return self.user
+        try:
+            reply = await self.upstream_command("admin", {"connectionStatus": 1})
+        except UpstreamUnavailable:
+            return None
+        if reply.get("ok"):
+            auth_info = reply.get("authInfo")
+            users = auth_info.get("authenticatedUsers") if isinstance(auth_info, dict) else None
+            names = [f"{u.get('user')}@{u.get('db')}" for u in users or []
+                     if isinstance(u, dict)]
+            self.user = ",".join(names) or None
+        elif reply.get("code") == 13:
+            self.user = None  # SecantusDB refuses connectionStatus before authentication
+        else:
+            return None
+        self._identity_known = True
+        return self.user
 
     async def _routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | None:
         try:
@@ -762,9 +798,10 @@ class ClientConnection(MessageProtocol):
             await self._await_topology_change(request)
         upstream_reply = None
         if any(key in request for key in handshake.UPSTREAM_FIELDS):
-            if isinstance(request.get("speculativeAuthenticate"), dict):
-                self._note_user(request["speculativeAuthenticate"])
-                self._client_authenticated = True
+            if "speculativeAuthenticate" in request:
+                self._identity_known = False
+                if isinstance(request["speculativeAuthenticate"], dict):
+                    self._client_authenticated = True
             upstream_hello = handshake.upstream_hello(request)
             try:
                 if self.upstream.connected:
@@ -837,7 +874,9 @@ class ClientConnection(MessageProtocol):
             if routed is not None:
                 return routed
         if name in _CLIENT_AUTH:
-            self._note_user(body)
+            self._client_authenticated = True
+        if name in _IDENTITY_CHANGES:
+            self._identity_known = False
         try:
             if not self.upstream.connected:
                 await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)

@@ -13,6 +13,7 @@ class Context(Protocol):
     connection_id: int
     app_name: str | None
     user: str | None
+    peer: str
 
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         """Run a command on this client's own upstream connection."""
@@ -23,6 +24,10 @@ class Context(Protocol):
         """The `$clusterTime` and `operationTime` of the latest upstream reply this
         connection decoded (else of any connection's): what a reply built here carries,
         as mongos attaches them to every reply. Empty when the upstream sends none."""
+        ...
+
+    async def authenticated_user(self) -> str | None:
+        """Who the upstream says the client is ("user@db"); also sets `user`."""
         ...
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from proxy.metrics import PortStats
 from proxy.net.connection import ClientConnection
@@ -13,11 +14,62 @@ from proxy.upstream.connection import UpstreamConfig
 
 log = logging.getLogger("mongobranch.listener")
 
+# Client connections open on every listener of this process, and the file descriptors
+# they may use: a client connection holds two (its socket and its upstream's).
+_open_clients = 0
+_fd_limit = 0
+_FDS_PER_CLIENT = 2
+_FDS_RESERVED = 64  # listeners, the engine's pool, the admin API, logs
+_full_warned_at = -1e9
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file limit to its hard limit where it may; the limit."""
+    global _fd_limit
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    _fd_limit = soft
+    log.info("open-file limit %d: room for about %d client connections at once", soft,
+             capacity())
+    return soft
+
+
+def capacity() -> int:
+    """About how many client connections the open-file limit leaves room for."""
+    return max(0, (_fd_limit - _FDS_RESERVED) // _FDS_PER_CLIENT)
+
+
+def _client_opened(loop: asyncio.AbstractEventLoop) -> None:
+    global _open_clients, _full_warned_at
+    _open_clients += 1
+    if _fd_limit and _open_clients >= capacity() and loop.time() - _full_warned_at > 10.0:
+        _full_warned_at = loop.time()
+        log.warning("%d client connections open: the open-file limit (%d) is nearly used up, "
+                    "so new connections are refused or cannot reach the upstream; raise it "
+                    "(ulimit -n, LimitNOFILE=, or the container's nofile ulimit)",
+                    _open_clients, _fd_limit)
+
+
+def _client_closed(_conn: object) -> None:
+    global _open_clients
+    _open_clients -= 1
+
 
 class Listener:
     def __init__(self, name: str, host: str, port: int, *, upstream: UpstreamConfig,
                  topology: Topology, router: Router, stats: PortStats | None = None,
-                 legacy_op_query: bool = True):
+                 legacy_op_query: bool = True, anonymous_as_uri_user: bool = True,
+                 tls: ssl.SSLContext | None = None):
         self.name = name
         self.host = host
         self.port = port
@@ -26,6 +78,8 @@ class Listener:
         self.router = router
         self.stats = stats
         self.legacy_op_query = legacy_op_query
+        self.anonymous_as_uri_user = anonymous_as_uri_user
+        self.tls = tls
         self.stopping = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._connections: set[ClientConnection] = set()
@@ -36,21 +90,30 @@ class Listener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._new_connection, self.host, self.port, reuse_address=True
+            self._new_connection, self.host, self.port, reuse_address=True, ssl=self.tls
         )
         sock = self._server.sockets[0].getsockname()
         self.port = sock[1]
-        log.info("%s listening on %s:%d", self.name, self.host, self.port)
+        log.info("%s listening on %s:%d%s", self.name, self.host, self.port,
+                 " (TLS)" if self.tls else "")
 
     def _new_connection(self) -> ClientConnection:
-        conn = ClientConnection(
+        return ClientConnection(
             upstream=self.upstream, topology=self.topology, router=self.router,
-            listener=self.name, stopping=self.stopping, on_closed=self._connections.discard,
-            fast_names=self._fast_names, stats=self.stats,
+            listener=self.name, stopping=self.stopping, on_closed=self._closed,
+            on_opened=self._opened, fast_names=self._fast_names, stats=self.stats,
             legacy_op_query=self.legacy_op_query,
+            anonymous_as_uri_user=self.anonymous_as_uri_user,
         )
+
+    def _opened(self, conn: ClientConnection) -> None:
         self._connections.add(conn)
-        return conn
+        _client_opened(asyncio.get_running_loop())
+
+    def _closed(self, conn: ClientConnection) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            _client_closed(conn)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish, then close every client."""

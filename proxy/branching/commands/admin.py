@@ -7,7 +7,7 @@ from typing import Any
 
 import bson
 
-from proxy.branching import history
+from proxy.branching import authz, history
 from proxy.branching.commands.base import SESSION_FIELDS, Request
 from proxy.branching.engine import MAIN
 from proxy.branching.errors import BranchError, CommandError
@@ -35,6 +35,19 @@ def _admin_only(req: Request) -> None:
                            f"{req.name} may only be run against the admin database.")
 
 
+async def _may_manage(req: Request) -> None:
+    """Changing branches: the upstream must let the caller write the metadata database."""
+    _admin_only(req)
+    await authz.require_manage(req.run, req.engine.meta_db, req.name)
+
+
+async def _may_view(req: Request) -> None:
+    """Reading branches and their history: the caller must be able to read the metadata
+    database (the WAL it is computed from)."""
+    _admin_only(req)
+    await authz.require_view(req.run, req.engine.meta_db, req.name)
+
+
 def _target(req: Request) -> str:
     """The branch name a branchInfo/dropBranch command names."""
     value = req.cmd.get(req.name)
@@ -45,7 +58,7 @@ def _target(req: Request) -> str:
 
 
 async def create_branch(req: Request) -> dict[str, Any]:
-    _admin_only(req)
+    await _may_manage(req)
     cmd = req.cmd
     unknown = sorted(k for k in cmd if k not in _CREATE_FIELDS and not k.startswith("$"))
     if unknown:
@@ -68,7 +81,7 @@ async def create_branch(req: Request) -> dict[str, Any]:
 
 
 async def list_branches(req: Request) -> dict[str, Any]:
-    _admin_only(req)
+    await _may_view(req)
     engine = req.engine
     if engine.unavailable is not None:
         raise CommandError(6, "HostUnreachable", engine.unavailable)
@@ -76,7 +89,7 @@ async def list_branches(req: Request) -> dict[str, Any]:
 
 
 async def branch_info(req: Request) -> dict[str, Any]:
-    _admin_only(req)
+    await _may_view(req)
     try:
         return {**await req.engine.describe(_target(req)), "ok": 1.0}
     except BranchError as exc:
@@ -84,7 +97,7 @@ async def branch_info(req: Request) -> dict[str, Any]:
 
 
 async def drop_branch(req: Request) -> dict[str, Any]:
-    _admin_only(req)
+    await _may_manage(req)
     name = _target(req)
     if req.branch is not None and req.branch.name == name:
         # Dropping closes the branch's port, which would wait on this very request.
@@ -121,7 +134,7 @@ def _optional_int(req: Request, key: str) -> int | None:
 
 async def branch_log(req: Request) -> dict[str, Any]:
     """{branchLog: name, limit?, beforeLsn?}: WAL entries, newest first."""
-    _admin_only(req)
+    await _may_view(req)
     _only(req, ("limit", "beforeLsn"))
     name = _target(req)
     limit = _optional_int(req, "limit")
@@ -135,7 +148,7 @@ async def branch_log(req: Request) -> dict[str, Any]:
 
 async def branch_diff(req: Request) -> dict[str, Any]:
     """{branchDiff: name}: the changes in one document, up to DIFF_LIMIT of them."""
-    _admin_only(req)
+    await _may_view(req)
     _only(req, ())
     name = _target(req)
     try:
@@ -166,12 +179,17 @@ async def merge_branch(req: Request) -> dict[str, Any]:
     """{mergeBranch: name, into?, strategy?, dryRun?}. Conflicts under strategy abort are
     an error (nothing was merged) carrying the full result, conflicts included."""
     _admin_only(req)
+    if req.cmd.get("dryRun") is True:
+        await _may_view(req)
+    else:
+        await _may_manage(req)
     _only(req, ("into", "strategy", "dryRun"))
     name = _target(req)
     try:
         result = await history.merge(req.engine, name, req.cmd.get("into"),
                                      req.cmd.get("strategy", "abort"),
-                                     req.cmd.get("dryRun", False))
+                                     req.cmd.get("dryRun", False),
+                                     history.Caller(req.run, req.ctx))
     except BranchError as exc:
         raise as_command_error(exc) from exc
     if result["strategy"] == "abort" and result["conflicts"] and not result["dry_run"]:
@@ -184,7 +202,7 @@ async def merge_branch(req: Request) -> dict[str, Any]:
 
 async def reset_branch(req: Request) -> dict[str, Any]:
     """{resetBranch: name, to: LSN | ISO-8601 time}."""
-    _admin_only(req)
+    await _may_manage(req)
     _only(req, ("to",))
     name = _target(req)
     if "to" not in req.cmd:

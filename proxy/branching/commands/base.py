@@ -30,6 +30,7 @@ class SystemContext:
     app_name: str | None = "mongobranch"
     user: str | None = None
     connection_id: int = 0
+    peer: str = "mongobranch"
 
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("system requests run on the engine's pool")
@@ -37,6 +38,9 @@ class SystemContext:
     @property
     def gossip(self) -> dict[str, Any]:
         return {}
+
+    async def authenticated_user(self) -> str | None:
+        return self.user
 
 
 @dataclass

@@ -21,8 +21,11 @@ from proxy.branching.commands.base import Request, coll_name, documents_stage
 from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
 from proxy.branching.model import NsState
+from proxy.branching.runner import error_from
 from proxy.branching.wal import DELETE, PUT, Change
 from proxy.wire.bsonutil import CODEC
+
+UNAUTHORIZED = 13
 
 BATCH = 1000
 DUP_KEY = 11000
@@ -163,16 +166,29 @@ class Writer:
             return []
         cmd = {"insert": self.state.hidden, "documents": [{"_id": i} for i in ids],
                "ordered": False}
+        # Not pooled, the hide runs on the client's connection: the upstream judges its
+        # right to write here.
         reply = await (self.req.engine.pool.reply(self.req.db, cmd) if pooled
                        else self.run(cmd))
         if not reply.get("ok"):
-            raise CommandError(int(reply.get("code", 8)), str(reply.get("codeName", "")),
-                               str(reply.get("errmsg", "")))
+            raise error_from(reply)
         # A duplicate: hidden already. Any other error (an _id no collection takes, which
         # the write itself is refused for too): not hidden.
         errors = {e["index"]: e.get("code") for e in reply.get("writeErrors", [])}
         self.state.hide([i for n, i in enumerate(ids) if errors.get(n, DUP_KEY) == DUP_KEY])
         return [i for n, i in enumerate(ids) if n not in errors]
+
+    async def unhide_pooled(self, ids: list[Any]) -> None:
+        """Undo a pooled hide whose companion write on the client's connection failed (it
+        may have been refused: then the proxy's own connection must not have changed the
+        branch view on the client's behalf)."""
+        if not ids:
+            return
+        reply = await self.req.engine.pool.reply(self.req.db, {
+            "delete": self.state.hidden, "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+        if not reply.get("ok"):
+            raise error_from(reply)
+        self.state.unhide(ids)
 
     async def unhide_absent(self, ids: list[Any]) -> None:
         """Undo hiding for ids the overlay turned out not to hold. Only for ids this
@@ -197,9 +213,18 @@ class Writer:
         if not fresh:
             return []
         ids = [d["_id"] for d in fresh]
-        await asyncio.gather(
+        hidden, copied = await asyncio.gather(
             self.hide(ids, pooled=True),
-            self.check({"insert": self.state.live, "documents": fresh, "ordered": False}))
+            self.check({"insert": self.state.live, "documents": fresh, "ordered": False}),
+            return_exceptions=True)
+        if isinstance(copied, BaseException):
+            if not isinstance(hidden, BaseException):
+                await self.unhide_pooled(hidden)
+            raise copied
+        if isinstance(hidden, BaseException):
+            await self.check({"delete": self.state.live,
+                              "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+            raise hidden
         return ids
 
     async def uncopy(self, ids: list[Any]) -> None:
@@ -402,7 +427,7 @@ async def insert(req: Request) -> dict[str, Any]:
                                 "documents": [d for _, d in batch]}),
                     writer.hide(tried, pooled=True))
                 if not reply.get("ok"):
-                    await writer.unhide_absent(hid)
+                    await writer.unhide_pooled(hid)  # the insert failed as a whole
                     return reply
                 failed = set()
                 for err in reply.get("writeErrors", []):
@@ -487,6 +512,8 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
                 if len(small) > BATCH:
                     small = None
     except CommandError as exc:
+        if exc.code == UNAUTHORIZED:
+            raise  # as mongod: a refused privilege fails the whole command
         return {"error": {"index": index, "code": exc.code, "errmsg": str(exc)}}
     base_stmt = {k: v for k, v in stmt.items() if k not in ("q", "multi", "upsert", "sort")}
     if not ids:
@@ -604,6 +631,8 @@ async def delete(req: Request) -> dict[str, Any]:
                     n += len(batch)
                     await writer.flush()
             except CommandError as exc:
+                if exc.code == UNAUTHORIZED:
+                    raise  # as mongod: a refused privilege fails the whole command
                 errors.append({"index": index, "code": exc.code, "errmsg": str(exc)})
                 if ordered:
                     break
