@@ -272,7 +272,7 @@ class Runner:
             ["find", "count", "distinct", "agg", "insert", "insert_many", "update_one",
              "update_many", "replace", "upsert", "delete_one", "delete_many", "fam", "index",
              "estimated", "find_one_id", "other_write", "batch", "bulk", "noop", "wipe"],
-            weights=[16, 5, 4, 9, 6, 3, 7, 4, 3, 4, 4, 2, 6, 1, 1, 5, 2, 6, 4, 6, 0.5],
+            weights=[16, 5, 4, 9, 6, 3, 7, 3, 3, 4, 4, 2, 6, 1, 1, 5, 2, 6, 4, 6, 0.5],
         )[0]
         getattr(self, "op_" + op)()
 
@@ -519,7 +519,9 @@ class Runner:
         (findAndModify with each of its options)."""
         rng = self.rng
         filt, upd = noop_update(rng)
-        if rng.random() < 0.5:
+        # Mostly on one id: a no-op over half the collection copies it all into the
+        # overlay and out again, the CI run's most expensive step.
+        if rng.random() < 0.8:
             filt = {"$and": [filt, {"_id": self.pick_id()}]}
         how = rng.choice(["update_one", "update_many", "replace", "bulk", "fam", "fam"])
         col = self.col_of
