@@ -66,7 +66,8 @@ def inject(docs: list[dict[str, Any]]) -> list[Stage]:
     """Stages appending these documents to the stream (none: nothing to append)."""
     if not docs:
         return []
-    return [{"$facet": {_LIVE_FIELD: []}},
+    # mongod refuses an empty $facet sub-pipeline; $match {} passes every document.
+    return [{"$facet": {_LIVE_FIELD: [{"$match": {}}]}},
             {"$project": {_LIVE_FIELD: {
                 "$concatArrays": [f"${_LIVE_FIELD}", {"$literal": docs}]}}},
             {"$unwind": f"${_LIVE_FIELD}"},
