@@ -61,6 +61,8 @@ SECTION = "## Modes: copy vs WAL (issue 5)"
 BIN = Path(sys.executable).parent
 DB, BASE = "bench", "base"
 META = "mongobranch_bench"
+BASELINE_META = "mongobranch_bench_b"
+BASELINE = "wal-baseline"  # latency target: the WAL branch of the --baseline tree's proxy
 BATCH = 10_000
 WAL, COPY = "wal", "copy"
 MODES = (WAL, COPY)
@@ -147,6 +149,7 @@ class Stack:
     proxy_uri: str
     admin_port: int
     http: http.client.HTTPConnection | None = None
+    baseline_admin: int | None = None  # --baseline: the other tree's proxy, own metadata
 
     def api(self, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
         for attempt in (0, 1):
@@ -166,6 +169,25 @@ class Stack:
                 if attempt or method == "POST":  # never create a branch twice
                     raise
         raise AssertionError("unreachable")
+
+
+def start_baseline(procs: Procs, tree: str, upstream: str) -> int:
+    """The proxy of another source tree on the same upstream, with its own metadata
+    database and one branch port; returns its admin port."""
+    src = str(Path(tree).resolve())
+    q_port, qa_port, qb_port = free_port(), free_port(), free_port()
+    # Same interpreter and dependencies, the `proxy` package imported from the tree.
+    code = ("import sys; src = sys.argv.pop(1); sys.path.insert(0, src); import proxy; "
+            "assert proxy.__file__.startswith(src), proxy.__file__; "
+            "from proxy.cli import main; sys.argv[0] = 'mongobranch'; main()")
+    baseline = procs.spawn("baseline", [
+        sys.executable, "-c", code, src, "serve", "--upstream", upstream,
+        "--listen", f"127.0.0.1:{q_port}", "--admin", f"127.0.0.1:{qa_port}",
+        "--branch-ports", f"{qb_port}-{qb_port}", "--meta-db", BASELINE_META,
+        "--data-dir", str(procs.logdir / "data-b"), "--log-level", "WARNING"])
+    wait_port(qa_port, baseline)
+    wait_port(q_port, baseline)
+    return qa_port
 
 
 def start_stack(procs: Procs, nports: int, cache: str) -> Stack:
@@ -279,6 +301,7 @@ class Size:
     lat_rounds: int = 0
     lat_allowance: float = 0.0
     latency_skip: str | None = None
+    baseline: bool = False  # a --baseline WAL branch was made at this size
     warnings: list[str] = field(default_factory=list)
 
 
@@ -482,6 +505,7 @@ def measure_latency(uris: dict[str, str], n: int, args: argparse.Namespace, size
               "agg": max(1, args.lat_block // 5), "insert": args.lat_block,
               "update": args.lat_block, "delete": args.lat_block}
     readers = list(uris)
+    # The baseline branch takes the same writes, so both trees' overlays grow alike.
     writers = [t for t in uris if t != "main"]
     began = time.monotonic()
     try:
@@ -736,14 +760,32 @@ def report(args: argparse.Namespace, sizes: list[Size], doc_bytes: float) -> str
             lines.append(f"| {labels[op]} | - | {ms(pct(w, .5))} | {ms(pct(w, .9))} | "
                          f"{ms(pct(c, .5))} | {ms(pct(c, .9))} | "
                          f"**{pct(w, .5) / pct(c, .5):.2f}x** |")
+        if (BASELINE, "agg") in reads:
+            lines += ["", f"Before/after in the same rounds: the same reads on `{BASELINE}-{s.n}`, "
+                      "a WAL branch of the proxy run from the `--baseline` tree (its own "
+                      "metadata, the same 1% update as `wal-<n>-0`: same ids, same values), "
+                      "beside this tree's WAL branch and main:", "",
+                      "| op | main p50 | baseline WAL p50 | WAL p50 | **baseline WAL/main** | "
+                      "**WAL/main** |", "|---|---|---|---|---|---|"]
+            for op in ("point", "range", "agg"):
+                m, b, w = reads[("main", op)], reads[(BASELINE, op)], reads[(WAL, op)]
+                lines.append(f"| {labels[op]} | {ms(pct(m, .5))} | {ms(pct(b, .5))} | "
+                             f"{ms(pct(w, .5))} | **{pct(b, .5) / pct(m, .5):.2f}x** | "
+                             f"**{pct(w, .5) / pct(m, .5):.2f}x** |")
         lines += ["", "A copy branch runs the aggregation on its copied collection itself. A WAL "
-                      "branch runs it on the base collection with the branch's live documents "
-                      "added by a `$unionWith` of its overlay; SecantusDB evaluates a "
-                      "`$unionWith` sub-pipeline without indexes (its `$match` scans the whole "
-                      "overlay: 352 ms for 200 of 20,000 documents, against 7 ms for the same "
-                      "`$match` as a first stage), so the WAL branch's aggregation grows with "
-                      "its overlay (100 live documents at 10,000, 1,000+ at 100,000). mongod "
-                      "answers that `$match` from the overlay's index.", ""]
+                      "branch runs it on the base collection. Its leading `$match` selects few "
+                      "base documents here (at most 1,000): the proxy first reads their ids "
+                      "(an indexed find) to exclude only the hidden ones among them with a "
+                      "short `$nin`, then reads the branch's live documents the `$match` "
+                      "selects with an indexed find on the overlay, and they enter the "
+                      "pipeline as a literal (`$facet` holding the base side, `$concatArrays`, "
+                      "`$unwind`). A `$unionWith` of the overlay would cost a scan of the whole "
+                      "overlay on SecantusDB, which evaluates a `$unionWith` sub-pipeline "
+                      "without indexes (352 ms for 200 of 20,000 documents, against 7 ms for "
+                      "the same `$match` as a first stage); mongod answers it from the "
+                      "overlay's index. What remains over main is the id read: SecantusDB "
+                      "fetches every selected document for it, so it costs about what main's "
+                      "whole aggregation costs.", ""]
     warnings = [f"{s.n:,}: {w}" for s in sizes for w in s.warnings]
     lines += ["Correctness checks during the run (each 1% update's modified count, a "
               "read-back of an updated document, the count command on the first branch of each "
@@ -774,6 +816,9 @@ def teardown(stack: Stack, size: Size, clock: Clock) -> None:
     for rows in size.branches.values():
         for info in rows:
             stack.api("DELETE", f"/branches/{info['name']}")
+    if size.baseline and stack.baseline_admin is not None:
+        Stack(stack.upstream, "", stack.baseline_admin).api(
+            "DELETE", f"/branches/{BASELINE}-{size.n}")
     with MongoClient(stack.upstream, directConnection=True) as c:
         c.drop_database(DB)
     clock.say(f"  deleted the {size.n:,}-doc branches and base in {time.monotonic() - t0:.0f}s")
@@ -820,11 +865,38 @@ def run_size(stack: Stack, size: Size, args: argparse.Namespace, clock: Clock,
         t0 = time.monotonic()
         uris = {"main": stack.proxy_uri, WAL: size.branches[WAL][0]["uri"],
                 COPY: size.branches[COPY][0]["uri"]}
+        if stack.baseline_admin is not None:
+            uris[BASELINE] = baseline_branch(stack, size, clock)
         measure_latency(uris, n, args, size, size.lat_allowance)
         clock.say(f"{n:,}: latency: {size.lat_rounds} rounds in "
                   f"{time.monotonic() - t0:.0f}s")
     if size.latency_skip:
         clock.say(f"{n:,}: latency skipped: {size.latency_skip}")
+
+
+def baseline_branch(stack: Stack, size: Size, clock: Clock) -> str:
+    """A WAL branch on the --baseline proxy holding the same 1% update as `wal-<n>-0`
+    (same ids, same update), so the two trees answer the same reads over the same data."""
+    from pymongo import MongoClient
+
+    assert stack.baseline_admin is not None
+    other = Stack(stack.upstream, "", stack.baseline_admin)
+    name = f"{BASELINE}-{size.n}"
+    status, body = other.api("POST", "/branches", {"name": name, "mode": WAL})
+    if status != 201:
+        raise SystemExit(f"baseline branch: HTTP {status} {body}")
+    per = max(1, size.n // 100)
+    ids = random.Random(0).sample(range(size.n), per)  # update_and_measure's wal branch 0
+    t0 = time.monotonic()
+    c: MongoClient[dict[str, Any]]
+    with MongoClient(body["uri"]) as c:
+        for start in range(0, per, 1000):
+            c[DB][BASE].update_many({"_id": {"$in": ids[start:start + 1000]}},
+                                    {"$inc": {"v": 1}, "$set": {"s": "b0"}})
+    clock.say(f"{size.n:,}: baseline WAL branch updated {per:,} docs in "
+              f"{time.monotonic() - t0:.0f}s")
+    size.baseline = True
+    return str(body["uri"])
 
 
 def main() -> int:
@@ -846,6 +918,11 @@ def main() -> int:
     ap.add_argument("--latency-allowance", type=float, default=120.0,
                     help="seconds for one size's latency phase: rounds stop past it")
     ap.add_argument("--lat-block", type=int, default=10)
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run the proxy from another source tree (a directory holding a "
+                         "`proxy/` package, e.g. `git archive main` unpacked) with a WAL "
+                         "branch holding wal-<n>-0's 1%% update; its reads join the latency "
+                         "rounds as target 'wal-baseline': a before/after in one run")
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.latency_sizes = "2000,20000", "2000,20000"
@@ -865,6 +942,8 @@ def main() -> int:
     sizes = [Size(int(x)) for x in args.sizes.split(",")]
     try:
         stack = start_stack(procs, 2 * args.branches + 10, args.upstream_cache)
+        if args.baseline:
+            stack.baseline_admin = start_baseline(procs, args.baseline, stack.upstream)
         clock.say(f"logs in {logdir}")
         measured: Size | None = None  # the last size seeded, torn down before the next
         for size in sizes:

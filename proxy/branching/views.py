@@ -44,14 +44,46 @@ def _match(filt: dict[str, Any] | None) -> list[Stage]:
     return [{"$match": filt}] if filt else []
 
 
+_LIVE_FIELD = "__mb_live"
+# The live documents a leading $match selects enter the base's pipeline as a literal
+# when both sides are known to be this small: $facet holds the base side in one
+# document meanwhile (mongod caps it at 100 MB; 16 MB keeps far below).
+INJECT_DOCS = 1000
+INJECT_BYTES = 16 * 1024 * 1024
+
+
+def injects_live(base_docs: int, base_bytes: int, live_docs: int, live_bytes: int) -> bool:
+    """Whether the live documents go in as a literal rather than a $unionWith of the
+    live collection. The union's sub-pipeline $match scans the whole overlay on
+    SecantusDB (mongod would use the overlay's index); an indexed find on the overlay
+    plus the literal costs what the selected documents cost, whatever the overlay's
+    size, at the price of holding the small base side in one $facet document."""
+    return (base_docs <= INJECT_DOCS and live_docs <= INJECT_DOCS
+            and base_bytes + 2 * live_bytes <= INJECT_BYTES)
+
+
+def inject(docs: list[dict[str, Any]]) -> list[Stage]:
+    """Stages appending these documents to the stream (none: nothing to append)."""
+    if not docs:
+        return []
+    # mongod refuses an empty $facet sub-pipeline; $match {} passes every document.
+    return [{"$facet": {_LIVE_FIELD: [{"$match": {}}]}},
+            {"$project": {_LIVE_FIELD: {
+                "$concatArrays": [f"${_LIVE_FIELD}", {"$literal": docs}]}}},
+            {"$unwind": f"${_LIVE_FIELD}"},
+            {"$replaceRoot": {"newRoot": f"${_LIVE_FIELD}"}}]
+
+
 def view_stages(layers: list[NsState], filt: dict[str, Any] | None = None, *,
                 skip_top_live: bool = False, base_hidden: list[Any] | None = None,
-                ) -> list[Stage]:
+                live_docs: list[dict[str, Any]] | None = None) -> list[Stage]:
     """Stages to run on the base collection that yield the branch view, filtered.
 
     skip_top_live leaves out the top branch's own live documents: what a write
     on that branch must copy from its parent. base_hidden, when given, are the only
-    hidden ids the filter can select from the base (see hidden_among).
+    hidden ids the filter can select from the base (see hidden_among). live_docs,
+    when given, are every layer's live documents the filter selects (see live_view),
+    appended as a literal instead of a union of each live collection.
     """
     dropped_at = next((i for i, layer in enumerate(layers) if layer.base_dropped), None)
     if dropped_at is not None:
@@ -61,6 +93,8 @@ def view_stages(layers: list[NsState], filt: dict[str, Any] | None = None, *,
                                  if base_hidden else [])
     else:
         stages = _match(filt) + exclusion(layers)
+    if live_docs is not None:
+        return stages + inject(live_docs)
     for j, layer in enumerate(layers):
         if j == 0 and skip_top_live:
             continue
@@ -77,6 +111,15 @@ def needs_anti_join(layers: list[NsState]) -> bool:
     if any(layer.hidden_ids is None for layer in layers):
         return False
     return sum(len(layer.hidden_ids or ()) for layer in layers) > NIN_LIMIT
+
+
+def live_view(layers: list[NsState], live: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each layer's selected live documents, minus those a layer above hides (the
+    union's exclusion, as an id-set lookup); every hidden set is cached."""
+    out: list[dict[str, Any]] = []
+    for j, docs in enumerate(live):
+        out.extend(d for d in docs if not any(layer.hides(d["_id"]) for layer in layers[:j]))
+    return out
 
 
 def hidden_among(layers: list[NsState], ids: list[Any]) -> list[Any]:

@@ -108,3 +108,31 @@ def test_voids_follow_the_chain_of_resets() -> None:
     # Back to 15, a point before the first reset was taken: what was visible then (the
     # entries up to 15) is visible again, and the first reset voids nothing on this chain.
     assert voids_at([(10, 20), (15, 40)], None) == [[15, 40]]
+
+
+def test_live_documents_go_in_as_a_literal_only_when_both_sides_are_small() -> None:
+    assert views.injects_live(200, 40_000, 3, 600)
+    assert views.injects_live(views.INJECT_DOCS, 1000, views.INJECT_DOCS, 1000)
+    assert not views.injects_live(views.INJECT_DOCS + 1, 1000, 0, 0)
+    assert not views.injects_live(10, 1000, views.INJECT_DOCS + 1, 1000)
+    # $facet holds the base side and the literal in one document: bytes bound it too
+    assert not views.injects_live(10, views.INJECT_BYTES, 1, 1)
+    assert not views.injects_live(10, 0, 1, views.INJECT_BYTES // 2 + 1)
+
+
+def test_injected_live_documents_replace_the_unions_and_stay_literal() -> None:
+    top, parent = layer("b2", [1, "x"]), layer("b1", [2])
+    docs = [{"_id": 1, "s": "$notapath"}, {"_id": "y", "o": {"$gt": 1}}]
+    stages = views.view_stages([top, parent], {"k": 1}, base_hidden=[1], live_docs=docs)
+    assert stages[:2] == [{"$match": {"k": 1}}, {"$match": {"_id": {"$nin": [1]}}}]
+    assert not any("$unionWith" in s for s in stages)
+    assert {"$literal": docs} in stages[3]["$project"]["__mb_live"]["$concatArrays"]
+    assert views.view_stages([top], {"k": 1}, base_hidden=[], live_docs=[]) == \
+        [{"$match": {"k": 1}}]
+
+
+def test_each_layers_live_documents_lose_the_ids_hidden_above_it() -> None:
+    top, parent = layer("b2", [1, "x"]), layer("b1", [2])
+    live = [[{"_id": 1}, {"_id": 9}], [{"_id": 1}, {"_id": "x"}, {"_id": 2}, {"_id": 3}]]
+    assert views.live_view([top, parent], live) == [{"_id": 1}, {"_id": 9}, {"_id": 2},
+                                                    {"_id": 3}]

@@ -5,12 +5,14 @@ the branch."""
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.branching import merge, views
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.wal import CREATE, PUT, Change
+from proxy.wire import bsonutil
 
 Pipeline = list[dict[str, Any]]
 _TMP = "__mb_lk"
@@ -125,8 +127,43 @@ _NARROW_CARRY = ("lsid", "$clusterTime", "readConcern", "collation", "let", "hin
                  "maxTimeMS", "apiVersion", "apiStrict")
 
 
+@dataclass
+class _Narrowed:
+    """What a leading $match selects from the base: the hidden ids among it, and how
+    many documents and BSON bytes it holds."""
+
+    hidden: list[Any]
+    docs: int
+    nbytes: int
+
+
+_SIZE = "__mb_size"
+
+
+def _probe(cmd: dict[str, Any], coll: str, first: dict[str, Any],
+           projection: dict[str, Any]) -> dict[str, Any]:
+    find: dict[str, Any] = {"find": coll, "filter": first, "projection": projection,
+                            "limit": NARROW_LIMIT + 1, "batchSize": NARROW_LIMIT + 1}
+    for key in _NARROW_CARRY:
+        if key in cmd:
+            find[key] = cmd[key]
+    return find
+
+
+async def _first_batch(req: Request, coll: str, find: dict[str, Any]) -> list[Any] | None:
+    """The whole result when it fits one batch of at most NARROW_LIMIT documents."""
+    reply = await req.run.reply(req.db, find)
+    if not reply.get("ok"):
+        return None
+    batch, cursor_id = reply["cursor"]["firstBatch"], reply["cursor"]["id"]
+    if cursor_id:  # more than one batch (large documents): not the few this is for
+        await req.run.reply(req.db, {"killCursors": coll, "cursors": [cursor_id]})
+        return None
+    return batch if len(batch) <= NARROW_LIMIT else None
+
+
 async def _base_hidden(req: Request, cmd: dict[str, Any], source: str, layers: list[Any],
-                       first: dict[str, Any] | None) -> list[Any] | None:
+                       first: dict[str, Any] | None) -> _Narrowed | None:
     """The hidden ids among the base documents a leading $match selects, when few: a
     short $nin then replaces the anti-join, which costs a lookup per base document. The
     server still evaluates the filter; the proxy only intersects id sets. None: the
@@ -134,22 +171,42 @@ async def _base_hidden(req: Request, cmd: dict[str, Any], source: str, layers: l
     reject on the aggregate itself)."""
     if not first or not views.needs_anti_join(layers):
         return None
-    find: dict[str, Any] = {"find": source, "filter": first, "projection": {"_id": 1},
-                            "limit": NARROW_LIMIT + 1, "batchSize": NARROW_LIMIT + 1}
-    for key in _NARROW_CARRY:
-        if key in cmd:
-            find[key] = cmd[key]
-    reply = await req.run.reply(req.db, find)
-    if not reply.get("ok"):
-        return None
-    batch, cursor_id = reply["cursor"]["firstBatch"], reply["cursor"]["id"]
-    if cursor_id:  # more than one batch (large ids): not the few documents this is for
-        await req.run.reply(req.db, {"killCursors": source, "cursors": [cursor_id]})
-        return None
-    if len(batch) > NARROW_LIMIT:
+    batch = await _first_batch(req, source, _probe(
+        cmd, source, first, {"_id": 1, _SIZE: {"$bsonSize": "$$ROOT"}}))
+    if batch is None:
         return None
     hidden = views.hidden_among(layers, [d["_id"] for d in batch])
-    return hidden if len(hidden) <= views.NIN_LIMIT else None
+    if len(hidden) > views.NIN_LIMIT:
+        return None
+    nbytes = sum(d[_SIZE] if isinstance(d.get(_SIZE), int) else views.INJECT_BYTES
+                 for d in batch)
+    return _Narrowed(hidden, len(batch), nbytes)
+
+
+async def _live_docs(req: Request, cmd: dict[str, Any], layers: list[Any],
+                     first: dict[str, Any], base: _Narrowed) -> list[dict[str, Any]] | None:
+    """Every layer's live documents the leading $match selects, read with the overlays'
+    own indexes, when they and the base side are few enough to go in as a literal
+    (views.injects_live); None: the pipeline unions the live collections."""
+    if any(layer.base_dropped for layer in layers):
+        return None
+    live: list[list[dict[str, Any]]] = []
+    count = nbytes = 0
+    for layer in layers:
+        if not views.injects_live(base.docs, base.nbytes, count, nbytes):
+            return None
+        find = _probe(cmd, layer.live, first, {})
+        find.pop("projection")
+        find.pop("hint", None)
+        batch = await _first_batch(req, layer.live, find)
+        if batch is None:
+            return None
+        live.append(batch)
+        count += len(batch)
+        nbytes += sum(len(bsonutil.encode(d)) for d in batch)
+    if not views.injects_live(base.docs, base.nbytes, count, nbytes):
+        return None
+    return views.live_view(layers, live)
 
 
 async def plan_aggregate(req: Request, cmd: dict[str, Any]) -> dict[str, Any] | None:
@@ -169,9 +226,13 @@ async def plan_aggregate(req: Request, cmd: dict[str, Any]) -> dict[str, Any] | 
         rest = rewritten
         if rest and "$match" in rest[0] and isinstance(rest[0]["$match"], dict):
             first, rest = rest[0]["$match"], rest[1:]
-        base_hidden = await _base_hidden(req, cmd, source, layers, first) \
+        narrowed = await _base_hidden(req, cmd, source, layers, first) \
             if isinstance(source, str) else None
-        rewritten = views.view_stages(layers, first, base_hidden=base_hidden) + rest
+        live = await _live_docs(req, cmd, layers, first, narrowed) \
+            if narrowed is not None and first else None
+        rewritten = views.view_stages(
+            layers, first, base_hidden=None if narrowed is None else narrowed.hidden,
+            live_docs=live) + rest
     out = {k: v for k, v in cmd.items() if k not in ("$db", "pipeline")}
     out["aggregate"] = target
     out["pipeline"] = rewritten
