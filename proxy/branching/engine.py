@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
 from pymongo import AsyncMongoClient
@@ -20,7 +20,8 @@ from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner, pooled
-from proxy.branching.wal import CREATE, RESETS, STARTS, Change, Wal, image, matching
+from proxy.branching.snapshot import Fence, preserve
+from proxy.branching.wal import CREATE, HOLDS, RESETS, STARTS, Change, Wal, image, matching
 from proxy.config import Config
 
 log = logging.getLogger("mongobranch.engine")
@@ -60,6 +61,7 @@ class Engine:
         # Why branching is unavailable (None once start() succeeded).
         self.unavailable: str | None = "branch engine is starting"
         self._locks: dict[str, BranchLock] = {}
+        self._fences: dict[str, Fence] = {}
         self._dirty: set[str] = set()
         self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
         self._flusher: asyncio.Task[None] | None = None
@@ -151,9 +153,12 @@ class Engine:
         raise BranchError(409, f"no free port left in {self.port_range[0]}-{self.port_range[1]}")
 
     async def create_branch(self, name: Any, parent: Any = MAIN, port: Any = None,
-                            mode: Any = None, progress: Any = None) -> Branch:
+                            mode: Any = None, progress: Any = None,
+                            then: Callable[[Branch], Awaitable[None]] | None = None) -> Branch:
         """A metadata insert and a listener; a copy branch first copies its parent's data,
-        so no client ever sees it half-copied. Without a mode, the feature flags choose."""
+        so no client ever sees it half-copied. Without a mode, the feature flags choose.
+        `then` finishes the branch's data before its port opens, while its parent's writes
+        still wait (a branch at a past point restores its images there)."""
         self.check_ready()
         if mode is not None and mode not in ("wal", "copy"):
             raise BranchError(400, f"mode must be 'wal' or 'copy', got {mode!r}")
@@ -179,6 +184,41 @@ class Engine:
             raise BranchError(400, f"port must be an integer 1-65535, got {port!r}")
         elif any(b.port == port for b in self.branches.values()):
             raise BranchError(409, f"port {port} is already used by another branch")
+        # The parent's writes wait while the branch forks (and, in copy mode, copies):
+        # it starts from a state no write is half-way through.
+        async with self.reading(self.chain(self.branches[parent]) if parent != MAIN else []):
+            branch = await self._fork(name, parent, port, mode, progress)
+            if then is not None:
+                try:
+                    await then(branch)
+                except Exception:
+                    await self._forget(branch)
+                    raise
+        if self.ports is not None:
+            busy: set[int] = set()
+            while True:
+                try:
+                    await self.ports.open(branch)
+                    break
+                except OSError as exc:
+                    busy.add(branch.port)
+                    error = BranchError(409, f"port {branch.port} cannot be opened: {exc}")
+                try:
+                    if not auto:
+                        raise error
+                    # An auto-assigned port held by another socket: take the next free one.
+                    branch.port = self._free_port(busy)
+                except BranchError:
+                    await self._forget(branch)
+                    raise
+                await self.meta["branches"].update_one({"_id": name},
+                                                       {"$set": {"port": branch.port}})
+        log.info("created branch %s (parent %s, port %d)", name, parent, branch.port)
+        return branch
+
+    async def _fork(self, name: str, parent: str, port: int, mode: str,
+                    progress: Any) -> Branch:
+        """The branch's metadata, and in copy mode its copy of the parent's data."""
         branch = Branch(
             name=name, bid=secrets.token_hex(4), parent=parent,
             fork_lsn=await self.wal.current(),
@@ -212,26 +252,6 @@ class Engine:
                 self.progress.pop(name, None)
             branch.creating = False
             await self.save_branch(branch)
-        if self.ports is not None:
-            busy: set[int] = set()
-            while True:
-                try:
-                    await self.ports.open(branch)
-                    break
-                except OSError as exc:
-                    busy.add(branch.port)
-                    error = BranchError(409, f"port {branch.port} cannot be opened: {exc}")
-                try:
-                    if not auto:
-                        raise error
-                    # An auto-assigned port held by another socket: take the next free one.
-                    branch.port = self._free_port(busy)
-                except BranchError:
-                    await self._forget(branch)
-                    raise
-                await self.meta["branches"].update_one({"_id": name},
-                                                       {"$set": {"port": branch.port}})
-        log.info("created branch %s (parent %s, port %d)", name, parent, branch.port)
         return branch
 
     async def _forget(self, branch: Branch) -> None:
@@ -346,8 +366,25 @@ class Engine:
         on one document each (point: its (namespace, idkey)) only against writes on the
         same document and against everything else (locks.py)."""
         lock = self.branch_lock(branch.bid)
-        async with lock.exclusive() if point is None else lock.shared(point):
+        async with lock.exclusive() if point is None else lock.shared(point), \
+                self.fence(branch.bid).hold("w"):
             yield
+
+    def fence(self, bid: str) -> Fence:
+        return self._fences.setdefault(bid, Fence())
+
+    @contextlib.asynccontextmanager
+    async def reading(self, branches: list[Branch]) -> AsyncIterator[None]:
+        """Keeps these branches' writes out, so none shows half preserved in a child
+        (snapshot.py). Taken root first, before any branch lock."""
+        async with contextlib.AsyncExitStack() as stack:
+            for branch in reversed(branches):
+                await stack.enter_async_context(self.fence(branch.bid).hold("r"))
+            yield
+
+    def ancestors(self, branch: Branch) -> list[Branch]:
+        """The branches a branch reads through, nearest first, main excluded."""
+        return self.chain(branch)[1:]
 
     def branch_lock(self, bid: str) -> BranchLock:
         return self._locks.setdefault(bid, BranchLock())
@@ -385,6 +422,7 @@ class Engine:
     async def log_changes(self, branch: Branch, changes: list[Change], client: dict[str, Any],
                           txn: dict[str, Any] | None = None,
                           reply: dict[str, Any] | None = None) -> int:
+        await preserve(self, branch, changes)
         return await self.wal.append(branch.bid, changes, client, txn, reply)
 
     # -- retryable writes -----------------------------------------------------------------
@@ -433,14 +471,15 @@ class Engine:
         })
         await self.pool(self.meta_db, {
             "aggregate": "wal", "allowDiskUse": True, "cursor": {},
-            "pipeline": [*fold, {"$match": {"op": "put", "post": {"$type": "object"}}},
+            "pipeline": [*fold, {"$match": {"op": {"$in": list(HOLDS)},
+                                            "post": {"$type": "object"}}},
                          {"$replaceRoot": {"newRoot": "$post"}},
                          {"$merge": {"into": {"db": state.db, "coll": state.live}}}],
         })
         # Images gc compressed are unpacked here, a batch at a time.
         async for batch in self.pool.batches(self.meta_db, {
                 "aggregate": "wal", "allowDiskUse": True, "cursor": {},
-                "pipeline": [*fold, {"$match": {"op": "put", "post": None,
+                "pipeline": [*fold, {"$match": {"op": {"$in": list(HOLDS)}, "post": None,
                                                 "postz": {"$ne": None}}}]}):
             docs = [image(d, "post") for d in batch]
             await self.pool(state.db, {"insert": state.live, "ordered": False,

@@ -21,7 +21,7 @@ from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
-from proxy.branching.wal import DELETE, PUT, RESETS, STARTS, Change, image, matching
+from proxy.branching.wal import DELETE, HOLDS, KEEP, PUT, RESETS, STARTS, Change, image, matching
 
 BATCH = reader.BATCH
 STRATEGIES = ("abort", "ours", "theirs")
@@ -173,7 +173,8 @@ async def replaced(engine: Engine, branch: Branch, state: NsState) -> bool:
 async def touched(engine: Engine, branch: Branch,
                   state: NsState) -> AsyncIterator[list[tuple[Any, dict[str, Any] | None]]]:
     """Batches of the ids a branch changed in a collection, in _id order, each with the
-    parent image the branch saw when it first touched it (None: absent then).
+    parent image the branch saw when it first touched it (None: absent then). Ids it
+    only keeps a parent's image of are not changes; their kept image is what it saw.
 
     One pass over the branch's visible WAL entries for the collection: the logged ids
     are the hidden set (rematerialization rebuilds one from the other), and the first
@@ -182,7 +183,9 @@ async def touched(engine: Engine, branch: Branch,
                            "op": {"$nin": list(STARTS)}, **branch.visible()}),
                 {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "pre": {"$first": "$pre"},
-                            "prez": {"$first": "$prez"}}},
+                            "prez": {"$first": "$prez"},
+                            "own": {"$max": {"$cond": [{"$eq": ["$op", KEEP]}, 0, 1]}}}},
+                {"$match": {"own": 1}},
                 {"$sort": {"_id": 1}}]
     async for batch in engine.pool.batches(engine.meta_db, {
             "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
@@ -560,7 +563,7 @@ def voids_at(resets: list[tuple[int, int]], lsn: int | None) -> list[list[int]]:
 def visible_at(bid: str, lsn: int, voids: list[list[int]]) -> dict[str, Any]:
     """A WAL filter for the entries a branch showed when the log stood at lsn, given the
     voids in effect then."""
-    ranges = [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in voids]
+    ranges = [{"_id": {"$gt": lo, "$lte": hi}, "op": {"$ne": KEEP}} for lo, hi in voids]
     return {"b": bid, "_id": {"$lte": lsn}, **({"$nor": ranges} if ranges else {})}
 
 
@@ -605,8 +608,8 @@ async def _freeze_into(engine: Engine, parent: Branch, child: Branch,
             # The pre-image is what the child saw: a later merge compares the parent
             # against it.
             await engine.log_changes(child, [
-                Change(ns, i, PUT, docs[idkey(i)], docs[idkey(i)]) if idkey(i) in docs
-                else Change(ns, i, DELETE, None, None) for i in fresh], {"app": "mongobranch"})
+                Change(ns, i, KEEP, docs.get(idkey(i)), docs.get(idkey(i))) for i in fresh],
+                {"app": "mongobranch"})
             copied += len(fresh)
     return copied
 
@@ -658,44 +661,51 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
                                "point; a branch at that point is not supported")
     any_later = {"b": source.bid, "$or": [{"_id": {"$gt": lsn}}, *reopened]} if reopened \
         else {"b": source.bid, "_id": {"$gt": lsn}}
-    branch = await engine.create_branch(name, source.name, port, source.mode)
-    branch.fork_lsn = lsn
-    await engine.save_branch(branch)
-    if source.mode == "copy":
-        await copymode.undo_to(engine, source, lsn, branch)
-        return branch
+
+    async def restore(branch: Branch) -> None:
+        branch.fork_lsn = lsn
+        await engine.save_branch(branch)
+        if source.mode == "copy":
+            await copymode.undo_to(engine, source, lsn, branch)
+            return
+        async with engine.writing(branch):
+            await _restore_at(engine, source, branch, lsn, then, any_later)
+
+    return await engine.create_branch(name, source.name, port, source.mode, then=restore)
+
+
+async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
+                      then: list[list[int]], any_later: dict[str, Any]) -> None:
     pool = engine.pool
-    async with engine.writing(branch):
-        for state in branch_states(engine, source):
-            ns = f"{state.db}.{state.coll}"
-            ids_pipeline = [*matching({**any_later, "ns": ns, "op": {"$nin": list(STARTS)}}),
-                            {"$group": {"_id": "$id"}}]
-            mine: NsState | None = None
-            async for group in pool.batches(engine.meta_db, {
-                    "aggregate": "wal", "pipeline": ids_pipeline, "cursor": {},
-                    "allowDiskUse": True}):
-                restore = await _images_then(engine, source, state, lsn, then,
-                                             [g["_id"] for g in group])
-                if not restore:
-                    continue
-                if mine is None:
-                    mine = await engine.ensure_state(branch, state.db, state.coll, pool)
-                    await engine.mark_dirty(mine)
-                ids = [i for i, _, _ in restore]
-                docs = [img for _, _, img in restore if img is not None]
-                if docs:
-                    await pool(state.db, {"insert": mine.live, "documents": docs,
-                                          "ordered": False})
-                await pool(state.db, {"insert": mine.hidden,
-                                      "documents": [{"_id": i} for i in ids], "ordered": False})
-                mine.hide(ids)
-                # Pre-images are the source's documents now, what the new branch hides:
-                # merging it back finds no conflict unless the source changes them again.
-                await engine.log_changes(branch, [
-                    Change(ns, i, PUT, now, img) if img is not None
-                    else Change(ns, i, DELETE, now, None) for i, now, img in restore],
-                    {"app": "mongobranch"})
-    return branch
+    for state in branch_states(engine, source):
+        ns = f"{state.db}.{state.coll}"
+        ids_pipeline = [*matching({**any_later, "ns": ns, "op": {"$nin": list(STARTS)}}),
+                        {"$group": {"_id": "$id"}}]
+        mine: NsState | None = None
+        async for group in pool.batches(engine.meta_db, {
+                "aggregate": "wal", "pipeline": ids_pipeline, "cursor": {},
+                "allowDiskUse": True}):
+            restore = await _images_then(engine, source, state, lsn, then,
+                                         [g["_id"] for g in group])
+            if not restore:
+                continue
+            if mine is None:
+                mine = await engine.ensure_state(branch, state.db, state.coll, pool)
+                await engine.mark_dirty(mine)
+            ids = [i for i, _, _ in restore]
+            docs = [img for _, _, img in restore if img is not None]
+            if docs:
+                await pool(state.db, {"insert": mine.live, "documents": docs,
+                                      "ordered": False})
+            await pool(state.db, {"insert": mine.hidden,
+                                  "documents": [{"_id": i} for i in ids], "ordered": False})
+            mine.hide(ids)
+            # Pre-images are the source's documents now, what the new branch hides:
+            # merging it back finds no conflict unless the source changes them again.
+            await engine.log_changes(branch, [
+                Change(ns, i, PUT, now, img) if img is not None
+                else Change(ns, i, DELETE, now, None) for i, now, img in restore],
+                {"app": "mongobranch"})
 
 
 async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
@@ -717,7 +727,7 @@ async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
                 "aggregate": "wal", "pipeline": fold, "cursor": {}, "allowDiskUse": True}):
             for doc in batch:
                 last = doc["last"]
-                then[idkey(doc["_id"])] = image(last, "post") if last["op"] == PUT else None
+                then[idkey(doc["_id"])] = image(last, "post") if last["op"] in HOLDS else None
         firsts = [*matching({"b": source.bid, **by_id, "_id": {"$gt": lsn}}),
                   {"$sort": {"_id": 1}},
                   {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]

@@ -38,10 +38,13 @@ class Branch:
                 "creating": self.creating}
 
     def visible(self) -> dict[str, Any]:
-        """A WAL filter leaving out the entries a reset voided."""
+        """A WAL filter leaving out the entries a reset voided. A reset never voids a
+        parent's image kept for the branch (snapshot.py): it is what the branch showed
+        before that entry too."""
         if not self.voids:
             return {}
-        return {"$nor": [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in self.voids]}
+        return {"$nor": [{"_id": {"$gt": lo, "$lte": hi}, "op": {"$ne": "keep"}}
+                         for lo, hi in self.voids]}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Branch:

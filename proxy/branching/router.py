@@ -100,4 +100,9 @@ class EngineRouter:
         if handler is None:
             raise not_supported(f"command {name!r}", self.branch or "main")
         req = Request(self.engine, branch, ctx, Runner(ctx.upstream_command), db, cmd)
-        return await handler(req)
+        if branch is None or name in ADMIN:
+            return await handler(req)
+        # What the branch reads through must not change under it half-preserved
+        # (snapshot.py); admin commands take what they need themselves.
+        async with self.engine.reading(self.engine.ancestors(branch)):
+            return await handler(req)

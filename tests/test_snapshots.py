@@ -1,0 +1,160 @@
+"""Branches are snapshots: a child shows its parent as it was at the fork, plus its own
+writes, whatever the parent does afterwards (docs/ARCHITECTURE.md, "Snapshots")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pymongo import DeleteOne, InsertOne, MongoClient, UpdateOne
+from pymongo.database import Database
+
+from tests.branchutil import Branches, branches, fingerprint, unique
+from tests.historyutil import diff, doc_changes, entries, merge, ok
+from tests.servers import ProxyProcess
+
+
+@pytest.fixture()
+def made(proxy: ProxyProcess) -> Iterator[Branches]:
+    with branches(proxy) as b:
+        yield b
+
+
+@pytest.fixture()
+def db_name() -> str:
+    return unique("snap").replace("-", "_")
+
+
+def view(db: Database) -> dict[str, Any]:
+    """What a client sees of a database through every read path the planner has: full
+    finds, counts, an indexed query, point lookups, distinct, an aggregation, the catalog."""
+    items = db.items
+    return {
+        "fingerprint": fingerprint(db),
+        "count": items.count_documents({}),
+        "estimated": items.estimated_document_count(),
+        "count_k1": items.count_documents({"k": 1}),
+        "indexed": sorted(repr(d) for d in items.find({"k": 1}).hint("k_1")),
+        "points": [items.find_one({"_id": i}) for i in (0, 1, 2, 3, 12, 13, 14, 22, "new")],
+        "distinct": sorted(repr(v) for v in items.distinct("v")),
+        "grouped": sorted(repr(d) for d in items.aggregate(
+            [{"$group": {"_id": "$k", "n": {"$sum": 1}}}])),
+        "sorted": [d["_id"] for d in items.find({}, {"_id": 1}).sort("v", -1).limit(7)],
+        "collections": sorted(db.list_collection_names()),
+        "indexes": sorted(ix["name"] for ix in items.list_indexes()),
+    }
+
+
+def seed(client: MongoClient, db: str) -> None:
+    client[db].items.insert_many([{"_id": i, "v": i, "k": i % 5} for i in range(30)])
+    client[db].items.create_index("k")
+
+
+PARENT_WRITES: list[tuple[str, Callable[[Any], Any]]] = [
+    ("update_many", lambda c: c.update_many({"_id": {"$lt": 10}}, {"$set": {"v": "P"}})),
+    ("delete_many", lambda c: c.delete_many({"_id": {"$gte": 20, "$lt": 25}})),
+    ("insert_one", lambda c: c.insert_one({"_id": "new", "v": 1, "k": 1})),
+    ("insert_many", lambda c: c.insert_many([{"_id": 100 + i, "v": -i, "k": 1}
+                                             for i in range(3)])),
+    ("find_one_and_update", lambda c: c.find_one_and_update({"_id": 12},
+                                                            {"$inc": {"v": 100}})),
+    ("find_one_and_delete", lambda c: c.find_one_and_delete({"_id": 13})),
+    ("replace_one", lambda c: c.replace_one({"_id": 14}, {"v": "r", "k": 1})),
+    ("upsert", lambda c: c.update_one({"_id": "ups"}, {"$set": {"v": 1, "k": 1}},
+                                      upsert=True)),
+    ("upsert_by_filter", lambda c: c.update_one({"v": "nowhere"}, {"$set": {"k": 1}},
+                                                upsert=True)),
+    ("bulk", lambda c: c.bulk_write([InsertOne({"_id": "b1", "k": 1}),
+                                     UpdateOne({"_id": 15}, {"$set": {"k": 1}}),
+                                     DeleteOne({"_id": 16}),
+                                     UpdateOne({"_id": 22}, {"$set": {"v": "again"}})],
+                                    ordered=False)),
+    ("update_all", lambda c: c.update_many({}, {"$inc": {"k": 1}})),
+    ("delete_all", lambda c: c.delete_many({})),
+]
+
+
+@pytest.mark.parametrize("mode", ["wal", "copy"])
+def test_child_of_a_wal_branch_keeps_the_parent_as_at_the_fork(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str,
+        mode: str) -> None:
+    seed(client, db_name)
+    parent = made.create()
+    with made.client(parent) as p:
+        pitems = p[db_name].items
+        pitems.update_one({"_id": 0}, {"$set": {"v": "p0"}})  # the parent's own, pre-fork
+        pitems.update_one({"_id": 22}, {"$set": {"v": "p22"}})
+        child = made.create(**{"from": parent["name"], "mode": mode})
+        with made.client(child) as c:
+            citems = c[db_name].items
+            citems.update_one({"_id": 1}, {"$set": {"v": "c1"}})
+            expected = view(c[db_name])
+            for what, write in PARENT_WRITES:
+                write(pitems)
+                assert view(c[db_name]) == expected, what
+            assert pitems.count_documents({}) == 0
+            # The child's own write on a document the parent changed applies to what the
+            # child saw (2, not the parent's "P").
+            citems.update_one({"_id": 2}, {"$inc": {"v": 1}})
+            assert citems.find_one({"_id": 2}) == {"_id": 2, "v": 3, "k": 2}
+            assert citems.count_documents({}) == 30
+    if mode == "copy":
+        return
+    # Only the child's own writes are changes, shown against the parent now (which
+    # deleted everything): preserved documents are not.
+    assert doc_changes(diff(proxy, child["name"])) == [
+        (f"{db_name}.items", "insert", 1), (f"{db_name}.items", "insert", 2)]
+    logged = entries(proxy, child["name"], limit=10_000)
+    assert {e["op"] for e in logged} == {"put", "keep"}
+    # A merge compares against the parent as at the fork: both documents were changed
+    # on both sides (the parent deleted them), nothing else conflicts.
+    result = merge(proxy, child["name"], strategy="abort", dry_run=True)
+    assert sorted(c["_id"] for c in result["conflicts"]) == [1, 2]
+    assert {c["_id"]: c["base"] for c in result["conflicts"]} == {
+        1: {"_id": 1, "v": 1, "k": 1}, 2: {"_id": 2, "v": 2, "k": 2}}
+
+
+def test_grandchild_keeps_both_ancestors_as_at_its_fork(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    seed(client, db_name)
+    top = made.create()
+    middle = made.create(**{"from": top["name"]})
+    with made.client(middle) as m:
+        m[db_name].items.update_one({"_id": 3}, {"$set": {"v": "m3"}})
+    leaf = made.create(**{"from": middle["name"]})
+    with made.client(top) as t, made.client(middle) as m, made.client(leaf) as lf:
+        expected = view(lf[db_name])
+        middle_view = view(m[db_name])
+        t[db_name].items.update_many({"k": {"$in": [1, 3]}}, {"$set": {"v": "T"}})
+        t[db_name].items.insert_one({"_id": "new", "k": 1})
+        assert view(m[db_name]) == middle_view
+        assert view(lf[db_name]) == expected
+        m[db_name].items.update_many({}, {"$set": {"v": "M"}})
+        m[db_name].items.delete_one({"_id": 4})
+        assert view(lf[db_name]) == expected
+
+
+def test_merge_and_reset_of_the_parent_leave_the_child_as_it_was(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    seed(client, db_name)
+    parent = made.create()
+    child = made.create(**{"from": parent["name"]})
+    sibling = made.create(**{"from": parent["name"]})
+    with made.client(sibling) as s:
+        s[db_name].items.update_many({"k": 2}, {"$set": {"v": "sib"}})
+        s[db_name].items.insert_one({"_id": "sib", "k": 1})
+    with made.client(parent) as p:
+        mark = int(p[db_name].items.count_documents({}))
+        assert mark == 30
+    before = [e["lsn"] for e in entries(proxy, parent["name"], limit=1)]
+    with made.client(child) as c:
+        expected = view(c[db_name])
+        merge(proxy, sibling["name"], strategy="abort")
+        with made.client(parent) as p:
+            assert p[db_name].items.count_documents({}) == 31
+        assert view(c[db_name]) == expected
+        ok(proxy, "POST", f"/branches/{parent['name']}/reset",
+           {"to": before[0] if before else 0})
+        assert view(c[db_name]) == expected
+    assert diff(proxy, child["name"])["changes"] == []
