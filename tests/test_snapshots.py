@@ -158,3 +158,67 @@ def test_merge_and_reset_of_the_parent_leave_the_child_as_it_was(
            {"to": before[0] if before else 0})
         assert view(c[db_name]) == expected
     assert diff(proxy, child["name"])["changes"] == []
+
+
+def catalog_view(db: Database) -> dict[str, Any]:
+    """Every collection the client sees, with its documents, counts and index names."""
+    out: dict[str, Any] = {"fingerprint": fingerprint(db),
+                           "collections": sorted(db.list_collection_names())}
+    for name in out["collections"]:
+        out[name] = {"count": db[name].count_documents({}),
+                     "indexes": sorted(ix["name"] for ix in db[name].list_indexes()),
+                     "first": db[name].find_one(sort=[("_id", 1)])}
+    out["indexed"] = sorted(repr(d) for d in db.items.find({"k": 1}).hint("k_1")) \
+        if "items" in out["collections"] else None
+    return out
+
+
+PARENT_DDL: list[tuple[str, Callable[[MongoClient, str], Any]]] = [
+    ("createIndexes", lambda p, db: p[db].items.create_index("v")),
+    ("dropIndexes", lambda p, db: p[db].items.drop_index("k_1")),
+    ("create", lambda p, db: p[db].create_collection("fresh")),
+    ("insert creates", lambda p, db: p[db].implicit.insert_one({"_id": 1})),
+    ("renameCollection", lambda p, db: p[db].other.rename("renamed")),
+    ("drop", lambda p, db: p[db].items.drop()),
+    ("$out", lambda p, db: list(p[db].renamed.aggregate([{"$out": "items"}]))),
+    ("write after", lambda p, db: p[db].items.insert_one({"_id": "late", "k": 1})),
+    ("dropDatabase", lambda p, db: p.drop_database(db)),
+    ("refill", lambda p, db: p[db].items.insert_many([{"_id": i, "k": 1} for i in range(5)])),
+]
+
+
+@pytest.mark.parametrize("mode", ["wal", "copy"])
+@pytest.mark.parametrize("parent_mode", ["wal", "copy"])
+def test_parent_ddl_leaves_the_child_as_it_was(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str,
+        mode: str, parent_mode: str) -> None:
+    seed(client, db_name)
+    client[db_name].other.insert_many([{"_id": i, "o": i} for i in range(3)])
+    parent = made.create(mode=parent_mode)
+    with made.client(parent) as p:
+        p[db_name].items.update_many({"_id": {"$lt": 4}}, {"$set": {"v": "p"}})
+        p[db_name].items.delete_one({"_id": 29})
+        p[db_name].other.insert_one({"_id": "p", "o": 9})
+        child = made.create(**{"from": parent["name"], "mode": mode})
+        with made.client(child) as c:
+            c[db_name].items.update_one({"_id": 1}, {"$set": {"v": "c1"}})
+            expected = catalog_view(c[db_name])
+            for what, ddl in PARENT_DDL:
+                ddl(p, db_name)
+                assert catalog_view(c[db_name]) == expected, what
+            # The child's own writes still apply to what it saw.
+            c[db_name].items.update_one({"_id": 5}, {"$set": {"v": "c5"}})
+            c[db_name].other.delete_one({"_id": 0})
+            assert c[db_name].items.count_documents({}) == 29
+            assert c[db_name].items.find_one({"_id": 2}) == {"_id": 2, "v": "p", "k": 2}
+            assert sorted(repr(d["_id"]) for d in c[db_name].other.find()) == ["'p'", "1", "2"]
+            assert sorted(c[db_name].list_collection_names()) == ["items", "other"]
+    if mode == "copy":
+        return
+    # Against the parent now (its database dropped, items refilled): the child's updates
+    # differ, its delete of other 0 does not (the parent has no other either); nothing it
+    # kept shows as a change, nor the collections and indexes it kept.
+    changes = diff(proxy, child["name"])["changes"]
+    assert [c for c in changes if "op" not in c] == []
+    assert sorted((c["ns"].split(".")[1], repr(c["_id"])) for c in changes) == [
+        ("items", "1"), ("items", "5")]

@@ -14,14 +14,14 @@ from typing import Any, Protocol
 from pymongo import AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
-from proxy.branching import naming
+from proxy.branching import naming, snapshot
 from proxy.branching.errors import BranchError
 from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner, pooled
-from proxy.branching.snapshot import Fence, preserve
-from proxy.branching.wal import CREATE, HOLDS, RESETS, STARTS, Change, Wal, image, matching
+from proxy.branching.snapshot import Fence
+from proxy.branching.wal import CREATE, HOLDS, OWN, RESETS, STARTS, Change, Wal, image, matching
 from proxy.config import Config
 
 log = logging.getLogger("mongobranch.engine")
@@ -309,6 +309,8 @@ class Engine:
             state = self.states.get(f"{b.bid}:{db}.{coll}")
             if state is not None:
                 out.append(state)
+                if state.detached:
+                    break  # nothing above shows through (snapshot.freeze)
         return out
 
     def touched(self, branch: Branch, db: str, coll: str) -> bool:
@@ -421,8 +423,12 @@ class Engine:
 
     async def log_changes(self, branch: Branch, changes: list[Change], client: dict[str, Any],
                           txn: dict[str, Any] | None = None,
-                          reply: dict[str, Any] | None = None) -> int:
-        await preserve(self, branch, changes)
+                          reply: dict[str, Any] | None = None, *,
+                          preserve: bool = True) -> int:
+        """Log a branch's changes; first (preserve) its children keep what they showed of
+        the documents changed (snapshot.py): the caller holds the branch's fence."""
+        if preserve:
+            await snapshot.preserve(self, branch, changes)
         return await self.wal.append(branch.bid, changes, client, txn, reply)
 
     # -- retryable writes -----------------------------------------------------------------
@@ -453,10 +459,15 @@ class Engine:
             match["_id"] = {"$lte": upto}
         marker = await self.wal.first({**match, "op": {"$in": list(STARTS)}}, newest=True)
         state.base_dropped = marker is not None and marker["op"] in RESETS
-        state.present = None
+        if not state.detached:
+            state.present = None  # a detached collection's presence was saved with it
         if marker is not None:
             match["_id"] = {**match.get("_id", {}), "$gt": marker["_id"]}
             state.present = marker["op"] == CREATE or None
+        # A copy of the whole collection taken before the parent changed it.
+        if await self.wal.first({**match, "op": OWN}) is not None:
+            state.base_dropped = True
+        match["op"] = {"$ne": OWN}
         indexes = state.indexes
         if indexes is None and branch is not None:
             indexes = await self.view_indexes(branch, state.db, state.coll, self.pool)

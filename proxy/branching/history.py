@@ -14,14 +14,25 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import copymode, gc, reader
+from proxy.branching import copymode, gc, reader, snapshot
 from proxy.branching.commands.base import SystemContext
 from proxy.branching.commands.write import same
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
-from proxy.branching.wal import DELETE, HOLDS, KEEP, PUT, RESETS, STARTS, Change, image, matching
+from proxy.branching.wal import (
+    DELETE,
+    HOLDS,
+    KEEP,
+    OWN,
+    PUT,
+    RESETS,
+    STARTS,
+    Change,
+    image,
+    matching,
+)
 
 BATCH = reader.BATCH
 STRATEGIES = ("abort", "ours", "theirs")
@@ -159,15 +170,19 @@ async def diff(engine: Engine, name: str) -> AsyncGenerator[dict[str, Any], None
 
 async def replaced(engine: Engine, branch: Branch, state: NsState) -> bool:
     """Whether the branch replaced the whole collection (dropped or recreated it). A copy
-    branch hides its parent by construction; only a logged drop or create counts."""
+    branch hides its parent by construction, and a branch that copied a collection whole
+    before its parent changed it (an `own` marker) holds what it saw: only a logged drop
+    or create counts."""
     if not state.base_dropped:
         return False
-    if branch.mode != "copy":
-        return True
     marker = await engine.wal.first({
-        "b": branch.bid, "ns": f"{state.db}.{state.coll}", "op": {"$in": list(RESETS)},
-        **branch.visible()})
-    return marker is not None
+        "b": branch.bid, "ns": f"{state.db}.{state.coll}", "op": {"$in": [*RESETS, OWN]},
+        **branch.visible()}, newest=True)
+    if marker is None:
+        # A copy branch owns every collection from its start; a WAL branch only by a drop
+        # or create (entries gc removed before a drop leave no doubt either).
+        return branch.mode != "copy"
+    return marker["op"] in RESETS
 
 
 async def touched(engine: Engine, branch: Branch,
@@ -180,7 +195,7 @@ async def touched(engine: Engine, branch: Branch,
     are the hidden set (rematerialization rebuilds one from the other), and the first
     pre-images come with them, with no per-batch lookup in the WAL."""
     pipeline = [*matching({"b": branch.bid, "ns": f"{state.db}.{state.coll}",
-                           "op": {"$nin": list(STARTS)}, **branch.visible()}),
+                           "op": {"$nin": [*STARTS, OWN]}, **branch.visible()}),
                 {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "pre": {"$first": "$pre"},
                             "prez": {"$first": "$prez"},
@@ -248,7 +263,9 @@ async def _index_changes(engine: Engine, branch: Branch,
                          state: NsState) -> AsyncIterator[dict[str, Any]]:
     ns = f"{state.db}.{state.coll}"
     parent = parent_of(engine, branch)
-    if parent is None:
+    if state.index_base is not None:
+        theirs = state.index_base  # the branch's own changes since it detached
+    elif parent is None:
         reply = await engine.pool.reply(state.db, {"listIndexes": state.coll})
         theirs = reply["cursor"]["firstBatch"] if reply.get("ok") else []
     else:
@@ -508,15 +525,11 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
         after = [*resets, (lsn, at)] if lsn < at else resets
         # Entries voided now that the reset brings back.
         voids = voids_at(after, None)
-        reopened: dict[str, Any] | None = None
-        if branch.voids:
-            reopened = {"b": branch.bid, "_id": {"$lte": lsn},
-                        "$or": [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in branch.voids]}
-            if voids:
-                reopened["$nor"] = [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in voids]
+        # Children keep what they show of every collection the reset takes back
+        # (documents, presence, indexes): they read none of it through the branch after.
         frozen = 0
-        for child in [engine.get(c) for c in engine.children(name)]:
-            frozen += await _freeze_into(engine, branch, child, reopened)
+        for state in branch_states(engine, branch):
+            frozen += await snapshot.freeze(engine, branch, state.db, [state.coll])
         voided = await engine.wal.count(
             {"b": branch.bid, "_id": {"$gt": lsn, "$lte": at}, **branch.visible()})
         if branch.mode == "copy":
@@ -578,57 +591,6 @@ async def _check_reopened(engine: Engine, branch: Branch, resets: list[tuple[int
                                    f"whose entries gc removed below its horizon {first}")
 
 
-async def _freeze_into(engine: Engine, parent: Branch, child: Branch,
-                       reopened: dict[str, Any] | None = None) -> int:
-    """Give a child its own copy of every document a reset of the parent is about to
-    change that the child still reads through the parent: what the parent changed, and
-    the ids of the entries the reset brings back (a WAL filter, `reopened`)."""
-    pool = engine.pool
-    copied = 0
-    for state in branch_states(engine, parent):
-        ns = f"{state.db}.{state.coll}"
-        layers = engine.layers(parent, state.db, state.coll)
-        mine: NsState | None = None
-        async for ids in _ids_to_freeze(engine, state, reopened):
-            if mine is None:
-                mine = await engine.ensure_state(child, state.db, state.coll, pool)
-                await engine.mark_dirty(mine)
-            owned = await _find_ids(engine, state.db, mine.hidden, ids)
-            fresh = [i for i in ids if idkey(i) not in owned]
-            if not fresh:
-                continue
-            docs = await _view_ids(engine, state.db, state.coll, layers, fresh)
-            live = list(docs.values())
-            if live:
-                await pool(state.db, {"insert": mine.live, "documents": live,
-                                      "ordered": False})
-            await pool(state.db, {"insert": mine.hidden,
-                                  "documents": [{"_id": i} for i in fresh], "ordered": False})
-            mine.hide(fresh)
-            # The pre-image is what the child saw: a later merge compares the parent
-            # against it.
-            await engine.log_changes(child, [
-                Change(ns, i, KEEP, docs.get(idkey(i)), docs.get(idkey(i))) for i in fresh],
-                {"app": "mongobranch"})
-            copied += len(fresh)
-    return copied
-
-
-async def _ids_to_freeze(engine: Engine, state: NsState,
-                         reopened: dict[str, Any] | None) -> AsyncIterator[list[Any]]:
-    async for batch in engine.pool.batches(state.db, {"find": state.hidden}, BATCH):
-        yield [d["_id"] for d in batch]
-    if reopened is None:
-        return
-    pipeline = [*matching({**reopened, "ns": f"{state.db}.{state.coll}",
-                           "op": {"$in": [PUT, DELETE]}}),
-                {"$group": {"_id": "$id"}}]
-    async for batch in engine.pool.batches(engine.meta_db, {
-            "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
-            BATCH):
-        yield [d["_id"] for d in batch]
-
-
 # -- branches at a point ---------------------------------------------------------------------
 async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
                     port: Any = None) -> Branch:
@@ -679,7 +641,7 @@ async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
     pool = engine.pool
     for state in branch_states(engine, source):
         ns = f"{state.db}.{state.coll}"
-        ids_pipeline = [*matching({**any_later, "ns": ns, "op": {"$nin": list(STARTS)}}),
+        ids_pipeline = [*matching({**any_later, "ns": ns, "op": {"$nin": [*STARTS, OWN]}}),
                         {"$group": {"_id": "$id"}}]
         mine: NsState | None = None
         async for group in pool.batches(engine.meta_db, {

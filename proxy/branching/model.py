@@ -75,6 +75,13 @@ class NsState:
     options: dict[str, Any] = field(default_factory=dict)
     # idkey -> raw id; None once the set outgrew HIDDEN_CACHE_LIMIT.
     hidden_ids: dict[Any, Any] | None = field(default_factory=dict)
+    # Set when the branch took its own copy of what it showed of this collection before
+    # its parent changed the collection itself (snapshot.freeze): its view is the base,
+    # its overlay and nothing of its ancestors.
+    detached: bool = False
+    # The parent's index list when the branch detached: what the branch's own index
+    # changes are measured against (None: against the parent's list now).
+    index_base: list[dict[str, Any]] | None = None
     # The view's unique indexes, learnt on the first write; None until then.
     unique: list[dict[str, Any]] | None = field(default=None, compare=False)
 
@@ -94,14 +101,16 @@ class NsState:
         return {"_id": self.key, "bid": self.bid, "db": self.db, "coll": self.coll,
                 "base_dropped": self.base_dropped, "present": self.present,
                 "indexes": self.indexes,
-                "options": self.options}
+                "options": self.options, "detached": self.detached,
+                "index_base": self.index_base}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> NsState:
         return cls(bid=doc["bid"], db=doc["db"], coll=doc["coll"],
                    base_dropped=bool(doc.get("base_dropped")), present=doc.get("present"),
                    indexes=doc.get("indexes"),
-                   options=doc.get("options") or {})
+                   options=doc.get("options") or {}, detached=bool(doc.get("detached")),
+                   index_base=doc.get("index_base"))
 
     def hide(self, ids: list[Any]) -> None:
         if self.hidden_ids is None:

@@ -20,9 +20,10 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from proxy.branching import reader
 from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
-from proxy.branching.wal import DELETE, KEEP, PUT, Change
+from proxy.branching.wal import DELETE, KEEP, OWN, PUT, Change
 
 if TYPE_CHECKING:
     from proxy.branching.engine import Engine
@@ -71,7 +72,7 @@ class Fence:
 async def preserve(engine: Engine, branch: Branch, changes: list[Change]) -> int:
     """Copy up the pre-images of a branch's changes into each child that has not diverged
     on them; returns the number of documents copied. Runs before the changes are logged."""
-    kids = [b for b in engine.branches.values() if b.parent == branch.name and not b.creating]
+    kids = _children(engine, branch)
     if not kids:
         return 0
     firsts: dict[str, dict[Any, Change]] = {}
@@ -90,11 +91,20 @@ async def preserve(engine: Engine, branch: Branch, changes: list[Change]) -> int
     return copied
 
 
+def _children(engine: Engine, branch: Branch) -> list[Branch]:
+    return [b for b in engine.branches.values() if b.parent == branch.name and not b.creating]
+
+
+def independent(state: NsState | None) -> bool:
+    """Whether nothing of the parent shows through this state any more."""
+    return state is not None and (state.base_dropped or state.detached)
+
+
 async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change]) -> int:
     db, coll = ns.split(".", 1)
     state = engine.state(kid, db, coll)
-    if state is not None and state.base_dropped:
-        return 0  # the child owns the whole collection: nothing shows through
+    if independent(state):
+        return 0
     owned = await owned_ids(engine, state, [c.id for c in changes])
     fresh = [c for c in changes if idkey(c.id) not in owned]
     if not fresh:
@@ -102,15 +112,113 @@ async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change]) 
     if state is None:
         state = await engine.ensure_state(kid, db, coll, engine.pool)
     await engine.mark_dirty(state)
-    docs = [c.pre for c in fresh if c.pre is not None]
-    ids = [c.id for c in fresh]
-    if docs:
-        await _insert(engine, db, state.live, docs)
-    await _insert(engine, db, state.hidden, [{"_id": i} for i in ids])
-    state.hide(ids)
-    await engine.wal.append(kid.bid, [Change(ns, c.id, KEEP, c.pre, c.pre) for c in fresh],
-                            SYSTEM)
+    await _keep(engine, kid, state, [(c.id, c.pre) for c in fresh])
     return len(fresh)
+
+
+async def _keep(engine: Engine, kid: Branch, state: NsState,
+                images: list[tuple[Any, dict[str, Any] | None]]) -> None:
+    """Make the child own these ids with these images (None: absent), logged as keeps."""
+    docs = [img for _, img in images if img is not None]
+    ids = [i for i, _ in images]
+    if docs:
+        await _insert(engine, state.db, state.live, docs)
+    await _insert(engine, state.db, state.hidden, [{"_id": i} for i in ids])
+    state.hide(ids)
+    ns = f"{state.db}.{state.coll}"
+    await engine.wal.append(kid.bid, [Change(ns, i, KEEP, img, img) for i, img in images],
+                            SYSTEM)
+
+
+async def freeze(engine: Engine, branch: Branch, db: str, colls: list[str]) -> int:
+    """Before a branch changes collections themselves (create, drop, rename, indexes, $out,
+    the first write that creates one, a reset): every child still reading them through
+    the branch takes its own copy of what it shows, and reads nothing of its ancestors
+    there from then on. Returns the number of documents copied."""
+    copied = 0
+    for kid in _children(engine, branch):
+        async with engine.branch_lock(kid.bid).exclusive():
+            if engine.branches.get(kid.name) is not kid:
+                continue
+            for coll in colls:
+                copied += await _freeze(engine, kid, db, coll)
+    return copied
+
+
+async def before_collection_write(engine: Engine, branch: Branch, db: str, coll: str) -> None:
+    """A write that creates a collection on a branch changes the collection itself for its
+    children: they must keep not showing it."""
+    state = engine.state(branch, db, coll)
+    if (state is not None and state.present is True) or not _children(engine, branch):
+        return
+    if not await _shown(engine, engine.layers(branch, db, coll), db, coll):
+        await freeze(engine, branch, db, [coll])
+
+
+async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
+    """One collection of one child. The base is shared and never changes through the
+    proxy, so the child copies only what its ancestors changed there (then it is
+    `detached`); when an ancestor replaced the whole collection, it copies all of it
+    (and owns it, marked by an `own` entry). The copies come first and the flag last, so
+    a crash in between leaves the child reading through its parent, still exact."""
+    state = engine.state(kid, db, coll)
+    if independent(state):
+        return 0
+    pool = engine.pool
+    if state is None:
+        state = await engine.ensure_state(kid, db, coll, pool)
+    layers = engine.layers(kid, db, coll)
+    above = layers[1:]
+    present = await _shown(engine, layers, db, coll)
+    owner = next((layer for layer in layers if layer.present), None)
+    whole = any(layer.base_dropped for layer in above)
+    indexes = await engine.view_indexes(kid, db, coll, pool) if present else None
+    parent = engine.branches[kid.parent]
+    base = await engine.view_indexes(parent, db, coll, pool) \
+        if await _shown(engine, engine.layers(parent, db, coll), db, coll) else None
+    await engine.mark_dirty(state)
+    copied = 0
+    if whole:
+        async for batch in reader.view_batches(pool, db, coll, layers, {},
+                                               skip_top_live=True):
+            await _keep(engine, kid, state, [(d["_id"], d) for d in batch])
+            copied += len(batch)
+    else:
+        for layer in above:
+            async for batch in pool.batches(db, {"find": layer.hidden}):
+                ids = [d["_id"] for d in batch]
+                owned = await owned_ids(engine, state, ids)
+                fresh = [i for i in ids if idkey(i) not in owned]
+                for start in range(0, len(fresh), CHUNK):
+                    chunk = fresh[start:start + CHUNK]
+                    docs = {idkey(d["_id"]): d async for part in reader.view_batches(
+                        pool, db, coll, layers, {"_id": {"$in": chunk}}) for d in part}
+                    await _keep(engine, kid, state, [(i, docs.get(idkey(i))) for i in chunk])
+                    copied += len(chunk)
+    if state.indexes is None and indexes is not None:
+        state.indexes = indexes
+    state.index_base = base
+    if state.present is None:
+        state.present = present
+    if whole:
+        state.options = dict(owner.options) if owner is not None else {}
+        await engine.wal.append(kid.bid, [Change(f"{db}.{coll}", None, OWN, None, None)],
+                                SYSTEM)
+        state.base_dropped = True
+    else:
+        state.detached = True
+    await engine.save_state(state)
+    return copied
+
+
+async def _shown(engine: Engine, layers: list[NsState], db: str, coll: str) -> bool:
+    """Whether the collection exists in this view (the nearest layer that says decides)."""
+    for layer in layers:
+        if layer.present is not None:
+            return layer.present
+    reply = await engine.pool(db, {"listCollections": 1, "filter": {"name": coll},
+                                   "nameOnly": True})
+    return bool(reply["cursor"]["firstBatch"])
 
 
 async def _insert(engine: Engine, db: str, coll: str, docs: list[dict[str, Any]]) -> None:

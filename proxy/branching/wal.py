@@ -31,6 +31,9 @@ REBASE = "rebase"
 # A parent's image copied up into a child before the parent changed it (snapshot.py):
 # part of what the child shows, never a change the child made.
 KEEP = "keep"
+# Marks a collection a child copied whole before its parent changed the collection
+# itself (snapshot.freeze): the child reads its copy alone from then on.
+OWN = "own"
 # Entries whose post-image is a document the overlay holds.
 HOLDS = (PUT, KEEP)
 # Entries that replace a collection on the branch (the parent no longer shows through).

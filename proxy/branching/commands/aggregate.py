@@ -7,7 +7,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from proxy.branching import merge, views
+from proxy.branching import merge, snapshot, views
 from proxy.branching.commands.base import Request
 from proxy.branching.errors import CommandError
 from proxy.branching.wal import CREATE, PUT, Change
@@ -205,6 +205,7 @@ async def _aggregate_out(req: Request, target: tuple[str, str]) -> dict[str, Any
     branch = req.on_branch
     engine = req.engine
     async with engine.writing(branch):
+        await snapshot.freeze(engine, branch, db, [coll])
         state = await engine.ensure_state(branch, db, coll, req.run)
         await engine.mark_dirty(state)
         cmd = dict(req.cmd)
