@@ -3,16 +3,24 @@ writes, whatever the parent does afterwards (docs/ARCHITECTURE.md, "Snapshots").
 
 from __future__ import annotations
 
+import os
+import random
+import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pymongo import DeleteOne, InsertOne, MongoClient, UpdateOne
 from pymongo.database import Database
+from pymongo.errors import AutoReconnect, PyMongoError, ServerSelectionTimeoutError
 
 from tests.branchutil import Branches, branches, fingerprint, unique
 from tests.historyutil import diff, doc_changes, entries, merge, ok
-from tests.servers import ProxyProcess
+from tests.servers import ProxyProcess, Secantus
+
+SEED = int(os.environ.get("MONGOBRANCH_SNAPSHOT_SEED", "20261130"))
 
 
 @pytest.fixture()
@@ -222,3 +230,86 @@ def test_parent_ddl_leaves_the_child_as_it_was(
     assert [c for c in changes if "op" not in c] == []
     assert sorted((c["ns"].split(".")[1], repr(c["_id"])) for c in changes) == [
         ("items", "1"), ("items", "5")]
+
+
+def _parent_workload(uri: str, db: str, rng: random.Random, acked: threading.Semaphore,
+                     stop: threading.Event, tag: str, failures: list[Exception]) -> None:
+    """Seeded writes on the parent until the proxy goes away; one release per ack."""
+    with MongoClient(uri, retryWrites=False, serverSelectionTimeoutMS=2000) as c:
+        items = c[db].items
+        n = 0
+        while not stop.is_set():
+            n += 1
+            lo = rng.randrange(0, 200)
+            try:
+                kind = rng.randrange(5)
+                if kind == 0:
+                    items.update_many({"_id": {"$gte": lo, "$lt": lo + 20}},
+                                      {"$set": {"w": n}})
+                elif kind == 1:
+                    items.insert_one({"_id": f"new{tag}.{n}", "v": n, "k": 1})
+                elif kind == 2:
+                    items.delete_many({"_id": {"$gte": lo, "$lt": lo + 3}})
+                elif kind == 3:
+                    items.find_one_and_update({"_id": lo}, {"$set": {"v": "fam"}})
+                else:
+                    items.bulk_write([UpdateOne({"_id": lo}, {"$set": {"v": "b"}}),
+                                      InsertOne({"_id": f"bulk{tag}.{n}", "k": 2})])
+            except (AutoReconnect, ServerSelectionTimeoutError):
+                return  # the kill
+            except PyMongoError as exc:
+                failures.append(exc)
+                return
+            acked.release()
+
+
+def test_sigkill_during_parent_writes_leaves_children_exact(tmp_path: Path) -> None:
+    """SIGKILL the proxy while a parent branch writes (so, at some runs, between a write
+    landing in the parent's overlay and its preservation in the children); after each
+    restart every child still shows the parent as at its fork, plus its own writes."""
+    rng = random.Random(SEED)
+    server = Secantus(storage=str(tmp_path / "data")).start()
+    proxy = ProxyProcess(server.uri, meta_db="mb_snapkill")
+    db = "snapkill"
+    try:
+        proxy.start()
+        with MongoClient(server.uri, directConnection=True) as d:
+            d[db].items.insert_many([{"_id": i, "v": 0, "k": i % 5} for i in range(200)])
+            d[db].items.create_index("k")
+        _, parent = proxy.api("POST", "/branches", {"name": "p"})
+        assert isinstance(parent, dict)
+        with MongoClient(parent["uri"]) as p:
+            p[db].items.update_many({"_id": {"$lt": 10}}, {"$set": {"v": "p"}})
+        kids = {}
+        for name, mode in (("w", "wal"), ("c", "copy")):
+            status, kid = proxy.api("POST", "/branches", {"name": name, "from": "p",
+                                                          "mode": mode})
+            assert status == 201 and isinstance(kid, dict)
+            with MongoClient(kid["uri"]) as c:
+                c[db].items.update_one({"_id": 5}, {"$set": {"v": name}})
+                c[db].items.delete_one({"_id": 150})
+                kids[name] = (kid["uri"], view(c[db]))
+        for round_ in range(3):
+            acked = threading.Semaphore(0)
+            stop = threading.Event()
+            failures: list[Exception] = []
+            writer = threading.Thread(target=_parent_workload, args=(
+                parent["uri"], db, random.Random(rng.random()), acked, stop, str(round_),
+                failures))
+            writer.start()
+            for _ in range(5 + rng.randrange(10)):
+                assert acked.acquire(timeout=60), failures
+            time.sleep(rng.uniform(0, 0.02))  # lands anywhere inside some write
+            proxy.kill()
+            stop.set()
+            writer.join()
+            assert failures == []
+            proxy = ProxyProcess(server.uri, meta_db="mb_snapkill", port=proxy.port,
+                                 admin_port=proxy.admin_port,
+                                 branch_ports=proxy.branch_ports).start()
+            for name, (uri, expected) in kids.items():
+                with MongoClient(uri) as c:
+                    assert view(c[db]) == expected, (round_, name)
+    finally:
+        proxy.stop()
+        server.stop()
