@@ -144,6 +144,7 @@ class Proxy:
                 gc.parse_duration(opts.gc_retention), opts.gc_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
                              topology=self.topology, router=EngineRouter(self.engine, None))
+        self.engine.reroute = self.main.reroute
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy)

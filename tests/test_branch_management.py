@@ -52,7 +52,10 @@ def test_create_list_show_delete(proxy: ProxyProcess, made: Branches) -> None:
     made.track(name)
     assert status == 201
     assert isinstance(created, dict)
-    assert set(created) == {"name", "parent", "port", "uri", "mode", "fork_lsn", "created_at"}
+    assert set(created) == {"name", "parent", "port", "uri", "mode", "fork_lsn", "created_at",
+                            "isolation"}
+    # Writes reaching the upstream without the proxy are not captured (no change stream).
+    assert created["isolation"] == "proxy-writes-only"
     assert created["name"] == name and created["parent"] == "main"
     lo, hi = proxy.branch_ports or (0, 0)
     assert lo <= created["port"] <= hi

@@ -313,3 +313,58 @@ def test_sigkill_during_parent_writes_leaves_children_exact(tmp_path: Path) -> N
     finally:
         proxy.stop()
         server.stop()
+
+
+MAIN_WRITES = [
+    *PARENT_WRITES[:-2],
+    ("pipeline upsert", lambda c: c.update_one({"v": "pipe"}, [{"$set": {"k": 1}}],
+                                               upsert=True)),
+    ("update_all", lambda c: c.update_many({}, {"$set": {"k": 1}})),
+]
+
+
+def test_branch_of_main_keeps_main_as_at_the_fork(
+        proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
+        db_name: str) -> None:
+    seed(client, db_name)
+    client[db_name].other.insert_many([{"_id": i} for i in range(3)])
+    branch = made.create()
+    with made.client(branch) as b:
+        b[db_name].items.update_one({"_id": 1}, {"$set": {"v": "b1"}})
+        expected, catalog = view(b[db_name]), catalog_view(b[db_name])
+        items = client[db_name].items
+        for what, write in MAIN_WRITES:
+            write(items)
+            assert view(b[db_name]) == expected, what
+        items.update_one({"_id": 3}, {"$set": {"v": "main3"}})
+        for what, ddl in PARENT_DDL:
+            ddl(client, db_name)
+            assert catalog_view(b[db_name]) == catalog, what
+        # The branch's own write on a document main changed applies to what it saw.
+        b[db_name].items.update_one({"_id": 3}, {"$inc": {"v": 10}})
+        assert b[db_name].items.find_one({"_id": 3}) == {"_id": 3, "v": 13, "k": 3}
+    # Main's changes through the main port are in the WAL, with pre- and post-images.
+    logged = direct[proxy.meta_db]["wal"].find_one({"b": "main", "ns": f"{db_name}.items",
+                                                   "id": "new"})
+    assert logged is not None and logged["op"] == "put" and "pre" not in logged
+    assert logged["post"] == {"_id": "new", "v": 1, "k": 1}
+    # A merge compares against main as at the fork: 3 was changed on both sides after it.
+    result = merge(proxy, branch["name"], strategy="abort", dry_run=True)
+    assert sorted(c["_id"] for c in result["conflicts"]) == [1, 3]
+    assert [c["base"] for c in result["conflicts"] if c["_id"] == 3] == [
+        {"_id": 3, "v": 3, "k": 3}]
+
+
+def test_main_port_stays_pass_through_without_children(
+        proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
+        db_name: str) -> None:
+    branch = made.create()
+    client[db_name].items.insert_one({"_id": "while"})
+    made.cleanup()
+    client[db_name].items.insert_one({"_id": "after"})
+    wal = direct[proxy.meta_db]["wal"]
+    assert wal.count_documents({"b": "main", "ns": f"{db_name}.items", "id": "while"}) == 1
+    assert wal.count_documents({"b": "main", "ns": f"{db_name}.items", "id": "after"}) == 0
+    status, listed = proxy.api("GET", "/branches")
+    assert status == 200 and isinstance(listed, list)
+    assert branch["name"] not in [b["name"] for b in listed]

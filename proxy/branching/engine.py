@@ -18,7 +18,7 @@ from proxy.branching import naming, snapshot
 from proxy.branching.errors import BranchError
 from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
-from proxy.branching.model import Branch, NsState
+from proxy.branching.model import ISOLATION, Branch, NsState
 from proxy.branching.runner import Runner, pooled
 from proxy.branching.snapshot import Fence
 from proxy.branching.wal import CREATE, HOLDS, OWN, RESETS, STARTS, Change, Wal, image, matching
@@ -26,7 +26,7 @@ from proxy.config import Config
 
 log = logging.getLogger("mongobranch.engine")
 
-MAIN = "main"
+MAIN = naming.MAIN
 # Replies kept for retried writes; drivers retry once, immediately.
 RETRY_MEMORY = 10_000
 
@@ -62,6 +62,11 @@ class Engine:
         self.unavailable: str | None = "branch engine is starting"
         self._locks: dict[str, BranchLock] = {}
         self._fences: dict[str, Fence] = {}
+        # Set by the serving layer: the main port's listener forgets which command names it
+        # forwards unchanged and waits for those in flight (the wire layer's hook).
+        self.reroute: Callable[[frozenset[str]], Awaitable[None]] | None = None
+        # Children of main being created: main's writes are intercepted from the start.
+        self._main_forks = 0
         self._dirty: set[str] = set()
         self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
         self._flusher: asyncio.Task[None] | None = None
@@ -184,16 +189,29 @@ class Engine:
             raise BranchError(400, f"port must be an integer 1-65535, got {port!r}")
         elif any(b.port == port for b in self.branches.values()):
             raise BranchError(409, f"port {port} is already used by another branch")
-        # The parent's writes wait while the branch forks (and, in copy mode, copies):
-        # it starts from a state no write is half-way through.
-        async with self.reading(self.chain(self.branches[parent]) if parent != MAIN else []):
-            branch = await self._fork(name, parent, port, mode, progress)
-            if then is not None:
-                try:
-                    await then(branch)
-                except Exception:
-                    await self._forget(branch)
-                    raise
+        if parent == MAIN:
+            self._main_forks += 1
+        try:
+            if parent == MAIN and self.reroute is not None:
+                # From now on the main port intercepts writes; those it forwarded unchanged
+                # before land first.
+                from proxy.branching.commands.mainwrite import NAMES
+
+                await self.reroute(NAMES)
+            # The parent's writes wait while the branch forks (and, in copy mode, copies):
+            # it starts from a state no write is half-way through.
+            async with self.reading(self.chain(self.branches[parent]) if parent != MAIN
+                                    else []):
+                branch = await self._fork(name, parent, port, mode, progress)
+                if then is not None:
+                    try:
+                        await then(branch)
+                    except Exception:
+                        await self._forget(branch)
+                        raise
+        finally:
+            if parent == MAIN:
+                self._main_forks -= 1
         if self.ports is not None:
             busy: set[int] = set()
             while True:
@@ -214,6 +232,8 @@ class Engine:
                 await self.meta["branches"].update_one({"_id": name},
                                                        {"$set": {"port": branch.port}})
         log.info("created branch %s (parent %s, port %d)", name, parent, branch.port)
+        log.warning("branch %s: isolation %s: writes that reach the upstream without the "
+                    "proxy show through in it", name, ISOLATION)
         return branch
 
     async def _fork(self, name: str, parent: str, port: int, mode: str,
@@ -375,11 +395,24 @@ class Engine:
     def fence(self, bid: str) -> Fence:
         return self._fences.setdefault(bid, Fence())
 
+    def intercepting_main(self) -> bool:
+        """Whether main's writes are preserved for its children (it has some)."""
+        return self._main_forks > 0 or any(b.parent == MAIN for b in self.branches.values())
+
+    @contextlib.asynccontextmanager
+    async def writing_main(self, point: Hashable | None = None) -> AsyncIterator[None]:
+        """Main's writes through the main port while it has children, as `writing`."""
+        lock = self.branch_lock(MAIN)
+        async with lock.exclusive() if point is None else lock.shared(point), \
+                self.fence(MAIN).hold("w"):
+            yield
+
     @contextlib.asynccontextmanager
     async def reading(self, branches: list[Branch]) -> AsyncIterator[None]:
-        """Keeps these branches' writes out, so none shows half preserved in a child
-        (snapshot.py). Taken root first, before any branch lock."""
+        """Keeps these branches' writes (and main's) out, so none shows half preserved in a
+        child (snapshot.py). Taken root first, before any branch lock."""
         async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.fence(MAIN).hold("r"))
             for branch in reversed(branches):
                 await stack.enter_async_context(self.fence(branch.bid).hold("r"))
             yield
@@ -428,7 +461,7 @@ class Engine:
         """Log a branch's changes; first (preserve) its children keep what they showed of
         the documents changed (snapshot.py): the caller holds the branch's fence."""
         if preserve:
-            await snapshot.preserve(self, branch, changes)
+            await snapshot.preserve(self, branch.name, changes)
         return await self.wal.append(branch.bid, changes, client, txn, reply)
 
     # -- retryable writes -----------------------------------------------------------------

@@ -454,13 +454,16 @@ class Applier:
         self.parent = parent_of(engine, branch)
 
     async def _command(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
-        if self.parent is None:
-            return await self.engine.pool(db, cmd)
         from proxy.branching.commands.base import Request
-        from proxy.branching.router import BRANCH
+        from proxy.branching.router import BRANCH, MAIN
 
         req = Request(self.engine, self.parent, SystemContext(), self.engine.pool, db, cmd)
-        reply = await BRANCH[next(iter(cmd))](req)
+        if self.parent is None:
+            # Main's other children keep what they show (the merging branch is one).
+            reply: dict[str, Any] | None = await MAIN[next(iter(cmd))](req) \
+                or await self.engine.pool(db, cmd)
+        else:
+            reply = await BRANCH[next(iter(cmd))](req)
         if reply is None or not reply.get("ok"):
             raise BranchError(500, f"merge write failed: {reply}")
         return reply
@@ -529,7 +532,7 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
         # (documents, presence, indexes): they read none of it through the branch after.
         frozen = 0
         for state in branch_states(engine, branch):
-            frozen += await snapshot.freeze(engine, branch, state.db, [state.coll])
+            frozen += await snapshot.freeze(engine, branch.name, state.db, [state.coll])
         voided = await engine.wal.count(
             {"b": branch.bid, "_id": {"$gt": lsn, "$lte": at}, **branch.visible()})
         if branch.mode == "copy":

@@ -12,6 +12,11 @@ from proxy.branching.idkey import idkey
 # Hidden-id sets up to this size are kept in memory and excluded with $nin;
 # larger ones are excluded server-side by an indexed anti-join.
 HIDDEN_CACHE_LIMIT = 20_000
+# What a branch's snapshot holds against (docs/ARCHITECTURE.md, "Snapshots"): every write
+# made through the proxy (main port, branch ports, merges, resets) is preserved for the
+# children; a write reaching the upstream by another way shows through, as no capture of
+# the upstream's change stream exists yet. "snapshot" is reserved for when it does.
+ISOLATION = "proxy-writes-only"
 
 
 @dataclass
@@ -58,7 +63,8 @@ class Branch:
         return {"name": self.name, "parent": self.parent, "port": self.port,
                 "uri": f"mongodb://{host}:{self.port}/", "mode": self.mode,
                 "fork_lsn": self.fork_lsn,
-                "created_at": self.created_at.replace(tzinfo=dt.UTC).isoformat()}
+                "created_at": self.created_at.replace(tzinfo=dt.UTC).isoformat(),
+                "isolation": ISOLATION}
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy.branching.commands import admin, aggregate, catalog, ddl, read, write
+from proxy.branching.commands import admin, aggregate, catalog, ddl, mainwrite, read, write
 from proxy.branching.commands.base import Request
 from proxy.branching.engine import Engine
 from proxy.branching.errors import not_supported
@@ -51,7 +51,10 @@ BRANCH: dict[str, Handler] = {
     **ADMIN,
 }
 
-MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN}
+# On the main port: writes are routed here only while main has child branches
+# (mainwrite.NAMES); otherwise they stay on the pass-through fast path.
+MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN,
+                            **mainwrite.HANDLERS}
 
 # Commands that touch no collection data: forwarded unchanged from a branch port.
 # Anything neither here nor in BRANCH is refused there, so nothing reaches the base.
@@ -76,6 +79,8 @@ class EngineRouter:
 
     def wants(self, name: str) -> bool:
         if self.branch is None:
+            if name in mainwrite.NAMES:
+                return self.engine.intercepting_main()
             return name in self.table
         return name not in FORWARDED
 

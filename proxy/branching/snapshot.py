@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.branching import reader
 from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
+from proxy.branching.naming import MAIN
 from proxy.branching.wal import DELETE, KEEP, OWN, PUT, Change
 
 if TYPE_CHECKING:
@@ -69,10 +70,11 @@ class Fence:
                 self._cond.notify_all()
 
 
-async def preserve(engine: Engine, branch: Branch, changes: list[Change]) -> int:
-    """Copy up the pre-images of a branch's changes into each child that has not diverged
-    on them; returns the number of documents copied. Runs before the changes are logged."""
-    kids = _children(engine, branch)
+async def preserve(engine: Engine, parent: str, changes: list[Change]) -> int:
+    """Copy up the pre-images of a branch's (or main's) changes into each child that has
+    not diverged on them; returns the number of documents copied. Runs before the changes
+    are logged (on main: before they are applied)."""
+    kids = _children(engine, parent)
     if not kids:
         return 0
     firsts: dict[str, dict[Any, Change]] = {}
@@ -91,8 +93,8 @@ async def preserve(engine: Engine, branch: Branch, changes: list[Change]) -> int
     return copied
 
 
-def _children(engine: Engine, branch: Branch) -> list[Branch]:
-    return [b for b in engine.branches.values() if b.parent == branch.name and not b.creating]
+def _children(engine: Engine, parent: str) -> list[Branch]:
+    return [b for b in engine.branches.values() if b.parent == parent and not b.creating]
 
 
 def independent(state: NsState | None) -> bool:
@@ -130,29 +132,51 @@ async def _keep(engine: Engine, kid: Branch, state: NsState,
                             SYSTEM)
 
 
-async def freeze(engine: Engine, branch: Branch, db: str, colls: list[str]) -> int:
-    """Before a branch changes collections themselves (create, drop, rename, indexes, $out,
-    the first write that creates one, a reset): every child still reading them through
-    the branch takes its own copy of what it shows, and reads nothing of its ancestors
-    there from then on. Returns the number of documents copied."""
+async def freeze(engine: Engine, parent: str, db: str, colls: list[str], *,
+                 indexes_only: bool = False) -> int:
+    """Before a branch (or main) changes collections themselves (create, drop, rename,
+    indexes, $out, the first write that creates one, a reset): every child still reading
+    them through it takes its own copy of what it shows, and reads nothing of its
+    ancestors there from then on. Returns the number of documents copied.
+
+    indexes_only (main's index changes): the child keeps its index list and reads on."""
     copied = 0
-    for kid in _children(engine, branch):
+    for kid in _children(engine, parent):
         async with engine.branch_lock(kid.bid).exclusive():
             if engine.branches.get(kid.name) is not kid:
                 continue
             for coll in colls:
-                copied += await _freeze(engine, kid, db, coll)
+                if indexes_only:
+                    await _pin_indexes(engine, kid, db, coll)
+                else:
+                    copied += await _freeze(engine, kid, db, coll)
     return copied
 
 
-async def before_collection_write(engine: Engine, branch: Branch, db: str, coll: str) -> None:
-    """A write that creates a collection on a branch changes the collection itself for its
-    children: they must keep not showing it."""
-    state = engine.state(branch, db, coll)
-    if (state is not None and state.present is True) or not _children(engine, branch):
+async def _pin_indexes(engine: Engine, kid: Branch, db: str, coll: str) -> None:
+    state = engine.state(kid, db, coll)
+    if independent(state) or (state is not None and state.indexes is not None):
         return
-    if not await _shown(engine, engine.layers(branch, db, coll), db, coll):
-        await freeze(engine, branch, db, [coll])
+    if not await _shown(engine, engine.layers(kid, db, coll), db, coll):
+        return
+    indexes = await engine.view_indexes(kid, db, coll, engine.pool)
+    state = await engine.ensure_state(kid, db, coll, engine.pool)
+    state.indexes = indexes
+    state.index_base = list(indexes)
+    await engine.save_state(state)
+
+
+async def before_collection_write(engine: Engine, branch: Branch | None, db: str,
+                                  coll: str) -> None:
+    """A write that creates a collection on a branch (None: main) changes the collection
+    itself for its children: they must keep not showing it."""
+    parent = MAIN if branch is None else branch.name
+    state = None if branch is None else engine.state(branch, db, coll)
+    if (state is not None and state.present is True) or not _children(engine, parent):
+        return
+    layers = [] if branch is None else engine.layers(branch, db, coll)
+    if not await _shown(engine, layers, db, coll):
+        await freeze(engine, parent, db, [coll])
 
 
 async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
@@ -171,11 +195,15 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     above = layers[1:]
     present = await _shown(engine, layers, db, coll)
     owner = next((layer for layer in layers if layer.present), None)
-    whole = any(layer.base_dropped for layer in above)
+    whole = kid.parent == MAIN or any(layer.base_dropped for layer in above)
     indexes = await engine.view_indexes(kid, db, coll, pool) if present else None
-    parent = engine.branches[kid.parent]
-    base = await engine.view_indexes(parent, db, coll, pool) \
-        if await _shown(engine, engine.layers(parent, db, coll), db, coll) else None
+    parent = engine.branches.get(kid.parent)
+    if parent is None:  # main: the base itself is about to change
+        base = await engine.view_indexes(kid, db, coll, pool) \
+            if await _shown(engine, [], db, coll) else None
+    else:
+        base = await engine.view_indexes(parent, db, coll, pool) \
+            if await _shown(engine, engine.layers(parent, db, coll), db, coll) else None
     await engine.mark_dirty(state)
     copied = 0
     if whole:

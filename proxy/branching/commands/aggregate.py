@@ -205,7 +205,7 @@ async def _aggregate_out(req: Request, target: tuple[str, str]) -> dict[str, Any
     branch = req.on_branch
     engine = req.engine
     async with engine.writing(branch):
-        await snapshot.freeze(engine, branch, db, [coll])
+        await snapshot.freeze(engine, branch.name, db, [coll])
         state = await engine.ensure_state(branch, db, coll, req.run)
         await engine.mark_dirty(state)
         cmd = dict(req.cmd)

@@ -32,7 +32,7 @@ async def _reset(req: Request, state: NsState, options: dict[str, Any],
 
 async def _state(req: Request, coll: str) -> NsState:
     # Children first take their own copy of what they show of the collection.
-    await snapshot.freeze(req.engine, req.on_branch, req.db, [coll])
+    await snapshot.freeze(req.engine, req.on_branch.name, req.db, [coll])
     state = await req.engine.ensure_state(req.on_branch, req.db, coll, req.run)
     await req.engine.mark_dirty(state)
     return state
