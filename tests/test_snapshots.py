@@ -368,3 +368,64 @@ def test_main_port_stays_pass_through_without_children(
     status, listed = proxy.api("GET", "/branches")
     assert status == 200 and isinstance(listed, list)
     assert branch["name"] not in [b["name"] for b in listed]
+
+
+def _random_op(rng: random.Random, n: int) -> Callable[[Any], Any]:
+    """A seeded write whose effect is the same on any collection holding the same data
+    (explicit ids, no server-chosen values)."""
+    lo = rng.randrange(0, 60)
+    kind = rng.randrange(7)
+    if kind == 0:
+        return lambda c: c.insert_one({"_id": f"i{n}", "v": n, "k": n % 5})
+    if kind == 1:
+        return lambda c: c.update_many({"_id": {"$gte": lo, "$lt": lo + 8}},
+                                       {"$set": {"v": n}, "$inc": {"k": 1}})
+    if kind == 2:
+        return lambda c: c.delete_many({"k": lo % 5, "_id": {"$lt": lo}})
+    if kind == 3:
+        return lambda c: c.update_one({"_id": f"u{lo}"}, {"$inc": {"v": 1}}, upsert=True)
+    if kind == 4:
+        return lambda c: c.find_one_and_update({"_id": lo}, {"$set": {"v": f"f{n}"}})
+    if kind == 5:
+        return lambda c: c.replace_one({"_id": lo}, {"v": n, "k": 2})
+    return lambda c: c.bulk_write([UpdateOne({"_id": lo}, {"$set": {"b": n}}),
+                                   DeleteOne({"_id": lo + 1}),
+                                   InsertOne({"_id": f"b{n}", "k": 0})], ordered=False)
+
+
+def _contents(coll: Any) -> list[Any]:
+    return sorted((repr(d) for d in coll.find()), key=str)
+
+
+@pytest.mark.parametrize("parent_kind", ["main", "branch"])
+def test_differential_branch_equals_copy_at_fork_plus_own_writes(
+        proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
+        db_name: str, parent_kind: str) -> None:
+    """Seeded, interleaved writes on the parent and on the branch: the branch always equals
+    a plain copy of the parent taken at the fork with the branch's own writes replayed."""
+    rng = random.Random(SEED + (parent_kind == "branch"))
+    seed(client, db_name)
+    client[db_name].items.insert_many([{"_id": i, "v": i, "k": i % 5} for i in range(30, 70)])
+    if parent_kind == "main":
+        parent_uri = proxy.uri
+    else:
+        parent_uri = made.create()["uri"]
+        with MongoClient(parent_uri) as p:
+            for n in range(10):
+                _random_op(rng, 1000 + n)(p[db_name].items)
+    ref = direct[f"{db_name}_ref"].items
+    with MongoClient(parent_uri) as p:
+        ref.insert_many(list(p[db_name].items.find()))
+        branch = made.create(**{"from": "main" if parent_kind == "main"
+                                else made.created[-1]})
+        with made.client(branch) as b:
+            for n in range(60):
+                op = _random_op(rng, n)
+                if rng.random() < 0.5:
+                    op(p[db_name].items)
+                else:
+                    op(b[db_name].items)
+                    op(ref)
+                assert _contents(b[db_name].items) == _contents(ref), n
+            assert b[db_name].items.count_documents({"k": 1}) == ref.count_documents({"k": 1})
+    direct.drop_database(f"{db_name}_ref")

@@ -187,31 +187,67 @@ def _upsert_id(stmt: dict[str, Any]) -> dict[str, Any]:
 async def _run_statement(req: Request, coll: str, kind: str, stmt: dict[str, Any],
                          multi: bool) -> tuple[dict[str, Any], list[tuple[Any, Any]]]:
     """One update/delete statement: pre-images read and preserved, then the statement
-    sent for exactly those documents. Returns the reply and the (id, pre-image) pairs."""
+    sent for exactly those documents. Returns the reply and the (id, pre-image) pairs
+    left to log (a multi-document statement logs its own, a chunk at a time)."""
     ns = f"{req.db}.{coll}"
     q = stmt.get("q") or {}
-    batches = await _docs(req, coll, q, limit=0 if multi else 1, sort=stmt.get("sort"),
-                          options=_options(req, stmt))
-    pres: list[tuple[Any, Any]] = [(d["_id"], d) for batch in batches for d in batch]
     lists = "updates" if kind == "update" else "deletes"
-    if pres:
-        await _preserve(req, ns, pres)
-        if not multi:
-            stmt = {**stmt, "q": {"$and": [q, {"_id": pres[0][0]}]}}
-            stmt.pop("sort", None)
-    elif kind == "update" and stmt.get("upsert"):
-        stmt = _upsert_id(stmt)
-        new_id = _new_id(q, stmt.get("u"))
-        if new_id is not None:
-            pres = [(new_id, None)]
-            await _preserve(req, ns, pres)
+    options = _options(req, stmt)
+    if multi:
+        # Every match first, by _id (a document the write moves must not match twice),
+        # then chunk by chunk: pre-images, copy-up, the statement on those ids, the log.
+        ids = [d["_id"] async for batch in req.engine.pool.batches(req.db, {
+            "find": coll, "filter": q, "projection": {"_id": 1}, **options}, BATCH)
+            for d in batch]
+        if ids:
+            return await _chunked(req, coll, stmt, lists, ids), []
     else:
+        found = await _docs(req, coll, q, limit=1, sort=stmt.get("sort"), options=options)
+        if found and found[0]:
+            pre = found[0][0]
+            await _preserve(req, ns, [(pre["_id"], pre)])
+            one = {**stmt, "q": {"$and": [q, {"_id": pre["_id"]}]}}
+            one.pop("sort", None)
+            return await req.run.reply(req.db, _statement(req, **{lists: [one]})), \
+                [(pre["_id"], pre)]
+    if kind != "update" or not stmt.get("upsert"):
         return {"n": 0, **({"nModified": 0} if kind == "update" else {}), "ok": 1.0}, []
+    stmt = _upsert_id(stmt)
+    new_id = _new_id(q, stmt.get("u"))
+    pres: list[tuple[Any, Any]] = []
+    if new_id is not None:
+        pres = [(new_id, None)]
+        await _preserve(req, ns, pres)
     reply = await req.run.reply(req.db, _statement(req, **{lists: [stmt]}))
     for up in reply.get("upserted", []) if not pres else []:
         pres.append((up["_id"], None))  # a pipeline upsert: hidden now, under the fence
         await _preserve(req, ns, [(up["_id"], None)])
     return reply, pres
+
+
+async def _chunked(req: Request, coll: str, stmt: dict[str, Any], lists: str,
+                   ids: list[Any]) -> dict[str, Any]:
+    ns = f"{req.db}.{coll}"
+    q = stmt.get("q") or {}
+    total: dict[str, Any] = {"n": 0, **({"nModified": 0} if lists == "updates" else {})}
+    for start in range(0, len(ids), snapshot.CHUNK):
+        chunk = ids[start:start + snapshot.CHUNK]
+        now = await _by_ids(req, coll, chunk)
+        pres: list[tuple[Any, dict[str, Any] | None]] = [
+            (i, now[idkey(i)]) for i in chunk if idkey(i) in now]
+        await _preserve(req, ns, pres)
+        part = {**stmt, "q": {"$and": [q, {"_id": {"$in": chunk}}]}}
+        part.pop("upsert", None)
+        reply = await req.run.reply(req.db, _statement(req, **{lists: [part]}))
+        await _log(req, coll, pres)
+        if not reply.get("ok"):
+            return reply
+        for key in total:
+            total[key] += int(reply.get(key, 0))
+        for key in ("writeErrors", "writeConcernError"):
+            if key in reply:
+                return {**total, key: reply[key], "ok": 1.0}
+    return {**total, "ok": 1.0}
 
 
 async def _statements(req: Request, kind: str) -> dict[str, Any] | None:
