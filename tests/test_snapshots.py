@@ -429,3 +429,24 @@ def test_differential_branch_equals_copy_at_fork_plus_own_writes(
                 assert _contents(b[db_name].items) == _contents(ref), n
             assert b[db_name].items.count_documents({"k": 1}) == ref.count_documents({"k": 1})
     direct.drop_database(f"{db_name}_ref")
+
+
+def test_reset_of_the_child_goes_back_to_the_parent_as_at_the_fork(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    """A reset that undoes the child's own writes shows the parent's documents as they
+    were at the fork, not as the parent changed them since."""
+    seed(client, db_name)
+    parent = made.create()
+    child = made.create(**{"from": parent["name"]})
+    with made.client(parent) as p, made.client(child) as c:
+        expected = view(c[db_name])
+        mark = entries(proxy, child["name"], limit=1)
+        c[db_name].items.update_one({"_id": 1}, {"$set": {"v": "c1"}})
+        c[db_name].items.delete_one({"_id": 2})
+        c[db_name].items.insert_one({"_id": "new", "k": 1})
+        p[db_name].items.update_many({"_id": {"$lt": 5}}, {"$set": {"v": "P"}})
+        p[db_name].items.insert_one({"_id": "new", "v": "P", "k": 1})
+        ok(proxy, "POST", f"/branches/{child['name']}/reset",
+           {"to": mark[0]["lsn"] if mark else 0})
+        assert view(c[db_name]) == expected
+    assert diff(proxy, child["name"])["changes"] == []

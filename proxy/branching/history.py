@@ -263,9 +263,7 @@ async def _index_changes(engine: Engine, branch: Branch,
                          state: NsState) -> AsyncIterator[dict[str, Any]]:
     ns = f"{state.db}.{state.coll}"
     parent = parent_of(engine, branch)
-    if state.index_base is not None:
-        theirs = state.index_base  # the branch's own changes since it detached
-    elif parent is None:
+    if parent is None:
         reply = await engine.pool.reply(state.db, {"listIndexes": state.coll})
         theirs = reply["cursor"]["firstBatch"] if reply.get("ok") else []
     else:
@@ -273,9 +271,16 @@ async def _index_changes(engine: Engine, branch: Branch,
     # Every collection has its _id index: never a change.
     mine = {ix["name"]: ix for ix in state.indexes or [] if ix["name"] != "_id_"}
     other = {ix["name"]: ix for ix in theirs if ix["name"] != "_id_"}
-    for name in sorted(set(mine) - set(other)):
+    created, dropped = set(mine) - set(other), set(other) - set(mine)
+    if state.index_base is not None:
+        # Kept from before the parent changed its list: only what the branch itself
+        # changed since then counts, and only where the parent does not match it yet.
+        base = {ix["name"] for ix in state.index_base}
+        created -= base
+        dropped &= base
+    for name in sorted(created):
         yield {"ns": ns, "index": "created", "name": name, "spec": mine[name]}
-    for name in sorted(set(other) - set(mine)):
+    for name in sorted(dropped):
         yield {"ns": ns, "index": "dropped", "name": name, "spec": other[name]}
 
 
@@ -545,10 +550,47 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
             await engine.meta["resets"].insert_one({"b": branch.bid, "to": Int64(lsn),
                                                     "at": Int64(at)})
         for state in branch_states(engine, branch) if branch.mode != "copy" else []:
+            await _keep_fork_images(engine, branch, state, lsn, at)
             await engine.mark_dirty(state)
             await engine.rematerialize(state)
     return {"branch": name, "to_lsn": lsn, "voided_entries": voided,
             "copied_into_children": frozen}
+
+
+async def _keep_fork_images(engine: Engine, branch: Branch, state: NsState, lsn: int,
+                            at: int) -> None:
+    """After a reset voided the branch's own writes of a document, the branch reads it
+    through its parent again, which may have changed it since the fork (no copy was kept
+    while the branch held its own). Keep the parent's image as at the fork for it: the
+    pre-image of the branch's first entry on it (a parent change before that would have
+    left a `keep` entry, which no reset voids)."""
+    ns = f"{state.db}.{state.coll}"
+    undone = [*matching({"b": branch.bid, "ns": ns, "_id": {"$gt": lsn, "$lte": at},
+                         "op": {"$nin": [*STARTS, OWN, KEEP]}}), {"$group": {"_id": "$id"}}]
+    async for batch in engine.pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": undone, "cursor": {}, "allowDiskUse": True}):
+        for chunk in _chunks([d["_id"] for d in batch]):
+            by_id = {"b": branch.bid, "ns": ns, "id": {"$in": chunk}}
+            seen = {idkey(d["_id"]) async for part in engine.pool.batches(engine.meta_db, {
+                "aggregate": "wal", "cursor": {}, "allowDiskUse": True,
+                "pipeline": [*matching({**by_id, **branch.visible()}),
+                             {"$group": {"_id": "$id"}}]}) for d in part}
+            rest = [i for i in chunk if idkey(i) not in seen]
+            if not rest:
+                continue
+            firsts = [*matching({**by_id, "id": {"$in": rest}}), {"$sort": {"_id": 1}},
+                      {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
+            now = await _view_ids(engine, state.db, state.coll,
+                                  parent_layers(engine, branch, state.db, state.coll), rest)
+            keep = []
+            async for part in engine.pool.batches(engine.meta_db, {
+                    "aggregate": "wal", "pipeline": firsts, "cursor": {},
+                    "allowDiskUse": True}):
+                for doc in part:
+                    img = image(doc["first"], "pre")
+                    if not _equal(img, now.get(idkey(doc["_id"]))):  # the parent moved
+                        keep.append(Change(ns, doc["_id"], KEEP, img, img))
+            await engine.wal.append(branch.bid, keep, snapshot.SYSTEM)
 
 
 async def recorded_resets(engine: Engine, branch: Branch) -> list[tuple[int, int]]:
