@@ -492,3 +492,15 @@ def test_the_scenario_of_issue_11(proxy: ProxyProcess, client: MongoClient, made
         p[db_name].items.insert_one({"_id": "parent-new"})
         assert {d["_id"]: d for d in c[db_name].items.find()} == before
         assert c[db_name].items.count_documents({}) == len(before)
+
+
+def test_log_of_main_lists_main_port_writes_while_main_has_children(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    client[db_name].items.insert_many([{"_id": i, "v": i} for i in range(5)])
+    made.create()
+    client[db_name].items.update_one({"_id": 1}, {"$set": {"v": "x"}})
+    client[db_name].items.delete_one({"_id": 2})
+    client[db_name].items.insert_one({"_id": 9}, )
+    mine = [(e["op"], e["_id"]) for e in entries(proxy, "main", limit=50)
+            if e["ns"] == f"{db_name}.items"]
+    assert mine == [("put", 9), ("delete", 2), ("put", 1)]

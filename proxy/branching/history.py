@@ -64,10 +64,17 @@ async def resolve_point(engine: Engine, at: Any) -> int:
 # -- log ---------------------------------------------------------------------------------
 async def log(engine: Engine, name: str, limit: int = 100,
               before_lsn: int | None = None) -> list[dict[str, Any]]:
-    branch = engine.get(name)
+    """A branch's WAL entries, newest first. `main` has the changes made through the main
+    port while main had children (docs/ARCHITECTURE.md, "Snapshots")."""
+    if name == MAIN:
+        engine.check_ready()
+        bid, voids = MAIN, []
+    else:
+        branch = engine.get(name)
+        bid, voids = branch.bid, branch.voids
     if not 0 < limit <= 10_000:
         raise BranchError(400, f"limit must be 1-10000, got {limit}")
-    query: dict[str, Any] = {"b": branch.bid}
+    query: dict[str, Any] = {"b": bid}
     if before_lsn is not None:
         query["_id"] = {"$lt": before_lsn}
     out = []
@@ -79,7 +86,7 @@ async def log(engine: Engine, name: str, limit: int = 100,
             "lsn": lsn, "time": doc["ts"].replace(tzinfo=dt.UTC).isoformat(),
             "op": doc["op"], "ns": doc["ns"], "_id": doc.get("id"),
             "client": doc.get("client") or {},
-            "visible": not any(lo < lsn <= hi for lo, hi in branch.voids),
+            "visible": not any(lo < lsn <= hi for lo, hi in voids),
         })
     return out
 
