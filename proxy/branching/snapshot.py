@@ -83,14 +83,18 @@ async def preserve(engine: Engine, parent: str, changes: list[Change]) -> int:
             firsts.setdefault(change.ns, {}).setdefault(idkey(change.id), change)
     if not firsts:
         return 0
-    copied = 0
-    for kid in kids:
+
+    async def into(kid: Branch) -> int:
+        copied = 0
         async with engine.branch_lock(kid.bid).exclusive():
             if engine.branches.get(kid.name) is not kid:
-                continue  # dropped meanwhile
+                return 0  # dropped meanwhile
             for ns, by_id in firsts.items():
                 copied += await _copy_up(engine, kid, ns, list(by_id.values()))
-    return copied
+        return copied
+
+    # Children are independent of one another: their copies run side by side.
+    return sum(await asyncio.gather(*(into(kid) for kid in kids)))
 
 
 def _children(engine: Engine, parent: str) -> list[Branch]:
