@@ -145,7 +145,16 @@ async def insert(req: Request) -> dict[str, Any] | None:
         cmd = {k: v for k, v in req.cmd.items() if k != "$db"}
         cmd["documents"] = docs
         reply = await req.run.reply(req.db, cmd)
-        await _log(req, coll, pres, reply)
+        if reply.get("ok") and not _in_txn(req):
+            # The documents as sent are what landed: no read back.
+            failed = {e.get("index") for e in reply.get("writeErrors", [])}
+            stop = min(failed) if failed and req.cmd.get("ordered", True) is not False \
+                else len(docs)
+            landed = [Change(f"{req.db}.{coll}", d["_id"], PUT, None, d)
+                      for i, d in enumerate(docs[:stop]) if i not in failed]
+            if landed:
+                await req.engine.wal.append(naming.MAIN, landed, req.client(), _txn(req),
+                                            reply)
     return reply
 
 
@@ -155,6 +164,16 @@ def _options(req: Request, stmt: dict[str, Any]) -> dict[str, Any]:
     if "let" in req.cmd:
         options["let"] = req.cmd["let"]
     return options
+
+
+def _by_id(q: dict[str, Any], update: Any, ids: Any) -> dict[str, Any]:
+    """The filter that sends a statement to the documents already read, under main's lock:
+    their ids (which every server answers from the index; SecantusDB scans the collection
+    for an $and), with the client's filter kept only where the positional $ needs it."""
+    positional = isinstance(update, dict) and any(
+        key == "$" or key.endswith(".$") or ".$." in key
+        for fields in update.values() if isinstance(fields, dict) for key in fields)
+    return {"$and": [q, {"_id": ids}]} if positional else {"_id": ids}
 
 
 def _new_id(q: Any, u: Any) -> Any:
@@ -206,7 +225,7 @@ async def _run_statement(req: Request, coll: str, kind: str, stmt: dict[str, Any
         if found and found[0]:
             pre = found[0][0]
             await _preserve(req, ns, [(pre["_id"], pre)])
-            one = {**stmt, "q": {"$and": [q, {"_id": pre["_id"]}]}}
+            one = {**stmt, "q": _by_id(q, stmt.get("u"), pre["_id"])}
             one.pop("sort", None)
             return await req.run.reply(req.db, _statement(req, **{lists: [one]})), \
                 [(pre["_id"], pre)]
@@ -236,7 +255,7 @@ async def _chunked(req: Request, coll: str, stmt: dict[str, Any], lists: str,
         pres: list[tuple[Any, dict[str, Any] | None]] = [
             (i, now[idkey(i)]) for i in chunk if idkey(i) in now]
         await _preserve(req, ns, pres)
-        part = {**stmt, "q": {"$and": [q, {"_id": {"$in": chunk}}]}}
+        part = {**stmt, "q": _by_id(q, stmt.get("u"), {"$in": chunk})}
         part.pop("upsert", None)
         reply = await req.run.reply(req.db, _statement(req, **{lists: [part]}))
         await _log(req, coll, pres)
@@ -330,7 +349,7 @@ async def find_and_modify(req: Request) -> dict[str, Any] | None:
         pres: list[tuple[Any, Any]] = []
         if found:
             pres = [(found[0]["_id"], found[0])]
-            out["query"] = {"$and": [q, {"_id": found[0]["_id"]}]}
+            out["query"] = _by_id(q, cmd.get("update"), found[0]["_id"])
         elif cmd.get("upsert") and not cmd.get("remove"):
             out["update"] = _upsert_id({"q": q, "u": cmd.get("update")})["u"]
             new_id = _new_id(q, out["update"])
