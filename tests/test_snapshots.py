@@ -504,3 +504,34 @@ def test_log_of_main_lists_main_port_writes_while_main_has_children(
     mine = [(e["op"], e["_id"]) for e in entries(proxy, "main", limit=50)
             if e["ns"] == f"{db_name}.items"]
     assert mine == [("put", 9), ("delete", 2), ("put", 1)]
+
+
+def test_children_of_main_stay_exact_across_a_restart(tmp_path: Path) -> None:
+    """After a restart the main port knows main has children before it serves writes as
+    pass-through: a write after the restart is preserved like one before it."""
+    server = Secantus(storage=str(tmp_path / "data")).start()
+    proxy = ProxyProcess(server.uri, meta_db="mb_snaprestart")
+    db = "snaprestart"
+    try:
+        proxy.start()
+        with MongoClient(proxy.uri) as m:
+            m[db].items.insert_many([{"_id": i, "v": i, "k": i % 5} for i in range(20)])
+            m[db].items.create_index("k")
+            _, kid = proxy.api("POST", "/branches", {"name": "kid"})
+            assert isinstance(kid, dict)
+            with MongoClient(kid["uri"]) as c:
+                expected = view(c[db])
+            m[db].items.update_many({"_id": {"$lt": 5}}, {"$set": {"v": "before"}})
+        assert proxy.stop() == 0
+        proxy = ProxyProcess(server.uri, meta_db="mb_snaprestart", port=proxy.port,
+                             admin_port=proxy.admin_port,
+                             branch_ports=proxy.branch_ports).start()
+        with MongoClient(proxy.uri) as m, MongoClient(kid["uri"]) as c:
+            assert view(c[db]) == expected
+            m[db].items.update_many({}, {"$set": {"v": "after"}})
+            m[db].items.delete_many({"k": 1})
+            m[db].items.insert_one({"_id": "new", "k": 1})
+            assert view(c[db]) == expected
+    finally:
+        proxy.stop()
+        server.stop()

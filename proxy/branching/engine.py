@@ -103,6 +103,14 @@ class Engine:
                         branch.migrating)
             await migrate(self, branch.name, branch.migrating)
         self._flusher = asyncio.create_task(self._flush_dirty())
+        if self.intercepting_main() and self.reroute is not None:
+            # The main port may have served (and remembered as pass-through) writes
+            # before main's children were known.
+            from proxy.branching.commands.mainwrite import NAMES
+
+            log.warning("main has child branches: main-port writes are intercepted; writes "
+                        "made while the engine was starting were not preserved for them")
+            await self.reroute(NAMES)
 
     async def stop(self) -> None:
         if self._flusher:
