@@ -67,6 +67,9 @@ class Engine:
         self.reroute: Callable[[frozenset[str]], Awaitable[None]] | None = None
         # Children of main being created: main's writes are intercepted from the start.
         self._main_forks = 0
+        # Collections known to exist on main (so a main-port write need not ask whether
+        # it creates one); emptied by every collection-level change made through it.
+        self.main_collections: set[tuple[str, str]] = set()
         self._dirty: set[str] = set()
         self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
         self._flusher: asyncio.Task[None] | None = None

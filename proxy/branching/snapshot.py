@@ -176,11 +176,14 @@ async def before_collection_write(engine: Engine, branch: Branch | None, db: str
     itself for its children: they must keep not showing it."""
     parent = MAIN if branch is None else branch.name
     state = None if branch is None else engine.state(branch, db, coll)
-    if (state is not None and state.present is True) or not _children(engine, parent):
+    if (state is not None and state.present is True) or not _children(engine, parent) \
+            or (branch is None and (db, coll) in engine.main_collections):
         return
     layers = [] if branch is None else engine.layers(branch, db, coll)
     if not await _shown(engine, layers, db, coll):
         await freeze(engine, parent, db, [coll])
+    if branch is None:
+        engine.main_collections.add((db, coll))  # it exists once this write lands
 
 
 async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:

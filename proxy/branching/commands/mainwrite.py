@@ -373,6 +373,7 @@ async def ddl(req: Request) -> dict[str, Any] | None:
         return None
     name = req.name
     async with req.engine.writing_main():
+        req.engine.main_collections.clear()
         if name == "renameCollection":
             source, target = req.cmd.get("renameCollection"), req.cmd.get("to")
             for full in (source, target):
@@ -419,6 +420,7 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
     if not isinstance(target, str) or not isinstance(db, str):
         return None
     async with req.engine.writing_main():
+        req.engine.main_collections.clear()
         await snapshot.freeze(req.engine, naming.MAIN, db, [target])
         return await req.run.reply(req.db, {k: v for k, v in req.cmd.items() if k != "$db"})
 
