@@ -235,6 +235,7 @@ class Proxy:
                              stats=metrics.BRANCHES.main,
                              legacy_op_query=self.engine.config.legacy_op_query.value,
                              anonymous_as_uri_user=self.anonymous_as_uri_user, tls=self.tls)
+        self.engine.reroute = self.main.reroute
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy, tokens)

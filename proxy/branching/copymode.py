@@ -200,7 +200,8 @@ async def _to_copy(engine: Engine, branch: Branch) -> int:
 
 async def _to_wal(engine: Engine, branch: Branch) -> int:
     """Every copied collection becomes an overlay of what differs from the parent, and
-    the WAL gets the entries that rebuild it, so a WAL branch can replay itself."""
+    the WAL gets the entries that rebuild it, so a WAL branch can replay itself. What the
+    branch shows does not change, so its children keep nothing (snapshot.py)."""
     from proxy.branching.history import parent_layers, replaced
 
     pool = engine.pool
@@ -212,10 +213,10 @@ async def _to_wal(engine: Engine, branch: Branch) -> int:
             # Replaced on the branch (or already an overlay): log it whole.
             if state.base_dropped:
                 await engine.log_changes(branch, [Change(ns, None, CREATE, None, None)],
-                                         identity)
+                                         identity, preserve=False)
                 async for batch in pool.batches(state.db, {"find": state.live}):
                     await engine.log_changes(branch, [Change(ns, d["_id"], PUT, None, d)
-                                                      for d in batch], identity)
+                                                      for d in batch], identity, preserve=False)
             count += 1
             continue
         layers = parent_layers(engine, branch, state.db, state.coll)
@@ -227,7 +228,8 @@ async def _to_wal(engine: Engine, branch: Branch) -> int:
         specs = [overlay_index(ix) for ix in state.indexes or [] if ix.get("name") != "_id_"]
         if specs:
             await pool(state.db, {"createIndexes": scratch_live, "indexes": specs})
-        await engine.log_changes(branch, [Change(ns, None, REBASE, None, None)], identity)
+        await engine.log_changes(branch, [Change(ns, None, REBASE, None, None)], identity,
+                                 preserve=False)
         # Documents the copy holds differently from the parent, or the parent lacks.
         async for batch in pool.batches(state.db, {"find": state.live}):
             ids = [d["_id"] for d in batch]
@@ -242,7 +244,7 @@ async def _to_wal(engine: Engine, branch: Branch) -> int:
                 await pool(state.db, {"insert": scratch_hidden,
                                       "documents": [{"_id": d["_id"]} for d in differ]})
                 await engine.log_changes(branch, [Change(ns, d["_id"], PUT, None, d)
-                                                  for d in differ], identity)
+                                                  for d in differ], identity, preserve=False)
         # Documents the parent shows that the copy does not hold: deleted on the branch.
         async for got in reader.view_batches(pool, state.db, state.coll, layers, {}):
             ids = [d["_id"] for d in got]
@@ -256,7 +258,7 @@ async def _to_wal(engine: Engine, branch: Branch) -> int:
                 await pool(state.db, {"insert": scratch_hidden,
                                       "documents": [{"_id": i} for i in gone]})
                 await engine.log_changes(branch, [Change(ns, i, DELETE, None, None)
-                                                  for i in gone], identity)
+                                                  for i in gone], identity, preserve=False)
         await _swap(engine, state.db, scratch_live, state.live)
         await _swap(engine, state.db, scratch_hidden, state.hidden)
         state.base_dropped = False  # present stays: the branch still shows what it showed

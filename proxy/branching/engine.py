@@ -8,24 +8,25 @@ import datetime as dt
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
 from pymongo import AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
-from proxy.branching import naming
+from proxy.branching import naming, snapshot
 from proxy.branching.errors import BranchError
 from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
-from proxy.branching.model import Branch, NsState
+from proxy.branching.model import ISOLATION, Branch, NsState
 from proxy.branching.runner import Runner, error_from, pooled
-from proxy.branching.wal import CREATE, RESETS, STARTS, Change, Wal, image, matching
+from proxy.branching.snapshot import Fence
+from proxy.branching.wal import CREATE, HOLDS, OWN, RESETS, STARTS, Change, Wal, image, matching
 from proxy.config import Config
 
 log = logging.getLogger("mongobranch.engine")
 
-MAIN = "main"
+MAIN = naming.MAIN
 # Replies kept for retried writes; drivers retry once, immediately.
 RETRY_MEMORY = 10_000
 
@@ -60,6 +61,15 @@ class Engine:
         # Why branching is unavailable (None once start() succeeded).
         self.unavailable: str | None = "branch engine is starting"
         self._locks: dict[str, BranchLock] = {}
+        self._fences: dict[str, Fence] = {}
+        # Set by the serving layer: the main port's listener forgets which command names it
+        # forwards unchanged and waits for those in flight (the wire layer's hook).
+        self.reroute: Callable[[frozenset[str]], Awaitable[None]] | None = None
+        # Children of main being created: main's writes are intercepted from the start.
+        self._main_forks = 0
+        # Collections known to exist on main (so a main-port write need not ask whether
+        # it creates one); emptied by every collection-level change made through it.
+        self.main_collections: set[tuple[str, str]] = set()
         self._dirty: set[str] = set()
         self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
         self._flusher: asyncio.Task[None] | None = None
@@ -96,6 +106,14 @@ class Engine:
                         branch.migrating)
             await migrate(self, branch.name, branch.migrating)
         self._flusher = asyncio.create_task(self._flush_dirty())
+        if self.intercepting_main() and self.reroute is not None:
+            # The main port may have served (and remembered as pass-through) writes
+            # before main's children were known.
+            from proxy.branching.commands.mainwrite import NAMES
+
+            log.warning("main has child branches: main-port writes are intercepted; writes "
+                        "made while the engine was starting were not preserved for them")
+            await self.reroute(NAMES)
 
     async def stop(self) -> None:
         if self._flusher:
@@ -151,9 +169,12 @@ class Engine:
         raise BranchError(409, f"no free port left in {self.port_range[0]}-{self.port_range[1]}")
 
     async def create_branch(self, name: Any, parent: Any = MAIN, port: Any = None,
-                            mode: Any = None, progress: Any = None) -> Branch:
+                            mode: Any = None, progress: Any = None,
+                            then: Callable[[Branch], Awaitable[None]] | None = None) -> Branch:
         """A metadata insert and a listener; a copy branch first copies its parent's data,
-        so no client ever sees it half-copied. Without a mode, the feature flags choose."""
+        so no client ever sees it half-copied. Without a mode, the feature flags choose.
+        `then` finishes the branch's data before its port opens, while its parent's writes
+        still wait (a branch at a past point restores its images there)."""
         self.check_ready()
         if mode is not None and mode not in ("wal", "copy"):
             raise BranchError(400, f"mode must be 'wal' or 'copy', got {mode!r}")
@@ -179,6 +200,56 @@ class Engine:
             raise BranchError(400, f"port must be an integer 1-65535, got {port!r}")
         elif any(b.port == port for b in self.branches.values()):
             raise BranchError(409, f"port {port} is already used by another branch")
+        if parent == MAIN:
+            self._main_forks += 1
+        try:
+            if parent == MAIN and self.reroute is not None:
+                # From now on the main port intercepts writes; those it forwarded unchanged
+                # before land first.
+                from proxy.branching.commands.mainwrite import NAMES
+
+                await self.reroute(NAMES)
+            # The parent's writes wait while the branch forks (and, in copy mode, copies):
+            # it starts from a state no write is half-way through.
+            async with self.reading(self.chain(self.branches[parent]) if parent != MAIN
+                                    else []):
+                branch = await self._fork(name, parent, port, mode, progress)
+                if then is not None:
+                    try:
+                        await then(branch)
+                    except Exception:
+                        await self._forget(branch)
+                        raise
+        finally:
+            if parent == MAIN:
+                self._main_forks -= 1
+        if self.ports is not None:
+            busy: set[int] = set()
+            while True:
+                try:
+                    await self.ports.open(branch)
+                    break
+                except OSError as exc:
+                    busy.add(branch.port)
+                    error = BranchError(409, f"port {branch.port} cannot be opened: {exc}")
+                try:
+                    if not auto:
+                        raise error
+                    # An auto-assigned port held by another socket: take the next free one.
+                    branch.port = self._free_port(busy)
+                except BranchError:
+                    await self._forget(branch)
+                    raise
+                await self.meta["branches"].update_one({"_id": name},
+                                                       {"$set": {"port": branch.port}})
+        log.info("created branch %s (parent %s, port %d)", name, parent, branch.port)
+        log.warning("branch %s: isolation %s: writes that reach the upstream without the "
+                    "proxy show through in it", name, ISOLATION)
+        return branch
+
+    async def _fork(self, name: str, parent: str, port: int, mode: str,
+                    progress: Any) -> Branch:
+        """The branch's metadata, and in copy mode its copy of the parent's data."""
         branch = Branch(
             name=name, bid=secrets.token_hex(4), parent=parent,
             fork_lsn=await self.wal.current(),
@@ -212,26 +283,6 @@ class Engine:
                 self.progress.pop(name, None)
             branch.creating = False
             await self.save_branch(branch)
-        if self.ports is not None:
-            busy: set[int] = set()
-            while True:
-                try:
-                    await self.ports.open(branch)
-                    break
-                except OSError as exc:
-                    busy.add(branch.port)
-                    error = BranchError(409, f"port {branch.port} cannot be opened: {exc}")
-                try:
-                    if not auto:
-                        raise error
-                    # An auto-assigned port held by another socket: take the next free one.
-                    branch.port = self._free_port(busy)
-                except BranchError:
-                    await self._forget(branch)
-                    raise
-                await self.meta["branches"].update_one({"_id": name},
-                                                       {"$set": {"port": branch.port}})
-        log.info("created branch %s (parent %s, port %d)", name, parent, branch.port)
         return branch
 
     async def _forget(self, branch: Branch) -> None:
@@ -289,6 +340,8 @@ class Engine:
             state = self.states.get(f"{b.bid}:{db}.{coll}")
             if state is not None:
                 out.append(state)
+                if state.detached:
+                    break  # nothing above shows through (snapshot.freeze)
         return out
 
     async def ensure_state(self, branch: Branch, db: str, coll: str, run: Runner) -> NsState:
@@ -345,8 +398,38 @@ class Engine:
         on one document each (point: its (namespace, idkey)) only against writes on the
         same document and against everything else (locks.py)."""
         lock = self.branch_lock(branch.bid)
-        async with lock.exclusive() if point is None else lock.shared(point):
+        async with lock.exclusive() if point is None else lock.shared(point), \
+                self.fence(branch.bid).hold("w"):
             yield
+
+    def fence(self, bid: str) -> Fence:
+        return self._fences.setdefault(bid, Fence())
+
+    def intercepting_main(self) -> bool:
+        """Whether main's writes are preserved for its children (it has some)."""
+        return self._main_forks > 0 or any(b.parent == MAIN for b in self.branches.values())
+
+    @contextlib.asynccontextmanager
+    async def writing_main(self, point: Hashable | None = None) -> AsyncIterator[None]:
+        """Main's writes through the main port while it has children, as `writing`."""
+        lock = self.branch_lock(MAIN)
+        async with lock.exclusive() if point is None else lock.shared(point), \
+                self.fence(MAIN).hold("w"):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def reading(self, branches: list[Branch]) -> AsyncIterator[None]:
+        """Keeps these branches' writes (and main's) out, so none shows half preserved in a
+        child (snapshot.py). Taken root first, before any branch lock."""
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.fence(MAIN).hold("r"))
+            for branch in reversed(branches):
+                await stack.enter_async_context(self.fence(branch.bid).hold("r"))
+            yield
+
+    def ancestors(self, branch: Branch) -> list[Branch]:
+        """The branches a branch reads through, nearest first, main excluded."""
+        return self.chain(branch)[1:]
 
     def branch_lock(self, bid: str) -> BranchLock:
         return self._locks.setdefault(bid, BranchLock())
@@ -383,7 +466,12 @@ class Engine:
 
     async def log_changes(self, branch: Branch, changes: list[Change], client: dict[str, Any],
                           txn: dict[str, Any] | None = None,
-                          reply: dict[str, Any] | None = None) -> int:
+                          reply: dict[str, Any] | None = None, *,
+                          preserve: bool = True) -> int:
+        """Log a branch's changes; first (preserve) its children keep what they showed of
+        the documents changed (snapshot.py): the caller holds the branch's fence."""
+        if preserve:
+            await snapshot.preserve(self, branch.name, changes)
         return await self.wal.append(branch.bid, changes, client, txn, reply)
 
     # -- retryable writes -----------------------------------------------------------------
@@ -414,10 +502,15 @@ class Engine:
             match["_id"] = {"$lte": upto}
         marker = await self.wal.first({**match, "op": {"$in": list(STARTS)}}, newest=True)
         state.base_dropped = marker is not None and marker["op"] in RESETS
-        state.present = None
+        if not state.detached:
+            state.present = None  # a detached collection's presence was saved with it
         if marker is not None:
             match["_id"] = {**match.get("_id", {}), "$gt": marker["_id"]}
             state.present = marker["op"] == CREATE or None
+        # A copy of the whole collection taken before the parent changed it.
+        if await self.wal.first({**match, "op": OWN}) is not None:
+            state.base_dropped = True
+        match["op"] = {"$ne": OWN}
         indexes = state.indexes
         if indexes is None and branch is not None:
             indexes = await self.view_indexes(branch, state.db, state.coll, self.pool)
@@ -432,14 +525,15 @@ class Engine:
         })
         await self.pool(self.meta_db, {
             "aggregate": "wal", "allowDiskUse": True, "cursor": {},
-            "pipeline": [*fold, {"$match": {"op": "put", "post": {"$type": "object"}}},
+            "pipeline": [*fold, {"$match": {"op": {"$in": list(HOLDS)},
+                                            "post": {"$type": "object"}}},
                          {"$replaceRoot": {"newRoot": "$post"}},
                          {"$merge": {"into": {"db": state.db, "coll": state.live}}}],
         })
         # Images gc compressed are unpacked here, a batch at a time.
         async for batch in self.pool.batches(self.meta_db, {
                 "aggregate": "wal", "allowDiskUse": True, "cursor": {},
-                "pipeline": [*fold, {"$match": {"op": "put", "post": None,
+                "pipeline": [*fold, {"$match": {"op": {"$in": list(HOLDS)}, "post": None,
                                                 "postz": {"$ne": None}}}]}):
             docs = [image(d, "post") for d in batch]
             await self.pool(state.db, {"insert": state.live, "ordered": False,

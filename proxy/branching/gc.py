@@ -19,6 +19,7 @@ from pymongo import DeleteMany, UpdateOne
 
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError
+from proxy.branching.naming import MAIN
 from proxy.branching.wal import STARTS, matching, packed
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -71,6 +72,11 @@ async def collect(engine: Engine, retention: dt.timedelta) -> dict[str, Any]:
                                                       for lo, hi in branch.voids]})
             for ns in await wal.distinct("ns", old):
                 folded += await _fold(engine, {**old, "ns": ns})
+    # Main's log (its changes through the main port while it had children) too.
+    async with engine.writing_main():
+        old = {"b": MAIN, "_id": {"$lte": limit}}
+        for ns in await wal.distinct("ns", old):
+            folded += await _fold(engine, {**old, "ns": ns})
     compressed = await _compress(engine, limit)
     await engine.meta["gc"].replace_one(
         {"_id": "gc"}, {"_id": "gc", "horizon": Int64(limit),
@@ -122,9 +128,9 @@ async def _compress(engine: Engine, limit: int) -> int:
     SecantusDB examine the whole range for every page."""
     wal = engine.wal.entries
     done = 0
-    for branch in list(engine.branches.values()):
+    for bid in [b.bid for b in engine.branches.values()] + [MAIN]:
         ops: list[UpdateOne] = []
-        async for entry in wal.find({"b": branch.bid, "_id": {"$lte": limit}},
+        async for entry in wal.find({"b": bid, "_id": {"$lte": limit}},
                                     {"pre": 1, "post": 1}).sort("_id", 1).batch_size(BATCH):
             update: dict[str, Any] = {}
             for field in ("pre", "post"):

@@ -14,7 +14,7 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import authz, copymode, gc, reader
+from proxy.branching import authz, copymode, gc, reader, snapshot
 from proxy.branching.commands.base import SystemContext
 from proxy.branching.commands.write import same
 from proxy.branching.engine import MAIN, Engine
@@ -22,7 +22,18 @@ from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner
-from proxy.branching.wal import DELETE, PUT, RESETS, STARTS, Change, image, matching
+from proxy.branching.wal import (
+    DELETE,
+    HOLDS,
+    KEEP,
+    OWN,
+    PUT,
+    RESETS,
+    STARTS,
+    Change,
+    image,
+    matching,
+)
 from proxy.net.router import Context
 
 BATCH = reader.BATCH
@@ -55,10 +66,17 @@ async def resolve_point(engine: Engine, at: Any) -> int:
 # -- log ---------------------------------------------------------------------------------
 async def log(engine: Engine, name: str, limit: int = 100,
               before_lsn: int | None = None) -> list[dict[str, Any]]:
-    branch = engine.get(name)
+    """A branch's WAL entries, newest first. `main` has the changes made through the main
+    port while main had children (docs/ARCHITECTURE.md, "Snapshots")."""
+    if name == MAIN:
+        engine.check_ready()
+        bid, voids = MAIN, []
+    else:
+        branch = engine.get(name)
+        bid, voids = branch.bid, branch.voids
     if not 0 < limit <= 10_000:
         raise BranchError(400, f"limit must be 1-10000, got {limit}")
-    query: dict[str, Any] = {"b": branch.bid}
+    query: dict[str, Any] = {"b": bid}
     if before_lsn is not None:
         query["_id"] = {"$lt": before_lsn}
     out = []
@@ -70,7 +88,7 @@ async def log(engine: Engine, name: str, limit: int = 100,
             "lsn": lsn, "time": doc["ts"].replace(tzinfo=dt.UTC).isoformat(),
             "op": doc["op"], "ns": doc["ns"], "_id": doc.get("id"),
             "client": doc.get("client") or {},
-            "visible": not any(lo < lsn <= hi for lo, hi in branch.voids),
+            "visible": not any(lo < lsn <= hi for lo, hi in voids),
         })
     return out
 
@@ -161,30 +179,37 @@ async def diff(engine: Engine, name: str) -> AsyncGenerator[dict[str, Any], None
 
 async def replaced(engine: Engine, branch: Branch, state: NsState) -> bool:
     """Whether the branch replaced the whole collection (dropped or recreated it). A copy
-    branch hides its parent by construction; only a logged drop or create counts."""
+    branch hides its parent by construction, and a branch that copied a collection whole
+    before its parent changed it (an `own` marker) holds what it saw: only a logged drop
+    or create counts."""
     if not state.base_dropped:
         return False
-    if branch.mode != "copy":
-        return True
     marker = await engine.wal.first({
-        "b": branch.bid, "ns": f"{state.db}.{state.coll}", "op": {"$in": list(RESETS)},
-        **branch.visible()})
-    return marker is not None
+        "b": branch.bid, "ns": f"{state.db}.{state.coll}", "op": {"$in": [*RESETS, OWN]},
+        **branch.visible()}, newest=True)
+    if marker is None:
+        # A copy branch owns every collection from its start; a WAL branch only by a drop
+        # or create (entries gc removed before a drop leave no doubt either).
+        return branch.mode != "copy"
+    return marker["op"] in RESETS
 
 
 async def touched(engine: Engine, branch: Branch,
                   state: NsState) -> AsyncIterator[list[tuple[Any, dict[str, Any] | None]]]:
     """Batches of the ids a branch changed in a collection, in _id order, each with the
-    parent image the branch saw when it first touched it (None: absent then).
+    parent image the branch saw when it first touched it (None: absent then). Ids it
+    only keeps a parent's image of are not changes; their kept image is what it saw.
 
     One pass over the branch's visible WAL entries for the collection: the logged ids
     are the hidden set (rematerialization rebuilds one from the other), and the first
     pre-images come with them, with no per-batch lookup in the WAL."""
     pipeline = [*matching({"b": branch.bid, "ns": f"{state.db}.{state.coll}",
-                           "op": {"$nin": list(STARTS)}, **branch.visible()}),
+                           "op": {"$nin": [*STARTS, OWN]}, **branch.visible()}),
                 {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "pre": {"$first": "$pre"},
-                            "prez": {"$first": "$prez"}}},
+                            "prez": {"$first": "$prez"},
+                            "own": {"$max": {"$cond": [{"$eq": ["$op", KEEP]}, 0, 1]}}}},
+                {"$match": {"own": 1}},
                 {"$sort": {"_id": 1}}]
     async for batch in engine.pool.batches(engine.meta_db, {
             "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
@@ -255,9 +280,16 @@ async def _index_changes(engine: Engine, branch: Branch,
     # Every collection has its _id index: never a change.
     mine = {ix["name"]: ix for ix in state.indexes or [] if ix["name"] != "_id_"}
     other = {ix["name"]: ix for ix in theirs if ix["name"] != "_id_"}
-    for name in sorted(set(mine) - set(other)):
+    created, dropped = set(mine) - set(other), set(other) - set(mine)
+    if state.index_base is not None:
+        # Kept from before the parent changed its list: only what the branch itself
+        # changed since then counts, and only where the parent does not match it yet.
+        base = {ix["name"] for ix in state.index_base}
+        created -= base
+        dropped &= base
+    for name in sorted(created):
         yield {"ns": ns, "index": "created", "name": name, "spec": mine[name]}
-    for name in sorted(set(other) - set(mine)):
+    for name in sorted(dropped):
         yield {"ns": ns, "index": "dropped", "name": name, "spec": other[name]}
 
 
@@ -455,13 +487,16 @@ class Applier:
         self.ctx: Context = SystemContext() if caller is None else caller.ctx
 
     async def _command(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
-        if self.parent is None:
-            return await self.run(db, cmd)
         from proxy.branching.commands.base import Request
-        from proxy.branching.router import BRANCH
+        from proxy.branching.router import BRANCH, MAIN
 
         req = Request(self.engine, self.parent, self.ctx, self.run, db, cmd)
-        reply = await BRANCH[next(iter(cmd))](req)
+        if self.parent is None:
+            # Main's other children keep what they show (the merging branch is one).
+            reply: dict[str, Any] | None = await MAIN[next(iter(cmd))](req) \
+                or await self.run(db, cmd)
+        else:
+            reply = await BRANCH[next(iter(cmd))](req)
         if reply is None or not reply.get("ok"):
             raise BranchError(500, f"merge write failed: {reply}")
         return reply
@@ -526,15 +561,11 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
         after = [*resets, (lsn, at)] if lsn < at else resets
         # Entries voided now that the reset brings back.
         voids = voids_at(after, None)
-        reopened: dict[str, Any] | None = None
-        if branch.voids:
-            reopened = {"b": branch.bid, "_id": {"$lte": lsn},
-                        "$or": [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in branch.voids]}
-            if voids:
-                reopened["$nor"] = [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in voids]
+        # Children keep what they show of every collection the reset takes back
+        # (documents, presence, indexes): they read none of it through the branch after.
         frozen = 0
-        for child in [engine.get(c) for c in engine.children(name)]:
-            frozen += await _freeze_into(engine, branch, child, reopened)
+        for state in branch_states(engine, branch):
+            frozen += await snapshot.freeze(engine, branch.name, state.db, [state.coll])
         voided = await engine.wal.count(
             {"b": branch.bid, "_id": {"$gt": lsn, "$lte": at}, **branch.visible()})
         if branch.mode == "copy":
@@ -547,10 +578,47 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
             await engine.meta["resets"].insert_one({"b": branch.bid, "to": Int64(lsn),
                                                     "at": Int64(at)})
         for state in branch_states(engine, branch) if branch.mode != "copy" else []:
+            await _keep_fork_images(engine, branch, state, lsn, at)
             await engine.mark_dirty(state)
             await engine.rematerialize(state)
     return {"branch": name, "to_lsn": lsn, "voided_entries": voided,
             "copied_into_children": frozen}
+
+
+async def _keep_fork_images(engine: Engine, branch: Branch, state: NsState, lsn: int,
+                            at: int) -> None:
+    """After a reset voided the branch's own writes of a document, the branch reads it
+    through its parent again, which may have changed it since the fork (no copy was kept
+    while the branch held its own). Keep the parent's image as at the fork for it: the
+    pre-image of the branch's first entry on it (a parent change before that would have
+    left a `keep` entry, which no reset voids)."""
+    ns = f"{state.db}.{state.coll}"
+    undone = [*matching({"b": branch.bid, "ns": ns, "_id": {"$gt": lsn, "$lte": at},
+                         "op": {"$nin": [*STARTS, OWN, KEEP]}}), {"$group": {"_id": "$id"}}]
+    async for batch in engine.pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": undone, "cursor": {}, "allowDiskUse": True}):
+        for chunk in _chunks([d["_id"] for d in batch]):
+            by_id = {"b": branch.bid, "ns": ns, "id": {"$in": chunk}}
+            seen = {idkey(d["_id"]) async for part in engine.pool.batches(engine.meta_db, {
+                "aggregate": "wal", "cursor": {}, "allowDiskUse": True,
+                "pipeline": [*matching({**by_id, **branch.visible()}),
+                             {"$group": {"_id": "$id"}}]}) for d in part}
+            rest = [i for i in chunk if idkey(i) not in seen]
+            if not rest:
+                continue
+            firsts = [*matching({**by_id, "id": {"$in": rest}}), {"$sort": {"_id": 1}},
+                      {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
+            now = await _view_ids(engine, state.db, state.coll,
+                                  parent_layers(engine, branch, state.db, state.coll), rest)
+            keep = []
+            async for part in engine.pool.batches(engine.meta_db, {
+                    "aggregate": "wal", "pipeline": firsts, "cursor": {},
+                    "allowDiskUse": True}):
+                for doc in part:
+                    img = image(doc["first"], "pre")
+                    if not _equal(img, now.get(idkey(doc["_id"]))):  # the parent moved
+                        keep.append(Change(ns, doc["_id"], KEEP, img, img))
+            await engine.wal.append(branch.bid, keep, snapshot.SYSTEM)
 
 
 async def recorded_resets(engine: Engine, branch: Branch) -> list[tuple[int, int]]:
@@ -581,7 +649,7 @@ def voids_at(resets: list[tuple[int, int]], lsn: int | None) -> list[list[int]]:
 def visible_at(bid: str, lsn: int, voids: list[list[int]]) -> dict[str, Any]:
     """A WAL filter for the entries a branch showed when the log stood at lsn, given the
     voids in effect then."""
-    ranges = [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in voids]
+    ranges = [{"_id": {"$gt": lo, "$lte": hi}, "op": {"$ne": KEEP}} for lo, hi in voids]
     return {"b": bid, "_id": {"$lte": lsn}, **({"$nor": ranges} if ranges else {})}
 
 
@@ -594,57 +662,6 @@ async def _check_reopened(engine: Engine, branch: Branch, resets: list[tuple[int
         if hi > lsn > lo and lo < first:
             raise BranchError(409, f"LSN {lsn} lies in a range a reset voided ({lo}-{hi}) "
                                    f"whose entries gc removed below its horizon {first}")
-
-
-async def _freeze_into(engine: Engine, parent: Branch, child: Branch,
-                       reopened: dict[str, Any] | None = None) -> int:
-    """Give a child its own copy of every document a reset of the parent is about to
-    change that the child still reads through the parent: what the parent changed, and
-    the ids of the entries the reset brings back (a WAL filter, `reopened`)."""
-    pool = engine.pool
-    copied = 0
-    for state in branch_states(engine, parent):
-        ns = f"{state.db}.{state.coll}"
-        layers = engine.layers(parent, state.db, state.coll)
-        mine: NsState | None = None
-        async for ids in _ids_to_freeze(engine, state, reopened):
-            if mine is None:
-                mine = await engine.ensure_state(child, state.db, state.coll, pool)
-                await engine.mark_dirty(mine)
-            owned = await _find_ids(engine, state.db, mine.hidden, ids)
-            fresh = [i for i in ids if idkey(i) not in owned]
-            if not fresh:
-                continue
-            docs = await _view_ids(engine, state.db, state.coll, layers, fresh)
-            live = list(docs.values())
-            if live:
-                await pool(state.db, {"insert": mine.live, "documents": live,
-                                      "ordered": False})
-            await pool(state.db, {"insert": mine.hidden,
-                                  "documents": [{"_id": i} for i in fresh], "ordered": False})
-            mine.hide(fresh)
-            # The pre-image is what the child saw: a later merge compares the parent
-            # against it.
-            await engine.log_changes(child, [
-                Change(ns, i, PUT, docs[idkey(i)], docs[idkey(i)]) if idkey(i) in docs
-                else Change(ns, i, DELETE, None, None) for i in fresh], {"app": "mongobranch"})
-            copied += len(fresh)
-    return copied
-
-
-async def _ids_to_freeze(engine: Engine, state: NsState,
-                         reopened: dict[str, Any] | None) -> AsyncIterator[list[Any]]:
-    async for batch in engine.pool.batches(state.db, {"find": state.hidden}, BATCH):
-        yield [d["_id"] for d in batch]
-    if reopened is None:
-        return
-    pipeline = [*matching({**reopened, "ns": f"{state.db}.{state.coll}",
-                           "op": {"$in": [PUT, DELETE]}}),
-                {"$group": {"_id": "$id"}}]
-    async for batch in engine.pool.batches(engine.meta_db, {
-            "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
-            BATCH):
-        yield [d["_id"] for d in batch]
 
 
 # -- branches at a point ---------------------------------------------------------------------
@@ -679,44 +696,51 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
                                "point; a branch at that point is not supported")
     any_later = {"b": source.bid, "$or": [{"_id": {"$gt": lsn}}, *reopened]} if reopened \
         else {"b": source.bid, "_id": {"$gt": lsn}}
-    branch = await engine.create_branch(name, source.name, port, source.mode)
-    branch.fork_lsn = lsn
-    await engine.save_branch(branch)
-    if source.mode == "copy":
-        await copymode.undo_to(engine, source, lsn, branch)
-        return branch
+
+    async def restore(branch: Branch) -> None:
+        branch.fork_lsn = lsn
+        await engine.save_branch(branch)
+        if source.mode == "copy":
+            await copymode.undo_to(engine, source, lsn, branch)
+            return
+        async with engine.writing(branch):
+            await _restore_at(engine, source, branch, lsn, then, any_later)
+
+    return await engine.create_branch(name, source.name, port, source.mode, then=restore)
+
+
+async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
+                      then: list[list[int]], any_later: dict[str, Any]) -> None:
     pool = engine.pool
-    async with engine.writing(branch):
-        for state in branch_states(engine, source):
-            ns = f"{state.db}.{state.coll}"
-            ids_pipeline = [*matching({**any_later, "ns": ns, "op": {"$nin": list(STARTS)}}),
-                            {"$group": {"_id": "$id"}}]
-            mine: NsState | None = None
-            async for group in pool.batches(engine.meta_db, {
-                    "aggregate": "wal", "pipeline": ids_pipeline, "cursor": {},
-                    "allowDiskUse": True}):
-                restore = await _images_then(engine, source, state, lsn, then,
-                                             [g["_id"] for g in group])
-                if not restore:
-                    continue
-                if mine is None:
-                    mine = await engine.ensure_state(branch, state.db, state.coll, pool)
-                    await engine.mark_dirty(mine)
-                ids = [i for i, _, _ in restore]
-                docs = [img for _, _, img in restore if img is not None]
-                if docs:
-                    await pool(state.db, {"insert": mine.live, "documents": docs,
-                                          "ordered": False})
-                await pool(state.db, {"insert": mine.hidden,
-                                      "documents": [{"_id": i} for i in ids], "ordered": False})
-                mine.hide(ids)
-                # Pre-images are the source's documents now, what the new branch hides:
-                # merging it back finds no conflict unless the source changes them again.
-                await engine.log_changes(branch, [
-                    Change(ns, i, PUT, now, img) if img is not None
-                    else Change(ns, i, DELETE, now, None) for i, now, img in restore],
-                    {"app": "mongobranch"})
-    return branch
+    for state in branch_states(engine, source):
+        ns = f"{state.db}.{state.coll}"
+        ids_pipeline = [*matching({**any_later, "ns": ns, "op": {"$nin": [*STARTS, OWN]}}),
+                        {"$group": {"_id": "$id"}}]
+        mine: NsState | None = None
+        async for group in pool.batches(engine.meta_db, {
+                "aggregate": "wal", "pipeline": ids_pipeline, "cursor": {},
+                "allowDiskUse": True}):
+            restore = await _images_then(engine, source, state, lsn, then,
+                                         [g["_id"] for g in group])
+            if not restore:
+                continue
+            if mine is None:
+                mine = await engine.ensure_state(branch, state.db, state.coll, pool)
+                await engine.mark_dirty(mine)
+            ids = [i for i, _, _ in restore]
+            docs = [img for _, _, img in restore if img is not None]
+            if docs:
+                await pool(state.db, {"insert": mine.live, "documents": docs,
+                                      "ordered": False})
+            await pool(state.db, {"insert": mine.hidden,
+                                  "documents": [{"_id": i} for i in ids], "ordered": False})
+            mine.hide(ids)
+            # Pre-images are the source's documents now, what the new branch hides:
+            # merging it back finds no conflict unless the source changes them again.
+            await engine.log_changes(branch, [
+                Change(ns, i, PUT, now, img) if img is not None
+                else Change(ns, i, DELETE, now, None) for i, now, img in restore],
+                {"app": "mongobranch"})
 
 
 async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
@@ -738,7 +762,7 @@ async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
                 "aggregate": "wal", "pipeline": fold, "cursor": {}, "allowDiskUse": True}):
             for doc in batch:
                 last = doc["last"]
-                then[idkey(doc["_id"])] = image(last, "post") if last["op"] == PUT else None
+                then[idkey(doc["_id"])] = image(last, "post") if last["op"] in HOLDS else None
         firsts = [*matching({"b": source.bid, **by_id, "_id": {"$gt": lsn}}),
                   {"$sort": {"_id": 1}},
                   {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]

@@ -12,6 +12,11 @@ from proxy.branching.idkey import idkey
 # Hidden-id sets up to this size are kept in memory and excluded with $nin;
 # larger ones are excluded server-side by an indexed anti-join.
 HIDDEN_CACHE_LIMIT = 20_000
+# What a branch's snapshot holds against (docs/ARCHITECTURE.md, "Snapshots"): every write
+# made through the proxy (main port, branch ports, merges, resets) is preserved for the
+# children; a write reaching the upstream by another way shows through, as no capture of
+# the upstream's change stream exists yet. "snapshot" is reserved for when it does.
+ISOLATION = "proxy-writes-only"
 
 
 @dataclass
@@ -38,10 +43,13 @@ class Branch:
                 "creating": self.creating}
 
     def visible(self) -> dict[str, Any]:
-        """A WAL filter leaving out the entries a reset voided."""
+        """A WAL filter leaving out the entries a reset voided. A reset never voids a
+        parent's image kept for the branch (snapshot.py): it is what the branch showed
+        before that entry too."""
         if not self.voids:
             return {}
-        return {"$nor": [{"_id": {"$gt": lo, "$lte": hi}} for lo, hi in self.voids]}
+        return {"$nor": [{"_id": {"$gt": lo, "$lte": hi}, "op": {"$ne": "keep"}}
+                         for lo, hi in self.voids]}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Branch:
@@ -55,7 +63,8 @@ class Branch:
         return {"name": self.name, "parent": self.parent, "port": self.port,
                 "uri": f"mongodb://{host}:{self.port}/", "mode": self.mode,
                 "fork_lsn": self.fork_lsn,
-                "created_at": self.created_at.replace(tzinfo=dt.UTC).isoformat()}
+                "created_at": self.created_at.replace(tzinfo=dt.UTC).isoformat(),
+                "isolation": ISOLATION}
 
 
 @dataclass
@@ -72,6 +81,13 @@ class NsState:
     options: dict[str, Any] = field(default_factory=dict)
     # idkey -> raw id; None once the set outgrew HIDDEN_CACHE_LIMIT.
     hidden_ids: dict[Any, Any] | None = field(default_factory=dict)
+    # Set when the branch took its own copy of what it showed of this collection before
+    # its parent changed the collection itself (snapshot.freeze): its view is the base,
+    # its overlay and nothing of its ancestors.
+    detached: bool = False
+    # The parent's index list when the branch detached: what the branch's own index
+    # changes are measured against (None: against the parent's list now).
+    index_base: list[dict[str, Any]] | None = None
     # The view's unique indexes, learnt on the first write; None until then.
     unique: list[dict[str, Any]] | None = field(default=None, compare=False)
 
@@ -91,14 +107,16 @@ class NsState:
         return {"_id": self.key, "bid": self.bid, "db": self.db, "coll": self.coll,
                 "base_dropped": self.base_dropped, "present": self.present,
                 "indexes": self.indexes,
-                "options": self.options}
+                "options": self.options, "detached": self.detached,
+                "index_base": self.index_base}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> NsState:
         return cls(bid=doc["bid"], db=doc["db"], coll=doc["coll"],
                    base_dropped=bool(doc.get("base_dropped")), present=doc.get("present"),
                    indexes=doc.get("indexes"),
-                   options=doc.get("options") or {})
+                   options=doc.get("options") or {}, detached=bool(doc.get("detached")),
+                   index_base=doc.get("index_base"))
 
     def hide(self, ids: list[Any]) -> None:
         if self.hidden_ids is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 
 PREFIX = "__mb_"
+# The upstream's own data, the root every branch descends from.
+MAIN = "main"
 LIVE = "l"
 HIDDEN = "h"
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.branching import audit, authz
-from proxy.branching.commands import admin, aggregate, catalog, ddl, read, write
+from proxy.branching.commands import admin, aggregate, catalog, ddl, mainwrite, read, write
 from proxy.branching.commands.base import Request, in_mongod_order
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
@@ -52,7 +52,10 @@ BRANCH: dict[str, Handler] = {
     **ADMIN,
 }
 
-MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN}
+# On the main port: writes are routed here only while main has child branches
+# (mainwrite.NAMES); otherwise they stay on the pass-through fast path.
+MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN,
+                            **mainwrite.HANDLERS}
 
 # Commands that only read: they need no identity for the WAL.
 READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",
@@ -82,6 +85,8 @@ class EngineRouter:
 
     def wants(self, name: str) -> bool:
         if self.branch is None:
+            if name in mainwrite.NAMES:
+                return self.engine.intercepting_main()
             return name in self.table
         return name not in FORWARDED
 
@@ -117,9 +122,19 @@ class EngineRouter:
         if name not in READS:
             await ctx.authenticated_user()  # the WAL and the audit name who did it
         req = Request(self.engine, branch, ctx, Runner(ctx.upstream_command), db, cmd)
-        if name not in audit.WIRE_OPS:
+        if name in audit.WIRE_OPS:
+            return await self._audited(name, ctx, handler, req)
+        if branch is None or name in ADMIN:
             return await handler(req)
-        target = cmd[name]
+        # What the branch reads through must not change under it half-preserved
+        # (snapshot.py); admin commands take what they need themselves.
+        async with self.engine.reading(self.engine.ancestors(branch)):
+            return await handler(req)
+
+    async def _audited(self, name: str, ctx: Context, handler: Handler,
+                       req: Request) -> dict[str, Any] | None:
+        """A branch operation, with its audit line whatever its outcome."""
+        target = req.cmd[name]
         try:
             reply = await handler(req)
         except CommandError as exc:
@@ -133,5 +148,5 @@ class EngineRouter:
             raise
         audit.record(name, branch=target, user=ctx.user, client=ctx.peer, via="wire",
                      outcome="ok", port=self.branch or "main",
-                     dry_run=cmd.get("dryRun") is True)
+                     dry_run=req.cmd.get("dryRun") is True)
         return reply

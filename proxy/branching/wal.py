@@ -1,7 +1,7 @@
 """The write-ahead log: one physical entry per changed document.
 
 Entries live in the metadata database as {_id: lsn, b: branch id, ns, id,
-op: put | delete | drop, pre, post, ts, client}. LSNs come from an atomic
+op: put | delete | keep | drop | create | rebase, pre, post, ts, client}. LSNs come from an atomic
 counter; a batch reserves its range in one round trip.
 """
 
@@ -28,6 +28,14 @@ DELETE = "delete"
 DROP = "drop"
 CREATE = "create"
 REBASE = "rebase"
+# A parent's image copied up into a child before the parent changed it (snapshot.py):
+# part of what the child shows, never a change the child made.
+KEEP = "keep"
+# Marks a collection a child copied whole before its parent changed the collection
+# itself (snapshot.freeze): the child reads its copy alone from then on.
+OWN = "own"
+# Entries whose post-image is a document the overlay holds.
+HOLDS = (PUT, KEEP)
 # Entries that replace a collection on the branch (the parent no longer shows through).
 RESETS = (DROP, CREATE)
 # Entries replay starts after (the last one): a rebase restarts the overlay of a

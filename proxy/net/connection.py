@@ -237,6 +237,8 @@ class ClientConnection(MessageProtocol):
         self._closing = False
         self._lost = False
         self._reported_closed = False
+        # The name of a request a task is forwarding unchanged (slow path), if any.
+        self._forwarding_task: str | None = None
         # The forwarded request in flight (fast path).
         self._req_started = 0.0
         self._req_compressor: int | None = None
@@ -248,6 +250,20 @@ class ClientConnection(MessageProtocol):
     def busy(self) -> bool:
         """A request is in flight or waiting: a shutdown lets it finish first."""
         return self._state != _IDLE or bool(self._queue)
+
+    def forwarding(self, names: frozenset[str]) -> bool:
+        """Whether a request with one of these command names is being forwarded unchanged
+        right now (its reply not yet back)."""
+        if self._forwarding_task in names:
+            return True
+        if self._state != _FORWARDING:
+            return False
+        if self._req_compressor is not None or self._req_body is not None:
+            return self._req_name in names
+        try:  # the inline fast path keeps only the message
+            return first_key(self._req_msg, _BODY_AT) in names
+        except Exception:
+            return True
 
     # -- the Context protocol the routers use -----------------------------------
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -760,6 +776,7 @@ class ClientConnection(MessageProtocol):
                        body: bytes) -> None:
         """Forward from a task: connect first if needed, then wait for the replies."""
         self._req_body = body  # for retry_labels
+        self._forwarding_task = name
         try:
             if not self.upstream.connected:
                 await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
@@ -780,6 +797,7 @@ class ClientConnection(MessageProtocol):
                             compressor, name)
         finally:
             self._req_body = None
+            self._forwarding_task = None
 
     # -- handshake ----------------------------------------------------------------
     async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:

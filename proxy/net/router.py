@@ -36,7 +36,8 @@ class Router(Protocol):
         """Whether a command of this name is served here rather than forwarded raw.
 
         The answer must depend on the name alone: a listener asks once per name and
-        remembers the names it forwards raw.
+        remembers the names it forwards raw, until the router's owner calls the
+        listener's `reroute` for names whose answer changed.
         """
         ...
 

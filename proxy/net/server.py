@@ -115,6 +115,14 @@ class Listener:
             self._connections.discard(conn)
             _client_closed(conn)
 
+    async def reroute(self, names: frozenset[str]) -> None:
+        """The router's answer for these command names has changed: forget what was
+        remembered about forwarding them, then wait until every request with one of
+        these names that was forwarded unchanged before now has been answered."""
+        self._fast_names.clear()
+        while any(conn.forwarding(names) for conn in self._connections):
+            await asyncio.sleep(0.002)
+
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish, then close every client."""
         self.stopping.set()

@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.branching import merge, views
+from proxy.branching import merge, snapshot, views
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.wal import CREATE, PUT, Change
@@ -266,6 +266,7 @@ async def _aggregate_out(req: Request, target: tuple[str, str]) -> dict[str, Any
     branch = req.on_branch
     engine = req.engine
     async with engine.writing(branch):
+        await snapshot.freeze(engine, branch.name, db, [coll])
         state = await engine.ensure_state(branch, db, coll, req.run)
         await engine.mark_dirty(state)
         cmd = dict(req.cmd)

@@ -29,13 +29,10 @@ async def base_collections(req: Request, reserved: dict[str, dict[str, Any]] | N
 
 def branch_states(req: Request) -> dict[str, list[NsState]]:
     """Per collection of this database, the states along the chain, nearest first."""
-    chain = req.engine.chain(req.on_branch)
-    out: dict[str, list[NsState]] = {}
-    for branch in chain:
-        for state in req.engine.states.values():
-            if state.bid == branch.bid and state.db == req.db:
-                out.setdefault(state.coll, []).append(state)
-    return out
+    bids = {branch.bid for branch in req.engine.chain(req.on_branch)}
+    colls = {state.coll for state in req.engine.states.values()
+             if state.bid in bids and state.db == req.db}
+    return {coll: req.engine.layers(req.on_branch, req.db, coll) for coll in sorted(colls)}
 
 
 def visible(layers: list[NsState], in_base: bool) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.branching import views
+from proxy.branching import snapshot, views
 from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
 from proxy.branching.commands.catalog import ID_INDEX, exists, visible_collections
 from proxy.branching.errors import CommandError
@@ -31,6 +31,8 @@ async def _reset(req: Request, state: NsState, options: dict[str, Any],
 
 
 async def _state(req: Request, coll: str) -> NsState:
+    # Children first take their own copy of what they show of the collection.
+    await snapshot.freeze(req.engine, req.on_branch.name, req.db, [coll])
     state = await req.engine.ensure_state(req.on_branch, req.db, coll, req.run)
     await req.engine.mark_dirty(state)
     return state

@@ -16,7 +16,7 @@ from typing import Any
 import bson
 from bson import ObjectId
 
-from proxy.branching import merge, reader, unique
+from proxy.branching import merge, reader, snapshot, unique
 from proxy.branching.commands.base import Request, coll_name, documents_stage
 from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
@@ -321,6 +321,7 @@ async def begin(req: Request, coll: str) -> Writer:
     engine = req.engine
     # Point writes on other ids may be setting up the same collection at the same time.
     async with engine.branch_lock(req.on_branch.bid).setup:
+        await snapshot.before_collection_write(engine, req.on_branch, req.db, coll)
         state = await engine.ensure_state(req.on_branch, req.db, coll, req.run)
         await engine.mark_dirty(state)
         if state.present is not True:

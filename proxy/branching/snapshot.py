@@ -1,0 +1,281 @@
+"""Snapshots: a branch shows its parent as it was at the fork, whatever the parent does
+later (docs/ARCHITECTURE.md, "Snapshots").
+
+A child reads through its parent's overlay, so a parent's write would show through.
+Before a parent's changes are logged, every live child that still reads a changed
+document through the parent gets that document's pre-image copied up into its own
+overlay (live copy plus hidden id; only the hidden id for a document that did not
+exist) and logged in its WAL as a `keep` entry. The read planner is unchanged: the
+child simply owns the document from then on, as if it had written it.
+
+The parent's overlay changes before its entries are logged, so for that window a
+branch's writes hold its fence as writers and every command on a descendant holds
+its ancestors' fences as readers: a child never sees a parent's write half preserved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from proxy.branching import reader
+from proxy.branching.errors import BranchError
+from proxy.branching.idkey import idkey
+from proxy.branching.naming import MAIN
+from proxy.branching.wal import DELETE, KEEP, OWN, PUT, Change
+
+if TYPE_CHECKING:
+    from proxy.branching.engine import Engine
+    from proxy.branching.model import Branch, NsState
+
+# Ids per hidden-set lookup ($in lists stay small: SecantusDB's cost grows with their square).
+CHUNK = 100
+DUP_KEY = 11000
+SYSTEM = {"app": "mongobranch", "why": "snapshot"}
+
+
+class Fence:
+    """Many writers of a branch at once, or many commands of its descendants at once,
+    never both. The two sides take turns when both wait, so a steady stream of either
+    cannot starve the other."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._active = {"w": 0, "r": 0}
+        self._waiting = {"w": 0, "r": 0}
+        self._turn = "w"
+
+    @contextlib.asynccontextmanager
+    async def hold(self, side: str) -> AsyncIterator[None]:
+        other = "r" if side == "w" else "w"
+        async with self._cond:
+            self._waiting[side] += 1
+            try:
+                await self._cond.wait_for(lambda: not self._active[other] and (
+                    not self._waiting[other] or self._turn == side))
+            finally:
+                self._waiting[side] -= 1
+            self._active[side] += 1
+            if self._waiting[other]:
+                self._turn = other
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._active[side] -= 1
+                if not self._active[side]:
+                    self._turn = other
+                self._cond.notify_all()
+
+
+async def preserve(engine: Engine, parent: str, changes: list[Change]) -> int:
+    """Copy up the pre-images of a branch's (or main's) changes into each child that has
+    not diverged on them; returns the number of documents copied. Runs before the changes
+    are logged (on main: before they are applied)."""
+    kids = _children(engine, parent)
+    if not kids:
+        return 0
+    firsts: dict[str, dict[Any, Change]] = {}
+    for change in changes:
+        if change.op in (PUT, DELETE):
+            firsts.setdefault(change.ns, {}).setdefault(idkey(change.id), change)
+    if not firsts:
+        return 0
+
+    async def into(kid: Branch) -> int:
+        copied = 0
+        async with engine.branch_lock(kid.bid).exclusive():
+            if engine.branches.get(kid.name) is not kid:
+                return 0  # dropped meanwhile
+            for ns, by_id in firsts.items():
+                copied += await _copy_up(engine, kid, ns, list(by_id.values()))
+        return copied
+
+    # Children are independent of one another: their copies run side by side.
+    return sum(await asyncio.gather(*(into(kid) for kid in kids)))
+
+
+def _children(engine: Engine, parent: str) -> list[Branch]:
+    return [b for b in engine.branches.values() if b.parent == parent and not b.creating]
+
+
+def independent(state: NsState | None) -> bool:
+    """Whether nothing of the parent shows through this state any more."""
+    return state is not None and (state.base_dropped or state.detached)
+
+
+async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change]) -> int:
+    db, coll = ns.split(".", 1)
+    state = engine.state(kid, db, coll)
+    if independent(state):
+        return 0
+    owned = await owned_ids(engine, state, [c.id for c in changes])
+    fresh = [c for c in changes if idkey(c.id) not in owned]
+    if not fresh:
+        return 0
+    if state is None:
+        state = await engine.ensure_state(kid, db, coll, engine.pool)
+    await engine.mark_dirty(state)
+    await _keep(engine, kid, state, [(c.id, c.pre) for c in fresh])
+    return len(fresh)
+
+
+async def _keep(engine: Engine, kid: Branch, state: NsState,
+                images: list[tuple[Any, dict[str, Any] | None]]) -> None:
+    """Make the child own these ids with these images (None: absent), logged as keeps."""
+    docs = [img for _, img in images if img is not None]
+    ids = [i for i, _ in images]
+    if docs:
+        await _insert(engine, state.db, state.live, docs)
+    await _insert(engine, state.db, state.hidden, [{"_id": i} for i in ids])
+    state.hide(ids)
+    ns = f"{state.db}.{state.coll}"
+    await engine.wal.append(kid.bid, [Change(ns, i, KEEP, img, img) for i, img in images],
+                            SYSTEM)
+
+
+async def freeze(engine: Engine, parent: str, db: str, colls: list[str], *,
+                 indexes_only: bool = False) -> int:
+    """Before a branch (or main) changes collections themselves (create, drop, rename,
+    indexes, $out, the first write that creates one, a reset): every child still reading
+    them through it takes its own copy of what it shows, and reads nothing of its
+    ancestors there from then on. Returns the number of documents copied.
+
+    indexes_only (main's index changes): the child keeps its index list and reads on."""
+    copied = 0
+    for kid in _children(engine, parent):
+        async with engine.branch_lock(kid.bid).exclusive():
+            if engine.branches.get(kid.name) is not kid:
+                continue
+            for coll in colls:
+                if indexes_only:
+                    await _pin_indexes(engine, kid, db, coll)
+                else:
+                    copied += await _freeze(engine, kid, db, coll)
+    return copied
+
+
+async def _pin_indexes(engine: Engine, kid: Branch, db: str, coll: str) -> None:
+    state = engine.state(kid, db, coll)
+    if independent(state) or (state is not None and state.indexes is not None):
+        return
+    if not await _shown(engine, engine.layers(kid, db, coll), db, coll):
+        return
+    indexes = await engine.view_indexes(kid, db, coll, engine.pool)
+    state = await engine.ensure_state(kid, db, coll, engine.pool)
+    state.indexes = indexes
+    state.index_base = list(indexes)
+    await engine.save_state(state)
+
+
+async def before_collection_write(engine: Engine, branch: Branch | None, db: str,
+                                  coll: str) -> None:
+    """A write that creates a collection on a branch (None: main) changes the collection
+    itself for its children: they must keep not showing it."""
+    parent = MAIN if branch is None else branch.name
+    state = None if branch is None else engine.state(branch, db, coll)
+    if (state is not None and state.present is True) or not _children(engine, parent) \
+            or (branch is None and (db, coll) in engine.main_collections):
+        return
+    layers = [] if branch is None else engine.layers(branch, db, coll)
+    if not await _shown(engine, layers, db, coll):
+        await freeze(engine, parent, db, [coll])
+    if branch is None:
+        engine.main_collections.add((db, coll))  # it exists once this write lands
+
+
+async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
+    """One collection of one child. The base is shared and never changes through the
+    proxy, so the child copies only what its ancestors changed there (then it is
+    `detached`); when an ancestor replaced the whole collection, it copies all of it
+    (and owns it, marked by an `own` entry). The copies come first and the flag last, so
+    a crash in between leaves the child reading through its parent, still exact."""
+    state = engine.state(kid, db, coll)
+    if independent(state):
+        return 0
+    pool = engine.pool
+    if state is None:
+        state = await engine.ensure_state(kid, db, coll, pool)
+    layers = engine.layers(kid, db, coll)
+    above = layers[1:]
+    present = await _shown(engine, layers, db, coll)
+    owner = next((layer for layer in layers if layer.present), None)
+    whole = kid.parent == MAIN or any(layer.base_dropped for layer in above)
+    indexes = await engine.view_indexes(kid, db, coll, pool) if present else None
+    parent = engine.branches.get(kid.parent)
+    if parent is None:  # main: the base itself is about to change
+        base = await engine.view_indexes(kid, db, coll, pool) \
+            if await _shown(engine, [], db, coll) else None
+    else:
+        base = await engine.view_indexes(parent, db, coll, pool) \
+            if await _shown(engine, engine.layers(parent, db, coll), db, coll) else None
+    await engine.mark_dirty(state)
+    copied = 0
+    if whole:
+        async for batch in reader.view_batches(pool, db, coll, layers, {},
+                                               skip_top_live=True):
+            await _keep(engine, kid, state, [(d["_id"], d) for d in batch])
+            copied += len(batch)
+    else:
+        for layer in above:
+            async for batch in pool.batches(db, {"find": layer.hidden}):
+                ids = [d["_id"] for d in batch]
+                owned = await owned_ids(engine, state, ids)
+                fresh = [i for i in ids if idkey(i) not in owned]
+                for start in range(0, len(fresh), CHUNK):
+                    chunk = fresh[start:start + CHUNK]
+                    docs = {idkey(d["_id"]): d async for part in reader.view_batches(
+                        pool, db, coll, layers, {"_id": {"$in": chunk}}) for d in part}
+                    await _keep(engine, kid, state, [(i, docs.get(idkey(i))) for i in chunk])
+                    copied += len(chunk)
+    if state.indexes is None and indexes is not None:
+        state.indexes = indexes
+    state.index_base = base
+    if state.present is None:
+        state.present = present
+    if whole:
+        state.options = dict(owner.options) if owner is not None else {}
+        await engine.wal.append(kid.bid, [Change(f"{db}.{coll}", None, OWN, None, None)],
+                                SYSTEM)
+        state.base_dropped = True
+    else:
+        state.detached = True
+    await engine.save_state(state)
+    return copied
+
+
+async def _shown(engine: Engine, layers: list[NsState], db: str, coll: str) -> bool:
+    """Whether the collection exists in this view (the nearest layer that says decides)."""
+    for layer in layers:
+        if layer.present is not None:
+            return layer.present
+    reply = await engine.pool(db, {"listCollections": 1, "filter": {"name": coll},
+                                   "nameOnly": True})
+    return bool(reply["cursor"]["firstBatch"])
+
+
+async def _insert(engine: Engine, db: str, coll: str, docs: list[dict[str, Any]]) -> None:
+    """Insert into an overlay; an id already there (a retried copy-up) is no error."""
+    reply = await engine.pool(db, {"insert": coll, "documents": docs, "ordered": False})
+    bad = [e for e in reply.get("writeErrors", []) if e.get("code") != DUP_KEY]
+    if bad:
+        raise BranchError(500, f"cannot preserve documents in {db}.{coll}: {bad[0]}")
+
+
+async def owned_ids(engine: Engine, state: NsState | None, ids: list[Any]) -> set[Any]:
+    """idkeys of the ids a branch's overlay already holds (hides from its parent)."""
+    if state is None:
+        return set()
+    known = [state.hides(i) for i in ids]
+    if all(k is not None for k in known):
+        return {idkey(i) for i, k in zip(ids, known, strict=True) if k}
+    found: set[Any] = set()
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start:start + CHUNK]
+        async for batch in engine.pool.batches(state.db, {
+                "find": state.hidden, "filter": {"_id": {"$in": chunk}},
+                "projection": {"_id": 1}}):
+            found.update(idkey(d["_id"]) for d in batch)
+    return found
