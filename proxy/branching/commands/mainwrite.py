@@ -309,11 +309,14 @@ async def _statements(req: Request, kind: str) -> dict[str, Any] | None:
             if len(all_pres) >= BATCH:
                 await _log(req, coll, all_pres)
                 all_pres = []
-        result: dict[str, Any] = dict(total)
-        if upserted:
-            result["upserted"] = upserted
+        # mongod's order: the fields every write reply has, then the update's own.
+        result: dict[str, Any] = {"n": total["n"]}
         if errors:
             result["writeErrors"] = errors
+        if upserted:
+            result["upserted"] = upserted
+        if "nModified" in total:
+            result["nModified"] = total["nModified"]
         if wc_error is not None:
             result["writeConcernError"] = wc_error
         result["ok"] = 1.0
