@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench conformance clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/passthrough.py
+
+# Opt-in: pymongo's own test modules on the main port and on a branch port.
+conformance: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,embedded,conformance]'
+	$(BIN)/python -m tests.conformance.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules .mongobranch

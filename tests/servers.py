@@ -46,6 +46,7 @@ class Secantus:
     auth: bool = False
     proc: subprocess.Popen[bytes] | None = None
     log: str = ""
+    options: list[str] = field(default_factory=list)
 
     @property
     def uri(self) -> str:
@@ -53,7 +54,7 @@ class Secantus:
 
     def start(self) -> Secantus:
         args = [str(BIN / "secantusd-py"), "--host", "127.0.0.1", "--port", str(self.port),
-                "--storage-path", self.storage, "--log-level", "WARNING"]
+                "--storage-path", self.storage, "--log-level", "WARNING", *self.options]
         if self.auth:
             args.append("--auth")
         self.log = tempfile.mktemp(prefix="secantus-", suffix=".log")
