@@ -63,6 +63,9 @@ FORWARDED = frozenset({
     "abortTransaction", "getDefaultRWConcern", "features", "lockInfo", "currentOp", "killOp",
     "usersInfo", "rolesInfo", "atlasVersion", "getFreeMonitoringStatus", "listCommands",
     "dbStats", "connPoolStats", "isMaster", "ismaster", "hello",
+    # Test-only commands (an upstream started with enableTestCommands): they set
+    # server-wide failpoints or sleep, and read or write no collection.
+    "configureFailPoint", "waitForFailPoint", "sleep",
 })
 
 
