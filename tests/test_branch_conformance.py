@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
-from pymongo.errors import OperationFailure
+from pymongo import DeleteMany, InsertOne, MongoClient, UpdateOne
+from pymongo.errors import ClientBulkWriteException, OperationFailure
 
 from tests.branchutil import Branches, unique
 from tests.servers import ProxyProcess, Secantus
@@ -38,13 +38,17 @@ def upstream_client(test_upstream: Secantus) -> Iterator[MongoClient]:
 
 
 @pytest.fixture()
-def branch(test_proxy: ProxyProcess) -> Iterator[MongoClient]:
+def branch_info(test_proxy: ProxyProcess) -> Iterator[dict[str, Any]]:
     made = Branches(test_proxy)
-    info: dict[str, Any] = made.create(unique("conf"))
-    c = made.client(info)
+    yield made.create(unique("conf"))
+    made.cleanup()
+
+
+@pytest.fixture()
+def branch(branch_info: dict[str, Any]) -> Iterator[MongoClient]:
+    c: MongoClient = MongoClient(branch_info["uri"], serverSelectionTimeoutMS=10000)
     yield c
     c.close()
-    made.cleanup()
 
 
 def test_configure_fail_point_reaches_the_upstream_from_a_branch(
@@ -57,3 +61,91 @@ def test_configure_fail_point_reaches_the_upstream_from_a_branch(
     assert info.value.code == 2
     branch.admin.command("configureFailPoint", "failCommand", mode="off")
     assert upstream_client.admin.command("ping")["ok"] == 1.0
+
+
+def _bulk(ordered: bool, errors_only: bool, db: str) -> dict[str, Any]:
+    """A client-level bulkWrite over two namespaces: inserts (one a duplicate of a base
+    document), an upsert, a multi-update, a replacement and deletes."""
+    return {"bulkWrite": 1, "ops": [
+        {"insert": 0, "document": {"_id": 10, "k": "new"}},
+        {"insert": 0, "document": {"_id": 1, "k": "dup"}},
+        {"insert": 0, "document": {"_id": 11, "k": "new"}},
+        {"update": 1, "filter": {"g": 1}, "updateMods": {"$inc": {"v": 1}}, "multi": True},
+        {"update": 1, "filter": {"_id": 99}, "updateMods": {"$set": {"v": 0}},
+         "upsert": True},
+        {"update": 0, "filter": {"_id": 2}, "updateMods": {"k": "replaced"}},
+        {"delete": 1, "filter": {"g": 2}, "multi": True},
+        {"delete": 0, "filter": {"_id": 3}, "multi": False},
+    ], "nsInfo": [{"ns": f"{db}.a"}, {"ns": f"{db}.b"}], "ordered": ordered,
+        "errorsOnly": errors_only}
+
+
+def _seed(upstream_client: MongoClient, db: str) -> None:
+    upstream_client[db].a.insert_many([{"_id": i, "k": "base"} for i in range(1, 5)])
+    upstream_client[db].b.insert_many([{"_id": i, "g": i % 3, "v": 0} for i in range(9)])
+
+
+def _types(value: Any) -> Any:
+    """The BSON types of a decoded reply (int64 decodes to Int64, int32 to int)."""
+    if isinstance(value, dict):
+        return {k: _types(v) for k, v in value.items()
+                if k not in ("$clusterTime", "operationTime")}
+    if isinstance(value, list):
+        return [_types(v) for v in value]
+    return type(value).__name__
+
+
+def _state(client: MongoClient, db: str) -> dict[str, list[dict[str, Any]]]:
+    return {c: list(client[db][c].find({}, sort=[("_id", 1)])) for c in ("a", "b")}
+
+
+@pytest.mark.parametrize("ordered,errors_only", [(False, False), (True, False), (False, True)])
+def test_client_bulk_write_on_a_branch_answers_as_the_main_port(
+        branch: MongoClient, upstream_client: MongoClient, test_proxy: ProxyProcess,
+        ordered: bool, errors_only: bool) -> None:
+    db = unique("bulk").replace("-", "_")
+    _seed(upstream_client, db)
+    base_before = _state(upstream_client, db)
+    on_branch = branch.admin.command(_bulk(ordered, errors_only, db))
+    assert _state(upstream_client, db) == base_before  # the base is never written
+    branch_state = _state(branch, db)
+    with MongoClient(test_proxy.uri) as main:
+        on_main = main.admin.command(_bulk(ordered, errors_only, db))
+        assert branch_state == _state(main, db)
+    assert {k: v for k, v in on_branch.items() if k not in ("$clusterTime", "operationTime")} \
+        == {k: v for k, v in on_main.items() if k not in ("$clusterTime", "operationTime")}
+    branch_types, main_types = _types(on_branch), _types(on_main)
+    # mongod's cursor id is always int64 (SecantusDB's is int32 here): checked on its own.
+    assert branch_types["cursor"].pop("id") == "Int64"
+    main_types["cursor"].pop("id")
+    assert branch_types == main_types
+    assert on_branch["nErrors"] == 1
+    if ordered:
+        assert on_branch["nInserted"] == 1 and on_branch["nMatched"] == 0
+    else:
+        assert on_branch["nInserted"] == 2 and on_branch["nUpserted"] == 1
+        assert on_branch["nDeleted"] == 4 and on_branch["nModified"] == 4
+    upstream_client.drop_database(db)
+
+
+def test_pymongo_client_bulk_write_on_a_branch_is_logged(
+        branch: MongoClient, branch_info: dict[str, Any], upstream_client: MongoClient
+) -> None:
+    db = unique("bulk").replace("-", "_")
+    _seed(upstream_client, db)
+    result = branch.bulk_write([
+        InsertOne(namespace=f"{db}.a", document={"_id": 20}),
+        UpdateOne(namespace=f"{db}.b", filter={"_id": 1}, update={"$set": {"v": 7}}),
+        DeleteMany(namespace=f"{db}.b", filter={"g": 0}),
+    ], verbose_results=True)
+    assert result.inserted_count == 1 and result.modified_count == 1
+    assert result.deleted_count == 3
+    assert result.update_results[1].matched_count == 1
+    assert branch[db].a.find_one({"_id": 20}) == {"_id": 20}
+    assert upstream_client[db].a.find_one({"_id": 20}) is None
+    log = branch.admin.command({"branchLog": branch_info["name"], "limit": 50})
+    assert len(log["entries"]) == 5  # one insert, one update, three deletes
+    with pytest.raises(ClientBulkWriteException) as info:
+        branch.bulk_write([InsertOne(namespace=f"{db}.a", document={"_id": 20})])
+    assert info.value.write_errors[0]["code"] == 11000
+    upstream_client.drop_database(db)

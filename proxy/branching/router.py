@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy.branching.commands import admin, aggregate, catalog, ddl, read, write
+from proxy.branching.commands import admin, aggregate, bulkwrite, catalog, ddl, read, write
 from proxy.branching.commands.base import Request, in_mongod_order
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
@@ -41,6 +41,7 @@ BRANCH: dict[str, Handler] = {
     "delete": write.delete,
     "findAndModify": write.find_and_modify,
     "findandmodify": write.find_and_modify,
+    "bulkWrite": bulkwrite.bulk_write,
     "create": ddl.create,
     "drop": ddl.drop,
     "dropDatabase": ddl.drop_database,
