@@ -149,3 +149,24 @@ def test_pymongo_client_bulk_write_on_a_branch_is_logged(
         branch.bulk_write([InsertOne(namespace=f"{db}.a", document={"_id": 20})])
     assert info.value.write_errors[0]["code"] == 11000
     upstream_client.drop_database(db)
+
+
+def test_bypass_document_validation_on_branch_writes(branch: MongoClient) -> None:
+    db = branch[unique("bdv").replace("-", "_")]
+    coll = db.create_collection("v", validator={"a": {"$type": "int"}})
+    with pytest.raises(OperationFailure) as info:
+        coll.insert_one({"_id": 1, "a": "text"})
+    assert info.value.code == 121
+    coll.insert_one({"_id": 1, "a": "text"}, bypass_document_validation=True)
+    coll.insert_many([{"_id": 2, "a": "x"}, {"_id": 3, "a": 3}],
+                     bypass_document_validation=True)
+    with pytest.raises(OperationFailure):
+        coll.update_one({"_id": 3}, {"$set": {"a": "y"}})
+    coll.update_one({"_id": 3}, {"$set": {"a": "y"}}, bypass_document_validation=True)
+    coll.replace_one({"_id": 2}, {"a": "z"}, bypass_document_validation=True)
+    db.command("findAndModify", "v", query={"_id": 1}, update={"$set": {"a": "w"}},
+               bypassDocumentValidation=True)
+    assert list(coll.find({}, sort=[("_id", 1)])) == [
+        {"_id": 1, "a": "w"}, {"_id": 2, "a": "z"}, {"_id": 3, "a": "y"}]
+    with pytest.raises(OperationFailure):
+        coll.insert_one({"_id": 4, "a": "no"}, bypass_document_validation=False)

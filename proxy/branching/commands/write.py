@@ -46,9 +46,13 @@ class Writer:
 
     async def run(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """A command on an overlay; replies name the user's collection, not ours."""
-        if self.write_concern is not None and next(iter(cmd)) in (
-                "insert", "update", "delete", "findAndModify"):
-            cmd["writeConcern"] = self.write_concern
+        if next(iter(cmd)) in ("insert", "update", "delete", "findAndModify"):
+            if self.write_concern is not None:
+                cmd["writeConcern"] = self.write_concern
+            # The overlay carries the branch collection's validator: the user's bypass
+            # must reach the write that would be validated.
+            if self.req.cmd.get("bypassDocumentValidation") is True:
+                cmd.setdefault("bypassDocumentValidation", True)
         reply = await self.req.run.reply(self.req.db, cmd)
         if "writeConcernError" in reply:
             self.wc_error = reply["writeConcernError"]
