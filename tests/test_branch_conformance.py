@@ -170,3 +170,24 @@ def test_bypass_document_validation_on_branch_writes(branch: MongoClient) -> Non
         {"_id": 1, "a": "w"}, {"_id": 2, "a": "z"}, {"_id": 3, "a": "y"}]
     with pytest.raises(OperationFailure):
         coll.insert_one({"_id": 4, "a": "no"}, bypass_document_validation=False)
+
+
+def test_documents_near_16_mib_are_stored_and_logged_on_a_branch(
+        branch: MongoClient, branch_info: dict[str, Any], test_proxy: ProxyProcess) -> None:
+    """The WAL entry of such a document (its image plus the entry's fields), and that of an
+    update of it (pre- and post-image), are over the BSON limit on their own."""
+    coll = branch[unique("big").replace("-", "_")].c
+    limit = 16 * 1024 * 1024
+    coll.insert_one({"_id": 1, "s": "x" * (limit - 64)})
+    coll.replace_one({"_id": 1}, {"s": "y" * (limit - 64)})
+    coll.update_one({"_id": 2}, {"$set": {"s": "a" * (limit - 64)}}, upsert=True)
+    got = {d["_id"]: d["s"] for d in coll.find()}
+    assert got == {1: "y" * (limit - 64), 2: "a" * (limit - 64)}
+    status, log = test_proxy.api("GET", f"/branches/{branch_info['name']}/log?limit=10")
+    assert status == 200 and isinstance(log, dict)
+    assert len(log["entries"]) == 3
+    status, diff = test_proxy.api("GET", f"/branches/{branch_info['name']}/diff")
+    assert status == 200 and isinstance(diff, dict)
+    assert sorted(c["_id"] for c in diff["changes"]) == [1, 2]
+    coll.delete_many({})
+    assert coll.count_documents({}) == 0
