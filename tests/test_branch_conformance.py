@@ -191,3 +191,28 @@ def test_documents_near_16_mib_are_stored_and_logged_on_a_branch(
     assert sorted(c["_id"] for c in diff["changes"]) == [1, 2]
     coll.delete_many({})
     assert coll.count_documents({}) == 0
+
+
+def test_validate_on_a_branch(branch: MongoClient, upstream_client: MongoClient) -> None:
+    name = unique("val").replace("-", "_")
+    upstream_client[name].t.insert_many([{"_id": i} for i in range(5)])
+    upstream_client[name].t.create_index("a")
+    db = branch[name]
+    untouched = db.validate_collection("t")
+    assert untouched["valid"] is True and untouched["nrecords"] == 5
+    db.t.insert_one({"_id": 10, "a": 1})
+    db.t.delete_many({"_id": {"$lt": 2}})
+    changed = db.validate_collection("t", full=True)
+    assert changed["valid"] is True
+    assert changed["ns"] == f"{name}.t"
+    assert changed["nrecords"] == 4
+    assert changed["nIndexes"] == 2 and set(changed["indexDetails"]) == {"_id_", "a_1"}
+    assert changed["errors"] == []
+    db.t.drop()
+    with pytest.raises(OperationFailure) as info:
+        db.validate_collection("t")
+    assert info.value.code == 26
+    with pytest.raises(OperationFailure) as info:
+        db.validate_collection("never")
+    assert info.value.code == 26
+    upstream_client.drop_database(name)

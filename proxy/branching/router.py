@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy.branching.commands import admin, aggregate, bulkwrite, catalog, ddl, read, write
+from proxy.branching.commands import (
+    admin,
+    aggregate,
+    bulkwrite,
+    catalog,
+    ddl,
+    read,
+    validate,
+    write,
+)
 from proxy.branching.commands.base import Request, in_mongod_order
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
@@ -49,6 +58,7 @@ BRANCH: dict[str, Handler] = {
     "createIndexes": ddl.create_indexes,
     "dropIndexes": ddl.drop_indexes,
     "deleteIndexes": ddl.drop_indexes,
+    "validate": validate.validate,
     **ADMIN,
 }
 
