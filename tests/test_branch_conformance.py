@@ -216,3 +216,34 @@ def test_validate_on_a_branch(branch: MongoClient, upstream_client: MongoClient)
         db.validate_collection("never")
     assert info.value.code == 26
     upstream_client.drop_database(name)
+
+
+def test_a_hint_naming_no_index_is_refused_on_a_changed_collection(
+        branch: MongoClient, upstream_client: MongoClient) -> None:
+    name = unique("hint").replace("-", "_")
+    upstream_client[name].c.insert_many([{"_id": i, "num": i} for i in range(20)])
+    upstream_client[name].c.create_index([("num", -1)], name="by_num")
+    db = branch[name]
+    db.c.insert_one({"_id": 100, "num": 100})  # the collection now differs from the base
+    db.r.insert_many([{"num": i} for i in range(5)])
+    db.r.drop()
+    db.r.insert_many([{"num": i} for i in range(5)])  # dropped and refilled: read in place
+    for coll in (db.c, db.r):
+        for bad in ([("num", 1)], "nosuch"):
+            with pytest.raises(OperationFailure) as info:
+                list(coll.find({"num": 3}).hint(bad))
+            assert info.value.code == 2, info.value.details
+            with pytest.raises(OperationFailure):
+                coll.find({"num": 3}).hint(bad).explain()
+            with pytest.raises(OperationFailure):
+                coll.count_documents({"num": 3}, hint=bad)
+            with pytest.raises(OperationFailure) as info:
+                list(coll.aggregate([{"$match": {"num": 3}}],
+                                    hint=bad if isinstance(bad, str) else dict(bad)))
+            assert info.value.code == 2, info.value.details
+    # hints that name an index of the branch's view, and $natural, still work
+    assert len(list(db.c.find({"num": {"$gte": 5}}).hint([("num", -1)]))) == 16
+    assert len(list(db.c.find({"num": {"$gte": 5}}).hint("by_num"))) == 16
+    assert len(list(db.c.find().hint([("$natural", 1)]))) == 21
+    assert db.c.count_documents({"num": {"$gte": 10}}, hint="_id_") == 11
+    upstream_client.drop_database(name)

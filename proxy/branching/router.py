@@ -11,6 +11,7 @@ from proxy.branching.commands import (
     bulkwrite,
     catalog,
     ddl,
+    hints,
     read,
     validate,
     write,
@@ -114,5 +115,7 @@ class EngineRouter:
         if handler is None:
             raise not_supported(f"command {name!r}", self.branch or "main")
         req = Request(self.engine, branch, ctx, Runner(ctx.upstream_command), db, cmd)
+        if branch is not None:
+            await hints.check(req)
         reply = await handler(req)
         return None if reply is None else in_mongod_order(reply)
