@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pymongo import DeleteMany, InsertOne, MongoClient, UpdateOne
+from pymongo import DeleteMany, InsertOne, MongoClient, UpdateOne, monitoring
 from pymongo.errors import ClientBulkWriteException, OperationFailure
 
 from tests.branchutil import Branches, unique
@@ -247,3 +247,45 @@ def test_a_hint_naming_no_index_is_refused_on_a_changed_collection(
     assert len(list(db.c.find().hint([("$natural", 1)]))) == 21
     assert db.c.count_documents({"num": {"$gte": 10}}, hint="_id_") == 11
     upstream_client.drop_database(name)
+
+
+class _Batches(monitoring.CommandListener):
+    """The length of every batch a cursor received, first batch included."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        cursor = event.reply.get("cursor")
+        if event.command_name in ("find", "getMore") and isinstance(cursor, dict):
+            self.sizes.append(len(cursor.get("firstBatch", cursor.get("nextBatch", []))))
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def _batch_sizes(uri: str, db: str, **find: Any) -> list[int]:
+    listener = _Batches()
+    with MongoClient(uri, event_listeners=[listener]) as c:
+        docs = list(c[db].c.find({}, sort=[("_id", 1)], **find))
+    assert docs
+    return [n for n in listener.sizes if n]  # mongod may end on an empty batch, or not
+
+
+@pytest.mark.parametrize("find", [{}, {"batch_size": 7}, {"batch_size": 3000}])
+def test_get_more_batches_on_a_branch_are_mongods(
+        branch_info: dict[str, Any], branch: MongoClient, upstream_client: MongoClient,
+        test_proxy: ProxyProcess, find: dict[str, Any]) -> None:
+    """A getMore without batchSize returns what fits 16 MiB (not a fixed count); with
+    one, that many; any batch stops at 16 MiB."""
+    db = unique("gm").replace("-", "_")
+    small = [{"_id": i, "v": "s" * 10} for i in range(2500)]
+    big = [{"_id": 10_000 + i, "v": "b" * (1024 * 1024)} for i in range(40)]
+    upstream_client[db].c.insert_many(small + big)
+    branch[db].c.update_one({"_id": 5}, {"$set": {"v": "t" * 10}})  # same size, changed
+    assert _batch_sizes(branch_info["uri"], db, **find) == \
+        _batch_sizes(test_proxy.uri, db, **find)
+    upstream_client.drop_database(db)
