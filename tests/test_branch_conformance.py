@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from bson import Int64
 from pymongo import DeleteMany, InsertOne, MongoClient, UpdateOne, monitoring
 from pymongo.errors import ClientBulkWriteException, OperationFailure
 
@@ -289,3 +290,17 @@ def test_get_more_batches_on_a_branch_are_mongods(
     assert _batch_sizes(branch_info["uri"], db, **find) == \
         _batch_sizes(test_proxy.uri, db, **find)
     upstream_client.drop_database(db)
+
+
+def test_retried_client_bulk_write_applies_once(branch: MongoClient) -> None:
+    db = unique("bwr").replace("-", "_")
+    cmd = {"bulkWrite": 1, "ops": [
+        {"insert": 0, "document": {"_id": 1}},
+        {"update": 0, "filter": {"_id": 1}, "updateMods": {"$inc": {"n": 1}}},
+    ], "nsInfo": [{"ns": f"{db}.c"}], "txnNumber": Int64(7)}
+    with branch.start_session() as session:
+        first = branch.admin.command(dict(cmd), session=session)
+        again = branch.admin.command(dict(cmd), session=session)
+    assert first["nErrors"] == 0 and again["nErrors"] == 0
+    assert again["cursor"]["firstBatch"] == first["cursor"]["firstBatch"]
+    assert list(branch[db].c.find()) == [{"_id": 1, "n": 1}]
