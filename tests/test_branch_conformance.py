@@ -304,3 +304,16 @@ def test_retried_client_bulk_write_applies_once(branch: MongoClient) -> None:
     assert first["nErrors"] == 0 and again["nErrors"] == 0
     assert again["cursor"]["firstBatch"] == first["cursor"]["firstBatch"]
     assert list(branch[db].c.find()) == [{"_id": 1, "n": 1}]
+
+
+def test_an_invalid_update_matching_nothing_is_refused(branch: MongoClient) -> None:
+    """mongod parses the update document whether or not the filter matches."""
+    coll = branch[unique("upd").replace("-", "_")].c
+    coll.insert_one({"_id": 1})
+    with pytest.raises(OperationFailure) as info:
+        coll.update_many({"_id": 2}, {"$thismodifierdoesntexist": 1})
+    assert info.value.code == 9, info.value.details
+    with pytest.raises(OperationFailure) as info:
+        coll.update_one({"nope": 1}, {"$nosuch": {"a": 1}})
+    assert info.value.code == 9, info.value.details
+    assert coll.update_many({"_id": 2}, {"$set": {"a": 1}}).matched_count == 0

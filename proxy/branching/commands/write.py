@@ -480,6 +480,15 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
     base_stmt = {k: v for k, v in stmt.items() if k not in ("q", "multi", "upsert", "sort")}
     if not ids:
         if not stmt.get("upsert"):
+            # mongod parses the update even when nothing matches: an unknown operator
+            # is an error all the same, so the upstream sees it on a filter matching none.
+            reply = await writer.run(_with_let(req, {"update": writer.state.live, "updates": [
+                {**base_stmt, "q": {"_id": {"$in": []}}, "multi": multi}]}))
+            if not reply.get("ok"):
+                return {"error": _stmt_error(index, reply)}
+            if reply.get("writeErrors"):
+                return {"n": 0, "nModified": 0,
+                        "error": {**reply["writeErrors"][0], "index": index}}
             return {"n": 0, "nModified": 0}
         reply = await writer.run(_with_let(req, {
             "update": writer.state.live,
