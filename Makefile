@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: serve test lint bench conformance clean
+.PHONY: serve test lint bench differential conformance clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test: $(STAMP) $(NODE_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests benchmarks
 	$(BIN)/mypy proxy
+
+# Seeded random operations on branches vs plain copies, many seeds (tests/differential.py).
+SEEDS ?= 5
+OPS ?= 2000
+MODES ?= wal copy kid
+FIRST_SEED ?= 1
+differential: $(STAMP)
+	$(BIN)/python -m tests.differential --seeds $(SEEDS) --ops $(OPS) --modes "$(MODES)" \
+		--first-seed $(FIRST_SEED)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/passthrough.py

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous import uri_parser as async_uri_parser
+from pymongo.errors import ConfigurationError
 
 from proxy import metrics
 from proxy.admin import branches as branch_routes
@@ -25,6 +27,8 @@ from proxy.net.handshake import Topology
 from proxy.net.server import Listener
 from proxy.upstream.connection import UpstreamConfig
 from proxy.upstream.monitor import UpstreamMonitor
+from proxy.upstream.scram import SUPPORTED as SUPPORTED_MECHANISMS
+from proxy.upstream.topology import UpstreamTopology
 
 log = logging.getLogger("mongobranch")
 
@@ -67,6 +71,57 @@ class ServeOptions:
     # The host branch URIs name (the --listen host when None): a proxy listening on
     # 0.0.0.0 hands out URIs its clients can resolve.
     advertise_host: str | None = None
+    legacy_op_query: bool | None = None
+
+
+async def connect_upstream(
+        uri: str) -> tuple[AsyncMongoClient[dict[str, Any]], UpstreamConfig]:
+    """The engine's client and the raw connections' config, both from pymongo's own
+    parsing of `uri`: seed lists, `replicaSet` and `mongodb+srv://` (SRV and TXT records)
+    are discovered and monitored by that client, whose topology tells every raw
+    connection where the primary is."""
+    try:
+        return await _connect_upstream(uri)
+    except (ConfigurationError, ValueError, OSError) as exc:
+        raise UpstreamConfigError(f"--upstream: {exc}") from exc
+
+
+class UpstreamConfigError(Exception):
+    """The upstream URI cannot be used (bad option, unreadable file, SRV lookup failed)."""
+
+
+async def _connect_upstream(
+        uri: str) -> tuple[AsyncMongoClient[dict[str, Any]], UpstreamConfig]:
+    parsed = await async_uri_parser.parse_uri(uri)
+    given = {key.lower() for key in parsed["options"]}
+    defaults: dict[str, Any] = {}
+    if "appname" not in given:
+        defaults["appname"] = "mongobranch-engine"
+    if "serverselectiontimeoutms" not in given:
+        # Fail fast while the upstream is down: the admin API answers 503 within seconds.
+        defaults["serverSelectionTimeoutMS"] = 5000
+    if "maxidletimems" not in given:
+        # Retire pooled connections before a server, firewall or load balancer drops
+        # them as idle (SecantusDB closes a connection idle for 300 s): a dropped one
+        # handed to a merge fails it.
+        defaults["maxIdleTimeMS"] = 60_000
+    if "connecttimeoutms" not in given:
+        defaults["connectTimeoutMS"] = 5000
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        uri, tz_aware=False, datetime_conversion="DATETIME_AUTO",
+        uuidRepresentation="unspecified", **defaults)
+    # A raw connection waits this long for a primary while an election is under way
+    # (pymongo's own default unless the URI sets serverSelectionTimeoutMS).
+    selection = (client.options.server_selection_timeout
+                 if "serverselectiontimeoutms" in given else 30.0)
+    topology = UpstreamTopology(client, selection)
+    seeds = [(str(h), int(p)) for h, p in parsed["nodelist"]]
+    config = UpstreamConfig.from_options(uri, seeds, client.options, topology)
+    if config.username and config.mechanism not in SUPPORTED_MECHANISMS:
+        await client.close()
+        raise ValueError(f"authMechanism={config.mechanism} is not supported for the "
+                         f"upstream; use one of {', '.join(sorted(SUPPORTED_MECHANISMS))}")
+    return client, config
 
 
 class BranchPorts:
@@ -82,7 +137,8 @@ class BranchPorts:
         listener = Listener(f"branch:{branch.name}", self.host, branch.port,
                             upstream=self.proxy.upstream, topology=self.proxy.topology,
                             router=EngineRouter(self.proxy.engine, branch.name),
-                            stats=metrics.BRANCHES.acquire(branch.name))
+                            stats=metrics.BRANCHES.acquire(branch.name),
+                            legacy_op_query=self.proxy.engine.config.legacy_op_query.value)
         try:
             await listener.start()
         except OSError:
@@ -126,28 +182,21 @@ class Proxy:
             self.embedded = EmbeddedServer(Path(opts.data_dir))
             await self.embedded.start()
             uri = self.embedded.uri
-        self.upstream = UpstreamConfig.from_uri(uri)
+        self.meta_client, self.upstream = await connect_upstream(uri)
         metrics.BRANCHES.limit = opts.metrics_branch_limit
         self.monitor = UpstreamMonitor(self.upstream, self.topology)
         if not await self.monitor.wait_ready(15.0):
             log.warning("upstream %s is not answering yet; serving anyway",
                         self.upstream.address)
+        if self.upstream.topology is not None:
+            log.info("upstream topology: %s", self.upstream.topology.describe())
         self.monitor.start()
         host, port = parse_hostport(opts.listen)
-        self.meta_client = AsyncMongoClient(
-            # Fail fast while the upstream is down: the admin API answers 503 within seconds.
-            uri, directConnection=True, appname="mongobranch-engine", tz_aware=False,
-            serverSelectionTimeoutMS=5000,
-            # Retire pooled connections before a server, firewall or load balancer drops
-            # them as idle (SecantusDB closes a connection idle for 300 s): a dropped one
-            # handed to a merge fails it.
-            maxIdleTimeMS=60_000,
-            datetime_conversion="DATETIME_AUTO", uuidRepresentation="unspecified",
-        )
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
                              host=opts.advertise_host or host)
         self.engine.config = Config.load(opts.config_path, flags={
-            "default_mode": opts.default_mode, "allow_wal": opts.allow_wal})
+            "default_mode": opts.default_mode, "allow_wal": opts.allow_wal,
+            "legacy_op_query": opts.legacy_op_query})
         self.ports = BranchPorts(self, host)
         self.engine.ports = self.ports
         if not await self._start_engine():
@@ -157,7 +206,8 @@ class Proxy:
                 gc.parse_duration(opts.gc_retention), opts.gc_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
                              topology=self.topology, router=EngineRouter(self.engine, None),
-                             stats=metrics.BRANCHES.main)
+                             stats=metrics.BRANCHES.main,
+                             legacy_op_query=self.engine.config.legacy_op_query.value)
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy)
@@ -231,7 +281,11 @@ async def serve(options: ServeOptions) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await proxy.start()
+        try:
+            await proxy.start()
+        except UpstreamConfigError as exc:
+            log.error("%s", exc)
+            return 2
         log.info("mongobranch ready: main port %s, admin http://%s", options.listen, options.admin)
         await stop.wait()
         log.info("shutting down")

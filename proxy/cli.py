@@ -58,6 +58,10 @@ def main() -> None:
               help="Mode of new branches [env MONGOBRANCH_DEFAULT_MODE; default wal].")
 @click.option("--allow-wal/--no-allow-wal", default=None,
               help="Whether WAL branches may be created [env MONGOBRANCH_ALLOW_WAL].")
+@click.option("--legacy-op-query/--no-legacy-op-query", default=None,
+              help="Translate legacy OP_QUERY commands of older drivers to OP_MSG; off: "
+                   "refuse them as mongod 6.0+ does [env MONGOBRANCH_LEGACY_OP_QUERY; "
+                   "default on].")
 @click.option("--gc-retention", default=None, metavar="DURATION",
               help="Run gc periodically with this retention (e.g. 7d).")
 @click.option("--gc-interval", default=3600.0, show_default=True, type=float,
@@ -65,7 +69,8 @@ def main() -> None:
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
               data_dir: str, log_level: str, advertise_host: str | None, log_format: str,
               metrics_branch_limit: int, config_path: str | None,
-              default_mode: str | None, allow_wal: bool | None, gc_retention: str | None,
+              default_mode: str | None, allow_wal: bool | None,
+              legacy_op_query: bool | None, gc_retention: str | None,
               gc_interval: float) -> None:
     """Run the proxy."""
     from proxy.app import ServeOptions, parse_hostport, parse_range, serve
@@ -79,7 +84,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
         parse_hostport(listen)
         parse_hostport(admin)
         parse_range(branch_ports)
-        Config.load(config_path, flags={"default_mode": default_mode, "allow_wal": allow_wal})
+        Config.load(config_path, flags={"default_mode": default_mode, "allow_wal": allow_wal,
+                                        "legacy_op_query": legacy_op_query})
         if gc_retention:
             parse_duration(gc_retention)
     except (ValueError, ConfigError, BranchError) as exc:
@@ -87,7 +93,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
     options = ServeOptions(upstream=upstream, listen=listen, admin=admin,
                            branch_ports=branch_ports, meta_db=meta_db, data_dir=data_dir,
                            config_path=config_path, default_mode=default_mode,
-                           allow_wal=allow_wal, gc_retention=gc_retention,
+                           allow_wal=allow_wal, legacy_op_query=legacy_op_query,
+                           gc_retention=gc_retention,
                            gc_interval=gc_interval, metrics_branch_limit=metrics_branch_limit,
                            advertise_host=advertise_host)
     sys.exit(_run(serve(options)))

@@ -5,6 +5,7 @@ TOML file over defaults. Every effective value remembers where it came from, so
 ```toml
 default_mode = "wal"        # mode of new branches: "wal" or "copy"
 allow_wal = true            # false: creating a WAL branch is refused; existing ones serve
+legacy_op_query = true      # false: legacy OP_QUERY commands refused, as mongod 6.0+ does
 
 [[overrides]]               # per-branch overrides, first match wins
 match = "perf-*"            # a branch name or fnmatch pattern
@@ -59,6 +60,7 @@ def _mode(text: Any, where: str) -> str:
 class Config:
     default_mode: Setting = field(default_factory=lambda: Setting("wal", "default"))
     allow_wal: Setting = field(default_factory=lambda: Setting(True, "default"))
+    legacy_op_query: Setting = field(default_factory=lambda: Setting(True, "default"))
     overrides: list[dict[str, str]] = field(default_factory=list)
     overrides_source: str = "default"
 
@@ -80,12 +82,20 @@ class Config:
             config.allow_wal = Setting(_bool(env["MONGOBRANCH_ALLOW_WAL"],
                                              "MONGOBRANCH_ALLOW_WAL"),
                                        "env MONGOBRANCH_ALLOW_WAL")
+        if "MONGOBRANCH_LEGACY_OP_QUERY" in env:
+            config.legacy_op_query = Setting(_bool(env["MONGOBRANCH_LEGACY_OP_QUERY"],
+                                                   "MONGOBRANCH_LEGACY_OP_QUERY"),
+                                             "env MONGOBRANCH_LEGACY_OP_QUERY")
         if flags.get("default_mode") is not None:
             config.default_mode = Setting(_mode(flags["default_mode"], "--default-mode"),
                                           "flag --default-mode")
         if flags.get("allow_wal") is not None:
             config.allow_wal = Setting(_bool(flags["allow_wal"], "--allow-wal"),
                                        "flag --allow-wal/--no-allow-wal")
+        if flags.get("legacy_op_query") is not None:
+            config.legacy_op_query = Setting(
+                _bool(flags["legacy_op_query"], "--legacy-op-query"),
+                "flag --legacy-op-query/--no-legacy-op-query")
         return config
 
     def _apply_file(self, path: Path) -> None:
@@ -96,13 +106,15 @@ class Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         where = f"file {path}"
-        unknown = set(data) - {"default_mode", "allow_wal", "overrides"}
+        unknown = set(data) - {"default_mode", "allow_wal", "legacy_op_query", "overrides"}
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
         if "default_mode" in data:
             self.default_mode = Setting(_mode(data["default_mode"], where), where)
         if "allow_wal" in data:
             self.allow_wal = Setting(_bool(data["allow_wal"], where), where)
+        if "legacy_op_query" in data:
+            self.legacy_op_query = Setting(_bool(data["legacy_op_query"], where), where)
         overrides = data.get("overrides", [])
         if not isinstance(overrides, list):
             raise ConfigError(f"{where}: overrides must be an array of tables")
@@ -126,4 +138,5 @@ class Config:
     def to_json(self) -> dict[str, Any]:
         return {"default_mode": self.default_mode.to_json(),
                 "allow_wal": self.allow_wal.to_json(),
+                "legacy_op_query": self.legacy_op_query.to_json(),
                 "overrides": {"value": self.overrides, "source": self.overrides_source}}

@@ -44,6 +44,7 @@ class Secantus:
     port: int = field(default_factory=free_port)
     storage: str = ":memory:"
     auth: bool = False
+    extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log: str = ""
     options: list[str] = field(default_factory=list)
@@ -57,6 +58,7 @@ class Secantus:
                 "--storage-path", self.storage, "--log-level", "WARNING", *self.options]
         if self.auth:
             args.append("--auth")
+        args += self.extra
         self.log = tempfile.mktemp(prefix="secantus-", suffix=".log")
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
@@ -83,6 +85,8 @@ class ProxyProcess:
     admin_port: int = field(default_factory=free_port)
     branch_ports: tuple[int, int] | None = None
     extra: list[str] = field(default_factory=list)
+    # A command the proxy runs under (e.g. `unshare` with its own /etc/resolv.conf).
+    wrapper: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log: str = ""
 
@@ -98,7 +102,7 @@ class ProxyProcess:
         if self.branch_ports is None:
             base = 20000 + (os.getpid() * 7 + self.port) % 30000
             self.branch_ports = (base, base + 49)
-        args = [str(BIN / "mongobranch"), "serve", "--upstream", self.upstream,
+        args = [*self.wrapper, str(BIN / "mongobranch"), "serve", "--upstream", self.upstream,
                 "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
                 "--branch-ports", f"{self.branch_ports[0]}-{self.branch_ports[1]}",
                 "--meta-db", self.meta_db, "--log-level", "INFO", *self.extra]

@@ -12,7 +12,9 @@ import hmac
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import bson
 import pytest
 from bson.binary import Binary
 from pymongo import MongoClient
@@ -117,15 +119,16 @@ def test_wrong_password_fails_authentication(passthrough_proxy: ProxyProcess) ->
     assert info.value.code == 18  # AuthenticationFailed
 
 
-def _scram_first() -> tuple[str, str]:
+def _scram_first(user: str = USER) -> tuple[str, str]:
     nonce = base64.b64encode(os.urandom(24)).decode()
-    return nonce, f"n={USER},r={nonce}"
+    return nonce, f"n={user},r={nonce}"
 
 
-def _scram_final(first_bare: str, server_first: bytes, nonce: str) -> tuple[str, bytes]:
+def _scram_final(first_bare: str, server_first: bytes, nonce: str,
+                 password: str = PASSWORD) -> tuple[str, bytes]:
     fields = dict(item.split("=", 1) for item in server_first.decode().split(","))
     assert fields["r"].startswith(nonce)
-    salted = hashlib.pbkdf2_hmac("sha256", PASSWORD.encode(), base64.b64decode(fields["s"]),
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(fields["s"]),
                                  int(fields["i"]))
     client_key = hmac.digest(salted, b"Client Key", "sha256")
     final_bare = f"c=biws,r={fields['r']}"
@@ -226,6 +229,41 @@ def test_client_credentials_win_over_uri_credentials(
         with pytest.raises(OperationFailure) as info:
             c.authdb.items.insert_one({"_id": "bob was here"})
         assert info.value.code == 13
+
+
+def test_legacy_op_query_authentication_is_the_clients(credentialed_proxy: ProxyProcess
+                                                       ) -> None:
+    """An older driver's SCRAM conversation in OP_QUERY commands (Java 3.6 authenticates
+    so) reaches the upstream as the client's own: afterwards it is that user there."""
+    def legacy(sock: Any, query: dict[str, Any], request_id: int) -> dict[str, Any]:
+        sock.sendall(rawwire.op_query("admin.$cmd" if "$db" not in query else
+                                      f"{query.pop('$db')}.$cmd", query, request_id))
+        op_code, response_to, payload = rawwire.read_message(sock)
+        assert (op_code, response_to) == (rawwire.OP_REPLY, request_id)
+        doc: dict[str, Any] = bson.decode_all(payload[20:])[0]
+        return doc
+
+    nonce, first_bare = _scram_first(READER)
+    with rawwire.connect(credentialed_proxy.port) as sock:
+        assert legacy(sock, {"isMaster": 1}, 1)["ok"] == 1.0
+        start = legacy(sock, {"saslStart": 1, "mechanism": "SCRAM-SHA-256",
+                              "payload": Binary(f"n,,{first_bare}".encode()),
+                              "options": {"skipEmptyExchange": True}}, 2)
+        assert start["ok"] == 1.0, start
+        final, server_sig = _scram_final(first_bare, bytes(start["payload"]), nonce,
+                                         READER_PASSWORD)
+        reply = legacy(sock, {"saslContinue": 1, "conversationId": start["conversationId"],
+                              "payload": Binary(final.encode())}, 3)
+        assert reply["ok"] == 1.0 and bytes(reply["payload"]) == b"v=" + server_sig, reply
+        if not reply["done"]:
+            reply = legacy(sock, {"saslContinue": 1, "payload": Binary(b""),
+                                  "conversationId": reply["conversationId"]}, 4)
+        assert reply["done"] is True
+        status = legacy(sock, {"connectionStatus": 1}, 5)
+        assert [u["user"] for u in status["authInfo"]["authenticatedUsers"]] == [READER]
+        refused = legacy(sock, {"insert": "items", "documents": [{"_id": "legacy"}],
+                                "$db": "authdb"}, 6)
+        assert refused["ok"] == 0.0 and refused["code"] == 13, refused
 
 
 def test_no_password_in_proxy_log(credentialed_proxy: ProxyProcess) -> None:

@@ -157,6 +157,7 @@ def fam_same_replacement(filt: Any, after: bool) -> Callable[[Database[Any]], An
 
     def fn(db: Database[Any]) -> Any:
         doc = db.items.find_one(filt, sort=SORT)
+        assert doc is not None
         return db.items.find_one_and_replace(
             {"_id": doc["_id"]}, {k: v for k, v in doc.items() if k != "_id"},
             return_document=ret)
@@ -187,3 +188,12 @@ def test_find_and_modify_that_changes_nothing_returns_the_matched_document(pair:
         assert pair.both(fam_same_replacement(filt, after))[1] is not None
     for filt, proj in itertools.product(filters, [None, {"n": 1}]):
         pair.both(fam_delete(filt, proj))
+
+
+def test_ordered_insert_reports_only_the_error_it_stopped_at(pair: Pair) -> None:
+    """An ordered batch that stops at a duplicate of the branch's own document (index 1)
+    never reaches a later document the base holds (index 3): one error, not two."""
+    pair.both(lambda db: db.items.insert_one({"_id": 500}).inserted_id)
+    got = pair.both(lambda db: db.items.insert_many(
+        [{"_id": 501}, {"_id": 500}, {"_id": 502}, {"_id": 3}], ordered=True))
+    assert got[1] == 1 and got[-1] == [(1, 11000, {"_id": 500})]

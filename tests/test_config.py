@@ -34,6 +34,20 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> No
     assert flagged.mode_for("perf-1", "copy") == ("copy", "request")
 
 
+def test_legacy_op_query_setting_sources(tmp_path: Path) -> None:
+    assert Config.load(env={}).legacy_op_query.to_json() == {"value": True, "source": "default"}
+    path = tmp_path / "mb.toml"
+    path.write_text("legacy_op_query = false\n")
+    assert Config.load(path, env={}).legacy_op_query.value is False
+    env = Config.load(path, env={"MONGOBRANCH_LEGACY_OP_QUERY": "on"}).legacy_op_query
+    assert (env.value, env.source) == (True, "env MONGOBRANCH_LEGACY_OP_QUERY")
+    flag = Config.load(path, env={"MONGOBRANCH_LEGACY_OP_QUERY": "on"},
+                       flags={"legacy_op_query": False}).legacy_op_query
+    assert (flag.value, flag.source) == (False, "flag --legacy-op-query/--no-legacy-op-query")
+    with pytest.raises(ConfigError, match="expected true or false"):
+        Config.load(env={"MONGOBRANCH_LEGACY_OP_QUERY": "maybe"})
+
+
 @pytest.mark.parametrize("text, message", [
     ('default_mode = "fast"', "mode must be one of"),
     ("allow_wal = 3", "expected true or false"),

@@ -149,12 +149,16 @@ def seed(db: Any) -> None:
          "sub": {"a": i}, "when": datetime.datetime(2026, 1, 1 + i)} for i in range(10)])
     db.items.create_index("n")
     db.other.insert_one({"_id": 1})
+    db.refilled.insert_many(REFILLED)
     for name in WRITE_COLLS:
         db[name].insert_many([{"_id": i, "u": f"u{i}", "n": i} for i in range(10)])
         db[name].create_index("u", unique=True)
 
 
-WRITE_COLLS = ("w_insert", "w_update", "w_delete", "w_fam", "w_merge")
+# Dropped and refilled on the branch, which then owns it outright: its reads run in place,
+# the proxy holding their cursors under the user's namespace.
+REFILLED = [{"_id": i, "n": i % 4, "big": Int64(i)} for i in range(10)]
+WRITE_COLLS = ("w_insert", "w_update", "w_delete", "w_fam", "w_merge", "w_wc", "w_dup")
 
 
 @dataclass
@@ -180,6 +184,8 @@ def world(proxy: ProxyProcess, direct: MongoClient) -> Iterator[World]:
             db.items.update_one({"_id": 0}, {"$set": {"s": "s0"}})
             db.other.update_one({"_id": 1}, {"$set": {"x": None}})
             db.fresh.insert_one({"_id": 1})
+            db.refilled.drop()
+            db.refilled.insert_many(REFILLED)
             for name in WRITE_COLLS:
                 db[name].update_one({"_id": 9}, {"$set": {"n": 9}})
         for t in "UM":
@@ -242,6 +248,20 @@ def find_empty(run: Session) -> None:
 def find_projection(run: Session) -> None:
     run.drain(run({"find": "items", "projection": {"big": 1, "when": 1}, "sort": {"_id": 1},
                    "batchSize": 4}), "items", 4)
+
+
+def owned_collection(run: Session) -> None:
+    run.drain(run({"find": "refilled", "sort": {"_id": 1}, "batchSize": 3}), "refilled", 3)
+    run.drain(run({"find": "refilled", "filter": {"n": {"$gt": 0}}, "batchSize": 4}),
+              "refilled", 4)
+    run.drain(run({"aggregate": "refilled", "pipeline": [{"$sort": {"_id": -1}}],
+                   "cursor": {"batchSize": 3}}), "refilled", 3)
+    first = run({"aggregate": "refilled", "pipeline": [], "cursor": {"batchSize": 2}})
+    run({"killCursors": "refilled", "cursors": [first["cursor"]["id"]]})
+    run({"count": "refilled", "query": {"n": 1}})
+    run({"distinct": "refilled", "key": "n"})
+    run({"listIndexes": "refilled"})
+    run({"listCollections": 1, "filter": {"name": "refilled"}})
 
 
 def aggregate_batches(run: Session) -> None:
@@ -327,17 +347,42 @@ def find_and_modify(run: Session) -> None:
     run({"findAndModify": "w_fam", "query": {"_id": 4}, "update": {"$set": {"u": "u5"}}})
 
 
+# A write concern no single server satisfies: the write is applied and the reply
+# carries a writeConcernError.
+UNSATISFIABLE = {"w": 2, "wtimeout": 10}
+
+
+def write_concern_errors(run: Session) -> None:
+    run({"insert": "w_wc", "documents": [{"_id": 1, "u": "a"}],
+         "writeConcern": UNSATISFIABLE})
+    run({"insert": "w_wc", "documents": [{"_id": 2, "u": "b"}, {"_id": 1, "u": "c"}],
+         "writeConcern": UNSATISFIABLE})
+    run({"update": "w_wc", "updates": [{"q": {"_id": 3}, "u": {"$set": {"x": 1}}}],
+         "writeConcern": UNSATISFIABLE})
+    run({"delete": "w_wc", "deletes": [{"q": {"_id": 4}, "limit": 1}],
+         "writeConcern": UNSATISFIABLE})
+    run({"findAndModify": "w_wc", "query": {"_id": 5}, "update": {"$set": {"x": 1}},
+         "writeConcern": UNSATISFIABLE})
+
+
+def errors(run: Session) -> None:
+    run({"find": "items", "filter": {"$bogus": 1}})
+    run({"insert": "w_insert", "documents": "not an array"})
+    run({"listIndexes": "no_such_collection"})
+
+
 CASES: dict[str, Case] = {f.__name__: f for f in (
     find_single_batch, find_batches, find_unsorted_batches, find_limit,
-    find_single_batch_flag, find_points, find_empty, find_projection, aggregate_batches,
+    find_single_batch_flag, find_points, find_empty, find_projection, owned_collection,
+    aggregate_batches,
     aggregate_group, aggregate_merge, kill_cursors, list_collections, list_indexes, count,
-    distinct, insert, update, delete, find_and_modify)}
+    distinct, insert, update, delete, find_and_modify, write_concern_errors, errors)}
 
 
 def _comparable(name: str, reply: dict[str, Any]) -> dict[str, Any]:
-    """The reply body with the gossip fields left out, and a catalog's entries in name
-    order (the server lists them in no set order)."""
-    body = {k: v for k, v in reply.items() if k not in GOSSIP}
+    """The reply with a catalog's entries in name order (the server lists them in no set
+    order)."""
+    body = dict(reply)
     cursor = body.get("cursor")
     if name in ("listCollections", "listIndexes") and isinstance(cursor, dict):
         cursor = dict(cursor)
@@ -357,11 +402,11 @@ def run_case(target: Target, case: Case) -> list[tuple[str, dict[str, Any]]]:
 
 def ok_last(reply: dict[str, Any]) -> dict[str, Any]:
     """A successful reply with ok after its own fields, as mongod's command framework
-    appends it. SecantusDB puts ok before writeErrors in insert and delete replies."""
+    appends it, then the gossip. SecantusDB puts ok before writeErrors in insert replies."""
     if not reply.get("ok"):
         return reply
-    body = {k: v for k, v in reply.items() if k != "ok"}
-    return {**body, "ok": reply["ok"]}
+    body = {k: v for k, v in reply.items() if k != "ok" and k not in GOSSIP}
+    return {**body, "ok": reply["ok"], **{k: reply[k] for k in GOSSIP if k in reply}}
 
 
 def compare(expected: list[tuple[str, dict[str, Any]]],
@@ -385,7 +430,9 @@ def compare(expected: list[tuple[str, dict[str, Any]]],
 
 # SecantusDB puts ok before writeErrors in an insert's reply; mongod after. The branch
 # port, which builds the reply, is held to mongod's order; the main port forwards.
-_GAPS = {"insert": "SecantusDB orders an insert reply n, ok, writeErrors; mongod puts ok last"}
+_GAPS = {"insert": "SecantusDB orders an insert reply n, ok, writeErrors; mongod puts ok last",
+         "write_concern_errors": "SecantusDB orders an insert reply n, ok, writeErrors; "
+                                 "mongod puts ok last"}
 
 
 @pytest.mark.parametrize("case", [
@@ -430,9 +477,16 @@ def test_admin_replies_have_mongod_conventions(world: World) -> None:
             client[world.branch.db].items.update_one({"_id": 1}, {"$set": {"s": "changed"}})
         on_main = run_case(world.main, admin)
         on_branch = run_case(branch_port, admin)
+        upstream = world.upstream.session()
+        try:
+            gossip = [key for key in GOSSIP if key in upstream({"ping": 1}, db="admin")]
+        finally:
+            upstream.close()
         problems = []
         for name, reply in [*on_main, *on_branch]:
             problems += [f"{name}: {p}" for p in convention_problems(reply)]
+            # As mongos: the upstream's cluster time on every reply, built here or not.
+            problems += [f"{name}: no {key}" for key in gossip if key not in reply]
         problems += compare(on_main, on_branch, "branch port vs main port")
         assert not problems, "\n".join(problems)
     finally:
@@ -442,3 +496,43 @@ def test_admin_replies_have_mongod_conventions(world: World) -> None:
             assert not convention_problems(dropped)
         finally:
             session.close()
+
+
+def test_causal_session_on_a_branch_sees_operation_times(world: World) -> None:
+    """pymongo's causally consistent session advances on the operationTime of replies the
+    branch port built, and its next read sends it back as afterClusterTime."""
+    with MongoClient(f"mongodb://127.0.0.1:{world.branch.port}/") as client:
+        coll = client[world.branch.db].w_causal
+        with client.start_session(causal_consistency=True) as session:
+            coll.insert_one({"_id": 1}, session=session)
+            after_insert = session.operation_time
+            assert after_insert is not None
+            assert session.cluster_time is not None
+            coll.update_one({"_id": 1}, {"$set": {"x": 1}}, session=session)
+            assert session.operation_time is not None
+            assert session.operation_time >= after_insert
+            assert coll.find_one({"_id": 1}, session=session) == {"_id": 1, "x": 1}
+
+
+@pytest.mark.parametrize("value", ["u1", None, 7])
+def test_duplicate_key_messages_read_as_the_upstreams(world: World, value: Any) -> None:
+    """The branch enforces unique secondary keys across base and branch itself; its
+    message prints the key as the server does (strings quoted, null, numbers)."""
+    messages = []
+    for target in (world.upstream, world.branch):
+        session = target.session()
+        try:
+            # Key u "u1" exists in the base; null and 7 are inserted first, then again.
+            first = {"_id": f"first-{value}", "u": value}
+            if value is not None and value != "u1":
+                assert session({"insert": "w_dup", "documents": [first]})["n"] == 1
+            elif value is None:
+                session({"insert": "w_dup", "documents": [{"_id": "no-u"}]})
+            doc = {"_id": f"again-{value}"} if value is None else {"_id": f"again-{value}",
+                                                                   "u": value}
+            reply = session({"insert": "w_dup", "documents": [doc]})
+        finally:
+            session.close()
+        (error,) = reply["writeErrors"]
+        messages.append(error["errmsg"].replace(target.db, "DB"))
+    assert messages[1] == messages[0]

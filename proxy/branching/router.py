@@ -95,6 +95,13 @@ class EngineRouter:
         return name not in FORWARDED
 
     async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
+        try:
+            reply = await self._serve(ctx, msg)
+        except CommandError as exc:
+            reply = exc.to_reply()
+        return None if reply is None else in_mongod_order(reply, ctx.gossip)
+
+    async def _serve(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
         cmd = msg.command
         name = next(iter(cmd))
         db = cmd.get("$db")
@@ -117,5 +124,4 @@ class EngineRouter:
         req = Request(self.engine, branch, ctx, Runner(ctx.upstream_command), db, cmd)
         if branch is not None:
             await hints.check(req)
-        reply = await handler(req)
-        return None if reply is None else in_mongod_order(reply)
+        return await handler(req)

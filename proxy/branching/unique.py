@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bson import json_util
+
 from proxy.branching import views
 from proxy.branching.model import NsState
 
@@ -73,8 +75,13 @@ def dup_error(ns: str, spec: dict[str, Any], doc: dict[str, Any], index: int) ->
     fields = list(spec["key"])
     values = doc.get(KEY_FIELD) or [None] * len(fields)
     key_value = dict(zip(fields, values, strict=False))
-    shown = ", ".join(f"{f}: {v!r}" for f, v in key_value.items())
+    shown = ", ".join(f"{f}: {_shown(v)}" for f, v in key_value.items())
     return {"index": index, "code": 11000,
             "errmsg": f"E11000 duplicate key error collection: {ns} index: {spec['name']} "
                       f"dup key: {{ {shown} }}",
             "keyPattern": dict(spec["key"]), "keyValue": key_value}
+
+
+def _shown(value: Any) -> str:
+    """A key value as mongod prints it in a duplicate-key message: "text", null, 5."""
+    return f'"{value}"' if isinstance(value, str) else json_util.dumps(value)

@@ -29,6 +29,8 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from pymongo.errors import ConnectionFailure, NotPrimaryError, OperationFailure, PyMongoError
+
 from proxy import metrics
 from proxy.metrics import HOT, LATENCY_BUCKETS, PortStats, count_request, observe_latency
 from proxy.net import handshake
@@ -39,6 +41,7 @@ from proxy.upstream.connection import (
     UpstreamUnavailable,
     next_request_id,
 )
+from proxy.upstream.topology import STATE_CHANGE_CODES
 from proxy.wire import compression, legacy, opmsg
 from proxy.wire.bsonutil import SKIM_ELEMENTS, SKIM_OPTIONS, check_document, decode, first_key
 from proxy.wire.errors import CommandError, ProtocolError
@@ -104,6 +107,11 @@ _PAUSED_UPSTREAM = 2
 # What the connection is doing.
 _IDLE, _FORWARDING, _TASK = 0, 1, 2
 
+# Cluster-time gossip: a reply field pair the server appends after ok.
+_GOSSIP = ("$clusterTime", "operationTime")
+# The latest pair decoded on any connection, for one that has not talked to the upstream.
+_latest_gossip: dict[str, Any] = {}
+
 
 def host_unreachable(message: str, command: dict[str, Any] | None = None) -> dict[str, Any]:
     """The reply when the upstream cannot be reached, labelled as mongos labels it."""
@@ -113,6 +121,27 @@ def host_unreachable(message: str, command: dict[str, Any] | None = None) -> dic
     if labels:
         reply["errorLabels"] = labels
     return reply
+
+
+def upstream_state_error(exc: PyMongoError, command: dict[str, Any]) -> dict[str, Any] | None:
+    """The reply for an engine operation that the upstream's election or loss cut short
+    (the engine's client could not finish it): the state-change code, or
+    HostUnreachable, labelled so that the client's driver retries. None for any other
+    error."""
+    details = getattr(exc, "details", None)
+    details = details if isinstance(details, dict) else {}
+    code = details.get("code", 10107 if isinstance(exc, NotPrimaryError) else None)
+    if isinstance(exc, (NotPrimaryError, OperationFailure)) and code in STATE_CHANGE_CODES:
+        reply: dict[str, Any] = {"ok": 0.0, "errmsg": str(details.get("errmsg", exc)),
+                                 "code": code,
+                                 "codeName": details.get("codeName", "NotWritablePrimary")}
+        labels = error_labels(command)
+        if labels:
+            reply["errorLabels"] = labels
+        return reply
+    if isinstance(exc, ConnectionFailure):
+        return host_unreachable(f"upstream unavailable: {exc}", command)
+    return None
 
 
 def error_labels(command: dict[str, Any]) -> list[str]:
@@ -153,8 +182,11 @@ class ClientConnection(MessageProtocol):
         on_closed: Callable[[ClientConnection], None] | None = None,
         fast_names: dict[bytes, str] | None = None,
         stats: PortStats | None = None,
+        legacy_op_query: bool = True,
     ):
         super().__init__(topology.info.max_message_size_bytes)
+        # Legacy OP_QUERY commands are translated to OP_MSG; off: refused, as mongod 6.0+.
+        self.legacy_op_query = legacy_op_query
         self.router = router
         self.topology = topology
         self.listener = listener
@@ -170,7 +202,11 @@ class ClientConnection(MessageProtocol):
         self.app_name: str | None = None
         self.user: str | None = None
         self.client_metadata: dict[str, Any] | None = None
+        self._gossip: dict[str, Any] = {}
         self.compressors: list[str] = []
+        # The client authenticated itself on its upstream connection: a new upstream
+        # connection (after an election) would not carry that identity.
+        self._client_authenticated = False
         self.peer = "?"
         self.transport: Any = None
         self._gauge = metrics.OPEN_CONNECTIONS.labels(listener)
@@ -204,10 +240,20 @@ class ClientConnection(MessageProtocol):
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         await self._ensure_upstream()
         try:
-            return await self.upstream.command(db, body)
+            reply = await self.upstream.command(db, body)
         except UpstreamUnavailable:
             metrics.UPSTREAM_ERRORS.inc()
             raise
+        if "operationTime" in reply or "$clusterTime" in reply:
+            gossip = {key: reply[key] for key in _GOSSIP if key in reply}
+            self._gossip = gossip
+            _latest_gossip.clear()
+            _latest_gossip.update(gossip)
+        return reply
+
+    @property
+    def gossip(self) -> dict[str, Any]:
+        return self._gossip or _latest_gossip
 
     async def _ensure_upstream(self, hello: dict[str, Any] | None = None, *,
                                client_auth: bool = False) -> dict[str, Any] | None:
@@ -219,6 +265,10 @@ class ClientConnection(MessageProtocol):
         """
         if self.upstream.connected:
             return None
+        if self._client_authenticated and not client_auth:
+            # The upstream moved (an election) under a client that authenticated itself:
+            # a network error makes its driver reconnect and authenticate again there.
+            raise ConnectionError("the upstream connection moved; the client reconnects")
         first = hello or handshake.upstream_hello({"client": self.client_metadata}
                                                   if self.client_metadata else {})
         try:
@@ -321,6 +371,10 @@ class ClientConnection(MessageProtocol):
         if self._state != _FORWARDING:
             return
         metrics.UPSTREAM_ERRORS.inc()
+        if self._client_authenticated:
+            self._close()  # a network error: the driver retries on a new connection
+            self._forward_done()
+            return
         msg = self._req_msg
         body = msg[_BODY_AT:] if self._req_body is None else self._req_body
         reply = host_unreachable(reason, _decoded_or_none(body))
@@ -328,6 +382,11 @@ class ClientConnection(MessageProtocol):
                             response_to=HEADER.unpack_from(msg)[1])
         self._write(frame, self._req_compressor, self._req_name)
         self._forward_done()
+
+    def retry_labels(self) -> list[str]:
+        body = self._req_msg[_BODY_AT:] if self._req_body is None else self._req_body
+        command = _decoded_or_none(body) if body else None
+        return error_labels(command) if command is not None else []
 
     def upstream_write_paused(self, paused: bool) -> None:
         if paused:
@@ -606,6 +665,7 @@ class ClientConnection(MessageProtocol):
                 sections.validate()
                 if name in _CLIENT_AUTH:
                     self._note_user(decode(sections.body))
+                    self._client_authenticated = True
                 await self._forward(frame, compressor, name, flags, sections.body)
                 return
             if not flags & opmsg.MORE_TO_COME:
@@ -631,22 +691,39 @@ class ClientConnection(MessageProtocol):
 
     async def _routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | None:
         try:
-            return await self.router.handle(self, msg)
+            reply = await self.router.handle(self, msg)
         except CommandError as exc:
-            return exc.to_reply()
+            reply = exc.to_reply()
         except UpstreamUnavailable as exc:
             return host_unreachable(str(exc), msg.body)
-        except ProtocolError:
+        except (ProtocolError, ConnectionError):
             raise
+        except PyMongoError as exc:
+            failed = upstream_state_error(exc, msg.body)
+            if failed is None:
+                return self._internal_error(msg, exc)
+            return failed
         except Exception as exc:
-            log.exception("command %s failed on connection %d", next(iter(msg.body), "?"),
-                          self.connection_id)
-            return {"ok": 0.0, "errmsg": f"mongobranch internal error: {exc!r}", "code": 1,
-                    "codeName": "InternalError"}
+            return self._internal_error(msg, exc)
+        if reply is not None and not reply.get("ok") and reply.get("code") in STATE_CHANGE_CODES:
+            # An election cut the command short: labelled as mongos labels it.
+            labels = error_labels(msg.body)
+            have = reply.get("errorLabels")
+            have = list(have) if isinstance(have, list) else []
+            if labels:
+                reply["errorLabels"] = have + [lb for lb in labels if lb not in have]
+        return reply
+
+    def _internal_error(self, msg: opmsg.OpMsg, exc: Exception) -> dict[str, Any]:
+        log.error("command %s failed on connection %d", next(iter(msg.body), "?"),
+                  self.connection_id, exc_info=exc)
+        return {"ok": 0.0, "errmsg": f"mongobranch internal error: {exc!r}", "code": 1,
+                "codeName": "InternalError"}
 
     async def _forward(self, frame: Frame, compressor: int | None, name: str, flags: int,
                        body: bytes) -> None:
         """Forward from a task: connect first if needed, then wait for the replies."""
+        self._req_body = body  # for retry_labels
         try:
             if not self.upstream.connected:
                 await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
@@ -665,6 +742,8 @@ class ClientConnection(MessageProtocol):
             if not flags & opmsg.MORE_TO_COME:
                 self._reply(host_unreachable(str(exc), _decoded_or_none(body)), frame,
                             compressor, name)
+        finally:
+            self._req_body = None
 
     # -- handshake ----------------------------------------------------------------
     async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -685,6 +764,7 @@ class ClientConnection(MessageProtocol):
         if any(key in request for key in handshake.UPSTREAM_FIELDS):
             if isinstance(request.get("speculativeAuthenticate"), dict):
                 self._note_user(request["speculativeAuthenticate"])
+                self._client_authenticated = True
             upstream_hello = handshake.upstream_hello(request)
             try:
                 if self.upstream.connected:
@@ -722,9 +802,14 @@ class ClientConnection(MessageProtocol):
         name = next(iter(cmd), "")
         count_request(name)
         flags = 0
-        if query.collection.endswith(".$cmd") and name in handshake.HELLO_NAMES:
+        body = legacy.command_body(query)
+        if body is not None and name in handshake.HELLO_NAMES:
             reply = await self._hello(cmd)
-        elif query.collection.endswith(".$cmd"):
+        elif body is not None and self.legacy_op_query and name:
+            # Older drivers (Java 3.6 runs buildinfo and authenticates this way): served
+            # as the same command over OP_MSG would be, answered in an OP_REPLY.
+            reply = await self._legacy_command(body)
+        elif body is not None:
             # As mongod 6.0+: only the handshake may still use OP_QUERY.
             message = (f"Unsupported OP_QUERY command: {name}. The client driver may require an "
                        f"upgrade. mongobranch only accepts hello and isMaster over OP_QUERY.")
@@ -743,3 +828,21 @@ class ClientConnection(MessageProtocol):
         if not self._closing:
             self.transport.write(data)
 
+    async def _legacy_command(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A legacy OP_QUERY command, run as an OP_MSG: routed like one, else sent to the
+        upstream (which may no longer speak OP_QUERY) as one."""
+        name = next(iter(body))
+        if self.router.wants(name):
+            routed = await self._routed(opmsg.OpMsg(0, body))
+            if routed is not None:
+                return routed
+        if name in _CLIENT_AUTH:
+            self._note_user(body)
+        try:
+            if not self.upstream.connected:
+                await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
+            db = body.pop("$db")
+            return await self.upstream_command(db, body)
+        except UpstreamUnavailable as exc:
+            self.upstream.close()
+            return host_unreachable(str(exc), body)

@@ -18,6 +18,13 @@ class Context(Protocol):
         """Run a command on this client's own upstream connection."""
         ...
 
+    @property
+    def gossip(self) -> dict[str, Any]:
+        """The `$clusterTime` and `operationTime` of the latest upstream reply this
+        connection decoded (else of any connection's): what a reply built here carries,
+        as mongos attaches them to every reply. Empty when the upstream sends none."""
+        ...
+
 
 class Router(Protocol):
     def wants(self, name: str) -> bool:

@@ -16,7 +16,8 @@ log = logging.getLogger("mongobranch.listener")
 
 class Listener:
     def __init__(self, name: str, host: str, port: int, *, upstream: UpstreamConfig,
-                 topology: Topology, router: Router, stats: PortStats | None = None):
+                 topology: Topology, router: Router, stats: PortStats | None = None,
+                 legacy_op_query: bool = True):
         self.name = name
         self.host = host
         self.port = port
@@ -24,6 +25,7 @@ class Listener:
         self.topology = topology
         self.router = router
         self.stats = stats
+        self.legacy_op_query = legacy_op_query
         self.stopping = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._connections: set[ClientConnection] = set()
@@ -45,6 +47,7 @@ class Listener:
             upstream=self.upstream, topology=self.topology, router=self.router,
             listener=self.name, stopping=self.stopping, on_closed=self._connections.discard,
             fast_names=self._fast_names, stats=self.stats,
+            legacy_op_query=self.legacy_op_query,
         )
         self._connections.add(conn)
         return conn

@@ -8,12 +8,14 @@ import ssl
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pymongo import uri_parser
+from pymongo.client_options import ClientOptions
 
 from proxy.upstream.scram import authenticate
+from proxy.upstream.topology import STATE_CHANGE_CODES, NoWritableServer, UpstreamTopology
 from proxy.wire import opmsg
 from proxy.wire.bsonutil import decode
 from proxy.wire.errors import ProtocolError
@@ -33,6 +35,41 @@ _request_ids = itertools.count(1 << 24)
 _WRITE_HIGH = 1 << 20
 _WRITE_LOW = 1 << 18
 _LENGTH = struct.Struct("<i")
+# A "not primary" reply is small: larger replies are never searched for one.
+_STATE_CHANGE_MAX = 4096
+_OP_MSG_BYTES = struct.pack("<i", OP_MSG)
+
+
+def with_labels(msg: bytes, labels: list[str]) -> bytes:
+    """An OP_MSG reply with `labels` added to its errorLabels."""
+    _length, request_id, response_to, _op = HEADER.unpack_from(msg)
+    body = decode(opmsg.body_bytes(Frame(request_id, response_to, OP_MSG, msg[HEADER_SIZE:])))
+    have = body.get("errorLabels")
+    have = list(have) if isinstance(have, list) else []
+    body["errorLabels"] = have + [label for label in labels if label not in have]
+    return opmsg.build(body, request_id=request_id, response_to=response_to).to_bytes()
+
+
+def state_change(msg: bytes) -> tuple[int, dict[str, Any] | None] | None:
+    """The SDAM state-change code (NotWritablePrimary, PrimarySteppedDown,
+    ShutdownInProgress, InterruptedDueToReplStateChange, ...) of a reply, top level or
+    in its writeConcernError, with the reply's topologyVersion; None for any other
+    reply."""
+    if len(msg) > _STATE_CHANGE_MAX or msg[12:16] != _OP_MSG_BYTES or b"code" not in msg:
+        return None
+    try:
+        body = decode(opmsg.body_bytes(Frame(0, 0, OP_MSG, msg[HEADER_SIZE:])))
+    except (ProtocolError, ValueError, IndexError):
+        return None
+    codes = [body.get("code")]
+    wce = body.get("writeConcernError")
+    if isinstance(wce, dict):
+        codes.append(wce.get("code"))
+    version = body.get("topologyVersion")
+    for code in codes:
+        if isinstance(code, int) and code in STATE_CHANGE_CODES:
+            return code, version if isinstance(version, dict) else None
+    return None
 
 
 def next_request_id() -> int:
@@ -43,50 +80,78 @@ class UpstreamUnavailable(Exception):
     """The upstream could not be reached or dropped the connection."""
 
 
+Address = tuple[str, int]
+
+
 @dataclass(slots=True)
 class UpstreamConfig:
+    """How the proxy's raw connections reach the upstream, from pymongo's own options.
+
+    Every option comes from `pymongo.client_options.ClientOptions`, the parsed and
+    validated form pymongo itself connects with: the TLS context (`tlsCAFile`,
+    `tlsCertificateKeyFile`, `tlsAllowInvalidCertificates`, `tlsAllowInvalidHostnames`,
+    `tlsInsecure`, ...) is pymongo's own, and so are the credentials (`authSource`,
+    `authMechanism`), `appName` and the timeouts.
+    """
+
     uri: str
-    host: str
-    port: int
+    seeds: list[Address]
     username: str | None = None
     password: str | None = None
     auth_source: str = "admin"
+    mechanism: str = "DEFAULT"
     tls: ssl.SSLContext | None = None
-    server_hostname: str | None = None
-    connect_timeout: float = 5.0
-    options: dict[str, Any] = field(default_factory=dict)
+    app_name: str | None = None
+    connect_timeout: float = 20.0
+    # pymongo's socketTimeoutMS: bounds the proxy's own commands (not forwarded ones,
+    # which the client's driver times itself).
+    socket_timeout: float | None = None
+    # Where a new connection goes (the current primary) and whom to tell when that
+    # server stopped taking writes; None: the first seed, as for a standalone.
+    topology: UpstreamTopology | None = None
 
     @classmethod
-    def from_uri(cls, uri: str, connect_timeout: float = 5.0) -> UpstreamConfig:
+    def from_uri(cls, uri: str, topology: UpstreamTopology | None = None) -> UpstreamConfig:
         parsed = uri_parser.parse_uri(uri)
-        host, port = parsed["nodelist"][0]
-        opts = parsed["options"]
-        tls_ctx = None
-        if opts.get("tls") or opts.get("ssl"):
-            tls_ctx = ssl.create_default_context(cafile=opts.get("tlscafile"))
-            if opts.get("tlsallowinvalidcertificates") or opts.get("tlsinsecure"):
-                tls_ctx.check_hostname = False
-                tls_ctx.verify_mode = ssl.CERT_NONE
-            elif opts.get("tlsallowinvalidhostnames"):
-                tls_ctx.check_hostname = False
-            if opts.get("tlscertificatekeyfile"):
-                tls_ctx.load_cert_chain(opts["tlscertificatekeyfile"])
+        options = ClientOptions(parsed.get("username") or "", parsed.get("password") or "",
+                                parsed.get("database"), parsed["options"], is_sync=False)
+        return cls.from_options(uri, [(str(h), int(p)) for h, p in parsed["nodelist"]],
+                                options, topology)
+
+    @classmethod
+    def from_options(cls, uri: str, seeds: list[Address], options: ClientOptions,
+                     topology: UpstreamTopology | None = None) -> UpstreamConfig:
+        pool = options.pool_options
+        cred = pool._credentials
+        ctx = pool._ssl_context
         return cls(
             uri=uri,
-            host=host,
-            port=int(port),
-            username=parsed.get("username"),
-            password=parsed.get("password"),
-            auth_source=opts.get("authsource") or parsed.get("database") or "admin",
-            tls=tls_ctx,
-            server_hostname=host if tls_ctx else None,
-            connect_timeout=connect_timeout,
-            options=dict(opts),
+            seeds=seeds,
+            username=cred.username if cred else None,
+            password=cred.password if cred else None,
+            auth_source=cred.source if cred else "admin",
+            mechanism=cred.mechanism if cred else "DEFAULT",
+            tls=ctx if isinstance(ctx, ssl.SSLContext) else None,
+            app_name=pool.appname,
+            connect_timeout=pool.connect_timeout or 20.0,
+            socket_timeout=pool.socket_timeout,
+            topology=topology,
         )
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """The seed list, for messages."""
+        return ",".join(f"{h}:{p}" for h, p in self.seeds)
+
+    async def locate(self) -> Address:
+        """Where to open the next connection."""
+        if self.topology is None:
+            return self.seeds[0]
+        try:
+            return await self.topology.select()
+        except NoWritableServer as exc:
+            raise UpstreamUnavailable(f"no writable upstream server among {self.address}: "
+                                      f"{exc}") from exc
 
 
 class _UpstreamProtocol(MessageProtocol):
@@ -111,16 +176,22 @@ class _UpstreamProtocol(MessageProtocol):
         sink = self.sink
         if (sink is not None and not self._buf and len(data) >= HEADER_SIZE
                 and _LENGTH.unpack_from(data)[0] == len(data)):
+            conn = self.conn
+            if conn is not None and (len(data) <= _STATE_CHANGE_MAX or conn._retiring):
+                data = conn._before_reply(data)
             sink(data)
         else:
             MessageProtocol.data_received(self, data)
 
     def message_received(self, msg: bytes) -> None:
         sink = self.sink
+        conn = self.conn
+        if conn is not None and (len(msg) <= _STATE_CHANGE_MAX or conn._retiring):
+            msg = conn._before_reply(msg)
         if sink is not None:
             sink(msg)
-        elif self.conn is not None:
-            self.conn._inbox_put(msg)
+        elif conn is not None:
+            conn._inbox_put(msg)
 
     def frame_error(self, exc: ProtocolError) -> None:
         if self.conn is not None:
@@ -152,6 +223,9 @@ class UpstreamOwner(Protocol):
     def upstream_write_paused(self, paused: bool) -> None:
         """The upstream's write buffer went above its high mark (True) or drained (False)."""
 
+    def retry_labels(self) -> list[str]:
+        """The error labels a network-class error of the request in flight gets."""
+
 
 class UpstreamConnection:
     """One raw upstream connection: the proxy's own commands and forwarded messages.
@@ -177,6 +251,9 @@ class UpstreamConnection:
         self._write_paused = False
         self._read_paused = False
         self._lock = asyncio.Lock()
+        # The server the open socket goes to (the primary when it was opened).
+        self.address: Address | None = None
+        self._retiring = False
 
     @property
     def connected(self) -> bool:
@@ -184,62 +261,80 @@ class UpstreamConnection:
 
     async def connect(self, handshake: dict[str, Any] | None = None, *,
                       authenticate: bool = True) -> dict[str, Any]:
-        """Open the socket, send the first hello and authenticate if configured.
+        """Open the socket to the current primary, send the first hello and authenticate
+        if configured.
 
         `authenticate=False` leaves authentication to the client, whose own SCRAM
         conversation (speculative in `handshake`, or a saslStart next) must not be
-        interleaved with the proxy's. The whole handshake is bounded by the connect
-        timeout: an upstream that accepts the TCP connection but never answers is as
-        unavailable as one that refuses it.
+        interleaved with the proxy's. Finding the primary waits while an election is
+        under way (pymongo's server selection timeout); the handshake itself is bounded
+        by the connect timeout: an upstream that accepts the TCP connection but never
+        answers is as unavailable as one that refuses it.
         """
         cfg = self.config
+        self.close()
+        address = await cfg.locate()
         try:
-            return await asyncio.wait_for(self._connect(handshake, authenticate),
+            return await asyncio.wait_for(self._connect(address, handshake, authenticate),
                                           cfg.connect_timeout)
         except TimeoutError as exc:
             self.close()
             raise UpstreamUnavailable(
-                f"upstream {cfg.address} did not complete the handshake within "
+                f"upstream {address[0]}:{address[1]} did not complete the handshake within "
                 f"{cfg.connect_timeout:g}s"
             ) from exc
         except BaseException:
             self.close()
             raise
 
-    async def _connect(self, handshake: dict[str, Any] | None,
+    async def _connect(self, address: Address, handshake: dict[str, Any] | None,
                        with_uri_credentials: bool) -> dict[str, Any]:
         cfg = self.config
-        self.close()
+        host, port = address
+        where = f"{host}:{port}"
         loop = asyncio.get_running_loop()
         try:
             _transport, proto = await loop.create_connection(
-                lambda: _UpstreamProtocol(self, self.max_message_size), cfg.host, cfg.port,
-                ssl=cfg.tls, server_hostname=cfg.server_hostname,
+                lambda: _UpstreamProtocol(self, self.max_message_size), host, port,
+                ssl=cfg.tls, server_hostname=host if cfg.tls is not None else None,
             )
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamUnavailable(f"cannot connect to upstream {cfg.address}: {exc}") from exc
+            if cfg.topology is not None:
+                await cfg.topology.failed(address, None)
+            raise UpstreamUnavailable(f"cannot connect to upstream {where}: {exc}") from exc
         self._proto = self.protocol = proto
+        self.address = address
+        if cfg.topology is not None:
+            cfg.topology.opened(self)
         self._inbox.clear()
         self._write_paused = False
         if self._read_paused:
             proto.transport.pause_reading()
         hello = {"hello": 1, **(handshake or {})}
+        if cfg.app_name and "client" not in hello:
+            hello["client"] = {"application": {"name": cfg.app_name}}
+        if with_uri_credentials and cfg.username and cfg.mechanism == "DEFAULT":
+            hello.setdefault("saslSupportedMechs", f"{cfg.auth_source}.{cfg.username}")
         reply = await self.command("admin", hello)
-        if with_uri_credentials and cfg.username and cfg.password is not None:
+        if with_uri_credentials and cfg.username:
             try:
-                await authenticate(self.command, cfg.username, cfg.password, cfg.auth_source)
+                await authenticate(self.command, cfg.username, cfg.password, cfg.auth_source,
+                                   cfg.mechanism, reply)
             except UpstreamUnavailable:
                 raise
             except Exception as exc:  # AuthError, or a reply SCRAM cannot read
                 raise UpstreamUnavailable(
-                    f"authentication to upstream {cfg.address} as {cfg.username!r} failed: {exc}"
+                    f"authentication to upstream {where} as {cfg.username!r} failed: {exc}"
                 ) from exc
         return reply
 
     def close(self) -> None:
         proto = self._proto
         if proto is not None:
+            if self.config.topology is not None:
+                self.config.topology.closed(self)
             self._proto = self.protocol = None
+            self._retiring = False
             proto.conn = None
             proto.sink = None
             proto.stop_delivery()
@@ -297,11 +392,47 @@ class UpstreamConnection:
                 not self._write_paused or self._proto is None):
             drained.set_result(None)
 
+    def _before_reply(self, msg: bytes) -> bytes:
+        """Before a small reply is delivered: a state-change error retires every connection
+        to that server, and a retired connection closes with its last reply. Closed first,
+        so that whatever the reply sets off next opens a connection to the new primary;
+        the reply itself is still delivered, with the labels that make the client's driver
+        retry it (as mongos labels a shard's state-change errors)."""
+        change = state_change(msg)
+        if change is None or self.address is None:
+            if self._retiring and not (msg[12:16] == _OP_MSG_BYTES and len(msg) > HEADER_SIZE
+                                       and msg[16] & opmsg.MORE_TO_COME):
+                self.close()
+            return msg
+        address = self.address
+        self.close()
+        if self.config.topology is not None:
+            self.config.topology.report(address, *change)
+        labels = self.owner.retry_labels() if self.owner is not None else []
+        return with_labels(msg, labels) if labels else msg
+
+    def retire(self) -> None:
+        """The server stopped being the primary: close now if idle, else after the reply
+        in flight (the next request then opens a connection to the new primary)."""
+        proto = self._proto
+        if proto is None:
+            return
+        if proto.sink is None and not self._lock.locked() and self._waiter is None:
+            self.close()
+        else:
+            self._retiring = True
+
     def _lost(self, proto: _UpstreamProtocol, reason: str) -> None:
         if proto is not self._proto:
             return
         forwarding = proto.sink is not None
+        # Only a connection lost in the middle of a request says something about the
+        # server: one it closed while idle (SecantusDB does after 300 s) does not.
+        busy = forwarding or self._lock.locked() or self._waiter is not None
+        address = self.address
         self.close()
+        if busy and address is not None and self.config.topology is not None:
+            self.config.topology.report(address, None)
         self._error = reason
         if forwarding and self.owner is not None:
             self.owner.upstream_lost(reason)
@@ -345,7 +476,20 @@ class UpstreamConnection:
         return Frame(request_id, response_to, op_code, data[HEADER_SIZE:])
 
     async def command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Run one command and decode its reply (for the proxy's own requests)."""
+        """Run one command and decode its reply (for the proxy's own requests), bounded by
+        the URI's socketTimeoutMS as pymongo bounds its own."""
+        timeout = self.config.socket_timeout
+        if timeout is None:
+            return await self._command(db, body)
+        try:
+            return await asyncio.wait_for(self._command(db, body), timeout)
+        except TimeoutError as exc:
+            self.close()
+            raise UpstreamUnavailable(
+                f"upstream did not answer {next(iter(body), '?')} within {timeout:g}s "
+                "(socketTimeoutMS)") from exc
+
+    async def _command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         frame = opmsg.build({**body, "$db": db}, request_id=next_request_id())
         async with self._lock:  # one command at a time on the connection
             await self.send(frame.to_bytes())

@@ -51,6 +51,22 @@ def parse_query(frame: Frame) -> OpQuery:
     return OpQuery(flags, collection, skip, limit, query)
 
 
+def command_body(query: OpQuery) -> dict[str, Any] | None:
+    """The OP_MSG body of a legacy command (a query on `<db>.$cmd`), or None for any
+    other query: the command document, unwrapped from `$query` with its
+    `$readPreference` kept, and `$db` naming the database, as OP_MSG says it."""
+    if not query.collection.endswith(".$cmd"):
+        return None
+    wrapped = query.query
+    inner = wrapped.get("$query")
+    body = dict(inner) if isinstance(inner, dict) else dict(wrapped)
+    if isinstance(inner, dict) and "$readPreference" in wrapped:
+        body["$readPreference"] = wrapped["$readPreference"]
+    body.pop("$db", None)
+    body["$db"] = query.database
+    return body
+
+
 def build_reply(doc: dict[str, Any], *, request_id: int, response_to: int,
                 flags: int = 0) -> Frame:
     payload = _REPLY_HEAD.pack(flags, 0, 0, 1) + encode(doc)

@@ -34,6 +34,10 @@ class SystemContext:
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("system requests run on the engine's pool")
 
+    @property
+    def gossip(self) -> dict[str, Any]:
+        return {}
+
 
 @dataclass
 class Request:
@@ -94,16 +98,16 @@ def cursor_reply(ns: str, batch: list[dict[str, Any]], cursor_id: int = 0,
 GOSSIP = ("$clusterTime", "operationTime")
 
 
-def in_mongod_order(reply: dict[str, Any]) -> dict[str, Any]:
-    """A successful reply in mongod's order: its own fields, then ok (which mongod's
-    command framework appends after them), then the gossip. Error replies start with ok,
-    as mongod's do."""
-    if not reply.get("ok"):
-        return reply
-    ok = reply.pop("ok")
-    gossip = {key: reply.pop(key) for key in GOSSIP if key in reply}
-    reply["ok"] = ok
-    reply.update(gossip)
+def in_mongod_order(reply: dict[str, Any], gossip: dict[str, Any]) -> dict[str, Any]:
+    """A reply as mongod or mongos sends it: a successful one has its own fields, then
+    ok (which the command framework appends after them); an error one starts with ok.
+    Then the cluster-time gossip: the latest the connection saw (a reply of the
+    upstream's own carries the same or an older pair), so that drivers' causal
+    consistency and cluster-time tracking work on replies the proxy built."""
+    own = {key: reply.pop(key) for key in GOSSIP if key in reply}
+    if reply.get("ok"):
+        reply["ok"] = reply.pop("ok")
+    reply.update(gossip or own)
     return reply
 
 

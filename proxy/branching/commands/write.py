@@ -39,6 +39,7 @@ class Writer:
         self.changes: list[Change] = []
         self.wc_error: dict[str, Any] | None = None
         self.write_concern = req.cmd.get("writeConcern")
+        self.wc_sent = False
 
     @property
     def layers(self) -> list[NsState]:
@@ -49,6 +50,7 @@ class Writer:
         if next(iter(cmd)) in ("insert", "update", "delete", "findAndModify"):
             if self.write_concern is not None:
                 cmd["writeConcern"] = self.write_concern
+                self.wc_sent = True
             # The overlay carries the branch collection's validator: the user's bypass
             # must reach the write that would be validated.
             if self.req.cmd.get("bypassDocumentValidation") is True:
@@ -317,6 +319,11 @@ def _point(req: Request, coll: str, stmts: list[Any]) -> Hashable | None:
 
 
 async def finish(req: Request, writer: Writer, reply: dict[str, Any]) -> dict[str, Any]:
+    if writer.write_concern is not None and not writer.wc_sent:
+        # Every statement failed before reaching the overlay. mongod still waits for the
+        # client's write concern and reports a writeConcernError: so does a no-op write.
+        await writer.run({"delete": writer.state.hidden,
+                          "deletes": [{"q": {"_id": {"$in": []}}, "limit": 1}]})
     if writer.wc_error is not None:
         reply["writeConcernError"] = writer.wc_error
     await req.engine.log_changes(req.on_branch, writer.changes, req.client(), _txn(req), reply)
@@ -375,14 +382,19 @@ async def insert(req: Request) -> dict[str, Any]:
             clashes = await writer.collisions_new(chunk)
             batch: list[tuple[int, dict[str, Any]]] = []
             stop = False
+            # Ordered, the first document the parent view refuses ends the batch, but
+            # only if every document before it lands: else the batch stops earlier and
+            # never reaches it.
+            held: dict[str, Any] | None = None
             for offset, doc in enumerate(chunk):
                 key = idkey(doc["_id"])
                 if key in taken or key in clashes:
                     err = dup_key_error(writer.ns, doc["_id"]) if key in taken else clashes[key]
-                    errors.append({**err, "index": start + offset})
                     if ordered:
+                        held = {**err, "index": start + offset}
                         stop = True
                         break
+                    errors.append({**err, "index": start + offset})
                     continue
                 batch.append((start + offset, doc))
             if batch:
@@ -404,11 +416,14 @@ async def insert(req: Request) -> dict[str, Any]:
                 if ordered and failed:
                     batch = batch[:min(failed)]
                     stop = True
+                    held = None
                 good = [d for i, (_, d) in enumerate(batch) if i not in failed]
                 landed = {idkey(d["_id"]) for d in good}
                 await writer.unhide_absent([i for i in hid if idkey(i) not in landed])
                 writer.changes.extend(Change(writer.ns, d["_id"], PUT, None, d) for d in good)
                 n += len(good)
+            if held is not None:
+                errors.append(held)
             await writer.flush()
             if stop:
                 break

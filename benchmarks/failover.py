@@ -1,0 +1,271 @@
+"""Failover benchmark (issue 12): from the loss of the primary to the first write that
+succeeds, through the proxy's main port, through a branch port, and with pymongo alone.
+
+One run starts its own SecantusDB (on disk, with test commands) and the proxy in front
+of it (`mongobranch serve --upstream "mongodb://...?replicaSet=secantus"`), opens three
+long-lived pymongo clients (retryable writes on, as applications run them) and, in
+interleaved rounds (direct, main, branch; then main, branch, direct; ...), makes the
+primary go away in two ways:
+
+1. step-down: `replSetStepDown: W, force: true`. The node is a secondary for W seconds
+   (its hello says so, writes fail NotWritablePrimary) and then primary again.
+   SecantusDB is a single-node replica set: it cannot hand over to another member, so
+   this is the whole of what an election looks like to a client here.
+2. kill: SIGKILL the node, start it again at once on the same port and data.
+
+Each round times from the moment the primary was lost (the step-down answered, the
+kill sent) to the first `insert_one` that succeeds, the client retrying whatever
+error it gets at once. The figures are medians and maxima over the rounds; the
+overhead columns subtract what every client must wait for regardless (the window W;
+the node's restart, measured as the time until it answers a ping).
+
+The script never asserts: it prints a table and rewrites the "## Failover (issue 12)"
+section of benchmarks/RESULTS.md (re-reading the file just before writing).
+
+    .venv/bin/python benchmarks/failover.py            # about 3 minutes
+    .venv/bin/python benchmarks/failover.py --quick    # 1 round, no RESULTS.md update
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+SECTION = "## Failover (issue 12)"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"port {port} did not open")
+
+
+class Node:
+    """A SecantusDB process on a fixed port and data directory, restartable."""
+
+    def __init__(self, data: str):
+        self.port = free_port()
+        self.data = data
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = open(os.path.join(data, "secantus.log"), "ab")  # noqa: SIM115
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN / "secantusd-py"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--storage-path", os.path.join(self.data, "db"), "--enable-test-commands",
+             "--log-level", "WARNING"], stdout=self.log, stderr=self.log,
+            start_new_session=True)
+        wait_port(self.port, self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def until_write(client: Any, coll: str, seq: list[int]) -> float:
+    """Insert until one succeeds; the monotonic time it did."""
+    from pymongo.errors import PyMongoError
+    seq[0] += 1
+    while True:
+        try:
+            client.failover[coll].insert_one({"round": seq[0]})
+            return time.monotonic()
+        except PyMongoError:
+            continue
+
+
+def ready(admin: Any) -> None:
+    """Wait until the node is a writable primary again."""
+    from pymongo.errors import PyMongoError
+    while True:
+        try:
+            if admin.admin.command("hello").get("isWritablePrimary"):
+                return
+        except PyMongoError:
+            pass
+        time.sleep(0.05)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--window", type=float, default=2.0, help="step-down seconds")
+    ap.add_argument("--quick", action="store_true", help="1 round, no RESULTS.md update")
+    args = ap.parse_args()
+    rounds = 1 if args.quick else args.rounds
+
+    from pymongo import MongoClient
+
+    tmp = tempfile.mkdtemp(prefix="mb-failover-")
+    node = Node(tmp)
+    node.start()
+    uri = f"mongodb://127.0.0.1:{node.port}/?replicaSet=secantus"
+    port, admin_port = free_port(), free_port()
+    lo = 20000 + (os.getpid() * 7) % 30000
+    proxy_log = open(os.path.join(tmp, "proxy.log"), "ab")  # noqa: SIM115
+    proxy = subprocess.Popen(
+        [str(BIN / "mongobranch"), "serve", "--upstream", uri, "--listen",
+         f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin_port}", "--branch-ports",
+         f"{lo}-{lo + 9}", "--meta-db", "mb_failover", "--log-level", "WARNING"],
+        stdout=proxy_log, stderr=proxy_log, start_new_session=True)
+    results: dict[str, dict[str, list[float]]] = {"step-down": {}, "kill": {}}
+    baseline: dict[str, list[float]] = {"step-down": [], "kill": []}
+    try:
+        wait_port(admin_port, proxy)
+        wait_port(port, proxy)
+        req = urllib.request.Request(f"http://127.0.0.1:{admin_port}/branches",
+                                     data=json.dumps({"name": "failover"}).encode(),
+                                     method="POST",
+                                     headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    branch = json.loads(r.read())
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        opts: dict[str, Any] = {"serverSelectionTimeoutMS": 60000}
+        clients = {
+            "pymongo direct": MongoClient(uri, **opts),
+            "main port": MongoClient(f"mongodb://127.0.0.1:{port}/", **opts),
+            "branch port": MongoClient(branch["uri"], **opts),
+        }
+        admin = MongoClient(f"mongodb://127.0.0.1:{node.port}/", directConnection=True,
+                            serverSelectionTimeoutMS=60000)
+        names = list(clients)
+        seq = [0]
+        for client in clients.values():
+            until_write(client, "warm", seq)
+
+        def lose_by_step_down() -> float:
+            admin.admin.command("replSetStepDown", args.window, force=True)
+            return time.monotonic()
+
+        def lose_by_kill() -> float:
+            started = time.monotonic()
+            node.kill()
+            node.start()
+            with MongoClient(f"mongodb://127.0.0.1:{node.port}/", directConnection=True,
+                             serverSelectionTimeoutMS=60000) as probe:
+                probe.admin.command("ping")
+            baseline["kill"].append(time.monotonic() - started)
+            return started
+
+        scenarios: list[tuple[str, Callable[[], float]]] = [
+            ("step-down", lose_by_step_down), ("kill", lose_by_kill)]
+        for name, lose in scenarios:
+            for r in range(rounds):
+                order = names[r % 3:] + names[:r % 3]
+                for target in order:
+                    ready(admin)
+                    for client in clients.values():  # every client has seen the primary
+                        until_write(client, "before", seq)
+                    lost = lose()
+                    done = until_write(clients[target], "after", seq)
+                    results[name].setdefault(target, []).append(done - lost)
+                    print(f"{name:9} round {r + 1} {target:15} {done - lost:6.2f} s",
+                          flush=True)
+        baseline["step-down"] = [args.window]
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        try:
+            proxy.wait(30)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+        node.stop()
+
+    lines = [SECTION, "",
+             f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {platform.node()} "
+             f"({os.cpu_count()} cores, shared), Python {platform.python_version()}; "
+             f"`.venv/bin/python benchmarks/failover.py --rounds {rounds} --window "
+             f"{args.window:g}`.",
+             "",
+             "Time from the loss of the primary to the first successful `insert_one` (a "
+             "pymongo client with retryable writes, retrying any error at once), per "
+             f"round, {rounds} rounds interleaved across the three clients. SecantusDB is "
+             "a single-node replica set, so the primary comes back on the same node: "
+             f"*step-down* is `replSetStepDown: {args.window:g}, force: true` (a "
+             f"{args.window:g} s window every client must wait out), *kill* is SIGKILL "
+             "and an immediate restart on the same port and data (the restart until the "
+             "node answers a ping is measured per round and subtracted as *overhead*).",
+             "",
+             "| loss | client | median s | max s | median overhead s | vs pymongo (median) |",
+             "|---|---|---|---|---|---|"]
+    for name in ("step-down", "kill"):
+        base = statistics.median(baseline[name]) if baseline[name] else 0.0
+        direct = statistics.median(results[name].get("pymongo direct", [0.0]))
+        for target in ("pymongo direct", "main port", "branch port"):
+            vals = results[name].get(target, [])
+            if not vals:
+                continue
+            med = statistics.median(vals)
+            ratio = med / direct if direct else float("nan")
+            lines.append(f"| {name} | {target} | {med:.2f} | {max(vals):.2f} | "
+                         f"{med - base:.2f} | {ratio:.2f}x |")
+    lines += ["",
+              "Every client, pymongo alone included, learns that the node is primary again "
+              "from pymongo's monitor: SecantusDB does not answer a waiting (streaming) "
+              "hello when its step-down window ends (mongod does, as its topologyVersion "
+              "changes), so the monitor sees it only at its next heartbeat "
+              "(`heartbeatFrequencyMS`, 10 s by default). The proxy takes the primary "
+              "from the same monitors, which is why its figures follow pymongo's."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.quick:
+        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+        if pattern.search(old):
+            new = pattern.sub(lambda _m: text.rstrip("\n") + "\n\n", old, count=1)
+        else:
+            new = old.rstrip("\n") + "\n\n" + text
+        RESULTS.write_text(new.rstrip("\n") + "\n")
+        print(f"updated {RESULTS.relative_to(HERE.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
