@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: serve test lint bench differential clean
+.PHONY: serve test lint bench differential conformance clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ differential: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/passthrough.py
+
+# Opt-in: pymongo's own test modules on the main port and on a branch port.
+conformance: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,embedded,conformance]'
+	$(BIN)/python -m tests.conformance.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules .mongobranch

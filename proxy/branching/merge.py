@@ -27,6 +27,8 @@ from proxy.branching.runner import Runner
 SORT_KEY = "__mb_sk"
 DEFAULT_FIRST_BATCH = 101
 GETMORE_BATCH = 1000
+# mongod's bound on the documents of one reply batch (BSONObjMaxUserSize).
+MAX_REPLY_BYTES = 16 * 1024 * 1024
 IDLE_TIMEOUT = 600.0
 
 
@@ -79,11 +81,16 @@ class MergedCursor:
             side.cursor_id = reply["cursor"]["id"]
             side.accept(reply["cursor"]["nextBatch"])
 
-    async def batch(self, run: Runner, size: int) -> list[dict[str, Any]]:
+    async def batch(self, run: Runner, size: int | None) -> list[dict[str, Any]]:
+        """The next documents: up to size of them (None: no count, as a getMore without
+        batchSize), and, as mongod's, never more than MAX_REPLY_BYTES of them after the
+        first."""
         self.used = time.monotonic()
         out: list[dict[str, Any]] = []
+        total = 0
         key = sort_key(self.directions) if self.directions is not None else None
-        while len(out) < size and not (self.limit is not None and self.limit <= 0):
+        while (size is None or len(out) < size) and \
+                not (self.limit is not None and self.limit <= 0):
             for side in self.sides:
                 await self._refill(run, side)
             ready = [s for s in self.sides if s.buffer]
@@ -96,7 +103,13 @@ class MergedCursor:
             if self.skip:
                 self.skip -= 1
                 continue
-            doc.pop(SORT_KEY, None)
+            sk = doc.pop(SORT_KEY, None)
+            total += len(bson.encode(doc))
+            if out and total > MAX_REPLY_BYTES:
+                if sk is not None:
+                    doc[SORT_KEY] = sk
+                side.buffer.appendleft(doc)  # the first of the next batch
+                break
             out.append(doc)
             if self.limit is not None:
                 self.limit -= 1

@@ -6,7 +6,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.branching import audit, authz
-from proxy.branching.commands import admin, aggregate, catalog, ddl, mainwrite, read, write
+from proxy.branching.commands import (
+    admin,
+    aggregate,
+    bulkwrite,
+    catalog,
+    ddl,
+    hints,
+    mainwrite,
+    read,
+    validate,
+    write,
+)
 from proxy.branching.commands.base import Request, in_mongod_order
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
@@ -42,6 +53,7 @@ BRANCH: dict[str, Handler] = {
     "delete": write.delete,
     "findAndModify": write.find_and_modify,
     "findandmodify": write.find_and_modify,
+    "bulkWrite": bulkwrite.bulk_write,
     "create": ddl.create,
     "drop": ddl.drop,
     "dropDatabase": ddl.drop_database,
@@ -49,6 +61,7 @@ BRANCH: dict[str, Handler] = {
     "createIndexes": ddl.create_indexes,
     "dropIndexes": ddl.drop_indexes,
     "deleteIndexes": ddl.drop_indexes,
+    "validate": validate.validate,
     **ADMIN,
 }
 
@@ -72,6 +85,9 @@ FORWARDED = frozenset({
     "abortTransaction", "getDefaultRWConcern", "features", "lockInfo", "currentOp", "killOp",
     "usersInfo", "rolesInfo", "atlasVersion", "getFreeMonitoringStatus", "listCommands",
     "dbStats", "connPoolStats", "isMaster", "ismaster", "hello",
+    # Test-only commands (an upstream started with enableTestCommands): they set
+    # server-wide failpoints or sleep, and read or write no collection.
+    "configureFailPoint", "waitForFailPoint", "sleep",
 })
 
 
@@ -129,6 +145,7 @@ class EngineRouter:
         # What the branch reads through must not change under it half-preserved
         # (snapshot.py); admin commands take what they need themselves.
         async with self.engine.reading(self.engine.ancestors(branch)):
+            await hints.check(req)
             return await handler(req)
 
     async def _audited(self, name: str, ctx: Context, handler: Handler,

@@ -17,9 +17,13 @@ import zstandard
 from bson.binary import Binary
 from bson.int64 import Int64
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.errors import BulkWriteError, DocumentTooLarge
 
 from proxy.wire.bsonutil import CODEC
 
+# The largest WAL entry stored as it is (mongod's BSON limit, as pymongo checks it).
+MAX_ENTRY = 16 * 1024 * 1024
+TOO_LARGE = 10334
 # LSNs taken from the shared counter at a time (one metadata round trip per block).
 LSN_BLOCK = 256
 
@@ -158,8 +162,35 @@ class Wal:
             docs.append(doc)
         if txn is not None and reply is not None:
             docs[-1]["reply"] = reply
-        await self.entries.insert_many(docs, ordered=True)
+        try:
+            await self.entries.insert_many(docs, ordered=True)
+        except DocumentTooLarge:  # pymongo's own size check
+            await self._insert_fitted(docs)
+        except BulkWriteError as exc:  # the server's (BSONObjectTooLarge)
+            if not any(e.get("code") == TOO_LARGE for e in exc.details.get("writeErrors", [])):
+                raise
+            await self._insert_fitted(docs)
         return first + len(changes) - 1
+
+    async def _insert_fitted(self, docs: list[dict[str, Any]]) -> None:
+        """Entries over the BSON limit: a document near 16 MiB, or an update's pre- and
+        post-image of one over 8 MiB, do not fit one entry. Their images are stored
+        zstd-compressed (`prez`/`postz`, which every reader of images already takes, as
+        gc writes them), and the batch is inserted again: entries the first attempt
+        already stored are the same documents under the same LSN, so their duplicate-key
+        errors are what is expected."""
+        for doc in docs:
+            if len(bson.encode(doc, codec_options=CODEC)) <= MAX_ENTRY:
+                continue
+            for which in ("pre", "post"):
+                if doc.get(which) is not None and (z := packed(doc[which])) is not None:
+                    doc[which + "z"] = z
+                    del doc[which]
+        try:
+            await self.entries.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            if any(err.get("code") != 11000 for err in exc.details.get("writeErrors", [])):
+                raise
 
     async def first(self, filt: dict[str, Any], *, newest: bool = False
                     ) -> dict[str, Any] | None:

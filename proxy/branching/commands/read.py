@@ -120,7 +120,8 @@ async def get_more(req: Request) -> dict[str, Any] | None:
     cursor = req.engine.cursors.get(req.cmd.get("getMore"))
     if cursor is None:
         return None
-    size = int(req.cmd.get("batchSize") or merge.GETMORE_BATCH)
+    # mongod: a getMore without batchSize returns what fits one reply (16 MiB).
+    size = int(req.cmd["batchSize"]) if req.cmd.get("batchSize") else None
     docs = await cursor.batch(req.run, size)
     cursor_id = cursor.id
     if cursor.done:

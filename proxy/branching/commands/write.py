@@ -50,10 +50,14 @@ class Writer:
 
     async def run(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """A command on an overlay; replies name the user's collection, not ours."""
-        if self.write_concern is not None and next(iter(cmd)) in (
-                "insert", "update", "delete", "findAndModify"):
-            cmd["writeConcern"] = self.write_concern
-            self.wc_sent = True
+        if next(iter(cmd)) in ("insert", "update", "delete", "findAndModify"):
+            if self.write_concern is not None:
+                cmd["writeConcern"] = self.write_concern
+                self.wc_sent = True
+            # The overlay carries the branch collection's validator: the user's bypass
+            # must reach the write that would be validated.
+            if self.req.cmd.get("bypassDocumentValidation") is True:
+                cmd.setdefault("bypassDocumentValidation", True)
         reply = await self.req.run.reply(self.req.db, cmd)
         if "writeConcernError" in reply:
             self.wc_error = reply["writeConcernError"]
@@ -519,6 +523,15 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
     base_stmt = {k: v for k, v in stmt.items() if k not in ("q", "multi", "upsert", "sort")}
     if not ids:
         if not stmt.get("upsert"):
+            # mongod parses the update even when nothing matches: an unknown operator
+            # is an error all the same, so the upstream sees it on a filter matching none.
+            reply = await writer.run(_with_let(req, {"update": writer.state.live, "updates": [
+                {**base_stmt, "q": {"_id": {"$in": []}}, "multi": multi}]}))
+            if not reply.get("ok"):
+                return {"error": _stmt_error(index, reply)}
+            if reply.get("writeErrors"):
+                return {"n": 0, "nModified": 0,
+                        "error": {**reply["writeErrors"][0], "index": index}}
             return {"n": 0, "nModified": 0}
         reply = await writer.run(_with_let(req, {
             "update": writer.state.live,

@@ -1,0 +1,214 @@
+"""The client-level `bulkWrite` command (MongoDB 8.0) on a branch port.
+
+One command carries inserts, updates and deletes on several namespaces. Each op runs
+through the branch's own insert/update/delete handlers for its namespace, so it gets
+exactly their copy-on-write, WAL entries and unique checks; this module only splits
+the command and assembles mongod's reply: a cursor of per-op results (`ok`, `idx`,
+`n`, `nModified`, `upserted`, or the error's fields), then `nErrors`, `nInserted`,
+`nMatched`, `nModified`, `nUpserted`, `nDeleted`.
+
+Consecutive inserts into one namespace run as one insert command (one lock, one WAL
+append); updates and deletes run one op at a time, since mongod reports each op's
+counts. A retried command (same `lsid` + `txnNumber`) is answered with the first
+attempt's reply, as the other write commands are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.branching.commands import write
+from proxy.branching.commands.base import SESSION_FIELDS, Request, carry, cursor_reply
+from proxy.branching.errors import CommandError
+
+# Carried from the bulkWrite onto each per-namespace command it runs. Not txnNumber:
+# retries are answered for the bulkWrite as a whole, and one txnNumber on several
+# sub-commands would make the second look like a retry of the first.
+_CARRY = tuple(f for f in SESSION_FIELDS
+               if f not in ("txnNumber", "autocommit", "startTransaction", "$db"))
+_OPTIONS = ("bypassDocumentValidation", "let")
+
+
+def _namespaces(cmd: dict[str, Any]) -> list[tuple[str, str]]:
+    infos = cmd.get("nsInfo")
+    if not isinstance(infos, list) or not infos:
+        raise CommandError(9, "FailedToParse", "BSON field 'bulkWrite.nsInfo' is missing")
+    out = []
+    for info in infos:
+        ns = info.get("ns") if isinstance(info, dict) else None
+        db, _, coll = ns.partition(".") if isinstance(ns, str) else ("", "", "")
+        if not db or not coll:
+            raise CommandError(73, "InvalidNamespace", f"Invalid namespace specified '{ns}'")
+        out.append((db, coll))
+    return out
+
+
+def _kind(op: Any, n_ns: int) -> tuple[str, int]:
+    if not isinstance(op, dict):
+        raise CommandError(14, "TypeMismatch", "bulkWrite ops must be documents")
+    for kind in ("insert", "update", "delete"):
+        if kind in op:
+            index = op[kind]
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise CommandError(14, "TypeMismatch",
+                                   f"BSON field '{kind}' is the wrong type, expected int")
+            if not 0 <= index < n_ns:
+                raise CommandError(
+                    2, "BadValue",
+                    f"BulkWrite {kind} at index {index} has an invalid nsInfo index")
+            return kind, index
+    raise CommandError(40414, "Location40414",
+                       "Unrecognized bulkWrite op: needs insert, update or delete")
+
+
+def _error_item(idx: int, err: dict[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = {"ok": 0.0, "idx": idx}
+    item.update({k: v for k, v in err.items() if k != "index"})
+    return item
+
+
+class _Bulk:
+    def __init__(self, req: Request):
+        self.req = req
+        self.items: list[dict[str, Any]] = []
+        self.totals = {"nErrors": 0, "nInserted": 0, "nMatched": 0, "nModified": 0,
+                       "nUpserted": 0, "nDeleted": 0}
+        self.wc_error: dict[str, Any] | None = None
+
+    async def run(self, kind: str, db: str, coll: str, body: dict[str, Any]
+                  ) -> dict[str, Any]:
+        cmd: dict[str, Any] = {kind: coll, **body}
+        carry(self.req.cmd, cmd, _CARRY + _OPTIONS)
+        cmd["$db"] = db
+        sub = Request(self.req.engine, self.req.branch, self.req.ctx, self.req.run, db, cmd)
+        handler = {"insert": write.insert, "update": write.update, "delete": write.delete}[kind]
+        try:
+            reply = await handler(sub)
+        except CommandError as exc:
+            reply = exc.to_reply()
+        if "writeConcernError" in reply:
+            self.wc_error = reply["writeConcernError"]
+        return reply
+
+    def fail(self, idx: int, err: dict[str, Any], **counts: int) -> None:
+        self.totals["nErrors"] += 1
+        self.items.append({**_error_item(idx, err), **counts})
+
+    async def inserts(self, db: str, coll: str, ops: list[tuple[int, dict[str, Any]]],
+                      ordered: bool) -> bool:
+        """Runs a run of inserts into one namespace; False when an ordered bulk stops."""
+        reply = await self.run("insert", db, coll, {
+            "documents": [op.get("document") for _, op in ops], "ordered": ordered})
+        if not reply.get("ok"):
+            for idx, _ in ops[:1] if ordered else ops:
+                self.fail(idx, _command_error(reply), n=0)
+            return False
+        failed = {e["index"]: e for e in reply.get("writeErrors", [])}
+        for offset, (idx, _) in enumerate(ops):
+            if offset in failed:
+                self.fail(idx, failed[offset], n=0)
+                if ordered:
+                    return False
+            else:
+                self.totals["nInserted"] += 1
+                self.items.append({"ok": 1.0, "idx": idx, "n": 1})
+        return True
+
+    async def update(self, idx: int, db: str, coll: str, op: dict[str, Any]) -> bool:
+        stmt: dict[str, Any] = {"q": op.get("filter", {}), "u": op.get("updateMods")}
+        for src, dst in (("arrayFilters", "arrayFilters"), ("multi", "multi"),
+                         ("upsert", "upsert"), ("hint", "hint"), ("collation", "collation"),
+                         ("sort", "sort"), ("constants", "c")):
+            if src in op:
+                stmt[dst] = op[src]
+        reply = await self.run("update", db, coll, {"updates": [stmt]})
+        if not reply.get("ok"):
+            self.fail(idx, _command_error(reply), n=0, nModified=0)
+            return False
+        upserted = reply.get("upserted") or []
+        n, modified = int(reply.get("n", 0)), int(reply.get("nModified", 0))
+        if reply.get("writeErrors"):
+            self.fail(idx, reply["writeErrors"][0], n=n, nModified=modified)
+            return False
+        self.totals["nMatched"] += n - len(upserted)
+        self.totals["nModified"] += modified
+        self.totals["nUpserted"] += len(upserted)
+        item: dict[str, Any] = {"ok": 1.0, "idx": idx, "n": n, "nModified": modified}
+        if upserted:
+            item["upserted"] = {"_id": upserted[0]["_id"]}
+        self.items.append(item)
+        return True
+
+    async def delete(self, idx: int, db: str, coll: str, op: dict[str, Any]) -> bool:
+        stmt: dict[str, Any] = {"q": op.get("filter", {}), "limit": 0 if op.get("multi") else 1}
+        for key in ("hint", "collation"):
+            if key in op:
+                stmt[key] = op[key]
+        reply = await self.run("delete", db, coll, {"deletes": [stmt]})
+        if not reply.get("ok"):
+            self.fail(idx, _command_error(reply), n=0)
+            return False
+        n = int(reply.get("n", 0))
+        if reply.get("writeErrors"):
+            self.fail(idx, reply["writeErrors"][0], n=n)
+            return False
+        self.totals["nDeleted"] += n
+        self.items.append({"ok": 1.0, "idx": idx, "n": n})
+        return True
+
+
+def _command_error(reply: dict[str, Any]) -> dict[str, Any]:
+    return {k: reply[k] for k in ("code", "codeName", "errmsg", "errInfo", "errorLabels")
+            if k in reply}
+
+
+async def bulk_write(req: Request) -> dict[str, Any]:
+    if req.db != "admin":
+        raise CommandError(13, "Unauthorized",
+                           "bulkWrite may only be run against the admin database.")
+    req.reject_transactions()
+    txn = write._txn(req)
+    if (done := req.engine.recall(txn)) is not None:
+        return done
+    cmd = req.cmd
+    namespaces = _namespaces(cmd)
+    ops = cmd.get("ops")
+    if not isinstance(ops, list):
+        raise CommandError(9, "FailedToParse", "BSON field 'bulkWrite.ops' is missing")
+    kinds = [_kind(op, len(namespaces)) for op in ops]
+    for op, (kind, _) in zip(ops, kinds, strict=True):
+        if kind == "insert" and not isinstance(op.get("document"), dict):
+            raise CommandError(14, "TypeMismatch",
+                               "BSON field 'insert.document' is the wrong type, expected object")
+    ordered = cmd.get("ordered", True) is not False
+    bulk = _Bulk(req)
+    i = 0
+    while i < len(ops):
+        kind, ns_index = kinds[i]
+        db, coll = namespaces[ns_index]
+        if kind == "insert":
+            j = i
+            while j < len(ops) and kinds[j] == (kind, ns_index):
+                j += 1
+            going = await bulk.inserts(db, coll, list(zip(range(i, j), ops[i:j], strict=True)),
+                                       ordered)
+            i = j
+        elif kind == "update":
+            going = await bulk.update(i, db, coll, ops[i])
+            i += 1
+        else:
+            going = await bulk.delete(i, db, coll, ops[i])
+            i += 1
+        if not going and ordered:
+            break
+    items = bulk.items
+    if cmd.get("errorsOnly"):
+        items = [item for item in items if not item["ok"]]
+    reply = cursor_reply("admin.$cmd.bulkWrite", items)
+    reply.pop("ok")
+    reply.update(bulk.totals)
+    if bulk.wc_error is not None:
+        reply["writeConcernError"] = bulk.wc_error
+    reply["ok"] = 1.0
+    req.engine.remember(txn, reply)
+    return reply

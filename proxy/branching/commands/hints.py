@@ -1,0 +1,56 @@
+"""A read's `hint` checked against the indexes the branch shows, before it is rewritten.
+
+On a changed collection a read runs on overlays, merged sides or a `$unionWith`
+pipeline, where the user's hint either names nothing (an overlay's own collection) or
+is dropped: mongod would have refused a hint that names no index of the collection,
+and the branch would have answered. The branch's index list (`listIndexes` on the
+branch) is the one mongod would check against; an index is named by its name or by
+its exact key pattern, and `$natural` always resolves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.branching.commands.base import Request
+from proxy.branching.errors import CommandError
+
+# Commands whose own `hint` selects an index of the collection they name.
+_HINTED = ("find", "count", "distinct", "aggregate", "findAndModify", "findandmodify")
+
+
+def _pattern(key: Any) -> list[tuple[str, Any]]:
+    """A key pattern comparable as mongod compares it: field order counts, 1 equals 1.0."""
+    return [(k, float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
+            for k, v in dict(key).items()]
+
+
+def _resolves(hint: Any, indexes: list[dict[str, Any]]) -> bool:
+    if isinstance(hint, str):
+        return hint == "$natural" or any(ix.get("name") == hint for ix in indexes)
+    if isinstance(hint, dict):
+        if not hint or list(hint) == ["$natural"]:
+            return True
+        wanted = _pattern(hint)
+        return any(_pattern(ix.get("key") or {}) == wanted for ix in indexes)
+    return True  # a hint of another type is refused by the upstream in its own words
+
+
+async def check(req: Request) -> None:
+    """Refuses, as mongod does (BadValue), a hint naming no index of a changed collection."""
+    cmd = req.cmd
+    if req.name == "explain" and isinstance(cmd.get("explain"), dict):
+        cmd = cmd["explain"]
+    name = next(iter(cmd), None)
+    if name not in _HINTED or "hint" not in cmd:
+        return
+    coll = cmd[name]
+    layers = req.layers(coll) if isinstance(coll, str) else []
+    if not layers:
+        return  # an untouched collection is read on the upstream, which checks the hint
+    if next((layer.present for layer in layers if layer.present is not None), True) is False:
+        return  # dropped on the branch: nothing to read, as on a missing collection
+    indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
+    if not _resolves(cmd["hint"], indexes):
+        raise CommandError(2, "BadValue",
+                           "hint provided does not correspond to an existing index")

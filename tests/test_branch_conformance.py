@@ -1,0 +1,319 @@
+"""What pymongo's own test suite (`make conformance`) found missing on a branch port.
+
+The upstream here runs with `--enable-test-commands`, as pymongo's suite expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from bson import Int64
+from pymongo import DeleteMany, InsertOne, MongoClient, UpdateOne, monitoring
+from pymongo.errors import ClientBulkWriteException, OperationFailure
+
+from tests.branchutil import Branches, unique
+from tests.servers import ProxyProcess, Secantus
+
+
+@pytest.fixture(scope="module")
+def test_upstream() -> Iterator[Secantus]:
+    server = Secantus(extra=["--enable-test-commands"]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def test_proxy(test_upstream: Secantus) -> Iterator[ProxyProcess]:
+    proc = ProxyProcess(test_upstream.uri).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def upstream_client(test_upstream: Secantus) -> Iterator[MongoClient]:
+    c: MongoClient = MongoClient(test_upstream.uri, directConnection=True)
+    yield c
+    c.close()
+
+
+@pytest.fixture()
+def branch_info(test_proxy: ProxyProcess) -> Iterator[dict[str, Any]]:
+    made = Branches(test_proxy)
+    yield made.create(unique("conf"))
+    made.cleanup()
+
+
+@pytest.fixture()
+def branch(branch_info: dict[str, Any]) -> Iterator[MongoClient]:
+    c: MongoClient = MongoClient(branch_info["uri"], serverSelectionTimeoutMS=10000)
+    yield c
+    c.close()
+
+
+def test_configure_fail_point_reaches_the_upstream_from_a_branch(
+        branch: MongoClient, upstream_client: MongoClient) -> None:
+    reply = branch.admin.command("configureFailPoint", "failCommand", mode={"times": 1},
+                                 data={"failCommands": ["ping"], "errorCode": 2})
+    assert reply["ok"] == 1.0
+    with pytest.raises(OperationFailure) as info:
+        upstream_client.admin.command("ping")
+    assert info.value.code == 2
+    branch.admin.command("configureFailPoint", "failCommand", mode="off")
+    assert upstream_client.admin.command("ping")["ok"] == 1.0
+
+
+def _bulk(ordered: bool, errors_only: bool, db: str) -> dict[str, Any]:
+    """A client-level bulkWrite over two namespaces: inserts (one a duplicate of a base
+    document), an upsert, a multi-update, a replacement and deletes."""
+    return {"bulkWrite": 1, "ops": [
+        {"insert": 0, "document": {"_id": 10, "k": "new"}},
+        {"insert": 0, "document": {"_id": 1, "k": "dup"}},
+        {"insert": 0, "document": {"_id": 11, "k": "new"}},
+        {"update": 1, "filter": {"g": 1}, "updateMods": {"$inc": {"v": 1}}, "multi": True},
+        {"update": 1, "filter": {"_id": 99}, "updateMods": {"$set": {"v": 0}},
+         "upsert": True},
+        {"update": 0, "filter": {"_id": 2}, "updateMods": {"k": "replaced"}},
+        {"delete": 1, "filter": {"g": 2}, "multi": True},
+        {"delete": 0, "filter": {"_id": 3}, "multi": False},
+    ], "nsInfo": [{"ns": f"{db}.a"}, {"ns": f"{db}.b"}], "ordered": ordered,
+        "errorsOnly": errors_only}
+
+
+def _seed(upstream_client: MongoClient, db: str) -> None:
+    upstream_client[db].a.insert_many([{"_id": i, "k": "base"} for i in range(1, 5)])
+    upstream_client[db].b.insert_many([{"_id": i, "g": i % 3, "v": 0} for i in range(9)])
+
+
+def _types(value: Any) -> Any:
+    """The BSON types of a decoded reply (int64 decodes to Int64, int32 to int)."""
+    if isinstance(value, dict):
+        return {k: _types(v) for k, v in value.items()
+                if k not in ("$clusterTime", "operationTime")}
+    if isinstance(value, list):
+        return [_types(v) for v in value]
+    return type(value).__name__
+
+
+def _state(client: MongoClient, db: str) -> dict[str, list[dict[str, Any]]]:
+    return {c: list(client[db][c].find({}, sort=[("_id", 1)])) for c in ("a", "b")}
+
+
+@pytest.mark.parametrize("ordered,errors_only", [(False, False), (True, False), (False, True)])
+def test_client_bulk_write_on_a_branch_answers_as_the_main_port(
+        branch: MongoClient, upstream_client: MongoClient, test_proxy: ProxyProcess,
+        ordered: bool, errors_only: bool) -> None:
+    db = unique("bulk").replace("-", "_")
+    _seed(upstream_client, db)
+    base_before = _state(upstream_client, db)
+    on_branch = branch.admin.command(_bulk(ordered, errors_only, db))
+    assert _state(upstream_client, db) == base_before  # the base is never written
+    branch_state = _state(branch, db)
+    with MongoClient(test_proxy.uri) as main:
+        on_main = main.admin.command(_bulk(ordered, errors_only, db))
+        assert branch_state == _state(main, db)
+    assert {k: v for k, v in on_branch.items() if k not in ("$clusterTime", "operationTime")} \
+        == {k: v for k, v in on_main.items() if k not in ("$clusterTime", "operationTime")}
+    branch_types, main_types = _types(on_branch), _types(on_main)
+    # mongod's cursor id is always int64 (SecantusDB's is int32 here): checked on its own.
+    assert branch_types["cursor"].pop("id") == "Int64"
+    main_types["cursor"].pop("id")
+    assert branch_types == main_types
+    assert on_branch["nErrors"] == 1
+    if ordered:
+        assert on_branch["nInserted"] == 1 and on_branch["nMatched"] == 0
+    else:
+        assert on_branch["nInserted"] == 2 and on_branch["nUpserted"] == 1
+        assert on_branch["nDeleted"] == 4 and on_branch["nModified"] == 4
+    upstream_client.drop_database(db)
+
+
+def test_pymongo_client_bulk_write_on_a_branch_is_logged(
+        branch: MongoClient, branch_info: dict[str, Any], upstream_client: MongoClient
+) -> None:
+    db = unique("bulk").replace("-", "_")
+    _seed(upstream_client, db)
+    result = branch.bulk_write([
+        InsertOne(namespace=f"{db}.a", document={"_id": 20}),
+        UpdateOne(namespace=f"{db}.b", filter={"_id": 1}, update={"$set": {"v": 7}}),
+        DeleteMany(namespace=f"{db}.b", filter={"g": 0}),
+    ], verbose_results=True)
+    assert result.inserted_count == 1 and result.modified_count == 1
+    assert result.deleted_count == 3
+    assert result.update_results[1].matched_count == 1
+    assert branch[db].a.find_one({"_id": 20}) == {"_id": 20}
+    assert upstream_client[db].a.find_one({"_id": 20}) is None
+    log = branch.admin.command({"branchLog": branch_info["name"], "limit": 50})
+    assert len(log["entries"]) == 5  # one insert, one update, three deletes
+    with pytest.raises(ClientBulkWriteException) as info:
+        branch.bulk_write([InsertOne(namespace=f"{db}.a", document={"_id": 20})])
+    assert info.value.write_errors[0]["code"] == 11000
+    upstream_client.drop_database(db)
+
+
+def test_bypass_document_validation_on_branch_writes(branch: MongoClient) -> None:
+    db = branch[unique("bdv").replace("-", "_")]
+    coll = db.create_collection("v", validator={"a": {"$type": "int"}})
+    with pytest.raises(OperationFailure) as info:
+        coll.insert_one({"_id": 1, "a": "text"})
+    assert info.value.code == 121
+    coll.insert_one({"_id": 1, "a": "text"}, bypass_document_validation=True)
+    coll.insert_many([{"_id": 2, "a": "x"}, {"_id": 3, "a": 3}],
+                     bypass_document_validation=True)
+    with pytest.raises(OperationFailure):
+        coll.update_one({"_id": 3}, {"$set": {"a": "y"}})
+    coll.update_one({"_id": 3}, {"$set": {"a": "y"}}, bypass_document_validation=True)
+    coll.replace_one({"_id": 2}, {"a": "z"}, bypass_document_validation=True)
+    db.command("findAndModify", "v", query={"_id": 1}, update={"$set": {"a": "w"}},
+               bypassDocumentValidation=True)
+    assert list(coll.find({}, sort=[("_id", 1)])) == [
+        {"_id": 1, "a": "w"}, {"_id": 2, "a": "z"}, {"_id": 3, "a": "y"}]
+    with pytest.raises(OperationFailure):
+        coll.insert_one({"_id": 4, "a": "no"}, bypass_document_validation=False)
+
+
+def test_documents_near_16_mib_are_stored_and_logged_on_a_branch(
+        branch: MongoClient, branch_info: dict[str, Any], test_proxy: ProxyProcess) -> None:
+    """The WAL entry of such a document (its image plus the entry's fields), and that of an
+    update of it (pre- and post-image), are over the BSON limit on their own."""
+    coll = branch[unique("big").replace("-", "_")].c
+    limit = 16 * 1024 * 1024
+    coll.insert_one({"_id": 1, "s": "x" * (limit - 64)})
+    coll.replace_one({"_id": 1}, {"s": "y" * (limit - 64)})
+    coll.update_one({"_id": 2}, {"$set": {"s": "a" * (limit - 64)}}, upsert=True)
+    got = {d["_id"]: d["s"] for d in coll.find()}
+    assert got == {1: "y" * (limit - 64), 2: "a" * (limit - 64)}
+    status, log = test_proxy.api("GET", f"/branches/{branch_info['name']}/log?limit=10")
+    assert status == 200 and isinstance(log, dict)
+    assert len(log["entries"]) == 3
+    status, diff = test_proxy.api("GET", f"/branches/{branch_info['name']}/diff")
+    assert status == 200 and isinstance(diff, dict)
+    assert sorted(c["_id"] for c in diff["changes"]) == [1, 2]
+    coll.delete_many({})
+    assert coll.count_documents({}) == 0
+
+
+def test_validate_on_a_branch(branch: MongoClient, upstream_client: MongoClient) -> None:
+    name = unique("val").replace("-", "_")
+    upstream_client[name].t.insert_many([{"_id": i} for i in range(5)])
+    upstream_client[name].t.create_index("a")
+    db = branch[name]
+    untouched = db.validate_collection("t")
+    assert untouched["valid"] is True and untouched["nrecords"] == 5
+    db.t.insert_one({"_id": 10, "a": 1})
+    db.t.delete_many({"_id": {"$lt": 2}})
+    changed = db.validate_collection("t", full=True)
+    assert changed["valid"] is True
+    assert changed["ns"] == f"{name}.t"
+    assert changed["nrecords"] == 4
+    assert changed["nIndexes"] == 2 and set(changed["indexDetails"]) == {"_id_", "a_1"}
+    assert changed["errors"] == []
+    db.t.drop()
+    with pytest.raises(OperationFailure) as info:
+        db.validate_collection("t")
+    assert info.value.code == 26
+    with pytest.raises(OperationFailure) as info:
+        db.validate_collection("never")
+    assert info.value.code == 26
+    upstream_client.drop_database(name)
+
+
+def test_a_hint_naming_no_index_is_refused_on_a_changed_collection(
+        branch: MongoClient, upstream_client: MongoClient) -> None:
+    name = unique("hint").replace("-", "_")
+    upstream_client[name].c.insert_many([{"_id": i, "num": i} for i in range(20)])
+    upstream_client[name].c.create_index([("num", -1)], name="by_num")
+    db = branch[name]
+    db.c.insert_one({"_id": 100, "num": 100})  # the collection now differs from the base
+    db.r.insert_many([{"num": i} for i in range(5)])
+    db.r.drop()
+    db.r.insert_many([{"num": i} for i in range(5)])  # dropped and refilled: read in place
+    for coll in (db.c, db.r):
+        for bad in ([("num", 1)], "nosuch"):
+            with pytest.raises(OperationFailure) as info:
+                list(coll.find({"num": 3}).hint(bad))
+            assert info.value.code == 2, info.value.details
+            with pytest.raises(OperationFailure):
+                coll.find({"num": 3}).hint(bad).explain()
+            with pytest.raises(OperationFailure):
+                coll.count_documents({"num": 3}, hint=bad)
+            with pytest.raises(OperationFailure) as info:
+                list(coll.aggregate([{"$match": {"num": 3}}],
+                                    hint=bad if isinstance(bad, str) else dict(bad)))
+            assert info.value.code == 2, info.value.details
+    # hints that name an index of the branch's view, and $natural, still work
+    assert len(list(db.c.find({"num": {"$gte": 5}}).hint([("num", -1)]))) == 16
+    assert len(list(db.c.find({"num": {"$gte": 5}}).hint("by_num"))) == 16
+    assert len(list(db.c.find().hint([("$natural", 1)]))) == 21
+    assert db.c.count_documents({"num": {"$gte": 10}}, hint="_id_") == 11
+    upstream_client.drop_database(name)
+
+
+class _Batches(monitoring.CommandListener):
+    """The length of every batch a cursor received, first batch included."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        cursor = event.reply.get("cursor")
+        if event.command_name in ("find", "getMore") and isinstance(cursor, dict):
+            self.sizes.append(len(cursor.get("firstBatch", cursor.get("nextBatch", []))))
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def _batch_sizes(uri: str, db: str, **find: Any) -> list[int]:
+    listener = _Batches()
+    with MongoClient(uri, event_listeners=[listener]) as c:
+        docs = list(c[db].c.find({}, sort=[("_id", 1)], **find))
+    assert docs
+    return [n for n in listener.sizes if n]  # mongod may end on an empty batch, or not
+
+
+@pytest.mark.parametrize("find", [{}, {"batch_size": 7}, {"batch_size": 3000}])
+def test_get_more_batches_on_a_branch_are_mongods(
+        branch_info: dict[str, Any], branch: MongoClient, upstream_client: MongoClient,
+        test_proxy: ProxyProcess, find: dict[str, Any]) -> None:
+    """A getMore without batchSize returns what fits 16 MiB (not a fixed count); with
+    one, that many; any batch stops at 16 MiB."""
+    db = unique("gm").replace("-", "_")
+    small = [{"_id": i, "v": "s" * 10} for i in range(2500)]
+    big = [{"_id": 10_000 + i, "v": "b" * (1024 * 1024)} for i in range(40)]
+    upstream_client[db].c.insert_many(small + big)
+    branch[db].c.update_one({"_id": 5}, {"$set": {"v": "t" * 10}})  # same size, changed
+    assert _batch_sizes(branch_info["uri"], db, **find) == \
+        _batch_sizes(test_proxy.uri, db, **find)
+    upstream_client.drop_database(db)
+
+
+def test_retried_client_bulk_write_applies_once(branch: MongoClient) -> None:
+    db = unique("bwr").replace("-", "_")
+    cmd = {"bulkWrite": 1, "ops": [
+        {"insert": 0, "document": {"_id": 1}},
+        {"update": 0, "filter": {"_id": 1}, "updateMods": {"$inc": {"n": 1}}},
+    ], "nsInfo": [{"ns": f"{db}.c"}], "txnNumber": Int64(7)}
+    with branch.start_session() as session:
+        first = branch.admin.command(dict(cmd), session=session)
+        again = branch.admin.command(dict(cmd), session=session)
+    assert first["nErrors"] == 0 and again["nErrors"] == 0
+    assert again["cursor"]["firstBatch"] == first["cursor"]["firstBatch"]
+    assert list(branch[db].c.find()) == [{"_id": 1, "n": 1}]
+
+
+def test_an_invalid_update_matching_nothing_is_refused(branch: MongoClient) -> None:
+    """mongod parses the update document whether or not the filter matches."""
+    coll = branch[unique("upd").replace("-", "_")].c
+    coll.insert_one({"_id": 1})
+    with pytest.raises(OperationFailure) as info:
+        coll.update_many({"_id": 2}, {"$thismodifierdoesntexist": 1})
+    assert info.value.code == 9, info.value.details
+    with pytest.raises(OperationFailure) as info:
+        coll.update_one({"nope": 1}, {"$nosuch": {"a": 1}})
+    assert info.value.code == 9, info.value.details
+    assert coll.update_many({"_id": 2}, {"$set": {"a": 1}}).matched_count == 0
