@@ -320,6 +320,11 @@ MAIN_WRITES = [
     ("pipeline upsert", lambda c: c.update_one({"v": "pipe"}, [{"$set": {"k": 1}}],
                                                upsert=True)),
     ("update_all", lambda c: c.update_many({}, {"$set": {"k": 1}})),
+    # The client-level bulkWrite command (MongoDB 8.0), each operation preserved first.
+    ("client bulkWrite", lambda c: c.database.client.bulk_write([
+        InsertOne(namespace=c.full_name, document={"_id": "cb", "k": 1}),
+        UpdateOne(namespace=c.full_name, filter={"_id": 5}, update={"$set": {"v": "cb"}}),
+        DeleteOne(namespace=c.full_name, filter={"_id": 6})])),
 ]
 
 

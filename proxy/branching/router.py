@@ -68,7 +68,7 @@ BRANCH: dict[str, Handler] = {
 # On the main port: writes are routed here only while main has child branches
 # (mainwrite.NAMES); otherwise they stay on the pass-through fast path.
 MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN,
-                            **mainwrite.HANDLERS}
+                            **mainwrite.HANDLERS, "bulkWrite": bulkwrite.bulk_write_on_main}
 
 # Commands that only read: they need no identity for the WAL.
 READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",

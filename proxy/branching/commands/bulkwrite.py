@@ -15,9 +15,10 @@ attempt's reply, as the other write commands are.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy.branching.commands import write
+from proxy.branching.commands import mainwrite, write
 from proxy.branching.commands.base import SESSION_FIELDS, Request, carry, cursor_reply
 from proxy.branching.errors import CommandError
 
@@ -61,6 +62,13 @@ def _kind(op: Any, n_ns: int) -> tuple[str, int]:
                        "Unrecognized bulkWrite op: needs insert, update or delete")
 
 
+Handler = Callable[[Request], Awaitable[dict[str, Any] | None]]
+_BRANCH: dict[str, Handler] = {"insert": write.insert, "update": write.update,
+                               "delete": write.delete}
+_MAIN: dict[str, Handler] = {"insert": mainwrite.insert, "update": mainwrite.update,
+                             "delete": mainwrite.delete}
+
+
 def _error_item(idx: int, err: dict[str, Any]) -> dict[str, Any]:
     item: dict[str, Any] = {"ok": 0.0, "idx": idx}
     item.update({k: v for k, v in err.items() if k != "index"})
@@ -81,9 +89,14 @@ class _Bulk:
         carry(self.req.cmd, cmd, _CARRY + _OPTIONS)
         cmd["$db"] = db
         sub = Request(self.req.engine, self.req.branch, self.req.ctx, self.req.run, db, cmd)
-        handler = {"insert": write.insert, "update": write.update, "delete": write.delete}[kind]
+        # On main (which has children, or this would have been forwarded) each operation
+        # goes through the main port's preserving write path.
+        table = _BRANCH if self.req.branch is not None else _MAIN
         try:
-            reply = await handler(sub)
+            reply = await table[kind](sub)
+            if reply is None:  # main's last child went meanwhile: nothing to preserve
+                reply = await self.req.run.reply(db, {k: v for k, v in cmd.items()
+                                                      if k != "$db"})
         except CommandError as exc:
             reply = exc.to_reply()
         if "writeConcernError" in reply:
@@ -212,3 +225,9 @@ async def bulk_write(req: Request) -> dict[str, Any]:
     reply["ok"] = 1.0
     req.engine.remember(txn, reply)
     return reply
+
+
+async def bulk_write_on_main(req: Request) -> dict[str, Any] | None:
+    """The main port: forwarded as it is unless main has children, whose views each
+    operation must first preserve."""
+    return await bulk_write(req) if mainwrite.active(req) else None

@@ -30,16 +30,18 @@ from proxy.branching.wal import DELETE, PUT, Change
 WRITES = ("insert", "update", "delete", "findAndModify", "findandmodify")
 DDL = ("create", "drop", "dropDatabase", "renameCollection", "collMod", "createIndexes",
        "dropIndexes", "deleteIndexes")
-REFUSED = ("bulkWrite", "applyOps", "mapReduce", "convertToCapped",
+REFUSED = ("applyOps", "mapReduce", "convertToCapped",
            "cloneCollectionAsCapped", "emptycapped", "cloneCollection")
-# Every command the main port routes here while main has children.
-NAMES = frozenset((*WRITES, *DDL, *REFUSED, "aggregate"))
+# Every command the main port routes here while main has children (bulkWrite runs each
+# of its operations through the handlers below: commands/bulkwrite.py).
+NAMES = frozenset((*WRITES, *DDL, *REFUSED, "aggregate", "bulkWrite"))
 BATCH = 1000
 # Fields of a write command that describe the statement list, not the session.
 _STMT_LISTS = ("documents", "updates", "deletes")
 
 
-def _active(req: Request) -> bool:
+def active(req: Request) -> bool:
+    """Whether main has children, so that its writes must be preserved for them first."""
     return req.engine.intercepting_main()
 
 
@@ -128,7 +130,7 @@ def _recalled(req: Request) -> dict[str, Any] | None:
 
 # -- insert ---------------------------------------------------------------------------------
 async def insert(req: Request) -> dict[str, Any] | None:
-    if not _active(req):
+    if not active(req):
         return None
     coll = coll_name(req)
     raw = req.cmd.get("documents")
@@ -270,7 +272,7 @@ async def _chunked(req: Request, coll: str, stmt: dict[str, Any], lists: str,
 
 
 async def _statements(req: Request, kind: str) -> dict[str, Any] | None:
-    if not _active(req):
+    if not active(req):
         return None
     coll = coll_name(req)
     lists = "updates" if kind == "update" else "deletes"
@@ -335,7 +337,7 @@ async def delete(req: Request) -> dict[str, Any] | None:
 
 # -- findAndModify ----------------------------------------------------------------------------
 async def find_and_modify(req: Request) -> dict[str, Any] | None:
-    if not _active(req):
+    if not active(req):
         return None
     coll = coll_name(req)
     cmd = req.cmd
@@ -372,7 +374,7 @@ async def find_and_modify(req: Request) -> dict[str, Any] | None:
 # -- collection-level changes -------------------------------------------------------------------
 async def ddl(req: Request) -> dict[str, Any] | None:
     """Children take their own copy of the collections named, then the command runs."""
-    if not _active(req):
+    if not active(req):
         return None
     name = req.name
     async with req.engine.writing_main():
@@ -407,7 +409,7 @@ async def ddl(req: Request) -> dict[str, Any] | None:
 
 async def aggregate(req: Request) -> dict[str, Any] | None:
     """Only an aggregation writing with $out or $merge changes main."""
-    if not _active(req):
+    if not active(req):
         return None
     pipeline = req.cmd.get("pipeline")
     last = pipeline[-1] if isinstance(pipeline, list) and pipeline else None
@@ -429,7 +431,7 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
 
 
 async def refused(req: Request) -> dict[str, Any] | None:
-    if not _active(req):
+    if not active(req):
         return None
     raise CommandError(20, "IllegalOperation",
                        f"{req.name} is refused on main while main has child branches: "
