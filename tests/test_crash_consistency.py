@@ -113,13 +113,13 @@ class Workload(threading.Thread):
     """Runs ops on the branch until one fails; records acknowledged ops in order."""
 
     def __init__(self, uri: str, seed: int, kill_after: int,
-                 at_rest: Callable[[], bool] | None = None):
+                 at_rest: Callable[[], bool] | None = None, fresh: int = 0):
         super().__init__(daemon=True)
         self.at_rest = at_rest
         self.client: MongoClient = MongoClient(
             uri, retryWrites=False, retryReads=False, serverSelectionTimeoutMS=2000,
             socketTimeoutMS=10000, connectTimeoutMS=2000)
-        self.ops = make_ops(random.Random(seed), 100_000)
+        self.ops = make_ops(random.Random(seed), 100_000, fresh)
         self.kill_after = kill_after
         self.acked: list[tuple[Op, Any]] = []
         self.in_flight: Op | None = None
@@ -284,6 +284,73 @@ def test_sigkill_mid_workload(upstream: Secantus, kill_after: int) -> None:
             c.close()
         for proc in proxies:
             proc.kill()
+
+
+KILLS = int(os.environ.get("MONGOBRANCH_CRASH_KILLS", "20"))
+
+
+def test_repeated_sigkills_in_one_workload(upstream: Secantus) -> None:
+    """KILLS SIGKILLs of the proxy in one branch's write workload, each at a seeded point
+    inside some write. After every restart: each acknowledged write is there (the same
+    ops on a plain copy answer the same and leave the same data), the write in flight is
+    wholly applied or not at all, and the overlay is the fold of the WAL."""
+    rng = random.Random(SEED * 3)
+    direct: MongoClient = MongoClient(upstream.uri, directConnection=True)
+    proxy: ProxyProcess | None = None
+    try:
+        base = [{"_id": i, "k": rng.randrange(KEYS), "v": rng.randrange(1000),
+                 "s": f"d{i}", "tags": ["a", "b"][: i % 3]} for i in range(BASE_DOCS)]
+        copy, scratch = direct[COPY_DB][COLL], direct[COPY_DB][WITH]
+        for coll in (direct[DB][COLL], copy):
+            coll.insert_many(base)
+            coll.create_index("k")
+        proxy = ProxyProcess(upstream.uri, meta_db=META).start()
+        status, body = proxy.api("POST", "/branches", {"name": BRANCH})
+        assert status == 201, body
+        assert isinstance(body, dict)
+        branch_uri = body["uri"]
+        bid = direct[META]["branches"].find_one({"_id": BRANCH})["bid"]
+        applied = 0
+        for cycle in range(KILLS):
+            kill_after = rng.randrange(3, 30)
+            work = Workload(branch_uri, SEED * 31 + cycle, kill_after,
+                            fresh=(cycle + 1) * 1_000)
+            work.start()
+            assert work.reached.wait(45), f"kill {cycle}: workload never reached its point"
+            assert work.error is None, f"kill {cycle}: failed before the kill: {work.error!r}"
+            time.sleep(rng.uniform(0.0, 0.02))
+            proxy.kill()
+            work.join(20)
+            assert not work.is_alive() and work.error is not None, \
+                f"kill {cycle} did not interrupt the workload"
+            proxy = ProxyProcess(upstream.uri, meta_db=META,
+                                 branch_ports=proxy.branch_ports).start()
+
+            for n, (op, result) in enumerate(work.acked):
+                assert op.apply(copy) == result, \
+                    f"kill {cycle}: acknowledged op #{n} {op} answered differently"
+            without = snapshot(copy)
+            with MongoClient(branch_uri, serverSelectionTimeoutMS=10000) as branch:
+                seen = snapshot(branch[DB][COLL])
+            if seen != without and work.in_flight is not None:
+                # Its only other allowed outcome: the write in flight, wholly applied.
+                scratch.drop()
+                copy.aggregate([{"$match": {}}, {"$out": WITH}])
+                work.in_flight.apply(scratch)
+                assert seen == snapshot(scratch), \
+                    f"kill {cycle}: branch matches neither outcome of {work.in_flight}"
+                work.in_flight.apply(copy)
+                applied += 1
+            else:
+                assert seen == without, f"kill {cycle}: branch differs from its acked writes"
+            assert overlay(direct, bid) == wal_fold(direct, bid), \
+                f"kill {cycle}: the overlay is not the fold of the WAL"
+        assert snapshot(direct[DB][COLL]) == sorted(base, key=lambda d: d["_id"])
+        print(f"{KILLS} kills; the write in flight had been applied at {applied} of them")
+    finally:
+        direct.close()
+        if proxy is not None:
+            proxy.kill()
 
 
 def test_retried_write_after_restart_is_not_applied_twice(upstream: Secantus) -> None:
