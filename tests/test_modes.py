@@ -13,7 +13,8 @@ import pytest
 from pymongo import MongoClient
 from pymongo.errors import AutoReconnect, OperationFailure
 
-from tests.servers import ProxyProcess
+from tests import rawwire
+from tests.servers import ProxyProcess, Secantus
 
 _names = itertools.count()
 
@@ -208,3 +209,21 @@ def test_copy_branch_keeps_empty_collections_and_options(proxy: ProxyProcess,
         assert [d["_id"] for d in db.checked.find().sort("_id", 1)] == [1, 3]
     finally:
         client.close()
+
+
+@pytest.mark.secantus_gap(reason="SecantusDB creates a database named '' where mongod "
+                                 "refuses the name; the proxy must still copy the rest")
+def test_copy_branch_skips_a_database_no_driver_can_name(
+        proxy: ProxyProcess, upstream: Secantus, setup: tuple[str, Any]) -> None:
+    db_name, base = setup
+    with rawwire.connect(upstream.port) as sock:
+        made = rawwire.command(sock, {"insert": "c", "documents": [{"_id": 1}], "$db": ""})
+    try:
+        name = f"mode-{db_name.split('_')[1]}"
+        status, body = proxy.api("POST", "/branches", {"name": name, "mode": "copy"})
+        assert status == 201, (body, made)
+        with MongoClient(body["uri"]) as client:  # type: ignore[index]
+            assert fingerprint(client[db_name]) == fingerprint(base)
+    finally:
+        with rawwire.connect(upstream.port) as sock:
+            rawwire.command(sock, {"dropDatabase": 1, "$db": ""})

@@ -35,8 +35,10 @@ Progress = Callable[[str, int, int], None]
 
 async def user_databases(engine: Engine) -> list[str]:
     reply = await engine.pool("admin", {"listDatabases": 1, "nameOnly": True})
+    # A name no driver can address (SecantusDB lets a command create a database named ""
+    # where mongod refuses it) holds nothing a client could read, so nothing to copy.
     return sorted(d["name"] for d in reply["databases"]
-                  if d["name"] not in SYSTEM_DBS and d["name"] != engine.meta_db)
+                  if d["name"] and d["name"] not in SYSTEM_DBS and d["name"] != engine.meta_db)
 
 
 async def parent_collections(engine: Engine, parent: Branch | None,
