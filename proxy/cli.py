@@ -275,11 +275,12 @@ def _namespace_table(namespaces: dict[str, Any]) -> Any:
 
     table = Table(title="changed namespaces", title_justify="left")
     table.add_column("namespace", no_wrap=True)
-    for col in ("changed", "live", "dropped"):
+    for col in ("changed", "kept", "live", "dropped"):
         table.add_column(col, justify="right")
     for ns in sorted(namespaces):
         info = namespaces[ns] or {}
-        table.add_row(ns, *(_text(info.get(col)) for col in ("changed", "live", "dropped")))
+        table.add_row(ns, *(_text(info.get(col))
+                            for col in ("changed", "kept", "live", "dropped")))
     return table
 
 

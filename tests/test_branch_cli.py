@@ -95,7 +95,7 @@ def test_table_output(proxy: ProxyProcess, made: Branches) -> None:
     assert "changed namespaces" in out
     ns_row = next(line for line in out.splitlines() if "tbl_db.things" in line)
     cells = [cell.strip() for cell in ns_row.strip().strip("│").split("│")]
-    assert cells == ["tbl_db.things", "1", "0", "no"]
+    assert cells == ["tbl_db.things", "1", "0", "0", "no"]  # changed, kept, live, dropped
 
     assert ok("--admin", proxy.admin_url, "delete", name).strip() == f"deleted branch {name}"
 

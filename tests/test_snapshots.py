@@ -115,6 +115,12 @@ def test_child_of_a_wal_branch_keeps_the_parent_as_at_the_fork(
         (f"{db_name}.items", "insert", 1), (f"{db_name}.items", "insert", 2)]
     logged = entries(proxy, child["name"], limit=10_000)
     assert {e["op"] for e in logged} == {"put", "keep"}
+    # Its description counts the same: two changed, the rest of its overlay kept.
+    status, info = proxy.api("GET", f"/branches/{child['name']}")
+    assert status == 200, info
+    counts = info["namespaces"][f"{db_name}.items"]  # type: ignore[index]
+    kept = {repr(e["_id"]) for e in logged if e["op"] == "keep"} - {"1", "2"}
+    assert (counts["changed"], counts["kept"]) == (2, len(kept)) and kept, counts
     # A merge compares against the parent as at the fork: both documents were changed
     # on both sides (the parent deleted them), nothing else conflicts.
     result = merge(proxy, child["name"], strategy="abort", dry_run=True)

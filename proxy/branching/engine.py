@@ -21,7 +21,18 @@ from proxy.branching.merge import CursorTable
 from proxy.branching.model import ISOLATION, Branch, NsState
 from proxy.branching.runner import Runner, error_from, pooled
 from proxy.branching.snapshot import Fence
-from proxy.branching.wal import CREATE, HOLDS, OWN, RESETS, STARTS, Change, Wal, image, matching
+from proxy.branching.wal import (
+    CREATE,
+    HOLDS,
+    KEEP,
+    OWN,
+    RESETS,
+    STARTS,
+    Change,
+    Wal,
+    image,
+    matching,
+)
 from proxy.config import Config
 
 log = logging.getLogger("mongobranch.engine")
@@ -320,14 +331,31 @@ class Engine:
             if state.bid != branch.bid:
                 continue
             db = self.client[state.db]
+            hidden = await db[state.hidden].count_documents({})
+            kept = await self._kept(branch, state)
             namespaces[f"{state.db}.{state.coll}"] = {
-                "changed": await db[state.hidden].count_documents({}),
+                "changed": hidden - kept,
+                # Documents held only to keep the parent as it was at the fork.
+                "kept": kept,
                 "live": await db[state.live].count_documents({}),
                 "dropped": state.base_dropped,
             }
         info["namespaces"] = namespaces
         info["children"] = self.children(name)
         return info
+
+    async def _kept(self, branch: Branch, state: NsState) -> int:
+        """Ids whose only WAL entries are copy-ups of the parent (keep): held by the
+        branch's overlay, but not changes of its own."""
+        match = {"b": branch.bid, "ns": f"{state.db}.{state.coll}", **branch.visible()}
+        reply = await self.pool(self.meta_db, {"aggregate": "wal", "allowDiskUse": True,
+                                               "cursor": {}, "pipeline": [
+            *matching(match),
+            {"$group": {"_id": "$id", "own": {"$max": {"$cond": [
+                {"$eq": ["$op", KEEP]}, 0, 1]}}}},
+            {"$match": {"own": 0}}, {"$count": "n"}]})
+        batch = reply["cursor"]["firstBatch"]
+        return int(batch[0]["n"]) if batch else 0
 
     # -- namespaces ---------------------------------------------------------------------
     def state(self, branch: Branch, db: str, coll: str) -> NsState | None:

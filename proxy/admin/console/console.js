@@ -145,7 +145,9 @@ async function loadSize(name, cell) {
     const namespaces = Object.values(info.namespaces || {});
     const changed = namespaces.reduce((sum, ns) => sum + (ns.changed || 0), 0);
     const live = namespaces.reduce((sum, ns) => sum + (ns.live || 0), 0);
-    cell.textContent = namespaces.length
+    // A child's overlay may hold documents kept only to show its parent as at the
+    // fork: those are not changes of its own.
+    cell.textContent = changed
       ? `${changed} changed · ${live} live · ${namespaces.length} coll.`
       : "no changes";
   } catch (error) {
