@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 from pymongo import MongoClient
 
+from tests.branchutil import Branches, branches
 from tests.servers import ProxyProcess, Secantus
 
 
@@ -36,3 +37,10 @@ def client(proxy: ProxyProcess) -> Iterator[MongoClient]:
     c: MongoClient = MongoClient(proxy.uri, serverSelectionTimeoutMS=10000)
     yield c
     c.close()
+
+
+@pytest.fixture()
+def made(proxy: ProxyProcess) -> Iterator[Branches]:
+    """Branches a test creates, dropped after it."""
+    with branches(proxy) as b:
+        yield b

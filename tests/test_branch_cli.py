@@ -6,12 +6,11 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 from pymongo import MongoClient
 
-from tests.branchutil import Branches, branches, unique
+from tests.branchutil import Branches, unique
 from tests.servers import BIN, ProxyProcess, free_port
 
 
@@ -27,12 +26,6 @@ def ok(*args: str, env: dict[str, str] | None = None) -> str:
     assert done.returncode == 0, (done.stdout, done.stderr)
     assert done.stderr == ""
     return done.stdout
-
-
-@pytest.fixture()
-def made(proxy: ProxyProcess) -> Iterator[Branches]:
-    with branches(proxy) as b:
-        yield b
 
 
 def test_create_list_show_delete_json(proxy: ProxyProcess, made: Branches) -> None:

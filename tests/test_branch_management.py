@@ -7,7 +7,6 @@ import signal
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,11 @@ from pymongo.errors import PyMongoError
 from tests.branchutil import (
     Branches,
     bid_of,
-    branches,
     fingerprint,
     overlay_collections,
     unique,
 )
 from tests.servers import ProxyProcess, Secantus, free_port
-
-
-@pytest.fixture()
-def made(proxy: ProxyProcess) -> Iterator[Branches]:
-    with branches(proxy) as b:
-        yield b
 
 
 def raw_post(proxy: ProxyProcess, path: str, data: bytes,

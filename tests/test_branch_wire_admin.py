@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +13,12 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
 from tests import rawwire
-from tests.branchutil import Branches, branches, unique
+from tests.branchutil import Branches, unique
 from tests.servers import ProxyProcess, free_port
 
 MONGOSH = Path(__file__).parent / "node" / "node_modules" / ".bin" / "mongosh"
 
 GOSSIP = ("$clusterTime", "operationTime")
-
-
-@pytest.fixture()
-def made(proxy: ProxyProcess) -> Iterator[Branches]:
-    with branches(proxy) as b:
-        yield b
 
 
 def mongosh(uri: str, script: str) -> subprocess.CompletedProcess[str]:

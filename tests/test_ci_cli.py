@@ -9,21 +9,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from pymongo import MongoClient
 
-from tests.branchutil import Branches, branches, unique
+from tests.branchutil import Branches, unique
 from tests.servers import BIN, ProxyProcess, Secantus, free_port
 from tests.test_branch_cli import cli
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "deploy/github-actions/branch-per-pr.yml"
-
-
-@pytest.fixture()
-def made(proxy: ProxyProcess) -> Any:
-    with branches(proxy) as b:
-        yield b
 
 
 def test_create_output_uri_prints_only_the_connection_string(proxy: ProxyProcess,

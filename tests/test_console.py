@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from tests.branchutil import Branches, branches, unique
+from tests.branchutil import Branches, unique
 from tests.servers import ProxyProcess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -54,12 +54,6 @@ def browser() -> Iterator[WebDriver]:
         yield driver
     finally:
         driver.quit()
-
-
-@pytest.fixture()
-def made(proxy: ProxyProcess) -> Iterator[Branches]:
-    with branches(proxy) as b:
-        yield b
 
 
 def shot(driver: WebDriver, name: str) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from pymongo import MongoClient
 
-from tests.branchutil import Branches, branches, fingerprint, unique
+from tests.branchutil import Branches, fingerprint, unique
 from tests.historyutil import (
     contents,
     diff,
@@ -25,12 +24,6 @@ from tests.historyutil import (
     ok,
 )
 from tests.servers import ProxyProcess
-
-
-@pytest.fixture()
-def made(proxy: ProxyProcess) -> Iterator[Branches]:
-    with branches(proxy) as b:
-        yield b
 
 
 @pytest.fixture()

@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from pymongo import MongoClient
 
-from tests.branchutil import Branches, branches, unique
+from tests.branchutil import Branches, unique
 from tests.historyutil import contents, entries, last_lsn
 from tests.servers import ProxyProcess, free_port
 from tests.test_branch_cli import cli, ok
-
-
-@pytest.fixture()
-def made(proxy: ProxyProcess) -> Iterator[Branches]:
-    with branches(proxy) as b:
-        yield b
 
 
 @pytest.fixture()

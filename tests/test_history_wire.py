@@ -4,14 +4,13 @@ createBranch with at) from pymongo, and once from mongosh."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
-from tests.branchutil import Branches, branches, unique
+from tests.branchutil import Branches, unique
 from tests.historyutil import contents, diff, entries, last_lsn
 from tests.servers import ProxyProcess
 from tests.test_branch_wire_admin import mongosh
@@ -20,12 +19,6 @@ from tests.test_branch_wire_admin import mongosh
 def without_gossip(reply: dict[str, Any]) -> dict[str, Any]:
     """The reply without the upstream's cluster time, which the proxy passes on."""
     return {k: v for k, v in reply.items() if k not in ("$clusterTime", "operationTime")}
-
-
-@pytest.fixture()
-def made(proxy: ProxyProcess) -> Iterator[Branches]:
-    with branches(proxy) as b:
-        yield b
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +16,11 @@ from pymongo import DeleteOne, InsertOne, MongoClient, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import AutoReconnect, PyMongoError, ServerSelectionTimeoutError
 
-from tests.branchutil import Branches, branches, fingerprint, unique
+from tests.branchutil import Branches, fingerprint, unique
 from tests.historyutil import diff, doc_changes, entries, merge, ok
 from tests.servers import ProxyProcess, Secantus
 
 SEED = int(os.environ.get("MONGOBRANCH_SNAPSHOT_SEED", "20261130"))
-
-
-@pytest.fixture()
-def made(proxy: ProxyProcess) -> Iterator[Branches]:
-    with branches(proxy) as b:
-        yield b
 
 
 @pytest.fixture()
