@@ -74,6 +74,10 @@ class ServeOptions:
     # 0.0.0.0 hands out URIs its clients can resolve.
     advertise_host: str | None = None
     legacy_op_query: bool | None = None
+    # Capture of main's changes from the change stream, and whether it may turn on
+    # pre-images for main's collections (docs/ARCHITECTURE.md, "Capture").
+    capture: bool = True
+    pre_images: bool = True
     # Whether clients that do not authenticate run as the --upstream URI's user; None:
     # only when the listening address is loopback-only.
     anonymous_as_uri_user: bool | None = None
@@ -223,6 +227,8 @@ class Proxy:
         self.engine.config = Config.load(opts.config_path, flags={
             "default_mode": opts.default_mode, "allow_wal": opts.allow_wal,
             "legacy_op_query": opts.legacy_op_query})
+        self.engine.capture_options = {"pre_images": opts.pre_images} if opts.capture \
+            else None
         self.ports = BranchPorts(self, host)
         self.engine.ports = self.ports
         if not await self._start_engine():

@@ -78,6 +78,14 @@ def main() -> None:
 @click.option("--anonymous-as-uri-user/--no-anonymous-as-uri-user", default=None,
               help="Whether clients that do not authenticate run with the --upstream URI's "
                    "credentials [default: only when --listen is a loopback address].")
+@click.option("--capture/--no-capture", default=True, show_default=True,
+              help="Capture main's changes from the upstream's change stream, so that writes "
+                   "made without the proxy are preserved for branches too and main has a "
+                   "history.")
+@click.option("--pre-images/--no-pre-images", default=True, show_default=True,
+              help="Let the capture turn on changeStreamPreAndPostImages for main's "
+                   "collections; off: updates and deletes made without the proxy cannot be "
+                   "preserved (branches report isolation proxy-writes-only).")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
               data_dir: str, log_level: str, advertise_host: str | None, log_format: str,
               metrics_branch_limit: int, config_path: str | None,
@@ -85,7 +93,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
               legacy_op_query: bool | None, gc_retention: str | None,
               gc_interval: float, admin_token_file: str | None, tls_cert: str | None,
               tls_key: str | None, tls_ca: str | None,
-              anonymous_as_uri_user: bool | None) -> None:
+              anonymous_as_uri_user: bool | None, capture: bool, pre_images: bool) -> None:
     """Run the proxy."""
     from proxy.admin import auth
     from proxy.app import ServeOptions, parse_hostport, parse_range, serve
@@ -123,7 +131,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            advertise_host=advertise_host,
                            anonymous_as_uri_user=anonymous_as_uri_user,
                            admin_token_file=admin_token_file, tls_cert=tls_cert,
-                           tls_key=tls_key, tls_ca=tls_ca)
+                           tls_key=tls_key, tls_ca=tls_ca, capture=capture,
+                           pre_images=pre_images)
     sys.exit(_run(serve(options)))
 
 

@@ -360,16 +360,23 @@ def test_branch_of_main_keeps_main_as_at_the_fork(
         {"_id": 3, "v": 3, "k": 3}]
 
 
-def test_main_port_stays_pass_through_without_children(
+def test_main_history_is_captured_with_or_without_children(
         proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
         db_name: str) -> None:
+    """Main's writes reach its WAL from the change stream, whoever makes them and whether
+    or not main has children (without children the main port forwards them unchanged)."""
     branch = made.create()
     client[db_name].items.insert_one({"_id": "while"})
     made.cleanup()
     client[db_name].items.insert_one({"_id": "after"})
+    direct[db_name].items.insert_one({"_id": "behind"})
     wal = direct[proxy.meta_db]["wal"]
-    assert wal.count_documents({"b": "main", "ns": f"{db_name}.items", "id": "while"}) == 1
-    assert wal.count_documents({"b": "main", "ns": f"{db_name}.items", "id": "after"}) == 0
+    made.create()  # a fork waits for the capture to pass every write made before it
+    for _id in ("while", "after", "behind"):
+        logged = list(wal.find({"b": "main", "ns": f"{db_name}.items", "id": _id}))
+        assert len(logged) == 1, _id
+        assert logged[0]["client"] == {"app": "upstream", "via": "change stream"}
+        assert logged[0]["post"] == {"_id": _id}
     status, listed = proxy.api("GET", "/branches")
     assert status == 200 and isinstance(listed, list)
     assert branch["name"] not in [b["name"] for b in listed]
@@ -457,16 +464,14 @@ def test_reset_of_the_child_goes_back_to_the_parent_as_at_the_fork(
     assert diff(proxy, child["name"])["changes"] == []
 
 
-def test_the_scenario_of_issue_11(proxy: ProxyProcess, client: MongoClient, made: Branches,
-                                  db_name: str) -> None:
-    """The issue's scenario, run as written, checked at every step (the part through the
-    proxy; writes made straight on the upstream are not captured, which the branch
-    reports as its isolation and the proxy logs)."""
+def test_the_scenario_of_issue_11(proxy: ProxyProcess, client: MongoClient,
+                                  direct: MongoClient, made: Branches, db_name: str) -> None:
+    """The issue's scenario, run as written, checked at every step: writes on main
+    through the main port, then straight on the upstream (another application)."""
     client[db_name].items.insert_many([{"_id": i, "v": i, "k": i % 5} for i in range(100)])
     client[db_name].items.create_index("k")
     snap = made.create(name=unique("snap"))
-    assert snap["isolation"] == "proxy-writes-only"
-    assert f"branch {snap['name']}: isolation proxy-writes-only" in proxy.read_log()
+    assert snap["isolation"] == "snapshot"
     with made.client(snap) as b:
         items = b[db_name].items
         items.update_one({"_id": 0}, {"$set": {"v": "branch"}})
@@ -488,6 +493,20 @@ def test_the_scenario_of_issue_11(proxy: ProxyProcess, client: MongoClient, made
         exact()
         client[db_name].created_on_main.insert_one({"_id": 1})
         exact()
+        behind = direct[db_name].items
+        behind.update_one({"_id": 40}, {"$set": {"v": "upstream", "k": 1}})
+        exact()
+        behind.insert_one({"_id": "upstream-new", "k": 1})
+        exact()
+        behind.delete_many({"_id": {"$gte": 50, "$lt": 55}})
+        exact()
+        behind.replace_one({"_id": 41}, {"k": 1})
+        exact()
+        direct[db_name].create_collection("created_upstream")
+        direct[db_name].created_upstream.insert_one({"_id": 1})
+        exact()
+    _, info = proxy.api("GET", f"/branches/{snap['name']}")
+    assert isinstance(info, dict) and info["isolation"] == "snapshot"
     # A child of a WAL branch: the parent's later update_many and insert do not show.
     parent = made.create()
     child = made.create(**{"from": parent["name"]})
@@ -499,6 +518,23 @@ def test_the_scenario_of_issue_11(proxy: ProxyProcess, client: MongoClient, made
         assert c[db_name].items.count_documents({}) == len(before)
 
 
+def test_a_drop_behind_the_proxys_back_makes_the_child_say_so(
+        proxy: ProxyProcess, direct: MongoClient, made: Branches, db_name: str) -> None:
+    """What cannot be preserved after the fact is reported, never silent."""
+    direct[db_name].items.insert_many([{"_id": i} for i in range(3)])
+    kid = made.create()
+    assert kid["isolation"] == "snapshot"
+    direct[db_name].items.drop()
+    with made.client(kid) as c:
+        c[db_name].command("ping")
+        c[db_name].items.find_one()  # the read waits for the capture to pass the drop
+    _, info = proxy.api("GET", f"/branches/{kid['name']}")
+    assert isinstance(info, dict)
+    assert info["isolation"] == "proxy-writes-only"
+    assert any(f"drop of {db_name}.items" in why for why in info["isolationBreaks"])
+    assert f"branch {kid['name']} is no longer an exact snapshot" in proxy.read_log()
+
+
 def test_log_of_main_lists_main_port_writes_while_main_has_children(
         proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
     client[db_name].items.insert_many([{"_id": i, "v": i} for i in range(5)])
@@ -508,7 +544,8 @@ def test_log_of_main_lists_main_port_writes_while_main_has_children(
     client[db_name].items.insert_one({"_id": 9}, )
     mine = [(e["op"], e["_id"]) for e in entries(proxy, "main", limit=50)
             if e["ns"] == f"{db_name}.items"]
-    assert mine == [("put", 9), ("delete", 2), ("put", 1)]
+    # Newest first: the three writes, then the insert_many before the branch existed.
+    assert mine == [("put", 9), ("delete", 2), ("put", 1), *[("put", i) for i in (4, 3, 2, 1, 0)]]
 
 
 def test_children_of_main_stay_exact_across_a_restart(tmp_path: Path) -> None:

@@ -108,12 +108,12 @@ def add_routes(app: web.Application, engine: Engine) -> None:
                                                     body.get("port"), body.get("mode"))
         except BranchError as exc:
             return _error(exc.status, str(exc))
-        return web.json_response(branch.public(engine.host), status=201)
+        return web.json_response(engine.public(branch), status=201)
 
     async def list_all(_request: web.Request) -> web.Response:
         if engine.unavailable is not None:
             return _error(503, engine.unavailable)
-        return web.json_response([b.public(engine.host) for b in engine.branches.values()])
+        return web.json_response([engine.public(b) for b in engine.branches.values()])
 
     async def show(request: web.Request) -> web.Response:
         try:

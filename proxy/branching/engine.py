@@ -15,10 +15,11 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
 from proxy.branching import naming, snapshot
+from proxy.branching.capture import Capture
 from proxy.branching.errors import BranchError
 from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
-from proxy.branching.model import ISOLATION, Branch, NsState
+from proxy.branching.model import ISOLATION, SNAPSHOT, Branch, NsState
 from proxy.branching.runner import Runner, error_from, pooled
 from proxy.branching.snapshot import Fence
 from proxy.branching.wal import (
@@ -84,6 +85,10 @@ class Engine:
         self._dirty: set[str] = set()
         self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
         self._flusher: asyncio.Task[None] | None = None
+        # Main's changes from the upstream's change stream (capture.py); the serving
+        # layer may set capture_options (None: no capture) before start().
+        self.capture_options: dict[str, Any] | None = {}
+        self.capture: Capture | None = None
 
     # -- start-up -------------------------------------------------------------------
     async def start(self) -> None:
@@ -117,6 +122,13 @@ class Engine:
                         branch.migrating)
             await migrate(self, branch.name, branch.migrating)
         self._flusher = asyncio.create_task(self._flush_dirty())
+        if self.capture_options is not None:
+            capture = Capture(self, **self.capture_options)
+            if await capture.start():
+                self.capture = capture
+        else:
+            log.warning("capture of main's changes is off (--no-capture): writes that reach "
+                        "the upstream without the proxy show through in branches")
         if self.intercepting_main() and self.reroute is not None:
             # The main port may have served (and remembered as pass-through) writes
             # before main's children were known.
@@ -127,6 +139,8 @@ class Engine:
             await self.reroute(NAMES)
 
     async def stop(self) -> None:
+        if self.capture is not None:
+            await self.capture.stop()
         if self._flusher:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -254,15 +268,31 @@ class Engine:
                 await self.meta["branches"].update_one({"_id": name},
                                                        {"$set": {"port": branch.port}})
         log.info("created branch %s (parent %s, port %d)", name, parent, branch.port)
-        log.warning("branch %s: isolation %s: writes that reach the upstream without the "
-                    "proxy show through in it", name, ISOLATION)
+        if self.isolation(branch) != SNAPSHOT:
+            log.warning("branch %s: isolation %s: writes that reach the upstream without the "
+                        "proxy show through in it (%s)", name, ISOLATION,
+                        self.capture.why if self.capture else "capture is off")
         return branch
+
+    def isolation(self, branch: Branch) -> str:
+        """"snapshot" while every write to main, however made, is preserved for it."""
+        if self.capture is None or not self.capture.exact:
+            return ISOLATION
+        return ISOLATION if any(b.breaks for b in self.chain(branch)) else SNAPSHOT
+
+    def public(self, branch: Branch) -> dict[str, Any]:
+        return branch.public(self.host, self.isolation(branch))
 
     async def _fork(self, name: str, parent: str, port: int, mode: str,
                     progress: Any) -> Branch:
         """The branch's metadata, and in copy mode its copy of the parent's data."""
+        fork_ct = None
+        if parent == MAIN and self.capture is not None and self.capture.running:
+            if self.capture.pre_images:
+                await self.capture.enable_pre_images()
+            fork_ct = await self.capture.clock()
         branch = Branch(
-            name=name, bid=secrets.token_hex(4), parent=parent,
+            name=name, bid=secrets.token_hex(4), parent=parent, fork_ct=fork_ct,
             fork_lsn=await self.wal.current(),
             created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0), port=port,
             mode=mode, creating=mode == "copy",
@@ -325,7 +355,7 @@ class Engine:
 
     async def describe(self, name: str) -> dict[str, Any]:
         branch = self.get(name)
-        info = branch.public(self.host)
+        info = self.public(branch)
         namespaces = {}
         for state in self.states.values():
             if state.bid != branch.bid:
@@ -448,7 +478,10 @@ class Engine:
     @contextlib.asynccontextmanager
     async def reading(self, branches: list[Branch]) -> AsyncIterator[None]:
         """Keeps these branches' writes (and main's) out, so none shows half preserved in a
-        child (snapshot.py). Taken root first, before any branch lock."""
+        child (snapshot.py). Taken root first, before any branch lock; first, what reached
+        main behind the proxy's back before now is preserved (capture.py)."""
+        if self.capture is not None:
+            await self.capture.barrier()
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.fence(MAIN).hold("r"))
             for branch in reversed(branches):

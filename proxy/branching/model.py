@@ -12,10 +12,10 @@ from proxy.branching.idkey import idkey
 # Hidden-id sets up to this size are kept in memory and excluded with $nin;
 # larger ones are excluded server-side by an indexed anti-join.
 HIDDEN_CACHE_LIMIT = 20_000
-# What a branch's snapshot holds against (docs/ARCHITECTURE.md, "Snapshots"): every write
-# made through the proxy (main port, branch ports, merges, resets) is preserved for the
-# children; a write reaching the upstream by another way shows through, as no capture of
-# the upstream's change stream exists yet. "snapshot" is reserved for when it does.
+# What a branch's snapshot holds against (docs/ARCHITECTURE.md, "Snapshots"): "snapshot"
+# while the capture of the upstream's change stream preserves every write to main, however
+# made; "proxy-writes-only" when only writes made through the proxy are preserved.
+SNAPSHOT = "snapshot"
 ISOLATION = "proxy-writes-only"
 
 
@@ -35,12 +35,18 @@ class Branch:
     # Set while a copy branch's data is being copied: one found at start-up was cut off
     # before its creation was acknowledged, and holds only part of its data.
     creating: bool = False
+    # A child of main: the upstream's cluster time at its fork. Changes the capture sees
+    # at or before it are part of what the child shows; later ones are preserved for it.
+    fork_ct: Any = None
+    # Why the branch is no longer an exact snapshot (changes behind the proxy's back that
+    # could not be preserved): reported with its isolation.
+    breaks: list[str] = field(default_factory=list)
 
     def to_doc(self) -> dict[str, Any]:
         return {"_id": self.name, "bid": self.bid, "parent": self.parent,
                 "fork_lsn": self.fork_lsn, "created_at": self.created_at, "port": self.port,
                 "mode": self.mode, "voids": self.voids, "migrating": self.migrating,
-                "creating": self.creating}
+                "creating": self.creating, "fork_ct": self.fork_ct, "breaks": self.breaks}
 
     def visible(self) -> dict[str, Any]:
         """A WAL filter leaving out the entries a reset voided. A reset never voids a
@@ -57,14 +63,16 @@ class Branch:
                    fork_lsn=int(doc["fork_lsn"]), created_at=doc["created_at"],
                    port=int(doc["port"]), mode=doc.get("mode", "wal"),
                    voids=[list(v) for v in doc.get("voids", [])],
-                   migrating=doc.get("migrating"), creating=bool(doc.get("creating")))
+                   migrating=doc.get("migrating"), creating=bool(doc.get("creating")),
+                   fork_ct=doc.get("fork_ct"), breaks=list(doc.get("breaks", [])))
 
-    def public(self, host: str) -> dict[str, Any]:
+    def public(self, host: str, isolation: str = ISOLATION) -> dict[str, Any]:
         return {"name": self.name, "parent": self.parent, "port": self.port,
                 "uri": f"mongodb://{host}:{self.port}/", "mode": self.mode,
                 "fork_lsn": self.fork_lsn,
                 "created_at": self.created_at.replace(tzinfo=dt.UTC).isoformat(),
-                "isolation": ISOLATION}
+                "isolation": isolation,
+                **({"isolationBreaks": self.breaks} if self.breaks else {})}
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.branching import audit, authz
@@ -18,14 +17,12 @@ from proxy.branching.commands import (
     validate,
     write,
 )
-from proxy.branching.commands.base import Request, in_mongod_order
+from proxy.branching.commands.base import Handler, Request, in_mongod_order
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.runner import Runner
 from proxy.net.router import Context
 from proxy.wire.opmsg import OpMsg
-
-Handler = Callable[[Request], Awaitable[dict[str, Any] | None]]
 
 ADMIN: dict[str, Handler] = {
     "createBranch": admin.create_branch,

@@ -70,11 +70,14 @@ class Fence:
                 self._cond.notify_all()
 
 
-async def preserve(engine: Engine, parent: str, changes: list[Change]) -> int:
-    """Copy up the pre-images of a branch's (or main's) changes into each child that has
-    not diverged on them; returns the number of documents copied. Runs before the changes
-    are logged (on main: before they are applied)."""
-    kids = _children(engine, parent)
+async def preserve(engine: Engine, parent: str, changes: list[Change],
+                   kids: list[Branch] | None = None) -> int:
+    """Copy up the pre-images of a branch's (or main's) changes into each child (or each
+    of `kids`) that has not diverged on them; returns the number of documents copied.
+    Runs before the changes are logged (on main: before they are applied, or, captured
+    from the change stream, before a child may read past them)."""
+    if kids is None:
+        kids = _children(engine, parent)
     if not kids:
         return 0
     firsts: dict[str, dict[Any, Change]] = {}
@@ -168,6 +171,32 @@ async def _pin_indexes(engine: Engine, kid: Branch, db: str, coll: str) -> None:
     state.indexes = indexes
     state.index_base = list(indexes)
     await engine.save_state(state)
+
+
+async def pin_absent(engine: Engine, kid: Branch, db: str, coll: str) -> None:
+    """A collection created on main after this child's fork (seen by the capture) stays
+    absent in the child, unless the child has its own idea of it already."""
+    state = engine.state(kid, db, coll)
+    if state is not None and (state.present is not None or independent(state)):
+        return
+    async with engine.branch_lock(kid.bid).exclusive():
+        if engine.branches.get(kid.name) is not kid:
+            return
+        state = await engine.ensure_state(kid, db, coll, engine.pool)
+        if state.present is None:
+            await engine.wal.append(kid.bid, [Change(f"{db}.{coll}", None, OWN, None, None)],
+                                    SYSTEM)
+            state.present = False
+            state.base_dropped = True
+            await engine.save_state(state)
+
+
+def reads_base(engine: Engine, kid: Branch, db: str, colls: list[str] | None) -> bool:
+    """Whether the child still reads these collections (None: any in the database) of
+    main's base, so that main dropping them behind the proxy's back changes its view."""
+    if colls is None:
+        return True
+    return any(not independent(engine.state(kid, db, coll)) for coll in colls)
 
 
 async def before_collection_write(engine: Engine, branch: Branch | None, db: str,

@@ -94,6 +94,9 @@ class Change:
     op: str
     pre: dict[str, Any] | None
     post: dict[str, Any] | None
+    # Fields stored with the entry as they are (a captured change's cluster time and
+    # change-stream token, its time on the upstream).
+    extra: dict[str, Any] | None = None
 
 
 class Wal:
@@ -157,6 +160,8 @@ class Wal:
                 doc["pre"] = change.pre
             if change.post is not None:
                 doc["post"] = change.post
+            if change.extra:
+                doc.update(change.extra)
             if txn is not None:
                 doc["txn"] = txn
             docs.append(doc)

@@ -77,7 +77,7 @@ async def create_branch(req: Request) -> dict[str, Any]:
                                                     cmd.get("mode"))
     except BranchError as exc:
         raise as_command_error(exc) from exc
-    return {**branch.public(req.engine.host), "ok": 1.0}
+    return {**req.engine.public(branch), "ok": 1.0}
 
 
 async def list_branches(req: Request) -> dict[str, Any]:
@@ -85,7 +85,7 @@ async def list_branches(req: Request) -> dict[str, Any]:
     engine = req.engine
     if engine.unavailable is not None:
         raise CommandError(6, "HostUnreachable", engine.unavailable)
-    return {"branches": [b.public(engine.host) for b in engine.branches.values()], "ok": 1.0}
+    return {"branches": [engine.public(b) for b in engine.branches.values()], "ok": 1.0}
 
 
 async def branch_info(req: Request) -> dict[str, Any]:

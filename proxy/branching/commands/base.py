@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,3 +120,7 @@ def documents_stage(docs: list[dict[str, Any]]) -> dict[str, Any]:
     """A $documents stage yielding these documents as they are: its argument is an
     expression, so a bare "$name" string or {"$type": ...} inside one would be evaluated."""
     return {"$documents": [{"$literal": doc} for doc in docs]}
+
+
+# A command family's handler: None lets the command through to the upstream unchanged.
+Handler = Callable[[Request], Awaitable[dict[str, Any] | None]]

@@ -15,11 +15,16 @@ attempt's reply, as the other write commands are.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.branching.commands import mainwrite, write
-from proxy.branching.commands.base import SESSION_FIELDS, Request, carry, cursor_reply
+from proxy.branching.commands.base import (
+    SESSION_FIELDS,
+    Handler,
+    Request,
+    carry,
+    cursor_reply,
+)
 from proxy.branching.errors import CommandError
 
 # Carried from the bulkWrite onto each per-namespace command it runs. Not txnNumber:
@@ -62,7 +67,6 @@ def _kind(op: Any, n_ns: int) -> tuple[str, int]:
                        "Unrecognized bulkWrite op: needs insert, update or delete")
 
 
-Handler = Callable[[Request], Awaitable[dict[str, Any] | None]]
 _BRANCH: dict[str, Handler] = {"insert": write.insert, "update": write.update,
                                "delete": write.delete}
 _MAIN: dict[str, Handler] = {"insert": mainwrite.insert, "update": mainwrite.update,
@@ -229,5 +233,9 @@ async def bulk_write(req: Request) -> dict[str, Any]:
 
 async def bulk_write_on_main(req: Request) -> dict[str, Any] | None:
     """The main port: forwarded as it is unless main has children, whose views each
-    operation must first preserve."""
-    return await bulk_write(req) if mainwrite.active(req) else None
+    operation must first preserve (or the capture does: mainwrite.captured)."""
+    if not mainwrite.active(req):
+        return None
+    if mainwrite.captured(req):
+        return await mainwrite.through_capture(req)
+    return await bulk_write(req)

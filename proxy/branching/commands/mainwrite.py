@@ -21,7 +21,8 @@ from typing import Any
 from bson import ObjectId
 
 from proxy.branching import merge, naming, snapshot
-from proxy.branching.commands.base import Request, coll_name
+from proxy.branching.capture import now_of
+from proxy.branching.commands.base import Handler, Request, coll_name
 from proxy.branching.commands.write import same
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
@@ -34,7 +35,7 @@ REFUSED = ("applyOps", "mapReduce", "convertToCapped",
            "cloneCollectionAsCapped", "emptycapped", "cloneCollection")
 # Every command the main port routes here while main has children (bulkWrite runs each
 # of its operations through the handlers below: commands/bulkwrite.py).
-NAMES = frozenset((*WRITES, *DDL, *REFUSED, "aggregate", "bulkWrite"))
+NAMES = frozenset((*WRITES, *DDL, *REFUSED, "aggregate", "bulkWrite", "commitTransaction"))
 BATCH = 1000
 # Fields of a write command that describe the statement list, not the session.
 _STMT_LISTS = ("documents", "updates", "deletes")
@@ -43,6 +44,63 @@ _STMT_LISTS = ("documents", "updates", "deletes")
 def active(req: Request) -> bool:
     """Whether main has children, so that its writes must be preserved for them first."""
     return req.engine.intercepting_main()
+
+
+def captured(req: Request) -> bool:
+    """Whether the capture preserves every write to main (capture.py), so that a write
+    needs no reading beforehand."""
+    capture = req.engine.capture
+    return capture is not None and capture.exact
+
+
+async def through_capture(req: Request) -> dict[str, Any]:
+    """A document write while the capture preserves main's changes: the command runs as
+    the client sent it, under main's fence, and is answered once the capture has copied
+    up what it changed into the children, so no child reads the new value before."""
+    capture = req.engine.capture
+    assert capture is not None
+    async with req.engine.fence(naming.MAIN).hold("w"):
+        # A write that creates a collection: children keep not showing it (an upstream
+        # may not report an implicit creation in its change stream).
+        for db, coll in _targets(req):
+            await snapshot.before_collection_write(req.engine, None, db, coll)
+        reply = await req.run.reply(req.db, {k: v for k, v in req.cmd.items() if k != "$db"})
+        if not _in_txn(req):  # a transaction's writes reach the stream when it commits
+            at = now_of(reply)
+            if at is not None:
+                await capture.reached(at)
+            else:
+                await capture.barrier()
+    return reply
+
+
+def _targets(req: Request) -> list[tuple[str, str]]:
+    """The collections a document write may create."""
+    if req.name == "bulkWrite":
+        infos = req.cmd.get("nsInfo")
+        return [tuple(i["ns"].split(".", 1)) for i in infos  # type: ignore[misc]
+                if isinstance(i, dict) and isinstance(i.get("ns"), str) and "." in i["ns"]
+                ] if isinstance(infos, list) else []
+    if req.name in ("insert", "update", "findAndModify", "findandmodify") \
+            and isinstance(req.cmd.get(req.name), str):
+        return [(req.db, req.cmd[req.name])]
+    return []
+
+
+def _either(intercepted: Handler) -> Handler:
+    """A document write: through the capture when it is exact, else intercepted."""
+    async def handler(req: Request) -> dict[str, Any] | None:
+        if not active(req):
+            return None
+        if captured(req):
+            return await through_capture(req)
+        return await intercepted(req)
+    return handler
+
+
+async def commit_transaction(req: Request) -> dict[str, Any] | None:
+    """A transaction's writes appear in the change stream at its commit."""
+    return await through_capture(req) if active(req) and captured(req) else None
 
 
 def _in_txn(req: Request) -> bool:
@@ -424,6 +482,8 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
         db, target = target.get("db", db), target.get("coll")
     if not isinstance(target, str) or not isinstance(db, str):
         return None
+    if "$merge" in last and captured(req):
+        return await through_capture(req)
     async with req.engine.writing_main():
         req.engine.main_collections.clear()
         await snapshot.freeze(req.engine, naming.MAIN, db, [target])
@@ -438,8 +498,9 @@ async def refused(req: Request) -> dict[str, Any] | None:
                        "mongobranch cannot preserve what it changes for them")
 
 
-HANDLERS = {
-    "insert": insert, "update": update, "delete": delete,
-    "findAndModify": find_and_modify, "findandmodify": find_and_modify,
-    "aggregate": aggregate, **dict.fromkeys(DDL, ddl), **dict.fromkeys(REFUSED, refused),
+HANDLERS: dict[str, Handler] = {
+    "insert": _either(insert), "update": _either(update), "delete": _either(delete),
+    "findAndModify": _either(find_and_modify), "findandmodify": _either(find_and_modify),
+    "commitTransaction": commit_transaction, "aggregate": aggregate,
+    **dict.fromkeys(DDL, ddl), **dict.fromkeys(REFUSED, refused),
 }

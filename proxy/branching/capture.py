@@ -1,0 +1,452 @@
+"""Main's changes, captured from the upstream's change stream (docs/ARCHITECTURE.md,
+"Capture").
+
+Every write that reaches the upstream (through the main port, from another
+application, from a shell on the cluster) appears in one cluster-wide change stream
+with its pre-image. For each document event the capture copies the pre-image up into
+every child of main forked before the event (snapshot.preserve: nothing for a child
+that already owns the document), then logs the change in main's WAL. Collection-level
+events that cannot be preserved after the fact (a drop, a rename, a dropDatabase made
+behind the proxy's back) are recorded on the children they break, which then report
+their isolation as inexact; a collection created after a child's fork is pinned absent
+in it.
+
+A child's read is exact when the capture has processed every event up to the moment
+the read starts: `barrier()` asks the upstream for its current operation time and
+waits until the stream has passed it (an empty batch's postBatchResumeToken carries the
+time of writes the stream's filter leaves out, so an idle stream passes it at once; a
+write of the proxy's own wakes it when the last write was one it does not report).
+
+The stream's resume token is persisted after each batch, and every captured WAL entry
+carries its event's token: after a restart the capture resumes after the newest of the
+two, so nothing is missed and nothing is logged twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import bson
+from bson.timestamp import Timestamp
+from pymongo.errors import OperationFailure, PyMongoError
+
+from proxy.branching import naming, snapshot
+from proxy.branching.wal import DELETE, DROP, PUT, Change
+
+if TYPE_CHECKING:
+    from proxy.branching.engine import Engine
+    from proxy.branching.model import Branch
+
+log = logging.getLogger("mongobranch.capture")
+
+# Databases whose changes are never main's data.
+SYSTEM_DBS = ("admin", "config", "local")
+DOCUMENT_OPS = ("insert", "update", "replace", "delete")
+# Collection-level events that change what a child reads and cannot be undone for it.
+BREAKING_OPS = ("drop", "rename", "dropDatabase")
+# Entries in main's WAL made by the capture name this as their client.
+CLIENT = {"app": "upstream", "via": "change stream"}
+# How long a barrier waits before writing a tick to wake an idle stream (seconds).
+TICK_AFTER = 0.02
+# Codes meaning the upstream has no change streams (a standalone, an old server).
+NO_STREAMS = (40573, 40324, 115, 59)
+HISTORY_LOST = 286
+
+
+def tkey(ts: Timestamp) -> tuple[int, int]:
+    return (ts.time, ts.inc)
+
+
+def token_time(token: Any) -> tuple[int, int] | None:
+    """The cluster time a resume token stands for. mongod's tokens are KeyStrings whose
+    first value is the event's timestamp (type byte 130, then seconds and increment as
+    big-endian 32-bit integers); SecantusDB's are BSON documents holding it as `t`."""
+    data = token.get("_data") if isinstance(token, dict) else None
+    if not isinstance(data, str):
+        return None
+    try:
+        raw = bytes.fromhex(data)
+    except ValueError:
+        return None
+    if raw[:1] == b"\x82" and len(raw) >= 9:
+        return (int.from_bytes(raw[1:5], "big"), int.from_bytes(raw[5:9], "big"))
+    try:
+        doc = bson.decode(raw)
+    except Exception:
+        return None
+    t = doc.get("t")
+    return tkey(t) if isinstance(t, Timestamp) else None
+
+
+def now_of(reply: dict[str, Any]) -> Timestamp | None:
+    """The upstream's current time as a reply states it."""
+    t = reply.get("operationTime")
+    if isinstance(t, Timestamp):
+        return t
+    clock = reply.get("$clusterTime")
+    t = clock.get("clusterTime") if isinstance(clock, dict) else None
+    return t if isinstance(t, Timestamp) else None
+
+
+@dataclass
+class Stats:
+    """What /metrics shows of the capture."""
+
+    events: int = 0
+    batches: int = 0
+    lag_seconds: float = 0.0
+    barrier_waits: int = 0
+    barrier_timeouts: int = 0
+    unpreservable: int = 0
+    lags: list[float] = field(default_factory=list)
+
+
+class Capture:
+    def __init__(self, engine: Engine, *, pre_images: bool = True, history: bool = True,
+                 await_ms: int = 1000, barrier_timeout: float = 30.0):
+        self.engine = engine
+        self.coll = engine.meta["capture"]
+        # Whether the proxy may turn on changeStreamPreAndPostImages (the operator's
+        # choice): without pre-images an update or delete cannot be preserved.
+        self.pre_images = pre_images
+        self.history = history
+        self.await_ms = await_ms
+        self.barrier_timeout = barrier_timeout
+        self.running = False
+        # Why the capture is not running (None while it is).
+        self.why: str | None = "not started"
+        self.position: tuple[int, int] = (0, 0)
+        self.token: dict[str, Any] | None = None
+        self.since_lsn: int | None = None
+        self.stats = Stats()
+        self._waiters: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._enabled: set[str] = set()
+        self._warned: set[str] = set()
+
+    # -- life cycle ----------------------------------------------------------------------
+    async def start(self) -> bool:
+        """Open the stream where the last run left off (or now); False, with the reason
+        logged, when the upstream offers no change streams."""
+        doc = await self.coll.find_one({"_id": "main"}) or {}
+        token = doc.get("token")
+        logged = await self.engine.wal.first({"b": naming.MAIN, "ev": {"$exists": True}},
+                                             newest=True) if self.history else None
+        if logged is not None and (token is None or (token_time(logged["ev"]) or (0, 0))
+                                   > (token_time(token) or (0, 0))):
+            token = logged["ev"]
+        self.token = token
+        try:
+            reply = await self._open()
+        except OperationFailure as exc:
+            if exc.code == HISTORY_LOST and token is not None:
+                log.error("the change stream cannot resume where the capture stopped (the "
+                          "upstream's oplog no longer holds it): writes made meanwhile are "
+                          "lost to main's children and history; capture restarts now")
+                self._break_all("changes made while the proxy was down were not captured")
+                self.token = None
+                reply = await self._open()
+            else:
+                self.why = f"the upstream offers no change stream ({exc.details or exc})"
+                log.warning("capture of main's changes is off: %s; writes that reach the "
+                            "upstream without the proxy show through in branches", self.why)
+                return False
+        if "since_lsn" not in doc:
+            self.since_lsn = await self.engine.wal.current()
+            await self.coll.update_one({"_id": "main"}, {"$set": {
+                "since_lsn": self.since_lsn,
+                "since": dt.datetime.now(dt.UTC).replace(tzinfo=None)}}, upsert=True)
+        else:
+            self.since_lsn = int(doc["since_lsn"])
+        self.running = True
+        self.why = None
+        if self.pre_images and self.children():
+            await self.enable_pre_images()
+        self._task = asyncio.create_task(self._run(reply))
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.running = False
+        self.why = "stopped"
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters.clear()
+
+    @property
+    def exact(self) -> bool:
+        """Whether every write to main, whoever makes it, is preserved for children."""
+        return self.running and self.pre_images
+
+    def children(self) -> list[Branch]:
+        return [b for b in self.engine.branches.values()
+                if b.parent == naming.MAIN and not b.creating]
+
+    # -- the stream ------------------------------------------------------------------------
+    def _spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"allChangesForCluster": True, "showExpandedEvents": True,
+                                "fullDocument": "whenAvailable",
+                                "fullDocumentBeforeChange": "whenAvailable"}
+        if self.token is not None:
+            spec["startAfter"] = self.token
+        return spec
+
+    def _filter(self) -> dict[str, Any]:
+        return {"$match": {
+            "ns.db": {"$nin": [*SYSTEM_DBS, self.engine.meta_db]},
+            "ns.coll": {"$not": {"$regex": f"^({naming.PREFIX}|system\\.)"}}}}
+
+    async def _open(self) -> dict[str, Any]:
+        return await self.engine.client.admin.command({
+            "aggregate": 1, "pipeline": [{"$changeStream": self._spec()}, self._filter()],
+            "cursor": {}})
+
+    async def _run(self, reply: dict[str, Any] | None) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                if reply is None:
+                    reply = await self._open()
+                cursor = reply["cursor"]
+                await self._batch(cursor.get("firstBatch", []), cursor.get("postBatchResumeToken"))
+                while cursor.get("id"):
+                    more = await self.engine.client.admin.command({
+                        "getMore": cursor["id"], "collection": "$cmd.aggregate",
+                        "maxTimeMS": self.await_ms})
+                    cursor = more["cursor"]
+                    await self._batch(cursor.get("nextBatch", []),
+                                      cursor.get("postBatchResumeToken"))
+                    backoff = 0.1
+                reply = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reply = None
+                if isinstance(exc, OperationFailure) and exc.code == HISTORY_LOST:
+                    self._break_all("the change stream lost its place in the upstream's oplog")
+                    self.token = None
+                log.warning("change stream interrupted (%s); resuming in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _batch(self, events: list[dict[str, Any]], pbrt: Any) -> None:
+        """Apply a batch, then move the position (and wake the reads waiting for it).
+        The token is persisted only after events: a batch that only moved the
+        postBatchResumeToken holds nothing a restart would have to replay."""
+        if events:
+            await self._apply(events)
+            self.token = events[-1]["_id"]
+            self.position = max(self.position, tkey(events[-1]["clusterTime"]))
+            wall = events[-1].get("wallTime")
+            if isinstance(wall, dt.datetime):
+                lag = (dt.datetime.now(dt.UTC).replace(tzinfo=None) - wall).total_seconds()
+                self.stats.lag_seconds = max(lag, 0.0)
+                self.stats.lags.append(self.stats.lag_seconds)
+                del self.stats.lags[:-1000]
+            self.stats.events += len(events)
+            self.stats.batches += 1
+        else:
+            self.stats.lag_seconds = 0.0
+        if pbrt is not None:
+            self.token = pbrt
+            at = token_time(pbrt)
+            if at is not None:
+                self.position = max(self.position, at)
+        if events:
+            await self.coll.update_one({"_id": "main"}, {"$set": {"token": self.token}},
+                                       upsert=True)
+        self._wake()
+
+    def _wake(self) -> None:
+        keep = []
+        for target, fut in self._waiters:
+            if fut.done():
+                continue
+            if target <= self.position:
+                fut.set_result(None)
+            else:
+                keep.append((target, fut))
+        self._waiters = keep
+
+    # -- applying events ---------------------------------------------------------------------
+    async def _apply(self, events: list[dict[str, Any]]) -> None:
+        """Preserve and log a batch, in order: document events in runs between the
+        collection-level ones."""
+        run: list[tuple[tuple[int, int], Change, bool]] = []
+        for ev in events:
+            op = ev.get("operationType")
+            ns_doc = ev.get("ns") or {}
+            db, coll = ns_doc.get("db"), ns_doc.get("coll")
+            at = tkey(ev["clusterTime"])
+            extra = {"ct": ev["clusterTime"], "ev": ev["_id"]}
+            if isinstance(ev.get("wallTime"), dt.datetime):
+                extra["ts"] = ev["wallTime"]
+            if op in DOCUMENT_OPS and isinstance(db, str) and isinstance(coll, str):
+                ns = f"{db}.{coll}"
+                key = ev.get("documentKey") or {}
+                if "_id" not in key:
+                    continue
+                pre = None if op == "insert" else ev.get("fullDocumentBeforeChange")
+                post = None if op == "delete" else ev.get("fullDocument")
+                change = Change(ns, key["_id"], DELETE if op == "delete" else PUT, pre, post,
+                                extra)
+                run.append((at, change, op != "insert" and pre is None))
+                continue
+            await self._documents(run)
+            run = []
+            if op == "create" and isinstance(db, str) and isinstance(coll, str):
+                await self._created(at, db, coll)
+            elif op in BREAKING_OPS and isinstance(db, str):
+                await self._broken(at, op, db, coll, extra)
+            elif op == "invalidate":
+                self.token = None
+        await self._documents(run)
+
+    def _eligible(self, at: tuple[int, int]) -> list[Branch]:
+        """Children of main forked before this time: the change is not in their view."""
+        return [kid for kid in self.children()
+                if kid.fork_ct is None or tkey(kid.fork_ct) < at]
+
+    async def _documents(self, run: list[tuple[tuple[int, int], Change, bool]]) -> None:
+        if not run:
+            return
+        groups: list[tuple[list[Branch], list[Change]]] = []
+        for at, change, missing in run:
+            kids = self._eligible(at)
+            if missing:
+                if kids:
+                    self._unpreservable(change.ns, kids)
+                continue
+            if groups and [k.bid for k in groups[-1][0]] == [k.bid for k in kids]:
+                groups[-1][1].append(change)
+            else:
+                groups.append((kids, [change]))
+        for kids, changes in groups:
+            if kids:
+                await snapshot.preserve(self.engine, naming.MAIN, changes, kids=kids)
+        if self.history:
+            await self.engine.wal.append(naming.MAIN, [c for _, c, _ in run], CLIENT)
+
+    def _unpreservable(self, ns: str, kids: Iterable[Branch]) -> None:
+        """An update or delete arrived without its pre-image: the children forked before
+        it may now show the new document."""
+        self.stats.unpreservable += 1
+        for kid in kids:
+            self._break(kid, f"{ns}: a change arrived without its pre-image "
+                             "(changeStreamPreAndPostImages is off for it)")
+
+    async def _created(self, at: tuple[int, int], db: str, coll: str) -> None:
+        """A collection created after a child's fork stays absent in that child."""
+        if self.pre_images and self.children():
+            await self._enable(db, coll)
+        for kid in self._eligible(at):
+            await snapshot.pin_absent(self.engine, kid, db, coll)
+
+    async def _broken(self, at: tuple[int, int], op: str, db: str, coll: Any,
+                      extra: dict[str, Any]) -> None:
+        """A drop or rename the proxy did not make (it freezes its own first): the data
+        is gone from the base, so each child still reading it says so."""
+        colls = [coll] if isinstance(coll, str) else None
+        for kid in self._eligible(at):
+            if snapshot.reads_base(self.engine, kid, db, colls):
+                self._break(kid, f"{op} of {db}{'.' + coll if isinstance(coll, str) else ''} "
+                                 "on the upstream, not through the proxy")
+        if self.history:
+            ns = f"{db}.{coll}" if isinstance(coll, str) else f"{db}.*"
+            await self.engine.wal.append(naming.MAIN, [Change(ns, None, DROP, None, None,
+                                                              extra)], CLIENT)
+
+    def _break(self, kid: Branch, why: str) -> None:
+        if why not in kid.breaks:
+            kid.breaks.append(why)
+            log.warning("branch %s is no longer an exact snapshot: %s", kid.name, why)
+            asyncio.get_running_loop().create_task(self.engine.save_branch(kid))
+
+    def _break_all(self, why: str) -> None:
+        for kid in self.children():
+            self._break(kid, why)
+
+    # -- pre-images ------------------------------------------------------------------------
+    async def enable_pre_images(self) -> None:
+        """Turn on changeStreamPreAndPostImages for every collection of main, so that an
+        update or delete made after a child's fork arrives with what the child shows."""
+        dbs = await self.engine.client.admin.command({"listDatabases": 1, "nameOnly": True})
+        for entry in dbs.get("databases", []):
+            db = entry.get("name")
+            if not isinstance(db, str) or db in (*SYSTEM_DBS, self.engine.meta_db) or not db:
+                continue
+            async for batch in self.engine.pool.batches(db, {
+                    "listCollections": 1, "filter": {"type": "collection"}}):
+                for spec in batch:
+                    name = spec.get("name")
+                    if not isinstance(name, str) or name.startswith(("system.",
+                                                                     naming.PREFIX)):
+                        continue
+                    on = (spec.get("options") or {}).get("changeStreamPreAndPostImages", {})
+                    if on.get("enabled"):
+                        self._enabled.add(f"{db}.{name}")
+                    else:
+                        await self._enable(db, name)
+
+    async def _enable(self, db: str, coll: str) -> None:
+        ns = f"{db}.{coll}"
+        if ns in self._enabled:
+            return
+        try:
+            await self.engine.pool(db, {"collMod": coll,
+                                        "changeStreamPreAndPostImages": {"enabled": True}})
+            self._enabled.add(ns)
+        except PyMongoError as exc:
+            if ns not in self._warned:
+                self._warned.add(ns)
+                log.warning("cannot turn on pre-images for %s (%s): an update or delete of "
+                            "it made behind the proxy's back cannot be preserved", ns, exc)
+        except Exception as exc:  # the engine's runner raises CommandError
+            if ns not in self._warned:
+                self._warned.add(ns)
+                log.warning("cannot turn on pre-images for %s (%s)", ns, exc)
+
+    # -- exact reads -------------------------------------------------------------------------
+    async def clock(self) -> Timestamp | None:
+        """The upstream's current time (None: its replies carry none)."""
+        return now_of(await self.engine.client.admin.command("ping"))
+
+    async def barrier(self) -> None:
+        """Wait until every write the upstream acknowledged before now is preserved."""
+        if not self.running:
+            return
+        at = await self.clock()
+        if at is not None:
+            await self.reached(at)
+
+    async def reached(self, at: Timestamp) -> None:
+        """Wait until the capture has processed every event up to this time."""
+        target = tkey(at)
+        if not self.running or target <= self.position:
+            return
+        self.stats.barrier_waits += 1
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(fut), TICK_AFTER)
+            return
+        # The last write before `at` may be one the stream's filter leaves out and
+        # nothing has come since: a write of the proxy's own moves the stream past it.
+        await self.coll.update_one({"_id": "tick"}, {"$inc": {"n": 1}}, upsert=True)
+        try:
+            await asyncio.wait_for(fut, self.barrier_timeout)
+        except TimeoutError:
+            self.stats.barrier_timeouts += 1
+            log.warning("the capture of main's changes is %.1f s behind: a read on a branch "
+                        "went ahead without waiting for it (it may show a later write to main)",
+                        self.barrier_timeout)
