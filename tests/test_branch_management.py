@@ -46,8 +46,8 @@ def test_create_list_show_delete(proxy: ProxyProcess, made: Branches) -> None:
     assert isinstance(created, dict)
     assert set(created) == {"name", "parent", "port", "uri", "mode", "fork_lsn", "created_at",
                             "isolation"}
-    # Writes reaching the upstream without the proxy are not captured (no change stream).
-    assert created["isolation"] == "proxy-writes-only"
+    # Every write to main, through the proxy or not, is preserved (the change stream).
+    assert created["isolation"] == "snapshot"
     assert created["name"] == name and created["parent"] == "main"
     lo, hi = proxy.branch_ports or (0, 0)
     assert lo <= created["port"] <= hi

@@ -234,6 +234,12 @@ async def parent_collection(engine: Engine, branch: Branch, db: str,
     return None if owner is None else dict(owner.options)
 
 
+def _comparable(options: dict[str, Any]) -> dict[str, Any]:
+    """Collection options that make a recreated collection another one: pre-images are
+    turned on for main's collections by the capture itself (capture.py)."""
+    return {k: v for k, v in options.items() if k != "changeStreamPreAndPostImages"}
+
+
 async def collection_change(engine: Engine, branch: Branch,
                             state: NsState) -> dict[str, Any] | None:
     """For a collection the branch dropped (and maybe recreated): the change a merge
@@ -242,7 +248,7 @@ async def collection_change(engine: Engine, branch: Branch,
     theirs = await parent_collection(engine, branch, state.db, state.coll)
     if not state.present:
         return None if theirs is None else {"ns": ns, "collection": "dropped"}
-    if theirs is not None and theirs == state.options:
+    if theirs is not None and _comparable(theirs) == _comparable(state.options):
         return None  # documents and indexes carry the rest
     return {"ns": ns, "collection": "recreated"}
 

@@ -45,9 +45,10 @@ async def create(req: Request) -> dict[str, Any]:
         raise req.unsupported("creating a view")
     async with req.engine.writing(req.on_branch):
         if await exists(req, coll):
-            state = req.engine.state(req.on_branch, req.db, coll)
-            current = state.options if state is not None and state.base_dropped else {}
-            if options and options != current:
+            # mongod accepts a create of an existing collection only with its options.
+            shown = (await visible_collections(req)).get(coll) or {}
+            current = dict(shown.get("options") or {})
+            if options != current:
                 raise CommandError(48, "NamespaceExists",
                                    f"Collection {req.db}.{coll} already exists.")
             return {"ok": 1.0}
