@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,7 @@ class Capture:
         self._task: asyncio.Task[None] | None = None
         self._enabled: set[str] = set()
         self._warned: set[str] = set()
+        self._ticking: asyncio.Future[Any] | None = None
 
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> bool:
@@ -218,14 +220,21 @@ class Capture:
                 if reply is None:
                     reply = await self._open()
                 cursor = reply["cursor"]
-                await self._batch(cursor.get("firstBatch", []), cursor.get("postBatchResumeToken"))
-                while cursor.get("id"):
-                    more = await self.engine.client.admin.command({
-                        "getMore": cursor["id"], "collection": "$cmd.aggregate",
-                        "maxTimeMS": self.await_ms})
-                    cursor = more["cursor"]
-                    await self._batch(cursor.get("nextBatch", []),
-                                      cursor.get("postBatchResumeToken"))
+                events = cursor.get("firstBatch", [])
+                while True:
+                    # The next batch is fetched while this one is applied.
+                    more = asyncio.create_task(self._more(cursor)) if cursor.get("id") \
+                        else None
+                    try:
+                        await self._batch(events, cursor.get("postBatchResumeToken"))
+                    except BaseException:
+                        if more is not None:
+                            more.cancel()
+                        raise
+                    if more is None:
+                        break
+                    cursor = (await more)["cursor"]
+                    events = cursor.get("nextBatch", [])
                     backoff = 0.1
                 reply = None
             except asyncio.CancelledError:
@@ -238,6 +247,11 @@ class Capture:
                 log.warning("change stream interrupted (%s); resuming in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _more(self, cursor: dict[str, Any]) -> dict[str, Any]:
+        return await self.engine.client.admin.command({
+            "getMore": cursor["id"], "collection": "$cmd.aggregate",
+            "maxTimeMS": self.await_ms})
 
     async def _batch(self, events: list[dict[str, Any]], pbrt: Any) -> None:
         """Apply a batch, then move the position (and wake the reads waiting for it).
@@ -262,10 +276,14 @@ class Capture:
             at = token_time(pbrt)
             if at is not None:
                 self.position = max(self.position, at)
-        if events:
+        if events and not self._logged(events[-1]):
             await self.coll.update_one({"_id": "main"}, {"$set": {"token": self.token}},
                                        upsert=True)
         self._wake()
+
+    def _logged(self, event: dict[str, Any]) -> bool:
+        """Whether main's WAL holds this event's token (start() resumes after it)."""
+        return self.history and event.get("operationType") in (*DOCUMENT_OPS, *BREAKING_OPS)
 
     def _wake(self) -> None:
         keep = []
@@ -298,9 +316,12 @@ class Capture:
                     continue
                 pre = None if op == "insert" else ev.get("fullDocumentBeforeChange")
                 post = None if op == "delete" else ev.get("fullDocument")
+                missing = op != "insert" and pre is None
+                if missing:
+                    extra["nopre"] = True  # main's state before it is not known
                 change = Change(ns, key["_id"], DELETE if op == "delete" else PUT, pre, post,
                                 extra)
-                run.append((at, change, op != "insert" and pre is None))
+                run.append((at, change, missing))
                 continue
             await self._documents(run)
             run = []
@@ -437,16 +458,27 @@ class Capture:
         self.stats.barrier_waits += 1
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(fut), TICK_AFTER)
+        deadline = time.monotonic() + self.barrier_timeout
+        seen = self.position
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fut), TICK_AFTER)
+                return
+            if self.position == seen:
+                # Nothing came: the last write before `at` may be one the stream's filter
+                # leaves out. A write of the proxy's own moves the stream past it.
+                await self._tick()
+            seen = self.position
+        self.stats.barrier_timeouts += 1
+        log.warning("the capture of main's changes is %.1f s behind: a read on a branch went "
+                    "ahead without waiting for it (it may show a later write to main)",
+                    self.barrier_timeout)
+
+    async def _tick(self) -> None:
+        """One tick at a time, however many reads wait."""
+        if self._ticking is not None and not self._ticking.done():
+            await asyncio.shield(self._ticking)
             return
-        # The last write before `at` may be one the stream's filter leaves out and
-        # nothing has come since: a write of the proxy's own moves the stream past it.
-        await self.coll.update_one({"_id": "tick"}, {"$inc": {"n": 1}}, upsert=True)
-        try:
-            await asyncio.wait_for(fut, self.barrier_timeout)
-        except TimeoutError:
-            self.stats.barrier_timeouts += 1
-            log.warning("the capture of main's changes is %.1f s behind: a read on a branch "
-                        "went ahead without waiting for it (it may show a later write to main)",
-                        self.barrier_timeout)
+        self._ticking = asyncio.ensure_future(
+            self.coll.update_one({"_id": "tick"}, {"$inc": {"n": 1}}, upsert=True))
+        await asyncio.shield(self._ticking)

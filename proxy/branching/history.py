@@ -24,6 +24,7 @@ from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner
 from proxy.branching.wal import (
     DELETE,
+    DROP,
     HOLDS,
     KEEP,
     OWN,
@@ -681,8 +682,7 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
     do not hide them); a document the parent had not changed by then gets the parent's
     own image from then: the pre-image of its first later change."""
     if parent == MAIN or parent is None:
-        raise BranchError(400, "a branch of main at a past point is not possible: changes "
-                               "made on main are not in the WAL")
+        return await _create_main_at(engine, name, at, port)
     source = engine.get(str(parent))
     lsn = await resolve_point(engine, at)
     await gc.check_point(engine, lsn)
@@ -713,6 +713,82 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
             await _restore_at(engine, source, branch, lsn, then, any_later)
 
     return await engine.create_branch(name, source.name, port, source.mode, then=restore)
+
+
+async def _create_main_at(engine: Engine, name: Any, at: Any, port: Any) -> Branch:
+    """A branch of main at a past point, from main's history the capture logs
+    (capture.py): every document main changed since then gets back the pre-image of its
+    first later change (absent: it did not exist then)."""
+    capture = engine.capture
+    if capture is None or not capture.exact or not capture.history:
+        why = capture.why if capture is not None and capture.why else \
+            "capture is off or cannot have pre-images"
+        raise BranchError(400, "a branch of main at a past point needs main's history from "
+                               f"the change stream ({why})")
+    lsn = await resolve_point(engine, at)
+    await gc.check_point(engine, lsn)
+    since = capture.since_lsn or 0
+    if lsn < since:
+        raise BranchError(409, f"main's history starts at LSN {since} (when its capture "
+                               f"began); LSN {lsn} is before it")
+    later = {"b": MAIN, "_id": {"$gt": lsn}}
+    marker = await engine.wal.first({**later, "op": DROP})
+    if marker is not None:
+        raise BranchError(409, f"{marker['ns']} was dropped or renamed on main after that "
+                               "point; a branch at that point is not supported")
+    blind = await engine.wal.first({**later, "nopre": True})
+    if blind is not None:
+        raise BranchError(409, f"main changed {blind['ns']} after that point without a "
+                               "pre-image (pre-images were off for it): its state then is "
+                               "not known")
+
+    async def restore(branch: Branch) -> None:
+        branch.fork_lsn = lsn
+        await engine.save_branch(branch)
+        async with engine.writing(branch):
+            await _restore_main_at(engine, branch, lsn)
+
+    return await engine.create_branch(name, MAIN, port, None, then=restore)
+
+
+async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
+    """Streams the first later entry of each changed document, a batch at a time."""
+    pool = engine.pool
+    firsts = [*matching({"b": MAIN, "_id": {"$gt": lsn}}),
+              {"$match": {"op": {"$in": [PUT, DELETE]}}},
+              {"$sort": {"_id": 1}},
+              {"$group": {"_id": {"ns": "$ns", "id": "$id"}, "pre": {"$first": "$pre"},
+                          "prez": {"$first": "$prez"}}}]
+    async for batch in pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True}):
+        by_ns: dict[str, list[tuple[Any, dict[str, Any] | None]]] = {}
+        for doc in batch:
+            by_ns.setdefault(doc["_id"]["ns"], []).append(
+                (doc["_id"]["id"], image(doc, "pre")))
+        for ns, then in by_ns.items():
+            db, coll = ns.split(".", 1)
+            state = await engine.ensure_state(branch, db, coll, pool)
+            await engine.mark_dirty(state)
+            ids = [i for i, _ in then]
+            now: dict[Any, dict[str, Any]] = {}
+            for chunk in _chunks(ids):
+                async for part in pool.batches(db, {"find": coll,
+                                                    "filter": {"_id": {"$in": chunk}}}):
+                    now.update((idkey(d["_id"]), d) for d in part)
+            # The capture may have kept a later image for an id meanwhile: the image
+            # then replaces it.
+            await pool(db, {"delete": state.live, "deletes": [
+                {"q": {"_id": {"$in": ids}}, "limit": 0}]})
+            docs = [img for _, img in then if img is not None]
+            if docs:
+                await pool(db, {"insert": state.live, "documents": docs, "ordered": False})
+            await pool(db, {"insert": state.hidden, "documents": [{"_id": i} for i in ids],
+                            "ordered": False})
+            state.hide(ids)
+            await engine.wal.append(branch.bid, [
+                Change(ns, i, PUT, now.get(idkey(i)), img) if img is not None
+                else Change(ns, i, DELETE, now.get(idkey(i)), None) for i, img in then],
+                {"app": "mongobranch"})
 
 
 async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
