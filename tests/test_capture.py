@@ -1,0 +1,132 @@
+"""Capture of main's changes from the upstream's change stream (docs/ARCHITECTURE.md,
+"Capture"): writes made without the proxy are preserved for the children of main, main
+has a history to branch from, and the capture resumes after a restart."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from tests.branchutil import Branches, branches, unique
+from tests.servers import ProxyProcess, Secantus
+
+
+@pytest.fixture()
+def db_name() -> str:
+    return unique("cap").replace("-", "_")
+
+
+def contents(client: MongoClient, db: str) -> dict[Any, Any]:
+    return {d["_id"]: d for d in client[db].items.find()}
+
+
+def test_a_branch_of_main_at_a_past_point(proxy: ProxyProcess, client: MongoClient,
+                                          direct: MongoClient, made: Branches,
+                                          db_name: str) -> None:
+    """Main as it was at an LSN and at a time, whoever changed it since (the main port
+    or another application on the upstream), while main had no children."""
+    items = client[db_name].items
+    items.insert_many([{"_id": i, "v": i} for i in range(50)])
+    made.create()  # waits for the capture: main's history now holds the inserts
+    status, log = proxy.api("GET", "/branches/main/log?limit=1")
+    assert status == 200 and isinstance(log, dict)
+    point = log["entries"][0]["lsn"]
+    then = contents(client, db_name)
+    when = dt.datetime.now(dt.UTC).isoformat()
+    made.cleanup()
+    items.update_many({"_id": {"$lt": 10}}, {"$set": {"v": "later"}})
+    items.delete_many({"_id": {"$gte": 40}})
+    items.insert_one({"_id": "later"})
+    direct[db_name].items.update_one({"_id": 20}, {"$set": {"v": "behind"}})
+    direct[db_name].items.insert_one({"_id": "behind"})
+    for at in (point, when):
+        past = made.create(**{"from": "main", "at": at})
+        assert past["isolation"] == "snapshot"
+        with made.client(past) as b:
+            assert contents(b, db_name) == then, at
+            assert b[db_name].items.count_documents({}) == 50
+        items.update_one({"_id": 30}, {"$set": {"v": "after the branch"}})
+        with made.client(past) as b:
+            assert b[db_name].items.find_one({"_id": 30}) == {"_id": 30, "v": 30}
+        items.update_one({"_id": 30}, {"$set": {"v": 30}})
+    # Its diff against main names exactly what main changed since.
+    status, body = proxy.api("GET", f"/branches/{past['name']}/diff")
+    assert status == 200 and isinstance(body, dict)
+    changed = sorted(repr(c["_id"]) for c in body["changes"] if c.get("ns") == f"{db_name}.items")
+    assert changed == sorted(repr(i) for i in [*range(10), *range(40, 50), 20, "later", "behind"])
+
+
+@pytest.fixture()
+def stored(tmp_path: Path) -> Iterator[Secantus]:
+    server = Secantus(storage=str(tmp_path / "data")).start()
+    yield server
+    server.stop()
+
+
+def test_the_capture_resumes_after_a_restart(stored: Secantus) -> None:
+    """Writes made on the upstream while the proxy is down are preserved for the
+    children when it comes back, from the persisted resume token."""
+    proxy = ProxyProcess(stored.uri, meta_db="mb_capture_restart").start()
+    db = "caprestart"
+    try:
+        with MongoClient(stored.uri) as direct, branches(proxy) as made:
+            direct[db].items.insert_many([{"_id": i, "v": i} for i in range(20)])
+            kid = made.create()
+            with made.client(kid) as c:
+                expected = contents(c, db)
+            assert proxy.stop() == 0
+            direct[db].items.update_many({"_id": {"$lt": 5}}, {"$set": {"v": "down"}})
+            direct[db].items.delete_one({"_id": 7})
+            direct[db].items.insert_one({"_id": "down"})
+            proxy = ProxyProcess(stored.uri, meta_db="mb_capture_restart", port=proxy.port,
+                                 admin_port=proxy.admin_port,
+                                 branch_ports=proxy.branch_ports).start()
+            made.proxy = proxy
+            with made.client(kid) as c:
+                assert contents(c, db) == expected
+            status, info = proxy.api("GET", f"/branches/{kid['name']}")
+            assert status == 200 and isinstance(info, dict)
+            assert info["isolation"] == "snapshot"
+            # Each write is in main's history once, though the stream was replayed.
+            wal = direct["mb_capture_restart"]["wal"]
+            assert wal.count_documents({"b": "main", "ns": f"{db}.items", "id": 7}) == 2
+            assert wal.count_documents({"b": "main", "ns": f"{db}.items", "id": "down"}) == 1
+    finally:
+        proxy.stop()
+
+
+def test_without_capture_branches_say_proxy_writes_only(upstream: Secantus) -> None:
+    """--no-capture: what reaches the upstream without the proxy shows through, and the
+    branch says so; main's writes through the proxy are still preserved."""
+    proxy = ProxyProcess(upstream.uri, meta_db="mb_nocapture", extra=["--no-capture"]).start()
+    db = unique("nocap").replace("-", "_")
+    try:
+        with MongoClient(proxy.uri) as m, MongoClient(upstream.uri) as direct, \
+                branches(proxy) as made:
+            m[db].items.insert_many([{"_id": i} for i in range(5)])
+            kid = made.create()
+            assert kid["isolation"] == "proxy-writes-only"
+            m[db].items.update_one({"_id": 1}, {"$set": {"v": "main port"}})
+            direct[db].items.update_one({"_id": 2}, {"$set": {"v": "behind"}})
+            with made.client(kid) as c:
+                shown = contents(c, db)
+            assert shown[1] == {"_id": 1}
+            assert shown[2] == {"_id": 2, "v": "behind"}
+            status, body = proxy.api("POST", "/branches", {"name": unique("at"),
+                                                           "from": "main", "at": 1})
+            assert status == 400 and "capture" in str(body), body
+        assert "capture of main's changes is off (--no-capture)" in proxy.read_log()
+        assert proxy.stop() == 0
+        # With the capture on from now, main's history starts now: an earlier point is
+        # refused rather than answered from a history that misses what happened then.
+        proxy = ProxyProcess(upstream.uri, meta_db="mb_nocapture").start()
+        status, body = proxy.api("POST", "/branches", {"name": unique("early"),
+                                                       "from": "main", "at": 1})
+        assert status == 409 and "main's history starts at LSN" in str(body), body
+    finally:
+        proxy.stop()
