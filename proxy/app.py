@@ -242,6 +242,8 @@ class Proxy:
                              legacy_op_query=self.engine.config.legacy_op_query.value,
                              anonymous_as_uri_user=self.anonymous_as_uri_user, tls=self.tls)
         self.engine.reroute = self.main.reroute
+        engine = self.engine
+        metrics.CAPTURE[:] = [lambda: engine.capture.stats if engine.capture else None]
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy, tokens)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -206,3 +207,36 @@ class _BranchCollector(Collector):
 
 
 REGISTRY.register(_BranchCollector())
+
+
+# The capture's figures (proxy/branching/capture.Stats), read at scrape time; set by the
+# serving layer once the engine started its capture.
+CAPTURE: list[Callable[[], Any]] = []
+
+
+class _CaptureCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        if not CAPTURE:
+            return
+        stats = CAPTURE[0]()
+        if stats is None:
+            return
+        yield GaugeMetricFamily("mongobranch_capture_lag_seconds",
+                                "Age of the newest change the capture of main applied, when "
+                                "its batch was applied (0 when the stream is idle)",
+                                value=stats.lag_seconds)
+        yield CounterMetricFamily("mongobranch_capture_events",
+                                  "Change-stream events of main the capture applied",
+                                  value=stats.events)
+        yield CounterMetricFamily("mongobranch_capture_barrier_waits",
+                                  "Branch reads (and main-port writes) that waited for the "
+                                  "capture", value=stats.barrier_waits)
+        yield CounterMetricFamily("mongobranch_capture_barrier_timeouts",
+                                  "Branch reads that went ahead without the capture catching up",
+                                  value=stats.barrier_timeouts)
+        yield CounterMetricFamily("mongobranch_capture_unpreservable",
+                                  "Changes of main that arrived without their pre-image",
+                                  value=stats.unpreservable)
+
+
+REGISTRY.register(_CaptureCollector())

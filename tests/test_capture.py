@@ -5,6 +5,7 @@ has a history to branch from, and the capture resumes after a restart."""
 from __future__ import annotations
 
 import datetime as dt
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,12 @@ def test_a_branch_of_main_at_a_past_point(proxy: ProxyProcess, client: MongoClie
     assert status == 200 and isinstance(body, dict)
     changed = sorted(repr(c["_id"]) for c in body["changes"] if c.get("ns") == f"{db_name}.items")
     assert changed == sorted(repr(i) for i in [*range(10), *range(40, 50), 20, "later", "behind"])
+    with urllib.request.urlopen(f"{proxy.admin_url}/metrics") as reply:
+        scraped = reply.read().decode()
+    events = [line for line in scraped.splitlines()
+              if line.startswith("mongobranch_capture_events_total ")]
+    assert events and float(events[0].split()[1]) >= 50
+    assert "mongobranch_capture_lag_seconds " in scraped
 
 
 @pytest.fixture()

@@ -30,7 +30,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import bson
@@ -105,7 +105,6 @@ class Stats:
     barrier_waits: int = 0
     barrier_timeouts: int = 0
     unpreservable: int = 0
-    lags: list[float] = field(default_factory=list)
 
 
 class Capture:
@@ -265,8 +264,6 @@ class Capture:
             if isinstance(wall, dt.datetime):
                 lag = (dt.datetime.now(dt.UTC).replace(tzinfo=None) - wall).total_seconds()
                 self.stats.lag_seconds = max(lag, 0.0)
-                self.stats.lags.append(self.stats.lag_seconds)
-                del self.stats.lags[:-1000]
             self.stats.events += len(events)
             self.stats.batches += 1
         else:
