@@ -58,6 +58,8 @@ TICK_AFTER = 0.02
 # Codes meaning the upstream has no change streams (a standalone, an old server).
 NO_STREAMS = (40573, 40324, 115, 59)
 HISTORY_LOST = 286
+# Seconds of cluster time the capture may trail main-port writes before they wait for it.
+MAX_LAG = 1
 
 
 def tkey(ts: Timestamp) -> tuple[int, int]:
@@ -349,11 +351,18 @@ class Capture:
                 groups[-1][1].append(change)
             else:
                 groups.append((kids, [change]))
+        # The children's keep entries and main's changes go to the WAL in one insert,
+        # keeps first. A crash before it leaves the copies unlogged and main's changes
+        # too: start-up rebuilds the overlays without them and the capture replays the
+        # events, copying them again.
+        keeps: list[tuple[str, list[Change]]] = []
         for kids, changes in groups:
             if kids:
-                await snapshot.preserve(self.engine, naming.MAIN, changes, kids=kids)
+                await snapshot.preserve(self.engine, naming.MAIN, changes, kids=kids,
+                                        deferred=keeps)
         if self.history:
-            await self.engine.wal.append(naming.MAIN, [c for _, c, _ in run], CLIENT)
+            keeps.append((naming.MAIN, [c for _, c, _ in run]))
+        await self.engine.wal.append_groups(keeps, CLIENT)
 
     def _unpreservable(self, ns: str, kids: Iterable[Branch]) -> None:
         """An update or delete arrived without its pre-image: the children forked before
@@ -446,6 +455,11 @@ class Capture:
         at = await self.clock()
         if at is not None:
             await self.reached(at)
+
+    def behind(self, at: Timestamp) -> bool:
+        """Whether the capture trails this time by more than MAX_LAG seconds: main-port
+        writes then wait for it, so that it cannot fall ever further behind."""
+        return self.running and at.time - self.position[0] > MAX_LAG
 
     async def reached(self, at: Timestamp) -> None:
         """Wait until the capture has processed every event up to this time."""

@@ -478,12 +478,14 @@ class Engine:
     @contextlib.asynccontextmanager
     async def reading(self, branches: list[Branch]) -> AsyncIterator[None]:
         """Keeps these branches' writes (and main's) out, so none shows half preserved in a
-        child (snapshot.py). Taken root first, before any branch lock; first, what reached
-        main behind the proxy's back before now is preserved (capture.py)."""
-        if self.capture is not None:
-            await self.capture.barrier()
+        child (snapshot.py). Taken root first, before any branch lock; then what reached
+        main before now, through the proxy or not, is preserved (capture.py)."""
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.fence(MAIN).hold("r"))
+            if self.capture is not None:
+                # No main-port write is in flight now: every one acknowledged so far is
+                # at or before the upstream's current time, which the capture passes.
+                await self.capture.barrier()
             for branch in reversed(branches):
                 await stack.enter_async_context(self.fence(branch.bid).hold("r"))
             yield

@@ -71,6 +71,8 @@ async def log(engine: Engine, name: str, limit: int = 100,
     port while main had children (docs/ARCHITECTURE.md, "Snapshots")."""
     if name == MAIN:
         engine.check_ready()
+        if engine.capture is not None:
+            await engine.capture.barrier()  # main's writes so far are in its log
         bid, voids = MAIN, []
     else:
         branch = engine.get(name)
@@ -725,6 +727,8 @@ async def _create_main_at(engine: Engine, name: Any, at: Any, port: Any) -> Bran
             "capture is off or cannot have pre-images"
         raise BranchError(400, "a branch of main at a past point needs main's history from "
                                f"the change stream ({why})")
+    # Every write made before now is logged first, so a time resolves among all of them.
+    await capture.barrier()
     lsn = await resolve_point(engine, at)
     await gc.check_point(engine, lsn)
     since = capture.since_lsn or 0

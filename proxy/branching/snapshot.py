@@ -71,11 +71,13 @@ class Fence:
 
 
 async def preserve(engine: Engine, parent: str, changes: list[Change],
-                   kids: list[Branch] | None = None) -> int:
+                   kids: list[Branch] | None = None,
+                   deferred: list[tuple[str, list[Change]]] | None = None) -> int:
     """Copy up the pre-images of a branch's (or main's) changes into each child (or each
     of `kids`) that has not diverged on them; returns the number of documents copied.
     Runs before the changes are logged (on main: before they are applied, or, captured
-    from the change stream, before a child may read past them)."""
+    from the change stream, before a child may read past them). With `deferred`, the
+    children's `keep` entries are left there for the caller to log with its own."""
     if kids is None:
         kids = _children(engine, parent)
     if not kids:
@@ -93,7 +95,7 @@ async def preserve(engine: Engine, parent: str, changes: list[Change],
             if engine.branches.get(kid.name) is not kid:
                 return 0  # dropped meanwhile
             for ns, by_id in firsts.items():
-                copied += await _copy_up(engine, kid, ns, list(by_id.values()))
+                copied += await _copy_up(engine, kid, ns, list(by_id.values()), deferred)
         return copied
 
     # Children are independent of one another: their copies run side by side.
@@ -109,7 +111,8 @@ def independent(state: NsState | None) -> bool:
     return state is not None and (state.base_dropped or state.detached)
 
 
-async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change]) -> int:
+async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change],
+                   deferred: list[tuple[str, list[Change]]] | None = None) -> int:
     db, coll = ns.split(".", 1)
     state = engine.state(kid, db, coll)
     if independent(state):
@@ -121,13 +124,15 @@ async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change]) 
     if state is None:
         state = await engine.ensure_state(kid, db, coll, engine.pool)
     await engine.mark_dirty(state)
-    await _keep(engine, kid, state, [(c.id, c.pre) for c in fresh])
+    await _keep(engine, kid, state, [(c.id, c.pre) for c in fresh], deferred)
     return len(fresh)
 
 
 async def _keep(engine: Engine, kid: Branch, state: NsState,
-                images: list[tuple[Any, dict[str, Any] | None]]) -> None:
-    """Make the child own these ids with these images (None: absent), logged as keeps."""
+                images: list[tuple[Any, dict[str, Any] | None]],
+                deferred: list[tuple[str, list[Change]]] | None = None) -> None:
+    """Make the child own these ids with these images (None: absent), logged as keeps
+    (or left in `deferred` for the caller's one insert)."""
     docs = [img for _, img in images if img is not None]
     ids = [i for i, _ in images]
     if docs:
@@ -135,8 +140,13 @@ async def _keep(engine: Engine, kid: Branch, state: NsState,
     await _insert(engine, state.db, state.hidden, [{"_id": i} for i in ids])
     state.hide(ids)
     ns = f"{state.db}.{state.coll}"
-    await engine.wal.append(kid.bid, [Change(ns, i, KEEP, img, img) for i, img in images],
-                            SYSTEM)
+    keeps = [Change(ns, i, KEEP, img, img) for i, img in images]
+    if deferred is not None:
+        for keep in keeps:
+            keep.extra = {"client": SYSTEM}
+        deferred.append((kid.bid, keeps))
+    else:
+        await engine.wal.append(kid.bid, keeps, SYSTEM)
 
 
 async def freeze(engine: Engine, parent: str, db: str, colls: list[str], *,

@@ -148,23 +148,34 @@ class Wal:
 
         A retryable write's reply rides on its last entry, so a retry after a restart
         is answered from the log instead of being applied again."""
-        if not changes:
+        return await self.append_groups([(bid, changes)], client, txn, reply)
+
+    async def append_groups(self, groups: list[tuple[str, list[Change]]],
+                            client: dict[str, Any], txn: dict[str, Any] | None = None,
+                            reply: dict[str, Any] | None = None) -> int:
+        """Several branches' changes in one insert, in order (the capture logs the
+        children's copy-ups and main's change together: one round trip, not one per
+        child)."""
+        total = sum(len(changes) for _, changes in groups)
+        if not total:
             return 0
-        first = await self.reserve(len(changes))
+        first = await self.reserve(total)
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        docs = []
-        for i, change in enumerate(changes):
-            doc: dict[str, Any] = {"_id": Int64(first + i), "b": bid, "ns": change.ns,
-                                   "id": change.id, "op": change.op, "ts": now, "client": client}
-            if change.pre is not None:
-                doc["pre"] = change.pre
-            if change.post is not None:
-                doc["post"] = change.post
-            if change.extra:
-                doc.update(change.extra)
-            if txn is not None:
-                doc["txn"] = txn
-            docs.append(doc)
+        docs: list[dict[str, Any]] = []
+        for bid, changes in groups:
+            for change in changes:
+                doc: dict[str, Any] = {"_id": Int64(first + len(docs)), "b": bid,
+                                       "ns": change.ns, "id": change.id, "op": change.op,
+                                       "ts": now, "client": client}
+                if change.pre is not None:
+                    doc["pre"] = change.pre
+                if change.post is not None:
+                    doc["post"] = change.post
+                if change.extra:
+                    doc.update(change.extra)
+                if txn is not None:
+                    doc["txn"] = txn
+                docs.append(doc)
         if txn is not None and reply is not None:
             docs[-1]["reply"] = reply
         try:
@@ -175,7 +186,7 @@ class Wal:
             if not any(e.get("code") == TOO_LARGE for e in exc.details.get("writeErrors", [])):
                 raise
             await self._insert_fitted(docs)
-        return first + len(changes) - 1
+        return first + total - 1
 
     async def _insert_fitted(self, docs: list[dict[str, Any]]) -> None:
         """Entries over the BSON limit: a document near 16 MiB, or an update's pre- and

@@ -55,8 +55,10 @@ def captured(req: Request) -> bool:
 
 async def through_capture(req: Request) -> dict[str, Any]:
     """A document write while the capture preserves main's changes: the command runs as
-    the client sent it, under main's fence, and is answered once the capture has copied
-    up what it changed into the children, so no child reads the new value before."""
+    the client sent it, under main's fence. A child's command takes that fence too and
+    then waits for the capture to pass the upstream's current time (Engine.reading), so
+    it either runs before this write or sees it preserved; the write itself need not
+    wait for the capture, unless the capture has fallen behind (backpressure)."""
     capture = req.engine.capture
     assert capture is not None
     async with req.engine.fence(naming.MAIN).hold("w"):
@@ -65,12 +67,9 @@ async def through_capture(req: Request) -> dict[str, Any]:
         for db, coll in _targets(req):
             await snapshot.before_collection_write(req.engine, None, db, coll)
         reply = await req.run.reply(req.db, {k: v for k, v in req.cmd.items() if k != "$db"})
-        if not _in_txn(req):  # a transaction's writes reach the stream when it commits
-            at = now_of(reply)
-            if at is not None:
-                await capture.reached(at)
-            else:
-                await capture.barrier()
+    at = now_of(reply)
+    if at is not None and not _in_txn(req) and capture.behind(at):
+        await capture.reached(at)
     return reply
 
 
