@@ -15,6 +15,7 @@ from pymongo import MongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from tests import rawwire
+from tests.branchutil import branches
 from tests.servers import ProxyProcess
 
 _names = itertools.count()
@@ -174,20 +175,23 @@ def test_aggregate_over_a_large_overlay(proxy: ProxyProcess, direct: MongoClient
         direct.drop_database(db_name)
 
 
-def test_values_that_look_like_expressions_stay_values(branch: tuple[Any, Any]) -> None:
+def test_values_that_look_like_expressions_stay_values(proxy: ProxyProcess,
+                                                       branch: tuple[Any, Any]) -> None:
     """Strings starting with '$' and documents with '$' keys pass through the proxy's own
     server-side steps (unique checks, distinct merging, listCollections filters) as data,
     never evaluated as field paths or operators."""
-    db, base = branch
+    _, base = branch
     base.people.update_one({"_id": 0}, {"$set": {"email": "$5 off"}})
-    with pytest.raises(DuplicateKeyError) as info:
-        db.people.insert_one({"_id": 50, "email": "$5 off", "team": 7, "seat": 1})
-    assert info.value.details["keyValue"] == {"email": "$5 off"}
-    db.people.update_one({"_id": 1}, {"$set": {"email": "$x"}})
-    emails = db.people.distinct("email")
-    assert "$5 off" in emails and "$x" in emails and len(emails) == 10
-    db.create_collection("checked", validator={"n": {"$type": "int"}})
-    assert db.checked.options() == {"validator": {"n": {"$type": "int"}}}
+    with branches(proxy) as made, made.client(made.create()) as client:
+        db = client[base.name]  # a branch made after the base holds the value
+        with pytest.raises(DuplicateKeyError) as info:
+            db.people.insert_one({"_id": 50, "email": "$5 off", "team": 7, "seat": 1})
+        assert info.value.details["keyValue"] == {"email": "$5 off"}
+        db.people.update_one({"_id": 1}, {"$set": {"email": "$x"}})
+        emails = db.people.distinct("email")
+        assert "$5 off" in emails and "$x" in emails and len(emails) == 10
+        db.create_collection("checked", validator={"n": {"$type": "int"}})
+        assert db.checked.options() == {"validator": {"n": {"$type": "int"}}}
 
 
 def test_concurrent_retries_of_one_write_apply_it_once(branch: tuple[Any, Any]) -> None:

@@ -189,7 +189,7 @@ def test_reset_and_create_at(proxy: ProxyProcess, client: MongoClient, made: Bra
     (("merge", "BRANCH", "--into", "elsewhere"),
      "branch 'BRANCH' merges into its parent 'main', not 'elsewhere'", 2),
     (("log", "BRANCH", "--limit", "0"), "limit must be 1-10000, got 0", 2),
-    (("create", "NEW", "--at", "1"), "a branch of main at a past point is not possible", 2),
+    (("create", "NEW", "--at", "-1"), "LSN must not be negative", 2),
     (("create", "NEW", "--from", "BRANCH", "--at", "later"), "not an LSN or ISO-8601 time", 2),
 ])
 def test_api_errors_exit_codes(proxy: ProxyProcess, made: Branches, args: tuple[str, ...],
