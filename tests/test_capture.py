@@ -5,6 +5,7 @@ has a history to branch from, and the capture resumes after a restart."""
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,5 +136,49 @@ def test_without_capture_branches_say_proxy_writes_only(upstream: Secantus) -> N
         status, body = proxy.api("POST", "/branches", {"name": unique("early"),
                                                        "from": "main", "at": 1})
         assert status == 409 and "main's history starts at LSN" in str(body), body
+    finally:
+        proxy.stop()
+
+
+def test_sigkill_before_the_capture_preserved_a_write(stored: Secantus) -> None:
+    """Writes acknowledged on the upstream but not yet preserved when the proxy dies
+    (it is stopped, so its capture cannot have run; then SIGKILLed): after the restart
+    every child of main still shows main as at its fork. Then writes through the main
+    port, killed right after their acknowledgment, whatever the capture had done."""
+    proxy = ProxyProcess(stored.uri, meta_db="mb_capture_kill").start()
+    db = "capkill"
+    try:
+        with MongoClient(stored.uri) as direct, branches(proxy) as made:
+            direct[db].items.insert_many([{"_id": i, "v": i} for i in range(40)])
+            kids = [made.create(), made.create()]
+            with made.client(kids[1]) as c:
+                c[db].items.update_one({"_id": 3}, {"$set": {"v": "kid"}})
+            expected = []
+            for kid in kids:
+                with made.client(kid) as c:
+                    expected.append(contents(c, db))
+            proxy.signal(signal.SIGSTOP)
+            direct[db].items.update_many({"_id": {"$lt": 10}}, {"$set": {"v": "stopped"}})
+            direct[db].items.delete_many({"_id": {"$gte": 30}})
+            direct[db].items.insert_one({"_id": "stopped"})
+            proxy.kill()
+            proxy = ProxyProcess(stored.uri, meta_db="mb_capture_kill", port=proxy.port,
+                                 admin_port=proxy.admin_port,
+                                 branch_ports=proxy.branch_ports).start()
+            made.proxy = proxy
+            for kid, want in zip(kids, expected, strict=True):
+                with made.client(kid) as c:
+                    assert contents(c, db) == want
+            with MongoClient(proxy.uri) as m:
+                m[db].items.update_many({}, {"$set": {"v": "main port"}})
+                m[db].items.insert_one({"_id": "main port"})
+            proxy.kill()
+            proxy = ProxyProcess(stored.uri, meta_db="mb_capture_kill", port=proxy.port,
+                                 admin_port=proxy.admin_port,
+                                 branch_ports=proxy.branch_ports).start()
+            made.proxy = proxy
+            for kid, want in zip(kids, expected, strict=True):
+                with made.client(kid) as c:
+                    assert contents(c, db) == want
     finally:
         proxy.stop()

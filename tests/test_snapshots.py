@@ -409,16 +409,21 @@ def _contents(coll: Any) -> list[Any]:
     return sorted((repr(d) for d in coll.find()), key=str)
 
 
-@pytest.mark.parametrize("parent_kind", ["main", "branch"])
+KINDS = ["main", "upstream", "mixed", "branch"]
+
+
+@pytest.mark.parametrize("parent_kind", KINDS)
 def test_differential_branch_equals_copy_at_fork_plus_own_writes(
         proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
         db_name: str, parent_kind: str) -> None:
     """Seeded, interleaved writes on the parent and on the branch: the branch always equals
-    a plain copy of the parent taken at the fork with the branch's own writes replayed."""
-    rng = random.Random(SEED + (parent_kind == "branch"))
+    a plain copy of the parent taken at the fork with the branch's own writes replayed.
+    The parent is main written through the main port, main written straight on the
+    upstream (another application), both at random, or a WAL branch."""
+    rng = random.Random(SEED + KINDS.index(parent_kind))
     seed(client, db_name)
     client[db_name].items.insert_many([{"_id": i, "v": i, "k": i % 5} for i in range(30, 70)])
-    if parent_kind == "main":
+    if parent_kind != "branch":
         parent_uri = proxy.uri
     else:
         parent_uri = made.create()["uri"]
@@ -434,7 +439,9 @@ def test_differential_branch_equals_copy_at_fork_plus_own_writes(
             for n in range(60):
                 op = _random_op(rng, n)
                 if rng.random() < 0.5:
-                    op(p[db_name].items)
+                    behind = parent_kind == "upstream" or (
+                        parent_kind == "mixed" and rng.random() < 0.5)
+                    op(direct[db_name].items if behind else p[db_name].items)
                 else:
                     op(b[db_name].items)
                     op(ref)
