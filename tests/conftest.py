@@ -13,7 +13,10 @@ from tests.servers import ProxyProcess, Secantus
 
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[Secantus]:
-    server = Secantus().start()
+    # The whole suite shares this in-memory server, and the capture keeps pre-images of
+    # main's changes: SecantusDB's default 1 GB cache filled up in a full run
+    # (WT_CACHE_FULL on every write after it). The cap is a ceiling, not an allocation.
+    server = Secantus(extra=["--cache-size", "4G"]).start()
     yield server
     server.stop()
 

@@ -132,6 +132,7 @@ class Capture:
         self._enabled: set[str] = set()
         self._warned: set[str] = set()
         self._ticking: asyncio.Future[Any] | None = None
+        self._idle = 0.0
 
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> bool:
@@ -250,9 +251,22 @@ class Capture:
                 backoff = min(backoff * 2, 5.0)
 
     async def _more(self, cursor: dict[str, Any]) -> dict[str, Any]:
-        return await self.engine.client.admin.command({
+        """The next batch. An upstream whose awaiting getMore returns at once with nothing
+        and no progress (seen on a SecantusDB whose storage failed) would make this a
+        busy loop: such answers are spaced out, up to half a second apart."""
+        started = time.monotonic()
+        reply: dict[str, Any] = await self.engine.client.admin.command({
             "getMore": cursor["id"], "collection": "$cmd.aggregate",
             "maxTimeMS": self.await_ms})
+        batch = reply["cursor"]
+        idle = not batch.get("nextBatch") and \
+            batch.get("postBatchResumeToken") == cursor.get("postBatchResumeToken")
+        if idle and time.monotonic() - started < self.await_ms / 10_000:
+            self._idle = min(max(self._idle * 2, 0.01), 0.5)
+            await asyncio.sleep(self._idle)
+        else:
+            self._idle = 0.0
+        return reply
 
     async def _batch(self, events: list[dict[str, Any]], pbrt: Any) -> None:
         """Apply a batch, then move the position (and wake the reads waiting for it).
