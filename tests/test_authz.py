@@ -211,10 +211,12 @@ def audit_lines(proxy: ProxyProcess) -> list[dict[str, Any]]:
             if marker in line]
 
 
-def wal_users(upstream: Secantus, ids: list[Any]) -> list[Any]:
+def wal_users(upstream: Secantus, bid: str, ids: list[Any]) -> list[Any]:
+    """Who the branch's WAL says wrote these ids (main's own history, captured from the
+    change stream, names no client user)."""
     with MongoClient(upstream.uri, directConnection=True, username=ROOT, password=PW) as c:
-        return [e["client"]["user"] for e in c[META].wal.find({"ns": "app.items",
-                                                                "id": {"$in": ids}})]
+        return [e["client"]["user"] for e in c[META].wal.find(
+            {"b": bid, "ns": "app.items", "id": {"$in": ids}})]
 
 
 def test_audit_and_wal_name_the_authenticated_user(proxy: ProxyProcess, upstream: Secantus,
@@ -232,7 +234,7 @@ def test_audit_and_wal_name_the_authenticated_user(proxy: ProxyProcess, upstream
     merges = [e for e in lines if e["op"] == "mergeBranch" and e["outcome"] == "refused"]
     assert {e["user"] for e in merges} >= {"reader@admin", "writer@admin", "keeper@admin"}
     # The WAL names who wrote, as the upstream authenticated them.
-    assert wal_users(upstream, [1, 3]) == ["brancher@admin", "brancher@admin"]
+    assert wal_users(upstream, feat["bid"], [1, 3]) == ["brancher@admin", "brancher@admin"]
 
 
 def test_a_claimed_name_is_not_an_identity(upstream: Secantus, proxy: ProxyProcess,
@@ -251,7 +253,7 @@ def test_a_claimed_name_is_not_an_identity(upstream: Secantus, proxy: ProxyProce
         reply = rawwire.command(sock, {"createBranch": "claimed", "$db": "admin"},
                                 request_id=3)
         assert reply["code"] == 13, reply
-    assert wal_users(upstream, ["claimed"]) == []
+    assert wal_users(upstream, feat["bid"], ["claimed"]) == []
     attempt = [e for e in audit_lines(proxy) if e["branch"] == "claimed"]
     assert [(e["user"], e["outcome"]) for e in attempt] == [(None, "refused")]
 

@@ -5,7 +5,7 @@ The upstream here runs with `--enable-test-commands`, as pymongo's suite expects
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -42,6 +42,28 @@ def upstream_client(test_upstream: Secantus) -> Iterator[MongoClient]:
 def branch_info(test_proxy: ProxyProcess) -> Iterator[dict[str, Any]]:
     made = Branches(test_proxy)
     yield made.create(unique("conf"))
+    made.cleanup()
+
+
+# Makes a branch of main when called: its description and a client of its port.
+Fork = Callable[[], tuple[dict[str, Any], MongoClient]]
+
+
+@pytest.fixture()
+def fork(test_proxy: ProxyProcess) -> Iterator[Fork]:
+    """Branches made when a test asks, after it has seeded the base: a branch is a
+    snapshot, so data written on the upstream after its fork is not in it."""
+    made = Branches(test_proxy)
+    clients: list[MongoClient] = []
+
+    def make() -> tuple[dict[str, Any], MongoClient]:
+        info = made.create(unique("conf"))
+        clients.append(MongoClient(info["uri"], serverSelectionTimeoutMS=10000))
+        return info, clients[-1]
+
+    yield make
+    for c in clients:
+        c.close()
     made.cleanup()
 
 
@@ -102,10 +124,11 @@ def _state(client: MongoClient, db: str) -> dict[str, list[dict[str, Any]]]:
 
 @pytest.mark.parametrize("ordered,errors_only", [(False, False), (True, False), (False, True)])
 def test_client_bulk_write_on_a_branch_answers_as_the_main_port(
-        branch: MongoClient, upstream_client: MongoClient, test_proxy: ProxyProcess,
-        ordered: bool, errors_only: bool) -> None:
+        fork: Fork, upstream_client: MongoClient,
+        test_proxy: ProxyProcess, ordered: bool, errors_only: bool) -> None:
     db = unique("bulk").replace("-", "_")
     _seed(upstream_client, db)
+    _, branch = fork()
     base_before = _state(upstream_client, db)
     on_branch = branch.admin.command(_bulk(ordered, errors_only, db))
     assert _state(upstream_client, db) == base_before  # the base is never written
@@ -130,10 +153,10 @@ def test_client_bulk_write_on_a_branch_answers_as_the_main_port(
 
 
 def test_pymongo_client_bulk_write_on_a_branch_is_logged(
-        branch: MongoClient, branch_info: dict[str, Any], upstream_client: MongoClient
-) -> None:
+        fork: Fork, upstream_client: MongoClient) -> None:
     db = unique("bulk").replace("-", "_")
     _seed(upstream_client, db)
+    branch_info, branch = fork()
     result = branch.bulk_write([
         InsertOne(namespace=f"{db}.a", document={"_id": 20}),
         UpdateOne(namespace=f"{db}.b", filter={"_id": 1}, update={"$set": {"v": 7}}),
@@ -194,10 +217,12 @@ def test_documents_near_16_mib_are_stored_and_logged_on_a_branch(
     assert coll.count_documents({}) == 0
 
 
-def test_validate_on_a_branch(branch: MongoClient, upstream_client: MongoClient) -> None:
+def test_validate_on_a_branch(fork: Fork,
+                              upstream_client: MongoClient) -> None:
     name = unique("val").replace("-", "_")
     upstream_client[name].t.insert_many([{"_id": i} for i in range(5)])
     upstream_client[name].t.create_index("a")
+    _, branch = fork()
     db = branch[name]
     untouched = db.validate_collection("t")
     assert untouched["valid"] is True and untouched["nrecords"] == 5
@@ -220,10 +245,11 @@ def test_validate_on_a_branch(branch: MongoClient, upstream_client: MongoClient)
 
 
 def test_a_hint_naming_no_index_is_refused_on_a_changed_collection(
-        branch: MongoClient, upstream_client: MongoClient) -> None:
+        fork: Fork, upstream_client: MongoClient) -> None:
     name = unique("hint").replace("-", "_")
     upstream_client[name].c.insert_many([{"_id": i, "num": i} for i in range(20)])
     upstream_client[name].c.create_index([("num", -1)], name="by_num")
+    _, branch = fork()
     db = branch[name]
     db.c.insert_one({"_id": 100, "num": 100})  # the collection now differs from the base
     db.r.insert_many([{"num": i} for i in range(5)])
@@ -278,7 +304,7 @@ def _batch_sizes(uri: str, db: str, **find: Any) -> list[int]:
 
 @pytest.mark.parametrize("find", [{}, {"batch_size": 7}, {"batch_size": 3000}])
 def test_get_more_batches_on_a_branch_are_mongods(
-        branch_info: dict[str, Any], branch: MongoClient, upstream_client: MongoClient,
+        fork: Fork, upstream_client: MongoClient,
         test_proxy: ProxyProcess, find: dict[str, Any]) -> None:
     """A getMore without batchSize returns what fits 16 MiB (not a fixed count); with
     one, that many; any batch stops at 16 MiB."""
@@ -286,6 +312,7 @@ def test_get_more_batches_on_a_branch_are_mongods(
     small = [{"_id": i, "v": "s" * 10} for i in range(2500)]
     big = [{"_id": 10_000 + i, "v": "b" * (1024 * 1024)} for i in range(40)]
     upstream_client[db].c.insert_many(small + big)
+    branch_info, branch = fork()
     branch[db].c.update_one({"_id": 5}, {"$set": {"v": "t" * 10}})  # same size, changed
     assert _batch_sizes(branch_info["uri"], db, **find) == \
         _batch_sizes(test_proxy.uri, db, **find)
