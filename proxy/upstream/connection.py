@@ -260,7 +260,8 @@ class UpstreamConnection:
         return self._proto is not None
 
     async def connect(self, handshake: dict[str, Any] | None = None, *,
-                      authenticate: bool = True) -> dict[str, Any]:
+                      authenticate: bool = True,
+                      address: Address | None = None) -> dict[str, Any]:
         """Open the socket to the current primary, send the first hello and authenticate
         if configured.
 
@@ -269,11 +270,13 @@ class UpstreamConnection:
         interleaved with the proxy's. Finding the primary waits while an election is
         under way (pymongo's server selection timeout); the handshake itself is bounded
         by the connect timeout: an upstream that accepts the TCP connection but never
-        answers is as unavailable as one that refuses it.
+        answers is as unavailable as one that refuses it. `address`: that member instead
+        (the one a read preference selected).
         """
         cfg = self.config
         self.close()
-        address = await cfg.locate()
+        if address is None:
+            address = await cfg.locate()
         try:
             return await asyncio.wait_for(self._connect(address, handshake, authenticate),
                                           cfg.connect_timeout)
