@@ -58,11 +58,7 @@ from proxy.wire.framing import (
 log = logging.getLogger("mongobranch.conn")
 _connection_ids = itertools.count(1)
 
-# Never compressed, per the compression spec.
-_UNCOMPRESSIBLE = frozenset({
-    "hello", "isMaster", "ismaster", "saslStart", "saslContinue", "getnonce", "authenticate",
-    "createUser", "updateUser", "copydbSaslStart", "copydbgetnonce", "copydb",
-})
+_UNCOMPRESSIBLE = compression.UNCOMPRESSIBLE
 
 
 # Commands by which a client authenticates itself.
@@ -340,7 +336,7 @@ class ClientConnection(MessageProtocol):
                 counter = self._fast_names.get(data[_NAME_AT : data.find(b"\x00", _NAME_AT)])
                 proto = self.upstream.protocol
                 cursors = self._read_cursors
-                if (counter is not None and proto is not None
+                if (counter is not None and proto is not None and proto.compressor is None
                         and (cursors is None or counter not in _ROUTABLE
                              or not reads.wants_member_raw(data, _BODY_AT, cursors))):
                     HOT.bytes_in += len(data)
