@@ -885,7 +885,8 @@ class ClientConnection(MessageProtocol):
                         if not opened:
                             cursors.pop(cmd.get("getMore"))
                     elif name == "killCursors":
-                        for cursor_id in cmd.get("cursors") or ():
+                        killed = cmd.get("cursors")
+                        for cursor_id in killed if isinstance(killed, list) else ():
                             cursors.pop(cursor_id)
                     elif opened:
                         cursors.add(opened, address)
