@@ -179,6 +179,22 @@ def test_modes_that_allow_the_primary_read_from_it(
     assert [d["node"] for d in batch] == ["P"] * DOCS
 
 
+def test_a_read_the_primary_serves_uses_the_clients_own_connection(
+        primary_only: tuple[ProxyProcess, Secantus]) -> None:
+    """When pymongo selects the primary, the read goes on the client's own upstream
+    connection, even as the client's first command: the node sees one connection
+    opened for the client (serverStatus totalCreated), not one per member used."""
+    proxy, node = primary_only
+    with MongoClient(node.uri, directConnection=True) as direct:
+        before = direct.admin.command("serverStatus")["connections"]["totalCreated"]
+        with MongoClient(proxy.uri, serverSelectionTimeoutMS=20000) as client:
+            for mode in ("nearest", "primaryPreferred", "secondaryPreferred"):
+                assert len(_find(client, {"mode": mode})["cursor"]["firstBatch"]) == DOCS
+            assert client.rp.where.count_documents({}) == DOCS
+        after = direct.admin.command("serverStatus")["connections"]["totalCreated"]
+    assert after - before == 1
+
+
 def test_secondary_mode_without_a_secondary_fails_as_on_mongos(
         primary_only: tuple[ProxyProcess, Secantus]) -> None:
     """mongos answers FailedToSatisfyReadPreference; the primary never serves it."""

@@ -848,8 +848,6 @@ class ClientConnection(MessageProtocol):
             topology = self.upstream.config.topology
             assert topology is not None
             address = await topology.select_reader(read_preference(cmd.get("$readPreference")))
-            if address is not None and address == self.upstream.address:
-                return None  # the member selected is the primary this client is on
         if address is None:
             return None
         member = self._members.get(address)

@@ -155,8 +155,9 @@ class UpstreamTopology:
     async def select_reader(self, pref: _ServerMode) -> Address | None:
         """The member a read with this read preference goes to, chosen by pymongo's own
         server selection (tag sets, maxStalenessSeconds, the latency window), as mongos
-        chooses; None when the upstream is not a replica set (a mongos or a standalone
-        serves the read itself, on the client's own connection) or for mode primary.
+        chooses; None when that is the primary (where the client's own connection goes),
+        for mode primary, and when the upstream is not a replica set (a mongos or a
+        standalone serves the read itself, on the client's own connection).
 
         Waits for a matching member up to the selection timeout, or a second when no
         member answers at all; then FailedToSatisfyReadPreference, as mongos answers."""
@@ -183,7 +184,8 @@ class UpstreamTopology:
                         f"Could not find host matching read preference {pref.document} "
                         f"for set {topology.description.replica_set_name}: {exc}") from exc
                 continue
-            if topology.description.topology_type not in _REPLICA_SETS:
+            if (topology.description.topology_type not in _REPLICA_SETS
+                    or server.description.is_writable):
                 return None
             host, port = server.description.address
             return str(host), int(port or 27017)
