@@ -15,7 +15,9 @@ which say which member answered. The case with a primary is tested on a single n
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,6 +155,21 @@ def test_get_more_and_kill_cursors_follow_the_cursor_across_connections(
         assert {d["node"] for d in more["nextBatch"]} == {node}
         killed = other.rp.command({"killCursors": "where", "cursors": [opened["id"]]})
         assert killed["cursorsKilled"] == [opened["id"]]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not on PATH")
+def test_node_driver_reads_from_the_members(
+        members: tuple[ProxyProcess, dict[str, Secantus]], tmp_path: Path) -> None:
+    """The Node driver with readPreference=secondary in its URI: cursors paged
+    concurrently over a pool of connections each return one member's documents."""
+    from tests.test_node_clients import NODE_DIR, run_json
+    proxy, _nodes = members
+    out = run_json(["node", "readpref.js", proxy.uri + "?readPreference=secondary"],
+                   cwd=NODE_DIR, home=tmp_path)
+    for docs in out["cursors"]:
+        assert [d[0] for d in docs] == list(range(DOCS))
+        assert len({d[1] for d in docs}) == 1
+    assert out["count"] == DOCS
 
 
 @pytest.fixture(scope="module")
