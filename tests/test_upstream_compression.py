@@ -41,6 +41,8 @@ class Link:
     reply: dict[str, Any] | None = None
     requests: list[int] = field(default_factory=list)
     replies: list[int] = field(default_factory=list)
+    # The compressor ids of its OP_COMPRESSED messages, both ways.
+    compressors: set[int] = field(default_factory=set)
 
     @property
     def app(self) -> str | None:
@@ -103,6 +105,8 @@ class Relay:
                     setattr(link, first, _document(op_code, body))
                 else:
                     ops.append(op_code)
+                    if op_code == OP_COMPRESSED:
+                        link.compressors.add(body[8])
                 dst.sendall(header + body)
         except (OSError, ConnectionError):
             pass
@@ -139,24 +143,32 @@ def node() -> Iterator[Secantus]:
     server.stop()
 
 
-def test_upstream_link_is_compressed_when_the_server_accepts(node: Secantus) -> None:
+@pytest.mark.parametrize(("compressors", "expected"), [
+    ("zlib", 2), ("zstd", 3), ("snappy", 1), ("snappy,zlib", 1)])
+def test_upstream_link_is_compressed_when_the_server_accepts(
+        node: Secantus, compressors: str, expected: int) -> None:
+    """`expected`: the compressor id (snappy 1, zlib 2, zstd 3) of the first of the
+    URI's compressors, which the server (accepting them all) answers first too."""
+    offered = compressors.split(",")
+    app = f"cz-{compressors.replace(',', '-')}"
     server = ProxyProcess(node.uri, meta_db="mb_cz_server")
     relay: Relay | None = None
     proxy: ProxyProcess | None = None
     try:
         server.start()
         relay = Relay(server.port)
-        proxy = ProxyProcess(f"mongodb://127.0.0.1:{relay.port}/?compressors=zlib",
+        proxy = ProxyProcess(f"mongodb://127.0.0.1:{relay.port}/?compressors={compressors}",
                              meta_db="mb_cz_proxy").start()
-        _work(proxy.uri, "cz-accepted")
-        links = relay.of("cz-accepted")  # the client's own upstream connections
+        _work(proxy.uri, app)
+        links = relay.of(app)  # the client's own upstream connections
         assert links
         for link in links:
-            assert link.hello is not None and link.hello["compression"] == ["zlib"]
-            assert link.reply is not None and link.reply["compression"] == ["zlib"]
-            # Everything after the handshake is compressed, both ways.
+            assert link.hello is not None and link.hello["compression"] == offered
+            assert link.reply is not None and link.reply["compression"] == offered
+            # Everything after the handshake is compressed, both ways, with the first.
             assert link.requests and set(link.requests) == {OP_COMPRESSED}
             assert set(link.replies) == {OP_COMPRESSED}
+            assert link.compressors == {expected}
         # The proxy's own commands too (its health check's ping, on a raw connection).
         monitor = relay.of("mongobranch-monitor")
         assert monitor and all(link.requests and set(link.requests) == {OP_COMPRESSED}
