@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
+from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import OperationFailure
 from pymongo.read_preferences import Secondary
 
@@ -155,6 +155,19 @@ def test_get_more_and_kill_cursors_follow_the_cursor_across_connections(
         assert {d["node"] for d in more["nextBatch"]} == {node}
         killed = other.rp.command({"killCursors": "where", "cursors": [opened["id"]]})
         assert killed["cursorsKilled"] == [opened["id"]]
+
+
+async def test_async_pymongo_reads_from_the_members(
+        members: tuple[ProxyProcess, dict[str, Secantus]]) -> None:
+    proxy, _nodes = members
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        proxy.uri, readPreference="secondaryPreferred", serverSelectionTimeoutMS=20000)
+    try:
+        docs = await client.rp.where.find({}, sort=[("_id", 1)], batch_size=3).to_list()
+    finally:
+        await client.close()
+    assert [d["_id"] for d in docs] == list(range(DOCS))
+    assert {d["node"] for d in docs} in ({"A"}, {"B"})
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not on PATH")
