@@ -157,6 +157,19 @@ def test_get_more_and_kill_cursors_follow_the_cursor_across_connections(
         assert killed["cursorsKilled"] == [opened["id"]]
 
 
+def test_compressed_requests_are_routed_too(
+        members: tuple[ProxyProcess, dict[str, Secantus]]) -> None:
+    """A client that compresses its requests (OP_COMPRESSED, decompressed by the proxy
+    before it looks at them): its reads and getMores reach the members as well."""
+    proxy, _nodes = members
+    with MongoClient(proxy.uri, readPreference="secondary", compressors="zlib",
+                     serverSelectionTimeoutMS=20000) as client:
+        assert client.admin.command("hello", compression=["zlib"])["compression"] == ["zlib"]
+        docs = list(client.rp.where.find({}, sort=[("_id", 1)], batch_size=2))
+    assert [d["_id"] for d in docs] == list(range(DOCS))
+    assert {d["node"] for d in docs} in ({"A"}, {"B"})
+
+
 async def test_async_pymongo_reads_from_the_members(
         members: tuple[ProxyProcess, dict[str, Secantus]]) -> None:
     proxy, _nodes = members
