@@ -85,7 +85,10 @@ def wants_member(name: str, data: bytes, at: int, cursors: MemberCursors) -> boo
 
 
 def wants_member_raw(data: bytes, at: int, cursors: MemberCursors) -> bool:
-    """`wants_member` for a plain OP_MSG whose command name is not decoded yet."""
+    """`wants_member` for a plain OP_MSG whose command name is not decoded yet; the
+    usual case (no read preference, no cursor on another member) costs one scan."""
+    if not cursors and _READ_PREFERENCE not in data:
+        return False
     end = data.find(b"\x00", at + 5)
     try:
         name = data[at + 5 : end].decode()
