@@ -181,6 +181,10 @@ def test_upstream_link_is_compressed_when_the_server_accepts(
             relay.close()
 
 
+@pytest.mark.secantus_gap(reason="SecantusDB implements no wire compression: its hello never "
+                                 "answers `compression` (mongod accepts zlib, snappy and zstd by "
+                                 "default); the compressed link is tested above against a "
+                                 "mongobranch server")
 def test_nothing_is_compressed_when_the_server_does_not_accept(node: Secantus) -> None:
     """SecantusDB answers the offer with no `compression` field: requests stay plain,
     as a driver's do."""
