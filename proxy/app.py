@@ -240,7 +240,8 @@ class Proxy:
                              topology=self.topology, router=EngineRouter(self.engine, None),
                              stats=metrics.BRANCHES.main,
                              legacy_op_query=self.engine.config.legacy_op_query.value,
-                             anonymous_as_uri_user=self.anonymous_as_uri_user, tls=self.tls)
+                             anonymous_as_uri_user=self.anonymous_as_uri_user, tls=self.tls,
+                             read_routing=True)
         self.engine.reroute = self.main.reroute
         engine = self.engine
         metrics.CAPTURE[:] = [lambda: engine.capture.stats if engine.capture else None]

@@ -13,6 +13,15 @@ import click
 # `branch` commands, thin HTTP clients, start quickly.
 
 
+# Why the metadata cannot live elsewhere: the engine joins the WAL and the overlays
+# server-side, and checks a client's right to manage branches on its own connection.
+META_URI_REFUSED = (
+    "--meta-uri is not supported: the WAL and branch metadata (--meta-db) must be on the "
+    "--upstream deployment, beside the overlays: rebuilding an overlay is one aggregation "
+    "of the WAL with $merge into the branch's database, and a client's right to manage "
+    "branches is checked on its own upstream connection against --meta-db")
+
+
 def _run(coro: object) -> int:
     try:
         import uvloop
@@ -39,6 +48,9 @@ def main() -> None:
               help="Range of ports handed to branches.")
 @click.option("--meta-db", default="mongobranch", show_default=True,
               help="Database holding branch metadata and the WAL.")
+@click.option("--meta-uri", default=None, metavar="URI",
+              help="Not supported: the metadata and the WAL live in --meta-db on the "
+                   "upstream (see the README, Upstreams); any value is refused.")
 @click.option("--data-dir", default=".mongobranch", show_default=True,
               help="Data directory of the embedded server.")
 @click.option("--log-level", default="INFO", show_default=True,
@@ -87,7 +99,8 @@ def main() -> None:
                    "collections; off: updates and deletes made without the proxy cannot be "
                    "preserved (branches report isolation proxy-writes-only).")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
-              data_dir: str, log_level: str, advertise_host: str | None, log_format: str,
+              meta_uri: str | None, data_dir: str, log_level: str,
+              advertise_host: str | None, log_format: str,
               metrics_branch_limit: int, config_path: str | None,
               default_mode: str | None, allow_wal: bool | None,
               legacy_op_query: bool | None, gc_retention: str | None,
@@ -104,6 +117,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
     from proxy.net.tls import server_context
 
     configure(log_level, log_format)
+    if meta_uri is not None:
+        raise click.UsageError(META_URI_REFUSED)
     try:
         parse_hostport(listen)
         admin_host, admin_port = parse_hostport(admin)

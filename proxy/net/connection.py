@@ -33,7 +33,7 @@ from pymongo.errors import ConnectionFailure, NotPrimaryError, OperationFailure,
 
 from proxy import metrics
 from proxy.metrics import HOT, LATENCY_BUCKETS, PortStats, count_request, observe_latency
-from proxy.net import handshake
+from proxy.net import handshake, reads
 from proxy.net.router import Router
 from proxy.upstream.connection import (
     UpstreamConfig,
@@ -41,7 +41,7 @@ from proxy.upstream.connection import (
     UpstreamUnavailable,
     next_request_id,
 )
-from proxy.upstream.topology import STATE_CHANGE_CODES
+from proxy.upstream.topology import STATE_CHANGE_CODES, read_preference
 from proxy.wire import compression, legacy, opmsg
 from proxy.wire.bsonutil import SKIM_ELEMENTS, SKIM_OPTIONS, check_document, decode, first_key
 from proxy.wire.errors import CommandError, ProtocolError
@@ -58,11 +58,7 @@ from proxy.wire.framing import (
 log = logging.getLogger("mongobranch.conn")
 _connection_ids = itertools.count(1)
 
-# Never compressed, per the compression spec.
-_UNCOMPRESSIBLE = frozenset({
-    "hello", "isMaster", "ismaster", "saslStart", "saslContinue", "getnonce", "authenticate",
-    "createUser", "updateUser", "copydbSaslStart", "copydbgetnonce", "copydb",
-})
+_UNCOMPRESSIBLE = compression.UNCOMPRESSIBLE
 
 
 # Commands by which a client authenticates itself.
@@ -96,6 +92,7 @@ _bisect_left = bisect.bisect_left
 _perf_counter = time.perf_counter
 _skim = SKIM_ELEMENTS
 _SKIM_OPTIONS = SKIM_OPTIONS
+_ROUTABLE = reads.ROUTABLE_COUNTERS
 _FAST_NAMES_MAX = 256  # the names are the clients' to choose: the cache stays bounded
 
 # Messages queued beyond these many bytes pause reading from the client.
@@ -188,6 +185,7 @@ class ClientConnection(MessageProtocol):
         stats: PortStats | None = None,
         legacy_op_query: bool = True,
         anonymous_as_uri_user: bool = True,
+        read_cursors: reads.MemberCursors | None = None,
     ):
         super().__init__(topology.info.max_message_size_bytes)
         # Legacy OP_QUERY commands are translated to OP_MSG; off: refused, as mongod 6.0+.
@@ -210,6 +208,13 @@ class ClientConnection(MessageProtocol):
         self.connection_id = next(_connection_ids)
         self.upstream = UpstreamConnection(upstream, topology.info.max_message_size_bytes,
                                            owner=self)
+        # Reads with a read preference go to the member pymongo selects (the main port in
+        # front of a replica set); None: every request stays on the client's own upstream
+        # connection (branch ports read from the primary, where the overlay and the WAL
+        # are written: a lagging secondary would make a branch read inexact).
+        self._read_cursors = read_cursors if upstream.topology is not None else None
+        # The client's connections to other members, opened as its reads need them.
+        self._members: dict[tuple[str, int], UpstreamConnection] = {}
         self.app_name: str | None = None
         # The authenticated user, as the upstream reports it (see authenticated_user).
         self.user: str | None = None
@@ -330,7 +335,10 @@ class ClientConnection(MessageProtocol):
                     and self._reading):
                 counter = self._fast_names.get(data[_NAME_AT : data.find(b"\x00", _NAME_AT)])
                 proto = self.upstream.protocol
-                if counter is not None and proto is not None:
+                cursors = self._read_cursors
+                if (counter is not None and proto is not None and proto.compressor is None
+                        and (cursors is None or counter not in _ROUTABLE
+                             or not reads.wants_member_raw(data, _BODY_AT, cursors))):
                     HOT.bytes_in += len(data)
                     _requests[counter] += 1
                     # check_document, inlined: the body's elements, in C.
@@ -479,6 +487,8 @@ class ClientConnection(MessageProtocol):
     def _finish(self) -> None:
         """The client is gone and nothing runs for it any more."""
         self.upstream.close()
+        for member in self._members.values():
+            member.close()
         if not self._reported_closed:
             self._reported_closed = True
             if self.on_closed is not None:
@@ -523,6 +533,9 @@ class ClientConnection(MessageProtocol):
         """Whether a plain OP_MSG with this command is forwarded unchanged; remembered."""
         if name in _SLOW_NAMES or self.router.wants(name):
             return False
+        cursors = self._read_cursors
+        if cursors is not None and reads.wants_member(name, msg, _BODY_AT, cursors):
+            return False
         if len(self._fast_names) < _FAST_NAMES_MAX and msg[_BODY_AT + 4]:
             raw = msg[_NAME_AT : msg.find(b"\x00", _NAME_AT)]
             self._fast_names[raw] = name if name in _requests else "other"
@@ -543,8 +556,11 @@ class ClientConnection(MessageProtocol):
             name = sections.name
             count_request(name)
             started = time.perf_counter()
+            cursors = self._read_cursors
             if (name not in _SLOW_NAMES and self.upstream.connected
-                    and not self.router.wants(name)):
+                    and not self.router.wants(name)
+                    and (cursors is None or not reads.wants_member(name, sections.body, 0,
+                                                                   cursors))):
                 sections.validate()
                 data = msg if compressor is None else frame.to_bytes()
                 self._forward_now(data, compressor, name, sections.flags, sections.body,
@@ -778,6 +794,20 @@ class ClientConnection(MessageProtocol):
         self._req_body = body  # for retry_labels
         self._forwarding_task = name
         try:
+            cursors = self._read_cursors
+            if cursors is not None and reads.wants_member(name, body, 0, cursors):
+                try:
+                    member = await self._member_for(name, body, cursors)
+                except (CommandError, UpstreamUnavailable) as exc:
+                    if not flags & opmsg.MORE_TO_COME:
+                        self._reply(exc.to_reply() if isinstance(exc, CommandError)
+                                    else host_unreachable(str(exc), _decoded_or_none(body)),
+                                    frame, compressor, name)
+                    return
+                if member is not None:
+                    await self._forward_to_member(*member, frame, compressor, name, flags,
+                                                  cursors)
+                    return
             if not self.upstream.connected:
                 await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
             await self.upstream.send(frame.to_bytes())
@@ -798,6 +828,75 @@ class ClientConnection(MessageProtocol):
         finally:
             self._req_body = None
             self._forwarding_task = None
+
+    async def _member_for(self, name: str, body: bytes, cursors: reads.MemberCursors
+                          ) -> tuple[UpstreamConnection, tuple[str, int],
+                                     dict[str, Any]] | None:
+        """The connection to the member this request goes to, when not the primary: the
+        member pymongo selects for its read preference, or the one its cursor is on.
+
+        A client that authenticated itself keeps reading on its own connection: a
+        connection to another member would run as the URI's user, not as the client."""
+        cmd = decode(body)
+        if name in reads.CURSOR_NAMES:
+            address = cursors.find([cmd.get("getMore")] if name == "getMore"
+                                   else cmd.get("cursors"))
+        elif (self._client_authenticated or "autocommit" in cmd
+              or not reads.is_read(name, cmd)):
+            return None
+        else:
+            topology = self.upstream.config.topology
+            assert topology is not None
+            address = await topology.select_reader(read_preference(cmd.get("$readPreference")))
+        if address is None:
+            return None
+        member = self._members.get(address)
+        if member is None:
+            member = self._members[address] = UpstreamConnection(
+                self.upstream.config, self.topology.info.max_message_size_bytes)
+        if not member.connected:
+            try:
+                await member.connect(
+                    handshake.upstream_hello({"client": self.client_metadata}
+                                             if self.client_metadata else {}),
+                    authenticate=self.anonymous_as_uri_user, address=address)
+            except UpstreamUnavailable:
+                metrics.UPSTREAM_ERRORS.inc()
+                raise
+        return member, address, cmd
+
+    async def _forward_to_member(self, member: UpstreamConnection, address: tuple[str, int],
+                                 cmd: dict[str, Any], frame: Frame, compressor: int | None,
+                                 name: str, flags: int, cursors: reads.MemberCursors) -> None:
+        """Forward a request to another member and relay its replies; the cursor it opens
+        is remembered (before the client can ask for more), the one it ends forgotten."""
+        try:
+            await member.send(frame.to_bytes())
+            if flags & opmsg.MORE_TO_COME:
+                return
+            while True:
+                reply = await member.receive()
+                more = reply.op_code == OP_MSG and opmsg.flags_of(reply) & opmsg.MORE_TO_COME
+                if not more:
+                    opened = reads.cursor_id(reply)
+                    if name == "getMore":
+                        if not opened:
+                            cursors.pop(cmd.get("getMore"))
+                    elif name == "killCursors":
+                        killed = cmd.get("cursors")
+                        for cursor_id in killed if isinstance(killed, list) else ():
+                            cursors.pop(cursor_id)
+                    elif opened:
+                        cursors.add(opened, address)
+                self._write(reply, compressor, name)
+                if not more:
+                    return
+                await self._drain()
+        except UpstreamUnavailable as exc:
+            metrics.UPSTREAM_ERRORS.inc()
+            member.close()
+            if not flags & opmsg.MORE_TO_COME:
+                self._reply(host_unreachable(str(exc), cmd), frame, compressor, name)
 
     # -- handshake ----------------------------------------------------------------
     async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:

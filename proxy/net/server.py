@@ -9,6 +9,7 @@ import ssl
 from proxy.metrics import PortStats
 from proxy.net.connection import ClientConnection
 from proxy.net.handshake import Topology
+from proxy.net.reads import MemberCursors
 from proxy.net.router import Router
 from proxy.upstream.connection import UpstreamConfig
 
@@ -69,7 +70,7 @@ class Listener:
     def __init__(self, name: str, host: str, port: int, *, upstream: UpstreamConfig,
                  topology: Topology, router: Router, stats: PortStats | None = None,
                  legacy_op_query: bool = True, anonymous_as_uri_user: bool = True,
-                 tls: ssl.SSLContext | None = None):
+                 tls: ssl.SSLContext | None = None, read_routing: bool = False):
         self.name = name
         self.host = host
         self.port = port
@@ -86,6 +87,9 @@ class Listener:
         # Command names whose messages this port forwards unchanged (router.wants is
         # asked once per name), for the connections' fast path.
         self._fast_names: dict[bytes, str] = {}
+        # With read routing (the main port): the cursors this port's reads opened on
+        # members other than the primary, shared by its connections.
+        self._read_cursors = MemberCursors() if read_routing else None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -104,6 +108,7 @@ class Listener:
             on_opened=self._opened, fast_names=self._fast_names, stats=self.stats,
             legacy_op_query=self.legacy_op_query,
             anonymous_as_uri_user=self.anonymous_as_uri_user,
+            read_cursors=self._read_cursors,
         )
 
     def _opened(self, conn: ClientConnection) -> None:

@@ -8,7 +8,7 @@ import ssl
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pymongo import uri_parser
@@ -16,13 +16,14 @@ from pymongo.client_options import ClientOptions
 
 from proxy.upstream.scram import authenticate
 from proxy.upstream.topology import STATE_CHANGE_CODES, NoWritableServer, UpstreamTopology
-from proxy.wire import opmsg
-from proxy.wire.bsonutil import decode
+from proxy.wire import compression, opmsg
+from proxy.wire.bsonutil import decode, first_key
 from proxy.wire.errors import ProtocolError
 from proxy.wire.framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
     HEADER,
     HEADER_SIZE,
+    OP_COMPRESSED,
     OP_MSG,
     Frame,
     MessageProtocol,
@@ -38,6 +39,8 @@ _LENGTH = struct.Struct("<i")
 # A "not primary" reply is small: larger replies are never searched for one.
 _STATE_CHANGE_MAX = 4096
 _OP_MSG_BYTES = struct.pack("<i", OP_MSG)
+_OP_COMPRESSED_BYTES = struct.pack("<i", OP_COMPRESSED)
+_BODY_AT = HEADER_SIZE + 5  # a plain OP_MSG's command document
 
 
 def with_labels(msg: bytes, labels: list[str]) -> bytes:
@@ -72,6 +75,30 @@ def state_change(msg: bytes) -> tuple[int, dict[str, Any] | None] | None:
     return None
 
 
+def deflate(msg: bytes, compressor: int) -> bytes:
+    """A request compressed as a driver compresses it: OP_MSG only, never the handshake
+    and authentication commands the compression spec names, nor a checksummed message
+    or one whose command is not its first section (sent as is, which is always allowed)."""
+    if (msg[12:16] != _OP_MSG_BYTES or len(msg) <= _BODY_AT + 5
+            or msg[16] & opmsg.CHECKSUM_PRESENT or msg[20] != 0
+            or first_key(msg, _BODY_AT) in compression.UNCOMPRESSIBLE):
+        return msg
+    _length, request_id, response_to, op_code = HEADER.unpack_from(msg)
+    return compression.compress(Frame(request_id, response_to, op_code, msg[HEADER_SIZE:]),
+                                compressor).to_bytes()
+
+
+def inflate(msg: bytes, max_size: int) -> bytes:
+    """An OP_COMPRESSED reply as the message it holds (ProtocolError when it does not
+    decompress); any other message unchanged."""
+    if msg[12:16] != _OP_COMPRESSED_BYTES:
+        return msg
+    _length, request_id, response_to, op_code = HEADER.unpack_from(msg)
+    inner, _compressor = compression.decompress(
+        Frame(request_id, response_to, op_code, msg[HEADER_SIZE:]), max_size)
+    return inner.to_bytes()
+
+
 def next_request_id() -> int:
     return next(_request_ids) & 0x7FFFFFFF
 
@@ -91,7 +118,8 @@ class UpstreamConfig:
     validated form pymongo itself connects with: the TLS context (`tlsCAFile`,
     `tlsCertificateKeyFile`, `tlsAllowInvalidCertificates`, `tlsAllowInvalidHostnames`,
     `tlsInsecure`, ...) is pymongo's own, and so are the credentials (`authSource`,
-    `authMechanism`), `appName` and the timeouts.
+    `authMechanism`), `appName`, the timeouts and `compressors` (offered in each
+    connection's hello; the first the server accepts compresses its requests).
     """
 
     uri: str
@@ -106,6 +134,8 @@ class UpstreamConfig:
     # pymongo's socketTimeoutMS: bounds the proxy's own commands (not forwarded ones,
     # which the client's driver times itself).
     socket_timeout: float | None = None
+    # The URI's compressors, in its order, that both pymongo and the proxy implement.
+    compressors: list[str] = field(default_factory=list)
     # Where a new connection goes (the current primary) and whom to tell when that
     # server stopped taking writes; None: the first seed, as for a standalone.
     topology: UpstreamTopology | None = None
@@ -124,6 +154,7 @@ class UpstreamConfig:
         pool = options.pool_options
         cred = pool._credentials
         ctx = pool._ssl_context
+        settings = pool._compression_settings
         return cls(
             uri=uri,
             seeds=seeds,
@@ -135,6 +166,8 @@ class UpstreamConfig:
             app_name=pool.appname,
             connect_timeout=pool.connect_timeout or 20.0,
             socket_timeout=pool.socket_timeout,
+            compressors=[name for name in (settings.compressors if settings else [])
+                         if name in compression.NAMES],
             topology=topology,
         )
 
@@ -165,6 +198,9 @@ class _UpstreamProtocol(MessageProtocol):
         super().__init__(max_message_size)
         self.conn: UpstreamConnection | None = conn
         self.sink: Callable[[bytes], None] | None = None
+        # The compressor the server accepted in the handshake: requests are compressed
+        # with it and compressed replies decompressed before anyone sees them.
+        self.compressor: int | None = None
         self.transport: Any = None  # uvloop's transports are not asyncio.Transport instances
 
     def connection_made(self, transport: Any) -> None:
@@ -176,6 +212,12 @@ class _UpstreamProtocol(MessageProtocol):
         sink = self.sink
         if (sink is not None and not self._buf and len(data) >= HEADER_SIZE
                 and _LENGTH.unpack_from(data)[0] == len(data)):
+            if self.compressor is not None:
+                try:
+                    data = inflate(data, self.max_message_size)
+                except ProtocolError as exc:
+                    self.frame_error(exc)
+                    return
             conn = self.conn
             if conn is not None and (len(data) <= _STATE_CHANGE_MAX or conn._retiring):
                 data = conn._before_reply(data)
@@ -184,6 +226,12 @@ class _UpstreamProtocol(MessageProtocol):
             MessageProtocol.data_received(self, data)
 
     def message_received(self, msg: bytes) -> None:
+        if self.compressor is not None:
+            try:
+                msg = inflate(msg, self.max_message_size)
+            except ProtocolError as exc:
+                self.frame_error(exc)
+                return
         sink = self.sink
         conn = self.conn
         if conn is not None and (len(msg) <= _STATE_CHANGE_MAX or conn._retiring):
@@ -260,7 +308,8 @@ class UpstreamConnection:
         return self._proto is not None
 
     async def connect(self, handshake: dict[str, Any] | None = None, *,
-                      authenticate: bool = True) -> dict[str, Any]:
+                      authenticate: bool = True,
+                      address: Address | None = None) -> dict[str, Any]:
         """Open the socket to the current primary, send the first hello and authenticate
         if configured.
 
@@ -269,11 +318,13 @@ class UpstreamConnection:
         interleaved with the proxy's. Finding the primary waits while an election is
         under way (pymongo's server selection timeout); the handshake itself is bounded
         by the connect timeout: an upstream that accepts the TCP connection but never
-        answers is as unavailable as one that refuses it.
+        answers is as unavailable as one that refuses it. `address`: that member instead
+        (the one a read preference selected).
         """
         cfg = self.config
         self.close()
-        address = await cfg.locate()
+        if address is None:
+            address = await cfg.locate()
         try:
             return await asyncio.wait_for(self._connect(address, handshake, authenticate),
                                           cfg.connect_timeout)
@@ -315,7 +366,15 @@ class UpstreamConnection:
             hello["client"] = {"application": {"name": cfg.app_name}}
         if with_uri_credentials and cfg.username and cfg.mechanism == "DEFAULT":
             hello.setdefault("saslSupportedMechs", f"{cfg.auth_source}.{cfg.username}")
+        if cfg.compressors:
+            hello["compression"] = cfg.compressors
         reply = await self.command("admin", hello)
+        accepted = reply.get("compression")
+        if cfg.compressors and isinstance(accepted, list):
+            # As a driver: the first of its own compressors the server also named.
+            agreed = [name for name in cfg.compressors if name in accepted]
+            if agreed:
+                proto.compressor = compression.NAMES[agreed[0]]
         if with_uri_credentials and cfg.username:
             try:
                 await authenticate(self.command, cfg.username, cfg.password, cfg.auth_source,
@@ -344,10 +403,13 @@ class UpstreamConnection:
 
     # -- the synchronous fast path ---------------------------------------------------
     def write(self, data: bytes) -> None:
-        """Hand a message to the socket; UpstreamUnavailable when not connected."""
+        """Hand a message to the socket (compressed when the server agreed to it);
+        UpstreamUnavailable when not connected."""
         proto = self._proto
         if proto is None:
             raise UpstreamUnavailable(self._error)
+        if proto.compressor is not None:
+            data = deflate(data, proto.compressor)
         proto.transport.write(data)
 
     def forward(self, sink: Callable[[bytes], None]) -> None:

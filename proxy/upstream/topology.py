@@ -19,11 +19,19 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pymongo import AsyncMongoClient
-from pymongo.errors import AutoReconnect, NotPrimaryError, PyMongoError
+from pymongo.errors import AutoReconnect, ConfigurationError, NotPrimaryError, PyMongoError
 from pymongo.helpers_shared import _NOT_PRIMARY_CODES
+from pymongo.read_preferences import (
+    _MONGOS_MODES,
+    Primary,
+    _ServerMode,
+    make_read_preference,
+)
 from pymongo.server_selectors import writable_server_selector
 from pymongo.topology_description import TOPOLOGY_TYPE
 from pymongo.topology_shared import _ErrorContext
+
+from proxy.wire.errors import CommandError
 
 if TYPE_CHECKING:
     from proxy.upstream.connection import UpstreamConnection
@@ -40,8 +48,40 @@ STATE_CHANGE_CODES: frozenset[int] = frozenset(_NOT_PRIMARY_CODES)
 _SELECT_STEP = 1.0
 
 
+# Topologies whose members a read preference chooses among (a mongos or a standalone
+# serves every read itself; Unknown: not discovered yet, decided after selection).
+_REPLICA_SETS = frozenset({TOPOLOGY_TYPE.ReplicaSetNoPrimary,
+                           TOPOLOGY_TYPE.ReplicaSetWithPrimary, TOPOLOGY_TYPE.Unknown})
+
+
 class NoWritableServer(Exception):
     """Server selection found no primary (or mongos) within its timeout."""
+
+
+def read_preference(doc: Any) -> _ServerMode:
+    """A command's `$readPreference` as pymongo's own read preference, refused with
+    mongos's codes when malformed: BadValue for a bad mode or tag set, and
+    MaxStalenessOutOfRange for a maxStalenessSeconds pymongo's selection refuses."""
+    if not isinstance(doc, dict):
+        raise CommandError(14, "TypeMismatch", "$readPreference must be an object")
+    mode = doc.get("mode")
+    if mode not in _MONGOS_MODES:
+        raise CommandError(2, "BadValue", f"Unknown read preference mode: {mode!r}")
+    tags = doc.get("tags")
+    staleness = doc.get("maxStalenessSeconds", -1)
+    if isinstance(staleness, float) and staleness.is_integer():
+        staleness = int(staleness)
+    if staleness == 0:
+        staleness = -1  # as mongos: 0 means no bound
+    if isinstance(staleness, bool) or not isinstance(staleness, int) or (
+            staleness < 0 and staleness != -1):
+        raise CommandError(2, "BadValue", "maxStalenessSeconds must be a non-negative "
+                           f"integer, not {staleness!r}")
+    try:
+        return make_read_preference(_MONGOS_MODES.index(mode),
+                                    None if tags is None else list(tags), staleness)
+    except (ConfigurationError, TypeError, ValueError) as exc:
+        raise CommandError(2, "BadValue", f"invalid $readPreference: {exc}") from exc
 
 
 class UpstreamTopology:
@@ -109,6 +149,44 @@ class UpstreamTopology:
                 if down or loop.time() >= deadline:
                     raise NoWritableServer(str(exc)) from exc
                 continue
+            host, port = server.description.address
+            return str(host), int(port or 27017)
+
+    async def select_reader(self, pref: _ServerMode) -> Address | None:
+        """The member a read with this read preference goes to, chosen by pymongo's own
+        server selection (tag sets, maxStalenessSeconds, the latency window), as mongos
+        chooses; None when that is the primary (where the client's own connection goes),
+        for mode primary, and when the upstream is not a replica set (a mongos or a
+        standalone serves the read itself, on the client's own connection).
+
+        Waits for a matching member up to the selection timeout, or a second when no
+        member answers at all; then FailedToSatisfyReadPreference, as mongos answers."""
+        if isinstance(pref, Primary):
+            return None
+        topology = await self.client._get_topology()
+        if topology.description.topology_type not in _REPLICA_SETS:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.selection_timeout
+        while True:
+            step = max(0.0, min(_SELECT_STEP, deadline - loop.time()))
+            try:
+                server = await topology.select_server(pref, "mongobranch read", step)
+            except ConfigurationError as exc:
+                raise CommandError(160, "MaxStalenessOutOfRange", str(exc)) from exc
+            except PyMongoError as exc:
+                servers = topology.description.server_descriptions().values()
+                down = all(not sd.is_server_type_known and sd.error is not None
+                           for sd in servers)
+                if down or loop.time() >= deadline:
+                    raise CommandError(
+                        133, "FailedToSatisfyReadPreference",
+                        f"Could not find host matching read preference {pref.document} "
+                        f"for set {topology.description.replica_set_name}: {exc}") from exc
+                continue
+            if (topology.description.topology_type not in _REPLICA_SETS
+                    or server.description.is_writable):
+                return None
             host, port = server.description.address
             return str(host), int(port or 27017)
 

@@ -39,6 +39,13 @@ except ImportError:  # pragma: no cover - optional
     pass
 
 
+# Commands never compressed, per the compression spec (in either direction).
+UNCOMPRESSIBLE = frozenset({
+    "hello", "isMaster", "ismaster", "saslStart", "saslContinue", "getnonce", "authenticate",
+    "createUser", "updateUser", "copydbSaslStart", "copydbgetnonce", "copydb",
+})
+
+
 def negotiate(client_offers: list[str]) -> list[str]:
     """The compressors both sides support, in the client's order of preference."""
     return [name for name in client_offers if name in NAMES]
