@@ -7,7 +7,7 @@ from typing import Any
 
 import bson
 
-from proxy.branching import authz, history
+from proxy.branching import authz, history, lifecycle
 from proxy.branching.commands.base import SESSION_FIELDS, Request
 from proxy.branching.engine import MAIN
 from proxy.branching.errors import BranchError, CommandError
@@ -85,7 +85,8 @@ async def list_branches(req: Request) -> dict[str, Any]:
     engine = req.engine
     if engine.unavailable is not None:
         raise CommandError(6, "HostUnreachable", engine.unavailable)
-    return {"branches": [engine.public(b) for b in engine.branches.values()], "ok": 1.0}
+    return {"branches": [engine.public(b) for b in engine.branches.values()
+                         if b.deleted_at is None], "ok": 1.0}
 
 
 async def branch_info(req: Request) -> dict[str, Any]:
@@ -98,6 +99,7 @@ async def branch_info(req: Request) -> dict[str, Any]:
 
 async def drop_branch(req: Request) -> dict[str, Any]:
     await _may_manage(req)
+    _only(req, ("force", "purge"))
     name = _target(req)
     if req.branch is not None and req.branch.name == name:
         # Dropping closes the branch's port, which would wait on this very request.
@@ -105,10 +107,13 @@ async def drop_branch(req: Request) -> dict[str, Any]:
                            f"branch {name!r} cannot be dropped through its own port; run "
                            "dropBranch on the main port or on another branch's port")
     try:
-        await req.engine.drop_branch(name)
+        result = await lifecycle.drop(req.engine, name, force=req.cmd.get("force"),
+                                      purge=req.cmd.get("purge"))
     except BranchError as exc:
         raise as_command_error(exc) from exc
-    return {"ok": 1.0}
+    # As before lifecycle: just ok; a drop kept for restore says until when.
+    until = result.get("restorable_until")
+    return {"restorableUntil": until, "ok": 1.0} if until else {"ok": 1.0}
 
 
 # -- history -------------------------------------------------------------------------------
@@ -183,9 +188,12 @@ async def merge_branch(req: Request) -> dict[str, Any]:
         await _may_view(req)
     else:
         await _may_manage(req)
-    _only(req, ("into", "strategy", "dryRun"))
+    _only(req, ("into", "strategy", "dryRun", "force"))
     name = _target(req)
     try:
+        if req.cmd.get("dryRun") is not True:
+            branch = req.engine.get(name)
+            lifecycle.guard(req.engine, branch.parent, req.cmd.get("force"), "merging into")
         result = await history.merge(req.engine, name, req.cmd.get("into"),
                                      req.cmd.get("strategy", "abort"),
                                      req.cmd.get("dryRun", False),
@@ -203,7 +211,7 @@ async def merge_branch(req: Request) -> dict[str, Any]:
 async def reset_branch(req: Request) -> dict[str, Any]:
     """{resetBranch: name, to: LSN | ISO-8601 time}."""
     await _may_manage(req)
-    _only(req, ("to",))
+    _only(req, ("to", "force"))
     name = _target(req)
     if "to" not in req.cmd:
         raise CommandError(2, "BadValue", "resetBranch needs 'to': an LSN or an ISO-8601 time")
@@ -211,6 +219,8 @@ async def reset_branch(req: Request) -> dict[str, Any]:
     if isinstance(to, float) and to.is_integer():
         to = int(to)
     try:
+        req.engine.get(name)
+        lifecycle.guard(req.engine, name, req.cmd.get("force"), "resetting")
         return {**await history.reset(req.engine, name, to), "ok": 1.0}
     except BranchError as exc:
         raise as_command_error(exc) from exc
