@@ -389,6 +389,35 @@ def test_the_reaper_purges_after_the_retention_window(life: ProxyProcess,
     assert f"purged branch {name}" in life.read_log()
 
 
+def test_deleted_children_go_with_their_parent(life: ProxyProcess, db_name: str) -> None:
+    parent = create(life)
+    child = create(life, **{"from": parent["name"]})
+    with MongoClient(child["uri"]) as c:
+        c[db_name].items.insert_one({"_id": 1})
+    assert "has child branches" in refused(life, "DELETE", f"/branches/{parent['name']}",
+                                           None, 409)
+    with MongoClient(life.upstream) as direct:
+        kid_bid = bid_of(direct, life, child["name"])
+    ok(life, "DELETE", f"/branches/{child['name']}")
+    # A kept child does not hold its parent back: the parent is kept with it.
+    ok(life, "DELETE", f"/branches/{parent['name']}")
+    assert {parent["name"], child["name"]} <= names(life, deleted=True)
+    # Purging the parent purges the child that reads through it.
+    ok(life, "DELETE", f"/branches/{parent['name']}?purge=true")
+    assert not {parent["name"], child["name"]} & names(life, deleted=True)
+    with MongoClient(life.upstream) as direct:
+        assert overlay_collections(direct, kid_bid) == []
+    assert f"purged branch {child['name']} (its parent {parent['name']} was purged)" in \
+        life.read_log()
+    # Dropped for good at once (purge) while its child is kept: the child goes first.
+    parent = create(life)
+    child = create(life, **{"from": parent["name"]})
+    ok(life, "DELETE", f"/branches/{child['name']}")
+    assert ok(life, "DELETE", f"/branches/{parent['name']}?purge=true") == {
+        "deleted": parent["name"]}
+    assert not {parent["name"], child["name"]} & (names(life) | names(life, deleted=True))
+
+
 def test_restore_on_another_port_and_errors(life: ProxyProcess) -> None:
     branch = create(life)
     name = branch["name"]
