@@ -483,8 +483,24 @@ def test_lifecycle_survives_a_restart(life: ProxyProcess) -> None:
     ok(life, "DELETE", f"/branches/{gone['name']}")
     ok(life, "PATCH", "/branches/main", {"protected": False})
     life.stop()
+    # What a refresh cut off by a crash leaves: an old identity's overlay and WAL
+    # entries that no branch record names.
+    with MongoClient(life.upstream) as direct:
+        meta = direct["mongobranch_life"]
+        meta["namespaces"].insert_one({"_id": "deadbeef:lifeorphan.items", "bid": "deadbeef",
+                                       "db": "lifeorphan", "coll": "items"})
+        direct["lifeorphan"]["__mb_deadbeef_l_items"].insert_one({"_id": 1})
+        direct["lifeorphan"]["__mb_deadbeef_h_items"].insert_one({"_id": 1})
+        meta["wal"].insert_one({"_id": 10**12, "b": "deadbeef", "ns": "lifeorphan.items",
+                                "id": 1, "op": "put"})
     life.start()
     try:
+        assert reap(life, dt.datetime.now(dt.UTC))["orphans"] == ["deadbeef"]
+        with MongoClient(life.upstream) as direct:
+            assert overlay_collections(direct, "deadbeef") == []
+            assert direct["mongobranch_life"]["wal"].count_documents({"b": "deadbeef"}) == 0
+            assert direct["mongobranch_life"]["namespaces"].count_documents(
+                {"bid": "deadbeef"}) == 0
         shown = ok(life, "GET", f"/branches/{kept['name']}")
         assert (shown["protected"], shown["expires_at"], shown["idle_ttl"]) == (
             True, kept["expires_at"], 7200)

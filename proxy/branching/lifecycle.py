@@ -471,8 +471,32 @@ async def reap(engine: Engine, now: dt.datetime | None = None,
         audit.record("purge", branch=branch.name, user="mongobranch-reaper", client="-",
                      via="reaper", outcome="ok")
     if not dry_run:
+        async with engine.lifecycle.lock:
+            result["orphans"] = await _sweep_orphans(engine)
         engine.lifecycle.passes += 1
     return result
+
+
+async def _sweep_orphans(engine: Engine) -> list[str]:
+    """Removes overlays and WAL entries of identities no branch record names: what a
+    crash left between a refresh's switch to its new identity and its removal of the old
+    one. Under the lifecycle lock, so no refresh is half-way; a create or drop writes the
+    record before the first overlay and removes it after the last."""
+    bids = {b.bid for b in engine.branches.values()}
+    orphans = sorted({s.bid for s in engine.states.values()
+                      if s.bid not in bids and s.bid != MAIN})
+    for bid in orphans:
+        for state in [s for s in engine.states.values() if s.bid == bid]:
+            db = engine.client[state.db]
+            await db.drop_collection(state.live)
+            await db.drop_collection(state.hidden)
+            await engine.meta["namespaces"].delete_one({"_id": state.key})
+            engine.states.pop(state.key, None)
+        await engine.wal.delete_branch(bid)
+        await engine.meta["resets"].delete_many({"b": bid})
+        log.warning("removed the overlays and WAL entries of branch identity %s, which no "
+                    "branch names (left by a refresh cut off by a crash)", bid)
+    return orphans
 
 
 async def run(engine: Engine, interval: float) -> None:
