@@ -179,9 +179,19 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
         shot(driver, "05-merge-conflicts")
 
         Select(driver.find_element(By.ID, "merge-strategy")).select_by_value("ours")
-        driver.find_element(By.ID, "merge-apply").click()
-        wait(driver, lambda d: status_text(d) == f"Merged {name} into main.",
-             "the merge was not shown")
+        # Into a protected main (the serve default) only with the force box ticked.
+        api(proxy, "PATCH", "/branches/main", {"protected": True})
+        try:
+            driver.find_element(By.ID, "merge-apply").click()
+            wait(driver, lambda d: "branch 'main' is protected" in status_text(d),
+                 "the refusal for protection was not shown")
+            assert sorted(d["_id"] for d in main.find()) == [1, 2]
+            driver.find_element(By.ID, "merge-force").click()
+            driver.find_element(By.ID, "merge-apply").click()
+            wait(driver, lambda d: status_text(d) == f"Merged {name} into main.",
+                 "the merge was not shown")
+        finally:
+            api(proxy, "PATCH", "/branches/main", {"protected": False})
         assert driver.find_element(By.ID, "merge-outcome").text == f"Merged {name} into main."
         assert list(main.find().sort("_id", 1)) == [{"_id": 1, "v": "branch"},
                                                    {"_id": 3, "v": "new"}]

@@ -247,7 +247,8 @@ async function merge(dryRun) {
   let result;
   let refused = false;
   try {
-    result = await api("POST", branchPath(name, "/merge"), { strategy, dry_run: dryRun });
+    result = await api("POST", branchPath(name, "/merge"),
+      { strategy, dry_run: dryRun, force: $("merge-force").checked });
   } catch (error) {
     if (error.status !== 409 || !error.body || !error.body.conflicts) throw error;
     result = error.body;
