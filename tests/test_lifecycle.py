@@ -268,6 +268,19 @@ def test_main_is_protected_by_default(life: ProxyProcess, db_name: str) -> None:
     drop_all(life, branch["name"])
 
 
+def test_wire_create_with_lifecycle(life: ProxyProcess) -> None:
+    name = unique("wirelc")
+    with MongoClient(life.uri) as main:
+        made = main.admin.command({"createBranch": name, "ttl": "2h", "idle_ttl": 600,
+                                   "protected": True})
+        assert made["protected"] is True and made["idle_ttl"] == 600
+        assert made["expires_at"] == ok(life, "GET", f"/branches/{name}")["expires_at"]
+        with pytest.raises(OperationFailure) as exc:
+            main.admin.command({"createBranch": unique("wirelc"), "ttl": "soon"})
+        assert exc.value.code == 2 and "ttl must be a duration" in str(exc.value)
+    drop_all(life, name)
+
+
 def test_wire_drop_of_a_protected_branch(life: ProxyProcess) -> None:
     branch = create(life, protected=True)
     with MongoClient(life.uri) as main:

@@ -192,10 +192,11 @@ async def update(engine: Engine, name: str, body: dict[str, Any]) -> dict[str, A
             engine.lifecycle.main_protected = changes["protected"]
             log.info("main is %s", "protected" if changes["protected"] else "unprotected")
         return {"name": MAIN, "protected": is_protected(engine, MAIN)}
-    branch = engine.get(name)
-    changes = settings(body)
-    await apply(engine, branch, changes)
-    return engine.public(branch)
+    async with engine.lifecycle.lock:  # not under a refresh replacing the record
+        branch = engine.get(name)
+        changes = settings(body)
+        await apply(engine, branch, changes)
+        return engine.public(branch)
 
 
 async def apply(engine: Engine, branch: Branch, changes: dict[str, Any]) -> None:

@@ -22,7 +22,8 @@ def as_command_error(exc: BranchError) -> CommandError:
     return CommandError(code, name, str(exc))
 
 
-_CREATE_FIELDS = {"createBranch", "from", "port", "at", "mode", *SESSION_FIELDS}
+_CREATE_FIELDS = {"createBranch", "from", "port", "at", "mode", *lifecycle.FIELDS,
+                  *SESSION_FIELDS}
 # branchDiff answers in one document: beyond this many changes (or bytes) it refers the
 # user to the HTTP API, which streams.
 DIFF_LIMIT = 10_000
@@ -65,6 +66,7 @@ async def create_branch(req: Request) -> dict[str, Any]:
         raise CommandError(2, "BadValue",
                            f"createBranch: unknown field(s): {', '.join(unknown)}")
     try:
+        changes = lifecycle.settings({k: v for k, v in cmd.items() if k in lifecycle.FIELDS})
         if cmd.get("at") is not None:
             at = cmd["at"]
             if isinstance(at, float) and at.is_integer():
@@ -75,6 +77,7 @@ async def create_branch(req: Request) -> dict[str, Any]:
             branch = await req.engine.create_branch(cmd.get("createBranch"),
                                                     cmd.get("from", MAIN), cmd.get("port"),
                                                     cmd.get("mode"))
+        await lifecycle.apply(req.engine, branch, changes)
     except BranchError as exc:
         raise as_command_error(exc) from exc
     return {**req.engine.public(branch), "ok": 1.0}
