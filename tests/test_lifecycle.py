@@ -595,6 +595,17 @@ def test_cli_lifecycle(life: ProxyProcess) -> None:
             drop_all(life, branch["name"])
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--deleted-retention", "soon", "--deleted-retention must be a duration"),
+    ("--reap-interval", "0", "--reap-interval"),
+])
+def test_serve_refuses_bad_lifecycle_flags(flag: str, value: str, message: str) -> None:
+    done = subprocess.run([str(BIN / "mongobranch"), "serve", "--upstream",
+                           "mongodb://127.0.0.1:1/", flag, value], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr
+
+
 def test_cli_merge_into_protected_main(life: ProxyProcess, db_name: str) -> None:
     branch = create(life)
     with MongoClient(branch["uri"]) as c:

@@ -87,7 +87,7 @@ def parse_duration(value: Any, what: str) -> dt.timedelta:
     text = value.strip().lower() if isinstance(value, str) else None
     if text is None or not _DURATION.fullmatch(text):
         raise BranchError(400, f"{what} must be a duration such as 30m, 2h, 7d or 1h30m "
-                               f"(or seconds as an integer), got {value!r}")
+                               f"(in JSON also seconds as an integer), got {value!r}")
     seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", text))
     if seconds <= 0:
         raise BranchError(400, f"{what} must be longer than zero, got {value!r}")
