@@ -338,6 +338,27 @@ def test_refresh_reforks_at_the_parent_now(life: ProxyProcess, db_name: str,
         drop_all(life, child["name"], name)
 
 
+def test_refresh_is_a_new_snapshot(life: ProxyProcess, db_name: str) -> None:
+    """A collection dropped on the upstream behind the proxy's back breaks the exact
+    snapshot of a child reading it; a refresh forks anew, so the break is not its own."""
+    with MongoClient(life.uri) as main, MongoClient(life.upstream) as direct:
+        main[db_name].items.insert_one({"_id": 1})
+        branch = create(life)
+        name = branch["name"]
+        assert branch["isolation"] == "snapshot"
+        direct[db_name].drop_collection("items")
+        with MongoClient(branch["uri"]) as b:
+            b[db_name].items.find_one()  # waits for the capture to pass the drop
+        broken = ok(life, "GET", f"/branches/{name}")
+        assert broken["isolation"] == "proxy-writes-only" and broken["isolationBreaks"]
+        fresh = ok(life, "POST", f"/branches/{name}/refresh")
+        assert fresh["isolation"] == "snapshot" and "isolationBreaks" not in fresh
+        main[db_name].items.insert_one({"_id": 2})
+        with MongoClient(branch["uri"]) as b:
+            assert list(b[db_name].items.find()) == []
+        drop_all(life, name)
+
+
 def test_refresh_unknown_branch(life: ProxyProcess) -> None:
     assert "does not exist" in refused(life, "POST", "/branches/nope-x/refresh", None, 404)
 
