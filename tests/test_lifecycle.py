@@ -226,6 +226,12 @@ def test_protected_branch_needs_force(life: ProxyProcess, db_name: str) -> None:
             ("POST", f"/branches/{child['name']}/merge", {"strategy": "ours"})]:
         err = refused(life, method, path, body, 409)
         assert f"branch {name!r} is protected" in err and "force" in err
+    # Bad input is answered as such, not as a protection refusal.
+    assert "dry_run must be" in refused(life, "POST", f"/branches/{child['name']}/merge",
+                                        {"dry_run": "yes"})
+    assert "merges into its parent" in refused(life, "POST",
+                                               f"/branches/{child['name']}/merge",
+                                               {"into": "elsewhere"})
     # A dry run changes nothing: no force needed.
     assert ok(life, "POST", f"/branches/{child['name']}/merge",
               {"dry_run": True})["applied"]["insert"] == 1

@@ -188,8 +188,10 @@ def add_routes(app: web.Application, engine: Engine) -> None:
         try:
             body = await _body(request)
             _only(body, {"into", "strategy", "dry_run", "force"})
-            if body.get("dry_run") is not True:
-                branch = engine.get(request.match_info["name"])
+            branch = engine.get(request.match_info["name"])
+            # Only a merge that would write (bad input is left to merge's own 400s).
+            if body.get("dry_run", False) is False and body.get("into") in (None,
+                                                                            branch.parent):
                 lifecycle.guard(engine, branch.parent, _force(request, body), "merging into")
             result = await history.merge(engine, request.match_info["name"], body.get("into"),
                                          body.get("strategy", "abort"),

@@ -194,8 +194,9 @@ async def merge_branch(req: Request) -> dict[str, Any]:
     _only(req, ("into", "strategy", "dryRun", "force"))
     name = _target(req)
     try:
-        if req.cmd.get("dryRun") is not True:
-            branch = req.engine.get(name)
+        branch = req.engine.get(name)
+        if req.cmd.get("dryRun", False) is False and req.cmd.get("into") in (None,
+                                                                            branch.parent):
             lifecycle.guard(req.engine, branch.parent, req.cmd.get("force"), "merging into")
         result = await history.merge(req.engine, name, req.cmd.get("into"),
                                      req.cmd.get("strategy", "abort"),
