@@ -186,7 +186,10 @@ def start_stack(procs: Procs, name: str, taken: set[int], nports: int) -> Stack:
         proxy_exe, "serve", "--upstream", upstream, "--listen", f"127.0.0.1:{p_port}",
         "--admin", f"127.0.0.1:{a_port}", "--branch-ports", f"{lo}-{hi}",
         "--meta-db", META, "--data-dir", str(procs.logdir / f"data-{name}"),
-        "--log-level", "WARNING"])
+        "--log-level", "WARNING",
+        # Drops remove at once and main takes merges: the engine is measured, not branch
+        # lifecycle (whose defaults keep dropped branches, children of main included).
+        "--deleted-retention", "0", "--no-protect-main"])
     wait_port(a_port, proxy)
     wait_port(p_port, proxy)
     deadline = time.monotonic() + 30

@@ -214,7 +214,10 @@ def start_stack(procs: Procs, nports: int) -> Stack:
     proxy = procs.spawn("proxy", [
         proxy_exe, "serve", "--upstream", upstream, "--listen", f"127.0.0.1:{p_port}",
         "--admin", f"127.0.0.1:{a_port}", "--branch-ports", f"{lo}-{hi}",
-        "--meta-db", META, "--data-dir", str(procs.logdir / "data"), "--log-level", "WARNING"])
+        "--meta-db", META, "--data-dir", str(procs.logdir / "data"), "--log-level", "WARNING",
+        # Drops remove at once and main takes merges: the engine is measured, not branch
+        # lifecycle (whose defaults keep dropped branches, children of main included).
+        "--deleted-retention", "0", "--no-protect-main"])
     wait_port(a_port, proxy)
     wait_port(p_port, proxy)
     deadline = time.monotonic() + 30

@@ -18,7 +18,7 @@ from pymongo.errors import ConfigurationError, OperationFailure
 from proxy import metrics
 from proxy.admin import auth, http
 from proxy.admin import branches as branch_routes
-from proxy.branching import gc
+from proxy.branching import gc, lifecycle
 from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
 from proxy.branching.router import EngineRouter
@@ -64,6 +64,12 @@ class ServeOptions:
     # Periodic WAL retention ("7d"); None leaves gc to `mongobranch gc`.
     gc_retention: str | None = None
     gc_interval: float = 3600.0
+    # Branch lifecycle (lifecycle.py): how long a dropped branch stays restorable ("0":
+    # drops remove at once), seconds between reaper passes, and whether main is protected
+    # unless the API said otherwise.
+    deleted_retention: str = "24h"
+    reap_interval: float = lifecycle.DEFAULT_REAP_INTERVAL
+    protect_main: bool = True
     # Feature flags; None: from the environment, the config file or the default.
     config_path: str | None = None
     default_mode: str | None = None
@@ -100,6 +106,13 @@ async def connect_upstream(
         return await _connect_upstream(uri)
     except (ConfigurationError, ValueError, OSError) as exc:
         raise UpstreamConfigError(f"--upstream: {exc}") from exc
+
+
+def retention(value: str) -> dt.timedelta:
+    """--deleted-retention: a duration, or 0 for none (a drop removes the branch at once)."""
+    if value.strip() in ("0", "0s"):
+        return dt.timedelta(0)
+    return lifecycle.parse_duration(value, "--deleted-retention")
 
 
 class UpstreamConfigError(Exception):
@@ -190,6 +203,7 @@ class Proxy:
         self.ports: BranchPorts | None = None
         self._engine_retry: asyncio.Task[None] | None = None
         self._gc_task: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
         self.admin_runner: object | None = None
         self.admin_port = 0
         self.anonymous_as_uri_user = False
@@ -229,6 +243,8 @@ class Proxy:
             "legacy_op_query": opts.legacy_op_query})
         self.engine.capture_options = {"pre_images": opts.pre_images} if opts.capture \
             else None
+        self.engine.lifecycle.retention = retention(opts.deleted_retention)
+        self.engine.lifecycle.protect_main = opts.protect_main
         self.ports = BranchPorts(self, host)
         self.engine.ports = self.ports
         if not await self._start_engine():
@@ -236,6 +252,7 @@ class Proxy:
         if opts.gc_retention:
             self._gc_task = asyncio.create_task(self._periodic_gc(
                 gc.parse_duration(opts.gc_retention), opts.gc_interval))
+        self._reaper = asyncio.create_task(lifecycle.run(self.engine, opts.reap_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
                              topology=self.topology, router=EngineRouter(self.engine, None),
                              stats=metrics.BRANCHES.main,
@@ -299,7 +316,10 @@ class Proxy:
                       self.engine.unavailable)
             return False
         self.engine.unavailable = None
+        await lifecycle.load(self.engine)
         for branch in list(self.engine.branches.values()):
+            if branch.deleted_at is not None:
+                continue  # kept for restore: no port until then
             try:
                 await self.ports.open(branch)
             except OSError as exc:
@@ -327,9 +347,11 @@ class Proxy:
                 log.exception("periodic gc failed; it runs again in %.0fs", interval)
 
     async def stop(self) -> None:
-        for task in (self._engine_retry, self._gc_task):
+        for task in (self._engine_retry, self._gc_task, self._reaper):
             if task is not None:
                 task.cancel()
+        if self.engine is not None:
+            await lifecycle.save_use(self.engine)
         if self.main:
             await self.main.stop(self.options.grace)
         if self.ports:

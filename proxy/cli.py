@@ -78,6 +78,16 @@ def main() -> None:
               help="Run gc periodically with this retention (e.g. 7d).")
 @click.option("--gc-interval", default=3600.0, show_default=True, type=float,
               help="Seconds between periodic gc runs.")
+@click.option("--deleted-retention", default="24h", show_default=True, metavar="DURATION",
+              help="How long a dropped branch stays restorable (`branch restore`); 0: a "
+                   "drop removes it at once.")
+@click.option("--reap-interval", default=60.0, show_default=True,
+              type=click.FloatRange(min=0.01),
+              help="Seconds between passes of the reaper (expiry, purge of deleted "
+                   "branches).")
+@click.option("--protect-main/--no-protect-main", default=True, show_default=True,
+              help="Whether main is protected (merging into it needs force) until "
+                   "`branch unprotect main` says otherwise.")
 @click.option("--admin-token-file", default=None, metavar="PATH",
               help="Bearer tokens of the admin API, one `admin:TOKEN` or `read:TOKEN` a line "
                    "[env MONGOBRANCH_ADMIN_TOKEN_FILE; also MONGOBRANCH_ADMIN_TOKEN(S)].")
@@ -104,12 +114,13 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
               metrics_branch_limit: int, config_path: str | None,
               default_mode: str | None, allow_wal: bool | None,
               legacy_op_query: bool | None, gc_retention: str | None,
-              gc_interval: float, admin_token_file: str | None, tls_cert: str | None,
+              gc_interval: float, deleted_retention: str, reap_interval: float,
+              protect_main: bool, admin_token_file: str | None, tls_cert: str | None,
               tls_key: str | None, tls_ca: str | None,
               anonymous_as_uri_user: bool | None, capture: bool, pre_images: bool) -> None:
     """Run the proxy."""
     from proxy.admin import auth
-    from proxy.app import ServeOptions, parse_hostport, parse_range, serve
+    from proxy.app import ServeOptions, parse_hostport, parse_range, retention, serve
     from proxy.branching.errors import BranchError
     from proxy.branching.gc import parse_duration
     from proxy.config import Config, ConfigError
@@ -129,6 +140,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                                         "legacy_op_query": legacy_op_query})
         if gc_retention:
             parse_duration(gc_retention)
+        retention(deleted_retention)
         if (tls_key or tls_ca) and not tls_cert:
             raise click.UsageError("--tls-key and --tls-ca need --tls-cert")
         if tls_cert:
@@ -142,7 +154,9 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            config_path=config_path, default_mode=default_mode,
                            allow_wal=allow_wal, legacy_op_query=legacy_op_query,
                            gc_retention=gc_retention,
-                           gc_interval=gc_interval, metrics_branch_limit=metrics_branch_limit,
+                           gc_interval=gc_interval, deleted_retention=deleted_retention,
+                           reap_interval=reap_interval, protect_main=protect_main,
+                           metrics_branch_limit=metrics_branch_limit,
                            advertise_host=advertise_host,
                            anonymous_as_uri_user=anonymous_as_uri_user,
                            admin_token_file=admin_token_file, tls_cert=tls_cert,
@@ -210,7 +224,8 @@ def mcp_cmd(admin_url: str | None) -> None:
 
 # -- mongobranch branch ... : a thin client of the admin HTTP API ---------------------------
 
-BRANCH_COLUMNS = ("name", "parent", "port", "uri", "created_at")
+BRANCH_COLUMNS = ("name", "parent", "port", "uri", "created_at", "expires_at", "protected")
+DELETED_COLUMNS = ("name", "parent", "port", "deleted_at", "restorable_until")
 
 
 def _console(stderr: bool = False) -> Any:
@@ -271,14 +286,15 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _branch_table(branches: list[dict[str, Any]], title: str | None = None) -> Any:
+def _branch_table(branches: list[dict[str, Any]], title: str | None = None,
+                  columns: tuple[str, ...] = BRANCH_COLUMNS) -> Any:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for col in BRANCH_COLUMNS:
+    for col in columns:
         table.add_column(col, no_wrap=True, justify="right" if col == "port" else "left")
     for b in branches:
-        table.add_row(*(_text(b.get(col)) for col in BRANCH_COLUMNS))
+        table.add_row(*(_text(b.get(col)) for col in columns))
     return table
 
 
@@ -288,7 +304,8 @@ def _detail_table(branch: dict[str, Any]) -> Any:
     table = Table(show_header=False, title=f"branch {branch.get('name')}", title_justify="left")
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", no_wrap=True)
-    for key in ("name", "parent", "port", "uri", "mode", "fork_lsn", "created_at", "children"):
+    for key in ("name", "parent", "port", "uri", "mode", "fork_lsn", "created_at", "protected",
+                "expires_at", "idle_ttl", "last_used", "children"):
         if key in branch:
             table.add_row(key, _text(branch[key]))
     return table
@@ -323,8 +340,8 @@ admin_option = click.option("--admin", "admin_url", default=None, metavar="URL",
               "default http://127.0.0.1:9090].")
 @click.pass_context
 def branch_group(ctx: click.Context, admin_url: str | None) -> None:
-    """Create, list, show, delete, log, diff, merge and reset branches through the admin
-    API."""
+    """Create, list, show, delete, log, diff, merge and reset branches, and manage their
+    lifecycle (expire, protect, refresh, restore, reap), through the admin API."""
     ctx.obj = admin_url
 
 
@@ -340,21 +357,34 @@ def branch_group(ctx: click.Context, admin_url: str | None) -> None:
 @click.option("--mode", type=click.Choice(["wal", "copy"]), default=None,
               help="wal: copy-on-write over the parent; copy: a full copy "
               "[default: the server's default_mode flag].")
+@click.option("--ttl", default=None, metavar="DURATION",
+              help="Expire (drop) the branch this long from now: 30m, 2h, 7d, 1h30m.")
+@click.option("--expires-at", default=None, metavar="ISO",
+              help="Expire the branch at this ISO-8601 time.")
+@click.option("--idle-ttl", default=None, metavar="DURATION",
+              help="Expire the branch after this long without a client request on its port.")
+@click.option("--protected", is_flag=True, default=None,
+              help="Protect it: drop, reset, refresh and merging into it need --force.")
 @json_option
 @output_option
 @admin_option
 @click.pass_context
 def branch_create(ctx: click.Context, name: str, parent: str | None, port: int | None,
-                  at: str | None, mode: str | None, as_json: bool, output: str | None,
-                  admin_url: str | None) -> None:
+                  at: str | None, mode: str | None, ttl: str | None, expires_at: str | None,
+                  idle_ttl: str | None, protected: bool | None, as_json: bool,
+                  output: str | None, admin_url: str | None) -> None:
     """Create branch NAME. Exits 4 if it exists (see the README for every exit code)."""
     from proxy.admin.client import point
 
     output = _output(as_json, output)
     api = _client(ctx, admin_url)
+    if ttl is not None and expires_at is not None:
+        raise click.UsageError("give --ttl or --expires-at, not both")
 
     def create() -> Any:
-        return api.create_branch(name, parent, port, None if at is None else point(at), mode)
+        return api.create_branch(name, parent, port, None if at is None else point(at), mode,
+                                 ttl=ttl, expires_at=expires_at, idle_ttl=idle_ttl,
+                                 protected=protected)
 
     if mode == "copy" and output == "table":
         branch = _call(lambda: _with_progress(api, name, create))
@@ -433,19 +463,24 @@ def branch_migrate(ctx: click.Context, name: str, to: str, as_json: bool,
 
 
 @branch_group.command("list")
+@click.option("--deleted", is_flag=True,
+              help="List dropped branches still restorable (`branch restore NAME`).")
 @json_option
 @admin_option
 @click.pass_context
-def branch_list(ctx: click.Context, as_json: bool, admin_url: str | None) -> None:
+def branch_list(ctx: click.Context, deleted: bool, as_json: bool,
+                admin_url: str | None) -> None:
     """List branches."""
     api = _client(ctx, admin_url)
-    branches = sorted(_call(api.list_branches), key=lambda b: str(b.get("name")))
+    branches = sorted(_call(api.deleted_branches if deleted else api.list_branches),
+                      key=lambda b: str(b.get("name")))
     if as_json:
         _print_json(branches)
     elif not branches:
-        click.echo("no branches")
+        click.echo("no deleted branches" if deleted else "no branches")
     else:
-        _console().print(_branch_table(branches))
+        _console().print(_branch_table(branches,
+                                       columns=DELETED_COLUMNS if deleted else BRANCH_COLUMNS))
 
 
 @branch_group.command("show")
@@ -474,17 +509,159 @@ def branch_show(ctx: click.Context, name: str, as_json: bool, output: str | None
 
 @branch_group.command("delete")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="Drop it even if it is protected.")
+@click.option("--purge", is_flag=True,
+              help="Remove it for good now, not restorable (also: a deleted one).")
 @json_option
 @admin_option
 @click.pass_context
-def branch_delete(ctx: click.Context, name: str, as_json: bool, admin_url: str | None) -> None:
-    """Delete branch NAME (refused while it has child branches: exit 4; none: exit 5)."""
+def branch_delete(ctx: click.Context, name: str, force: bool, purge: bool, as_json: bool,
+                  admin_url: str | None) -> None:
+    """Delete branch NAME; it stays restorable for the server's --deleted-retention
+    (refused while it has child branches or is protected: exit 4; none: exit 5)."""
     api = _client(ctx, admin_url)
-    result = _call(lambda: api.delete_branch(name))
+    result = _call(lambda: api.delete_branch(name, force=force, purge=purge))
+    if as_json:
+        _print_json(result)
+    elif result.get("restorable_until"):
+        click.echo(f"deleted branch {name} (restorable until {result['restorable_until']}: "
+                   f"mongobranch branch restore {name})")
+    else:
+        click.echo(f"deleted branch {name}")
+
+
+# -- lifecycle: expire, protect, refresh, restore, reap ----------------------------------
+
+@branch_group.command("expire")
+@click.argument("name")
+@click.option("--ttl", default=None, metavar="DURATION", help="Expire this long from now.")
+@click.option("--at", "at", default=None, metavar="ISO", help="Expire at this ISO-8601 time.")
+@click.option("--never", is_flag=True, help="Clear its expiry (and its idle expiry).")
+@click.option("--idle-ttl", default=None, metavar="DURATION",
+              help="Expire after this long without a client request on its port.")
+@click.option("--no-idle-ttl", is_flag=True, help="Clear its idle expiry.")
+@json_option
+@admin_option
+@click.pass_context
+def branch_expire(ctx: click.Context, name: str, ttl: str | None, at: str | None, never: bool,
+                  idle_ttl: str | None, no_idle_ttl: bool, as_json: bool,
+                  admin_url: str | None) -> None:
+    """Set or clear when branch NAME expires."""
+    if sum(x is not None for x in (ttl, at)) + never > 1:
+        raise click.UsageError("give one of --ttl, --at and --never")
+    if idle_ttl is not None and (no_idle_ttl or never):
+        raise click.UsageError("--idle-ttl contradicts --no-idle-ttl and --never")
+    changes: dict[str, Any] = {}
+    if ttl is not None:
+        changes["ttl"] = ttl
+    if at is not None:
+        changes["expires_at"] = at
+    if never:
+        changes["expires_at"] = None
+    if idle_ttl is not None:
+        changes["idle_ttl"] = idle_ttl
+    if no_idle_ttl or never:
+        changes["idle_ttl"] = None
+    if not changes:
+        raise click.UsageError("give --ttl, --at, --never, --idle-ttl or --no-idle-ttl")
+    api = _client(ctx, admin_url)
+    branch = _call(lambda: api.update_branch(name, changes))
+    if as_json:
+        _print_json(branch)
+        return
+    click.echo(f"branch {name}: expires at {_text(branch.get('expires_at'))}, idle expiry "
+               f"{_text(branch.get('idle_ttl'))}" + ("" if branch.get("idle_ttl") is None
+                                                     else " s"))
+
+
+def _set_protected(ctx: click.Context, name: str, value: bool, as_json: bool,
+                   admin_url: str | None) -> None:
+    api = _client(ctx, admin_url)
+    result = _call(lambda: api.update_branch(name, {"protected": value}))
     if as_json:
         _print_json(result)
     else:
-        click.echo(f"deleted branch {name}")
+        click.echo(f"branch {name} is {'protected' if value else 'unprotected'}")
+
+
+@branch_group.command("protect")
+@click.argument("name")
+@json_option
+@admin_option
+@click.pass_context
+def branch_protect(ctx: click.Context, name: str, as_json: bool, admin_url: str | None) -> None:
+    """Protect branch NAME (or main): drop, reset, refresh and merging into it need --force."""
+    _set_protected(ctx, name, True, as_json, admin_url)
+
+
+@branch_group.command("unprotect")
+@click.argument("name")
+@json_option
+@admin_option
+@click.pass_context
+def branch_unprotect(ctx: click.Context, name: str, as_json: bool,
+                     admin_url: str | None) -> None:
+    """Remove the protection of branch NAME (or main)."""
+    _set_protected(ctx, name, False, as_json, admin_url)
+
+
+@branch_group.command("refresh")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Refresh it even if it is protected.")
+@json_option
+@output_option
+@admin_option
+@click.pass_context
+def branch_refresh(ctx: click.Context, name: str, force: bool, as_json: bool,
+                   output: str | None, admin_url: str | None) -> None:
+    """Re-fork branch NAME at its parent's current state, discarding its changes; same name
+    and port (refused while it has child branches: exit 4)."""
+    output = _output(as_json, output)
+    api = _client(ctx, admin_url)
+    _print_branch(_call(lambda: api.refresh_branch(name, force)), output)
+
+
+@branch_group.command("restore")
+@click.argument("name")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Port for the branch [default: the one it had].")
+@json_option
+@output_option
+@admin_option
+@click.pass_context
+def branch_restore(ctx: click.Context, name: str, port: int | None, as_json: bool,
+                   output: str | None, admin_url: str | None) -> None:
+    """Bring back deleted branch NAME with its data (see `branch list --deleted`)."""
+    output = _output(as_json, output)
+    api = _client(ctx, admin_url)
+    _print_branch(_call(lambda: api.restore_branch(name, port)), output)
+
+
+@branch_group.command("reap")
+@click.option("--now", default=None, metavar="ISO",
+              help="Act as if it were this time (e.g. what expires by tomorrow, with "
+                   "--dry-run).")
+@click.option("--dry-run", is_flag=True, help="Report what would go; change nothing.")
+@json_option
+@admin_option
+@click.pass_context
+def branch_reap(ctx: click.Context, now: str | None, dry_run: bool, as_json: bool,
+                admin_url: str | None) -> None:
+    """Run the reaper now: drop expired branches, purge deleted ones past retention."""
+    api = _client(ctx, admin_url)
+    result = _call(lambda: api.reap(now, dry_run))
+    if as_json:
+        _print_json(result)
+        return
+    verb = "would " if dry_run else ""
+    for item in result.get("expired") or []:
+        click.echo(f"{verb}expire {item['branch']} (due {item['due']})")
+    for name in result.get("purged") or []:
+        click.echo(f"{verb}purge {name}")
+    for item in result.get("skipped") or []:
+        click.echo(f"kept {item['branch']} (due {item['due']}): {item['reason']}")
+    if not (result.get("expired") or result.get("purged") or result.get("skipped")):
+        click.echo("nothing to reap")
 
 
 # -- history: log, diff, merge, reset ---------------------------------------------------
@@ -656,15 +833,18 @@ def branch_diff(ctx: click.Context, name: str, as_json: bool, admin_url: str | N
               show_default=True, help="On conflicts: abort the merge, take the branch's "
               "version (ours) or keep the parent's (theirs).")
 @click.option("--dry-run", is_flag=True, help="Report what would be merged; change nothing.")
+@click.option("--force", is_flag=True,
+              help="Merge into a protected parent (main is protected by default).")
 @json_option
 @admin_option
 @click.pass_context
 def branch_merge(ctx: click.Context, name: str, into: str | None, strategy: str,
-                 dry_run: bool, as_json: bool, admin_url: str | None) -> None:
-    """Merge branch NAME into its parent. Exits 4 when conflicts abort the merge."""
+                 dry_run: bool, force: bool, as_json: bool, admin_url: str | None) -> None:
+    """Merge branch NAME into its parent. Exits 4 when conflicts abort the merge, or the
+    parent is protected and --force is missing."""
     api = _client(ctx, admin_url)
     result = _call(lambda: _refused_merge_passes(
-        lambda: api.merge_branch(name, into, strategy, dry_run)))
+        lambda: api.merge_branch(name, into, strategy, dry_run, force)))
     refused = isinstance(result, _Refused)
     body = result.body if refused else result
     if as_json:
@@ -703,16 +883,17 @@ def _refused_merge_passes(fn: Callable[[], Any]) -> Any:
 @click.argument("name")
 @click.option("--to", "to", required=True, metavar="LSN|ISO",
               help="The LSN or ISO-8601 time to return the branch to.")
+@click.option("--force", is_flag=True, help="Reset it even if it is protected.")
 @json_option
 @admin_option
 @click.pass_context
-def branch_reset(ctx: click.Context, name: str, to: str, as_json: bool,
+def branch_reset(ctx: click.Context, name: str, to: str, force: bool, as_json: bool,
                  admin_url: str | None) -> None:
     """Return branch NAME to its state at an LSN or time; later entries are voided."""
     from proxy.admin.client import point
 
     api = _client(ctx, admin_url)
-    result = _call(lambda: api.reset_branch(name, point(to)))
+    result = _call(lambda: api.reset_branch(name, point(to), force))
     if as_json:
         _print_json(result)
         return

@@ -99,15 +99,17 @@ def build(admin_url: str | None = None) -> MCPServer:
     @server.tool()
     async def merge_branch(name: str, dry_run: bool = True,
                            strategy: Literal["abort", "ours", "theirs"] = "abort",
-                           ) -> dict[str, Any]:
+                           force: bool = False) -> dict[str, Any]:
         """Merge a branch's changes into its parent. dry_run (the default) only reports
         what would be applied and the conflicts; call again with dry_run=false to apply.
         A conflict is a document the parent changed after the branch did: `abort` refuses
         the whole merge (`aborted: true`, nothing changed), `ours` keeps the branch's
-        version, `theirs` the parent's."""
+        version, `theirs` the parent's. A protected parent (main is, by default) refuses
+        the merge unless force=true: ask the user before forcing it."""
         def merge() -> dict[str, Any]:
             try:
-                return {**api.merge_branch(name, None, strategy, dry_run), "aborted": False}
+                return {**api.merge_branch(name, None, strategy, dry_run, force),
+                        "aborted": False}
             except ApiError as exc:
                 if exc.status == 409 and isinstance(exc.body, dict) and \
                         "conflicts" in exc.body:
@@ -117,15 +119,18 @@ def build(admin_url: str | None = None) -> MCPServer:
         return await _api(merge)
 
     @server.tool()
-    async def reset_branch(name: str, to: str) -> dict[str, Any]:
+    async def reset_branch(name: str, to: str, force: bool = False) -> dict[str, Any]:
         """Return a branch to its state at an LSN (from branch_log; "0" is the fork
-        point) or an ISO-8601 time, undoing later writes."""
-        return await _api(lambda: api.reset_branch(name, point(to)))
+        point) or an ISO-8601 time, undoing later writes. A protected branch needs
+        force=true."""
+        return await _api(lambda: api.reset_branch(name, point(to), force))
 
     @server.tool()
-    async def drop_branch(name: str) -> dict[str, Any]:
-        """Delete a branch and its data (refused while it has child branches)."""
-        return await _api(lambda: api.delete_branch(name))
+    async def drop_branch(name: str, force: bool = False) -> dict[str, Any]:
+        """Delete a branch (refused while it has child branches; a protected one needs
+        force=true). The server may keep it restorable for a while
+        (`restorable_until`)."""
+        return await _api(lambda: api.delete_branch(name, force=force))
 
     return server
 

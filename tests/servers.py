@@ -101,6 +101,10 @@ class ProxyProcess:
     extra: list[str] = field(default_factory=list)
     # A command the proxy runs under (e.g. `unshare` with its own /etc/resolv.conf).
     wrapper: list[str] = field(default_factory=list)
+    # The suite's tests drop branches expecting them gone and merge into main freely, as
+    # before branch lifecycle existed: unless set, the proxy runs with drops removing at
+    # once and main unprotected. tests/test_lifecycle.py runs with the serve defaults.
+    lifecycle_defaults: bool = False
     proc: subprocess.Popen[bytes] | None = None
     log: str = ""
 
@@ -120,6 +124,8 @@ class ProxyProcess:
                 "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
                 "--branch-ports", f"{self.branch_ports[0]}-{self.branch_ports[1]}",
                 "--meta-db", self.meta_db, "--log-level", "INFO", *self.extra]
+        if not self.lifecycle_defaults:
+            args += ["--deleted-retention", "0", "--no-protect-main"]
         if not self.log:
             self.log = tempfile.mktemp(prefix="mongobranch-", suffix=".log")
         with open(self.log, "ab") as out:

@@ -70,6 +70,8 @@ def test_probes_stay_open(guarded: ProxyProcess) -> None:
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/branches"), ("POST", "/branches"), ("GET", "/config"), ("POST", "/gc"),
     ("DELETE", "/branches/x"), ("POST", "/branches/x/merge"), ("GET", "/nowhere"),
+    ("PATCH", "/branches/x"), ("POST", "/branches/x/refresh"), ("POST", "/branches/x/restore"),
+    ("POST", "/reap"),
 ])
 def test_every_other_route_needs_a_token(guarded: ProxyProcess, method: str,
                                          path: str) -> None:
@@ -89,6 +91,8 @@ def test_scopes(guarded: ProxyProcess) -> None:
     assert status == 201, body
     assert [b["name"] for b in call(guarded, "GET", "/branches", READ)[1]] == ["by-admin"]
     assert call(guarded, "DELETE", "/branches/by-admin", READ)[0] == 403
+    assert call(guarded, "PATCH", "/branches/by-admin", READ, {"protected": True})[0] == 403
+    assert call(guarded, "POST", "/reap", READ, {})[0] == 403
     assert call(guarded, "DELETE", "/branches/by-admin", ADMIN)[:2] == (
         200, {"deleted": "by-admin"})
 

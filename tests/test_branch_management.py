@@ -45,7 +45,9 @@ def test_create_list_show_delete(proxy: ProxyProcess, made: Branches) -> None:
     assert status == 201
     assert isinstance(created, dict)
     assert set(created) == {"name", "parent", "port", "uri", "mode", "fork_lsn", "created_at",
-                            "isolation"}
+                            "isolation", "protected", "expires_at", "idle_ttl", "last_used"}
+    assert (created["protected"], created["expires_at"], created["idle_ttl"],
+            created["last_used"]) == (False, None, None, None)
     # Every write to main, through the proxy or not, is preserved (the change stream).
     assert created["isolation"] == "snapshot"
     assert created["name"] == name and created["parent"] == "main"

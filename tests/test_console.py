@@ -102,9 +102,11 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
     name = parent["name"]
     driver = browser
     try:
-        # -- the tree: parent, port, mode, age and size of each branch ------------------
+        # -- the tree: parent, port, mode, age, size and lifecycle of each branch --------
         with urllib.request.urlopen(proxy.admin_url + "/console/console.js") as r:
             assert "function api(" in r.read().decode()  # served locally, as files
+        api(proxy, "PATCH", f"/branches/{name}", {"ttl": "2h", "idle_ttl": "30m",
+                                                  "protected": True})
         driver.get(proxy.admin_url + "/")
         assert driver.current_url == proxy.admin_url + "/console/"
         wait(driver, lambda d: row(d, child["name"]) is not None, "the tree never loaded")
@@ -115,8 +117,11 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
         top = cells(row(driver, name))
         assert top[0].endswith(name) and top[1:4] == ["main", str(parent["port"]), "wal"]
         assert re.fullmatch(r"\d+[smhd]", top[4]), top
+        assert re.fullmatch(r"protected · expires in (1h|2h|\d+m) · idle 30m", top[6]), top
         below = cells(row(driver, child["name"]))
         assert below[1:3] == [name, str(child["port"])] and below[5] == "no changes"
+        assert below[6] == "—"
+        api(proxy, "PATCH", f"/branches/{name}", {"protected": False})
         names = [r.get_attribute("data-branch") for r in
                  driver.find_elements(By.CSS_SELECTOR, "#tree tbody tr")]
         assert names.index(child["name"]) == names.index(name) + 1  # nested under its parent
@@ -179,9 +184,19 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
         shot(driver, "05-merge-conflicts")
 
         Select(driver.find_element(By.ID, "merge-strategy")).select_by_value("ours")
-        driver.find_element(By.ID, "merge-apply").click()
-        wait(driver, lambda d: status_text(d) == f"Merged {name} into main.",
-             "the merge was not shown")
+        # Into a protected main (the serve default) only with the force box ticked.
+        api(proxy, "PATCH", "/branches/main", {"protected": True})
+        try:
+            driver.find_element(By.ID, "merge-apply").click()
+            wait(driver, lambda d: "branch 'main' is protected" in status_text(d),
+                 "the refusal for protection was not shown")
+            assert sorted(d["_id"] for d in main.find()) == [1, 2]
+            driver.find_element(By.ID, "merge-force").click()
+            driver.find_element(By.ID, "merge-apply").click()
+            wait(driver, lambda d: status_text(d) == f"Merged {name} into main.",
+                 "the merge was not shown")
+        finally:
+            api(proxy, "PATCH", "/branches/main", {"protected": False})
         assert driver.find_element(By.ID, "merge-outcome").text == f"Merged {name} into main."
         assert list(main.find().sort("_id", 1)) == [{"_id": 1, "v": "branch"},
                                                    {"_id": 3, "v": "new"}]

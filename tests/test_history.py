@@ -333,7 +333,7 @@ def test_merge_into_a_parent_branch(proxy: ProxyProcess, client: MongoClient,
     ({"dry_run": "yes"}, "dry_run must be true or false"),
     ({"into": "elsewhere"}, "merges into its parent 'main', not 'elsewhere'"),
     ({"into": 3}, "merges into its parent 'main', not 3"),
-    ({"force": True}, "unknown field(s): force"),
+    ({"push": True}, "unknown field(s): push"),
     ({"dryRun": True, "x": 1}, "unknown field(s): dryRun, x"),
 ])
 def test_merge_bad_requests_are_400(proxy: ProxyProcess, made: Branches, body: dict[str, Any],

@@ -12,7 +12,7 @@ import pytest
 from pymongo import MongoClient
 
 from tests.branchutil import unique
-from tests.servers import BIN, ProxyProcess, free_port
+from tests.servers import BIN, ProxyProcess, Secantus, free_port
 
 mcp = pytest.importorskip("mcp", reason="the mcp package is not installed")
 
@@ -147,3 +147,33 @@ async def test_unreachable_api_is_a_tool_error() -> None:
     async with session(url) as s:
         text = await Tools(s).error("list_branches")
         assert f"cannot reach the admin API at {url}" in text
+
+
+async def test_protected_targets_need_force(upstream: Secantus) -> None:
+    """With the serve defaults main is protected: an agent's merge into it, and the drop
+    or reset of a protected branch, are tool errors naming force until it passes force."""
+    proc = ProxyProcess(upstream.uri, meta_db="mongobranch_mcp_life",
+                        lifecycle_defaults=True).start()
+    db_name = unique("mcplife").replace("-", "_")
+    name = unique("agent")
+    try:
+        async with session(proc.admin_url) as s:
+            tools = Tools(s)
+            created = await tools.call("create_branch", name=name)
+            with MongoClient(created["uri"], serverSelectionTimeoutMS=10000) as b:
+                b[db_name].items.insert_one({"_id": 1})
+            assert (await tools.call("merge_branch", name=name))["dry_run"] is True
+            text = await tools.error("merge_branch", name=name, dry_run=False)
+            assert "branch 'main' is protected" in text and "force" in text
+            merged = await tools.call("merge_branch", name=name, dry_run=False, force=True)
+            assert merged["applied"]["insert"] == 1
+            api(proc, "PATCH", f"/branches/{name}", {"protected": True})
+            assert "protected" in await tools.error("reset_branch", name=name, to="0")
+            assert (await tools.call("reset_branch", name=name, to="0", force=True))[
+                "to_lsn"] == 0
+            assert "protected" in await tools.error("drop_branch", name=name)
+            dropped = await tools.call("drop_branch", name=name, force=True)
+            assert dropped["deleted"] == name and "restorable_until" in dropped
+    finally:
+        proc.api("DELETE", f"/branches/{name}?force=true&purge=true")
+        proc.stop()

@@ -10,11 +10,11 @@ from typing import Any
 from aiohttp import web
 from bson import json_util
 
-from proxy.branching import audit, copymode, gc, history
+from proxy.branching import audit, copymode, gc, history, lifecycle
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 
-_CREATE_FIELDS = {"name", "from", "port", "at", "mode"}
+_CREATE_FIELDS = {"name", "from", "port", "at", "mode", *lifecycle.FIELDS}
 _JSON = json_util.JSONOptions(json_mode=json_util.JSONMode.RELAXED, tz_aware=True)
 
 
@@ -35,6 +35,16 @@ def _int_param(request: web.Request, name: str) -> int | None:
         return int(raw)
     except ValueError as exc:
         raise BranchError(400, f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _force(request: web.Request, body: dict[str, Any] | None = None) -> bool:
+    """force from the query string (?force=true) or the body ("force": true)."""
+    return lifecycle.parse_force(request.query.get("force")) or \
+        lifecycle.parse_force((body or {}).get("force"))
+
+
+async def _optional_body(request: web.Request) -> dict[str, Any]:
+    return await _body(request) if request.can_read_body else {}
 
 
 def _only(body: dict[str, Any], allowed: set[str]) -> None:
@@ -99,6 +109,9 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             body = await _body(request)
             request["mb_branch"] = body.get("name")
             _only(body, _CREATE_FIELDS)
+            # Checked before the branch exists: bad lifecycle input creates nothing.
+            changes = lifecycle.settings({k: v for k, v in body.items()
+                                          if k in lifecycle.FIELDS})
             if body.get("at") is not None:
                 branch = await history.create_at(engine, body.get("name"),
                                                  body.get("from", MAIN), body["at"],
@@ -106,14 +119,23 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             else:
                 branch = await engine.create_branch(body.get("name"), body.get("from", MAIN),
                                                     body.get("port"), body.get("mode"))
+            await lifecycle.apply(engine, branch, changes)
         except BranchError as exc:
             return _error(exc.status, str(exc))
         return web.json_response(engine.public(branch), status=201)
 
-    async def list_all(_request: web.Request) -> web.Response:
+    async def list_all(request: web.Request) -> web.Response:
         if engine.unavailable is not None:
             return _error(503, engine.unavailable)
-        return web.json_response([engine.public(b) for b in engine.branches.values()])
+        try:
+            if lifecycle.parse_force(request.query.get("deleted")):
+                return web.json_response([lifecycle.deleted_public(engine, b)
+                                          for b in lifecycle.deleted(engine)])
+        except BranchError:
+            return _error(400, f"deleted must be true or false, got "
+                               f"{request.query.get('deleted')!r}")
+        return web.json_response([engine.public(b) for b in engine.branches.values()
+                                  if b.deleted_at is None])
 
     async def show(request: web.Request) -> web.Response:
         try:
@@ -124,10 +146,11 @@ def add_routes(app: web.Application, engine: Engine) -> None:
     @audited("DELETE /branches/{name}")
     async def delete(request: web.Request) -> web.Response:
         try:
-            await engine.drop_branch(request.match_info["name"])
+            purge = request.query.get("purge")
+            return web.json_response(await lifecycle.drop(
+                engine, request.match_info["name"], force=_force(request), purge=purge))
         except BranchError as exc:
             return _error(exc.status, str(exc))
-        return web.json_response({"deleted": request.match_info["name"]})
 
     async def log(request: web.Request) -> web.Response:
         try:
@@ -164,7 +187,12 @@ def add_routes(app: web.Application, engine: Engine) -> None:
     async def merge(request: web.Request) -> web.Response:
         try:
             body = await _body(request)
-            _only(body, {"into", "strategy", "dry_run"})
+            _only(body, {"into", "strategy", "dry_run", "force"})
+            branch = engine.get(request.match_info["name"])
+            # Only a merge that would write (bad input is left to merge's own 400s).
+            if body.get("dry_run", False) is False and body.get("into") in (None,
+                                                                            branch.parent):
+                lifecycle.guard(engine, branch.parent, _force(request, body), "merging into")
             result = await history.merge(engine, request.match_info["name"], body.get("into"),
                                          body.get("strategy", "abort"),
                                          body.get("dry_run", False))
@@ -178,9 +206,12 @@ def add_routes(app: web.Application, engine: Engine) -> None:
     async def reset(request: web.Request) -> web.Response:
         try:
             body = await _body(request)
-            _only(body, {"to"})
+            _only(body, {"to", "force"})
             if "to" not in body:
                 raise BranchError(400, "reset needs 'to': an LSN or an ISO-8601 time")
+            engine.get(request.match_info["name"])
+            lifecycle.guard(engine, request.match_info["name"], _force(request, body),
+                            "resetting")
             return _json(await history.reset(engine, request.match_info["name"], body["to"]))
         except BranchError as exc:
             return _error(exc.status, str(exc))
@@ -218,6 +249,57 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             return _error(404, f"branch {request.match_info['name']!r} is not being copied")
         return _json(state)
 
+    @audited("PATCH /branches/{name}")
+    async def patch(request: web.Request) -> web.Response:
+        try:
+            body = await _body(request)
+            return _json(await lifecycle.update(engine, request.match_info["name"], body))
+        except BranchError as exc:
+            return _error(exc.status, str(exc))
+
+    @audited("POST /branches/{name}/refresh")
+    async def refresh(request: web.Request) -> web.Response:
+        try:
+            body = await _optional_body(request)
+            _only(body, {"force"})
+            branch = await lifecycle.refresh(engine, request.match_info["name"],
+                                             _force(request, body))
+        except BranchError as exc:
+            return _error(exc.status, str(exc))
+        return _json(engine.public(branch))
+
+    @audited("POST /branches/{name}/restore")
+    async def restore(request: web.Request) -> web.Response:
+        try:
+            body = await _optional_body(request)
+            _only(body, {"port"})
+            branch = await lifecycle.restore(engine, request.match_info["name"],
+                                             body.get("port"))
+        except BranchError as exc:
+            return _error(exc.status, str(exc))
+        return _json(engine.public(branch))
+
+    @audited("POST /reap")
+    async def reap(request: web.Request) -> web.Response:
+        """One reaper pass now; `now` (a later time) asks what would expire by then and
+        acts on it, `dry_run` only reports."""
+        try:
+            body = await _optional_body(request)
+            _only(body, {"now", "dry_run"})
+            now = None
+            if body.get("now") is not None:
+                now = lifecycle.parse_time(body["now"], "now")
+            dry_run = body.get("dry_run", False)
+            if not isinstance(dry_run, bool):
+                raise BranchError(400, "dry_run must be true or false")
+            return _json(await lifecycle.reap(engine, now, dry_run))
+        except BranchError as exc:
+            return _error(exc.status, str(exc))
+
+    app.router.add_patch("/branches/{name}", patch)
+    app.router.add_post("/branches/{name}/refresh", refresh)
+    app.router.add_post("/branches/{name}/restore", restore)
+    app.router.add_post("/reap", reap)
     app.router.add_get("/branches/{name}/progress", progress)
     app.router.add_post("/branches/{name}/migrate", migrate)
     app.router.add_get("/config", config)

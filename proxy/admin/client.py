@@ -111,8 +111,11 @@ class AdminClient:
 
     # -- branches -------------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, port: int | None = None,
-                      at: int | str | None = None, mode: str | None = None) -> dict[str, Any]:
+                      at: int | str | None = None, mode: str | None = None,
+                      **lifecycle: Any) -> dict[str, Any]:
+        """lifecycle: ttl, expires_at, idle_ttl, protected (those not None are sent)."""
         body: dict[str, Any] = {"name": name}
+        body.update({k: v for k, v in lifecycle.items() if v is not None})
         if mode is not None:
             body["mode"] = mode
         if parent is not None:
@@ -141,8 +144,35 @@ class AdminClient:
     def get_branch(self, name: str) -> dict[str, Any]:
         return dict(self.request("GET", "/branches/" + _quote(name)))
 
-    def delete_branch(self, name: str) -> dict[str, Any]:
-        return dict(self.request("DELETE", "/branches/" + _quote(name)))
+    def delete_branch(self, name: str, force: bool = False,
+                      purge: bool = False) -> dict[str, Any]:
+        query = {k: "true" for k, v in (("force", force), ("purge", purge)) if v}
+        path = "/branches/" + _quote(name)
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        return dict(self.request("DELETE", path))
+
+    # -- lifecycle ------------------------------------------------------------------
+    def update_branch(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """PATCH: ttl/expires_at/idle_ttl (None clears) and protected."""
+        return dict(self.request("PATCH", "/branches/" + _quote(name), changes))
+
+    def refresh_branch(self, name: str, force: bool = False) -> dict[str, Any]:
+        return dict(self.request("POST", f"/branches/{_quote(name)}/refresh",
+                                 {"force": force}))
+
+    def restore_branch(self, name: str, port: int | None = None) -> dict[str, Any]:
+        body = {} if port is None else {"port": port}
+        return dict(self.request("POST", f"/branches/{_quote(name)}/restore", body))
+
+    def deleted_branches(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/branches?deleted=true"))
+
+    def reap(self, now: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if now is not None:
+            body["now"] = now
+        return dict(self.request("POST", "/reap", body))
 
     # -- history --------------------------------------------------------------------
     def branch_log(self, name: str, limit: int | None = None,
@@ -167,18 +197,23 @@ class AdminClient:
         return dict(self.request("GET", f"/branches/{_quote(name)}/diff"))
 
     def merge_branch(self, name: str, into: str | None = None, strategy: str | None = None,
-                     dry_run: bool = False) -> dict[str, Any]:
+                     dry_run: bool = False, force: bool = False) -> dict[str, Any]:
         """The merge result; a merge refused for conflicts raises ApiError(409) whose body
-        is the result with its conflicts."""
+        is the result with its conflicts. force: into a protected branch (main)."""
         body: dict[str, Any] = {"dry_run": dry_run}
+        if force:
+            body["force"] = True
         if into is not None:
             body["into"] = into
         if strategy is not None:
             body["strategy"] = strategy
         return dict(self.request("POST", f"/branches/{_quote(name)}/merge", body))
 
-    def reset_branch(self, name: str, to: int | str) -> dict[str, Any]:
-        return dict(self.request("POST", f"/branches/{_quote(name)}/reset", {"to": to}))
+    def reset_branch(self, name: str, to: int | str, force: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"to": to}
+        if force:
+            body["force"] = True
+        return dict(self.request("POST", f"/branches/{_quote(name)}/reset", body))
 
 
 _CHANGES = '"changes": ['

@@ -17,6 +17,7 @@ from pymongo.errors import DuplicateKeyError
 from proxy.branching import naming, snapshot
 from proxy.branching.capture import Capture
 from proxy.branching.errors import BranchError
+from proxy.branching.lifecycle import Lifecycle
 from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
 from proxy.branching.model import ISOLATION, SNAPSHOT, Branch, NsState
@@ -89,6 +90,7 @@ class Engine:
         # layer may set capture_options (None: no capture) before start().
         self.capture_options: dict[str, Any] | None = {}
         self.capture: Capture | None = None
+        self.lifecycle = Lifecycle()
 
     # -- start-up -------------------------------------------------------------------
     async def start(self) -> None:
@@ -169,6 +171,9 @@ class Engine:
         branch = self.branches.get(name)
         if branch is None:
             raise BranchError(404, f"branch {name!r} does not exist")
+        if branch.deleted_at is not None:  # kept for restore only (lifecycle.py)
+            raise BranchError(404, f"branch {name!r} was deleted; `branch restore {name}` "
+                                   "brings it back")
         return branch
 
     def by_bid(self, bid: str) -> Branch | None:
@@ -183,8 +188,10 @@ class Engine:
             current = self.branches.get(current.parent) if current.parent != MAIN else None
         return out
 
-    def children(self, name: str) -> list[str]:
-        return sorted(b.name for b in self.branches.values() if b.parent == name)
+    def children(self, name: str, *, deleted: bool = False) -> list[str]:
+        """Its child branches; with deleted, also those kept for restore (lifecycle.py)."""
+        return sorted(b.name for b in self.branches.values()
+                      if b.parent == name and (deleted or b.deleted_at is None))
 
     def _free_port(self, skip: set[int] | None = None) -> int:
         used = {b.port for b in self.branches.values()} | (skip or set())
@@ -214,9 +221,14 @@ class Engine:
                                    f"'main', got {name!r}")
         if not isinstance(parent, str):
             raise BranchError(400, f"from must be a branch name (a string), got {parent!r}")
-        if parent != MAIN and parent not in self.branches:
+        if parent != MAIN and (parent not in self.branches
+                               or self.branches[parent].deleted_at is not None):
             raise BranchError(404, f"parent branch {parent!r} does not exist")
         if name in self.branches:
+            if self.branches[name].deleted_at is not None:
+                raise BranchError(409, f"branch {name!r} was deleted and is kept for restore: "
+                                       f"restore it, or purge it first (`branch delete {name} "
+                                       f"--purge`, DELETE /branches/{name}?purge=true)")
             raise BranchError(409, f"branch {name!r} already exists")
         auto = port is None
         if port is None:
@@ -341,7 +353,7 @@ class Engine:
 
     async def drop_branch(self, name: str) -> None:
         branch = self.get(name)
-        kids = self.children(name)
+        kids = self.children(name, deleted=True)
         if kids:
             raise BranchError(409, f"branch {name!r} has child branches: {', '.join(kids)}")
         # Close the port before taking the write lock: a write still in flight there

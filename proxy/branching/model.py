@@ -41,12 +41,25 @@ class Branch:
     # Why the branch is no longer an exact snapshot (changes behind the proxy's back that
     # could not be preserved): reported with its isolation.
     breaks: list[str] = field(default_factory=list)
+    # Lifecycle (lifecycle.py): an absolute expiry, an idle expiry in seconds, protection
+    # against drop/reset/merge without force, and when a drop made it restorable.
+    expires_at: dt.datetime | None = None
+    idle_ttl: int | None = None
+    protected: bool = False
+    deleted_at: dt.datetime | None = None
+    # Last client request on its port as last written to the record (throttled), and as
+    # the port saw it (Unix time, memory only: bumped on every request, so kept cheap).
+    last_used: dt.datetime | None = None
+    used: float = field(default=0.0, compare=False, repr=False)
 
     def to_doc(self) -> dict[str, Any]:
         return {"_id": self.name, "bid": self.bid, "parent": self.parent,
                 "fork_lsn": self.fork_lsn, "created_at": self.created_at, "port": self.port,
                 "mode": self.mode, "voids": self.voids, "migrating": self.migrating,
-                "creating": self.creating, "fork_ct": self.fork_ct, "breaks": self.breaks}
+                "creating": self.creating, "fork_ct": self.fork_ct, "breaks": self.breaks,
+                "expires_at": self.expires_at, "idle_ttl": self.idle_ttl,
+                "protected": self.protected, "deleted_at": self.deleted_at,
+                "last_used": self.last_used}
 
     def visible(self) -> dict[str, Any]:
         """A WAL filter leaving out the entries a reset voided. A reset never voids a
@@ -64,7 +77,10 @@ class Branch:
                    port=int(doc["port"]), mode=doc.get("mode", "wal"),
                    voids=[list(v) for v in doc.get("voids", [])],
                    migrating=doc.get("migrating"), creating=bool(doc.get("creating")),
-                   fork_ct=doc.get("fork_ct"), breaks=list(doc.get("breaks", [])))
+                   fork_ct=doc.get("fork_ct"), breaks=list(doc.get("breaks", [])),
+                   expires_at=doc.get("expires_at"), idle_ttl=doc.get("idle_ttl"),
+                   protected=bool(doc.get("protected")), deleted_at=doc.get("deleted_at"),
+                   last_used=doc.get("last_used"))
 
     def public(self, host: str, isolation: str = ISOLATION) -> dict[str, Any]:
         return {"name": self.name, "parent": self.parent, "port": self.port,
@@ -72,7 +88,22 @@ class Branch:
                 "fork_lsn": self.fork_lsn,
                 "created_at": self.created_at.replace(tzinfo=dt.UTC).isoformat(),
                 "isolation": isolation,
-                **({"isolationBreaks": self.breaks} if self.breaks else {})}
+                **({"isolationBreaks": self.breaks} if self.breaks else {}),
+                "protected": self.protected, "expires_at": _iso(self.expires_at),
+                "idle_ttl": self.idle_ttl, "last_used": _iso(self.last_use())}
+
+    def last_use(self) -> dt.datetime | None:
+        """The last client request on its port: the later of memory and the record."""
+        # In whole milliseconds, as BSON keeps it, so memory and record compare equal.
+        seen = (dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=int(self.used * 1000))
+                if self.used else None)
+        if seen is None or (self.last_used is not None and self.last_used > seen):
+            return self.last_used
+        return seen
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.replace(tzinfo=dt.UTC).isoformat()
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from proxy.branching import audit, authz
@@ -119,9 +120,10 @@ class EngineRouter:
         branch = None
         if self.branch is not None:
             branch = self.engine.branches.get(self.branch)
-            if branch is None:
+            if branch is None or branch.deleted_at is not None:
                 raise CommandError(26, "NamespaceNotFound",
                                    f"branch {self.branch!r} was dropped")
+            branch.used = time.time()  # its idle clock (lifecycle.py); hello/ping do not count
             if branch.name in self.engine.migrating:
                 raise CommandError(
                     11602, "InterruptedDueToReplStateChange",

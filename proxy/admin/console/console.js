@@ -84,6 +84,24 @@ function age(iso) {
   return `${Math.floor(seconds / 86400)}d`;
 }
 
+function span(seconds) {
+  if (seconds < 60) return `${Math.floor(seconds)}s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)}m`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)}h`;
+  return `${Math.floor(seconds / 86400)}d`;
+}
+
+// Protection, expiry and idle expiry, e.g. "protected · expires in 2h · idle 30m".
+function lifecycle(branch) {
+  const parts = [];
+  if (branch.protected) parts.push("protected");
+  if (branch.expires_at) {
+    parts.push(`expires in ${span(Math.max(0, (Date.parse(branch.expires_at) - Date.now()) / 1000))}`);
+  }
+  if (branch.idle_ttl) parts.push(`idle ${span(branch.idle_ttl)}`);
+  return parts.join(" · ") || "—";
+}
+
 // -- the branch tree -----------------------------------------------------------------
 function treeOrder(branches) {
   const names = new Set(branches.map((b) => b.name));
@@ -112,7 +130,7 @@ async function loadTree() {
   const body = $("tree").tBodies[0];
   body.replaceChildren(el("tr", { class: "root", "data-branch": "main" },
     el("td", { text: "main" }), el("td", { class: "muted", text: "(base)" }),
-    el("td"), el("td"), el("td"), el("td")));
+    el("td"), el("td"), el("td"), el("td"), el("td")));
   const sizes = [];
   for (const { branch, depth } of treeOrder(branches)) {
     const size = el("td", { class: "size muted", text: "…" });
@@ -123,7 +141,8 @@ async function loadTree() {
       el("td", { class: "port", text: branch.port }),
       el("td", { class: "mode", text: branch.mode || "wal" }),
       el("td", { class: "age", text: age(branch.created_at), title: branch.created_at }),
-      size);
+      size,
+      el("td", { class: "lifecycle", text: lifecycle(branch), title: branch.expires_at || "" }));
     if (branch.name === state.selected) row.classList.add("selected");
     row.addEventListener("click", () => select(branch.name));
     body.append(row);
@@ -247,7 +266,8 @@ async function merge(dryRun) {
   let result;
   let refused = false;
   try {
-    result = await api("POST", branchPath(name, "/merge"), { strategy, dry_run: dryRun });
+    result = await api("POST", branchPath(name, "/merge"),
+      { strategy, dry_run: dryRun, force: $("merge-force").checked });
   } catch (error) {
     if (error.status !== 409 || !error.body || !error.body.conflicts) throw error;
     result = error.body;

@@ -7,7 +7,7 @@ from typing import Any
 
 import bson
 
-from proxy.branching import authz, history
+from proxy.branching import authz, history, lifecycle
 from proxy.branching.commands.base import SESSION_FIELDS, Request
 from proxy.branching.engine import MAIN
 from proxy.branching.errors import BranchError, CommandError
@@ -22,7 +22,8 @@ def as_command_error(exc: BranchError) -> CommandError:
     return CommandError(code, name, str(exc))
 
 
-_CREATE_FIELDS = {"createBranch", "from", "port", "at", "mode", *SESSION_FIELDS}
+_CREATE_FIELDS = {"createBranch", "from", "port", "at", "mode", *lifecycle.FIELDS,
+                  *SESSION_FIELDS}
 # branchDiff answers in one document: beyond this many changes (or bytes) it refers the
 # user to the HTTP API, which streams.
 DIFF_LIMIT = 10_000
@@ -65,6 +66,7 @@ async def create_branch(req: Request) -> dict[str, Any]:
         raise CommandError(2, "BadValue",
                            f"createBranch: unknown field(s): {', '.join(unknown)}")
     try:
+        changes = lifecycle.settings({k: v for k, v in cmd.items() if k in lifecycle.FIELDS})
         if cmd.get("at") is not None:
             at = cmd["at"]
             if isinstance(at, float) and at.is_integer():
@@ -75,6 +77,7 @@ async def create_branch(req: Request) -> dict[str, Any]:
             branch = await req.engine.create_branch(cmd.get("createBranch"),
                                                     cmd.get("from", MAIN), cmd.get("port"),
                                                     cmd.get("mode"))
+        await lifecycle.apply(req.engine, branch, changes)
     except BranchError as exc:
         raise as_command_error(exc) from exc
     return {**req.engine.public(branch), "ok": 1.0}
@@ -85,7 +88,8 @@ async def list_branches(req: Request) -> dict[str, Any]:
     engine = req.engine
     if engine.unavailable is not None:
         raise CommandError(6, "HostUnreachable", engine.unavailable)
-    return {"branches": [engine.public(b) for b in engine.branches.values()], "ok": 1.0}
+    return {"branches": [engine.public(b) for b in engine.branches.values()
+                         if b.deleted_at is None], "ok": 1.0}
 
 
 async def branch_info(req: Request) -> dict[str, Any]:
@@ -98,6 +102,7 @@ async def branch_info(req: Request) -> dict[str, Any]:
 
 async def drop_branch(req: Request) -> dict[str, Any]:
     await _may_manage(req)
+    _only(req, ("force", "purge"))
     name = _target(req)
     if req.branch is not None and req.branch.name == name:
         # Dropping closes the branch's port, which would wait on this very request.
@@ -105,10 +110,13 @@ async def drop_branch(req: Request) -> dict[str, Any]:
                            f"branch {name!r} cannot be dropped through its own port; run "
                            "dropBranch on the main port or on another branch's port")
     try:
-        await req.engine.drop_branch(name)
+        result = await lifecycle.drop(req.engine, name, force=req.cmd.get("force"),
+                                      purge=req.cmd.get("purge"))
     except BranchError as exc:
         raise as_command_error(exc) from exc
-    return {"ok": 1.0}
+    # As before lifecycle: just ok; a drop kept for restore says until when.
+    until = result.get("restorable_until")
+    return {"restorableUntil": until, "ok": 1.0} if until else {"ok": 1.0}
 
 
 # -- history -------------------------------------------------------------------------------
@@ -183,9 +191,13 @@ async def merge_branch(req: Request) -> dict[str, Any]:
         await _may_view(req)
     else:
         await _may_manage(req)
-    _only(req, ("into", "strategy", "dryRun"))
+    _only(req, ("into", "strategy", "dryRun", "force"))
     name = _target(req)
     try:
+        branch = req.engine.get(name)
+        if req.cmd.get("dryRun", False) is False and req.cmd.get("into") in (None,
+                                                                            branch.parent):
+            lifecycle.guard(req.engine, branch.parent, req.cmd.get("force"), "merging into")
         result = await history.merge(req.engine, name, req.cmd.get("into"),
                                      req.cmd.get("strategy", "abort"),
                                      req.cmd.get("dryRun", False),
@@ -203,7 +215,7 @@ async def merge_branch(req: Request) -> dict[str, Any]:
 async def reset_branch(req: Request) -> dict[str, Any]:
     """{resetBranch: name, to: LSN | ISO-8601 time}."""
     await _may_manage(req)
-    _only(req, ("to",))
+    _only(req, ("to", "force"))
     name = _target(req)
     if "to" not in req.cmd:
         raise CommandError(2, "BadValue", "resetBranch needs 'to': an LSN or an ISO-8601 time")
@@ -211,6 +223,8 @@ async def reset_branch(req: Request) -> dict[str, Any]:
     if isinstance(to, float) and to.is_integer():
         to = int(to)
     try:
+        req.engine.get(name)
+        lifecycle.guard(req.engine, name, req.cmd.get("force"), "resetting")
         return {**await history.reset(req.engine, name, to), "ok": 1.0}
     except BranchError as exc:
         raise as_command_error(exc) from exc
