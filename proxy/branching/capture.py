@@ -53,8 +53,10 @@ DOCUMENT_OPS = ("insert", "update", "replace", "delete")
 BREAKING_OPS = ("drop", "rename", "dropDatabase")
 # Entries in main's WAL made by the capture name this as their client.
 CLIENT = {"app": "upstream", "via": "change stream"}
-# How long a barrier waits before writing a tick to wake an idle stream (seconds).
-TICK_AFTER = 0.02
+# How long a barrier waits for the stream to move before writing a tick to wake it
+# (seconds): SecantusDB does not always wake an awaiting getMore for the capture's own
+# writes, which leave the upstream's time ahead of the stream until the next event.
+TICK_AFTER = 0.003
 # Codes meaning the upstream has no change streams (a standalone, an old server).
 NO_STREAMS = (40573, 40324, 115, 59)
 HISTORY_LOST = 286

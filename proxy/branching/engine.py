@@ -488,13 +488,16 @@ class Engine:
             yield
 
     @contextlib.asynccontextmanager
-    async def reading(self, branches: list[Branch]) -> AsyncIterator[None]:
+    async def reading(self, branches: list[Branch], *, exact: bool = True
+                      ) -> AsyncIterator[None]:
         """Keeps these branches' writes (and main's) out, so none shows half preserved in a
-        child (snapshot.py). Taken root first, before any branch lock; then what reached
-        main before now, through the proxy or not, is preserved (capture.py)."""
+        child (snapshot.py). Taken root first, before any branch lock; then (exact) what
+        reached main before now, through the proxy or not, is preserved (capture.py). A
+        cursor's later batches do not wait: they are as exact as a mongod cursor's under
+        read concern "local" (docs/ARCHITECTURE.md, "Where isolation is not exact")."""
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.fence(MAIN).hold("r"))
-            if self.capture is not None:
+            if self.capture is not None and exact:
                 # No main-port write is in flight now: every one acknowledged so far is
                 # at or before the upstream's current time, which the capture passes.
                 await self.capture.barrier()

@@ -68,6 +68,9 @@ BRANCH: dict[str, Handler] = {
 MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN,
                             **mainwrite.HANDLERS, "bulkWrite": bulkwrite.bulk_write_on_main}
 
+# Commands that continue a cursor: they read nothing new of main.
+CURSOR_OPS = frozenset({"getMore", "killCursors"})
+
 # Commands that only read: they need no identity for the WAL.
 READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",
                    "listCollections", "listIndexes", "listBranches", "branchInfo",
@@ -143,7 +146,8 @@ class EngineRouter:
             return await handler(req)
         # What the branch reads through must not change under it half-preserved
         # (snapshot.py); admin commands take what they need themselves.
-        async with self.engine.reading(self.engine.ancestors(branch)):
+        async with self.engine.reading(self.engine.ancestors(branch),
+                                       exact=name not in CURSOR_OPS):
             await hints.check(req)
             return await handler(req)
 

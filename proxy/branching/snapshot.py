@@ -135,9 +135,10 @@ async def _keep(engine: Engine, kid: Branch, state: NsState,
     (or left in `deferred` for the caller's one insert)."""
     docs = [img for _, img in images if img is not None]
     ids = [i for i, _ in images]
-    if docs:
-        await _insert(engine, state.db, state.live, docs)
-    await _insert(engine, state.db, state.hidden, [{"_id": i} for i in ids])
+    # Both before the WAL entries; between the two, order does not matter (a crash
+    # leaves the overlay dirty, rebuilt from the WAL).
+    await asyncio.gather(*([_insert(engine, state.db, state.live, docs)] if docs else []),
+                         _insert(engine, state.db, state.hidden, [{"_id": i} for i in ids]))
     state.hide(ids)
     ns = f"{state.db}.{state.coll}"
     keeps = [Change(ns, i, KEEP, img, img) for i, img in images]
