@@ -433,7 +433,7 @@ def test_differential_branch_equals_copy_at_fork_plus_own_writes(
     ref = direct[f"{db_name}_ref"].items
     with MongoClient(parent_uri) as p:
         ref.insert_many(list(p[db_name].items.find()))
-        branch = made.create(**{"from": "main" if parent_kind == "main"
+        branch = made.create(**{"from": "main" if parent_kind != "branch"
                                 else made.created[-1]})
         with made.client(branch) as b:
             for n in range(60):

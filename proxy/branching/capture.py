@@ -135,6 +135,9 @@ class Capture:
         self._warned: set[str] = set()
         self._ticking: asyncio.Future[Any] | None = None
         self._idle = 0.0
+        # Per child of main: bumped whenever the capture changes what it holds, so that a
+        # read that ran meanwhile knows it must run again (Capture.checked).
+        self.generation: dict[str, int] = {}
 
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> bool:
@@ -376,9 +379,14 @@ class Capture:
             if kids:
                 await snapshot.preserve(self.engine, naming.MAIN, changes, kids=kids,
                                         deferred=keeps)
+                self._bump(kids)  # after: a read that began meanwhile saw it half done
         if self.history:
             keeps.append((naming.MAIN, [c for _, c, _ in run]))
         await self.engine.wal.append_groups(keeps, CLIENT)
+
+    def _bump(self, kids: Iterable[Branch]) -> None:
+        for kid in kids:
+            self.generation[kid.bid] = self.generation.get(kid.bid, 0) + 1
 
     def _unpreservable(self, ns: str, kids: Iterable[Branch]) -> None:
         """An update or delete arrived without its pre-image: the children forked before
@@ -392,8 +400,10 @@ class Capture:
         """A collection created after a child's fork stays absent in that child."""
         if self.pre_images and self.children():
             await self._enable(db, coll)
-        for kid in self._eligible(at):
+        kids = self._eligible(at)
+        for kid in kids:
             await snapshot.pin_absent(self.engine, kid, db, coll)
+        self._bump(kids)
 
     async def _broken(self, at: tuple[int, int], op: str, db: str, coll: Any,
                       extra: dict[str, Any]) -> None:
@@ -471,6 +481,16 @@ class Capture:
         at = await self.clock()
         if at is not None:
             await self.reached(at)
+
+    async def checked(self, root: str, since: int, at: Timestamp | None) -> bool:
+        """After a read on a branch of the child of main `root` (its generation `since`
+        when the read began; `at`, the newest operationTime its upstream replies
+        carried): once the capture has passed `at`, whether nothing was preserved for
+        that child meanwhile. Then every write the read could have seen had been
+        preserved before it ran, and its answer is exact without waiting beforehand."""
+        if at is not None:
+            await self.reached(at)
+        return self.generation.get(root, 0) == since
 
     def behind(self, at: Timestamp) -> bool:
         """Whether the capture trails this time by more than MAX_LAG seconds: main-port

@@ -21,6 +21,7 @@ from proxy.branching.commands import (
 from proxy.branching.commands.base import Handler, Request, in_mongod_order
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
+from proxy.branching.model import Branch
 from proxy.branching.runner import Runner
 from proxy.net.router import Context
 from proxy.wire.opmsg import OpMsg
@@ -67,6 +68,11 @@ BRANCH: dict[str, Handler] = {
 # (mainwrite.NAMES); otherwise they stay on the pass-through fast path.
 MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN,
                             **mainwrite.HANDLERS, "bulkWrite": bulkwrite.bulk_write_on_main}
+
+# Reads answered without waiting for the capture first (EngineRouter._read).
+CHECKED_READS = frozenset({"find", "aggregate", "count", "distinct", "listCollections",
+                           "listIndexes"})
+READ_ATTEMPTS = 3
 
 # Commands that continue a cursor: they read nothing new of main.
 CURSOR_OPS = frozenset({"getMore", "killCursors"})
@@ -145,11 +151,56 @@ class EngineRouter:
         if branch is None or name in ADMIN:
             return await handler(req)
         # What the branch reads through must not change under it half-preserved
-        # (snapshot.py); admin commands take what they need themselves.
+        # (snapshot.py); admin commands take what they need themselves. A read is
+        # checked against the capture after it ran (and run again in the rare case it
+        # raced a preservation); a write waits for the capture before it runs.
+        checked = self._checked_read(name, cmd)
         async with self.engine.reading(self.engine.ancestors(branch),
-                                       exact=name not in CURSOR_OPS):
+                                       exact=not checked and name not in CURSOR_OPS):
             await hints.check(req)
-            return await handler(req)
+            if not checked:
+                return await handler(req)
+            return await self._read(branch, handler, req)
+
+    def _checked_read(self, name: str, cmd: dict[str, Any]) -> bool:
+        capture = self.engine.capture
+        if capture is None or not capture.running or name not in CHECKED_READS:
+            return False
+        if name == "aggregate":
+            pipeline = cmd.get("pipeline")
+            return isinstance(pipeline, list) and not any(
+                isinstance(stage, dict) and {"$out", "$merge"} & set(stage)
+                for stage in pipeline)
+        return True
+
+    async def _read(self, branch: Branch, handler: Handler,
+                    req: Request) -> dict[str, Any] | None:
+        capture = self.engine.capture
+        assert capture is not None
+        root = self.engine.chain(branch)[-1].bid
+        for _ in range(READ_ATTEMPTS):
+            since = capture.generation.get(root, 0)
+            req.run.latest = None
+            reply = await handler(req)
+            latest = max((t for t in (req.run.latest, self.engine.pool.latest)
+                          if t is not None), default=None)
+            if await capture.checked(root, since, latest):
+                return reply
+            await self._discard(req, reply)
+        # Main keeps changing under the reads: wait for the capture first, as writes do.
+        await capture.barrier()
+        return await handler(req)
+
+    async def _discard(self, req: Request, reply: dict[str, Any] | None) -> None:
+        """A read answered again: the cursor its first answer opened is closed."""
+        cursor = reply.get("cursor") if isinstance(reply, dict) else None
+        if not isinstance(cursor, dict) or not cursor.get("id"):
+            return
+        ns = cursor.get("ns")
+        coll = ns.split(".", 1)[1] if isinstance(ns, str) and "." in ns else ""
+        kill = Request(self.engine, req.on_branch, req.ctx, req.run, req.db,
+                       {"killCursors": coll, "cursors": [cursor["id"]], "$db": req.db})
+        await BRANCH["killCursors"](kill)
 
     async def _audited(self, name: str, ctx: Context, handler: Handler,
                        req: Request) -> dict[str, Any] | None:
