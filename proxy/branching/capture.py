@@ -138,6 +138,9 @@ class Capture:
         # Per child of main: bumped whenever the capture changes what it holds, so that a
         # read that ran meanwhile knows it must run again (Capture.checked).
         self.generation: dict[str, int] = {}
+        # Collections the stream showed a change of, and whether the catalog was listed.
+        self._seen: set[str] = set()
+        self._listed = False
 
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> bool:
@@ -329,6 +332,7 @@ class Capture:
                 extra["ts"] = ev["wallTime"]
             if op in DOCUMENT_OPS and isinstance(db, str) and isinstance(coll, str):
                 ns = f"{db}.{coll}"
+                self._seen.add(ns)
                 key = ev.get("documentKey") or {}
                 if "_id" not in key:
                     continue
@@ -410,6 +414,9 @@ class Capture:
         """A drop or rename the proxy did not make (it freezes its own first): the data
         is gone from the base, so each child still reading it says so."""
         colls = [coll] if isinstance(coll, str) else None
+        # Recreated later, the collection starts without pre-images.
+        self._enabled = {ns for ns in self._enabled if not (
+            ns == f"{db}.{coll}" or (colls is None and ns.startswith(f"{db}.")))}
         for kid in self._eligible(at):
             if snapshot.reads_base(self.engine, kid, db, colls):
                 self._break(kid, f"{op} of {db}{'.' + coll if isinstance(coll, str) else ''} "
@@ -432,7 +439,15 @@ class Capture:
     # -- pre-images ------------------------------------------------------------------------
     async def enable_pre_images(self) -> None:
         """Turn on changeStreamPreAndPostImages for every collection of main, so that an
-        update or delete made after a child's fork arrives with what the child shows."""
+        update or delete made after a child's fork arrives with what the child shows.
+        The catalog is listed once; after that the collections the stream has shown
+        since are enough (a fork runs after the capture caught up with the upstream)."""
+        if self._listed:
+            for ns in sorted(self._seen - self._enabled):
+                db, coll = ns.split(".", 1)
+                await self._enable(db, coll)
+            return
+        self._listed = True
         dbs = await self.engine.client.admin.command({"listDatabases": 1, "nameOnly": True})
         for entry in dbs.get("databases", []):
             db = entry.get("name")
