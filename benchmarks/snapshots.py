@@ -1,14 +1,35 @@
-"""Snapshots benchmark: main-port write throughput with 0, 1 and 10 live children of main.
+"""Snapshots benchmark (issue 11): what keeping children of main exact costs.
 
-With no children the main port forwards writes on its fast path; with children each
-write is intercepted, its pre-images copied up into the children and logged in main's
-WAL (docs/ARCHITECTURE.md, "Snapshots"). One in-memory SecantusDB and one proxy; 4
-client threads run point inserts, updates (by _id) and deletes (of the documents the
-insert block made) for a fixed time per block; the configurations rotate over several
-rounds so machine noise falls on all alike. Writes the "## Snapshots (issue 11)"
-section of benchmarks/RESULTS.md (other sections kept).
+Main's changes reach its children and its history through the capture of the
+upstream's change stream (docs/ARCHITECTURE.md, "Main", "Capture", "Cost"): a main-port
+write runs as sent under main's fence and does not wait for its preservation; every
+command on a child's port first waits until the capture has passed the upstream's
+current time. One in-memory SecantusDB and one proxy; one run measures, each ratio
+within the run:
 
-    .venv/bin/python benchmarks/snapshots.py            # ~3 minutes
+(1) main-port write throughput, 4 client threads running point inserts, updates (by
+    _id) and deletes, with 0, 1 and 10 live children of main, the configurations
+    rotating over several rounds (targets: 1 child >= 70%, 10 children >= 50% of none);
+(2) read latency on a child of main after main changed 1% of the base since the fork,
+    vs the same reads on the main port: point find by _id, indexed range find,
+    $match + $group (benchmarks/branches.py's reads; targets 1.2x, 1.5x, 2.5x);
+(3) capture lag of writes made directly on the upstream (a pymongo client, not the
+    proxy): from the write's acknowledgement until its entry is in main's WAL, on an
+    idle upstream and beside direct writers; and the extra latency of an exact read,
+    a child's point read right after such a write (it waits for the capture) vs one on
+    an idle upstream;
+(4) storage per preserved document: the child's overlay collections and its WAL `keep`
+    entries, per document main changed after the fork;
+(5) a branch of main at a past point: main changes N documents after a recorded LSN,
+    then POST /branches {"from": "main", "at": lsn} is timed (target >= 20,000
+    restored documents per second).
+
+It never asserts: wrong answers (a child showing main's later value, a restore that
+fails or restores the wrong documents) are printed and written down with the figures.
+Rewrites the "## Snapshots (issue 11)" section of benchmarks/RESULTS.md (other
+sections kept).
+
+    .venv/bin/python benchmarks/snapshots.py            # ~6-10 minutes
     .venv/bin/python benchmarks/snapshots.py --quick    # smoke run, no RESULTS.md update
 """
 
@@ -16,28 +37,75 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
+import os
 import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pymongo import MongoClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import branches
-from branches import DB, Procs, Stack, start_stack, write_results
+from branches import (
+    BASE,
+    DB,
+    META,
+    Procs,
+    Stack,
+    coll_stats,
+    machine,
+    measure_reads,
+    ms,
+    pct,
+    seed,
+    start_stack,
+    write_results,
+)
 
 SECTION = "## Snapshots (issue 11)"
 CLIENTS = 4
-BASE_DOCS = 10_000
 OPS = ("insert", "update", "delete")
+LAG, HIST, ITEMS = "lag", "hist", "items"
+MAIN = "main"
+POLL = 0.002  # seconds between polls of main's WAL
+QUIET = 1.5  # seconds without writes before an idle read (see exact_reads)
 
 
-def block(stack: Stack, op: str, seconds: float, tag: str,
+@dataclass
+class Sizes:
+    items: int = 10_000      # write-throughput collection
+    base: int = 10_000       # read and storage collection (benchmarks/branches.py's docs)
+    lag: int = 4_000         # documents written directly on the upstream, each once
+    hist: int = 20_000       # documents main changes after the point of (5)
+    rounds: int = 3
+    seconds: float = 4.0
+    read_rounds: int = 30
+    read_block: int = 20
+    lag_samples: int = 300
+    cycles: int = 50
+    preserved: int = 1_000
+    restore_trials: int = 1
+
+
+@dataclass
+class Findings:
+    """Wrong answers met on the way: reported beside the figures, never hidden."""
+
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        print(f"  WARNING: {text}", flush=True)
+        self.notes.append(text)
+
+
+# -- (1) main-port writes ------------------------------------------------------------------
+def block(uri: str, op: str, seconds: float, tag: str, n_docs: int,
           made: dict[str, list[str]]) -> float:
     """Operations per second of 4 clients running one kind of write for a while."""
     counts = [0] * CLIENTS
@@ -45,8 +113,8 @@ def block(stack: Stack, op: str, seconds: float, tag: str,
 
     def run(n: int) -> None:
         rng = random.Random(f"{tag}-{n}")
-        with MongoClient(stack.proxy_uri) as c:
-            coll = c[DB]["items"]
+        with MongoClient(uri) as c:
+            coll = c[DB][ITEMS]
             i = 0
             mine = made.setdefault(f"{tag}-{n}", [])
             while time.monotonic() < stop:
@@ -55,7 +123,7 @@ def block(stack: Stack, op: str, seconds: float, tag: str,
                     coll.insert_one({"_id": key, "v": i})
                     mine.append(key)
                 elif op == "update":
-                    coll.update_one({"_id": rng.randrange(BASE_DOCS)}, {"$inc": {"n": 1}})
+                    coll.update_one({"_id": rng.randrange(n_docs)}, {"$inc": {"n": 1}})
                 else:
                     if not mine:
                         break
@@ -78,60 +146,562 @@ def set_children(stack: Stack, want: int, live: list[str]) -> None:
         stack.branch(name)
         live.append(name)
     while len(live) > want:
-        name = live.pop()
-        status, body = stack.api("DELETE", f"/branches/{name}")
-        if status != 204 and status != 200:
-            raise RuntimeError(f"dropping {name}: {status} {body}")
+        drop(stack, live.pop())
+
+
+def drop(stack: Stack, name: str) -> None:
+    status, body = stack.api("DELETE", f"/branches/{name}")
+    if status not in (200, 204):
+        raise RuntimeError(f"dropping {name}: {status} {body}")
+
+
+def precondition(uri: str, n_docs: int, most: int = 40) -> list[float]:
+    """Direct update rates of 2 s blocks until two in a row agree within 20%.
+
+    SecantusDB's own write rate falls several-fold over its first ~10-20k single-document
+    writes, then levels off (measured without the proxy: ~1,350 -> ~150 inserts/s, with or
+    without pre-images and whether clients are reused), so the configurations are
+    compared on the level part only."""
+    rates: list[float] = []
+    for i in range(most):
+        rates.append(block(uri, "update", 2.0, f"pre{i}", n_docs, {}))
+        if len(rates) >= 3 and abs(rates[-1] - rates[-2]) <= 0.2 * rates[-2] \
+                and rates[-1] < 0.5 * rates[0]:
+            break
+    return rates
+
+
+def measure_writes(stack: Stack, direct: MongoClient[dict[str, Any]], sz: Sizes
+                   ) -> dict[tuple[int, str], list[float]]:
+    """Rates per (children, op), and under (children, op + ":settle") the seconds the
+    capture still needed after each block: each block starts with the capture caught
+    up, so none pays for the previous block's backlog. Children -1: the same writes
+    straight to the upstream, without the proxy."""
+    results: dict[tuple[int, str], list[float]] = {}
+    live: list[str] = []
+    configs = (-1, 0, 1, 10)
+    upstream = stack.upstream + "?directConnection=true"
+    for r in range(sz.rounds):
+        order = list(configs) if r % 2 == 0 else list(reversed(configs))
+        for kids in order:
+            set_children(stack, max(kids, 0), live)
+            made: dict[str, list[str]] = {}
+            for op in OPS:
+                settle(stack, direct)
+                rate = block(upstream if kids < 0 else stack.proxy_uri, op, sz.seconds,
+                             f"r{r}k{kids}", sz.items, made)
+                tail = settle(stack, direct)
+                results.setdefault((kids, op), []).append(rate)
+                results.setdefault((kids, op + ":settle"), []).append(tail)
+                print(f"  round {r} children {kids:2d} {op:6s} {rate:8.0f} ops/s, capture "
+                      f"done {tail:.1f}s later", flush=True)
+    set_children(stack, 0, live)
+    return results
+
+
+# -- WAL look-ups --------------------------------------------------------------------------
+def newest(wal: Any, ns: str, key: Any) -> int:
+    """LSN of main's newest entry for one document (0: none)."""
+    got = wal.find_one({"b": MAIN, "ns": ns, "id": key}, {"_id": 1}, sort=[("_id", -1)])
+    return 0 if got is None else int(got["_id"])
+
+
+def logged_after(wal: Any, ns: str, key: Any, after: int, timeout: float = 60.0) -> float:
+    """Seconds until main's WAL holds an entry for the document newer than `after`,
+    polled every POLL seconds (plus the poll's own round trip): polling harder takes the
+    upstream's time from the capture it measures. inf when it never came."""
+    perf = time.perf_counter
+    t0 = perf()
+    query = {"b": MAIN, "ns": ns, "id": key, "_id": {"$gt": after}}
+    while perf() - t0 < timeout:
+        if wal.find_one(query, {"_id": 1}) is not None:
+            return perf() - t0
+        time.sleep(POLL)
+    return float("inf")
+
+
+def main_lsn(stack: Stack) -> int:
+    """Main's newest LSN; the log waits for the capture first (history.log)."""
+    status, body = stack.api("GET", "/branches/main/log?limit=1")
+    if status != 200 or not body.get("entries"):
+        raise RuntimeError(f"GET /branches/main/log: {status} {body}")
+    return int(body["entries"][0]["lsn"])
+
+
+def settle(stack: Stack, direct: MongoClient[dict[str, Any]], timeout: float = 600.0) -> float:
+    """Waits until the capture has logged everything written so far (a marker write on
+    the upstream, then its WAL entry); returns the seconds it took."""
+    coll = direct[DB][LAG]
+    wal = direct[META]["wal"]
+    before = newest(wal, f"{DB}.{LAG}", -1)
+    t0 = time.monotonic()
+    coll.update_one({"_id": -1}, {"$inc": {"marks": 1}}, upsert=True)
+    if logged_after(wal, f"{DB}.{LAG}", -1, before, timeout) == float("inf"):
+        raise RuntimeError(f"the capture did not log a marker write within {timeout:.0f}s")
+    return time.monotonic() - t0
+
+
+# -- (2) reads -----------------------------------------------------------------------------
+def measure_child_reads(stack: Stack, direct: MongoClient[dict[str, Any]], sz: Sizes,
+                        found: Findings) -> tuple[str, dict[tuple[str, str], list[float]]]:
+    child = stack.branch("reads")
+    ids = random.Random(11).sample(range(sz.base), sz.base // 100)
+    with MongoClient(stack.proxy_uri) as c:
+        for start in range(0, len(ids), 1000):
+            c[DB][BASE].update_many({"_id": {"$in": ids[start:start + 1000]}},
+                                    {"$inc": {"v": 1}, "$set": {"s": "changed"}})
+    with MongoClient(child["uri"]) as c:
+        shown = c[DB][BASE].count_documents({"s": "changed"})
+        total = c[DB][BASE].count_documents({})
+    moved = direct[DB][BASE].count_documents({"s": "changed"})
+    print(f"  main changed {moved} docs; the child shows {shown} of them changed, "
+          f"{total} docs", flush=True)
+    if shown or total != sz.base or moved != len(ids):
+        found.add(f"(2) after main changed {len(ids)} documents the child shows {shown} of "
+                  f"them changed and {total} documents (expected 0 and {sz.base}); "
+                  f"the upstream holds {moved} changed")
+    return child["uri"], measure_reads(stack.proxy_uri, child["uri"], sz.base,
+                                       sz.read_rounds, sz.read_block)
+
+
+# -- (3) capture lag and exact reads -------------------------------------------------------
+def lag_samples(direct: MongoClient[dict[str, Any]], pool: list[int], samples: int,
+                fresh: list[int], found: Findings, label: str) -> list[float]:
+    """Direct writes one at a time (insert, update, delete in turn), each followed by
+    polling main's WAL for it."""
+    coll, wal, ns = direct[DB][LAG], direct[META]["wal"], f"{DB}.{LAG}"
+    out: list[float] = []
+    missing = 0
+    for i in range(samples):
+        kind = OPS[i % 3]
+        if kind == "insert":
+            key = fresh.pop()
+            before = 0
+            coll.insert_one({"_id": key, "v": 0, "pad": branches.PAD})
+        else:
+            key = pool.pop()
+            before = newest(wal, ns, key)
+            if kind == "update":
+                coll.update_one({"_id": key}, {"$inc": {"v": 1}})
+            else:
+                coll.delete_one({"_id": key})
+        took = logged_after(wal, ns, key, before)
+        if took == float("inf"):
+            missing += 1
+        else:
+            out.append(took)
+        time.sleep(0.01)
+    if missing:
+        found.add(f"(3) {missing} of {samples} direct writes ({label}) never reached main's "
+                  "WAL within 60 s")
+    return out
+
+
+def background_writers(upstream: str, ids: list[int], stop: threading.Event,
+                       counts: list[int]) -> list[threading.Thread]:
+    def run(n: int) -> None:
+        rng = random.Random(n)
+        with MongoClient(upstream, directConnection=True) as c:
+            coll = c[DB][LAG]
+            while not stop.is_set():
+                coll.update_one({"_id": rng.choice(ids)}, {"$inc": {"bg": 1}})
+                counts[n] += 1
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(counts))]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def exact_reads(child_uri: str, direct: MongoClient[dict[str, Any]], pool: list[int],
+                idle_ids: list[int], cycles: int, quiet: float, found: Findings
+                ) -> dict[str, list[float]]:
+    """Child point reads, per cycle: one after `quiet` seconds without any write, one
+    right after a direct upstream update of the document it reads (it must wait for the
+    capture and show the document as at the fork, v = 0), and one of another document
+    0.1 s later."""
+    coll = direct[DB][LAG]
+    perf = time.perf_counter
+    out: dict[str, list[float]] = {"idle": [], "after": [], "later": []}
+    wrong = 0
+    rng = random.Random(17)
+    with MongoClient(child_uri, maxPoolSize=1) as c:
+        kid = c[DB][LAG]
+        for _ in range(20):  # warm-up
+            kid.find_one({"_id": rng.choice(idle_ids)})
+        for _ in range(cycles):
+            time.sleep(quiet)
+            t0 = perf()
+            kid.find_one({"_id": rng.choice(idle_ids)})
+            out["idle"].append(perf() - t0)
+            key = pool.pop()
+            coll.update_one({"_id": key}, {"$inc": {"v": 1}})
+            t0 = perf()
+            got = kid.find_one({"_id": key})
+            out["after"].append(perf() - t0)
+            if got is None or got.get("v") != 0:
+                wrong += 1
+            time.sleep(0.1)
+            t0 = perf()
+            kid.find_one({"_id": rng.choice(idle_ids)})
+            out["later"].append(perf() - t0)
+    if wrong:
+        found.add(f"(3) {wrong} of {cycles} child reads right after a direct upstream update "
+                  "showed main's new value (or nothing) instead of the document at the fork")
+    return out
+
+
+def measure_lag(stack: Stack, direct: MongoClient[dict[str, Any]], child_uri: str, sz: Sizes,
+                found: Findings) -> dict[str, Any]:
+    ids = list(range(sz.lag))
+    random.Random(13).shuffle(ids)
+    quarter = len(ids) // 4
+    bg_ids, idle_ids, pool = ids[:quarter], ids[quarter:2 * quarter], ids[2 * quarter:]
+    fresh = list(range(10_000_000 + 2 * sz.lag_samples, 10_000_000, -1))
+    out: dict[str, Any] = {}
+    print(f"  {sz.lag_samples} direct writes one at a time ...", flush=True)
+    out["idle"] = lag_samples(direct, pool, sz.lag_samples, fresh, found, "idle upstream")
+    counts = [0, 0]
+    stop = threading.Event()
+    print(f"  {sz.lag_samples} direct writes beside {len(counts)} direct writers ...",
+          flush=True)
+    began = time.monotonic()
+    threads = background_writers(stack.upstream, bg_ids, stop, counts)
+    try:
+        time.sleep(0.5)
+        out["busy"] = lag_samples(direct, pool, sz.lag_samples, fresh, found,
+                                  "beside direct writers")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    out["bg_rate"] = sum(counts) / (time.monotonic() - began)
+    settle(stack, direct)
+    print(f"  {sz.cycles} cycles of child point reads: idle, after a direct write, 0.1 s "
+          "later ...", flush=True)
+    out["reads"] = exact_reads(child_uri, direct, pool, idle_ids, sz.cycles, QUIET, found)
+    return out
+
+
+# -- (4) storage per preserved document ----------------------------------------------------
+def measure_preserved(stack: Stack, direct: MongoClient[dict[str, Any]], sz: Sizes,
+                      found: Findings) -> dict[str, float]:
+    child = stack.branch("store")
+    meta = direct[META]["branches"].find_one({"_id": "store"})
+    if meta is None:
+        raise RuntimeError("branch 'store' has no metadata document")
+    bid = str(meta["bid"])
+    ids = random.Random(21).sample(range(sz.base), sz.preserved)
+    with MongoClient(stack.proxy_uri) as c:
+        for start in range(0, len(ids), 1000):
+            c[DB][BASE].update_many({"_id": {"$in": ids[start:start + 1000]}},
+                                    {"$inc": {"v": 1}, "$set": {"s": "moved"}})
+    with MongoClient(child["uri"]) as c:  # waits for the capture
+        shown = c[DB][BASE].count_documents({"s": "moved"})
+    if shown:
+        found.add(f"(4) the child shows {shown} of the {len(ids)} documents main changed "
+                  "after its fork with main's new value")
+    db = direct[DB]
+    live = coll_stats(db, f"__mb_{bid}_l_{BASE}")
+    hidden = coll_stats(db, f"__mb_{bid}_h_{BASE}")
+    keep = list(direct[META]["wal"].aggregate([
+        {"$match": {"b": bid}}, {"$match": {"op": "keep"}},
+        {"$group": {"_id": None, "n": {"$sum": 1}, "bytes": {"$sum": {"$bsonSize": "$$ROOT"}}}}]))
+    keep_n = float(keep[0]["n"]) if keep else 0.0
+    keep_bytes = float(keep[0]["bytes"]) if keep else 0.0
+    wal = coll_stats(direct[META], "wal")
+    base = coll_stats(db, BASE)
+    if keep_n != len(ids) or live["count"] != len(ids) or hidden["count"] != len(ids):
+        found.add(f"(4) main changed {len(ids)} documents after the fork; the child holds "
+                  f"{live['count']:.0f} live, {hidden['count']:.0f} hidden ids, "
+                  f"{keep_n:.0f} keep entries")
+    drop(stack, "store")
+    return {"docs": float(len(ids)), "live": live["size"], "live_n": live["count"],
+            "live_index": live["index"], "hidden": hidden["size"], "hidden_n": hidden["count"],
+            "hidden_index": hidden["index"], "keep_n": keep_n, "keep": keep_bytes,
+            "wal_index": wal["index"] * keep_n / max(1.0, wal["count"]),
+            "doc": base["size"] / max(1.0, base["count"])}
+
+
+# -- (5) a branch of main at a past point --------------------------------------------------
+def measure_restore(stack: Stack, direct: MongoClient[dict[str, Any]], sz: Sizes,
+                    found: Findings) -> list[dict[str, float]]:
+    out: list[dict[str, float]] = []
+    wal = direct[META]["wal"]
+    ns = f"{DB}.{HIST}"
+    perf = time.perf_counter
+    for t in range(sz.restore_trials):
+        lsn = main_lsn(stack)
+        t0 = perf()
+        with MongoClient(stack.proxy_uri) as c:
+            changed = c[DB][HIST].update_many({}, {"$inc": {"v": 1}}).modified_count
+        wrote = perf() - t0
+        # Main's log waits for the capture only up to its barrier's timeout: count the
+        # entries instead.
+        deadline = time.monotonic() + 900
+        logged = 0
+        while time.monotonic() < deadline:
+            logged = wal.count_documents({"b": MAIN, "ns": ns, "_id": {"$gt": lsn}})
+            if logged >= changed:
+                break
+            time.sleep(0.2)
+        captured = perf() - t0
+        print(f"  trial {t}: main changed {changed:,} docs in {wrote:.1f}s, all in main's "
+              f"WAL {captured:.1f}s after the write began", flush=True)
+        if logged < changed:
+            found.add(f"(5) main changed {changed} documents; main's WAL held {logged} "
+                      "entries for them after 900 s")
+        name = f"past{t}"
+        t0 = perf()
+        status, body = stack.api("POST", "/branches", {"name": name, "from": MAIN, "at": lsn})
+        took = perf() - t0
+        if status != 201:
+            found.add(f"(5) POST /branches at LSN {lsn} (before main changed {changed} "
+                      f"documents): {status} {body}")
+            continue
+        with MongoClient(body["uri"]) as c:
+            then = c[DB][HIST].count_documents({"v": t})
+            total = c[DB][HIST].count_documents({})
+        if then != sz.hist or total != sz.hist:
+            found.add(f"(5) the branch at LSN {lsn} shows {then} of {sz.hist} documents as "
+                      f"they were at that point (v = {t}) and {total} documents")
+        print(f"  trial {t}: branch at LSN {lsn} in {took:.2f}s: {changed / took:,.0f} docs/s; "
+              f"{then:,} of {sz.hist:,} as then", flush=True)
+        out.append({"docs": float(changed), "seconds": took, "write": wrote,
+                    "captured": captured, "right": float(then)})
+        drop(stack, name)
+    return out
+
+
+def upstream_floor(direct: MongoClient[dict[str, Any]], n: int) -> float:
+    """Documents per second the upstream itself inserts, in batches of 1,000 of the
+    restored documents' shape: what a restore, which writes each document into the
+    live overlay, the hidden ids and the WAL, is bounded by. Written in the metadata
+    database, which the capture leaves out."""
+    scratch = direct[META]["bench_floor"]
+    t0 = time.perf_counter()
+    for start in range(0, n, 1000):
+        scratch.insert_many([branches.doc(i) for i in range(start, min(n, start + 1000))],
+                            ordered=False)
+    took = time.perf_counter() - t0
+    scratch.drop()
+    return n / took
+
+
+# -- report --------------------------------------------------------------------------------
+def report(sz: Sizes, command: str, elapsed: float, load: tuple[float, float],
+           warm: list[float], writes: dict[tuple[int, str], list[float]],
+           reads: dict[tuple[str, str], list[float]], lag: dict[str, Any],
+           store: dict[str, float], restore: list[dict[str, float]], floor: float,
+           found: Findings) -> str:
+    info = machine()
+    lines = [SECTION, "",
+             f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; the whole run took "
+             f"{elapsed:.0f}s, seeding included. Machine: {info['nproc']} CPUs "
+             f"({info['cpu']}), {info['mem']} RAM, shared and noisy (1-minute load average "
+             f"{load[0]:.1f} at the start, {load[1]:.1f} at the end); {info['python']}, "
+             f"pymongo {info['pymongo']}; proxy at {info['rev']}. One in-memory SecantusDB "
+             "(`secantusd-py --storage-path :memory:`) and one proxy with the capture on (the "
+             f"default). Reproduce: `{command}`.", ""]
+
+    med = {key: statistics.median(v) for key, v in writes.items()}
+    lines += [f"(1) Main-port write throughput, ops/s: {CLIENTS} client threads (pymongo), "
+              f"point `insert_one` (new _id), `update_one` by _id (`$inc`), `delete_one` of "
+              f"the block's inserts, on a {sz.items:,}-doc collection; median of {sz.rounds} "
+              f"rotating rounds of {sz.seconds:g}s blocks, each started with the capture "
+              "caught up (a marker write on the upstream, then its WAL entry); the last "
+              "column is how long after the block that took. \"upstream direct\": the same "
+              "writes straight to SecantusDB, without the proxy. Before the rounds, direct "
+              "2 s blocks of updates ran until SecantusDB's own rate levelled off (it falls "
+              "several-fold over its first ~10-20k single-document writes, with or without "
+              "the proxy): " + ", ".join(f"{r:.0f}" for r in warm) + " updates/s.", "",
+              "| children of main | insert | update | delete | insert vs 0 | update vs 0 "
+              "| delete vs 0 | target | capture done after the block, s (ins/upd/del) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for kids, target in ((-1, "(no proxy)"), (0, ""), (1, ">= 70%"), (10, ">= 50%")):
+        cells = ["upstream direct" if kids < 0 else str(kids)]
+        cells += [f"{med[(kids, op)]:.0f}" for op in OPS] + [
+            f"**{med[(kids, op)] / med[(0, op)]:.0%}**" if kids > 0 else
+            f"{med[(kids, op)] / med[(0, op)]:.0%}" for op in OPS]
+        tails = " / ".join(f"{med[(kids, op + ':settle')]:.1f}" for op in OPS)
+        lines.append("| " + " | ".join(cells) + f" | {target} | {tails} |")
+    lines += ["", "A main-port write, children or not, is the client's own command on its "
+              "own upstream connection; with children it also holds main's fence as a writer "
+              "while it runs, so that no child's command runs beside it. It does not wait "
+              "for the capture (unless the capture trails by more than a second): the "
+              "capture preserves the pre-images into each child and logs main's change "
+              "beside it, a batch of events at a time. The ratios are taken against "
+              "SecantusDB's levelled-off rate (the first row): the slower the upstream, the "
+              "smaller the share of a write the proxy's and the capture's work is, so against "
+              "a faster upstream the same children cost a larger share.", ""]
+
+    targets = {"point": 1.2, "range": 1.5, "agg": 2.5}
+    labels = {"point": "point find by _id",
+              "range": "indexed range find, 20 docs (`k` in [x, x+20))",
+              "agg": f"aggregate `$match` on `k` ({max(10, sz.base // 50):,} docs) + "
+                     "`$group` on `g` (100 groups)"}
+    lines += [f"(2) Read latency, ms, on a child of main after main changed 1% of the "
+              f"{sz.base:,}-doc base ({sz.base // 100:,} docs, `update_many` on the main port "
+              "after the fork; the child holds their pre-images) vs the same reads on the "
+              f"main port; one sync client per target, {sz.read_rounds} rounds x "
+              f"{sz.read_block} requests ({sz.read_block // 2} for the aggregation), "
+              "alternating (benchmarks/branches.py's `measure_reads`):", "",
+              "| query | main p50 | main p99 | child p50 | child p99 | child/main p50 "
+              "| target |", "|---|---|---|---|---|---|---|"]
+    for op, limit in targets.items():
+        m, br = reads[("main", op)], reads[("branch", op)]
+        lines.append(f"| {labels[op]} | {ms(pct(m, .5))} | {ms(pct(m, .99))} | "
+                     f"{ms(pct(br, .5))} | {ms(pct(br, .99))} | "
+                     f"**{pct(br, .5) / pct(m, .5):.2f}x** | <= {limit}x |")
+    lines += ["", "Every command on a child's port waits for the capture first "
+              "(`Capture.barrier`: one `ping` for the upstream's `operationTime`, then until "
+              "the capture has passed it; on an idle upstream, the ping alone).", ""]
+
+    def row(label: str, v: list[float]) -> str:
+        if not v:
+            return f"| {label} | 0 | - | - | - |"
+        return (f"| {label} | {len(v)} | **{ms(pct(v, .5))}** | **{ms(pct(v, .99))}** | "
+                f"{ms(max(v))} |")
+
+    rd = lag["reads"]
+    ri, ra, rl = rd["idle"], rd["after"], rd["later"]
+    lines += ["(3) Capture lag, ms, of writes made directly on the upstream (a pymongo "
+              "client connected to SecantusDB, not through the proxy), insert / update / "
+              "delete in turn, one at a time: from the write's acknowledgement until its "
+              "entry is in main's WAL (the metadata database's `wal`, polled by `id` every "
+              f"{POLL * 1e3:g} ms plus the poll's round trip; 10 ms between samples). A "
+              "child of main exists throughout, so each event is also preserved for it:", "",
+              "| writes | n | p50 | p99 | max |", "|---|---|---|---|---|",
+              row("one at a time, upstream otherwise idle", lag["idle"]),
+              row(f"one at a time, beside 2 direct writers ({lag['bg_rate']:.0f} updates/s)",
+                  lag["busy"]),
+              "", f"Exact reads, ms: a child's point find by _id; per cycle one after "
+              f"{QUIET:g}s without any write, one right after a direct upstream update of "
+              "the document it reads (it must wait for the capture, then show the document "
+              "as at the fork), and one of another document 0.1 s after that; "
+              f"{sz.cycles} cycles:", "",
+              "| child point read | n | p50 | p99 | max |", "|---|---|---|---|---|",
+              row(f"idle upstream ({QUIET:g}s without writes)", ri),
+              row("right after a direct write", ra),
+              row("0.1 s after that read", rl),
+              "", f"Extra latency of the exact read over the idle one: "
+              f"**{ms(pct(ra, .5) - pct(ri, .5))} ms** at p50, "
+              f"{ms(pct(ra, .99) - pct(ri, .99))} ms at p99 "
+              f"({pct(ra, .5) / pct(ri, .5):.2f}x the idle read at p50). "
+              "Point reads on the child back to back with no write anywhere, as in (2): "
+              f"{ms(pct(reads[('branch', 'point')], .5))} ms p50.", ""]
+
+    s = store
+    n = s["docs"]
+    data = s["live"] + s["hidden"] + s["keep"]
+    index = s["live_index"] + s["hidden_index"] + s["wal_index"]
+    lines += [f"(4) Storage per preserved document: a fresh child of main, then main changed "
+              f"{n:.0f} of the base's documents (`update_many` on the main port, "
+              f"{s['doc']:.0f} B per document on average); SecantusDB collStats `size` of the "
+              "child's overlay collections, `$bsonSize` of its WAL `keep` entries:", "",
+              "| | documents | bytes | bytes per preserved document |", "|---|---|---|---|",
+              f"| live overlay (the pre-images) | {s['live_n']:.0f} | {s['live']:.0f} | "
+              f"{s['live'] / n:.0f} |",
+              f"| hidden ids | {s['hidden_n']:.0f} | {s['hidden']:.0f} | "
+              f"{s['hidden'] / n:.0f} |",
+              f"| WAL `keep` entries (pre = post image) | {s['keep_n']:.0f} | "
+              f"{s['keep']:.0f} | {s['keep'] / n:.0f} |",
+              f"| **data** | | **{data:.0f}** | **{data / n:.0f}** "
+              f"({data / n / s['doc']:.1f}x the document) |",
+              f"| indexes (overlay; WAL's share by entry count) | | {index:.0f} | "
+              f"{index / n:.0f} |", ""]
+
+    if restore:
+        rates = [r["docs"] / r["seconds"] for r in restore]
+        lines += [f"(5) Branch of main at a past point: main's newest LSN recorded (`GET "
+                  f"/branches/main/log?limit=1`), then `update_many({{}}, {{$inc: {{v: 1}}}})` "
+                  f"on the main port changed all {sz.hist:,} documents of a collection; once "
+                  f"main's WAL held all of them, `POST /branches {{\"from\": \"main\", \"at\": "
+                  f"<lsn>}}` was timed ({len(restore)} trials, no child of main meanwhile):",
+                  "", "| trial | documents | update_many s | capture done s | branch at "
+                  "point s | restored docs/s | documents as then |",
+                  "|---|---|---|---|---|---|---|"]
+        for i, r in enumerate(restore):
+            lines.append(f"| {i} | {r['docs']:,.0f} | {r['write']:.2f} | {r['captured']:.2f} "
+                         f"| {r['seconds']:.2f} | {r['docs'] / r['seconds']:,.0f} | "
+                         f"{r['right']:,.0f} |")
+        lines += ["", f"Median **{statistics.median(rates):,.0f} restored documents per "
+                  "second** (target >= 20,000/s). \"capture done\": from the start of the "
+                  "`update_many` until main's WAL held an entry for every changed document. "
+                  f"For scale, in the same run the upstream itself inserted {sz.hist:,} "
+                  f"documents of that shape at {floor:,.0f}/s (`insert_many`, batches of "
+                  "1,000); a restore reads each changed document's first later WAL entry "
+                  "(one aggregation) and its current version, and writes it three times: "
+                  "into the live overlay, its id into the hidden set, a WAL entry.", ""]
+    else:
+        lines += ["(5) Branch of main at a past point: no trial succeeded (see below).", ""]
+
+    if found.notes:
+        lines += ["Wrong answers met in this run:", ""] + [f"- {t}" for t in found.notes]
+    else:
+        lines += ["Checked in this run: the child of (2) and (4) showed none of main's later "
+                  "values, every exact read of (3) showed the document as at the fork, every "
+                  "direct write reached main's WAL, and every branch at a past point showed "
+                  "all changed documents as they were then."]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short smoke run; no RESULTS.md")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=4.0, help="per block")
+    ap.add_argument("--rounds", type=int, default=Sizes.rounds)
+    ap.add_argument("--seconds", type=float, default=Sizes.seconds, help="per write block")
+    ap.add_argument("--restore-docs", type=int, default=Sizes.hist,
+                    help="documents main changes after the point of (5)")
     args = ap.parse_args()
-    rounds, seconds = (1, 1.0) if args.quick else (args.rounds, args.seconds)
-    configs = (0, 1, 10)
+    sz = Sizes(rounds=args.rounds, seconds=args.seconds, hist=args.restore_docs)
+    if args.quick:
+        sz = Sizes(items=10_000, base=2_000, lag=600, hist=2_000, rounds=1, seconds=1.0,
+                   read_rounds=4, read_block=10, lag_samples=30, cycles=6, preserved=100,
+                   restore_trials=1)
+    load_start = os.getloadavg()[0]
+    began = time.monotonic()
     procs = Procs(Path(tempfile.mkdtemp(prefix="mb-snapbench-")))
-    results: dict[tuple[int, str], list[float]] = {}
+    found = Findings()
     try:
-        stack = start_stack(procs, "snap", set(), 20)
-        with MongoClient(stack.proxy_uri) as c:
-            c[DB]["items"].insert_many([{"_id": i, "v": i} for i in range(BASE_DOCS)])
-        live: list[str] = []
-        for r in range(rounds):
-            order = list(configs) if r % 2 == 0 else list(reversed(configs))
-            for kids in order:
-                set_children(stack, kids, live)
-                made: dict[str, list[str]] = {}
-                for op in OPS:
-                    rate = block(stack, op, seconds, f"r{r}k{kids}", made)
-                    results.setdefault((kids, op), []).append(rate)
-                    print(f"round {r} children {kids:2d} {op:6s} {rate:8.0f} ops/s",
-                          flush=True)
-        set_children(stack, 0, live)
+        stack = start_stack(procs, "snap", set(), 30)
+        print(f"logs in {procs.logdir}", flush=True)
+        direct: MongoClient[dict[str, Any]] = MongoClient(stack.upstream, directConnection=True)
+        print("seeding (directly on the upstream, before any child) ...", flush=True)
+        db = direct[DB]
+        db[ITEMS].insert_many([{"_id": i, "v": i} for i in range(sz.items)])
+        seed(db[BASE], sz.base)
+        db[BASE].create_index("k")
+        db[LAG].insert_many([{"_id": i, "v": 0, "pad": branches.PAD} for i in range(sz.lag)])
+        seed(db[HIST], sz.hist)
+        print(f"  the capture logged the seeding in {settle(stack, direct):.0f}s more",
+              flush=True)
+
+        print("(1) main-port writes with 0, 1, 10 children ...", flush=True)
+        warm = precondition(stack.upstream + "?directConnection=true", sz.items,
+                            3 if args.quick else 40)
+        print("  direct update rates while preconditioning: "
+              + ", ".join(f"{r:.0f}" for r in warm), flush=True)
+        writes = measure_writes(stack, direct, sz)
+        settle(stack, direct)
+        print("(2) reads on a child after main changed 1% ...", flush=True)
+        child_uri, reads = measure_child_reads(stack, direct, sz, found)
+        print("(3) capture lag ...", flush=True)
+        lag = measure_lag(stack, direct, child_uri, sz, found)
+        print("(4) storage per preserved document ...", flush=True)
+        store = measure_preserved(stack, direct, sz, found)
+        drop(stack, "reads")
+        print(f"(5) branch of main at a past point, {sz.hist:,} changed docs ...", flush=True)
+        restore = measure_restore(stack, direct, sz, found)
+        floor = upstream_floor(direct, sz.hist)
+        direct.close()
     finally:
         procs.stop_all()
-    med = {key: statistics.median(v) for key, v in results.items()}
-    lines = [SECTION, "",
-             f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {platform.node()} "
-             f"({platform.machine()}, Python {platform.python_version()}), with "
-             f"`.venv/bin/python benchmarks/snapshots.py --rounds {rounds} --seconds "
-             f"{seconds:g}`: one in-memory SecantusDB, one proxy, {BASE_DOCS:,} documents, "
-             f"{CLIENTS} client threads, median of {rounds} rotating rounds. Shared 2-core "
-             "machine: absolute figures are noisy, ratios within one run less so.", "",
-             "| children of main | insert ops/s | update ops/s | delete ops/s "
-             "| insert vs 0 | update vs 0 | delete vs 0 |",
-             "|---|---|---|---|---|---|---|"]
-    for kids in configs:
-        row = [str(kids)] + [f"{med[(kids, op)]:.0f}" for op in OPS] + [
-            f"{med[(kids, op)] / med[(0, op)]:.0%}" for op in OPS]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Targets of issue 11: with 1 child >= 70% of with none, with 10 >= 50%. "
-              "With children every write is read first, copied up into each child (a "
-              "hidden id, the document, a WAL entry per child) and logged in main's WAL "
-              "with its post-image: several round trips where the fast path has one."]
-    text = "\n".join(lines) + "\n"
+    command = ".venv/bin/python benchmarks/snapshots.py" + (
+        " " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    text = report(sz, command, time.monotonic() - began, (load_start, os.getloadavg()[0]),
+                  warm, writes, reads, lag, store, restore, floor, found)
+    print()
     print(text)
     if not args.quick:
         write_results(text)
