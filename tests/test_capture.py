@@ -182,3 +182,28 @@ def test_sigkill_before_the_capture_preserved_a_write(stored: Secantus) -> None:
                     assert contents(c, db) == want
     finally:
         proxy.stop()
+
+
+def test_two_proxies_on_one_upstream_leave_each_others_metadata_alone(
+        upstream: Secantus, direct: MongoClient) -> None:
+    """Each proxy names its metadata database in the upstream's registry: another
+    proxy's capture does not take its WAL and overlays for main's data (they fed each
+    other's WAL, growing without end, before)."""
+    first = ProxyProcess(upstream.uri, meta_db="mb_two_a").start()
+    second = ProxyProcess(upstream.uri, meta_db="mb_two_b").start()
+    db = unique("two").replace("-", "_")
+    try:
+        with branches(first) as made_a, branches(second) as made_b:
+            for made in (made_a, made_b):
+                with made.client(made.create()) as c:
+                    c[db].items.insert_many([{"_id": i} for i in range(20)])
+            for made in (made_a, made_b):
+                made.create()  # each capture has passed every write made before
+            for mine, theirs in (("mb_two_a", "mb_two_b"), ("mb_two_b", "mb_two_a")):
+                logged = direct[mine].wal.distinct("ns", {"b": "main"})
+                assert not [ns for ns in logged if ns.startswith(f"{theirs}.")], logged
+            assert direct["mongobranch_registry"].meta_dbs.count_documents(
+                {"_id": {"$in": ["mb_two_a", "mb_two_b"]}}) == 2
+    finally:
+        first.stop()
+        second.stop()

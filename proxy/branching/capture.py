@@ -48,6 +48,23 @@ log = logging.getLogger("mongobranch.capture")
 
 # Databases whose changes are never main's data.
 SYSTEM_DBS = ("admin", "config", "local")
+# Every proxy names its metadata database here at start-up, so that the captures of other
+# proxies on the same upstream leave it out: a proxy capturing another's WAL as main's
+# data would log it in its own WAL, which the other would capture in turn.
+REGISTRY_DB = "mongobranch_registry"
+REGISTRY = "meta_dbs"
+
+
+async def register(client: Any, meta_db: str) -> None:
+    """Name this proxy's metadata database in the upstream's registry."""
+    try:
+        await client[REGISTRY_DB][REGISTRY].update_one(
+            {"_id": meta_db}, {"$set": {"at": dt.datetime.now(dt.UTC).replace(tzinfo=None)}},
+            upsert=True)
+    except PyMongoError as exc:
+        log.warning("cannot name the metadata database %s in %s.%s (%s): another proxy's "
+                    "capture on this upstream would take its writes for main's", meta_db,
+                    REGISTRY_DB, REGISTRY, exc)
 DOCUMENT_OPS = ("insert", "update", "replace", "delete")
 # Collection-level events that change what a child reads and cannot be undone for it.
 BREAKING_OPS = ("drop", "rename", "dropDatabase")
@@ -141,6 +158,8 @@ class Capture:
         # Collections the stream showed a change of, and whether the catalog was listed.
         self._seen: set[str] = set()
         self._listed = False
+        # Other proxies' metadata databases (REGISTRY_DB): never main's data.
+        self._others: set[str] = set()
 
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> bool:
@@ -154,6 +173,9 @@ class Capture:
                                    > (token_time(token) or (0, 0))):
             token = logged["ev"]
         self.token = token
+        async for entry in self.engine.client[REGISTRY_DB][REGISTRY].find({}, {"_id": 1}):
+            if entry["_id"] != self.engine.meta_db:
+                self._others.add(entry["_id"])
         try:
             reply = await self._open()
         except OperationFailure as exc:
@@ -215,7 +237,7 @@ class Capture:
 
     def _filter(self) -> dict[str, Any]:
         return {"$match": {
-            "ns.db": {"$nin": [*SYSTEM_DBS, self.engine.meta_db]},
+            "ns.db": {"$nin": [*SYSTEM_DBS, self.engine.meta_db, *sorted(self._others)]},
             "ns.coll": {"$not": {"$regex": f"^({naming.PREFIX}|system\\.)"}}}}
 
     async def _open(self) -> dict[str, Any]:
@@ -326,6 +348,13 @@ class Capture:
             op = ev.get("operationType")
             ns_doc = ev.get("ns") or {}
             db, coll = ns_doc.get("db"), ns_doc.get("coll")
+            if db == REGISTRY_DB:
+                key = (ev.get("documentKey") or {}).get("_id")
+                if isinstance(key, str) and key != self.engine.meta_db:
+                    self._others.add(key)  # a proxy started since: its writes are not main's
+                continue
+            if db in self._others:
+                continue
             at = tkey(ev["clusterTime"])
             extra = {"ct": ev["clusterTime"], "ev": ev["_id"]}
             if isinstance(ev.get("wallTime"), dt.datetime):
@@ -451,7 +480,8 @@ class Capture:
         dbs = await self.engine.client.admin.command({"listDatabases": 1, "nameOnly": True})
         for entry in dbs.get("databases", []):
             db = entry.get("name")
-            if not isinstance(db, str) or db in (*SYSTEM_DBS, self.engine.meta_db) or not db:
+            if not isinstance(db, str) or not db or db in (
+                    *SYSTEM_DBS, self.engine.meta_db, REGISTRY_DB, *self._others):
                 continue
             async for batch in self.engine.pool.batches(db, {
                     "listCollections": 1, "filter": {"type": "collection"}}):
@@ -499,10 +529,10 @@ class Capture:
 
     async def checked(self, root: str, since: int, at: Timestamp | None) -> bool:
         """After a read on a branch of the child of main `root` (its generation `since`
-        when the read began; `at`, the newest operationTime its upstream replies
-        carried): once the capture has passed `at`, whether nothing was preserved for
-        that child meanwhile. Then every write the read could have seen had been
-        preserved before it ran, and its answer is exact without waiting beforehand."""
+        when the read began; `at`, the upstream's time asked beside it): once the
+        capture has passed `at`, whether nothing was preserved for that child meanwhile.
+        Then every write acknowledged before the read began had been preserved before
+        it ran, and its answer is exact without waiting beforehand."""
         if at is not None:
             await self.reached(at)
         return self.generation.get(root, 0) == since

@@ -16,6 +16,7 @@ from pymongo.errors import DuplicateKeyError
 
 from proxy.branching import naming, snapshot
 from proxy.branching.capture import Capture
+from proxy.branching.capture import register as capture_register
 from proxy.branching.errors import BranchError
 from proxy.branching.lifecycle import Lifecycle
 from proxy.branching.locks import BranchLock
@@ -94,6 +95,8 @@ class Engine:
 
     # -- start-up -------------------------------------------------------------------
     async def start(self) -> None:
+        # Before any write to the metadata database: other proxies' captures skip it.
+        await capture_register(self.client, self.meta_db)
         await self.wal.init()
         async for doc in self.meta["branches"].find():
             branch = Branch.from_doc(doc)

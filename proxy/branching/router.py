@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -180,11 +181,15 @@ class EngineRouter:
         root = self.engine.chain(branch)[-1].bid
         for _ in range(READ_ATTEMPTS):
             since = capture.generation.get(root, 0)
-            req.run.latest = None
-            reply = await handler(req)
-            latest = max((t for t in (req.run.latest, self.engine.pool.latest)
-                          if t is not None), default=None)
-            if await capture.checked(root, since, latest):
+            # The upstream's time, asked beside the read: at least that of every write
+            # acknowledged before the read began (a reply's own operationTime is not:
+            # SecantusDB may stamp a read before a write it already sees).
+            clock = asyncio.ensure_future(capture.clock())
+            try:
+                reply = await handler(req)
+            finally:
+                at = await clock
+            if await capture.checked(root, since, at):
                 return reply
             await self._discard(req, reply)
         # Main keeps changing under the reads: wait for the capture first, as writes do.

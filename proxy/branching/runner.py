@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure
 
@@ -20,23 +19,13 @@ class Runner:
 
     def __init__(self, raw: RawRun):
         self.raw = raw
-        # The newest operationTime among the replies this runner got: no later than the
-        # upstream's time when its last command ran (capture.py reads are checked
-        # against it).
-        self.latest: Timestamp | None = None
-
-    def _seen(self, reply: dict[str, Any]) -> dict[str, Any]:
-        t = reply.get("operationTime")
-        if isinstance(t, Timestamp) and (self.latest is None or t > self.latest):
-            self.latest = t
-        return reply
 
     async def reply(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
         """The reply as the server sent it, ok: 0 included."""
-        return self._seen(await self.raw(db, cmd))
+        return await self.raw(db, cmd)
 
     async def __call__(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
-        reply = self._seen(await self.raw(db, cmd))
+        reply = await self.raw(db, cmd)
         if not reply.get("ok"):
             raise error_from(reply)
         return reply
