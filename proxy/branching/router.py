@@ -21,6 +21,7 @@ from proxy.branching.commands import (
 from proxy.branching.commands.base import Handler, Request, in_mongod_order
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
+from proxy.branching.model import Branch
 from proxy.branching.runner import Runner
 from proxy.net.router import Context
 from proxy.wire.opmsg import OpMsg
@@ -87,6 +88,17 @@ FORWARDED = frozenset({
     # server-wide failpoints or sleep, and read or write no collection.
     "configureFailPoint", "waitForFailPoint", "sleep",
 })
+
+
+async def write_through(engine: Engine, branch: Branch | None, ctx: Context, run: Runner,
+                        db: str, cmd: dict[str, Any]) -> dict[str, Any] | None:
+    """The engine's Writer (engine.py): a write command through the handler a client's
+    would reach on that branch's port. On main, the main-port handler keeps what main's
+    other children show, then the write itself runs on the base."""
+    req = Request(engine, branch, ctx, run, db, cmd)
+    if branch is None:
+        return await MAIN[next(iter(cmd))](req) or await run(db, cmd)
+    return await BRANCH[next(iter(cmd))](req)
 
 
 class EngineRouter:

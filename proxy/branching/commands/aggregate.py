@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.branching import merge, snapshot, views
+from proxy.branching.commands import write
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.wal import CREATE, PUT, Change
@@ -315,8 +316,6 @@ async def _aggregate_merge(req: Request, spec: dict[str, Any]) -> dict[str, Any]
     """$merge into the branch's collection: the results land in a scratch collection,
     then, a batch at a time, the documents they will meet are copied from the parent
     view and the server runs the user's own $merge against the overlay."""
-    from proxy.branching.commands import write
-
     db, coll = spec["into"]["db"], spec["into"]["coll"]
     on = spec.get("on", "_id")
     fields = [on] if isinstance(on, str) else list(on)

@@ -25,26 +25,6 @@ READ_CARRY = ("lsid", "$clusterTime", "$readPreference", "readConcern", "apiVers
 
 
 @dataclass
-class SystemContext:
-    """The identity the engine's own writes (merges, copies) carry in the WAL."""
-
-    app_name: str | None = "mongobranch"
-    user: str | None = None
-    connection_id: int = 0
-    peer: str = "mongobranch"
-
-    async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
-        raise RuntimeError("system requests run on the engine's pool")
-
-    @property
-    def gossip(self) -> dict[str, Any]:
-        return {}
-
-    async def authenticated_user(self) -> str | None:
-        return self.user
-
-
-@dataclass
 class Request:
     engine: Engine
     branch: Branch | None

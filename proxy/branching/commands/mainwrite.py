@@ -23,10 +23,10 @@ from bson import ObjectId
 from proxy.branching import merge, naming, snapshot
 from proxy.branching.capture import now_of
 from proxy.branching.commands.base import Handler, Request, coll_name
-from proxy.branching.commands.write import same
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.wal import DELETE, PUT, Change
+from proxy.wire.bsonutil import same
 
 WRITES = ("insert", "update", "delete", "findAndModify", "findandmodify")
 DDL = ("create", "drop", "dropDatabase", "renameCollection", "collMod", "createIndexes",

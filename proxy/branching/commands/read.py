@@ -8,6 +8,7 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import merge, views
+from proxy.branching.commands.aggregate import plan_aggregate
 from proxy.branching.commands.base import (
     READ_CARRY,
     Request,
@@ -288,8 +289,6 @@ async def explain(req: Request) -> dict[str, Any] | None:
     elif name == "count" and layers:
         rewritten = count_pipeline(inner, layers)
     elif name == "aggregate":
-        from proxy.branching.commands.aggregate import plan_aggregate
-
         planned = await plan_aggregate(req, inner)
         if planned is None:
             return None

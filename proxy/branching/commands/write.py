@@ -23,7 +23,7 @@ from proxy.branching.idkey import idkey
 from proxy.branching.model import NsState
 from proxy.branching.runner import error_from
 from proxy.branching.wal import DELETE, PUT, Change
-from proxy.wire.bsonutil import CODEC
+from proxy.wire.bsonutil import same
 
 UNAUTHORIZED = 13
 
@@ -293,10 +293,6 @@ class Writer:
         post = (await self.live_docs([new_id])).get(idkey(new_id))
         self.changes.append(Change(self.ns, new_id, PUT, None, post))
         return await self.reject_collisions(len(self.changes) - 1, hid)
-
-
-def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return bson.encode(a, codec_options=CODEC) == bson.encode(b, codec_options=CODEC)
 
 
 def unmask(reply: dict[str, Any], state: NsState, coll: str) -> dict[str, Any]:
