@@ -24,6 +24,7 @@ from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch
 from proxy.branching.runner import Runner
 from proxy.net.router import Context
+from proxy.wire.codes import Code
 from proxy.wire.opmsg import OpMsg
 
 ADMIN: dict[str, Handler] = {
@@ -128,17 +129,16 @@ class EngineRouter:
         name = next(iter(cmd))
         db = cmd.get("$db")
         if not isinstance(db, str):
-            raise CommandError(40571, "Location40571", "OP_MSG requests require a $db argument")
+            raise CommandError(Code.OP_MSG_NEEDS_DB, "OP_MSG requests require a $db argument")
         branch = None
         if self.branch is not None:
             branch = self.engine.branches.get(self.branch)
             if branch is None or branch.deleted_at is not None:
-                raise CommandError(26, "NamespaceNotFound",
-                                   f"branch {self.branch!r} was dropped")
+                raise CommandError(Code.NAMESPACE_NOT_FOUND, f"branch {self.branch!r} was dropped")
             branch.used = time.time()  # its idle clock (lifecycle.py); hello/ping do not count
             if branch.name in self.engine.migrating:
                 raise CommandError(
-                    11602, "InterruptedDueToReplStateChange",
+                    Code.INTERRUPTED_DUE_TO_REPL_STATE_CHANGE,
                     f"branch {branch.name!r} is migrating to {branch.migrating} mode; retry",
                     errorLabels=["RetryableWriteError"])
             if name not in ADMIN:

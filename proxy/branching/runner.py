@@ -57,8 +57,8 @@ class Runner:
 def error_from(reply: dict[str, Any]) -> CommandError:
     extra = {k: v for k, v in reply.items()
              if k not in ("ok", "errmsg", "code", "codeName", "$clusterTime", "operationTime")}
-    return CommandError(int(reply.get("code", 8)), str(reply.get("codeName", "UnknownError")),
-                        str(reply.get("errmsg", "command failed")), **extra)
+    return CommandError(int(reply.get("code", 8)), str(reply.get("errmsg", "command failed")),
+                        code_name=str(reply.get("codeName", "UnknownError")), **extra)
 
 
 def pooled(client: AsyncMongoClient[dict[str, Any]]) -> Runner:

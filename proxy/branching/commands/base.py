@@ -13,6 +13,7 @@ from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner
 from proxy.net.router import Context
+from proxy.wire.codes import Code
 
 # Fields that describe the client's session and transport, not the operation.
 SESSION_FIELDS = ("lsid", "txnNumber", "autocommit", "startTransaction", "$clusterTime",
@@ -66,7 +67,7 @@ def carry(src: dict[str, Any], dst: dict[str, Any], fields: tuple[str, ...]) -> 
 def coll_name(req: Request) -> str:
     value = req.cmd[req.name]
     if not isinstance(value, str) or not value:
-        raise CommandError(73, "InvalidNamespace",
+        raise CommandError(Code.INVALID_NAMESPACE,
                            f"collection name must be a non-empty string, not {value!r}")
     return value
 
