@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import signal
 import ssl
@@ -18,7 +19,8 @@ from pymongo.errors import ConfigurationError, OperationFailure
 from proxy import metrics
 from proxy.admin import auth, http
 from proxy.admin import branches as branch_routes
-from proxy.branching import gc, lifecycle
+from proxy.branching import copymode, gc, lifecycle, router
+from proxy.branching.commands import mainwrite
 from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
 from proxy.branching.router import EngineRouter
@@ -238,6 +240,8 @@ class Proxy:
         self.anonymous_as_uri_user = self._anonymous_policy(host)
         self.engine = Engine(self.meta_client, opts.meta_db, parse_range(opts.branch_ports),
                              host=opts.advertise_host or host)
+        self.engine.copier = copymode
+        self.engine.writer = router.write_through
         self.engine.config = Config.load(opts.config_path, flags={
             "default_mode": opts.default_mode, "allow_wal": opts.allow_wal,
             "legacy_op_query": opts.legacy_op_query})
@@ -259,7 +263,7 @@ class Proxy:
                              legacy_op_query=self.engine.config.legacy_op_query.value,
                              anonymous_as_uri_user=self.anonymous_as_uri_user, tls=self.tls,
                              read_routing=True)
-        self.engine.reroute = self.main.reroute
+        self.engine.reroute = functools.partial(self.main.reroute, mainwrite.NAMES)
         engine = self.engine
         metrics.CAPTURE[:] = [lambda: engine.capture.stats if engine.capture else None]
         await self.main.start()

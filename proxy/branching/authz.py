@@ -16,15 +16,14 @@ from typing import Any
 from proxy.branching.errors import CommandError
 from proxy.branching.naming import is_reserved
 from proxy.branching.runner import Runner, error_from
-
-UNAUTHORIZED = 13
+from proxy.wire.codes import Code
 
 # Matches no document: the probes below read or change nothing.
 _NOTHING: dict[str, Any] = {"_id": {"$in": []}}
 
 
 def unauthorized(message: str) -> CommandError:
-    return CommandError(UNAUTHORIZED, "Unauthorized", message)
+    return CommandError(Code.UNAUTHORIZED, message)
 
 
 async def _probe(run: Runner, db: str, cmd: dict[str, Any]) -> str | None:
@@ -32,7 +31,7 @@ async def _probe(run: Runner, db: str, cmd: dict[str, Any]) -> str | None:
     reply = await run.reply(db, cmd)
     if reply.get("ok"):
         return None
-    if reply.get("code") == UNAUTHORIZED:
+    if reply.get("code") == Code.UNAUTHORIZED:
         return str(reply.get("errmsg", "not authorized"))
     raise error_from(reply)
 

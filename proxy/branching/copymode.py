@@ -16,14 +16,15 @@ from typing import Any
 
 from proxy.branching import reader, views
 from proxy.branching.commands import catalog
-from proxy.branching.commands.base import Request, SystemContext
-from proxy.branching.commands.write import same
+from proxy.branching.commands.base import Request
 from proxy.branching.engine import MAIN, Engine, overlay_index
 from proxy.branching.errors import BranchError, CommandError
 from proxy.branching.idkey import idkey
+from proxy.branching.lineage import parent_layers, replaced
 from proxy.branching.model import Branch, NsState
-from proxy.branching.runner import Runner
+from proxy.branching.runner import Runner, SystemContext
 from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, Change, image, matching
+from proxy.wire.bsonutil import same
 
 COPY = "copy"
 WAL = "wal"
@@ -204,8 +205,6 @@ async def _to_wal(engine: Engine, branch: Branch) -> int:
     """Every copied collection becomes an overlay of what differs from the parent, and
     the WAL gets the entries that rebuild it, so a WAL branch can replay itself. What the
     branch shows does not change, so its children keep nothing (snapshot.py)."""
-    from proxy.branching.history import parent_layers, replaced
-
     pool = engine.pool
     count = 0
     identity = {"app": "mongobranch-migrate"}

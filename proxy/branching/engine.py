@@ -21,7 +21,7 @@ from proxy.branching.errors import BranchError
 from proxy.branching.lifecycle import Lifecycle
 from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
-from proxy.branching.model import ISOLATION, SNAPSHOT, Branch, NsState
+from proxy.branching.model import HIDDEN_CACHE_LIMIT, ISOLATION, SNAPSHOT, Branch, NsState
 from proxy.branching.runner import Runner, error_from, pooled
 from proxy.branching.snapshot import Fence
 from proxy.branching.wal import (
@@ -37,6 +37,7 @@ from proxy.branching.wal import (
     matching,
 )
 from proxy.config import Config
+from proxy.net.router import Context
 
 log = logging.getLogger("mongobranch.engine")
 
@@ -51,6 +52,23 @@ class Ports(Protocol):
     async def open(self, branch: Branch) -> None: ...
 
     async def close(self, branch: Branch) -> None: ...
+
+
+class Copier(Protocol):
+    """Copies a branch's data whole (copy mode, copymode.py, which sits above the engine);
+    set by the serving layer."""
+
+    async def materialize(self, engine: Engine, branch: Branch,
+                          progress: Callable[[str, int, int], None] | None = None) -> int: ...
+
+    async def migrate(self, engine: Engine, name: str, to: Any) -> dict[str, Any]: ...
+
+
+# Runs a write command on a branch (None: main) through that branch's own write path, as
+# a client's write would run there, so its WAL records it: how a merge writes into the
+# parent. Set by the command layer (router.py), which the engine does not import.
+Writer = Callable[["Engine", Branch | None, Context, Runner, str, dict[str, Any]],
+                  Awaitable[dict[str, Any] | None]]
 
 
 class Engine:
@@ -77,8 +95,12 @@ class Engine:
         self._locks: dict[str, BranchLock] = {}
         self._fences: dict[str, Fence] = {}
         # Set by the serving layer: the main port's listener forgets which command names it
-        # forwards unchanged and waits for those in flight (the wire layer's hook).
-        self.reroute: Callable[[frozenset[str]], Awaitable[None]] | None = None
+        # forwards unchanged (the writes main's children must see) and waits for those in
+        # flight (the wire layer's hook).
+        self.reroute: Callable[[], Awaitable[None]] | None = None
+        # Set by the serving layer: the layers above the engine it calls back into.
+        self.copier: Copier | None = None
+        self.writer: Writer | None = None
         # Children of main being created: main's writes are intercepted from the start.
         self._main_forks = 0
         # Collections known to exist on main (so a main-port write need not ask whether
@@ -121,11 +143,9 @@ class Engine:
             self.remember(doc["txn"], doc["reply"])
         self.unavailable = None
         for branch in [b for b in self.branches.values() if b.migrating]:
-            from proxy.branching.copymode import migrate
-
             log.warning("finishing the migration of %s to %s mode", branch.name,
                         branch.migrating)
-            await migrate(self, branch.name, branch.migrating)
+            await self.copy().migrate(self, branch.name, branch.migrating)
         self._flusher = asyncio.create_task(self._flush_dirty())
         if self.capture_options is not None:
             capture = Capture(self, **self.capture_options)
@@ -137,11 +157,9 @@ class Engine:
         if self.intercepting_main() and self.reroute is not None:
             # The main port may have served (and remembered as pass-through) writes
             # before main's children were known.
-            from proxy.branching.commands.mainwrite import NAMES
-
             log.warning("main has child branches: main-port writes are intercepted; writes "
                         "made while the engine was starting were not preserved for them")
-            await self.reroute(NAMES)
+            await self.reroute()
 
     async def stop(self) -> None:
         if self.capture is not None:
@@ -154,9 +172,19 @@ class Engine:
             await self.meta["dirty"].delete_one({"_id": key})
         self._dirty.clear()
 
-    async def load_hidden(self, state: NsState) -> None:
-        from proxy.branching.model import HIDDEN_CACHE_LIMIT
+    def copy(self) -> Copier:
+        if self.copier is None:
+            raise RuntimeError("the serving layer sets the engine's copier before start()")
+        return self.copier
 
+    async def write(self, branch: Branch | None, ctx: Context, run: Runner, db: str,
+                    cmd: dict[str, Any]) -> dict[str, Any] | None:
+        """A write run through a branch's (None: main's) own write path (see Writer)."""
+        if self.writer is None:
+            raise RuntimeError("the serving layer sets the engine's writer before start()")
+        return await self.writer(self, branch, ctx, run, db, cmd)
+
+    async def load_hidden(self, state: NsState) -> None:
         state.hidden_ids = {}
         coll = self.client[state.db][state.hidden]
         async for doc in coll.find({}, {"_id": 1}).limit(HIDDEN_CACHE_LIMIT + 1):
@@ -246,9 +274,7 @@ class Engine:
             if parent == MAIN and self.reroute is not None:
                 # From now on the main port intercepts writes; those it forwarded unchanged
                 # before land first.
-                from proxy.branching.commands.mainwrite import NAMES
-
-                await self.reroute(NAMES)
+                await self.reroute()
             # The parent's writes wait while the branch forks (and, in copy mode, copies):
             # it starts from a state no write is half-way through.
             async with self.reading(self.chain(self.branches[parent]) if parent != MAIN
@@ -318,14 +344,12 @@ class Engine:
             raise BranchError(409, f"branch {name!r} already exists") from exc
         self.branches[name] = branch
         if mode == "copy":
-            from proxy.branching.copymode import materialize
-
             def report(ns: str, done: int, total: int) -> None:
                 self.progress[name] = {"ns": ns, "done": done, "total": total}
 
             self.progress[name] = {"ns": "", "done": 0, "total": None}
             try:
-                await materialize(self, branch, progress or report)
+                await self.copy().materialize(self, branch, progress or report)
             except Exception:
                 try:
                     await self._forget(branch)

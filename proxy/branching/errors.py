@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from proxy.wire import codes
+from proxy.wire.codes import Code
 from proxy.wire.errors import CommandError
 
 __all__ = ["BranchError", "CommandError", "code_name", "not_supported"]
 
-# Names of the codes a write the engine runs on an overlay may fail with.
-_CODE_NAMES = {
-    2: "BadValue", 9: "FailedToParse", 14: "TypeMismatch", 28: "PathNotViable",
-    40: "ConflictingUpdateOperators", 52: "DollarPrefixedFieldName", 55: "DottedFieldName",
-    56: "EmptyFieldName", 66: "ImmutableField", 121: "DocumentValidationFailure",
-    11000: "DuplicateKey",
-}
+# The codes a write the engine runs on an overlay may fail with.
+_WRITE_CODES = frozenset({
+    Code.BAD_VALUE, Code.FAILED_TO_PARSE, Code.TYPE_MISMATCH, Code.PATH_NOT_VIABLE,
+    Code.CONFLICTING_UPDATE_OPERATORS, Code.DOLLAR_PREFIXED_FIELD_NAME, Code.DOTTED_FIELD_NAME,
+    Code.EMPTY_FIELD_NAME, Code.IMMUTABLE_FIELD, Code.DOCUMENT_VALIDATION_FAILURE,
+    Code.DUPLICATE_KEY,
+})
 
 
 def code_name(code: int) -> str:
-    """mongod's name for an error code: numbered assertions without one are "Location<code>"."""
-    return _CODE_NAMES.get(code, f"Location{code}")
+    """mongod's name for the code of an overlay write error that came without one:
+    numbered assertions without a name are "Location<code>"."""
+    return codes.code_name(code) if code in _WRITE_CODES else f"Location{code}"
 
 
 class BranchError(Exception):
@@ -30,7 +33,7 @@ class BranchError(Exception):
 
 def not_supported(what: str, branch: str) -> CommandError:
     return CommandError(
-        115, "CommandNotSupported",
+        Code.COMMAND_NOT_SUPPORTED,
         f"{what} is not supported on branch {branch!r} yet (mongobranch); "
         "run it on the main port or on a copy",
     )

@@ -15,13 +15,12 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import authz, copymode, gc, reader, snapshot
-from proxy.branching.commands.base import SystemContext
-from proxy.branching.commands.write import same
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
+from proxy.branching.lineage import parent_layers, parent_of, replaced
 from proxy.branching.model import Branch, NsState
-from proxy.branching.runner import Runner
+from proxy.branching.runner import Runner, SystemContext
 from proxy.branching.wal import (
     DELETE,
     DROP,
@@ -36,6 +35,7 @@ from proxy.branching.wal import (
     matching,
 )
 from proxy.net.router import Context
+from proxy.wire.bsonutil import same
 
 BATCH = reader.BATCH
 STRATEGIES = ("abort", "ours", "theirs")
@@ -97,15 +97,6 @@ async def log(engine: Engine, name: str, limit: int = 100,
 
 
 # -- diff --------------------------------------------------------------------------------
-def parent_of(engine: Engine, branch: Branch) -> Branch | None:
-    return None if branch.parent == MAIN else engine.get(branch.parent)
-
-
-def parent_layers(engine: Engine, branch: Branch, db: str, coll: str) -> list[NsState]:
-    parent = parent_of(engine, branch)
-    return [] if parent is None else engine.layers(parent, db, coll)
-
-
 def branch_states(engine: Engine, branch: Branch) -> list[NsState]:
     return sorted((s for s in engine.states.values() if s.bid == branch.bid),
                   key=lambda s: (s.db, s.coll))
@@ -178,23 +169,6 @@ async def diff(engine: Engine, name: str) -> AsyncGenerator[dict[str, Any], None
         if state.indexes is not None and state.present is not False:
             async for change in _index_changes(engine, branch, state):
                 yield change
-
-
-async def replaced(engine: Engine, branch: Branch, state: NsState) -> bool:
-    """Whether the branch replaced the whole collection (dropped or recreated it). A copy
-    branch hides its parent by construction, and a branch that copied a collection whole
-    before its parent changed it (an `own` marker) holds what it saw: only a logged drop
-    or create counts."""
-    if not state.base_dropped:
-        return False
-    marker = await engine.wal.first({
-        "b": branch.bid, "ns": f"{state.db}.{state.coll}", "op": {"$in": [*RESETS, OWN]},
-        **branch.visible()}, newest=True)
-    if marker is None:
-        # A copy branch owns every collection from its start; a WAL branch only by a drop
-        # or create (entries gc removed before a drop leave no doubt either).
-        return branch.mode != "copy"
-    return marker["op"] in RESETS
 
 
 async def touched(engine: Engine, branch: Branch,
@@ -496,16 +470,7 @@ class Applier:
         self.ctx: Context = SystemContext() if caller is None else caller.ctx
 
     async def _command(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
-        from proxy.branching.commands.base import Request
-        from proxy.branching.router import BRANCH, MAIN
-
-        req = Request(self.engine, self.parent, self.ctx, self.run, db, cmd)
-        if self.parent is None:
-            # Main's other children keep what they show (the merging branch is one).
-            reply: dict[str, Any] | None = await MAIN[next(iter(cmd))](req) \
-                or await self.run(db, cmd)
-        else:
-            reply = await BRANCH[next(iter(cmd))](req)
+        reply = await self.engine.write(self.parent, self.ctx, self.run, db, cmd)
         if reply is None or not reply.get("ok"):
             raise BranchError(500, f"merge write failed: {reply}")
         return reply

@@ -366,9 +366,7 @@ async def _refork(engine: Engine, branch: Branch) -> Branch:
         await engine.save_branch(fresh)
         engine.branches[branch.name] = fresh
         if fresh.mode == "copy":
-            from proxy.branching.copymode import materialize
-
-            await materialize(engine, fresh)
+            await engine.copy().materialize(engine, fresh)
             fresh.creating = False
             await engine.save_branch(fresh)
         for state in old:

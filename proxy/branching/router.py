@@ -25,6 +25,7 @@ from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch
 from proxy.branching.runner import Runner
 from proxy.net.router import Context
+from proxy.wire.codes import Code
 from proxy.wire.opmsg import OpMsg
 
 ADMIN: dict[str, Handler] = {
@@ -99,6 +100,17 @@ FORWARDED = frozenset({
 })
 
 
+async def write_through(engine: Engine, branch: Branch | None, ctx: Context, run: Runner,
+                        db: str, cmd: dict[str, Any]) -> dict[str, Any] | None:
+    """The engine's Writer (engine.py): a write command through the handler a client's
+    would reach on that branch's port. On main, the main-port handler keeps what main's
+    other children show, then the write itself runs on the base."""
+    req = Request(engine, branch, ctx, run, db, cmd)
+    if branch is None:
+        return await MAIN[next(iter(cmd))](req) or await run(db, cmd)
+    return await BRANCH[next(iter(cmd))](req)
+
+
 class EngineRouter:
     """Serves one port: the main port (branch None) or a branch's."""
 
@@ -126,17 +138,16 @@ class EngineRouter:
         name = next(iter(cmd))
         db = cmd.get("$db")
         if not isinstance(db, str):
-            raise CommandError(40571, "Location40571", "OP_MSG requests require a $db argument")
+            raise CommandError(Code.OP_MSG_NEEDS_DB, "OP_MSG requests require a $db argument")
         branch = None
         if self.branch is not None:
             branch = self.engine.branches.get(self.branch)
             if branch is None or branch.deleted_at is not None:
-                raise CommandError(26, "NamespaceNotFound",
-                                   f"branch {self.branch!r} was dropped")
+                raise CommandError(Code.NAMESPACE_NOT_FOUND, f"branch {self.branch!r} was dropped")
             branch.used = time.time()  # its idle clock (lifecycle.py); hello/ping do not count
             if branch.name in self.engine.migrating:
                 raise CommandError(
-                    11602, "InterruptedDueToReplStateChange",
+                    Code.INTERRUPTED_DUE_TO_REPL_STATE_CHANGE,
                     f"branch {branch.name!r} is migrating to {branch.migrating} mode; retry",
                     errorLabels=["RetryableWriteError"])
             if name not in ADMIN:

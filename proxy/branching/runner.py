@@ -4,6 +4,7 @@ and for the engine's pooled client, with cursors drained in batches."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pymongo import AsyncMongoClient
@@ -56,8 +57,8 @@ class Runner:
 def error_from(reply: dict[str, Any]) -> CommandError:
     extra = {k: v for k, v in reply.items()
              if k not in ("ok", "errmsg", "code", "codeName", "$clusterTime", "operationTime")}
-    return CommandError(int(reply.get("code", 8)), str(reply.get("codeName", "UnknownError")),
-                        str(reply.get("errmsg", "command failed")), **extra)
+    return CommandError(int(reply.get("code", 8)), str(reply.get("errmsg", "command failed")),
+                        code_name=str(reply.get("codeName", "UnknownError")), **extra)
 
 
 def pooled(client: AsyncMongoClient[dict[str, Any]]) -> Runner:
@@ -72,3 +73,24 @@ def pooled(client: AsyncMongoClient[dict[str, Any]]) -> Runner:
             return details
 
     return Runner(raw)
+
+
+@dataclass
+class SystemContext:
+    """The identity the engine's own writes (merges, copies) carry in the WAL: they run on
+    the pool above, not on a client's connection."""
+
+    app_name: str | None = "mongobranch"
+    user: str | None = None
+    connection_id: int = 0
+    peer: str = "mongobranch"
+
+    async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("system requests run on the engine's pool")
+
+    @property
+    def gossip(self) -> dict[str, Any]:
+        return {}
+
+    async def authenticated_user(self) -> str | None:
+        return self.user

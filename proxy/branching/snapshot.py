@@ -25,6 +25,7 @@ from proxy.branching.errors import BranchError
 from proxy.branching.idkey import idkey
 from proxy.branching.naming import MAIN
 from proxy.branching.wal import DELETE, KEEP, OWN, PUT, Change
+from proxy.wire.codes import Code
 
 if TYPE_CHECKING:
     from proxy.branching.engine import Engine
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 # Ids per hidden-set lookup ($in lists stay small: SecantusDB's cost grows with their square).
 CHUNK = 100
-DUP_KEY = 11000
 SYSTEM = {"app": "mongobranch", "why": "snapshot"}
 
 
@@ -299,7 +299,7 @@ async def _shown(engine: Engine, layers: list[NsState], db: str, coll: str) -> b
 async def _insert(engine: Engine, db: str, coll: str, docs: list[dict[str, Any]]) -> None:
     """Insert into an overlay; an id already there (a retried copy-up) is no error."""
     reply = await engine.pool(db, {"insert": coll, "documents": docs, "ordered": False})
-    bad = [e for e in reply.get("writeErrors", []) if e.get("code") != DUP_KEY]
+    bad = [e for e in reply.get("writeErrors", []) if e.get("code") != Code.DUPLICATE_KEY]
     if bad:
         raise BranchError(500, f"cannot preserve documents in {db}.{coll}: {bad[0]}")
 

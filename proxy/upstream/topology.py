@@ -31,6 +31,7 @@ from pymongo.server_selectors import writable_server_selector
 from pymongo.topology_description import TOPOLOGY_TYPE
 from pymongo.topology_shared import _ErrorContext
 
+from proxy.wire.codes import Code
 from proxy.wire.errors import CommandError
 
 if TYPE_CHECKING:
@@ -63,10 +64,10 @@ def read_preference(doc: Any) -> _ServerMode:
     mongos's codes when malformed: BadValue for a bad mode or tag set, and
     MaxStalenessOutOfRange for a maxStalenessSeconds pymongo's selection refuses."""
     if not isinstance(doc, dict):
-        raise CommandError(14, "TypeMismatch", "$readPreference must be an object")
+        raise CommandError(Code.TYPE_MISMATCH, "$readPreference must be an object")
     mode = doc.get("mode")
     if mode not in _MONGOS_MODES:
-        raise CommandError(2, "BadValue", f"Unknown read preference mode: {mode!r}")
+        raise CommandError(Code.BAD_VALUE, f"Unknown read preference mode: {mode!r}")
     tags = doc.get("tags")
     staleness = doc.get("maxStalenessSeconds", -1)
     if isinstance(staleness, float) and staleness.is_integer():
@@ -75,13 +76,13 @@ def read_preference(doc: Any) -> _ServerMode:
         staleness = -1  # as mongos: 0 means no bound
     if isinstance(staleness, bool) or not isinstance(staleness, int) or (
             staleness < 0 and staleness != -1):
-        raise CommandError(2, "BadValue", "maxStalenessSeconds must be a non-negative "
+        raise CommandError(Code.BAD_VALUE, "maxStalenessSeconds must be a non-negative "
                            f"integer, not {staleness!r}")
     try:
         return make_read_preference(_MONGOS_MODES.index(mode),
                                     None if tags is None else list(tags), staleness)
     except (ConfigurationError, TypeError, ValueError) as exc:
-        raise CommandError(2, "BadValue", f"invalid $readPreference: {exc}") from exc
+        raise CommandError(Code.BAD_VALUE, f"invalid $readPreference: {exc}") from exc
 
 
 class UpstreamTopology:
@@ -173,14 +174,14 @@ class UpstreamTopology:
             try:
                 server = await topology.select_server(pref, "mongobranch read", step)
             except ConfigurationError as exc:
-                raise CommandError(160, "MaxStalenessOutOfRange", str(exc)) from exc
+                raise CommandError(Code.MAX_STALENESS_OUT_OF_RANGE, str(exc)) from exc
             except PyMongoError as exc:
                 servers = topology.description.server_descriptions().values()
                 down = all(not sd.is_server_type_known and sd.error is not None
                            for sd in servers)
                 if down or loop.time() >= deadline:
                     raise CommandError(
-                        133, "FailedToSatisfyReadPreference",
+                        Code.FAILED_TO_SATISFY_READ_PREFERENCE,
                         f"Could not find host matching read preference {pref.document} "
                         f"for set {topology.description.replica_set_name}: {exc}") from exc
                 continue

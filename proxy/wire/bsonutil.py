@@ -22,6 +22,12 @@ CODEC: CodecOptions[dict[str, Any]] = CodecOptions(
 _INT32 = struct.Struct("<i")
 
 
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two documents are the same BSON: field order and types count, as they do
+    for the server (1 and 1.0 differ; so do {a, b} and {b, a})."""
+    return bson.encode(a, codec_options=CODEC) == bson.encode(b, codec_options=CODEC)
+
+
 def decode(data: bytes | memoryview) -> dict[str, Any]:
     try:
         return bson.decode(bytes(data), CODEC)

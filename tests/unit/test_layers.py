@@ -1,7 +1,11 @@
 """The layers run one way (docs/ARCHITECTURE.md, "Layers and where they live"): the wire
 codec knows nothing above it, connections know nothing of branches, the branch engine
 knows the wire layer only through the router seam. Every import counts, at module level
-or inside a function."""
+or inside a function; only `if TYPE_CHECKING:` blocks (never run) are left out of the
+cycle check.
+
+`.venv/bin/python -m tests.unit.test_layers` prints the module graph in layers (each
+module above everything it imports) and any import cycle."""
 
 from __future__ import annotations
 
@@ -19,12 +23,30 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    """Every proxy module a file imports, resolved to module names."""
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of a file except those under `if TYPE_CHECKING:`, which never runs."""
+    found: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        if isinstance(node, ast.If) and (
+                (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+                or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def imports(path: Path, runtime: bool = False) -> set[str]:
+    """Every proxy module a file imports, resolved to module names (`runtime`: those that
+    run, leaving out `if TYPE_CHECKING:` blocks)."""
     here = module_name(path)
     package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in (_runtime_nodes(tree) if runtime else ast.walk(tree)):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("proxy"))
         elif isinstance(node, ast.ImportFrom):
@@ -45,6 +67,107 @@ def imports(path: Path) -> set[str]:
 
 
 GRAPH = {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+# The modules each module runs an import of. A package's own `__init__` is left out as
+# a target: they import nothing, so no cycle can run through one.
+def _package(mod: str) -> bool:
+    return (PACKAGE.parent / mod.replace(".", "/")).is_dir()
+
+
+RUNTIME = {mod: {d for d in deps if d in GRAPH and d != mod and not _package(d)}
+           for mod, deps in ((module_name(p), imports(p, runtime=True))
+                             for p in sorted(PACKAGE.rglob("*.py")))
+           if deps or not _package(mod)}
+
+
+def components(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components (Tarjan), dependencies before their importers."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(mod: str) -> None:
+        index[mod] = low[mod] = len(index)
+        stack.append(mod)
+        on_stack.add(mod)
+        for dep in sorted(graph[mod]):
+            if dep not in index:
+                visit(dep)
+                low[mod] = min(low[mod], low[dep])
+            elif dep in on_stack:
+                low[mod] = min(low[mod], index[dep])
+        if low[mod] == index[mod]:
+            group = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                group.append(top)
+                if top == mod:
+                    break
+            found.append(sorted(group))
+
+    for mod in sorted(graph):
+        if mod not in index:
+            visit(mod)
+    return found
+
+
+def cycle_in(group: list[str], graph: dict[str, set[str]]) -> list[str]:
+    """One shortest import cycle through the first module of a component, to print."""
+    start = group[0]
+    paths = {start: [start]}
+    todo = [start]
+    while todo:
+        mod = todo.pop(0)
+        for dep in sorted(graph[mod] & set(group)):
+            if dep == start:
+                return paths[mod] + [start]
+            if dep not in paths:
+                paths[dep] = paths[mod] + [dep]
+                todo.append(dep)
+    return [start]
+
+
+def cycles(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{len(g)} modules: " + " -> ".join(cycle_in(g, graph)) + "\n    all: " + ", ".join(g)
+            for g in components(graph) if len(g) > 1]
+
+
+def layers(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The graph in layers: layer 0 imports no proxy module, each module sits one above
+    the highest it imports; a cycle's modules share one layer (shown as `{a b}`)."""
+    level: dict[str, int] = {}
+    rows: dict[int, list[str]] = {}
+    for group in components(graph):
+        deps = {d for m in group for d in graph[m]} - set(group)
+        here = max((level[d] + 1 for d in deps), default=0)
+        level.update((m, here) for m in group)
+        rows.setdefault(here, []).append(group[0] if len(group) == 1
+                                         else "{" + " ".join(group) + "}")
+    return [sorted(rows[i]) for i in sorted(rows)]
+
+
+def report(graph: dict[str, set[str]]) -> str:
+    lines = [f"layer {i}: " + "  ".join(m.removeprefix("proxy.") for m in row)
+             for i, row in enumerate(layers(graph))]
+    found = cycles(graph)
+    lines.append(f"import cycles: {len(found)}")
+    lines.extend("  " + c for c in found)
+    return "\n".join(lines)
+
+
+def test_no_import_cycle() -> None:
+    """An import cycle makes a module unreadable and untestable without the modules
+    above it; a function-level import only hides one, so it counts the same."""
+    found = cycles(RUNTIME)
+    assert found == [], "import cycles in proxy/:\n" + "\n".join(found)
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == ["3 modules: a -> b -> c -> a\n    all: a, b, c"]
+    assert layers(graph) == [["{a b c}"], ["d"]]
 
 
 def test_the_graph_sees_the_package() -> None:
@@ -71,3 +194,7 @@ def test_layer_imports_only_what_is_below_it(layer: str, allowed: tuple[str, ...
                    if dep != "proxy" and not any(dep == a or dep.startswith(a + ".")
                                                  for a in allowed))
     assert wrong == []
+
+
+if __name__ == "__main__":
+    print(report(RUNTIME))

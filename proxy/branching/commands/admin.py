@@ -11,15 +11,14 @@ from proxy.branching import authz, history, lifecycle
 from proxy.branching.commands.base import SESSION_FIELDS, Request
 from proxy.branching.engine import MAIN
 from proxy.branching.errors import BranchError, CommandError
+from proxy.wire.codes import Code
 
-_CODES = {400: (2, "BadValue"), 404: (26, "NamespaceNotFound"),
-          403: (20, "IllegalOperation"), 409: (117, "ConflictingOperationInProgress"),
-          503: (6, "HostUnreachable")}
+_CODES = {400: Code.BAD_VALUE, 404: Code.NAMESPACE_NOT_FOUND, 403: Code.ILLEGAL_OPERATION,
+          409: Code.CONFLICTING_OPERATION_IN_PROGRESS, 503: Code.HOST_UNREACHABLE}
 
 
 def as_command_error(exc: BranchError) -> CommandError:
-    code, name = _CODES.get(exc.status, (1, "InternalError"))
-    return CommandError(code, name, str(exc))
+    return CommandError(_CODES.get(exc.status, Code.INTERNAL_ERROR), str(exc))
 
 
 _CREATE_FIELDS = {"createBranch", "from", "port", "at", "mode", *lifecycle.FIELDS,
@@ -32,7 +31,7 @@ DIFF_BYTES = 12 * 1024 * 1024
 
 def _admin_only(req: Request) -> None:
     if req.db != "admin":
-        raise CommandError(13, "Unauthorized",
+        raise CommandError(Code.UNAUTHORIZED,
                            f"{req.name} may only be run against the admin database.")
 
 
@@ -53,7 +52,7 @@ def _target(req: Request) -> str:
     """The branch name a branchInfo/dropBranch command names."""
     value = req.cmd.get(req.name)
     if not isinstance(value, str):
-        raise CommandError(2, "BadValue",
+        raise CommandError(Code.BAD_VALUE,
                            f"{req.name} takes a branch name (a string), got {value!r}")
     return value
 
@@ -63,8 +62,7 @@ async def create_branch(req: Request) -> dict[str, Any]:
     cmd = req.cmd
     unknown = sorted(k for k in cmd if k not in _CREATE_FIELDS and not k.startswith("$"))
     if unknown:
-        raise CommandError(2, "BadValue",
-                           f"createBranch: unknown field(s): {', '.join(unknown)}")
+        raise CommandError(Code.BAD_VALUE, f"createBranch: unknown field(s): {', '.join(unknown)}")
     try:
         changes = lifecycle.settings({k: v for k, v in cmd.items() if k in lifecycle.FIELDS})
         if cmd.get("at") is not None:
@@ -87,7 +85,7 @@ async def list_branches(req: Request) -> dict[str, Any]:
     await _may_view(req)
     engine = req.engine
     if engine.unavailable is not None:
-        raise CommandError(6, "HostUnreachable", engine.unavailable)
+        raise CommandError(Code.HOST_UNREACHABLE, engine.unavailable)
     return {"branches": [engine.public(b) for b in engine.branches.values()
                          if b.deleted_at is None], "ok": 1.0}
 
@@ -106,7 +104,7 @@ async def drop_branch(req: Request) -> dict[str, Any]:
     name = _target(req)
     if req.branch is not None and req.branch.name == name:
         # Dropping closes the branch's port, which would wait on this very request.
-        raise CommandError(20, "IllegalOperation",
+        raise CommandError(Code.ILLEGAL_OPERATION,
                            f"branch {name!r} cannot be dropped through its own port; run "
                            "dropBranch on the main port or on another branch's port")
     try:
@@ -125,7 +123,7 @@ def _only(req: Request, allowed: tuple[str, ...]) -> None:
                      if k != req.name and k not in allowed and k not in SESSION_FIELDS
                      and not k.startswith("$"))
     if unknown:
-        raise CommandError(2, "BadValue", f"{req.name}: unknown field(s): {', '.join(unknown)}")
+        raise CommandError(Code.BAD_VALUE, f"{req.name}: unknown field(s): {', '.join(unknown)}")
 
 
 def _optional_int(req: Request, key: str) -> int | None:
@@ -135,7 +133,7 @@ def _optional_int(req: Request, key: str) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # the shell sends numbers as doubles
     if not isinstance(value, int) or isinstance(value, bool):
-        raise CommandError(2, "BadValue", f"{req.name}: {key} must be an integer, "
+        raise CommandError(Code.BAD_VALUE, f"{req.name}: {key} must be an integer, "
                                           f"got {value!r}")
     return value
 
@@ -171,7 +169,7 @@ async def branch_diff(req: Request) -> dict[str, Any]:
                     what = (f"more than {DIFF_LIMIT} changes" if len(changes) >= DIFF_LIMIT
                             else f"more than {DIFF_BYTES // (1024 * 1024)} MiB of changes")
                     raise CommandError(
-                        10334, "BSONObjectTooLarge",
+                        Code.BSON_OBJECT_TOO_LARGE,
                         f"branchDiff: branch {name!r} has {what}, too many for one reply; "
                         f"use the admin HTTP API, which streams the diff: GET "
                         f"/branches/{name}/diff (or `mongobranch branch diff {name} --json`)")
@@ -205,7 +203,7 @@ async def merge_branch(req: Request) -> dict[str, Any]:
     except BranchError as exc:
         raise as_command_error(exc) from exc
     if result["strategy"] == "abort" and result["conflicts"] and not result["dry_run"]:
-        raise CommandError(117, "ConflictingOperationInProgress",
+        raise CommandError(Code.CONFLICTING_OPERATION_IN_PROGRESS,
                            f"merge of {name!r} into {result['into']!r} aborted: "
                            f"{len(result['conflicts'])} conflict(s); nothing was changed. "
                            "Re-run with strategy 'ours' or 'theirs'", **result)
@@ -218,7 +216,7 @@ async def reset_branch(req: Request) -> dict[str, Any]:
     _only(req, ("to", "force"))
     name = _target(req)
     if "to" not in req.cmd:
-        raise CommandError(2, "BadValue", "resetBranch needs 'to': an LSN or an ISO-8601 time")
+        raise CommandError(Code.BAD_VALUE, "resetBranch needs 'to': an LSN or an ISO-8601 time")
     to = req.cmd["to"]
     if isinstance(to, float) and to.is_integer():
         to = int(to)

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.branching import merge, snapshot, views
+from proxy.branching.commands import write
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.wal import CREATE, PUT, Change
 from proxy.wire import bsonutil
+from proxy.wire.codes import Code
 
 Pipeline = list[dict[str, Any]]
 _TMP = "__mb_lk"
@@ -22,7 +24,7 @@ def _rewrite(req: Request, pipeline: Pipeline) -> Pipeline:
     out: Pipeline = []
     for stage in pipeline:
         if not isinstance(stage, dict) or len(stage) != 1:
-            raise CommandError(40323, "Location40323",
+            raise CommandError(Code.STAGE_NEEDS_ONE_FIELD,
                                "A pipeline stage specification object must contain exactly "
                                "one field.")
         name, spec = next(iter(stage.items()))
@@ -41,7 +43,7 @@ def _rewrite(req: Request, pipeline: Pipeline) -> Pipeline:
         elif name in ("$changeStream", "$changeStreamSplitLargeEvent"):
             raise req.unsupported("change streams")
         elif name == "$merge" and stage is not pipeline[-1]:
-            raise CommandError(40601, "Location40601", "$merge can only be the final stage "
+            raise CommandError(Code.MERGE_NOT_LAST, "$merge can only be the final stage "
                                "in the pipeline")
         else:
             out.append(stage)
@@ -117,7 +119,7 @@ def _out_target(req: Request, pipeline: Pipeline) -> tuple[str, str] | None:
         return req.db, target
     if isinstance(target, dict) and isinstance(target.get("coll"), str):
         return str(target.get("db", req.db)), target["coll"]
-    raise CommandError(16994, "Location16994", "$out needs a collection name")
+    raise CommandError(Code.OUT_NEEDS_A_COLLECTION, "$out needs a collection name")
 
 
 # A leading $match selecting at most this many base documents narrows the hidden ids
@@ -213,7 +215,7 @@ async def plan_aggregate(req: Request, cmd: dict[str, Any]) -> dict[str, Any] | 
     """The rewritten aggregate, or None when the branch changed nothing it reads."""
     pipeline = cmd.get("pipeline")
     if not isinstance(pipeline, list):
-        raise CommandError(14, "TypeMismatch", "'pipeline' option must be specified as an array")
+        raise CommandError(Code.TYPE_MISMATCH, "'pipeline' option must be specified as an array")
     source = cmd.get("aggregate")
     layers = req.layers(source) if isinstance(source, str) else []
     rewritten = _rewrite(req, pipeline)
@@ -299,13 +301,13 @@ def _merge_spec(req: Request, pipeline: Pipeline) -> dict[str, Any] | None:
     if isinstance(spec, str):
         spec = {"into": spec}
     if not isinstance(spec, dict):
-        raise CommandError(51182, "Location51182", "$merge needs a collection name or a document")
+        raise CommandError(Code.MERGE_NEEDS_INTO, "$merge needs a collection name or a document")
     spec = dict(spec)
     into = spec.get("into")
     if isinstance(into, str):
         spec["into"] = {"db": req.db, "coll": into}
     elif not (isinstance(into, dict) and isinstance(into.get("coll"), str)):
-        raise CommandError(51178, "Location51178", "$merge 'into' must name a collection")
+        raise CommandError(Code.MERGE_INTO_NOT_A_COLLECTION, "$merge 'into' must name a collection")
     else:
         spec["into"] = {"db": into.get("db", req.db), "coll": into["coll"]}
     return spec
@@ -315,8 +317,6 @@ async def _aggregate_merge(req: Request, spec: dict[str, Any]) -> dict[str, Any]
     """$merge into the branch's collection: the results land in a scratch collection,
     then, a batch at a time, the documents they will meet are copied from the parent
     view and the server runs the user's own $merge against the overlay."""
-    from proxy.branching.commands import write
-
     db, coll = spec["into"]["db"], spec["into"]["coll"]
     on = spec.get("on", "_id")
     fields = [on] if isinstance(on, str) else list(on)

@@ -13,6 +13,7 @@ from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner
 from proxy.net.router import Context
+from proxy.wire.codes import Code
 
 # Fields that describe the client's session and transport, not the operation.
 SESSION_FIELDS = ("lsid", "txnNumber", "autocommit", "startTransaction", "$clusterTime",
@@ -22,26 +23,6 @@ SESSION_FIELDS = ("lsid", "txnNumber", "autocommit", "startTransaction", "$clust
 READ_CARRY = ("lsid", "$clusterTime", "$readPreference", "readConcern", "apiVersion",
               "apiStrict", "apiDeprecationErrors", "comment", "maxTimeMS", "collation", "let",
               "hint", "allowDiskUse")
-
-
-@dataclass
-class SystemContext:
-    """The identity the engine's own writes (merges, copies) carry in the WAL."""
-
-    app_name: str | None = "mongobranch"
-    user: str | None = None
-    connection_id: int = 0
-    peer: str = "mongobranch"
-
-    async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
-        raise RuntimeError("system requests run on the engine's pool")
-
-    @property
-    def gossip(self) -> dict[str, Any]:
-        return {}
-
-    async def authenticated_user(self) -> str | None:
-        return self.user
 
 
 @dataclass
@@ -86,7 +67,7 @@ def carry(src: dict[str, Any], dst: dict[str, Any], fields: tuple[str, ...]) -> 
 def coll_name(req: Request) -> str:
     value = req.cmd[req.name]
     if not isinstance(value, str) or not value:
-        raise CommandError(73, "InvalidNamespace",
+        raise CommandError(Code.INVALID_NAMESPACE,
                            f"collection name must be a non-empty string, not {value!r}")
     return value
 

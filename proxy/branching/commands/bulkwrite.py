@@ -26,6 +26,7 @@ from proxy.branching.commands.base import (
     cursor_reply,
 )
 from proxy.branching.errors import CommandError
+from proxy.wire.codes import Code
 
 # Carried from the bulkWrite onto each per-namespace command it runs. Not txnNumber:
 # retries are answered for the bulkWrite as a whole, and one txnNumber on several
@@ -38,32 +39,31 @@ _OPTIONS = ("bypassDocumentValidation", "let")
 def _namespaces(cmd: dict[str, Any]) -> list[tuple[str, str]]:
     infos = cmd.get("nsInfo")
     if not isinstance(infos, list) or not infos:
-        raise CommandError(9, "FailedToParse", "BSON field 'bulkWrite.nsInfo' is missing")
+        raise CommandError(Code.FAILED_TO_PARSE, "BSON field 'bulkWrite.nsInfo' is missing")
     out = []
     for info in infos:
         ns = info.get("ns") if isinstance(info, dict) else None
         db, _, coll = ns.partition(".") if isinstance(ns, str) else ("", "", "")
         if not db or not coll:
-            raise CommandError(73, "InvalidNamespace", f"Invalid namespace specified '{ns}'")
+            raise CommandError(Code.INVALID_NAMESPACE, f"Invalid namespace specified '{ns}'")
         out.append((db, coll))
     return out
 
 
 def _kind(op: Any, n_ns: int) -> tuple[str, int]:
     if not isinstance(op, dict):
-        raise CommandError(14, "TypeMismatch", "bulkWrite ops must be documents")
+        raise CommandError(Code.TYPE_MISMATCH, "bulkWrite ops must be documents")
     for kind in ("insert", "update", "delete"):
         if kind in op:
             index = op[kind]
             if isinstance(index, bool) or not isinstance(index, int):
-                raise CommandError(14, "TypeMismatch",
+                raise CommandError(Code.TYPE_MISMATCH,
                                    f"BSON field '{kind}' is the wrong type, expected int")
             if not 0 <= index < n_ns:
-                raise CommandError(
-                    2, "BadValue",
-                    f"BulkWrite {kind} at index {index} has an invalid nsInfo index")
+                raise CommandError(Code.BAD_VALUE,
+                                   f"BulkWrite {kind} at index {index} has an invalid nsInfo index")
             return kind, index
-    raise CommandError(40414, "Location40414",
+    raise CommandError(Code.UNRECOGNIZED_BULK_WRITE_OP,
                        "Unrecognized bulkWrite op: needs insert, update or delete")
 
 
@@ -181,7 +181,7 @@ def _command_error(reply: dict[str, Any]) -> dict[str, Any]:
 
 async def bulk_write(req: Request) -> dict[str, Any]:
     if req.db != "admin":
-        raise CommandError(13, "Unauthorized",
+        raise CommandError(Code.UNAUTHORIZED,
                            "bulkWrite may only be run against the admin database.")
     req.reject_transactions()
     txn = write._txn(req)
@@ -191,11 +191,11 @@ async def bulk_write(req: Request) -> dict[str, Any]:
     namespaces = _namespaces(cmd)
     ops = cmd.get("ops")
     if not isinstance(ops, list):
-        raise CommandError(9, "FailedToParse", "BSON field 'bulkWrite.ops' is missing")
+        raise CommandError(Code.FAILED_TO_PARSE, "BSON field 'bulkWrite.ops' is missing")
     kinds = [_kind(op, len(namespaces)) for op in ops]
     for op, (kind, _) in zip(ops, kinds, strict=True):
         if kind == "insert" and not isinstance(op.get("document"), dict):
-            raise CommandError(14, "TypeMismatch",
+            raise CommandError(Code.TYPE_MISMATCH,
                                "BSON field 'insert.document' is the wrong type, expected object")
     ordered = cmd.get("ordered", True) is not False
     bulk = _Bulk(req)

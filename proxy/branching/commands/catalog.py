@@ -8,6 +8,7 @@ from proxy.branching import naming
 from proxy.branching.commands.base import Request, coll_name, cursor_reply, documents_stage
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
+from proxy.wire.codes import Code
 
 ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
 
@@ -108,6 +109,6 @@ async def list_indexes(req: Request) -> dict[str, Any] | None:
     if not req.layers(coll):
         return None
     if not await exists(req, coll):
-        raise CommandError(26, "NamespaceNotFound", f"ns does not exist: {req.db}.{coll}")
+        raise CommandError(Code.NAMESPACE_NOT_FOUND, f"ns does not exist: {req.db}.{coll}")
     indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
     return cursor_reply(f"{req.db}.{coll}", indexes)

@@ -11,6 +11,7 @@ from proxy.branching.commands.catalog import ID_INDEX, exists, visible_collectio
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
 from proxy.branching.wal import CREATE, DROP, PUT, Change
+from proxy.wire.codes import Code
 
 
 async def _reset(req: Request, state: NsState, options: dict[str, Any],
@@ -49,7 +50,7 @@ async def create(req: Request) -> dict[str, Any]:
             shown = (await visible_collections(req)).get(coll) or {}
             current = dict(shown.get("options") or {})
             if options != current:
-                raise CommandError(48, "NamespaceExists",
+                raise CommandError(Code.NAMESPACE_EXISTS,
                                    f"Collection {req.db}.{coll} already exists.")
             return {"ok": 1.0}
         state = await _state(req, coll)
@@ -89,12 +90,12 @@ async def drop_database(req: Request) -> dict[str, Any]:
 
 async def rename_collection(req: Request) -> dict[str, Any]:
     if req.db != "admin":
-        raise CommandError(13, "Unauthorized", "renameCollection may only be run against the "
+        raise CommandError(Code.UNAUTHORIZED, "renameCollection may only be run against the "
                                                "admin database.")
     source, target = req.cmd.get("renameCollection"), req.cmd.get("to")
     if not isinstance(source, str) or not isinstance(target, str) or "." not in source \
             or "." not in target:
-        raise CommandError(73, "InvalidNamespace", "renameCollection needs full namespaces")
+        raise CommandError(Code.INVALID_NAMESPACE, "renameCollection needs full namespaces")
     sdb, scoll = source.split(".", 1)
     tdb, tcoll = target.split(".", 1)
     if sdb != tdb:
@@ -102,12 +103,12 @@ async def rename_collection(req: Request) -> dict[str, Any]:
     sub = Request(req.engine, req.branch, req.ctx, req.run, sdb, req.cmd)
     async with req.engine.writing(req.on_branch):
         if not await exists(sub, scoll):
-            raise CommandError(26, "NamespaceNotFound",
+            raise CommandError(Code.NAMESPACE_NOT_FOUND,
                                f"source namespace does not exist: {source}")
         if source == target:
-            raise CommandError(20, "IllegalOperation", "Can't rename a collection to itself")
+            raise CommandError(Code.ILLEGAL_OPERATION, "Can't rename a collection to itself")
         if await exists(sub, tcoll) and not req.cmd.get("dropTarget"):
-            raise CommandError(48, "NamespaceExists", f"target namespace exists: {target}")
+            raise CommandError(Code.NAMESPACE_EXISTS, f"target namespace exists: {target}")
         indexes = await req.engine.view_indexes(req.on_branch, sdb, scoll, req.run)
         layers = sub.layers(scoll)
         src_state = await _state(sub, scoll)
@@ -142,7 +143,7 @@ async def create_indexes(req: Request) -> dict[str, Any]:
     coll = coll_name(req)
     specs = req.cmd.get("indexes")
     if not isinstance(specs, list) or not specs:
-        raise CommandError(2, "BadValue", "Must specify at least one index to create")
+        raise CommandError(Code.BAD_VALUE, "Must specify at least one index to create")
     async with req.engine.writing(req.on_branch):
         created = not await exists(req, coll)
         before = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run) \
@@ -175,7 +176,7 @@ async def drop_indexes(req: Request) -> dict[str, Any]:
     which = req.cmd.get("index")
     async with req.engine.writing(req.on_branch):
         if not await exists(req, coll):
-            raise CommandError(26, "NamespaceNotFound", f"ns not found {req.db}.{coll}")
+            raise CommandError(Code.NAMESPACE_NOT_FOUND, f"ns not found {req.db}.{coll}")
         before = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
         if which == "*":
             drop = [ix for ix in before if ix["name"] != "_id_"]
@@ -188,10 +189,9 @@ async def drop_indexes(req: Request) -> dict[str, Any]:
                          or (isinstance(item, dict) and ix["key"] == item)]
                 if not match:
                     label = item if isinstance(item, str) else str(item)
-                    raise CommandError(27, "IndexNotFound",
-                                       f"index not found with name [{label}]")
+                    raise CommandError(Code.INDEX_NOT_FOUND, f"index not found with name [{label}]")
                 if match[0]["name"] == "_id_":
-                    raise CommandError(72, "InvalidOptions", "cannot drop _id index")
+                    raise CommandError(Code.INVALID_OPTIONS, "cannot drop _id index")
                 drop.extend(match)
         state = await _state(req, coll)
         for ix in drop:

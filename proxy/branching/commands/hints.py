@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy.branching.commands.base import Request
 from proxy.branching.errors import CommandError
+from proxy.wire.codes import Code
 
 # Commands whose own `hint` selects an index of the collection they name.
 _HINTED = ("find", "count", "distinct", "aggregate", "findAndModify", "findandmodify")
@@ -52,5 +53,4 @@ async def check(req: Request) -> None:
         return  # dropped on the branch: nothing to read, as on a missing collection
     indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
     if not _resolves(cmd["hint"], indexes):
-        raise CommandError(2, "BadValue",
-                           "hint provided does not correspond to an existing index")
+        raise CommandError(Code.BAD_VALUE, "hint provided does not correspond to an existing index")

@@ -23,10 +23,11 @@ from bson import ObjectId
 from proxy.branching import merge, naming, snapshot
 from proxy.branching.capture import now_of
 from proxy.branching.commands.base import Handler, Request, coll_name
-from proxy.branching.commands.write import same
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.wal import DELETE, PUT, Change
+from proxy.wire.bsonutil import same
+from proxy.wire.codes import Code
 
 WRITES = ("insert", "update", "delete", "findAndModify", "findandmodify")
 DDL = ("create", "drop", "dropDatabase", "renameCollection", "collMod", "createIndexes",
@@ -492,7 +493,7 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
 async def refused(req: Request) -> dict[str, Any] | None:
     if not active(req):
         return None
-    raise CommandError(20, "IllegalOperation",
+    raise CommandError(Code.ILLEGAL_OPERATION,
                        f"{req.name} is refused on main while main has child branches: "
                        "mongobranch cannot preserve what it changes for them")
 

@@ -8,6 +8,7 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import merge, views
+from proxy.branching.commands.aggregate import plan_aggregate
 from proxy.branching.commands.base import (
     READ_CARRY,
     Request,
@@ -18,6 +19,7 @@ from proxy.branching.commands.base import (
 )
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
+from proxy.wire.codes import Code
 
 # find options with no faithful aggregate equivalent.
 _FIND_UNSUPPORTED = ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData",
@@ -212,7 +214,7 @@ async def distinct(req: Request) -> dict[str, Any] | None:
     cmd = req.cmd
     key = cmd.get("key")
     if not isinstance(key, str):
-        raise CommandError(14, "TypeMismatch", "distinct key must be a string")
+        raise CommandError(Code.TYPE_MISMATCH, "distinct key must be a string")
     filt = cmd.get("query") or {}
     if any(layer.hidden_ids is None for layer in layers):
         return await _distinct_by_pipeline(req, coll, key, filt, layers)
@@ -277,7 +279,7 @@ async def _distinct_by_pipeline(req: Request, coll: str, key: str, filt: dict[st
 async def explain(req: Request) -> dict[str, Any] | None:
     inner = req.cmd.get("explain")
     if not isinstance(inner, dict) or not inner:
-        raise CommandError(9, "FailedToParse", "explain needs a command document")
+        raise CommandError(Code.FAILED_TO_PARSE, "explain needs a command document")
     name = next(iter(inner))
     coll = inner.get(name)
     if not isinstance(coll, str):
@@ -288,8 +290,6 @@ async def explain(req: Request) -> dict[str, Any] | None:
     elif name == "count" and layers:
         rewritten = count_pipeline(inner, layers)
     elif name == "aggregate":
-        from proxy.branching.commands.aggregate import plan_aggregate
-
         planned = await plan_aggregate(req, inner)
         if planned is None:
             return None

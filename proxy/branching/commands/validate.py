@@ -19,6 +19,7 @@ from proxy.branching.commands import read
 from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
 from proxy.branching.commands.catalog import exists
 from proxy.branching.errors import CommandError
+from proxy.wire.codes import Code
 
 _SUMS = ("nInvalidDocuments", "nNonCompliantDocuments")
 _LISTS = ("warnings", "errors", "extraIndexEntries", "missingIndexEntries", "corruptRecords")
@@ -31,7 +32,7 @@ async def validate(req: Request) -> dict[str, Any] | None:
         return None
     ns = f"{req.db}.{coll}"
     if not await exists(req, coll):
-        raise CommandError(26, "NamespaceNotFound",
+        raise CommandError(Code.NAMESPACE_NOT_FOUND,
                            f"Collection '{ns}' does not exist to validate.")
     options = {k: v for k, v in req.cmd.items() if k != "validate" and k not in SESSION_FIELDS}
     storage = [side.coll for side in merge.plan_sides(coll, layers)]

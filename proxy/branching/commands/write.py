@@ -23,12 +23,10 @@ from proxy.branching.idkey import idkey
 from proxy.branching.model import NsState
 from proxy.branching.runner import error_from
 from proxy.branching.wal import DELETE, PUT, Change
-from proxy.wire.bsonutil import CODEC
-
-UNAUTHORIZED = 13
+from proxy.wire.bsonutil import same
+from proxy.wire.codes import Code
 
 BATCH = 1000
-DUP_KEY = 11000
 
 
 class Writer:
@@ -66,8 +64,8 @@ class Writer:
     async def check(self, cmd: dict[str, Any]) -> dict[str, Any]:
         reply = await self.run(cmd)
         if not reply.get("ok"):
-            raise CommandError(int(reply.get("code", 8)), str(reply.get("codeName", "")),
-                               str(reply.get("errmsg", "")))
+            raise CommandError(int(reply.get("code", 8)), str(reply.get("errmsg", "")),
+                               code_name=str(reply.get("codeName", "")))
         return reply
 
     def view_docs(self, filt: dict[str, Any], *, sort: dict[str, Any] | None = None,
@@ -179,7 +177,8 @@ class Writer:
         # A duplicate: hidden already. Any other error (an _id no collection takes, which
         # the write itself is refused for too): not hidden.
         errors = {e["index"]: e.get("code") for e in reply.get("writeErrors", [])}
-        self.state.hide([i for n, i in enumerate(ids) if errors.get(n, DUP_KEY) == DUP_KEY])
+        self.state.hide([i for n, i in enumerate(ids)
+                         if errors.get(n, Code.DUPLICATE_KEY) == Code.DUPLICATE_KEY])
         return [i for n, i in enumerate(ids) if n not in errors]
 
     async def unhide_pooled(self, ids: list[Any]) -> None:
@@ -295,10 +294,6 @@ class Writer:
         return await self.reject_collisions(len(self.changes) - 1, hid)
 
 
-def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return bson.encode(a, codec_options=CODEC) == bson.encode(b, codec_options=CODEC)
-
-
 def unmask(reply: dict[str, Any], state: NsState, coll: str) -> dict[str, Any]:
     """Replace overlay names in error messages by the collection the user named."""
     def fix(text: Any) -> Any:
@@ -314,7 +309,7 @@ def unmask(reply: dict[str, Any], state: NsState, coll: str) -> dict[str, Any]:
 def dup_key_error(ns: str, value: Any, index: int = 0) -> dict[str, Any]:
     shown = bson.json_util.dumps(value) if not isinstance(value, str) else f'"{value}"'
     return {
-        "index": index, "code": DUP_KEY,
+        "index": index, "code": Code.DUPLICATE_KEY,
         "errmsg": f"E11000 duplicate key error collection: {ns} index: _id_ dup key: "
                   f"{{ _id: {shown} }}",
         "keyPattern": {"_id": 1}, "keyValue": {"_id": value},
@@ -392,7 +387,7 @@ async def insert(req: Request) -> dict[str, Any]:
         return done
     raw_docs = req.cmd.get("documents")
     if not isinstance(raw_docs, list):
-        raise CommandError(9, "FailedToParse", "insert needs a 'documents' array")
+        raise CommandError(Code.FAILED_TO_PARSE, "insert needs a 'documents' array")
     docs = [d if "_id" in d else {"_id": ObjectId(), **d} for d in raw_docs]
     ordered = req.cmd.get("ordered", True) is not False
     n = 0
@@ -467,7 +462,7 @@ async def update(req: Request) -> dict[str, Any]:
         return done
     stmts = req.cmd.get("updates")
     if not isinstance(stmts, list):
-        raise CommandError(9, "FailedToParse", "update needs an 'updates' array")
+        raise CommandError(Code.FAILED_TO_PARSE, "update needs an 'updates' array")
     ordered = req.cmd.get("ordered", True) is not False
     totals = {"n": 0, "nModified": 0}
     upserted: list[dict[str, Any]] = []
@@ -517,7 +512,7 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
                 if len(small) > BATCH:
                     small = None
     except CommandError as exc:
-        if exc.code == UNAUTHORIZED:
+        if exc.code == Code.UNAUTHORIZED:
             raise  # as mongod: a refused privilege fails the whole command
         return {"error": {"index": index, "code": exc.code, "errmsg": str(exc)}}
     base_stmt = {k: v for k, v in stmt.items() if k not in ("q", "multi", "upsert", "sort")}
@@ -624,7 +619,7 @@ async def delete(req: Request) -> dict[str, Any]:
         return done
     stmts = req.cmd.get("deletes")
     if not isinstance(stmts, list):
-        raise CommandError(9, "FailedToParse", "delete needs a 'deletes' array")
+        raise CommandError(Code.FAILED_TO_PARSE, "delete needs a 'deletes' array")
     ordered = req.cmd.get("ordered", True) is not False
     n = 0
     errors: list[dict[str, Any]] = []
@@ -645,7 +640,7 @@ async def delete(req: Request) -> dict[str, Any]:
                     n += len(batch)
                     await writer.flush()
             except CommandError as exc:
-                if exc.code == UNAUTHORIZED:
+                if exc.code == Code.UNAUTHORIZED:
                     raise  # as mongod: a refused privilege fails the whole command
                 errors.append({"index": index, "code": exc.code, "errmsg": str(exc)})
                 if ordered:
@@ -756,5 +751,6 @@ def _fam_error(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dup_reply(err: dict[str, Any]) -> dict[str, Any]:
-    return {"ok": 0.0, "errmsg": err["errmsg"], "code": DUP_KEY, "codeName": "DuplicateKey",
+    return {"ok": 0.0, "errmsg": err["errmsg"], "code": Code.DUPLICATE_KEY,
+            "codeName": Code.DUPLICATE_KEY.code_name,
             "keyPattern": err["keyPattern"], "keyValue": err["keyValue"]}
