@@ -44,6 +44,7 @@ class Code(IntEnum):
     DOCUMENT_VALIDATION_FAILURE = 121, "DocumentValidationFailure"
     FAILED_TO_SATISFY_READ_PREFERENCE = 133, "FailedToSatisfyReadPreference"
     MAX_STALENESS_OUT_OF_RANGE = 160, "MaxStalenessOutOfRange"
+    NOT_WRITABLE_PRIMARY = 10107, "NotWritablePrimary"
     BSON_OBJECT_TOO_LARGE = 10334, "BSONObjectTooLarge"
     DUPLICATE_KEY = 11000, "DuplicateKey"
     INTERRUPTED_DUE_TO_REPL_STATE_CHANGE = 11602, "InterruptedDueToReplStateChange"

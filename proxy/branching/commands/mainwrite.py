@@ -19,6 +19,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from bson import ObjectId
+from pymongo.errors import ConnectionFailure
 
 from proxy.branching import merge, naming, snapshot
 from proxy.branching.capture import now_of
@@ -65,8 +66,14 @@ async def through_capture(req: Request) -> dict[str, Any]:
     async with req.engine.fence(naming.MAIN).hold("w"):
         # A write that creates a collection: children keep not showing it (an upstream
         # may not report an implicit creation in its change stream).
-        for db, coll in _targets(req):
-            await snapshot.before_collection_write(req.engine, None, db, coll)
+        try:
+            for db, coll in _targets(req):
+                await snapshot.before_collection_write(req.engine, None, db, coll)
+        except ConnectionFailure as exc:
+            # No primary to ask (an election): the write could not be taken either, and is
+            # answered as the primary-less upstream would, so that drivers retry it.
+            raise CommandError(Code.NOT_WRITABLE_PRIMARY, f"not primary: {exc}",
+                               errorLabels=["RetryableWriteError"]) from exc
         reply = await req.run.reply(req.db, {k: v for k, v in req.cmd.items() if k != "$db"})
     at = now_of(reply)
     if at is not None and not _in_txn(req) and capture.behind(at):
