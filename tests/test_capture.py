@@ -69,6 +69,12 @@ def test_a_branch_of_main_at_a_past_point(proxy: ProxyProcess, client: MongoClie
     assert "mongobranch_capture_lag_seconds " in scraped
 
 
+def again(proxy: ProxyProcess) -> ProxyProcess:
+    """The same proxy started again: same upstream, metadata database and ports."""
+    return ProxyProcess(proxy.upstream, meta_db=proxy.meta_db, port=proxy.port,
+                        admin_port=proxy.admin_port, branch_ports=proxy.branch_ports).start()
+
+
 @pytest.fixture()
 def stored(tmp_path: Path) -> Iterator[Secantus]:
     server = Secantus(storage=str(tmp_path / "data")).start()
@@ -91,10 +97,7 @@ def test_the_capture_resumes_after_a_restart(stored: Secantus) -> None:
             direct[db].items.update_many({"_id": {"$lt": 5}}, {"$set": {"v": "down"}})
             direct[db].items.delete_one({"_id": 7})
             direct[db].items.insert_one({"_id": "down"})
-            proxy = ProxyProcess(stored.uri, meta_db="mb_capture_restart", port=proxy.port,
-                                 admin_port=proxy.admin_port,
-                                 branch_ports=proxy.branch_ports).start()
-            made.proxy = proxy
+            proxy = made.proxy = again(proxy)
             with made.client(kid) as c:
                 assert contents(c, db) == expected
             status, info = proxy.api("GET", f"/branches/{kid['name']}")
@@ -162,10 +165,7 @@ def test_sigkill_before_the_capture_preserved_a_write(stored: Secantus) -> None:
             direct[db].items.delete_many({"_id": {"$gte": 30}})
             direct[db].items.insert_one({"_id": "stopped"})
             proxy.kill()
-            proxy = ProxyProcess(stored.uri, meta_db="mb_capture_kill", port=proxy.port,
-                                 admin_port=proxy.admin_port,
-                                 branch_ports=proxy.branch_ports).start()
-            made.proxy = proxy
+            proxy = made.proxy = again(proxy)
             for kid, want in zip(kids, expected, strict=True):
                 with made.client(kid) as c:
                     assert contents(c, db) == want
@@ -173,10 +173,7 @@ def test_sigkill_before_the_capture_preserved_a_write(stored: Secantus) -> None:
                 m[db].items.update_many({}, {"$set": {"v": "main port"}})
                 m[db].items.insert_one({"_id": "main port"})
             proxy.kill()
-            proxy = ProxyProcess(stored.uri, meta_db="mb_capture_kill", port=proxy.port,
-                                 admin_port=proxy.admin_port,
-                                 branch_ports=proxy.branch_ports).start()
-            made.proxy = proxy
+            proxy = made.proxy = again(proxy)
             for kid, want in zip(kids, expected, strict=True):
                 with made.client(kid) as c:
                     assert contents(c, db) == want
