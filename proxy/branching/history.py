@@ -739,25 +739,13 @@ async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
             state = await engine.ensure_state(branch, db, coll, pool)
             await engine.mark_dirty(state)
             ids = [i for i, _ in then]
-            now: dict[Any, dict[str, Any]] = {}
-            for chunk in _chunks(ids):
-                async for part in pool.batches(db, {"find": coll,
-                                                    "filter": {"_id": {"$in": chunk}}}):
-                    now.update((idkey(d["_id"]), d) for d in part)
+            now = await _find_ids(engine, db, coll, ids)
             # The capture may have kept a later image for an id meanwhile: the image
             # then replaces it.
             await pool(db, {"delete": state.live, "deletes": [
                 {"q": {"_id": {"$in": ids}}, "limit": 0}]})
-            docs = [img for _, img in then if img is not None]
-            if docs:
-                await pool(db, {"insert": state.live, "documents": docs, "ordered": False})
-            await pool(db, {"insert": state.hidden, "documents": [{"_id": i} for i in ids],
-                            "ordered": False})
-            state.hide(ids)
-            await engine.wal.append(branch.bid, [
-                Change(ns, i, PUT, now.get(idkey(i)), img) if img is not None
-                else Change(ns, i, DELETE, now.get(idkey(i)), None) for i, img in then],
-                {"app": "mongobranch"})
+            await _give_back(engine, branch, state, [(i, now.get(idkey(i)), img)
+                                                     for i, img in then])
 
 
 async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
@@ -778,20 +766,27 @@ async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
             if mine is None:
                 mine = await engine.ensure_state(branch, state.db, state.coll, pool)
                 await engine.mark_dirty(mine)
-            ids = [i for i, _, _ in restore]
-            docs = [img for _, _, img in restore if img is not None]
-            if docs:
-                await pool(state.db, {"insert": mine.live, "documents": docs,
-                                      "ordered": False})
-            await pool(state.db, {"insert": mine.hidden,
-                                  "documents": [{"_id": i} for i in ids], "ordered": False})
-            mine.hide(ids)
-            # Pre-images are the source's documents now, what the new branch hides:
-            # merging it back finds no conflict unless the source changes them again.
-            await engine.log_changes(branch, [
-                Change(ns, i, PUT, now, img) if img is not None
-                else Change(ns, i, DELETE, now, None) for i, now, img in restore],
-                {"app": "mongobranch"})
+            await _give_back(engine, branch, mine, restore)
+
+
+async def _give_back(engine: Engine, branch: Branch, state: NsState,
+                     restore: list[tuple[Any, Any, Any]]) -> None:
+    """A branch at a point shows these (id, image now, image then) as they were then
+    (None: absent), logged as its changes."""
+    ids = [i for i, _, _ in restore]
+    docs = [img for _, _, img in restore if img is not None]
+    if docs:
+        await engine.pool(state.db, {"insert": state.live, "documents": docs,
+                                     "ordered": False})
+    await engine.pool(state.db, {"insert": state.hidden,
+                                 "documents": [{"_id": i} for i in ids], "ordered": False})
+    state.hide(ids)
+    # Pre-images are the source's documents now, what the new branch hides: merging it
+    # back finds no conflict unless the source changes them again.
+    await engine.log_changes(branch, [
+        Change(f"{state.db}.{state.coll}", i, PUT, now, img) if img is not None
+        else Change(f"{state.db}.{state.coll}", i, DELETE, now, None)
+        for i, now, img in restore], {"app": "mongobranch"})
 
 
 async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
