@@ -39,6 +39,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from proxy.branching import naming, snapshot
 from proxy.branching.wal import DELETE, DROP, PUT, Change
+from proxy.wire.errors import CommandError
 
 if TYPE_CHECKING:
     from proxy.branching.engine import Engine
@@ -121,7 +122,6 @@ class Stats:
     """What /metrics shows of the capture."""
 
     events: int = 0
-    batches: int = 0
     lag_seconds: float = 0.0
     barrier_waits: int = 0
     barrier_timeouts: int = 0
@@ -311,7 +311,6 @@ class Capture:
                 lag = (dt.datetime.now(dt.UTC).replace(tzinfo=None) - wall).total_seconds()
                 self.stats.lag_seconds = max(lag, 0.0)
             self.stats.events += len(events)
-            self.stats.batches += 1
         else:
             self.stats.lag_seconds = 0.0
         if pbrt is not None:
@@ -504,15 +503,11 @@ class Capture:
             await self.engine.pool(db, {"collMod": coll,
                                         "changeStreamPreAndPostImages": {"enabled": True}})
             self._enabled.add(ns)
-        except PyMongoError as exc:
+        except (PyMongoError, CommandError) as exc:  # the engine's runner: CommandError
             if ns not in self._warned:
                 self._warned.add(ns)
                 log.warning("cannot turn on pre-images for %s (%s): an update or delete of "
                             "it made behind the proxy's back cannot be preserved", ns, exc)
-        except Exception as exc:  # the engine's runner raises CommandError
-            if ns not in self._warned:
-                self._warned.add(ns)
-                log.warning("cannot turn on pre-images for %s (%s)", ns, exc)
 
     # -- exact reads -------------------------------------------------------------------------
     async def clock(self) -> Timestamp | None:
