@@ -160,23 +160,25 @@ def test_sigkill_before_the_capture_preserved_a_write(stored: Secantus) -> None:
             for kid in kids:
                 with made.client(kid) as c:
                     expected.append(contents(c, db))
+
+            def restarted_still_exact() -> ProxyProcess:
+                made.proxy = again(proxy)
+                for kid, want in zip(kids, expected, strict=True):
+                    with made.client(kid) as c:
+                        assert contents(c, db) == want
+                return made.proxy
+
             proxy.signal(signal.SIGSTOP)
             direct[db].items.update_many({"_id": {"$lt": 10}}, {"$set": {"v": "stopped"}})
             direct[db].items.delete_many({"_id": {"$gte": 30}})
             direct[db].items.insert_one({"_id": "stopped"})
             proxy.kill()
-            proxy = made.proxy = again(proxy)
-            for kid, want in zip(kids, expected, strict=True):
-                with made.client(kid) as c:
-                    assert contents(c, db) == want
+            proxy = restarted_still_exact()
             with MongoClient(proxy.uri) as m:
                 m[db].items.update_many({}, {"$set": {"v": "main port"}})
                 m[db].items.insert_one({"_id": "main port"})
             proxy.kill()
-            proxy = made.proxy = again(proxy)
-            for kid, want in zip(kids, expected, strict=True):
-                with made.client(kid) as c:
-                    assert contents(c, db) == want
+            proxy = restarted_still_exact()
     finally:
         proxy.stop()
 
