@@ -157,8 +157,10 @@ class Engine:
         if self.intercepting_main() and self.reroute is not None:
             # The main port may have served (and remembered as pass-through) writes
             # before main's children were known.
-            log.warning("main has child branches: main-port writes are intercepted; writes "
-                        "made while the engine was starting were not preserved for them")
+            if self.capture is None:
+                log.warning("main has child branches: main-port writes are intercepted; "
+                            "writes made while the engine was starting were not preserved "
+                            "for them")
             await self.reroute()
 
     async def stop(self) -> None:
