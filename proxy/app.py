@@ -117,6 +117,9 @@ def retention(value: str) -> dt.timedelta:
     return lifecycle.parse_duration(value, "--deleted-retention")
 
 
+FAST_CONNECT_TIMEOUT = 5.0
+
+
 class UpstreamConfigError(Exception):
     """The upstream URI cannot be used (bad option, unreadable file, SRV lookup failed)."""
 
@@ -136,8 +139,6 @@ async def _connect_upstream(
         # them as idle (SecantusDB closes a connection idle for 300 s): a dropped one
         # handed to a merge fails it.
         defaults["maxIdleTimeMS"] = 60_000
-    if "connecttimeoutms" not in given:
-        defaults["connectTimeoutMS"] = 5000
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
         uri, tz_aware=False, datetime_conversion="DATETIME_AUTO",
         uuidRepresentation="unspecified", **defaults)
@@ -148,6 +149,13 @@ async def _connect_upstream(
     topology = UpstreamTopology(client, selection)
     seeds = [(str(h), int(p)) for h, p in parsed["nodelist"]]
     config = UpstreamConfig.from_options(uri, seeds, client.options, topology)
+    if "connecttimeoutms" not in given:
+        # A client's connection fails fast while the upstream does not answer. The
+        # engine's own client keeps pymongo's 20 s: its monitor times its heartbeat by
+        # connectTimeoutMS and, on a timeout, cancels every operation under way, so a
+        # single-threaded upstream busy for 5 s (SecantusDB writing a copy branch's
+        # $out) failed the engine's other work with "operation cancelled".
+        config.connect_timeout = FAST_CONNECT_TIMEOUT
     if config.username and config.mechanism not in SUPPORTED_MECHANISMS:
         await client.close()
         raise ValueError(f"authMechanism={config.mechanism} is not supported for the "

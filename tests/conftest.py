@@ -17,7 +17,9 @@ def upstream() -> Iterator[Secantus]:
     # main's changes: SecantusDB's default 1 GB cache filled up in a full run
     # (WT_CACHE_FULL on every write after it). The cap is a ceiling, not an allocation.
     server = Secantus(extra=["--cache-size", "4G"]).start()
+    _shared.append(MongoClient(server.uri, directConnection=True))
     yield server
+    _shared.pop().close()
     server.stop()
 
 
@@ -34,6 +36,33 @@ def direct(upstream: Secantus) -> Iterator[MongoClient]:
     yield client
     client.close()
 
+
+# Metadata databases of the suite's proxies (registry included): never dropped between
+# tests, since a proxy of a module or the session still uses its own.
+META_PREFIXES = ("mongobranch", "mb_")
+SYSTEM_DBS = frozenset({"admin", "local", "config"})
+# The session's upstream once started: tests that never touch it do not start it.
+_shared: list[MongoClient] = []
+
+
+def _user_databases(client: MongoClient) -> set[str]:
+    return {name for name in client.list_database_names()
+            if name not in SYSTEM_DBS and not name.startswith(META_PREFIXES)}
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    """Drops, after each test, the databases it made on the shared upstream.
+
+    A copy branch copies every database its parent shows: with every earlier test's
+    databases left behind, a copy fork late in a full run took 30 to 60 s and timed out.
+    Autouse: set up after the module's and session's fixtures (their databases are older
+    than the test and stay) and torn down after the test's own branches are dropped."""
+    before = _user_databases(_shared[0]) if _shared else set()
+    yield
+    if _shared:
+        for name in sorted(_user_databases(_shared[0]) - before):
+            _shared[0].drop_database(name)
 
 @pytest.fixture()
 def client(proxy: ProxyProcess) -> Iterator[MongoClient]:

@@ -218,6 +218,34 @@ def test_hung_upstream_turns_healthz_503(upstream: Upstream, proxy: ProxyProcess
         assert c.admin.command("ping")["ok"] == 1.0
 
 
+def test_an_upstream_busy_for_seconds_fails_no_engine_operation(upstream: Upstream) -> None:
+    """An upstream that stops answering for longer than a client connection waits (5 s)
+    but less than the engine's heartbeat timeout (pymongo's 20 s): the branch created
+    meanwhile is created once it answers again. The engine's heartbeat used to time out
+    after 5 s and pymongo then cancelled the fork under way ("operation cancelled"); a
+    heartbeat every 0.5 s makes one fall inside the stall for certain."""
+    assert upstream.proc is not None
+    proc = ProxyProcess(upstream.uri + "?heartbeatFrequencyMS=500").start()
+    try:
+        with MongoClient(proc.uri) as main:
+            main.uf.busy.insert_many([{"_id": i} for i in range(3)])
+        replies: list[tuple[int, Any]] = []
+        upstream.proc.send_signal(signal.SIGSTOP)
+        try:
+            creating = threading.Thread(target=lambda: replies.append(
+                proc.api("POST", "/branches", {"name": "during-stall"})))
+            creating.start()
+            time.sleep(7)  # the stall itself: longer than 5 s, shorter than 20 s
+        finally:
+            upstream.proc.send_signal(signal.SIGCONT)
+        creating.join(60)
+        assert replies and replies[0][0] == 201, replies
+        with MongoClient(replies[0][1]["uri"]) as b:
+            assert sorted(d["_id"] for d in b.uf.busy.find()) == [0, 1, 2]
+    finally:
+        proc.kill()
+
+
 # -- signals ---------------------------------------------------------------------------
 
 
