@@ -12,8 +12,11 @@ from bson import json_util
 
 from proxy.branching import audit, copymode, gc, history, lifecycle
 from proxy.branching.engine import MAIN, Engine
-from proxy.branching.errors import BranchError
+from proxy.branching.errors import BranchError, Kind
 
+# The one place a branch failure becomes an HTTP status.
+HTTP_STATUS = {Kind.INVALID: 400, Kind.FORBIDDEN: 403, Kind.NOT_FOUND: 404, Kind.CONFLICT: 409,
+               Kind.INTERNAL: 500, Kind.UPSTREAM: 502, Kind.UNAVAILABLE: 503}
 _CREATE_FIELDS = {"name", "from", "port", "at", "mode", *lifecycle.FIELDS}
 _JSON = json_util.JSONOptions(json_mode=json_util.JSONMode.RELAXED, tz_aware=True)
 
@@ -34,7 +37,7 @@ def _int_param(request: web.Request, name: str) -> int | None:
     try:
         return int(raw)
     except ValueError as exc:
-        raise BranchError(400, f"{name} must be an integer, got {raw!r}") from exc
+        raise BranchError(Kind.INVALID, f"{name} must be an integer, got {raw!r}") from exc
 
 
 def _force(request: web.Request, body: dict[str, Any] | None = None) -> bool:
@@ -50,7 +53,7 @@ async def _optional_body(request: web.Request) -> dict[str, Any]:
 def _only(body: dict[str, Any], allowed: set[str]) -> None:
     unknown = set(body) - allowed
     if unknown:
-        raise BranchError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+        raise BranchError(Kind.INVALID, f"unknown field(s): {', '.join(sorted(unknown))}")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -61,9 +64,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError, LookupError) as exc:
-        raise BranchError(400, f"request body is not valid JSON: {exc}") from exc
+        raise BranchError(Kind.INVALID, f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
-        raise BranchError(400, "request body must be a JSON object")
+        raise BranchError(Kind.INVALID, "request body must be a JSON object")
     return body
 
 
@@ -121,7 +124,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
                                                     body.get("port"), body.get("mode"))
             await lifecycle.apply(engine, branch, changes)
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
         return web.json_response(engine.public(branch), status=201)
 
     async def list_all(request: web.Request) -> web.Response:
@@ -141,7 +144,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
         try:
             return _json(await engine.describe(request.match_info["name"]))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
 
     @audited("DELETE /branches/{name}")
     async def delete(request: web.Request) -> web.Response:
@@ -150,7 +153,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             return web.json_response(await lifecycle.drop(
                 engine, request.match_info["name"], force=_force(request), purge=purge))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
 
     async def log(request: web.Request) -> web.Response:
         try:
@@ -159,7 +162,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
                                         100 if limit is None else limit,
                                         _int_param(request, "before_lsn"))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
         return _json({"branch": request.match_info["name"], "entries": entries})
 
     async def diff(request: web.Request) -> web.StreamResponse:
@@ -168,7 +171,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
         try:
             branch = engine.get(name)
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
         await response.write(f'{{"branch": {json.dumps(name)}, '
@@ -197,7 +200,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
                                          body.get("strategy", "abort"),
                                          body.get("dry_run", False))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
         aborted = result["strategy"] == "abort" and result["conflicts"] and \
             not result["dry_run"]
         return _json(result, 409 if aborted else 200)
@@ -208,13 +211,13 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             body = await _body(request)
             _only(body, {"to", "force"})
             if "to" not in body:
-                raise BranchError(400, "reset needs 'to': an LSN or an ISO-8601 time")
+                raise BranchError(Kind.INVALID, "reset needs 'to': an LSN or an ISO-8601 time")
             engine.get(request.match_info["name"])
             lifecycle.guard(engine, request.match_info["name"], _force(request, body),
                             "resetting")
             return _json(await history.reset(engine, request.match_info["name"], body["to"]))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
 
     @audited("POST /gc")
     async def collect(request: web.Request) -> web.Response:
@@ -223,10 +226,10 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             body = await _body(request)
             _only(body, {"retention"})
             if "retention" not in body:
-                raise BranchError(400, "gc needs 'retention', e.g. \"7d\"")
+                raise BranchError(Kind.INVALID, "gc needs 'retention', e.g. \"7d\"")
             return _json(await gc.collect(engine, gc.parse_duration(body["retention"])))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
 
     async def config(_request: web.Request) -> web.Response:
         return _json(engine.config.to_json())
@@ -237,11 +240,11 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             body = await _body(request)
             _only(body, {"to"})
             if "to" not in body:
-                raise BranchError(400, "migrate needs 'to': \"wal\" or \"copy\"")
+                raise BranchError(Kind.INVALID, "migrate needs 'to': \"wal\" or \"copy\"")
             return _json(await copymode.migrate(engine, request.match_info["name"],
                                                 body["to"]))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
 
     async def progress(request: web.Request) -> web.Response:
         state = engine.progress.get(request.match_info["name"])
@@ -255,7 +258,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             body = await _body(request)
             return _json(await lifecycle.update(engine, request.match_info["name"], body))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
 
     @audited("POST /branches/{name}/refresh")
     async def refresh(request: web.Request) -> web.Response:
@@ -265,7 +268,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             branch = await lifecycle.refresh(engine, request.match_info["name"],
                                              _force(request, body))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
         return _json(engine.public(branch))
 
     @audited("POST /branches/{name}/restore")
@@ -276,7 +279,7 @@ def add_routes(app: web.Application, engine: Engine) -> None:
             branch = await lifecycle.restore(engine, request.match_info["name"],
                                              body.get("port"))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
         return _json(engine.public(branch))
 
     @audited("POST /reap")
@@ -291,10 +294,10 @@ def add_routes(app: web.Application, engine: Engine) -> None:
                 now = lifecycle.parse_time(body["now"], "now")
             dry_run = body.get("dry_run", False)
             if not isinstance(dry_run, bool):
-                raise BranchError(400, "dry_run must be true or false")
+                raise BranchError(Kind.INVALID, "dry_run must be true or false")
             return _json(await lifecycle.reap(engine, now, dry_run))
         except BranchError as exc:
-            return _error(exc.status, str(exc))
+            return _error(HTTP_STATUS[exc.kind], str(exc))
 
     app.router.add_patch("/branches/{name}", patch)
     app.router.add_post("/branches/{name}/refresh", refresh)

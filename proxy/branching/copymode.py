@@ -18,7 +18,7 @@ from proxy.branching import reader, views
 from proxy.branching.commands import catalog
 from proxy.branching.commands.base import Request
 from proxy.branching.engine import MAIN, Engine, overlay_index
-from proxy.branching.errors import BranchError, CommandError
+from proxy.branching.errors import BranchError, CommandError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.lineage import parent_layers, replaced
 from proxy.branching.model import Branch, NsState
@@ -77,9 +77,9 @@ async def materialize(engine: Engine, branch: Branch,
         try:
             await _fill(pool, db, coll, layers, state.live, state.options, indexes)
         except CommandError as exc:
-            raise BranchError(502, f"copying {db}.{coll} for copy branch {branch.name!r} "
-                                   f"failed on the upstream: {exc} (code {exc.code}); "
-                                   "nothing of the branch was kept") from exc
+            raise BranchError(Kind.UPSTREAM, f"copying {db}.{coll} for copy branch {branch.name!r} "
+                                             f"failed on the upstream: {exc} (code {exc.code}); "
+                                             "nothing of the branch was kept") from exc
         copied += int((await pool(db, {"count": state.live}))["n"])
         await engine.save_state(state)
         if progress is not None:
@@ -128,8 +128,8 @@ async def undo_to(engine: Engine, branch: Branch, lsn: int,
     later = {"b": branch.bid, "_id": {"$gt": lsn}, **branch.visible()}
     marker = await engine.wal.first({**later, "op": {"$in": list(RESETS)}})
     if marker is not None:
-        raise BranchError(409, f"{branch.name} dropped or recreated {marker['ns']} after "
-                               "that point; a copy branch cannot be taken back across it")
+        raise BranchError(Kind.CONFLICT, f"{branch.name} dropped or recreated {marker['ns']} after "
+                                         "that point; a copy branch cannot be taken back across it")
     undone = 0
     cursor = await engine.wal.entries.aggregate([*matching(later), {"$sort": {"_id": -1}}],
                                                 allowDiskUse=True)
@@ -155,12 +155,12 @@ async def migrate(engine: Engine, name: str, to: Any) -> dict[str, Any]:
     commands); an interrupted migration is finished at the next start-up."""
     branch = engine.get(name)
     if to not in MODES:
-        raise BranchError(400, f"'to' must be one of {', '.join(MODES)}, got {to!r}")
+        raise BranchError(Kind.INVALID, f"'to' must be one of {', '.join(MODES)}, got {to!r}")
     if branch.mode == to and branch.migrating is None:
         return {"branch": name, "mode": to, "migrated": False, "collections": 0}
     if to == WAL and not engine.config.allow_wal.value:
-        raise BranchError(403, "WAL branches are disabled (allow_wal=false, from "
-                               f"{engine.config.allow_wal.source})")
+        raise BranchError(Kind.FORBIDDEN, "WAL branches are disabled (allow_wal=false, from "
+                                          f"{engine.config.allow_wal.source})")
     engine.migrating.add(name)
     try:
         async with engine.writing(branch):

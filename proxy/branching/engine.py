@@ -17,7 +17,7 @@ from pymongo.errors import DuplicateKeyError
 from proxy.branching import naming, snapshot
 from proxy.branching.capture import Capture
 from proxy.branching.capture import register as capture_register
-from proxy.branching.errors import BranchError
+from proxy.branching.errors import BranchError, Kind
 from proxy.branching.lifecycle import Lifecycle
 from proxy.branching.locks import BranchLock
 from proxy.branching.merge import CursorTable
@@ -197,16 +197,17 @@ class Engine:
     # -- branches ---------------------------------------------------------------------
     def check_ready(self) -> None:
         if self.unavailable is not None:
-            raise BranchError(503, self.unavailable)
+            raise BranchError(Kind.UNAVAILABLE, self.unavailable)
 
     def get(self, name: str) -> Branch:
         self.check_ready()
         branch = self.branches.get(name)
         if branch is None:
-            raise BranchError(404, f"branch {name!r} does not exist")
+            raise BranchError(Kind.NOT_FOUND, f"branch {name!r} does not exist")
         if branch.deleted_at is not None:  # kept for restore only (lifecycle.py)
-            raise BranchError(404, f"branch {name!r} was deleted; `branch restore {name}` "
-                                   "brings it back")
+            raise BranchError(Kind.NOT_FOUND,
+                              f"branch {name!r} was deleted; `branch restore {name}` "
+                              "brings it back")
         return branch
 
     def by_bid(self, bid: str) -> Branch | None:
@@ -231,7 +232,8 @@ class Engine:
         for port in range(self.port_range[0], self.port_range[1] + 1):
             if port not in used:
                 return port
-        raise BranchError(409, f"no free port left in {self.port_range[0]}-{self.port_range[1]}")
+        raise BranchError(Kind.CONFLICT,
+                          f"no free port left in {self.port_range[0]}-{self.port_range[1]}")
 
     async def create_branch(self, name: Any, parent: Any = MAIN, port: Any = None,
                             mode: Any = None, progress: Any = None,
@@ -242,34 +244,38 @@ class Engine:
         still wait (a branch at a past point restores its images there)."""
         self.check_ready()
         if mode is not None and mode not in ("wal", "copy"):
-            raise BranchError(400, f"mode must be 'wal' or 'copy', got {mode!r}")
+            raise BranchError(Kind.INVALID, f"mode must be 'wal' or 'copy', got {mode!r}")
         if isinstance(name, str):
             mode, why = self.config.mode_for(name, mode)
             if mode == "wal" and not self.config.allow_wal.value:
-                raise BranchError(403, f"WAL branches are disabled (allow_wal=false, from "
-                                       f"{self.config.allow_wal.source}); the mode came from "
-                                       f"{why}: create it with mode \"copy\"")
+                raise BranchError(Kind.FORBIDDEN,
+                                  f"WAL branches are disabled (allow_wal=false, from "
+                                  f"{self.config.allow_wal.source}); the mode came from "
+                                  f"{why}: create it with mode \"copy\"")
         if not naming.valid_branch_name(name):
-            raise BranchError(400, "branch name must match [A-Za-z0-9._-]{1,64} and not be "
-                                   f"'main', got {name!r}")
+            raise BranchError(Kind.INVALID,
+                              "branch name must match [A-Za-z0-9._-]{1,64} and not be "
+                              f"'main', got {name!r}")
         if not isinstance(parent, str):
-            raise BranchError(400, f"from must be a branch name (a string), got {parent!r}")
+            raise BranchError(Kind.INVALID,
+                              f"from must be a branch name (a string), got {parent!r}")
         if parent != MAIN and (parent not in self.branches
                                or self.branches[parent].deleted_at is not None):
-            raise BranchError(404, f"parent branch {parent!r} does not exist")
+            raise BranchError(Kind.NOT_FOUND, f"parent branch {parent!r} does not exist")
         if name in self.branches:
             if self.branches[name].deleted_at is not None:
-                raise BranchError(409, f"branch {name!r} was deleted and is kept for restore: "
-                                       f"restore it, or purge it first (`branch delete {name} "
-                                       f"--purge`, DELETE /branches/{name}?purge=true)")
-            raise BranchError(409, f"branch {name!r} already exists")
+                raise BranchError(Kind.CONFLICT,
+                                  f"branch {name!r} was deleted and is kept for restore: "
+                                  f"restore it, or purge it first (`branch delete {name} "
+                                  f"--purge`, DELETE /branches/{name}?purge=true)")
+            raise BranchError(Kind.CONFLICT, f"branch {name!r} already exists")
         auto = port is None
         if port is None:
             port = self._free_port()
         elif not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-            raise BranchError(400, f"port must be an integer 1-65535, got {port!r}")
+            raise BranchError(Kind.INVALID, f"port must be an integer 1-65535, got {port!r}")
         elif any(b.port == port for b in self.branches.values()):
-            raise BranchError(409, f"port {port} is already used by another branch")
+            raise BranchError(Kind.CONFLICT, f"port {port} is already used by another branch")
         if parent == MAIN:
             self._main_forks += 1
         try:
@@ -299,7 +305,8 @@ class Engine:
                     break
                 except OSError as exc:
                     busy.add(branch.port)
-                    error = BranchError(409, f"port {branch.port} cannot be opened: {exc}")
+                    error = BranchError(Kind.CONFLICT,
+                                        f"port {branch.port} cannot be opened: {exc}")
                 try:
                     if not auto:
                         raise error
@@ -343,7 +350,7 @@ class Engine:
         try:
             await self.meta["branches"].insert_one(branch.to_doc())
         except DuplicateKeyError as exc:
-            raise BranchError(409, f"branch {name!r} already exists") from exc
+            raise BranchError(Kind.CONFLICT, f"branch {name!r} already exists") from exc
         self.branches[name] = branch
         if mode == "copy":
             def report(ns: str, done: int, total: int) -> None:
@@ -384,7 +391,8 @@ class Engine:
         branch = self.get(name)
         kids = self.children(name, deleted=True)
         if kids:
-            raise BranchError(409, f"branch {name!r} has child branches: {', '.join(kids)}")
+            raise BranchError(Kind.CONFLICT,
+                              f"branch {name!r} has child branches: {', '.join(kids)}")
         # Close the port before taking the write lock: a write still in flight there
         # finishes (it needs the lock) instead of stalling the drop.
         if self.ports is not None:
@@ -463,8 +471,8 @@ class Engine:
             if reply.get("code") == 13:
                 raise error_from(reply)  # the caller may not write here: mongod's refusal
             if not reply.get("ok") and reply.get("code") != 48:
-                raise BranchError(500, f"cannot create overlay {state.db}.{name}: "
-                                       f"{reply.get('errmsg')}")
+                raise BranchError(Kind.INTERNAL, f"cannot create overlay {state.db}.{name}: "
+                                                 f"{reply.get('errmsg')}")
         specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
         if specs:
             await run(state.db, {"createIndexes": state.live, "indexes": specs})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import enum
+
 from proxy.wire import codes
 from proxy.wire.codes import Code
 from proxy.wire.errors import CommandError
 
-__all__ = ["BranchError", "CommandError", "code_name", "not_supported"]
+__all__ = ["BranchError", "CommandError", "Kind", "code_name", "not_supported"]
 
 # The codes a write the engine runs on an overlay may fail with.
 _WRITE_CODES = frozenset({
@@ -23,12 +25,26 @@ def code_name(code: int) -> str:
     return codes.code_name(code) if code in _WRITE_CODES else f"Location{code}"
 
 
-class BranchError(Exception):
-    """A branch management failure, with the HTTP status that describes it."""
+class Kind(enum.Enum):
+    """What kind of failure a branch operation met. The engine says which; each front
+    door maps it once: to an HTTP status (`admin/branches.py`) and to a mongod code
+    (`commands/admin.py`)."""
 
-    def __init__(self, status: int, message: str):
+    INVALID = "invalid"            # the request itself is wrong
+    FORBIDDEN = "forbidden"        # the configuration does not allow it
+    NOT_FOUND = "not found"        # no such branch (or point, or copy under way)
+    CONFLICT = "conflict"          # the branches' present state does not allow it
+    UPSTREAM = "upstream"          # the upstream refused a step the operation needs
+    UNAVAILABLE = "unavailable"    # the engine cannot reach its metadata now
+    INTERNAL = "internal"          # a step failed that should not have
+
+
+class BranchError(Exception):
+    """A branch management failure, of a kind both front doors understand."""
+
+    def __init__(self, kind: Kind, message: str):
         super().__init__(message)
-        self.status = status
+        self.kind = kind
 
 
 def not_supported(what: str, branch: str) -> CommandError:

@@ -18,7 +18,7 @@ from bson.int64 import Int64
 from pymongo import DeleteMany, UpdateOne
 
 from proxy.branching.engine import Engine
-from proxy.branching.errors import BranchError
+from proxy.branching.errors import BranchError, Kind
 from proxy.branching.naming import MAIN
 from proxy.branching.wal import STARTS, matching, packed
 
@@ -29,8 +29,8 @@ BATCH = 1000
 def parse_duration(text: Any) -> dt.timedelta:
     match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", str(text))
     if not match:
-        raise BranchError(400, f"retention must look like 30s, 15m, 12h, 7d or 2w, "
-                               f"not {text!r}")
+        raise BranchError(Kind.INVALID, f"retention must look like 30s, 15m, 12h, 7d or 2w, "
+                                        f"not {text!r}")
     return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
 
 
@@ -42,8 +42,8 @@ async def horizon(engine: Engine) -> int:
 async def check_point(engine: Engine, lsn: int) -> None:
     first = await horizon(engine)
     if lsn < first:
-        raise BranchError(409, f"history before LSN {first} was compacted by gc; "
-                               f"the earliest point is LSN {first}")
+        raise BranchError(Kind.CONFLICT, f"history before LSN {first} was compacted by gc; "
+                                         f"the earliest point is LSN {first}")
 
 
 async def _stats(engine: Engine) -> dict[str, int]:

@@ -16,7 +16,7 @@ from bson.int64 import Int64
 
 from proxy.branching import authz, copymode, gc, reader, snapshot
 from proxy.branching.engine import MAIN, Engine
-from proxy.branching.errors import BranchError
+from proxy.branching.errors import BranchError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.lineage import parent_layers, parent_of, replaced
 from proxy.branching.model import Branch, NsState
@@ -45,19 +45,19 @@ STRATEGIES = ("abort", "ours", "theirs")
 async def resolve_point(engine: Engine, at: Any) -> int:
     """An LSN from an LSN or an ISO-8601 time (the last entry at or before it)."""
     if isinstance(at, bool):
-        raise BranchError(400, f"'at'/'to' must be an LSN or an ISO-8601 time, not {at!r}")
+        raise BranchError(Kind.INVALID, f"'at'/'to' must be an LSN or an ISO-8601 time, not {at!r}")
     if isinstance(at, int):
         if at < 0:
-            raise BranchError(400, f"LSN must not be negative, got {at}")
+            raise BranchError(Kind.INVALID, f"LSN must not be negative, got {at}")
         return at
     if isinstance(at, str) and at.strip().lstrip("-").isdigit():
         return await resolve_point(engine, int(at))
     if not isinstance(at, str):
-        raise BranchError(400, f"'at'/'to' must be an LSN or an ISO-8601 time, not {at!r}")
+        raise BranchError(Kind.INVALID, f"'at'/'to' must be an LSN or an ISO-8601 time, not {at!r}")
     try:
         when = dt.datetime.fromisoformat(at.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise BranchError(400, f"not an LSN or ISO-8601 time: {at!r}") from exc
+        raise BranchError(Kind.INVALID, f"not an LSN or ISO-8601 time: {at!r}") from exc
     if when.tzinfo is not None:
         when = when.astimezone(dt.UTC).replace(tzinfo=None)
     doc = await engine.wal.entries.find_one({"ts": {"$lte": when}}, sort=[("_id", -1)])
@@ -78,7 +78,7 @@ async def log(engine: Engine, name: str, limit: int = 100,
         branch = engine.get(name)
         bid, voids = branch.bid, branch.voids
     if not 0 < limit <= 10_000:
-        raise BranchError(400, f"limit must be 1-10000, got {limit}")
+        raise BranchError(Kind.INVALID, f"limit must be 1-10000, got {limit}")
     query: dict[str, Any] = {"b": bid}
     if before_lsn is not None:
         query["_id"] = {"$lt": before_lsn}
@@ -321,12 +321,13 @@ async def merge(engine: Engine, name: str, into: Any = None, strategy: Any = "ab
     branch = engine.get(name)
     target = branch.parent if into is None else into
     if target != branch.parent:
-        raise BranchError(400, f"branch {name!r} merges into its parent {branch.parent!r}, "
-                               f"not {target!r}")
+        raise BranchError(Kind.INVALID,
+                          f"branch {name!r} merges into its parent {branch.parent!r}, "
+                          f"not {target!r}")
     if strategy not in STRATEGIES:
-        raise BranchError(400, f"strategy must be one of {', '.join(STRATEGIES)}")
+        raise BranchError(Kind.INVALID, f"strategy must be one of {', '.join(STRATEGIES)}")
     if not isinstance(dry_run, bool):
-        raise BranchError(400, "dry_run must be true or false")
+        raise BranchError(Kind.INVALID, "dry_run must be true or false")
     result = MergeResult(name, target, strategy, dry_run)
     if strategy == "abort":
         await _scan(engine, branch, result, apply=False)
@@ -472,7 +473,7 @@ class Applier:
     async def _command(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
         reply = await self.engine.write(self.parent, self.ctx, self.run, db, cmd)
         if reply is None or not reply.get("ok"):
-            raise BranchError(500, f"merge write failed: {reply}")
+            raise BranchError(Kind.INTERNAL, f"merge write failed: {reply}")
         return reply
 
     async def documents(self, state: NsState, changes: list[dict[str, Any]]) -> None:
@@ -483,7 +484,7 @@ class Applier:
             reply = await self._command(state.db, {"update": state.coll, "updates": puts,
                                                    "ordered": False})
             if reply.get("writeErrors"):
-                raise BranchError(409, f"merge write failed: {reply['writeErrors'][0]}")
+                raise BranchError(Kind.CONFLICT, f"merge write failed: {reply['writeErrors'][0]}")
         if deletes:
             await self._command(state.db, {"delete": state.coll, "deletes": deletes,
                                            "ordered": False})
@@ -526,8 +527,8 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
         current = voids_at(resets, None)
         if any(lo < lsn < hi for lo, hi in current) or \
                 voids_at(resets, lsn) != [v for v in current if v[1] <= lsn]:
-            raise BranchError(409, f"{name} is a copy branch: it cannot be reset into a "
-                                   "range an earlier reset voided")
+            raise BranchError(Kind.CONFLICT, f"{name} is a copy branch: it cannot be reset into a "
+                                             "range an earlier reset voided")
     async with engine.writing(branch):
         # The LSN of the reset itself: above every entry written before it, so the
         # state at the last entry's LSN stays the one before the reset.
@@ -634,8 +635,9 @@ async def _check_reopened(engine: Engine, branch: Branch, resets: list[tuple[int
     first = await gc.horizon(engine)
     for lo, hi in resets:
         if hi > lsn > lo and lo < first:
-            raise BranchError(409, f"LSN {lsn} lies in a range a reset voided ({lo}-{hi}) "
-                                   f"whose entries gc removed below its horizon {first}")
+            raise BranchError(Kind.CONFLICT,
+                              f"LSN {lsn} lies in a range a reset voided ({lo}-{hi}) "
+                              f"whose entries gc removed below its horizon {first}")
 
 
 # -- branches at a point ---------------------------------------------------------------------
@@ -665,8 +667,9 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
                                            {"_id": {"$lte": lsn}, "$or": reopened}]}
     marker = await engine.wal.first({**differ, "op": {"$in": list(RESETS)}})
     if marker is not None:
-        raise BranchError(409, f"{source.name} dropped or recreated {marker['ns']} after that "
-                               "point; a branch at that point is not supported")
+        raise BranchError(Kind.CONFLICT,
+                          f"{source.name} dropped or recreated {marker['ns']} after that "
+                          "point; a branch at that point is not supported")
     any_later = {"b": source.bid, "$or": [{"_id": {"$gt": lsn}}, *reopened]} if reopened \
         else {"b": source.bid, "_id": {"$gt": lsn}}
 
@@ -690,26 +693,29 @@ async def _create_main_at(engine: Engine, name: Any, at: Any, port: Any) -> Bran
     if capture is None or not capture.exact or not capture.history:
         why = capture.why if capture is not None and capture.why else \
             "capture is off or cannot have pre-images"
-        raise BranchError(400, "a branch of main at a past point needs main's history from "
-                               f"the change stream ({why})")
+        raise BranchError(Kind.INVALID,
+                          "a branch of main at a past point needs main's history from "
+                          f"the change stream ({why})")
     # Every write made before now is logged first, so a time resolves among all of them.
     await capture.barrier()
     lsn = await resolve_point(engine, at)
     await gc.check_point(engine, lsn)
     since = capture.since_lsn or 0
     if lsn < since:
-        raise BranchError(409, f"main's history starts at LSN {since} (when its capture "
-                               f"began); LSN {lsn} is before it")
+        raise BranchError(Kind.CONFLICT, f"main's history starts at LSN {since} (when its capture "
+                                         f"began); LSN {lsn} is before it")
     later = {"b": MAIN, "_id": {"$gt": lsn}}
     marker = await engine.wal.first({**later, "op": DROP})
     if marker is not None:
-        raise BranchError(409, f"{marker['ns']} was dropped or renamed on main after that "
-                               "point; a branch at that point is not supported")
+        raise BranchError(Kind.CONFLICT,
+                          f"{marker['ns']} was dropped or renamed on main after that "
+                          "point; a branch at that point is not supported")
     blind = await engine.wal.first({**later, "nopre": True})
     if blind is not None:
-        raise BranchError(409, f"main changed {blind['ns']} after that point without a "
-                               "pre-image (pre-images were off for it): its state then is "
-                               "not known")
+        raise BranchError(Kind.CONFLICT,
+                          f"main changed {blind['ns']} after that point without a "
+                          "pre-image (pre-images were off for it): its state then is "
+                          "not known")
 
     async def restore(branch: Branch) -> None:
         branch.fork_lsn = lsn

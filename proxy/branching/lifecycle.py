@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.branching import audit
-from proxy.branching.errors import BranchError
+from proxy.branching.errors import BranchError, Kind
 from proxy.branching.model import Branch
 from proxy.branching.naming import MAIN
 
@@ -86,24 +86,24 @@ def parse_duration(value: Any, what: str) -> dt.timedelta:
         return dt.timedelta(seconds=value)
     text = value.strip().lower() if isinstance(value, str) else None
     if text is None or not _DURATION.fullmatch(text):
-        raise BranchError(400, f"{what} must be a duration such as 30m, 2h, 7d or 1h30m "
-                               f"(in JSON also seconds as an integer), got {value!r}")
+        raise BranchError(Kind.INVALID, f"{what} must be a duration such as 30m, 2h, 7d or 1h30m "
+                                        f"(in JSON also seconds as an integer), got {value!r}")
     seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", text))
     if seconds <= 0:
-        raise BranchError(400, f"{what} must be longer than zero, got {value!r}")
+        raise BranchError(Kind.INVALID, f"{what} must be longer than zero, got {value!r}")
     return dt.timedelta(seconds=seconds)
 
 
 def parse_time(value: Any, what: str) -> dt.datetime:
     """An ISO-8601 time as naive UTC (the engine's convention); without an offset, UTC."""
     if not isinstance(value, str):
-        raise BranchError(400, f"{what} must be an ISO-8601 time such as "
-                               f"2026-12-01T09:00:00Z, got {value!r}")
+        raise BranchError(Kind.INVALID, f"{what} must be an ISO-8601 time such as "
+                                        f"2026-12-01T09:00:00Z, got {value!r}")
     try:
         parsed = dt.datetime.fromisoformat(value.strip())
     except ValueError as exc:
-        raise BranchError(400, f"{what} must be an ISO-8601 time such as "
-                               f"2026-12-01T09:00:00Z, got {value!r}") from exc
+        raise BranchError(Kind.INVALID, f"{what} must be an ISO-8601 time such as "
+                                        f"2026-12-01T09:00:00Z, got {value!r}") from exc
     if parsed.tzinfo is not None:
         parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
     return parsed
@@ -117,7 +117,7 @@ def parse_force(value: Any) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "1", "false", "0"):
         return value.lower() in ("true", "1")
-    raise BranchError(400, f"force must be true or false, got {value!r}")
+    raise BranchError(Kind.INVALID, f"force must be true or false, got {value!r}")
 
 
 FIELDS = frozenset({"ttl", "expires_at", "idle_ttl", "protected"})
@@ -130,7 +130,7 @@ def settings(body: dict[str, Any], now: dt.datetime | None = None) -> dict[str, 
     now = now or _now()
     out: dict[str, Any] = {}
     if "ttl" in body and "expires_at" in body:
-        raise BranchError(400, "give either ttl or expires_at, not both")
+        raise BranchError(Kind.INVALID, "give either ttl or expires_at, not both")
     if "ttl" in body:
         ttl = body["ttl"]
         out["expires_at"] = None if ttl is None else ms(now + parse_duration(ttl, "ttl"))
@@ -138,15 +138,15 @@ def settings(body: dict[str, Any], now: dt.datetime | None = None) -> dict[str, 
         at = body["expires_at"]
         out["expires_at"] = None if at is None else ms(parse_time(at, "expires_at"))
         if at is not None and out["expires_at"] <= now:
-            raise BranchError(400, f"expires_at {at!r} is in the past (now is {iso(now)})")
+            raise BranchError(Kind.INVALID, f"expires_at {at!r} is in the past (now is {iso(now)})")
     if "idle_ttl" in body:
         idle = body["idle_ttl"]
         out["idle_ttl"] = (None if idle is None
                            else int(parse_duration(idle, "idle_ttl").total_seconds()))
     if "protected" in body:
         if not isinstance(body["protected"], bool):
-            raise BranchError(400, f"protected must be true or false, got "
-                                   f"{body['protected']!r}")
+            raise BranchError(Kind.INVALID, f"protected must be true or false, got "
+                                            f"{body['protected']!r}")
         out["protected"] = body["protected"]
     return out
 
@@ -163,9 +163,9 @@ def is_protected(engine: Engine, name: str) -> bool:
 def guard(engine: Engine, name: str, force: Any, action: str) -> None:
     """Refuses (409) an action on a protected branch without force."""
     if is_protected(engine, name) and not parse_force(force):
-        raise BranchError(409, f"branch {name!r} is protected: {action} it needs force "
-                               "(API: ?force=true or \"force\": true; CLI: --force), or "
-                               f"unprotect it first (`branch unprotect {name}`)")
+        raise BranchError(Kind.CONFLICT, f"branch {name!r} is protected: {action} it needs force "
+                                         "(API: ?force=true or \"force\": true; CLI: --force), or "
+                                         f"unprotect it first (`branch unprotect {name}`)")
 
 
 async def load(engine: Engine) -> None:
@@ -179,12 +179,13 @@ async def update(engine: Engine, name: str, body: dict[str, Any]) -> dict[str, A
     main takes only `protected`."""
     unknown = set(body) - FIELDS
     if unknown:
-        raise BranchError(400, f"unknown field(s): {', '.join(sorted(unknown))}; a branch's "
-                               f"lifecycle takes {', '.join(sorted(FIELDS))}")
+        raise BranchError(Kind.INVALID,
+                          f"unknown field(s): {', '.join(sorted(unknown))}; a branch's "
+                          f"lifecycle takes {', '.join(sorted(FIELDS))}")
     if name == MAIN:
         engine.check_ready()
         if set(body) - {"protected"}:
-            raise BranchError(400, "main never expires: it takes only 'protected'")
+            raise BranchError(Kind.INVALID, "main never expires: it takes only 'protected'")
         changes = settings(body)
         if "protected" in changes:
             await engine.meta[SETTINGS].replace_one(
@@ -238,7 +239,8 @@ async def drop(engine: Engine, name: str, *, force: Any = False, purge: Any = Fa
         guard(engine, name, force, "dropping")
         kids = engine.children(name)
         if kids:
-            raise BranchError(409, f"branch {name!r} has child branches: {', '.join(kids)}")
+            raise BranchError(Kind.CONFLICT,
+                              f"branch {name!r} has child branches: {', '.join(kids)}")
         if purge or engine.lifecycle.retention <= dt.timedelta(0):
             for kid in engine.children(name, deleted=True):
                 await _purge_tree(engine, engine.branches[kid], f"its parent {name} was "
@@ -276,20 +278,20 @@ async def restore(engine: Engine, name: str, port: Any = None) -> Branch:
         engine.check_ready()
         branch = engine.branches.get(name)
         if branch is None:
-            raise BranchError(404, f"no deleted branch {name!r} is kept (never existed, "
-                                   "or purged after the retention window)")
+            raise BranchError(Kind.NOT_FOUND, f"no deleted branch {name!r} is kept (never existed, "
+                                              "or purged after the retention window)")
         if branch.deleted_at is None:
-            raise BranchError(409, f"branch {name!r} is not deleted")
+            raise BranchError(Kind.CONFLICT, f"branch {name!r} is not deleted")
         parent = engine.branches.get(branch.parent)
         if parent is not None and parent.deleted_at is not None:
-            raise BranchError(409, f"branch {name!r} reads through its parent "
-                                   f"{branch.parent!r}, which is deleted too: restore "
-                                   f"{branch.parent!r} first")
+            raise BranchError(Kind.CONFLICT, f"branch {name!r} reads through its parent "
+                                             f"{branch.parent!r}, which is deleted too: restore "
+                                             f"{branch.parent!r} first")
         if port is not None:
             if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-                raise BranchError(400, f"port must be an integer 1-65535, got {port!r}")
+                raise BranchError(Kind.INVALID, f"port must be an integer 1-65535, got {port!r}")
             if any(b.port == port for b in engine.branches.values() if b is not branch):
-                raise BranchError(409, f"port {port} is already used by another branch")
+                raise BranchError(Kind.CONFLICT, f"port {port} is already used by another branch")
             branch.port = port
         changes: dict[str, Any] = {"deleted_at": None, "port": branch.port}
         now = _now()
@@ -306,8 +308,8 @@ async def restore(engine: Engine, name: str, port: Any = None) -> Branch:
                 await engine.ports.open(branch)
             except OSError as exc:
                 branch.deleted_at = now
-                raise BranchError(409, f"port {branch.port} cannot be opened: {exc}; "
-                                       "restore it on another port") from exc
+                raise BranchError(Kind.CONFLICT, f"port {branch.port} cannot be opened: {exc}; "
+                                                 "restore it on another port") from exc
         await engine.meta["branches"].update_one({"_id": name}, {"$set": changes})
         log.info("restored branch %s on port %d", name, branch.port)
         return branch
@@ -323,11 +325,12 @@ async def refresh(engine: Engine, name: str, force: Any = False) -> Branch:
         guard(engine, name, force, "refreshing")
         kids = engine.children(name, deleted=True)
         if kids:
-            raise BranchError(409, f"branch {name!r} has child branches ({', '.join(kids)}): "
-                                   "they show it as it is, and a refresh would change that; "
-                                   "drop them first (deleted ones: purge them)")
+            raise BranchError(Kind.CONFLICT,
+                              f"branch {name!r} has child branches ({', '.join(kids)}): "
+                              "they show it as it is, and a refresh would change that; "
+                              "drop them first (deleted ones: purge them)")
         if branch.creating or name in engine.migrating:
-            raise BranchError(409, f"branch {name!r} is being copied or migrated; retry")
+            raise BranchError(Kind.CONFLICT, f"branch {name!r} is being copied or migrated; retry")
         if engine.ports is not None:
             await engine.ports.close(branch)
         try:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from proxy.branching import reader
-from proxy.branching.errors import BranchError
+from proxy.branching.errors import BranchError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.naming import MAIN
 from proxy.branching.wal import DELETE, KEEP, OWN, PUT, Change
@@ -301,7 +301,7 @@ async def _insert(engine: Engine, db: str, coll: str, docs: list[dict[str, Any]]
     reply = await engine.pool(db, {"insert": coll, "documents": docs, "ordered": False})
     bad = [e for e in reply.get("writeErrors", []) if e.get("code") != Code.DUPLICATE_KEY]
     if bad:
-        raise BranchError(500, f"cannot preserve documents in {db}.{coll}: {bad[0]}")
+        raise BranchError(Kind.INTERNAL, f"cannot preserve documents in {db}.{coll}: {bad[0]}")
 
 
 async def owned_ids(engine: Engine, state: NsState | None, ids: list[Any]) -> set[Any]:

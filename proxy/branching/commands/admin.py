@@ -10,15 +10,17 @@ import bson
 from proxy.branching import authz, history, lifecycle
 from proxy.branching.commands.base import SESSION_FIELDS, Request
 from proxy.branching.engine import MAIN
-from proxy.branching.errors import BranchError, CommandError
+from proxy.branching.errors import BranchError, CommandError, Kind
 from proxy.wire.codes import Code
 
-_CODES = {400: Code.BAD_VALUE, 404: Code.NAMESPACE_NOT_FOUND, 403: Code.ILLEGAL_OPERATION,
-          409: Code.CONFLICTING_OPERATION_IN_PROGRESS, 503: Code.HOST_UNREACHABLE}
+_CODES = {Kind.INVALID: Code.BAD_VALUE, Kind.NOT_FOUND: Code.NAMESPACE_NOT_FOUND,
+          Kind.FORBIDDEN: Code.ILLEGAL_OPERATION,
+          Kind.CONFLICT: Code.CONFLICTING_OPERATION_IN_PROGRESS,
+          Kind.UNAVAILABLE: Code.HOST_UNREACHABLE}
 
 
 def as_command_error(exc: BranchError) -> CommandError:
-    return CommandError(_CODES.get(exc.status, Code.INTERNAL_ERROR), str(exc))
+    return CommandError(_CODES.get(exc.kind, Code.INTERNAL_ERROR), str(exc))
 
 
 _CREATE_FIELDS = {"createBranch", "from", "port", "at", "mode", *lifecycle.FIELDS,
