@@ -19,7 +19,7 @@ from pymongo.errors import ConfigurationError, OperationFailure
 from proxy import metrics
 from proxy.admin import auth, http
 from proxy.admin import branches as branch_routes
-from proxy.branching import copymode, gc, lifecycle, router
+from proxy.branching import copymode, gc, lifecycle, requests, router
 from proxy.branching.commands import mainwrite
 from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
@@ -263,7 +263,7 @@ class Proxy:
             self._engine_retry = asyncio.create_task(self._retry_engine())
         if opts.gc_retention:
             self._gc_task = asyncio.create_task(self._periodic_gc(
-                gc.parse_duration(opts.gc_retention), opts.gc_interval))
+                requests.parse_retention(opts.gc_retention), opts.gc_interval))
         self._reaper = asyncio.create_task(lifecycle.run(self.engine, opts.reap_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
                              topology=self.topology, router=EngineRouter(self.engine, None),

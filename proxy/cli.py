@@ -122,7 +122,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
     from proxy.admin import auth
     from proxy.app import ServeOptions, parse_hostport, parse_range, retention, serve
     from proxy.branching.errors import BranchError
-    from proxy.branching.gc import parse_duration
+    from proxy.branching.requests import parse_retention
     from proxy.config import Config, ConfigError
     from proxy.logs import configure
     from proxy.net.tls import server_context
@@ -139,7 +139,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
         Config.load(config_path, flags={"default_mode": default_mode, "allow_wal": allow_wal,
                                         "legacy_op_query": legacy_op_query})
         if gc_retention:
-            parse_duration(gc_retention)
+            parse_retention(gc_retention)
         retention(deleted_retention)
         if (tls_key or tls_ca) and not tls_cert:
             raise click.UsageError("--tls-key and --tls-ca need --tls-cert")
