@@ -32,6 +32,7 @@ STRATEGIES: tuple[Strategy, ...] = ("abort", "ours", "theirs")
 # A point in history: an LSN, or an ISO-8601 time the engine resolves to one.
 Point = int | str
 LOG_LIMIT = 10_000
+PORTS = (1, 65535)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -122,8 +123,10 @@ def parse_port(value: Any) -> int | None:
     value = _integral(value)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
-        raise BranchError(Kind.INVALID, f"port must be an integer 1-65535, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or \
+            not PORTS[0] <= value <= PORTS[1]:
+        raise BranchError(Kind.INVALID, f"port must be an integer {PORTS[0]}-{PORTS[1]}, "
+                                        f"got {value!r}")
     return value
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import click
 import pytest
 
+from proxy import cli
 from proxy.branching import requests as rq
 from proxy.branching.errors import BranchError, Kind
 
@@ -341,3 +343,27 @@ def test_gc_needs_retention() -> None:
     assert refused(rq.parse_gc, {}) == 'gc needs \'retention\', e.g. "7d"'
     assert refused(rq.parse_gc, {"retention": "7d", "dry_run": True}) == \
         "unknown field(s): dry_run"
+
+
+# -- the CLI offers what the API takes ---------------------------------------------------------
+def _choices(command: click.Command, option: str) -> tuple[str, ...]:
+    param = next(p for p in command.params if p.name == option)
+    assert isinstance(param.type, click.Choice)
+    return tuple(param.type.choices)
+
+
+def test_cli_choices_are_the_requests_values() -> None:
+    """The CLI lists its choices for --help without importing the server side; they must
+    be the values the API takes."""
+    assert _choices(cli.branch_create, "mode") == rq.MODES
+    assert _choices(cli.branch_migrate, "to") == rq.MODES
+    assert _choices(cli.branch_merge, "strategy") == rq.STRATEGIES
+    assert _choices(cli.serve_cmd, "default_mode") == rq.MODES
+
+
+def test_cli_ports_are_the_requests_ports() -> None:
+    """--port is refused by click before any call (a usage error naming the option)."""
+    for command in (cli.branch_create, cli.branch_restore):
+        param = next(p for p in command.params if p.name == "port")
+        assert isinstance(param.type, click.IntRange)
+        assert (param.type.min, param.type.max) == rq.PORTS
