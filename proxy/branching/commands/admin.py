@@ -135,8 +135,9 @@ async def branch_log(req: Request) -> dict[str, Any]:
 async def branch_diff(req: Request) -> dict[str, Any]:
     """{branchDiff: name}: the changes in one document, up to DIFF_LIMIT of them."""
     await _may_view(req)
-    name = rq.parse_diff(_target(req), _fields(req)).name
-    parent, stream = operations.diff(req.engine, rq.Diff(name))
+    diff = rq.parse_diff(_target(req), _fields(req))
+    name = diff.name
+    parent, stream = operations.diff(req.engine, diff)
     changes: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     size = 0
