@@ -22,13 +22,13 @@ from proxy.branching.errors import BranchError, CommandError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.lineage import parent_layers, replaced
 from proxy.branching.model import Branch, NsState
+from proxy.branching.requests import Mode
 from proxy.branching.runner import Runner, SystemContext
 from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, Change, image, matching
 from proxy.wire.bsonutil import same
 
 COPY = "copy"
 WAL = "wal"
-MODES = (WAL, COPY)
 SYSTEM_DBS = frozenset({"admin", "local", "config"})
 
 Progress = Callable[[str, int, int], None]
@@ -149,13 +149,11 @@ async def undo_to(engine: Engine, branch: Branch, lsn: int,
     return undone
 
 
-async def migrate(engine: Engine, name: str, to: Any) -> dict[str, Any]:
+async def migrate(engine: Engine, name: str, to: Mode) -> dict[str, Any]:
     """Convert a branch in place between WAL and copy mode: same data, same port.
     Clients get retryable errors while it runs (the router refuses the branch's
     commands); an interrupted migration is finished at the next start-up."""
     branch = engine.get(name)
-    if to not in MODES:
-        raise BranchError(Kind.INVALID, f"'to' must be one of {', '.join(MODES)}, got {to!r}")
     if branch.mode == to and branch.migrating is None:
         return {"branch": name, "mode": to, "migrated": False, "collections": 0}
     if to == WAL and not engine.config.allow_wal.value:
