@@ -235,6 +235,8 @@ def _refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
         return False
+    except ConnectionResetError:
+        return False  # the listener closed while this connect was queued: ask again
     except ConnectionRefusedError:
         return True
 
