@@ -59,6 +59,13 @@ def branches(proxy: ProxyProcess) -> Iterator[Branches]:
         made.cleanup()
 
 
+def api_ok(proxy: ProxyProcess, method: str, path: str, body: object | None = None) -> Any:
+    """The reply of an admin API call that must succeed (200 or 201)."""
+    status, reply = proxy.api(method, path, body)
+    assert status in (200, 201), (status, reply)
+    return reply
+
+
 def bid_of(direct: MongoClient, proxy: ProxyProcess, name: str) -> str:
     doc = direct[proxy.meta_db]["branches"].find_one({"_id": name})
     assert doc is not None, f"no metadata for branch {name}"
