@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from pymongo import MongoClient
 
-from tests.branchutil import Branches, branches
+from tests.branchutil import Branches, branches, unique
 from tests.servers import ProxyProcess, Secantus
 
 
@@ -79,3 +79,11 @@ def made(proxy: ProxyProcess) -> Iterator[Branches]:
     """Branches a test creates, dropped after it."""
     with branches(proxy) as b:
         yield b
+
+
+@pytest.fixture()
+def db_name(request: pytest.FixtureRequest) -> str:
+    """A database of the test's own, named after its module (dropped after the test by
+    _drop_test_databases)."""
+    stem = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    return unique(stem).replace("-", "_")

@@ -13,6 +13,12 @@ from proxy.wire import compression
 
 HELLO_NAMES = frozenset({"hello", "isMaster", "ismaster"})
 
+# Commands by which a client authenticates itself.
+CLIENT_AUTH = frozenset({"saslStart", "authenticate"})
+
+# Commands after which the connection's authenticated user may have changed.
+IDENTITY_CHANGES = CLIENT_AUTH | {"saslContinue", "logout"}
+
 # Fields a driver may send in hello that only the upstream can answer.
 UPSTREAM_FIELDS = ("saslSupportedMechs", "speculativeAuthenticate")
 
