@@ -67,15 +67,19 @@ def imports(path: Path, runtime: bool = False) -> set[str]:
 
 
 GRAPH = {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
-# The modules each module runs an import of. A package's own `__init__` is left out as
-# a target: they import nothing, so no cycle can run through one.
+
+
 def _package(mod: str) -> bool:
     return (PACKAGE.parent / mod.replace(".", "/")).is_dir()
 
 
-RUNTIME = {mod: {d for d in deps if d in GRAPH and d != mod and not _package(d)}
-           for mod, deps in ((module_name(p), imports(p, runtime=True))
-                             for p in sorted(PACKAGE.rglob("*.py")))
+_RUN = {module_name(p): imports(p, runtime=True) for p in sorted(PACKAGE.rglob("*.py"))}
+# The modules each module runs an import of. A package whose `__init__` imports nothing
+# (most of them) is left out, as a target too: no cycle can run through it. One that
+# re-exports its modules (`proxy.branching.history`) counts like any module.
+RUNTIME = {mod: {d for d in deps if d in GRAPH and d != mod
+                 and (not _package(d) or _RUN.get(d))}
+           for mod, deps in _RUN.items()
            if deps or not _package(mod)}
 
 
