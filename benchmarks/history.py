@@ -67,7 +67,7 @@ PAD = "x" * 100
 SEED_BATCH = 5_000
 HTTP_TIMEOUT = 3600.0
 AT_NOTE = (
-    "How `at` creation reads the source's WAL: `history._images_then` "
+    "How `at` creation reads the source's WAL: `history.at._images_then` "
     "reads the WAL for the restored ids in chunks of 100, as `{$match: {b, ns, id: {$in: "
     "chunk}}}` then a second `$match` on the LSN range. SecantusDB answers the first stage "
     "from the `(b, ns, id, _id)` index but plans the combined filter as a COLLSCAN (mongod "

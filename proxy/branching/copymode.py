@@ -14,16 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.branching import reader, views
-from proxy.branching.commands import catalog
-from proxy.branching.commands.base import Request
+from proxy.branching import catalog, reader, views
 from proxy.branching.engine import MAIN, Engine, overlay_index
 from proxy.branching.errors import BranchError, CommandError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.lineage import parent_layers, replaced
 from proxy.branching.model import Branch, NsState
 from proxy.branching.requests import Mode
-from proxy.branching.runner import Runner, SystemContext
+from proxy.branching.runner import Runner
 from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, Change, image, matching
 from proxy.wire.bsonutil import same
 
@@ -46,9 +44,8 @@ async def parent_collections(engine: Engine, parent: Branch | None,
                              db: str) -> dict[str, dict[str, Any]]:
     """What the parent shows in a database: collections only (views and system
     collections are not copied)."""
-    req = Request(engine, parent, SystemContext(), engine.pool, db, {})
-    infos = (await catalog.visible_collections(req) if parent is not None
-             else await catalog.base_collections(req))
+    infos = (await catalog.visible_collections(engine, parent, engine.pool, db)
+             if parent is not None else await catalog.base_collections(engine.pool, db))
     return {name: info for name, info in infos.items()
             if info.get("type", "collection") == "collection" and not name.startswith("system.")}
 

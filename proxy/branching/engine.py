@@ -67,7 +67,7 @@ class Copier(Protocol):
 # Runs a write command on a branch (None: main) through that branch's own write path, as
 # a client's write would run there, so its WAL records it: how a merge writes into the
 # parent. Set by the command layer (router.py), which the engine does not import.
-Writer = Callable[["Engine", Branch | None, Context, Runner, str, dict[str, Any]],
+WritePath = Callable[["Engine", Branch | None, Context, Runner, str, dict[str, Any]],
                   Awaitable[dict[str, Any] | None]]
 
 
@@ -100,7 +100,7 @@ class Engine:
         self.reroute: Callable[[], Awaitable[None]] | None = None
         # Set by the serving layer: the layers above the engine it calls back into.
         self.copier: Copier | None = None
-        self.writer: Writer | None = None
+        self.writer: WritePath | None = None
         # Children of main being created: main's writes are intercepted from the start.
         self._main_forks = 0
         # Collections known to exist on main (so a main-port write need not ask whether
@@ -181,7 +181,7 @@ class Engine:
 
     async def write(self, branch: Branch | None, ctx: Context, run: Runner, db: str,
                     cmd: dict[str, Any]) -> dict[str, Any] | None:
-        """A write run through a branch's (None: main's) own write path (see Writer)."""
+        """A write run through a branch's (None: main's) own write path (see WritePath)."""
         if self.writer is None:
             raise RuntimeError("the serving layer sets the engine's writer before start()")
         return await self.writer(self, branch, ctx, run, db, cmd)

@@ -76,6 +76,14 @@ class Topology:
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
+    def learn(self, hello: dict[str, Any]) -> None:
+        """The upstream's own hello (upstream/monitor.py): new limits or versions are a
+        topology change, which wakes the streaming hellos."""
+        info = UpstreamInfo.from_hello(hello)
+        if self.info.known and info != self.info:
+            self.bump()
+        self.info = info
+
 
 def is_streaming(request: dict[str, Any]) -> bool:
     return request.get("topologyVersion") is not None and \
