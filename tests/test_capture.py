@@ -198,6 +198,16 @@ def test_two_proxies_on_one_upstream_leave_each_others_metadata_alone(
                 assert not [ns for ns in logged if ns.startswith(f"{theirs}.")], logged
             assert direct["mongobranch_registry"].meta_dbs.count_documents(
                 {"_id": {"$in": ["mb_two_a", "mb_two_b"]}}) == 2
+            # A copy of main copies main's data, not another proxy's WAL nor the registry.
+            with MongoClient(first.uri) as main:
+                main[db].on_main.insert_many([{"_id": i} for i in range(3)])
+            copy = made_a.create(mode="copy")
+            with made_a.client(copy) as c:
+                assert sorted(d["_id"] for d in c[db].on_main.find()) == [0, 1, 2]
+            bid = direct["mb_two_a"].branches.find_one({"_id": copy["name"]})["bid"]
+            copied = direct["mb_two_a"].namespaces.distinct("db", {"bid": bid})
+            assert db in copied and "mb_two_b" not in copied, copied
+            assert "mongobranch_registry" not in copied, copied
     finally:
         first.stop()
         second.stop()

@@ -56,6 +56,15 @@ REGISTRY_DB = "mongobranch_registry"
 REGISTRY = "meta_dbs"
 
 
+async def metadata_databases(client: Any) -> set[str]:
+    """The databases of every proxy on this upstream (the registry included): never
+    main's data, for the capture as for a copy of main."""
+    found = {REGISTRY_DB}
+    async for entry in client[REGISTRY_DB][REGISTRY].find({}, {"_id": 1}):
+        found.add(entry["_id"])
+    return found
+
+
 async def register(client: Any, meta_db: str) -> None:
     """Name this proxy's metadata database in the upstream's registry."""
     try:
@@ -171,9 +180,8 @@ class Capture:
                                    > (token_time(token) or (0, 0))):
             token = logged["ev"]
         self.token = token
-        async for entry in self.engine.client[REGISTRY_DB][REGISTRY].find({}, {"_id": 1}):
-            if entry["_id"] != self.engine.meta_db:
-                self._others.add(entry["_id"])
+        self._others = await metadata_databases(self.engine.client) - {
+            self.engine.meta_db, REGISTRY_DB}
         try:
             reply = await self._open()
         except OperationFailure as exc:

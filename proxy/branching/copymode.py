@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.branching import catalog, reader, views
+from proxy.branching import capture, catalog, reader, views
 from proxy.branching.engine import MAIN, Engine, overlay_index
 from proxy.branching.errors import BranchError, CommandError, Kind
 from proxy.branching.idkey import idkey
@@ -34,10 +34,13 @@ Progress = Callable[[str, int, int], None]
 
 async def user_databases(engine: Engine) -> list[str]:
     reply = await engine.pool("admin", {"listDatabases": 1, "nameOnly": True})
+    # Proxies' metadata (this one's, other proxies' on the same upstream, the registry) is
+    # not main's data: copying another proxy's WAL made a copy fork take minutes.
+    skip = await capture.metadata_databases(engine.client) | {engine.meta_db}
     # A name no driver can address (SecantusDB lets a command create a database named ""
     # where mongod refuses it) holds nothing a client could read, so nothing to copy.
     return sorted(d["name"] for d in reply["databases"]
-                  if d["name"] and d["name"] not in SYSTEM_DBS and d["name"] != engine.meta_db)
+                  if d["name"] and d["name"] not in SYSTEM_DBS and d["name"] not in skip)
 
 
 async def parent_collections(engine: Engine, parent: Branch | None,
