@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.branching import reader, views
+from proxy.branching import views, viewscan
 from proxy.branching.commands import catalog
 from proxy.branching.commands.base import Request
 from proxy.branching.engine import MAIN, Engine, overlay_index
@@ -235,8 +235,8 @@ async def _to_wal(engine: Engine, branch: Branch) -> int:
         async for batch in pool.batches(state.db, {"find": state.live}):
             ids = [d["_id"] for d in batch]
             theirs: dict[Any, dict[str, Any]] = {}
-            async for got in reader.view_batches(pool, state.db, state.coll, layers,
-                                                 {"_id": {"$in": ids}}):
+            async for got in viewscan.view_batches(pool, state.db, state.coll, layers,
+                                                   {"_id": {"$in": ids}}):
                 theirs.update((idkey(d["_id"]), d) for d in got)
             differ = [d for d in batch if idkey(d["_id"]) not in theirs
                       or not same(theirs[idkey(d["_id"])], d)]
@@ -247,7 +247,7 @@ async def _to_wal(engine: Engine, branch: Branch) -> int:
                 await engine.log_changes(branch, [Change(ns, d["_id"], PUT, None, d)
                                                   for d in differ], identity, preserve=False)
         # Documents the parent shows that the copy does not hold: deleted on the branch.
-        async for got in reader.view_batches(pool, state.db, state.coll, layers, {}):
+        async for got in viewscan.view_batches(pool, state.db, state.coll, layers, {}):
             ids = [d["_id"] for d in got]
             mine: set[Any] = set()
             async for b in pool.batches(state.db, {"find": state.live,

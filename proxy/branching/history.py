@@ -14,7 +14,7 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import authz, copymode, gc, reader, snapshot
+from proxy.branching import authz, copymode, gc, snapshot, viewscan
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.idkey import idkey
@@ -37,7 +37,7 @@ from proxy.branching.wal import (
 from proxy.net.router import Context
 from proxy.wire.bsonutil import same
 
-BATCH = reader.BATCH
+BATCH = viewscan.BATCH
 STRATEGIES = ("abort", "ours", "theirs")
 
 
@@ -130,9 +130,9 @@ async def _view_ids(engine: Engine, db: str, coll: str, layers: list[NsState], i
     """The documents of a view (no layers: the base) with these ids, by idkey."""
     out: dict[Any, dict[str, Any]] = {}
     for chunk in _chunks(ids):
-        out.update(await _by_id(reader.view_batches(engine.pool, db, coll, layers,
-                                                    {"_id": {"$in": chunk}},
-                                                    project_id=project_id)))
+        out.update(await _by_id(viewscan.view_batches(engine.pool, db, coll, layers,
+                                                      {"_id": {"$in": chunk}},
+                                                      project_id=project_id)))
     return out
 
 
@@ -236,7 +236,7 @@ async def _diff_replaced(engine: Engine, state: NsState,
     the branch holds one with its _id."""
     pool = engine.pool
     ns = f"{state.db}.{state.coll}"
-    async for batch in reader.view_batches(pool, state.db, state.coll, layers, {}):
+    async for batch in viewscan.view_batches(pool, state.db, state.coll, layers, {}):
         mine = await _find_ids(engine, state.db, state.live, [d["_id"] for d in batch])
         for doc in batch:
             change = _classify(ns, doc["_id"], doc, mine.get(idkey(doc["_id"])))

@@ -16,7 +16,7 @@ from typing import Any
 import bson
 from bson import ObjectId
 
-from proxy.branching import merge, reader, snapshot, unique
+from proxy.branching import planner, snapshot, unique, viewscan
 from proxy.branching.commands.base import Request, coll_name, documents_stage
 from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
@@ -74,9 +74,9 @@ class Writer:
                   ) -> AsyncIterator[list[dict[str, Any]]]:
         """Batches of the branch view's documents matching a filter (the parent view's,
         with parent_only)."""
-        return reader.view_batches(self.req.run, self.req.db, self.coll, self.layers, filt,
-                                   sort=sort, limit=limit, options=options,
-                                   skip_top_live=parent_only, project_id=project_id)
+        return viewscan.view_batches(self.req.run, self.req.db, self.coll, self.layers, filt,
+                                     sort=sort, limit=limit, options=options,
+                                     skip_top_live=parent_only, project_id=project_id)
 
     async def unique_specs(self) -> list[dict[str, Any]]:
         if self.state.unique is None:
@@ -333,9 +333,9 @@ def _point(req: Request, coll: str, stmts: list[Any]) -> Hashable | None:
     """The lock key of a write on one document named by _id; None for any other write,
     which then holds its branch exclusively."""
     stmt = stmts[0] if len(stmts) == 1 else None
-    if not isinstance(stmt, dict) or merge.collated(req.cmd) or merge.collated(stmt):
+    if not isinstance(stmt, dict) or planner.collated(req.cmd) or planner.collated(stmt):
         return None
-    point = merge.point_id(stmt.get("q"))
+    point = planner.point_id(stmt.get("q"))
     return None if point is None else (req.db, coll, idkey(point[0]))
 
 
