@@ -29,53 +29,45 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
 
 import passthrough as pt  # a sibling script, not a package
+
+from tests.servers import Procs, ProxyProcess, free_port, wait_port
 
 SECTION = "## Proxy ceiling (issue 16)"
 
 
-def start_targets(procs: pt.Procs, logdir: Path, responders: int) -> list[pt.Target]:
-    up_port = pt.free_port()
+def start_targets(procs: Procs, logdir: Path, responders: int) -> list[pt.Target]:
+    up_port = free_port()
     canned = procs.spawn("canned", [sys.executable, str(pt.HERE / "canned.py"), str(up_port),
                                     "--procs", str(responders)])
-    pt.wait_port(up_port, canned)
+    wait_port(up_port, proc=canned)
     upstream = f"mongodb://127.0.0.1:{up_port}/"
     targets = [pt.Target("direct", upstream + "?directConnection=true", up_port)]
     socat_exe = shutil.which("socat")
     if socat_exe:
-        s_port = pt.free_port()
+        s_port = free_port()
         socat = procs.spawn("socat", [socat_exe, f"TCP-LISTEN:{s_port},fork,reuseaddr,backlog=1024",
                                       f"TCP:127.0.0.1:{up_port}"])
-        pt.wait_port(s_port, socat)
+        wait_port(s_port, proc=socat)
         targets.append(pt.Target("socat", f"mongodb://127.0.0.1:{s_port}/", s_port, socat.pid,
                                  children=True))
     else:
         print("socat not found on PATH (apt-get install -y socat): no socat row",
               file=sys.stderr)
-    proxy_exe = pt.executable("mongobranch")
-    if not proxy_exe:
-        raise SystemExit("mongobranch not found: pip install -e .")
-    p_port, a_port, b_port = pt.free_port(), pt.free_port(), pt.free_port()
+    b_port = free_port()
     # The canned upstream cannot hold branch metadata: the engine reports itself
     # unavailable and the main port relays, which is all this measures.
-    proxy = procs.spawn("proxy", [
-        proxy_exe, "serve", "--upstream", upstream, "--listen", f"127.0.0.1:{p_port}",
-        "--admin", f"127.0.0.1:{a_port}", "--branch-ports", f"{b_port}-{b_port}",
-        "--data-dir", str(logdir / "data"), "--log-level", "WARNING"])
-    pt.wait_port(p_port, proxy)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(
-                f"http://127.0.0.1:{a_port}/healthz", timeout=2):
-            break
-        time.sleep(0.1)
+    proxy = procs.add(ProxyProcess(
+        upstream, meta_db=None, branch_ports=(b_port, b_port), data_dir=str(logdir / "data"),
+        log_level="WARNING", lifecycle_defaults=True, log=procs.log("proxy")
+    ).start(wait_healthy=False))
+    p_port = proxy.port
     targets.append(pt.Target("proxy", f"mongodb://127.0.0.1:{p_port}/", p_port, proxy.pid))
     return targets
 
@@ -145,7 +137,7 @@ def main() -> int:
         args.rounds, args.window = 2, 0.5
     levels = [pt.Level(int(x), raw=True) for x in args.levels.split(",") if x]
     logdir = Path(tempfile.mkdtemp(prefix="mongobranch-ceiling-"))
-    procs = pt.Procs(logdir)
+    procs = Procs(logdir)
     try:
         targets = start_targets(procs, logdir, args.responders)
         print(f"targets: {', '.join(t.name for t in targets)}; levels "

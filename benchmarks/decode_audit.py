@@ -13,27 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import bson
 
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
+from tests.servers import Secantus, free_port
+
 N = 200
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Audit:
@@ -75,21 +67,11 @@ def main() -> int:
     bson.decode = audit.wrap(bson.decode)  # type: ignore[assignment]
     bson.decode_all = audit.wrap(bson.decode_all)  # type: ignore[assignment]
 
-    up_port = free_port()
-    server = subprocess.Popen([str(BIN / "secantusd-py"), "--host", "127.0.0.1", "--port",
-                               str(up_port), "--storage-path", ":memory:", "--log-level",
-                               "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    server = Secantus().start()
     rows: list[tuple[str, int]] = []
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", up_port), timeout=0.5).close()
-                break
-            time.sleep(0.1)
         port, admin, branch = free_port(), free_port(), free_port()
-        options = ServeOptions(upstream=f"mongodb://127.0.0.1:{up_port}/",
+        options = ServeOptions(upstream=server.uri,
                                listen=f"127.0.0.1:{port}", admin=f"127.0.0.1:{admin}",
                                branch_ports=f"{branch}-{branch}", meta_db="mongobranch_audit",
                                data_dir=tempfile.mkdtemp(prefix="mongobranch-audit-"))
@@ -129,8 +111,7 @@ def main() -> int:
 
         uvloop.run(run())
     finally:
-        server.terminate()
-        server.wait(15)
+        server.stop()
 
     print("Full BSON decodes made by the proxy on behalf of client connections:\n")
     print("| workload | requests | decodes | per request | decoded bytes | asked by |")

@@ -34,9 +34,7 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,44 +44,11 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from passthrough import free_port, wait_port  # noqa: E402  (a sibling script)
+sys.path.insert(0, str(HERE.parent))  # the repository, for tests/
+from tests.servers import ProxyProcess, Secantus  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Failover (issue 12)"
-BIN = Path(sys.executable).parent
-
-
-class Node:
-    """A SecantusDB process on a fixed port and data directory, restartable."""
-
-    def __init__(self, data: str):
-        self.port = free_port()
-        self.data = data
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = open(os.path.join(data, "secantus.log"), "ab")  # noqa: SIM115
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [str(BIN / "secantusd-py"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--storage-path", os.path.join(self.data, "db"), "--enable-test-commands",
-             "--log-level", "WARNING"], stdout=self.log, stderr=self.log,
-            start_new_session=True)
-        wait_port(self.port, self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def until_write(client: Any, coll: str, seq: list[int]) -> float:
@@ -121,22 +86,19 @@ def main() -> int:
     from pymongo import MongoClient
 
     tmp = tempfile.mkdtemp(prefix="mb-failover-")
-    node = Node(tmp)
-    node.start()
+    # On disk, so that a node killed and started again keeps its data.
+    node = Secantus(storage=os.path.join(tmp, "db"), extra=["--enable-test-commands"],
+                    log=os.path.join(tmp, "secantus.log")).start()
     uri = f"mongodb://127.0.0.1:{node.port}/?replicaSet=secantus"
-    port, admin_port = free_port(), free_port()
     lo = 20000 + (os.getpid() * 7) % 30000
-    proxy_log = open(os.path.join(tmp, "proxy.log"), "ab")  # noqa: SIM115
-    proxy = subprocess.Popen(
-        [str(BIN / "mongobranch"), "serve", "--upstream", uri, "--listen",
-         f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin_port}", "--branch-ports",
-         f"{lo}-{lo + 9}", "--meta-db", "mb_failover", "--log-level", "WARNING"],
-        stdout=proxy_log, stderr=proxy_log, start_new_session=True)
+    proxy = ProxyProcess(uri, meta_db="mb_failover", branch_ports=(lo, lo + 9),
+                         log_level="WARNING", lifecycle_defaults=True,
+                         log=os.path.join(tmp, "proxy.log"))
+    port, admin_port = proxy.port, proxy.admin_port
     results: dict[str, dict[str, list[float]]] = {"step-down": {}, "kill": {}}
     baseline: dict[str, list[float]] = {"step-down": [], "kill": []}
     try:
-        wait_port(admin_port, proxy)
-        wait_port(port, proxy)
+        proxy.start(wait_healthy=False)
         req = urllib.request.Request(f"http://127.0.0.1:{admin_port}/branches",
                                      data=json.dumps({"name": "failover"}).encode(),
                                      method="POST",
@@ -194,11 +156,7 @@ def main() -> int:
                           flush=True)
         baseline["step-down"] = [args.window]
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        try:
-            proxy.wait(30)
-        except subprocess.TimeoutExpired:
-            proxy.kill()
+        proxy.stop(timeout=30)
         node.stop()
 
     lines = [SECTION, "",

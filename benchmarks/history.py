@@ -39,27 +39,25 @@ import http.client
 import json
 import os
 import platform
-import random
 import re
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
+from tests.servers import Procs, ProxyProcess, Secantus, free_range
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## History (issue 4)"
-BIN = Path(sys.executable).parent
 DB = "bench"
 HIST = "hist"  # the collection of `src`
 SMALL = "hist_small"  # the collection of `src-small`
@@ -69,7 +67,7 @@ PAD = "x" * 100
 SEED_BATCH = 5_000
 HTTP_TIMEOUT = 3600.0
 AT_NOTE = (
-    "How `at` creation reads the source's WAL: `history._images_then` "
+    "How `at` creation reads the source's WAL: `history.at._images_then` "
     "reads the WAL for the restored ids in chunks of 100, as `{$match: {b, ns, id: {$in: "
     "chunk}}}` then a second `$match` on the LSN range. SecantusDB answers the first stage "
     "from the `(b, ns, id, _id)` index but plans the combined filter as a COLLSCAN (mongod "
@@ -84,77 +82,6 @@ AT_NOTE = (
 
 
 # -- processes ------------------------------------------------------------------------------
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_range(n: int) -> tuple[int, int]:
-    rnd = random.Random()
-    for _ in range(200):
-        lo = rnd.randrange(20000, 60000 - n)
-        if all(port_free(p) for p in range(lo, lo + n)):
-            return lo, lo + n - 1
-    raise RuntimeError(f"no free range of {n} ports")
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open within {timeout}s")
-
-
-def executable(name: str) -> str | None:
-    here = BIN / name
-    return str(here) if here.exists() else shutil.which(name)
-
-
-@dataclass
-class Procs:
-    logdir: Path
-    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.logdir / f"{name}.log", "wb") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
-        self.children.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.children:
-            if proc.poll() is not None:
-                print(f"WARNING: {proc.args[0]} (pid {proc.pid}) had exited with "
-                      f"{proc.returncode} before the end of the run", flush=True)
-        for proc in reversed(self.children):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.children:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 @dataclass
 class Stack:
     """The SecantusDB and the proxy in front of it."""
@@ -200,33 +127,15 @@ class Stack:
 
 
 def start_stack(procs: Procs, nports: int) -> Stack:
-    server_exe, proxy_exe = executable("secantusd-py"), executable("mongobranch")
-    if not server_exe or not proxy_exe:
-        raise SystemExit("secantusd-py or mongobranch not found: pip install -e '.[embedded]'")
-    up_port = free_port()
-    server = procs.spawn("secantus", [
-        server_exe, "--host", "127.0.0.1", "--port", str(up_port), "--storage-path", ":memory:",
-        "--log-level", "WARNING"])
-    wait_port(up_port, server)
-    upstream = f"mongodb://127.0.0.1:{up_port}/"
-    p_port, a_port = free_port(), free_port()
-    lo, hi = free_range(nports)
-    proxy = procs.spawn("proxy", [
-        proxy_exe, "serve", "--upstream", upstream, "--listen", f"127.0.0.1:{p_port}",
-        "--admin", f"127.0.0.1:{a_port}", "--branch-ports", f"{lo}-{hi}",
-        "--meta-db", META, "--data-dir", str(procs.logdir / "data"), "--log-level", "WARNING",
-        # Drops remove at once and main takes merges: the engine is measured, not branch
-        # lifecycle (whose defaults keep dropped branches, children of main included).
-        "--deleted-retention", "0", "--no-protect-main"])
-    wait_port(a_port, proxy)
-    wait_port(p_port, proxy)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(
-                f"http://127.0.0.1:{a_port}/healthz", timeout=2):
-            break
-        time.sleep(0.1)
-    return Stack(upstream, f"mongodb://127.0.0.1:{p_port}/", a_port, proxy.pid)
+    server = procs.add(Secantus(log=procs.log("secantus")).start())
+    # Drops remove at once and main takes merges (ProxyProcess without lifecycle_defaults):
+    # the engine is measured, not branch lifecycle (whose defaults keep dropped branches,
+    # children of main included).
+    proxy = procs.add(ProxyProcess(
+        server.uri, meta_db=META, branch_ports=free_range(nports),
+        data_dir=str(procs.logdir / "data"), log_level="WARNING",
+        log=procs.log("proxy")).start())
+    return Stack(server.uri, proxy.uri, proxy.admin_port, proxy.pid)
 
 
 # -- memory of the proxy process ----------------------------------------------------------------

@@ -41,24 +41,22 @@ import os
 import platform
 import random
 import re
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
+from tests.servers import Procs, ProxyProcess, Secantus, free_port, free_range
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Modes: copy vs WAL (issue 5)"
-BIN = Path(sys.executable).parent
 DB, BASE = "bench", "base"
 META = "mongobranch_bench"
 BASELINE_META = "mongobranch_bench_b"
@@ -74,73 +72,6 @@ PROMISED_SAVING = 87.0
 
 
 # -- processes ------------------------------------------------------------------------------
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_range(n: int) -> tuple[int, int]:
-    rnd = random.Random()
-    for _ in range(200):
-        lo = rnd.randrange(20000, 60000 - n)
-        if all(port_free(p) for p in range(lo, lo + n)):
-            return lo, lo + n - 1
-    raise RuntimeError(f"no free range of {n} ports")
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open within {timeout}s")
-
-
-def executable(name: str) -> str | None:
-    here = BIN / name
-    return str(here) if here.exists() else shutil.which(name)
-
-
-@dataclass
-class Procs:
-    logdir: Path
-    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.logdir / f"{name}.log", "wb") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
-        self.children.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.children):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.children:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 @dataclass
 class Stack:
     """One SecantusDB and the proxy in front of it."""
@@ -175,49 +106,29 @@ def start_baseline(procs: Procs, tree: str, upstream: str) -> int:
     """The proxy of another source tree on the same upstream, with its own metadata
     database and one branch port; returns its admin port."""
     src = str(Path(tree).resolve())
-    q_port, qa_port, qb_port = free_port(), free_port(), free_port()
+    qb_port = free_port()
     # Same interpreter and dependencies, the `proxy` package imported from the tree.
     code = ("import sys; src = sys.argv.pop(1); sys.path.insert(0, src); import proxy; "
             "assert proxy.__file__.startswith(src), proxy.__file__; "
             "from proxy.cli import main; sys.argv[0] = 'mongobranch'; main()")
-    baseline = procs.spawn("baseline", [
-        sys.executable, "-c", code, src, "serve", "--upstream", upstream,
-        "--listen", f"127.0.0.1:{q_port}", "--admin", f"127.0.0.1:{qa_port}",
-        "--branch-ports", f"{qb_port}-{qb_port}", "--meta-db", BASELINE_META,
-        "--data-dir", str(procs.logdir / "data-b"), "--log-level", "WARNING"])
-    wait_port(qa_port, baseline)
-    wait_port(q_port, baseline)
-    return qa_port
+    baseline = procs.add(ProxyProcess(
+        upstream, exe=[sys.executable, "-c", code, src], meta_db=BASELINE_META,
+        branch_ports=(qb_port, qb_port), data_dir=str(procs.logdir / "data-b"),
+        log_level="WARNING", lifecycle_defaults=True,
+        log=procs.log("baseline")).start(wait_healthy=False))
+    return baseline.admin_port
 
 
 def start_stack(procs: Procs, nports: int, cache: str) -> Stack:
-    server_exe, proxy_exe = executable("secantusd-py"), executable("mongobranch")
-    if not server_exe or not proxy_exe:
-        raise SystemExit("secantusd-py or mongobranch not found: pip install -e '.[embedded]'")
-    up_port = free_port()
-    server = procs.spawn("secantus", [
-        server_exe, "--host", "127.0.0.1", "--port", str(up_port), "--storage-path", ":memory:",
-        "--cache-size", cache, "--log-level", "WARNING"])
-    wait_port(up_port, server)
-    upstream = f"mongodb://127.0.0.1:{up_port}/"
-    p_port, a_port = free_port(), free_port()
-    lo, hi = free_range(nports)
-    proxy = procs.spawn("proxy", [
-        proxy_exe, "serve", "--upstream", upstream, "--listen", f"127.0.0.1:{p_port}",
-        "--admin", f"127.0.0.1:{a_port}", "--branch-ports", f"{lo}-{hi}",
-        "--meta-db", META, "--data-dir", str(procs.logdir / "data"), "--log-level", "WARNING",
-        # Drops remove at once and main takes merges: the engine is measured, not branch
-        # lifecycle (whose defaults keep dropped branches, children of main included).
-        "--deleted-retention", "0", "--no-protect-main"])
-    wait_port(a_port, proxy)
-    wait_port(p_port, proxy)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(
-                f"http://127.0.0.1:{a_port}/healthz", timeout=2):
-            break
-        time.sleep(0.1)
-    return Stack(upstream, f"mongodb://127.0.0.1:{p_port}/", a_port)
+    server = procs.add(Secantus(extra=["--cache-size", cache], log=procs.log("secantus")).start())
+    # Drops remove at once and main takes merges (ProxyProcess without lifecycle_defaults):
+    # the engine is measured, not branch lifecycle (whose defaults keep dropped branches,
+    # children of main included).
+    proxy = procs.add(ProxyProcess(
+        server.uri, meta_db=META, branch_ports=free_range(nports),
+        data_dir=str(procs.logdir / "data"), log_level="WARNING",
+        log=procs.log("proxy")).start())
+    return Stack(server.uri, proxy.uri, proxy.admin_port)
 
 
 # -- clock and projections ------------------------------------------------------------------

@@ -42,79 +42,29 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
+from tests.servers import Procs, ProxyProcess, Secantus, executable, free_port, wait_port
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 SECTION = "## Passthrough (issue 2)"
-BIN = Path(sys.executable).parent
 DB, COLL, NDOCS = "bench", "points", 1000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- processes ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open within {timeout}s")
-
-
-def executable(name: str) -> str | None:
-    here = BIN / name
-    return str(here) if here.exists() else shutil.which(name)
-
-
-@dataclass
-class Procs:
-    logdir: Path
-    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.logdir / f"{name}.log", "wb") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
-        self.children.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.children):
-            if proc.poll() is None:
-                # Each child leads its own session: this reaches socat's forks too.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.children:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
 def _task_cpu(pid: int) -> float:
     """CPU seconds of every thread of a process, in ns precision where the kernel allows."""
     total = 0.0
@@ -545,17 +495,8 @@ def main() -> int:
     began = time.monotonic()
     profiler: subprocess.Popen[bytes] | None = None
     try:
-        server_exe = executable("secantusd-py")
-        proxy_exe = executable("mongobranch")
-        if not server_exe or not proxy_exe:
-            print("secantusd-py or mongobranch not found: run `make bench` "
-                  "(or pip install -e '.[embedded]')", file=sys.stderr)
-            return 2
-        up_port = free_port()
-        server = procs.spawn("secantus", [server_exe, "--host", "127.0.0.1", "--port",
-                                          str(up_port), "--storage-path", ":memory:",
-                                          "--log-level", "WARNING"])
-        wait_port(up_port, server)
+        server = procs.add(Secantus(log=procs.log("secantus")).start())
+        up_port = server.port
         upstream = f"mongodb://127.0.0.1:{up_port}/"
         targets = [Target("direct", upstream + "?directConnection=true", up_port)]
 
@@ -564,7 +505,7 @@ def main() -> int:
             s_port = free_port()
             socat = procs.spawn("socat", [socat_exe, f"TCP-LISTEN:{s_port},fork,reuseaddr",
                                           f"TCP:127.0.0.1:{up_port}"])
-            wait_port(s_port, socat)
+            wait_port(s_port, proc=socat)
             targets.append(Target("socat", f"mongodb://127.0.0.1:{s_port}/?directConnection=true",
                                    s_port, socat.pid, children=True))
         else:
@@ -576,24 +517,17 @@ def main() -> int:
                 r_port = free_port()
                 relay = procs.spawn(f"py-{mode}", [sys.executable, str(HERE / "pyrelay.py"), mode,
                                                    str(up_port), str(r_port)])
-                wait_port(r_port, relay)
+                wait_port(r_port, proc=relay)
                 targets.append(Target(f"py-{mode}",
                                       f"mongodb://127.0.0.1:{r_port}/?directConnection=true",
                                       r_port, relay.pid))
 
-        p_port, a_port, b_port = free_port(), free_port(), free_port()
-        proxy = procs.spawn("proxy", [
-            proxy_exe, "serve", "--upstream", upstream, "--listen", f"127.0.0.1:{p_port}",
-            "--admin", f"127.0.0.1:{a_port}", "--branch-ports", f"{b_port}-{b_port}",
-            "--meta-db", "mongobranch_bench", "--data-dir", str(logdir / "data"),
-            "--log-level", "WARNING"])
-        wait_port(p_port, proxy)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), urllib.request.urlopen(
-                    f"http://127.0.0.1:{a_port}/healthz", timeout=2):
-                break
-            time.sleep(0.1)
+        b_port = free_port()
+        proxy = procs.add(ProxyProcess(
+            upstream, meta_db="mongobranch_bench", branch_ports=(b_port, b_port),
+            data_dir=str(logdir / "data"), log_level="WARNING", lifecycle_defaults=True,
+            log=procs.log("proxy")).start())
+        p_port = proxy.port
         targets.append(Target("proxy", f"mongodb://127.0.0.1:{p_port}/", p_port, proxy.pid))
         if not args.no_proxy_dc:
             targets.append(Target("proxy-dc",
@@ -601,17 +535,17 @@ def main() -> int:
                                   p_port, proxy.pid))
         if args.baseline:
             base = str(Path(args.baseline).resolve())
-            q_port, qa_port, qb_port = free_port(), free_port(), free_port()
+            qb_port = free_port()
             # Same interpreter and dependencies, the `proxy` package imported from DIR.
             code = ("import sys; src = sys.argv.pop(1); sys.path.insert(0, src); import proxy; "
                     "assert proxy.__file__.startswith(src), proxy.__file__; "
                     "from proxy.cli import main; sys.argv[0] = 'mongobranch'; main()")
-            baseline = procs.spawn("baseline", [
-                sys.executable, "-c", code, base, "serve", "--upstream", upstream,
-                "--listen", f"127.0.0.1:{q_port}", "--admin", f"127.0.0.1:{qa_port}",
-                "--branch-ports", f"{qb_port}-{qb_port}", "--meta-db", "mongobranch_bench_b",
-                "--data-dir", str(logdir / "data-b"), "--log-level", "WARNING"])
-            wait_port(q_port, baseline)
+            baseline = procs.add(ProxyProcess(
+                upstream, exe=[sys.executable, "-c", code, base],
+                meta_db="mongobranch_bench_b", branch_ports=(qb_port, qb_port),
+                data_dir=str(logdir / "data-b"), log_level="WARNING", lifecycle_defaults=True,
+                log=procs.log("baseline")).start(wait_healthy=False))
+            q_port = baseline.port
             targets.append(Target("baseline", f"mongodb://127.0.0.1:{q_port}/", q_port,
                                   baseline.pid))
         names = [t.name for t in targets]

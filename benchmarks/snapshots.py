@@ -51,12 +51,12 @@ from typing import Any
 from pymongo import MongoClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
 import branches
 from branches import (
     BASE,
     DB,
     META,
-    Procs,
     Stack,
     coll_stats,
     machine,
@@ -67,6 +67,8 @@ from branches import (
     start_stack,
     write_results,
 )
+
+from tests.servers import Procs
 
 SECTION = "## Snapshots (issue 11)"
 CLIENTS = 4

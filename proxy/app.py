@@ -23,6 +23,7 @@ from proxy.branching import copymode, gc, lifecycle, router
 from proxy.branching.commands import mainwrite
 from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
+from proxy.branching.requests import parse_retention
 from proxy.branching.router import EngineRouter
 from proxy.config import Config
 from proxy.embedded import EmbeddedServer
@@ -263,7 +264,7 @@ class Proxy:
             self._engine_retry = asyncio.create_task(self._retry_engine())
         if opts.gc_retention:
             self._gc_task = asyncio.create_task(self._periodic_gc(
-                gc.parse_duration(opts.gc_retention), opts.gc_interval))
+                parse_retention(opts.gc_retention), opts.gc_interval))
         self._reaper = asyncio.create_task(lifecycle.run(self.engine, opts.reap_interval))
         self.main = Listener("main", host, port, upstream=self.upstream,
                              topology=self.topology, router=EngineRouter(self.engine, None),

@@ -122,7 +122,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
     from proxy.admin import auth
     from proxy.app import ServeOptions, parse_hostport, parse_range, retention, serve
     from proxy.branching.errors import BranchError
-    from proxy.branching.gc import parse_duration
+    from proxy.branching.requests import parse_retention
     from proxy.config import Config, ConfigError
     from proxy.logs import configure
     from proxy.net.tls import server_context
@@ -139,7 +139,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
         Config.load(config_path, flags={"default_mode": default_mode, "allow_wal": allow_wal,
                                         "legacy_op_query": legacy_op_query})
         if gc_retention:
-            parse_duration(gc_retention)
+            parse_retention(gc_retention)
         retention(deleted_retention)
         if (tls_key or tls_ca) and not tls_cert:
             raise click.UsageError("--tls-key and --tls-ca need --tls-cert")
@@ -374,15 +374,11 @@ def branch_create(ctx: click.Context, name: str, parent: str | None, port: int |
                   idle_ttl: str | None, protected: bool | None, as_json: bool,
                   output: str | None, admin_url: str | None) -> None:
     """Create branch NAME. Exits 4 if it exists (see the README for every exit code)."""
-    from proxy.admin.client import point
-
     output = _output(as_json, output)
     api = _client(ctx, admin_url)
-    if ttl is not None and expires_at is not None:
-        raise click.UsageError("give --ttl or --expires-at, not both")
 
     def create() -> Any:
-        return api.create_branch(name, parent, port, None if at is None else point(at), mode,
+        return api.create_branch(name, parent, port, at, mode,
                                  ttl=ttl, expires_at=expires_at, idle_ttl=idle_ttl,
                                  protected=protected)
 
@@ -890,10 +886,8 @@ def _refused_merge_passes(fn: Callable[[], Any]) -> Any:
 def branch_reset(ctx: click.Context, name: str, to: str, force: bool, as_json: bool,
                  admin_url: str | None) -> None:
     """Return branch NAME to its state at an LSN or time; later entries are voided."""
-    from proxy.admin.client import point
-
     api = _client(ctx, admin_url)
-    result = _call(lambda: api.reset_branch(name, point(to), force))
+    result = _call(lambda: api.reset_branch(name, to, force))
     if as_json:
         _print_json(result)
         return

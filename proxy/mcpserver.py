@@ -15,7 +15,7 @@ import anyio.to_thread
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-from proxy.admin.client import AdminClient, ApiError, Unreachable, point
+from proxy.admin.client import AdminClient, ApiError, Unreachable
 
 T = TypeVar("T")
 
@@ -123,7 +123,7 @@ def build(admin_url: str | None = None) -> MCPServer:
         """Return a branch to its state at an LSN (from branch_log; "0" is the fork
         point) or an ISO-8601 time, undoing later writes. A protected branch needs
         force=true."""
-        return await _api(lambda: api.reset_branch(name, point(to), force))
+        return await _api(lambda: api.reset_branch(name, to, force))
 
     @server.tool()
     async def drop_branch(name: str, force: bool = False) -> dict[str, Any]:

@@ -8,8 +8,10 @@ import urllib.request
 from typing import Any
 
 from bson import json_util
+from pymongo import MongoClient
 from pymongo.collection import Collection
 
+from tests.branchutil import Branches
 from tests.servers import ProxyProcess
 
 
@@ -72,3 +74,16 @@ def merge(proxy: ProxyProcess, name: str, status: int = 200, **body: Any) -> dic
 def contents(coll: Collection) -> list[dict[str, Any]]:
     """A collection's documents in _id order, compared by value."""
     return sorted(coll.find(), key=lambda d: repr(d["_id"]))
+
+
+def changed_branch(client: MongoClient, made: Branches, db: str,
+                   appname: str | None = None) -> dict[str, Any]:
+    """A branch of four documents in which one was updated, one deleted, one inserted
+    (by a client of this application name)."""
+    client[db].items.insert_many([{"_id": i, "v": i} for i in range(4)])
+    branch = made.create()
+    with MongoClient(branch["uri"], appname=appname) as b:
+        b[db].items.update_one({"_id": 1}, {"$set": {"v": "b"}})
+        b[db].items.delete_one({"_id": 2})
+        b[db].items.insert_one({"_id": "new"})
+    return branch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import zlib
 from typing import Any
 
 import bson
@@ -20,6 +21,15 @@ def frame(op_code: int, payload: bytes, request_id: int = 1, response_to: int = 
           length: int | None = None) -> bytes:
     size = HEADER.size + len(payload) if length is None else length
     return HEADER.pack(size, request_id, response_to, op_code) + payload
+
+
+def compressed(message: bytes, compressor: int = 2) -> bytes:
+    """A whole message wrapped in OP_COMPRESSED, its body compressed with zlib; the header
+    names `compressor` (2: zlib)."""
+    inner_op = struct.unpack_from("<i", message, 12)[0]
+    body = message[16:]
+    return frame(2012, struct.pack("<iiB", inner_op, len(body), compressor)
+                 + zlib.compress(body))
 
 
 def op_msg(body: dict[str, Any] | bytes, *, flags: int = 0, request_id: int = 1,

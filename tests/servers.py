@@ -1,9 +1,17 @@
-"""Real processes for the suite: a SecantusDB upstream and the proxy itself."""
+"""Real processes for the suite and the benchmarks: a SecantusDB upstream and the proxy.
+
+The one place that knows how to start, wait for and stop them. The benchmarks import it
+(`benchmarks/*.py` put the repository root on `sys.path`), so a test and a benchmark run
+the same command lines.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
+import shutil
 import signal as signals
 import socket
 import subprocess
@@ -13,6 +21,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, Self, TypeVar
 
 BIN = Path(sys.executable).parent
 
@@ -23,18 +32,108 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_range(n: int, taken: set[int] | None = None) -> tuple[int, int]:
+    """n consecutive free ports (a proxy's branch ports), none of them in `taken`, which
+    gets them."""
+    taken = set() if taken is None else taken
+    rnd = random.Random()
+    for _ in range(200):
+        lo = rnd.randrange(20000, 60000 - n)
+        span = set(range(lo, lo + n))
+        if not span & taken and all(port_free(p) for p in span):
+            taken |= span
+            return lo, lo + n - 1
+    raise RuntimeError(f"no free range of {n} ports")
+
+
 def wait_port(port: int, timeout: float = 60.0,
               proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before port "
+                               f"{port} opened")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return
         except OSError:
-            time.sleep(0.1)
+            time.sleep(0.05)
     raise TimeoutError(f"port {port} did not open within {timeout}s")
+
+
+def executable(name: str) -> str | None:
+    """A program of this environment (the venv's own first), None when not installed."""
+    here = BIN / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+def _program(name: str) -> str:
+    found = executable(name)
+    if found is None:
+        raise SystemExit(f"{name} not found: pip install -e '.[embedded]' (or `make bench`)")
+    return found
+
+
+def spawn(args: list[str], log: str | Path) -> subprocess.Popen[bytes]:
+    """A child in its own session (a signal to its group reaches its forks too), its output
+    appended to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+
+
+class _Started(Protocol):
+    proc: subprocess.Popen[bytes] | None
+
+
+_S = TypeVar("_S", bound=_Started)
+
+
+@dataclass
+class Procs:
+    """A benchmark's children, logging into one directory and stopped together."""
+
+    logdir: Path
+    children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def log(self, name: str) -> str:
+        return str(self.logdir / f"{name}.log")
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        proc = spawn(args, self.log(name))
+        self.children.append(proc)
+        return proc
+
+    def add(self, started: _S) -> _S:
+        """A Secantus or ProxyProcess already started, stopped with the rest."""
+        assert started.proc is not None
+        self.children.append(started.proc)
+        return started
+
+    def stop_all(self) -> None:
+        for proc in self.children:
+            if proc.poll() is not None:
+                print(f"WARNING: {proc.args[0]} (pid {proc.pid}) had exited with "
+                      f"{proc.returncode} before the end of the run", flush=True)
+        for proc in reversed(self.children):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signals.SIGTERM)
+        for proc in self.children:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signals.SIGKILL)
+                proc.wait()
 
 
 _CAPPED_LAUNCHER = """
@@ -48,7 +147,8 @@ sys.exit(cli.main())
 
 @dataclass
 class Secantus:
-    """A SecantusDB server process (in memory unless a storage path is given)."""
+    """A SecantusDB server process (in memory unless a storage path is given); started
+    again after a stop or kill, it comes back on the same port and storage."""
 
     port: int = field(default_factory=free_port)
     storage: str = ":memory:"
@@ -58,14 +158,19 @@ class Secantus:
     # such default cap): set, the server is started with this cap instead.
     max_connections: int | None = None
     proc: subprocess.Popen[bytes] | None = None
-    log: str = ""
+    log: str = ""  # a temporary file unless set
 
     @property
     def uri(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}/"
 
-    def start(self) -> Secantus:
-        launcher = [str(BIN / "secantusd-py")]
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def start(self) -> Self:
+        launcher = [_program("secantusd-py")]
         if self.max_connections is not None:
             launcher = [sys.executable, "-c", _CAPPED_LAUNCHER, str(self.max_connections)]
         args = [*launcher, "--host", "127.0.0.1", "--port", str(self.port),
@@ -73,9 +178,9 @@ class Secantus:
         if self.auth:
             args.append("--auth")
         args.extend(self.extra)
-        self.log = tempfile.mktemp(prefix="secantus-", suffix=".log")
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+        if not self.log:
+            self.log = tempfile.mktemp(prefix="secantus-", suffix=".log")
+        self.proc = spawn(args, self.log)
         wait_port(self.port, proc=self.proc)
         return self
 
@@ -88,17 +193,27 @@ class Secantus:
                 self.proc.kill()
                 self.proc.wait()
 
+    def kill(self) -> None:
+        """Gone at once, as in a crash: no clean shutdown."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
 
 @dataclass
 class ProxyProcess:
     """`mongobranch serve` as a child process, exactly as a user runs it."""
 
     upstream: str
-    meta_db: str = "mongobranch_test"
+    meta_db: str | None = "mongobranch_test"  # None: the serve default
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     branch_ports: tuple[int, int] | None = None
+    data_dir: str | None = None  # None: the serve default
+    log_level: str = "INFO"
     extra: list[str] = field(default_factory=list)
+    # The program: `mongobranch` unless set (a benchmark's baseline runs another tree's).
+    exe: list[str] = field(default_factory=list)
     # A command the proxy runs under (e.g. `unshare` with its own /etc/resolv.conf).
     wrapper: list[str] = field(default_factory=list)
     # The suite's tests drop branches expecting them gone and merge into main freely, as
@@ -106,30 +221,40 @@ class ProxyProcess:
     # once and main unprotected. tests/test_lifecycle.py runs with the serve defaults.
     lifecycle_defaults: bool = False
     proc: subprocess.Popen[bytes] | None = None
-    log: str = ""
+    log: str = ""  # a temporary file unless set
 
     @property
     def uri(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}/"
 
     @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self, wait_healthy: bool = True) -> ProxyProcess:
+    def start(self, wait_healthy: bool = True) -> Self:
         if self.branch_ports is None:
             base = 20000 + (os.getpid() * 7 + self.port) % 30000
             self.branch_ports = (base, base + 49)
-        args = [*self.wrapper, str(BIN / "mongobranch"), "serve", "--upstream", self.upstream,
+        exe = self.exe or [_program("mongobranch")]
+        args = [*self.wrapper, *exe, "serve", "--upstream", self.upstream,
                 "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
                 "--branch-ports", f"{self.branch_ports[0]}-{self.branch_ports[1]}",
-                "--meta-db", self.meta_db, "--log-level", "INFO", *self.extra]
+                "--log-level", self.log_level]
+        if self.meta_db is not None:
+            args += ["--meta-db", self.meta_db]
+        if self.data_dir is not None:
+            args += ["--data-dir", self.data_dir]
+        args += self.extra
         if not self.lifecycle_defaults:
             args += ["--deleted-retention", "0", "--no-protect-main"]
         if not self.log:
             self.log = tempfile.mktemp(prefix="mongobranch-", suffix=".log")
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+        self.proc = spawn(args, self.log)
         wait_port(self.admin_port, proc=self.proc)
         wait_port(self.port, proc=self.proc)
         if wait_healthy:

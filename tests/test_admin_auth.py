@@ -119,6 +119,27 @@ def test_audit_names_the_token(guarded: ProxyProcess) -> None:
                                                               ("by-admin", "ok")]
 
 
+def test_audit_records_a_refused_operation_as_answered(guarded: ProxyProcess) -> None:
+    """A branch operation's failure is answered by the error middleware; the audit line
+    written before it has the same status and message the client gets."""
+    refusals = [("POST", "/branches", {"name": "main"}, 400, "failed"),
+                ("DELETE", "/branches/audit-no-such", None, 404, "failed"),
+                ("POST", "/branches/audit-no-such/reset", {"to": 0}, 404, "failed"),
+                ("POST", "/branches/audit-no-such/merge", {"strategy": "mine"}, 400, "failed")]
+    answers = []
+    for method, path, body, status, _ in refusals:
+        answer = call(guarded, method, path, ADMIN, body)
+        assert answer[0] == status, answer
+        answers.append(answer[1]["error"])
+    marker = "mongobranch.audit: "
+    lines = [json.loads(line.split(marker, 1)[1]) for line in guarded.read_log().splitlines()
+             if marker in line]
+    for (method, path, _, status, outcome), error in zip(refusals, answers, strict=True):
+        op = f"{method} {path}".replace("audit-no-such", "{name}")
+        entry = [e for e in lines if e["op"] == op and e.get("code") == status][-1]
+        assert (entry["outcome"], entry["error"]) == (outcome, error)
+
+
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / "mongobranch"), *args], capture_output=True, text=True,
                           timeout=60, env=env)

@@ -18,11 +18,6 @@ from tests.branchutil import Branches, branches, unique
 from tests.servers import ProxyProcess, Secantus
 
 
-@pytest.fixture()
-def db_name() -> str:
-    return unique("cap").replace("-", "_")
-
-
 def contents(client: MongoClient, db: str) -> dict[Any, Any]:
     return {d["_id"]: d for d in client[db].items.find()}
 

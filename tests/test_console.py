@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from tests.branchutil import Branches, unique
+from tests.branchutil import Branches, api_ok, unique
 from tests.servers import ProxyProcess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -78,12 +78,6 @@ def cells(element: WebElement) -> list[str]:
     return [td.text for td in element.find_elements(By.TAG_NAME, "td")]
 
 
-def api(proxy: ProxyProcess, method: str, path: str, body: object | None = None) -> Any:
-    status, reply = proxy.api(method, path, body)
-    assert status in (200, 201), (status, reply)
-    return reply
-
-
 def status_text(driver: WebDriver) -> str:
     return str(driver.find_element(By.ID, "status").text)
 
@@ -105,12 +99,12 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
         # -- the tree: parent, port, mode, age, size and lifecycle of each branch --------
         with urllib.request.urlopen(proxy.admin_url + "/console/console.js") as r:
             assert "function api(" in r.read().decode()  # served locally, as files
-        api(proxy, "PATCH", f"/branches/{name}", {"ttl": "2h", "idle_ttl": "30m",
+        api_ok(proxy, "PATCH", f"/branches/{name}", {"ttl": "2h", "idle_ttl": "30m",
                                                   "protected": True})
         driver.get(proxy.admin_url + "/")
         assert driver.current_url == proxy.admin_url + "/console/"
         wait(driver, lambda d: row(d, child["name"]) is not None, "the tree never loaded")
-        info = api(proxy, "GET", f"/branches/{name}")
+        info = api_ok(proxy, "GET", f"/branches/{name}")
         ns = info["namespaces"][f"{db_name}.items"]
         size = f"{ns['changed']} changed · {ns['live']} live · 1 coll."
         wait(driver, lambda d: cells(row(d, name))[5] == size, f"size never became {size}")
@@ -121,7 +115,7 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
         below = cells(row(driver, child["name"]))
         assert below[1:3] == [name, str(child["port"])] and below[5] == "no changes"
         assert below[6] == "—"
-        api(proxy, "PATCH", f"/branches/{name}", {"protected": False})
+        api_ok(proxy, "PATCH", f"/branches/{name}", {"protected": False})
         names = [r.get_attribute("data-branch") for r in
                  driver.find_elements(By.CSS_SELECTOR, "#tree tbody tr")]
         assert names.index(child["name"]) == names.index(name) + 1  # nested under its parent
@@ -131,7 +125,7 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
 
         # -- a branch's log --------------------------------------------------------------
         row(driver, name).click()  # type: ignore[union-attr]
-        log = api(proxy, "GET", f"/branches/{name}/log?limit=100")["entries"]
+        log = api_ok(proxy, "GET", f"/branches/{name}/log?limit=100")["entries"]
         wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#log tbody tr"))
              == len(log) and status_text(d).startswith("log of"), "the log never showed")
         first = cells(driver.find_element(By.CSS_SELECTOR, "#log tbody tr"))
@@ -142,7 +136,7 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
 
         # -- its diff, documents side by side ---------------------------------------------
         driver.find_element(By.CSS_SELECTOR, '#tabs [data-tab="diff"]').click()
-        diff = api(proxy, "GET", f"/branches/{name}/diff")
+        diff = api_ok(proxy, "GET", f"/branches/{name}/diff")
         wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#diff .change"))
              == len(diff["changes"]) == 3, "the diff never showed")
         boxes = {b.get_attribute("data-id"): b for b in
@@ -185,7 +179,7 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
 
         Select(driver.find_element(By.ID, "merge-strategy")).select_by_value("ours")
         # Into a protected main (the serve default) only with the force box ticked.
-        api(proxy, "PATCH", "/branches/main", {"protected": True})
+        api_ok(proxy, "PATCH", "/branches/main", {"protected": True})
         try:
             driver.find_element(By.ID, "merge-apply").click()
             wait(driver, lambda d: "branch 'main' is protected" in status_text(d),
@@ -196,7 +190,7 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
             wait(driver, lambda d: status_text(d) == f"Merged {name} into main.",
                  "the merge was not shown")
         finally:
-            api(proxy, "PATCH", "/branches/main", {"protected": False})
+            api_ok(proxy, "PATCH", "/branches/main", {"protected": False})
         assert driver.find_element(By.ID, "merge-outcome").text == f"Merged {name} into main."
         assert list(main.find().sort("_id", 1)) == [{"_id": 1, "v": "branch"},
                                                    {"_id": 3, "v": "new"}]
@@ -211,7 +205,7 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
         wait(driver, lambda d: status_text(d).startswith(f"created {created} on port"),
              "no new branch")
         assert driver.find_element(By.ID, "detail-title").text == created
-        made_info = api(proxy, "GET", f"/branches/{created}")
+        made_info = api_ok(proxy, "GET", f"/branches/{created}")
         assert made_info["parent"] == name
         assert cells(row(driver, created))[1:3] == [name, str(made_info["port"])]  # type: ignore[arg-type]
         shot(driver, "07-created")

@@ -26,11 +26,6 @@ from tests.historyutil import (
 from tests.servers import ProxyProcess
 
 
-@pytest.fixture()
-def db_name() -> str:
-    return unique("hist").replace("-", "_")
-
-
 def index_keys(coll: Any) -> list[tuple[str, Any]]:
     """Index names and keys, whatever the order of fields in each spec."""
     return sorted((ix["name"], dict(ix["key"])) for ix in coll.list_indexes())

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import pytest
 from pymongo import MongoClient
 
 from tests.branchutil import Branches, unique
-from tests.historyutil import contents, entries, last_lsn
+from tests.historyutil import changed_branch, contents, entries, last_lsn
 from tests.servers import ProxyProcess, free_port
 from tests.test_branch_cli import cli, ok
-
-
-@pytest.fixture()
-def db_name() -> str:
-    return unique("hcli").replace("-", "_")
 
 
 def run(proxy: ProxyProcess, *args: str) -> str:
@@ -31,18 +25,8 @@ def rows(out: str, needle: str) -> list[list[str]]:
             for line in out.splitlines() if needle in line and "│" in line]
 
 
-def changed_branch(client: MongoClient, made: Branches, db: str) -> dict[str, Any]:
-    client[db].items.insert_many([{"_id": i, "v": i} for i in range(4)])
-    branch = made.create()
-    with MongoClient(branch["uri"], appname="cli-app") as b:
-        b[db].items.update_one({"_id": 1}, {"$set": {"v": "b"}})
-        b[db].items.delete_one({"_id": 2})
-        b[db].items.insert_one({"_id": "new"})
-    return branch
-
-
 def test_log(proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
-    branch = changed_branch(client, made, db_name)
+    branch = changed_branch(client, made, db_name, appname="cli-app")
     name = branch["name"]
     api = entries(proxy, name)
     assert json.loads(run(proxy, "log", name, "--json")) == {"branch": name, "entries": api}
@@ -65,7 +49,7 @@ def test_log(proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: 
 
 
 def test_diff(proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
-    branch = changed_branch(client, made, db_name)
+    branch = changed_branch(client, made, db_name, appname="cli-app")
     name = branch["name"]
     with MongoClient(branch["uri"]) as b:
         b[db_name].items.create_index("v", name="v_1")
@@ -88,7 +72,7 @@ def test_diff(proxy: ProxyProcess, client: MongoClient, made: Branches, db_name:
 
 def test_merge_dry_run_then_merge(proxy: ProxyProcess, client: MongoClient, made: Branches,
                                   db_name: str) -> None:
-    branch = changed_branch(client, made, db_name)
+    branch = changed_branch(client, made, db_name, appname="cli-app")
     name = branch["name"]
     before = contents(client[db_name].items)
     out = run(proxy, "merge", name, "--dry-run")
@@ -106,7 +90,7 @@ def test_merge_dry_run_then_merge(proxy: ProxyProcess, client: MongoClient, made
 
 def test_merge_conflicts_exit_4_and_are_shown(proxy: ProxyProcess, client: MongoClient,
                                               made: Branches, db_name: str) -> None:
-    branch = changed_branch(client, made, db_name)
+    branch = changed_branch(client, made, db_name, appname="cli-app")
     name = branch["name"]
     client[db_name].items.update_one({"_id": 1}, {"$set": {"v": "main"}})
     before = contents(client[db_name].items)

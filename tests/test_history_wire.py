@@ -11,7 +11,7 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
 from tests.branchutil import Branches, unique
-from tests.historyutil import contents, diff, entries, last_lsn
+from tests.historyutil import changed_branch, contents, diff, entries, last_lsn
 from tests.servers import ProxyProcess
 from tests.test_branch_wire_admin import mongosh
 
@@ -21,25 +21,10 @@ def without_gossip(reply: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in reply.items() if k not in ("$clusterTime", "operationTime")}
 
 
-@pytest.fixture()
-def db_name() -> str:
-    return unique("hwire").replace("-", "_")
-
-
 def failure(client: MongoClient, cmd: dict[str, Any], db: str = "admin") -> OperationFailure:
     with pytest.raises(OperationFailure) as info:
         client[db].command(cmd)
     return info.value
-
-
-def changed_branch(client: MongoClient, made: Branches, db: str) -> dict[str, Any]:
-    client[db].items.insert_many([{"_id": i, "v": i} for i in range(4)])
-    branch = made.create()
-    with MongoClient(branch["uri"]) as b:
-        b[db].items.update_one({"_id": 1}, {"$set": {"v": "b"}})
-        b[db].items.delete_one({"_id": 2})
-        b[db].items.insert_one({"_id": "new"})
-    return branch
 
 
 def test_branch_log(proxy: ProxyProcess, client: MongoClient, made: Branches,

@@ -34,11 +34,6 @@ def life(upstream: Secantus) -> Iterator[ProxyProcess]:
     proc.stop()
 
 
-@pytest.fixture()
-def db_name() -> str:
-    return unique("life").replace("-", "_")
-
-
 def api(proxy: ProxyProcess, method: str, path: str, body: object | None = None
         ) -> tuple[int, Any]:
     return proxy.api(method, path, body)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import struct
 import time
-import zlib
 from collections.abc import Callable
 
 import bson
@@ -42,12 +41,6 @@ def _bad_element_type() -> bytes:
 
 def _sections(*parts: bytes, flags: int = 0) -> bytes:
     return rawwire.frame(rawwire.OP_MSG, struct.pack("<I", flags) + b"".join(parts))
-
-
-def _compressed(message: bytes) -> bytes:
-    inner_op = struct.unpack_from("<i", message, 12)[0]
-    body = message[16:]
-    return rawwire.frame(2012, struct.pack("<iiB", inner_op, len(body), 2) + zlib.compress(body))
 
 
 # name -> (bytes to send, reason expected in the log, half-close our side after sending)
@@ -94,7 +87,7 @@ CASES: dict[str, tuple[Callable[[], bytes], str, bool]] = {
                           b"documents\x00", _bad_element_type()),
         "invalid BSON", False),
     "invalid-bson-compressed": (
-        lambda: _compressed(rawwire.op_msg(_bad_string_length())), "invalid BSON", False),
+        lambda: rawwire.compressed(rawwire.op_msg(_bad_string_length())), "invalid BSON", False),
     "truncated-document-sequence": (
         lambda: _sections(b"\x00", _find_body(), b"\x01\x30"),
         "document sequence", False),

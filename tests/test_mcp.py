@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from tests.branchutil import unique
+from tests.branchutil import api_ok, unique
 from tests.servers import BIN, ProxyProcess, Secantus, free_port
 
 mcp = pytest.importorskip("mcp", reason="the mcp package is not installed")
@@ -56,12 +56,6 @@ class Tools:
         return "".join(getattr(block, "text", "") for block in result.content)
 
 
-def api(proxy: ProxyProcess, method: str, path: str, body: object | None = None) -> Any:
-    status, reply = proxy.api(method, path, body)
-    assert status in (200, 201), (status, reply)
-    return reply
-
-
 async def test_every_tool_against_the_api(proxy: ProxyProcess, client: MongoClient) -> None:
     db_name = unique("mcp").replace("-", "_")
     name = unique("agent")
@@ -75,22 +69,22 @@ async def test_every_tool_against_the_api(proxy: ProxyProcess, client: MongoClie
             assert all(t.description for t in listed.tools)
 
             created = await tools.call("create_branch", name=name)
-            assert created == next(b for b in api(proxy, "GET", "/branches")
+            assert created == next(b for b in api_ok(proxy, "GET", "/branches")
                                    if b["name"] == name)
             assert created["parent"] == "main"
             assert await tools.call("branch_uri", name=name) == created["uri"]
             listed_now = await tools.call("list_branches")
-            assert listed_now == {"branches": api(proxy, "GET", "/branches")}
+            assert listed_now == {"branches": api_ok(proxy, "GET", "/branches")}
 
             with MongoClient(created["uri"], serverSelectionTimeoutMS=10000) as b:
                 b[db_name].items.update_one({"_id": 1}, {"$set": {"v": "agent"}})
                 b[db_name].items.insert_one({"_id": 3, "v": "agent"})
             shown = await tools.call("show_branch", name=name)
-            assert shown == api(proxy, "GET", f"/branches/{name}")
+            assert shown == api_ok(proxy, "GET", f"/branches/{name}")
             assert shown["namespaces"][f"{db_name}.items"]["changed"] == 2
 
             diff = await tools.call("diff_branch", name=name)
-            full = api(proxy, "GET", f"/branches/{name}/diff")
+            full = api_ok(proxy, "GET", f"/branches/{name}/diff")
             assert diff["changes"] == full["changes"] and diff["summary"] == full["summary"]
             assert diff["parent"] == "main" and diff["total"] == 2 and not diff["truncated"]
             by_id = {c["_id"]: c for c in diff["changes"]}
@@ -102,7 +96,7 @@ async def test_every_tool_against_the_api(proxy: ProxyProcess, client: MongoClie
                                                                 limit=0)
 
             log = await tools.call("branch_log", name=name, limit=5)
-            assert log == api(proxy, "GET", f"/branches/{name}/log?limit=5")
+            assert log == api_ok(proxy, "GET", f"/branches/{name}/log?limit=5")
 
             # Dry run (the default): reported, nothing applied.
             dry = await tools.call("merge_branch", name=name)
@@ -167,7 +161,7 @@ async def test_protected_targets_need_force(upstream: Secantus) -> None:
             assert "branch 'main' is protected" in text and "force" in text
             merged = await tools.call("merge_branch", name=name, dry_run=False, force=True)
             assert merged["applied"]["insert"] == 1
-            api(proc, "PATCH", f"/branches/{name}", {"protected": True})
+            api_ok(proc, "PATCH", f"/branches/{name}", {"protected": True})
             assert "protected" in await tools.error("reset_branch", name=name, to="0")
             assert (await tools.call("reset_branch", name=name, to="0", force=True))[
                 "to_lsn"] == 0

@@ -18,7 +18,6 @@ import struct
 import subprocess
 import tempfile
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,13 +74,6 @@ def _op_msg(body: dict[str, Any], *, flags: int = 0, sequence: list[dict[str, An
     return rawwire.frame(rawwire.OP_MSG, payload)
 
 
-def _compressed(message: bytes, compressor: int = 2) -> bytes:
-    inner_op = struct.unpack_from("<i", message, 12)[0]
-    body = message[16:]
-    return rawwire.frame(2012, struct.pack("<iiB", inner_op, len(body), compressor)
-                         + zlib.compress(body))
-
-
 def templates() -> list[bytes]:
     hello = {"hello": 1, "$db": "admin", "client": {"driver": {"name": "fuzz", "version": "0"}}}
     return [
@@ -98,8 +90,8 @@ def templates() -> list[bytes]:
         _op_msg({"insert": "items", "documents": [{"y": 1}], "$db": "fuzz"}, flags=2),
         rawwire.op_msg({"ping": 1, "$db": "admin"}, checksum=True),
         rawwire.op_query("admin.$cmd", {"isMaster": 1}),
-        _compressed(_op_msg({"find": "items", "filter": {}, "$db": "fuzz"})),
-        _compressed(_op_msg({"ping": 1, "$db": "admin"})),
+        rawwire.compressed(_op_msg({"find": "items", "filter": {}, "$db": "fuzz"})),
+        rawwire.compressed(_op_msg({"ping": 1, "$db": "admin"})),
     ]
 
 

@@ -23,11 +23,6 @@ from tests.servers import ProxyProcess, Secantus
 SEED = int(os.environ.get("MONGOBRANCH_SNAPSHOT_SEED", "20261130"))
 
 
-@pytest.fixture()
-def db_name() -> str:
-    return unique("snap").replace("-", "_")
-
-
 def view(db: Database) -> dict[str, Any]:
     """What a client sees of a database through every read path the planner has: full
     finds, counts, an indexed query, point lookups, distinct, an aggregation, the catalog."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -22,7 +20,7 @@ from pymongo import MongoClient, WriteConcern
 from pymongo.errors import OperationFailure, PyMongoError
 
 from tests import rawwire
-from tests.servers import BIN, ProxyProcess, Secantus, wait_port
+from tests.servers import ProxyProcess, Secantus
 
 FAST_FAIL = 15.0  # a failing command must come back well within this, never hang
 
@@ -32,22 +30,6 @@ class Upstream(Secantus):
     """A SecantusDB with test commands (failpoints) enabled."""
 
     extra: list[str] = field(default_factory=lambda: ["--enable-test-commands"])
-
-    def start(self) -> Upstream:
-        args = [str(BIN / "secantusd-py"), "--host", "127.0.0.1", "--port", str(self.port),
-                "--storage-path", self.storage, "--log-level", "WARNING", *self.extra]
-        if self.auth:
-            args.append("--auth")
-        self.log = tempfile.mktemp(prefix="secantus-", suffix=".log")
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
-        wait_port(self.port, proc=self.proc)
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
 
 
 @pytest.fixture()
@@ -253,6 +235,8 @@ def _refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
         return False
+    except ConnectionResetError:
+        return False  # the listener closed while this connect was queued: ask again
     except ConnectionRefusedError:
         return True
 

@@ -1,4 +1,9 @@
-"""/branches routes: JSON over the engine, errors as {"error": ...}."""
+"""/branches routes: the admin HTTP edge of the branch operations (operations.py).
+
+Each route parses its request (path, query string, JSON body) with requests.py, calls the
+operation and shapes the reply; a BranchError becomes {"error": ...} with its status in
+the error middleware (http.py), once for every route.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,12 @@ from typing import Any
 from aiohttp import web
 from bson import json_util
 
-from proxy.branching import audit, copymode, gc, history, lifecycle
-from proxy.branching.engine import MAIN, Engine
+from proxy.admin.http import HTTP_STATUS
+from proxy.branching import audit, history, operations
+from proxy.branching import requests as rq
+from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError, Kind
 
-# The one place a branch failure becomes an HTTP status.
-HTTP_STATUS = {Kind.INVALID: 400, Kind.FORBIDDEN: 403, Kind.NOT_FOUND: 404, Kind.CONFLICT: 409,
-               Kind.INTERNAL: 500, Kind.UPSTREAM: 502, Kind.UNAVAILABLE: 503}
-_CREATE_FIELDS = {"name", "from", "port", "at", "mode", *lifecycle.FIELDS}
 _JSON = json_util.JSONOptions(json_mode=json_util.JSONMode.RELAXED, tz_aware=True)
 
 
@@ -30,34 +33,23 @@ def _json(value: Any, status: int = 200) -> web.Response:
     return web.json_response(value, status=status, dumps=dumps)
 
 
-def _int_param(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise BranchError(Kind.INVALID, f"{name} must be an integer, got {raw!r}") from exc
+def _with_force(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    """force from the query string (?force=true) or the body ("force": true): either
+    says so."""
+    query = request.query.get("force")
+    if query is None:
+        return body
+    return {**body, "force": rq.parse_flag(query, "force") or
+            rq.parse_flag(body.get("force"), "force")}
 
 
-def _force(request: web.Request, body: dict[str, Any] | None = None) -> bool:
-    """force from the query string (?force=true) or the body ("force": true)."""
-    return lifecycle.parse_force(request.query.get("force")) or \
-        lifecycle.parse_force((body or {}).get("force"))
+def _query(request: web.Request, *keys: str) -> dict[str, str]:
+    """The query parameters a route reads (others are ignored, as they always were)."""
+    return {k: request.query[k] for k in keys if k in request.query}
 
 
 async def _optional_body(request: web.Request) -> dict[str, Any]:
     return await _body(request) if request.can_read_body else {}
-
-
-def _only(body: dict[str, Any], allowed: set[str]) -> None:
-    unknown = set(body) - allowed
-    if unknown:
-        raise BranchError(Kind.INVALID, f"unknown field(s): {', '.join(sorted(unknown))}")
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -81,6 +73,9 @@ def audited(op: str) -> Callable[[Route], Route]:
         async def run(request: web.Request) -> web.Response:
             try:
                 response = await route(request)
+            except BranchError as exc:  # the error middleware answers it, with this status
+                _audit(request, op, HTTP_STATUS[exc.kind], str(exc))
+                raise
             except Exception as exc:
                 _audit(request, op, 500, repr(exc))
                 raise
@@ -108,77 +103,41 @@ def _audit(request: web.Request, op: str, status: int, error: str | None) -> Non
 def add_routes(app: web.Application, engine: Engine) -> None:
     @audited("POST /branches")
     async def create(request: web.Request) -> web.Response:
-        try:
-            body = await _body(request)
-            request["mb_branch"] = body.get("name")
-            _only(body, _CREATE_FIELDS)
-            # Checked before the branch exists: bad lifecycle input creates nothing.
-            changes = lifecycle.settings({k: v for k, v in body.items()
-                                          if k in lifecycle.FIELDS})
-            if body.get("at") is not None:
-                branch = await history.create_at(engine, body.get("name"),
-                                                 body.get("from", MAIN), body["at"],
-                                                 body.get("port"))
-            else:
-                branch = await engine.create_branch(body.get("name"), body.get("from", MAIN),
-                                                    body.get("port"), body.get("mode"))
-            await lifecycle.apply(engine, branch, changes)
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        body = await _body(request)
+        request["mb_branch"] = body.get("name")
+        branch = await operations.create(engine, rq.parse_create(body))
         return web.json_response(engine.public(branch), status=201)
 
     async def list_all(request: web.Request) -> web.Response:
-        if engine.unavailable is not None:
-            return _error(503, engine.unavailable)
-        try:
-            if lifecycle.parse_force(request.query.get("deleted")):
-                return web.json_response([lifecycle.deleted_public(engine, b)
-                                          for b in lifecycle.deleted(engine)])
-        except BranchError:
-            return _error(400, f"deleted must be true or false, got "
-                               f"{request.query.get('deleted')!r}")
-        return web.json_response([engine.public(b) for b in engine.branches.values()
-                                  if b.deleted_at is None])
+        req = rq.parse_list(_query(request, "deleted"))
+        return web.json_response(operations.list_branches(engine, req))
 
     async def show(request: web.Request) -> web.Response:
-        try:
-            return _json(await engine.describe(request.match_info["name"]))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        return _json(await engine.describe(request.match_info["name"]))
 
     @audited("DELETE /branches/{name}")
     async def delete(request: web.Request) -> web.Response:
-        try:
-            purge = request.query.get("purge")
-            return web.json_response(await lifecycle.drop(
-                engine, request.match_info["name"], force=_force(request), purge=purge))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        drop = rq.parse_drop(request.match_info["name"],
+                             _query(request, "force", "purge"))
+        return web.json_response(await operations.drop(engine, drop))
 
     async def log(request: web.Request) -> web.Response:
-        try:
-            limit = _int_param(request, "limit")
-            entries = await history.log(engine, request.match_info["name"],
-                                        100 if limit is None else limit,
-                                        _int_param(request, "before_lsn"))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
-        return _json({"branch": request.match_info["name"], "entries": entries})
+        req = rq.parse_log(request.match_info["name"],
+                           _query(request, "limit", "before_lsn"))
+        return _json({"branch": req.name, "entries": await operations.log(engine, req)})
 
     async def diff(request: web.Request) -> web.StreamResponse:
         """Streamed: one change at a time, so memory does not grow with the diff."""
         name = request.match_info["name"]
-        try:
-            branch = engine.get(name)
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        # The query string is not read: nothing in it can change a diff.
+        parent, changes = operations.diff(engine, rq.parse_diff(name, {}))
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
         await response.write(f'{{"branch": {json.dumps(name)}, '
-                             f'"parent": {json.dumps(branch.parent)}, "changes": ['.encode())
+                             f'"parent": {json.dumps(parent)}, "changes": ['.encode())
         summary: dict[str, Any] = {}
         first = True
-        async for change in history.diff(engine, name):
+        async for change in changes:
             history.summarize(summary, change)
             await response.write((("" if first else ",\n") + dumps(change)).encode())
             first = False
@@ -188,116 +147,60 @@ def add_routes(app: web.Application, engine: Engine) -> None:
 
     @audited("POST /branches/{name}/merge")
     async def merge(request: web.Request) -> web.Response:
-        try:
-            body = await _body(request)
-            _only(body, {"into", "strategy", "dry_run", "force"})
-            branch = engine.get(request.match_info["name"])
-            # Only a merge that would write (bad input is left to merge's own 400s).
-            if body.get("dry_run", False) is False and body.get("into") in (None,
-                                                                            branch.parent):
-                lifecycle.guard(engine, branch.parent, _force(request, body), "merging into")
-            result = await history.merge(engine, request.match_info["name"], body.get("into"),
-                                         body.get("strategy", "abort"),
-                                         body.get("dry_run", False))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        body = _with_force(request, await _body(request))
+        result = await operations.merge(engine, rq.parse_merge(request.match_info["name"], body))
         aborted = result["strategy"] == "abort" and result["conflicts"] and \
             not result["dry_run"]
         return _json(result, 409 if aborted else 200)
 
     @audited("POST /branches/{name}/reset")
     async def reset(request: web.Request) -> web.Response:
-        try:
-            body = await _body(request)
-            _only(body, {"to", "force"})
-            if "to" not in body:
-                raise BranchError(Kind.INVALID, "reset needs 'to': an LSN or an ISO-8601 time")
-            engine.get(request.match_info["name"])
-            lifecycle.guard(engine, request.match_info["name"], _force(request, body),
-                            "resetting")
-            return _json(await history.reset(engine, request.match_info["name"], body["to"]))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        body = _with_force(request, await _body(request))
+        return _json(await operations.reset(engine,
+                                            rq.parse_reset(request.match_info["name"], body)))
 
     @audited("POST /gc")
     async def collect(request: web.Request) -> web.Response:
-        try:
-            engine.check_ready()
-            body = await _body(request)
-            _only(body, {"retention"})
-            if "retention" not in body:
-                raise BranchError(Kind.INVALID, "gc needs 'retention', e.g. \"7d\"")
-            return _json(await gc.collect(engine, gc.parse_duration(body["retention"])))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        return _json(await operations.collect(engine, rq.parse_gc(await _body(request))))
 
     async def config(_request: web.Request) -> web.Response:
         return _json(engine.config.to_json())
 
     @audited("POST /branches/{name}/migrate")
     async def migrate(request: web.Request) -> web.Response:
-        try:
-            body = await _body(request)
-            _only(body, {"to"})
-            if "to" not in body:
-                raise BranchError(Kind.INVALID, "migrate needs 'to': \"wal\" or \"copy\"")
-            return _json(await copymode.migrate(engine, request.match_info["name"],
-                                                body["to"]))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        req = rq.parse_migrate(request.match_info["name"], await _body(request))
+        return _json(await operations.migrate(engine, req))
 
     async def progress(request: web.Request) -> web.Response:
         state = engine.progress.get(request.match_info["name"])
         if state is None:
-            return _error(404, f"branch {request.match_info['name']!r} is not being copied")
+            raise BranchError(Kind.NOT_FOUND,
+                              f"branch {request.match_info['name']!r} is not being copied")
         return _json(state)
 
     @audited("PATCH /branches/{name}")
     async def patch(request: web.Request) -> web.Response:
-        try:
-            body = await _body(request)
-            return _json(await lifecycle.update(engine, request.match_info["name"], body))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        req = rq.parse_update(request.match_info["name"], await _body(request))
+        return _json(await operations.update(engine, req))
 
     @audited("POST /branches/{name}/refresh")
     async def refresh(request: web.Request) -> web.Response:
-        try:
-            body = await _optional_body(request)
-            _only(body, {"force"})
-            branch = await lifecycle.refresh(engine, request.match_info["name"],
-                                             _force(request, body))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        body = _with_force(request, await _optional_body(request))
+        branch = await operations.refresh(engine,
+                                          rq.parse_refresh(request.match_info["name"], body))
         return _json(engine.public(branch))
 
     @audited("POST /branches/{name}/restore")
     async def restore(request: web.Request) -> web.Response:
-        try:
-            body = await _optional_body(request)
-            _only(body, {"port"})
-            branch = await lifecycle.restore(engine, request.match_info["name"],
-                                             body.get("port"))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
-        return _json(engine.public(branch))
+        req = rq.parse_restore(request.match_info["name"], await _optional_body(request))
+        return _json(engine.public(await operations.restore(engine, req)))
 
     @audited("POST /reap")
     async def reap(request: web.Request) -> web.Response:
         """One reaper pass now; `now` (a later time) asks what would expire by then and
         acts on it, `dry_run` only reports."""
-        try:
-            body = await _optional_body(request)
-            _only(body, {"now", "dry_run"})
-            now = None
-            if body.get("now") is not None:
-                now = lifecycle.parse_time(body["now"], "now")
-            dry_run = body.get("dry_run", False)
-            if not isinstance(dry_run, bool):
-                raise BranchError(Kind.INVALID, "dry_run must be true or false")
-            return _json(await lifecycle.reap(engine, now, dry_run))
-        except BranchError as exc:
-            return _error(HTTP_STATUS[exc.kind], str(exc))
+        req = rq.parse_reap(await _optional_body(request))
+        return _json(await operations.reap(engine, req))
 
     app.router.add_patch("/branches/{name}", patch)
     app.router.add_post("/branches/{name}/refresh", refresh)

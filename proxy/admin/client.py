@@ -274,12 +274,6 @@ def _diff_items(chunks: Iterator[bytes], url: str) -> Iterator[tuple[str, Any]]:
         raise broken() from exc
 
 
-def point(value: str) -> int | str:
-    """An LSN (digits) as an integer; anything else (an ISO-8601 time) as given."""
-    text = value.strip()
-    return int(text) if text.isdigit() else value
-
-
 def _quote(name: str) -> str:
     # "." and ".." are valid branch names but dot segments of a URL path: encode the dots.
     return urllib.parse.quote(name, safe="").replace(".", "%2E")

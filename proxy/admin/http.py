@@ -12,12 +12,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pymongo.errors import ConnectionFailure
 
 from proxy.admin import auth
+from proxy.branching.errors import BranchError, Kind
 from proxy.metrics import REGISTRY
 
 log = logging.getLogger("mongobranch.admin")
 
 # The web console: static files, served as they are (no build step, nothing external).
 CONSOLE = Path(__file__).resolve().parent / "console"
+# The one place a branch failure becomes an HTTP status.
+HTTP_STATUS = {Kind.INVALID: 400, Kind.FORBIDDEN: 403, Kind.NOT_FOUND: 404, Kind.CONFLICT: 409,
+               Kind.INTERNAL: 500, Kind.UPSTREAM: 502, Kind.UNAVAILABLE: 503}
 
 
 def build_app(healthy: Callable[[], bool],
@@ -56,9 +60,12 @@ def add_console(app: web.Application) -> None:
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: Callable) -> web.StreamResponse:  # type: ignore[type-arg]
-    """Every error the API returns is JSON {"error": ...}, including aiohttp's own 404/405."""
+    """Every error the API returns is JSON {"error": ...}, including aiohttp's own 404/405;
+    a branch operation's failure with the status of its kind."""
     try:
         return await handler(request)
+    except BranchError as exc:
+        return web.json_response({"error": str(exc)}, status=HTTP_STATUS[exc.kind])
     except web.HTTPException as exc:
         if exc.content_type == "application/json":
             raise

@@ -75,8 +75,6 @@ CLIENT = {"app": "upstream", "via": "change stream"}
 # (seconds): SecantusDB does not always wake an awaiting getMore for the capture's own
 # writes, which leave the upstream's time ahead of the stream until the next event.
 TICK_AFTER = 0.003
-# Codes meaning the upstream has no change streams (a standalone, an old server).
-NO_STREAMS = (40573, 40324, 115, 59)
 HISTORY_LOST = 286
 # Seconds of cluster time the capture may trail main-port writes before they wait for it.
 MAX_LAG = 1

@@ -14,21 +14,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.branching import views, viewscan
-from proxy.branching.commands import catalog
-from proxy.branching.commands.base import Request
+from proxy.branching import catalog, views, viewscan
 from proxy.branching.engine import MAIN, Engine, overlay_index
 from proxy.branching.errors import BranchError, CommandError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.lineage import parent_layers, replaced
 from proxy.branching.model import Branch, NsState
-from proxy.branching.runner import Runner, SystemContext
+from proxy.branching.requests import Mode
+from proxy.branching.runner import Runner
 from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, Change, image, matching
 from proxy.wire.bsonutil import same
 
 COPY = "copy"
 WAL = "wal"
-MODES = (WAL, COPY)
 SYSTEM_DBS = frozenset({"admin", "local", "config"})
 
 Progress = Callable[[str, int, int], None]
@@ -46,9 +44,8 @@ async def parent_collections(engine: Engine, parent: Branch | None,
                              db: str) -> dict[str, dict[str, Any]]:
     """What the parent shows in a database: collections only (views and system
     collections are not copied)."""
-    req = Request(engine, parent, SystemContext(), engine.pool, db, {})
-    infos = (await catalog.visible_collections(req) if parent is not None
-             else await catalog.base_collections(req))
+    infos = (await catalog.visible_collections(engine, parent, engine.pool, db)
+             if parent is not None else await catalog.base_collections(engine.pool, db))
     return {name: info for name, info in infos.items()
             if info.get("type", "collection") == "collection" and not name.startswith("system.")}
 
@@ -149,13 +146,11 @@ async def undo_to(engine: Engine, branch: Branch, lsn: int,
     return undone
 
 
-async def migrate(engine: Engine, name: str, to: Any) -> dict[str, Any]:
+async def migrate(engine: Engine, name: str, to: Mode) -> dict[str, Any]:
     """Convert a branch in place between WAL and copy mode: same data, same port.
     Clients get retryable errors while it runs (the router refuses the branch's
     commands); an interrupted migration is finished at the next start-up."""
     branch = engine.get(name)
-    if to not in MODES:
-        raise BranchError(Kind.INVALID, f"'to' must be one of {', '.join(MODES)}, got {to!r}")
     if branch.mode == to and branch.migrating is None:
         return {"branch": name, "mode": to, "migrated": False, "collections": 0}
     if to == WAL and not engine.config.allow_wal.value:

@@ -11,7 +11,6 @@ branched from.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from typing import Any
 
 from bson.int64 import Int64
@@ -22,16 +21,7 @@ from proxy.branching.errors import BranchError, Kind
 from proxy.branching.naming import MAIN
 from proxy.branching.wal import STARTS, matching, packed
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 BATCH = 1000
-
-
-def parse_duration(text: Any) -> dt.timedelta:
-    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", str(text))
-    if not match:
-        raise BranchError(Kind.INVALID, f"retention must look like 30s, 15m, 12h, 7d or 2w, "
-                                        f"not {text!r}")
-    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
 
 
 async def horizon(engine: Engine) -> int:

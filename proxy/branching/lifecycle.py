@@ -109,17 +109,6 @@ def parse_time(value: Any, what: str) -> dt.datetime:
     return parsed
 
 
-def parse_force(value: Any) -> bool:
-    """force from a JSON body (a boolean) or a query string (true/false/1/0)."""
-    if value is None:
-        return False
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "1", "false", "0"):
-        return value.lower() in ("true", "1")
-    raise BranchError(Kind.INVALID, f"force must be true or false, got {value!r}")
-
-
 FIELDS = frozenset({"ttl", "expires_at", "idle_ttl", "protected"})
 
 
@@ -160,9 +149,9 @@ def is_protected(engine: Engine, name: str) -> bool:
     return branch is not None and branch.protected
 
 
-def guard(engine: Engine, name: str, force: Any, action: str) -> None:
+def guard(engine: Engine, name: str, force: bool, action: str) -> None:
     """Refuses (409) an action on a protected branch without force."""
-    if is_protected(engine, name) and not parse_force(force):
+    if is_protected(engine, name) and not force:
         raise BranchError(Kind.CONFLICT, f"branch {name!r} is protected: {action} it needs force "
                                          "(API: ?force=true or \"force\": true; CLI: --force), or "
                                          f"unprotect it first (`branch unprotect {name}`)")
@@ -174,19 +163,11 @@ async def load(engine: Engine) -> None:
     engine.lifecycle.main_protected = None if doc is None else bool(doc.get("protected"))
 
 
-async def update(engine: Engine, name: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Changes a branch's expiry, idle expiry or protection (PATCH /branches/{name});
-    main takes only `protected`."""
-    unknown = set(body) - FIELDS
-    if unknown:
-        raise BranchError(Kind.INVALID,
-                          f"unknown field(s): {', '.join(sorted(unknown))}; a branch's "
-                          f"lifecycle takes {', '.join(sorted(FIELDS))}")
+async def update(engine: Engine, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Applies changes of a branch's expiry, idle expiry or protection (from `settings`;
+    main's only `protected`, which requests.parse_update sees to)."""
     if name == MAIN:
         engine.check_ready()
-        if set(body) - {"protected"}:
-            raise BranchError(Kind.INVALID, "main never expires: it takes only 'protected'")
-        changes = settings(body)
         if "protected" in changes:
             await engine.meta[SETTINGS].replace_one(
                 {"_id": MAIN}, {"_id": MAIN, "protected": changes["protected"]}, upsert=True)
@@ -195,7 +176,6 @@ async def update(engine: Engine, name: str, body: dict[str, Any]) -> dict[str, A
         return {"name": MAIN, "protected": is_protected(engine, MAIN)}
     async with engine.lifecycle.lock:  # not under a refresh replacing the record
         branch = engine.get(name)
-        changes = settings(body)
         await apply(engine, branch, changes)
         return engine.public(branch)
 
@@ -224,11 +204,10 @@ def deleted_public(engine: Engine, branch: Branch) -> dict[str, Any]:
             "restorable_until": iso(branch.deleted_at + engine.lifecycle.retention)}
 
 
-async def drop(engine: Engine, name: str, *, force: Any = False, purge: Any = False,
+async def drop(engine: Engine, name: str, *, force: bool = False, purge: bool = False,
                why: str = "dropped") -> dict[str, Any]:
     """Drops a branch: kept for restore during the retention window, unless purge (or a
     zero window) removes it at once. purge also removes a branch already deleted."""
-    purge = parse_force(purge)
     async with engine.lifecycle.lock:
         engine.check_ready()
         kept = engine.branches.get(name)
@@ -272,7 +251,7 @@ async def _purge_tree(engine: Engine, branch: Branch, why: str) -> None:
     log.info("purged branch %s (%s): its overlays and WAL are gone", branch.name, why)
 
 
-async def restore(engine: Engine, name: str, port: Any = None) -> Branch:
+async def restore(engine: Engine, name: str, port: int | None = None) -> Branch:
     """Brings a deleted branch back with its data, on its old port unless told another."""
     async with engine.lifecycle.lock:
         engine.check_ready()
@@ -288,8 +267,6 @@ async def restore(engine: Engine, name: str, port: Any = None) -> Branch:
                                              f"{branch.parent!r}, which is deleted too: restore "
                                              f"{branch.parent!r} first")
         if port is not None:
-            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-                raise BranchError(Kind.INVALID, f"port must be an integer 1-65535, got {port!r}")
             if any(b.port == port for b in engine.branches.values() if b is not branch):
                 raise BranchError(Kind.CONFLICT, f"port {port} is already used by another branch")
             branch.port = port
@@ -316,7 +293,7 @@ async def restore(engine: Engine, name: str, port: Any = None) -> Branch:
 
 
 # -- refresh -------------------------------------------------------------------------------
-async def refresh(engine: Engine, name: str, force: Any = False) -> Branch:
+async def refresh(engine: Engine, name: str, force: bool = False) -> Branch:
     """Re-forks a branch at its parent's current state: its changes are discarded, its
     name, port and lifecycle settings stay. Refused while it has children (live or kept
     for restore): they show the branch as it is, and a refresh would change that."""

@@ -102,7 +102,7 @@ FORWARDED = frozenset({
 
 async def write_through(engine: Engine, branch: Branch | None, ctx: Context, run: Runner,
                         db: str, cmd: dict[str, Any]) -> dict[str, Any] | None:
-    """The engine's Writer (engine.py): a write command through the handler a client's
+    """The engine's WritePath (engine.py): a write command through the handler a client's
     would reach on that branch's port. On main, the main-port handler keeps what main's
     other children show, then the write itself runs on the base."""
     req = Request(engine, branch, ctx, run, db, cmd)

@@ -1,4 +1,4 @@
-"""One client connection: framing, decompression, handshake, dispatch, forwarding.
+"""One client connection: framing, decompression, dispatch, forwarding.
 
 Built on asyncio Protocols, client side and upstream side. Messages are sliced from
 the byte stream in `data_received` and handled one at a time, in order:
@@ -15,6 +15,9 @@ Messages that arrive while one is in flight wait in a queue (a driver never send
 the next request before the reply, but moreToCome requests and misbehaving clients
 do); reading pauses while the queue is long, while the upstream's write buffer is
 full, and the upstream stops being read while the client's write buffer is full.
+
+The slow paths live beside this module: hello in `hello`, legacy OP_QUERY in `opquery`,
+the error replies the connection builds itself in `replies`.
 """
 
 from __future__ import annotations
@@ -29,11 +32,18 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pymongo.errors import ConnectionFailure, NotPrimaryError, OperationFailure, PyMongoError
+from pymongo.errors import PyMongoError
 
 from proxy import metrics
 from proxy.metrics import HOT, LATENCY_BUCKETS, PortStats, count_request, observe_latency
-from proxy.net import handshake, reads
+from proxy.net import handshake, hello, opquery, reads
+from proxy.net.replies import (
+    decoded_or_none,
+    error_labels,
+    host_unreachable,
+    internal_error,
+    upstream_state_error,
+)
 from proxy.net.router import Router
 from proxy.upstream.connection import (
     UpstreamConfig,
@@ -42,7 +52,7 @@ from proxy.upstream.connection import (
     next_request_id,
 )
 from proxy.upstream.topology import STATE_CHANGE_CODES, read_preference
-from proxy.wire import compression, legacy, opmsg
+from proxy.wire import compression, opmsg
 from proxy.wire.bsonutil import SKIM_ELEMENTS, SKIM_OPTIONS, check_document, decode, first_key
 from proxy.wire.errors import CommandError, ProtocolError
 from proxy.wire.framing import (
@@ -61,20 +71,8 @@ _connection_ids = itertools.count(1)
 _UNCOMPRESSIBLE = compression.UNCOMPRESSIBLE
 
 
-# Commands by which a client authenticates itself.
-_CLIENT_AUTH = frozenset({"saslStart", "authenticate"})
-
-# Commands a driver may retry with the same txnNumber (the retryable-writes spec).
-_RETRYABLE_WRITES = frozenset({
-    "insert", "update", "delete", "findAndModify", "findandmodify", "bulkWrite",
-    "commitTransaction", "abortTransaction",
-})
-
-# Commands after which the connection's authenticated user may have changed.
-_IDENTITY_CHANGES = _CLIENT_AUTH | {"saslContinue", "logout"}
-
 # Never on the fast path: answered here (hello), or the client's identity may change.
-_SLOW_NAMES = handshake.HELLO_NAMES | _IDENTITY_CHANGES
+_SLOW_NAMES = handshake.HELLO_NAMES | handshake.IDENTITY_CHANGES
 
 _OP_MSG_CODE = OP_MSG.to_bytes(4, "little")
 _PLAIN_HEAD = opmsg.PLAIN_HEAD
@@ -111,58 +109,6 @@ _IDLE, _FORWARDING, _TASK = 0, 1, 2
 _GOSSIP = ("$clusterTime", "operationTime")
 # The latest pair decoded on any connection, for one that has not talked to the upstream.
 _latest_gossip: dict[str, Any] = {}
-
-
-def host_unreachable(message: str, command: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The reply when the upstream cannot be reached, labelled as mongos labels it."""
-    reply: dict[str, Any] = {"ok": 0.0, "errmsg": message, "code": 6,
-                             "codeName": "HostUnreachable"}
-    labels = error_labels(command) if command is not None else []
-    if labels:
-        reply["errorLabels"] = labels
-    return reply
-
-
-def upstream_state_error(exc: PyMongoError, command: dict[str, Any]) -> dict[str, Any] | None:
-    """The reply for an engine operation that the upstream's election or loss cut short
-    (the engine's client could not finish it): the state-change code, or
-    HostUnreachable, labelled so that the client's driver retries. None for any other
-    error."""
-    details = getattr(exc, "details", None)
-    details = details if isinstance(details, dict) else {}
-    code = details.get("code", 10107 if isinstance(exc, NotPrimaryError) else None)
-    if isinstance(exc, (NotPrimaryError, OperationFailure)) and code in STATE_CHANGE_CODES:
-        reply: dict[str, Any] = {"ok": 0.0, "errmsg": str(details.get("errmsg", exc)),
-                                 "code": code,
-                                 "codeName": details.get("codeName", "NotWritablePrimary")}
-        labels = error_labels(command)
-        if labels:
-            reply["errorLabels"] = labels
-        return reply
-    if isinstance(exc, ConnectionFailure):
-        return host_unreachable(f"upstream unavailable: {exc}", command)
-    return None
-
-
-def error_labels(command: dict[str, Any]) -> list[str]:
-    """Labels for a network-class error, so drivers retry what is safe to retry."""
-    name = next(iter(command), "")
-    if command.get("autocommit") is False and name not in ("commitTransaction",
-                                                           "abortTransaction"):
-        return ["TransientTransactionError"]
-    if "txnNumber" in command and name in _RETRYABLE_WRITES:
-        return ["RetryableWriteError"]
-    return []
-
-
-def _decoded_or_none(body: bytes | None) -> dict[str, Any] | None:
-    """The command of a request the upstream could not serve, for its error labels."""
-    if body is None:
-        return None
-    try:
-        return decode(body)
-    except ProtocolError:
-        return None
 
 
 def _more_to_come(msg: bytes) -> bool:
@@ -218,13 +164,14 @@ class ClientConnection(MessageProtocol):
         self.app_name: str | None = None
         # The authenticated user, as the upstream reports it (see authenticated_user).
         self.user: str | None = None
-        self._identity_known = False
+        # `user` is what the upstream said since the client last ran an auth command.
+        self.identity_known = False
         self.client_metadata: dict[str, Any] | None = None
         self._gossip: dict[str, Any] = {}
         self.compressors: list[str] = []
         # The client authenticated itself on its upstream connection: a new upstream
         # connection (after an election) would not carry that identity.
-        self._client_authenticated = False
+        self.client_authenticated = False
         self.peer = "?"
         self.transport: Any = None
         self._gauge = metrics.OPEN_CONNECTIONS.labels(listener)
@@ -272,7 +219,7 @@ class ClientConnection(MessageProtocol):
 
     # -- the Context protocol the routers use -----------------------------------
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
-        await self._ensure_upstream()
+        await self.ensure_upstream()
         try:
             reply = await self.upstream.command(db, body)
         except UpstreamUnavailable:
@@ -289,8 +236,8 @@ class ClientConnection(MessageProtocol):
     def gossip(self) -> dict[str, Any]:
         return self._gossip or _latest_gossip
 
-    async def _ensure_upstream(self, hello: dict[str, Any] | None = None, *,
-                               client_auth: bool = False) -> dict[str, Any] | None:
+    async def ensure_upstream(self, first_hello: dict[str, Any] | None = None, *,
+                              client_auth: bool = False) -> dict[str, Any] | None:
         """Connect upstream if needed; the upstream's hello reply when this connected.
 
         With `client_auth` the client is about to authenticate itself, so the URI's
@@ -299,12 +246,12 @@ class ClientConnection(MessageProtocol):
         """
         if self.upstream.connected:
             return None
-        if self._client_authenticated and not client_auth:
+        if self.client_authenticated and not client_auth:
             # The upstream moved (an election) under a client that authenticated itself:
             # a network error makes its driver reconnect and authenticate again there.
             raise ConnectionError("the upstream connection moved; the client reconnects")
-        first = hello or handshake.upstream_hello({"client": self.client_metadata}
-                                                  if self.client_metadata else {})
+        first = first_hello or handshake.upstream_hello({"client": self.client_metadata}
+                                                        if self.client_metadata else {})
         try:
             return await self.upstream.connect(
                 first, authenticate=self.anonymous_as_uri_user and not client_auth)
@@ -411,13 +358,13 @@ class ClientConnection(MessageProtocol):
         if self._state != _FORWARDING:
             return
         metrics.UPSTREAM_ERRORS.inc()
-        if self._client_authenticated:
+        if self.client_authenticated:
             self._close()  # a network error: the driver retries on a new connection
             self._forward_done()
             return
         msg = self._req_msg
         body = msg[_BODY_AT:] if self._req_body is None else self._req_body
-        reply = host_unreachable(reason, _decoded_or_none(body))
+        reply = host_unreachable(reason, decoded_or_none(body))
         frame = opmsg.build(reply, request_id=next_request_id(),
                             response_to=HEADER.unpack_from(msg)[1])
         self._write(frame, self._req_compressor, self._req_name)
@@ -425,7 +372,7 @@ class ClientConnection(MessageProtocol):
 
     def retry_labels(self) -> list[str]:
         body = self._req_msg[_BODY_AT:] if self._req_body is None else self._req_body
-        command = _decoded_or_none(body) if body else None
+        command = decoded_or_none(body) if body else None
         return error_labels(command) if command is not None else []
 
     def upstream_write_paused(self, paused: bool) -> None:
@@ -707,10 +654,10 @@ class ClientConnection(MessageProtocol):
         try:
             if name in handshake.HELLO_NAMES:
                 msg = sections.decode()
-                reply = await self._hello(msg.command)
+                reply = await hello.answer(self, msg.command)
             elif self.router.wants(name):
                 msg = sections.decode()
-                routed = await self._routed(msg)
+                routed = await self.routed(msg)
                 if routed is None:
                     await self._forward(frame, compressor, name, flags, sections.body)
                     return
@@ -718,10 +665,10 @@ class ClientConnection(MessageProtocol):
             else:
                 # Nothing malformed reaches the upstream: the connection that sent it is closed.
                 sections.validate()
-                if name in _CLIENT_AUTH:
-                    self._client_authenticated = True
-                if name in _IDENTITY_CHANGES:
-                    self._identity_known = False
+                if name in handshake.CLIENT_AUTH:
+                    self.client_authenticated = True
+                if name in handshake.IDENTITY_CHANGES:
+                    self.identity_known = False
                 await self._forward(frame, compressor, name, flags, sections.body)
                 return
             if not flags & opmsg.MORE_TO_COME:
@@ -738,7 +685,7 @@ class ClientConnection(MessageProtocol):
         client runs an authentication command again; a name a client merely claims in a
         SCRAM conversation is never taken for its identity.
         """
-        if self._identity_known:
+        if self.identity_known:
             return self.user
         try:
             reply = await self.upstream_command("admin", {"connectionStatus": 1})
@@ -754,10 +701,11 @@ class ClientConnection(MessageProtocol):
             self.user = None  # SecantusDB refuses connectionStatus before authentication
         else:
             return None
-        self._identity_known = True
+        self.identity_known = True
         return self.user
 
-    async def _routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | None:
+    async def routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | None:
+        """The router's reply, any failure turned into an error reply; None to forward."""
         try:
             reply = await self.router.handle(self, msg)
         except CommandError as exc:
@@ -785,8 +733,7 @@ class ClientConnection(MessageProtocol):
     def _internal_error(self, msg: opmsg.OpMsg, exc: Exception) -> dict[str, Any]:
         log.error("command %s failed on connection %d", next(iter(msg.body), "?"),
                   self.connection_id, exc_info=exc)
-        return {"ok": 0.0, "errmsg": f"mongobranch internal error: {exc!r}", "code": 1,
-                "codeName": "InternalError"}
+        return internal_error(exc)
 
     async def _forward(self, frame: Frame, compressor: int | None, name: str, flags: int,
                        body: bytes) -> None:
@@ -801,7 +748,7 @@ class ClientConnection(MessageProtocol):
                 except (CommandError, UpstreamUnavailable) as exc:
                     if not flags & opmsg.MORE_TO_COME:
                         self._reply(exc.to_reply() if isinstance(exc, CommandError)
-                                    else host_unreachable(str(exc), _decoded_or_none(body)),
+                                    else host_unreachable(str(exc), decoded_or_none(body)),
                                     frame, compressor, name)
                     return
                 if member is not None:
@@ -809,7 +756,7 @@ class ClientConnection(MessageProtocol):
                                                   cursors)
                     return
             if not self.upstream.connected:
-                await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
+                await self.ensure_upstream(client_auth=name in handshake.CLIENT_AUTH)
             await self.upstream.send(frame.to_bytes())
             if flags & opmsg.MORE_TO_COME:
                 return
@@ -823,7 +770,7 @@ class ClientConnection(MessageProtocol):
             metrics.UPSTREAM_ERRORS.inc()
             self.upstream.close()
             if not flags & opmsg.MORE_TO_COME:
-                self._reply(host_unreachable(str(exc), _decoded_or_none(body)), frame,
+                self._reply(host_unreachable(str(exc), decoded_or_none(body)), frame,
                             compressor, name)
         finally:
             self._req_body = None
@@ -841,7 +788,7 @@ class ClientConnection(MessageProtocol):
         if name in reads.CURSOR_NAMES:
             address = cursors.find([cmd.get("getMore")] if name == "getMore"
                                    else cmd.get("cursors"))
-        elif (self._client_authenticated or "autocommit" in cmd
+        elif (self.client_authenticated or "autocommit" in cmd
               or not reads.is_read(name, cmd)):
             return None
         else:
@@ -898,107 +845,5 @@ class ClientConnection(MessageProtocol):
             if not flags & opmsg.MORE_TO_COME:
                 self._reply(host_unreachable(str(exc), cmd), frame, compressor, name)
 
-    # -- handshake ----------------------------------------------------------------
-    async def _hello(self, request: dict[str, Any]) -> dict[str, Any]:
-        if self.client_metadata is None and isinstance(request.get("client"), dict):
-            self.client_metadata = request["client"]
-            app = request["client"].get("application")
-            if isinstance(app, dict):
-                self.app_name = app.get("name")
-        problem = handshake.awaitable_problem(request, self.topology)
-        if problem is not None:
-            return problem
-        negotiated = handshake.negotiate_compression(request)
-        if negotiated is not None:
-            self.compressors = negotiated
-        if handshake.is_streaming(request):
-            await self._await_topology_change(request)
-        upstream_reply = None
-        if any(key in request for key in handshake.UPSTREAM_FIELDS):
-            if "speculativeAuthenticate" in request:
-                self._identity_known = False
-                if isinstance(request["speculativeAuthenticate"], dict):
-                    self._client_authenticated = True
-            upstream_hello = handshake.upstream_hello(request)
-            try:
-                if self.upstream.connected:
-                    upstream_hello.pop("client", None)
-                    upstream_reply = await self.upstream.command("admin", upstream_hello)
-                else:
-                    upstream_reply = await self._ensure_upstream(upstream_hello,
-                                                                 client_auth=True)
-            except UpstreamUnavailable as exc:
-                log.info("hello could not reach the upstream: %s", exc)
-        return handshake.build_reply(
-            request, self.topology, self.connection_id,
-            upstream_reply=upstream_reply, negotiated=negotiated,
-        )
-
-    async def _await_topology_change(self, request: dict[str, Any]) -> None:
-        """Streaming hello: hold the reply until the topology changes, maxAwaitTimeMS passes
-        or the proxy stops. A client whose topologyVersion is stale is answered at once."""
-        if not self.topology.is_current(request["topologyVersion"]):
-            return
-        wait = max(0.0, float(request["maxAwaitTimeMS"]) / 1000.0)
-        waiters = [asyncio.ensure_future(self.stopping.wait()),
-                   asyncio.ensure_future(self.topology.wait_changed())]
-        try:
-            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-
     async def _on_query(self, frame: Frame) -> None:
-        query = legacy.parse_query(frame)
-        cmd = query.query
-        if "$query" in cmd and isinstance(cmd["$query"], dict):
-            cmd = cmd["$query"]
-        name = next(iter(cmd), "")
-        count_request(name)
-        flags = 0
-        body = legacy.command_body(query)
-        if body is not None and name in handshake.HELLO_NAMES:
-            reply = await self._hello(cmd)
-        elif body is not None and self.legacy_op_query and name:
-            # Older drivers (Java 3.6 runs buildinfo and authenticates this way): served
-            # as the same command over OP_MSG would be, answered in an OP_REPLY.
-            reply = await self._legacy_command(body)
-        elif body is not None:
-            # As mongod 6.0+: only the handshake may still use OP_QUERY.
-            message = (f"Unsupported OP_QUERY command: {name}. The client driver may require an "
-                       f"upgrade. mongobranch only accepts hello and isMaster over OP_QUERY.")
-            reply = {"$err": message, "errmsg": message, "ok": 0.0, "code": 352,
-                     "codeName": "UnsupportedOpQueryCommand"}
-            flags = legacy.QUERY_FAILURE
-        else:
-            message = ("OP_QUERY is no longer supported. The client driver may require an "
-                       f"upgrade (query on {query.collection}).")
-            reply = {"$err": message, "errmsg": message, "ok": 0.0, "code": 5739101,
-                     "codeName": "Location5739101"}
-            flags = legacy.QUERY_FAILURE
-        data = legacy.build_reply(reply, request_id=next_request_id(),
-                                  response_to=frame.request_id, flags=flags).to_bytes()
-        HOT.bytes_out += len(data)
-        if not self._closing:
-            self.transport.write(data)
-
-    async def _legacy_command(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A legacy OP_QUERY command, run as an OP_MSG: routed like one, else sent to the
-        upstream (which may no longer speak OP_QUERY) as one."""
-        name = next(iter(body))
-        if self.router.wants(name):
-            routed = await self._routed(opmsg.OpMsg(0, body))
-            if routed is not None:
-                return routed
-        if name in _CLIENT_AUTH:
-            self._client_authenticated = True
-        if name in _IDENTITY_CHANGES:
-            self._identity_known = False
-        try:
-            if not self.upstream.connected:
-                await self._ensure_upstream(client_auth=name in _CLIENT_AUTH)
-            db = body.pop("$db")
-            return await self.upstream_command(db, body)
-        except UpstreamUnavailable as exc:
-            self.upstream.close()
-            return host_unreachable(str(exc), body)
+        self._write(await opquery.answer(self, frame), None, "")

@@ -13,6 +13,12 @@ from proxy.wire import compression
 
 HELLO_NAMES = frozenset({"hello", "isMaster", "ismaster"})
 
+# Commands by which a client authenticates itself.
+CLIENT_AUTH = frozenset({"saslStart", "authenticate"})
+
+# Commands after which the connection's authenticated user may have changed.
+IDENTITY_CHANGES = CLIENT_AUTH | {"saslContinue", "logout"}
+
 # Fields a driver may send in hello that only the upstream can answer.
 UPSTREAM_FIELDS = ("saslSupportedMechs", "speculativeAuthenticate")
 
@@ -69,6 +75,14 @@ class Topology:
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
+
+    def learn(self, hello: dict[str, Any]) -> None:
+        """The upstream's own hello (upstream/monitor.py): new limits or versions are a
+        topology change, which wakes the streaming hellos."""
+        info = UpstreamInfo.from_hello(hello)
+        if self.info.known and info != self.info:
+            self.bump()
+        self.info = info
 
 
 def is_streaming(request: dict[str, Any]) -> bool:

@@ -44,13 +44,3 @@ class Router(Protocol):
     async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
         """The reply body, or None to forward the original message unchanged."""
         ...
-
-
-class ForwardAll:
-    """The main port: nothing is served locally."""
-
-    def wants(self, name: str) -> bool:
-        return False
-
-    async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
-        return None

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pymongo import uri_parser
 from pymongo.client_options import ClientOptions
 
 from proxy.upstream.scram import authenticate
@@ -139,14 +138,6 @@ class UpstreamConfig:
     # Where a new connection goes (the current primary) and whom to tell when that
     # server stopped taking writes; None: the first seed, as for a standalone.
     topology: UpstreamTopology | None = None
-
-    @classmethod
-    def from_uri(cls, uri: str, topology: UpstreamTopology | None = None) -> UpstreamConfig:
-        parsed = uri_parser.parse_uri(uri)
-        options = ClientOptions(parsed.get("username") or "", parsed.get("password") or "",
-                                parsed.get("database"), parsed["options"], is_sync=False)
-        return cls.from_options(uri, [(str(h), int(p)) for h, p in parsed["nodelist"]],
-                                options, topology)
 
     @classmethod
     def from_options(cls, uri: str, seeds: list[Address], options: ClientOptions,
@@ -422,10 +413,6 @@ class UpstreamConnection:
         proto = self._proto
         if proto is not None:
             proto.sink = None
-
-    @property
-    def write_paused(self) -> bool:
-        return self._write_paused
 
     def pause_reading(self) -> None:
         """Stop reading replies (the client is not reading its own)."""

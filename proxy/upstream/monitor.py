@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, Protocol
 
-from proxy.net.handshake import Topology, UpstreamInfo
 from proxy.upstream.connection import UpstreamConfig, UpstreamConnection, UpstreamUnavailable
 
 log = logging.getLogger("mongobranch.monitor")
 
 
+class Learner(Protocol):
+    """Whoever advertises what the upstream's hello says (net/handshake.py's Topology):
+    the upstream layer knows nothing of the proxy's own hello."""
+
+    def learn(self, hello: dict[str, Any]) -> None: ...
+
+
 class UpstreamMonitor:
-    def __init__(self, config: UpstreamConfig, topology: Topology, interval: float = 2.0):
+    def __init__(self, config: UpstreamConfig, topology: Learner, interval: float = 2.0):
         self.config = config
         self.topology = topology
         self.interval = interval
@@ -40,15 +47,9 @@ class UpstreamMonitor:
         if not self._conn.connected:
             reply = await self._conn.connect({"client": {"application": {
                 "name": "mongobranch-monitor"}}})
-            self._apply(reply)
+            self.topology.learn(reply)
         reply = await self._conn.command("admin", {"ping": 1})
         return bool(reply.get("ok"))
-
-    def _apply(self, hello: dict[str, object]) -> None:
-        info = UpstreamInfo.from_hello(hello)
-        if self.topology.info.known and info != self.topology.info:
-            self.topology.bump()
-        self.topology.info = info
 
     async def wait_ready(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()

@@ -75,10 +75,3 @@ def compress(frame: Frame, compressor: int) -> Frame:
     codec = _CODECS[compressor]
     payload = _HEAD.pack(frame.op_code, len(frame.payload), compressor) + codec[0](frame.payload)
     return Frame(frame.request_id, frame.response_to, OP_COMPRESSED, payload)
-
-
-def name_of(compressor_id: int) -> str:
-    for name, cid in NAMES.items():
-        if cid == compressor_id:
-            return name
-    return "noop"

@@ -71,9 +71,3 @@ def build_reply(doc: dict[str, Any], *, request_id: int, response_to: int,
                 flags: int = 0) -> Frame:
     payload = _REPLY_HEAD.pack(flags, 0, 0, 1) + encode(doc)
     return Frame(request_id, response_to, OP_REPLY, payload)
-
-
-def reply_document(frame: Frame) -> dict[str, Any]:
-    if len(frame.payload) < _REPLY_HEAD.size + 5:
-        raise ProtocolError("OP_REPLY too short")
-    return decode(frame.payload[_REPLY_HEAD.size :])

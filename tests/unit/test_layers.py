@@ -5,7 +5,8 @@ or inside a function; only `if TYPE_CHECKING:` blocks (never run) are left out o
 cycle check.
 
 `.venv/bin/python -m tests.unit.test_layers` prints the module graph in layers (each
-module above everything it imports) and any import cycle."""
+module above everything it imports), any import cycle, and any import that runs up the
+declared layers (LAYERS)."""
 
 from __future__ import annotations
 
@@ -67,15 +68,19 @@ def imports(path: Path, runtime: bool = False) -> set[str]:
 
 
 GRAPH = {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
-# The modules each module runs an import of. A package's own `__init__` is left out as
-# a target: they import nothing, so no cycle can run through one.
+
+
 def _package(mod: str) -> bool:
     return (PACKAGE.parent / mod.replace(".", "/")).is_dir()
 
 
-RUNTIME = {mod: {d for d in deps if d in GRAPH and d != mod and not _package(d)}
-           for mod, deps in ((module_name(p), imports(p, runtime=True))
-                             for p in sorted(PACKAGE.rglob("*.py")))
+_RUN = {module_name(p): imports(p, runtime=True) for p in sorted(PACKAGE.rglob("*.py"))}
+# The modules each module runs an import of. A package whose `__init__` imports nothing
+# (most of them) is left out, as a target too: no cycle can run through it. One that
+# re-exports its modules (`proxy.branching.history`) counts like any module.
+RUNTIME = {mod: {d for d in deps if d in GRAPH and d != mod
+                 and (not _package(d) or _RUN.get(d))}
+           for mod, deps in _RUN.items()
            if deps or not _package(mod)}
 
 
@@ -175,7 +180,84 @@ def test_the_graph_sees_the_package() -> None:
     assert "proxy.branching.planner" in GRAPH["proxy.branching.commands.read"]
 
 
-# (layer, what it may import from proxy) — anything else in proxy is refused.
+def _branching(*names: str) -> tuple[str, ...]:
+    return tuple(f"proxy.branching.{name}" for name in names)
+
+
+# The layers, lowest first (docs/ARCHITECTURE.md, "Layers and where they live"): a module
+# imports modules of its own layer and of the layers below, never of one above. A name
+# stands for that module and everything under it; the longest name that matches wins.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("process", ("proxy.config", "proxy.logs", "proxy.metrics", "proxy.embedded")),
+    ("wire", ("proxy.wire",)),
+    ("upstream", ("proxy.upstream",)),
+    ("net", ("proxy.net",)),
+    ("leaves", _branching("bsonorder", "idkey", "naming", "errors", "locks", "audit",
+                          "stages")),
+    # The engine runs the capture, the snapshot fences and the lifecycle sweeps itself.
+    ("engine", _branching("engine", "model", "wal", "runner", "overlay", "catalog", "views",
+                          "planner", "cursormerge", "viewscan", "unique", "authz", "snapshot",
+                          "capture", "lifecycle")),
+    ("operations", _branching("history", "copymode", "gc", "lineage", "requests",
+                              "operations")),
+    ("handlers", _branching("commands")),
+    ("router", _branching("router")),
+    ("front doors", ("proxy.admin", "proxy.cli", "proxy.app", "proxy.mcpserver")),
+]
+
+
+def layer_of(mod: str, layers: list[tuple[str, tuple[str, ...]]] = LAYERS,
+             ) -> tuple[int, str] | None:
+    """(rank, name) of the layer a module belongs to; None if no layer names it."""
+    best: tuple[int, int, str] | None = None
+    for rank, (name, prefixes) in enumerate(layers):
+        for prefix in prefixes:
+            if (mod == prefix or mod.startswith(prefix + ".")) and \
+                    (best is None or len(prefix) > best[0]):
+                best = (len(prefix), rank, name)
+    return None if best is None else (best[1], best[2])
+
+
+def _namespace(mod: str) -> bool:
+    """A package whose `__init__` imports nothing: a name, not code (`proxy.branching`)."""
+    return _package(mod) and not _RUN.get(mod) and not GRAPH.get(mod)
+
+
+def upward(graph: dict[str, set[str]],
+           layers: list[tuple[str, tuple[str, ...]]] = LAYERS) -> list[str]:
+    """Every import of a module of a higher layer, as `importer (layer) -> imported (layer)`."""
+    found = []
+    for mod, deps in sorted(graph.items()):
+        here = layer_of(mod, layers)
+        for dep in sorted(deps):
+            there = None if _namespace(dep) else layer_of(dep, layers)
+            if here is not None and there is not None and there[0] > here[0]:
+                found.append(f"{mod} ({here[1]}) -> {dep} ({there[1]})")
+    return found
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    """Every import counts here, `if TYPE_CHECKING:` ones too: a type from a layer above
+    is knowledge of it all the same."""
+    found = upward(GRAPH)
+    assert found == [], "imports that run up the layers:\n  " + "\n  ".join(found)
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new module is placed in LAYERS, or the order check would not see it."""
+    unplaced = sorted(mod for mod in GRAPH
+                      if mod != "proxy" and not _namespace(mod) and layer_of(mod) is None)
+    assert unplaced == [], "modules in no layer of LAYERS: " + ", ".join(unplaced)
+
+
+def test_the_order_check_finds_an_upward_import() -> None:
+    layers = [("low", ("a",)), ("mid", ("b",)), ("high", ("b.c", "d"))]
+    graph = {"a": {"b"}, "b": {"a", "b.c"}, "b.c": {"b"}, "b.x": {"a"}, "d": {"b.c", "a"}}
+    assert upward(graph, layers) == ["a (low) -> b (mid)", "b (mid) -> b.c (high)"]
+
+
+# Narrower than the order: what a layer may reach below it at all. The engine knows the
+# connections only through the router seam; the wire codec knows nothing but itself.
 RULES = [
     ("proxy.wire", ("proxy.wire",)),
     ("proxy.net", ("proxy.net", "proxy.wire", "proxy.upstream", "proxy.metrics")),
@@ -197,3 +279,6 @@ def test_layer_imports_only_what_is_below_it(layer: str, allowed: tuple[str, ...
 
 if __name__ == "__main__":
     print(report(RUNTIME))
+    found = upward(GRAPH)
+    print(f"imports that run up the layers: {len(found)}")
+    print("".join(f"  {line}\n" for line in found), end="")

@@ -12,6 +12,7 @@ from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner
+from proxy.branching.stages import documents_stage as documents_stage  # for the handlers
 from proxy.net.router import Context
 from proxy.wire.codes import Code
 
@@ -91,12 +92,6 @@ def in_mongod_order(reply: dict[str, Any], gossip: dict[str, Any]) -> dict[str, 
         reply["ok"] = reply.pop("ok")
     reply.update(gossip or own)
     return reply
-
-
-def documents_stage(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """A $documents stage yielding these documents as they are: its argument is an
-    expression, so a bare "$name" string or {"$type": ...} inside one would be evaluated."""
-    return {"$documents": [{"$literal": doc} for doc in docs]}
 
 
 # A command family's handler: None lets the command through to the upstream unchanged.

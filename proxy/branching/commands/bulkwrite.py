@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.branching import overlay
 from proxy.branching.commands import mainwrite, write
 from proxy.branching.commands.base import (
     SESSION_FIELDS,
@@ -184,7 +185,7 @@ async def bulk_write(req: Request) -> dict[str, Any]:
         raise CommandError(Code.UNAUTHORIZED,
                            "bulkWrite may only be run against the admin database.")
     req.reject_transactions()
-    txn = write._txn(req)
+    txn = overlay.txn_of(req.cmd)
     if (done := req.engine.recall(txn)) is not None:
         return done
     cmd = req.cmd

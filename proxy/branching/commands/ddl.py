@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.branching import snapshot, views
+from proxy.branching.catalog import ID_INDEX
 from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
-from proxy.branching.commands.catalog import ID_INDEX, exists, visible_collections
+from proxy.branching.commands.catalog import exists, visible_collections
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
 from proxy.branching.wal import CREATE, DROP, PUT, Change

@@ -1,0 +1,88 @@
+"""The collections a branch shows in a database (docs/ARCHITECTURE.md, "Overlays and
+the branch view"): the upstream's catalog with the reserved overlay names left out,
+then the branch's own layers (a collection created, dropped or recreated on the branch
+or an ancestor). The listCollections and DDL handlers shape replies from it; copy mode
+copies what it lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.branching import naming
+from proxy.branching.engine import Engine
+from proxy.branching.model import Branch, NsState
+from proxy.branching.runner import Runner
+
+ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
+
+
+async def base_collections(run: Runner, db: str,
+                           reserved: dict[str, dict[str, Any]] | None = None
+                           ) -> dict[str, dict[str, Any]]:
+    """The upstream's collections in this database, reserved names left out (kept in
+    `reserved` when given)."""
+    out: dict[str, dict[str, Any]] = {}
+    cmd = {"listCollections": 1}
+    async for batch in run.batches(db, cmd):
+        for info in batch:
+            if not naming.is_reserved(info["name"]):
+                out[info["name"]] = info
+            elif reserved is not None:
+                reserved[info["name"]] = info
+    return out
+
+
+def branch_states(engine: Engine, branch: Branch, db: str) -> dict[str, list[NsState]]:
+    """Per collection of this database, the states along the chain, nearest first."""
+    bids = {b.bid for b in engine.chain(branch)}
+    colls = {state.coll for state in engine.states.values()
+             if state.bid in bids and state.db == db}
+    return {coll: engine.layers(branch, db, coll) for coll in sorted(colls)}
+
+
+def visible(layers: list[NsState], in_base: bool) -> bool:
+    for layer in layers:
+        if layer.present is not None:
+            return layer.present
+    return in_base
+
+
+async def exists(engine: Engine, branch: Branch, run: Runner, db: str, coll: str) -> bool:
+    layers = engine.layers(branch, db, coll)
+    for layer in layers:
+        if layer.present is not None:
+            return layer.present
+    reply = await run(db, {"listCollections": 1, "filter": {"name": coll}, "nameOnly": True})
+    return bool(reply["cursor"]["firstBatch"])
+
+
+async def visible_collections(engine: Engine, branch: Branch, run: Runner,
+                              db: str) -> dict[str, dict[str, Any]]:
+    overlays: dict[str, dict[str, Any]] = {}
+    base = await base_collections(run, db, overlays)
+    states = branch_states(engine, branch, db)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(base) | set(states)):
+        layers = states.get(name, [])
+        if not visible(layers, name in base):
+            continue
+        if name in base and not any(layer.base_dropped for layer in layers):
+            out[name] = base[name]
+        else:
+            owner = next(layer for layer in layers if layer.present)
+            out[name] = _owned_info(db, name, owner, overlays.get(owner.live))
+    return out
+
+
+def _owned_info(db: str, name: str, owner: NsState,
+                live: dict[str, Any] | None) -> dict[str, Any]:
+    """A collection the branch owns, listed as the server lists its overlay (the
+    collection's uuid and every field the server adds), under the user's name."""
+    if live is None:
+        return {"name": name, "type": "collection", "options": owner.options,
+                "info": {"readOnly": False}, "idIndex": ID_INDEX}
+    info = {**live, "name": name, "options": owner.options}
+    id_index = live.get("idIndex")
+    if isinstance(id_index, dict) and "ns" in id_index:
+        info["idIndex"] = {**id_index, "ns": f"{db}.{name}"}
+    return info

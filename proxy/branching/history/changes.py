@@ -1,0 +1,190 @@
+"""A branch's changes against its parent's current state (docs/ARCHITECTURE.md,
+"History"): documents, then collections and indexes. What a merge applies is this diff,
+so both read it from here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from proxy.branching import viewscan
+from proxy.branching.engine import Engine
+from proxy.branching.history.lookup import BATCH, branch_states, find_ids, view_ids
+from proxy.branching.idkey import idkey
+from proxy.branching.lineage import parent_layers, parent_of, replaced
+from proxy.branching.model import Branch, NsState
+from proxy.branching.wal import KEEP, OWN, STARTS, image, matching
+from proxy.wire.bsonutil import same
+
+
+def _classify(ns: str, key_id: Any, parent: dict[str, Any] | None,
+              mine: dict[str, Any] | None) -> dict[str, Any] | None:
+    if parent is None and mine is None:
+        return None
+    if parent is None:
+        op = "insert"
+    elif mine is None:
+        op = "delete"
+    elif same(parent, mine):
+        return None
+    else:
+        op = "update"
+    return {"ns": ns, "op": op, "_id": key_id, "parent": parent, "branch": mine}
+
+
+async def diff(engine: Engine, name: str) -> AsyncGenerator[dict[str, Any], None]:
+    """Document changes of a branch relative to its parent's current state, then its
+    collection and index changes ({"ns", "collection"|"index", ...})."""
+    branch = engine.get(name)
+    for state in branch_states(engine, branch):
+        layers = parent_layers(engine, branch, state.db, state.coll)
+        whole = await replaced(engine, branch, state)
+        changes = (diff_replaced(engine, state, layers) if whole
+                   else diff_state(engine, branch, state))
+        async for change in changes:
+            yield change
+        if whole:
+            coll_change = await collection_change(engine, branch, state)
+            if coll_change is not None:
+                yield coll_change
+        if state.indexes is not None and state.present is not False:
+            async for change in index_changes(engine, branch, state):
+                yield change
+
+
+async def touched(engine: Engine, branch: Branch,
+                  state: NsState) -> AsyncIterator[list[tuple[Any, dict[str, Any] | None]]]:
+    """Batches of the ids a branch changed in a collection, in _id order, each with the
+    parent image the branch saw when it first touched it (None: absent then). Ids it
+    only keeps a parent's image of are not changes; their kept image is what it saw.
+
+    One pass over the branch's visible WAL entries for the collection: the logged ids
+    are the hidden set (rematerialization rebuilds one from the other), and the first
+    pre-images come with them, with no per-batch lookup in the WAL."""
+    pipeline = [*matching({"b": branch.bid, "ns": f"{state.db}.{state.coll}",
+                           "op": {"$nin": [*STARTS, OWN]}, **branch.visible()}),
+                {"$sort": {"_id": 1}},
+                {"$group": {"_id": "$id", "pre": {"$first": "$pre"},
+                            "prez": {"$first": "$prez"},
+                            "own": {"$max": {"$cond": [{"$eq": ["$op", KEEP]}, 0, 1]}}}},
+                {"$match": {"own": 1}},
+                {"$sort": {"_id": 1}}]
+    async for batch in engine.pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
+            BATCH):
+        yield [(d["_id"], image(d, "pre")) for d in batch]
+
+
+async def parent_collection(engine: Engine, branch: Branch, db: str,
+                            coll: str) -> dict[str, Any] | None:
+    """The options of the collection as the branch's parent shows it; None if absent."""
+    layers = parent_layers(engine, branch, db, coll)
+    for layer in layers:
+        if layer.present is not None:
+            if not layer.present:
+                return None
+            break
+    reply = await engine.pool.reply(db, {"listCollections": 1, "filter": {"name": coll}})
+    found = reply["cursor"]["firstBatch"] if reply.get("ok") else []
+    if found and not any(layer.base_dropped for layer in layers):
+        return dict(found[0].get("options") or {})
+    owner = next((layer for layer in layers if layer.present), None)
+    return None if owner is None else dict(owner.options)
+
+
+def _comparable(options: dict[str, Any]) -> dict[str, Any]:
+    """Collection options that make a recreated collection another one: pre-images are
+    turned on for main's collections by the capture itself (capture.py)."""
+    return {k: v for k, v in options.items() if k != "changeStreamPreAndPostImages"}
+
+
+async def collection_change(engine: Engine, branch: Branch,
+                            state: NsState) -> dict[str, Any] | None:
+    """For a collection the branch dropped (and maybe recreated): the change a merge
+    makes to the parent's collection itself, None when the parent already matches."""
+    ns = f"{state.db}.{state.coll}"
+    theirs = await parent_collection(engine, branch, state.db, state.coll)
+    if not state.present:
+        return None if theirs is None else {"ns": ns, "collection": "dropped"}
+    if theirs is not None and _comparable(theirs) == _comparable(state.options):
+        return None  # documents and indexes carry the rest
+    return {"ns": ns, "collection": "recreated"}
+
+
+async def diff_replaced(engine: Engine, state: NsState,
+                         layers: list[NsState]) -> AsyncIterator[dict[str, Any]]:
+    """A collection the branch dropped or recreated: every parent document is gone unless
+    the branch holds one with its _id."""
+    pool = engine.pool
+    ns = f"{state.db}.{state.coll}"
+    async for batch in viewscan.view_batches(pool, state.db, state.coll, layers, {}):
+        mine = await find_ids(engine, state.db, state.live, [d["_id"] for d in batch])
+        for doc in batch:
+            change = _classify(ns, doc["_id"], doc, mine.get(idkey(doc["_id"])))
+            if change is not None:
+                yield change
+    async for batch in pool.batches(state.db, {"find": state.live}, BATCH):
+        theirs = await view_ids(engine, state.db, state.coll, layers,
+                                 [d["_id"] for d in batch], project_id=True)
+        for doc in batch:
+            if idkey(doc["_id"]) not in theirs:
+                yield {"ns": ns, "op": "insert", "_id": doc["_id"], "parent": None,
+                       "branch": doc}
+
+
+async def index_changes(engine: Engine, branch: Branch,
+                         state: NsState) -> AsyncIterator[dict[str, Any]]:
+    ns = f"{state.db}.{state.coll}"
+    parent = parent_of(engine, branch)
+    if parent is None:
+        reply = await engine.pool.reply(state.db, {"listIndexes": state.coll})
+        theirs = reply["cursor"]["firstBatch"] if reply.get("ok") else []
+    else:
+        theirs = await engine.view_indexes(parent, state.db, state.coll, engine.pool)
+    # Every collection has its _id index: never a change.
+    mine = {ix["name"]: ix for ix in state.indexes or [] if ix["name"] != "_id_"}
+    other = {ix["name"]: ix for ix in theirs if ix["name"] != "_id_"}
+    created, dropped = set(mine) - set(other), set(other) - set(mine)
+    if state.index_base is not None:
+        # Kept from before the parent changed its list: only what the branch itself
+        # changed since then counts, and only where the parent does not match it yet.
+        base = {ix["name"] for ix in state.index_base}
+        created -= base
+        dropped &= base
+    for name in sorted(created):
+        yield {"ns": ns, "index": "created", "name": name, "spec": mine[name]}
+    for name in sorted(dropped):
+        yield {"ns": ns, "index": "dropped", "name": name, "spec": other[name]}
+
+
+def summarize(summary: dict[str, Any], change: dict[str, Any]) -> None:
+    per = summary.setdefault(change["ns"], {"insert": 0, "update": 0, "delete": 0,
+                                            "collection": None, "indexes": 0})
+    if "op" in change:
+        per[change["op"]] += 1
+    elif "collection" in change:
+        per["collection"] = change["collection"]
+    else:
+        per["indexes"] += 1
+
+
+async def diff_state(engine: Engine, branch: Branch,
+                     state: NsState) -> AsyncIterator[dict[str, Any]]:
+    async for change, _ in state_changes(engine, branch, state):
+        yield change
+
+
+async def state_changes(engine: Engine, branch: Branch, state: NsState,
+                         ) -> AsyncIterator[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """(change, first pre-image) for each document the branch changed in a collection
+    it did not replace."""
+    ns = f"{state.db}.{state.coll}"
+    layers = parent_layers(engine, branch, state.db, state.coll)
+    async for batch in touched(engine, branch, state):
+        ids = [value for value, _ in batch]
+        mine = await find_ids(engine, state.db, state.live, ids)
+        theirs = await view_ids(engine, state.db, state.coll, layers, ids)
+        for value, first in batch:
+            change = _classify(ns, value, theirs.get(idkey(value)), mine.get(idkey(value)))
+            if change is not None:
+                yield change, first

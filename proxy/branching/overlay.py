@@ -1,0 +1,369 @@
+"""The copy-on-write overlay writer (docs/ARCHITECTURE.md, "Writes"): how a write on a
+branch changes its overlay and what it logs, apart from any wire command.
+
+Copy-on-write, then the real write: the documents a write will touch are copied
+from the parent view into the branch's live overlay (and their ids hidden from
+the parent), then the user's own statement runs against the overlay, so the
+upstream applies every update operator itself. Every changed document is
+logged with its pre- and post-image before the client hears back. The write
+handlers (commands/write.py, and `$merge` in commands/aggregate.py) decide which
+documents a statement touches and shape the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import bson
+
+from proxy.branching import snapshot, unique, viewscan
+from proxy.branching.engine import Engine
+from proxy.branching.errors import CommandError
+from proxy.branching.idkey import idkey
+from proxy.branching.model import Branch, NsState
+from proxy.branching.runner import Runner, error_from
+from proxy.branching.stages import documents_stage
+from proxy.branching.wal import PUT, Change
+from proxy.wire.bsonutil import same
+from proxy.wire.codes import Code
+
+BATCH = 1000
+
+
+def txn_of(cmd: dict[str, Any]) -> dict[str, Any] | None:
+    """A retryable write's identity (lsid + txnNumber), under which the engine remembers
+    its reply; None for a write no driver retries."""
+    if "txnNumber" in cmd and isinstance(cmd.get("lsid"), dict):
+        return {"lsid": cmd["lsid"].get("id"), "n": cmd["txnNumber"]}
+    return None
+
+
+class Writer:
+    """One write command on one collection of a branch, under the branch's write lock.
+
+    `cmd` is the client's command as it came: its write concern, its bypass of
+    validation and its retry identity (lsid + txnNumber) carry over to the overlay
+    writes and the WAL. `runner` is the client's connection, so the upstream judges
+    every write by the client's own privileges; `client` names it in the WAL."""
+
+    def __init__(self, engine: Engine, branch: Branch, runner: Runner, db: str, coll: str,
+                 state: NsState, cmd: dict[str, Any], client: dict[str, Any]):
+        self.engine = engine
+        self.branch = branch
+        self.runner = runner
+        self.db = db
+        self.coll = coll
+        self.state = state
+        self.cmd = cmd
+        self.client = client
+        self.txn = txn_of(cmd)
+        self.ns = f"{db}.{coll}"
+        self.changes: list[Change] = []
+        self.wc_error: dict[str, Any] | None = None
+        self.write_concern = cmd.get("writeConcern")
+        self.wc_sent = False
+
+    @property
+    def layers(self) -> list[NsState]:
+        return self.engine.layers(self.branch, self.db, self.coll)
+
+    async def run(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """A command on an overlay; replies name the user's collection, not ours."""
+        if next(iter(cmd)) in ("insert", "update", "delete", "findAndModify"):
+            if self.write_concern is not None:
+                cmd["writeConcern"] = self.write_concern
+                self.wc_sent = True
+            # The overlay carries the branch collection's validator: the user's bypass
+            # must reach the write that would be validated.
+            if self.cmd.get("bypassDocumentValidation") is True:
+                cmd.setdefault("bypassDocumentValidation", True)
+        reply = await self.runner.reply(self.db, cmd)
+        if "writeConcernError" in reply:
+            self.wc_error = reply["writeConcernError"]
+        return unmask(reply, self.state, self.coll)
+
+    async def check(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        reply = await self.run(cmd)
+        if not reply.get("ok"):
+            raise CommandError(int(reply.get("code", 8)), str(reply.get("errmsg", "")),
+                               code_name=str(reply.get("codeName", "")))
+        return reply
+
+    def view_docs(self, filt: dict[str, Any], *, sort: dict[str, Any] | None = None,
+                  limit: int = 0, options: dict[str, Any] | None = None,
+                  parent_only: bool = False, project_id: bool = False,
+                  ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Batches of the branch view's documents matching a filter (the parent view's,
+        with parent_only)."""
+        return viewscan.view_batches(self.runner, self.db, self.coll, self.layers, filt,
+                                     sort=sort, limit=limit, options=options,
+                                     skip_top_live=parent_only, project_id=project_id)
+
+    async def unique_specs(self) -> list[dict[str, Any]]:
+        if self.state.unique is None:
+            indexes = await self.engine.view_indexes(self.branch, self.db,
+                                                         self.coll, self.runner)
+            self.state.unique = unique.unique_specs(indexes)
+        return self.state.unique
+
+    async def _collisions(self, cmd: dict[str, Any], head: list[dict[str, Any]]
+                          ) -> dict[Any, dict[str, Any]]:
+        """idkey -> a duplicate-key error body, for candidates that collide with the
+        parent view on some unique index."""
+        found: dict[Any, dict[str, Any]] = {}
+        for spec in await self.unique_specs():
+            pipeline = head + unique.collision_stages(self.coll, self.layers, spec)
+            async for batch in self.runner.batches(self.db, {**cmd, "pipeline": pipeline,
+                                                                  "cursor": {}}):
+                for doc in batch:
+                    found.setdefault(idkey(doc["_id"]), unique.dup_error(self.ns, spec, doc, 0))
+        return found
+
+    async def collisions_new(self, docs: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+        if not docs or not await self.unique_specs():
+            return {}
+        return await self._collisions({"aggregate": 1}, [documents_stage(docs)])
+
+    async def collisions_live(self, ids: list[Any]) -> dict[Any, dict[str, Any]]:
+        if not ids or not await self.unique_specs():
+            return {}
+        return await self._collisions({"aggregate": self.state.live},
+                                      [{"$match": {"_id": {"$in": ids}}}])
+
+    async def reject_collisions(self, since: int, copied: list[Any]) -> dict[str, Any] | None:
+        """Undo changes logged since a point that collide on a unique index with the
+        parent view; the first such error, as mongod would report it. copied: the ids
+        this write hid itself, the only ones the undo un-hides."""
+        recent = [c for c in self.changes[since:] if c.op == PUT]
+        bad = await self.collisions_live([c.id for c in recent])
+        if not bad:
+            return None
+        copied_keys = {idkey(i) for i in copied}
+        first = None
+        for change in recent:
+            err = bad.get(idkey(change.id))
+            if err is None:
+                continue
+            first = first or err
+            self.changes.remove(change)
+            if idkey(change.id) in copied_keys:
+                await self.uncopy([change.id])
+            elif change.pre is None:  # new, but hidden before (an id the branch deleted)
+                await self.check({"delete": self.state.live,
+                                  "deletes": [{"q": {"_id": change.id}, "limit": 1}]})
+            else:
+                await self.check({"update": self.state.live, "updates": [
+                    {"q": {"_id": change.id}, "u": change.pre}]})
+        return first
+
+    async def parent_has(self, ids: list[Any]) -> set[Any]:
+        """Which ids the parent view still shows (they would collide on insert)."""
+        found: set[Any] = set()
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start:start + BATCH]
+            async for batch in self.view_docs({"_id": {"$in": chunk}}, parent_only=True,
+                                              project_id=True):
+                found.update(idkey(d["_id"]) for d in batch)
+        return found
+
+    async def in_live(self, ids: list[Any]) -> set[Any]:
+        """Which of these visible ids the branch's own overlay already holds."""
+        if self.state.base_dropped:
+            return {idkey(i) for i in ids}  # nothing shows through: all are its own
+        known = [self.state.hides(i) for i in ids]
+        if all(k is not None for k in known):
+            return {idkey(i) for i, k in zip(ids, known, strict=True) if k}
+        found: set[Any] = set()
+        cmd = {"find": self.state.live, "filter": {"_id": {"$in": ids}},
+               "projection": {"_id": 1}}
+        async for batch in self.runner.batches(self.db, cmd, BATCH):
+            found.update(idkey(d["_id"]) for d in batch)
+        return found
+
+    async def hide(self, ids: list[Any], *, pooled: bool = False) -> list[Any]:
+        """Hide ids from the parent; returns those this call hid (the others were hidden
+        already: by an earlier delete, or as the branch's own documents), the only ones
+        an undo may un-hide. pooled: on the engine's own connection, so it can run beside
+        a write on the client's (the hidden-id collection is the proxy's own)."""
+        if not ids:
+            return []
+        cmd = {"insert": self.state.hidden, "documents": [{"_id": i} for i in ids],
+               "ordered": False}
+        # Not pooled, the hide runs on the client's connection: the upstream judges its
+        # right to write here.
+        reply = await (self.engine.pool.reply(self.db, cmd) if pooled
+                       else self.run(cmd))
+        if not reply.get("ok"):
+            raise error_from(reply)
+        # A duplicate: hidden already. Any other error (an _id no collection takes, which
+        # the write itself is refused for too): not hidden.
+        errors = {e["index"]: e.get("code") for e in reply.get("writeErrors", [])}
+        self.state.hide([i for n, i in enumerate(ids)
+                         if errors.get(n, Code.DUPLICATE_KEY) == Code.DUPLICATE_KEY])
+        return [i for n, i in enumerate(ids) if n not in errors]
+
+    async def unhide_pooled(self, ids: list[Any]) -> None:
+        """Undo a pooled hide whose companion write on the client's connection failed (it
+        may have been refused: then the proxy's own connection must not have changed the
+        branch view on the client's behalf)."""
+        if not ids:
+            return
+        reply = await self.engine.pool.reply(self.db, {
+            "delete": self.state.hidden, "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+        if not reply.get("ok"):
+            raise error_from(reply)
+        self.state.unhide(ids)
+
+    async def unhide_absent(self, ids: list[Any]) -> None:
+        """Undo hiding for ids the overlay turned out not to hold. Only for ids this
+        write hid itself: un-hiding one an earlier delete hid would bring the parent's
+        version back."""
+        if not ids:
+            return
+        present: set[Any] = set()
+        cmd = {"find": self.state.live, "filter": {"_id": {"$in": ids}}, "projection": {"_id": 1}}
+        async for batch in self.runner.batches(self.db, cmd, BATCH):
+            present.update(idkey(d["_id"]) for d in batch)
+        absent = [i for i in ids if idkey(i) not in present]
+        if absent:
+            await self.check({"delete": self.state.hidden,
+                              "deletes": [{"q": {"_id": {"$in": absent}}, "limit": 0}]})
+            self.state.unhide(absent)
+
+    async def copy_on_write(self, docs: list[dict[str, Any]]) -> list[Any]:
+        """Copy parent documents into the overlay; returns the ids copied now."""
+        owned = await self.in_live([d["_id"] for d in docs])
+        fresh = [d for d in docs if idkey(d["_id"]) not in owned]
+        if not fresh:
+            return []
+        ids = [d["_id"] for d in fresh]
+        hidden, copied = await asyncio.gather(
+            self.hide(ids, pooled=True),
+            self.check({"insert": self.state.live, "documents": fresh, "ordered": False}),
+            return_exceptions=True)
+        if isinstance(copied, BaseException):
+            if not isinstance(hidden, BaseException):
+                await self.unhide_pooled(hidden)
+            raise copied
+        if isinstance(hidden, BaseException):
+            await self.check({"delete": self.state.live,
+                              "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+            raise hidden
+        return ids
+
+    async def uncopy(self, ids: list[Any]) -> None:
+        """Undo a copy that turned out to change nothing, so the overlay stays minimal."""
+        if not ids:
+            return
+        await self.check({"delete": self.state.live,
+                          "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+        await self.check({"delete": self.state.hidden,
+                          "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
+        self.state.unhide(ids)
+
+    async def live_docs(self, ids: list[Any]) -> dict[Any, dict[str, Any]]:
+        out: dict[Any, dict[str, Any]] = {}
+        cmd = {"find": self.state.live, "filter": {"_id": {"$in": ids}}}
+        async for batch in self.runner.batches(self.db, cmd, BATCH):
+            for d in batch:
+                out[idkey(d["_id"])] = d
+        return out
+
+    async def record_puts(self, pres: list[dict[str, Any]], copied: list[Any]) -> None:
+        """Log what changed between pre-images and the overlay now; undo idle copies."""
+        posts = await self.live_docs([d["_id"] for d in pres])
+        copied_keys = {idkey(i) for i in copied}
+        idle = []
+        for pre in pres:
+            key = idkey(pre["_id"])
+            post = posts.get(key)
+            if post is None:
+                continue
+            if same(pre, post):
+                if key in copied_keys:
+                    idle.append(pre["_id"])
+                continue
+            self.changes.append(Change(self.ns, pre["_id"], PUT, pre, post))
+        await self.uncopy(idle)
+
+    async def flush(self) -> None:
+        """Log a large write a batch at a time, so memory stays bounded. Like a mongod
+        multi-document write, one that spans batches is not atomic across a crash."""
+        if len(self.changes) >= BATCH:
+            await self.engine.log_changes(self.branch, self.changes,
+                                              self.client, self.txn)
+            self.changes.clear()
+
+    async def record_inserts(self, match: dict[str, Any], pres: list[dict[str, Any]]) -> None:
+        """Log documents a server-side write added to the overlay (they had no pre-image)."""
+        known = {idkey(d["_id"]) for d in pres}
+        cmd = {"find": self.state.live, "filter": match}
+        async for batch in self.runner.batches(self.db, cmd, BATCH):
+            new = [d for d in batch if idkey(d["_id"]) not in known]
+            await self.hide([d["_id"] for d in new])
+            self.changes.extend(Change(self.ns, d["_id"], PUT, None, d) for d in new)
+
+    async def upserted(self, new_id: Any) -> dict[str, Any] | None:
+        """After an upsert into the overlay: a duplicate-key error if the parent holds the id."""
+        if await self.parent_has([new_id]):
+            await self.check({"delete": self.state.live,
+                              "deletes": [{"q": {"_id": new_id}, "limit": 1}]})
+            return dup_key_error(self.ns, new_id)
+        hid = await self.hide([new_id])
+        post = (await self.live_docs([new_id])).get(idkey(new_id))
+        self.changes.append(Change(self.ns, new_id, PUT, None, post))
+        return await self.reject_collisions(len(self.changes) - 1, hid)
+
+    async def finish(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """Log what the write changed, then remember its reply for a retry: the client
+        hears back only once both hold."""
+        if self.write_concern is not None and not self.wc_sent:
+            # Every statement failed before reaching the overlay. mongod still waits for the
+            # client's write concern and reports a writeConcernError: so does a no-op write.
+            await self.run({"delete": self.state.hidden,
+                            "deletes": [{"q": {"_id": {"$in": []}}, "limit": 1}]})
+        if self.wc_error is not None:
+            reply["writeConcernError"] = self.wc_error
+        await self.engine.log_changes(self.branch, self.changes, self.client, self.txn, reply)
+        self.changes.clear()
+        self.engine.remember(self.txn, reply)
+        return reply
+
+
+def unmask(reply: dict[str, Any], state: NsState, coll: str) -> dict[str, Any]:
+    """Replace overlay names in error messages by the collection the user named."""
+    def fix(text: Any) -> Any:
+        return text.replace(state.live, coll) if isinstance(text, str) else text
+
+    if "errmsg" in reply:
+        reply["errmsg"] = fix(reply["errmsg"])
+    for err in reply.get("writeErrors", []):
+        err["errmsg"] = fix(err.get("errmsg"))
+    return reply
+
+
+def dup_key_error(ns: str, value: Any, index: int = 0) -> dict[str, Any]:
+    shown = bson.json_util.dumps(value) if not isinstance(value, str) else f'"{value}"'
+    return {
+        "index": index, "code": Code.DUPLICATE_KEY,
+        "errmsg": f"E11000 duplicate key error collection: {ns} index: _id_ dup key: "
+                  f"{{ _id: {shown} }}",
+        "keyPattern": {"_id": 1}, "keyValue": {"_id": value},
+    }
+
+
+async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: str,
+                cmd: dict[str, Any], client: dict[str, Any]) -> Writer:
+    """A writer for a collection of a branch, under the branch's write lock: the
+    collection's overlay made ready (and children given what they saw of it first)."""
+    # Point writes on other ids may be setting up the same collection at the same time.
+    async with engine.branch_lock(branch.bid).setup:
+        await snapshot.before_collection_write(engine, branch, db, coll)
+        state = await engine.ensure_state(branch, db, coll, runner)
+        await engine.mark_dirty(state)
+        if state.present is not True:
+            state.present = True
+            await engine.save_state(state)
+    return Writer(engine, branch, runner, db, coll, state, cmd, client)
