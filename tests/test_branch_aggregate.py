@@ -94,6 +94,9 @@ def test_the_live_side_goes_in_as_a_literal_read_by_index(
                                       "cursor": {}}))
     assert "'$unionWith'" not in plan and "'$lookup'" not in plan
     assert "__mb_live" in plan and "$inserted" in plan
+    reason = db.command("explain", {"aggregate": "items", "pipeline": pipeline,
+                                    "cursor": {}})["mongobranch"]["reason"]
+    assert "selects" in reason and "appended as a literal" in reason, reason
 
     db.items.insert_many([{"_id": f"bulk{i}", "k": 50_000 + i, "g": 1} for i in range(1100)])
     copy.items.insert_many([{"_id": f"bulk{i}", "k": 50_000 + i, "g": 1} for i in range(1100)])
@@ -102,6 +105,9 @@ def test_the_live_side_goes_in_as_a_literal_read_by_index(
     assert list(db.items.aggregate(wide)) == list(copy.items.aggregate(wide))
     plan = str(db.command("explain", {"aggregate": "items", "pipeline": wide, "cursor": {}}))
     assert "'$unionWith'" in plan and "__mb_live" not in plan
+    reason = db.command("explain", {"aggregate": "items", "pipeline": wide,
+                                    "cursor": {}})["mongobranch"]["reason"]
+    assert "each overlay a $unionWith" in reason, reason
     # the base is never written
     assert base.items.count_documents({}) == N
 

@@ -276,6 +276,62 @@ def test_a_hint_naming_no_index_is_refused_on_a_changed_collection(
     upstream_client.drop_database(name)
 
 
+def test_explain_shows_the_read_plan_beside_the_upstreams_explain(
+        fork: Fork, upstream_client: MongoClient) -> None:
+    """explain on a branch port names the plan the read takes and why, next to the
+    upstream's explain of what runs (for merged reads: the server-side union answering
+    the same read)."""
+    name = unique("plan").replace("-", "_")
+    upstream_client[name].c.insert_many([{"_id": i, "num": i} for i in range(20)])
+    upstream_client[name].u.insert_many([{"_id": i} for i in range(3)])
+    _, branch = fork()
+    db = branch[name]
+    db.c.update_one({"_id": 4}, {"$set": {"num": 40}})
+    db.r.insert_many([{"_id": i} for i in range(3)])
+    db.r.drop()
+    db.r.insert_many([{"_id": i} for i in range(3)])  # dropped and refilled: owned outright
+
+    def explained(cmd: dict[str, Any]) -> dict[str, Any]:
+        reply = db.command("explain", cmd)
+        assert reply["ok"] == 1.0 and "queryPlanner" in reply, reply
+        return dict(reply["mongobranch"])
+
+    assert explained({"find": "u", "filter": {}}) == {
+        "plan": "pass-through", "reason": "the branch never changed u",
+        "explained": "pass-through"}
+    point = db.command("explain", {"find": "c", "filter": {"_id": 4}})
+    assert point["mongobranch"]["plan"] == "point"
+    assert point["queryPlanner"]["namespace"].endswith("_l_c"), point["queryPlanner"]
+    assert explained({"find": "c", "filter": {"_id": 5}})["plan"] == "pass-through"
+    merged = explained({"find": "c", "filter": {"num": {"$gt": 3}}, "sort": {"num": 1}})
+    assert merged["plan"] == "merged" and merged["explained"] == "union"
+    assert "merged by sort key" in merged["reason"]
+    union = explained({"find": "c", "sort": {"num": 1}, "collation": {"locale": "fr"}})
+    assert union["plan"] == "union" and "collation" in union["reason"]
+    assert explained({"find": "r", "filter": {}})["plan"] == "in-place"
+    assert explained({"count": "c", "query": {"num": 40}})["plan"] == "merged"
+    assert explained({"aggregate": "c", "pipeline": [], "cursor": {}})["plan"] == "union"
+    assert explained({"aggregate": "u", "pipeline": [], "cursor": {}})["plan"] == \
+        "pass-through"
+    assert explained({"distinct": "u", "key": "_id"})["plan"] == "pass-through"
+    inline = db.command("aggregate", "c", pipeline=[{"$match": {"num": 40}}], explain=True)
+    assert inline["mongobranch"]["plan"] == "union" and "$nin" in inline["mongobranch"]["reason"]
+    upstream_client.drop_database(name)
+
+
+def test_out_from_a_collection_the_branch_never_changed(
+        fork: Fork, upstream_client: MongoClient) -> None:
+    """$out reads an untouched source as it is and writes into the branch only."""
+    name = unique("out").replace("-", "_")
+    upstream_client[name].u.insert_many([{"_id": i, "n": i} for i in range(5)])
+    _, branch = fork()
+    db = branch[name]
+    assert list(db.u.aggregate([{"$match": {"n": {"$gte": 2}}}, {"$out": "copied"}])) == []
+    assert sorted(d["_id"] for d in db.copied.find()) == [2, 3, 4]
+    assert "copied" not in upstream_client[name].list_collection_names()
+    upstream_client.drop_database(name)
+
+
 class _Batches(monitoring.CommandListener):
     """The length of every batch a cursor received, first batch included."""
 

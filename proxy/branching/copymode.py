@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from proxy.branching import capture, catalog, reader, views
+from proxy.branching import capture, catalog, views, viewscan
 from proxy.branching.engine import MAIN, Engine, overlay_index
 from proxy.branching.errors import BranchError, CommandError, Kind
 from proxy.branching.idkey import idkey
@@ -233,8 +233,8 @@ async def _to_wal(engine: Engine, branch: Branch) -> int:
         async for batch in pool.batches(state.db, {"find": state.live}):
             ids = [d["_id"] for d in batch]
             theirs: dict[Any, dict[str, Any]] = {}
-            async for got in reader.view_batches(pool, state.db, state.coll, layers,
-                                                 {"_id": {"$in": ids}}):
+            async for got in viewscan.view_batches(pool, state.db, state.coll, layers,
+                                                   {"_id": {"$in": ids}}):
                 theirs.update((idkey(d["_id"]), d) for d in got)
             differ = [d for d in batch if idkey(d["_id"]) not in theirs
                       or not same(theirs[idkey(d["_id"])], d)]
@@ -245,7 +245,7 @@ async def _to_wal(engine: Engine, branch: Branch) -> int:
                 await engine.log_changes(branch, [Change(ns, d["_id"], PUT, None, d)
                                                   for d in differ], identity, preserve=False)
         # Documents the parent shows that the copy does not hold: deleted on the branch.
-        async for got in reader.view_batches(pool, state.db, state.coll, layers, {}):
+        async for got in viewscan.view_batches(pool, state.db, state.coll, layers, {}):
             ids = [d["_id"] for d in got]
             mine: set[Any] = set()
             async for b in pool.batches(state.db, {"find": state.live,

@@ -17,10 +17,10 @@ from pymongo.errors import DuplicateKeyError
 from proxy.branching import naming, snapshot
 from proxy.branching.capture import Capture
 from proxy.branching.capture import register as capture_register
+from proxy.branching.cursormerge import CursorTable
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.lifecycle import Lifecycle
 from proxy.branching.locks import BranchLock
-from proxy.branching.merge import CursorTable
 from proxy.branching.model import HIDDEN_CACHE_LIMIT, ISOLATION, SNAPSHOT, Branch, NsState
 from proxy.branching.runner import Runner, error_from, pooled
 from proxy.branching.snapshot import Fence

@@ -18,7 +18,7 @@ from typing import Any
 
 import bson
 
-from proxy.branching import reader, snapshot, unique
+from proxy.branching import snapshot, unique, viewscan
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
@@ -97,9 +97,9 @@ class Writer:
                   ) -> AsyncIterator[list[dict[str, Any]]]:
         """Batches of the branch view's documents matching a filter (the parent view's,
         with parent_only)."""
-        return reader.view_batches(self.runner, self.db, self.coll, self.layers, filt,
-                                   sort=sort, limit=limit, options=options,
-                                   skip_top_live=parent_only, project_id=project_id)
+        return viewscan.view_batches(self.runner, self.db, self.coll, self.layers, filt,
+                                     sort=sort, limit=limit, options=options,
+                                     skip_top_live=parent_only, project_id=project_id)
 
     async def unique_specs(self) -> list[dict[str, Any]]:
         if self.state.unique is None:

@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from proxy.branching import reader
+from proxy.branching import viewscan
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.naming import MAIN
@@ -254,8 +254,8 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     await engine.mark_dirty(state)
     copied = 0
     if whole:
-        async for batch in reader.view_batches(pool, db, coll, layers, {},
-                                               skip_top_live=True):
+        async for batch in viewscan.view_batches(pool, db, coll, layers, {},
+                                                 skip_top_live=True):
             await _keep(engine, kid, state, [(d["_id"], d) for d in batch])
             copied += len(batch)
     else:
@@ -266,7 +266,7 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
                 fresh = [i for i in ids if idkey(i) not in owned]
                 for start in range(0, len(fresh), CHUNK):
                     chunk = fresh[start:start + CHUNK]
-                    docs = {idkey(d["_id"]): d async for part in reader.view_batches(
+                    docs = {idkey(d["_id"]): d async for part in viewscan.view_batches(
                         pool, db, coll, layers, {"_id": {"$in": chunk}}) for d in part}
                     await _keep(engine, kid, state, [(i, docs.get(idkey(i))) for i in chunk])
                     copied += len(chunk)

@@ -1,15 +1,12 @@
-"""The pure parts of the read planner and of history, in process: which collections a
-branch view reads, which side a point lookup goes to, when finds can be merged, which
-resets void what."""
+"""The pure parts of the branch view and of history, in process: the stages that yield a
+branch view (`views.py`), which resets void what. The planner's decisions built on them
+are in test_planner.py."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import pytest
-from bson import Int64
-
-from proxy.branching import merge, views
+from proxy.branching import views
 from proxy.branching.history import voids_at
 from proxy.branching.model import NsState
 
@@ -56,47 +53,6 @@ def test_a_dropped_collection_hides_everything_below_it() -> None:
     assert stages[0] == {"$match": {"_id": {"$in": []}}}
     assert [s["$unionWith"]["coll"] for s in stages[1:]] == [top.live, mid.live]
     assert views.whole([mid]) == mid.live and views.whole([top, mid]) is None
-
-
-def test_point_lookup_reads_the_one_side_that_owns_the_id() -> None:
-    top, parent = layer("b2", [1]), layer("b1", [2])
-    sides = merge.point_sides("items", [top, parent], {"_id": 1})
-    assert sides is not None and [s.coll for s in sides] == [top.live]
-    # 1, 1.0 and Int64(1) are one _id under BSON equality.
-    sides = merge.point_sides("items", [top, parent], {"_id": Int64(2)})
-    assert sides is not None and [s.coll for s in sides] == [parent.live]
-    sides = merge.point_sides("items", [top, parent], {"_id": 3})
-    assert sides is not None and [s.coll for s in sides] == ["items"]
-    assert merge.point_sides("items", [top, parent], {"_id": 1}, skip_top_live=True) == []
-
-
-@pytest.mark.parametrize("filt", [{"_id": {"$gt": 1}}, {"_id": 1, "x": 2}, {"x": 1},
-                                  {"_id": [1]}, None])
-def test_anything_but_an_id_equality_is_not_a_point(filt: Any) -> None:
-    assert merge.point_sides("items", [layer("b1", [1])], filt) is None
-
-
-def test_point_lookup_needs_the_hidden_set_in_memory() -> None:
-    assert merge.point_sides("items", [layer("b1", None)], {"_id": 1}) is None
-
-
-@pytest.mark.parametrize(("cmd", "expected"), [
-    ({"find": "items", "filter": {"x": 1}, "sort": {"x": 1}}, True),
-    ({"find": "items", "sort": {"x": -1, "_id": 1}, "projection": {"x": 1}}, True),
-    ({"find": "items", "projection": {"_id": 0}}, False),
-    ({"find": "items", "sort": {"x": 1}, "collation": {"locale": "fr"}}, False),
-    ({"find": "items", "sort": {"score": {"$meta": "textScore"}}}, False),
-    ({"find": "items", "sort": {"x": 1}, "projection": {"y": 0}}, False),
-    ({"find": "items", "filter": {"loc": {"$near": [0, 0]}}}, False),
-    ({"find": "items", "min": {"x": 1}}, False),
-    ({"find": "items", "tailable": True}, False),
-])
-def test_when_finds_can_be_merged_in_the_proxy(cmd: dict[str, Any], expected: bool) -> None:
-    assert merge.mergeable(cmd, [layer("b1", [1])]) is expected
-
-
-def test_finds_are_not_merged_without_the_hidden_set_in_memory() -> None:
-    assert merge.mergeable({"find": "items"}, [layer("b1", None)]) is False
 
 
 def test_voids_follow_the_chain_of_resets() -> None:

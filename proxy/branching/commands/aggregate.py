@@ -1,114 +1,22 @@
-"""aggregate on a branch: the branch view is inlined for the source collection and
-for every collection a $lookup, $unionWith or $facet reaches; $out writes into
-the branch."""
+"""aggregate on a branch: the executor of the planner's aggregate plans (the branch
+view inlined for the source collection and for every collection a $lookup, $unionWith or
+$facet reaches, `planner.plan_aggregate`), including their probes; $out and $merge write
+into the branch."""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
-from proxy.branching import merge, snapshot, views
+from proxy.branching import cursormerge, planner, snapshot
 from proxy.branching.commands import write
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
+from proxy.branching.planner import PlanKind
 from proxy.branching.wal import CREATE, PUT, Change
-from proxy.wire import bsonutil
 from proxy.wire.codes import Code
 
 Pipeline = list[dict[str, Any]]
-_TMP = "__mb_lk"
-
-
-def _rewrite(req: Request, pipeline: Pipeline) -> Pipeline:
-    out: Pipeline = []
-    for stage in pipeline:
-        if not isinstance(stage, dict) or len(stage) != 1:
-            raise CommandError(Code.STAGE_NEEDS_ONE_FIELD,
-                               "A pipeline stage specification object must contain exactly "
-                               "one field.")
-        name, spec = next(iter(stage.items()))
-        if name == "$lookup":
-            out.extend(_lookup(req, spec))
-        elif name == "$unionWith":
-            out.append({"$unionWith": _union(req, spec)})
-        elif name == "$facet" and isinstance(spec, dict):
-            out.append({"$facet": {k: _rewrite(req, v) for k, v in spec.items()}})
-        elif name == "$graphLookup" and isinstance(spec, dict) and \
-                req.layers(str(spec.get("from"))):
-            top = views.whole(req.layers(str(spec.get("from"))))
-            if top is None:
-                raise req.unsupported("$graphLookup from a collection the branch changed")
-            out.append({"$graphLookup": {**spec, "from": top}})
-        elif name in ("$changeStream", "$changeStreamSplitLargeEvent"):
-            raise req.unsupported("change streams")
-        elif name == "$merge" and stage is not pipeline[-1]:
-            raise CommandError(Code.MERGE_NOT_LAST, "$merge can only be the final stage "
-                               "in the pipeline")
-        else:
-            out.append(stage)
-    return out
-
-
-def _union(req: Request, spec: Any) -> dict[str, Any]:
-    if isinstance(spec, str):
-        spec = {"coll": spec}
-    if not isinstance(spec, dict):
-        return spec
-    spec = dict(spec)
-    inner = _rewrite(req, spec.get("pipeline") or [])
-    layers = req.layers(str(spec.get("coll")))
-    top = views.whole(layers)
-    if top is not None:
-        spec["coll"] = top
-    elif layers:
-        inner = views.view_stages(layers) + inner
-    spec["pipeline"] = inner
-    return spec
-
-
-def _lookup(req: Request, spec: Any) -> Pipeline:
-    if not isinstance(spec, dict):
-        return [{"$lookup": spec}]
-    spec = dict(spec)
-    if "pipeline" in spec:
-        spec["pipeline"] = _rewrite(req, spec["pipeline"])
-    source = spec.get("from")
-    layers = req.layers(source) if isinstance(source, str) else []
-    if not layers:
-        return [{"$lookup": spec}]
-    top = views.whole(layers)
-    if top is not None:
-        return [{"$lookup": {**spec, "from": top}}]
-    if "localField" not in spec:
-        spec["pipeline"] = views.view_stages(layers) + spec.get("pipeline", [])
-        return [{"$lookup": spec}]
-    if "pipeline" in spec:
-        raise req.unsupported("$lookup with both localField and pipeline on a changed "
-                              "collection")
-    # Equality lookups keep mongod's array semantics: one lookup per layer, each
-    # excluding the ids hidden above it, concatenated.
-    dropped_at = next((i for i, layer in enumerate(layers) if layer.base_dropped), None)
-    parts: list[tuple[str, Pipeline]] = []
-    if dropped_at is None:
-        parts.append((source, views.exclusion(layers)))  # type: ignore[arg-type]
-    for j, layer in enumerate(layers):
-        if dropped_at is not None and j > dropped_at:
-            break
-        parts.append((layer.live, views.exclusion(layers[:j])))
-    stages: Pipeline = []
-    names = []
-    for i, (coll, excl) in enumerate(parts):
-        name = f"{_TMP}{i}"
-        names.append(name)
-        sub: dict[str, Any] = {"from": coll, "localField": spec["localField"],
-                               "foreignField": spec["foreignField"], "as": name}
-        if excl:
-            sub["pipeline"] = excl
-        stages.append({"$lookup": sub})
-    stages.append({"$set": {spec["as"]: {"$concatArrays": [f"${n}" for n in names]}}})
-    stages.append({"$unset": names})
-    return stages
 
 
 def _out_target(req: Request, pipeline: Pipeline) -> tuple[str, str] | None:
@@ -122,125 +30,46 @@ def _out_target(req: Request, pipeline: Pipeline) -> tuple[str, str] | None:
     raise CommandError(Code.OUT_NEEDS_A_COLLECTION, "$out needs a collection name")
 
 
-# A leading $match selecting at most this many base documents narrows the hidden ids
-# to exclude from the base down to those it selects (a small overlay: the common case).
-NARROW_LIMIT = 1000
-_NARROW_CARRY = ("lsid", "$clusterTime", "readConcern", "collation", "let", "hint",
-                 "maxTimeMS", "apiVersion", "apiStrict")
-
-
-@dataclass
-class _Narrowed:
-    """What a leading $match selects from the base: the hidden ids among it, and how
-    many documents and BSON bytes it holds."""
-
-    hidden: list[Any]
-    docs: int
-    nbytes: int
-
-
-_SIZE = "__mb_size"
-
-
-def _probe(cmd: dict[str, Any], coll: str, first: dict[str, Any],
-           projection: dict[str, Any]) -> dict[str, Any]:
-    find: dict[str, Any] = {"find": coll, "filter": first, "projection": projection,
-                            "limit": NARROW_LIMIT + 1, "batchSize": NARROW_LIMIT + 1}
-    for key in _NARROW_CARRY:
-        if key in cmd:
-            find[key] = cmd[key]
-    return find
-
-
 async def _first_batch(req: Request, coll: str, find: dict[str, Any]) -> list[Any] | None:
-    """The whole result when it fits one batch of at most NARROW_LIMIT documents."""
+    """The whole result when it fits one batch (None: the upstream refused the find, or
+    it needs more than one batch, large documents not the few a probe is for)."""
     reply = await req.run.reply(req.db, find)
     if not reply.get("ok"):
         return None
     batch, cursor_id = reply["cursor"]["firstBatch"], reply["cursor"]["id"]
-    if cursor_id:  # more than one batch (large documents): not the few this is for
+    if cursor_id:
         await req.run.reply(req.db, {"killCursors": coll, "cursors": [cursor_id]})
         return None
-    return batch if len(batch) <= NARROW_LIMIT else None
+    return list(batch)
 
 
-async def _base_hidden(req: Request, cmd: dict[str, Any], source: str, layers: list[Any],
-                       first: dict[str, Any] | None) -> _Narrowed | None:
-    """The hidden ids among the base documents a leading $match selects, when few: a
-    short $nin then replaces the anti-join, which costs a lookup per base document. The
-    server still evaluates the filter; the proxy only intersects id sets. None: the
-    anti-join stays (no $match, too many matches, or the filter is the server's to
-    reject on the aggregate itself)."""
-    if not first or not views.needs_anti_join(layers):
-        return None
-    batch = await _first_batch(req, source, _probe(
-        cmd, source, first, {"_id": 1, _SIZE: {"$bsonSize": "$$ROOT"}}))
-    if batch is None:
-        return None
-    hidden = views.hidden_among(layers, [d["_id"] for d in batch])
-    if len(hidden) > views.NIN_LIMIT:
-        return None
-    nbytes = sum(d[_SIZE] if isinstance(d.get(_SIZE), int) else views.INJECT_BYTES
-                 for d in batch)
-    return _Narrowed(hidden, len(batch), nbytes)
-
-
-async def _live_docs(req: Request, cmd: dict[str, Any], layers: list[Any],
-                     first: dict[str, Any], base: _Narrowed) -> list[dict[str, Any]] | None:
-    """Every layer's live documents the leading $match selects, read with the overlays'
-    own indexes, when they and the base side are few enough to go in as a literal
-    (views.injects_live); None: the pipeline unions the live collections."""
-    if any(layer.base_dropped for layer in layers):
-        return None
-    live: list[list[dict[str, Any]]] = []
-    count = nbytes = 0
-    for layer in layers:
-        if not views.injects_live(base.docs, base.nbytes, count, nbytes):
-            return None
-        find = _probe(cmd, layer.live, first, {})
-        find.pop("projection")
-        find.pop("hint", None)
-        batch = await _first_batch(req, layer.live, find)
-        if batch is None:
-            return None
-        live.append(batch)
-        count += len(batch)
-        nbytes += sum(len(bsonutil.encode(d)) for d in batch)
-    if not views.injects_live(base.docs, base.nbytes, count, nbytes):
-        return None
-    return views.live_view(layers, live)
-
-
-async def plan_aggregate(req: Request, cmd: dict[str, Any]) -> dict[str, Any] | None:
-    """The rewritten aggregate, or None when the branch changed nothing it reads."""
-    pipeline = cmd.get("pipeline")
-    if not isinstance(pipeline, list):
-        raise CommandError(Code.TYPE_MISMATCH, "'pipeline' option must be specified as an array")
-    source = cmd.get("aggregate")
-    layers = req.layers(source) if isinstance(source, str) else []
-    rewritten = _rewrite(req, pipeline)
-    if not layers and rewritten == pipeline:
-        return None
-    top = views.whole(layers)
-    target = top if top is not None else source
-    if layers and top is None:
-        first: dict[str, Any] | None = None
-        rest = rewritten
-        if rest and "$match" in rest[0] and isinstance(rest[0]["$match"], dict):
-            first, rest = rest[0]["$match"], rest[1:]
-        narrowed = await _base_hidden(req, cmd, source, layers, first) \
-            if isinstance(source, str) else None
-        live = await _live_docs(req, cmd, layers, first, narrowed) \
-            if narrowed is not None and first else None
-        rewritten = views.view_stages(
-            layers, first, base_hidden=None if narrowed is None else narrowed.hidden,
-            live_docs=live) + rest
-    out = {k: v for k, v in cmd.items() if k not in ("$db", "pipeline")}
-    out["aggregate"] = target
-    out["pipeline"] = rewritten
-    if isinstance(source, str) and layers and any(layer.base_dropped for layer in layers):
-        out.pop("hint", None)
-    return out
+async def planned(req: Request, cmd: dict[str, Any]) -> planner.Plan:
+    """The aggregate's plan, with its second step taken when the planner asked for a
+    probe: what the leading $match selects from the base (then from each overlay, while
+    a literal of it still fits) is read and the planner plans again."""
+    plan = planner.plan_aggregate(cmd, req.layers, branch=req.on_branch.name)
+    probe = plan.probe
+    if probe is None:
+        return plan
+    layers = req.layers(probe.source)
+    base = planner.narrow(layers, await _first_batch(
+        req, probe.source, planner.probe_find(cmd, probe.source, probe.first, base=True)))
+    live: list[list[dict[str, Any]]] | None = None
+    if base is not None and probe.literal:
+        live = []
+        for layer in layers:
+            if not planner.literal_fits(base, live):
+                live = None
+                break
+            batch = await _first_batch(req, layer.live, planner.probe_find(
+                cmd, layer.live, probe.first, base=False))
+            if batch is None:
+                live = None
+                break
+            live.append(batch)
+        if live is not None and not planner.literal_fits(base, live):
+            live = None
+    return planner.replan(plan, layers, base, live)
 
 
 async def aggregate(req: Request) -> dict[str, Any] | None:
@@ -252,14 +81,18 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
     merge_spec = _merge_spec(req, pipeline) if isinstance(pipeline, list) else None
     if merge_spec is not None:
         return await _aggregate_merge(req, merge_spec)
-    planned = await plan_aggregate(req, req.cmd)
-    if planned is None:
+    plan = await planned(req, req.cmd)
+    explaining = "explain" in req.cmd
+    if plan.kind is PlanKind.PASS and not explaining:
         return None
-    reply = await req.run.reply(req.db, planned)
-    if "explain" in planned:
+    assert plan.command is not None
+    reply = await req.run.reply(req.db, plan.command)
+    if explaining:
+        if reply.get("ok"):
+            reply["mongobranch"] = plan.explain()
         return reply
-    return merge.adopt(req.engine.cursors, req.db, str(req.cmd.get("aggregate")),
-                       planned["aggregate"], reply, req.cmd.get("lsid"))
+    return cursormerge.adopt(req.engine.cursors, req.db, str(req.cmd.get("aggregate")),
+                             plan.command["aggregate"], reply, req.cmd.get("lsid"))
 
 
 async def _aggregate_out(req: Request, target: tuple[str, str]) -> dict[str, Any]:
@@ -273,9 +106,9 @@ async def _aggregate_out(req: Request, target: tuple[str, str]) -> dict[str, Any
         await engine.mark_dirty(state)
         cmd = dict(req.cmd)
         cmd["pipeline"] = [*cmd["pipeline"][:-1], {"$out": {"db": db, "coll": state.live}}]
-        planned = await plan_aggregate(req, cmd)
-        assert planned is not None
-        reply = await req.run.reply(req.db, planned)
+        command = (await planned(req, cmd)).command
+        assert command is not None
+        reply = await req.run.reply(req.db, command)
         if not reply.get("ok"):
             return reply
         state.base_dropped = True
@@ -326,9 +159,9 @@ async def _aggregate_merge(req: Request, spec: dict[str, Any]) -> dict[str, Any]
         writer = await write.begin(target, coll)
         cmd = dict(req.cmd)
         cmd["pipeline"] = [*cmd["pipeline"][:-1], {"$out": {"db": db, "coll": scratch}}]
-        planned = await plan_aggregate(req, cmd)
-        assert planned is not None
-        reply = await req.run.reply(req.db, planned)
+        command = (await planned(req, cmd)).command
+        assert command is not None
+        reply = await req.run.reply(req.db, command)
         if not reply.get("ok"):
             return reply
         failed: dict[str, Any] | None = None

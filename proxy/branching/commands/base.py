@@ -20,10 +20,6 @@ from proxy.wire.codes import Code
 SESSION_FIELDS = ("lsid", "txnNumber", "autocommit", "startTransaction", "$clusterTime",
                   "$readPreference", "readConcern", "writeConcern", "$db", "apiVersion",
                   "apiStrict", "apiDeprecationErrors", "comment", "maxTimeMS")
-# Carried from the user's read command onto its rewritten form.
-READ_CARRY = ("lsid", "$clusterTime", "$readPreference", "readConcern", "apiVersion",
-              "apiStrict", "apiDeprecationErrors", "comment", "maxTimeMS", "collation", "let",
-              "hint", "allowDiskUse")
 
 
 @dataclass

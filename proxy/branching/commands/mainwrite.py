@@ -21,7 +21,7 @@ from typing import Any
 from bson import ObjectId
 from pymongo.errors import ConnectionFailure
 
-from proxy.branching import merge, naming, snapshot
+from proxy.branching import naming, planner, snapshot
 from proxy.branching.capture import now_of
 from proxy.branching.commands.base import Handler, Request, coll_name
 from proxy.branching.errors import CommandError
@@ -173,9 +173,9 @@ async def _log(req: Request, coll: str, pres: list[tuple[Any, dict[str, Any] | N
 
 
 def _point(req: Request, coll: str, filters: list[Any]) -> Hashable | None:
-    if len(filters) != 1 or merge.collated(req.cmd):
+    if len(filters) != 1 or planner.collated(req.cmd):
         return None
-    point = merge.point_id(filters[0])
+    point = planner.point_id(filters[0])
     return None if point is None else (req.db, coll, idkey(point[0]))
 
 
@@ -245,7 +245,7 @@ def _by_id(q: dict[str, Any], update: Any, ids: Any) -> dict[str, Any]:
 
 def _new_id(q: Any, u: Any) -> Any:
     """The _id an upsert will insert, when it is known before it runs (None: not)."""
-    if isinstance(q, dict) and "_id" in q and merge.point_id({"_id": q["_id"]}):
+    if isinstance(q, dict) and "_id" in q and planner.point_id({"_id": q["_id"]}):
         return q["_id"]
     if isinstance(u, dict) and isinstance(u.get("$setOnInsert"), dict) \
             and "_id" in u["$setOnInsert"]:
@@ -259,7 +259,7 @@ def _upsert_id(stmt: dict[str, Any]) -> dict[str, Any]:
     """An upsert whose new _id is chosen here, so the children can hide it before it
     exists; a pipeline update keeps the server's choice."""
     q, u = stmt.get("q") or {}, stmt.get("u")
-    point = merge.point_id({"_id": q["_id"]}) if isinstance(q, dict) and "_id" in q else None
+    point = planner.point_id({"_id": q["_id"]}) if isinstance(q, dict) and "_id" in q else None
     if point is not None or not isinstance(u, dict):
         return stmt
     if not any(k.startswith("$") for k in u):

@@ -1,5 +1,6 @@
-"""find, count, distinct, aggregate and explain on a branch: rewritten so the
-upstream evaluates the branch view (cluster_find / cluster_aggregate style)."""
+"""find, count, distinct and explain on a branch: the executors of the read planner's
+plans (`planner.py` decides; these run what it decided, and ask it again when the
+upstream refuses a merged find)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import merge, views
-from proxy.branching.commands.aggregate import plan_aggregate
+from proxy.branching import cursormerge, planner
+from proxy.branching.commands import aggregate
 from proxy.branching.commands.base import (
-    READ_CARRY,
     Request,
     carry,
     coll_name,
@@ -18,88 +18,57 @@ from proxy.branching.commands.base import (
     documents_stage,
 )
 from proxy.branching.errors import CommandError
-from proxy.branching.model import NsState
+from proxy.branching.planner import PlanKind
 from proxy.wire.codes import Code
-
-# find options with no faithful aggregate equivalent.
-_FIND_UNSUPPORTED = ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData",
-                     "oplogReplay")
-
-
-def _check_projection(req: Request, projection: dict[str, Any]) -> None:
-    for key, value in projection.items():
-        if key.endswith(".$") or key == "$":
-            raise req.unsupported("the positional projection operator '$'")
-        if isinstance(value, dict) and ("$elemMatch" in value or "$slice" in value):
-            raise req.unsupported(f"the {next(iter(value))} projection operator")
-
-
-def find_pipeline(req: Request, cmd: dict[str, Any], layers: list[NsState]) -> dict[str, Any]:
-    """The aggregate that answers a find on the branch view."""
-    coll = cmd["find"]
-    for opt in _FIND_UNSUPPORTED:
-        if cmd.get(opt):
-            raise req.unsupported(f"find option {opt!r}")
-    filt = cmd.get("filter") or {}
-    source, pipeline = views.view_source(coll, layers, filt)
-    if cmd.get("sort"):
-        pipeline.append({"$sort": cmd["sort"]})
-    if cmd.get("skip"):
-        pipeline.append({"$skip": cmd["skip"]})
-    limit = abs(int(cmd.get("limit") or 0))
-    if limit:
-        pipeline.append({"$limit": limit})
-    projection = cmd.get("projection")
-    if projection:
-        _check_projection(req, projection)
-        pipeline.append({"$project": projection})
-    cursor: dict[str, Any] = {}
-    if "batchSize" in cmd:
-        cursor["batchSize"] = cmd["batchSize"]
-    out = carry(cmd, {"aggregate": source, "pipeline": pipeline, "cursor": cursor}, READ_CARRY)
-    if source != coll:
-        out.pop("hint", None)
-    return out
 
 
 async def find(req: Request) -> dict[str, Any] | None:
     coll = coll_name(req)
     layers = req.layers(coll)
-    if not layers:
-        return None
     cmd = req.cmd
-    sides = None if merge.collated(cmd) else merge.point_sides(coll, layers, cmd.get("filter"))
-    if sides is not None and not cmd.get("skip"):
-        if not sides:
+    branch = req.on_branch.name
+    plan = planner.plan_find(cmd, layers, branch=branch)
+    if plan.kind is PlanKind.PASS:
+        return None
+    if plan.kind is PlanKind.POINT:
+        if plan.command is None:
             return cursor_reply(f"{req.db}.{coll}", [])
-        if sides[0].coll == coll:
-            return None
-        point = {k: v for k, v in cmd.items() if k not in ("$db", "hint")}
-        point["find"] = sides[0].coll
-        point["singleBatch"] = True
-        reply = await req.run.reply(req.db, point)
+        reply = await req.run.reply(req.db, plan.command)
         if reply.get("ok"):
             reply["cursor"]["ns"] = f"{req.db}.{coll}"
         return reply
-    merged = await _merged_find(req, coll, layers)
-    if merged is not None:
-        return merged
-    planned = find_pipeline(req, cmd, layers)
-    reply = await req.run.reply(req.db, planned)
+    if plan.kind is not PlanKind.UNION:
+        merged = await _proxy_cursor(req, coll, plan)
+        if merged is not None:
+            return merged
+        plan = planner.fall_back(plan, cmd, layers, "the upstream refused a side",
+                                 branch=branch)
+    return await _union_find(req, coll, plan)
+
+
+async def _union_find(req: Request, coll: str, plan: planner.Plan) -> dict[str, Any]:
+    cmd = req.cmd
+    assert plan.command is not None
+    reply = await req.run.reply(req.db, plan.command)
     single = cmd.get("singleBatch") or int(cmd.get("limit") or 0) < 0
     if single and reply.get("ok") and reply["cursor"]["id"]:
-        await req.run.reply(req.db, {"killCursors": planned["aggregate"],
+        await req.run.reply(req.db, {"killCursors": plan.command["aggregate"],
                                      "cursors": [reply["cursor"]["id"]]})
         reply["cursor"]["id"] = Int64(0)
-    return merge.adopt(req.engine.cursors, req.db, coll, planned["aggregate"], reply,
-                       cmd.get("lsid"))
+    return cursormerge.adopt(req.engine.cursors, req.db, coll, plan.command["aggregate"],
+                             reply, cmd.get("lsid"))
 
 
-async def _merged_find(req: Request, coll: str,
-                       layers: list[NsState]) -> dict[str, Any] | None:
+async def _proxy_cursor(req: Request, coll: str, plan: planner.Plan) -> dict[str, Any] | None:
+    """A merged or in-place find as a proxy-held cursor; None when the upstream refused a
+    side, for the planner's fallback."""
     cmd = req.cmd
-    first = int(cmd.get("batchSize", merge.DEFAULT_FIRST_BATCH))
-    cursor = await merge.open_find(req.run, req.db, coll, layers, cmd, first)
+    first = int(cmd.get("batchSize", cursormerge.DEFAULT_FIRST_BATCH))
+    if plan.kind is PlanKind.MERGED:
+        cursor = await cursormerge.open_merged(req.run, req.db, coll, plan.sources, cmd, first)
+    else:
+        assert plan.command is not None
+        cursor = await cursormerge.open_one(req.run, req.db, coll, plan.command, first)
     if cursor is None:
         return None
     try:
@@ -155,45 +124,32 @@ async def kill_cursors(req: Request) -> dict[str, Any] | None:
     return reply
 
 
-def count_pipeline(cmd: dict[str, Any], layers: list[NsState]) -> dict[str, Any]:
-    source, pipeline = views.view_source(cmd["count"], layers, cmd.get("query") or {})
-    if cmd.get("skip"):
-        pipeline.append({"$skip": int(cmd["skip"])})
-    limit = abs(int(cmd.get("limit") or 0))
-    if limit:
-        pipeline.append({"$limit": limit})
-    pipeline.append({"$count": "n"})
-    out = carry(cmd, {"aggregate": source, "pipeline": pipeline, "cursor": {}}, READ_CARRY)
-    if source != cmd["count"]:
-        out.pop("hint", None)
-    return out
-
-
 async def count(req: Request) -> dict[str, Any] | None:
     coll = coll_name(req)
-    layers = req.layers(coll)
-    if not layers:
-        return None
     cmd = req.cmd
-    if any(layer.hidden_ids is None for layer in layers):
-        reply = await req.run(req.db, count_pipeline(cmd, layers))
+    plan = planner.plan_count(cmd, req.layers(coll))
+    if plan.kind is PlanKind.PASS:
+        return None
+    if plan.kind is PlanKind.UNION:
+        assert plan.command is not None
+        reply = await req.run(req.db, plan.command)
         batch = reply["cursor"]["firstBatch"]
         return {"n": int(batch[0]["n"]) if batch else 0, "ok": 1.0}
-    # Per side: its matches, less those a layer above hides (an indexed $in on _id).
+    # Per source: its matches, less those a layer above hides (an indexed $in on _id).
     filt = cmd.get("query") or {}
     total = 0
-    for side in merge.plan_sides(coll, layers):
-        sub = carry(cmd, {"count": side.coll, "query": filt}, _COUNT_CARRY)
-        if side.coll == coll and "hint" in cmd:
+    for source in plan.sources:
+        sub = carry(cmd, {"count": source.coll, "query": filt}, _COUNT_CARRY)
+        if source.coll == coll and "hint" in cmd:
             sub["hint"] = cmd["hint"]
         total += int((await req.run(req.db, sub))["n"])
-        hidden = [v for ids in side.hidden for v in ids.values()]
+        hidden = source.hidden_ids()
         if hidden:
             # The ids first (an index lookup), the user's filter over just those.
             stages: list[dict[str, Any]] = [{"$match": {"_id": {"$in": hidden}}}]
             if filt:
                 stages.append({"$match": filt})
-            agg = carry(cmd, {"aggregate": side.coll, "cursor": {},
+            agg = carry(cmd, {"aggregate": source.coll, "cursor": {},
                               "pipeline": [*stages, {"$count": "n"}]}, _COUNT_CARRY)
             batch = (await req.run(req.db, agg))["cursor"]["firstBatch"]
             total -= int(batch[0]["n"]) if batch else 0
@@ -208,34 +164,26 @@ _COUNT_CARRY = ("lsid", "$clusterTime", "readConcern", "collation", "comment", "
 
 async def distinct(req: Request) -> dict[str, Any] | None:
     coll = coll_name(req)
-    layers = req.layers(coll)
-    if not layers:
-        return None
     cmd = req.cmd
-    key = cmd.get("key")
-    if not isinstance(key, str):
-        raise CommandError(Code.TYPE_MISMATCH, "distinct key must be a string")
+    plan = planner.plan_distinct(cmd, req.layers(coll), branch=req.on_branch.name)
+    if plan.kind is PlanKind.PASS:
+        return None
+    if plan.kind is PlanKind.UNION:
+        assert plan.command is not None
+        batch = (await req.run(req.db, plan.command))["cursor"]["firstBatch"]
+        return {"values": batch[0]["v"] if batch else [], "ok": 1.0}
+    # Each source is a real distinct (exact array semantics); the server merges them.
     filt = cmd.get("query") or {}
-    if any(layer.hidden_ids is None for layer in layers):
-        return await _distinct_by_pipeline(req, coll, key, filt, layers)
-    # Each side is a real distinct (exact array semantics); the server merges them.
     parts: list[Any] = []
-    dropped_at = next((i for i, layer in enumerate(layers) if layer.base_dropped), None)
-    sides: list[tuple[str, list[NsState]]] = []
-    if dropped_at is None:
-        sides.append((coll, layers))
-    for j, layer in enumerate(layers):
-        if dropped_at is not None and j > dropped_at:
-            break
-        sides.append((layer.live, layers[:j]))
-    for name, above in sides:
-        hidden = [v for layer in above for v in (layer.hidden_ids or {}).values()]
+    for source in plan.sources:
+        hidden = source.hidden_ids()
         query = filt
         if hidden:
             query = {"$and": [filt, {"_id": {"$nin": hidden}}]} if filt else \
                 {"_id": {"$nin": hidden}}
-        sub = carry(cmd, {"distinct": name, "key": key, "query": query}, READ_CARRY)
-        if name != coll:
+        sub = carry(cmd, {"distinct": source.coll, "key": cmd["key"], "query": query},
+                    planner.READ_CARRY)
+        if source.coll != coll:
             sub.pop("hint", None)  # the hint names a base index
         reply = await req.run(req.db, sub)
         parts.extend(reply["values"])
@@ -256,27 +204,10 @@ async def _dedupe(req: Request, values: list[Any]) -> list[Any]:
     return [doc["_id"] async for batch in req.run.batches(req.db, cmd) for doc in batch]
 
 
-async def _distinct_by_pipeline(req: Request, coll: str, key: str, filt: dict[str, Any],
-                                layers: list[NsState]) -> dict[str, Any]:
-    if "." in key:
-        raise req.unsupported("distinct on a dotted key over a large overlay")
-    path = f"${key}"
-    source, stages = views.view_source(coll, layers, filt)
-    pipeline = [
-        *stages,
-        {"$match": {key: {"$not": {"$size": 0}}}},
-        {"$unwind": {"path": path, "preserveNullAndEmptyArrays": True}},
-        {"$group": {"_id": None, "v": {"$addToSet": path}}},
-    ]
-    cmd = carry(req.cmd, {"aggregate": source, "pipeline": pipeline, "cursor": {}}, READ_CARRY)
-    if source != coll:
-        cmd.pop("hint", None)
-    reply = await req.run(req.db, cmd)
-    batch = reply["cursor"]["firstBatch"]
-    return {"values": batch[0]["v"] if batch else [], "ok": 1.0}
-
-
 async def explain(req: Request) -> dict[str, Any] | None:
+    """The upstream's explain of what the plan runs (for merged finds and counts, several
+    commands: of the server-side union answering the same read), with the plan itself
+    in a `mongobranch` field."""
     inner = req.cmd.get("explain")
     if not isinstance(inner, dict) or not inner:
         raise CommandError(Code.FAILED_TO_PARSE, "explain needs a command document")
@@ -285,20 +216,35 @@ async def explain(req: Request) -> dict[str, Any] | None:
     if not isinstance(coll, str):
         return None
     layers = req.layers(coll)
-    if name == "find" and layers:
-        rewritten = find_pipeline(req, inner, layers)
-    elif name == "count" and layers:
-        rewritten = count_pipeline(inner, layers)
+    branch = req.on_branch.name
+    explained: dict[str, Any] | None
+    if name == "find":
+        plan = planner.plan_find(inner, layers, branch=branch)
+        explained = plan.command or planner.union_find(inner, layers, branch=branch)
+    elif name == "count":
+        plan = planner.plan_count(inner, layers)
+        explained = _own(inner) if plan.kind is PlanKind.PASS else \
+            planner.union_count(inner, layers)
     elif name == "aggregate":
-        planned = await plan_aggregate(req, inner)
-        if planned is None:
-            return None
-        rewritten = planned
+        plan = await aggregate.planned(req, inner)
+        explained = plan.command
+    elif name == "distinct" and not layers:
+        plan = planner.plan_distinct(inner, layers, branch=branch)
+        explained = plan.command
     elif name in ("update", "delete", "findAndModify", "distinct") and layers:
         raise req.unsupported(f"explain of {name} on a changed collection")
     else:
         return None
-    rewritten = {k: v for k, v in rewritten.items() if k not in ("lsid", "$clusterTime")}
-    out = {"explain": rewritten}
+    assert explained is not None
+    out = {"explain": {k: v for k, v in explained.items() if k not in ("lsid", "$clusterTime")}}
     carry(req.cmd, out, ("verbosity", "lsid", "$clusterTime", "comment", "maxTimeMS"))
-    return await req.run.reply(req.db, out)
+    reply = await req.run.reply(req.db, out)
+    if reply.get("ok"):
+        shown = PlanKind.UNION if plan.kind is PlanKind.MERGED or (
+            plan.kind is PlanKind.POINT and plan.command is None) else None
+        reply["mongobranch"] = plan.explain(shown)
+    return reply
+
+
+def _own(cmd: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cmd.items() if k != "$db"}

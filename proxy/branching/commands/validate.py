@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.branching import merge
+from proxy.branching import planner
 from proxy.branching.commands import read
 from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
 from proxy.branching.commands.catalog import exists
@@ -35,7 +35,7 @@ async def validate(req: Request) -> dict[str, Any] | None:
         raise CommandError(Code.NAMESPACE_NOT_FOUND,
                            f"Collection '{ns}' does not exist to validate.")
     options = {k: v for k, v in req.cmd.items() if k != "validate" and k not in SESSION_FIELDS}
-    storage = [side.coll for side in merge.plan_sides(coll, layers)]
+    storage = [side.coll for side in planner.sources(coll, layers)]
     storage += [layer.hidden for layer in layers]
     replies = []
     for name in storage:

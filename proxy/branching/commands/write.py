@@ -11,7 +11,7 @@ from typing import Any
 
 from bson import ObjectId
 
-from proxy.branching import merge, overlay
+from proxy.branching import overlay, planner
 from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
@@ -68,9 +68,9 @@ def _point(req: Request, coll: str, stmts: list[Any]) -> Hashable | None:
     """The lock key of a write on one document named by _id; None for any other write,
     which then holds its branch exclusively."""
     stmt = stmts[0] if len(stmts) == 1 else None
-    if not isinstance(stmt, dict) or merge.collated(req.cmd) or merge.collated(stmt):
+    if not isinstance(stmt, dict) or planner.collated(req.cmd) or planner.collated(stmt):
         return None
-    point = merge.point_id(stmt.get("q"))
+    point = planner.point_id(stmt.get("q"))
     return None if point is None else (req.db, coll, idkey(point[0]))
 
 

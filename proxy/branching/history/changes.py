@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from proxy.branching import reader
+from proxy.branching import viewscan
 from proxy.branching.engine import Engine
 from proxy.branching.history.lookup import BATCH, branch_states, find_ids, view_ids
 from proxy.branching.idkey import idkey
@@ -117,7 +117,7 @@ async def diff_replaced(engine: Engine, state: NsState,
     the branch holds one with its _id."""
     pool = engine.pool
     ns = f"{state.db}.{state.coll}"
-    async for batch in reader.view_batches(pool, state.db, state.coll, layers, {}):
+    async for batch in viewscan.view_batches(pool, state.db, state.coll, layers, {}):
         mine = await find_ids(engine, state.db, state.live, [d["_id"] for d in batch])
         for doc in batch:
             change = _classify(ns, doc["_id"], doc, mine.get(idkey(doc["_id"])))

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from proxy.branching import reader
+from proxy.branching import viewscan
 from proxy.branching.engine import Engine
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
 from proxy.wire.bsonutil import same
 
-BATCH = reader.BATCH
+BATCH = viewscan.BATCH
 
 
 def branch_states(engine: Engine, branch: Branch) -> list[NsState]:
@@ -48,9 +48,9 @@ async def view_ids(engine: Engine, db: str, coll: str, layers: list[NsState], id
     """The documents of a view (no layers: the base) with these ids, by idkey."""
     out: dict[Any, dict[str, Any]] = {}
     for chunk in chunks(ids):
-        out.update(await _by_id(reader.view_batches(engine.pool, db, coll, layers,
-                                                    {"_id": {"$in": chunk}},
-                                                    project_id=project_id)))
+        out.update(await _by_id(viewscan.view_batches(engine.pool, db, coll, layers,
+                                                      {"_id": {"$in": chunk}},
+                                                      project_id=project_id)))
     return out
 
 

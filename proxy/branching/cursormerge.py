@@ -1,14 +1,15 @@
-"""Proxy-merged find cursors, as mongos merges shard results.
+"""The proxy's own find cursors: k-way merges of several finds, as mongos merges shard
+results, and single upstream cursors held under the user's namespace. (Not a branch
+merge, `history.py`, nor the `$merge` stage.)
 
-Each side (the base collection and every live overlay along the chain) runs the
-user's own find; the server evaluates filter, sort and projection and hands back
-each document's sort key. The proxy drops ids a layer above hides (an in-memory
-set lookup) and merges the streams by sort key, then applies skip and limit.
+Each side (the base collection and every live overlay along the chain, as the planner
+chose them) runs the user's own find; the server evaluates filter, sort and projection
+and hands back each document's sort key. The proxy drops ids a layer above hides (an
+in-memory set lookup) and merges the streams by sort key, then applies skip and limit.
 """
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections import deque
@@ -17,11 +18,10 @@ from typing import Any
 
 import bson
 from bson.int64 import Int64
-from bson.regex import Regex
 
 from proxy.branching.bsonorder import sort_key
 from proxy.branching.idkey import idkey
-from proxy.branching.model import NsState
+from proxy.branching.planner import Source
 from proxy.branching.runner import Runner
 
 SORT_KEY = "__mb_sk"
@@ -158,121 +158,29 @@ def adopt(table: CursorTable, db: str, coll: str, source: str, reply: dict[str, 
     return reply
 
 
-def plan_sides(coll: str, layers: list[NsState], skip_top_live: bool = False) -> list[Side]:
-    """The collections a merged find reads, each with the hidden sets that filter it.
-
-    skip_top_live leaves out the top branch's own overlay: the parent view a write copies
-    from."""
-    sides: list[Side] = []
-    dropped_at = next((i for i, layer in enumerate(layers) if layer.base_dropped), None)
-    if dropped_at is None:
-        sides.append(Side(coll, [layer.hidden_ids for layer in layers
-                                 if layer.hidden_ids]))
-    for j, layer in enumerate(layers):
-        if dropped_at is not None and j > dropped_at:
-            break
-        if j == 0 and skip_top_live:
-            continue
-        sides.append(Side(layer.live, [above.hidden_ids for above in layers[:j]
-                                       if above.hidden_ids]))
-    return sides
-
-
-
-def collated(cmd: dict[str, Any]) -> bool:
-    """Whether a command compares strings by a collation: then {_id: "a"} may match "A"."""
-    collation = cmd.get("collation")
-    return isinstance(collation, dict) and collation.get("locale", "simple") != "simple"
-
-
-def point_id(filt: Any) -> tuple[Any] | None:
-    """(the _id,) when a filter is an equality on _id alone: one document at most."""
-    if not isinstance(filt, dict) or list(filt) != ["_id"]:
-        return None
-    value = filt["_id"]
-    if isinstance(value, dict | list | Regex | re.Pattern):
-        return None
-    return (value,)
-
-
-def point_sides(coll: str, layers: list[NsState], filt: Any,
-                skip_top_live: bool = False) -> list[Side] | None:
-    """For an equality on _id alone, the one side that can hold the document (none when
-    no side can): the top layer hiding the id owns it, else the base has it. None when
-    the filter is not such a point or the hidden-id caches cannot tell."""
-    point = point_id(filt)
-    if point is None:
-        return None
-    value = point[0]
-    for j, layer in enumerate(layers):
-        hidden = layer.hides(value)
-        if hidden is None:
-            return None
-        if hidden or layer.base_dropped:
-            # Hidden: this layer owns the id. Dropped: nothing below shows through, so
-            # the id is in this layer's live documents or nowhere.
-            return [] if j == 0 and skip_top_live else [Side(layer.live, [])]
-    return [Side(coll, [])]
-
-
 # find fields each side receives unchanged.
 _SIDE_FIELDS = ("let", "maxTimeMS", "comment", "readConcern", "lsid", "allowDiskUse",
                 "$readPreference", "collation", "apiVersion", "apiStrict")
 
 
-async def _open_direct(run: Runner, db: str, coll: str, side: Side, cmd: dict[str, Any],
-                       first: int) -> MergedCursor | None:
-    """One collection holds the whole view (a copy branch, a dropped-and-refilled
-    collection): the user's find runs on it unchanged, every option included; only
-    the cursor's namespace is the proxy's to keep."""
-    sub = {k: v for k, v in cmd.items() if k not in ("find", "$db", "singleBatch")}
-    reply = await run.reply(db, {"find": side.coll, **sub, "batchSize": first})
+async def open_one(run: Runner, db: str, coll: str, command: dict[str, Any],
+                   first: int) -> MergedCursor | None:
+    """One find on one collection that holds the whole answer (a plan's own command, every
+    option included), as a proxy cursor: only the cursor's namespace is the proxy's to
+    keep. None: the upstream refused it."""
+    reply = await run.reply(db, {**command, "batchSize": first})
     if not reply.get("ok"):
         return None
-    side.cursor_id = reply["cursor"]["id"]
+    side = Side(str(command["find"]), [], cursor_id=reply["cursor"]["id"])
     side.accept(reply["cursor"]["firstBatch"])
-    return MergedCursor(db, coll, [side], None, 0, None, cmd.get("lsid"))
+    return MergedCursor(db, coll, [side], None, 0, None, command.get("lsid"))
 
 
-def mergeable(cmd: dict[str, Any], layers: list[NsState]) -> bool:
-    """Whether the proxy can merge plain finds instead of a server-side union
-    (docs/ARCHITECTURE.md, "Reads")."""
-    if any(layer.hidden_ids is None for layer in layers):
-        return False
-    for opt in ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData"):
-        if cmd.get(opt):
-            return False
-    sort = cmd.get("sort") or {}
-    projection = cmd.get("projection") or {}
-    if projection.get("_id") in (0, False):
-        return False  # the hidden-id check needs _id
-    if sort:
-        collation = cmd.get("collation") or {}
-        if collation.get("locale", "simple") != "simple":
-            return False  # sort keys would need ICU comparison
-        if any(isinstance(v, bool) or v not in (1, -1) for v in sort.values()):
-            return False  # $meta sorts and $natural
-        # SecantusDB drops every field from an exclusion projection that also asks for
-        # $meta (mongod does not): such finds take the server-side union.
-        if any(v in (0, False) for v in projection.values()):
-            return False
-    return b"$near" not in bson.encode(cmd.get("filter") or {})
-
-
-async def open_find(run: Runner, db: str, coll: str, layers: list[NsState],
-                    cmd: dict[str, Any], first: int,
-                    skip_top_live: bool = False) -> MergedCursor | None:
-    """A merged cursor over the branch view for a find-shaped command, or None when the
-    server-side union must answer: the find is not mergeable, or a side refused it
-    (SecantusDB fails sortKey projections over array fields that mongod computes; a bad
-    query then gets the upstream's own error from the union)."""
-    sides = plan_sides(coll, layers, skip_top_live)
-    if len(sides) == 1 and not sides[0].hidden:
-        return await _open_direct(run, db, coll, sides[0], cmd, first)
-    if not mergeable(cmd, layers):
-        return None
-    if not collated(cmd):
-        sides = point_sides(coll, layers, cmd.get("filter"), skip_top_live) or sides
+async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ...],
+                      cmd: dict[str, Any], first: int) -> MergedCursor | None:
+    """A merged cursor over the user's find run on each source; None when a side refused
+    it (SecantusDB fails sortKey projections over array fields that mongod computes)."""
+    sides = [Side(src.coll, list(src.hidden)) for src in sources]
     sort = cmd.get("sort") or {}
     projection = dict(cmd.get("projection") or {})
     if sort:

@@ -1,13 +1,16 @@
-"""Reading a branch view from the engine's side: merged plain finds when the hidden
-sets are in memory, a server-side union otherwise."""
+"""The engine's own reads of a branch view: the documents a write copies from the parent
+view, a diff or merge compares, a snapshot keeps, a copy branch materializes, streamed
+in batches. The planner decides how each is read (`planner.plan_find`); this carries the
+plan out with the engine's batch size."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
 
-from proxy.branching import merge, views
+from proxy.branching import cursormerge, planner
 from proxy.branching.model import NsState
+from proxy.branching.planner import PlanKind
 from proxy.branching.runner import Runner
 
 BATCH = 1000
@@ -29,8 +32,15 @@ async def view_batches(run: Runner, db: str, coll: str, layers: list[NsState],
         find["limit"] = limit
     if project_id:
         find["projection"] = {"_id": 1}
-    cursor = await merge.open_find(run, db, coll, layers, find, BATCH,
-                                   skip_top_live=skip_top_live)
+    plan = planner.plan_find(find, layers, skip_top_live=skip_top_live)
+    if plan.kind is PlanKind.POINT and not plan.sources:
+        return
+    cursor = None
+    if plan.kind is PlanKind.MERGED:
+        cursor = await cursormerge.open_merged(run, db, coll, plan.sources, find, BATCH)
+    elif plan.kind is not PlanKind.UNION:
+        assert plan.command is not None
+        cursor = await cursormerge.open_one(run, db, coll, plan.command, BATCH)
     if cursor is not None:
         try:
             while not cursor.done:
@@ -40,15 +50,9 @@ async def view_batches(run: Runner, db: str, coll: str, layers: list[NsState],
         finally:
             await cursor.close(run)
         return
-    source, pipeline = views.view_source(coll, layers, filt, skip_top_live=skip_top_live)
-    if sort:
-        pipeline.append({"$sort": sort})
-    if limit:
-        pipeline.append({"$limit": limit})
-    if project_id:
-        pipeline.append({"$project": {"_id": 1}})
-    if source != coll:
-        options.pop("hint", None)
-    cmd: dict[str, Any] = {"aggregate": source, "pipeline": pipeline, "cursor": {}, **options}
-    async for batch in run.batches(db, cmd, BATCH):
+    if plan.kind is not PlanKind.UNION:
+        plan = planner.fall_back(plan, find, layers, "the upstream refused it",
+                                 skip_top_live=skip_top_live)
+    assert plan.command is not None
+    async for batch in run.batches(db, plan.command, BATCH):
         yield batch
