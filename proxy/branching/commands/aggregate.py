@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from proxy.branching import cursormerge, planner, snapshot
+from proxy.branching import cursormerge, overlay, planner, snapshot
 from proxy.branching.commands import write
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
@@ -184,7 +184,7 @@ async def _aggregate_merge(req: Request, spec: dict[str, Any]) -> dict[str, Any]
                     break
         finally:
             await req.run.reply(db, {"drop": scratch})
-        await write.finish(target, writer, {"ok": 1.0})
+        await writer.finish({"ok": 1.0})
     if failed is not None:
-        return write.unmask(failed, writer.state, coll)
+        return overlay.unmask(failed, writer.state, coll)
     return cursor_reply(f"{req.db}.{req.cmd.get('aggregate')}", [])

@@ -16,7 +16,6 @@ from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
 from proxy.branching.overlay import BATCH, Writer, dup_key_error
-from proxy.branching.overlay import unmask as unmask  # for $merge (commands/aggregate.py)
 from proxy.branching.wal import DELETE, PUT, Change
 from proxy.wire.codes import Code
 
@@ -51,12 +50,6 @@ async def begin(req: Request, coll: str) -> Writer:
     write lock."""
     return await overlay.begin(req.engine, req.on_branch, req.run, req.db, coll, req.cmd,
                                req.client())
-
-
-async def finish(req: Request, writer: Writer, reply: dict[str, Any]) -> dict[str, Any]:
-    """The end of a client's write begun with `begin(req, ...)`: logged, then
-    remembered for a retry."""
-    return await writer.finish(reply)
 
 
 def _recalled(req: Request) -> dict[str, Any] | None:
