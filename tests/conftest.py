@@ -31,10 +31,9 @@ def proxy(upstream: Secantus) -> Iterator[ProxyProcess]:
 
 
 @pytest.fixture(scope="session")
-def direct(upstream: Secantus) -> Iterator[MongoClient]:
-    client: MongoClient = MongoClient(upstream.uri, directConnection=True)
-    yield client
-    client.close()
+def direct(upstream: Secantus) -> MongoClient:
+    """The session upstream's own client (the one the per-test cleanup uses)."""
+    return _shared[0]
 
 
 # Metadata databases of the suite's proxies (registry included): never dropped between
@@ -58,7 +57,7 @@ def _drop_test_databases() -> Iterator[None]:
     """Drops, after each test, the databases it made on the shared upstream.
 
     A copy branch copies every database its parent shows: with every earlier test's
-    databases left behind, a copy fork late in a full run took 30 to 60 s and timed out.
+    databases left behind, a copy fork late in a full run took up to two minutes.
     Autouse: set up after the module's and session's fixtures (their databases are older
     than the test and stay) and torn down after the test's own branches are dropped."""
     before = _user_databases(_shared[0]) if _shared else set()
@@ -66,6 +65,7 @@ def _drop_test_databases() -> Iterator[None]:
     if _shared:
         for name in sorted(_user_databases(_shared[0]) - before):
             _shared[0].drop_database(name)
+
 
 @pytest.fixture()
 def client(proxy: ProxyProcess) -> Iterator[MongoClient]:
