@@ -189,6 +189,7 @@ async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ..
     limit = abs(int(cmd.get("limit") or 0)) or None
     cursor = MergedCursor(db, coll, sides, [int(v) for v in sort.values()] or None, skip, limit,
                           cmd.get("lsid"))
+    subs = []
     for side in sides:
         hidden = sum(len(ids) for ids in side.hidden)
         sub: dict[str, Any] = {"find": side.coll, "filter": cmd.get("filter") or {}}
@@ -204,10 +205,13 @@ async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ..
                 sub[key] = cmd[key]
         if side.coll == coll and "hint" in cmd:
             sub["hint"] = cmd["hint"]
-        reply = await run.reply(db, sub)
-        if not reply.get("ok"):
-            await cursor.close(run)
-            return None
-        side.cursor_id = reply["cursor"]["id"]
-        side.accept(reply["cursor"]["firstBatch"])
+        subs.append(sub)
+    replies = await run.replies(db, subs)
+    for side, reply in zip(sides, replies, strict=True):
+        if reply.get("ok"):
+            side.cursor_id = reply["cursor"]["id"]
+            side.accept(reply["cursor"]["firstBatch"])
+    if not all(reply.get("ok") for reply in replies):
+        await cursor.close(run)
+        return None
     return cursor
