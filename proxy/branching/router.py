@@ -12,6 +12,7 @@ from proxy.branching.commands import (
     aggregate,
     bulkwrite,
     catalog,
+    changestream,
     ddl,
     hints,
     mainwrite,
@@ -166,6 +167,8 @@ class EngineRouter:
         # (snapshot.py); admin commands take what they need themselves. A read is
         # checked against the capture after it ran (and run again in the rare case it
         # raced a preservation); a write waits for the capture before it runs.
+        if name == "getMore" and changestream.held(req):
+            return await handler(req)
         checked = self._checked_read(name, cmd)
         async with self.engine.reading(self.engine.ancestors(branch),
                                        exact=not checked and name not in CURSOR_OPS):
