@@ -4,8 +4,13 @@ a collection, a database and the whole branch. Each test writes, then blocks in 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +21,7 @@ from pymongo.errors import OperationFailure
 from tests.branchutil import Branches, api_ok
 from tests.servers import ProxyProcess
 
+NODE_DIR = Path(__file__).parent / "node"
 # getMore await of the streams below: short, so that a test that expects nothing more
 # (try_next) returns quickly; events never depend on it.
 AWAIT_MS = 200
@@ -240,3 +246,26 @@ def test_stream_errors_have_mongods_shape(branch: tuple[dict[str, Any], MongoCli
     with items.watch(max_await_time_ms=AWAIT_MS) as stream:
         items.insert_one({"_id": "ok"})
         assert stream.next()["documentKey"] == {"_id": "ok"}
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not on PATH")
+def test_node_driver_streams(branch: tuple[dict[str, Any], MongoClient], db_name: str,
+                             tmp_path: Path) -> None:
+    info, _ = branch
+    if not (NODE_DIR / "node_modules" / "mongodb").is_dir():
+        pytest.fail("tests/node/node_modules is missing: run `make test` (npm install)")
+    done = subprocess.run(["node", "changestream.js", info["uri"], db_name], cwd=NODE_DIR,
+                          env=dict(os.environ, HOME=str(tmp_path)), capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = json.loads(done.stdout.splitlines()[-1])
+    ns = {"db": db_name, "coll": "items"}
+    assert out["events"] == [
+        {"op": "insert", "key": "n1", "full": {"_id": "n1", "v": 1}, "ns": ns},
+        {"op": "update", "key": "n1", "full": {"_id": "n1", "v": 2},
+         "before": {"_id": "n1", "v": 1}, "ns": ns, "updated": {"v": 2}},
+        {"op": "delete", "key": "n1", "before": {"_id": "n1", "v": 2}, "ns": ns},
+    ]
+    assert out["whole"] == {"op": "delete", "key": "n1", "ns": ns}
+    assert out["db"] == {"op": "insert", "key": "n1", "full": {"_id": "n1", "v": 1}, "ns": ns}
+    assert out["resumed"] == ["update", "delete"]
