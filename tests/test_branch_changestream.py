@@ -175,6 +175,25 @@ def test_reset_voids_events(branch: tuple[dict[str, Any], MongoClient], db_name:
         assert [again.next()["documentKey"]["_id"] for _ in range(2)] == ["kept", "later"]
 
 
+def test_a_migration_is_no_change(made: Branches, direct: MongoClient, db_name: str,
+                                  proxy: ProxyProcess) -> None:
+    """A copy branch migrated to WAL mode re-logs what it holds: not its changes."""
+    direct[db_name].items.insert_many([{"_id": 1}, {"_id": 2}])
+    info = made.create(mode="copy")
+    with made.client(info) as client:
+        items = client[db_name].items
+        with items.watch(max_await_time_ms=AWAIT_MS) as stream:
+            start = stream.resume_token
+        items.insert_one({"_id": "before"})
+        items.delete_one({"_id": 1})
+        api_ok(proxy, "POST", f"/branches/{info['name']}/migrate", {"to": "wal"})
+        items.insert_one({"_id": "after"})
+        with items.watch(resume_after=start, max_await_time_ms=AWAIT_MS) as again:
+            got = [(e["operationType"], e["documentKey"]["_id"])
+                   for e in (again.next() for _ in range(3))]
+            assert got == [("insert", "before"), ("delete", 1), ("insert", "after")]
+
+
 def test_start_at_operation_time(branch: tuple[dict[str, Any], MongoClient],
                                  db_name: str) -> None:
     _, client = branch

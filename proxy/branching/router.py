@@ -163,12 +163,12 @@ class EngineRouter:
             return await self._audited(name, ctx, handler, req)
         if branch is None or name in ADMIN:
             return await handler(req)
+        if name == "getMore" and changestream.held(req):
+            return await handler(req)  # a change stream reads only the WAL
         # What the branch reads through must not change under it half-preserved
         # (snapshot.py); admin commands take what they need themselves. A read is
         # checked against the capture after it ran (and run again in the rare case it
         # raced a preservation); a write waits for the capture before it runs.
-        if name == "getMore" and changestream.held(req):
-            return await handler(req)
         checked = self._checked_read(name, cmd)
         async with self.engine.reading(self.engine.ancestors(branch),
                                        exact=not checked and name not in CURSOR_OPS):

@@ -30,6 +30,7 @@ from pymongo.errors import OperationFailure
 
 from proxy.branching import gc
 from proxy.branching.commands.base import Request
+from proxy.branching.copymode import MIGRATION
 from proxy.branching.cursormerge import DEFAULT_FIRST_BATCH, MAX_REPLY_BYTES
 from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch
@@ -229,6 +230,7 @@ class Stream:
     def _filter(self, lo: int, hi: int) -> dict[str, Any]:
         return {"b": self.branch.bid, **self.scope, "_id": {"$gt": Int64(lo), "$lte": Int64(hi)},
                 "op": {"$in": _EVENT_OPS}, "from": {"$exists": False},
+                "client.app": {"$ne": MIGRATION},
                 **({"ts": {"$gte": self.since}} if self.since is not None else {}),
                 **self.branch.visible()}
 
