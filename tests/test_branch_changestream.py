@@ -223,7 +223,28 @@ def test_user_pipeline_filters_on_the_server(
         event = stream.next()
         assert {k: v for k, v in event.items() if k != "_id"} == {
             "operationType": "delete", "documentKey": {"_id": "gone"}, "tag": 7}
+        items.insert_one({"_id": "filtered"})
         assert stream.try_next() is None
+        # The point moved past the events the filter dropped.
+        token = stream.resume_token
+    assert token != event["_id"]
+    items.insert_one({"_id": "next"})
+    with items.watch(resume_after=token) as again:
+        assert again.next()["documentKey"] == {"_id": "next"}
+
+
+def test_many_events_cross_windows_and_batches(
+        branch: tuple[dict[str, Any], MongoClient], db_name: str) -> None:
+    _, client = branch
+    items = client[db_name].items
+    n = 2500
+    with items.watch(max_await_time_ms=AWAIT_MS, batch_size=700) as stream:
+        items.insert_many([{"_id": f"m{i}", "pad": "x" * 100} for i in range(n)])
+        items.delete_many({"_id": {"$regex": "^m"}})
+        got = [stream.next() for _ in range(2 * n)]
+    assert [e["operationType"] for e in got] == ["insert"] * n + ["delete"] * n
+    assert [e["documentKey"]["_id"] for e in got[:n]] == [f"m{i}" for i in range(n)]
+    assert {e["documentKey"]["_id"] for e in got[n:]} == {f"m{i}" for i in range(n)}
 
 
 def test_full_document_and_before_change(
