@@ -71,6 +71,13 @@ def test_collection_stream_reports_each_write_in_order(
     assert all(isinstance(t, Timestamp) for t in times)
     assert times[:5] == sorted(times[:5])
     assert len({str(e["_id"]) for e in events}) == 6
+    # After an invalidate a stream may start, not resume (mongod's rule).
+    with pytest.raises(OperationFailure) as err:
+        items.watch(resume_after=events[5]["_id"])
+    assert err.value.code == 260
+    items.insert_one({"_id": "new"})
+    with items.watch(start_after=events[5]["_id"]) as again:
+        assert again.next()["documentKey"] == {"_id": "new"}
 
 
 def test_writes_on_main_and_other_branches_never_show(
@@ -273,6 +280,9 @@ def test_stream_errors_have_mongods_shape(branch: tuple[dict[str, Any], MongoCli
         ({"bogus": 1}, [], 40415),
         ({}, [{"$group": {"_id": None}}], 20),
         ({}, [{"$match": {"$bad": 1}}], 2),
+        ({"resumeAfter": {"_data": "B1" + "0" * 22}, "startAtOperationTime": Timestamp(1, 1)},
+         [], 40674),
+        ({}, [{"$out": "elsewhere"}], 20),
     ]
     for spec, rest, code in cases:
         try:
@@ -282,6 +292,12 @@ def test_stream_errors_have_mongods_shape(branch: tuple[dict[str, Any], MongoCli
             assert err.code == code, (spec, rest, err.details)
         else:
             pytest.fail(f"accepted: {spec} {rest}")
+    # A pipeline that changes the resume token fails the stream at its first event.
+    with items.watch([{"$project": {"_id": 0}}], max_await_time_ms=AWAIT_MS) as stream:
+        items.insert_one({"_id": "untokened"})
+        with pytest.raises(OperationFailure) as err:
+            stream.next()
+        assert err.value.code == 280
     # The stream still works after the refusals.
     with items.watch(max_await_time_ms=AWAIT_MS) as stream:
         items.insert_one({"_id": "ok"})

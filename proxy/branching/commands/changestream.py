@@ -63,24 +63,6 @@ _DOC_KINDS = ["insert", "update", "replace", "delete"]
 # A branch's own changes that make events (keep, own, create and rebase entries do not).
 _EVENT_OPS = [PUT, DELETE, DROP]
 
-# mongod's codes for change-stream errors.
-INVALID_RESUME_TOKEN = 260
-OPERATION_NOT_SUPPORTED_IN_TRANSACTION = 263
-CHANGE_STREAM_FATAL_ERROR = 280
-CHANGE_STREAM_HISTORY_LOST = 286
-UNKNOWN_FIELD = 40415
-NOT_FIRST_STAGE = 40602
-ONE_RESUME_OPTION = 40674
-_NAMES = {INVALID_RESUME_TOKEN: "InvalidResumeToken",
-          OPERATION_NOT_SUPPORTED_IN_TRANSACTION: "OperationNotSupportedInTransaction",
-          CHANGE_STREAM_FATAL_ERROR: "ChangeStreamFatalError",
-          CHANGE_STREAM_HISTORY_LOST: "ChangeStreamHistoryLost"}
-
-
-def _error(code: int, message: str) -> CommandError:
-    return CommandError(code, message, code_name=_NAMES.get(code))
-
-
 def token(lsn: int, invalidate: bool = False) -> dict[str, str]:
     return {"_data": f"B1{lsn:020d}{'01' if invalidate else '00'}"}
 
@@ -89,8 +71,8 @@ def _parse_token(value: Any, option: str) -> tuple[int, bool]:
     data = value.get("_data") if isinstance(value, dict) else None
     found = _TOKEN.match(data) if isinstance(data, str) else None
     if found is None:
-        raise _error(Code.BAD_VALUE, f"$changeStream {option}: {value!r} is not a resume "
-                                     "token of this branch's change streams")
+        raise CommandError(Code.BAD_VALUE, f"$changeStream {option}: {value!r} is not a "
+                                           "resume token of this branch's change streams")
     return int(found.group(1)), found.group(2) == "01"
 
 
@@ -351,12 +333,12 @@ class Stream:
             resume = doc.get("_id")
             if not isinstance(resume, dict) or not isinstance(resume.get("_data"), str) \
                     or _TOKEN.match(resume["_data"]) is None:
-                raise _error(CHANGE_STREAM_FATAL_ERROR,
-                             "Encountered an event whose _id field, which contains the "
-                             "resume token, was modified by the pipeline. Modifying the _id "
-                             "field of an event makes it impossible to resume the stream "
-                             "from that point. Only transformations that retain the "
-                             "unmodified _id field are allowed.")
+                raise CommandError(Code.CHANGE_STREAM_FATAL_ERROR,
+                                   "Encountered an event whose _id field, which contains the "
+                                   "resume token, was modified by the pipeline. Modifying the "
+                                   "_id field of an event makes it impossible to resume the "
+                                   "stream from that point. Only transformations that retain "
+                                   "the unmodified _id field are allowed.")
             out.append(doc)
             total += size_of
             self.last_token = resume
@@ -401,8 +383,8 @@ async def open_stream(req: Request) -> dict[str, Any]:
     """aggregate with $changeStream first, on a branch port."""
     cmd = req.cmd
     if cmd.get("autocommit") is False or cmd.get("startTransaction"):
-        raise _error(OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
-                     "$changeStream cannot run in a multi-document transaction")
+        raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+                           "$changeStream cannot run in a multi-document transaction")
     if "explain" in cmd:
         raise not_supported("explain of a change stream", req.on_branch.name)
     pipeline: list[Any] = cmd["pipeline"]
@@ -411,17 +393,19 @@ async def open_stream(req: Request) -> dict[str, Any]:
         raise CommandError(Code.STAGE_NEEDS_ONE_FIELD, "A pipeline stage specification "
                            "object must contain exactly one field.")
     if not isinstance(spec, dict):
-        raise _error(Code.TYPE_MISMATCH, "the $changeStream stage specification must be an "
-                                         "object")
+        raise CommandError(Code.TYPE_MISMATCH,
+                           "the $changeStream stage specification must be an object")
     for key in spec:
         if key not in _SPEC_FIELDS:
-            raise _error(UNKNOWN_FIELD, f"BSON field '$changeStream.{key}' is an unknown field.")
+            raise CommandError(Code.UNKNOWN_FIELD,
+                               f"BSON field '$changeStream.{key}' is an unknown field.")
     full = spec.get("fullDocument", "default")
     before = spec.get("fullDocumentBeforeChange", "off")
     if full not in FULL_DOCUMENT:
-        raise _error(Code.BAD_VALUE, f"unknown full document option: {full!r}")
+        raise CommandError(Code.BAD_VALUE, f"unknown full document option: {full!r}")
     if before not in BEFORE_CHANGE:
-        raise _error(Code.BAD_VALUE, f"unknown full document before change option: {before!r}")
+        raise CommandError(Code.BAD_VALUE,
+                           f"unknown full document before change option: {before!r}")
     stages = _user_stages(pipeline[1:])
     target = cmd["aggregate"]
     cluster = spec.get("allChangesForCluster") is True
@@ -429,14 +413,14 @@ async def open_stream(req: Request) -> dict[str, Any]:
     invalidating: Any
     if cluster:
         if req.db != "admin" or target != 1:
-            raise _error(Code.INVALID_OPTIONS,
-                         "A $changeStream with 'allChangesForCluster:true' may only be opened "
-                         "on the 'admin' database, and with no collection name")
+            raise CommandError(Code.INVALID_OPTIONS,
+                               "A $changeStream with 'allChangesForCluster:true' may only be "
+                               "opened on the 'admin' database, and with no collection name")
         ns, scope, invalidating = "admin.$cmd.aggregate", {}, False
     elif target == 1:
         if req.db == "admin":
-            raise _error(Code.INVALID_NAMESPACE, "$changeStream may not be opened on the "
-                         "internal admin database")
+            raise CommandError(Code.INVALID_NAMESPACE,
+                               "$changeStream may not be opened on the internal admin database")
         ns = f"{req.db}.$cmd.aggregate"
         scope = {"ns": {"$regex": f"^{re.escape(req.db)}\\."}}
         invalidating = {"$eq": ["$dropdb", True]}
@@ -444,7 +428,7 @@ async def open_stream(req: Request) -> dict[str, Any]:
         ns = f"{req.db}.{target}"
         scope, invalidating = {"ns": ns}, {"$eq": ["$op", DROP]}
     else:
-        raise _error(Code.INVALID_NAMESPACE, f"invalid aggregate target {target!r}")
+        raise CommandError(Code.INVALID_NAMESPACE, f"invalid aggregate target {target!r}")
     await _check_access(req, target if isinstance(target, str) else None, cluster)
     after, since = await _start(req, spec)
     stream = Stream(req, ns, scope, not isinstance(target, str), invalidating, full, before,
@@ -461,10 +445,10 @@ def _user_stages(stages: list[Any]) -> list[dict[str, Any]]:
     for stage in stages:
         name = next(iter(stage)) if isinstance(stage, dict) and len(stage) == 1 else None
         if name == "$changeStream":
-            raise _error(NOT_FIRST_STAGE, "$changeStream is only valid as the first stage in "
-                                          "a pipeline")
+            raise CommandError(Code.CHANGE_STREAM_NOT_FIRST,
+                               "$changeStream is only valid as the first stage in a pipeline")
         if name not in _USER_STAGES:
-            raise _error(Code.ILLEGAL_OPERATION,
+            raise CommandError(Code.ILLEGAL_OPERATION,
                          f"{name or stage!r} is not permitted in a $changeStream pipeline")
     return list(stages)
 
@@ -508,8 +492,8 @@ async def _start(req: Request, spec: dict[str, Any]) -> tuple[int, dt.datetime |
     entries are events."""
     options = [k for k in ("resumeAfter", "startAfter", "startAtOperationTime") if k in spec]
     if len(options) > 1:
-        raise _error(ONE_RESUME_OPTION, "Only one type of resume option is allowed, but "
-                                        "multiple were found.")
+        raise CommandError(Code.ONE_RESUME_OPTION,
+                           "Only one type of resume option is allowed, but multiple were found.")
     engine = req.engine
     if not options:
         settled = engine.wal.settled()
@@ -519,8 +503,8 @@ async def _start(req: Request, spec: dict[str, Any]) -> tuple[int, dt.datetime |
     if option == "startAtOperationTime":
         at = spec[option]
         if not isinstance(at, Timestamp):
-            raise _error(Code.TYPE_MISMATCH, "$changeStream startAtOperationTime must be a "
-                                             "timestamp")
+            raise CommandError(Code.TYPE_MISMATCH,
+                               "$changeStream startAtOperationTime must be a timestamp")
         # Entries logged from that second on (their times are the proxy's clock, to the
         # second a cluster time carries).
         when = dt.datetime.fromtimestamp(at.time, dt.UTC).replace(tzinfo=None)
@@ -530,13 +514,14 @@ async def _start(req: Request, spec: dict[str, Any]) -> tuple[int, dt.datetime |
     else:
         lsn, invalidate = _parse_token(spec[option], option)
         if invalidate and option == "resumeAfter":
-            raise _error(INVALID_RESUME_TOKEN, "Attempting to resume a change stream using "
-                         "'resumeAfter' is not allowed from an invalidate notification.")
+            raise CommandError(Code.INVALID_RESUME_TOKEN,
+                               "Attempting to resume a change stream using 'resumeAfter' is "
+                               "not allowed from an invalidate notification.")
     horizon = await gc.horizon(engine)
     if lsn and lsn < horizon:
-        raise _error(CHANGE_STREAM_HISTORY_LOST,
-                     f"Resume of change stream was not possible: the branch's log before "
-                     f"LSN {horizon} was compacted by gc")
+        raise CommandError(Code.CHANGE_STREAM_HISTORY_LOST,
+                           f"Resume of change stream was not possible: the branch's log before "
+                           f"LSN {horizon} was compacted by gc")
     return lsn, when
 
 
