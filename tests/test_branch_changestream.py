@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 from bson.timestamp import Timestamp
-from pymongo import MongoClient
+from pymongo import MongoClient, monitoring
 from pymongo.errors import OperationFailure
 
 from tests.branchutil import Branches, api_ok
@@ -101,6 +102,40 @@ def test_writes_on_main_and_other_branches_never_show(
             assert event["documentKey"] == {"_id": "mine"}
     other.close()
     assert mine[db_name].items.find_one({"_id": 1}) == {"_id": 1, "a": 1, "z": 0}
+
+
+def test_a_waiting_getmore_holds_no_write_back(
+        branch: tuple[dict[str, Any], MongoClient], proxy: ProxyProcess, client: MongoClient,
+        db_name: str) -> None:
+    """A getMore waiting for the branch's next write reads only the WAL: main's writes,
+    which a branch read would hold back while it runs, go through meanwhile."""
+    info, _ = branch
+    waiting = threading.Event()
+
+    class GetMores(monitoring.CommandListener):
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            if event.command_name == "getMore":
+                waiting.set()
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+            pass
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None:
+            pass
+
+    watcher: MongoClient = MongoClient(info["uri"], event_listeners=[GetMores()])
+    got: list[Any] = []
+    with watcher[db_name].items.watch(max_await_time_ms=60_000) as stream:
+        reader = threading.Thread(target=lambda: got.append(stream.try_next()))
+        reader.start()
+        assert waiting.wait(30)
+        # Main changes a document the branch shows (preserved for it first).
+        client[db_name].items.update_one({"_id": 2}, {"$set": {"a": "main"}})
+        assert reader.is_alive()  # its getMore still waits: nothing of the branch's yet
+        watcher[db_name].items.insert_one({"_id": "wake"})
+        reader.join(60)
+    watcher.close()
+    assert [e["documentKey"] for e in got] == [{"_id": "wake"}]
 
 
 def test_database_and_branch_streams_cover_their_scope(
