@@ -63,7 +63,9 @@ _DOC_KINDS = ["insert", "update", "replace", "delete"]
 # A branch's own changes that make events (keep, own, create and rebase entries do not).
 _EVENT_OPS = [PUT, DELETE, DROP]
 
+
 def token(lsn: int, invalidate: bool = False) -> dict[str, str]:
+    """A resume token: opaque to drivers, stable across restarts (the LSN is the WAL's)."""
     return {"_data": f"B1{lsn:020d}{'01' if invalidate else '00'}"}
 
 
