@@ -13,6 +13,7 @@ from proxy.branching.commands import (
     aggregate,
     bulkwrite,
     catalog,
+    changestream,
     ddl,
     hints,
     mainwrite,
@@ -164,6 +165,8 @@ class EngineRouter:
             return await self._audited(name, ctx, handler, req)
         if branch is None or name in ADMIN:
             return await handler(req)
+        if name == "getMore" and changestream.held(req):
+            return await handler(req)  # a change stream reads only the WAL
         # What the branch reads through must not change under it half-preserved
         # (snapshot.py); admin commands take what they need themselves. A read is
         # checked against the capture after it ran (and run again in the rare case it

@@ -9,7 +9,7 @@ import secrets
 from typing import Any
 
 from proxy.branching import cursormerge, overlay, planner, snapshot
-from proxy.branching.commands import write
+from proxy.branching.commands import changestream, write
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.planner import PlanKind
@@ -77,6 +77,8 @@ async def planned(req: Request, cmd: dict[str, Any]) -> planner.Plan:
 
 
 async def aggregate(req: Request) -> dict[str, Any] | None:
+    if changestream.wanted(req.cmd):
+        return await changestream.open_stream(req)
     req.reject_transactions()
     pipeline = req.cmd.get("pipeline")
     target = _out_target(req, pipeline) if isinstance(pipeline, list) else None
