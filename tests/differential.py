@@ -346,8 +346,12 @@ class Runner:
                          {"$set": {"ids": {"$sortArray": {"input": "$ids", "sortBy": 1}}}},
                          {"$sort": {"_id": 1}}]
         elif kind == "lookup":
-            pipeline += [{"$lookup": {"from": "other", "localField": "b.c",
-                                      "foreignField": "k", "as": "j"}},
+            join: dict[str, Any] = {"from": "other", "localField": "b.c",
+                                    "foreignField": "k", "as": "j"}
+            if rng.random() < 0.5:  # mongod's concise correlated form
+                join["pipeline"] = [{"$match": {"k": {"$ne": None}}},
+                                    {"$project": {"k": 1, "a": 1}}]
+            pipeline += [{"$lookup": join},
                          {"$set": {"j": {"$sortArray": {"input": "$j",
                                                         "sortBy": {"_id": 1}}}}},
                          {"$sort": {"_id": 1}}, {"$limit": 20}]
