@@ -19,6 +19,7 @@ import pytest
 from bson.int64 import Int64
 from pymongo import CursorType, MongoClient
 from pymongo.database import Database
+from pymongo.errors import OperationFailure
 
 from tests import rawwire
 from tests.branchutil import Branches
@@ -141,3 +142,86 @@ def test_exhaust_stream_of_an_unchanged_collection_matches_the_main_ports(pair: 
     main_docs, main_frames = _exhaust(pair.main_port, pair.db, 7, "u")
     assert docs == main_docs
     assert [flags for flags, _, _ in frames] == [flags for flags, _, _ in main_frames]
+
+
+# -- tailable / awaitData -------------------------------------------------------------------
+
+def _try_next(cursor: Any) -> Any:
+    """The next document of a tailable cursor; None on an empty batch (it stays alive)."""
+    try:
+        return next(cursor)
+    except StopIteration:
+        return None
+
+
+def _tail(db: Database, coll: str, writer: Database) -> list[list[Any]]:
+    """What a tailable awaitData cursor returns: its first documents, an empty batch (it
+    waits at most maxAwaitTimeMS and stays open), then a document inserted after."""
+    cursor = db[coll].find(cursor_type=CursorType.TAILABLE_AWAIT).max_await_time_ms(50)
+    seen = [[doc["_id"] for doc in (next(cursor), next(cursor), next(cursor))]]
+    assert _try_next(cursor) is None and cursor.alive
+    writer[coll].insert_one({"_id": 3})
+    got = _try_next(cursor)
+    while got is None and cursor.alive:  # an await can end just before the insert lands
+        got = _try_next(cursor)
+    assert got is not None
+    seen.append([got["_id"]])
+    cursor.close()
+    return seen
+
+
+@pytest.fixture()
+def capped(pair: Pair) -> Iterator[tuple[Database, Database]]:
+    """A capped collection made on each port after the fork: the branch's own."""
+    for db in (pair.main, pair.branch):
+        db.create_collection("cap", capped=True, size=1 << 16)
+        db.cap.insert_many([{"_id": i} for i in range(3)])
+    # A bounded socket: a getMore that never answers fails the test instead of hanging it.
+    with MongoClient(pair.uri, socketTimeoutMS=30000) as bounded:
+        yield pair.main, bounded[pair.db]
+
+
+def test_tailable_await_cursor_on_a_capped_collection_made_on_the_branch(
+        capped: tuple[Database, Database]) -> None:
+    main, branch = capped
+    assert _tail(branch, "cap", branch) == _tail(main, "cap", main) == [[0, 1, 2], [3]]
+
+
+def test_tailable_cursor_on_an_unchanged_capped_collection(
+        pair: Pair, proxy: ProxyProcess, made: Branches) -> None:
+    """Made on main before the fork and not written on the branch: the upstream's cursor."""
+    pair.main.create_collection("old", capped=True, size=1 << 16)
+    pair.main.old.insert_many([{"_id": i} for i in range(3)])
+    info = made.create()
+    with MongoClient(info["uri"], socketTimeoutMS=30000) as bounded:
+        cursor = bounded[pair.db].old.find(cursor_type=CursorType.TAILABLE_AWAIT)
+        assert [d["_id"] for d in cursor.max_await_time_ms(50)] == [0, 1, 2]
+        assert cursor.alive
+        cursor.close()
+
+
+def test_tailable_cursor_on_non_capped_collections_is_mongods_bad_value(pair: Pair) -> None:
+    pair.branch.create_collection("plain")  # the branch's own
+    pair.main.create_collection("plain")
+    for coll in ("c", "plain"):  # changed on the branch; made on it
+        errors = []
+        for db in (pair.main, pair.branch):
+            with pytest.raises(OperationFailure) as info:
+                db[coll].find_one(cursor_type=CursorType.TAILABLE)
+            errors.append((info.value.code, info.value.details["codeName"],
+                           f"{pair.db}.{coll}" in str(info.value.details["errmsg"])))
+        assert errors[0] == errors[1] == (2, "BadValue", True)
+
+
+def test_tailable_cursor_on_a_capped_collection_the_branch_changed_is_refused(
+        pair: Pair, made: Branches) -> None:
+    """Its changes are in a plain overlay beside the base: nothing upstream can tail both."""
+    pair.main.create_collection("log", capped=True, size=1 << 16)
+    pair.main.log.insert_many([{"_id": i} for i in range(3)])
+    info = made.create()
+    with MongoClient(info["uri"]) as bclient:
+        bclient[pair.db].log.insert_one({"_id": 9})
+        with pytest.raises(OperationFailure) as refused:
+            bclient[pair.db].log.find_one(cursor_type=CursorType.TAILABLE)
+    assert refused.value.code == 115
+    assert "tailable cursor on a capped collection the branch changed" in str(refused.value)

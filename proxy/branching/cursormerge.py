@@ -122,13 +122,70 @@ class MergedCursor:
                 side.cursor_id = 0
 
 
+@dataclass
+class TailCursor:
+    """A tailable cursor the upstream holds on the branch's own collection (one created,
+    or dropped and refilled, on the branch; a copy branch's), under the user's
+    namespace. Unlike a merged cursor's, its batches are not filled up: each getMore is
+    one upstream getMore, which waits for new documents at most the client's
+    maxTimeMS (maxAwaitTimeMS) with awaitData, so an empty batch leaves it open, as
+    mongod's does."""
+
+    db: str
+    coll: str
+    source: str
+    cursor_id: int
+    lsid: Any
+    id: int = 0
+    used: float = field(default_factory=time.monotonic)
+
+    @property
+    def ns(self) -> str:
+        return f"{self.db}.{self.coll}"
+
+    @property
+    def done(self) -> bool:
+        return not self.cursor_id
+
+    async def more(self, run: Runner, size: int | None, await_ms: Any) -> list[dict[str, Any]]:
+        self.used = time.monotonic()
+        if not self.cursor_id:
+            return []
+        cmd: dict[str, Any] = {"getMore": self.cursor_id, "collection": self.source}
+        if size:
+            cmd["batchSize"] = size
+        if await_ms is not None:
+            cmd["maxTimeMS"] = await_ms
+        if self.lsid is not None:
+            cmd["lsid"] = self.lsid
+        reply = await run(self.db, cmd)
+        self.cursor_id = reply["cursor"]["id"]
+        docs: list[dict[str, Any]] = reply["cursor"]["nextBatch"]
+        return docs
+
+    async def batch(self, run: Runner, size: int | None) -> list[dict[str, Any]]:
+        return await self.more(run, size, None)
+
+    async def close(self, run: Runner) -> None:
+        if self.cursor_id:
+            await run.reply(self.db, {"killCursors": self.source, "cursors": [self.cursor_id]})
+            self.cursor_id = 0
+
+
+Cursor = MergedCursor | TailCursor
+
+
 class CursorTable:
     """The proxy's own cursors; getMore and killCursors for these ids stop here."""
 
     def __init__(self) -> None:
-        self._cursors: dict[int, MergedCursor] = {}
+        self._cursors: dict[int, Cursor] = {}
 
-    def add(self, cursor: MergedCursor) -> int:
+    def tailing(self, cursor_id: Any) -> bool:
+        """Whether this id is a tailable cursor of the proxy's (its getMore may wait)."""
+        return isinstance(self.get(cursor_id), TailCursor)
+
+    def add(self, cursor: Cursor) -> int:
         now = time.monotonic()
         for stale in [c for c in self._cursors.values() if now - c.used > IDLE_TIMEOUT]:
             self._cursors.pop(stale.id, None)
@@ -136,10 +193,10 @@ class CursorTable:
         self._cursors[cursor.id] = cursor
         return cursor.id
 
-    def get(self, cursor_id: Any) -> MergedCursor | None:
+    def get(self, cursor_id: Any) -> Cursor | None:
         return self._cursors.get(cursor_id) if isinstance(cursor_id, int) else None
 
-    def pop(self, cursor_id: int) -> MergedCursor | None:
+    def pop(self, cursor_id: int) -> Cursor | None:
         return self._cursors.pop(cursor_id, None)
 
 
@@ -155,6 +212,19 @@ def adopt(table: CursorTable, db: str, coll: str, source: str, reply: dict[str, 
     if cursor.get("id"):
         side = Side(source, [], cursor_id=cursor["id"])
         cursor["id"] = Int64(table.add(MergedCursor(db, coll, [side], None, 0, None, lsid)))
+    return reply
+
+
+def adopt_tail(table: CursorTable, db: str, coll: str, source: str, reply: dict[str, Any],
+               lsid: Any) -> dict[str, Any]:
+    """A tailable find's reply from the branch's own collection, under the user's
+    namespace: an open cursor becomes the proxy's TailCursor."""
+    cursor = reply.get("cursor")
+    if not reply.get("ok") or not isinstance(cursor, dict):
+        return reply
+    cursor["ns"] = f"{db}.{coll}"
+    if cursor.get("id"):
+        cursor["id"] = Int64(table.add(TailCursor(db, coll, source, cursor["id"], lsid)))
     return reply
 
 

@@ -270,6 +270,36 @@ def plan_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
                 "overlays), hidden ids dropped in memory, merged by sort key", every)
 
 
+def plan_tailable(cmd: dict[str, Any], layers: list[NsState]) -> Plan:
+    """How a tailable find is served: only where one upstream collection holds the whole
+    view can an upstream cursor tail it. The base, where the branch changed nothing of
+    it (pass-through: the upstream's cursor); the branch's own collection, where it owns
+    the collection outright (in-place: the proxy holds the cursor under the user's
+    namespace). Otherwise a union plan without a command: the branch's changes are in an
+    overlay, a plain collection that no cursor can tail beside the base, and the
+    executor refuses the find (after telling a non-capped collection apart, which mongod
+    refuses with BadValue)."""
+    coll = str(cmd["find"])
+    db = _db(cmd, layers)
+    if not layers:
+        return _planned(Plan("find", coll, PlanKind.PASS, f"the branch never changed {coll}: "
+                             "the upstream's tailable cursor", (Source(coll),), _own(cmd)), db)
+    every = sources(coll, layers)
+    if len(every) == 1 and not every[0].hidden:
+        one = every[0].coll
+        command = {"find": one, **{k: v for k, v in cmd.items() if k not in ("find", "$db")}}
+        if one == coll:
+            return _planned(Plan("find", coll, PlanKind.PASS, "the parent view hides nothing "
+                                 "of the base collection: the upstream's tailable cursor",
+                                 tuple(every), command), db)
+        return _planned(Plan("find", coll, PlanKind.IN_PLACE, f"the branch owns {coll} "
+                             f"outright: the tailable cursor is {one}'s", tuple(every),
+                             command), db)
+    return _planned(Plan("find", coll, PlanKind.UNION, f"the branch changed {coll}: its "
+                         "changes are in an overlay beside the base, which no upstream "
+                         "cursor can tail"), db)
+
+
 def fall_back(failed: Plan, cmd: dict[str, Any], layers: list[NsState], why: str, *,
               branch: str = "", skip_top_live: bool = False) -> Plan:
     """The second step of a find whose merged or in-place plan the upstream refused (a

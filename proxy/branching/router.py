@@ -177,6 +177,11 @@ class EngineRouter:
             return await self._audited(name, ctx, handler, req)
         if branch is None or name in ADMIN:
             return await handler(req)
+        if name == "getMore" and self.engine.cursors.tailing(cmd.get("getMore")):
+            # A tailable cursor's getMore may wait up to maxAwaitTimeMS for new documents
+            # of the branch's own collection, which main's writes never change: it holds
+            # no fence that main's writes would wait for.
+            return await handler(req)
         # What the branch reads through must not change under it half-preserved
         # (snapshot.py); admin commands take what they need themselves. A read is
         # checked against the capture after it ran (and run again in the rare case it

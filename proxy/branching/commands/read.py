@@ -18,6 +18,7 @@ from proxy.branching.commands.base import (
     documents_stage,
 )
 from proxy.branching.errors import CommandError
+from proxy.branching.model import NsState
 from proxy.branching.planner import PlanKind
 from proxy.wire.codes import Code
 
@@ -27,6 +28,8 @@ async def find(req: Request) -> dict[str, Any] | None:
     layers = req.layers(coll)
     cmd = req.cmd
     branch = req.on_branch.name
+    if cmd.get("tailable"):
+        return await _tailable(req, coll, layers)
     plan = planner.plan_find(cmd, layers, branch=branch)
     if plan.kind is PlanKind.PASS:
         return None
@@ -44,6 +47,39 @@ async def find(req: Request) -> dict[str, Any] | None:
         plan = planner.fall_back(plan, cmd, layers, "the upstream refused a side",
                                  branch=branch)
     return await _union_find(req, coll, plan)
+
+
+async def _tailable(req: Request, coll: str, layers: list[NsState]) -> dict[str, Any] | None:
+    plan = planner.plan_tailable(req.cmd, layers)
+    if plan.kind is PlanKind.PASS:
+        return None
+    if plan.kind is PlanKind.IN_PLACE:
+        assert plan.command is not None
+        reply = await req.run.reply(req.db, plan.command)
+        if not reply.get("ok") and isinstance(reply.get("errmsg"), str):
+            # The upstream's refusal (a collection that is not capped) names the user's
+            # collection, not the branch's.
+            reply["errmsg"] = reply["errmsg"].replace(f"{req.db}.{plan.sources[0].coll}",
+                                                      f"{req.db}.{coll}")
+        return cursormerge.adopt_tail(req.engine.cursors, req.db, coll, plan.sources[0].coll,
+                                      reply, req.cmd.get("lsid"))
+    if not await _capped(req, coll, layers):
+        # mongod's own refusal, whatever the branch did to the collection.
+        raise CommandError(Code.BAD_VALUE, "error processing query: tailable cursor "
+                           f"requested on non capped collection {req.db}.{coll}")
+    raise req.unsupported(f"a tailable cursor on a capped collection the branch changed "
+                          f"({plan.reason})")
+
+
+async def _capped(req: Request, coll: str, layers: list[NsState]) -> bool:
+    """Whether the collection the branch shows is capped: as the layer that recreated it
+    made it, else as the base is."""
+    dropped = next((layer for layer in layers if layer.base_dropped), None)
+    if dropped is not None:
+        return bool(dropped.options.get("capped"))
+    reply = await req.run.reply(req.db, {"listCollections": 1, "filter": {"name": coll}})
+    batch = reply.get("cursor", {}).get("firstBatch", []) if reply.get("ok") else []
+    return any((info.get("options") or {}).get("capped") for info in batch)
 
 
 async def _union_find(req: Request, coll: str, plan: planner.Plan) -> dict[str, Any]:
@@ -93,7 +129,10 @@ async def get_more(req: Request) -> dict[str, Any] | None:
         return None
     # mongod: a getMore without batchSize returns what fits one reply (16 MiB).
     size = int(req.cmd["batchSize"]) if req.cmd.get("batchSize") else None
-    docs = await cursor.batch(req.run, size)
+    if isinstance(cursor, cursormerge.TailCursor):
+        docs = await cursor.more(req.run, size, req.cmd.get("maxTimeMS"))
+    else:
+        docs = await cursor.batch(req.run, size)
     cursor_id = cursor.id
     if cursor.done:
         req.engine.cursors.pop(cursor.id)
