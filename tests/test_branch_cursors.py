@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from bson.int64 import Int64
+from bson.timestamp import Timestamp
 from pymongo import CursorType, MongoClient
 from pymongo.database import Database
 from pymongo.errors import OperationFailure
@@ -225,3 +226,62 @@ def test_tailable_cursor_on_a_capped_collection_the_branch_changed_is_refused(
             bclient[pair.db].log.find_one(cursor_type=CursorType.TAILABLE)
     assert refused.value.code == 115
     assert "tailable cursor on a capped collection the branch changed" in str(refused.value)
+
+
+# -- snapshot reads ---------------------------------------------------------------------------
+
+_SNAPSHOT = {"level": "snapshot"}
+
+
+def test_snapshot_reads_carry_at_cluster_time_and_mains_documents(pair: Pair) -> None:
+    """find, aggregate and distinct with readConcern snapshot: the reply says at which
+    cluster time it read (cursor.atClusterTime; distinct's at the top), as mongod's."""
+    for batch in (2, 1000):
+        results = []
+        for db in (pair.main, pair.branch):
+            found = db.command("find", "c", filter={"k": {"$lt": 100}}, sort={"_id": 1},
+                               batchSize=batch, readConcern=_SNAPSHOT)
+            agg = db.command("aggregate", "c", pipeline=[{"$sort": {"_id": -1}}],
+                             cursor={"batchSize": batch}, readConcern=_SNAPSHOT)
+            distinct = db.command("distinct", "c", key="sub.tags", readConcern=_SNAPSHOT)
+            for cursor in (found["cursor"], agg["cursor"]):
+                assert isinstance(cursor.get("atClusterTime"), Timestamp), cursor
+            assert isinstance(distinct.get("atClusterTime"), Timestamp), distinct
+            results.append((found["cursor"]["firstBatch"], agg["cursor"]["firstBatch"],
+                            sorted(distinct["values"])))
+        assert results[0] == results[1]
+
+
+def test_snapshot_session_reads_mains_documents(pair: Pair) -> None:
+    """pymongo's snapshot session: its first read's atClusterTime pins the later ones."""
+    out = []
+    for db in (pair.main, pair.branch):
+        with db.client.start_session(snapshot=True) as session:
+            docs = list(db.c.find({}, session=session).sort("_id", 1))
+            assert session._snapshot_time is not None  # read from the first reply
+            out.append((docs,
+                        list(db.c.aggregate([{"$match": {"k": {"$gte": 2}}},
+                                             {"$sort": {"_id": 1}}], session=session)),
+                        sorted(db.c.distinct("k", session=session))))
+    assert out[0] == out[1]
+
+
+def test_snapshot_read_at_cluster_time_is_merged_at_that_time(pair: Pair) -> None:
+    """With atClusterTime, the merged sides read at it: the reply says so."""
+    at = pair.branch.command("find", "c", limit=1, readConcern=_SNAPSHOT)["cursor"][
+        "atClusterTime"]
+    reply = pair.branch.command("find", "c", sort={"_id": 1}, batchSize=3,
+                                readConcern={**_SNAPSHOT, "atClusterTime": at})
+    assert reply["cursor"]["atClusterTime"] == at
+
+
+@pytest.mark.secantus_gap(reason="SecantusDB reads the latest data at any atClusterTime "
+                                 "(mongod reads the snapshot at that time)")
+def test_snapshot_session_does_not_see_later_writes(pair: Pair) -> None:
+    for db in (pair.main, pair.branch):
+        with db.client.start_session(snapshot=True) as session:
+            before = list(db.c.find({}, session=session).sort("_id", 1))
+            db.c.insert_one({"_id": 5000})
+            db.c.update_one({"_id": 0}, {"$set": {"k": -1}})
+            assert list(db.c.find({}, session=session).sort("_id", 1)) == before
+            assert 5000 not in db.c.distinct("_id", session=session)

@@ -60,6 +60,8 @@ class MergedCursor:
     lsid: Any
     id: int = 0
     used: float = field(default_factory=time.monotonic)
+    # The cluster time of a snapshot read on one collection (the upstream's reply's).
+    at_cluster_time: Any = None
 
     @property
     def ns(self) -> str:
@@ -243,7 +245,8 @@ async def open_one(run: Runner, db: str, coll: str, command: dict[str, Any],
         return None
     side = Side(str(command["find"]), [], cursor_id=reply["cursor"]["id"])
     side.accept(reply["cursor"]["firstBatch"])
-    return MergedCursor(db, coll, [side], None, 0, None, command.get("lsid"))
+    return MergedCursor(db, coll, [side], None, 0, None, command.get("lsid"),
+                        at_cluster_time=reply["cursor"].get("atClusterTime"))
 
 
 async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ...],

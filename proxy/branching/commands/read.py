@@ -9,7 +9,7 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import cursormerge, planner
-from proxy.branching.commands import aggregate
+from proxy.branching.commands import aggregate, snapshotread
 from proxy.branching.commands.base import (
     Request,
     carry,
@@ -100,7 +100,10 @@ async def _proxy_cursor(req: Request, coll: str, plan: planner.Plan) -> dict[str
     side, for the planner's fallback."""
     cmd = req.cmd
     first = int(cmd.get("batchSize", cursormerge.DEFAULT_FIRST_BATCH))
+    at = None
     if plan.kind is PlanKind.MERGED:
+        # Every side at one cluster time, when a snapshot read.
+        cmd, at = await snapshotread.pinned(req, coll, cmd)
         cursor = await cursormerge.open_merged(req.run, req.db, coll, plan.sources, cmd, first)
     else:
         assert plan.command is not None
@@ -120,7 +123,8 @@ async def _proxy_cursor(req: Request, coll: str, plan: planner.Plan) -> dict[str
         await cursor.close(req.run)
     else:
         cursor_id = req.engine.cursors.add(cursor)
-    return cursor_reply(f"{req.db}.{coll}", docs, cursor_id)
+    return snapshotread.stamp(cursor_reply(f"{req.db}.{coll}", docs, cursor_id),
+                              at if at is not None else cursor.at_cluster_time)
 
 
 async def get_more(req: Request) -> dict[str, Any] | None:
@@ -209,9 +213,12 @@ async def distinct(req: Request) -> dict[str, Any] | None:
         return None
     if plan.kind is PlanKind.UNION:
         assert plan.command is not None
-        batch = (await req.run(req.db, plan.command))["cursor"]["firstBatch"]
-        return {"values": batch[0]["v"] if batch else [], "ok": 1.0}
-    # Each source is a real distinct (exact array semantics); the server merges them.
+        cursor = (await req.run(req.db, plan.command))["cursor"]
+        batch = cursor["firstBatch"]
+        return _at({"values": batch[0]["v"] if batch else []}, cursor.get("atClusterTime"))
+    # Each source is a real distinct (exact array semantics); the server merges them,
+    # all at one cluster time when a snapshot read.
+    cmd, at = await snapshotread.pinned(req, coll, cmd)
     filt = cmd.get("query") or {}
     parts: list[Any] = []
     for source in plan.sources:
@@ -226,7 +233,15 @@ async def distinct(req: Request) -> dict[str, Any] | None:
             sub.pop("hint", None)  # the hint names a base index
         reply = await req.run(req.db, sub)
         parts.extend(reply["values"])
-    return {"values": await _dedupe(req, parts), "ok": 1.0}
+    return _at({"values": await _dedupe(req, parts)}, at)
+
+
+def _at(reply: dict[str, Any], at: Any) -> dict[str, Any]:
+    """A distinct reply: mongod's carries the time of a snapshot read beside the values."""
+    if at is not None:
+        reply["atClusterTime"] = at
+    reply["ok"] = 1.0
+    return reply
 
 
 async def _dedupe(req: Request, values: list[Any]) -> list[Any]:
