@@ -285,3 +285,58 @@ def test_snapshot_session_does_not_see_later_writes(pair: Pair) -> None:
             db.c.update_one({"_id": 0}, {"$set": {"k": -1}})
             assert list(db.c.find({}, session=session).sort("_id", 1)) == before
             assert 5000 not in db.c.distinct("_id", session=session)
+
+
+# -- find-only projections and options where the find cannot be merged ----------------------
+
+_EN = {"locale": "en"}
+# Each cannot be merged (a projection dropping _id, a collation ordering the sort): the
+# server-side union answers, and only a find evaluates these projections.
+_FIND_ONLY: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = [
+    ({"arr": 2}, {"arr.$": 1, "_id": 0}, {}),
+    ({"k": {"$lt": 100}}, {"arr": {"$elemMatch": {"x": 1}}, "_id": 0}, {"skip": 2}),
+    ({}, {"arr": {"$slice": [1, 2]}, "sub.tags": {"$slice": -1}}, {"collation": _EN}),
+    ({"arr": {"$gte": 3}}, {"arr.$": 1, "k": 1}, {"collation": _EN, "limit": 9}),
+    ({}, {"arr": {"$slice": 1}, "k": 0, "_id": 0}, {"limit": -4}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_FIND_ONLY)))
+def test_find_only_projections_on_a_changed_collection_give_mains_documents(
+        pair: Pair, case: int) -> None:
+    filt, projection, options = _FIND_ONLY[case]
+    sort = {"_id": -1} if "collation" in options or "_id" in projection else {"sub.n": 1}
+    # A negative limit is one batch: SecantusDB's holds the whole limit, whatever batchSize.
+    for batch in (2, 101) if options.get("limit", 0) >= 0 else (101,):
+        got = []
+        for db in (pair.main, pair.branch):
+            cursor = db.c.find(filt, projection, batch_size=batch, **{
+                k: v for k, v in options.items() if k != "collation"}).sort(list(sort.items()))
+            if "collation" in options:
+                cursor = cursor.collation(options["collation"])
+            got.append(list(cursor))
+        assert got[0] == got[1]
+        assert got[0]
+
+
+def test_show_record_id_on_a_changed_collection(pair: Pair) -> None:
+    """Each document gets its `$recordId`: the record's id in the collection that holds it
+    on the branch (base or overlay), as mongod's names the record in its collection."""
+    got = []
+    for db in (pair.main, pair.branch):
+        docs = list(db.c.find({"k": {"$lt": 100}}, {"_id": 0, "sub": 0}, show_record_id=True)
+                    .sort("arr", 1).collation(_EN))
+        assert all("$recordId" in d for d in docs)
+        got.append([{k: v for k, v in d.items() if k != "$recordId"} for d in docs])
+    assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("option", [{"returnKey": True},
+                                    {"min": {"k": 2}, "max": {"k": 5}, "hint": {"k": 1}}])
+def test_index_options_without_a_union_form_are_refused_on_a_changed_collection(
+        pair: Pair, option: dict[str, Any]) -> None:
+    pair.main.command("find", "c", projection={"_id": 0}, **option)
+    with pytest.raises(OperationFailure) as refused:
+        pair.branch.command("find", "c", projection={"_id": 0}, **option)
+    assert refused.value.code == 115
+    assert next(iter(option)) in str(refused.value)

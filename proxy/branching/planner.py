@@ -109,6 +109,9 @@ class Plan:
     command: dict[str, Any] | None = field(default=None, compare=False)
     # aggregate: the second planning step's input, when the base is worth probing.
     probe: Probe | None = None
+    # find, union: `command` yields only the answer's ids, in order; the documents are
+    # then read by a find on each collection (`find_only`, cursormerge.RefetchCursor).
+    refetch: bool = False
 
     def explain(self, explained: PlanKind | None = None) -> dict[str, Any]:
         """The `mongobranch` field of an explain reply: the plan and which command the
@@ -261,8 +264,7 @@ def plan_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
                     f"dropped and refilled): the find runs on {one}", every, command)
     why = unmergeable(cmd, layers)
     if why is not None:
-        return plan(PlanKind.UNION, why, (),
-                    union_find(cmd, layers, branch=branch, skip_top_live=skip_top_live))
+        return _union_plan(cmd, layers, why, branch=branch, skip_top_live=skip_top_live)
     if point:
         return plan(PlanKind.MERGED, f"an _id equality with a skip: a merged find on "
                     f"{point[0].coll}, the one collection that can hold it", point)
@@ -305,11 +307,42 @@ def fall_back(failed: Plan, cmd: dict[str, Any], layers: list[NsState], why: str
     """The second step of a find whose merged or in-place plan the upstream refused (a
     side failed where the union works, such as SecantusDB's sortKey over an empty array;
     a bad query then gets the upstream's own error from the union)."""
-    return _planned(Plan(failed.op, failed.coll, PlanKind.UNION,
-                         f"the {failed.kind} plan failed ({why}): the server-side union "
-                         "answers", (), union_find(cmd, layers, branch=branch,
-                                                   skip_top_live=skip_top_live)),
-                    _db(cmd, layers))
+    return _union_plan(cmd, layers, f"the {failed.kind} plan failed ({why}): the "
+                       "server-side union answers", branch=branch, skip_top_live=skip_top_live)
+
+
+def find_only(cmd: dict[str, Any]) -> str | None:
+    """What of a find only a find evaluates, with no aggregation equivalent a union could
+    run (None: nothing): the positional, $elemMatch and find-form $slice projections
+    ($project knows none of them; $slice there is another operator) and showRecordId."""
+    for key, value in (cmd.get("projection") or {}).items():
+        if key.endswith(".$") or key == "$":
+            return "the positional projection"
+        if isinstance(value, dict) and ("$elemMatch" in value or "$slice" in value):
+            return f"the {next(iter(value))} projection"
+    if cmd.get("showRecordId"):
+        return "showRecordId"
+    return None
+
+
+def _union_plan(cmd: dict[str, Any], layers: list[NsState], why: str, *, branch: str,
+                skip_top_live: bool) -> Plan:
+    """The server-side union of a find; where the find asks for what only a find
+    evaluates, the union picks the answer's ids (filter, sort, skip, limit: all its
+    own) and a find by those ids on each collection projects them (a refetch plan)."""
+    coll = str(cmd["find"])
+    only = find_only(cmd)
+    if only is None:
+        return _planned(Plan("find", coll, PlanKind.UNION, why, (),
+                             union_find(cmd, layers, branch=branch,
+                                        skip_top_live=skip_top_live)), _db(cmd, layers))
+    ids = {k: v for k, v in cmd.items() if k not in ("projection", "showRecordId")}
+    ids["projection"] = {"_id": 1}
+    return _planned(Plan("find", coll, PlanKind.UNION,
+                         f"{why}: the union picks the ids, {only} is a find's on each "
+                         "collection holding them", (),
+                         union_find(ids, layers, branch=branch, skip_top_live=skip_top_live),
+                         refetch=True), _db(cmd, layers))
 
 
 def _check_projection(projection: dict[str, Any], branch: str) -> None:

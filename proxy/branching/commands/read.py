@@ -46,7 +46,41 @@ async def find(req: Request) -> dict[str, Any] | None:
             return merged
         plan = planner.fall_back(plan, cmd, layers, "the upstream refused a side",
                                  branch=branch)
+    if plan.refetch:
+        return await _refetch_find(req, coll, layers, plan)
     return await _union_find(req, coll, plan)
+
+
+async def _refetch_find(req: Request, coll: str, layers: list[NsState],
+                        plan: planner.Plan) -> dict[str, Any]:
+    """The union picks the answer's ids; a find on each collection holding them projects
+    them (planner.find_only). Always a proxy cursor: its batches are read as asked."""
+    cmd, at = await snapshotread.pinned(req, coll, req.cmd)
+    assert plan.command is not None
+    ids_cmd = dict(plan.command)
+    if at is not None:
+        ids_cmd["readConcern"] = cmd["readConcern"]
+    first = int(cmd.get("batchSize", cursormerge.DEFAULT_FIRST_BATCH))
+    ids_cmd["cursor"] = {"batchSize": first}
+    reply = await req.run(req.db, ids_cmd)
+    source = str(ids_cmd["aggregate"])
+    ids = cursormerge.Side(source, [], cursor_id=reply["cursor"]["id"])
+    ids.accept(reply["cursor"]["firstBatch"])
+    projection = dict(cmd.get("projection") or {})
+    drop_id = projection.get("_id") in (0, False)
+    if drop_id:
+        del projection["_id"]
+    find = {**cmd, "projection": projection}
+    cursor = cursormerge.RefetchCursor(req.db, coll, ids, layers, find, drop_id,
+                                       cmd.get("lsid"), at_cluster_time=at)
+    docs = await cursor.batch(req.run, first)
+    cursor_id = 0
+    single = bool(cmd.get("singleBatch")) or int(cmd.get("limit") or 0) < 0
+    if single or cursor.done:
+        await cursor.close(req.run)
+    else:
+        cursor_id = req.engine.cursors.add(cursor)
+    return snapshotread.stamp(cursor_reply(f"{req.db}.{coll}", docs, cursor_id), at)
 
 
 async def _tailable(req: Request, coll: str, layers: list[NsState]) -> dict[str, Any] | None:
