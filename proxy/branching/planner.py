@@ -46,9 +46,20 @@ Pipeline = list[dict[str, Any]]
 READ_CARRY = ("lsid", "$clusterTime", "$readPreference", "readConcern", "apiVersion",
               "apiStrict", "apiDeprecationErrors", "comment", "maxTimeMS", "collation", "let",
               "hint", "allowDiskUse")
-# find options with no faithful aggregate equivalent.
-_FIND_UNSUPPORTED = ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData",
-                     "oplogReplay")
+# find options with no faithful aggregate equivalent, and why (showRecordId has a
+# refetch plan, tailable finds plan_tailable: these are refused only where neither applies).
+_FIND_UNSUPPORTED = {
+    "min": "index bounds: no aggregation stage takes them, and a $match in their place "
+           "would re-implement the index's key order",
+    "max": "index bounds: no aggregation stage takes them, and a $match in their place "
+           "would re-implement the index's key order",
+    "returnKey": "its documents hold only index keys, with no _id to tell which the "
+                 "branch hides, from indexes of separate base and overlay collections",
+    "showRecordId": "record ids exist only in a find",
+    "tailable": "no cursor can tail a base and an overlay together",
+    "awaitData": "no cursor can tail a base and an overlay together",
+    "oplogReplay": "an oplog option",
+}
 
 
 class PlanKind(enum.StrEnum):
@@ -357,9 +368,10 @@ def union_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
                skip_top_live: bool = False) -> dict[str, Any]:
     """The aggregate that answers a find on the branch view."""
     coll = cmd["find"]
-    for opt in _FIND_UNSUPPORTED:
+    for opt, why in _FIND_UNSUPPORTED.items():
         if cmd.get(opt):
-            raise not_supported(f"find option {opt!r}", branch)
+            raise not_supported(f"find option {opt!r} on a collection the branch changed "
+                                f"({why})", branch)
     source, pipeline = views.view_source(coll, layers, cmd.get("filter") or {},
                                          skip_top_live=skip_top_live)
     if cmd.get("sort"):
