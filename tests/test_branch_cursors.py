@@ -340,3 +340,28 @@ def test_index_options_without_a_union_form_are_refused_on_a_changed_collection(
         pair.branch.command("find", "c", projection={"_id": 0}, **option)
     assert refused.value.code == 115
     assert next(iter(option)) in str(refused.value)
+
+
+def test_find_only_projection_over_a_hidden_set_too_large_for_memory(
+        made: Branches, direct: MongoClient, db_name: str) -> None:
+    """Past the in-memory hidden-id limit, each batch asks the overlay's hidden-id
+    collection which of its ids the branch hides; checked against a plain copy of the
+    result, written before the fork (main's writes then preserve nothing)."""
+    n = 25_200  # the branch's deletes hide over model.HIDDEN_CACHE_LIMIT ids
+    docs = [{"_id": i, "g": i % 10, "arr": [i % 5, i % 7, i % 3]} for i in range(n)]
+    added = [{"_id": n + i, "g": 9, "arr": [2, -1, i]} for i in range(30)]
+    direct[db_name].c.insert_many(docs)
+    copy = direct[f"{db_name}_copy"]
+    copy.c.insert_many([d for d in docs if d["g"] >= 8] + added)
+    info = made.create()
+    with made.client(info) as bclient:
+        branch = bclient[db_name]
+        branch.c.delete_many({"g": {"$lt": 8}})
+        branch.c.insert_many(added)
+        for projection in ({"arr": {"$slice": -2}}, {"arr": {"$elemMatch": {"$lt": 0}}},
+                           {"arr.$": 1}):
+            filt = {"g": {"$in": [3, 9]}, "arr": {"$lt": 3}}
+            got = [list(db.c.find(filt, projection, batch_size=40).sort("_id", -1).limit(150))
+                   for db in (branch, copy)]
+            assert got[0] == got[1] and len(got[0]) == 150
+    direct.drop_database(f"{db_name}_copy")
