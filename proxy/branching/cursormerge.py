@@ -21,6 +21,7 @@ from bson.int64 import Int64
 
 from proxy.branching.bsonorder import sort_key
 from proxy.branching.idkey import idkey
+from proxy.branching.model import NsState
 from proxy.branching.planner import Source
 from proxy.branching.runner import Runner
 
@@ -60,6 +61,8 @@ class MergedCursor:
     lsid: Any
     id: int = 0
     used: float = field(default_factory=time.monotonic)
+    # The cluster time of a snapshot read on one collection (the upstream's reply's).
+    at_cluster_time: Any = None
 
     @property
     def ns(self) -> str:
@@ -140,11 +143,193 @@ class Held(Protocol):
     async def close(self, run: Runner) -> None: ...
 
 
+@dataclass
+class TailCursor:
+    """A tailable cursor the upstream holds on the branch's own collection (one created,
+    or dropped and refilled, on the branch; a copy branch's), under the user's
+    namespace. Unlike a merged cursor's, its batches are not filled up: each getMore is
+    one upstream getMore, which waits for new documents at most the client's
+    maxTimeMS (maxAwaitTimeMS) with awaitData, so an empty batch leaves it open, as
+    mongod's does."""
+
+    db: str
+    coll: str
+    source: str
+    cursor_id: int
+    lsid: Any
+    id: int = 0
+    used: float = field(default_factory=time.monotonic)
+
+    @property
+    def ns(self) -> str:
+        return f"{self.db}.{self.coll}"
+
+    @property
+    def done(self) -> bool:
+        return not self.cursor_id
+
+    async def more(self, run: Runner, size: int | None, await_ms: Any) -> list[dict[str, Any]]:
+        self.used = time.monotonic()
+        if not self.cursor_id:
+            return []
+        cmd: dict[str, Any] = {"getMore": self.cursor_id, "collection": self.source}
+        if size:
+            cmd["batchSize"] = size
+        if await_ms is not None:
+            cmd["maxTimeMS"] = await_ms
+        if self.lsid is not None:
+            cmd["lsid"] = self.lsid
+        reply = await run(self.db, cmd)
+        self.cursor_id = reply["cursor"]["id"]
+        docs: list[dict[str, Any]] = reply["cursor"]["nextBatch"]
+        return docs
+
+    async def batch(self, run: Runner, size: int | None) -> list[dict[str, Any]]:
+        return await self.more(run, size, None)
+
+    async def close(self, run: Runner) -> None:
+        if self.cursor_id:
+            await run.reply(self.db, {"killCursors": self.source, "cursors": [self.cursor_id]})
+            self.cursor_id = 0
+
+
+# Find fields the refetching finds carry from the user's.
+_REFETCH_FIELDS = ("let", "maxTimeMS", "comment", "readConcern", "lsid", "$readPreference",
+                   "collation", "apiVersion", "apiStrict", "showRecordId")
+
+
+@dataclass
+class RefetchCursor:
+    """A find whose answer the server-side union picks (`ids`: an upstream cursor of the
+    ids, in the answer's order) and whose projection only a find evaluates (positional,
+    $elemMatch, $slice, showRecordId): each batch of ids is read by the user's find,
+    its filter narrowed to those ids, on every collection of the view, the ids a layer
+    above hides dropped (asked of each layer's hidden-id collection for just those ids
+    when its set is not in memory), and put back in the union's order."""
+
+    db: str
+    coll: str
+    ids: Side
+    layers: list[NsState]
+    find: dict[str, Any]  # the user's find, options carried, to narrow to each batch's ids
+    drop_id: bool  # the user's projection leaves _id out: it is read, then removed
+    lsid: Any
+    id: int = 0
+    used: float = field(default_factory=time.monotonic)
+    at_cluster_time: Any = None
+
+    @property
+    def ns(self) -> str:
+        return f"{self.db}.{self.coll}"
+
+    @property
+    def done(self) -> bool:
+        return not self.ids.buffer and not self.ids.cursor_id
+
+    async def batch(self, run: Runner, size: int | None) -> list[dict[str, Any]]:
+        self.used = time.monotonic()
+        wanted = size if size is not None else GETMORE_BATCH
+        ids: list[Any] = []
+        while len(ids) < wanted:
+            if not self.ids.buffer and self.ids.cursor_id:
+                reply = await run(self.db, self._get_more())
+                self.ids.cursor_id = reply["cursor"]["id"]
+                self.ids.accept(reply["cursor"]["nextBatch"])
+            if not self.ids.buffer:
+                break
+            ids.append(self.ids.buffer.popleft()["_id"])
+        if not ids:
+            return []
+        found = await self._fetch(run, ids)
+        out: list[dict[str, Any]] = []
+        total = 0
+        for i, value in enumerate(ids):
+            doc = found.get(idkey(value))
+            if doc is None:
+                continue  # changed since the union picked it
+            total += len(bson.encode(doc))
+            if out and total > MAX_REPLY_BYTES:
+                self.ids.buffer.extendleft({"_id": v} for v in reversed(ids[i:]))
+                break
+            if self.drop_id:
+                doc.pop("_id", None)
+            out.append(doc)
+        return out
+
+    def _get_more(self) -> dict[str, Any]:
+        cmd: dict[str, Any] = {"getMore": self.ids.cursor_id, "collection": self.ids.coll,
+                               "batchSize": GETMORE_BATCH}
+        if self.lsid is not None:
+            cmd["lsid"] = self.lsid
+        return cmd
+
+    async def _fetch(self, run: Runner, ids: list[Any]) -> dict[Any, dict[str, Any]]:
+        """The documents of these ids, each from the collection that shows it."""
+        hidden = [await self._hidden(run, layer, ids) for layer in self.layers]
+        dropped_at = next((i for i, layer in enumerate(self.layers) if layer.base_dropped),
+                          None)
+        sources: list[tuple[str, list[dict[Any, Any]]]] = []
+        if dropped_at is None:
+            sources.append((self.coll, hidden))
+        for j, layer in enumerate(self.layers):
+            if dropped_at is not None and j > dropped_at:
+                break
+            sources.append((layer.live, hidden[:j]))
+        filt = dict(self.find.get("filter") or {})
+        narrowed = {**filt, "_id": {"$in": ids}} if "_id" not in filt else \
+            {"$and": [filt, {"_id": {"$in": ids}}]}
+        found: dict[Any, dict[str, Any]] = {}
+        for coll, above in sources:
+            side = Side(coll, above)
+            cmd: dict[str, Any] = {"find": coll, "filter": narrowed,
+                                   "batchSize": len(ids) + 1}
+            if self.find.get("projection"):
+                cmd["projection"] = self.find["projection"]
+            cmd.update((k, self.find[k]) for k in _REFETCH_FIELDS if k in self.find)
+            if coll == self.coll and "hint" in self.find:
+                cmd["hint"] = self.find["hint"]
+            reply = await run(self.db, cmd)
+            side.cursor_id = reply["cursor"]["id"]
+            side.accept(reply["cursor"]["firstBatch"])
+            while side.cursor_id:
+                more = await run(self.db, {"getMore": side.cursor_id, "collection": coll})
+                side.cursor_id = more["cursor"]["id"]
+                side.accept(more["cursor"]["nextBatch"])
+            for doc in side.buffer:
+                found.setdefault(idkey(doc.get("_id")), doc)
+        return found
+
+    async def _hidden(self, run: Runner, layer: NsState, ids: list[Any]) -> dict[Any, Any]:
+        """The ones among these ids the layer hides."""
+        if layer.hidden_ids is not None:
+            return {idkey(v): v for v in ids if idkey(v) in layer.hidden_ids}
+        reply = await run(self.db, {"find": layer.hidden, "filter": {"_id": {"$in": ids}},
+                                    "projection": {"_id": 1}, "batchSize": len(ids) + 1})
+        out = {idkey(d["_id"]): d["_id"] for d in reply["cursor"]["firstBatch"]}
+        cursor_id = reply["cursor"]["id"]
+        while cursor_id:
+            more = await run(self.db, {"getMore": cursor_id, "collection": layer.hidden})
+            cursor_id = more["cursor"]["id"]
+            out.update((idkey(d["_id"]), d["_id"]) for d in more["cursor"]["nextBatch"])
+        return out
+
+    async def close(self, run: Runner) -> None:
+        if self.ids.cursor_id:
+            await run.reply(self.db, {"killCursors": self.ids.coll,
+                                      "cursors": [self.ids.cursor_id]})
+            self.ids.cursor_id = 0
+
+
+
 class CursorTable:
     """The proxy's own cursors; getMore and killCursors for these ids stop here."""
 
     def __init__(self) -> None:
         self._cursors: dict[int, Held] = {}
+
+    def tailing(self, cursor_id: Any) -> bool:
+        """Whether this id is a tailable cursor of the proxy's (its getMore may wait)."""
+        return isinstance(self.get(cursor_id), TailCursor)
 
     def add(self, cursor: Held) -> int:
         now = time.monotonic()
@@ -176,6 +361,19 @@ def adopt(table: CursorTable, db: str, coll: str, source: str, reply: dict[str, 
     return reply
 
 
+def adopt_tail(table: CursorTable, db: str, coll: str, source: str, reply: dict[str, Any],
+               lsid: Any) -> dict[str, Any]:
+    """A tailable find's reply from the branch's own collection, under the user's
+    namespace: an open cursor becomes the proxy's TailCursor."""
+    cursor = reply.get("cursor")
+    if not reply.get("ok") or not isinstance(cursor, dict):
+        return reply
+    cursor["ns"] = f"{db}.{coll}"
+    if cursor.get("id"):
+        cursor["id"] = Int64(table.add(TailCursor(db, coll, source, cursor["id"], lsid)))
+    return reply
+
+
 # find fields each side receives unchanged.
 _SIDE_FIELDS = ("let", "maxTimeMS", "comment", "readConcern", "lsid", "allowDiskUse",
                 "$readPreference", "collation", "apiVersion", "apiStrict")
@@ -191,7 +389,8 @@ async def open_one(run: Runner, db: str, coll: str, command: dict[str, Any],
         return None
     side = Side(str(command["find"]), [], cursor_id=reply["cursor"]["id"])
     side.accept(reply["cursor"]["firstBatch"])
-    return MergedCursor(db, coll, [side], None, 0, None, command.get("lsid"))
+    return MergedCursor(db, coll, [side], None, 0, None, command.get("lsid"),
+                        at_cluster_time=reply["cursor"].get("atClusterTime"))
 
 
 async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ...],

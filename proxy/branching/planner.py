@@ -46,9 +46,20 @@ Pipeline = list[dict[str, Any]]
 READ_CARRY = ("lsid", "$clusterTime", "$readPreference", "readConcern", "apiVersion",
               "apiStrict", "apiDeprecationErrors", "comment", "maxTimeMS", "collation", "let",
               "hint", "allowDiskUse")
-# find options with no faithful aggregate equivalent.
-_FIND_UNSUPPORTED = ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData",
-                     "oplogReplay")
+# find options with no faithful aggregate equivalent, and why (showRecordId has a
+# refetch plan, tailable finds plan_tailable: these are refused only where neither applies).
+_FIND_UNSUPPORTED = {
+    "min": "index bounds: no aggregation stage takes them, and a $match in their place "
+           "would re-implement the index's key order",
+    "max": "index bounds: no aggregation stage takes them, and a $match in their place "
+           "would re-implement the index's key order",
+    "returnKey": "its documents hold only index keys, with no _id to tell which the "
+                 "branch hides, from indexes of separate base and overlay collections",
+    "showRecordId": "record ids exist only in a find",
+    "tailable": "no cursor can tail a base and an overlay together",
+    "awaitData": "no cursor can tail a base and an overlay together",
+    "oplogReplay": "an oplog option",
+}
 
 
 class PlanKind(enum.StrEnum):
@@ -109,6 +120,9 @@ class Plan:
     command: dict[str, Any] | None = field(default=None, compare=False)
     # aggregate: the second planning step's input, when the base is worth probing.
     probe: Probe | None = None
+    # find, union: `command` yields only the answer's ids, in order; the documents are
+    # then read by a find on each collection (`find_only`, cursormerge.RefetchCursor).
+    refetch: bool = False
 
     def explain(self, explained: PlanKind | None = None) -> dict[str, Any]:
         """The `mongobranch` field of an explain reply: the plan and which command the
@@ -261,8 +275,7 @@ def plan_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
                     f"dropped and refilled): the find runs on {one}", every, command)
     why = unmergeable(cmd, layers)
     if why is not None:
-        return plan(PlanKind.UNION, why, (),
-                    union_find(cmd, layers, branch=branch, skip_top_live=skip_top_live))
+        return _union_plan(cmd, layers, why, branch=branch, skip_top_live=skip_top_live)
     if point:
         return plan(PlanKind.MERGED, f"an _id equality with a skip: a merged find on "
                     f"{point[0].coll}, the one collection that can hold it", point)
@@ -270,16 +283,77 @@ def plan_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
                 "overlays), hidden ids dropped in memory, merged by sort key", every)
 
 
+def plan_tailable(cmd: dict[str, Any], layers: list[NsState]) -> Plan:
+    """How a tailable find is served: only where one upstream collection holds the whole
+    view can an upstream cursor tail it. The base, where the branch changed nothing of
+    it (pass-through: the upstream's cursor); the branch's own collection, where it owns
+    the collection outright (in-place: the proxy holds the cursor under the user's
+    namespace). Otherwise a union plan without a command: the branch's changes are in an
+    overlay, a plain collection that no cursor can tail beside the base, and the
+    executor refuses the find (after telling a non-capped collection apart, which mongod
+    refuses with BadValue)."""
+    coll = str(cmd["find"])
+    db = _db(cmd, layers)
+    if not layers:
+        return _planned(Plan("find", coll, PlanKind.PASS, f"the branch never changed {coll}: "
+                             "the upstream's tailable cursor", (Source(coll),), _own(cmd)), db)
+    every = sources(coll, layers)
+    if len(every) == 1 and not every[0].hidden:
+        one = every[0].coll
+        command = {"find": one, **{k: v for k, v in cmd.items() if k not in ("find", "$db")}}
+        if one == coll:
+            return _planned(Plan("find", coll, PlanKind.PASS, "the parent view hides nothing "
+                                 "of the base collection: the upstream's tailable cursor",
+                                 tuple(every), command), db)
+        return _planned(Plan("find", coll, PlanKind.IN_PLACE, f"the branch owns {coll} "
+                             f"outright: the tailable cursor is {one}'s", tuple(every),
+                             command), db)
+    return _planned(Plan("find", coll, PlanKind.UNION, f"the branch changed {coll}: its "
+                         "changes are in an overlay beside the base, which no upstream "
+                         "cursor can tail"), db)
+
+
 def fall_back(failed: Plan, cmd: dict[str, Any], layers: list[NsState], why: str, *,
               branch: str = "", skip_top_live: bool = False) -> Plan:
     """The second step of a find whose merged or in-place plan the upstream refused (a
     side failed where the union works, such as SecantusDB's sortKey over an empty array;
     a bad query then gets the upstream's own error from the union)."""
-    return _planned(Plan(failed.op, failed.coll, PlanKind.UNION,
-                         f"the {failed.kind} plan failed ({why}): the server-side union "
-                         "answers", (), union_find(cmd, layers, branch=branch,
-                                                   skip_top_live=skip_top_live)),
-                    _db(cmd, layers))
+    return _union_plan(cmd, layers, f"the {failed.kind} plan failed ({why}): the "
+                       "server-side union answers", branch=branch, skip_top_live=skip_top_live)
+
+
+def find_only(cmd: dict[str, Any]) -> str | None:
+    """What of a find only a find evaluates, with no aggregation equivalent a union could
+    run (None: nothing): the positional, $elemMatch and find-form $slice projections
+    ($project knows none of them; $slice there is another operator) and showRecordId."""
+    for key, value in (cmd.get("projection") or {}).items():
+        if key.endswith(".$") or key == "$":
+            return "the positional projection"
+        if isinstance(value, dict) and ("$elemMatch" in value or "$slice" in value):
+            return f"the {next(iter(value))} projection"
+    if cmd.get("showRecordId"):
+        return "showRecordId"
+    return None
+
+
+def _union_plan(cmd: dict[str, Any], layers: list[NsState], why: str, *, branch: str,
+                skip_top_live: bool) -> Plan:
+    """The server-side union of a find; where the find asks for what only a find
+    evaluates, the union picks the answer's ids (filter, sort, skip, limit: all its
+    own) and a find by those ids on each collection projects them (a refetch plan)."""
+    coll = str(cmd["find"])
+    only = find_only(cmd)
+    if only is None:
+        return _planned(Plan("find", coll, PlanKind.UNION, why, (),
+                             union_find(cmd, layers, branch=branch,
+                                        skip_top_live=skip_top_live)), _db(cmd, layers))
+    ids = {k: v for k, v in cmd.items() if k not in ("projection", "showRecordId")}
+    ids["projection"] = {"_id": 1}
+    return _planned(Plan("find", coll, PlanKind.UNION,
+                         f"{why}: the union picks the ids, {only} is a find's on each "
+                         "collection holding them", (),
+                         union_find(ids, layers, branch=branch, skip_top_live=skip_top_live),
+                         refetch=True), _db(cmd, layers))
 
 
 def _check_projection(projection: dict[str, Any], branch: str) -> None:
@@ -294,9 +368,10 @@ def union_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
                skip_top_live: bool = False) -> dict[str, Any]:
     """The aggregate that answers a find on the branch view."""
     coll = cmd["find"]
-    for opt in _FIND_UNSUPPORTED:
+    for opt, why in _FIND_UNSUPPORTED.items():
         if cmd.get(opt):
-            raise not_supported(f"find option {opt!r}", branch)
+            raise not_supported(f"find option {opt!r} on a collection the branch changed "
+                                f"({why})", branch)
     source, pipeline = views.view_source(coll, layers, cmd.get("filter") or {},
                                          skip_top_live=skip_top_live)
     if cmd.get("sort"):

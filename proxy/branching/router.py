@@ -26,9 +26,9 @@ from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch
 from proxy.branching.runner import Runner
-from proxy.net.router import Context
+from proxy.net.router import Context, Continued
 from proxy.wire.codes import Code
-from proxy.wire.opmsg import OpMsg
+from proxy.wire.opmsg import EXHAUST_ALLOWED, OpMsg
 
 ADMIN: dict[str, Handler] = {
     "createBranch": admin.create_branch,
@@ -113,6 +113,13 @@ async def write_through(engine: Engine, branch: Branch | None, ctx: Context, run
     return await BRANCH[next(iter(cmd))](req)
 
 
+def _continues(msg: OpMsg, reply: dict[str, Any]) -> bool:
+    """Whether a reply to an exhaust getMore leaves its cursor open (more batches follow)."""
+    cursor = reply.get("cursor")
+    return (next(iter(msg.body), None) == "getMore" and bool(reply.get("ok"))
+            and isinstance(cursor, dict) and bool(cursor.get("id")))
+
+
 class EngineRouter:
     """Serves one port: the main port (branch None) or a branch's."""
 
@@ -128,12 +135,20 @@ class EngineRouter:
             return name in self.table
         return name not in FORWARDED
 
-    async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
+    async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | Continued | None:
         try:
             reply = await self._serve(ctx, msg)
         except CommandError as exc:
             reply = exc.to_reply()
-        return None if reply is None else in_mongod_order(reply, ctx.gossip)
+        if reply is None:
+            return None
+        reply = in_mongod_order(reply, ctx.gossip)
+        if msg.flags & EXHAUST_ALLOWED and _continues(msg, reply):
+            # mongod's exhaust getMore: the same getMore again, answered without a request,
+            # until the cursor is exhausted (a cursor the upstream holds is forwarded, flag
+            # and all, and the upstream streams it).
+            return Continued(reply, lambda: self.handle(ctx, msg))
+        return reply
 
     async def _serve(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
         cmd = msg.command
@@ -173,6 +188,11 @@ class EngineRouter:
             return await handler(req)
         if name == "getMore" and changestream.held(req):
             return await handler(req)  # a change stream reads only the WAL
+        if name == "getMore" and self.engine.cursors.tailing(cmd.get("getMore")):
+            # A tailable cursor's getMore may wait up to maxAwaitTimeMS for new documents
+            # of the branch's own collection, which main's writes never change: it holds
+            # no fence that main's writes would wait for.
+            return await handler(req)
         # What the branch reads through must not change under it half-preserved
         # (snapshot.py); admin commands take what they need themselves. A read is
         # checked against the capture after it ran (and run again in the rare case it

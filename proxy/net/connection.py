@@ -29,7 +29,7 @@ import logging
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from pymongo.errors import PyMongoError
@@ -44,7 +44,7 @@ from proxy.net.replies import (
     internal_error,
     upstream_state_error,
 )
-from proxy.net.router import Router
+from proxy.net.router import Continued, Router
 from proxy.upstream.connection import (
     UpstreamConfig,
     UpstreamConnection,
@@ -666,6 +666,9 @@ class ClientConnection(MessageProtocol):
                 if routed is None:
                     await self._forward(frame, compressor, name, flags, sections.body)
                     return
+                if isinstance(routed, Continued):
+                    await self._stream(routed, msg, frame, compressor, name)
+                    return
                 reply = routed
             else:
                 # Nothing malformed reaches the upstream: the connection that sent it is closed.
@@ -709,10 +712,35 @@ class ClientConnection(MessageProtocol):
         self.identity_known = True
         return self.user
 
-    async def routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | None:
+    async def routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | Continued | None:
         """The router's reply, any failure turned into an error reply; None to forward."""
+        return await self._guarded(lambda: self.router.handle(self, msg), msg)
+
+    async def _stream(self, first: Continued, msg: opmsg.OpMsg, frame: Frame,
+                      compressor: int | None, name: str) -> None:
+        """An exhaust stream the router answers: every reply but the last flagged
+        moreToCome, each answering the one before it, as mongod sends them; it ends early
+        when the client goes away, and waits while the client's socket is full."""
+        response_to = frame.request_id
+        reply: dict[str, Any] | Continued | None = first
+        while isinstance(reply, Continued):
+            out = opmsg.build(reply.reply, request_id=next_request_id(),
+                              response_to=response_to, flags=opmsg.MORE_TO_COME)
+            self._write(out, compressor, name)
+            response_to = out.request_id
+            await self._drain()
+            if self._lost or self._closing:
+                return
+            reply = await self._guarded(reply.next, msg)
+        if reply is None:  # a router that forwards mid-stream: the stream cannot go on
+            reply = internal_error(RuntimeError("an exhaust stream ended without a reply"))
+        self._write(opmsg.build(reply, request_id=next_request_id(), response_to=response_to),
+                    compressor, name)
+
+    async def _guarded(self, call: Callable[[], Awaitable[dict[str, Any] | Continued | None]],
+                       msg: opmsg.OpMsg) -> dict[str, Any] | Continued | None:
         try:
-            reply = await self.router.handle(self, msg)
+            reply = await call()
         except CommandError as exc:
             reply = exc.to_reply()
         except UpstreamUnavailable as exc:
@@ -726,6 +754,8 @@ class ClientConnection(MessageProtocol):
             return failed
         except Exception as exc:
             return self._internal_error(msg, exc)
+        if isinstance(reply, Continued):
+            return reply
         if reply is not None and not reply.get("ok") and reply.get("code") in STATE_CHANGE_CODES:
             # An election cut the command short: labelled as mongos labels it.
             labels = error_labels(msg.body)

@@ -66,7 +66,7 @@ async def _command(conn: ClientConnection, body: dict[str, Any]) -> dict[str, An
     name = next(iter(body))
     if conn.router.wants(name):
         routed = await conn.routed(opmsg.OpMsg(0, body))
-        if routed is not None:
+        if isinstance(routed, dict):  # never a stream: OP_QUERY cannot allow one
             return routed
     if name in handshake.CLIENT_AUTH:
         conn.client_authenticated = True

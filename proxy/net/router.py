@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.wire.opmsg import OpMsg
+
+
+@dataclass
+class Continued:
+    """A reply that more replies follow, for a request that allowed an exhaust stream
+    (OP_MSG exhaustAllowed): the connection sends `reply` flagged moreToCome, then awaits
+    `next` for the following one (the last is a plain reply body; None, which would
+    forward the request again, ends the stream with an error). What the stream
+    carries is the router's to decide; how it goes out is the connection's."""
+
+    reply: dict[str, Any]
+    next: Callable[[], Awaitable[dict[str, Any] | Continued | None]]
 
 
 class Context(Protocol):
@@ -46,6 +60,7 @@ class Router(Protocol):
         """
         ...
 
-    async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
-        """The reply body, or None to forward the original message unchanged."""
+    async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | Continued | None:
+        """The reply body (a `Continued` one only when the request allowed an exhaust
+        stream), or None to forward the original message unchanged."""
         ...

@@ -174,14 +174,47 @@ def test_a_refused_merged_find_falls_back_to_the_union() -> None:
                      {"$sort": {"x": 1}}, {"$limit": 3}]}
 
 
-def test_a_merged_find_whose_projection_the_union_cannot_carry_fails_at_the_fallback() -> None:
+def test_a_merged_find_whose_projection_the_union_cannot_carry_falls_back_to_a_refetch() -> None:
     top = layer("b1", [1])
     cmd = find(projection={"tags.$": 1})
     merged = planner.plan_find(cmd, [top], branch="dev")
     assert merged.kind is PlanKind.MERGED  # the upstream evaluates it on each side
-    with pytest.raises(CommandError) as info:
-        planner.fall_back(merged, cmd, [top], "refused", branch="dev")
-    assert "positional projection" in str(info.value)
+    plan = planner.fall_back(merged, cmd, [top], "refused", branch="dev")
+    assert plan.kind is PlanKind.UNION and plan.refetch
+    assert "the positional projection is a find's" in plan.reason
+    assert plan.command is not None and plan.command["pipeline"][-1] == {"$project": {"_id": 1}}
+
+
+@pytest.mark.parametrize("projection", [{"a": {"$slice": 2}, "_id": 0},
+                                        {"a": {"$elemMatch": {"x": 1}}, "_id": False}])
+def test_an_unmergeable_find_only_projection_is_a_refetch_whose_union_picks_ids(
+        projection: dict[str, Any]) -> None:
+    plan = planner.plan_find(find(projection=projection, sort={"k": 1}, skip=2, limit=3),
+                             [layer("b1", [1])])
+    assert plan.kind is PlanKind.UNION and plan.refetch
+    assert plan.command is not None
+    assert plan.command["pipeline"][-4:] == [{"$sort": {"k": 1}}, {"$skip": 2}, {"$limit": 3},
+                                             {"$project": {"_id": 1}}]
+
+
+def test_show_record_id_is_a_refetch_and_return_key_min_max_are_refused() -> None:
+    top = layer("b1", [1])
+    assert planner.plan_find(find(showRecordId=True), [top]).refetch
+    for option in ({"returnKey": True}, {"min": {"k": 1}, "hint": {"k": 1}}):
+        with pytest.raises(CommandError) as info:
+            planner.plan_find(find(**option), [top], branch="dev")
+        assert info.value.code == Code.COMMAND_NOT_SUPPORTED
+
+
+def test_a_tailable_find_tails_only_a_collection_one_upstream_collection_holds() -> None:
+    cmd = find(tailable=True, awaitData=True)
+    assert planner.plan_tailable(cmd, []).kind is PlanKind.PASS
+    owned = layer("b1", dropped=True)
+    plan = planner.plan_tailable(cmd, [owned])
+    assert plan.kind is PlanKind.IN_PLACE
+    assert plan.command == {"find": owned.live, "tailable": True, "awaitData": True}
+    changed = planner.plan_tailable(cmd, [layer("b1", [1])])
+    assert changed.kind is PlanKind.UNION and changed.command is None
 
 
 def test_each_planned_read_logs_one_debug_line(caplog: pytest.LogCaptureFixture) -> None:

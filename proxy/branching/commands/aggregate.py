@@ -9,7 +9,7 @@ import secrets
 from typing import Any
 
 from proxy.branching import cursormerge, overlay, planner, snapshot
-from proxy.branching.commands import changestream, write
+from proxy.branching.commands import changestream, snapshotread, write
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.planner import PlanKind
@@ -87,7 +87,12 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
     merge_spec = _merge_spec(req, pipeline) if isinstance(pipeline, list) else None
     if merge_spec is not None:
         return await _aggregate_merge(req, merge_spec)
-    plan = await planned(req, req.cmd)
+    cmd = req.cmd
+    source = cmd.get("aggregate")
+    if snapshotread.requested(cmd) and isinstance(source, str) and req.layers(source):
+        # Its probes and the aggregate itself at one cluster time.
+        cmd, _ = await snapshotread.pinned(req, source, cmd)
+    plan = await planned(req, cmd)
     explaining = "explain" in req.cmd
     if plan.kind is PlanKind.PASS and not explaining:
         return None

@@ -9,7 +9,7 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import cursormerge, planner
-from proxy.branching.commands import aggregate, changestream
+from proxy.branching.commands import aggregate, changestream, snapshotread
 from proxy.branching.commands.base import (
     Request,
     carry,
@@ -18,6 +18,7 @@ from proxy.branching.commands.base import (
     documents_stage,
 )
 from proxy.branching.errors import CommandError
+from proxy.branching.model import NsState
 from proxy.branching.planner import PlanKind
 from proxy.wire.codes import Code
 
@@ -27,6 +28,8 @@ async def find(req: Request) -> dict[str, Any] | None:
     layers = req.layers(coll)
     cmd = req.cmd
     branch = req.on_branch.name
+    if cmd.get("tailable"):
+        return await _tailable(req, coll, layers)
     plan = planner.plan_find(cmd, layers, branch=branch)
     if plan.kind is PlanKind.PASS:
         return None
@@ -43,7 +46,74 @@ async def find(req: Request) -> dict[str, Any] | None:
             return merged
         plan = planner.fall_back(plan, cmd, layers, "the upstream refused a side",
                                  branch=branch)
+    if plan.refetch:
+        return await _refetch_find(req, coll, layers, plan)
     return await _union_find(req, coll, plan)
+
+
+async def _refetch_find(req: Request, coll: str, layers: list[NsState],
+                        plan: planner.Plan) -> dict[str, Any]:
+    """The union picks the answer's ids; a find on each collection holding them projects
+    them (planner.find_only). Always a proxy cursor: its batches are read as asked."""
+    cmd, at = await snapshotread.pinned(req, coll, req.cmd)
+    assert plan.command is not None
+    ids_cmd = dict(plan.command)
+    if at is not None:
+        ids_cmd["readConcern"] = cmd["readConcern"]
+    first = int(cmd.get("batchSize", cursormerge.DEFAULT_FIRST_BATCH))
+    ids_cmd["cursor"] = {"batchSize": first}
+    reply = await req.run(req.db, ids_cmd)
+    source = str(ids_cmd["aggregate"])
+    ids = cursormerge.Side(source, [], cursor_id=reply["cursor"]["id"])
+    ids.accept(reply["cursor"]["firstBatch"])
+    projection = dict(cmd.get("projection") or {})
+    drop_id = projection.get("_id") in (0, False)
+    if drop_id:
+        del projection["_id"]
+    find = {**cmd, "projection": projection}
+    cursor = cursormerge.RefetchCursor(req.db, coll, ids, layers, find, drop_id,
+                                       cmd.get("lsid"), at_cluster_time=at)
+    docs = await cursor.batch(req.run, first)
+    cursor_id = 0
+    single = bool(cmd.get("singleBatch")) or int(cmd.get("limit") or 0) < 0
+    if single or cursor.done:
+        await cursor.close(req.run)
+    else:
+        cursor_id = req.engine.cursors.add(cursor)
+    return snapshotread.stamp(cursor_reply(f"{req.db}.{coll}", docs, cursor_id), at)
+
+
+async def _tailable(req: Request, coll: str, layers: list[NsState]) -> dict[str, Any] | None:
+    plan = planner.plan_tailable(req.cmd, layers)
+    if plan.kind is PlanKind.PASS:
+        return None
+    if plan.kind is PlanKind.IN_PLACE:
+        assert plan.command is not None
+        reply = await req.run.reply(req.db, plan.command)
+        if not reply.get("ok") and isinstance(reply.get("errmsg"), str):
+            # The upstream's refusal (a collection that is not capped) names the user's
+            # collection, not the branch's.
+            reply["errmsg"] = reply["errmsg"].replace(f"{req.db}.{plan.sources[0].coll}",
+                                                      f"{req.db}.{coll}")
+        return cursormerge.adopt_tail(req.engine.cursors, req.db, coll, plan.sources[0].coll,
+                                      reply, req.cmd.get("lsid"))
+    if not await _capped(req, coll, layers):
+        # mongod's own refusal, whatever the branch did to the collection.
+        raise CommandError(Code.BAD_VALUE, "error processing query: tailable cursor "
+                           f"requested on non capped collection {req.db}.{coll}")
+    raise req.unsupported(f"a tailable cursor on a capped collection the branch changed "
+                          f"({plan.reason})")
+
+
+async def _capped(req: Request, coll: str, layers: list[NsState]) -> bool:
+    """Whether the collection the branch shows is capped: as the layer that recreated it
+    made it, else as the base is."""
+    dropped = next((layer for layer in layers if layer.base_dropped), None)
+    if dropped is not None:
+        return bool(dropped.options.get("capped"))
+    reply = await req.run.reply(req.db, {"listCollections": 1, "filter": {"name": coll}})
+    batch = reply.get("cursor", {}).get("firstBatch", []) if reply.get("ok") else []
+    return any((info.get("options") or {}).get("capped") for info in batch)
 
 
 async def _union_find(req: Request, coll: str, plan: planner.Plan) -> dict[str, Any]:
@@ -64,7 +134,10 @@ async def _proxy_cursor(req: Request, coll: str, plan: planner.Plan) -> dict[str
     side, for the planner's fallback."""
     cmd = req.cmd
     first = int(cmd.get("batchSize", cursormerge.DEFAULT_FIRST_BATCH))
+    at = None
     if plan.kind is PlanKind.MERGED:
+        # Every side at one cluster time, when a snapshot read.
+        cmd, at = await snapshotread.pinned(req, coll, cmd)
         cursor = await cursormerge.open_merged(req.run, req.db, coll, plan.sources, cmd, first)
     else:
         assert plan.command is not None
@@ -84,7 +157,8 @@ async def _proxy_cursor(req: Request, coll: str, plan: planner.Plan) -> dict[str
         await cursor.close(req.run)
     else:
         cursor_id = req.engine.cursors.add(cursor)
-    return cursor_reply(f"{req.db}.{coll}", docs, cursor_id)
+    return snapshotread.stamp(cursor_reply(f"{req.db}.{coll}", docs, cursor_id),
+                              at if at is not None else cursor.at_cluster_time)
 
 
 async def get_more(req: Request) -> dict[str, Any] | None:
@@ -95,7 +169,10 @@ async def get_more(req: Request) -> dict[str, Any] | None:
         return await changestream.get_more(req, cursor)
     # mongod: a getMore without batchSize returns what fits one reply (16 MiB).
     size = int(req.cmd["batchSize"]) if req.cmd.get("batchSize") else None
-    docs = await cursor.batch(req.run, size)
+    if isinstance(cursor, cursormerge.TailCursor):
+        docs = await cursor.more(req.run, size, req.cmd.get("maxTimeMS"))
+    else:
+        docs = await cursor.batch(req.run, size)
     cursor_id = cursor.id
     if cursor.done:
         req.engine.cursors.pop(cursor.id)
@@ -172,9 +249,12 @@ async def distinct(req: Request) -> dict[str, Any] | None:
         return None
     if plan.kind is PlanKind.UNION:
         assert plan.command is not None
-        batch = (await req.run(req.db, plan.command))["cursor"]["firstBatch"]
-        return {"values": batch[0]["v"] if batch else [], "ok": 1.0}
-    # Each source is a real distinct (exact array semantics); the server merges them.
+        cursor = (await req.run(req.db, plan.command))["cursor"]
+        batch = cursor["firstBatch"]
+        return _at({"values": batch[0]["v"] if batch else []}, cursor.get("atClusterTime"))
+    # Each source is a real distinct (exact array semantics); the server merges them,
+    # all at one cluster time when a snapshot read.
+    cmd, at = await snapshotread.pinned(req, coll, cmd)
     filt = cmd.get("query") or {}
     parts: list[Any] = []
     for source in plan.sources:
@@ -189,7 +269,15 @@ async def distinct(req: Request) -> dict[str, Any] | None:
             sub.pop("hint", None)  # the hint names a base index
         reply = await req.run(req.db, sub)
         parts.extend(reply["values"])
-    return {"values": await _dedupe(req, parts), "ok": 1.0}
+    return _at({"values": await _dedupe(req, parts)}, at)
+
+
+def _at(reply: dict[str, Any], at: Any) -> dict[str, Any]:
+    """A distinct reply: mongod's carries the time of a snapshot read beside the values."""
+    if at is not None:
+        reply["atClusterTime"] = at
+    reply["ok"] = 1.0
+    return reply
 
 
 async def _dedupe(req: Request, values: list[Any]) -> list[Any]:

@@ -1,0 +1,373 @@
+"""Cursor kinds and read options on a branch port, each against the main port.
+
+Differential: one collection seeded on main, a branch forked from it, then the same
+writes on both ports (the branch's snapshot does not see main's), so that both show
+the same documents while the branch's collection is changed (an overlay over the base).
+The same read on both ports must give the same documents. Exhaust streams are also
+checked frame by frame over a raw socket (flag bits, responseTo chain, cursor ids).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from bson.int64 import Int64
+from bson.timestamp import Timestamp
+from pymongo import CursorType, MongoClient
+from pymongo.database import Database
+from pymongo.errors import OperationFailure
+
+from tests import rawwire
+from tests.branchutil import Branches
+from tests.servers import ProxyProcess
+
+MORE_TO_COME = 1 << 1
+EXHAUST_ALLOWED = 1 << 16
+N = 40
+
+
+def _doc(i: int) -> dict[str, Any]:
+    return {"_id": i, "k": i % 9, "arr": [i % 5, (i + 1) % 5, {"x": i % 3}, i],
+            "sub": {"n": i, "tags": ["a", f"t{i % 4}"]}}
+
+
+def _write(db: Database) -> None:
+    """The same writes on both ports: an update, a delete and inserts."""
+    db.c.update_many({"_id": {"$in": [3, 10, 17]}}, {"$set": {"k": 100}, "$push": {"arr": 7}})
+    db.c.delete_many({"_id": {"$in": [5, 21]}})
+    db.c.insert_many([{**_doc(i), "_id": 1000 + i} for i in range(6)])
+
+
+@dataclass
+class Pair:
+    main: Database
+    branch: Database
+    port: int  # the branch's port
+    main_port: int
+    db: str
+    uri: str  # the branch's
+
+
+@pytest.fixture()
+def pair(proxy: ProxyProcess, made: Branches, client: MongoClient,
+         db_name: str) -> Iterator[Pair]:
+    main = client[db_name]
+    main.c.insert_many([_doc(i) for i in range(N)])
+    main.c.create_index("k")
+    main.u.insert_many([_doc(i) for i in range(N)])  # never written again: unchanged
+    info = made.create()
+    bclient = made.client(info)
+    branch = bclient[db_name]
+    _write(main)
+    _write(branch)
+    port = int(str(info["uri"]).rsplit(":", 1)[1].split("/", 1)[0])
+    main_port = int(proxy.uri.rsplit(":", 1)[1].split("/", 1)[0])
+    yield Pair(main, branch, port, main_port, db_name, str(info["uri"]))
+    bclient.close()
+
+
+# -- exhaust ------------------------------------------------------------------------------
+
+def _read(sock: socket.socket) -> tuple[int, int, int, dict[str, Any]]:
+    """(requestId, responseTo, flagBits, body) of the next OP_MSG."""
+    length, request_id, response_to, op_code = rawwire.HEADER.unpack(
+        rawwire.recv_exact(sock, rawwire.HEADER.size))
+    payload = rawwire.recv_exact(sock, length - rawwire.HEADER.size)
+    assert op_code == rawwire.OP_MSG
+    (flags,) = struct.unpack_from("<I", payload, 0)
+    return request_id, response_to, flags, rawwire.msg_reply(payload)
+
+
+def _exhaust(port: int, db: str, batch: int, coll: str = "c",
+             ) -> tuple[list[Any], list[tuple[int, bool, Any]]]:
+    """A find, then one exhaust getMore, on a raw socket: the documents and, per reply
+    to the getMore, (flag bits, whether it answers the message before it, cursor id)."""
+    with rawwire.connect(port) as sock:
+        first = rawwire.command(sock, {"find": coll, "sort": {"_id": 1}, "batchSize": batch,
+                                       "$db": db})
+        assert first["ok"] == 1.0, first
+        docs = list(first["cursor"]["firstBatch"])
+        cursor_id = first["cursor"]["id"]
+        assert isinstance(cursor_id, Int64) and cursor_id
+        sock.sendall(rawwire.op_msg({"getMore": cursor_id, "collection": coll,
+                                     "batchSize": batch, "$db": db},
+                                    flags=EXHAUST_ALLOWED, request_id=7))
+        previous, frames = 7, []
+        while True:
+            request_id, response_to, flags, body = _read(sock)
+            assert body["ok"] == 1.0, body
+            frames.append((flags, response_to == previous, body["cursor"]["id"]))
+            docs += body["cursor"]["nextBatch"]
+            previous = request_id
+            if not flags & MORE_TO_COME:
+                break
+        # The connection still serves requests once the stream ended.
+        assert rawwire.command(sock, {"ping": 1, "$db": "admin"}, request_id=99)["ok"] == 1.0
+    return docs, frames
+
+
+def test_exhaust_getmore_streams_moretocome_replies_until_the_cursor_ends(pair: Pair) -> None:
+    expected = list(pair.main.c.find().sort("_id", 1))
+    docs, frames = _exhaust(pair.port, pair.db, 4)
+    assert docs == expected
+    # mongod: every reply but the last flagged moreToCome, each answering the one before
+    # it, the cursor id an int64 throughout and 0 on the last.
+    assert len(frames) == -(-(len(expected) - 4) // 4)
+    assert all(flags == MORE_TO_COME for flags, _, _ in frames[:-1])
+    assert frames[-1][0] == 0
+    assert all(chained for _, chained, _ in frames)
+    assert all(isinstance(cid, Int64) and cid for _, _, cid in frames[:-1])
+    assert isinstance(frames[-1][2], Int64) and frames[-1][2] == 0
+
+
+def test_exhaust_cursor_from_pymongo_gives_mains_documents(pair: Pair) -> None:
+    for batch in (1, 3, 1000):
+        expected = list(pair.main.c.find({"k": {"$lt": 100}}).sort("_id", 1))
+        got = list(pair.branch.c.find({"k": {"$lt": 100}}, cursor_type=CursorType.EXHAUST,
+                                      batch_size=batch).sort("_id", 1))
+        assert got == expected
+        assert got == list(pair.main.c.find({"k": {"$lt": 100}},
+                                            cursor_type=CursorType.EXHAUST,
+                                            batch_size=batch).sort("_id", 1))
+
+
+def test_exhaust_stream_of_an_unchanged_collection_matches_the_main_ports(pair: Pair) -> None:
+    """Not changed on the branch: its cursor is the upstream's, and so is the stream."""
+    docs, frames = _exhaust(pair.port, pair.db, 7, "u")
+    assert docs == list(pair.main.u.find().sort("_id", 1))
+    main_docs, main_frames = _exhaust(pair.main_port, pair.db, 7, "u")
+    assert docs == main_docs
+    assert [flags for flags, _, _ in frames] == [flags for flags, _, _ in main_frames]
+
+
+# -- tailable / awaitData -------------------------------------------------------------------
+
+def _try_next(cursor: Any) -> Any:
+    """The next document of a tailable cursor; None on an empty batch (it stays alive)."""
+    try:
+        return next(cursor)
+    except StopIteration:
+        return None
+
+
+def _tail(db: Database, coll: str, writer: Database) -> list[list[Any]]:
+    """What a tailable awaitData cursor returns: its first documents, an empty batch (it
+    waits at most maxAwaitTimeMS and stays open), then a document inserted after."""
+    cursor = db[coll].find(cursor_type=CursorType.TAILABLE_AWAIT).max_await_time_ms(50)
+    seen = [[doc["_id"] for doc in (next(cursor), next(cursor), next(cursor))]]
+    assert _try_next(cursor) is None and cursor.alive
+    writer[coll].insert_one({"_id": 3})
+    got = _try_next(cursor)
+    while got is None and cursor.alive:  # an await can end just before the insert lands
+        got = _try_next(cursor)
+    assert got is not None
+    seen.append([got["_id"]])
+    cursor.close()
+    return seen
+
+
+@pytest.fixture()
+def capped(pair: Pair) -> Iterator[tuple[Database, Database]]:
+    """A capped collection made on each port after the fork: the branch's own."""
+    for db in (pair.main, pair.branch):
+        db.create_collection("cap", capped=True, size=1 << 16)
+        db.cap.insert_many([{"_id": i} for i in range(3)])
+    # A bounded socket: a getMore that never answers fails the test instead of hanging it.
+    with MongoClient(pair.uri, socketTimeoutMS=30000) as bounded:
+        yield pair.main, bounded[pair.db]
+
+
+def test_tailable_await_cursor_on_a_capped_collection_made_on_the_branch(
+        capped: tuple[Database, Database]) -> None:
+    main, branch = capped
+    assert _tail(branch, "cap", branch) == _tail(main, "cap", main) == [[0, 1, 2], [3]]
+
+
+def test_tailable_cursor_on_an_unchanged_capped_collection(
+        pair: Pair, proxy: ProxyProcess, made: Branches) -> None:
+    """Made on main before the fork and not written on the branch: the upstream's cursor."""
+    pair.main.create_collection("old", capped=True, size=1 << 16)
+    pair.main.old.insert_many([{"_id": i} for i in range(3)])
+    info = made.create()
+    with MongoClient(info["uri"], socketTimeoutMS=30000) as bounded:
+        cursor = bounded[pair.db].old.find(cursor_type=CursorType.TAILABLE_AWAIT)
+        assert [d["_id"] for d in cursor.max_await_time_ms(50)] == [0, 1, 2]
+        assert cursor.alive
+        cursor.close()
+
+
+def test_tailable_cursor_on_non_capped_collections_is_mongods_bad_value(pair: Pair) -> None:
+    pair.branch.create_collection("plain")  # the branch's own
+    pair.main.create_collection("plain")
+    for coll in ("c", "plain"):  # changed on the branch; made on it
+        errors = []
+        for db in (pair.main, pair.branch):
+            with pytest.raises(OperationFailure) as info:
+                db[coll].find_one(cursor_type=CursorType.TAILABLE)
+            errors.append((info.value.code, info.value.details["codeName"],
+                           f"{pair.db}.{coll}" in str(info.value.details["errmsg"])))
+        assert errors[0] == errors[1] == (2, "BadValue", True)
+
+
+def test_tailable_cursor_on_a_capped_collection_the_branch_changed_is_refused(
+        pair: Pair, made: Branches) -> None:
+    """Its changes are in a plain overlay beside the base: nothing upstream can tail both."""
+    pair.main.create_collection("log", capped=True, size=1 << 16)
+    pair.main.log.insert_many([{"_id": i} for i in range(3)])
+    info = made.create()
+    with MongoClient(info["uri"]) as bclient:
+        bclient[pair.db].log.insert_one({"_id": 9})
+        with pytest.raises(OperationFailure) as refused:
+            bclient[pair.db].log.find_one(cursor_type=CursorType.TAILABLE)
+    assert refused.value.code == 115
+    assert "tailable cursor on a capped collection the branch changed" in str(refused.value)
+
+
+# -- snapshot reads ---------------------------------------------------------------------------
+
+_SNAPSHOT = {"level": "snapshot"}
+
+
+def test_snapshot_reads_carry_at_cluster_time_and_mains_documents(pair: Pair) -> None:
+    """find, aggregate and distinct with readConcern snapshot: the reply says at which
+    cluster time it read (cursor.atClusterTime; distinct's at the top), as mongod's."""
+    for batch in (2, 1000):
+        results = []
+        for db in (pair.main, pair.branch):
+            found = db.command("find", "c", filter={"k": {"$lt": 100}}, sort={"_id": 1},
+                               batchSize=batch, readConcern=_SNAPSHOT)
+            agg = db.command("aggregate", "c", pipeline=[{"$sort": {"_id": -1}}],
+                             cursor={"batchSize": batch}, readConcern=_SNAPSHOT)
+            distinct = db.command("distinct", "c", key="sub.tags", readConcern=_SNAPSHOT)
+            for cursor in (found["cursor"], agg["cursor"]):
+                assert isinstance(cursor.get("atClusterTime"), Timestamp), cursor
+            assert isinstance(distinct.get("atClusterTime"), Timestamp), distinct
+            results.append((found["cursor"]["firstBatch"], agg["cursor"]["firstBatch"],
+                            sorted(distinct["values"])))
+        assert results[0] == results[1]
+
+
+def test_snapshot_session_reads_mains_documents(pair: Pair) -> None:
+    """pymongo's snapshot session: its first read's atClusterTime pins the later ones."""
+    out = []
+    for db in (pair.main, pair.branch):
+        with db.client.start_session(snapshot=True) as session:
+            docs = list(db.c.find({}, session=session).sort("_id", 1))
+            assert session._snapshot_time is not None  # read from the first reply
+            out.append((docs,
+                        list(db.c.aggregate([{"$match": {"k": {"$gte": 2}}},
+                                             {"$sort": {"_id": 1}}], session=session)),
+                        sorted(db.c.distinct("k", session=session))))
+    assert out[0] == out[1]
+
+
+def test_snapshot_read_at_cluster_time_is_merged_at_that_time(pair: Pair) -> None:
+    """With atClusterTime, the merged sides read at it: the reply says so."""
+    at = pair.branch.command("find", "c", limit=1, readConcern=_SNAPSHOT)["cursor"][
+        "atClusterTime"]
+    reply = pair.branch.command("find", "c", sort={"_id": 1}, batchSize=3,
+                                readConcern={**_SNAPSHOT, "atClusterTime": at})
+    assert reply["cursor"]["atClusterTime"] == at
+
+
+@pytest.mark.secantus_gap(reason="SecantusDB reads the latest data at any atClusterTime "
+                                 "(mongod reads the snapshot at that time)")
+def test_snapshot_session_does_not_see_later_writes(pair: Pair) -> None:
+    """On the main port first: an upstream that does not keep snapshots (SecantusDB)
+    cannot give a branch one either, and the test says so by skipping."""
+    for db in (pair.main, pair.branch):
+        with db.client.start_session(snapshot=True) as session:
+            before = list(db.c.find({}, session=session).sort("_id", 1))
+            db.c.insert_one({"_id": 5000 if db is pair.main else 5001})
+            db.c.update_one({"_id": 0}, {"$inc": {"k": -1}})
+            after = list(db.c.find({}, session=session).sort("_id", 1))
+            if db is pair.main and after != before:
+                pytest.skip("the upstream reads the latest data at any atClusterTime "
+                            "(SecantusDB): snapshot reads cannot be exact through it")
+            assert after == before
+            assert not {5000, 5001} & set(db.c.distinct("_id", session=session))
+
+
+# -- find-only projections and options where the find cannot be merged ----------------------
+
+_EN = {"locale": "en"}
+# Each cannot be merged (a projection dropping _id, a collation ordering the sort): the
+# server-side union answers, and only a find evaluates these projections.
+_FIND_ONLY: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = [
+    ({"arr": 2}, {"arr.$": 1, "_id": 0}, {}),
+    ({"k": {"$lt": 100}}, {"arr": {"$elemMatch": {"x": 1}}, "_id": 0}, {"skip": 2}),
+    ({}, {"arr": {"$slice": [1, 2]}, "sub.tags": {"$slice": -1}}, {"collation": _EN}),
+    ({"arr": {"$gte": 3}}, {"arr.$": 1, "k": 1}, {"collation": _EN, "limit": 9}),
+    ({}, {"arr": {"$slice": 1}, "k": 0, "_id": 0}, {"limit": -4}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_FIND_ONLY)))
+def test_find_only_projections_on_a_changed_collection_give_mains_documents(
+        pair: Pair, case: int) -> None:
+    filt, projection, options = _FIND_ONLY[case]
+    sort = {"_id": -1} if "collation" in options or "_id" in projection else {"sub.n": 1}
+    # A negative limit is one batch: SecantusDB's holds the whole limit, whatever batchSize.
+    for batch in (2, 101) if options.get("limit", 0) >= 0 else (101,):
+        got = []
+        for db in (pair.main, pair.branch):
+            cursor = db.c.find(filt, projection, batch_size=batch, **{
+                k: v for k, v in options.items() if k != "collation"}).sort(list(sort.items()))
+            if "collation" in options:
+                cursor = cursor.collation(options["collation"])
+            got.append(list(cursor))
+        assert got[0] == got[1]
+        assert got[0]
+
+
+def test_show_record_id_on_a_changed_collection(pair: Pair) -> None:
+    """Each document gets its `$recordId`: the record's id in the collection that holds it
+    on the branch (base or overlay), as mongod's names the record in its collection."""
+    got = []
+    for db in (pair.main, pair.branch):
+        docs = list(db.c.find({"k": {"$lt": 100}}, {"_id": 0, "sub": 0}, show_record_id=True)
+                    .sort("arr", 1).collation(_EN))
+        assert all("$recordId" in d for d in docs)
+        got.append([{k: v for k, v in d.items() if k != "$recordId"} for d in docs])
+    assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("option", [{"returnKey": True},
+                                    {"min": {"k": 2}, "max": {"k": 5}, "hint": {"k": 1}}])
+def test_index_options_without_a_union_form_are_refused_on_a_changed_collection(
+        pair: Pair, option: dict[str, Any]) -> None:
+    pair.main.command("find", "c", projection={"_id": 0}, **option)
+    with pytest.raises(OperationFailure) as refused:
+        pair.branch.command("find", "c", projection={"_id": 0}, **option)
+    assert refused.value.code == 115
+    assert next(iter(option)) in str(refused.value)
+
+
+def test_find_only_projection_over_a_hidden_set_too_large_for_memory(
+        made: Branches, direct: MongoClient, db_name: str) -> None:
+    """Past the in-memory hidden-id limit, each batch asks the overlay's hidden-id
+    collection which of its ids the branch hides; checked against a plain copy of the
+    result, written before the fork (main's writes then preserve nothing)."""
+    n = 25_200  # the branch's deletes hide over model.HIDDEN_CACHE_LIMIT ids
+    docs = [{"_id": i, "g": i % 10, "arr": [i % 5, i % 7, i % 3]} for i in range(n)]
+    added = [{"_id": n + i, "g": 9, "arr": [2, -1, i]} for i in range(30)]
+    direct[db_name].c.insert_many(docs)
+    copy = direct[f"{db_name}_copy"]
+    copy.c.insert_many([d for d in docs if d["g"] >= 8] + added)
+    info = made.create()
+    with made.client(info) as bclient:
+        branch = bclient[db_name]
+        branch.c.delete_many({"g": {"$lt": 8}})
+        branch.c.insert_many(added)
+        for projection in ({"arr": {"$slice": -2}}, {"arr": {"$elemMatch": {"$lt": 0}}},
+                           {"arr.$": 1}):
+            filt = {"g": {"$in": [3, 9]}, "arr": {"$lt": 3}}
+            got = [list(db.c.find(filt, projection, batch_size=40).sort("_id", -1).limit(150))
+                   for db in (branch, copy)]
+            assert got[0] == got[1] and len(got[0]) == 150
+    direct.drop_database(f"{db_name}_copy")
