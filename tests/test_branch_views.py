@@ -1,0 +1,277 @@
+"""Views and collMod on a branch port, with real pymongo: compared with the same operations
+on a plain copy on the upstream, and with main, which must not change."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure
+
+from tests.branchutil import Branches
+from tests.servers import ProxyProcess
+
+VIEW = [{"$match": {"k": {"$gt": 0}}},
+        {"$project": {"k": 1, "tags": 1, "n": {"$multiply": ["$_id", 10]}}}]
+ON_VIEW = [{"$match": {"n": {"$gte": 20}}}]
+
+
+def seed(db: Any) -> None:
+    db.src.insert_many([{"_id": i, "k": i % 3, "tags": [f"t{i % 4}", "all"]}
+                        for i in range(12)])
+    db.create_collection("v", viewOn="src", pipeline=VIEW)
+    db.create_collection("vv", viewOn="v", pipeline=ON_VIEW)
+
+
+def change(db: Any) -> None:
+    """Writes to the source collection: the branch's own, and the copy's."""
+    db.src.insert_many([{"_id": 100, "k": 1, "tags": ["new"]}, {"_id": 101, "k": 0}])
+    db.src.update_many({"_id": {"$in": [1, 4]}}, {"$set": {"k": 0}})
+    db.src.update_one({"_id": 3}, {"$set": {"k": 2, "tags": ["moved"]}})
+    db.src.delete_one({"_id": 5})
+
+
+def reads(db: Any, name: str) -> dict[str, Any]:
+    coll = db[name]
+    return {
+        "find": list(coll.find({}, sort=[("_id", 1)])),
+        "filtered": list(coll.find({"k": 2}, {"tags": 0}, sort=[("_id", -1)], skip=1, limit=3)),
+        "aggregate": list(coll.aggregate([{"$group": {"_id": "$k", "c": {"$sum": 1}}},
+                                          {"$sort": {"_id": 1}}])),
+        "count": coll.count_documents({"k": {"$gte": 1}}),
+        "small-batches": [d["_id"] for d in coll.find({}, sort=[("_id", 1)], batch_size=2)],
+    }
+
+
+def evaluated(db: Any, name: str, key: str) -> list[Any]:
+    """A key's distinct values in a view, evaluated by the upstream from the view's
+    definition: SecantusDB answers distinct on a view with no values (mongod answers
+    them), so the copy side takes this form."""
+    info = db.command("listCollections", filter={"name": name})["cursor"]["firstBatch"][0]
+    pipeline = info["options"]["pipeline"]
+    source = info["options"]["viewOn"]
+    if source == "v":
+        pipeline = VIEW + pipeline
+        source = "src"
+    out = db[source].aggregate([*pipeline, {"$unwind": f"${key}"},
+                                {"$group": {"_id": None, "d": {"$addToSet": f"${key}"}}}])
+    return sorted(next(out, {"d": []})["d"])
+
+
+@pytest.fixture()
+def trio(proxy: ProxyProcess, direct: MongoClient, made: Branches, db_name: str
+         ) -> Iterator[tuple[Any, Any, Any, MongoClient]]:
+    """(branch db, plain copy db, main db through the proxy, branch client)."""
+    seed(direct[db_name])
+    copy_name = f"{db_name}_copy"
+    seed(direct[copy_name])
+    branch = made.create()
+    client = made.client(branch)
+    main = MongoClient(proxy.uri)
+    yield client[db_name], direct[copy_name], main[db_name], client
+    client.close()
+    main.close()
+    direct.drop_database(copy_name)
+
+
+def test_view_of_main_reads_the_branch_data(trio: tuple[Any, Any, Any, MongoClient]) -> None:
+    branch, copy, main, _ = trio
+    before = {name: reads(main, name) for name in ("v", "vv")}
+    change(branch)
+    change(copy)
+    for name in ("v", "vv"):
+        assert reads(branch, name) == reads(copy, name), name
+        # The count command on a view (SecantusDB answers 0 on a view of a view; mongod
+        # counts what the view shows).
+        assert branch[name].estimated_document_count() == len(list(copy[name].find()))
+        assert sorted(branch[name].distinct("tags")) == evaluated(copy, name, "tags")
+        assert sorted(branch[name].distinct("k", {"k": {"$lt": 2}})) == [1]
+        # Main still shows the views over its own, unchanged, data.
+        assert reads(main, name) == before[name]
+    # A pipeline of the user's after the view's, reading another collection's branch view.
+    pipeline = [{"$lookup": {"from": "src", "localField": "_id", "foreignField": "_id",
+                             "as": "me"}}, {"$sort": {"_id": 1}}]
+    assert list(branch.v.aggregate(pipeline)) == list(copy.v.aggregate(pipeline))
+
+
+def test_view_defined_on_a_branch_is_the_branch_s(
+        trio: tuple[Any, Any, Any, MongoClient], made: Branches) -> None:
+    branch, copy, main, _ = trio
+    sibling = made.client(made.create())
+    try:
+        for db in (branch, copy):
+            change(db)
+            db.create_collection("mine", viewOn="vv", pipeline=[{"$sort": {"k": -1, "_id": 1}}])
+        assert reads(branch, "mine") == reads(copy, "mine")
+        info = branch.command("listCollections", filter={"name": "mine"})["cursor"]["firstBatch"]
+        assert info == [{"name": "mine", "type": "view",
+                         "options": {"viewOn": "vv", "pipeline": [{"$sort": {"k": -1, "_id": 1}}]},
+                         "info": {"readOnly": True}}]
+        shown = {i["name"]: i["type"] for i in branch.list_collections()}
+        assert shown == {"src": "collection", "v": "view", "vv": "view", "mine": "view"}
+        assert "mine" not in main.list_collection_names()
+        assert "mine" not in sibling[branch.name].list_collection_names()
+        # The same create again is accepted; another definition under the name is not.
+        branch.command("create", "mine", viewOn="vv", pipeline=[{"$sort": {"k": -1, "_id": 1}}])
+        with pytest.raises(OperationFailure) as exc:
+            branch.command("create", "mine", viewOn="src", pipeline=[])
+        assert exc.value.code == 48
+        # Dropping views on the branch: its own and one of main's.
+        branch.drop_collection("mine")
+        branch.drop_collection("vv")
+        assert sorted(branch.list_collection_names()) == ["src", "v"]
+        assert list(branch.vv.find()) == []
+        assert sorted(main.list_collection_names()) == ["src", "v", "vv"]
+        assert sorted(sibling[branch.name].list_collection_names()) == ["src", "v", "vv"]
+        assert reads(sibling[branch.name], "vv") == reads(main, "vv")
+    finally:
+        sibling.close()
+
+
+def test_a_view_refuses_what_mongod_refuses(trio: tuple[Any, Any, Any, MongoClient]) -> None:
+    branch, _, main, _ = trio
+    branch.create_collection("own", viewOn="src", pipeline=[])
+    for name in ("v", "own"):
+        for op in (lambda c: c.insert_one({"_id": 1000}),
+                   lambda c: c.update_one({"_id": 1}, {"$set": {"x": 1}}),
+                   lambda c: c.delete_many({}),
+                   lambda c: c.find_one_and_delete({"_id": 1}),
+                   lambda c: c.create_index("k"),
+                   lambda c: list(c.list_indexes())):
+            with pytest.raises(OperationFailure) as exc:
+                op(branch[name])
+            assert exc.value.code == 166, (name, exc.value.details)
+            assert exc.value.details["codeName"] == "CommandNotSupportedOnView"
+    assert branch.src.count_documents({}) == 12  # nothing reached the source
+    bad = [([{"$bogus": 1}], 40324),
+           ([{"$out": "elsewhere"}], 157),
+           ({"not": "a list"}, 14)]
+    for pipeline, code in bad:
+        with pytest.raises(OperationFailure) as exc:
+            branch.command("create", "broken", viewOn="src", pipeline=pipeline)
+        assert exc.value.code == code, exc.value.details
+    assert "broken" not in branch.list_collection_names()
+    assert "elsewhere" not in branch.list_collection_names()
+    # A view on itself, through another: mongod's cycle check.
+    branch.create_collection("own2", viewOn="own", pipeline=[])
+    with pytest.raises(OperationFailure) as exc:
+        branch.command("collMod", "own", viewOn="own2", pipeline=[])
+    assert exc.value.code == 167
+    with pytest.raises(OperationFailure) as exc:
+        branch.command("collMod", "v", viewOn="vv", pipeline=[])  # main's views
+    assert exc.value.code == 167
+    assert list(branch.own2.find({"_id": 1})) == [branch.src.find_one({"_id": 1})]
+    assert sorted(main.list_collection_names()) == ["src", "v", "vv"]
+
+
+def test_main_s_view_changes_after_the_fork_do_not_reach_the_branch(
+        trio: tuple[Any, Any, Any, MongoClient]) -> None:
+    branch, _, main, _ = trio
+    at_fork = {name: reads(branch, name) for name in ("v", "vv")}
+    main.create_collection("later", viewOn="src", pipeline=[])
+    # A new definition of main's view (SecantusDB acknowledges collMod on a view and
+    # changes nothing: a drop and a create stand for it on the upstream).
+    main.drop_collection("v")
+    main.create_collection("v", viewOn="src", pipeline=[{"$match": {"k": 0}}])
+    main.drop_collection("vv")
+    assert sorted(branch.list_collection_names()) == ["src", "v", "vv"]
+    assert {name: reads(branch, name) for name in ("v", "vv")} == at_fork
+    assert list(branch.later.find()) == []
+    info = {i["name"]: i["options"] for i in branch.list_collections()}
+    assert info["v"] == {"viewOn": "src", "pipeline": VIEW}
+    assert [d["k"] for d in main.v.find()] == [0, 0, 0, 0]
+
+
+def test_coll_mod_validator_is_the_branch_s(trio: tuple[Any, Any, Any, MongoClient],
+                                            made: Branches) -> None:
+    branch, copy, main, _ = trio
+    validator = {"k": {"$gte": 1}}  # refuses the parent's documents with k 0
+    for db in (branch, copy):
+        db.command("collMod", "src", validator=validator, validationLevel="strict",
+                   changeStreamPreAndPostImages={"enabled": True})
+    for db in (branch, copy):
+        with pytest.raises(OperationFailure) as exc:
+            db.src.insert_one({"_id": 60, "k": "not an int"})
+        assert exc.value.code == 121
+        # A document of the parent that the validator refuses can still be fixed.
+        assert db.src.update_one({"_id": 3}, {"$set": {"k": 7}}).modified_count == 1
+        with pytest.raises(OperationFailure) as exc:
+            db.src.update_one({"_id": 2}, {"$set": {"k": "no"}})
+        assert exc.value.code == 121
+        db.src.insert_one({"_id": 61, "k": 1}, bypass_document_validation=True)
+        db.src.insert_one({"_id": 62, "k": "bypassed"}, bypass_document_validation=True)
+
+    def options(db: Any) -> dict[str, Any]:
+        return dict(db.command("listCollections", filter={"name": "src"})
+                    ["cursor"]["firstBatch"][0]["options"])
+
+    assert options(branch) == options(copy) == {
+        "validator": validator, "validationLevel": "strict",
+        "changeStreamPreAndPostImages": {"enabled": True}}
+    assert sorted(branch.src.find(), key=lambda d: d["_id"]) == \
+        sorted(copy.src.find(), key=lambda d: d["_id"])
+    # Main and a sibling: no validator.
+    main.src.insert_one({"_id": 60, "k": "not an int"})
+    assert "validator" not in options(main)
+    # A child of the branch writes under the validator too.
+    child = made.create(**{"from": made.created[0]})
+    with made.client(child) as c:
+        with pytest.raises(OperationFailure) as exc:
+            c[branch.name].src.insert_one({"_id": 70, "k": "no"})
+        assert exc.value.code == 121
+        c[branch.name].src.insert_one({"_id": 70, "k": 70})
+        assert options(c[branch.name]) == options(branch)
+
+
+def test_coll_mod_index_options_and_views(trio: tuple[Any, Any, Any, MongoClient]) -> None:
+    branch, copy, main, _ = trio
+    for db in (branch, copy, main):
+        db.src.create_index("k", expireAfterSeconds=3600)
+    for db in (branch, copy):
+        reply = db.command("collMod", "src", index={"keyPattern": {"k": 1},
+                                                    "expireAfterSeconds": 7200})
+        assert (reply["expireAfterSeconds_old"], reply["expireAfterSeconds_new"]) == (3600, 7200)
+    ttl = {ix["name"]: ix.get("expireAfterSeconds") for ix in branch.src.list_indexes()}
+    assert ttl == {ix["name"]: ix.get("expireAfterSeconds") for ix in copy.src.list_indexes()}
+    assert ttl["k_1"] == 7200
+    assert {ix["name"]: ix.get("expireAfterSeconds")
+            for ix in main.src.list_indexes()}["k_1"] == 3600
+    branch.command("collMod", "src", index={"name": "k_1", "hidden": True})
+    hidden = {ix["name"]: ix.get("hidden") for ix in branch.src.list_indexes()}
+    assert hidden["k_1"] is True  # mongod lists it hidden (SecantusDB leaves the field out)
+    assert not {ix["name"]: ix.get("hidden") for ix in main.src.list_indexes()}["k_1"]
+    with pytest.raises(OperationFailure) as exc:
+        branch.command("collMod", "src", index={"name": "nope", "hidden": True})
+    assert exc.value.code == 27
+    # A view's definition, changed on the branch only.
+    change(branch)
+    change(copy)
+    branch.command("collMod", "v", viewOn="src", pipeline=[{"$match": {"k": 2}}])
+    # SecantusDB acknowledges collMod on a view and changes nothing (mongod redefines
+    # it): the copy gets the new definition by a drop and a create.
+    copy.drop_collection("v")
+    copy.create_collection("v", viewOn="src", pipeline=[{"$match": {"k": 2}}])
+    assert reads(branch, "v") == reads(copy, "v")
+    assert reads(branch, "vv") == reads(copy, "vv")
+    assert {i["name"]: i["options"] for i in branch.list_collections()}["v"] == \
+        {"viewOn": "src", "pipeline": [{"$match": {"k": 2}}]}
+    assert {i["name"]: i["options"] for i in main.list_collections()}["v"]["pipeline"] == VIEW
+    with pytest.raises(OperationFailure) as exc:
+        branch.command("collMod", "v", validator={"k": 1})
+    assert exc.value.code == 72
+
+
+def test_coll_mod_bad_input(trio: tuple[Any, Any, Any, MongoClient]) -> None:
+    branch, copy, _, _ = trio
+    for db in (branch, copy):
+        with pytest.raises(OperationFailure) as exc:
+            db.command("collMod", "missing", validator={"k": 1})
+        assert exc.value.code == 26
+        assert exc.value.details["codeName"] == "NamespaceNotFound"
+        with pytest.raises(OperationFailure) as exc:
+            db.command("collMod", "src", bogus=1)
+        assert exc.value.code == 40415
+    assert "missing" not in branch.list_collection_names()
+    assert branch.src.count_documents({}) == 12
