@@ -275,3 +275,20 @@ def test_coll_mod_bad_input(trio: tuple[Any, Any, Any, MongoClient]) -> None:
         assert exc.value.code == 40415
     assert "missing" not in branch.list_collection_names()
     assert branch.src.count_documents({}) == 12
+
+
+def test_a_merge_defines_the_branch_s_views_in_main(
+        proxy: ProxyProcess, trio: tuple[Any, Any, Any, MongoClient], made: Branches) -> None:
+    branch, _, main, _ = trio
+    branch.create_collection("mine", viewOn="src", pipeline=[{"$match": {"k": 1}}])
+    branch.command("collMod", "v", viewOn="src", pipeline=[{"$match": {"k": 2}}])
+    status, body = proxy.api("POST", f"/branches/{made.created[0]}/merge",
+                             {"strategy": "theirs", "force": True})
+    assert status == 200, body
+    # The capture turns on pre-images for the collections main creates (SecantusDB
+    # takes it for a view too): only the definitions are compared.
+    info = {i["name"]: (i["type"], i["options"]["viewOn"], i["options"]["pipeline"])
+            for i in main.list_collections() if i["type"] == "view"}
+    assert info["mine"] == ("view", "src", [{"$match": {"k": 1}}])
+    assert info["v"] == ("view", "src", [{"$match": {"k": 2}}])
+    assert list(main.mine.find()) == list(branch.mine.find())
