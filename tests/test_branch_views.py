@@ -76,6 +76,10 @@ def trio(proxy: ProxyProcess, direct: MongoClient, made: Branches, db_name: str
     direct.drop_database(copy_name)
 
 
+@pytest.mark.secantus_gap(reason=(
+    "SecantusDB answers distinct on a view with no values and count on a "
+    "view of a view with 0; the copy side takes the values from the view's "
+    "definition and its find"))
 def test_view_of_main_reads_the_branch_data(trio: tuple[Any, Any, Any, MongoClient]) -> None:
     branch, copy, main, _ = trio
     before = {name: reads(main, name) for name in ("v", "vv")}
@@ -130,6 +134,9 @@ def test_view_defined_on_a_branch_is_the_branch_s(
         sibling.close()
 
 
+@pytest.mark.secantus_gap(reason=(
+    "SecantusDB writes into views and defines views whose pipeline it "
+    "cannot parse; the branch is held to mongod's refusals"))
 def test_a_view_refuses_what_mongod_refuses(trio: tuple[Any, Any, Any, MongoClient]) -> None:
     branch, _, main, _ = trio
     branch.create_collection("own", viewOn="src", pipeline=[])
@@ -166,6 +173,9 @@ def test_a_view_refuses_what_mongod_refuses(trio: tuple[Any, Any, Any, MongoClie
     assert sorted(main.list_collection_names()) == ["src", "v", "vv"]
 
 
+@pytest.mark.secantus_gap(reason=(
+    "SecantusDB acknowledges collMod on a view and changes nothing; main "
+    "redefines it by a drop and a create"))
 def test_main_s_view_changes_after_the_fork_do_not_reach_the_branch(
         trio: tuple[Any, Any, Any, MongoClient]) -> None:
     branch, _, main, _ = trio
@@ -225,6 +235,9 @@ def test_coll_mod_validator_is_the_branch_s(trio: tuple[Any, Any, Any, MongoClie
         assert options(c[branch.name]) == options(branch)
 
 
+@pytest.mark.secantus_gap(reason=(
+    "SecantusDB leaves `hidden` out of listIndexes and ignores collMod on a "
+    "view; the branch is held to mongod's listing and definition"))
 def test_coll_mod_index_options_and_views(trio: tuple[Any, Any, Any, MongoClient]) -> None:
     branch, copy, main, _ = trio
     for db in (branch, copy, main):
@@ -292,3 +305,50 @@ def test_a_merge_defines_the_branch_s_views_in_main(
     assert info["mine"] == ("view", "src", [{"$match": {"k": 1}}])
     assert info["v"] == ("view", "src", [{"$match": {"k": 2}}])
     assert list(main.mine.find()) == list(branch.mine.find())
+
+
+@pytest.mark.secantus_gap(reason=(
+    "SecantusDB reads nothing through a view named by $unionWith or "
+    "$lookup; the expected answer is built from finds on the copy's views"))
+def test_stages_reading_a_view_read_the_branch_data(
+        trio: tuple[Any, Any, Any, MongoClient]) -> None:
+    branch, copy, main, _ = trio
+    before = list(main.src.aggregate([{"$unionWith": "vv"}]))
+    for db in (branch, copy):
+        change(db)
+        db.create_collection("mine", viewOn="vv", pipeline=[{"$match": {"k": 1}}])
+    # SecantusDB reads nothing through a view named by $unionWith or $lookup (mongod
+    # reads the view): what mongod answers is built from finds on the copy's views.
+    def by_id(docs: Any) -> list[Any]:
+        return sorted(docs, key=lambda d: d["_id"])
+
+    got = branch.src.aggregate([{"$match": {"_id": {"$lt": 0}}}, {"$unionWith": "vv"}])
+    assert by_id(got) == by_id(copy.vv.find())
+    got = branch.src.aggregate([{"$match": {"_id": {"$lt": 0}}}, {"$unionWith": {
+        "coll": "mine", "pipeline": [{"$sort": {"_id": -1}}]}}])
+    assert list(got) == list(copy.mine.find(sort=[("_id", -1)]))
+    got = branch.src.aggregate([
+        {"$sort": {"_id": 1}}, {"$limit": 4},
+        {"$lookup": {"from": "v", "pipeline": [{"$match": {"k": 2}}, {"$sort": {"_id": 1}}],
+                     "as": "twos"}}])
+    twos = list(copy.v.find({"k": 2}, sort=[("_id", 1)]))
+    assert list(got) == [{**d, "twos": twos} for d in copy.src.find(sort=[("_id", 1)], limit=4)]
+    got = branch.src.aggregate([{"$facet": {"views": [{"$match": {"_id": 0}},
+                                                      {"$unionWith": "mine"}],
+                                            "n": [{"$count": "n"}]}}])
+    assert list(got) == [{"views": [copy.src.find_one({"_id": 0}), *copy.mine.find()],
+                          "n": [{"n": copy.src.count_documents({})}]}]
+    assert twos and list(copy.mine.find())  # the comparisons are not of empty sets
+    assert list(main.src.aggregate([{"$unionWith": "vv"}])) == before
+    # $out into a view: mongod's refusal; nothing changed.
+    with pytest.raises(OperationFailure) as exc:
+        branch.src.aggregate([{"$out": "v"}])
+    assert exc.value.code == 166
+    with pytest.raises(OperationFailure) as exc:
+        branch.src.aggregate([{"$merge": {"into": "mine"}}])
+    assert exc.value.code == 166
+    assert reads(branch, "v") == reads(copy, "v")
+    # explain of a read of a view explains the aggregation it runs as.
+    plan = branch.command("explain", {"find": "vv", "filter": {"k": 2}})
+    assert plan["mongobranch"]["view"] == f"{branch.name}.vv"
+    assert plan["mongobranch"]["plan"] == "union"

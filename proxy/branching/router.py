@@ -44,7 +44,7 @@ BRANCH: dict[str, Handler] = {
     "find": viewdefs.reading(read.find),
     "count": viewdefs.reading(read.count),
     "distinct": viewdefs.reading(read.distinct),
-    "explain": read.explain,
+    "explain": viewdefs.explain,
     "getMore": read.get_more,
     "killCursors": read.kill_cursors,
     "aggregate": viewdefs.reading(aggregate.aggregate),

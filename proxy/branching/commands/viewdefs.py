@@ -15,6 +15,7 @@ its writes land, so the upstream validates them) and kept in its namespace state
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bson.int64 import Int64
@@ -56,26 +57,123 @@ async def _read_view(req: Request, coll: str) -> dict[str, Any] | None:
 
 
 def reading(handler: Handler) -> Handler:
-    """find, count, distinct and aggregate: on a view, the rewritten aggregation."""
+    """find, count, distinct and aggregate: on a view, the rewritten aggregation; an
+    aggregation whose $lookup, $unionWith or $facet reads a view reads its source's
+    branch view with the view's stages first."""
     async def serve(req: Request) -> dict[str, Any] | None:
         coll = req.cmd.get(req.name)
         if isinstance(coll, str) and coll:
             view = await _read_view(req, coll)
             if view is not None:
-                return await _VIEW_READS[req.name](req, coll, view)
-        return await handler(req)
+                if req.name == "aggregate":
+                    req.reject_transactions()
+                    await _refuse_writing_into_a_view(req)
+                return await on_view(req, coll, view, _BUILDERS[req.name](req.cmd),
+                                     _FINISH[req.name])
+        if req.name != "aggregate" or not catalog.touches(req.engine, req.on_branch, req.db):
+            return await handler(req)
+        await _refuse_writing_into_a_view(req)
+        pipeline = req.cmd.get("pipeline")
+        inlined = await _inline(req, pipeline) if isinstance(pipeline, list) else None
+        if inlined is None:
+            return await handler(req)
+        sub = Request(req.engine, req.branch, req.ctx, req.run, req.db,
+                      {**req.cmd, "pipeline": inlined})
+        reply = await handler(sub)
+        if reply is None:  # nothing it reads changed: run as rewritten, on the upstream
+            reply = await req.run.reply(req.db, {k: v for k, v in sub.cmd.items()
+                                                 if k != "$db"})
+        return reply
     return serve
 
 
-async def on_view(req: Request, coll: str, view: dict[str, Any],
-                  agg: dict[str, Any]) -> dict[str, Any] | None:
-    """An aggregation of a view (agg: the user's stages, on the view's name) as the
-    aggregation of the branch's view of its source collection, the views' stages first."""
+async def _refuse_writing_into_a_view(req: Request) -> None:
+    """$out and $merge into a view: mongod's CommandNotSupportedOnView."""
+    pipeline = req.cmd.get("pipeline")
+    last = pipeline[-1] if isinstance(pipeline, list) and pipeline else None
+    if not isinstance(last, dict) or len(last) != 1:
+        return
+    kind, spec = next(iter(last.items()))
+    if kind not in ("$out", "$merge"):
+        return
+    db, coll = req.db, spec
+    if isinstance(spec, dict):
+        target = spec.get("into", spec) if kind == "$merge" else spec
+        if isinstance(target, dict):
+            db, coll = str(target.get("db", req.db)), target.get("coll")
+        else:
+            coll = target
+    if not isinstance(coll, str):
+        return  # the aggregate handler refuses it in mongod's words
+    sub = Request(req.engine, req.branch, req.ctx, req.run, db, req.cmd)
+    if await _view(sub, coll) is not None:
+        raise CommandError(Code.COMMAND_NOT_SUPPORTED_ON_VIEW,
+                           f"Namespace {db}.{coll} is a view, not a collection")
+
+
+async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline | None:
+    """The pipeline with each $lookup and $unionWith from a view (at any depth: in
+    sub-pipelines, $facet) reading the view's source with the view's stages first, as
+    mongod resolves them; None: it reads no view."""
+    if depth > catalog.MAX_VIEW_DEPTH:
+        raise CommandError(Code.VIEW_DEPTH_LIMIT_EXCEEDED,
+                           f"View depth too deep or view cycle detected. Maximum depth is "
+                           f"{catalog.MAX_VIEW_DEPTH}")
+    changed = False
+    out: Pipeline = []
+    for stage in pipeline:
+        kind, spec = next(iter(stage.items())) if isinstance(stage, dict) and len(stage) == 1 \
+            else ("", None)
+        if kind == "$facet" and isinstance(spec, dict):
+            facets = {}
+            for name, sub in spec.items():
+                done = await _inline(req, sub, depth + 1) if isinstance(sub, list) else None
+                changed |= done is not None
+                facets[name] = sub if done is None else done
+            out.append({"$facet": facets})
+            continue
+        field = {"$lookup": "from", "$unionWith": "coll"}.get(kind)
+        if field is None or not (isinstance(spec, dict)
+                                 or (kind == "$unionWith" and isinstance(spec, str))):
+            out.append(stage)
+            continue
+        spec = {"coll": spec} if isinstance(spec, str) else dict(spec)
+        inner = spec.get("pipeline")
+        if isinstance(inner, list):
+            done = await _inline(req, inner, depth + 1)
+            if done is not None:
+                spec["pipeline"], changed = done, True
+        source = spec.get(field)
+        view = await _read_view(req, source) if isinstance(source, str) and source else None
+        if view is not None:
+            assert isinstance(source, str)
+            bottom, stages = await catalog.resolve_view(req.engine, req.on_branch, req.run,
+                                                        req.db, source, view)
+            stages = await _inline(req, stages, depth + 1) or stages
+            spec[field] = bottom
+            spec["pipeline"] = stages + list(spec.get("pipeline") or [])
+            changed = True
+        out.append({kind: spec})
+    return out if changed else None
+
+
+async def view_command(req: Request, coll: str, view: dict[str, Any],
+                       agg: dict[str, Any]) -> dict[str, Any]:
+    """An aggregation of a view (agg: the read's stages, on the view's name) as the
+    aggregation of its source collection, the views' stages first."""
     source, stages = await catalog.resolve_view(req.engine, req.on_branch, req.run, req.db,
                                                 coll, view)
-    cmd = {**agg, "aggregate": source, "pipeline": stages + list(agg.get("pipeline") or [])}
+    pipeline = stages + list(agg.get("pipeline") or [])
+    cmd = {**agg, "aggregate": source, "pipeline": await _inline(req, pipeline) or pipeline}
     if "collation" not in cmd and "collation" in view:
         cmd["collation"] = view["collation"]
+    return cmd
+
+
+async def on_view(req: Request, coll: str, view: dict[str, Any], agg: dict[str, Any],
+                  finish: Finish) -> dict[str, Any] | None:
+    """A read of a view, run as the aggregation of the branch's view of its source."""
+    cmd = await view_command(req, coll, view, agg)
     sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
     last = cmd["pipeline"][-1] if cmd["pipeline"] else None
     if isinstance(last, dict) and {"$out", "$merge"} & set(last):
@@ -83,21 +181,20 @@ async def on_view(req: Request, coll: str, view: dict[str, Any],
     command = (await aggregate.planned(sub, cmd)).command
     assert command is not None
     reply = await req.run.reply(req.db, command)
-    return cursormerge.adopt(req.engine.cursors, req.db, coll, command["aggregate"], reply,
-                             req.cmd.get("lsid"))
+    reply = cursormerge.adopt(req.engine.cursors, req.db, coll, command["aggregate"], reply,
+                              req.cmd.get("lsid"))
+    return await finish(req, coll, reply)
 
 
-async def _aggregate(req: Request, coll: str, view: dict[str, Any]) -> dict[str, Any] | None:
-    req.reject_transactions()
-    if not isinstance(req.cmd.get("pipeline"), list):
+def _aggregate_agg(cmd: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(cmd.get("pipeline"), list):
         raise CommandError(Code.TYPE_MISMATCH, "'pipeline' option must be specified as an array")
-    return await on_view(req, coll, view, {k: v for k, v in req.cmd.items() if k != "$db"})
+    return {k: v for k, v in cmd.items() if k != "$db"}
 
 
-async def _find(req: Request, coll: str, view: dict[str, Any]) -> dict[str, Any] | None:
+def _find_agg(cmd: dict[str, Any]) -> dict[str, Any]:
     """mongod's own rewrite of a find on a view: its filter, sort, skip, limit and
     projection become stages after the view's."""
-    cmd = req.cmd
     for opt in _FIND_REFUSED:
         if cmd.get(opt):
             raise CommandError(Code.INVALID_PIPELINE_OPERATOR,
@@ -117,16 +214,37 @@ async def _find(req: Request, coll: str, view: dict[str, Any]) -> dict[str, Any]
     cursor: dict[str, Any] = {}
     if "batchSize" in cmd:
         cursor["batchSize"] = cmd["batchSize"]
-    agg = carry(cmd, {"aggregate": coll, "pipeline": stages, "cursor": cursor},
-                planner.READ_CARRY)
-    reply = await on_view(req, coll, view, agg)
-    single = bool(cmd.get("singleBatch")) or limit < 0
-    if single and reply is not None and reply.get("ok") and reply["cursor"].get("id"):
-        kill = Request(req.engine, req.branch, req.ctx, req.run, req.db,
-                       {"killCursors": coll, "cursors": [reply["cursor"]["id"]]})
-        await read.kill_cursors(kill)
-        reply["cursor"]["id"] = Int64(0)
-    return reply
+    return carry(cmd, {"aggregate": cmd["find"], "pipeline": stages, "cursor": cursor},
+                 planner.READ_CARRY)
+
+
+def _count_agg(cmd: dict[str, Any]) -> dict[str, Any]:
+    stages: Pipeline = [{"$match": cmd["query"]}] if cmd.get("query") else []
+    if cmd.get("skip"):
+        stages.append({"$skip": int(cmd["skip"])})
+    limit = abs(int(cmd.get("limit") or 0))
+    if limit:
+        stages.append({"$limit": limit})
+    stages.append({"$count": "n"})
+    return carry(cmd, {"aggregate": cmd["count"], "pipeline": stages, "cursor": {}},
+                 _COUNT_CARRY)
+
+
+def _distinct_agg(cmd: dict[str, Any]) -> dict[str, Any]:
+    """mongod's rewrite of a distinct on a view: every array along the key's path
+    unwound, the values collected by the server."""
+    key = cmd.get("key")
+    if not isinstance(key, str):
+        raise CommandError(Code.TYPE_MISMATCH, "distinct key must be a string")
+    stages: Pipeline = [{"$match": cmd["query"]}] if cmd.get("query") else []
+    parts = key.split(".")
+    stages.append({"$match": {key: {"$not": {"$size": 0}}}})
+    for i in range(len(parts)):
+        stages.append({"$unwind": {"path": "$" + ".".join(parts[:i + 1]),
+                                   "preserveNullAndEmptyArrays": True}})
+    stages.append({"$group": {"_id": None, "distinct": {"$addToSet": f"${key}"}}})
+    return carry(cmd, {"aggregate": cmd["distinct"], "pipeline": stages, "cursor": {}},
+                 planner.READ_CARRY)
 
 
 def _first(reply: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -139,40 +257,62 @@ def _first(reply: dict[str, Any] | None) -> dict[str, Any] | None:
     return batch[0] if batch else None
 
 
-async def _count(req: Request, coll: str, view: dict[str, Any]) -> dict[str, Any]:
+Finish = Callable[[Request, str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+
+
+async def _cursor(req: Request, coll: str, reply: dict[str, Any]) -> dict[str, Any] | None:
+    """A find's or aggregate's reply as it is; a single-batch find closes its cursor."""
     cmd = req.cmd
-    stages: Pipeline = [{"$match": cmd["query"]}] if cmd.get("query") else []
-    if cmd.get("skip"):
-        stages.append({"$skip": int(cmd["skip"])})
-    limit = abs(int(cmd.get("limit") or 0))
-    if limit:
-        stages.append({"$limit": limit})
-    stages.append({"$count": "n"})
-    agg = carry(cmd, {"aggregate": coll, "pipeline": stages, "cursor": {}}, _COUNT_CARRY)
-    doc = _first(await on_view(req, coll, view, agg))
+    single = req.name == "find" and (bool(cmd.get("singleBatch"))
+                                     or int(cmd.get("limit") or 0) < 0)
+    if single and reply.get("ok") and reply["cursor"].get("id"):
+        kill = Request(req.engine, req.branch, req.ctx, req.run, req.db,
+                       {"killCursors": coll, "cursors": [reply["cursor"]["id"]]})
+        await read.kill_cursors(kill)
+        reply["cursor"]["id"] = Int64(0)
+    return reply
+
+
+async def _counted(req: Request, coll: str, reply: dict[str, Any]) -> dict[str, Any]:
+    doc = _first(reply)
     return {"n": int(doc["n"]) if doc else 0, "ok": 1.0}
 
 
-async def _distinct(req: Request, coll: str, view: dict[str, Any]) -> dict[str, Any]:
-    """mongod's rewrite of a distinct on a view: every array along the key's path
-    unwound, the values collected by the server."""
-    cmd = req.cmd
-    key = cmd.get("key")
-    if not isinstance(key, str):
-        raise CommandError(Code.TYPE_MISMATCH, "distinct key must be a string")
-    stages: Pipeline = [{"$match": cmd["query"]}] if cmd.get("query") else []
-    parts = key.split(".")
-    stages.append({"$match": {key: {"$not": {"$size": 0}}}})
-    for i in range(len(parts)):
-        stages.append({"$unwind": {"path": "$" + ".".join(parts[:i + 1]),
-                                   "preserveNullAndEmptyArrays": True}})
-    stages.append({"$group": {"_id": None, "distinct": {"$addToSet": f"${key}"}}})
-    agg = carry(cmd, {"aggregate": coll, "pipeline": stages, "cursor": {}}, planner.READ_CARRY)
-    doc = _first(await on_view(req, coll, view, agg))
+async def _values(req: Request, coll: str, reply: dict[str, Any]) -> dict[str, Any]:
+    doc = _first(reply)
     return {"values": doc["distinct"] if doc else [], "ok": 1.0}
 
 
-_VIEW_READS = {"find": _find, "count": _count, "distinct": _distinct, "aggregate": _aggregate}
+_BUILDERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "find": _find_agg, "count": _count_agg, "distinct": _distinct_agg,
+    "aggregate": _aggregate_agg}
+_FINISH: dict[str, Finish] = {"find": _cursor, "aggregate": _cursor, "count": _counted,
+                              "distinct": _values}
+
+
+async def explain(req: Request) -> dict[str, Any] | None:
+    """explain of a read of a view: the upstream's explain of the aggregation it runs as
+    (the branch's view of the source, the views' stages first)."""
+    inner = req.cmd.get("explain")
+    name = next(iter(inner), None) if isinstance(inner, dict) else None
+    coll = inner.get(name) if isinstance(inner, dict) and name in _BUILDERS else None
+    if not isinstance(coll, str) or not coll:
+        return await read.explain(req)
+    view = await _read_view(req, coll)
+    if view is None:
+        return await read.explain(req)
+    assert isinstance(inner, dict) and isinstance(name, str)
+    cmd = await view_command(req, coll, view, _BUILDERS[name](inner))
+    sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
+    plan = await aggregate.planned(sub, cmd)
+    assert plan.command is not None
+    out = {"explain": {k: v for k, v in plan.command.items()
+                       if k not in ("lsid", "$clusterTime")}}
+    carry(req.cmd, out, ("verbosity", "lsid", "$clusterTime", "comment", "maxTimeMS"))
+    reply = await req.run.reply(req.db, out)
+    if reply.get("ok"):
+        reply["mongobranch"] = {**plan.explain(), "view": f"{req.db}.{coll}"}
+    return reply
 
 
 # -- commands a view refuses ------------------------------------------------------------------
