@@ -348,7 +348,37 @@ def test_stages_reading_a_view_read_the_branch_data(
         branch.src.aggregate([{"$merge": {"into": "mine"}}])
     assert exc.value.code == 166
     assert reads(branch, "v") == reads(copy, "v")
+    # $graphLookup cannot take the view's stages: refused, never read over main's data.
+    with pytest.raises(OperationFailure) as exc:
+        branch.src.aggregate([{"$graphLookup": {
+            "from": "v", "startWith": "$_id", "connectFromField": "_id",
+            "connectToField": "_id", "as": "g"}}])
+    assert exc.value.code == 115
     # explain of a read of a view explains the aggregation it runs as.
     plan = branch.command("explain", {"find": "vv", "filter": {"k": 2}})
     assert plan["mongobranch"]["view"] == f"{branch.name}.vv"
     assert plan["mongobranch"]["plan"] == "union"
+
+
+def test_a_copy_branch_shows_the_views_its_parent_shows(
+        trio: tuple[Any, Any, Any, MongoClient], made: Branches) -> None:
+    branch, _, main, _ = trio
+    change(branch)
+    branch.create_collection("mine", viewOn="v", pipeline=[{"$match": {"k": 1}}])
+    branch.drop_collection("vv")
+    copy = made.create(**{"from": made.created[0], "mode": "copy"})
+    of_main = made.create(mode="copy")
+    with made.client(copy) as c, made.client(of_main) as m:
+        copied, main_copy = c[branch.name], m[branch.name]
+        assert sorted(copied.list_collection_names()) == ["mine", "src", "v"]
+        for name in ("v", "mine"):
+            assert reads(copied, name) == reads(branch, name), name
+        # Main redefines and drops its views after the copies were made.
+        main.drop_collection("v")
+        main.create_collection("v", viewOn="src", pipeline=[{"$match": {"k": 0}}])
+        main.drop_collection("vv")
+        assert reads(copied, "v") == reads(branch, "v")
+        assert sorted(main_copy.list_collection_names()) == ["src", "v", "vv"]
+        assert {i["name"]: i["options"] for i in main_copy.list_collections()}["v"] == \
+            {"viewOn": "src", "pipeline": VIEW}
+        assert list(main_copy.vv.find())

@@ -132,6 +132,11 @@ async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline 
                 facets[name] = sub if done is None else done
             out.append({"$facet": facets})
             continue
+        if kind == "$graphLookup" and isinstance(spec, dict) \
+                and isinstance(spec.get("from"), str) and spec["from"] \
+                and await _read_view(req, spec["from"]) is not None:
+            # It has no pipeline to put the view's stages in.
+            raise req.unsupported("$graphLookup from a view")
         field = {"$lookup": "from", "$unionWith": "coll"}.get(kind)
         if field is None or not (isinstance(spec, dict)
                                  or (kind == "$unionWith" and isinstance(spec, str))):
