@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
-from pymongo.errors import OperationFailure
+from pymongo import DeleteOne, InsertOne, MongoClient
+from pymongo.errors import ClientBulkWriteException, OperationFailure
 
 from tests.branchutil import Branches
 from tests.servers import ProxyProcess
@@ -151,6 +151,14 @@ def test_a_view_refuses_what_mongod_refuses(trio: tuple[Any, Any, Any, MongoClie
                 op(branch[name])
             assert exc.value.code == 166, (name, exc.value.details)
             assert exc.value.details["codeName"] == "CommandNotSupportedOnView"
+    # The client-level bulkWrite: each op naming a view fails alone, in mongod's shape.
+    ops = [InsertOne(namespace=f"{branch.name}.src", document={"_id": 500}),
+           InsertOne(namespace=f"{branch.name}.v", document={"_id": 501}),
+           DeleteOne(namespace=f"{branch.name}.own", filter={})]
+    with pytest.raises(ClientBulkWriteException) as bulk:
+        branch.client.bulk_write(ops, ordered=False)
+    assert [(e["idx"], e["code"]) for e in bulk.value.write_errors] == [(1, 166), (2, 166)]
+    branch.src.delete_one({"_id": 500})
     assert branch.src.count_documents({}) == 12  # nothing reached the source
     bad = [([{"$bogus": 1}], 40324),
            ([{"$out": "elsewhere"}], 157),
