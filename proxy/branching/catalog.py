@@ -99,6 +99,20 @@ def _owned_info(db: str, name: str, owner: NsState,
 MAX_VIEW_DEPTH = 20
 
 
+async def base_views(branch: Branch, run: Runner, db: str) -> dict[str, dict[str, Any]]:
+    """The base's views in a database, as the branch sees those no layer of it decides
+    (read once per branch and database: views.BASE_VIEWS says why that holds)."""
+    key = (branch.bid, db)
+    known = views.BASE_VIEWS.get(key)
+    if known is None:
+        known = {}
+        async for batch in run.batches(db, {"listCollections": 1, "filter": {"type": "view"}}):
+            for info in batch:
+                known[info["name"]] = dict(info.get("options") or {})
+        views.BASE_VIEWS[key] = known
+    return known
+
+
 async def view_definition(engine: Engine, branch: Branch, run: Runner, db: str,
                           coll: str) -> dict[str, Any] | None:
     """The view the branch shows under this name (its options: viewOn, pipeline,
@@ -106,11 +120,8 @@ async def view_definition(engine: Engine, branch: Branch, run: Runner, db: str,
     decided, definition = views.shown_view(engine.layers(branch, db, coll))
     if decided:
         return definition
-    reply = await run(db, {"listCollections": 1, "filter": {"name": coll}})
-    batch = reply["cursor"]["firstBatch"]
-    if batch and batch[0].get("type") == "view":
-        return dict(batch[0].get("options") or {})
-    return None
+    known = (await base_views(branch, run, db)).get(coll)
+    return None if known is None else dict(known)
 
 
 def touches(engine: Engine, branch: Branch, db: str) -> bool:

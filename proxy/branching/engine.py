@@ -377,6 +377,7 @@ class Engine:
         await self.meta["resets"].delete_many({"b": branch.bid})
         await self.meta["branches"].delete_one({"_id": branch.name})
         self.branches.pop(branch.name, None)
+        views.forget_base_views(branch.bid)
 
     async def drop_branch(self, name: str) -> None:
         branch = self.get(name)

@@ -176,3 +176,17 @@ def enforced(layers: list[NsState]) -> dict[str, Any]:
     """The validation options the branch's overlay must carry (see ENFORCED)."""
     options = options_of(layers)
     return {k: options[k] for k in ENFORCED if k in options}
+
+
+# Per (branch id, database): the base's views, read once (catalog.base_views). A name no
+# layer of the branch decides is one the base has not changed since the fork: every view
+# main creates, redefines or drops after it is first pinned in its children
+# (snapshot.freeze, snapshot.pin_absent), so what the base showed of that name when this
+# was read is what it shows for the branch's whole life.
+BASE_VIEWS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+
+
+def forget_base_views(bid: str) -> None:
+    """A dropped branch's cache of the base's views."""
+    for key in [k for k in BASE_VIEWS if k[0] == bid]:
+        del BASE_VIEWS[key]
