@@ -403,3 +403,49 @@ def test_a_copy_branch_shows_the_views_its_parent_shows(
         assert {i["name"]: i["options"] for i in main_copy.list_collections()}["v"] == \
             {"viewOn": "src", "pipeline": VIEW}
         assert list(main_copy.vv.find())
+
+
+def test_a_merge_carries_coll_mod_to_the_parent(
+        proxy: ProxyProcess, trio: tuple[Any, Any, Any, MongoClient], made: Branches) -> None:
+    _, _, main, _ = trio
+    main.src.create_index("k", expireAfterSeconds=3600)
+    main.command("collMod", "src", validator={"k": {"$gte": -100}})
+    forked = made.create()  # after the index and the validator: it shows them
+    name = forked["name"]
+    child = made.create(**{"from": name})
+    with made.client(forked) as c:
+        branch = c[main.name]
+        branch.command("collMod", "src", validator={"k": {"$gte": 0}},
+                       validationAction="error")
+        branch.command("collMod", "src", index={"keyPattern": {"k": 1},
+                                                "expireAfterSeconds": 60})
+        status, diff = proxy.api("GET", f"/branches/{name}/diff")
+        assert status == 200, diff
+        status, body = proxy.api("POST", f"/branches/{name}/merge",
+                                 {"strategy": "theirs", "force": True})
+        assert status == 200, body
+    options = main.command("listCollections", filter={"name": "src"})["cursor"]["firstBatch"]
+    assert options[0]["options"]["validator"] == {"k": {"$gte": 0}}
+    assert options[0]["options"]["validationAction"] == "error"
+    ttl = {ix["name"]: ix.get("expireAfterSeconds") for ix in main.src.list_indexes()}
+    assert ttl["k_1"] == 60
+    with pytest.raises(OperationFailure) as exc:
+        main.src.insert_one({"_id": 900, "k": -1})
+    assert exc.value.code == 121
+    # The merged branch's own child still shows what it showed at its fork.
+    with made.client(child) as c:
+        shown = c[main.name].command("listCollections", filter={"name": "src"})
+        assert shown["cursor"]["firstBatch"][0]["options"]["validator"] == \
+            {"k": {"$gte": -100}}
+        c[main.name].src.insert_one({"_id": 900, "k": -1})
+        c[main.name].src.delete_one({"_id": 900})
+        c[main.name].src.insert_one({"_id": 901, "k": 5})
+    # Merged into the branch, the child carries its document, not the options it kept.
+    status, body = proxy.api("POST", f"/branches/{child['name']}/merge",
+                             {"strategy": "theirs", "force": True})
+    assert status == 200, body
+    assert not [c for c in body["collections"] if c.get("collection") == "modified"], body
+    with made.client(forked) as c:
+        shown = c[main.name].command("listCollections", filter={"name": "src"})
+        assert shown["cursor"]["firstBatch"][0]["options"]["validator"] == {"k": {"$gte": 0}}
+        assert c[main.name].src.find_one({"_id": 901}) == {"_id": 901, "k": 5}

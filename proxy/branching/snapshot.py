@@ -299,9 +299,12 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
                                 SYSTEM)
         state.base_dropped = True
     else:
-        # The options an ancestor set (collMod) stay the child's once it reads no more
-        # of its ancestors.
-        state.options = state.options or dict(views.options_of(above))
+        # The options it showed (an ancestor's collMod, else the base's) stay the
+        # child's once it reads no more of its ancestors.
+        if not state.options:
+            state.options = dict(views.options_of(above)) or (
+                await _base_options(engine, db, coll) if present else {})
+            state.options_base = dict(state.options)
         state.detached = True
     await engine.save_state(state)
     return copied
