@@ -449,3 +449,31 @@ def test_a_merge_carries_coll_mod_to_the_parent(
         shown = c[main.name].command("listCollections", filter={"name": "src"})
         assert shown["cursor"]["firstBatch"][0]["options"]["validator"] == {"k": {"$gte": 0}}
         assert c[main.name].src.find_one({"_id": 901}) == {"_id": 901, "k": 5}
+
+
+def test_the_base_collection_s_validator_checks_branch_writes(
+        direct: MongoClient, made: Branches, db_name: str) -> None:
+    copy_name = f"{db_name}_copy"
+    for name in (db_name, copy_name):
+        direct[name].create_collection("checked", validator={"n": {"$type": "int"}})
+        direct[name].checked.insert_many([{"_id": 1, "n": 1}, {"_id": 2, "n": 2}])
+        direct[name].checked.insert_one({"_id": 3, "n": "old"}, bypass_document_validation=True)
+    with made.client(made.create()) as c:
+        for db in (c[db_name], direct[copy_name]):
+            with pytest.raises(OperationFailure) as exc:
+                db.checked.insert_one({"_id": 4, "n": "text"})
+            assert exc.value.code == 121
+            with pytest.raises(OperationFailure) as exc:
+                db.checked.update_one({"_id": 1}, {"$set": {"n": "text"}})
+            assert exc.value.code == 121
+            db.checked.update_one({"_id": 3}, {"$set": {"n": 3}})  # made valid
+            db.checked.insert_one({"_id": 5, "n": "ok"}, bypass_document_validation=True)
+        assert list(c[db_name].checked.find(sort=[("_id", 1)])) == \
+            list(direct[copy_name].checked.find(sort=[("_id", 1)]))
+        assert c[db_name].checked.options() == direct[copy_name].checked.options()
+        # A child of the branch is held to it too.
+        with made.client(made.create(**{"from": made.created[-1]})) as child:
+            with pytest.raises(OperationFailure) as exc:
+                child[db_name].checked.insert_one({"_id": 6, "n": "text"})
+            assert exc.value.code == 121
+    direct.drop_database(copy_name)

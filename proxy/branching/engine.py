@@ -451,11 +451,24 @@ class Engine:
         # A copy branch never reads through to its parent, even for new collections.
         state = NsState(branch.bid, db, coll, base_dropped=branch.mode == "copy")
         indexes = await self.view_indexes(branch, db, coll, run)
-        await self._create_overlay(state, indexes, run,
-                                   views.enforced(self.layers(branch, db, coll)))
+        layers = self.layers(branch, db, coll)
+        if not state.base_dropped and not views.options_of(layers) \
+                and not any(layer.base_dropped for layer in layers):
+            # The base collection's own validation: the branch's writes meet it too.
+            options = await self._base_options(db, coll)
+            if views.enforced([NsState(branch.bid, db, coll, options=options)]):
+                state.options, state.options_base = options, dict(options)
+        await self._create_overlay(state, indexes, run, views.enforced([state, *layers]))
         await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(), upsert=True)
         self.states[state.key] = state
         return state
+
+    async def _base_options(self, db: str, coll: str) -> dict[str, Any]:
+        reply = await self.pool(db, {"listCollections": 1, "filter": {"name": coll}})
+        batch = reply["cursor"]["firstBatch"]
+        if not batch or batch[0].get("type", "collection") != "collection":
+            return {}
+        return dict(batch[0].get("options") or {})
 
     async def _create_overlay(self, state: NsState, indexes: list[dict[str, Any]],
                               run: Runner, enforced: dict[str, Any] | None = None) -> None:
