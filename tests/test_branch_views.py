@@ -375,6 +375,12 @@ def test_stages_reading_a_view_read_the_branch_data(
             "from": "v", "startWith": "$_id", "connectFromField": "_id",
             "connectToField": "_id", "as": "g"}}])
     assert exc.value.code == 115
+    # A read may not override a view's collation (mongod's OptionNotSupportedOnView).
+    with pytest.raises(OperationFailure) as exc:
+        list(branch.v.find({}, collation={"locale": "fr"}))
+    assert exc.value.code == 157
+    simple = list(branch.v.find({}, collation={"locale": "simple"}, sort=[("_id", 1)]))
+    assert simple == reads(copy, "v")["find"]
     # explain of a read of a view explains the aggregation it runs as.
     plan = branch.command("explain", {"find": "vv", "filter": {"k": 2}})
     assert plan["mongobranch"]["view"] == f"{branch.name}.vv"

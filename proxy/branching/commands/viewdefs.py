@@ -170,9 +170,18 @@ async def view_command(req: Request, coll: str, view: dict[str, Any],
                                                 coll, view)
     pipeline = stages + list(agg.get("pipeline") or [])
     cmd = {**agg, "aggregate": source, "pipeline": await _inline(req, pipeline) or pipeline}
-    if "collation" not in cmd and "collation" in view:
+    if "collation" in cmd and _collation(cmd["collation"]) != _collation(view.get("collation")):
+        raise CommandError(Code.OPTION_NOT_SUPPORTED_ON_VIEW,
+                           "Cannot override a view's default collation")
+    if "collation" in view:
         cmd["collation"] = view["collation"]
     return cmd
+
+
+def _collation(spec: Any) -> Any:
+    """A collation as mongod compares a read's with its view's: none is the simple one."""
+    return None if not spec or (isinstance(spec, dict) and spec.get("locale") == "simple") \
+        else spec
 
 
 async def on_view(req: Request, coll: str, view: dict[str, Any], agg: dict[str, Any],
