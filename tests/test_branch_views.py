@@ -276,6 +276,10 @@ def test_coll_mod_index_options_and_views(trio: tuple[Any, Any, Any, MongoClient
     hidden = {ix["name"]: ix.get("hidden") for ix in branch.src.list_indexes()}
     assert hidden["k_1"] is True  # mongod lists it hidden (SecantusDB leaves the field out)
     assert not {ix["name"]: ix.get("hidden") for ix in main.src.list_indexes()}["k_1"]
+    with pytest.raises(OperationFailure) as exc:  # a hidden index cannot be hinted
+        list(branch.src.find({"k": 1}, hint="k_1"))
+    assert exc.value.code == 2
+    assert len(list(main.src.find({"k": 1}, hint="k_1"))) == 4
     with pytest.raises(OperationFailure) as exc:
         branch.command("collMod", "src", index={"name": "nope", "hidden": True})
     assert exc.value.code == 27
