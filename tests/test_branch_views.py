@@ -159,6 +159,9 @@ def test_a_view_refuses_what_mongod_refuses(trio: tuple[Any, Any, Any, MongoClie
         branch.client.bulk_write(ops, ordered=False)
     assert [(e["idx"], e["code"]) for e in bulk.value.write_errors] == [(1, 166), (2, 166)]
     branch.src.delete_one({"_id": 500})
+    with pytest.raises(OperationFailure) as exc:
+        branch.v.watch()
+    assert exc.value.code == 166
     assert branch.src.count_documents({}) == 12  # nothing reached the source
     bad = [([{"$bogus": 1}], 40324),
            ([{"$out": "elsewhere"}], 157),

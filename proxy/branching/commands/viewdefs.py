@@ -21,7 +21,7 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import catalog, cursormerge, naming, planner
-from proxy.branching.commands import aggregate, ddl, read
+from proxy.branching.commands import aggregate, changestream, ddl, read
 from proxy.branching.commands.base import SESSION_FIELDS, Handler, Request, carry, coll_name
 from proxy.branching.commands.catalog import exists, visible_collections
 from proxy.branching.errors import CommandError
@@ -67,6 +67,10 @@ def reading(handler: Handler) -> Handler:
             if view is not None:
                 if req.name == "aggregate":
                     req.reject_transactions()
+                    if changestream.wanted(req.cmd):
+                        raise CommandError(Code.COMMAND_NOT_SUPPORTED_ON_VIEW,
+                                           f"Namespace {req.db}.{coll} is a view, not a "
+                                           "collection")
                     await _refuse_writing_into_a_view(req)
                 return await on_view(req, coll, view, _BUILDERS[req.name](req.cmd),
                                      _FINISH[req.name])
