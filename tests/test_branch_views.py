@@ -109,12 +109,19 @@ def test_view_defined_on_a_branch_is_the_branch_s(
             change(db)
             db.create_collection("mine", viewOn="vv", pipeline=[{"$sort": {"k": -1, "_id": 1}}])
         assert reads(branch, "mine") == reads(copy, "mine")
+        for db in (branch, copy):  # a definition that reads another collection
+            db.create_collection("both", viewOn="src", pipeline=[
+                {"$unionWith": {"coll": "src", "pipeline": [{"$set": {"again": True}}]}},
+                {"$sort": {"_id": 1, "again": 1}}])
+        assert list(branch.both.find()) == list(copy.both.find())
+        assert len(list(branch.both.find())) == 2 * branch.src.count_documents({})
         info = branch.command("listCollections", filter={"name": "mine"})["cursor"]["firstBatch"]
         assert info == [{"name": "mine", "type": "view",
                          "options": {"viewOn": "vv", "pipeline": [{"$sort": {"k": -1, "_id": 1}}]},
                          "info": {"readOnly": True}}]
         shown = {i["name"]: i["type"] for i in branch.list_collections()}
-        assert shown == {"src": "collection", "v": "view", "vv": "view", "mine": "view"}
+        assert shown == {"src": "collection", "v": "view", "vv": "view", "mine": "view",
+                         "both": "view"}
         assert "mine" not in main.list_collection_names()
         assert "mine" not in sibling[branch.name].list_collection_names()
         # The same create again is accepted; another definition under the name is not.
@@ -124,6 +131,7 @@ def test_view_defined_on_a_branch_is_the_branch_s(
         assert exc.value.code == 48
         # Dropping views on the branch: its own and one of main's.
         branch.drop_collection("mine")
+        branch.drop_collection("both")
         branch.drop_collection("vv")
         assert sorted(branch.list_collection_names()) == ["src", "v"]
         assert list(branch.vv.find()) == []

@@ -394,10 +394,13 @@ async def _checked_definition(req: Request, name: str, view_on: Any,
     _writes_to_disk(pipeline, name, req.db)
     scratch = f"{naming.PREFIX}{req.on_branch.bid}_v"
     reply = await req.run.reply(req.db, {"aggregate": scratch, "pipeline": pipeline,
-                                         "cursor": {}})
+                                         "cursor": {"batchSize": 0}})
     if not reply.get("ok"):
         raise CommandError(int(reply.get("code", 1)), str(reply.get("errmsg", "")),
                            code_name=str(reply.get("codeName", "")))
+    if reply["cursor"].get("id"):  # a stage reading another collection found documents
+        await req.run.reply(req.db, {"killCursors": scratch,
+                                     "cursors": [reply["cursor"]["id"]]})
     definition = {"viewOn": view_on, "pipeline": pipeline}
     await catalog.resolve_view(req.engine, req.on_branch, req.run, req.db, name, definition,
                                {name: definition})
