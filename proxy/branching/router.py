@@ -66,7 +66,7 @@ BRANCH: dict[str, Handler] = {
     "createIndexes": viewdefs.not_on_views(ddl.create_indexes),
     "dropIndexes": viewdefs.not_on_views(ddl.drop_indexes),
     "deleteIndexes": viewdefs.not_on_views(ddl.drop_indexes),
-    "validate": validate.validate,
+    "validate": viewdefs.not_on_views(validate.validate),
     **ADMIN,
 }
 

@@ -342,6 +342,8 @@ def _message(name: str, ns: str) -> str:
         return f"Cannot drop indexes on view {ns}"
     if name == "renameCollection":
         return f"cannot rename view: {ns}"
+    if name == "validate":
+        return "Cannot validate a view"
     return f"Namespace {ns} is a view, not a collection"
 
 
