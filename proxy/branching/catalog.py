@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.branching import naming
+from proxy.branching import naming, views
 from proxy.branching.engine import Engine
+from proxy.branching.errors import CommandError
 from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import Runner
+from proxy.wire.codes import Code
 
 ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
 
@@ -67,7 +69,8 @@ async def visible_collections(engine: Engine, branch: Branch, run: Runner,
         if not visible(layers, name in base):
             continue
         if name in base and not any(layer.base_dropped for layer in layers):
-            out[name] = base[name]
+            own = views.options_of(layers)
+            out[name] = {**base[name], "options": own} if own else base[name]
         else:
             owner = next(layer for layer in layers if layer.present)
             out[name] = _owned_info(db, name, owner, overlays.get(owner.live))
@@ -77,7 +80,11 @@ async def visible_collections(engine: Engine, branch: Branch, run: Runner,
 def _owned_info(db: str, name: str, owner: NsState,
                 live: dict[str, Any] | None) -> dict[str, Any]:
     """A collection the branch owns, listed as the server lists its overlay (the
-    collection's uuid and every field the server adds), under the user's name."""
+    collection's uuid and every field the server adds), under the user's name; a view
+    the branch defined as mongod lists a view."""
+    if "viewOn" in owner.options:
+        return {"name": name, "type": "view", "options": owner.options,
+                "info": {"readOnly": True}}
     if live is None:
         return {"name": name, "type": "collection", "options": owner.options,
                 "info": {"readOnly": False}, "idIndex": ID_INDEX}
@@ -86,3 +93,69 @@ def _owned_info(db: str, name: str, owner: NsState,
     if isinstance(id_index, dict) and "ns" in id_index:
         info["idIndex"] = {**id_index, "ns": f"{db}.{name}"}
     return info
+
+
+# mongod's limit on views defined on views (ViewGraph::kMaxViewDepth).
+MAX_VIEW_DEPTH = 20
+
+
+async def base_views(branch: Branch, run: Runner, db: str) -> dict[str, dict[str, Any]]:
+    """The base's views in a database, as the branch sees those no layer of it decides
+    (read once per branch and database: views.BASE_VIEWS says why that holds)."""
+    key = (branch.bid, db)
+    known = views.BASE_VIEWS.get(key)
+    if known is None:
+        known = {}
+        async for batch in run.batches(db, {"listCollections": 1, "filter": {"type": "view"}}):
+            for info in batch:
+                known[info["name"]] = dict(info.get("options") or {})
+        views.BASE_VIEWS[key] = known
+    return known
+
+
+async def view_definition(engine: Engine, branch: Branch, run: Runner, db: str,
+                          coll: str) -> dict[str, Any] | None:
+    """The view the branch shows under this name (its options: viewOn, pipeline,
+    collation); None: a collection, or nothing."""
+    decided, definition = views.shown_view(engine.layers(branch, db, coll))
+    if decided:
+        return definition
+    known = (await base_views(branch, run, db)).get(coll)
+    return None if known is None else dict(known)
+
+
+def touches(engine: Engine, branch: Branch, db: str) -> bool:
+    """Whether the branch (or an ancestor) has any state of its own in this database: if
+    not, a view of the base reads exactly what it reads on the base, passed through."""
+    bids = {b.bid for b in engine.chain(branch)}
+    return any(state.bid in bids and state.db == db for state in engine.states.values())
+
+
+async def resolve_view(engine: Engine, branch: Branch, run: Runner, db: str, coll: str,
+                       first: dict[str, Any],
+                       defined: dict[str, dict[str, Any]] | None = None,
+                       ) -> tuple[str, list[dict[str, Any]]]:
+    """The collection a view reads at the bottom of its chain of views and the whole
+    pipeline over it (the innermost view's stages first), as mongod resolves it.
+    `defined`: definitions to take instead of the branch's (a create or collMod being
+    checked for cycles)."""
+    pipeline: list[dict[str, Any]] = []
+    seen = [coll]
+    definition: dict[str, Any] | None = first
+    source = coll
+    while definition is not None:
+        pipeline = list(definition.get("pipeline") or []) + pipeline
+        source = str(definition.get("viewOn"))
+        if source in seen:
+            raise CommandError(Code.GRAPH_CONTAINS_CYCLE, "View cycle detected: "
+                               + " => ".join(f"{db}.{name}" for name in [*seen, source]))
+        seen.append(source)
+        if len(seen) > MAX_VIEW_DEPTH:
+            raise CommandError(Code.VIEW_DEPTH_LIMIT_EXCEEDED,
+                               f"View depth too deep or view cycle detected. Maximum depth "
+                               f"is {MAX_VIEW_DEPTH}")
+        if defined is not None and source in defined:
+            definition = defined[source]
+        else:
+            definition = await view_definition(engine, branch, run, db, source)
+    return source, pipeline

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from pymongo import AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
-from proxy.branching import naming, snapshot
+from proxy.branching import naming, snapshot, views
 from proxy.branching.capture import Capture
 from proxy.branching.capture import register as capture_register
 from proxy.branching.cursormerge import CursorTable
@@ -377,6 +377,7 @@ class Engine:
         await self.meta["resets"].delete_many({"b": branch.bid})
         await self.meta["branches"].delete_one({"_id": branch.name})
         self.branches.pop(branch.name, None)
+        views.forget_base_views(branch.bid)
 
     async def drop_branch(self, name: str) -> None:
         branch = self.get(name)
@@ -450,13 +451,30 @@ class Engine:
         # A copy branch never reads through to its parent, even for new collections.
         state = NsState(branch.bid, db, coll, base_dropped=branch.mode == "copy")
         indexes = await self.view_indexes(branch, db, coll, run)
-        await self._create_overlay(state, indexes, run)
+        layers = self.layers(branch, db, coll)
+        if not state.base_dropped and not views.options_of(layers) \
+                and not any(layer.base_dropped for layer in layers):
+            # The base collection's own validation: the branch's writes meet it too.
+            options = await self._base_options(db, coll)
+            if views.enforced([NsState(branch.bid, db, coll, options=options)]):
+                state.options, state.options_base = options, dict(options)
+        await self._create_overlay(state, indexes, run, views.enforced([state, *layers]))
         await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(), upsert=True)
         self.states[state.key] = state
         return state
 
+    async def _base_options(self, db: str, coll: str) -> dict[str, Any]:
+        reply = await self.pool(db, {"listCollections": 1, "filter": {"name": coll}})
+        batch = reply["cursor"]["firstBatch"]
+        if not batch or batch[0].get("type", "collection") != "collection":
+            return {}
+        return dict(batch[0].get("options") or {})
+
     async def _create_overlay(self, state: NsState, indexes: list[dict[str, Any]],
-                              run: Runner) -> None:
+                              run: Runner, enforced: dict[str, Any] | None = None) -> None:
+        """The overlay's collections, with the view's indexes and the validation the
+        branch (or an ancestor) set with collMod (`enforced`), so that the upstream
+        validates the branch's writes."""
         for name in (state.live, state.hidden):
             reply = await run.reply(state.db, {"create": name})
             if reply.get("code") == 13:
@@ -467,6 +485,9 @@ class Engine:
         specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
         if specs:
             await run(state.db, {"createIndexes": state.live, "indexes": specs})
+        if enforced:
+            # The proxy's own connection: a client may write without the right to collMod.
+            await self.pool(state.db, {"collMod": state.live, **enforced})
 
     async def view_indexes(self, branch: Branch, db: str, coll: str,
                            run: Runner) -> list[dict[str, Any]]:
@@ -620,7 +641,11 @@ class Engine:
         indexes = state.indexes
         if indexes is None and branch is not None:
             indexes = await self.view_indexes(branch, state.db, state.coll, self.pool)
-        await self._create_overlay(state, indexes or [], self.pool)
+        enforced = views.enforced(self.layers(branch, state.db, state.coll)
+                                  if branch is not None else [state])
+        await self._create_overlay(state, indexes or [], self.pool, enforced)
+        # What the overlay held was validated (or bypassed) when it was first written.
+        bypass = {"bypassDocumentValidation": True} if enforced else {}
         fold = [*matching(match), {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "op": {"$last": "$op"}, "post": {"$last": "$post"},
                             "postz": {"$last": "$postz"}}}]
@@ -635,6 +660,7 @@ class Engine:
                                             "post": {"$type": "object"}}},
                          {"$replaceRoot": {"newRoot": "$post"}},
                          {"$merge": {"into": {"db": state.db, "coll": state.live}}}],
+            **bypass,
         })
         # Images gc compressed are unpacked here, a batch at a time.
         async for batch in self.pool.batches(self.meta_db, {
@@ -643,7 +669,8 @@ class Engine:
                                                 "postz": {"$ne": None}}}]}):
             docs = [image(d, "post") for d in batch]
             await self.pool(state.db, {"insert": state.live, "ordered": False,
-                                       "documents": [d for d in docs if d is not None]})
+                                       "documents": [d for d in docs if d is not None],
+                                       **bypass})
         if state.present is None and await db[state.live].count_documents({}, limit=1):
             state.present = True  # writing to a collection creates it
         elif state.present is None and state.base_dropped:

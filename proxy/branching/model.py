@@ -127,6 +127,9 @@ class NsState:
     # The parent's index list when the branch detached: what the branch's own index
     # changes are measured against (None: against the parent's list now).
     index_base: list[dict[str, Any]] | None = None
+    # Likewise the collection options it showed when it detached: what its own collMod
+    # changes are measured against.
+    options_base: dict[str, Any] | None = None
     # The view's unique indexes, learnt on the first write; None until then.
     unique: list[dict[str, Any]] | None = field(default=None, compare=False)
 
@@ -147,7 +150,7 @@ class NsState:
                 "base_dropped": self.base_dropped, "present": self.present,
                 "indexes": self.indexes,
                 "options": self.options, "detached": self.detached,
-                "index_base": self.index_base}
+                "index_base": self.index_base, "options_base": self.options_base}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> NsState:
@@ -155,7 +158,7 @@ class NsState:
                    base_dropped=bool(doc.get("base_dropped")), present=doc.get("present"),
                    indexes=doc.get("indexes"),
                    options=doc.get("options") or {}, detached=bool(doc.get("detached")),
-                   index_base=doc.get("index_base"))
+                   index_base=doc.get("index_base"), options_base=doc.get("options_base"))
 
     def hide(self, ids: list[Any]) -> None:
         if self.hidden_ids is None:

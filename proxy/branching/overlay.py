@@ -18,7 +18,7 @@ from typing import Any
 
 import bson
 
-from proxy.branching import snapshot, unique, viewscan
+from proxy.branching import snapshot, unique, views, viewscan
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
@@ -239,9 +239,10 @@ class Writer:
         if not fresh:
             return []
         ids = [d["_id"] for d in fresh]
+        copy = {"insert": self.state.live, "documents": fresh, "ordered": False}
         hidden, copied = await asyncio.gather(
             self.hide(ids, pooled=True),
-            self.check({"insert": self.state.live, "documents": fresh, "ordered": False}),
+            self._copy_validated(copy) if views.enforced(self.layers) else self.check(copy),
             return_exceptions=True)
         if isinstance(copied, BaseException):
             if not isinstance(hidden, BaseException):
@@ -252,6 +253,14 @@ class Writer:
                               "deletes": [{"q": {"_id": {"$in": ids}}, "limit": 0}]})
             raise hidden
         return ids
+
+    async def _copy_validated(self, cmd: dict[str, Any]) -> None:
+        """A copy into an overlay that carries a validator the branch set (collMod): the
+        parent's documents are what the branch shows, not its writes, so they bypass it,
+        on the proxy's own connection (a client may write without the right to bypass)."""
+        reply = await self.engine.pool.reply(self.db, {**cmd, "bypassDocumentValidation": True})
+        if not reply.get("ok"):
+            raise error_from(reply)
 
     async def uncopy(self, ids: list[Any]) -> None:
         """Undo a copy that turned out to change nothing, so the overlay stays minimal."""

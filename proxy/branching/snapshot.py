@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from proxy.branching import viewscan
+from proxy.branching import views, viewscan
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.naming import MAIN
@@ -137,7 +137,10 @@ async def _keep(engine: Engine, kid: Branch, state: NsState,
     ids = [i for i, _ in images]
     # Both before the WAL entries; between the two, order does not matter (a crash
     # leaves the overlay dirty, rebuilt from the WAL).
-    await asyncio.gather(*([_insert(engine, state.db, state.live, docs)] if docs else []),
+    # A child's overlay may carry a validator (collMod): what it keeps is not a write.
+    bypass = bool(views.enforced(engine.layers(kid, state.db, state.coll)))
+    await asyncio.gather(*([_insert(engine, state.db, state.live, docs, bypass)]
+                           if docs else []),
                          _insert(engine, state.db, state.hidden, [{"_id": i} for i in ids]))
     state.hide(ids)
     ns = f"{state.db}.{state.coll}"
@@ -236,8 +239,19 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     if independent(state):
         return 0
     pool = engine.pool
+    view = await _view_shown(engine, engine.layers(kid, db, coll), db, coll)
     if state is None:
         state = await engine.ensure_state(kid, db, coll, pool)
+    if view is not None:
+        # A view: the child keeps its definition (nothing to copy), as its own.
+        await engine.wal.append(kid.bid, [Change(f"{db}.{coll}", None, OWN, None, None)],
+                                SYSTEM)
+        state.present = True
+        state.base_dropped = True
+        state.detached = True
+        state.options = view
+        await engine.save_state(state)
+        return 0
     layers = engine.layers(kid, db, coll)
     above = layers[1:]
     present = await _shown(engine, layers, db, coll)
@@ -276,14 +290,44 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     if state.present is None:
         state.present = present
     if whole:
-        state.options = dict(owner.options) if owner is not None else {}
+        if owner is not None:
+            state.options = dict(owner.options)
+        elif not state.options:
+            state.options = dict(views.options_of(above)) or (
+                await _base_options(engine, db, coll) if present else {})
         await engine.wal.append(kid.bid, [Change(f"{db}.{coll}", None, OWN, None, None)],
                                 SYSTEM)
         state.base_dropped = True
     else:
+        # The options it showed (an ancestor's collMod, else the base's) stay the
+        # child's once it reads no more of its ancestors.
+        if not state.options:
+            state.options = dict(views.options_of(above)) or (
+                await _base_options(engine, db, coll) if present else {})
+            state.options_base = dict(state.options)
         state.detached = True
     await engine.save_state(state)
     return copied
+
+
+async def _base_options(engine: Engine, db: str, coll: str) -> dict[str, Any]:
+    """The base collection's options (validator, ...), as the child showed them."""
+    reply = await engine.pool(db, {"listCollections": 1, "filter": {"name": coll}})
+    batch = reply["cursor"]["firstBatch"]
+    return dict(batch[0].get("options") or {}) if batch else {}
+
+
+async def _view_shown(engine: Engine, layers: list[NsState], db: str,
+                      coll: str) -> dict[str, Any] | None:
+    """The view definition this name has in the view of these layers (None: not a view)."""
+    decided, view = views.shown_view(layers)
+    if decided:
+        return view
+    reply = await engine.pool(db, {"listCollections": 1, "filter": {"name": coll}})
+    batch = reply["cursor"]["firstBatch"]
+    if batch and batch[0].get("type") == "view":
+        return dict(batch[0].get("options") or {})
+    return None
 
 
 async def _shown(engine: Engine, layers: list[NsState], db: str, coll: str) -> bool:
@@ -296,9 +340,13 @@ async def _shown(engine: Engine, layers: list[NsState], db: str, coll: str) -> b
     return bool(reply["cursor"]["firstBatch"])
 
 
-async def _insert(engine: Engine, db: str, coll: str, docs: list[dict[str, Any]]) -> None:
+async def _insert(engine: Engine, db: str, coll: str, docs: list[dict[str, Any]],
+                  bypass: bool = False) -> None:
     """Insert into an overlay; an id already there (a retried copy-up) is no error."""
-    reply = await engine.pool(db, {"insert": coll, "documents": docs, "ordered": False})
+    cmd: dict[str, Any] = {"insert": coll, "documents": docs, "ordered": False}
+    if bypass:
+        cmd["bypassDocumentValidation"] = True
+    reply = await engine.pool(db, cmd)
     bad = [e for e in reply.get("writeErrors", []) if e.get("code") != Code.DUPLICATE_KEY]
     if bad:
         raise BranchError(Kind.INTERNAL, f"cannot preserve documents in {db}.{coll}: {bad[0]}")

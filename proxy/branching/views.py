@@ -141,3 +141,52 @@ def view_source(coll: str, layers: list[NsState], filt: dict[str, Any] | None = 
     if top is not None:
         return top, _match(filt)
     return coll, view_stages(layers, filt, skip_top_live=skip_top_live)
+
+
+# Collection options the server enforces on writes: an overlay that takes a branch's
+# writes carries them, so the upstream validates those writes as it would the base's.
+ENFORCED = ("validator", "validationLevel", "validationAction")
+
+
+def shown_view(layers: list[NsState]) -> tuple[bool, dict[str, Any] | None]:
+    """Whether the layers decide what the name is, and its view definition (viewOn,
+    pipeline, collation) when they make it a view. A layer that does not say (a write
+    to a collection of the parent) still decides: nothing writes into a view, so only
+    a view the branch defined or pinned (snapshot.freeze) has a layer."""
+    for layer in layers:
+        if layer.present is not None or layer.base_dropped:
+            if layer.present and "viewOn" in layer.options:
+                return True, dict(layer.options)
+            return True, None
+    return bool(layers), None
+
+
+def options_of(layers: list[NsState]) -> dict[str, Any]:
+    """The collection options the branch set (create, collMod) nearest the top, down to
+    the layer that replaced the collection; {}: the parent's (the base's) own."""
+    for layer in layers:
+        if layer.options:
+            return layer.options
+        if layer.base_dropped:
+            return {}
+    return {}
+
+
+def enforced(layers: list[NsState]) -> dict[str, Any]:
+    """The validation options the branch's overlay must carry (see ENFORCED)."""
+    options = options_of(layers)
+    return {k: options[k] for k in ENFORCED if k in options}
+
+
+# Per (branch id, database): the base's views, read once (catalog.base_views). A name no
+# layer of the branch decides is one the base has not changed since the fork: every view
+# main creates, redefines or drops after it is first pinned in its children
+# (snapshot.freeze, snapshot.pin_absent), so what the base showed of that name when this
+# was read is what it shows for the branch's whole life.
+BASE_VIEWS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+
+
+def forget_base_views(bid: str) -> None:
+    """A dropped branch's cache of the base's views."""
+    for key in [k for k in BASE_VIEWS if k[0] == bid]:
+        del BASE_VIEWS[key]

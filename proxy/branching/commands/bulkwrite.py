@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.branching import overlay
-from proxy.branching.commands import mainwrite, write
+from proxy.branching.commands import mainwrite, viewdefs, write
 from proxy.branching.commands.base import (
     SESSION_FIELDS,
     Handler,
@@ -68,8 +68,10 @@ def _kind(op: Any, n_ns: int) -> tuple[str, int]:
                        "Unrecognized bulkWrite op: needs insert, update or delete")
 
 
-_BRANCH: dict[str, Handler] = {"insert": write.insert, "update": write.update,
-                               "delete": write.delete}
+# A view refuses each op naming it, as mongod does (CommandNotSupportedOnView).
+_BRANCH: dict[str, Handler] = {"insert": viewdefs.not_on_views(write.insert),
+                               "update": viewdefs.not_on_views(write.update),
+                               "delete": viewdefs.not_on_views(write.delete)}
 _MAIN: dict[str, Handler] = {"insert": mainwrite.insert, "update": mainwrite.update,
                              "delete": mainwrite.delete}
 

@@ -46,8 +46,6 @@ async def _state(req: Request, coll: str) -> NsState:
 async def create(req: Request) -> dict[str, Any]:
     coll = coll_name(req)
     options = {k: v for k, v in req.cmd.items() if k != "create" and k not in SESSION_FIELDS}
-    if "viewOn" in options:
-        raise req.unsupported("creating a view")
     async with req.engine.writing(req.on_branch):
         if await exists(req, coll):
             # mongod accepts a create of an existing collection only with its options.

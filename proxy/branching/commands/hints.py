@@ -52,5 +52,7 @@ async def check(req: Request) -> None:
     if next((layer.present for layer in layers if layer.present is not None), True) is False:
         return  # dropped on the branch: nothing to read, as on a missing collection
     indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
+    # A hidden index (collMod) cannot be hinted, as on mongod.
+    indexes = [ix for ix in indexes if not ix.get("hidden")]
     if not _resolves(cmd["hint"], indexes):
         raise CommandError(Code.BAD_VALUE, "hint provided does not correspond to an existing index")

@@ -19,6 +19,7 @@ from proxy.branching.history.changes import (
     collection_change,
     diff_replaced,
     index_changes,
+    options_change,
     state_changes,
 )
 from proxy.branching.history.lookup import BATCH, branch_states, equal
@@ -119,11 +120,20 @@ async def _scan(engine: Engine, branch: Branch, result: MergeResult, *, apply: b
                 await applier.replace_collection(state)
                 await _documents(engine, branch, state, MergeResult(
                     result.branch, result.into, result.strategy, result.dry_run), applier)
-        if state.indexes is not None and state.present is not False:
-            async for change in index_changes(engine, branch, state):
-                result.collections.append(change)
-                if applier is not None:
-                    await applier.index(state, change)
+        # Both known before either is applied: a change to main's collection makes the
+        # branch (a child of main) take its own copy of it first (snapshot.freeze).
+        modified = await options_change(engine, branch, state) if coll_change is None \
+            else None
+        indexes = [change async for change in index_changes(engine, branch, state)] \
+            if state.indexes is not None and state.present is not False else []
+        if modified is not None:
+            result.collections.append(modified)
+            if applier is not None:
+                await applier.modify(state, modified)
+        for change in indexes:
+            result.collections.append(change)
+            if applier is not None:
+                await applier.index(state, change)
 
 
 async def _documents(engine: Engine, branch: Branch, state: NsState, result: MergeResult,
@@ -212,8 +222,15 @@ class Applier:
         await self._command(state.db, {"drop": state.coll})
         await self._command(state.db, {"create": state.coll, **state.options})
 
+    async def modify(self, state: NsState, change: dict[str, Any]) -> None:
+        """The branch changed the collection's options (collMod): so does the parent."""
+        await self._command(state.db, {"collMod": state.coll, **change["options"]})
+
     async def index(self, state: NsState, change: dict[str, Any]) -> None:
-        if change["index"] == "created":
+        if change["index"] == "modified":
+            await self._command(state.db, {"collMod": state.coll, "index": {
+                "keyPattern": change["spec"]["key"], **change["options"]}})
+        elif change["index"] == "created":
             spec = {k: v for k, v in change["spec"].items() if k not in ("v", "ns")}
             await self._command(state.db, {"createIndexes": state.coll, "indexes": [spec]})
         else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from proxy.branching import viewscan
+from proxy.branching import views, viewscan
 from proxy.branching.engine import Engine
 from proxy.branching.history.lookup import BATCH, branch_states, find_ids, view_ids
 from proxy.branching.idkey import idkey
@@ -43,10 +43,10 @@ async def diff(engine: Engine, name: str) -> AsyncGenerator[dict[str, Any], None
                    else diff_state(engine, branch, state))
         async for change in changes:
             yield change
-        if whole:
-            coll_change = await collection_change(engine, branch, state)
-            if coll_change is not None:
-                yield coll_change
+        coll_change = await (collection_change(engine, branch, state) if whole
+                             else options_change(engine, branch, state))
+        if coll_change is not None:
+            yield coll_change
         if state.indexes is not None and state.present is not False:
             async for change in index_changes(engine, branch, state):
                 yield change
@@ -87,7 +87,7 @@ async def parent_collection(engine: Engine, branch: Branch, db: str,
     reply = await engine.pool.reply(db, {"listCollections": 1, "filter": {"name": coll}})
     found = reply["cursor"]["firstBatch"] if reply.get("ok") else []
     if found and not any(layer.base_dropped for layer in layers):
-        return dict(found[0].get("options") or {})
+        return dict(views.options_of(layers) or found[0].get("options") or {})
     owner = next((layer for layer in layers if layer.present), None)
     return None if owner is None else dict(owner.options)
 
@@ -109,6 +109,37 @@ async def collection_change(engine: Engine, branch: Branch,
     if theirs is not None and _comparable(theirs) == _comparable(state.options):
         return None  # documents and indexes carry the rest
     return {"ns": ns, "collection": "recreated"}
+
+
+# Collection options a collMod on a branch changes, which a merge carries to the parent.
+MODIFIABLE = (*views.ENFORCED, "changeStreamPreAndPostImages")
+
+
+async def options_change(engine: Engine, branch: Branch,
+                         state: NsState) -> dict[str, Any] | None:
+    """For a collection the branch kept (not replaced) and changed with collMod: the
+    options a merge sets on the parent's collection; None when it already has them."""
+    if state.base_dropped or not state.options or state.present is False \
+            or "viewOn" in state.options:
+        return None
+    theirs = await parent_collection(engine, branch, state.db, state.coll)
+    if theirs is None:
+        return None
+    before = state.options_base or {}
+    changed = {k: v for k, v in state.options.items()
+               if k in MODIFIABLE and theirs.get(k) != v
+               and (state.options_base is None or before.get(k) != v)}
+    if not changed:
+        return None
+    return {"ns": f"{state.db}.{state.coll}", "collection": "modified", "options": changed}
+
+
+def _index_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """What collMod changes of an index: its TTL and whether it is hidden."""
+    out: dict[str, Any] = {"hidden": bool(spec.get("hidden"))}
+    if "expireAfterSeconds" in spec:
+        out["expireAfterSeconds"] = spec["expireAfterSeconds"]
+    return out
 
 
 async def diff_replaced(engine: Engine, state: NsState,
@@ -151,6 +182,15 @@ async def index_changes(engine: Engine, branch: Branch,
         base = {ix["name"] for ix in state.index_base}
         created -= base
         dropped &= base
+    kept = {ix["name"]: ix for ix in state.index_base or []}
+    for name in sorted(set(mine) & set(other)):
+        ours = _index_options(mine[name])
+        if ours == _index_options(other[name]) or (
+                name in kept and ours == _index_options(kept[name])):
+            continue  # the same, or changed by the parent only since the branch detached
+        theirs = _index_options(other[name])
+        yield {"ns": ns, "index": "modified", "name": name, "spec": mine[name],
+               "options": {k: v for k, v in ours.items() if theirs.get(k) != v}}
     for name in sorted(created):
         yield {"ns": ns, "index": "created", "name": name, "spec": mine[name]}
     for name in sorted(dropped):
