@@ -193,7 +193,8 @@ def test_mongosh_uncaught_error_exits_non_zero(proxy: ProxyProcess) -> None:
 # -- unsupported commands on a branch port -----------------------------------------------------
 
 @pytest.mark.parametrize(("cmd", "what"), [
-    ({"collMod": "items", "validator": {}}, "command 'collMod' is not supported on branch"),
+    ({"convertToCapped": "items", "size": 4096},
+     "command 'convertToCapped' is not supported on branch"),
     ({"mapReduce": "items", "map": "function() { emit(this._id, 1); }",
       "reduce": "function(k, v) { return 1; }", "out": {"inline": 1}},
      "mapReduce is not supported on branch"),
@@ -244,8 +245,8 @@ def test_change_stream_stage_after_the_first_is_refused_as_mongod_does(
 
 def test_unsupported_command_from_mongosh(made: Branches) -> None:
     branch = made.create()
-    done = mongosh(branch["uri"], 'db.getSiblingDB("sh_db").runCommand({collMod: "items"})')
+    done = mongosh(branch["uri"], 'db.getSiblingDB("sh_db").runCommand({convertToCapped: "items", size: 4096})')
     assert done.returncode != 0
     out = done.stdout + done.stderr
     assert "MongoServerError" in out
-    assert f"command 'collMod' is not supported on branch '{branch['name']}'" in out
+    assert f"command 'convertToCapped' is not supported on branch '{branch['name']}'" in out
