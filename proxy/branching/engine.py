@@ -22,8 +22,9 @@ from proxy.branching.errors import BranchError, Kind
 from proxy.branching.lifecycle import Lifecycle
 from proxy.branching.locks import BranchLock
 from proxy.branching.model import HIDDEN_CACHE_LIMIT, ISOLATION, SNAPSHOT, Branch, NsState
-from proxy.branching.runner import Runner, error_from, pooled
+from proxy.branching.runner import SESSION, Runner, error_from, outside_transaction, pooled
 from proxy.branching.snapshot import Fence
+from proxy.branching.txn import CURRENT, Transactions
 from proxy.branching.wal import (
     CREATE,
     HOLDS,
@@ -114,6 +115,8 @@ class Engine:
         self.capture_options: dict[str, Any] | None = {}
         self.capture: Capture | None = None
         self.lifecycle = Lifecycle()
+        # Clients' multi-document transactions on branch ports (txn.py).
+        self.txns = Transactions(self)
 
     # -- start-up -------------------------------------------------------------------
     async def start(self) -> None:
@@ -278,6 +281,12 @@ class Engine:
             # it starts from a state no write is half-way through.
             async with self.reading(self.chain(self.branches[parent]) if parent != MAIN
                                     else []):
+                if parent != MAIN and self.txns.holding(self.branches[parent].bid):
+                    # Its writes are not preserved for children: a child forked now would
+                    # see them appear at the commit.
+                    raise BranchError(Kind.CONFLICT,
+                                      f"branch {parent!r} has a multi-document transaction "
+                                      "in progress; retry once it commits or aborts")
                 branch = await self._fork(name, parent, port, mode, progress)
                 if then is not None:
                     try:
@@ -388,6 +397,8 @@ class Engine:
         # finishes (it needs the lock) instead of stalling the drop.
         if self.ports is not None:
             await self.ports.close(branch)
+        # Its clients cannot commit any more: their transactions would hold its lock.
+        await self.txns.abort_branch(branch)
         async with self.writing(branch):
             await self._forget(branch)
         self._locks.pop(branch.bid, None)
@@ -451,7 +462,7 @@ class Engine:
         state = NsState(branch.bid, db, coll, base_dropped=branch.mode == "copy")
         indexes = await self.view_indexes(branch, db, coll, run)
         await self._create_overlay(state, indexes, run)
-        await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(), upsert=True)
+        await self.save_state(state)
         self.states[state.key] = state
         return state
 
@@ -476,7 +487,10 @@ class Engine:
                 return list(layer.indexes)
             if layer.base_dropped:
                 return [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
-        reply = await run.reply(db, {"listIndexes": coll})
+        # Outside a transaction: mongod runs no listIndexes in one, and a branch's indexes
+        # do not change inside one (DDL is refused there).
+        with outside_transaction():
+            reply = await run.reply(db, {"listIndexes": coll})
         if not reply.get("ok"):
             # Not in the base: a collection the branch creates starts with _id only.
             return [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
@@ -486,7 +500,9 @@ class Engine:
         await self.meta["branches"].replace_one({"_id": branch.name}, branch.to_doc())
 
     async def save_state(self, state: NsState) -> None:
-        await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(), upsert=True)
+        """In a transaction (txn.py), in it: the state changes with the overlay."""
+        await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(),
+                                                  upsert=True, session=SESSION.get())
 
     # -- writes -------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -495,6 +511,15 @@ class Engine:
         """Serializes a branch's writes so its overlay and WAL advance together; writes
         on one document each (point: its (namespace, idkey)) only against writes on the
         same document and against everything else (locks.py)."""
+        txn = CURRENT.get()
+        if txn is not None and txn.branch.bid == branch.bid:
+            # A transaction holds the lock exclusively from its first write to its end.
+            await self.txns.lock(txn)
+            async with self.fence(branch.bid).hold("w"):
+                # A fork holds the fence as a reader: once past it, none is under way.
+                self.txns.refuse_children(txn)
+                yield
+            return
         lock = self.branch_lock(branch.bid)
         async with lock.exclusive() if point is None else lock.shared(point), \
                 self.fence(branch.bid).hold("w"):

@@ -23,8 +23,9 @@ from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
-from proxy.branching.runner import Runner, error_from
+from proxy.branching.runner import SESSION, Runner, error_from, outside_transaction
 from proxy.branching.stages import documents_stage
+from proxy.branching.txn import in_transaction
 from proxy.branching.wal import PUT, Change
 from proxy.wire.bsonutil import same
 from proxy.wire.codes import Code
@@ -34,7 +35,10 @@ BATCH = 1000
 
 def txn_of(cmd: dict[str, Any]) -> dict[str, Any] | None:
     """A retryable write's identity (lsid + txnNumber), under which the engine remembers
-    its reply; None for a write no driver retries."""
+    its reply; None for a write no driver retries, and for a statement of a multi-document
+    transaction (its txnNumber is the transaction's, which the commit answers for)."""
+    if in_transaction(cmd):
+        return None
     if "txnNumber" in cmd and isinstance(cmd.get("lsid"), dict):
         return {"lsid": cmd["lsid"].get("id"), "n": cmd["txnNumber"]}
     return None
@@ -239,6 +243,13 @@ class Writer:
         if not fresh:
             return []
         ids = [d["_id"] for d in fresh]
+        if SESSION.get() is not None:
+            # In a transaction both run in one upstream session, one command at a time;
+            # a failure aborts the whole transaction, so nothing is left to undo.
+            await self.hide(ids, pooled=True)
+            await self.check({"insert": self.state.live, "documents": fresh,
+                              "ordered": False})
+            return ids
         hidden, copied = await asyncio.gather(
             self.hide(ids, pooled=True),
             self.check({"insert": self.state.live, "documents": fresh, "ordered": False}),
@@ -360,10 +371,20 @@ async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: s
     collection's overlay made ready (and children given what they saw of it first)."""
     # Point writes on other ids may be setting up the same collection at the same time.
     async with engine.branch_lock(branch.bid).setup:
-        await snapshot.before_collection_write(engine, branch, db, coll)
+        with outside_transaction():
+            await snapshot.before_collection_write(engine, branch, db, coll)
+        # In a transaction (txn.py) a new overlay is created in it (an abort leaves no
+        # overlay behind), and `present` changes with it; the dirty marker changes no
+        # view and is set outside it.
+        fresh = engine.state(branch, db, coll) is None
         state = await engine.ensure_state(branch, db, coll, runner)
-        await engine.mark_dirty(state)
+        if fresh:
+            engine.txns.created(state)
+        with outside_transaction():
+            await engine.mark_dirty(state)
+        engine.txns.set_aside(state)
         if state.present is not True:
+            engine.txns.creating(state)
             state.present = True
             await engine.save_state(state)
     return Writer(engine, branch, runner, db, coll, state, cmd, client)

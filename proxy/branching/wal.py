@@ -19,6 +19,7 @@ from bson.int64 import Int64
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import BulkWriteError, DocumentTooLarge
 
+from proxy.branching.runner import SESSION
 from proxy.wire.bsonutil import CODEC
 
 # The largest WAL entry stored as it is (mongod's BSON limit, as pymongo checks it).
@@ -179,7 +180,7 @@ class Wal:
         if txn is not None and reply is not None:
             docs[-1]["reply"] = reply
         try:
-            await self.entries.insert_many(docs, ordered=True)
+            await self.entries.insert_many(docs, ordered=True, session=SESSION.get())
         except DocumentTooLarge:  # pymongo's own size check
             await self._insert_fitted(docs)
         except BulkWriteError as exc:  # the server's (BSONObjectTooLarge)
@@ -203,7 +204,7 @@ class Wal:
                     doc[which + "z"] = z
                     del doc[which]
         try:
-            await self.entries.insert_many(docs, ordered=False)
+            await self.entries.insert_many(docs, ordered=False, session=SESSION.get())
         except BulkWriteError as exc:
             if any(err.get("code") != 11000 for err in exc.details.get("writeErrors", [])):
                 raise

@@ -73,13 +73,14 @@ async def planned(req: Request, cmd: dict[str, Any]) -> planner.Plan:
 
 
 async def aggregate(req: Request) -> dict[str, Any] | None:
-    req.reject_transactions()
     pipeline = req.cmd.get("pipeline")
     target = _out_target(req, pipeline) if isinstance(pipeline, list) else None
     if target is not None:
+        req.reject_transactions()
         return await _aggregate_out(req, target)
     merge_spec = _merge_spec(req, pipeline) if isinstance(pipeline, list) else None
     if merge_spec is not None:
+        req.reject_transactions()
         return await _aggregate_merge(req, merge_spec)
     plan = await planned(req, req.cmd)
     explaining = "explain" in req.cmd

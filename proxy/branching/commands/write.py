@@ -35,7 +35,6 @@ async def _handle(req: Request, statements: Statements, body: Body, *,
     still waits for that lock or runs, and must then repeat its outcome, not apply it
     again) and the collection's overlay made ready."""
     coll = coll_name(req)
-    req.reject_transactions()
     if (done := _recalled(req)) is not None:
         return done
     stmts = statements(req)

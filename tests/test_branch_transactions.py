@@ -1,0 +1,253 @@
+"""Multi-document transactions on a branch port (docs/ARCHITECTURE.md, "Transactions"):
+one upstream transaction per client transaction, so the overlay writes and the WAL
+entries commit together or not at all, isolated from other clients until the commit."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from bson import Int64
+from pymongo import MongoClient
+from pymongo.client_session import ClientSession
+from pymongo.errors import OperationFailure
+from pymongo.read_concern import ReadConcern
+
+from tests.branchutil import Branches, unique
+from tests.historyutil import entries
+from tests.servers import ProxyProcess
+
+
+@pytest.fixture()
+def setup(proxy: ProxyProcess, direct: MongoClient, made: Branches, db_name: str
+          ) -> Iterator[tuple[dict[str, Any], MongoClient, MongoClient]]:
+    """A branch of main over two collections; its client and a second client."""
+    base = direct[db_name]
+    base.people.insert_many([{"_id": i, "n": i} for i in range(5)])
+    base.orders.insert_many([{"_id": i, "person": i, "total": 10 * i} for i in range(3)])
+    branch = made.create()
+    one, two = made.client(branch), made.client(branch)
+    yield branch, one, two
+    one.close()
+    two.close()
+
+
+def _state(db: Any) -> dict[str, list[dict[str, Any]]]:
+    return {c: list(db[c].find({}, sort=[("_id", 1)])) for c in ("people", "orders")}
+
+
+def _work(db: Any, session: ClientSession) -> None:
+    """Inserts, updates and deletes in two collections, with reads in between."""
+    db.people.insert_one({"_id": 10, "n": 10}, session=session)
+    db.people.update_one({"_id": 1}, {"$set": {"n": 100}}, session=session)
+    db.people.delete_one({"_id": 2}, session=session)
+    db.orders.insert_one({"_id": 10, "person": 10, "total": 5}, session=session)
+    db.orders.update_many({"total": {"$gte": 10}}, {"$inc": {"total": 1}}, session=session)
+    db.orders.delete_one({"_id": 0}, session=session)
+    # The transaction reads its own writes, by _id and by scans, in both collections.
+    assert db.people.find_one({"_id": 10}, session=session) == {"_id": 10, "n": 10}
+    assert db.people.find_one({"_id": 2}, session=session) is None
+    assert db.people.count_documents({}, session=session) == 5
+    assert [d["total"] for d in db.orders.find({}, sort=[("_id", 1)], session=session)] \
+        == [11, 21, 5]
+    assert db.people.find_one({"_id": 1}, session=session)["n"] == 100
+
+
+EXPECTED = {
+    "people": [{"_id": 0, "n": 0}, {"_id": 1, "n": 100}, {"_id": 3, "n": 3},
+               {"_id": 4, "n": 4}, {"_id": 10, "n": 10}],
+    "orders": [{"_id": 1, "person": 1, "total": 11}, {"_id": 2, "person": 2, "total": 21},
+               {"_id": 10, "person": 10, "total": 5}],
+}
+
+
+def test_commit_makes_every_write_visible_at_once(
+        proxy: ProxyProcess, direct: MongoClient, setup: Any, db_name: str) -> None:
+    branch, one, two = setup
+    before = _state(two[db_name])
+    logged = len(entries(proxy, branch["name"]))
+    with one.start_session() as session, session.start_transaction():
+        _work(one[db_name], session)
+        # Isolation: another client, and the same client outside the session, see none
+        # of it before the commit; neither does the WAL.
+        assert _state(two[db_name]) == before
+        assert _state(one[db_name]) == before
+        assert len(entries(proxy, branch["name"])) == logged
+    assert _state(two[db_name]) == EXPECTED
+    ops = sorted((e["ns"].split(".")[1], e["op"], e["_id"])
+                 for e in entries(proxy, branch["name"])[:7])
+    assert len(entries(proxy, branch["name"])) == logged + 7
+    assert ops == sorted([("people", "put", 10), ("people", "put", 1),
+                          ("people", "delete", 2), ("orders", "put", 10),
+                          ("orders", "put", 1), ("orders", "put", 2),
+                          ("orders", "delete", 0)])
+    # Main is unchanged.
+    assert _state(direct[db_name]) == before
+
+
+def test_abort_leaves_no_trace(proxy: ProxyProcess, direct: MongoClient, setup: Any,
+                               db_name: str) -> None:
+    branch, one, two = setup
+    # A change before the transaction: the overlay exists and has content to keep.
+    one[db_name].people.update_one({"_id": 4}, {"$set": {"n": 44}})
+    before = _state(two[db_name])
+    logged = entries(proxy, branch["name"])
+    overlays = {c: list(direct[db_name][c].find({}, sort=[("_id", 1)]))
+                for c in direct[db_name].list_collection_names() if c.startswith("__mb_")}
+    with one.start_session() as session:
+        session.start_transaction()
+        _work(one[db_name], session)
+        session.abort_transaction()
+    assert _state(two[db_name]) == before
+    assert _state(one[db_name]) == before
+    assert entries(proxy, branch["name"]) == logged
+    assert {c: list(direct[db_name][c].find({}, sort=[("_id", 1)]))
+            for c in direct[db_name].list_collection_names() if c.startswith("__mb_")} \
+        == overlays
+    # The branch keeps working as before, also after a restart-free reuse of the ids.
+    one[db_name].people.insert_one({"_id": 10, "n": -10})
+    assert one[db_name].people.find_one({"_id": 10}) == {"_id": 10, "n": -10}
+
+
+def test_with_transaction_retries_and_commits(proxy: ProxyProcess, setup: Any,
+                                              db_name: str) -> None:
+    _, one, two = setup
+    calls = []
+
+    def callback(session: ClientSession) -> None:
+        calls.append(1)
+        _work(one[db_name], session)
+
+    with one.start_session() as session:
+        session.with_transaction(callback)
+    assert calls == [1]
+    assert _state(two[db_name]) == EXPECTED
+
+
+def test_a_failed_statement_aborts_the_transaction(setup: Any, db_name: str) -> None:
+    _, one, two = setup
+    before = _state(two[db_name])
+    with one.start_session() as session:
+        session.start_transaction()
+        db = one[db_name]
+        db.people.insert_one({"_id": 20, "n": 20}, session=session)
+        with pytest.raises(OperationFailure):
+            db.people.insert_one({"_id": 3, "n": 0}, session=session)  # in the base
+        with pytest.raises(OperationFailure) as info:
+            session.commit_transaction()
+        assert info.value.code == 251
+        assert info.value.has_error_label("TransientTransactionError")
+    assert _state(two[db_name]) == before
+
+
+def test_commit_retried_and_unknown_transactions(setup: Any, db_name: str) -> None:
+    _, one, _ = setup
+    db = one[db_name]
+    admin = one.admin
+    lsid = {"id": one.start_session().session_id["id"]}
+    db.command({"insert": "people", "documents": [{"_id": 30}], "lsid": lsid,
+                "txnNumber": Int64(1), "startTransaction": True, "autocommit": False})
+    commit = {"commitTransaction": 1, "lsid": lsid, "txnNumber": Int64(1),
+              "autocommit": False}
+    assert admin.command(commit)["ok"] == 1.0
+    assert admin.command(commit)["ok"] == 1.0  # a retried commit answers ok again
+    assert db.people.find_one({"_id": 30}) == {"_id": 30}
+    with pytest.raises(OperationFailure) as info:
+        admin.command({"abortTransaction": 1, "lsid": lsid, "txnNumber": Int64(7),
+                       "autocommit": False})
+    assert info.value.code == 251 and info.value.details["codeName"] == "NoSuchTransaction"
+    assert "TransientTransactionError" in info.value.details["errorLabels"]
+    with pytest.raises(OperationFailure) as info:
+        db.command({"find": "people", "lsid": lsid, "txnNumber": Int64(8),
+                    "autocommit": False})
+    assert info.value.code == 251
+    with pytest.raises(OperationFailure) as info:
+        db.command({"create": unique("c"), "lsid": lsid, "txnNumber": Int64(9),
+                    "startTransaction": True, "autocommit": False})
+    assert info.value.code == 263
+
+
+def test_a_second_transactions_write_waits_then_conflicts(setup: Any, db_name: str) -> None:
+    """One transaction holds the branch from its first write: another transaction's
+    write fails with a retryable WriteConflict; once the first ends, it goes through."""
+    _, one, two = setup
+    with one.start_session() as first, two.start_session() as second:
+        first.start_transaction()
+        one[db_name].people.insert_one({"_id": 40}, session=first)
+        second.start_transaction()
+        with pytest.raises(OperationFailure) as info:
+            two[db_name].orders.insert_one({"_id": 40}, session=second)
+        assert info.value.code == 112
+        assert info.value.has_error_label("TransientTransactionError")
+        first.commit_transaction()
+        second.abort_transaction()
+        second.start_transaction()
+        two[db_name].orders.insert_one({"_id": 40}, session=second)
+        second.commit_transaction()
+    assert one[db_name].people.find_one({"_id": 40}) == {"_id": 40}
+    assert one[db_name].orders.find_one({"_id": 40}) == {"_id": 40}
+
+
+def test_a_plain_write_waits_for_the_transaction(setup: Any, db_name: str) -> None:
+    """A write outside any transaction waits while a transaction holds the branch, and
+    lands after its commit."""
+    _, one, two = setup
+    done = threading.Event()
+
+    def plain() -> None:
+        two[db_name].people.update_one({"_id": 0}, {"$set": {"n": "plain"}})
+        done.set()
+
+    with one.start_session() as session:
+        session.start_transaction()
+        one[db_name].people.update_one({"_id": 0}, {"$set": {"n": "txn"}}, session=session)
+        writer = threading.Thread(target=plain)
+        writer.start()
+        assert not done.is_set()  # held by the transaction's lock until the commit
+        session.commit_transaction()
+    writer.join(30)
+    assert done.is_set()
+    assert two[db_name].people.find_one({"_id": 0}) == {"_id": 0, "n": "plain"}
+
+
+def test_a_child_keeps_its_snapshot_and_forks_wait(proxy: ProxyProcess, made: Branches,
+                                                   setup: Any, db_name: str) -> None:
+    """A child forked after a committed transaction sees it; the child does not change
+    when the parent commits later; transactions that write on a branch with children,
+    and forks while one is open, are refused (mongobranch's subset)."""
+    branch, one, _ = setup
+    with one.start_session() as session, session.start_transaction():
+        one[db_name].people.insert_one({"_id": 50}, session=session)
+        status, reply = proxy.api("POST", "/branches", {"name": unique("kid"),
+                                                        "from": branch["name"]})
+        assert status == 409 and "transaction" in str(reply), reply
+    kid = made.create(**{"from": branch["name"]})
+    kid_client = made.client(kid)
+    seen = _state(kid_client[db_name])
+    assert {"_id": 50} in seen["people"]
+    with one.start_session() as session:
+        session.start_transaction()
+        with pytest.raises(OperationFailure) as info:
+            one[db_name].people.insert_one({"_id": 51}, session=session)
+        assert info.value.code == 263
+    one[db_name].people.insert_one({"_id": 52})
+    assert _state(kid_client[db_name]) == seen
+    kid_client.close()
+
+
+def test_main_is_unaffected_and_reads_on_untouched_collections(
+        direct: MongoClient, made: Branches, db_name: str) -> None:
+    """A collection the branch never changed is read inside the transaction too (it
+    would be forwarded as it is outside one), with a snapshot read concern."""
+    direct[db_name].untouched.insert_one({"_id": 1})
+    one = made.client(made.create())
+    with one.start_session() as session, session.start_transaction(
+            read_concern=ReadConcern("snapshot")):
+        assert one[db_name].untouched.find_one({}, session=session) == {"_id": 1}
+        one[db_name].untouched.insert_one({"_id": 2}, session=session)
+        assert one[db_name].untouched.count_documents({}, session=session) == 2
+    assert direct[db_name].untouched.count_documents({}) == 1
+    assert one[db_name].untouched.count_documents({}) == 2
+    one.close()
