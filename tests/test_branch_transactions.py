@@ -4,8 +4,10 @@ entries commit together or not at all, isolated from other clients until the com
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +17,10 @@ from pymongo.client_session import ClientSession
 from pymongo.errors import OperationFailure
 from pymongo.read_concern import ReadConcern
 
-from tests.branchutil import Branches, unique
+from tests.branchutil import Branches, branches, unique
 from tests.historyutil import entries
-from tests.servers import ProxyProcess
+from tests.servers import ProxyProcess, Secantus
+from tests.test_node_clients import NODE_DIR, run_json
 
 
 @pytest.fixture()
@@ -251,3 +254,69 @@ def test_main_is_unaffected_and_reads_on_untouched_collections(
     assert direct[db_name].untouched.count_documents({}) == 1
     assert one[db_name].untouched.count_documents({}) == 2
     one.close()
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not on PATH")
+def test_node_driver_with_transaction_on_a_branch(direct: MongoClient, made: Branches,
+                                                  tmp_path: Path) -> None:
+    """tests/node/crud.js (CRUD, cursors, aggregation, `withTransaction`) on a branch
+    port: the transaction's insert lands on the branch only."""
+    main_had = direct["node_clients"]["items"].find_one({"_id": "txn"})
+    branch = made.create()
+    out = run_json(["node", "crud.js", branch["uri"]], cwd=NODE_DIR, home=tmp_path)
+    assert (out["updated"], out["deleted"], out["count"]) == (50, 50, 200)
+    assert out["txn"] == {"_id": "txn"}
+    assert direct["node_clients"]["items"].find_one({"_id": "txn"}) == main_had
+
+
+def test_an_abandoned_transaction_expires(upstream: Secantus, direct: MongoClient,
+                                          db_name: str) -> None:
+    """A transaction its client never ends (a crash, a lost connection) is aborted after
+    --transaction-lifetime: its lock is released, its writes are gone, its commit fails.
+    The plain write below blocks until then; nothing here depends on how long it takes."""
+    direct[db_name].people.insert_one({"_id": 1, "n": 1})
+    proc = ProxyProcess(upstream.uri, meta_db="mongobranch_txn_expiry",
+                        extra=["--transaction-lifetime", "1"]).start()
+    try:
+        with branches(proc) as made:
+            branch = made.create()
+            one, two = made.client(branch), made.client(branch)
+            logged = len(entries(proc, branch["name"]))
+            session = one.start_session()
+            session.start_transaction()
+            one[db_name].people.update_one({"_id": 1}, {"$set": {"n": "txn"}},
+                                           session=session)
+            two[db_name].people.insert_one({"_id": 2})  # waits for the expiry
+            with pytest.raises(OperationFailure) as info:
+                session.commit_transaction()
+            assert info.value.code == 251
+            assert one[db_name].people.find_one({"_id": 1}) == {"_id": 1, "n": 1}
+            assert [e["_id"] for e in entries(proc, branch["name"])][:1] == [2]
+            assert len(entries(proc, branch["name"])) == logged + 1
+            assert "aborting a transaction on branch" in proc.read_log()
+            session.end_session()
+            one.close()
+            two.close()
+    finally:
+        proc.stop()
+        direct.drop_database("mongobranch_txn_expiry")
+
+
+def test_transactions_on_a_copy_branch(direct: MongoClient, made: Branches,
+                                       db_name: str) -> None:
+    base = direct[db_name]
+    base.people.insert_many([{"_id": i, "n": i} for i in range(5)])
+    base.orders.insert_many([{"_id": i, "person": i, "total": 10 * i} for i in range(3)])
+    branch = made.create(mode="copy")
+    one, two = made.client(branch), made.client(branch)
+    before = _state(two[db_name])
+    with one.start_session() as session:
+        session.start_transaction()
+        _work(one[db_name], session)
+        session.abort_transaction()
+        assert _state(two[db_name]) == before
+        session.with_transaction(lambda s: _work(one[db_name], s))
+    assert _state(two[db_name]) == EXPECTED
+    assert _state(base) == before
+    one.close()
+    two.close()
