@@ -464,6 +464,7 @@ class Engine:
         await self._create_overlay(state, indexes, run)
         await self.save_state(state)
         self.states[state.key] = state
+        self.txns.created(state)
         return state
 
     async def _create_overlay(self, state: NsState, indexes: list[dict[str, Any]],
@@ -516,8 +517,6 @@ class Engine:
             # A transaction holds the lock exclusively from its first write to its end.
             await self.txns.lock(txn)
             async with self.fence(branch.bid).hold("w"):
-                # A fork holds the fence as a reader: once past it, none is under way.
-                self.txns.refuse_children(txn)
                 yield
             return
         lock = self.branch_lock(branch.bid)
@@ -601,7 +600,10 @@ class Engine:
                           preserve: bool = True) -> int:
         """Log a branch's changes; first (preserve) its children keep what they showed of
         the documents changed (snapshot.py): the caller holds the branch's fence."""
-        if preserve:
+        current = CURRENT.get()
+        if preserve and current is not None and current.branch.bid == branch.bid:
+            current.defer(changes)  # preserved at the commit, with it (txn.py)
+        elif preserve:
             await snapshot.preserve(self, branch.name, changes)
         return await self.wal.append(branch.bid, changes, client, txn, reply)
 

@@ -376,10 +376,7 @@ async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: s
         # In a transaction (txn.py) a new overlay is created in it (an abort leaves no
         # overlay behind), and `present` changes with it; the dirty marker changes no
         # view and is set outside it.
-        fresh = engine.state(branch, db, coll) is None
         state = await engine.ensure_state(branch, db, coll, runner)
-        if fresh:
-            engine.txns.created(state)
         with outside_transaction():
             await engine.mark_dirty(state)
         engine.txns.set_aside(state)

@@ -30,8 +30,11 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import OperationFailure, PyMongoError
 from pymongo.read_concern import ReadConcern
 
+from proxy.branching import snapshot
 from proxy.branching.errors import CommandError
+from proxy.branching.idkey import idkey
 from proxy.branching.runner import SESSION, outside_transaction
+from proxy.branching.wal import DELETE, PUT, Change
 from proxy.wire.codes import Code
 
 if TYPE_CHECKING:
@@ -90,6 +93,16 @@ class Txn:
     new: set[str] = field(default_factory=set)
     expiry: asyncio.Task[None] | None = None
     ended: bool = False
+    # The first change of each document the transaction changed, (ns, idkey) -> change:
+    # what its children must keep, copied up into them at the commit.
+    pending: dict[tuple[str, Any], Change] = field(default_factory=dict)
+
+    def defer(self, changes: list[Change]) -> None:
+        for change in changes:
+            if change.op in (PUT, DELETE):
+                self.pending.setdefault((change.ns, idkey(change.id)),
+                                        Change(change.ns, change.id, change.op, change.pre,
+                                               None))
 
     @property
     def locked(self) -> bool:
@@ -182,7 +195,6 @@ class Transactions:
         """The branch's write lock for the rest of the transaction (its first write)."""
         if txn.locked:
             return
-        self.refuse_children(txn)
         stack = contextlib.AsyncExitStack()
         try:
             await asyncio.wait_for(stack.enter_async_context(
@@ -196,16 +208,6 @@ class Transactions:
                 errorLabels=[TRANSIENT]) from None
         txn.held = stack
 
-    def refuse_children(self, txn: Txn) -> None:
-        """Writes of a transaction are not preserved for child branches (snapshot.py would
-        change their hidden-id caches before the commit): a branch with children, kept
-        deleted ones included, refuses them."""
-        if self.engine.children(txn.branch.name, deleted=True):
-            raise CommandError(
-                Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
-                f"branch {txn.branch.name!r} has child branches: writes in a multi-document "
-                "transaction are supported only on a branch without children (mongobranch)")
-
     def set_aside(self, state: NsState) -> None:
         """The transaction writes this overlay: other clients' reads stop trusting its
         cached hidden ids (they read the committed hidden set on the server instead)."""
@@ -216,9 +218,9 @@ class Transactions:
         state.hidden_ids = None
 
     def created(self, state: NsState) -> None:
-        """The transaction created this overlay: it exists only if it commits."""
+        """An overlay created in the transaction: it exists only if it commits."""
         txn = CURRENT.get()
-        if txn is not None:
+        if txn is not None and SESSION.get() is not None:
             txn.new.add(state.key)
 
     def creating(self, state: NsState) -> None:
@@ -240,7 +242,10 @@ class Transactions:
             if txn.ended:
                 return await self.commit(key)
             try:
-                await txn.session.commit_transaction()
+                await self._commit(txn)
+            except CommandError as exc:
+                await self._end(txn, "aborted")
+                raise transient(exc) from None
             except OperationFailure as exc:
                 await self._end(txn, "aborted")
                 details = dict(exc.details or {})
@@ -255,6 +260,31 @@ class Transactions:
                 raise CommandError(Code.HOST_UNREACHABLE, f"commit failed: {exc}",
                                    errorLabels=[TRANSIENT]) from None
             await self._end(txn, "committed")
+
+    async def _commit(self, txn: Txn) -> None:
+        """The children keep what they showed of every document the transaction changed
+        (snapshot.py), then it commits. The copies are made outside the transaction: it
+        began before children's later writes, which it could not see past without write
+        conflicts; and they copy the branch's committed images, which the children show,
+        so a commit that fails after them leaves every view as it was. The branch's fence
+        is held throughout, as a write holds it: a child's command runs wholly before the
+        commit (the old documents) or after it (the new ones, and the copies)."""
+        async with self.engine.fence(txn.branch.bid).hold("w"):
+            if txn.pending:
+                kids = [b for b in self.engine.branches.values()
+                        if b.parent == txn.branch.name]
+                # No statement of a child's transaction runs now (each holds this fence
+                # as a reader), but one may hold the child's lock until its client
+                # commits, which could come after this commit: do not wait for it.
+                if any(self.holding(kid.bid) for kid in kids):
+                    raise CommandError(
+                        Code.WRITE_CONFLICT,
+                        f"a child branch of {txn.branch.name!r} has a transaction in "
+                        "progress; retry the transaction", errorLabels=[TRANSIENT])
+                with outside_transaction():
+                    await snapshot.preserve(self.engine, txn.branch.name,
+                                            list(txn.pending.values()))
+            await txn.session.commit_transaction()
 
     async def abort_key(self, key: Key) -> None:
         txn = self.open.get(key[0])
