@@ -336,3 +336,29 @@ def test_transactions_on_a_copy_branch(direct: MongoClient, made: Branches,
     assert _state(base) == before
     one.close()
     two.close()
+
+
+def test_what_a_transaction_cannot_hold_is_refused_and_ends_it(setup: Any,
+                                                               db_name: str) -> None:
+    """$out, DDL and catalog reads inside a transaction are refused (263) and, as on
+    mongod, the refusal aborts the transaction: nothing of it lands."""
+    _, one, two = setup
+    before = _state(two[db_name])
+    refusals = [
+        lambda db, s: list(db.people.aggregate([{"$out": "copy"}], session=s)),
+        lambda db, s: db.create_collection(unique("c"), session=s),
+        lambda db, s: db.list_collection_names(session=s),
+        lambda db, s: db.command("count", "people", session=s),
+    ]
+    for refuse in refusals:
+        with one.start_session() as session:
+            session.start_transaction()
+            one[db_name].people.insert_one({"_id": 60}, session=session)
+            with pytest.raises(OperationFailure) as info:
+                refuse(one[db_name], session)
+            assert info.value.code == 263, info.value.details
+            with pytest.raises(OperationFailure) as info:
+                one[db_name].people.insert_one({"_id": 61}, session=session)
+            assert info.value.code == 251
+            assert info.value.has_error_label("TransientTransactionError")
+        assert _state(two[db_name]) == before
