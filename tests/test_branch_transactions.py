@@ -362,3 +362,42 @@ def test_what_a_transaction_cannot_hold_is_refused_and_ends_it(setup: Any,
             assert info.value.code == 251
             assert info.value.has_error_label("TransientTransactionError")
         assert _state(two[db_name]) == before
+
+
+def test_errors_in_a_transaction_are_the_statements_own(setup: Any, db_name: str) -> None:
+    """A statement's error aborts the upstream transaction; the client hears that error
+    (not the NoSuchTransaction of what the proxy ran after it), naming its collection."""
+    _, one, two = setup
+    db = one[db_name]
+    before = _state(two[db_name])
+    with one.start_session() as session:
+        session.start_transaction()
+        db.people.insert_one({"_id": 70}, session=session)
+        with pytest.raises(OperationFailure) as info:
+            db.people.insert_one({"_id": 70}, session=session)
+        assert info.value.code == 11000
+        assert "__mb_" not in str(info.value) and ".people" in str(info.value)
+    with one.start_session() as session:
+        session.start_transaction()
+        db.people.update_one({"_id": 0}, {"$set": {"n": 1}}, session=session)
+        with pytest.raises(OperationFailure) as info:
+            db.people.update_one({"_id": 1}, {"$bogus": {"n": 1}}, session=session)
+        assert info.value.code not in (251, 1), info.value.details
+    assert _state(two[db_name]) == before
+
+
+def test_ids_hidden_before_or_within_the_transaction(setup: Any, db_name: str) -> None:
+    """Deleting then inserting an id, inside one transaction or across an earlier delete
+    of the branch, hides an id that is hidden already: no duplicate key error may abort
+    the transaction for it."""
+    _, one, two = setup
+    db = one[db_name]
+    db.people.delete_one({"_id": 4})
+    with one.start_session() as session, session.start_transaction():
+        db.people.delete_one({"_id": 3}, session=session)
+        db.people.insert_one({"_id": 3, "n": "again"}, session=session)
+        db.people.insert_one({"_id": 4, "n": "back"}, session=session)
+        db.people.delete_one({"_id": 4}, session=session)
+        db.people.insert_one({"_id": 4, "n": "back twice"}, session=session)
+    assert two[db_name].people.find_one({"_id": 3}) == {"_id": 3, "n": "again"}
+    assert two[db_name].people.find_one({"_id": 4}) == {"_id": 4, "n": "back twice"}

@@ -469,6 +469,15 @@ class Engine:
 
     async def _create_overlay(self, state: NsState, indexes: list[dict[str, Any]],
                               run: Runner) -> None:
+        if SESSION.get() is not None:
+            # In a transaction an error aborts it, NamespaceExists too: create only what
+            # is not there (an overlay left by an earlier run is complete).
+            with outside_transaction():
+                reply = await run.reply(state.db, {"listCollections": 1, "nameOnly": True,
+                                                   "filter": {"name": {"$in": [
+                                                       state.live, state.hidden]}}})
+            if reply.get("ok") and reply["cursor"]["firstBatch"]:
+                return
         for name in (state.live, state.hidden):
             reply = await run.reply(state.db, {"create": name})
             if reply.get("code") == 13:

@@ -193,6 +193,8 @@ class Writer:
         a write on the client's (the hidden-id collection is the proxy's own)."""
         if not ids:
             return []
+        if SESSION.get() is not None:
+            return await self._hide_in_transaction(ids, pooled)
         cmd = {"insert": self.state.hidden, "documents": [{"_id": i} for i in ids],
                "ordered": False}
         # Not pooled, the hide runs on the client's connection: the upstream judges its
@@ -207,6 +209,18 @@ class Writer:
         self.state.hide([i for n, i in enumerate(ids)
                          if errors.get(n, Code.DUPLICATE_KEY) == Code.DUPLICATE_KEY])
         return [i for n, i in enumerate(ids) if n not in errors]
+
+    async def _hide_in_transaction(self, ids: list[Any], pooled: bool) -> list[Any]:
+        """`hide` inside a transaction, where a duplicate key error would abort it (on
+        mongod and SecantusDB alike): an upsert per id, which hides it or finds it hidden."""
+        cmd = {"update": self.state.hidden, "updates": [
+            {"q": {"_id": {"$eq": i}}, "u": {}, "upsert": True} for i in ids]}
+        reply = await (self.engine.pool.reply(self.db, cmd) if pooled else self.run(cmd))
+        if not reply.get("ok") or reply.get("writeErrors"):
+            raise error_from(reply if not reply.get("writeErrors")
+                             else {**reply["writeErrors"][0], "ok": 0.0})
+        self.state.hide(ids)
+        return [ids[u["index"]] for u in reply.get("upserted", [])]
 
     async def unhide_pooled(self, ids: list[Any]) -> None:
         """Undo a pooled hide whose companion write on the client's connection failed (it

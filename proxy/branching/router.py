@@ -24,8 +24,8 @@ from proxy.branching.commands.base import Handler, Request, in_mongod_order
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch
-from proxy.branching.runner import Runner
-from proxy.branching.txn import in_transaction, no_such, transient
+from proxy.branching.runner import FAILED, Runner
+from proxy.branching.txn import first_failure, in_transaction, no_such, transient
 from proxy.net.router import Context
 from proxy.wire.codes import Code
 from proxy.wire.opmsg import OpMsg
@@ -204,9 +204,11 @@ class EngineRouter:
         txns = self.engine.txns
         txn = await txns.enter(branch, req.cmd)
         req.run = self.engine.pool
+        failed: list[dict[str, Any]] = []
         async with txn.mutex:
             if txn.ended:
                 raise no_such(f"Transaction with txnNumber {txn.key[1]} has been aborted")
+            token = FAILED.set(failed)
             try:
                 if name not in IN_TXN:
                     raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
@@ -221,12 +223,17 @@ class EngineRouter:
                             reply = await req.run.reply(req.db, req.cmd)
             except CommandError as exc:
                 await txns.abort_held(txn)
-                raise transient(exc) from None
+                raise transient(first_failure(failed) or exc) from None
             except BaseException:
                 await txns.abort_held(txn)
                 raise
+            finally:
+                FAILED.reset(token)
             if not reply.get("ok") or reply.get("writeErrors"):
                 await txns.abort_held(txn)
+            elif failed:  # an error the handler got past: the upstream transaction is over
+                await txns.abort_held(txn)
+                raise transient(first_failure(failed) or no_such("transaction aborted"))
         return reply
 
     def _checked_read(self, name: str, cmd: dict[str, Any]) -> bool:

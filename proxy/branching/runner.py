@@ -70,6 +70,20 @@ def error_from(reply: dict[str, Any]) -> CommandError:
 SESSION: ContextVar[AsyncClientSession | None] = ContextVar("mongobranch_session",
                                                             default=None)
 
+# The upstream's failures within the current statement of a transaction, first first:
+# any of them aborted the upstream transaction, so what the engine ran after it failed
+# with NoSuchTransaction, and the client is told the first instead (router.py).
+FAILED: ContextVar[list[dict[str, Any]] | None] = ContextVar("mongobranch_failed",
+                                                             default=None)
+
+
+def _note(reply: dict[str, Any]) -> dict[str, Any]:
+    failed = FAILED.get()
+    if failed is not None and (not reply.get("ok") or reply.get("writeErrors")):
+        failed.append(reply)
+    return reply
+
+
 # A client's own session fields: in a transaction the engine's session sets its own.
 CLIENT_SESSION_FIELDS = ("lsid", "txnNumber", "autocommit", "startTransaction", "$clusterTime",
                          "readConcern", "writeConcern", "$db", "$readPreference")
@@ -92,14 +106,14 @@ def pooled(client: AsyncMongoClient[dict[str, Any]]) -> Runner:
         try:
             if session is not None:
                 cmd = {k: v for k, v in cmd.items() if k not in CLIENT_SESSION_FIELDS}
-                return await client[db].command(cmd, session=session)
+                return _note(await client[db].command(cmd, session=session))
             return await client[db].command(cmd)
         except OperationFailure as exc:
             details = dict(exc.details or {})
             details.setdefault("ok", 0.0)
             details.setdefault("errmsg", str(exc))
             details.setdefault("code", exc.code or 8)
-            return details
+            return _note(details) if session is not None else details
 
     return Runner(raw)
 

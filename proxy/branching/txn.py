@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -35,7 +36,7 @@ from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.runner import SESSION, outside_transaction
 from proxy.branching.wal import DELETE, PUT, Change
-from proxy.wire.codes import Code
+from proxy.wire.codes import Code, code_name
 
 if TYPE_CHECKING:
     from proxy.branching.engine import Engine
@@ -73,6 +74,24 @@ def transient(exc: CommandError) -> CommandError:
             and TRANSIENT not in exc.extra.get("errorLabels", []):
         exc.extra["errorLabels"] = [*exc.extra.get("errorLabels", []), TRANSIENT]
     return exc
+
+
+_OVERLAY = re.compile(r"__mb_[0-9a-f]+_[lh]_")
+
+
+def first_failure(failed: list[dict[str, Any]]) -> CommandError | None:
+    """The first error the upstream gave within a statement of a transaction (one that
+    ended it), as the client's error, naming the user's collections, not the overlays."""
+    if not failed:
+        return None
+    reply = failed[0]
+    if reply.get("writeErrors"):
+        reply = {**reply["writeErrors"][0], "ok": 0.0}
+    extra = {k: v for k, v in reply.items() if k in ("keyPattern", "keyValue", "errInfo",
+                                                     "errorLabels")}
+    code = int(reply.get("code", 8))
+    return CommandError(code, _OVERLAY.sub("", str(reply.get("errmsg", "command failed"))),
+                        code_name=str(reply.get("codeName") or code_name(code)), **extra)
 
 
 @dataclass(eq=False)
