@@ -401,3 +401,73 @@ def test_ids_hidden_before_or_within_the_transaction(setup: Any, db_name: str) -
         db.people.insert_one({"_id": 4, "n": "back twice"}, session=session)
     assert two[db_name].people.find_one({"_id": 3}) == {"_id": 3, "n": "again"}
     assert two[db_name].people.find_one({"_id": 4}) == {"_id": 4, "n": "back twice"}
+
+
+def test_unique_indexes_upserts_and_merged_reads_in_a_transaction(
+        direct: MongoClient, made: Branches, db_name: str) -> None:
+    """The rest of the write path inside a transaction: a unique secondary index checked
+    across base and branch, an upsert, findAndModify, and a sorted read of a collection
+    the branch changed before the transaction (merged from base and overlay)."""
+    base = direct[db_name]
+    base.people.insert_many([{"_id": i, "email": f"p{i}@x"} for i in range(5)])
+    base.people.create_index("email", unique=True)
+    branch = made.create()
+    one = made.client(branch)
+    db = one[db_name]
+    db.people.update_one({"_id": 0}, {"$set": {"email": "zero@x"}})
+    with one.start_session() as session:
+        session.start_transaction()
+        assert [d["_id"] for d in db.people.find({}, sort=[("email", -1)],
+                                                 session=session)] == [0, 4, 3, 2, 1]
+        with pytest.raises(OperationFailure) as info:
+            db.people.insert_one({"_id": 10, "email": "p3@x"}, session=session)
+        assert info.value.code == 11000 and info.value.details["keyValue"] == {"email": "p3@x"}
+    with one.start_session() as session, session.start_transaction():
+        db.people.update_one({"_id": 11}, {"$set": {"email": "new@x"}}, upsert=True,
+                             session=session)
+        got = db.people.find_one_and_update({"_id": 1}, {"$set": {"email": "one@x"}},
+                                            session=session, return_document=True)
+        assert got == {"_id": 1, "email": "one@x"}
+        assert db.people.count_documents({"email": {"$regex": "@x"}}, session=session) == 6
+    assert db.people.find_one({"_id": 11}) == {"_id": 11, "email": "new@x"}
+    assert db.people.find_one({"_id": 1}) == {"_id": 1, "email": "one@x"}
+    assert base.people.find_one({"_id": 1}) == {"_id": 1, "email": "p1@x"}
+    one.close()
+
+
+def test_main_changing_during_a_transaction(client: MongoClient, made: Branches, setup: Any,
+                                            db_name: str) -> None:
+    """Main's writes during a transaction on a child of main: the capture preserves them
+    for the branch once the transaction lets go of it; the transaction reads on from its
+    snapshot meanwhile (it waits neither for the capture nor for main's fence), and the
+    branch keeps its snapshot of main across the commit."""
+    branch, _, two = setup
+    one: MongoClient = MongoClient(branch["uri"], socketTimeoutMS=30000)
+    db = one[db_name]
+    main_done = threading.Event()
+
+    def main_writes() -> None:
+        client[db_name].people.update_one({"_id": 3}, {"$set": {"n": "main"}})
+        client[db_name].people.insert_one({"_id": 99})
+        main_done.set()
+
+    with one.start_session() as session:
+        session.start_transaction()
+        db.people.update_one({"_id": 1}, {"$set": {"n": "txn"}}, session=session)
+        writer = threading.Thread(target=main_writes)
+        writer.start()
+        # Main's writes are acknowledged before the capture preserves them, unless the
+        # capture trails by over a second (then they wait for it, so for the commit):
+        # either way the transaction goes on.
+        main_done.wait(20)
+        assert db.people.find_one({"_id": 3}, session=session) == {"_id": 3, "n": 3}
+        db.people.update_one({"_id": 4}, {"$set": {"n": "txn"}}, session=session)
+        assert db.people.find_one({"_id": 99}, session=session) is None
+        session.commit_transaction()
+    writer.join(60)
+    assert main_done.is_set()
+    assert client[db_name].people.find_one({"_id": 3}) == {"_id": 3, "n": "main"}
+    assert two[db_name].people.find_one({"_id": 3}) == {"_id": 3, "n": 3}
+    assert two[db_name].people.find_one({"_id": 99}) is None
+    assert [two[db_name].people.find_one({"_id": i})["n"] for i in (1, 4)] == ["txn", "txn"]
+    one.close()

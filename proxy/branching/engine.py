@@ -523,10 +523,10 @@ class Engine:
         same document and against everything else (locks.py)."""
         txn = CURRENT.get()
         if txn is not None and txn.branch.bid == branch.bid:
-            # A transaction holds the lock exclusively from its first write to its end.
+            # A transaction holds the lock exclusively from its first write to its end;
+            # its writes show nowhere before its commit, which holds the fence (txn.py).
             await self.txns.lock(txn)
-            async with self.fence(branch.bid).hold("w"):
-                yield
+            yield
             return
         lock = self.branch_lock(branch.bid)
         async with lock.exclusive() if point is None else lock.shared(point), \

@@ -215,12 +215,17 @@ class EngineRouter:
                                        f"Cannot run '{name}' in a multi-document transaction "
                                        f"on branch {branch.name!r}")
                 with txns.active(txn):
-                    async with self.engine.reading(self.engine.ancestors(branch),
-                                                   exact=name not in CURSOR_OPS):
-                        await hints.check(req)
-                        reply = await handler(req)
-                        if reply is None:  # what a branch forwards, run in the session
-                            reply = await req.run.reply(req.db, req.cmd)
+                    if txn.begun:
+                        # The upstream snapshot is set: no write of an ancestor (nor of
+                        # main, preserved by the capture) half-preserved can show in it,
+                        # and waiting for their fences or the capture here could wait
+                        # for this transaction's own lock (the capture's copy-up does).
+                        reply = await self._txn_statement(handler, req)
+                    else:
+                        async with self.engine.reading(self.engine.ancestors(branch),
+                                                       exact=name not in CURSOR_OPS):
+                            await txns.begin(txn)
+                            reply = await self._txn_statement(handler, req)
             except CommandError as exc:
                 await txns.abort_held(txn)
                 raise transient(first_failure(failed) or exc) from None
@@ -234,6 +239,14 @@ class EngineRouter:
             elif failed:  # an error the handler got past: the upstream transaction is over
                 await txns.abort_held(txn)
                 raise transient(first_failure(failed) or no_such("transaction aborted"))
+        return reply
+
+    @staticmethod
+    async def _txn_statement(handler: Handler, req: Request) -> dict[str, Any]:
+        await hints.check(req)
+        reply = await handler(req)
+        if reply is None:  # what a branch forwards, run in the session
+            reply = await req.run.reply(req.db, req.cmd)
         return reply
 
     def _checked_read(self, name: str, cmd: dict[str, Any]) -> bool:

@@ -112,6 +112,9 @@ class Txn:
     new: set[str] = field(default_factory=set)
     expiry: asyncio.Task[None] | None = None
     ended: bool = False
+    # Whether a statement ran: the first one sets the upstream snapshot, under the
+    # fences of the branch's ancestors (router.py); the later ones read that snapshot.
+    begun: bool = False
     # The first change of each document the transaction changed, (ns, idkey) -> change:
     # what its children must keep, copied up into them at the commit.
     pending: dict[tuple[str, Any], Change] = field(default_factory=dict)
@@ -197,7 +200,9 @@ class Transactions:
         await asyncio.sleep(self.lifetime)
         log.info("aborting a transaction on branch %s open for over %.0f s",
                  txn.branch.name, self.lifetime)
-        await self.abort(txn)
+        # Without its mutex: a statement of it may be stuck waiting (for the branch's
+        # lock, or for what waits for that lock); it fails once the session is gone.
+        await self.abort_held(txn)
 
     @contextlib.contextmanager
     def active(self, txn: Txn) -> Iterator[None]:
@@ -209,6 +214,15 @@ class Transactions:
         finally:
             CURRENT.reset(txn_token)
             SESSION.reset(session_token)
+
+    async def begin(self, txn: Txn) -> None:
+        """Sets the upstream transaction's snapshot now, with one small read in it: the
+        caller holds the fences that keep half-preserved writes out of it, which the
+        transaction's later statements do not take."""
+        await self.engine.pool(self.engine.meta_db, {
+            "find": "branches", "filter": {}, "projection": {"_id": 1}, "limit": 1,
+            "singleBatch": True})
+        txn.begun = True
 
     async def lock(self, txn: Txn) -> None:
         """The branch's write lock for the rest of the transaction (its first write)."""
@@ -225,6 +239,9 @@ class Transactions:
                 f":: Please retry your operation or multi-document transaction (branch "
                 f"{txn.branch.name!r} is being written)",
                 errorLabels=[TRANSIENT]) from None
+        if txn.ended:  # expired while it waited
+            await stack.aclose()
+            raise no_such(f"Transaction with txnNumber {txn.key[1]} has been aborted")
         txn.held = stack
 
     def set_aside(self, state: NsState) -> None:
