@@ -471,3 +471,22 @@ def test_main_changing_during_a_transaction(client: MongoClient, made: Branches,
     assert two[db_name].people.find_one({"_id": 99}) is None
     assert [two[db_name].people.find_one({"_id": i})["n"] for i in (1, 4)] == ["txn", "txn"]
     one.close()
+
+
+def test_a_transaction_reads_its_snapshot(setup: Any, db_name: str) -> None:
+    """What other clients commit on the branch after a transaction's first statement
+    stays out of its reads (the engine's cached hidden ids are newer than its snapshot:
+    inside it the hidden sets are read on the server, in the snapshot)."""
+    _, one, two = setup
+    db = one[db_name]
+    db.people.update_one({"_id": 0}, {"$set": {"n": "before"}})  # a changed collection
+    with one.start_session() as session:
+        session.start_transaction(read_concern=ReadConcern("snapshot"))
+        assert db.people.count_documents({}, session=session) == 5
+        two[db_name].people.delete_one({"_id": 3})
+        two[db_name].people.update_one({"_id": 4}, {"$set": {"n": "other"}})
+        assert db.people.find_one({"_id": 3}, session=session) == {"_id": 3, "n": 3}
+        assert [d["n"] for d in db.people.find({}, sort=[("_id", 1)], session=session)] \
+            == ["before", 1, 2, 3, 4]
+        assert db.people.count_documents({}, session=session) == 5
+        session.abort_transaction()

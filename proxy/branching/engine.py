@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime as dt
 import logging
 import secrets
@@ -451,6 +452,12 @@ class Engine:
                 out.append(state)
                 if state.detached:
                     break  # nothing above shows through (snapshot.freeze)
+        if SESSION.get() is not None:
+            # In a transaction the hidden sets are read in its snapshot, on the server:
+            # the caches hold what was committed since (txn.py).
+            out = [copy.copy(state) for state in out]
+            for state in out:
+                state.hidden_ids = None
         return out
 
     async def ensure_state(self, branch: Branch, db: str, coll: str, run: Runner) -> NsState:
