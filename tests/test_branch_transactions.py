@@ -490,3 +490,25 @@ def test_a_transaction_reads_its_snapshot(setup: Any, db_name: str) -> None:
             == ["before", 1, 2, 3, 4]
         assert db.people.count_documents({}, session=session) == 5
         session.abort_transaction()
+
+
+def test_a_collection_a_transaction_creates(setup: Any, db_name: str) -> None:
+    """A collection a transaction's write creates exists for other clients once it
+    commits, and never when it aborts; inside, the transaction reads what it wrote."""
+    _, one, two = setup
+    db = one[db_name]
+    with one.start_session() as session:
+        session.start_transaction()
+        db.fresh.insert_one({"_id": 1}, session=session)
+        assert db.fresh.find_one({}, session=session) == {"_id": 1}
+        assert "fresh" not in two[db_name].list_collection_names()
+        session.commit_transaction()
+        assert "fresh" in two[db_name].list_collection_names()
+        session.start_transaction()
+        db.gone.insert_one({"_id": 1}, session=session)
+        session.abort_transaction()
+    assert "gone" not in two[db_name].list_collection_names()
+    assert two[db_name].gone.find_one() is None
+    db.gone.insert_one({"_id": 2})  # the branch still creates it outside a transaction
+    assert sorted(two[db_name].list_collection_names()) == ["fresh", "gone", "orders",
+                                                            "people"]

@@ -388,14 +388,13 @@ async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: s
         with outside_transaction():
             await snapshot.before_collection_write(engine, branch, db, coll)
         # In a transaction (txn.py) a new overlay is created in it (an abort leaves no
-        # overlay behind), and `present` changes with it; the dirty marker changes no
-        # view and is set outside it.
+        # overlay behind), and the collection exists once it commits; the dirty marker
+        # changes no view and is set outside it.
         state = await engine.ensure_state(branch, db, coll, runner)
         with outside_transaction():
             await engine.mark_dirty(state)
         engine.txns.set_aside(state)
-        if state.present is not True:
-            engine.txns.creating(state)
+        if state.present is not True and not await engine.txns.creating(state):
             state.present = True
             await engine.save_state(state)
     return Writer(engine, branch, runner, db, coll, state, cmd, client)

@@ -106,8 +106,8 @@ class Txn:
     # Overlay states whose hidden-id caches are set aside while the transaction runs:
     # other clients must not see its hidden ids before it commits (NsState.hidden_ids).
     states: dict[str, NsState] = field(default_factory=dict)
-    # `present` of collections the transaction's writes create, as before it.
-    present: dict[str, tuple[NsState, bool | None]] = field(default_factory=dict)
+    # Collections the transaction's writes create on the branch (by NsState key).
+    present: dict[str, NsState] = field(default_factory=dict)
     # Overlays (NsState keys) the transaction created: an abort removes them.
     new: set[str] = field(default_factory=set)
     expiry: asyncio.Task[None] | None = None
@@ -259,11 +259,19 @@ class Transactions:
         if txn is not None and SESSION.get() is not None:
             txn.new.add(state.key)
 
-    def creating(self, state: NsState) -> None:
-        """The transaction makes this collection exist on the branch; an abort undoes it."""
+    async def creating(self, state: NsState) -> bool:
+        """In a transaction, a write makes this collection exist on the branch: in its
+        namespace state upstream now, in the engine's memory (which other clients'
+        listCollections read) once it commits. False outside a transaction."""
         txn = CURRENT.get()
-        if txn is not None and state.key not in txn.present:
-            txn.present[state.key] = (state, state.present)
+        if txn is None:
+            return False
+        if state.key not in txn.present:
+            await self.engine.meta["namespaces"].replace_one(
+                {"_id": state.key}, {**state.to_doc(), "present": True}, upsert=True,
+                session=SESSION.get())
+            txn.present[state.key] = state
+        return True
 
     async def commit(self, key: Key) -> None:
         txn = self.open.get(key[0])
@@ -365,10 +373,11 @@ class Transactions:
             txn.expiry.cancel()
         try:
             with outside_transaction():
-                if outcome != "committed":
+                if outcome == "committed":
+                    for state in txn.present.values():
+                        state.present = True
+                else:
                     # The upstream rolled their documents back; the engine's memory too.
-                    for state, before in txn.present.values():
-                        state.present = before
                     for key in txn.new:
                         self.engine.states.pop(key, None)
                         txn.states.pop(key, None)
