@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mongobranch.txn")
 
 TRANSIENT = "TransientTransactionError"
+UNKNOWN_COMMIT = "UnknownTransactionCommitResult"
 # mongod's transactionLifetimeLimitSeconds: a transaction left open this long is aborted.
 LIFETIME = 60.0
 # How long a transaction's first write waits for the branch's write lock before it fails
@@ -291,8 +292,9 @@ class Transactions:
                 await self._end(txn, "aborted")
                 raise transient(exc) from None
             except OperationFailure as exc:
-                await self._end(txn, "aborted")
                 details = dict(exc.details or {})
+                if not exc.has_error_label(UNKNOWN_COMMIT):
+                    await self._end(txn, "aborted")
                 labels = list(details.get("errorLabels", [])) or (
                     [TRANSIENT] if exc.code in (Code.WRITE_CONFLICT,
                                                 Code.NO_SUCH_TRANSACTION) else [])
@@ -300,9 +302,10 @@ class Transactions:
                                    code_name=str(details.get("codeName", "UnknownError")),
                                    **({"errorLabels": labels} if labels else {})) from None
             except PyMongoError as exc:
-                await self._end(txn, "aborted")
+                # The commit may have landed: the transaction stays open, and the
+                # client's retried commit commits the session again (pymongo allows it).
                 raise CommandError(Code.HOST_UNREACHABLE, f"commit failed: {exc}",
-                                   errorLabels=[TRANSIENT]) from None
+                                   errorLabels=[UNKNOWN_COMMIT]) from None
             await self._end(txn, "committed")
 
     async def _commit(self, txn: Txn) -> None:
@@ -352,14 +355,17 @@ class Transactions:
         if txn.ended:
             return
         try:
-            await txn.session.abort_transaction()  # pymongo ignores the server's errors
+            # pymongo ignores the server's errors; an aborted transaction is gone anyway.
+            with contextlib.suppress(PyMongoError):
+                await txn.session.abort_transaction()
         finally:
             await self._end(txn, "aborted")
 
     async def abort_branch(self, branch: Branch) -> None:
-        """Abort the branch's open transactions (it is being dropped)."""
+        """Abort the branch's open transactions (it is being dropped), without waiting
+        for a statement of one that is stuck (as the expiry)."""
         for txn in [t for t in self.open.values() if t.branch.bid == branch.bid]:
-            await self.abort(txn)
+            await self.abort_held(txn)
 
     async def _end(self, txn: Txn, outcome: str) -> None:
         """Forget the transaction; put back what other clients may trust again."""
