@@ -512,3 +512,33 @@ def test_a_collection_a_transaction_creates(setup: Any, db_name: str) -> None:
     db.gone.insert_one({"_id": 2})  # the branch still creates it outside a transaction
     assert sorted(two[db_name].list_collection_names()) == ["fresh", "gone", "orders",
                                                             "people"]
+
+
+def test_a_commit_of_unknown_outcome_is_retried() -> None:
+    """The upstream drops the engine's connection on commitTransaction twice (pymongo's
+    own retry included): the client hears UnknownTransactionCommitResult, its driver
+    retries the commit, and the transaction, still open, commits once."""
+    server = Secantus(extra=["--enable-test-commands"]).start()
+    proc = ProxyProcess(server.uri, meta_db="mb_txn_commit").start()
+    try:
+        with branches(proc) as made, MongoClient(server.uri, directConnection=True) as up:
+            up.appdb.people.insert_one({"_id": 0})
+            branch = made.create()
+            one = made.client(branch)
+            session = one.start_session()
+            session.start_transaction()
+            one.appdb.people.insert_one({"_id": 1}, session=session)
+            one.appdb.orders.insert_one({"_id": 1}, session=session)
+            up.admin.command("configureFailPoint", "failCommand", mode={"times": 2},
+                             data={"failCommands": ["commitTransaction"],
+                                   "closeConnection": True})
+            session.commit_transaction()  # the driver retries once: that one lands
+            assert one.appdb.people.find_one({"_id": 1}) == {"_id": 1}
+            assert one.appdb.orders.find_one({"_id": 1}) == {"_id": 1}
+            assert len(entries(proc, branch["name"])) == 2
+            assert up.appdb.people.count_documents({}) == 1
+            session.end_session()
+            one.close()
+    finally:
+        proc.stop()
+        server.stop()

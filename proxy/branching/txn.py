@@ -298,14 +298,18 @@ class Transactions:
                 labels = list(details.get("errorLabels", [])) or (
                     [TRANSIENT] if exc.code in (Code.WRITE_CONFLICT,
                                                 Code.NO_SUCH_TRANSACTION) else [])
+                if exc.has_error_label(UNKNOWN_COMMIT) and UNKNOWN_COMMIT not in labels:
+                    labels.append(UNKNOWN_COMMIT)  # pymongo's, not in the reply
                 raise CommandError(int(exc.code or 8), str(details.get("errmsg", exc)),
                                    code_name=str(details.get("codeName", "UnknownError")),
                                    **({"errorLabels": labels} if labels else {})) from None
             except PyMongoError as exc:
                 # The commit may have landed: the transaction stays open, and the
                 # client's retried commit commits the session again (pymongo allows it).
+                # RetryableWriteError, as mongos labels it, is what makes a driver retry.
                 raise CommandError(Code.HOST_UNREACHABLE, f"commit failed: {exc}",
-                                   errorLabels=[UNKNOWN_COMMIT]) from None
+                                   errorLabels=["RetryableWriteError", UNKNOWN_COMMIT]
+                                   ) from None
             await self._end(txn, "committed")
 
     async def _commit(self, txn: Txn) -> None:
