@@ -314,3 +314,18 @@ def test_anonymous_clients_and_the_uri_user(upstream: Secantus, feat: dict[str, 
                     c.admin.command({"dropBranch": "anonb"})
     finally:
         proc.stop()
+
+
+def test_watching_a_branch_needs_what_reading_it_needs(feat: dict[str, Any]) -> None:
+    """A branch's change streams read the WAL with the proxy's credentials: the client
+    must be allowed to read what it watches, as the upstream judges."""
+    with connect(feat["port"], "outsider") as b:
+        refused(b.app.items.watch)
+        refused(b.app.watch)
+        refused(b.watch)
+    with connect(feat["port"], "reader") as b, connect(feat["port"], "brancher") as w:
+        refused(b.watch)  # the whole branch: every database
+        with b.app.items.watch(max_await_time_ms=200) as stream:
+            w.app.items.insert_one({"_id": "watched"})
+            assert stream.next()["documentKey"] == {"_id": "watched"}
+        w.app.items.delete_one({"_id": "watched"})

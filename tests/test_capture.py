@@ -64,6 +64,47 @@ def test_a_branch_of_main_at_a_past_point(proxy: ProxyProcess, client: MongoClie
     assert "mongobranch_capture_lag_seconds " in scraped
 
 
+def test_merging_a_branch_of_main_at_a_past_point_judges_conflicts_against_main_now(
+        proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
+        db_name: str) -> None:
+    """A branch of main at a past point records main's images as they were when it was
+    made (what it hides): merged back with no change on main since, it returns main to
+    that point without conflict; a document main changed after the branch was made is a
+    conflict, whoever changed it."""
+    items = client[db_name].items
+    items.insert_many([{"_id": i, "v": i} for i in range(20)])
+    made.create()
+    status, log = proxy.api("GET", "/branches/main/log?limit=1")
+    assert status == 200 and isinstance(log, dict)
+    point = log["entries"][0]["lsn"]
+    then = contents(client, db_name)
+    made.cleanup()
+    items.update_many({"_id": {"$lt": 5}}, {"$set": {"v": "later"}})
+    items.delete_many({"_id": {"$gte": 15}})
+    direct[db_name].items.update_one({"_id": 7}, {"$set": {"v": "behind"}})
+
+    past = made.create(**{"from": "main", "at": point})
+    status, body = proxy.api("POST", f"/branches/{past['name']}/merge",
+                             {"strategy": "abort", "dry_run": True})
+    assert status == 200 and isinstance(body, dict), body
+    assert body["conflicts"] == [], body
+
+    # Main changes two of the documents the branch restores, one through each path.
+    items.update_one({"_id": 0}, {"$set": {"v": "after the branch"}})
+    direct[db_name].items.insert_one({"_id": 15, "v": "back, differently"})
+    status, body = proxy.api("POST", f"/branches/{past['name']}/merge",
+                             {"strategy": "abort", "dry_run": True})
+    assert status in (200, 409) and isinstance(body, dict), body
+    assert sorted(repr(c["_id"]) for c in body["conflicts"]) == ["0", "15"], body
+
+    items.update_one({"_id": 0}, {"$set": {"v": "later"}})
+    items.delete_one({"_id": 15})
+    status, body = proxy.api("POST", f"/branches/{past['name']}/merge",
+                             {"strategy": "abort", "force": True})
+    assert status == 200 and isinstance(body, dict), body
+    assert contents(client, db_name) == then
+
+
 def again(proxy: ProxyProcess) -> ProxyProcess:
     """The same proxy started again: same upstream, metadata database and ports."""
     return ProxyProcess(proxy.upstream, meta_db=proxy.meta_db, port=proxy.port,

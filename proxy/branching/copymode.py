@@ -25,6 +25,10 @@ from proxy.branching.runner import Runner
 from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, Change, image, matching
 from proxy.wire.bsonutil import same
 
+# The client app of the entries a migration to WAL mode logs: the branch re-logged as
+# it is, no change of its own (a change stream skips them, commands/changestream.py).
+MIGRATION = "mongobranch-migrate"
+
 COPY = "copy"
 WAL = "wal"
 SYSTEM_DBS = frozenset({"admin", "local", "config"})
@@ -205,7 +209,7 @@ async def _to_wal(engine: Engine, branch: Branch) -> int:
     branch shows does not change, so its children keep nothing (snapshot.py)."""
     pool = engine.pool
     count = 0
-    identity = {"app": "mongobranch-migrate"}
+    identity = {"app": MIGRATION}
     for state in [s for s in engine.states.values() if s.bid == branch.bid]:
         ns = f"{state.db}.{state.coll}"
         if await replaced(engine, branch, state) or not state.base_dropped:

@@ -14,7 +14,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import bson
 from bson.int64 import Int64
@@ -122,13 +122,31 @@ class MergedCursor:
                 side.cursor_id = 0
 
 
+class Held(Protocol):
+    """A cursor the proxy holds: a merged find here, or a branch's change stream
+    (commands/changestream.py)."""
+
+    id: int
+    used: float
+
+    @property
+    def ns(self) -> str: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    async def batch(self, run: Runner, size: int | None) -> list[dict[str, Any]]: ...
+
+    async def close(self, run: Runner) -> None: ...
+
+
 class CursorTable:
     """The proxy's own cursors; getMore and killCursors for these ids stop here."""
 
     def __init__(self) -> None:
-        self._cursors: dict[int, MergedCursor] = {}
+        self._cursors: dict[int, Held] = {}
 
-    def add(self, cursor: MergedCursor) -> int:
+    def add(self, cursor: Held) -> int:
         now = time.monotonic()
         for stale in [c for c in self._cursors.values() if now - c.used > IDLE_TIMEOUT]:
             self._cursors.pop(stale.id, None)
@@ -136,10 +154,10 @@ class CursorTable:
         self._cursors[cursor.id] = cursor
         return cursor.id
 
-    def get(self, cursor_id: Any) -> MergedCursor | None:
+    def get(self, cursor_id: Any) -> Held | None:
         return self._cursors.get(cursor_id) if isinstance(cursor_id, int) else None
 
-    def pop(self, cursor_id: int) -> MergedCursor | None:
+    def pop(self, cursor_id: int) -> Held | None:
         return self._cursors.pop(cursor_id, None)
 
 
@@ -189,6 +207,7 @@ async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ..
     limit = abs(int(cmd.get("limit") or 0)) or None
     cursor = MergedCursor(db, coll, sides, [int(v) for v in sort.values()] or None, skip, limit,
                           cmd.get("lsid"))
+    subs = []
     for side in sides:
         hidden = sum(len(ids) for ids in side.hidden)
         sub: dict[str, Any] = {"find": side.coll, "filter": cmd.get("filter") or {}}
@@ -204,10 +223,13 @@ async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ..
                 sub[key] = cmd[key]
         if side.coll == coll and "hint" in cmd:
             sub["hint"] = cmd["hint"]
-        reply = await run.reply(db, sub)
-        if not reply.get("ok"):
-            await cursor.close(run)
-            return None
-        side.cursor_id = reply["cursor"]["id"]
-        side.accept(reply["cursor"]["firstBatch"])
+        subs.append(sub)
+    replies = await run.replies(db, subs)
+    for side, reply in zip(sides, replies, strict=True):
+        if reply.get("ok"):
+            side.cursor_id = reply["cursor"]["id"]
+            side.accept(reply["cursor"]["firstBatch"])
+    if not all(reply.get("ok") for reply in replies):
+        await cursor.close(run)
+        return None
     return cursor

@@ -296,8 +296,12 @@ class Writer:
                 out[idkey(d["_id"])] = d
         return out
 
-    async def record_puts(self, pres: list[dict[str, Any]], copied: list[Any]) -> None:
-        """Log what changed between pre-images and the overlay now; undo idle copies."""
+    async def record_puts(self, pres: list[dict[str, Any]], copied: list[Any],
+                          update: Any = None) -> None:
+        """Log what changed between pre-images and the overlay now; undo idle copies.
+        Entries of a replacement document are marked `rep`: a branch's change stream
+        reports them as replace events, not updates (commands/changestream.py)."""
+        extra = {"rep": True} if replacement(update) else None
         posts = await self.live_docs([d["_id"] for d in pres])
         copied_keys = {idkey(i) for i in copied}
         idle = []
@@ -310,7 +314,7 @@ class Writer:
                 if key in copied_keys:
                     idle.append(pre["_id"])
                 continue
-            self.changes.append(Change(self.ns, pre["_id"], PUT, pre, post))
+            self.changes.append(Change(self.ns, pre["_id"], PUT, pre, post, extra))
         await self.uncopy(idle)
 
     async def flush(self) -> None:
@@ -355,6 +359,12 @@ class Writer:
         self.changes.clear()
         self.engine.remember(self.txn, reply)
         return reply
+
+
+def replacement(update: Any) -> bool:
+    """Whether an update statement's `u` is a replacement document (no operators, not a
+    pipeline)."""
+    return isinstance(update, dict) and not any(str(k).startswith("$") for k in update)
 
 
 def unmask(reply: dict[str, Any], state: NsState, coll: str) -> dict[str, Any]:

@@ -421,7 +421,9 @@ def rewrite(pipeline: Pipeline, layers_of: LayersOf, branch: str) -> Pipeline:
                 raise not_supported("$graphLookup from a collection the branch changed", branch)
             out.append({"$graphLookup": {**spec, "from": top}})
         elif name in ("$changeStream", "$changeStreamSplitLargeEvent"):
-            raise not_supported("change streams", branch)
+            # A leading $changeStream never gets here (commands/changestream.py).
+            raise CommandError(Code.CHANGE_STREAM_NOT_FIRST,
+                               f"{name} is only valid as the first stage in a pipeline")
         elif name == "$merge" and stage is not pipeline[-1]:
             raise CommandError(Code.MERGE_NOT_LAST, "$merge can only be the final stage "
                                "in the pipeline")

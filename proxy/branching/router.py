@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import time
 from typing import Any
 
 from proxy.branching import audit, authz
+from proxy.branching.capture import now_of
 from proxy.branching.commands import (
     admin,
     aggregate,
     bulkwrite,
     catalog,
+    changestream,
     ddl,
     hints,
     mainwrite,
@@ -169,13 +171,16 @@ class EngineRouter:
             raise not_supported(f"command {name!r}", self.branch or "main")
         if name not in READS:
             await ctx.authenticated_user()  # the WAL and the audit name who did it
-        req = Request(self.engine, branch, ctx, Runner(ctx.upstream_command), db, cmd)
+        req = Request(self.engine, branch, ctx,
+                      Runner(ctx.upstream_command, ctx.upstream_commands), db, cmd)
         if name in audit.WIRE_OPS:
             return await self._audited(name, ctx, handler, req)
         if branch is None or name in ADMIN or name in TXN_END:
             return await handler(req)
         if in_transaction(cmd):
             return await self._in_transaction(ctx, branch, name, handler, req)
+        if name == "getMore" and changestream.held(req):
+            return await handler(req)  # a change stream reads only the WAL
         # What the branch reads through must not change under it half-preserved
         # (snapshot.py); admin commands take what they need themselves. A read is
         # checked against the capture after it ran (and run again in the rare case it
@@ -267,14 +272,19 @@ class EngineRouter:
         root = self.engine.chain(branch)[-1].bid
         for _ in range(READ_ATTEMPTS):
             since = capture.generation.get(root, 0)
-            # The upstream's time, asked beside the read: at least that of every write
-            # acknowledged before the read began (a reply's own operationTime is not:
-            # SecantusDB may stamp a read before a write it already sees).
-            clock = asyncio.ensure_future(capture.clock())
-            try:
-                reply = await handler(req)
-            finally:
-                at = await clock
+            # The upstream's time once the read's last command had run: at least that of
+            # every write the answer shows, and of every write acknowledged before the
+            # read began. A ping pipelined behind each of the read's commands gives it
+            # (a reply's own operationTime does not: SecantusDB may stamp a read before
+            # a write it already sees); a read that sent nothing asks afterwards.
+            run = req.run.clocked()
+            reply = await handler(dataclasses.replace(req, run=run))
+            if reply is None:
+                # A pass-through read: sent here rather than forwarded after, so that the
+                # ping follows it.
+                reply = await run.reply(req.db, {k: v for k, v in req.cmd.items()
+                                                 if k != "$db"})
+            at = now_of(run.after) if run.after is not None else await capture.clock()
             if await capture.checked(root, since, at):
                 return reply
             await self._discard(req, reply)

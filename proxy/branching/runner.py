@@ -16,20 +16,46 @@ from pymongo.errors import OperationFailure
 from proxy.wire.errors import CommandError
 
 RawRun = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+Pipelined = Callable[..., Awaitable[list[dict[str, Any]]]]
+_PING = {"ping": 1}
 
 
 class Runner:
     """Runs commands and raises CommandError for ok: 0 replies, as mongod phrased them."""
 
-    def __init__(self, raw: RawRun):
+    def __init__(self, raw: RawRun, pipelined: Pipelined | None = None, *,
+                 clocked: bool = False):
         self.raw = raw
+        self.pipelined = pipelined
+        self._clocked = clocked and pipelined is not None
+        # The reply to the `ping` sent right behind the latest command (clocked()).
+        self.after: dict[str, Any] | None = None
+
+    def clocked(self) -> Runner:
+        """A runner whose every exchange is followed, in the same write, by a `ping`:
+        the latest ping's reply (`after`) states the upstream's time once that exchange
+        had run, hence at least that of every write its answer shows, at no extra round
+        trip. Without pipelining, a runner that sends nothing more."""
+        return Runner(self.raw, self.pipelined, clocked=True)
+
+    async def replies(self, db: str, cmds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The replies, ok: 0 included, to commands sent together: pipelined in one
+        write where the connection allows it, so they cost one round trip."""
+        if self._clocked:
+            assert self.pipelined is not None
+            *replies, self.after = await self.pipelined(*((db, cmd) for cmd in cmds),
+                                                        ("admin", _PING))
+            return replies
+        if self.pipelined is not None and len(cmds) > 1:
+            return await self.pipelined(*((db, cmd) for cmd in cmds))
+        return [await self.raw(db, cmd) for cmd in cmds]
 
     async def reply(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
         """The reply as the server sent it, ok: 0 included."""
-        return await self.raw(db, cmd)
+        return (await self.replies(db, [cmd]))[0]
 
     async def __call__(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
-        reply = await self.raw(db, cmd)
+        reply = await self.reply(db, cmd)
         if not reply.get("ok"):
             raise error_from(reply)
         return reply
@@ -55,7 +81,7 @@ class Runner:
                     yield reply["cursor"]["nextBatch"]
         finally:
             if cursor_id:
-                await self.raw(db, {"killCursors": coll, "cursors": [cursor_id]})
+                await self.reply(db, {"killCursors": coll, "cursors": [cursor_id]})
 
 def error_from(reply: dict[str, Any]) -> CommandError:
     extra = {k: v for k, v in reply.items()
@@ -130,6 +156,10 @@ class SystemContext:
     client_authenticated: bool = False
 
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("system requests run on the engine's pool")
+
+    async def upstream_commands(self, *requests: tuple[str, dict[str, Any]]
+                                ) -> list[dict[str, Any]]:
         raise RuntimeError("system requests run on the engine's pool")
 
     @property

@@ -16,6 +16,7 @@ import bson
 import zstandard
 from bson.binary import Binary
 from bson.int64 import Int64
+from bson.timestamp import Timestamp
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import BulkWriteError, DocumentTooLarge
 
@@ -109,6 +110,14 @@ class Wal:
         self._next = 0
         self._end = 0
         self._issued: int | None = None
+        # First LSNs of the appends under way: an entry above the lowest of them may be
+        # stored before a lower one (writes on different documents of a branch run side
+        # by side), so readers that follow the log stop below it (settled()).
+        self._inflight: set[int] = set()
+        # The newest LSN appended per branch, and an event replaced at every append:
+        # change streams (commands/changestream.py) sleep on it instead of polling.
+        self.last: dict[str, int] = {}
+        self._appended = asyncio.Event()
 
     async def init(self) -> None:
         await self.entries.create_index([("b", ASCENDING), ("ns", ASCENDING), ("_id", ASCENDING)])
@@ -142,6 +151,17 @@ class Wal:
         doc = await self.counters.find_one({"_id": "lsn"})
         return int(doc["v"]) if doc else 0
 
+    def settled(self) -> int | None:
+        """The LSN every entry at or below which is stored (None: nothing appended since
+        start; current() then is)."""
+        if self._inflight:
+            return min(self._inflight) - 1
+        return self._issued
+
+    def tick(self) -> asyncio.Event:
+        """Set at the next append's end: take it before looking at the log, then wait."""
+        return self._appended
+
     async def append(self, bid: str, changes: list[Change], client: dict[str, Any],
                      txn: dict[str, Any] | None = None,
                      reply: dict[str, Any] | None = None) -> int:
@@ -162,12 +182,32 @@ class Wal:
             return 0
         first = await self.reserve(total)
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        self._inflight.add(first)
+        try:
+            return await self._append(first, total, now, groups, client, txn, reply)
+        finally:
+            self._inflight.discard(first)
+            for bid, changes in groups:
+                if changes:
+                    self.last[bid] = max(self.last.get(bid, 0), first + total - 1)
+            self._appended.set()
+            self._appended = asyncio.Event()
+
+    async def _append(self, first: int, total: int, now: dt.datetime,
+                      groups: list[tuple[str, list[Change]]], client: dict[str, Any],
+                      txn: dict[str, Any] | None, reply: dict[str, Any] | None) -> int:
+        # A cluster time of the entry's own (a captured change brings the upstream's in
+        # its extra): the second it was logged, then its LSN, so that times order as
+        # LSNs do; a branch's change stream reports it as the event's clusterTime.
+        second = int(now.replace(tzinfo=dt.UTC).timestamp())
         docs: list[dict[str, Any]] = []
         for bid, changes in groups:
             for change in changes:
                 doc: dict[str, Any] = {"_id": Int64(first + len(docs)), "b": bid,
                                        "ns": change.ns, "id": change.id, "op": change.op,
-                                       "ts": now, "client": client}
+                                       "ts": now, "client": client,
+                                       "ct": Timestamp(second,
+                                                       (first + len(docs)) & 0xFFFFFFFF)}
                 if change.pre is not None:
                     doc["pre"] = change.pre
                 if change.post is not None:

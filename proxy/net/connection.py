@@ -219,18 +219,23 @@ class ClientConnection(MessageProtocol):
 
     # -- the Context protocol the routers use -----------------------------------
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
+        return (await self.upstream_commands((db, body)))[0]
+
+    async def upstream_commands(self, *requests: tuple[str, dict[str, Any]]
+                                ) -> list[dict[str, Any]]:
         await self.ensure_upstream()
         try:
-            reply = await self.upstream.command(db, body)
+            replies = await self.upstream.commands(*requests)
         except UpstreamUnavailable:
             metrics.UPSTREAM_ERRORS.inc()
             raise
-        if "operationTime" in reply or "$clusterTime" in reply:
-            gossip = {key: reply[key] for key in _GOSSIP if key in reply}
-            self._gossip = gossip
-            _latest_gossip.clear()
-            _latest_gossip.update(gossip)
-        return reply
+        for reply in replies:
+            if "operationTime" in reply or "$clusterTime" in reply:
+                gossip = {key: reply[key] for key in _GOSSIP if key in reply}
+                self._gossip = gossip
+                _latest_gossip.clear()
+                _latest_gossip.update(gossip)
+        return replies
 
     @property
     def gossip(self) -> dict[str, Any]:

@@ -21,6 +21,11 @@ class Context(Protocol):
         """Run a command on this client's own upstream connection."""
         ...
 
+    async def upstream_commands(self, *requests: tuple[str, dict[str, Any]]
+                                ) -> list[dict[str, Any]]:
+        """Run commands pipelined on this client's own upstream connection, in order."""
+        ...
+
     @property
     def gossip(self) -> dict[str, Any]:
         """The `$clusterTime` and `operationTime` of the latest upstream reply this

@@ -538,16 +538,39 @@ class UpstreamConnection:
                 f"upstream did not answer {next(iter(body), '?')} within {timeout:g}s "
                 "(socketTimeoutMS)") from exc
 
-    async def _command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
-        frame = opmsg.build({**body, "$db": db}, request_id=next_request_id())
-        async with self._lock:  # one command at a time on the connection
-            await self.send(frame.to_bytes())
-            reply = await self.receive()
-        if reply.op_code != OP_MSG:
-            self.close()
-            raise UpstreamUnavailable(f"unexpected reply opcode {reply.op_code}")
+    async def commands(self, *requests: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run several commands pipelined, in one write, and decode their replies in
+        order: the server runs them one after the other on this connection, so the last
+        one's reply reflects everything the earlier ones saw, for no extra round trip."""
+        timeout = self.config.socket_timeout
+        if timeout is None:
+            return await self._commands(requests)
         try:
-            return decode(opmsg.body_bytes(reply))
-        except ProtocolError as exc:
+            return await asyncio.wait_for(self._commands(requests), timeout)
+        except TimeoutError as exc:
             self.close()
-            raise UpstreamUnavailable(f"unreadable reply from upstream: {exc}") from exc
+            raise UpstreamUnavailable(
+                f"upstream did not answer {next(iter(requests[0][1]), '?')} within "
+                f"{timeout:g}s (socketTimeoutMS)") from exc
+
+    async def _command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
+        return (await self._commands(((db, body),)))[0]
+
+    async def _commands(self, requests: tuple[tuple[str, dict[str, Any]], ...]
+                        ) -> list[dict[str, Any]]:
+        data = b"".join(opmsg.build({**body, "$db": db}, request_id=next_request_id()).to_bytes()
+                        for db, body in requests)
+        async with self._lock:  # one exchange at a time on the connection
+            await self.send(data)
+            replies = [await self.receive() for _ in requests]
+        out = []
+        for reply in replies:
+            if reply.op_code != OP_MSG:
+                self.close()
+                raise UpstreamUnavailable(f"unexpected reply opcode {reply.op_code}")
+            try:
+                out.append(decode(opmsg.body_bytes(reply)))
+            except ProtocolError as exc:
+                self.close()
+                raise UpstreamUnavailable(f"unreadable reply from upstream: {exc}") from exc
+        return out

@@ -9,7 +9,7 @@ import secrets
 from typing import Any
 
 from proxy.branching import cursormerge, overlay, planner, snapshot
-from proxy.branching.commands import write
+from proxy.branching.commands import changestream, write
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.planner import PlanKind
@@ -30,49 +30,56 @@ def _out_target(req: Request, pipeline: Pipeline) -> tuple[str, str] | None:
     raise CommandError(Code.OUT_NEEDS_A_COLLECTION, "$out needs a collection name")
 
 
-async def _first_batch(req: Request, coll: str, find: dict[str, Any]) -> list[Any] | None:
-    """The whole result when it fits one batch (None: the upstream refused the find, or
-    it needs more than one batch, large documents not the few a probe is for)."""
-    reply = await req.run.reply(req.db, find)
-    if not reply.get("ok"):
-        return None
-    batch, cursor_id = reply["cursor"]["firstBatch"], reply["cursor"]["id"]
-    if cursor_id:
-        await req.run.reply(req.db, {"killCursors": coll, "cursors": [cursor_id]})
-        return None
-    return list(batch)
+async def _first_batches(req: Request, finds: list[dict[str, Any]]
+                         ) -> list[list[Any] | None]:
+    """Each find's whole result when it fits one batch (None: the upstream refused the
+    find, or it needs more than one batch, large documents not the few a probe is for).
+    The finds go out together, in one round trip."""
+    out: list[list[Any] | None] = []
+    kills = []
+    for find, reply in zip(finds, await req.run.replies(req.db, finds), strict=True):
+        cursor = reply.get("cursor") if reply.get("ok") else None
+        if cursor is None or cursor["id"]:
+            if cursor is not None:
+                kills.append({"killCursors": find["find"], "cursors": [cursor["id"]]})
+            out.append(None)
+            continue
+        out.append(list(cursor["firstBatch"]))
+    if kills:
+        await req.run.replies(req.db, kills)
+    return out
 
 
 async def planned(req: Request, cmd: dict[str, Any]) -> planner.Plan:
     """The aggregate's plan, with its second step taken when the planner asked for a
-    probe: what the leading $match selects from the base (then from each overlay, while
-    a literal of it still fits) is read and the planner plans again."""
+    probe: what the leading $match selects from the base (and from each overlay, for a
+    literal of it) is read and the planner plans again."""
     plan = planner.plan_aggregate(cmd, req.layers, branch=req.on_branch.name)
     probe = plan.probe
     if probe is None:
         return plan
     layers = req.layers(probe.source)
-    base = planner.narrow(layers, await _first_batch(
-        req, probe.source, planner.probe_find(cmd, probe.source, probe.first, base=True)))
+    finds = [planner.probe_find(cmd, probe.source, probe.first, base=True)]
+    if probe.literal:
+        # Read beside the base's: an overlay's probe is bounded (NARROW_LIMIT + 1
+        # documents), and one round trip for all of them costs less than the wasted
+        # reads when the base's turns out too large.
+        finds += [planner.probe_find(cmd, layer.live, probe.first, base=False)
+                  for layer in layers]
+    first, *overlays = await _first_batches(req, finds)
+    base = planner.narrow(layers, first)
     live: list[list[dict[str, Any]]] | None = None
     if base is not None and probe.literal:
-        live = []
-        for layer in layers:
-            if not planner.literal_fits(base, live):
-                live = None
-                break
-            batch = await _first_batch(req, layer.live, planner.probe_find(
-                cmd, layer.live, probe.first, base=False))
-            if batch is None:
-                live = None
-                break
-            live.append(batch)
-        if live is not None and not planner.literal_fits(base, live):
-            live = None
+        found = [batch for batch in overlays if batch is not None]
+        if len(found) == len(overlays) and planner.literal_fits(base, found):
+            live = found
     return planner.replan(plan, layers, base, live)
 
 
 async def aggregate(req: Request) -> dict[str, Any] | None:
+    if changestream.wanted(req.cmd):
+        req.reject_transactions()
+        return await changestream.open_stream(req)
     pipeline = req.cmd.get("pipeline")
     target = _out_target(req, pipeline) if isinstance(pipeline, list) else None
     if target is not None:

@@ -54,7 +54,7 @@ class Request:
         "Transactions"): the router refuses most of it by command name."""
         if self.cmd.get("autocommit") is False or self.cmd.get("startTransaction"):
             raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
-                               f"{self.name} with $out or $merge cannot run in a "
+                               f"{self.name} with $out, $merge or $changeStream cannot run in a "
                                f"multi-document transaction on branch {self.on_branch.name!r}"
                                if self.name == "aggregate" else
                                f"{self.name} cannot run in a multi-document transaction on "

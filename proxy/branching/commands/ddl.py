@@ -16,8 +16,10 @@ from proxy.wire.codes import Code
 
 
 async def _reset(req: Request, state: NsState, options: dict[str, Any],
-                 marker: str = DROP) -> None:
-    """Empty the branch's collection: the base is hidden and the overlay starts over."""
+                 marker: str = DROP, extra: dict[str, Any] | None = None) -> None:
+    """Empty the branch's collection: the base is hidden and the overlay starts over.
+    `extra` marks the entry for the branch's change streams (changestream.py): the
+    drop that ends a rename or a dropDatabase."""
     run = req.run
     for name in (state.live, state.hidden):
         await run.reply(state.db, {"drop": name})
@@ -29,7 +31,8 @@ async def _reset(req: Request, state: NsState, options: dict[str, Any],
     state.unique = None
     state.hidden_ids = {}
     await req.engine.log_changes(req.on_branch, [Change(f"{state.db}.{state.coll}", None,
-                                                        marker, None, None)], req.client())
+                                                        marker, None, None, extra)],
+                                 req.client())
 
 
 async def _state(req: Request, coll: str) -> NsState:
@@ -61,13 +64,13 @@ async def create(req: Request) -> dict[str, Any]:
     return {"ok": 1.0}
 
 
-async def _drop(req: Request, coll: str) -> int | None:
+async def _drop(req: Request, coll: str, extra: dict[str, Any] | None = None) -> int | None:
     """Drop one collection on the branch; the number of indexes it had, None if absent."""
     if not await exists(req, coll):
         return None
     indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
     state = await _state(req, coll)
-    await _reset(req, state, {})
+    await _reset(req, state, {}, extra=extra)
     state.present = False
     await req.engine.save_state(state)
     return len(indexes)
@@ -84,8 +87,9 @@ async def drop(req: Request) -> dict[str, Any]:
 
 async def drop_database(req: Request) -> dict[str, Any]:
     async with req.engine.writing(req.on_branch):
-        for coll in await visible_collections(req):
-            await _drop(req, coll)
+        colls = list(await visible_collections(req))
+        for n, coll in enumerate(colls):
+            await _drop(req, coll, {"dropdb": True} if n == len(colls) - 1 else None)
     return {"dropped": req.db, "ok": 1.0}
 
 
@@ -114,8 +118,10 @@ async def rename_collection(req: Request) -> dict[str, Any]:
         layers = sub.layers(scoll)
         src_state = await _state(sub, scoll)
         dst_state = await _state(sub, tcoll)
+        # The target's entries are the rename's, not inserts (changestream.py).
+        moved = {"from": source}
         await _reset(sub, dst_state, (src_state.options if src_state.base_dropped else {}),
-                     CREATE)
+                     CREATE, moved)
         source, stages = views.view_source(scoll, layers) if layers else (scoll, [])
         await req.run(sdb, {"aggregate": source, "cursor": {}, "pipeline": [
             *stages, {"$merge": {"into": dst_state.live, "whenMatched": "replace"}}]})
@@ -130,11 +136,12 @@ async def rename_collection(req: Request) -> dict[str, Any]:
             await req.run(sdb, {"insert": dst_state.hidden,
                                 "documents": [{"_id": d["_id"]} for d in batch]})
             await req.engine.log_changes(req.on_branch,
-                                         [Change(ns, d["_id"], PUT, None, d) for d in batch],
+                                         [Change(ns, d["_id"], PUT, None, d, moved)
+                                          for d in batch],
                                          req.client())
         await req.engine.save_state(dst_state)
         await req.engine.load_hidden(dst_state)
-        await _reset(sub, src_state, {})
+        await _reset(sub, src_state, {}, extra={"rename": target})
         src_state.present = False
         await req.engine.save_state(src_state)
     return {"ok": 1.0}

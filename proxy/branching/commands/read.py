@@ -9,7 +9,7 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import cursormerge, planner
-from proxy.branching.commands import aggregate
+from proxy.branching.commands import aggregate, changestream
 from proxy.branching.commands.base import (
     Request,
     carry,
@@ -91,6 +91,8 @@ async def get_more(req: Request) -> dict[str, Any] | None:
     cursor = req.engine.cursors.get(req.cmd.get("getMore"))
     if cursor is None:
         return None
+    if isinstance(cursor, changestream.Stream):
+        return await changestream.get_more(req, cursor)
     # mongod: a getMore without batchSize returns what fits one reply (16 MiB).
     size = int(req.cmd["batchSize"]) if req.cmd.get("batchSize") else None
     docs = await cursor.batch(req.run, size)

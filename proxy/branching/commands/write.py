@@ -256,7 +256,7 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
             "updates": [{**base_stmt, "q": _by_id(q, stmt.get("u"), {"$in": chunk}),
                          "multi": multi}]}))
         since = len(writer.changes)
-        await writer.record_puts(pres, copied)
+        await writer.record_puts(pres, copied, stmt.get("u"))
         clash = await writer.reject_collisions(since, copied)
         if clash is not None:
             modified = len(writer.changes) - since
@@ -282,7 +282,7 @@ async def _update_one(writer: Writer, stmt: dict[str, Any], q: dict[str, Any],
         "update": writer.state.live,
         "updates": [{**base_stmt, "q": _by_id(q, stmt.get("u"), pre["_id"])}]}))
     since = len(writer.changes)
-    await writer.record_puts([pre], copied)
+    await writer.record_puts([pre], copied, stmt.get("u"))
     if not reply.get("ok"):
         return {"error": _stmt_error(index, reply)}
     if reply.get("writeErrors"):
@@ -418,7 +418,7 @@ async def _find_and_modify(writer: Writer, stmts: list[Any]) -> dict[str, Any]:
             # taken out of the overlay again, yet findAndModify returns the document.
             value = await projected(pre["_id"])
         since = len(writer.changes)
-        await writer.record_puts([pre], copied)
+        await writer.record_puts([pre], copied, cmd.get("update"))
         if failed:
             return _fam_error(reply)
         clash = await writer.reject_collisions(since, copied)

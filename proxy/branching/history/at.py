@@ -9,7 +9,7 @@ from typing import Any
 from proxy.branching import copymode, gc
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError, Kind
-from proxy.branching.history.lookup import branch_states, chunks, equal, find_ids, view_ids
+from proxy.branching.history.lookup import branch_states, chunks, equal, view_ids
 from proxy.branching.history.points import (
     check_reopened,
     recorded_resets,
@@ -120,31 +120,34 @@ async def _create_main_at(engine: Engine, name: Any, at: Any, port: Any) -> Bran
 
 
 async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
-    """Streams the first later entry of each changed document, a batch at a time."""
+    """Streams the first later entry of each changed document, a batch at a time, and
+    its last: main's image now is that last entry's (the capture logged every change
+    before the barrier), so the base is not read again."""
     pool = engine.pool
     firsts = [*matching({"b": MAIN, "_id": {"$gt": lsn}}),
               {"$match": {"op": {"$in": [PUT, DELETE]}}},
               {"$sort": {"_id": 1}},
               {"$group": {"_id": {"ns": "$ns", "id": "$id"}, "pre": {"$first": "$pre"},
-                          "prez": {"$first": "$prez"}}}]
+                          "prez": {"$first": "$prez"},
+                          "last": {"$last": {"op": "$op", "post": "$post",
+                                             "postz": "$postz"}}}}]
     async for batch in pool.batches(engine.meta_db, {
             "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True}):
-        by_ns: dict[str, list[tuple[Any, dict[str, Any] | None]]] = {}
+        by_ns: dict[str, list[tuple[Any, Any, Any]]] = {}
         for doc in batch:
+            last = doc["last"]
             by_ns.setdefault(doc["_id"]["ns"], []).append(
-                (doc["_id"]["id"], image(doc, "pre")))
-        for ns, then in by_ns.items():
+                (doc["_id"]["id"], image(last, "post") if last["op"] == PUT else None,
+                 image(doc, "pre")))
+        for ns, restore in by_ns.items():
             db, coll = ns.split(".", 1)
             state = await engine.ensure_state(branch, db, coll, pool)
             await engine.mark_dirty(state)
-            ids = [i for i, _ in then]
-            now = await find_ids(engine, db, coll, ids)
             # The capture may have kept a later image for an id meanwhile: the image
             # then replaces it.
             await pool(db, {"delete": state.live, "deletes": [
-                {"q": {"_id": {"$in": ids}}, "limit": 0}]})
-            await _give_back(engine, branch, state, [(i, now.get(idkey(i)), img)
-                                                     for i, img in then])
+                {"q": {"_id": {"$in": [i for i, _, _ in restore]}}, "limit": 0}]})
+            await _give_back(engine, branch, state, restore)
 
 
 async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
