@@ -542,3 +542,33 @@ def test_a_commit_of_unknown_outcome_is_retried() -> None:
     finally:
         proc.stop()
         server.stop()
+
+
+def test_a_change_stream_sees_a_transaction_at_its_commit(made: Branches, setup: Any,
+                                                          db_name: str) -> None:
+    """A branch's change stream (read from the WAL) reports a transaction's writes once
+    it commits, all of them, though other appends with higher LSNs were stored while it
+    ran (the stream must not move past its entries before they are visible), and nothing
+    of an aborted one."""
+    _, one, two = setup
+    other = made.client(made.create())
+    with two[db_name].watch(max_await_time_ms=200) as stream:
+        with one.start_session() as session:
+            session.start_transaction()
+            one[db_name].people.insert_one({"_id": 80}, session=session)
+            one[db_name].orders.delete_one({"_id": 1}, session=session)
+            other[db_name].people.insert_one({"_id": 80})  # a later LSN, stored now
+            assert stream.try_next() is None
+            session.commit_transaction()
+            session.start_transaction()
+            one[db_name].people.insert_one({"_id": 81}, session=session)
+            session.abort_transaction()
+        one[db_name].people.insert_one({"_id": 82})
+        seen = []
+        while not seen or seen[-1] != ("people", "insert", 82):
+            event = stream.next()
+            seen.append((event["ns"]["coll"], event["operationType"],
+                         event["documentKey"]["_id"]))
+    assert seen == [("people", "insert", 80), ("orders", "delete", 1),
+                    ("people", "insert", 82)]
+    other.close()

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
 from pymongo import AsyncMongoClient
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import CollectionInvalid, DuplicateKeyError
 
 from proxy.branching import naming, snapshot
 from proxy.branching.capture import Capture
@@ -124,6 +124,11 @@ class Engine:
         # Before any write to the metadata database: other proxies' captures skip it.
         await capture_register(self.client, self.meta_db)
         await self.wal.init()
+        # Written inside clients' transactions (txn.py), so never created by one: a
+        # collection a transaction creates keeps every other writer out until it ends.
+        if not await self.meta.list_collection_names(filter={"name": "namespaces"}):
+            with contextlib.suppress(CollectionInvalid):
+                await self.meta.create_collection("namespaces")
         async for doc in self.meta["branches"].find():
             branch = Branch.from_doc(doc)
             self.branches[branch.name] = branch

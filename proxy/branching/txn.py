@@ -35,7 +35,7 @@ from proxy.branching import snapshot
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.runner import SESSION, outside_transaction
-from proxy.branching.wal import DELETE, PUT, Change
+from proxy.branching.wal import DELETE, PINNED, PUT, Change
 from proxy.wire.codes import Code, code_name
 
 if TYPE_CHECKING:
@@ -119,6 +119,8 @@ class Txn:
     # The first change of each document the transaction changed, (ns, idkey) -> change:
     # what its children must keep, copied up into them at the commit.
     pending: dict[tuple[str, Any], Change] = field(default_factory=dict)
+    # First LSNs of its WAL appends, in flight until it ends (wal.PINNED).
+    lsns: list[int] = field(default_factory=list)
 
     def defer(self, changes: list[Change]) -> None:
         for change in changes:
@@ -210,9 +212,11 @@ class Transactions:
         """While a command of the transaction runs: the engine's upstream calls join it."""
         session_token = SESSION.set(txn.session)
         txn_token = CURRENT.set(txn)
+        pinned_token = PINNED.set(txn.lsns)
         try:
             yield
         finally:
+            PINNED.reset(pinned_token)
             CURRENT.reset(txn_token)
             SESSION.reset(session_token)
 
@@ -396,6 +400,8 @@ class Transactions:
                 for state in txn.states.values():
                     await self.engine.load_hidden(state)
         finally:
+            self.engine.wal.release(txn.lsns)
+            txn.lsns.clear()
             if txn.held is not None:
                 await txn.held.aclose()
                 txn.held = None

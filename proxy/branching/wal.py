@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,10 @@ from pymongo.errors import BulkWriteError, DocumentTooLarge
 
 from proxy.branching.runner import SESSION
 from proxy.wire.bsonutil import CODEC
+
+# While a transaction's statement runs (txn.py): the first LSNs of its appends, which
+# stay in flight until it ends (settled() stops below them).
+PINNED: ContextVar[list[int] | None] = ContextVar("mongobranch_pinned", default=None)
 
 # The largest WAL entry stored as it is (mongod's BSON limit, as pymongo checks it).
 MAX_ENTRY = 16 * 1024 * 1024
@@ -158,6 +163,14 @@ class Wal:
             return min(self._inflight) - 1
         return self._issued
 
+    def release(self, firsts: list[int]) -> None:
+        """A transaction's appends (`PINNED`) are stored or gone: it committed or aborted."""
+        if not firsts:
+            return
+        self._inflight.difference_update(firsts)
+        self._appended.set()
+        self._appended = asyncio.Event()
+
     def tick(self) -> asyncio.Event:
         """Set at the next append's end: take it before looking at the log, then wait."""
         return self._appended
@@ -183,10 +196,16 @@ class Wal:
         first = await self.reserve(total)
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         self._inflight.add(first)
+        # In a transaction the entries are stored once it commits: the append stays in
+        # flight until then (`release`), so that readers following the log wait for it.
+        pinned = PINNED.get() if SESSION.get() is not None else None
         try:
             return await self._append(first, total, now, groups, client, txn, reply)
         finally:
-            self._inflight.discard(first)
+            if pinned is not None:
+                pinned.append(first)
+            else:
+                self._inflight.discard(first)
             for bid, changes in groups:
                 if changes:
                     self.last[bid] = max(self.last.get(bid, 0), first + total - 1)
