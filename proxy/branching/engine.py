@@ -537,7 +537,11 @@ class Engine:
         if txn is not None and txn.branch.bid == branch.bid:
             # A transaction holds the lock exclusively from its first write to its end;
             # its writes show nowhere before its commit, which holds the fence (txn.py).
-            await self.txns.lock(txn)
+            # Its first write takes the lock under the fence: a fork under way (it holds
+            # the fence as a reader) ends first, and none starts once it is held.
+            if not txn.locked:
+                async with self.fence(branch.bid).hold("w"):
+                    await self.txns.lock(txn)
             yield
             return
         lock = self.branch_lock(branch.bid)
@@ -623,7 +627,10 @@ class Engine:
         the documents changed (snapshot.py): the caller holds the branch's fence."""
         current = CURRENT.get()
         if preserve and current is not None and current.branch.bid == branch.bid:
-            current.defer(changes)  # preserved at the commit, with it (txn.py)
+            # Preserved at the commit (txn.py); kept only for children there are (none
+            # can be forked once the transaction writes).
+            if any(b.parent == branch.name for b in self.branches.values()):
+                current.defer(changes)
         elif preserve:
             await snapshot.preserve(self, branch.name, changes)
         return await self.wal.append(branch.bid, changes, client, txn, reply)
