@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import bson
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pymongo import (
@@ -347,8 +348,12 @@ class Runner:
                          {"$set": {"ids": {"$sortArray": {"input": "$ids", "sortBy": 1}}}},
                          {"$sort": {"_id": 1}}]
         elif kind == "lookup":
-            pipeline += [{"$lookup": {"from": "other", "localField": "b.c",
-                                      "foreignField": "k", "as": "j"}},
+            join: dict[str, Any] = {"from": "other", "localField": "b.c",
+                                    "foreignField": "k", "as": "j"}
+            if rng.random() < 0.5:  # mongod's concise correlated form
+                join["pipeline"] = [{"$match": {"k": {"$ne": None}}},
+                                    {"$project": {"k": 1, "a": 1}}]
+            pipeline += [{"$lookup": join},
                          {"$set": {"j": {"$sortArray": {"input": "$j",
                                                         "sortBy": {"_id": 1}}}}},
                          {"$sort": {"_id": 1}}, {"$limit": 20}]
@@ -818,8 +823,9 @@ def run_seed(proxy: Any, direct: MongoClient, name: str, mode: str, seed: int, o
 
 
 def run_steps(proxy: Any, runner: Runner, name: str, ops: int, kid_ops: int) -> None:
-    for _ in range(ops):
-        runner.step()
+    with watched(runner):
+        for _ in range(ops):
+            runner.step()
     if not kid_ops:
         check_final(runner)
         return
@@ -829,12 +835,64 @@ def run_steps(proxy: Any, runner: Runner, name: str, ops: int, kid_ops: int) -> 
     kid: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
     try:
         runner.branch_db = kid[runner.branch_db.name]
-        for _ in range(kid_ops):
-            runner.step()
+        with watched(runner):
+            for _ in range(kid_ops):
+                runner.step()
         check_final(runner)
     finally:
         kid.close()
         proxy.api("DELETE", f"/branches/{kid_name}")
+
+
+SENTINEL = "mb_sentinel"
+
+
+@contextmanager
+def watched(runner: Runner) -> Iterator[None]:
+    """A change stream on each side's database across the operations: the events each
+    delivers must agree. mongod leaves unspecified the order of a multi-document
+    write's events across documents, so they are compared per document (the sequence of
+    operation types, and the documents inserts carry) and per collection (its drops)."""
+    streams = [db.watch() for db in (runner.branch_db, runner.copy_db)]
+    try:
+        yield
+        # A last insert on each side marks the end of what its stream must deliver.
+        runner.copy_db[SENTINEL].insert_one({"_id": len(runner.log)})
+        runner.branch_db[SENTINEL].insert_one({"_id": len(runner.log)})
+        mine, theirs = (per_document(stream) for stream in streams)
+        if mine != theirs:
+            bad = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            shown = "\n".join(f"  {k}: branch {mine.get(k)}  copy {theirs.get(k)}"
+                              for k in bad[:10])
+            raise Divergence(f"change stream events differ for {len(bad)} documents:\n{shown}")
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def per_document(stream: Any) -> dict[str, list[Any]]:
+    """Each document's events until the sentinel's insert: (type, inserted document as
+    BSON)."""
+    out: dict[str, list[Any]] = {}
+    for event in stream:
+        coll = event["ns"]["coll"]
+        if coll == SENTINEL:
+            return out
+        if coll.startswith("__mb_"):
+            # The copy lives on main: the branch, a child of main, keeps the pre-images
+            # of the copy's documents in its own overlay collections there.
+            continue
+        kind = event["operationType"]
+        doc = event.get("fullDocument") if kind == "insert" else None
+        if kind == "replace":
+            # SecantusDB reports a pipeline update as a replacement where mongod (and a
+            # branch) report an update; what either left is compared after every write.
+            kind = "update"
+        where = f"{coll} {key(event['documentKey']['_id'])}" if "documentKey" in event \
+            else f"{coll} ({kind})"
+        out.setdefault(where, []).append(
+            (kind, None if doc is None else bytes(RawBSONDocument(bson.encode(doc)).raw)))
+    raise Divergence("a change stream ended before the sentinel's insert")
 
 
 def check_final(runner: Runner) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from bson import Decimal128, Int64
 from pymongo import MongoClient
+from pymongo.errors import OperationFailure
 
 from tests.servers import ProxyProcess
 
@@ -131,3 +132,33 @@ def test_a_branch_of_a_branch_drops_what_its_own_layer_hides(
     finally:
         child.close()
         proxy.api("DELETE", f"/branches/{parent}-c")
+
+
+def test_a_lookup_with_local_field_and_a_pipeline_on_a_changed_collection(
+        pair: tuple[Any, Any, Any, str]) -> None:
+    """mongod's concise correlated form (localField/foreignField beside a pipeline of
+    per-document stages) joins the branch's view of the collection, with `let`; a
+    pipeline with a stage over the whole joined set is refused, naming the stage."""
+    db, copy, _, _ = pair
+    pipeline = [
+        {"$match": {"k": {"$gte": 88, "$lt": 104}}},
+        {"$lookup": {"from": "items", "localField": "k", "foreignField": "_id",
+                     "let": {"mine": "$s"},
+                     "pipeline": [{"$match": {"tags": "a"}},
+                                  {"$project": {"s": 1, "k": 1}},
+                                  {"$set": {"from": "$$mine"}}],
+                     "as": "j"}},
+        {"$project": {"k": 1, "j": 1}}, {"$sort": {"_id": 1}}]
+    got, want = list(db.items.aggregate(pipeline)), list(copy.items.aggregate(pipeline))
+    assert got == want
+    # The join met changed, deleted and unchanged documents of the branch.
+    joined = {j["_id"] for doc in got for j in doc["j"]}
+    assert {89, 91, 100} <= joined and 95 not in joined
+    assert any(j["s"] == "$changed" for doc in got for j in doc["j"])
+
+    whole = [{"$lookup": {"from": "items", "localField": "k", "foreignField": "_id",
+                          "pipeline": [{"$sort": {"k": -1}}, {"$limit": 1}], "as": "j"}}]
+    with pytest.raises(OperationFailure) as refused:
+        db.items.aggregate(whole)
+    assert refused.value.code == 115
+    assert "$sort" in str(refused.value) and "per-document" not in str(refused.value)

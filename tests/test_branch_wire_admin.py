@@ -193,16 +193,17 @@ def test_mongosh_uncaught_error_exits_non_zero(proxy: ProxyProcess) -> None:
 # -- unsupported commands on a branch port -----------------------------------------------------
 
 @pytest.mark.parametrize(("cmd", "what"), [
-    ({"collMod": "items", "validator": {}}, "command 'collMod'"),
+    ({"collMod": "items", "validator": {}}, "command 'collMod' is not supported on branch"),
     ({"mapReduce": "items", "map": "function() { emit(this._id, 1); }",
-      "reduce": "function(k, v) { return 1; }", "out": {"inline": 1}}, "command 'mapReduce'"),
+      "reduce": "function(k, v) { return 1; }", "out": {"inline": 1}},
+     "mapReduce is not supported on branch"),
 ])
 def test_unsupported_command_on_branch_is_clear_and_connection_survives(
         client: MongoClient, made: Branches, cmd: dict[str, Any], what: str) -> None:
     db = unique("unsup").replace("-", "_")
     client[db].items.insert_many([{"_id": i} for i in range(3)])
     branch = made.create()
-    expected = f"{what} is not supported on branch {branch['name']!r}"
+    expected = f"{what} {branch['name']!r}"
     sock = rawwire.connect(branch["port"])
     try:
         reply = rawwire.command(sock, {**cmd, "$db": db}, request_id=1)

@@ -209,3 +209,55 @@ def test_concurrent_retries_of_one_write_apply_it_once(branch: tuple[Any, Any]) 
         thread.join(30)
     assert [r.get("nModified") for r in replies] == [1] * 8, replies
     assert db.people.find_one({"_id": 7})["seat"] == 107
+
+
+def test_a_partial_unique_index_is_enforced_across_base_and_branch(
+        proxy: ProxyProcess, direct: MongoClient) -> None:
+    """Only the documents the index's filter selects collide, on either side: the same
+    writes on the branch and on a plain copy succeed and fail alike."""
+    n = next(_names)
+    names = (f"bwp_{n}", f"bwp_{n}_copy")
+    for name in names:
+        direct[name].badges.insert_many([{"_id": 1, "code": "A", "active": True},
+                                         {"_id": 2, "code": "B", "active": False},
+                                         {"_id": 3, "code": "C", "active": True}])
+        direct[name].badges.create_index("code", unique=True,
+                                         partialFilterExpression={"active": True})
+    status, body = proxy.api("POST", "/branches", {"name": f"bwp-{n}"})
+    assert status == 201, body
+    client: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
+    try:
+        writes: list[tuple[str, Any]] = [
+            ("insert", {"_id": 10, "code": "A", "active": True}),    # taken in the base
+            ("insert", {"_id": 11, "code": "A", "active": False}),   # outside the index
+            ("insert", {"_id": 12, "code": "B", "active": True}),    # base's B is outside
+            ("update", (2, {"active": True})),                        # now B twice
+            ("update", (3, {"active": False})),                       # frees C
+            ("insert", {"_id": 13, "code": "C", "active": True}),
+            ("update", (11, {"active": True})),                       # A twice
+        ]
+
+        def outcomes(db: Any) -> list[Any]:
+            got = []
+            for kind, arg in writes:
+                try:
+                    if kind == "insert":
+                        db.badges.insert_one(arg)
+                    else:
+                        db.badges.update_one({"_id": arg[0]}, {"$set": arg[1]})
+                    got.append("ok")
+                except DuplicateKeyError as exc:
+                    got.append((exc.code, exc.details.get("keyValue")))
+            return got
+
+        on_branch, on_copy = outcomes(client[names[0]]), outcomes(direct[names[1]])
+        assert on_branch == on_copy
+        assert on_branch == [(11000, {"code": "A"}), "ok", "ok", (11000, {"code": "B"}), "ok",
+                             "ok", (11000, {"code": "A"})]
+        assert list(client[names[0]].badges.find().sort("_id")) == \
+            list(direct[names[1]].badges.find().sort("_id"))
+    finally:
+        client.close()
+        proxy.api("DELETE", f"/branches/bwp-{n}")
+        for name in names:
+            direct.drop_database(name)

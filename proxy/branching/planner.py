@@ -449,6 +449,13 @@ def _union(spec: Any, layers_of: LayersOf, branch: str) -> Any:
     return spec
 
 
+# Stages whose output for a document depends on that document alone: run on each
+# layer's part of a lookup's joined documents, they give what they would on the whole.
+PER_DOCUMENT = frozenset({"$match", "$project", "$addFields", "$set", "$unset",
+                          "$replaceRoot", "$replaceWith", "$redact", "$unwind", "$lookup",
+                          "$graphLookup"})
+
+
 def _lookup(spec: Any, layers_of: LayersOf, branch: str) -> Pipeline:
     if not isinstance(spec, dict):
         return [{"$lookup": spec}]
@@ -465,11 +472,17 @@ def _lookup(spec: Any, layers_of: LayersOf, branch: str) -> Pipeline:
     if "localField" not in spec:
         spec["pipeline"] = views.view_stages(layers) + spec.get("pipeline", [])
         return [{"$lookup": spec}]
-    if "pipeline" in spec:
-        raise not_supported("$lookup with both localField and pipeline on a changed "
-                            "collection", branch)
+    inner = spec.get("pipeline") or []
+    names = [next(iter(st), "") if isinstance(st, dict) else repr(st) for st in inner]
+    stateful = next((n for n in names if n not in PER_DOCUMENT), None)
+    if stateful is not None:
+        raise not_supported(f"$lookup with both localField and a pipeline holding {stateful} "
+                            "on a changed collection (only stages that act on each joined "
+                            f"document alone: {', '.join(sorted(PER_DOCUMENT))})", branch)
     # Equality lookups keep mongod's array semantics: one lookup per layer, each
-    # excluding the ids hidden above it, concatenated.
+    # excluding the ids hidden above it, concatenated. A pipeline of per-document
+    # stages runs in each of them, on that layer's joined documents: the same
+    # documents come out as from the concatenation.
     dropped_at = next((i for i, layer in enumerate(layers) if layer.base_dropped), None)
     parts: list[tuple[str, Pipeline]] = []
     if dropped_at is None:
@@ -485,8 +498,10 @@ def _lookup(spec: Any, layers_of: LayersOf, branch: str) -> Pipeline:
         names.append(name)
         sub: dict[str, Any] = {"from": coll, "localField": spec["localField"],
                                "foreignField": spec["foreignField"], "as": name}
-        if excl:
-            sub["pipeline"] = excl
+        if "let" in spec:
+            sub["let"] = spec["let"]
+        if excl or inner:
+            sub["pipeline"] = excl + inner
         stages.append({"$lookup": sub})
     stages.append({"$set": {spec["as"]: {"$concatArrays": [f"${n}" for n in names]}}})
     stages.append({"$unset": names})

@@ -167,6 +167,12 @@ class EngineRouter:
             if name not in ADMIN:
                 authz.check_branch_port(cmd, db, self.engine.meta_db, branch.name)
         handler = self.table.get(name)
+        if handler is None and name.lower() == "mapreduce":
+            raise CommandError(Code.COMMAND_NOT_SUPPORTED,
+                               f"mapReduce is not supported on branch {self.branch!r} "
+                               "(mongobranch): mongod deprecates it since 5.0; run the "
+                               "equivalent aggregation ($group, $merge), which a branch "
+                               "supports")
         if handler is None:
             raise not_supported(f"command {name!r}", self.branch or "main")
         if name not in READS:

@@ -4,7 +4,8 @@ An overlay carries the view's unique indexes, so the server rejects duplicates
 among the branch's own documents. What it cannot see is the parent view: these
 stages look up, server-side, whether candidate documents collide with a visible
 parent document on any unique index (equality as the index compares it: the
-lookup's localField/foreignField matching, missing equal to null).
+lookup's localField/foreignField matching, missing equal to null), among the
+documents a partial index's filter selects.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ KEY_FIELD = "__mb_kv"
 
 
 def unique_specs(indexes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The unique indexes worth checking across layers (not _id, not partial)."""
-    return [ix for ix in indexes if ix.get("unique") and ix.get("name") != "_id_"
-            and "partialFilterExpression" not in ix]
+    """The unique indexes worth checking across layers (not _id)."""
+    return [ix for ix in indexes if ix.get("unique") and ix.get("name") != "_id_"]
 
 
 def _eq_rest(fields: list[str]) -> list[dict[str, Any]]:
@@ -48,7 +48,9 @@ def collision_stages(coll: str, layers: list[NsState],
             break
         if j > 0:
             sides.append((layer.live, views.exclusion(layers[:j])))
-    stages: list[dict[str, Any]] = []
+    # A partial index holds only the documents its filter selects, on both sides.
+    partial = spec.get("partialFilterExpression")
+    stages: list[dict[str, Any]] = [] if partial is None else [{"$match": partial}]
     names = []
     for i, (source, excl) in enumerate(sides):
         name = f"{DUP_FIELD}{i}"
@@ -56,6 +58,8 @@ def collision_stages(coll: str, layers: list[NsState],
         pipeline = _eq_rest(rest) + excl
         if spec.get("sparse"):
             pipeline.insert(0, {"$match": {first: {"$exists": True}}})
+        if partial is not None:
+            pipeline.insert(0, {"$match": partial})
         lookup: dict[str, Any] = {"from": source, "localField": first, "foreignField": first,
                                   "pipeline": pipeline, "as": name}
         if rest:
