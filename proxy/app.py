@@ -73,6 +73,8 @@ class ServeOptions:
     deleted_retention: str = "24h"
     reap_interval: float = lifecycle.DEFAULT_REAP_INTERVAL
     protect_main: bool = True
+    # Seconds a transaction on a branch port may stay open (txn.py).
+    transaction_lifetime: float = 60.0
     # Feature flags; None: from the environment, the config file or the default.
     config_path: str | None = None
     default_mode: str | None = None
@@ -258,6 +260,7 @@ class Proxy:
             else None
         self.engine.lifecycle.retention = retention(opts.deleted_retention)
         self.engine.lifecycle.protect_main = opts.protect_main
+        self.engine.txns.lifetime = opts.transaction_lifetime
         self.ports = BranchPorts(self, host)
         self.engine.ports = self.ports
         if not await self._start_engine():

@@ -85,6 +85,10 @@ def main() -> None:
               type=click.FloatRange(min=0.01),
               help="Seconds between passes of the reaper (expiry, purge of deleted "
                    "branches).")
+@click.option("--transaction-lifetime", default=60.0, show_default=True,
+              type=click.FloatRange(min=0.01), metavar="SECONDS",
+              help="Seconds after which a multi-document transaction still open on a branch "
+                   "port is aborted (mongod's transactionLifetimeLimitSeconds).")
 @click.option("--protect-main/--no-protect-main", default=True, show_default=True,
               help="Whether main is protected (merging into it needs force) until "
                    "`branch unprotect main` says otherwise.")
@@ -115,7 +119,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
               default_mode: str | None, allow_wal: bool | None,
               legacy_op_query: bool | None, gc_retention: str | None,
               gc_interval: float, deleted_retention: str, reap_interval: float,
-              protect_main: bool, admin_token_file: str | None, tls_cert: str | None,
+              transaction_lifetime: float, protect_main: bool,
+              admin_token_file: str | None, tls_cert: str | None,
               tls_key: str | None, tls_ca: str | None,
               anonymous_as_uri_user: bool | None, capture: bool, pre_images: bool) -> None:
     """Run the proxy."""
@@ -156,6 +161,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            gc_retention=gc_retention,
                            gc_interval=gc_interval, deleted_retention=deleted_retention,
                            reap_interval=reap_interval, protect_main=protect_main,
+                           transaction_lifetime=transaction_lifetime,
                            metrics_branch_limit=metrics_branch_limit,
                            advertise_host=advertise_host,
                            anonymous_as_uri_user=anonymous_as_uri_user,

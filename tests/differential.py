@@ -4,9 +4,9 @@ Every reply must be equal, and after every write so must the full contents of th
 collection it touched (as BSON, so field order and number types count too). The
 generator aims at the cases where a branch's bookkeeping (hidden ids, overlay, WAL) can
 part from the data: batches that stop at an error, ids deleted and re-inserted, wiped
-collections, writes that change nothing, colliding upserts, and documents only the base,
-only the branch, or both hold. It never relies on unspecified order: sorts end with _id,
-and arrays built by $lookup/$group are sorted.
+collections, writes that change nothing, colliding upserts, transactions committed or
+aborted, and documents only the base, only the branch, or both hold. It never relies on
+unspecified order: sorts end with _id, and arrays built by $lookup/$group are sorted.
 
 Many seeds at once: `make differential SEEDS=20 OPS=2000 MODES="wal copy kid"`. Each
 failing seed prints its first diverging operation and the earlier operations that touched
@@ -272,8 +272,9 @@ class Runner:
         op = rng.choices(
             ["find", "count", "distinct", "agg", "insert", "insert_many", "update_one",
              "update_many", "replace", "upsert", "delete_one", "delete_many", "fam", "index",
-             "estimated", "find_one_id", "other_write", "batch", "bulk", "noop", "wipe"],
-            weights=[16, 5, 4, 9, 6, 3, 7, 3, 3, 4, 4, 2, 6, 1, 1, 5, 2, 6, 4, 6, 0.5],
+             "estimated", "find_one_id", "other_write", "batch", "bulk", "noop", "wipe",
+             "txn"],
+            weights=[16, 5, 4, 9, 6, 3, 7, 3, 3, 4, 4, 2, 6, 1, 1, 5, 2, 6, 4, 6, 0.5, 3],
         )[0]
         getattr(self, "op_" + op)()
 
@@ -663,6 +664,57 @@ class Runner:
             _id = rng.randint(0, 30)
             self.both(f"delete_one({{'_id': {_id}}})",
                       lambda db: raw(db.other.delete_one({"_id": _id})), write=True, ids=[_id])
+
+    def op_txn(self) -> None:
+        """A few writes and a read in a multi-document transaction, committed or aborted:
+        all of it or nothing lands. A statement that fails ends the transaction (both
+        servers abort it) and is the step's answer."""
+        rng = self.rng
+        commit = rng.random() < 0.7
+        steps: list[tuple[Any, ...]] = []
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.choice(["insert", "update", "delete", "read"])
+            if kind == "insert":
+                steps.append(("insert", self.settle([self._some_doc()])[0]))
+            elif kind == "update":
+                steps.append(("update", self.pick_id(), rand_update(rng, single=True)))
+            elif kind == "delete":
+                steps.append(("delete", self.pick_id()))
+            else:
+                steps.append(("read", rand_filter(rng)))
+        col = self.col_of
+
+        def fn(db: Database[Any]) -> Any:
+            c = col(db)
+            out: list[Any] = []
+            with db.client.start_session() as session:
+                session.start_transaction()
+                for step in steps:
+                    try:
+                        if step[0] == "insert":
+                            out.append(c.insert_one(dict(step[1]), session=session).inserted_id)
+                        elif step[0] == "update":
+                            out.append(raw(c.update_one({"_id": step[1]}, step[2],
+                                                        session=session)))
+                        elif step[0] == "delete":
+                            out.append(raw(c.delete_one({"_id": step[1]}, session=session)))
+                        else:
+                            out.append(sorted(key(d["_id"]) for d in
+                                              c.find(step[1], {"_id": 1}, session=session)))
+                    except OperationFailure as exc:
+                        details = exc.details or {}
+                        out.append(("error", exc.code, details.get("keyPattern"),
+                                    details.get("keyValue")))
+                        session.abort_transaction()
+                        return out
+                if commit:
+                    session.commit_transaction()
+                else:
+                    session.abort_transaction()
+            return out
+        self.both(f"transaction({steps}, commit={commit})", fn, write=True,
+                  ids=[s[1]["_id"] if s[0] == "insert" else s[1] for s in steps
+                       if s[0] != "read"])
 
     def op_index(self) -> None:
         key_ = self.rng.choice(["a", "s", "b.c"])

@@ -296,3 +296,29 @@ def test_uri_credentials_after_upstream_restart(
                     raise
                 time.sleep(0.2)
         assert c.authdb.via_uri.find_one({"_id": "after"}) == {"_id": "after"}
+
+
+def test_branch_transactions_run_as_the_uri_user_only(credentialed_proxy: ProxyProcess
+                                                      ) -> None:
+    """A transaction on a branch port runs in the engine's own session, as the --upstream
+    URI's user: it serves the clients that run as that user, and is refused (263) to a
+    client that authenticated itself, whose own privileges could not judge it."""
+    status, branch = credentialed_proxy.api("POST", "/branches", {"name": "auth-txn"})
+    assert status == 201, branch
+    assert isinstance(branch, dict)
+    try:
+        with MongoClient(branch["uri"], serverSelectionTimeoutMS=5000) as c, \
+                c.start_session() as session:
+            with session.start_transaction():
+                c.authdb.txn.insert_one({"_id": 1}, session=session)
+                c.authdb.other.insert_one({"_id": 1}, session=session)
+            assert c.authdb.txn.find_one() == {"_id": 1}
+        with MongoClient(branch["uri"], username=READER, password=READER_PASSWORD,
+                         serverSelectionTimeoutMS=5000) as c, c.start_session() as session:
+            session.start_transaction()
+            with pytest.raises(OperationFailure) as info:
+                c.authdb.txn.find_one({}, session=session)
+            assert info.value.code == 263 and "authenticated itself" in str(info.value)
+            session.abort_transaction()
+    finally:
+        credentialed_proxy.api("DELETE", "/branches/auth-txn")

@@ -245,7 +245,8 @@ def test_change_stream_stage_after_the_first_is_refused_as_mongod_does(
 
 def test_unsupported_command_from_mongosh(made: Branches) -> None:
     branch = made.create()
-    done = mongosh(branch["uri"], 'db.getSiblingDB("sh_db").runCommand({convertToCapped: "items", size: 4096})')
+    done = mongosh(branch["uri"], 'db.getSiblingDB("sh_db").runCommand('
+                                  '{convertToCapped: "items", size: 4096})')
     assert done.returncode != 0
     out = done.stdout + done.stderr
     assert "MongoServerError" in out

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from bson import Binary, Int64
 from pymongo import MongoClient
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from tests import rawwire
 from tests.branchutil import branches
@@ -121,15 +121,6 @@ def test_explain_runs_the_rewritten_command(branch: tuple[Any, Any]) -> None:
     # the branch's overlay is part of what really runs
     assert "__mb_" in text
     assert db.people.find_one({"team": 9})["_id"] == 1
-
-
-def test_transactions_on_a_branch_are_refused_clearly(branch: tuple[Any, Any]) -> None:
-    db, _ = branch
-    with db.client.start_session() as session, pytest.raises(OperationFailure) as info, \
-            session.start_transaction():
-        db.people.insert_one({"_id": 500}, session=session)
-    assert "transaction" in str(info.value)
-    assert db.people.find_one({"_id": 500}) is None
 
 
 def test_aggregate_over_a_large_overlay(proxy: ProxyProcess, direct: MongoClient) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime as dt
 import logging
 import secrets
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
 from pymongo import AsyncMongoClient
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import CollectionInvalid, DuplicateKeyError
 
 from proxy.branching import naming, snapshot, views
 from proxy.branching.capture import Capture
@@ -22,8 +23,9 @@ from proxy.branching.errors import BranchError, Kind
 from proxy.branching.lifecycle import Lifecycle
 from proxy.branching.locks import BranchLock
 from proxy.branching.model import HIDDEN_CACHE_LIMIT, ISOLATION, SNAPSHOT, Branch, NsState
-from proxy.branching.runner import Runner, error_from, pooled
+from proxy.branching.runner import SESSION, Runner, error_from, outside_transaction, pooled
 from proxy.branching.snapshot import Fence
+from proxy.branching.txn import CURRENT, Transactions
 from proxy.branching.wal import (
     CREATE,
     HOLDS,
@@ -114,12 +116,19 @@ class Engine:
         self.capture_options: dict[str, Any] | None = {}
         self.capture: Capture | None = None
         self.lifecycle = Lifecycle()
+        # Clients' multi-document transactions on branch ports (txn.py).
+        self.txns = Transactions(self)
 
     # -- start-up -------------------------------------------------------------------
     async def start(self) -> None:
         # Before any write to the metadata database: other proxies' captures skip it.
         await capture_register(self.client, self.meta_db)
         await self.wal.init()
+        # Written inside clients' transactions (txn.py), so never created by one: a
+        # collection a transaction creates keeps every other writer out until it ends.
+        if not await self.meta.list_collection_names(filter={"name": "namespaces"}):
+            with contextlib.suppress(CollectionInvalid):
+                await self.meta.create_collection("namespaces")
         async for doc in self.meta["branches"].find():
             branch = Branch.from_doc(doc)
             self.branches[branch.name] = branch
@@ -278,6 +287,12 @@ class Engine:
             # it starts from a state no write is half-way through.
             async with self.reading(self.chain(self.branches[parent]) if parent != MAIN
                                     else []):
+                if parent != MAIN and self.txns.holding(self.branches[parent].bid):
+                    # Its writes are not preserved for children: a child forked now would
+                    # see them appear at the commit.
+                    raise BranchError(Kind.CONFLICT,
+                                      f"branch {parent!r} has a multi-document transaction "
+                                      "in progress; retry once it commits or aborts")
                 branch = await self._fork(name, parent, port, mode, progress)
                 if then is not None:
                     try:
@@ -389,6 +404,8 @@ class Engine:
         # finishes (it needs the lock) instead of stalling the drop.
         if self.ports is not None:
             await self.ports.close(branch)
+        # Its clients cannot commit any more: their transactions would hold its lock.
+        await self.txns.abort_branch(branch)
         async with self.writing(branch):
             await self._forget(branch)
         self._locks.pop(branch.bid, None)
@@ -441,6 +458,12 @@ class Engine:
                 out.append(state)
                 if state.detached:
                     break  # nothing above shows through (snapshot.freeze)
+        if SESSION.get() is not None:
+            # In a transaction the hidden sets are read in its snapshot, on the server:
+            # the caches hold what was committed since (txn.py).
+            out = [copy.copy(state) for state in out]
+            for state in out:
+                state.hidden_ids = None
         return out
 
     async def ensure_state(self, branch: Branch, db: str, coll: str, run: Runner) -> NsState:
@@ -459,8 +482,9 @@ class Engine:
             if views.enforced([NsState(branch.bid, db, coll, options=options)]):
                 state.options, state.options_base = options, dict(options)
         await self._create_overlay(state, indexes, run, views.enforced([state, *layers]))
-        await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(), upsert=True)
+        await self.save_state(state)
         self.states[state.key] = state
+        self.txns.created(state)
         return state
 
     async def _base_options(self, db: str, coll: str) -> dict[str, Any]:
@@ -475,8 +499,21 @@ class Engine:
         """The overlay's collections, with the view's indexes and the validation the
         branch (or an ancestor) set with collMod (`enforced`), so that the upstream
         validates the branch's writes."""
+        if SESSION.get() is not None:
+            # In a transaction an error aborts it, NamespaceExists too: create only what
+            # is not there (an overlay left by an earlier run is complete).
+            with outside_transaction():
+                reply = await run.reply(state.db, {"listCollections": 1, "nameOnly": True,
+                                                   "filter": {"name": {"$in": [
+                                                       state.live, state.hidden]}}})
+            if reply.get("ok") and reply["cursor"]["firstBatch"]:
+                return
         for name in (state.live, state.hidden):
-            reply = await run.reply(state.db, {"create": name})
+            # The validation goes in with the live collection's creation: no collMod
+            # (which a client may not be allowed, and no transaction may run).
+            create = {"create": name, **(enforced or {})} if name == state.live \
+                else {"create": name}
+            reply = await run.reply(state.db, create)
             if reply.get("code") == 13:
                 raise error_from(reply)  # the caller may not write here: mongod's refusal
             if not reply.get("ok") and reply.get("code") != 48:
@@ -485,9 +522,6 @@ class Engine:
         specs = [overlay_index(ix) for ix in indexes if ix.get("name") != "_id_"]
         if specs:
             await run(state.db, {"createIndexes": state.live, "indexes": specs})
-        if enforced:
-            # The proxy's own connection: a client may write without the right to collMod.
-            await self.pool(state.db, {"collMod": state.live, **enforced})
 
     async def view_indexes(self, branch: Branch, db: str, coll: str,
                            run: Runner) -> list[dict[str, Any]]:
@@ -497,7 +531,10 @@ class Engine:
                 return list(layer.indexes)
             if layer.base_dropped:
                 return [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
-        reply = await run.reply(db, {"listIndexes": coll})
+        # Outside a transaction: mongod runs no listIndexes in one, and a branch's indexes
+        # do not change inside one (DDL is refused there).
+        with outside_transaction():
+            reply = await run.reply(db, {"listIndexes": coll})
         if not reply.get("ok"):
             # Not in the base: a collection the branch creates starts with _id only.
             return [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
@@ -507,7 +544,9 @@ class Engine:
         await self.meta["branches"].replace_one({"_id": branch.name}, branch.to_doc())
 
     async def save_state(self, state: NsState) -> None:
-        await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(), upsert=True)
+        """In a transaction (txn.py), in it: the state changes with the overlay."""
+        await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(),
+                                                  upsert=True, session=SESSION.get())
 
     # -- writes -------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -516,6 +555,17 @@ class Engine:
         """Serializes a branch's writes so its overlay and WAL advance together; writes
         on one document each (point: its (namespace, idkey)) only against writes on the
         same document and against everything else (locks.py)."""
+        txn = CURRENT.get()
+        if txn is not None and txn.branch.bid == branch.bid:
+            # A transaction holds the lock exclusively from its first write to its end;
+            # its writes show nowhere before its commit, which holds the fence (txn.py).
+            # Its first write takes the lock under the fence: a fork under way (it holds
+            # the fence as a reader) ends first, and none starts once it is held.
+            if not txn.locked:
+                async with self.fence(branch.bid).hold("w"):
+                    await self.txns.lock(txn)
+            yield
+            return
         lock = self.branch_lock(branch.bid)
         async with lock.exclusive() if point is None else lock.shared(point), \
                 self.fence(branch.bid).hold("w"):
@@ -597,7 +647,13 @@ class Engine:
                           preserve: bool = True) -> int:
         """Log a branch's changes; first (preserve) its children keep what they showed of
         the documents changed (snapshot.py): the caller holds the branch's fence."""
-        if preserve:
+        current = CURRENT.get()
+        if preserve and current is not None and current.branch.bid == branch.bid:
+            # Preserved at the commit (txn.py); kept only for children there are (none
+            # can be forked once the transaction writes).
+            if any(b.parent == branch.name for b in self.branches.values()):
+                current.defer(changes)
+        elif preserve:
             await snapshot.preserve(self, branch.name, changes)
         return await self.wal.append(branch.bid, changes, client, txn, reply)
 

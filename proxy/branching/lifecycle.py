@@ -228,6 +228,8 @@ async def drop(engine: Engine, name: str, *, force: bool = False, purge: bool = 
             return {"deleted": name}
         if engine.ports is not None:
             await engine.ports.close(branch)
+        # Its clients cannot end their transactions any more: those would hold its lock.
+        await engine.txns.abort_branch(branch)
         async with engine.writing(branch):
             branch.deleted_at = _now()
             await engine.meta["branches"].update_one(
@@ -245,6 +247,7 @@ async def _purge_tree(engine: Engine, branch: Branch, why: str) -> None:
         await _purge_tree(engine, engine.branches[kid], f"its parent {branch.name} was purged")
     if engine.ports is not None:
         await engine.ports.close(branch)  # a no-op unless it was still live
+    await engine.txns.abort_branch(branch)
     async with engine.writing(branch):
         await engine._forget(branch)
     engine._locks.pop(branch.bid, None)
@@ -310,6 +313,7 @@ async def refresh(engine: Engine, name: str, force: bool = False) -> Branch:
             raise BranchError(Kind.CONFLICT, f"branch {name!r} is being copied or migrated; retry")
         if engine.ports is not None:
             await engine.ports.close(branch)
+        await engine.txns.abort_branch(branch)  # its changes are discarded anyway
         try:
             fresh = await _refork(engine, branch)
         finally:

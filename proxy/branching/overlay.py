@@ -23,8 +23,9 @@ from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
-from proxy.branching.runner import Runner, error_from
+from proxy.branching.runner import SESSION, Runner, error_from, outside_transaction
 from proxy.branching.stages import documents_stage
+from proxy.branching.txn import in_transaction
 from proxy.branching.wal import PUT, Change
 from proxy.wire.bsonutil import same
 from proxy.wire.codes import Code
@@ -34,7 +35,10 @@ BATCH = 1000
 
 def txn_of(cmd: dict[str, Any]) -> dict[str, Any] | None:
     """A retryable write's identity (lsid + txnNumber), under which the engine remembers
-    its reply; None for a write no driver retries."""
+    its reply; None for a write no driver retries, and for a statement of a multi-document
+    transaction (its txnNumber is the transaction's, which the commit answers for)."""
+    if in_transaction(cmd):
+        return None
     if "txnNumber" in cmd and isinstance(cmd.get("lsid"), dict):
         return {"lsid": cmd["lsid"].get("id"), "n": cmd["txnNumber"]}
     return None
@@ -189,6 +193,8 @@ class Writer:
         a write on the client's (the hidden-id collection is the proxy's own)."""
         if not ids:
             return []
+        if SESSION.get() is not None:
+            return await self._hide_in_transaction(ids, pooled)
         cmd = {"insert": self.state.hidden, "documents": [{"_id": i} for i in ids],
                "ordered": False}
         # Not pooled, the hide runs on the client's connection: the upstream judges its
@@ -203,6 +209,18 @@ class Writer:
         self.state.hide([i for n, i in enumerate(ids)
                          if errors.get(n, Code.DUPLICATE_KEY) == Code.DUPLICATE_KEY])
         return [i for n, i in enumerate(ids) if n not in errors]
+
+    async def _hide_in_transaction(self, ids: list[Any], pooled: bool) -> list[Any]:
+        """`hide` inside a transaction, where a duplicate key error would abort it (on
+        mongod and SecantusDB alike): an upsert per id, which hides it or finds it hidden."""
+        cmd = {"update": self.state.hidden, "updates": [
+            {"q": {"_id": {"$eq": i}}, "u": {}, "upsert": True} for i in ids]}
+        reply = await (self.engine.pool.reply(self.db, cmd) if pooled else self.run(cmd))
+        if not reply.get("ok") or reply.get("writeErrors"):
+            raise error_from(reply if not reply.get("writeErrors")
+                             else {**reply["writeErrors"][0], "ok": 0.0})
+        self.state.hide(ids)
+        return [ids[u["index"]] for u in reply.get("upserted", [])]
 
     async def unhide_pooled(self, ids: list[Any]) -> None:
         """Undo a pooled hide whose companion write on the client's connection failed (it
@@ -240,6 +258,15 @@ class Writer:
             return []
         ids = [d["_id"] for d in fresh]
         copy = {"insert": self.state.live, "documents": fresh, "ordered": False}
+        if SESSION.get() is not None:
+            # In a transaction both run in one upstream session, one command at a time;
+            # a failure aborts the whole transaction, so nothing is left to undo.
+            await self.hide(ids, pooled=True)
+            if views.enforced(self.layers):
+                await self._copy_validated(copy)
+            else:
+                await self.check(copy)
+            return ids
         hidden, copied = await asyncio.gather(
             self.hide(ids, pooled=True),
             self._copy_validated(copy) if views.enforced(self.layers) else self.check(copy),
@@ -379,10 +406,16 @@ async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: s
     collection's overlay made ready (and children given what they saw of it first)."""
     # Point writes on other ids may be setting up the same collection at the same time.
     async with engine.branch_lock(branch.bid).setup:
-        await snapshot.before_collection_write(engine, branch, db, coll)
+        with outside_transaction():
+            await snapshot.before_collection_write(engine, branch, db, coll)
+        # In a transaction (txn.py) a new overlay is created in it (an abort leaves no
+        # overlay behind), and the collection exists once it commits; the dirty marker
+        # changes no view and is set outside it.
         state = await engine.ensure_state(branch, db, coll, runner)
-        await engine.mark_dirty(state)
-        if state.present is not True:
+        with outside_transaction():
+            await engine.mark_dirty(state)
+        engine.txns.set_aside(state)
+        if state.present is not True and not await engine.txns.creating(state):
             state.present = True
             await engine.save_state(state)
     return Writer(engine, branch, runner, db, coll, state, cmd, client)

@@ -264,7 +264,10 @@ def plan_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
         return plan(PlanKind.POINT, f"an _id equality on an id a layer owns (hides, or holds "
                     f"over a dropped base): only {point[0].coll} can hold it", point, command)
     every = sources(coll, layers, skip_top_live)
-    if len(every) == 1 and not every[0].hidden:
+    # A hidden set too large to cache (None) is no empty one: sources() leaves it out.
+    filtering = next((i for i, layer in enumerate(layers) if layer.base_dropped), len(layers))
+    if len(every) == 1 and not every[0].hidden and \
+            all(layer.hidden_ids is not None for layer in layers[:filtering]):
         one = every[0].coll
         command = {"find": one, **{k: v for k, v in cmd.items()
                                    if k not in ("find", "$db", "singleBatch")}}

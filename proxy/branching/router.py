@@ -18,6 +18,7 @@ from proxy.branching.commands import (
     hints,
     mainwrite,
     read,
+    transactions,
     validate,
     viewdefs,
     write,
@@ -26,7 +27,8 @@ from proxy.branching.commands.base import Handler, Request, in_mongod_order
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch
-from proxy.branching.runner import Runner
+from proxy.branching.runner import FAILED, Runner
+from proxy.branching.txn import first_failure, in_transaction, no_such, transient
 from proxy.net.router import Context, Continued
 from proxy.wire.codes import Code
 from proxy.wire.opmsg import EXHAUST_ALLOWED, OpMsg
@@ -67,8 +69,18 @@ BRANCH: dict[str, Handler] = {
     "dropIndexes": viewdefs.not_on_views(ddl.drop_indexes),
     "deleteIndexes": viewdefs.not_on_views(ddl.drop_indexes),
     "validate": viewdefs.not_on_views(validate.validate),
+    "commitTransaction": transactions.commit_transaction,
+    "abortTransaction": transactions.abort_transaction,
     **ADMIN,
 }
+
+# The end of a transaction: served without the branch's fences (it runs no statement).
+TXN_END = frozenset({"commitTransaction", "abortTransaction"})
+
+# What a multi-document transaction on a branch may run (mongod refuses DDL, counts and
+# catalog reads in one too, bar the collection creation of 4.4+, which a branch refuses).
+IN_TXN = frozenset({"find", "aggregate", "distinct", "insert", "update", "delete",
+                    "findAndModify", "findandmodify", "getMore", "killCursors"})
 
 # On the main port: writes are routed here only while main has child branches
 # (mainwrite.NAMES); otherwise they stay on the pass-through fast path.
@@ -94,8 +106,8 @@ FORWARDED = frozenset({
     "ping", "buildInfo", "buildinfo", "saslStart", "saslContinue",
     "authenticate", "logout", "endSessions", "startSession", "refreshSessions", "killSessions",
     "killAllSessions", "serverStatus", "hostInfo", "whatsmyuri", "getLog", "getParameter",
-    "connectionStatus", "getCmdLineOpts", "listDatabases", "commitTransaction",
-    "abortTransaction", "getDefaultRWConcern", "features", "lockInfo", "currentOp", "killOp",
+    "connectionStatus", "getCmdLineOpts", "listDatabases", "getDefaultRWConcern", "features",
+    "lockInfo", "currentOp", "killOp",
     "usersInfo", "rolesInfo", "atlasVersion", "getFreeMonitoringStatus", "listCommands",
     "dbStats", "connPoolStats", "isMaster", "ismaster", "hello",
     # Test-only commands (an upstream started with enableTestCommands): they set
@@ -186,8 +198,10 @@ class EngineRouter:
                       Runner(ctx.upstream_command, ctx.upstream_commands), db, cmd)
         if name in audit.WIRE_OPS:
             return await self._audited(name, ctx, handler, req)
-        if branch is None or name in ADMIN:
+        if branch is None or name in ADMIN or name in TXN_END:
             return await handler(req)
+        if in_transaction(cmd):
+            return await self._in_transaction(ctx, branch, name, handler, req)
         if name == "getMore" and changestream.held(req):
             return await handler(req)  # a change stream reads only the WAL
         if name == "getMore" and self.engine.cursors.tailing(cmd.get("getMore")):
@@ -206,6 +220,67 @@ class EngineRouter:
             if not checked:
                 return await handler(req)
             return await self._read(branch, handler, req)
+
+    async def _in_transaction(self, ctx: Context, branch: Branch, name: str,
+                              handler: Handler, req: Request) -> dict[str, Any]:
+        """A statement of a multi-document transaction: every upstream call it makes runs
+        in the transaction's session (txn.py), on the engine's client. A statement that
+        fails aborts the transaction, as on mongod."""
+        if ctx.client_authenticated:
+            # The transaction's session is the engine's, and runs as the URI's user: the
+            # client's own privileges could not judge its statements.
+            raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+                               "multi-document transactions on a branch port are supported "
+                               "only for clients running as the proxy's --upstream user, not "
+                               f"for a client that authenticated itself (branch "
+                               f"{branch.name!r}, mongobranch)")
+        txns = self.engine.txns
+        txn = await txns.enter(branch, req.cmd)
+        req.run = self.engine.pool
+        failed: list[dict[str, Any]] = []
+        async with txn.mutex:
+            if txn.ended:
+                raise no_such(f"Transaction with txnNumber {txn.key[1]} has been aborted")
+            token = FAILED.set(failed)
+            try:
+                if name not in IN_TXN:
+                    raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+                                       f"Cannot run '{name}' in a multi-document transaction "
+                                       f"on branch {branch.name!r}")
+                with txns.active(txn):
+                    if txn.begun:
+                        # The upstream snapshot is set: no write of an ancestor (nor of
+                        # main, preserved by the capture) half-preserved can show in it,
+                        # and waiting for their fences or the capture here could wait
+                        # for this transaction's own lock (the capture's copy-up does).
+                        reply = await self._txn_statement(handler, req)
+                    else:
+                        async with self.engine.reading(self.engine.ancestors(branch),
+                                                       exact=name not in CURSOR_OPS):
+                            await txns.begin(txn)
+                            reply = await self._txn_statement(handler, req)
+            except CommandError as exc:
+                await txns.abort_held(txn)
+                raise transient(first_failure(failed) or exc) from None
+            except BaseException:
+                await txns.abort_held(txn)
+                raise
+            finally:
+                FAILED.reset(token)
+            if not reply.get("ok") or reply.get("writeErrors"):
+                await txns.abort_held(txn)
+            elif failed:  # an error the handler got past: the upstream transaction is over
+                await txns.abort_held(txn)
+                raise transient(first_failure(failed) or no_such("transaction aborted"))
+        return reply
+
+    @staticmethod
+    async def _txn_statement(handler: Handler, req: Request) -> dict[str, Any]:
+        await hints.check(req)
+        reply = await handler(req)
+        if reply is None:  # what a branch forwards, run in the session
+            reply = await req.run.reply(req.db, req.cmd)
+        return reply
 
     def _checked_read(self, name: str, cmd: dict[str, Any]) -> bool:
         capture = self.engine.capture

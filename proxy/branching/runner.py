@@ -3,11 +3,14 @@ and for the engine's pooled client, with cursors drained in batches."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import OperationFailure
 
 from proxy.wire.errors import CommandError
@@ -87,16 +90,56 @@ def error_from(reply: dict[str, Any]) -> CommandError:
                         code_name=str(reply.get("codeName", "UnknownError")), **extra)
 
 
+# The upstream transaction a client's multi-document transaction on a branch runs in
+# (txn.py): while set, every command of the engine's pool (and every WAL insert) runs in
+# it, so the overlay writes and their WAL entries commit together or not at all.
+SESSION: ContextVar[AsyncClientSession | None] = ContextVar("mongobranch_session",
+                                                            default=None)
+
+# The upstream's failures within the current statement of a transaction, first first:
+# any of them aborted the upstream transaction, so what the engine ran after it failed
+# with NoSuchTransaction, and the client is told the first instead (router.py).
+FAILED: ContextVar[list[dict[str, Any]] | None] = ContextVar("mongobranch_failed",
+                                                             default=None)
+
+
+def _note(reply: dict[str, Any]) -> dict[str, Any]:
+    failed = FAILED.get()
+    if failed is not None and (not reply.get("ok") or reply.get("writeErrors")):
+        failed.append(reply)
+    return reply
+
+
+# A client's own session fields: in a transaction the engine's session sets its own.
+CLIENT_SESSION_FIELDS = ("lsid", "txnNumber", "autocommit", "startTransaction", "$clusterTime",
+                         "readConcern", "writeConcern", "$db", "$readPreference")
+
+
+@contextmanager
+def outside_transaction() -> Iterator[None]:
+    """Runs the engine's pool outside the current transaction, for set-up that must
+    outlive an abort (an overlay collection, a dirty marker, an LSN block)."""
+    token = SESSION.set(None)
+    try:
+        yield
+    finally:
+        SESSION.reset(token)
+
+
 def pooled(client: AsyncMongoClient[dict[str, Any]]) -> Runner:
     async def raw(db: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        session = SESSION.get()
         try:
+            if session is not None:
+                cmd = {k: v for k, v in cmd.items() if k not in CLIENT_SESSION_FIELDS}
+                return _note(await client[db].command(cmd, session=session))
             return await client[db].command(cmd)
         except OperationFailure as exc:
             details = dict(exc.details or {})
             details.setdefault("ok", 0.0)
             details.setdefault("errmsg", str(exc))
             details.setdefault("code", exc.code or 8)
-            return details
+            return _note(details) if session is not None else details
 
     return Runner(raw)
 
@@ -110,6 +153,7 @@ class SystemContext:
     user: str | None = None
     connection_id: int = 0
     peer: str = "mongobranch"
+    client_authenticated: bool = False
 
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("system requests run on the engine's pool")

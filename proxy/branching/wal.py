@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,12 @@ from bson.timestamp import Timestamp
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.errors import BulkWriteError, DocumentTooLarge
 
+from proxy.branching.runner import SESSION
 from proxy.wire.bsonutil import CODEC
+
+# While a transaction's statement runs (txn.py): the first LSNs of its appends, which
+# stay in flight until it ends (settled() stops below them).
+PINNED: ContextVar[list[int] | None] = ContextVar("mongobranch_pinned", default=None)
 
 # The largest WAL entry stored as it is (mongod's BSON limit, as pymongo checks it).
 MAX_ENTRY = 16 * 1024 * 1024
@@ -157,6 +163,14 @@ class Wal:
             return min(self._inflight) - 1
         return self._issued
 
+    def release(self, firsts: list[int]) -> None:
+        """A transaction's appends (`PINNED`) are stored or gone: it committed or aborted."""
+        if not firsts:
+            return
+        self._inflight.difference_update(firsts)
+        self._appended.set()
+        self._appended = asyncio.Event()
+
     def tick(self) -> asyncio.Event:
         """Set at the next append's end: take it before looking at the log, then wait."""
         return self._appended
@@ -182,10 +196,16 @@ class Wal:
         first = await self.reserve(total)
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         self._inflight.add(first)
+        # In a transaction the entries are stored once it commits: the append stays in
+        # flight until then (`release`), so that readers following the log wait for it.
+        pinned = PINNED.get() if SESSION.get() is not None else None
         try:
             return await self._append(first, total, now, groups, client, txn, reply)
         finally:
-            self._inflight.discard(first)
+            if pinned is not None:
+                pinned.append(first)
+            else:
+                self._inflight.discard(first)
             for bid, changes in groups:
                 if changes:
                     self.last[bid] = max(self.last.get(bid, 0), first + total - 1)
@@ -219,7 +239,7 @@ class Wal:
         if txn is not None and reply is not None:
             docs[-1]["reply"] = reply
         try:
-            await self.entries.insert_many(docs, ordered=True)
+            await self.entries.insert_many(docs, ordered=True, session=SESSION.get())
         except DocumentTooLarge:  # pymongo's own size check
             await self._insert_fitted(docs)
         except BulkWriteError as exc:  # the server's (BSONObjectTooLarge)
@@ -243,7 +263,7 @@ class Wal:
                     doc[which + "z"] = z
                     del doc[which]
         try:
-            await self.entries.insert_many(docs, ordered=False)
+            await self.entries.insert_many(docs, ordered=False, session=SESSION.get())
         except BulkWriteError as exc:
             if any(err.get("code") != 11000 for err in exc.details.get("writeErrors", [])):
                 raise

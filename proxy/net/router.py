@@ -28,6 +28,8 @@ class Context(Protocol):
     app_name: str | None
     user: str | None
     peer: str
+    # Whether the client authenticated itself (else it runs as the --upstream URI's user).
+    client_authenticated: bool
 
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         """Run a command on this client's own upstream connection."""

@@ -1,5 +1,5 @@
 // Run by tests/test_go_java_clients.py: CRUD, a paged cursor, an aggregation, an index and
-// (where the port allows one) a transaction with the Go driver, connecting with no URI
+// (with "txn") a WithTransaction on the port, main or branch, with the Go driver, connecting with no URI
 // options. Usage: go run smoke.go URI DB [txn]. Prints one JSON line; exits 1 on failure.
 package main
 

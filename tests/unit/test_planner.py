@@ -120,6 +120,15 @@ def test_a_parent_view_that_hides_nothing_is_the_base_itself() -> None:
     assert plan.command == {"find": "items", "filter": {"x": 1}}
 
 
+def test_a_parent_view_whose_hidden_set_is_not_in_memory_is_the_union() -> None:
+    """A hidden set too large to cache (or set aside by a transaction, txn.py) may hide
+    anything: the parent view a write copies from excludes it on the server."""
+    plan = planner.plan_find(find(filter={"_id": {"$in": [3]}}), [layer("b1", None)],
+                             skip_top_live=True)
+    assert plan.kind is PlanKind.UNION
+    assert plan.command is not None and layer("b1").hidden in repr(plan.command)
+
+
 def test_finds_over_cached_hidden_sets_are_merged_from_every_collection() -> None:
     top, parent = layer("b2", [1]), layer("b1", [2])
     plan = planner.plan_find(find(filter={"x": 1}, sort={"x": -1}), [top, parent])

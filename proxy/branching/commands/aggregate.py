@@ -78,14 +78,16 @@ async def planned(req: Request, cmd: dict[str, Any]) -> planner.Plan:
 
 async def aggregate(req: Request) -> dict[str, Any] | None:
     if changestream.wanted(req.cmd):
+        req.reject_transactions()
         return await changestream.open_stream(req)
-    req.reject_transactions()
     pipeline = req.cmd.get("pipeline")
     target = _out_target(req, pipeline) if isinstance(pipeline, list) else None
     if target is not None:
+        req.reject_transactions()
         return await _aggregate_out(req, target)
     merge_spec = _merge_spec(req, pipeline) if isinstance(pipeline, list) else None
     if merge_spec is not None:
+        req.reject_transactions()
         return await _aggregate_merge(req, merge_spec)
     cmd = req.cmd
     source = cmd.get("aggregate")

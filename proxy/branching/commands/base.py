@@ -50,8 +50,15 @@ class Request:
         return not_supported(what, self.on_branch.name)
 
     def reject_transactions(self) -> None:
+        """For what a transaction on a branch cannot hold (docs/ARCHITECTURE.md,
+        "Transactions"): the router refuses most of it by command name."""
         if self.cmd.get("autocommit") is False or self.cmd.get("startTransaction"):
-            raise self.unsupported("a multi-document transaction")
+            raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+                               f"{self.name} with $out, $merge or $changeStream cannot run in a "
+                               f"multi-document transaction on branch {self.on_branch.name!r}"
+                               if self.name == "aggregate" else
+                               f"{self.name} cannot run in a multi-document transaction on "
+                               f"branch {self.on_branch.name!r}")
 
 
 def carry(src: dict[str, Any], dst: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:

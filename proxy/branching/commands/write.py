@@ -16,6 +16,7 @@ from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
 from proxy.branching.overlay import BATCH, Writer, dup_key_error
+from proxy.branching.runner import SESSION
 from proxy.branching.wal import DELETE, PUT, Change
 from proxy.wire.codes import Code
 
@@ -35,7 +36,6 @@ async def _handle(req: Request, statements: Statements, body: Body, *,
     still waits for that lock or runs, and must then repeat its outcome, not apply it
     again) and the collection's overlay made ready."""
     coll = coll_name(req)
-    req.reject_transactions()
     if (done := _recalled(req)) is not None:
         return done
     stmts = statements(req)
@@ -121,10 +121,14 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
             # New ids hide nothing of the parent yet, so hiding them can run beside the
             # insert; ids that did not land are un-hidden after.
             tried = [d["_id"] for _, d in batch]
-            reply, hid = await asyncio.gather(
-                writer.run({"insert": writer.state.live, "ordered": ordered,
-                            "documents": [d for _, d in batch]}),
-                writer.hide(tried, pooled=True))
+            insert = {"insert": writer.state.live, "ordered": ordered,
+                      "documents": [d for _, d in batch]}
+            if SESSION.get() is None:
+                reply, hid = await asyncio.gather(writer.run(insert),
+                                                  writer.hide(tried, pooled=True))
+            else:  # one upstream session (a transaction) runs one command at a time
+                reply = await writer.run(insert)
+                hid = await writer.hide(tried, pooled=True)
             if not reply.get("ok"):
                 await writer.unhide_pooled(hid)  # the insert failed as a whole
                 return reply

@@ -1,0 +1,574 @@
+"""Multi-document transactions on a branch port (docs/ARCHITECTURE.md, "Transactions"):
+one upstream transaction per client transaction, so the overlay writes and the WAL
+entries commit together or not at all, isolated from other clients until the commit."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import Int64
+from pymongo import MongoClient
+from pymongo.client_session import ClientSession
+from pymongo.errors import OperationFailure
+from pymongo.read_concern import ReadConcern
+
+from tests.branchutil import Branches, branches, unique
+from tests.historyutil import entries
+from tests.servers import ProxyProcess, Secantus
+from tests.test_node_clients import NODE_DIR, run_json
+
+
+@pytest.fixture()
+def setup(proxy: ProxyProcess, direct: MongoClient, made: Branches, db_name: str
+          ) -> Iterator[tuple[dict[str, Any], MongoClient, MongoClient]]:
+    """A branch of main over two collections; its client and a second client."""
+    base = direct[db_name]
+    base.people.insert_many([{"_id": i, "n": i} for i in range(5)])
+    base.orders.insert_many([{"_id": i, "person": i, "total": 10 * i} for i in range(3)])
+    branch = made.create()
+    one, two = made.client(branch), made.client(branch)
+    yield branch, one, two
+    one.close()
+    two.close()
+
+
+def _state(db: Any) -> dict[str, list[dict[str, Any]]]:
+    return {c: list(db[c].find({}, sort=[("_id", 1)])) for c in ("people", "orders")}
+
+
+def _work(db: Any, session: ClientSession) -> None:
+    """Inserts, updates and deletes in two collections, with reads in between."""
+    db.people.insert_one({"_id": 10, "n": 10}, session=session)
+    db.people.update_one({"_id": 1}, {"$set": {"n": 100}}, session=session)
+    db.people.delete_one({"_id": 2}, session=session)
+    db.orders.insert_one({"_id": 10, "person": 10, "total": 5}, session=session)
+    db.orders.update_many({"total": {"$gte": 10}}, {"$inc": {"total": 1}}, session=session)
+    db.orders.delete_one({"_id": 0}, session=session)
+    # The transaction reads its own writes, by _id and by scans, in both collections.
+    assert db.people.find_one({"_id": 10}, session=session) == {"_id": 10, "n": 10}
+    assert db.people.find_one({"_id": 2}, session=session) is None
+    assert db.people.count_documents({}, session=session) == 5
+    assert [d["total"] for d in db.orders.find({}, sort=[("_id", 1)], session=session)] \
+        == [11, 21, 5]
+    assert db.people.find_one({"_id": 1}, session=session)["n"] == 100
+
+
+EXPECTED = {
+    "people": [{"_id": 0, "n": 0}, {"_id": 1, "n": 100}, {"_id": 3, "n": 3},
+               {"_id": 4, "n": 4}, {"_id": 10, "n": 10}],
+    "orders": [{"_id": 1, "person": 1, "total": 11}, {"_id": 2, "person": 2, "total": 21},
+               {"_id": 10, "person": 10, "total": 5}],
+}
+
+
+def test_commit_makes_every_write_visible_at_once(
+        proxy: ProxyProcess, direct: MongoClient, setup: Any, db_name: str) -> None:
+    branch, one, two = setup
+    before = _state(two[db_name])
+    logged = len(entries(proxy, branch["name"]))
+    with one.start_session() as session, session.start_transaction():
+        _work(one[db_name], session)
+        # Isolation: another client, and the same client outside the session, see none
+        # of it before the commit; neither does the WAL.
+        assert _state(two[db_name]) == before
+        assert _state(one[db_name]) == before
+        assert len(entries(proxy, branch["name"])) == logged
+    assert _state(two[db_name]) == EXPECTED
+    ops = sorted((e["ns"].split(".")[1], e["op"], e["_id"])
+                 for e in entries(proxy, branch["name"])[:7])
+    assert len(entries(proxy, branch["name"])) == logged + 7
+    assert ops == sorted([("people", "put", 10), ("people", "put", 1),
+                          ("people", "delete", 2), ("orders", "put", 10),
+                          ("orders", "put", 1), ("orders", "put", 2),
+                          ("orders", "delete", 0)])
+    # Main is unchanged.
+    assert _state(direct[db_name]) == before
+
+
+def test_abort_leaves_no_trace(proxy: ProxyProcess, direct: MongoClient, setup: Any,
+                               db_name: str) -> None:
+    branch, one, two = setup
+    # A change before the transaction: the overlay exists and has content to keep.
+    one[db_name].people.update_one({"_id": 4}, {"$set": {"n": 44}})
+    before = _state(two[db_name])
+    logged = entries(proxy, branch["name"])
+    overlays = {c: list(direct[db_name][c].find({}, sort=[("_id", 1)]))
+                for c in direct[db_name].list_collection_names() if c.startswith("__mb_")}
+    with one.start_session() as session:
+        session.start_transaction()
+        _work(one[db_name], session)
+        session.abort_transaction()
+    assert _state(two[db_name]) == before
+    assert _state(one[db_name]) == before
+    assert entries(proxy, branch["name"]) == logged
+    assert {c: list(direct[db_name][c].find({}, sort=[("_id", 1)]))
+            for c in direct[db_name].list_collection_names() if c.startswith("__mb_")} \
+        == overlays
+    # The branch keeps working as before, also after a restart-free reuse of the ids.
+    one[db_name].people.insert_one({"_id": 10, "n": -10})
+    assert one[db_name].people.find_one({"_id": 10}) == {"_id": 10, "n": -10}
+
+
+def test_with_transaction_retries_and_commits(proxy: ProxyProcess, setup: Any,
+                                              db_name: str) -> None:
+    _, one, two = setup
+    calls = []
+
+    def callback(session: ClientSession) -> None:
+        calls.append(1)
+        _work(one[db_name], session)
+
+    with one.start_session() as session:
+        session.with_transaction(callback)
+    assert calls == [1]
+    assert _state(two[db_name]) == EXPECTED
+
+
+def test_a_failed_statement_aborts_the_transaction(setup: Any, db_name: str) -> None:
+    _, one, two = setup
+    before = _state(two[db_name])
+    with one.start_session() as session:
+        session.start_transaction()
+        db = one[db_name]
+        db.people.insert_one({"_id": 20, "n": 20}, session=session)
+        with pytest.raises(OperationFailure):
+            db.people.insert_one({"_id": 3, "n": 0}, session=session)  # in the base
+        with pytest.raises(OperationFailure) as info:
+            session.commit_transaction()
+        assert info.value.code == 251
+        assert info.value.has_error_label("TransientTransactionError")
+    assert _state(two[db_name]) == before
+
+
+def test_commit_retried_and_unknown_transactions(setup: Any, db_name: str) -> None:
+    _, one, _ = setup
+    db = one[db_name]
+    admin = one.admin
+    lsid = {"id": one.start_session().session_id["id"]}
+    db.command({"insert": "people", "documents": [{"_id": 30}], "lsid": lsid,
+                "txnNumber": Int64(1), "startTransaction": True, "autocommit": False})
+    commit = {"commitTransaction": 1, "lsid": lsid, "txnNumber": Int64(1),
+              "autocommit": False}
+    assert admin.command(commit)["ok"] == 1.0
+    assert admin.command(commit)["ok"] == 1.0  # a retried commit answers ok again
+    assert db.people.find_one({"_id": 30}) == {"_id": 30}
+    with pytest.raises(OperationFailure) as info:
+        admin.command({"abortTransaction": 1, "lsid": lsid, "txnNumber": Int64(7),
+                       "autocommit": False})
+    assert info.value.code == 251 and info.value.details["codeName"] == "NoSuchTransaction"
+    assert "TransientTransactionError" in info.value.details["errorLabels"]
+    with pytest.raises(OperationFailure) as info:
+        db.command({"find": "people", "lsid": lsid, "txnNumber": Int64(8),
+                    "autocommit": False})
+    assert info.value.code == 251
+    with pytest.raises(OperationFailure) as info:
+        db.command({"create": unique("c"), "lsid": lsid, "txnNumber": Int64(9),
+                    "startTransaction": True, "autocommit": False})
+    assert info.value.code == 263
+
+
+def test_a_second_transactions_write_waits_then_conflicts(setup: Any, db_name: str) -> None:
+    """One transaction holds the branch from its first write: another transaction's
+    write fails with a retryable WriteConflict; once the first ends, it goes through."""
+    _, one, two = setup
+    with one.start_session() as first, two.start_session() as second:
+        first.start_transaction()
+        one[db_name].people.insert_one({"_id": 40}, session=first)
+        second.start_transaction()
+        with pytest.raises(OperationFailure) as info:
+            two[db_name].orders.insert_one({"_id": 40}, session=second)
+        assert info.value.code == 112
+        assert info.value.has_error_label("TransientTransactionError")
+        first.commit_transaction()
+        second.abort_transaction()
+        second.start_transaction()
+        two[db_name].orders.insert_one({"_id": 40}, session=second)
+        second.commit_transaction()
+    assert one[db_name].people.find_one({"_id": 40}) == {"_id": 40}
+    assert one[db_name].orders.find_one({"_id": 40}) == {"_id": 40}
+
+
+def test_a_plain_write_waits_for_the_transaction(setup: Any, db_name: str) -> None:
+    """A write outside any transaction waits while a transaction holds the branch, and
+    lands after its commit."""
+    _, one, two = setup
+    done = threading.Event()
+
+    def plain() -> None:
+        two[db_name].people.update_one({"_id": 0}, {"$set": {"n": "plain"}})
+        done.set()
+
+    with one.start_session() as session:
+        session.start_transaction()
+        one[db_name].people.update_one({"_id": 0}, {"$set": {"n": "txn"}}, session=session)
+        writer = threading.Thread(target=plain)
+        writer.start()
+        assert not done.is_set()  # held by the transaction's lock until the commit
+        session.commit_transaction()
+    writer.join(30)
+    assert done.is_set()
+    assert two[db_name].people.find_one({"_id": 0}) == {"_id": 0, "n": "plain"}
+
+
+def test_a_child_keeps_its_snapshot(proxy: ProxyProcess, made: Branches, setup: Any,
+                                     db_name: str) -> None:
+    """A child of the branch shows the branch as at its fork through a committed and an
+    aborted transaction: the commit copies the pre-images up into it, with the commit;
+    the abort copies nothing. A document the child changed itself meanwhile stays its."""
+    branch, one, _ = setup
+    one[db_name].people.update_one({"_id": 4}, {"$set": {"n": 44}})
+    kid = made.create(**{"from": branch["name"]})
+    kid_client = made.client(kid)
+    kid_db = kid_client[db_name]
+    seen = _state(kid_db)
+    kid_logged = len(entries(proxy, kid["name"]))
+    with one.start_session() as session:
+        session.start_transaction()
+        _work(one[db_name], session)
+        assert _state(kid_db) == seen
+        kid_db.people.update_one({"_id": 1}, {"$set": {"n": "kid"}})
+        kid_logged += 1
+        seen["people"][1] = {"_id": 1, "n": "kid"}
+        # No child may be forked from the branch while the transaction holds it.
+        status, reply = proxy.api("POST", "/branches", {"name": unique("kid"),
+                                                        "from": branch["name"]})
+        assert status == 409 and "transaction" in str(reply), reply
+        session.commit_transaction()
+    assert _state(one[db_name])["people"][4] == {"_id": 10, "n": 10}
+    assert _state(kid_db) == seen
+    kid_entries = entries(proxy, kid["name"])
+    # Kept: people 2 and 10 and orders 0, 1, 2 and 10 (not people 1, the child's own).
+    assert sorted(e["op"] for e in kid_entries[:len(kid_entries) - kid_logged]) \
+        == ["keep"] * 6
+    kid_logged = len(kid_entries)
+    with one.start_session() as session:
+        session.start_transaction()
+        one[db_name].people.update_one({"_id": 0}, {"$set": {"n": "gone"}}, session=session)
+        one[db_name].orders.delete_many({}, session=session)
+        session.abort_transaction()
+    assert _state(kid_db) == seen
+    assert len(entries(proxy, kid["name"])) == kid_logged
+    kid_client.close()
+
+
+def test_main_is_unaffected_and_reads_on_untouched_collections(
+        direct: MongoClient, made: Branches, db_name: str) -> None:
+    """A collection the branch never changed is read inside the transaction too (it
+    would be forwarded as it is outside one), with a snapshot read concern."""
+    direct[db_name].untouched.insert_one({"_id": 1})
+    one = made.client(made.create())
+    with one.start_session() as session, session.start_transaction(
+            read_concern=ReadConcern("snapshot")):
+        assert one[db_name].untouched.find_one({}, session=session) == {"_id": 1}
+        one[db_name].untouched.insert_one({"_id": 2}, session=session)
+        assert one[db_name].untouched.count_documents({}, session=session) == 2
+    assert direct[db_name].untouched.count_documents({}) == 1
+    assert one[db_name].untouched.count_documents({}) == 2
+    one.close()
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not on PATH")
+def test_node_driver_with_transaction_on_a_branch(direct: MongoClient, made: Branches,
+                                                  tmp_path: Path) -> None:
+    """tests/node/crud.js (CRUD, cursors, aggregation, `withTransaction`) on a branch
+    port: the transaction's insert lands on the branch only."""
+    main_had = direct["node_clients"]["items"].find_one({"_id": "txn"})
+    branch = made.create()
+    out = run_json(["node", "crud.js", branch["uri"]], cwd=NODE_DIR, home=tmp_path)
+    assert (out["updated"], out["deleted"], out["count"]) == (50, 50, 200)
+    assert out["txn"] == {"_id": "txn"}
+    assert direct["node_clients"]["items"].find_one({"_id": "txn"}) == main_had
+
+
+def test_an_abandoned_transaction_expires(upstream: Secantus, direct: MongoClient,
+                                          db_name: str) -> None:
+    """A transaction its client never ends (a crash, a lost connection) is aborted after
+    --transaction-lifetime: its lock is released, its writes are gone, its commit fails.
+    The plain write below blocks until then; nothing here depends on how long it takes."""
+    direct[db_name].people.insert_one({"_id": 1, "n": 1})
+    proc = ProxyProcess(upstream.uri, meta_db="mongobranch_txn_expiry",
+                        extra=["--transaction-lifetime", "1"]).start()
+    try:
+        with branches(proc) as made:
+            branch = made.create()
+            one, two = made.client(branch), made.client(branch)
+            logged = len(entries(proc, branch["name"]))
+            session = one.start_session()
+            session.start_transaction()
+            one[db_name].people.update_one({"_id": 1}, {"$set": {"n": "txn"}},
+                                           session=session)
+            two[db_name].people.insert_one({"_id": 2})  # waits for the expiry
+            with pytest.raises(OperationFailure) as info:
+                session.commit_transaction()
+            assert info.value.code == 251
+            assert one[db_name].people.find_one({"_id": 1}) == {"_id": 1, "n": 1}
+            assert [e["_id"] for e in entries(proc, branch["name"])][:1] == [2]
+            assert len(entries(proc, branch["name"])) == logged + 1
+            assert "aborting a transaction on branch" in proc.read_log()
+            session.end_session()
+            one.close()
+            two.close()
+    finally:
+        proc.stop()
+        direct.drop_database("mongobranch_txn_expiry")
+
+
+def test_transactions_on_a_copy_branch(direct: MongoClient, made: Branches,
+                                       db_name: str) -> None:
+    base = direct[db_name]
+    base.people.insert_many([{"_id": i, "n": i} for i in range(5)])
+    base.orders.insert_many([{"_id": i, "person": i, "total": 10 * i} for i in range(3)])
+    branch = made.create(mode="copy")
+    one, two = made.client(branch), made.client(branch)
+    before = _state(two[db_name])
+    with one.start_session() as session:
+        session.start_transaction()
+        _work(one[db_name], session)
+        session.abort_transaction()
+        assert _state(two[db_name]) == before
+        session.with_transaction(lambda s: _work(one[db_name], s))
+    assert _state(two[db_name]) == EXPECTED
+    assert _state(base) == before
+    one.close()
+    two.close()
+
+
+def test_what_a_transaction_cannot_hold_is_refused_and_ends_it(setup: Any,
+                                                               db_name: str) -> None:
+    """$out, DDL and catalog reads inside a transaction are refused (263) and, as on
+    mongod, the refusal aborts the transaction: nothing of it lands."""
+    _, one, two = setup
+    before = _state(two[db_name])
+    refusals = [
+        lambda db, s: list(db.people.aggregate([{"$out": "copy"}], session=s)),
+        lambda db, s: db.create_collection(unique("c"), session=s),
+        lambda db, s: db.list_collection_names(session=s),
+        lambda db, s: db.command("count", "people", session=s),
+    ]
+    for refuse in refusals:
+        with one.start_session() as session:
+            session.start_transaction()
+            one[db_name].people.insert_one({"_id": 60}, session=session)
+            with pytest.raises(OperationFailure) as info:
+                refuse(one[db_name], session)
+            assert info.value.code == 263, info.value.details
+            with pytest.raises(OperationFailure) as info:
+                one[db_name].people.insert_one({"_id": 61}, session=session)
+            assert info.value.code == 251
+            assert info.value.has_error_label("TransientTransactionError")
+        assert _state(two[db_name]) == before
+
+
+def test_errors_in_a_transaction_are_the_statements_own(setup: Any, db_name: str) -> None:
+    """A statement's error aborts the upstream transaction; the client hears that error
+    (not the NoSuchTransaction of what the proxy ran after it), naming its collection."""
+    _, one, two = setup
+    db = one[db_name]
+    before = _state(two[db_name])
+    with one.start_session() as session:
+        session.start_transaction()
+        db.people.insert_one({"_id": 70}, session=session)
+        with pytest.raises(OperationFailure) as info:
+            db.people.insert_one({"_id": 70}, session=session)
+        assert info.value.code == 11000
+        assert "__mb_" not in str(info.value) and ".people" in str(info.value)
+    with one.start_session() as session:
+        session.start_transaction()
+        db.people.update_one({"_id": 0}, {"$set": {"n": 1}}, session=session)
+        with pytest.raises(OperationFailure) as info:
+            db.people.update_one({"_id": 1}, {"$bogus": {"n": 1}}, session=session)
+        assert info.value.code not in (251, 1), info.value.details
+    assert _state(two[db_name]) == before
+
+
+def test_ids_hidden_before_or_within_the_transaction(setup: Any, db_name: str) -> None:
+    """Deleting then inserting an id, inside one transaction or across an earlier delete
+    of the branch, hides an id that is hidden already: no duplicate key error may abort
+    the transaction for it."""
+    _, one, two = setup
+    db = one[db_name]
+    db.people.delete_one({"_id": 4})
+    with one.start_session() as session, session.start_transaction():
+        db.people.delete_one({"_id": 3}, session=session)
+        db.people.insert_one({"_id": 3, "n": "again"}, session=session)
+        db.people.insert_one({"_id": 4, "n": "back"}, session=session)
+        db.people.delete_one({"_id": 4}, session=session)
+        db.people.insert_one({"_id": 4, "n": "back twice"}, session=session)
+    assert two[db_name].people.find_one({"_id": 3}) == {"_id": 3, "n": "again"}
+    assert two[db_name].people.find_one({"_id": 4}) == {"_id": 4, "n": "back twice"}
+
+
+def test_unique_indexes_upserts_and_merged_reads_in_a_transaction(
+        direct: MongoClient, made: Branches, db_name: str) -> None:
+    """The rest of the write path inside a transaction: a unique secondary index checked
+    across base and branch, an upsert, findAndModify, and a sorted read of a collection
+    the branch changed before the transaction (merged from base and overlay)."""
+    base = direct[db_name]
+    base.people.insert_many([{"_id": i, "email": f"p{i}@x"} for i in range(5)])
+    base.people.create_index("email", unique=True)
+    branch = made.create()
+    one = made.client(branch)
+    db = one[db_name]
+    db.people.update_one({"_id": 0}, {"$set": {"email": "zero@x"}})
+    with one.start_session() as session:
+        session.start_transaction()
+        assert [d["_id"] for d in db.people.find({}, sort=[("email", -1)],
+                                                 session=session)] == [0, 4, 3, 2, 1]
+        with pytest.raises(OperationFailure) as info:
+            db.people.insert_one({"_id": 10, "email": "p3@x"}, session=session)
+        assert info.value.code == 11000 and info.value.details["keyValue"] == {"email": "p3@x"}
+    with one.start_session() as session, session.start_transaction():
+        db.people.update_one({"_id": 11}, {"$set": {"email": "new@x"}}, upsert=True,
+                             session=session)
+        got = db.people.find_one_and_update({"_id": 1}, {"$set": {"email": "one@x"}},
+                                            session=session, return_document=True)
+        assert got == {"_id": 1, "email": "one@x"}
+        assert db.people.count_documents({"email": {"$regex": "@x"}}, session=session) == 6
+    assert db.people.find_one({"_id": 11}) == {"_id": 11, "email": "new@x"}
+    assert db.people.find_one({"_id": 1}) == {"_id": 1, "email": "one@x"}
+    assert base.people.find_one({"_id": 1}) == {"_id": 1, "email": "p1@x"}
+    one.close()
+
+
+def test_main_changing_during_a_transaction(client: MongoClient, made: Branches, setup: Any,
+                                            db_name: str) -> None:
+    """Main's writes during a transaction on a child of main: the capture preserves them
+    for the branch once the transaction lets go of it; the transaction reads on from its
+    snapshot meanwhile (it waits neither for the capture nor for main's fence), and the
+    branch keeps its snapshot of main across the commit."""
+    branch, _, two = setup
+    one: MongoClient = MongoClient(branch["uri"], socketTimeoutMS=30000)
+    db = one[db_name]
+    main_done = threading.Event()
+
+    def main_writes() -> None:
+        client[db_name].people.update_one({"_id": 3}, {"$set": {"n": "main"}})
+        client[db_name].people.insert_one({"_id": 99})
+        main_done.set()
+
+    with one.start_session() as session:
+        session.start_transaction()
+        db.people.update_one({"_id": 1}, {"$set": {"n": "txn"}}, session=session)
+        writer = threading.Thread(target=main_writes)
+        writer.start()
+        # Main's writes are acknowledged before the capture preserves them, unless the
+        # capture trails by over a second (then they wait for it, so for the commit):
+        # either way the transaction goes on.
+        main_done.wait(20)
+        assert db.people.find_one({"_id": 3}, session=session) == {"_id": 3, "n": 3}
+        db.people.update_one({"_id": 4}, {"$set": {"n": "txn"}}, session=session)
+        assert db.people.find_one({"_id": 99}, session=session) is None
+        session.commit_transaction()
+    writer.join(60)
+    assert main_done.is_set()
+    assert client[db_name].people.find_one({"_id": 3}) == {"_id": 3, "n": "main"}
+    assert two[db_name].people.find_one({"_id": 3}) == {"_id": 3, "n": 3}
+    assert two[db_name].people.find_one({"_id": 99}) is None
+    assert [two[db_name].people.find_one({"_id": i})["n"] for i in (1, 4)] == ["txn", "txn"]
+    one.close()
+
+
+def test_a_transaction_reads_its_snapshot(setup: Any, db_name: str) -> None:
+    """What other clients commit on the branch after a transaction's first statement
+    stays out of its reads (the engine's cached hidden ids are newer than its snapshot:
+    inside it the hidden sets are read on the server, in the snapshot)."""
+    _, one, two = setup
+    db = one[db_name]
+    db.people.update_one({"_id": 0}, {"$set": {"n": "before"}})  # a changed collection
+    with one.start_session() as session:
+        session.start_transaction(read_concern=ReadConcern("snapshot"))
+        assert db.people.count_documents({}, session=session) == 5
+        two[db_name].people.delete_one({"_id": 3})
+        two[db_name].people.update_one({"_id": 4}, {"$set": {"n": "other"}})
+        assert db.people.find_one({"_id": 3}, session=session) == {"_id": 3, "n": 3}
+        assert [d["n"] for d in db.people.find({}, sort=[("_id", 1)], session=session)] \
+            == ["before", 1, 2, 3, 4]
+        assert db.people.count_documents({}, session=session) == 5
+        session.abort_transaction()
+
+
+def test_a_collection_a_transaction_creates(setup: Any, db_name: str) -> None:
+    """A collection a transaction's write creates exists for other clients once it
+    commits, and never when it aborts; inside, the transaction reads what it wrote."""
+    _, one, two = setup
+    db = one[db_name]
+    with one.start_session() as session:
+        session.start_transaction()
+        db.fresh.insert_one({"_id": 1}, session=session)
+        assert db.fresh.find_one({}, session=session) == {"_id": 1}
+        assert "fresh" not in two[db_name].list_collection_names()
+        session.commit_transaction()
+        assert "fresh" in two[db_name].list_collection_names()
+        session.start_transaction()
+        db.gone.insert_one({"_id": 1}, session=session)
+        session.abort_transaction()
+    assert "gone" not in two[db_name].list_collection_names()
+    assert two[db_name].gone.find_one() is None
+    db.gone.insert_one({"_id": 2})  # the branch still creates it outside a transaction
+    assert sorted(two[db_name].list_collection_names()) == ["fresh", "gone", "orders",
+                                                            "people"]
+
+
+def test_a_commit_of_unknown_outcome_is_retried() -> None:
+    """The upstream drops the engine's connection on commitTransaction twice (pymongo's
+    own retry included): the client hears UnknownTransactionCommitResult, its driver
+    retries the commit, and the transaction, still open, commits once."""
+    server = Secantus(extra=["--enable-test-commands"]).start()
+    proc = ProxyProcess(server.uri, meta_db="mb_txn_commit").start()
+    try:
+        with branches(proc) as made, MongoClient(server.uri, directConnection=True) as up:
+            up.appdb.people.insert_one({"_id": 0})
+            branch = made.create()
+            one = made.client(branch)
+            session = one.start_session()
+            session.start_transaction()
+            one.appdb.people.insert_one({"_id": 1}, session=session)
+            one.appdb.orders.insert_one({"_id": 1}, session=session)
+            up.admin.command("configureFailPoint", "failCommand", mode={"times": 2},
+                             data={"failCommands": ["commitTransaction"],
+                                   "closeConnection": True})
+            session.commit_transaction()  # the driver retries once: that one lands
+            assert one.appdb.people.find_one({"_id": 1}) == {"_id": 1}
+            assert one.appdb.orders.find_one({"_id": 1}) == {"_id": 1}
+            assert len(entries(proc, branch["name"])) == 2
+            assert up.appdb.people.count_documents({}) == 1
+            session.end_session()
+            one.close()
+    finally:
+        proc.stop()
+        server.stop()
+
+
+def test_a_change_stream_sees_a_transaction_at_its_commit(made: Branches, setup: Any,
+                                                          db_name: str) -> None:
+    """A branch's change stream (read from the WAL) reports a transaction's writes once
+    it commits, all of them, though other appends with higher LSNs were stored while it
+    ran (the stream must not move past its entries before they are visible), and nothing
+    of an aborted one."""
+    _, one, two = setup
+    other = made.client(made.create())
+    with two[db_name].watch(max_await_time_ms=200) as stream:
+        with one.start_session() as session:
+            session.start_transaction()
+            one[db_name].people.insert_one({"_id": 80}, session=session)
+            one[db_name].orders.delete_one({"_id": 1}, session=session)
+            other[db_name].people.insert_one({"_id": 80})  # a later LSN, stored now
+            assert stream.try_next() is None
+            session.commit_transaction()
+            session.start_transaction()
+            one[db_name].people.insert_one({"_id": 81}, session=session)
+            session.abort_transaction()
+        one[db_name].people.insert_one({"_id": 82})
+        seen = []
+        while not seen or seen[-1] != ("people", "insert", 82):
+            event = stream.next()
+            seen.append((event["ns"]["coll"], event["operationType"],
+                         event["documentKey"]["_id"]))
+    assert seen == [("people", "insert", 80), ("orders", "delete", 1),
+                    ("people", "insert", 82)]
+    other.close()
