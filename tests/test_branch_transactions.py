@@ -572,3 +572,35 @@ def test_a_change_stream_sees_a_transaction_at_its_commit(made: Branches, setup:
     assert seen == [("people", "insert", 80), ("orders", "delete", 1),
                     ("people", "insert", 82)]
     other.close()
+
+
+def test_a_transaction_meets_the_validation_of_a_collection(
+        direct: MongoClient, made: Branches, db_name: str) -> None:
+    """A collection with a validator in the base and one given one on the branch
+    (collMod): a transaction's first write creates their overlays, validation included,
+    inside it; an invalid document fails the statement and ends the transaction."""
+    base = direct[db_name]
+    base.create_collection("checked", validator={"n": {"$type": "int"}})
+    base.checked.insert_many([{"_id": i, "n": i} for i in range(3)])
+    base.loose.insert_many([{"_id": i, "n": i} for i in range(3)])
+    branch = made.create()
+    client = made.client(branch)
+    db = client[db_name]
+    db.command("collMod", "loose", validator={"n": {"$type": "int"}})
+    with client.start_session() as session, session.start_transaction():
+        db.checked.insert_one({"_id": 10, "n": 10}, session=session)
+        db.loose.update_one({"_id": 1}, {"$set": {"n": 11}}, session=session)
+    assert db.checked.find_one({"_id": 10}) == {"_id": 10, "n": 10}
+    assert db.loose.find_one({"_id": 1}) == {"_id": 1, "n": 11}
+    for coll in (db.checked, db.loose):
+        with client.start_session() as session:
+            session.start_transaction()
+            coll.insert_one({"_id": 20, "n": 20}, session=session)
+            with pytest.raises(OperationFailure) as failed:
+                coll.update_one({"_id": 0}, {"$set": {"n": "not an int"}}, session=session)
+            assert failed.value.code == 121
+            with pytest.raises(OperationFailure):
+                session.commit_transaction()
+        assert coll.find_one({"_id": 20}) is None
+        assert coll.find_one({"_id": 0}) == {"_id": 0, "n": 0}
+    assert base.checked.count_documents({}) == 3 and base.loose.count_documents({}) == 3

@@ -12,7 +12,7 @@ from proxy.branching import naming, views
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError
 from proxy.branching.model import Branch, NsState
-from proxy.branching.runner import Runner
+from proxy.branching.runner import Runner, outside_transaction
 from proxy.wire.codes import Code
 
 ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
@@ -106,9 +106,13 @@ async def base_views(branch: Branch, run: Runner, db: str) -> dict[str, dict[str
     known = views.BASE_VIEWS.get(key)
     if known is None:
         known = {}
-        async for batch in run.batches(db, {"listCollections": 1, "filter": {"type": "view"}}):
-            for info in batch:
-                known[info["name"]] = dict(info.get("options") or {})
+        # Outside a transaction: mongod runs no listCollections in one, and the base's
+        # views are the same in and out of it.
+        with outside_transaction():
+            async for batch in run.batches(db, {"listCollections": 1,
+                                                "filter": {"type": "view"}}):
+                for info in batch:
+                    known[info["name"]] = dict(info.get("options") or {})
         views.BASE_VIEWS[key] = known
     return known
 

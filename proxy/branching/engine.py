@@ -488,7 +488,10 @@ class Engine:
         return state
 
     async def _base_options(self, db: str, coll: str) -> dict[str, Any]:
-        reply = await self.pool(db, {"listCollections": 1, "filter": {"name": coll}})
+        # Outside a transaction: mongod runs no listCollections in one, and the base's
+        # options are the same in and out of it.
+        with outside_transaction():
+            reply = await self.pool(db, {"listCollections": 1, "filter": {"name": coll}})
         batch = reply["cursor"]["firstBatch"]
         if not batch or batch[0].get("type", "collection") != "collection":
             return {}
