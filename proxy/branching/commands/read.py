@@ -74,7 +74,15 @@ async def _refetch_find(req: Request, coll: str, layers: list[NsState],
     cursor = cursormerge.RefetchCursor(req.db, coll, ids, layers, find, drop_id,
                                        cmd.get("lsid"), at_cluster_time=at)
     docs = await cursor.batch(req.run, first)
+    return await _first_reply(req, coll, cursor, docs, at)
+
+
+async def _first_reply(req: Request, coll: str, cursor: cursormerge.Held,
+                       docs: list[dict[str, Any]], at: Any) -> dict[str, Any]:
+    """A proxy cursor's first batch: the cursor is kept for getMore unless it is done or
+    the find asked for a single batch."""
     cursor_id = 0
+    cmd = req.cmd
     single = bool(cmd.get("singleBatch")) or int(cmd.get("limit") or 0) < 0
     if single or cursor.done:
         await cursor.close(req.run)
@@ -151,13 +159,7 @@ async def _proxy_cursor(req: Request, coll: str, plan: planner.Plan) -> dict[str
         # server-side union answers instead.
         await cursor.close(req.run)
         return None
-    cursor_id = 0
-    single = bool(cmd.get("singleBatch")) or int(cmd.get("limit") or 0) < 0
-    if single or cursor.done:
-        await cursor.close(req.run)
-    else:
-        cursor_id = req.engine.cursors.add(cursor)
-    return snapshotread.stamp(cursor_reply(f"{req.db}.{coll}", docs, cursor_id),
+    return await _first_reply(req, coll, cursor, docs,
                               at if at is not None else cursor.at_cluster_time)
 
 
