@@ -424,15 +424,22 @@ def plan_count(cmd: dict[str, Any], layers: list[NsState]) -> Plan:
                        lambda: union_count(cmd, layers))
 
 
+def count_stages(cmd: dict[str, Any]) -> Pipeline:
+    """A count command's skip and limit, then the count, as stages after its query."""
+    stages: Pipeline = []
+    if cmd.get("skip"):
+        stages.append({"$skip": int(cmd["skip"])})
+    limit = abs(int(cmd.get("limit") or 0))
+    if limit:
+        stages.append({"$limit": limit})
+    stages.append({"$count": "n"})
+    return stages
+
+
 def union_count(cmd: dict[str, Any], layers: list[NsState]) -> dict[str, Any]:
     """The aggregate that counts a query's matches in the branch view."""
     source, pipeline = views.view_source(cmd["count"], layers, cmd.get("query") or {})
-    if cmd.get("skip"):
-        pipeline.append({"$skip": int(cmd["skip"])})
-    limit = abs(int(cmd.get("limit") or 0))
-    if limit:
-        pipeline.append({"$limit": limit})
-    pipeline.append({"$count": "n"})
+    pipeline += count_stages(cmd)
     out = _carry(cmd, {"aggregate": source, "pipeline": pipeline, "cursor": {}})
     if source != cmd["count"]:
         out.pop("hint", None)

@@ -238,12 +238,7 @@ def _find_agg(cmd: dict[str, Any]) -> dict[str, Any]:
 
 def _count_agg(cmd: dict[str, Any]) -> dict[str, Any]:
     stages: Pipeline = [{"$match": cmd["query"]}] if cmd.get("query") else []
-    if cmd.get("skip"):
-        stages.append({"$skip": int(cmd["skip"])})
-    limit = abs(int(cmd.get("limit") or 0))
-    if limit:
-        stages.append({"$limit": limit})
-    stages.append({"$count": "n"})
+    stages += planner.count_stages(cmd)
     return carry(cmd, {"aggregate": cmd["count"], "pipeline": stages, "cursor": {}},
                  _COUNT_CARRY)
 
