@@ -1,0 +1,160 @@
+"""Scale-out: three `mongobranch serve` processes over one upstream and one metadata
+database, each on its own loopback address as each machine of a cluster has its own,
+all on the same port numbers; one holds the engine lease and the others relay its
+clients to it; a SIGKILL of the holder loses no acknowledged write and another process
+serves the branch again (docs/ARCHITECTURE.md, "Scale-out")."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+from tests.servers import ProxyProcess, Secantus, free_port, free_range
+
+LEASE = 2.0
+HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+T = TypeVar("T")
+
+
+def _loopback_aliases() -> bool:
+    """Linux routes all of 127.0.0.0/8 to the loopback interface; elsewhere only .1."""
+    try:
+        with socket.socket() as s:
+            s.bind((HOSTS[1], 0))
+    except OSError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _loopback_aliases(),
+                                reason="needs 127.0.0.2 and 127.0.0.3 on the loopback "
+                                       "interface (Linux has them)")
+
+
+def until(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
+    """Polls an observable condition, bounded: the test never sleeps and hopes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(0.05)
+
+
+class Trio:
+    def __init__(self, upstream: Secantus, meta_db: str):
+        self.meta = MongoClient(upstream.uri)[meta_db]
+        port, ports = free_port(), free_range(10)
+        self.procs = [ProxyProcess(upstream.uri, meta_db=meta_db, port=port, branch_ports=ports,
+                                   host=host, extra=["--lease", str(LEASE)]) for host in HOSTS]
+
+    def holder(self) -> ProxyProcess | None:
+        """The process whose engine lease runs now (per the metadata database)."""
+        doc = self.meta["leases"].find_one({"_id": "engine"})
+        if doc is None:
+            return None
+        pid = int(doc["owner"].split(":")[-2])
+        return next((p for p in self.procs if p.proc is not None and p.pid == pid
+                     and p.proc.poll() is None), None)
+
+
+@pytest.fixture
+def trio(upstream: Secantus) -> Iterator[Trio]:
+    meta_db = f"mb_scale_{secrets.token_hex(3)}"
+    trio = Trio(upstream, meta_db)
+    first = trio.procs[0].start()
+    # The first process takes the lease before the others start: it runs the engine.
+    until("the first process holds the lease", lambda: trio.holder() is first)
+    for proc in trio.procs[1:]:
+        proc.start()
+    try:
+        yield trio
+    finally:
+        for proc in trio.procs:
+            proc.stop()
+        trio.meta.client.drop_database(meta_db)
+        trio.meta.client.close()
+
+
+def _metric(proc: ProxyProcess, name: str) -> float | None:
+    with urllib.request.urlopen(proc.admin_url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+def _find_all(uri: str, db: str) -> list[dict[str, Any]] | None:
+    """The branch's documents through one process, None while it cannot answer."""
+    with MongoClient(uri, serverSelectionTimeoutMS=2000, connectTimeoutMS=2000) as c:
+        try:
+            return sorted(c[db].t.find(), key=lambda d: d["_id"])
+        except PyMongoError:
+            return None
+
+
+def test_three_processes_relay_and_take_over_after_sigkill(trio: Trio, db_name: str) -> None:
+    a, b, c = trio.procs
+    # Created through B's admin API: B does not run the engine, and hands it to A.
+    status, made = b.api("POST", "/branches", {"name": "scale"})
+    assert status == 201, made
+    assert isinstance(made, dict)
+    port = made["port"]
+    status, shown = c.api("GET", "/branches/scale")
+    assert status == 200 and isinstance(shown, dict)
+    assert shown["owner"]["id"].split(":")[-2] == str(a.pid), shown["owner"]
+
+    # Written through B (relayed to A), read through C (relayed to A): one branch.
+    with MongoClient(f"mongodb://{b.host}:{port}/", serverSelectionTimeoutMS=30000) as via_b:
+        for i in range(10):
+            via_b[db_name].t.insert_one({"_id": i, "via": "b"})
+    with MongoClient(f"mongodb://{c.host}:{port}/", serverSelectionTimeoutMS=30000) as via_c:
+        assert [d["_id"] for d in via_c[db_name].t.find()] == list(range(10))
+    # The branch is a branch: main does not see its writes.
+    with MongoClient(c.uri, serverSelectionTimeoutMS=30000) as main_c:
+        assert main_c[db_name].t.count_documents({}) == 0
+
+    # A client of C with retryable writes, connected (through C) before the kill.
+    keep: MongoClient[dict[str, Any]] = MongoClient(
+        f"mongodb://{c.host}:{port}/", retryWrites=True, serverSelectionTimeoutMS=60000)
+    try:
+        keep[db_name].t.insert_one({"_id": 10, "via": "keep"})
+        a.kill()  # SIGKILL: no clean shutdown, the lease is left to expire
+        killed = time.monotonic()
+        # Its next write lands once a survivor serves the branch; the driver retries.
+        keep[db_name].t.insert_one({"_id": 11, "via": "keep"})
+        survivor = until("a survivor holds the lease", trio.holder)
+        assert survivor in (b, c)
+        docs = until("the branch is read through a survivor",
+                     lambda: _find_all(f"mongodb://{b.host}:{port}/", db_name))
+        took = time.monotonic() - killed
+        print(f"\ntakeover: {took:.2f}s from SIGKILL to the branch read through a survivor "
+              f"(lease {LEASE}s)")
+        assert [d["_id"] for d in docs] == list(range(12))
+        keep[db_name].t.insert_one({"_id": 12, "via": "keep"})
+    finally:
+        keep.close()
+    docs = until("the branch is read through the other survivor",
+                 lambda: _find_all(f"mongodb://{c.host}:{port}/", db_name))
+    assert [d["_id"] for d in docs] == list(range(13))
+    status, shown = b.api("GET", "/branches/scale")
+    assert status == 200 and isinstance(shown, dict)
+    assert shown["owner"]["id"].split(":")[-2] == str(survivor.pid)
+    assert _metric(survivor, "mongobranch_engine_lease_held") == 1.0
+    assert _metric(survivor, "mongobranch_engine_takeovers_total") == 1.0
+    other = c if survivor is b else b
+    assert _metric(other, "mongobranch_engine_lease_held") == 0.0
+    # The branch keeps working for the admin API through either survivor.
+    status, listed = other.api("GET", "/branches")
+    assert status == 200 and "scale" in json.dumps(listed)
