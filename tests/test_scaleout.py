@@ -106,6 +106,8 @@ def _find_all(uri: str, db: str) -> list[dict[str, Any]] | None:
 
 def test_three_processes_relay_and_take_over_after_sigkill(trio: Trio, db_name: str) -> None:
     a, b, c = trio.procs
+    with MongoClient(a.uri, serverSelectionTimeoutMS=30000) as main_a:
+        main_a[db_name].m.insert_one({"_id": "m", "v": 1})
     # Created through B's admin API: B does not run the engine, and hands it to A.
     status, made = b.api("POST", "/branches", {"name": "scale"})
     assert status == 201, made
@@ -121,9 +123,13 @@ def test_three_processes_relay_and_take_over_after_sigkill(trio: Trio, db_name: 
             via_b[db_name].t.insert_one({"_id": i, "via": "b"})
     with MongoClient(f"mongodb://{c.host}:{port}/", serverSelectionTimeoutMS=30000) as via_c:
         assert [d["_id"] for d in via_c[db_name].t.find()] == list(range(10))
-    # The branch is a branch: main does not see its writes.
+    # The branch is a branch: main does not see its writes, and a write to main through
+    # another process than the engine's is not seen by the branch either.
     with MongoClient(c.uri, serverSelectionTimeoutMS=30000) as main_c:
         assert main_c[db_name].t.count_documents({}) == 0
+        main_c[db_name].m.update_one({"_id": "m"}, {"$set": {"v": 2}})
+    with MongoClient(f"mongodb://{b.host}:{port}/", serverSelectionTimeoutMS=30000) as via_b:
+        assert via_b[db_name].m.find_one({"_id": "m"}) == {"_id": "m", "v": 1}
 
     # A client of C with retryable writes, connected (through C) before the kill.
     keep: MongoClient[dict[str, Any]] = MongoClient(
@@ -148,6 +154,8 @@ def test_three_processes_relay_and_take_over_after_sigkill(trio: Trio, db_name: 
     docs = until("the branch is read through the other survivor",
                  lambda: _find_all(f"mongodb://{c.host}:{port}/", db_name))
     assert [d["_id"] for d in docs] == list(range(13))
+    with MongoClient(f"mongodb://{c.host}:{port}/", serverSelectionTimeoutMS=30000) as via_c:
+        assert via_c[db_name].m.find_one({"_id": "m"}) == {"_id": "m", "v": 1}
     status, shown = b.api("GET", "/branches/scale")
     assert status == 200 and isinstance(shown, dict)
     assert shown["owner"]["id"].split(":")[-2] == str(survivor.pid)
