@@ -96,10 +96,12 @@ class Cluster:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
+            # A holder's round may last only as long as its lease surely holds.
+            limit = self._valid_until - started if self.leading else self.lease
             try:
-                await self.round(started)
-            except PyMongoError as exc:
-                log.warning("engine lease: %s", exc)
+                await asyncio.wait_for(self.round(started), max(0.05, limit))
+            except (PyMongoError, TimeoutError) as exc:
+                log.warning("engine lease: %s", exc or "no answer in time")
             if self.leading and loop.time() >= self._valid_until:
                 self.on_lost()
                 return
