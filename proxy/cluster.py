@@ -32,6 +32,10 @@ from proxy import metrics
 log = logging.getLogger("mongobranch.cluster")
 
 LEASE_ID = "engine"
+# The share of its lease a holder counts on: it stops serving once this much has passed
+# since its last renewal was sent without a newer one, before any other process may
+# take the lease over.
+SAFE = 0.8
 
 
 class Cluster:
@@ -111,7 +115,10 @@ class Cluster:
                     await self.on_tick()
                 except Exception:
                     log.exception("scale-out round failed; it runs again")
-            await asyncio.sleep(max(0.0, started + self.lease / 3 - loop.time()))
+            wake = started + self.lease / 3
+            if self.leading:
+                wake = min(wake, self._valid_until)  # a holder checks its lease in time
+            await asyncio.sleep(max(0.0, wake - loop.time()))
 
     async def round(self, started: float) -> None:
         """One attempt to take or renew the lease; learns the holder either way."""
@@ -131,8 +138,9 @@ class Cluster:
                           self.holder["owner"] if self.holder else "another process")
                 self.on_lost()
             return
-        # Measured from before the request: the lease surely holds until then.
-        self._valid_until = started + self.lease
+        # Measured from before the request, less a margin for a slow loop: the lease
+        # surely holds until then.
+        self._valid_until = started + self.lease * SAFE
         self.holder = {"_id": LEASE_ID, "owner": self.me, "addr": self.addr,
                        "main": self.main_port, "admin": self.admin, "expires": expires}
         if self.leading:

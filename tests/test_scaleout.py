@@ -6,6 +6,7 @@ serves the branch again (docs/ARCHITECTURE.md, "Scale-out")."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import secrets
 import socket
@@ -166,3 +167,25 @@ def test_three_processes_relay_and_take_over_after_sigkill(trio: Trio, db_name: 
     # The branch keeps working for the admin API through either survivor.
     status, listed = other.api("GET", "/branches")
     assert status == 200 and "scale" in json.dumps(listed)
+
+
+def test_a_holder_whose_lease_was_taken_stops_at_once(upstream: Secantus) -> None:
+    """Two engines never write side by side: a holder that finds its lease held by another
+    process (here written by hand, as a process that took it after a pause of this one
+    would) exits instead of serving on."""
+    meta_db = f"mb_scale_{secrets.token_hex(3)}"
+    meta = MongoClient(upstream.uri)[meta_db]
+    proc = ProxyProcess(upstream.uri, meta_db=meta_db, extra=["--lease", str(LEASE)])
+    proc.start()
+    try:
+        until("it holds the lease", lambda: meta["leases"].find_one(
+            {"_id": "engine", "owner": {"$regex": f":{proc.pid}:"}}))
+        meta["leases"].update_one({"_id": "engine"}, {"$set": {
+            "owner": "elsewhere:1:000000", "expires": dt.datetime(2100, 1, 1)}})
+        assert proc.proc is not None
+        assert proc.proc.wait(60) == 3
+        assert "the engine lease was taken by elsewhere:1:000000" in proc.read_log()
+    finally:
+        proc.stop()
+        meta.client.drop_database(meta_db)
+        meta.client.close()
