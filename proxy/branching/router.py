@@ -31,7 +31,6 @@ from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch
 from proxy.branching.runner import FAILED, Runner
 from proxy.branching.txn import first_failure, in_transaction, no_such, transient
-from proxy.net.replies import error_labels
 from proxy.net.router import Context, Continued
 from proxy.wire.codes import Code
 from proxy.wire.opmsg import EXHAUST_ALLOWED, OpMsg
@@ -184,8 +183,10 @@ class EngineRouter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine.ready.wait(), STARTING_WAIT)
             if self.engine.unavailable is not None:
+                labels = ["TransientTransactionError"] if cmd.get("autocommit") is False \
+                    else ["RetryableWriteError"] if "txnNumber" in cmd else []
                 raise CommandError(Code.HOST_UNREACHABLE, self.engine.unavailable,
-                                   errorLabels=error_labels(cmd))
+                                   errorLabels=labels)
         if self.branch is not None:
             branch = self.engine.branches.get(self.branch)
             if branch is None or branch.deleted_at is not None:
