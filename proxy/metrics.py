@@ -46,6 +46,11 @@ CLUSTER_TAKEOVERS = Counter(
     "Times this process took the engine lease over from another process whose lease expired",
     registry=REGISTRY,
 )
+RELAYED = Counter(
+    "mongobranch_relayed_connections",
+    "Client connections this process relayed to the engine lease's holder (scale-out)",
+    ["listener"], registry=REGISTRY,
+)
 
 KNOWN_COMMANDS = frozenset(
     """

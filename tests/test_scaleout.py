@@ -167,6 +167,32 @@ def test_three_processes_relay_and_take_over_after_sigkill(trio: Trio, db_name: 
     # The branch keeps working for the admin API through either survivor.
     status, listed = other.api("GET", "/branches")
     assert status == 200 and "scale" in json.dumps(listed)
+    # The new holder's engine makes branches too, created and dropped through the other
+    # survivor, whose ports follow the catalog.
+    status, made = other.api("POST", "/branches", {"name": "scale-2"})
+    assert status == 201, made
+    assert isinstance(made, dict)
+    port2 = made["port"]
+    with MongoClient(f"mongodb://{other.host}:{port2}/",
+                     serverSelectionTimeoutMS=30000) as via_other:
+        via_other[db_name].t.insert_one({"_id": "new"})
+    docs = until("the new branch is read through the holder",
+                 lambda: _find_all(f"mongodb://{survivor.host}:{port2}/", db_name))
+    assert [d["_id"] for d in docs] == ["new"]
+    relayed = _metric(other, 'mongobranch_relayed_connections_total{listener="branch"}')
+    assert relayed is not None and relayed > 0
+    status, _ = other.api("DELETE", "/branches/scale-2")
+    assert status == 200
+    until("the dropped branch's port closes on the follower",
+          lambda: not _listening(other.host, port2))
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_a_holder_whose_lease_was_taken_stops_at_once(upstream: Secantus) -> None:

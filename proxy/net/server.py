@@ -7,7 +7,7 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from proxy.metrics import PortStats
+from proxy.metrics import RELAYED, PortStats
 from proxy.net.connection import ClientConnection
 from proxy.net.handshake import Topology
 from proxy.net.reads import MemberCursors
@@ -111,6 +111,7 @@ class Listener:
     def _new_connection(self) -> ClientConnection | Relay:
         target = self.relay_to() if self.relay_to is not None else None
         if target is not None:
+            RELAYED.labels("main" if self.name == "main" else "branch").inc()
             return Relay(target, self._relays.add, self._relays.discard)
         return ClientConnection(
             upstream=self.upstream, topology=self.topology, router=self.router,
