@@ -25,7 +25,6 @@ from proxy.branching import copymode, gc, lifecycle, router
 from proxy.branching.commands import mainwrite
 from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
-from proxy.branching.naming import MAIN
 from proxy.branching.requests import parse_retention
 from proxy.branching.router import EngineRouter
 from proxy.cluster import Cluster
@@ -241,9 +240,6 @@ class Proxy:
         self.tls: ssl.SSLContext | None = None
         # Scale-out (cluster.py): None when this process alone runs the engine.
         self.cluster: Cluster | None = None
-        # On a process without the engine lease: whether main has child branches (its
-        # main port then relays to the holder, whose engine preserves main's writes).
-        self._main_children = False
         self._stopping = False
 
     async def start(self) -> None:
@@ -363,15 +359,16 @@ class Proxy:
         return target
 
     def _main_target(self) -> Callable[[], tuple[str, int] | None] | None:
-        """The main port relays to the holder only while main has children: their
-        preservation of main's writes is the engine's work; otherwise it passes through."""
+        """The main port relays to the holder's too: its branch commands (createBranch
+        and the rest) and, while main has children, its writes are the engine's work,
+        and which of them a connection will send is not known when it is accepted."""
         cluster = self.cluster
         if cluster is None:
             return None
 
         def target() -> tuple[str, int] | None:
             holder = cluster.holder
-            if cluster.leading or holder is None or not self._main_children:
+            if cluster.leading or holder is None:
                 return None
             return holder["addr"], int(holder["main"])
         return target
@@ -392,13 +389,10 @@ class Proxy:
         if self.cluster.leading or self._stopping:
             return
         want: dict[str, Branch] = {}
-        children = False
         async for doc in self.engine.meta["branches"].find():
             branch = Branch.from_doc(doc)
-            children = children or branch.parent == MAIN
             if branch.deleted_at is None and not branch.creating:
                 want[branch.name] = branch
-        self._main_children = children
         for name in [n for n in self.ports.listeners if n not in want]:
             await self.ports.close_name(name)
         for branch in want.values():

@@ -125,10 +125,13 @@ def test_three_processes_relay_and_take_over_after_sigkill(trio: Trio, db_name: 
     with MongoClient(f"mongodb://{c.host}:{port}/", serverSelectionTimeoutMS=30000) as via_c:
         assert [d["_id"] for d in via_c[db_name].t.find()] == list(range(10))
     # The branch is a branch: main does not see its writes, and a write to main through
-    # another process than the engine's is not seen by the branch either.
+    # another process than the engine's is not seen by the branch either. The branch
+    # commands work on that process's main port too.
     with MongoClient(c.uri, serverSelectionTimeoutMS=30000) as main_c:
         assert main_c[db_name].t.count_documents({}) == 0
         main_c[db_name].m.update_one({"_id": "m"}, {"$set": {"v": 2}})
+        listed = main_c.admin.command({"listBranches": 1})
+        assert "scale" in json.dumps(listed, default=str)
     with MongoClient(f"mongodb://{b.host}:{port}/", serverSelectionTimeoutMS=30000) as via_b:
         assert via_b[db_name].m.find_one({"_id": "m"}) == {"_id": "m", "v": 1}
 
