@@ -78,6 +78,28 @@ def timed_insert(client: MongoClient[dict[str, Any]], doc: dict[str, Any], since
     out.append(time.monotonic() - since)
 
 
+def point_reads(direct: str, relayed: str, port: int, n: int = 2000
+                ) -> tuple[list[float], list[float]]:
+    """Latencies (ms) of find_one by _id on one port, straight to the holder and through
+    a follower's relay, interleaved in blocks of 100 so the machine's noise falls alike."""
+    clients = [MongoClient(f"mongodb://{h}:{port}/", serverSelectionTimeoutMS=30000)
+               for h in (direct, relayed)]
+    out: list[list[float]] = [[], []]
+    try:
+        for c in clients:
+            c[DB].p.replace_one({"_id": 1}, {"_id": 1, "v": "x" * 100}, upsert=True)
+        for _ in range(n // 100):
+            for c, xs in zip(clients, out, strict=True):
+                for _ in range(100):
+                    t = time.perf_counter()
+                    c[DB].p.find_one({"_id": 1})
+                    xs.append((time.perf_counter() - t) * 1000)
+    finally:
+        for c in clients:
+            c.close()
+    return out[0], out[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -105,8 +127,14 @@ def run(lease: float, rounds: int) -> tuple[dict[str, list[float]], int, int]:
         status, made = nodes[0].api("POST", "/branches", {"name": "scale"})
         assert status == 201, made
         bport = made["port"]  # type: ignore[index]
-        acked = 0
         figures: dict[str, list[float]] = {"lease": [], "read": [], "write": []}
+        holding = until(lambda: holder(meta, nodes))
+        follower = next(n for n in nodes if n is not holding)
+        for key, p in (("main", port), ("branch", bport)):
+            direct, relayed = point_reads(holding.host, follower.host, p)
+            figures[f"{key} direct"] = direct
+            figures[f"{key} relayed"] = relayed
+        acked = 0
         for r in range(rounds):
             old = until(lambda: holder(meta, nodes))
             others = [n for n in nodes if n is not old]
@@ -176,6 +204,16 @@ def report(args: argparse.Namespace, rounds: int,
             xs = figures[key]
             lines.append(f"| {lease:g} | {label} | {statistics.median(xs):.2f} | "
                          f"{min(xs):.2f} | {max(xs):.2f} |")
+    lines += ["", "Relay cost (the first run's processes, before the kills): find_one by _id, "
+              "2,000 per target interleaved, one client, straight to the holder vs through a "
+              "follower that relays the connection to it.", "",
+              "| port | to the holder p50 ms | through a follower p50 ms | p99 ms (holder / "
+              "follower) |", "|---|---|---|---|"]
+    first = next(iter(runs.values()))[0]
+    for key in ("main", "branch"):
+        d, r = sorted(first[f"{key} direct"]), sorted(first[f"{key} relayed"])
+        lines.append(f"| {key} | {d[len(d) // 2]:.3f} | {r[len(r) // 2]:.3f} | "
+                     f"{d[int(len(d) * 0.99)]:.3f} / {r[int(len(r) * 0.99)]:.3f} |")
     kept = "; ".join(f"--lease {lease:g}: {acked} acknowledged, {present} on the branch"
                      for lease, (_f, acked, present) in runs.items())
     lines += ["", f"Acknowledged writes vs writes on the branch after the last round: "
