@@ -159,6 +159,9 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
         retention(deleted_retention)
         if lease and tls_cert:
             raise click.UsageError("--lease (scale-out) does not support --tls-cert yet")
+        if lease and not relay_host and parse_hostport(listen)[0] in ("", "0.0.0.0", "::"):
+            raise click.UsageError("--lease with a wildcard --listen host needs --relay-host: "
+                                   "the address other processes reach this one on (a pod's IP)")
         if (tls_key or tls_ca) and not tls_cert:
             raise click.UsageError("--tls-key and --tls-ca need --tls-cert")
         if tls_cert:

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import secrets
 import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import pytest
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from tests.servers import ProxyProcess, Secantus, free_port, free_range
+from tests.servers import ProxyProcess, Secantus, executable, free_port, free_range
 
 LEASE = 2.0
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
@@ -218,3 +219,16 @@ def test_a_holder_whose_lease_was_taken_stops_at_once(upstream: Secantus) -> Non
         proc.stop()
         meta.client.drop_database(meta_db)
         meta.client.close()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--tls-cert", "/nonexistent.pem"], "does not support --tls-cert"),
+    (["--listen", "0.0.0.0:27018"], "needs --relay-host"),
+])
+def test_scale_out_settings_that_cannot_work_are_refused(args: list[str], says: str) -> None:
+    """Refused at start, before anything listens: a relay cannot pass TLS through, and a
+    wildcard address cannot be where the other processes relay to."""
+    done = subprocess.run([executable("mongobranch") or "mongobranch", "serve", "--lease", "2",
+                           *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert says in done.stderr
