@@ -485,8 +485,9 @@ class Proxy:
         for task in (self._engine_retry, self._gc_task, self._reaper):
             if task is not None:
                 task.cancel()
-        if self.engine is not None and self.engine.unavailable is None:
-            await lifecycle.save_use(self.engine)
+        if self.engine is not None and (self.cluster is None
+                                        or self.engine.unavailable is None):
+            await lifecycle.save_use(self.engine)  # a follower has no uses to save
         if self.main:
             await self.main.stop(self.options.grace)
         if self.ports:

@@ -84,8 +84,10 @@ class Cluster:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        for task in (self._task, self._promotion):
+            if task is not None:
+                task.cancel()
         if self._task is not None:
-            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self.leading:
