@@ -296,9 +296,15 @@ class Proxy:
                                    addr=relay_host, main_port=port, admin="")
             self.cluster.on_acquired = self._promote
             self.cluster.on_tick = self._sync_ports
-            cluster = self.cluster
-            self.engine.owner = cluster.owner
+            self.engine.owner = self.cluster.owner
             self.engine.unavailable = "this process does not hold the engine lease"
+            if aport:
+                self.cluster.admin = self._admin_url(ahost, aport)
+            self.cluster.start()
+            # Before any port or the API answers: the first round tells whether this
+            # process runs the engine or relays, and to whom.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.cluster.ready.wait(), 15.0)
         else:
             await self._start_engine_and_tasks()
         self.main = Listener("main", host, port, upstream=self.upstream,
@@ -318,13 +324,14 @@ class Proxy:
         runner = await http.start(app, ahost, aport, self.tls)
         self.admin_runner = runner
         self.admin_port = aport or runner.addresses[0][1]
-        if self.cluster is not None:
-            public = self.cluster.addr if ahost in ("", "0.0.0.0", "::") else ahost
-            self.cluster.admin = f"{'https' if self.tls else 'http'}://{public}:{self.admin_port}"
-            self.cluster.start()
-            # The first round tells whether this process runs the engine or relays.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.cluster.ready.wait(), 15.0)
+        if self.cluster is not None and not aport:
+            self.cluster.admin = self._admin_url(ahost, self.admin_port)  # at the next round
+
+    def _admin_url(self, host: str, port: int) -> str:
+        """Where the other processes forward admin requests to this one."""
+        assert self.cluster is not None
+        public = self.cluster.addr if host in ("", "0.0.0.0", "::") else host
+        return f"{'https' if self.tls else 'http'}://{public}:{port}"
 
     async def _start_engine_and_tasks(self) -> None:
         """The engine and its periodic work (alone, or once this process took the lease)."""

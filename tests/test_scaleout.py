@@ -232,3 +232,25 @@ def test_scale_out_settings_that_cannot_work_are_refused(args: list[str], says: 
                            *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert says in done.stderr
+
+
+def test_a_stopped_holder_hands_its_branches_over(trio: Trio, db_name: str) -> None:
+    """SIGTERM (a rolling restart): the holder drains, releases the lease, and a survivor
+    takes it at its next round, with every acknowledged write."""
+    a, b, c = trio.procs
+    status, made = c.api("POST", "/branches", {"name": "handover"})
+    assert status == 201 and isinstance(made, dict), made
+    port = made["port"]
+    with MongoClient(f"mongodb://{c.host}:{port}/", serverSelectionTimeoutMS=30000) as via_c:
+        via_c[db_name].t.insert_many([{"_id": i} for i in range(5)])
+    assert a.stop() == 0
+    # Released at the end of the stop, not left to run out.
+    lease = trio.meta["leases"].find_one({"_id": "engine"})
+    assert lease is not None
+    assert lease["expires"] == dt.datetime(1970, 1, 1) or f":{a.pid}:" not in lease["owner"]
+    survivor = until("a survivor holds the lease", trio.holder)
+    assert survivor in (b, c)
+    with MongoClient(f"mongodb://{b.host}:{port}/", serverSelectionTimeoutMS=30000) as via_b:
+        via_b[db_name].t.insert_one({"_id": 5})
+        assert [d["_id"] for d in via_b[db_name].t.find().sort("_id", 1)] == list(range(6))
+    assert "could not release" not in a.read_log()
