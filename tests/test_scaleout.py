@@ -254,3 +254,18 @@ def test_a_stopped_holder_hands_its_branches_over(trio: Trio, db_name: str) -> N
         via_b[db_name].t.insert_one({"_id": 5})
         assert [d["_id"] for d in via_b[db_name].t.find().sort("_id", 1)] == list(range(6))
     assert "could not release" not in a.read_log()
+
+
+def test_large_messages_cross_the_relay_whole(trio: Trio, db_name: str) -> None:
+    """Byte for byte both ways, with the relay's flow control: a document near the 16 MB
+    limit and a cursor of many batches, written and read through a follower."""
+    _, b, _ = trio.procs
+    big = "x" * (15 * 1024 * 1024)
+    with MongoClient(b.uri, serverSelectionTimeoutMS=30000) as via_b:
+        coll = via_b[db_name].big
+        coll.insert_one({"_id": "big", "s": big})
+        coll.insert_many([{"_id": i, "pad": "y" * 1000} for i in range(5000)])
+        assert coll.find_one({"_id": "big"}) == {"_id": "big", "s": big}
+        assert sum(1 for _ in coll.find({"_id": {"$type": "int"}}).batch_size(100)) == 5000
+    relayed = _metric(b, 'mongobranch_relayed_connections_total{listener="main"}')
+    assert relayed is not None and relayed > 0
