@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
 from proxy.branching.requests import parse_retention
 from proxy.branching.router import EngineRouter
+from proxy.cluster import Cluster
 from proxy.config import Config
 from proxy.embedded import EmbeddedServer
 from proxy.net import tls
@@ -99,6 +102,11 @@ class ServeOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    # Scale-out (cluster.py): seconds of the engine lease (0: this process alone runs the
+    # engine, no lease), and the address other processes reach this one's ports on (the
+    # --listen host when None; every process listens on the same port numbers).
+    lease: float = 0.0
+    relay_host: str | None = None
 
 
 async def connect_upstream(
@@ -176,13 +184,19 @@ class BranchPorts:
 
     async def open(self, branch: Branch) -> None:
         assert self.proxy.upstream is not None and self.proxy.engine is not None
+        open_ = self.listeners.get(branch.name)
+        if open_ is not None and open_.port == branch.port:
+            return  # opened by a follower's catalog sync before this process took over
+        if open_ is not None:
+            await self.close_name(branch.name)
         listener = Listener(f"branch:{branch.name}", self.host, branch.port,
                             upstream=self.proxy.upstream, topology=self.proxy.topology,
                             router=EngineRouter(self.proxy.engine, branch.name),
                             stats=metrics.BRANCHES.acquire(branch.name),
                             legacy_op_query=self.proxy.engine.config.legacy_op_query.value,
                             anonymous_as_uri_user=self.proxy.anonymous_as_uri_user,
-                            tls=self.proxy.tls)
+                            tls=self.proxy.tls,
+                            relay_to=self.proxy.relay_target(branch.port))
         try:
             await listener.start()
         except OSError:
@@ -191,8 +205,11 @@ class BranchPorts:
         self.listeners[branch.name] = listener
 
     async def close(self, branch: Branch) -> None:
-        listener = self.listeners.pop(branch.name, None)
-        metrics.BRANCHES.release(branch.name)
+        await self.close_name(branch.name)
+
+    async def close_name(self, name: str) -> None:
+        listener = self.listeners.pop(name, None)
+        metrics.BRANCHES.release(name)
         if listener is not None:
             await listener.stop(self.proxy.options.grace)
 
@@ -221,6 +238,9 @@ class Proxy:
         self.admin_port = 0
         self.anonymous_as_uri_user = False
         self.tls: ssl.SSLContext | None = None
+        # Scale-out (cluster.py): None when this process alone runs the engine.
+        self.cluster: Cluster | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         opts = self.options
@@ -263,28 +283,131 @@ class Proxy:
         self.engine.txns.lifetime = opts.transaction_lifetime
         self.ports = BranchPorts(self, host)
         self.engine.ports = self.ports
+        if opts.lease > 0:
+            relay_host = opts.relay_host or host
+            if relay_host in ("", "0.0.0.0", "::"):
+                raise UpstreamConfigError(
+                    f"--lease: the listening host {host!r} is a wildcard; give --relay-host, "
+                    "the address other processes reach this one on (a pod's IP)")
+            if self.tls is not None:
+                raise UpstreamConfigError("--lease (scale-out) does not support --tls-cert yet: "
+                                          "relayed connections would be decrypted in between")
+            self.cluster = Cluster(self.meta_client, opts.meta_db, lease=opts.lease,
+                                   addr=relay_host, main_port=port, admin="")
+            self.cluster.on_acquired = self._promote
+            self.cluster.on_tick = self._sync_ports
+            self.engine.owner = self.cluster.owner
+            self.engine.unavailable = "this process does not hold the engine lease"
+            if aport:
+                self.cluster.admin = self._admin_url(ahost, aport)
+            self.cluster.start()
+            # Before any port or the API answers: the first round tells whether this
+            # process runs the engine or relays, and to whom.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.cluster.ready.wait(), 15.0)
+        else:
+            await self._start_engine_and_tasks()
+        self.main = Listener("main", host, port, upstream=self.upstream,
+                             topology=self.topology, router=EngineRouter(self.engine, None),
+                             stats=metrics.BRANCHES.main,
+                             legacy_op_query=self.engine.config.legacy_op_query.value,
+                             anonymous_as_uri_user=self.anonymous_as_uri_user, tls=self.tls,
+                             read_routing=True, relay_to=self._main_target())
+        self.engine.reroute = functools.partial(self.main.reroute, mainwrite.NAMES)
+        engine = self.engine
+        metrics.CAPTURE[:] = [lambda: engine.capture.stats if engine.capture else None]
+        await self.main.start()
+        monitor = self.monitor
+        app = http.build_app(lambda: monitor.healthy, tokens,
+                             forward_to=self._admin_target() if self.cluster else None)
+        branch_routes.add_routes(app, self.engine)
+        runner = await http.start(app, ahost, aport, self.tls)
+        self.admin_runner = runner
+        self.admin_port = aport or runner.addresses[0][1]
+        if self.cluster is not None and not aport:
+            self.cluster.admin = self._admin_url(ahost, self.admin_port)  # at the next round
+
+    def _admin_url(self, host: str, port: int) -> str:
+        """Where the other processes forward admin requests to this one."""
+        assert self.cluster is not None
+        public = self.cluster.addr if host in ("", "0.0.0.0", "::") else host
+        return f"{'https' if self.tls else 'http'}://{public}:{port}"
+
+    async def _start_engine_and_tasks(self) -> None:
+        """The engine and its periodic work (alone, or once this process took the lease)."""
+        assert self.engine is not None
+        opts = self.options
         if not await self._start_engine():
             self._engine_retry = asyncio.create_task(self._retry_engine())
         if opts.gc_retention:
             self._gc_task = asyncio.create_task(self._periodic_gc(
                 parse_retention(opts.gc_retention), opts.gc_interval))
         self._reaper = asyncio.create_task(lifecycle.run(self.engine, opts.reap_interval))
-        self.main = Listener("main", host, port, upstream=self.upstream,
-                             topology=self.topology, router=EngineRouter(self.engine, None),
-                             stats=metrics.BRANCHES.main,
-                             legacy_op_query=self.engine.config.legacy_op_query.value,
-                             anonymous_as_uri_user=self.anonymous_as_uri_user, tls=self.tls,
-                             read_routing=True)
-        self.engine.reroute = functools.partial(self.main.reroute, mainwrite.NAMES)
-        engine = self.engine
-        metrics.CAPTURE[:] = [lambda: engine.capture.stats if engine.capture else None]
-        await self.main.start()
-        monitor = self.monitor
-        app = http.build_app(lambda: monitor.healthy, tokens)
-        branch_routes.add_routes(app, self.engine)
-        runner = await http.start(app, ahost, aport, self.tls)
-        self.admin_runner = runner
-        self.admin_port = aport or runner.addresses[0][1]
+
+    async def _promote(self) -> None:
+        """This process took the engine lease: its engine starts from the metadata
+        database, as after a crash (dirty overlays rebuilt from the WAL, retried writes'
+        replies reloaded), and its ports serve instead of relaying."""
+        assert self.engine is not None and self.ports is not None
+        self.engine.unavailable = "branch engine is starting (this process took the lease)"
+        await self._start_engine_and_tasks()
+        for name in [n for n in self.ports.listeners if n not in self.engine.branches]:
+            await self.ports.close_name(name)
+
+    def relay_target(self, port: int) -> Callable[[], tuple[str, int] | None] | None:
+        """A branch port's clients go to the engine lease holder's same port."""
+        cluster = self.cluster
+        if cluster is None:
+            return None
+
+        def target() -> tuple[str, int] | None:
+            host = cluster.relay_host()
+            return None if host is None else (host, port)
+        return target
+
+    def _main_target(self) -> Callable[[], tuple[str, int] | None] | None:
+        """The main port relays to the holder's too: its branch commands (createBranch
+        and the rest) and, while main has children, its writes are the engine's work,
+        and which of them a connection will send is not known when it is accepted."""
+        cluster = self.cluster
+        if cluster is None:
+            return None
+
+        def target() -> tuple[str, int] | None:
+            holder = cluster.holder
+            if cluster.leading or holder is None:
+                return None
+            return holder["addr"], int(holder["main"])
+        return target
+
+    def _admin_target(self) -> Callable[[], str | None]:
+        def target() -> str | None:
+            cluster = self.cluster
+            if cluster is None or cluster.leading or cluster.holder is None:
+                return None
+            admin = cluster.holder.get("admin")
+            return str(admin) if admin else None
+        return target
+
+    async def _sync_ports(self) -> None:
+        """Without the lease: listen on every branch port the catalog names (to relay
+        its clients), so that branches created through any process are reachable here."""
+        assert self.engine is not None and self.ports is not None and self.cluster is not None
+        if self.cluster.leading or self._stopping:
+            return
+        want: dict[str, Branch] = {}
+        async for doc in self.engine.meta["branches"].find():
+            branch = Branch.from_doc(doc)
+            if branch.deleted_at is None and not branch.creating:
+                want[branch.name] = branch
+        for name in [n for n in self.ports.listeners if n not in want]:
+            await self.ports.close_name(name)
+        for branch in want.values():
+            try:
+                await self.ports.open(branch)
+            except OSError as exc:
+                log.error("branch %s: cannot listen on port %d: %s", branch.name, branch.port,
+                          exc)
 
     def _anonymous_policy(self, host: str) -> bool:
         """Whether clients that do not authenticate get the URI user's privileges: the
@@ -363,17 +486,23 @@ class Proxy:
                 log.exception("periodic gc failed; it runs again in %.0fs", interval)
 
     async def stop(self) -> None:
+        # The lease is renewed while clients drain and released only at the end: no
+        # other process's engine starts while this one's may still write.
+        self._stopping = True
         for task in (self._engine_retry, self._gc_task, self._reaper):
             if task is not None:
                 task.cancel()
-        if self.engine is not None:
-            await lifecycle.save_use(self.engine)
+        if self.engine is not None and (self.cluster is None
+                                        or self.engine.unavailable is None):
+            await lifecycle.save_use(self.engine)  # a follower has no uses to save
         if self.main:
             await self.main.stop(self.options.grace)
         if self.ports:
             await self.ports.stop_all(self.options.grace)
         if self.engine and self.engine.unavailable is None:
             await self.engine.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.meta_client:
             await self.meta_client.close()
         if self.admin_runner is not None:

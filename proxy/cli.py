@@ -112,6 +112,16 @@ def main() -> None:
               help="Let the capture turn on changeStreamPreAndPostImages for main's "
                    "collections; off: updates and deletes made without the proxy cannot be "
                    "preserved (branches report isolation proxy-writes-only).")
+@click.option("--lease", default=0.0, type=click.FloatRange(min=0), metavar="SECONDS",
+              envvar="MONGOBRANCH_LEASE", show_default=True,
+              help="Scale-out: run with other `serve` processes over the same upstream and "
+                   "metadata database; one holds the engine lease (renewed every third of "
+                   "it) and serves every branch, the others relay to it and take over within "
+                   "about this long after it dies. 0: this process alone [env "
+                   "MONGOBRANCH_LEASE].")
+@click.option("--relay-host", default=None, metavar="HOST", envvar="MONGOBRANCH_RELAY_HOST",
+              help="Scale-out: the address other processes reach this one's ports on (its "
+                   "pod IP) [default: the --listen host; env MONGOBRANCH_RELAY_HOST].")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
               meta_uri: str | None, data_dir: str, log_level: str,
               advertise_host: str | None, log_format: str,
@@ -122,7 +132,8 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
               transaction_lifetime: float, protect_main: bool,
               admin_token_file: str | None, tls_cert: str | None,
               tls_key: str | None, tls_ca: str | None,
-              anonymous_as_uri_user: bool | None, capture: bool, pre_images: bool) -> None:
+              anonymous_as_uri_user: bool | None, capture: bool, pre_images: bool,
+              lease: float, relay_host: str | None) -> None:
     """Run the proxy."""
     from proxy.admin import auth
     from proxy.app import ServeOptions, parse_hostport, parse_range, retention, serve
@@ -146,6 +157,11 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
         if gc_retention:
             parse_retention(gc_retention)
         retention(deleted_retention)
+        if lease and tls_cert:
+            raise click.UsageError("--lease (scale-out) does not support --tls-cert yet")
+        if lease and not relay_host and parse_hostport(listen)[0] in ("", "0.0.0.0", "::"):
+            raise click.UsageError("--lease with a wildcard --listen host needs --relay-host: "
+                                   "the address other processes reach this one on (a pod's IP)")
         if (tls_key or tls_ca) and not tls_cert:
             raise click.UsageError("--tls-key and --tls-ca need --tls-cert")
         if tls_cert:
@@ -167,7 +183,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            anonymous_as_uri_user=anonymous_as_uri_user,
                            admin_token_file=admin_token_file, tls_cert=tls_cert,
                            tls_key=tls_key, tls_ca=tls_ca, capture=capture,
-                           pre_images=pre_images)
+                           pre_images=pre_images, lease=lease, relay_host=relay_host)
     sys.exit(_run(serve(options)))
 
 

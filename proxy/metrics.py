@@ -36,6 +36,21 @@ PROTOCOL_ERRORS = Counter(
     "mongobranch_protocol_errors", "Client connections closed for malformed input",
     registry=REGISTRY,
 )
+CLUSTER_LEADER = Gauge(
+    "mongobranch_engine_lease_held",
+    "1 while this process holds the engine lease and serves every branch (scale-out)",
+    registry=REGISTRY,
+)
+CLUSTER_TAKEOVERS = Counter(
+    "mongobranch_engine_takeovers",
+    "Times this process took the engine lease over from another process whose lease expired",
+    registry=REGISTRY,
+)
+RELAYED = Counter(
+    "mongobranch_relayed_connections",
+    "Client connections this process relayed to the engine lease's holder (scale-out)",
+    ["listener"], registry=REGISTRY,
+)
 
 KNOWN_COMMANDS = frozenset(
     """

@@ -56,14 +56,14 @@ def free_range(n: int, taken: set[int] | None = None) -> tuple[int, int]:
 
 
 def wait_port(port: int, timeout: float = 60.0,
-              proc: subprocess.Popen[bytes] | None = None) -> None:
+              proc: subprocess.Popen[bytes] | None = None, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before port "
                                f"{port} opened")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection((host, port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.05)
@@ -222,10 +222,13 @@ class ProxyProcess:
     lifecycle_defaults: bool = False
     proc: subprocess.Popen[bytes] | None = None
     log: str = ""  # a temporary file unless set
+    # The main and branch ports' address (scale-out tests give each process its own
+    # loopback address, as each machine of a cluster has its own).
+    host: str = "127.0.0.1"
 
     @property
     def uri(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/"
+        return f"mongodb://{self.host}:{self.port}/"
 
     @property
     def pid(self) -> int:
@@ -242,7 +245,7 @@ class ProxyProcess:
             self.branch_ports = (base, base + 49)
         exe = self.exe or [_program("mongobranch")]
         args = [*self.wrapper, *exe, "serve", "--upstream", self.upstream,
-                "--listen", f"127.0.0.1:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
+                "--listen", f"{self.host}:{self.port}", "--admin", f"127.0.0.1:{self.admin_port}",
                 "--branch-ports", f"{self.branch_ports[0]}-{self.branch_ports[1]}",
                 "--log-level", self.log_level]
         if self.meta_db is not None:
@@ -256,7 +259,7 @@ class ProxyProcess:
             self.log = tempfile.mktemp(prefix="mongobranch-", suffix=".log")
         self.proc = spawn(args, self.log)
         wait_port(self.admin_port, proc=self.proc)
-        wait_port(self.port, proc=self.proc)
+        wait_port(self.port, proc=self.proc, host=self.host)
         if wait_healthy:
             self.wait_healthy()
         return self

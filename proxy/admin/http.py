@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pymongo.errors import ConnectionFailure
@@ -24,9 +25,26 @@ HTTP_STATUS = {Kind.INVALID: 400, Kind.FORBIDDEN: 403, Kind.NOT_FOUND: 404, Kind
                Kind.INTERNAL: 500, Kind.UPSTREAM: 502, Kind.UNAVAILABLE: 503}
 
 
+# Answered by every process itself, even where another one serves the API (scale-out).
+LOCAL_PATHS = ("/healthz", "/metrics")
+
+
 def build_app(healthy: Callable[[], bool],
-              tokens: auth.Tokens | None = None) -> web.Application:
-    app = web.Application(middlewares=[auth.middleware(tokens or auth.Tokens()), _json_errors])
+              tokens: auth.Tokens | None = None,
+              forward_to: Callable[[], str | None] | None = None) -> web.Application:
+    """forward_to: the base URL of the process that serves the branch API instead of this
+    one (None: this one), asked at every request."""
+    middlewares = [auth.middleware(tokens or auth.Tokens()), _json_errors]
+    sessions: list[aiohttp.ClientSession] = []
+    if forward_to is not None:
+        middlewares.append(_forwarding(forward_to, sessions))
+    app = web.Application(middlewares=middlewares)
+
+    async def close_sessions(_app: web.Application) -> None:
+        for session in sessions:
+            await session.close()
+
+    app.on_cleanup.append(close_sessions)
 
     async def healthz(_request: web.Request) -> web.Response:
         if healthy():
@@ -56,6 +74,43 @@ def add_console(app: web.Application) -> None:
     app.router.add_get("/console", to_console)
     app.router.add_get("/console/", index)
     app.router.add_static("/console/", CONSOLE)
+
+
+def _forwarding(forward_to: Callable[[], str | None], session: list[aiohttp.ClientSession]
+                ) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Hands branch API requests to the process that runs the branch engine, as they
+    are (its own token check runs again there); the answer streams back unchanged."""
+    @web.middleware
+    async def forward(request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                      ) -> web.StreamResponse:
+        base = forward_to()
+        if base is None or request.path in LOCAL_PATHS or request.path == "/" \
+                or request.path.startswith("/console"):
+            return await handler(request)
+        if not session:
+            session.append(aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)))
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("host", "content-length", "transfer-encoding")}
+        try:
+            async with session[0].request(request.method, base + request.rel_url.raw_path_qs,
+                                          headers=headers, data=await request.read(),
+                                          allow_redirects=False) as answer:
+                reply = web.StreamResponse(status=answer.status, headers={
+                    k: v for k, v in answer.headers.items()
+                    if k.lower() in ("content-type", "cache-control", "location")})
+                await reply.prepare(request)
+                async for chunk in answer.content.iter_chunked(1 << 16):
+                    await reply.write(chunk)
+                await reply.write_eof()
+                return reply
+        except aiohttp.ClientError as exc:
+            raise BranchError(Kind.UNAVAILABLE,
+                              f"the process running the branch engine ({base}) cannot be "
+                              f"reached: {exc}; retry once another one takes over") from exc
+
+    return forward
 
 
 @web.middleware

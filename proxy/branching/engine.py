@@ -92,8 +92,9 @@ class Engine:
         self.migrating: set[str] = set()
         # Copy branches being created: name -> {"done", "total", "ns"}.
         self.progress: dict[str, dict[str, Any]] = {}
-        # Why branching is unavailable (None once start() succeeded).
+        # Why branching is unavailable (None once start() succeeded, when ready is set).
         self.unavailable: str | None = "branch engine is starting"
+        self.ready = asyncio.Event()
         self._locks: dict[str, BranchLock] = {}
         self._fences: dict[str, Fence] = {}
         # Set by the serving layer: the main port's listener forgets which command names it
@@ -118,6 +119,9 @@ class Engine:
         self.lifecycle = Lifecycle()
         # Clients' multi-document transactions on branch ports (txn.py).
         self.txns = Transactions(self)
+        # Set by the serving layer under scale-out: which process serves the branches
+        # (describe() shows it).
+        self.owner: Callable[[], dict[str, Any] | None] | None = None
 
     # -- start-up -------------------------------------------------------------------
     async def start(self) -> None:
@@ -151,6 +155,7 @@ class Engine:
         for doc in reversed(await self.wal.recent_replies(RETRY_MEMORY)):
             self.remember(doc["txn"], doc["reply"])
         self.unavailable = None
+        self.ready.set()
         for branch in [b for b in self.branches.values() if b.migrating]:
             log.warning("finishing the migration of %s to %s mode", branch.name,
                         branch.migrating)
@@ -430,6 +435,8 @@ class Engine:
             }
         info["namespaces"] = namespaces
         info["children"] = self.children(name)
+        if self.owner is not None:
+            info["owner"] = self.owner()
         return info
 
     async def _kept(self, branch: Branch, state: NsState) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -32,6 +34,9 @@ from proxy.branching.txn import first_failure, in_transaction, no_such, transien
 from proxy.net.router import Context, Continued
 from proxy.wire.codes import Code
 from proxy.wire.opmsg import EXHAUST_ALLOWED, OpMsg
+
+# Seconds a branch port's request waits for an engine that is starting.
+STARTING_WAIT = 20.0
 
 ADMIN: dict[str, Handler] = {
     "createBranch": admin.create_branch,
@@ -171,6 +176,17 @@ class EngineRouter:
         if not isinstance(db, str):
             raise CommandError(Code.OP_MSG_NEEDS_DB, "OP_MSG requests require a $db argument")
         branch = None
+        if self.branch is not None and self.engine.unavailable is not None:
+            # A branch port open while the engine starts (this process just took the
+            # engine lease over, cluster.py): its requests wait for it a while, so that a
+            # driver's one retry after the old process died succeeds.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.engine.ready.wait(), STARTING_WAIT)
+            if self.engine.unavailable is not None:
+                labels = ["TransientTransactionError"] if cmd.get("autocommit") is False \
+                    else ["RetryableWriteError"] if "txnNumber" in cmd else []
+                raise CommandError(Code.HOST_UNREACHABLE, self.engine.unavailable,
+                                   errorLabels=labels)
         if self.branch is not None:
             branch = self.engine.branches.get(self.branch)
             if branch is None or branch.deleted_at is not None:

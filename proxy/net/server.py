@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 
-from proxy.metrics import PortStats
+from proxy.metrics import RELAYED, PortStats
 from proxy.net.connection import ClientConnection
 from proxy.net.handshake import Topology
 from proxy.net.reads import MemberCursors
+from proxy.net.relay import Relay
 from proxy.net.router import Router
 from proxy.upstream.connection import UpstreamConfig
 
@@ -70,7 +72,8 @@ class Listener:
     def __init__(self, name: str, host: str, port: int, *, upstream: UpstreamConfig,
                  topology: Topology, router: Router, stats: PortStats | None = None,
                  legacy_op_query: bool = True, anonymous_as_uri_user: bool = True,
-                 tls: ssl.SSLContext | None = None, read_routing: bool = False):
+                 tls: ssl.SSLContext | None = None, read_routing: bool = False,
+                 relay_to: Callable[[], tuple[str, int] | None] | None = None):
         self.name = name
         self.host = host
         self.port = port
@@ -90,6 +93,10 @@ class Listener:
         # With read routing (the main port): the cursors this port's reads opened on
         # members other than the primary, shared by its connections.
         self._read_cursors = MemberCursors() if read_routing else None
+        # Asked at every accept: where this port's clients are served instead of here
+        # (None: here), for scale-out; the connections relayed there.
+        self.relay_to = relay_to
+        self._relays: set[Relay] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,7 +108,11 @@ class Listener:
         log.info("%s listening on %s:%d%s", self.name, self.host, self.port,
                  " (TLS)" if self.tls else "")
 
-    def _new_connection(self) -> ClientConnection:
+    def _new_connection(self) -> ClientConnection | Relay:
+        target = self.relay_to() if self.relay_to is not None else None
+        if target is not None:
+            RELAYED.labels("main" if self.name == "main" else "branch").inc()
+            return Relay(target, self._relays.add, self._relays.discard)
         return ClientConnection(
             upstream=self.upstream, topology=self.topology, router=self.router,
             listener=self.name, stopping=self.stopping, on_closed=self._closed,
@@ -139,6 +150,8 @@ class Listener:
         # reply flushed: a connection leaves the set when its transport is gone).
         for conn in list(self._connections):
             conn.shutdown()
+        for relay in list(self._relays):
+            relay.close()
         while self._connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self._connections):

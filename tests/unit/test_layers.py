@@ -202,7 +202,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                               "operations")),
     ("handlers", _branching("commands")),
     ("router", _branching("router")),
-    ("front doors", ("proxy.admin", "proxy.cli", "proxy.app", "proxy.mcpserver")),
+    ("front doors", ("proxy.admin", "proxy.cli", "proxy.app", "proxy.mcpserver",
+                     "proxy.cluster")),
 ]
 
 
