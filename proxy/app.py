@@ -21,7 +21,7 @@ from pymongo.errors import ConfigurationError, OperationFailure
 from proxy import metrics
 from proxy.admin import auth, http
 from proxy.admin import branches as branch_routes
-from proxy.branching import copymode, gc, lifecycle, router
+from proxy.branching import copymode, gc, lifecycle, router, sizes
 from proxy.branching.commands import mainwrite
 from proxy.branching.engine import Engine
 from proxy.branching.model import Branch
@@ -84,6 +84,9 @@ class ServeOptions:
     allow_wal: bool | None = None
     # Branches with their own metrics labels; the rest are counted as branch="other".
     metrics_branch_limit: int = 100
+    # How old the per-branch size figures in /metrics may be before a scrape measures
+    # them again (0: every scrape).
+    metrics_size_interval: float = 30.0
     # The host branch URIs name (the --listen host when None): a proxy listening on
     # 0.0.0.0 hands out URIs its clients can resolve.
     advertise_host: str | None = None
@@ -319,13 +322,22 @@ class Proxy:
         await self.main.start()
         monitor = self.monitor
         app = http.build_app(lambda: monitor.healthy, tokens,
-                             forward_to=self._admin_target() if self.cluster else None)
+                             forward_to=self._admin_target() if self.cluster else None,
+                             before_metrics=metrics.BranchSizes(
+                                 self._measure_sizes, opts.metrics_size_interval).refresh)
         branch_routes.add_routes(app, self.engine)
         runner = await http.start(app, ahost, aport, self.tls)
         self.admin_runner = runner
         self.admin_port = aport or runner.addresses[0][1]
         if self.cluster is not None and not aport:
             self.cluster.admin = self._admin_url(ahost, self.admin_port)  # at the next round
+
+    async def _measure_sizes(self, names: list[str]) -> dict[str, sizes.BranchSize]:
+        """Only the process running the engine knows the branches' overlays."""
+        engine = self.engine
+        if engine is None or engine.unavailable:
+            return {}
+        return await sizes.measure(engine, names)
 
     def _admin_url(self, host: str, port: int) -> str:
         """Where the other processes forward admin requests to this one."""

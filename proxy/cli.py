@@ -64,6 +64,10 @@ def main() -> None:
 @click.option("--metrics-branch-limit", default=100, show_default=True,
               type=click.IntRange(0, 10_000),
               help="Branches with their own label in /metrics; the rest count as 'other'.")
+@click.option("--metrics-size-interval", default=30.0, show_default=True,
+              type=click.FloatRange(0), metavar="SECONDS",
+              help="How old the branches' overlay and WAL sizes in /metrics may be before a "
+                   "scrape measures them again on the upstream (0: every scrape).")
 @click.option("--config", "config_path", default=None, metavar="PATH",
               help="TOML file of feature flags [env MONGOBRANCH_CONFIG].")
 @click.option("--default-mode", type=click.Choice(["wal", "copy"]), default=None,
@@ -125,7 +129,7 @@ def main() -> None:
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
               meta_uri: str | None, data_dir: str, log_level: str,
               advertise_host: str | None, log_format: str,
-              metrics_branch_limit: int, config_path: str | None,
+              metrics_branch_limit: int, metrics_size_interval: float, config_path: str | None,
               default_mode: str | None, allow_wal: bool | None,
               legacy_op_query: bool | None, gc_retention: str | None,
               gc_interval: float, deleted_retention: str, reap_interval: float,
@@ -179,6 +183,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            reap_interval=reap_interval, protect_main=protect_main,
                            transaction_lifetime=transaction_lifetime,
                            metrics_branch_limit=metrics_branch_limit,
+                           metrics_size_interval=metrics_size_interval,
                            advertise_host=advertise_host,
                            anonymous_as_uri_user=anonymous_as_uri_user,
                            admin_token_file=admin_token_file, tls_cert=tls_cert,

@@ -9,9 +9,11 @@ Everything runs on the event loop's thread, so plain arithmetic is safe.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -25,6 +27,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+log = logging.getLogger("mongobranch.metrics")
 
 OPEN_CONNECTIONS = Gauge(
     "mongobranch_open_connections", "Client connections open", ["listener"], registry=REGISTRY
@@ -129,12 +132,14 @@ class PortStats:
     global latency is observed; `last_started` is a perf_counter reading, turned into a
     wall-clock time only when scraped."""
 
-    __slots__ = ("last_started", "latency_counts", "latency_sum")
+    __slots__ = ("last_started", "latency_counts", "latency_sum", "size")
 
     def __init__(self) -> None:
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.last_started = 0.0
+        # (overlay documents, overlay bytes, WAL entries), once measured (BranchSizes).
+        self.size: tuple[int, int, int] | None = None
 
     def observe(self, started: float, elapsed: float) -> None:
         self.latency_counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
@@ -190,6 +195,49 @@ class BranchSeries:
 
 BRANCHES = BranchSeries()
 
+SIZE_SERIES = (
+    ("mongobranch_branch_overlay_documents", "Documents in a branch's overlays (measured "
+     "at most once per --metrics-size-interval, on scrape; labelled branches only)"),
+    ("mongobranch_branch_overlay_bytes", "Data bytes of a branch's overlays and hidden-id "
+     "sets, as the upstream's collStats counts them"),
+    ("mongobranch_branch_wal_entries", "WAL entries of a branch"),
+)
+
+
+class BranchSizes:
+    """Refreshes the labelled branches' sizes when a scrape finds them older than the
+    interval: measuring costs a few upstream commands per branch, so it is neither done
+    per write nor on every scrape of a busy Prometheus."""
+
+    def __init__(self, measure: Callable[[list[str]], Awaitable[dict[str, Any]]],
+                 interval: float) -> None:
+        self.measure = measure
+        self.interval = interval
+        self.measured = -float("inf")
+        self.lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        async with self.lock:
+            if time.monotonic() - self.measured < self.interval:
+                return
+            names = list(BRANCHES.ports)
+            try:
+                sizes = await asyncio.wait_for(self.measure(names), SIZE_TIMEOUT)
+            except Exception:  # a scrape answers with the last figures rather than fail
+                log.warning("measuring branch sizes failed; /metrics keeps the last figures",
+                            exc_info=True)
+                return
+            for name, size in sizes.items():
+                stats = BRANCHES.ports.get(name)
+                if stats is not None:
+                    stats.size = (size.overlay_documents, size.overlay_bytes,
+                                  size.wal_entries)
+            self.measured = time.monotonic()
+
+
+# Bounds a scrape's wait for the upstream.
+SIZE_TIMEOUT = 5.0
+
 
 class _BranchCollector(Collector):
     def collect(self) -> Iterator[Metric]:
@@ -201,7 +249,11 @@ class _BranchCollector(Collector):
         last = GaugeMetricFamily("mongobranch_branch_last_request_timestamp_seconds",
                                  "Unix time of the last request on a branch's port "
                                  "(0: none since the proxy started)", labels=["branch"])
+        sizes = [GaugeMetricFamily(name, text, labels=["branch"]) for name, text in SIZE_SERIES]
         for label, stats in BRANCHES.series():
+            if stats.size is not None:
+                for family, value in zip(sizes, stats.size, strict=True):
+                    family.add_metric([label], value)
             total = 0
             buckets = []
             for bound, count in zip((*LATENCY_BUCKETS, float("inf")), stats.latency_counts,
@@ -214,6 +266,7 @@ class _BranchCollector(Collector):
         yield requests
         yield latency
         yield last
+        yield from sizes
         yield GaugeMetricFamily("mongobranch_branch_labels_folded",
                                 "Branches counted under branch=\"other\" (label cap reached)",
                                 value=len(BRANCHES.folded))

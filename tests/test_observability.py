@@ -26,7 +26,8 @@ LIMIT = 2  # --metrics-branch-limit of the proxy under test
 @pytest.fixture(scope="module")
 def observed(upstream: Secantus) -> Iterator[ProxyProcess]:
     proc = ProxyProcess(upstream.uri, meta_db=unique("mbobs").replace("-", "_"),
-                        extra=["--log-format", "json", "--metrics-branch-limit", str(LIMIT)])
+                        extra=["--log-format", "json", "--metrics-branch-limit", str(LIMIT),
+                               "--metrics-size-interval", "0"])
     proc.start()
     try:
         yield proc
@@ -116,6 +117,29 @@ def test_requests_latency_and_last_use_per_branch(observed: ProxyProcess) -> Non
         drop(observed, second)
     gone = by_branch(scrape(observed), "mongobranch_branch_requests_total")
     assert first not in gone and second not in gone
+
+
+def test_overlay_and_wal_sizes_per_branch(observed: ProxyProcess) -> None:
+    name = unique("obs-size")
+    branch = create(observed, name)
+    try:
+        samples = scrape(observed)
+        assert by_branch(samples, "mongobranch_branch_overlay_documents")[name] == 0
+        assert by_branch(samples, "mongobranch_branch_wal_entries")[name] == 0
+        send(branch["port"], [
+            {"insert": "sized", "documents": [{"_id": i, "pad": "x" * 500} for i in range(3)],
+             "$db": "obs"},
+            {"delete": "sized", "deletes": [{"q": {"_id": 0}, "limit": 1}], "$db": "obs"}])
+        samples = scrape(observed)
+        assert by_branch(samples, "mongobranch_branch_overlay_documents")[name] == 2
+        assert by_branch(samples, "mongobranch_branch_wal_entries")[name] == 4
+        # Two documents of over 500 bytes; the hidden-id set adds a little.
+        assert by_branch(samples, "mongobranch_branch_overlay_bytes")[name] > 1000
+        # Sizes are labelled like the request series: main's are the upstream's own.
+        assert "main" not in by_branch(samples, "mongobranch_branch_overlay_documents")
+    finally:
+        drop(observed, name)
+    assert name not in by_branch(scrape(observed), "mongobranch_branch_wal_entries")
 
 
 def test_branch_labels_are_capped(observed: ProxyProcess) -> None:
@@ -212,7 +236,13 @@ def test_grafana_dashboard_queries_metrics_the_proxy_exports(observed: ProxyProc
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     queried = {m for e in exprs for m in re.findall(r"\b(mongobranch_[a-z_]+)\b", e)}
     assert len(queried) >= 10
-    exported = set(scrape(observed))
+    # A branch, so that the series only measured branches have are there too.
+    name = unique("obs-dash")
+    create(observed, name)
+    try:
+        exported = set(scrape(observed))
+    finally:
+        drop(observed, name)
     assert queried <= exported, queried - exported
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     for expr in exprs:

@@ -31,9 +31,11 @@ LOCAL_PATHS = ("/healthz", "/metrics")
 
 def build_app(healthy: Callable[[], bool],
               tokens: auth.Tokens | None = None,
-              forward_to: Callable[[], str | None] | None = None) -> web.Application:
+              forward_to: Callable[[], str | None] | None = None,
+              before_metrics: Callable[[], Awaitable[None]] | None = None) -> web.Application:
     """forward_to: the base URL of the process that serves the branch API instead of this
-    one (None: this one), asked at every request."""
+    one (None: this one), asked at every request. before_metrics: brings the figures a
+    scrape reads from the upstream up to date."""
     middlewares = [auth.middleware(tokens or auth.Tokens()), _json_errors]
     sessions: list[aiohttp.ClientSession] = []
     if forward_to is not None:
@@ -52,6 +54,8 @@ def build_app(healthy: Callable[[], bool],
         return web.json_response({"status": "upstream unavailable"}, status=503)
 
     async def metrics(_request: web.Request) -> web.Response:
+        if before_metrics is not None:
+            await before_metrics()
         body = generate_latest(REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
