@@ -198,7 +198,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", _branching("engine", "model", "wal", "runner", "overlay", "catalog", "views",
                           "planner", "cursormerge", "viewscan", "unique", "authz", "snapshot",
                           "capture", "lifecycle", "txn")),
-    ("operations", _branching("history", "copymode", "gc", "lineage", "requests",
+    ("operations", _branching("history", "copymode", "gc", "sizes", "lineage", "requests",
                               "operations")),
     ("handlers", _branching("commands")),
     ("router", _branching("router")),
