@@ -6,7 +6,7 @@ import dataclasses
 import time
 from typing import Any
 
-from proxy.branching import audit, authz
+from proxy.branching import audit, authz, masking
 from proxy.branching.capture import now_of
 from proxy.branching.commands import (
     admin,
@@ -17,6 +17,7 @@ from proxy.branching.commands import (
     ddl,
     hints,
     mainwrite,
+    masked,
     read,
     transactions,
     validate,
@@ -55,11 +56,11 @@ BRANCH: dict[str, Handler] = {
     "listCollections": catalog.list_collections,
     "listIndexes": viewdefs.not_on_views(catalog.list_indexes),
     "insert": viewdefs.not_on_views(write.insert),
-    "update": viewdefs.not_on_views(write.update),
-    "delete": viewdefs.not_on_views(write.delete),
-    "findAndModify": viewdefs.not_on_views(write.find_and_modify),
-    "findandmodify": viewdefs.not_on_views(write.find_and_modify),
-    "bulkWrite": bulkwrite.bulk_write,
+    "update": masked.guarded(viewdefs.not_on_views(write.update)),
+    "delete": masked.guarded(viewdefs.not_on_views(write.delete)),
+    "findAndModify": masked.find_and_modify(viewdefs.not_on_views(write.find_and_modify)),
+    "findandmodify": masked.find_and_modify(viewdefs.not_on_views(write.find_and_modify)),
+    "bulkWrite": masked.guarded(bulkwrite.bulk_write),
     "create": viewdefs.create,
     "collMod": viewdefs.coll_mod,
     "drop": ddl.drop,
@@ -94,6 +95,10 @@ READ_ATTEMPTS = 3
 
 # Commands that continue a cursor: they read nothing new of main.
 CURSOR_OPS = frozenset({"getMore", "killCursors"})
+
+# Branch commands a masked branch's port serves: the rest could read history, which holds
+# unmasked images, or make a branch that is not masked.
+MASKED_ADMIN = frozenset({"listBranches", "branchInfo"})
 
 # Commands that only read: they need no identity for the WAL.
 READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",
@@ -147,6 +152,8 @@ class EngineRouter:
             if name in mainwrite.NAMES:
                 return self.engine.intercepting_main()
             return name in self.table
+        if name in masking.REFUSED_COMMANDS:
+            return True  # refused in _serve when the branch is masked
         return name not in FORWARDED
 
     async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | Continued | None:
@@ -183,6 +190,12 @@ class EngineRouter:
                     errorLabels=["RetryableWriteError"])
             if name not in ADMIN:
                 authz.check_branch_port(cmd, db, self.engine.meta_db, branch.name)
+            if branch.masked:
+                if name in masking.REFUSED_COMMANDS or (name in ADMIN
+                                                        and name not in MASKED_ADMIN):
+                    raise masking.refusal(f"command {name!r}", branch.name)
+            elif name in masking.REFUSED_COMMANDS:
+                return None  # forwarded, as on any branch port
         handler = self.table.get(name)
         if handler is None and name.lower() == "mapreduce":
             raise CommandError(Code.COMMAND_NOT_SUPPORTED,
