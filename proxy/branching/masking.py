@@ -238,6 +238,13 @@ class Masker:
                     return True
         return False
 
+    def inside(self, db: str, coll: str, paths: Iterable[str]) -> bool:
+        """Whether any of these paths lies strictly inside a masked field: an update there
+        fails with an error quoting the field's stored value ("Cannot create field ... in
+        element {...}")."""
+        masked = [_plain(p) for p in self.fields(db, coll)]
+        return any(_plain(path).startswith(m + ".") for path in paths for m in masked)
+
     def check_filter(self, db: str, coll: str, filt: Any, what: str) -> None:
         """A write's filter (or sort) is matched against the stored values: one naming a
         masked field would tell them by what it matches."""

@@ -104,7 +104,13 @@ async def merge(engine: Engine, req: MergeBranch,
     branch = engine.get(req.name)
     if not req.dry_run and req.into in (None, branch.parent):
         lifecycle.guard(engine, branch.parent, req.force, "merging into")
-    return await history.merge(engine, req.name, req.into, req.strategy, req.dry_run, caller)
+    result = await history.merge(engine, req.name, req.into, req.strategy, req.dry_run,
+                                 caller)
+    if branch.masked:
+        # Its conflicts would show the documents' stored images: only which ones.
+        result["conflicts"] = [{k: c[k] for k in ("ns", "_id", "op") if k in c}
+                               for c in result.get("conflicts") or []]
+    return result
 
 
 async def reset(engine: Engine, req: ResetBranch) -> dict[str, Any]:

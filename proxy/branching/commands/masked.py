@@ -32,6 +32,13 @@ def check_update(masker: masking.Masker, db: str, coll: str, query: Any, update:
         renamed = update.get("$rename")
         if isinstance(renamed, dict) and masker.touches(db, coll, list(renamed)):
             raise masking.refusal(f"$rename of a masked field of {ns}", masker.branch)
+        written = [p for op, spec in update.items() if op.startswith("$")
+                   and isinstance(spec, dict) for p in spec]
+        written += [str(p) for p in (renamed or {}).values()] if isinstance(renamed, dict) \
+            else []
+        if masker.inside(db, coll, written):
+            raise masking.refusal(f"an update inside a masked field of {ns} (its errors "
+                                  "quote the stored value)", masker.branch)
         if array_filters:
             paths = [p.split(".$[")[0] for op in update.values() if isinstance(op, dict)
                      for p in op if ".$[" in p]
