@@ -252,6 +252,12 @@ def test_writes_that_would_read_a_masked_field_are_refused(masked: MongoClient) 
     # Copying a masked field into another one would show it there.
     refused(lambda: users.update_many({}, [{"$set": {"copy": "$email"}}]))
     refused(lambda: users.update_many({}, {"$rename": {"ssn": "plain"}}))
+    # Whether these change the document tells how the stored value compares.
+    refused(lambda: users.update_one({"_id": 1}, {"$max": {"ssn": "5"}}))
+    refused(lambda: users.update_one({"_id": 1}, {"$pull": {"tags": {"$regex": "^v"}}}))
+    refused(lambda: users.update_one({"_id": 1}, {"$addToSet": {"tags": "vip-secret"}}))
+    refused(lambda: users.update_one({"_id": 1}, {"$push": {"tags": {"$each": [],
+                                                                     "$sort": 1}}}))
     # mongod's error for a field made inside a string quotes the string.
     refused(lambda: users.update_one({"_id": 1}, {"$set": {"ssn.x": 1}}))
     refused(lambda: users.update_one({"_id": 1}, {"$set": {"profile.phone.x": 1}}))
@@ -343,7 +349,24 @@ def test_cli_creates_a_masked_branch(data: MongoClient, mproxy: ProxyProcess,
     shown = subprocess.run([shutil.which("mongobranch") or ".venv/bin/mongobranch", "branch",
                             "diff", name, "--admin", mproxy.admin_url],
                            capture_output=True, text=True, check=False)
-    assert shown.returncode != 0 and "mask" in shown.stderr
+    assert shown.returncode == 1 and "mask" in shown.stderr
+
+
+@pytest.mark.parametrize(("table", "error"), [
+    ('[masking."app.users"]\n_id = "hash"\n', "not a maskable field path"),
+    ('[masking."app.users"]\nemail = "scramble"\n', "rule must be redact"),
+    ('[masking."app.users"]\nname = "fake:nobody"\n', "rule must be redact"),
+    ('[masking."app.users"]\nprofile = "null"\n"profile.phone" = "hash"\n', "overlap"),
+    ('[masking."users"]\nemail = "hash"\n', "<db>.<coll>"),
+    ('[masking_lists]\nnames = []\n', "non-empty arrays"),
+])
+def test_bad_masking_rules_stop_serve(tmp_path: Path, table: str, error: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(table)
+    done = subprocess.run([shutil.which("mongobranch") or ".venv/bin/mongobranch", "serve",
+                           "--config", str(config)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2 and error in done.stderr, done.stderr
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not on PATH")

@@ -10,6 +10,10 @@ from proxy.branching import masking
 from proxy.branching.commands.base import Handler, Request, documents_stage
 from proxy.branching.errors import CommandError
 
+# Update operators whose effect depends on how the stored value compares with the given
+# one: the modified count would answer a comparison (enough to bisect a value).
+_COMPARING = frozenset({"$min", "$max", "$pull", "$pullAll", "$addToSet", "$bit"})
+
 
 def _masker(req: Request) -> masking.Masker | None:
     return masking.for_branch(req.engine.config, req.branch)
@@ -32,6 +36,15 @@ def check_update(masker: masking.Masker, db: str, coll: str, query: Any, update:
         renamed = update.get("$rename")
         if isinstance(renamed, dict) and masker.touches(db, coll, list(renamed)):
             raise masking.refusal(f"$rename of a masked field of {ns}", masker.branch)
+        comparing = [op for op, spec in update.items() if op in _COMPARING
+                     and isinstance(spec, dict) and masker.touches(db, coll, list(spec))]
+        sorting = [p for p, v in (update.get("$push") or {}).items()
+                   if isinstance(v, dict) and "$sort" in v] \
+            if isinstance(update.get("$push"), dict) else []
+        if comparing or masker.touches(db, coll, sorting):
+            raise masking.refusal(f"{(comparing or ['$push with $sort'])[0]} on a masked field "
+                                  f"of {ns} (whether it changes the document tells how the "
+                                  "stored value compares)", masker.branch)
         written = [p for op, spec in update.items() if op.startswith("$")
                    and isinstance(spec, dict) for p in spec]
         written += [str(p) for p in (renamed or {}).values()] if isinstance(renamed, dict) \
