@@ -384,3 +384,34 @@ def test_node_driver_reads_masked_values(masked: MongoClient, made: Branches,
     assert out["distinct"] == ["REDACTED"] and out["filtered"] == 0
     assert out["returned"]["_id"] == 1
     assert not leaked(out), out
+
+
+def test_reads_and_find_and_modify_in_a_transaction_are_masked(masked: MongoClient) -> None:
+    users = masked[DB].users
+    with masked.start_session() as session, session.start_transaction():
+        found = list(users.find({}, session=session))
+        returned = users.find_one_and_update({"_id": 2}, {"$set": {"age": 9}},
+                                             session=session,
+                                             return_document=ReturnDocument.AFTER)
+        counted = users.count_documents({"ssn": "REDACTED"}, session=session)
+    assert len(found) == 3 and returned["age"] == 9 and counted == 3
+    assert not leaked([found, returned])
+    assert users.find_one({"_id": 2})["age"] == 9
+
+
+async def test_an_agent_takes_a_masked_sandbox_over_mcp(data: MongoClient,
+                                                       mproxy: ProxyProcess,
+                                                       made: Branches) -> None:
+    pytest.importorskip("mcp", reason="the mcp package is not installed")
+    from tests.test_mcp import Tools, session
+
+    name = unique("agent")
+    async with session(mproxy.admin_url) as s:
+        tools = Tools(s)
+        created = await tools.call("create_branch", name=name, masked=True)
+        made.track(name)
+        assert created["masked"] is True
+        with MongoClient(created["uri"]) as c:
+            c[DB].users.update_one({"_id": 1}, {"$set": {"age": 1}})
+            assert not leaked(list(c[DB].users.find()))
+        assert "mask" in await tools.error("diff_branch", name=name)
