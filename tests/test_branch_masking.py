@@ -415,3 +415,20 @@ async def test_an_agent_takes_a_masked_sandbox_over_mcp(data: MongoClient,
             c[DB].users.update_one({"_id": 1}, {"$set": {"age": 1}})
             assert not leaked(list(c[DB].users.find()))
         assert "mask" in await tools.error("diff_branch", name=name)
+
+
+def test_indexes_and_validators_over_masked_fields_are_refused(masked: MongoClient) -> None:
+    users = masked[DB].users
+    # A unique index's build error quotes the duplicate stored values; which writes a
+    # validator fails (and its error details) tell them too.
+    refused(lambda: users.create_index("email", unique=True))
+    refused(lambda: users.create_index([("profile.phone", 1)]))
+    refused(lambda: users.create_index("age", partialFilterExpression={"ssn": "x"}))
+    refused(lambda: masked[DB].command("collMod", "users",
+                                       validator={"ssn": {"$regex": "^1"}}))
+    users.create_index("age")  # a field without rules
+    masked[DB].command("create", "contacts2", viewOn="users",
+                       pipeline=[{"$project": {"e": {"$toInt": "$name"}}}])
+    with pytest.raises(OperationFailure) as info:
+        list(masked[DB].contacts2.find())
+    assert not leaked(info.value.details), info.value.details

@@ -75,6 +75,21 @@ def _check(req: Request, masker: masking.Masker) -> None:
     elif name.lower() == "findandmodify" and isinstance(coll, str):
         check_update(masker, req.db, coll, cmd.get("query"), cmd.get("update"),
                      cmd.get("arrayFilters"), cmd.get("sort"))
+    elif name == "createIndexes" and isinstance(coll, str) and masker.fields(req.db, coll):
+        for index in cmd.get("indexes") or []:
+            key = index.get("key") if isinstance(index, dict) else None
+            partial = index.get("partialFilterExpression") if isinstance(index, dict) \
+                else None
+            if not isinstance(key, dict) or masker.touches(req.db, coll, list(key)):
+                raise masking.refusal(f"an index on a masked field of {req.db}.{coll} (its "
+                                      "build errors quote stored values)", masker.branch)
+            masker.check_filter(req.db, coll, partial, "a partial index filter")
+    elif name in ("collMod", "create") and isinstance(coll, str) \
+            and masker.fields(req.db, coll) and any(
+                k in cmd for k in ("validator", "validationLevel", "validationAction")):
+        # Which writes a validator fails, and its error details, tell stored values.
+        raise masking.refusal(f"a validator on masked collection {req.db}.{coll}",
+                              masker.branch)
     elif name == "bulkWrite":
         given = cmd.get("nsInfo")
         infos: list[Any] = given if isinstance(given, list) else []

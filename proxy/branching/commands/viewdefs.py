@@ -470,7 +470,10 @@ async def _checked_definition(req: Request, name: str, view_on: Any,
         raise CommandError(Code.TYPE_MISMATCH, "'pipeline' must be an array of objects")
     _writes_to_disk(pipeline, name, req.db)
     scratch = f"{naming.PREFIX}{req.on_branch.bid}_v"
-    reply = await req.run.reply(req.db, {"aggregate": scratch, "pipeline": pipeline,
+    masker = _masker(req)
+    # Its errors must quote masked values only.
+    checked = pipeline if masker is None else masker.pipeline(req.db, None, pipeline)
+    reply = await req.run.reply(req.db, {"aggregate": scratch, "pipeline": checked,
                                          "cursor": {"batchSize": 0}})
     if not reply.get("ok"):
         raise CommandError(int(reply.get("code", 1)), str(reply.get("errmsg", "")),
