@@ -90,9 +90,13 @@ def made(mproxy: ProxyProcess) -> Iterator[Branches]:
 
 
 @pytest.fixture()
-def masked(data: MongoClient, made: Branches) -> Iterator[MongoClient]:
-    branch = made.create(unique("masked"), masked=True)
-    c = made.client(branch)
+def mbranch(data: MongoClient, made: Branches) -> dict[str, Any]:
+    return made.create(unique("masked"), masked=True)
+
+
+@pytest.fixture()
+def masked(mbranch: dict[str, Any], made: Branches) -> Iterator[MongoClient]:
+    c = made.client(mbranch)
     yield c
     c.close()
 
@@ -155,12 +159,11 @@ def test_reads_are_deterministic_and_salted_per_branch(masked: MongoClient, made
         assert c[DB].users.find_one({"_id": 1})["email"] == "alice@real.example"
 
 
-def test_child_of_a_masked_branch_is_masked(masked: MongoClient, made: Branches,
+def test_child_of_a_masked_branch_is_masked(mbranch: dict[str, Any], made: Branches,
                                             mproxy: ProxyProcess) -> None:
-    port = masked.address[1] if masked.address else None
     listed: Any = mproxy.api("GET", "/branches")[1]
     listed = listed["branches"] if isinstance(listed, dict) else listed
-    parent = next(b for b in listed if b["port"] == port)
+    parent = next(b for b in listed if b["name"] == mbranch["name"])
     assert parent["masked"] is True and "mask_salt" not in parent
     child = made.create(unique("kid"), **{"from": parent["name"]})
     assert child["masked"] is True
@@ -306,10 +309,10 @@ def test_change_streams_explain_and_others_refused(masked: MongoClient) -> None:
         assert event["documentKey"] == {"_id": 99}
 
 
-def test_history_of_a_masked_branch_is_refused(masked: MongoClient, made: Branches,
+def test_history_of_a_masked_branch_is_refused(masked: MongoClient, mbranch: dict[str, Any],
                                                mproxy: ProxyProcess) -> None:
     masked[DB].users.update_one({"_id": 1}, {"$set": {"age": 50}})
-    name = made.created[-1]
+    name = mbranch["name"]
     for path in (f"/branches/{name}/diff", f"/branches/{name}/log"):
         status, body = mproxy.api("GET", path)
         assert status == 403 and "mask" in body["error"], body  # type: ignore[index]
@@ -370,10 +373,9 @@ def test_bad_masking_rules_stop_serve(tmp_path: Path, table: str, error: str) ->
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not on PATH")
-def test_node_driver_reads_masked_values(masked: MongoClient, made: Branches,
-                                         mproxy: ProxyProcess, tmp_path: Path) -> None:
-    port = masked.address[1] if masked.address else 0
-    done = subprocess.run(["node", "masked.js", f"mongodb://127.0.0.1:{port}/", DB],
+def test_node_driver_reads_masked_values(mbranch: dict[str, Any],
+                                         tmp_path: Path) -> None:
+    done = subprocess.run(["node", "masked.js", mbranch["uri"], DB],
                           cwd=NODE_DIR, capture_output=True, text=True, timeout=120,
                           check=False, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -153,7 +153,9 @@ class EngineRouter:
                 return self.engine.intercepting_main()
             return name in self.table
         if name in masking.REFUSED_COMMANDS:
-            return True  # refused in _serve when the branch is masked
+            # Refused in _serve on a masked branch (set at its creation, never changed).
+            branch = self.engine.branches.get(self.branch)
+            return branch is not None and branch.masked
         return name not in FORWARDED
 
     async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | Continued | None:
@@ -190,12 +192,9 @@ class EngineRouter:
                     errorLabels=["RetryableWriteError"])
             if name not in ADMIN:
                 authz.check_branch_port(cmd, db, self.engine.meta_db, branch.name)
-            if branch.masked:
-                if name in masking.REFUSED_COMMANDS or (name in ADMIN
-                                                        and name not in MASKED_ADMIN):
-                    raise masking.refusal(f"command {name!r}", branch.name)
-            elif name in masking.REFUSED_COMMANDS:
-                return None  # forwarded, as on any branch port
+            if branch.masked and (name in masking.REFUSED_COMMANDS
+                                  or (name in ADMIN and name not in MASKED_ADMIN)):
+                raise masking.refusal(f"command {name!r}", branch.name)
         handler = self.table.get(name)
         if handler is None and name.lower() == "mapreduce":
             raise CommandError(Code.COMMAND_NOT_SUPPORTED,
