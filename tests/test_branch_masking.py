@@ -334,6 +334,8 @@ def test_history_of_a_masked_branch_is_refused(masked: MongoClient, mbranch: dic
     # Through the masked port: no branch management but listing and describing.
     refused(lambda: masked.admin.command("createBranch", unique("x"), **{"from": "main"}))
     refused(lambda: masked.admin.command("branchDiff", name))
+    refused(lambda: masked.admin.command("listBranches"))  # it would name unmasked ports
+    refused(lambda: masked.admin.command("branchInfo", "main"))
     assert masked.admin.command("branchInfo", name)["masked"] is True
 
 

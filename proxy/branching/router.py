@@ -96,10 +96,6 @@ READ_ATTEMPTS = 3
 # Commands that continue a cursor: they read nothing new of main.
 CURSOR_OPS = frozenset({"getMore", "killCursors"})
 
-# Branch commands a masked branch's port serves: the rest could read history, which holds
-# unmasked images, or make a branch that is not masked.
-MASKED_ADMIN = frozenset({"listBranches", "branchInfo"})
-
 # Commands that only read: they need no identity for the WAL.
 READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",
                    "listCollections", "listIndexes", "listBranches", "branchInfo",
@@ -192,8 +188,11 @@ class EngineRouter:
                     errorLabels=["RetryableWriteError"])
             if name not in ADMIN:
                 authz.check_branch_port(cmd, db, self.engine.meta_db, branch.name)
-            if branch.masked and (name in masking.REFUSED_COMMANDS
-                                  or (name in ADMIN and name not in MASKED_ADMIN)):
+            # A masked branch's port describes only itself: other branch commands could
+            # read history (unmasked images), make an unmasked branch, or list the ports
+            # of branches that are not masked.
+            if branch.masked and (name in masking.REFUSED_COMMANDS or (
+                    name in ADMIN and (name, cmd.get(name)) != ("branchInfo", branch.name))):
                 raise masking.refusal(f"command {name!r}", branch.name)
         handler = self.table.get(name)
         if handler is None and name.lower() == "mapreduce":
