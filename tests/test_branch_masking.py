@@ -292,7 +292,8 @@ def test_find_one_and_modify_returns_masked_documents(masked: MongoClient) -> No
 
 # -- change streams, explain, commands that show others' values, history -----------------------
 
-def test_change_streams_explain_and_others_refused(masked: MongoClient) -> None:
+def test_change_streams_explain_and_others_refused(masked: MongoClient, direct: MongoClient,
+                                                  mbranch: dict[str, Any]) -> None:
     refused(lambda: masked[DB].users.watch())
     refused(lambda: masked[DB].watch())
     refused(lambda: masked.watch())
@@ -301,6 +302,11 @@ def test_change_streams_explain_and_others_refused(masked: MongoClient) -> None:
     explained = masked[DB].command("explain", {"find": "users", "filter": {"ssn": "x"}},
                                    verbosity="executionStats")
     assert not leaked(explained) and explained["mongobranch"]["masked"] is True
+    # The salt would let a client test guesses against the hashes.
+    salt = direct["mb_masking_test"].branches.find_one({"_id": mbranch["name"]})["mask_salt"]
+    assert len(salt) == 32 and salt not in json_util.dumps(explained)
+    aggregated = masked[DB].command("aggregate", "users", pipeline=[], explain=True)
+    assert salt not in json_util.dumps(aggregated)
     refused(lambda: masked[DB].command("explain", {"update": "users", "updates": [
         {"q": {"_id": 1}, "u": {"$set": {"a": 1}}}]}))
     with masked[DB].notes.watch() as stream:  # an unmasked collection streams as usual

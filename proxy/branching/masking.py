@@ -299,6 +299,18 @@ def _target(db: str, spec: Any) -> tuple[str, str | None]:
     return db, None
 
 
+def scrub(value: Any, salt: str) -> Any:
+    """A reply that may quote the rewritten pipeline (an explain, an error) without the
+    branch's salt, which would let a client test guesses against its hashes."""
+    if isinstance(value, str):
+        return value.replace(salt, "<mask salt>") if salt in value else value
+    if isinstance(value, dict):
+        return {k: scrub(v, salt) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, salt) for v in value]
+    return value
+
+
 def for_branch(config: Config, branch: Branch | None) -> Masker | None:
     """The masker of a branch's port; None where nothing is masked (the main port is the
     real database and is never masked)."""

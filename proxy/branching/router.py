@@ -161,6 +161,7 @@ class EngineRouter:
             reply = exc.to_reply()
         if reply is None:
             return None
+        reply = self._unsalted(msg, reply)
         reply = in_mongod_order(reply, ctx.gossip)
         if msg.flags & EXHAUST_ALLOWED and _continues(msg, reply):
             # mongod's exhaust getMore: the same getMore again, answered without a request,
@@ -168,6 +169,18 @@ class EngineRouter:
             # and all, and the upstream streams it).
             return Continued(reply, lambda: self.handle(ctx, msg))
         return reply
+
+    def _unsalted(self, msg: OpMsg, reply: dict[str, Any]) -> dict[str, Any]:
+        """On a masked branch, an explain or an error may quote the masking stage: its
+        salt is taken out (documents never hold it; their replies are left alone)."""
+        branch = self.engine.branches.get(self.branch) if self.branch is not None else None
+        if branch is None or not branch.masked or branch.mask_salt is None:
+            return reply
+        cmd = msg.command
+        if reply.get("ok") and next(iter(cmd), None) != "explain" and not cmd.get("explain"):
+            return reply
+        scrubbed: dict[str, Any] = masking.scrub(reply, branch.mask_salt)
+        return scrubbed
 
     async def _serve(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
         cmd = msg.command
