@@ -144,6 +144,20 @@ def test_projection_filter_and_sort_see_masked_values(masked: MongoClient) -> No
         users.find_one({"_id": 1})["email"]
 
 
+def test_hints_of_indexes_on_masked_fields_are_refused(data: MongoClient,
+                                                       made: Branches) -> None:
+    data[DB].users.create_index("email")
+    data[DB].users.create_index("age")
+    with made.client(made.create(unique("hinted"), masked=True)) as masked:
+        users = masked[DB].users
+        # Documents would come in the order of the stored emails.
+        refused(lambda: list(users.find().hint([("email", 1)])))
+        refused(lambda: list(users.find().hint("email_1")))
+        refused(lambda: list(users.aggregate([], hint={"email": 1})))
+        assert [d["_id"] for d in users.find().hint([("age", 1)])] == [3, 1, 2]
+        assert not leaked(list(users.find().hint([("age", 1)])))
+
+
 def test_reads_are_deterministic_and_salted_per_branch(masked: MongoClient, made: Branches,
                                                        mproxy: ProxyProcess) -> None:
     first = list(masked[DB].users.find().sort("_id", 1))

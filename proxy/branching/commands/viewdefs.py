@@ -76,6 +76,12 @@ async def _masked_read(req: Request, masker: masking.Masker,
     if coll == "system.profile":
         raise masking.refusal("reading the profiler's records", masker.branch)
     if isinstance(coll, str) and coll and masker.fields(req.db, coll):
+        hint = req.cmd.get("hint")
+        if (isinstance(hint, dict) and masker.touches(req.db, coll, list(hint))) or \
+                (isinstance(hint, str) and hint != "_id_"):
+            # Documents come in the hinted index's order: that of the stored values.
+            raise masking.refusal(f"a hint of an index on a masked field (or by name: "
+                                  f"give its key pattern) on {req.db}.{coll}", masker.branch)
         if req.name == "find":
             for opt in _FIND_REFUSED:
                 if req.cmd.get(opt):
