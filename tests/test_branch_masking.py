@@ -456,3 +456,15 @@ def test_indexes_and_validators_over_masked_fields_are_refused(masked: MongoClie
     with pytest.raises(OperationFailure) as info:
         list(masked[DB].contacts2.find())
     assert not leaked(info.value.details), info.value.details
+
+
+def test_a_masked_copy_branch_reads_its_copies_masked(data: MongoClient,
+                                                      made: Branches) -> None:
+    branch = made.create(unique("maskcopy"), masked=True, mode="copy")
+    assert branch["mode"] == "copy" and branch["masked"] is True
+    with made.client(branch) as c:
+        users = c[DB].users
+        docs = list(users.find().sort("_id", 1))
+        assert [d["ssn"] for d in docs] == ["REDACTED"] * 3 and not leaked(docs)
+        assert users.count_documents({"ssn": "111-22-3333"}) == 0
+        assert not leaked(list(c[DB].orders.aggregate([{"$unionWith": "users"}])))
