@@ -53,11 +53,12 @@ ORDERS = [{"_id": 10, "user": 1, "email": "alice@real.example", "card": "4111-11
           {"_id": 11, "user": 3, "email": "carol@real.example", "card": "4222-2222",
            "total": 7}]
 SECRETS = ["alice@real", "bob@real", "carol@real", "Alice Real", "Bob Real", "Carol Real",
-           "111-22", "222-33", "333-44", "555-01", "555-03", "vip-secret", "4111", "4222"]
+           "111-22", "222-33", "333-44", "555-01", "555-03", "vip-secret", "4111-", "4222-"]
 
 
 def leaked(value: Any) -> list[str]:
-    """The real values that appear anywhere in a reply, whatever its shape."""
+    """The real values that appear anywhere in a reply, whatever its shape (each holds a
+    character no hash has: a hash is all digits and may hold any digit run)."""
     text = json_util.dumps(value)
     return [s for s in SECRETS if s in text]
 

@@ -11,11 +11,12 @@ and a message naming masking (`refusal`).
 
 Functions, all MQL: `redact` gives "REDACTED", `null` null, `hash` a decimal string of a
 polynomial hash (base 131, modulo a 55-bit prime) of the branch's salt and the value's
-string form, `fake:<list>` the list's element at that hash modulo its length. A missing
-field stays missing. For `hash` and `fake`, an array is masked element by element, and a
-document (or an array inside an array) is hashed as one fixed marker; characters outside
-printable ASCII all count as one. A dotted path is followed through documents and arrays
-of documents; an array met inside an array on the way is masked whole.
+string form (the salt's part folded into the starting value, `seed_of`), `fake:<list>`
+the list's element at that hash modulo its length. A missing field stays missing. For
+`hash` and `fake`, an array is masked element by element, and a document (or an array
+inside an array) is hashed as one fixed marker; characters outside printable ASCII all
+count as one. A dotted path is followed through documents and arrays of documents; an
+array met inside an array on the way is masked whole.
 """
 
 from __future__ import annotations
@@ -66,13 +67,22 @@ def _string_of(value: Any) -> dict[str, Any]:
                          "onNull": _NULL_MARKER}}
 
 
-def _hash_number(salt: str, value: Any) -> dict[str, Any]:
-    text = {"$concat": [salt, "|", _string_of(value)]}
+def seed_of(salt: str) -> Int64:
+    """The hash's state after the salt and a separator: the upstream then hashes only the
+    value's characters (the same polynomial over salt + "|" + value, fewer steps). It
+    depends on the salt alone, never on data."""
+    state = int(_SEED)
+    for ch in salt + "|":
+        state = (state * _BASE + 2 + _ALPHABET.find(ch)) % int(_PRIME)
+    return Int64(state)
+
+
+def _hash_number(seed: Int64, value: Any) -> dict[str, Any]:
     step = {"$mod": [{"$add": [{"$multiply": ["$$value", _BASE]},
                                {"$add": [2, {"$indexOfCP": [_ALPHABET, {"$substrCP": [
                                    "$$mbs", "$$this", 1]}]}]}]}, _PRIME]}
-    return {"$let": {"vars": {"mbs": text}, "in": {"$reduce": {
-        "input": {"$range": [0, {"$strLenCP": "$$mbs"}]}, "initialValue": _SEED, "in": step}}}}
+    return {"$let": {"vars": {"mbs": _string_of(value)}, "in": {"$reduce": {
+        "input": {"$range": [0, {"$strLenCP": "$$mbs"}]}, "initialValue": seed, "in": step}}}}
 
 
 def _each(value: Any, scalar: Any) -> dict[str, Any]:
@@ -83,17 +93,17 @@ def _each(value: Any, scalar: Any) -> dict[str, Any]:
                       {"$map": {"input": value, "as": "mbv", "in": scalar}}, one]}
 
 
-def function(rule: str, salt: str, lists: dict[str, list[Any]], value: Any) -> Any:
+def function(rule: str, seed: Int64, lists: dict[str, list[Any]], value: Any) -> Any:
     """The expression of a rule's masked value for a present value."""
     if rule == "redact":
         return {"$literal": REDACTED}
     if rule == "null":
         return {"$literal": None}
     if rule == "hash":
-        return _each(value, {"$toString": _hash_number(salt, "$$mbv")})
+        return _each(value, {"$toString": _hash_number(seed, "$$mbv")})
     choices = lists[rule.removeprefix("fake:")]
     return _each(value, {"$arrayElemAt": [{"$literal": choices},
-                                          {"$mod": [_hash_number(salt, "$$mbv"),
+                                          {"$mod": [_hash_number(seed, "$$mbv"),
                                                     len(choices)]}]})
 
 
@@ -150,7 +160,7 @@ class Masker:
             top, *rest = path.split(".")
 
             def leaf(expr: str, rule: str = rule) -> Any:
-                return function(rule, self.salt, self.lists, expr)
+                return function(rule, seed_of(self.salt), self.lists, expr)
 
             out.setdefault(top, [])
             out[top].append((rest, leaf))
@@ -301,13 +311,27 @@ def _target(db: str, spec: Any) -> tuple[str, str | None]:
 
 def scrub(value: Any, salt: str) -> Any:
     """A reply that may quote the rewritten pipeline (an explain, an error) without the
-    branch's salt, which would let a client test guesses against its hashes."""
+    hash's seed (or the salt it comes from), which would let a client test guesses
+    against the branch's hashes."""
+    seed = seed_of(salt)
+    return _scrubbed(value, salt, {int(seed), str(int(seed))})
+
+
+def _scrubbed(value: Any, salt: str, seed: set[Any]) -> Any:
     if isinstance(value, str):
-        return value.replace(salt, "<mask salt>") if salt in value else value
+        if value in seed:
+            return "<mask seed>"
+        text = value.replace(salt, "<mask salt>") if salt in value else value
+        for form in seed:
+            if isinstance(form, str) and form in text:
+                text = text.replace(form, "<mask seed>")
+        return text
+    if isinstance(value, int) and not isinstance(value, bool) and value in seed:
+        return "<mask seed>"
     if isinstance(value, dict):
-        return {k: scrub(v, salt) for k, v in value.items()}
+        return {k: _scrubbed(v, salt, seed) for k, v in value.items()}
     if isinstance(value, list):
-        return [scrub(v, salt) for v in value]
+        return [_scrubbed(v, salt, seed) for v in value]
     return value
 
 
