@@ -187,6 +187,16 @@ def test_child_of_a_masked_branch_is_masked(mbranch: dict[str, Any], made: Branc
         assert not leaked(list(c[DB].users.find()))
         info = c.admin.command("branchInfo", child["name"])
         assert info["masked"] is True and "mask_salt" not in json_util.dumps(info)
+    # Over the wire from the main port, and the rules as GET /config shows them.
+    wired = unique("wired")
+    with MongoClient(mproxy.uri) as main:
+        assert main.admin.command("createBranch", wired, masked=True)["masked"] is True
+        made.track(wired)
+        with pytest.raises(OperationFailure, match="masked must be true or false"):
+            main.admin.command("createBranch", unique("bad"), masked="yes")
+    shown: Any = mproxy.api("GET", "/config")[1]
+    assert shown["masking"]["value"][f"{DB}.users"]["ssn"] == "redact"
+    assert shown["masking"]["lists"]["names"] == NAMES
 
 
 # -- aggregate --------------------------------------------------------------------------------
