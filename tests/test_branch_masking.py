@@ -245,6 +245,11 @@ def test_distinct_and_count_use_masked_values(masked: MongoClient) -> None:
     assert masked[DB].command("count", "users", query={"ssn": "222-33-4444"})["n"] == 0
     assert masked[DB].command("count", "users", query={"ssn": "REDACTED"})["n"] == 3
     assert users.estimated_document_count() == 3
+    # Neither query nor key names a masked field: answered without masking, alike.
+    assert masked[DB].command("count", "users", query={"age": {"$gt": 30}})["n"] == 2
+    assert sorted(users.distinct("age", {"profile.city": "Paris"})) == [31]
+    assert not leaked(users.distinct("profile", {"age": 31}))
+    assert not leaked(users.distinct("tags", {"age": {"$gt": 0}}))
 
 
 def test_views_over_a_masked_collection_are_masked(masked: MongoClient,

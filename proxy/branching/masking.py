@@ -255,6 +255,15 @@ class Masker:
         masked = [_plain(p) for p in self.fields(db, coll)]
         return any(_plain(path).startswith(m + ".") for path in paths for m in masked)
 
+    def reads(self, db: str, coll: str, filt: Any, keys: Iterable[str] = ()) -> bool:
+        """Whether a count's or distinct's answer can depend on a masked value: its
+        filter or key names a masked field (or may read any field). When neither does,
+        it answers alike over stored and masked documents and needs no masking stage."""
+        if filt is not None and not isinstance(filt, dict):
+            return True
+        paths = list(_filter_paths(filt or {})) + list(keys)
+        return None in paths or self.touches(db, coll, [p for p in paths if p is not None])
+
     def check_filter(self, db: str, coll: str, filt: Any, what: str) -> None:
         """A write's filter (or sort) is matched against the stored values: one naming a
         masked field would tell them by what it matches."""

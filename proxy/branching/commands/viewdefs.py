@@ -75,7 +75,10 @@ async def _masked_read(req: Request, masker: masking.Masker,
         return await handler(req)
     if coll == "system.profile":
         raise masking.refusal("reading the profiler's records", masker.branch)
-    if isinstance(coll, str) and coll and masker.fields(req.db, coll):
+    if isinstance(coll, str) and coll and masker.fields(req.db, coll) and not (
+            req.name in ("count", "distinct") and not masker.reads(
+                req.db, coll, req.cmd.get("query"),
+                [k for k in [req.cmd.get("key")] if isinstance(k, str)])):
         hint = req.cmd.get("hint")
         if (isinstance(hint, dict) and masker.touches(req.db, coll, list(hint))) or \
                 (isinstance(hint, str) and hint != "_id_"):
