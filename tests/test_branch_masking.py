@@ -5,6 +5,7 @@ branches show the real values."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -417,7 +418,7 @@ def test_node_driver_reads_masked_values(mbranch: dict[str, Any],
                                          tmp_path: Path) -> None:
     done = subprocess.run(["node", "masked.js", mbranch["uri"], DB],
                           cwd=NODE_DIR, capture_output=True, text=True, timeout=120,
-                          check=False, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+                          check=False, env=dict(os.environ, HOME=str(tmp_path)))
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert [d["_id"] for d in out["found"]] == [1, 2, 3]
