@@ -240,9 +240,11 @@ async def view_command(req: Request, coll: str, view: dict[str, Any] | None,
     the source's masking stage comes before them all (view None: a masked collection)."""
     source, stages = (coll, []) if view is None else await catalog.resolve_view(
         req.engine, req.on_branch, req.run, req.db, coll, view)
-    pipeline = stages + list(agg.get("pipeline") or [])
-    pipeline = await _inline(req, pipeline) or pipeline
     masker = _masker(req)
+    # Rules may name a view too: its fields are masked after its own stages.
+    own = masker.stage(req.db, coll) if masker is not None and view is not None else None
+    pipeline = stages + ([own] if own else []) + list(agg.get("pipeline") or [])
+    pipeline = await _inline(req, pipeline) or pipeline
     if masker is not None:
         pipeline = masker.pipeline(req.db, source, pipeline)
     cmd = {**agg, "aggregate": source, "pipeline": pipeline}
