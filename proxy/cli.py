@@ -332,7 +332,7 @@ def _detail_table(branch: dict[str, Any]) -> Any:
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", no_wrap=True)
     for key in ("name", "parent", "port", "uri", "mode", "fork_lsn", "created_at", "protected",
-                "expires_at", "idle_ttl", "last_used", "children"):
+                "masked", "expires_at", "idle_ttl", "last_used", "children"):
         if key in branch:
             table.add_row(key, _text(branch[key]))
     return table
@@ -392,14 +392,17 @@ def branch_group(ctx: click.Context, admin_url: str | None) -> None:
               help="Expire the branch after this long without a client request on its port.")
 @click.option("--protected", is_flag=True, default=None,
               help="Protect it: drop, reset, refresh and merging into it need --force.")
+@click.option("--masked", is_flag=True, default=None,
+              help="Show the fields the server's masking rules name masked on its port "
+              "(children of a masked branch are masked too).")
 @json_option
 @output_option
 @admin_option
 @click.pass_context
 def branch_create(ctx: click.Context, name: str, parent: str | None, port: int | None,
                   at: str | None, mode: str | None, ttl: str | None, expires_at: str | None,
-                  idle_ttl: str | None, protected: bool | None, as_json: bool,
-                  output: str | None, admin_url: str | None) -> None:
+                  idle_ttl: str | None, protected: bool | None, masked: bool | None,
+                  as_json: bool, output: str | None, admin_url: str | None) -> None:
     """Create branch NAME. Exits 4 if it exists (see the README for every exit code)."""
     output = _output(as_json, output)
     api = _client(ctx, admin_url)
@@ -407,7 +410,7 @@ def branch_create(ctx: click.Context, name: str, parent: str | None, port: int |
     def create() -> Any:
         return api.create_branch(name, parent, port, at, mode,
                                  ttl=ttl, expires_at=expires_at, idle_ttl=idle_ttl,
-                                 protected=protected)
+                                 protected=protected, masked=masked)
 
     if mode == "copy" and output == "table":
         branch = _call(lambda: _with_progress(api, name, create))

@@ -10,6 +10,14 @@ legacy_op_query = true      # false: legacy OP_QUERY commands refused, as mongod
 [[overrides]]               # per-branch overrides, first match wins
 match = "perf-*"            # a branch name or fnmatch pattern
 mode = "copy"
+
+[masking."app.users"]       # what a masked branch shows of app.users (branching/masking.py)
+email = "hash"              # redact, null, hash, or fake:<list>
+"profile.phone" = "redact"
+name = "fake:names"
+
+[masking_lists]
+names = ["Ada Lovelace", "Alan Turing", "Grace Hopper"]
 ```
 """
 
@@ -24,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("wal", "copy")
+MASK_RULES = ("redact", "null", "hash")
+_FILE_KEYS = {"default_mode", "allow_wal", "legacy_op_query", "overrides", "masking",
+              "masking_lists"}
 
 
 class ConfigError(ValueError):
@@ -63,6 +74,10 @@ class Config:
     legacy_op_query: Setting = field(default_factory=lambda: Setting(True, "default"))
     overrides: list[dict[str, str]] = field(default_factory=list)
     overrides_source: str = "default"
+    # "<db>.<coll>" -> {field path: rule}; a masked branch shows these fields masked.
+    masking: dict[str, dict[str, str]] = field(default_factory=dict)
+    masking_lists: dict[str, list[Any]] = field(default_factory=dict)
+    masking_source: str = "default"
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None,
@@ -106,7 +121,7 @@ class Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         where = f"file {path}"
-        unknown = set(data) - {"default_mode", "allow_wal", "legacy_op_query", "overrides"}
+        unknown = set(data) - _FILE_KEYS
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
         if "default_mode" in data:
@@ -125,6 +140,10 @@ class Config:
                                    "mode": _mode(item["mode"], where)})
         if overrides:
             self.overrides_source = where
+        if "masking" in data or "masking_lists" in data:
+            self.masking, self.masking_lists = _masking(data.get("masking", {}),
+                                                        data.get("masking_lists", {}), where)
+            self.masking_source = where
 
     def mode_for(self, name: str, asked: str | None) -> tuple[str, str]:
         """The mode a new branch gets, and why."""
@@ -139,4 +158,53 @@ class Config:
         return {"default_mode": self.default_mode.to_json(),
                 "allow_wal": self.allow_wal.to_json(),
                 "legacy_op_query": self.legacy_op_query.to_json(),
-                "overrides": {"value": self.overrides, "source": self.overrides_source}}
+                "overrides": {"value": self.overrides, "source": self.overrides_source},
+                "masking": {"value": self.masking, "lists": self.masking_lists,
+                            "source": self.masking_source}}
+
+
+def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TOML reads `profile.phone = "hash"` as a nested table: the same dotted path."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _masking(rules: Any, lists: Any, where: str
+             ) -> tuple[dict[str, dict[str, str]], dict[str, list[Any]]]:
+    """The masking tables, checked whole at start-up: a rule the proxy could not turn
+    into a stage must stop `serve`, never leave a field unmasked at read time."""
+    if not isinstance(lists, dict) or not all(
+            isinstance(v, list) and v and all(isinstance(x, str | int | float) for x in v)
+            for v in lists.values()):
+        raise ConfigError(f"{where}: masking_lists must map names to non-empty arrays "
+                          "of strings or numbers")
+    if not isinstance(rules, dict):
+        raise ConfigError(f"{where}: masking must be a table of \"<db>.<coll>\" tables")
+    out: dict[str, dict[str, str]] = {}
+    for ns, fields in rules.items():
+        db, _, coll = str(ns).partition(".")
+        if not db or not coll or not isinstance(fields, dict) or not fields:
+            raise ConfigError(f"{where}: masking.{ns!r}: expected a table of field rules "
+                              "under a \"<db>.<coll>\" name")
+        fields = _flat(fields)
+        paths = sorted(fields)
+        for path in paths:
+            parts = path.split(".")
+            if any(not p or p.startswith("$") for p in parts) or parts[0] == "_id":
+                raise ConfigError(f"{where}: masking.{ns!r}: {path!r} is not a maskable "
+                                  "field path (_id, empty or $-prefixed parts are refused)")
+            rule = fields[path]
+            listed = isinstance(rule, str) and rule.startswith("fake:")
+            if rule not in MASK_RULES and not (listed and rule[5:] in lists):
+                raise ConfigError(f"{where}: masking.{ns!r}.{path}: rule must be redact, "
+                                  f"null, hash or fake:<a masking_lists name>, got {rule!r}")
+        for a, b in ((a, b) for a in paths for b in paths if b.startswith(a + ".")):
+            raise ConfigError(f"{where}: masking.{ns!r}: {a!r} and {b!r} overlap; "
+                              "mask the outer field only")
+        out[str(ns)] = {p: str(fields[p]) for p in paths}
+    return out, {str(k): list(v) for k, v in lists.items()}

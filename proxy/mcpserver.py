@@ -46,10 +46,13 @@ def build(admin_url: str | None = None) -> MCPServer:
 
     @server.tool()
     async def create_branch(name: str, parent: str = "main",
-                            mode: Literal["wal", "copy"] | None = None) -> dict[str, Any]:
+                            mode: Literal["wal", "copy"] | None = None,
+                            masked: bool = False) -> dict[str, Any]:
         """Create a branch of `parent` (default main) and return it, with `uri`: the
-        MongoDB connection string that reads the parent's data plus the branch's writes."""
-        return await _api(lambda: api.create_branch(name, parent, None, None, mode))
+        MongoDB connection string that reads the parent's data plus the branch's writes.
+        `masked`: the server's masking rules apply on its port (personal fields masked)."""
+        return await _api(lambda: api.create_branch(name, parent, None, None, mode,
+                                                    masked=masked or None))
 
     @server.tool()
     async def list_branches() -> dict[str, Any]:

@@ -45,9 +45,10 @@ def test_create_list_show_delete(proxy: ProxyProcess, made: Branches) -> None:
     assert status == 201
     assert isinstance(created, dict)
     assert set(created) == {"name", "parent", "port", "uri", "mode", "fork_lsn", "created_at",
-                            "isolation", "protected", "expires_at", "idle_ttl", "last_used"}
+                            "isolation", "protected", "expires_at", "idle_ttl", "last_used",
+                            "masked"}
     assert (created["protected"], created["expires_at"], created["idle_ttl"],
-            created["last_used"]) == (False, None, None, None)
+            created["last_used"], created["masked"]) == (False, None, None, None, False)
     # Every write to main, through the proxy or not, is preserved (the change stream).
     assert created["isolation"] == "snapshot"
     assert created["name"] == name and created["parent"] == "main"

@@ -113,7 +113,8 @@ class AdminClient:
     def create_branch(self, name: str, parent: str | None = None, port: int | None = None,
                       at: int | str | None = None, mode: str | None = None,
                       **lifecycle: Any) -> dict[str, Any]:
-        """lifecycle: ttl, expires_at, idle_ttl, protected (those not None are sent)."""
+        """lifecycle: ttl, expires_at, idle_ttl, protected, masked (those not None are
+        sent)."""
         body: dict[str, Any] = {"name": name}
         body.update({k: v for k, v in lifecycle.items() if v is not None})
         if mode is not None:

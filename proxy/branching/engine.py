@@ -251,7 +251,8 @@ class Engine:
 
     async def create_branch(self, name: str, parent: str = MAIN, port: int | None = None,
                             mode: str | None = None, progress: Any = None,
-                            then: Callable[[Branch], Awaitable[None]] | None = None) -> Branch:
+                            then: Callable[[Branch], Awaitable[None]] | None = None,
+                            masked: bool = False) -> Branch:
         """A metadata insert and a listener; a copy branch first copies its parent's data,
         so no client ever sees it half-copied. Without a mode, the feature flags choose.
         `then` finishes the branch's data before its port opens, while its parent's writes
@@ -298,7 +299,10 @@ class Engine:
                     raise BranchError(Kind.CONFLICT,
                                       f"branch {parent!r} has a multi-document transaction "
                                       "in progress; retry once it commits or aborts")
-                branch = await self._fork(name, parent, port, mode, progress)
+                # A child of a masked branch is masked too (with a salt of its own): it
+                # must not become a way to read what its parent hides.
+                masked = masked or (parent != MAIN and self.branches[parent].masked)
+                branch = await self._fork(name, parent, port, mode, progress, masked)
                 if then is not None:
                     try:
                         await then(branch)
@@ -345,7 +349,7 @@ class Engine:
         return branch.public(self.host, self.isolation(branch))
 
     async def _fork(self, name: str, parent: str, port: int, mode: str,
-                    progress: Any) -> Branch:
+                    progress: Any, masked: bool = False) -> Branch:
         """The branch's metadata, and in copy mode its copy of the parent's data."""
         fork_ct = None
         if parent == MAIN and self.capture is not None and self.capture.running:
@@ -356,7 +360,8 @@ class Engine:
             name=name, bid=secrets.token_hex(4), parent=parent, fork_ct=fork_ct,
             fork_lsn=await self.wal.current(),
             created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0), port=port,
-            mode=mode, creating=mode == "copy",
+            mode=mode, creating=mode == "copy", masked=masked,
+            mask_salt=secrets.token_hex(16) if masked else None,
         )
         try:
             await self.meta["branches"].insert_one(branch.to_doc())

@@ -50,6 +50,10 @@ class Branch:
     # Last client request on its port as last written to the record (throttled), and as
     # the port saw it (Unix time, memory only: bumped on every request, so kept cheap).
     last_used: dt.datetime | None = None
+    # A masked branch's port shows the configured fields masked (masking.py); the salt of
+    # its hashes is never shown to clients.
+    masked: bool = False
+    mask_salt: str | None = field(default=None, repr=False)
     used: float = field(default=0.0, compare=False, repr=False)
 
     def to_doc(self) -> dict[str, Any]:
@@ -59,7 +63,8 @@ class Branch:
                 "creating": self.creating, "fork_ct": self.fork_ct, "breaks": self.breaks,
                 "expires_at": self.expires_at, "idle_ttl": self.idle_ttl,
                 "protected": self.protected, "deleted_at": self.deleted_at,
-                "last_used": self.last_used}
+                "last_used": self.last_used, "masked": self.masked,
+                "mask_salt": self.mask_salt}
 
     def visible(self) -> dict[str, Any]:
         """A WAL filter leaving out the entries a reset voided. A reset never voids a
@@ -80,7 +85,8 @@ class Branch:
                    fork_ct=doc.get("fork_ct"), breaks=list(doc.get("breaks", [])),
                    expires_at=doc.get("expires_at"), idle_ttl=doc.get("idle_ttl"),
                    protected=bool(doc.get("protected")), deleted_at=doc.get("deleted_at"),
-                   last_used=doc.get("last_used"))
+                   last_used=doc.get("last_used"), masked=bool(doc.get("masked")),
+                   mask_salt=doc.get("mask_salt"))
 
     def public(self, host: str, isolation: str = ISOLATION) -> dict[str, Any]:
         return {"name": self.name, "parent": self.parent, "port": self.port,
@@ -90,7 +96,8 @@ class Branch:
                 "isolation": isolation,
                 **({"isolationBreaks": self.breaks} if self.breaks else {}),
                 "protected": self.protected, "expires_at": _iso(self.expires_at),
-                "idle_ttl": self.idle_ttl, "last_used": _iso(self.last_use())}
+                "idle_ttl": self.idle_ttl, "last_used": _iso(self.last_use()),
+                "masked": self.masked}
 
     def last_use(self) -> dt.datetime | None:
         """The last client request on its port: the later of memory and the record."""

@@ -36,9 +36,11 @@ from proxy.branching.requests import (
 
 async def create(engine: Engine, req: CreateBranch) -> Branch:
     if req.at is not None:
-        branch = await history.create_at(engine, req.name, req.parent, req.at, req.port)
+        branch = await history.create_at(engine, req.name, req.parent, req.at, req.port,
+                                         masked=req.masked)
     else:
-        branch = await engine.create_branch(req.name, req.parent, req.port, req.mode)
+        branch = await engine.create_branch(req.name, req.parent, req.port, req.mode,
+                                            masked=req.masked)
     await lifecycle.apply(engine, branch, dict(req.lifecycle))
     return branch
 
@@ -71,7 +73,19 @@ async def reap(engine: Engine, req: Reap) -> dict[str, Any]:
     return await lifecycle.reap(engine, req.now, req.dry_run)
 
 
+def _unmasked(branch: Branch, what: str) -> None:
+    """A masked branch's history holds its documents' stored, unmasked images (its own
+    writes and what it kept of its parent): every door refuses to show it."""
+    if branch.masked:
+        raise BranchError(Kind.FORBIDDEN,
+                          f"the {what} of masked branch {branch.name!r} is not shown: its "
+                          "images are unmasked (mongobranch masking); read the branch "
+                          "through its port")
+
+
 async def log(engine: Engine, req: Log) -> list[dict[str, Any]]:
+    if req.name in engine.branches:
+        _unmasked(engine.branches[req.name], "log")
     return await history.log(engine, req.name, req.limit, req.before_lsn)
 
 
@@ -79,6 +93,7 @@ def diff(engine: Engine, req: Diff) -> tuple[str, AsyncGenerator[dict[str, Any],
     """The branch's parent and its changes as a stream; an unknown branch fails here,
     before anything is streamed."""
     branch = engine.get(req.name)
+    _unmasked(branch, "diff")
     return branch.parent, history.diff(engine, req.name)
 
 
@@ -89,7 +104,13 @@ async def merge(engine: Engine, req: MergeBranch,
     branch = engine.get(req.name)
     if not req.dry_run and req.into in (None, branch.parent):
         lifecycle.guard(engine, branch.parent, req.force, "merging into")
-    return await history.merge(engine, req.name, req.into, req.strategy, req.dry_run, caller)
+    result = await history.merge(engine, req.name, req.into, req.strategy, req.dry_run,
+                                 caller)
+    if branch.masked:
+        # Its conflicts would show the documents' stored images: only which ones.
+        result["conflicts"] = [{k: c[k] for k in ("ns", "_id", "op") if k in c}
+                               for c in result.get("conflicts") or []]
+    return result
 
 
 async def reset(engine: Engine, req: ResetBranch) -> dict[str, Any]:

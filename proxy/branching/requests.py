@@ -166,7 +166,8 @@ def parse_retention(value: Any) -> dt.timedelta:
 
 
 # -- create ----------------------------------------------------------------------------------
-CREATE_FIELDS = frozenset({"name", "from", "port", "at", "mode", *lifecycle.FIELDS})
+CREATE_FIELDS = frozenset({"name", "from", "port", "at", "mode", "masked",
+                           *lifecycle.FIELDS})
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,9 @@ class CreateBranch:
     # The Branch fields the lifecycle settings set (lifecycle.settings), checked before
     # the branch exists: bad lifecycle input creates nothing.
     lifecycle: Mapping[str, Any] = field(default_factory=dict)
+    # Its port shows the configured fields masked (masking.py); a masked parent's child
+    # is masked whatever this says.
+    masked: bool = False
 
 
 def parse_create(values: Mapping[str, Any] | Fields) -> CreateBranch:
@@ -192,7 +196,8 @@ def parse_create(values: Mapping[str, Any] | Fields) -> CreateBranch:
         raise f.invalid(f"from must be a branch name (a string), got {parent!r}")
     port = parse_port(f.get("port"))
     at = None if f.get("at") is None else parse_point(f.get("at"))
-    return CreateBranch(name, parent, port, mode, at, changes)
+    masked = False if f.get("masked") is None else _strict_bool(f.get("masked"), "masked")
+    return CreateBranch(name, parent, port, mode, at, changes, masked)
 
 
 # -- list, drop, restore, refresh, lifecycle -------------------------------------------------

@@ -8,7 +8,7 @@ import dataclasses
 import time
 from typing import Any
 
-from proxy.branching import audit, authz
+from proxy.branching import audit, authz, masking
 from proxy.branching.capture import now_of
 from proxy.branching.commands import (
     admin,
@@ -19,6 +19,7 @@ from proxy.branching.commands import (
     ddl,
     hints,
     mainwrite,
+    masked,
     read,
     transactions,
     validate,
@@ -60,17 +61,17 @@ BRANCH: dict[str, Handler] = {
     "listCollections": catalog.list_collections,
     "listIndexes": viewdefs.not_on_views(catalog.list_indexes),
     "insert": viewdefs.not_on_views(write.insert),
-    "update": viewdefs.not_on_views(write.update),
-    "delete": viewdefs.not_on_views(write.delete),
-    "findAndModify": viewdefs.not_on_views(write.find_and_modify),
-    "findandmodify": viewdefs.not_on_views(write.find_and_modify),
-    "bulkWrite": bulkwrite.bulk_write,
-    "create": viewdefs.create,
-    "collMod": viewdefs.coll_mod,
+    "update": masked.guarded(viewdefs.not_on_views(write.update)),
+    "delete": masked.guarded(viewdefs.not_on_views(write.delete)),
+    "findAndModify": masked.find_and_modify(viewdefs.not_on_views(write.find_and_modify)),
+    "findandmodify": masked.find_and_modify(viewdefs.not_on_views(write.find_and_modify)),
+    "bulkWrite": masked.guarded(bulkwrite.bulk_write),
+    "create": masked.guarded(viewdefs.create),
+    "collMod": masked.guarded(viewdefs.coll_mod),
     "drop": ddl.drop,
     "dropDatabase": ddl.drop_database,
     "renameCollection": viewdefs.not_on_views(ddl.rename_collection),
-    "createIndexes": viewdefs.not_on_views(ddl.create_indexes),
+    "createIndexes": masked.guarded(viewdefs.not_on_views(ddl.create_indexes)),
     "dropIndexes": viewdefs.not_on_views(ddl.drop_indexes),
     "deleteIndexes": viewdefs.not_on_views(ddl.drop_indexes),
     "validate": viewdefs.not_on_views(validate.validate),
@@ -152,6 +153,10 @@ class EngineRouter:
             if name in mainwrite.NAMES:
                 return self.engine.intercepting_main()
             return name in self.table
+        if name in masking.REFUSED_COMMANDS:
+            # Refused in _serve on a masked branch (set at its creation, never changed).
+            branch = self.engine.branches.get(self.branch)
+            return branch is not None and branch.masked
         return name not in FORWARDED
 
     async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | Continued | None:
@@ -161,6 +166,7 @@ class EngineRouter:
             reply = exc.to_reply()
         if reply is None:
             return None
+        reply = self._unsalted(msg, reply)
         reply = in_mongod_order(reply, ctx.gossip)
         if msg.flags & EXHAUST_ALLOWED and _continues(msg, reply):
             # mongod's exhaust getMore: the same getMore again, answered without a request,
@@ -168,6 +174,18 @@ class EngineRouter:
             # and all, and the upstream streams it).
             return Continued(reply, lambda: self.handle(ctx, msg))
         return reply
+
+    def _unsalted(self, msg: OpMsg, reply: dict[str, Any]) -> dict[str, Any]:
+        """On a masked branch, an explain or an error may quote the masking stage: its
+        salt is taken out (documents never hold it; their replies are left alone)."""
+        branch = self.engine.branches.get(self.branch) if self.branch is not None else None
+        if branch is None or not branch.masked or branch.mask_salt is None:
+            return reply
+        cmd = msg.command
+        if reply.get("ok") and next(iter(cmd), None) != "explain" and not cmd.get("explain"):
+            return reply
+        scrubbed: dict[str, Any] = masking.scrub(reply, branch.mask_salt)
+        return scrubbed
 
     async def _serve(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
         cmd = msg.command
@@ -199,6 +217,12 @@ class EngineRouter:
                     errorLabels=["RetryableWriteError"])
             if name not in ADMIN:
                 authz.check_branch_port(cmd, db, self.engine.meta_db, branch.name)
+            # A masked branch's port describes only itself: other branch commands could
+            # read history (unmasked images), make an unmasked branch, or list the ports
+            # of branches that are not masked.
+            if branch.masked and (name in masking.REFUSED_COMMANDS or (
+                    name in ADMIN and (name, cmd.get(name)) != ("branchInfo", branch.name))):
+                raise masking.refusal(f"command {name!r}", branch.name)
         handler = self.table.get(name)
         if handler is None and name.lower() == "mapreduce":
             raise CommandError(Code.COMMAND_NOT_SUPPORTED,

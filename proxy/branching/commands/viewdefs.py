@@ -20,7 +20,7 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import catalog, cursormerge, naming, planner
+from proxy.branching import catalog, cursormerge, masking, naming, planner
 from proxy.branching.commands import aggregate, changestream, ddl, read
 from proxy.branching.commands.base import SESSION_FIELDS, Handler, Request, carry, coll_name
 from proxy.branching.commands.catalog import exists, visible_collections
@@ -48,12 +48,76 @@ async def _view(req: Request, coll: str) -> dict[str, Any] | None:
     return await catalog.view_definition(req.engine, req.on_branch, req.run, req.db, coll)
 
 
+def _masker(req: Request) -> masking.Masker | None:
+    return masking.for_branch(req.engine.config, req.branch)
+
+
 async def _read_view(req: Request, coll: str) -> dict[str, Any] | None:
     """The view a read names; None also when the branch changed nothing in the database,
-    where the upstream evaluates a view of the base exactly (no extra round trip)."""
-    if not req.layers(coll) and not catalog.touches(req.engine, req.on_branch, req.db):
+    where the upstream evaluates a view of the base exactly (no extra round trip) unless
+    the branch masks collections of it (the view's source must be read masked)."""
+    masker = _masker(req)
+    if not req.layers(coll) and not catalog.touches(req.engine, req.on_branch, req.db) \
+            and not (masker is not None and masker.has_db(req.db)):
         return None
     return await _view(req, coll)
+
+
+async def _masked_read(req: Request, masker: masking.Masker,
+                       handler: Handler) -> dict[str, Any] | None:
+    """A read on a masked branch: of a masked collection, the aggregation that masks it
+    first; an aggregation, with every sub-pipeline reading one masked first."""
+    coll = req.cmd.get(req.name)
+    if req.name == "aggregate" and changestream.wanted(req.cmd):
+        if (masker.fields(req.db, coll) if isinstance(coll, str)
+                else masker.has_db(req.db) or req.db == "admin"):
+            raise masking.refusal("a change stream over masked collections", masker.branch)
+        return await handler(req)
+    if coll == "system.profile":
+        raise masking.refusal("reading the profiler's records", masker.branch)
+    if isinstance(coll, str) and coll and masker.fields(req.db, coll) and not (
+            req.name in ("count", "distinct") and not masker.reads(
+                req.db, coll, req.cmd.get("query"),
+                [k for k in [req.cmd.get("key")] if isinstance(k, str)])):
+        hint = req.cmd.get("hint")
+        if (isinstance(hint, dict) and masker.touches(req.db, coll, list(hint))) or \
+                (isinstance(hint, str) and hint != "_id_"):
+            # Documents come in the hinted index's order: that of the stored values.
+            raise masking.refusal(f"a hint of an index on a masked field (or by name: "
+                                  f"give its key pattern) on {req.db}.{coll}", masker.branch)
+        if req.name == "find":
+            for opt in _FIND_REFUSED:
+                if req.cmd.get(opt):
+                    raise masking.refusal(f"find option {opt!r} on masked collection "
+                                          f"{req.db}.{coll}", masker.branch)
+        if req.name == "aggregate":
+            if _writes(req.cmd):
+                req.reject_transactions()
+            await _refuse_writing_into_a_view(req)
+        return await on_view(req, coll, None, _BUILDERS[req.name](req.cmd), _FINISH[req.name])
+    if req.name != "aggregate":
+        return await handler(req)
+    pipeline = req.cmd.get("pipeline")
+    if not isinstance(pipeline, list):
+        return await handler(req)
+    await _refuse_writing_into_a_view(req)
+    inlined = await _inline(req, pipeline) or pipeline
+    masked = masker.pipeline(req.db, coll if isinstance(coll, str) and coll else None,
+                             inlined)
+    if masked == pipeline:
+        return await handler(req)
+    sub = Request(req.engine, req.branch, req.ctx, req.run, req.db,
+                  {**req.cmd, "pipeline": masked})
+    reply = await handler(sub)
+    if reply is None:
+        reply = await req.run.reply(req.db, {k: v for k, v in sub.cmd.items() if k != "$db"})
+    return reply
+
+
+def _writes(cmd: dict[str, Any]) -> bool:
+    pipeline = cmd.get("pipeline")
+    last = pipeline[-1] if isinstance(pipeline, list) and pipeline else None
+    return isinstance(last, dict) and bool({"$out", "$merge"} & set(last))
 
 
 def reading(handler: Handler) -> Handler:
@@ -62,6 +126,7 @@ def reading(handler: Handler) -> Handler:
     branch view with the view's stages first."""
     async def serve(req: Request) -> dict[str, Any] | None:
         coll = req.cmd.get(req.name)
+        masker = _masker(req)
         if isinstance(coll, str) and coll:
             view = await _read_view(req, coll)
             if view is not None:
@@ -74,6 +139,8 @@ def reading(handler: Handler) -> Handler:
                     await _refuse_writing_into_a_view(req)
                 return await on_view(req, coll, view, _BUILDERS[req.name](req.cmd),
                                      _FINISH[req.name])
+        if masker is not None:
+            return await _masked_read(req, masker, handler)
         if req.name != "aggregate" or not catalog.touches(req.engine, req.on_branch, req.db):
             return await handler(req)
         await _refuse_writing_into_a_view(req)
@@ -166,14 +233,23 @@ async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline 
     return out if changed else None
 
 
-async def view_command(req: Request, coll: str, view: dict[str, Any],
+async def view_command(req: Request, coll: str, view: dict[str, Any] | None,
                        agg: dict[str, Any]) -> dict[str, Any]:
     """An aggregation of a view (agg: the read's stages, on the view's name) as the
-    aggregation of its source collection, the views' stages first."""
-    source, stages = await catalog.resolve_view(req.engine, req.on_branch, req.run, req.db,
-                                                coll, view)
-    pipeline = stages + list(agg.get("pipeline") or [])
-    cmd = {**agg, "aggregate": source, "pipeline": await _inline(req, pipeline) or pipeline}
+    aggregation of its source collection, the views' stages first. On a masked branch
+    the source's masking stage comes before them all (view None: a masked collection)."""
+    source, stages = (coll, []) if view is None else await catalog.resolve_view(
+        req.engine, req.on_branch, req.run, req.db, coll, view)
+    masker = _masker(req)
+    # Rules may name a view too: its fields are masked after its own stages.
+    own = masker.stage(req.db, coll) if masker is not None and view is not None else None
+    pipeline = stages + ([own] if own else []) + list(agg.get("pipeline") or [])
+    pipeline = await _inline(req, pipeline) or pipeline
+    if masker is not None:
+        pipeline = masker.pipeline(req.db, source, pipeline)
+    cmd = {**agg, "aggregate": source, "pipeline": pipeline}
+    if view is None:
+        return cmd
     if "collation" in cmd and _collation(cmd["collation"]) != _collation(view.get("collation")):
         raise CommandError(Code.OPTION_NOT_SUPPORTED_ON_VIEW,
                            "Cannot override a view's default collation")
@@ -188,8 +264,8 @@ def _collation(spec: Any) -> Any:
         else spec
 
 
-async def on_view(req: Request, coll: str, view: dict[str, Any], agg: dict[str, Any],
-                  finish: Finish) -> dict[str, Any] | None:
+async def on_view(req: Request, coll: str, view: dict[str, Any] | None,
+                  agg: dict[str, Any], finish: Finish) -> dict[str, Any] | None:
     """A read of a view, run as the aggregation of the branch's view of its source."""
     cmd = await view_command(req, coll, view, agg)
     sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
@@ -309,11 +385,25 @@ async def explain(req: Request) -> dict[str, Any] | None:
     inner = req.cmd.get("explain")
     name = next(iter(inner), None) if isinstance(inner, dict) else None
     coll = inner.get(name) if isinstance(inner, dict) and name in _BUILDERS else None
+    masker = _masker(req)
+    if masker is not None:
+        masked_coll = isinstance(coll, str) and bool(coll)
+        if not masked_coll and isinstance(inner, dict) and isinstance(name, str) and \
+                (name == "aggregate" or masker.fields(req.db, str(inner.get(name)))):
+            raise masking.refusal(f"explain of {name} of that form", masker.branch)
     if not isinstance(coll, str) or not coll:
         return await read.explain(req)
     view = await _read_view(req, coll)
+    if view is None and masker is not None:
+        return await _explained(req, coll, None, str(name))
     if view is None:
         return await read.explain(req)
+    return await _explained(req, coll, view, str(name))
+
+
+async def _explained(req: Request, coll: str, view: dict[str, Any] | None,
+                     name: str) -> dict[str, Any]:
+    inner = req.cmd.get("explain")
     assert isinstance(inner, dict) and isinstance(name, str)
     cmd = await view_command(req, coll, view, _BUILDERS[name](inner))
     sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
@@ -324,7 +414,8 @@ async def explain(req: Request) -> dict[str, Any] | None:
     carry(req.cmd, out, ("verbosity", "lsid", "$clusterTime", "comment", "maxTimeMS"))
     reply = await req.run.reply(req.db, out)
     if reply.get("ok"):
-        reply["mongobranch"] = {**plan.explain(), "view": f"{req.db}.{coll}"}
+        reply["mongobranch"] = {**plan.explain(), "view": f"{req.db}.{coll}"} \
+            if view is not None else {**plan.explain(), "masked": True}
     return reply
 
 
@@ -390,7 +481,10 @@ async def _checked_definition(req: Request, name: str, view_on: Any,
         raise CommandError(Code.TYPE_MISMATCH, "'pipeline' must be an array of objects")
     _writes_to_disk(pipeline, name, req.db)
     scratch = f"{naming.PREFIX}{req.on_branch.bid}_v"
-    reply = await req.run.reply(req.db, {"aggregate": scratch, "pipeline": pipeline,
+    masker = _masker(req)
+    # Its errors must quote masked values only.
+    checked = pipeline if masker is None else masker.pipeline(req.db, None, pipeline)
+    reply = await req.run.reply(req.db, {"aggregate": scratch, "pipeline": checked,
                                          "cursor": {"batchSize": 0}})
     if not reply.get("ok"):
         raise CommandError(int(reply.get("code", 1)), str(reply.get("errmsg", "")),

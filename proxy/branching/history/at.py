@@ -35,7 +35,7 @@ from proxy.branching.wal import (
 
 
 async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
-                    port: Any = None) -> Branch:
+                    port: Any = None, masked: bool = False) -> Branch:
     """A branch holding the parent's state at a past point: every document whose image
     differs between then and now is given back its image from then. Costs what the
     parent changed, never the size of the base.
@@ -44,7 +44,7 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
     do not hide them); a document the parent had not changed by then gets the parent's
     own image from then: the pre-image of its first later change."""
     if parent == MAIN or parent is None:
-        return await _create_main_at(engine, name, at, port)
+        return await _create_main_at(engine, name, at, port, masked)
     source = engine.get(str(parent))
     lsn = await resolve_point(engine, at)
     await gc.check_point(engine, lsn)
@@ -75,10 +75,12 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
         async with engine.writing(branch):
             await _restore_at(engine, source, branch, lsn, then, any_later)
 
-    return await engine.create_branch(name, source.name, port, source.mode, then=restore)
+    return await engine.create_branch(name, source.name, port, source.mode, then=restore,
+                                      masked=masked)
 
 
-async def _create_main_at(engine: Engine, name: Any, at: Any, port: Any) -> Branch:
+async def _create_main_at(engine: Engine, name: Any, at: Any, port: Any,
+                          masked: bool) -> Branch:
     """A branch of main at a past point, from main's history the capture logs
     (capture.py): every document main changed since then gets back the pre-image of its
     first later change (absent: it did not exist then)."""
@@ -116,7 +118,7 @@ async def _create_main_at(engine: Engine, name: Any, at: Any, port: Any) -> Bran
         async with engine.writing(branch):
             await _restore_main_at(engine, branch, lsn)
 
-    return await engine.create_branch(name, MAIN, port, None, then=restore)
+    return await engine.create_branch(name, MAIN, port, None, then=restore, masked=masked)
 
 
 async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
