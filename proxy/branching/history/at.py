@@ -9,7 +9,7 @@ from typing import Any
 from proxy.branching import copymode, gc
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError, Kind
-from proxy.branching.history.lookup import BATCH, branch_states, equal, per_document, view_ids
+from proxy.branching.history.lookup import BATCH, branch_states, by_document, equal, view_ids
 from proxy.branching.history.points import (
     check_reopened,
     recorded_resets,
@@ -151,21 +151,27 @@ async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
 
 async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
                       then: list[list[int]], reopened: list[tuple[int, int]]) -> None:
-    """One pass over the source's entries of each collection, a document's entries at a
-    time (`per_document`): its image then and now are folds of them, so the WAL is read
-    once, sequentially, and never looked up per chunk of ids."""
+    """One pass over the source's entries of each collection, in (id, LSN) order
+    (`by_document`): a document's images then and now are folds of its entries, so the
+    WAL is read once, sequentially, and never looked up per chunk of ids."""
     for state in branch_states(engine, source):
         ns = f"{state.db}.{state.coll}"
         mine: NsState | None = None
         pending: list[tuple[Any, Any, Any]] = []
-        async for entries in per_document(engine, {"b": source.bid, "ns": ns,
-                                                   "op": {"$nin": [*STARTS, OWN]}}):
-            folded = _fold_at(entries, lsn, then, reopened, source.voids)
-            if folded is not None:
-                pending.append(folded)
-            if len(pending) >= BATCH:
-                mine = await _restore_batch(engine, source, branch, state, mine, pending)
-                pending = []
+        fold: _AtFold | None = None
+        async for entry, first in by_document(engine, {"b": source.bid, "ns": ns,
+                                                       "op": {"$nin": [*STARTS, OWN]}}):
+            if first and fold is not None and (done := fold.result()) is not None:
+                pending.append(done)
+                if len(pending) >= BATCH:
+                    mine = await _restore_batch(engine, source, branch, state, mine, pending)
+                    pending = []
+            if first:
+                fold = _AtFold(lsn, then, reopened, source.voids)
+            assert fold is not None
+            fold.add(entry)
+        if fold is not None and (done := fold.result()) is not None:
+            pending.append(done)
         if pending:
             await _restore_batch(engine, source, branch, state, mine, pending)
 
@@ -182,29 +188,47 @@ def _shown(entry: dict[str, Any], voids: list[list[int]]) -> bool:
     return entry["op"] == KEEP or not any(lo < lsn <= hi for lo, hi in voids)
 
 
-def _fold_at(entries: list[dict[str, Any]], lsn: int, then: list[list[int]],
-             reopened: list[tuple[int, int]], now: list[list[int]]) -> tuple[Any, Any, Any] | None:
-    """(id, image now, image then) of one document from its entries in LSN order, None
-    when none of them is after the point or in a range a reset reopened.
+class _AtFold:
+    """One document's image then and now, from its entries in LSN order, keeping three
+    of them at most. Then: the last entry visible at the point (`visible_at`), else the
+    pre-image of the first later one, else the parent's image. Now: the last entry
+    visible now, else the source's view. Nothing to restore unless an entry is after
+    the point or in a range a reset reopened."""
 
-    Then: the last entry visible at the point (`visible_at`), else the pre-image of the
-    first later one, else the parent's image. Now: the last entry visible now, else the
-    source's view."""
-    if not any(int(e["_id"]) > lsn or any(lo < int(e["_id"]) <= hi for lo, hi in reopened)
-               for e in entries):
-        return None
-    past = [e for e in entries if int(e["_id"]) <= lsn and _shown(e, then)]
-    img_then: Any
-    if past:
-        img_then = image(past[-1], "post") if past[-1]["op"] in HOLDS else None
-    else:
-        after = [e for e in entries if int(e["_id"]) > lsn]
-        img_then = image(after[0], "pre") if after else _PARENT
-    shown = [e for e in entries if _shown(e, now)]
-    img_now: Any = _VIEW
-    if shown:
-        img_now = image(shown[-1], "post") if shown[-1]["op"] in HOLDS else None
-    return entries[0]["id"], img_now, img_then
+    def __init__(self, lsn: int, then: list[list[int]], reopened: list[tuple[int, int]],
+                 now: list[list[int]]):
+        self.lsn, self.then, self.reopened, self.now = lsn, then, reopened, now
+        self.id: Any = None
+        self.later = False
+        self.past: dict[str, Any] | None = None
+        self.after: dict[str, Any] | None = None
+        self.shown: dict[str, Any] | None = None
+
+    def add(self, entry: dict[str, Any]) -> None:
+        at = int(entry["_id"])
+        self.id = entry["id"]
+        if at > self.lsn or any(lo < at <= hi for lo, hi in self.reopened):
+            self.later = True
+        if at <= self.lsn and _shown(entry, self.then):
+            self.past = entry
+        if at > self.lsn and self.after is None:
+            self.after = entry
+        if _shown(entry, self.now):
+            self.shown = entry
+
+    def result(self) -> tuple[Any, Any, Any] | None:
+        """(id, image now, image then), None when nothing changed after the point."""
+        if not self.later:
+            return None
+        img_then: Any = _PARENT
+        if self.past is not None:
+            img_then = image(self.past, "post") if self.past["op"] in HOLDS else None
+        elif self.after is not None:
+            img_then = image(self.after, "pre")
+        img_now: Any = _VIEW
+        if self.shown is not None:
+            img_now = image(self.shown, "post") if self.shown["op"] in HOLDS else None
+        return self.id, img_now, img_then
 
 
 async def _restore_batch(engine: Engine, source: Branch, branch: Branch, state: NsState,

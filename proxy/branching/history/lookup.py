@@ -113,30 +113,25 @@ async def view_ids(engine: Engine, db: str, coll: str, layers: list[NsState], id
     return await _lookup(fetch, ids)
 
 
-async def per_document(engine: Engine, filt: dict[str, Any],
-                       project: dict[str, Any] | None = None,
-                       ) -> AsyncIterator[list[dict[str, Any]]]:
-    """The WAL entries matching a filter, one list per document (its entries in LSN
-    order), from one cursor sorted by (id, LSN): a history operation folds each
-    document's entries as they stream past instead of looking them up a chunk of ids at
-    a time (each `$in` lookup walks the index for its ids, and SecantusDB's `$in` costs
-    grow with the square of the list). Holds one batch and one document's entries."""
-    pipeline = [*matching(filt), *([{"$project": project}] if project else []),
-                {"$sort": {"id": 1, "_id": 1}}]
-    group: list[dict[str, Any]] = []
-    key: Any = None
+async def by_document(engine: Engine, filt: dict[str, Any],
+                      ) -> AsyncIterator[tuple[dict[str, Any], bool]]:
+    """The WAL entries matching a filter, each with whether it is its document's first,
+    from one cursor sorted by (id, LSN): a history operation folds each document's
+    entries as they stream past instead of looking them up a chunk of ids at a time
+    (each `$in` lookup walks the index for its ids, and SecantusDB's `$in` costs grow
+    with the square of the list). Holds one batch, never a document's whole history."""
+    pipeline = [*matching(filt), {"$sort": {"id": 1, "_id": 1}}]
+    key: Any = _NONE
     async for batch in engine.pool.batches(engine.meta_db, {
             "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
             BATCH):
         for entry in batch:
             k = idkey(entry.get("id"))
-            if group and k != key:
-                yield group
-                group = []
+            yield entry, k != key
             key = k
-            group.append(entry)
-    if group:
-        yield group
+
+
+_NONE = object()
 
 
 def equal(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
