@@ -647,7 +647,7 @@ def write_results(text: str) -> None:
 
 
 # -- issue 16: each operation beside its raw baseline ----------------------------------------
-BULK_SECTION = "### History in bulk (issue 16)"
+BULK_SECTION = "## History in bulk (issue 16)"
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
