@@ -646,6 +646,150 @@ def write_results(text: str) -> None:
     RESULTS.write_text(new.rstrip("\n") + "\n")
 
 
+# -- issue 16: each operation beside its raw baseline ----------------------------------------
+BULK_SECTION = "## History in bulk (issue 16)"
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def run_bulk(args: argparse.Namespace) -> int:
+    """Diff, merge, branch at a point and gc of `--bulk` changes, each beside the same
+    work done straight on the upstream in the same run (issue 16's ratios)."""
+    from pymongo import MongoClient, ReplaceOne
+
+    n = args.bulk
+    logdir = Path(tempfile.mkdtemp(prefix="mongobranch-bench-history-bulk-"))
+    procs = Procs(logdir)
+    began = time.monotonic()
+    rows: list[tuple[str, float, str, float, str]] = []
+    notes: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        stack = start_stack(procs, 10)
+        say(f"logs in {logdir}")
+        direct: MongoClient[dict[str, Any]] = MongoClient(stack.upstream, directConnection=True)
+        seed(direct[DB][DM], n)
+        seed(direct[DB][HIST], n)
+        # The metadata database: the capture of main's changes leaves it alone.
+        scratch = direct[META]
+        # The diff/merge branch: one update of each of n documents (n WAL entries).
+        dmb = stack.create({"name": "dm-b"})
+        update_ranges(dmb["uri"], DM, 0, n, 500)
+        dm_bid = bid_of(direct, "dm-b")
+        # The `at` source: two passes; the point is after the first, so n documents
+        # are given back their image from then.
+        src = stack.create({"name": "src-b"})
+        src_bid = bid_of(direct, "src-b")
+        update_ranges(src["uri"], HIST, 0, n, 500)
+        point = last_lsn(direct, src_bid)
+        update_ranges(src["uri"], HIST, 0, n, 500)
+        say(f"built: dm-b {wal_count(direct, dm_bid):,} entries, src-b "
+            f"{wal_count(direct, src_bid):,} entries, point LSN {point}")
+
+        # diff vs a plain cursor over the same WAL entries
+        raw_s, raw_n = _timed(lambda: sum(1 for _ in direct[META]["wal"].find(
+            {"b": dm_bid}).sort("_id", 1).batch_size(1000)))
+        d = stream_diff(stack, "dm-b")
+        say(f"diff: {d.changes:,} changes {d.seconds:.2f}s; plain cursor {raw_n:,} entries "
+            f"{raw_s:.2f}s")
+        rows.append((f"diff of {d.changes:,} changes", d.seconds,
+                     f"plain cursor read of its {raw_n:,} WAL entries", raw_s, "<= 2x"))
+
+        # merge vs a direct bulk write of the same documents
+        branch_docs = contents(dmb["uri"], DM)
+        seed(scratch["raw_dm"], n)
+
+        def bulk_write() -> None:
+            for i in range(0, len(branch_docs), 1000):
+                scratch["raw_dm"].bulk_write([ReplaceOne({"_id": x["_id"]}, x, upsert=True)
+                                        for x in branch_docs[i:i + 1000]], ordered=False)
+        raw_s, _ = _timed(bulk_write)
+        m = run_merge(stack, "dm-b", {"strategy": "ours"}, "`ours`")
+        check = "identical" if contents(stack.proxy_uri, DM) == branch_docs else "DIFFERENT"
+        # Main's log holds the merge's writes (the capture preserved them for main's
+        # children) before the next operation is timed.
+        capture_s, _ = _timed(lambda: stack.api("GET", "/branches/main/log?limit=1"))
+        notes.append(f"After the merge the capture needed {capture_s:.2f}s more to log its "
+                     "writes in main's WAL (not part of either figure).")
+        say(f"merge: HTTP {m.status} {m.seconds:.2f}s applied {m.applied:,} ({check}); "
+            f"direct bulk write {raw_s:.2f}s")
+        rows.append((f"merge of {m.applied:,} changes into main (main after: {check})",
+                     m.seconds, f"bulk_write of the same {len(branch_docs):,} documents "
+                     "(replace by _id, 1,000 per call)", raw_s, "<= 3x"))
+
+        # branch at a point vs the upstream inserting the documents restored
+        then = [doc(i, 1) for i in range(n)]
+
+        def insert() -> None:
+            for i in range(0, n, 1000):
+                scratch["raw_restored"].insert_many(then[i:i + 1000], ordered=False)
+        raw_s, _ = _timed(insert)
+        at_s, _ = _timed(lambda: stack.create({"name": "at-b", "from": "src-b", "at": point}))
+        restored = wal_count(direct, bid_of(direct, "at-b"))
+        at_view = contents(stack.api("GET", "/branches/at-b")[1]["uri"], HIST)
+        check = "identical" if at_view == then else \
+            f"DIFFERENT ({ndiff(at_view, then)} differ)"
+        say(f"at: {restored:,} restored in {at_s:.2f}s ({check}); insert_many {raw_s:.2f}s")
+        rows.append((f"branch of src-b at a point, {restored:,} documents restored "
+                     f"(contents: {check})", at_s,
+                     f"insert_many of the same {n:,} documents (1,000 per call)", raw_s,
+                     "docs/s >= 50% of the upstream's"))
+
+        # gc vs reading every entry and writing it back
+        entries = wal_count(direct)
+
+        def rewrite() -> None:
+            batch: list[dict[str, Any]] = []
+            for entry in direct[META]["wal"].find().batch_size(1000):
+                batch.append(entry)
+                if len(batch) == 1000:
+                    scratch["raw_wal"].insert_many(batch, ordered=False)
+                    batch = []
+            if batch:
+                scratch["raw_wal"].insert_many(batch, ordered=False)
+        raw_s, _ = _timed(rewrite)
+        views = {"dm-b": (dmb["uri"], DM), "src-b": (src["uri"], HIST)}
+        before = {k: contents(uri, coll) for k, (uri, coll) in views.items()}
+        gc_s, (status, reply) = _timed(lambda: stack.api("POST", "/gc", {"retention": "0s"}))
+        same = all(contents(uri, coll) == before[k] for k, (uri, coll) in views.items())
+        say(f"gc: HTTP {status} {gc_s:.2f}s of {entries:,} entries ({str(reply)[:200]}); "
+            f"read+rewrite {raw_s:.2f}s; views {'identical' if same else 'DIFFERENT'}")
+        rows.append((f"gc of {entries:,} entries (views after: "
+                     f"{'identical' if same else 'DIFFERENT'})", gc_s,
+                     f"read of the same {entries:,} entries and insert_many of them "
+                     "(1,000 per call)", raw_s, "<= 3x"))
+        direct.close()
+    finally:
+        procs.stop_all()
+    elapsed = time.monotonic() - began
+    info = machine()
+    command = ".venv/bin/python benchmarks/history.py " + " ".join(sys.argv[1:])
+    lines = [
+        BULK_SECTION, "",
+        f"Measured {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} in one run of "
+        f"{elapsed:.0f}s; {info['nproc']} CPUs, shared; proxy at {info['rev']}; one in-memory "
+        f"SecantusDB; documents {len(doc(1)['pad']) + 38} B. Reproduce: `{command}`.", "",
+        "| operation | s | raw baseline, same run | s | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, op_s, raw_label, raw_s, target in rows:
+        lines.append(f"| {label} | {op_s:.2f} | {raw_label} | {raw_s:.2f} | "
+                     f"**{op_s / raw_s:.2f}x** | {target} |")
+    lines.extend(["", *notes])
+    body = "\n".join(lines)
+    print()
+    print(body)
+    return 0
+
+
 # -- main -----------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -670,7 +814,12 @@ def main() -> int:
     ap.add_argument("--diff-runs", type=int, default=2)
     ap.add_argument("--conflicts", type=int, default=100,
                     help="documents main changes after the merged branch did")
+    ap.add_argument("--bulk", type=int, default=0,
+                    help="only issue 16's run: diff, merge, branch at a point and gc of this "
+                         "many changes, each beside its raw baseline (prints, never writes)")
     args = ap.parse_args()
+    if args.bulk:
+        return run_bulk(args)
     if args.quick:
         args.docs, args.passes, args.chunk, args.build_budget = 2_000, 3, 250, 20.0
         args.small_docs, args.at_runs, args.plain_runs = 500, 2, 4

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from bson import ObjectId
 from pymongo import MongoClient
 
 from tests.branchutil import Branches, fingerprint, unique
@@ -506,6 +507,41 @@ def test_merging_a_branch_created_at_a_point_restores_the_parent(
     assert result["conflicts"] == []
     with MongoClient(source["uri"]) as s:
         assert contents(s[db_name].items) == then
+
+
+def test_sparse_ids_of_every_type_in_diff_at_and_merge(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    """Lookups by id read a batch's numeric and ObjectId ids as one _id range, at most
+    twice as many documents as ids, and look up the rest: changes spread thin over many
+    documents, and ids of other types, come back all the same."""
+    oids = [ObjectId() for _ in range(40)]
+    ids: list[Any] = [*range(400), *oids, *(f"s{i}" for i in range(20)), 2.5, {"a": 1}]
+    client[db_name].items.insert_many([{"_id": i, "v": 0} for i in ids])
+    changed: list[Any] = [*range(0, 400, 37), *oids[::4], "s3", "s17", 2.5, {"a": 1}]
+    source = made.create()
+    with MongoClient(source["uri"]) as s:
+        items = s[db_name].items
+        for i in changed:
+            items.update_one({"_id": i}, {"$set": {"v": 1}})
+        mark = last_lsn(proxy, source["name"])
+        then = contents(items)
+        for i in changed:
+            items.update_one({"_id": i}, {"$set": {"v": 2}})
+        items.delete_one({"_id": 37})
+        items.insert_one({"_id": 1000, "v": 2})
+        now = contents(items)
+    ns = f"{db_name}.items"
+    result = diff(proxy, source["name"])
+    assert doc_changes(result) == sorted(
+        [(ns, "update", i) for i in changed if i != 37] + [(ns, "delete", 37),
+                                                          (ns, "insert", 1000)], key=repr)
+    assert all(c["parent"] == {"_id": c["_id"], "v": 0} for c in result["changes"]
+               if c["op"] != "insert")
+    at = made.create(**{"from": source["name"], "at": mark})
+    with MongoClient(at["uri"]) as a:
+        assert contents(a[db_name].items) == then
+    assert merge(proxy, source["name"])["conflicts"] == []
+    assert contents(client[db_name].items) == now
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [

@@ -9,12 +9,11 @@ from typing import Any
 from proxy.branching import copymode, gc
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError, Kind
-from proxy.branching.history.lookup import branch_states, chunks, equal, view_ids
+from proxy.branching.history.lookup import BATCH, branch_states, by_document, equal, view_ids
 from proxy.branching.history.points import (
     check_reopened,
     recorded_resets,
     resolve_point,
-    visible_at,
     voids_at,
 )
 from proxy.branching.idkey import idkey
@@ -24,6 +23,7 @@ from proxy.branching.wal import (
     DELETE,
     DROP,
     HOLDS,
+    KEEP,
     OWN,
     PUT,
     RESETS,
@@ -63,8 +63,7 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
         raise BranchError(Kind.CONFLICT,
                           f"{source.name} dropped or recreated {marker['ns']} after that "
                           "point; a branch at that point is not supported")
-    any_later = {"b": source.bid, "$or": [{"_id": {"$gt": lsn}}, *reopened]} if reopened \
-        else {"b": source.bid, "_id": {"$gt": lsn}}
+    ranges = [(lo, min(hi, lsn)) for lo, hi in resets if lo < lsn]
 
     async def restore(branch: Branch) -> None:
         branch.fork_lsn = lsn
@@ -73,7 +72,7 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
             await copymode.undo_to(engine, source, lsn, branch)
             return
         async with engine.writing(branch):
-            await _restore_at(engine, source, branch, lsn, then, any_later)
+            await _restore_at(engine, source, branch, lsn, then, ranges)
 
     return await engine.create_branch(name, source.name, port, source.mode, then=restore,
                                       masked=masked)
@@ -153,24 +152,115 @@ async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
 
 
 async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
-                      then: list[list[int]], any_later: dict[str, Any]) -> None:
-    pool = engine.pool
+                      then: list[list[int]], reopened: list[tuple[int, int]]) -> None:
+    """One pass over the source's entries of each collection, in (id, LSN) order
+    (`by_document`): a document's images then and now are folds of its entries, so the
+    WAL is read once, sequentially, and never looked up per chunk of ids."""
     for state in branch_states(engine, source):
         ns = f"{state.db}.{state.coll}"
-        ids_pipeline = [*matching({**any_later, "ns": ns, "op": {"$nin": [*STARTS, OWN]}}),
-                        {"$group": {"_id": "$id"}}]
         mine: NsState | None = None
-        async for group in pool.batches(engine.meta_db, {
-                "aggregate": "wal", "pipeline": ids_pipeline, "cursor": {},
-                "allowDiskUse": True}):
-            restore = await _images_then(engine, source, state, lsn, then,
-                                         [g["_id"] for g in group])
-            if not restore:
-                continue
-            if mine is None:
-                mine = await engine.ensure_state(branch, state.db, state.coll, pool)
-                await engine.mark_dirty(mine)
-            await _give_back(engine, branch, mine, restore)
+        pending: list[tuple[Any, Any, Any]] = []
+        fold: _AtFold | None = None
+        async for entry, first in by_document(engine, {"b": source.bid, "ns": ns,
+                                                       "op": {"$nin": [*STARTS, OWN]}}):
+            if first and fold is not None and (done := fold.result()) is not None:
+                pending.append(done)
+                if len(pending) >= BATCH:
+                    mine = await _restore_batch(engine, source, branch, state, mine, pending)
+                    pending = []
+            if first:
+                fold = _AtFold(lsn, then, reopened, source.voids)
+            assert fold is not None
+            fold.add(entry)
+        if fold is not None and (done := fold.result()) is not None:
+            pending.append(done)
+        if pending:
+            await _restore_batch(engine, source, branch, state, mine, pending)
+
+
+# Images a document's entries do not give: the parent's image now (then), the source's
+# view now (now); looked up by id, which only a reset's voids leave to do.
+_PARENT = object()
+_VIEW = object()
+
+
+def _shown(entry: dict[str, Any], voids: list[list[int]]) -> bool:
+    """Whether an entry is in effect under these voids (a kept image always is)."""
+    lsn = int(entry["_id"])
+    return entry["op"] == KEEP or not any(lo < lsn <= hi for lo, hi in voids)
+
+
+class _AtFold:
+    """One document's image then and now, from its entries in LSN order, keeping three
+    of them at most. Then: the last entry visible at the point (`visible_at`), else the
+    pre-image of the first later one, else the parent's image. Now: the last entry
+    visible now, else the source's view. Nothing to restore unless an entry is after
+    the point or in a range a reset reopened."""
+
+    def __init__(self, lsn: int, then: list[list[int]], reopened: list[tuple[int, int]],
+                 now: list[list[int]]):
+        self.lsn, self.then, self.reopened, self.now = lsn, then, reopened, now
+        self.id: Any = None
+        self.later = False
+        self.past: dict[str, Any] | None = None
+        self.after: dict[str, Any] | None = None
+        self.shown: dict[str, Any] | None = None
+
+    def add(self, entry: dict[str, Any]) -> None:
+        at = int(entry["_id"])
+        self.id = entry["id"]
+        if at > self.lsn or any(lo < at <= hi for lo, hi in self.reopened):
+            self.later = True
+        if at <= self.lsn and _shown(entry, self.then):
+            self.past = entry
+        if at > self.lsn and self.after is None:
+            self.after = entry
+        if _shown(entry, self.now):
+            self.shown = entry
+
+    def result(self) -> tuple[Any, Any, Any] | None:
+        """(id, image now, image then), None when nothing changed after the point."""
+        if not self.later:
+            return None
+        img_then: Any = _PARENT
+        if self.past is not None:
+            img_then = image(self.past, "post") if self.past["op"] in HOLDS else None
+        elif self.after is not None:
+            img_then = image(self.after, "pre")
+        img_now: Any = _VIEW
+        if self.shown is not None:
+            img_now = image(self.shown, "post") if self.shown["op"] in HOLDS else None
+        return self.id, img_now, img_then
+
+
+async def _restore_batch(engine: Engine, source: Branch, branch: Branch, state: NsState,
+                         mine: NsState | None, folded: list[tuple[Any, Any, Any]],
+                         ) -> NsState | None:
+    """Gives back a batch of folded documents whose image differs, after looking up the
+    few images their entries did not give."""
+    parent = [i for i, _, then in folded if then is _PARENT]
+    view = [i for i, now, _ in folded if now is _VIEW]
+    theirs = await view_ids(engine, state.db, state.coll,
+                            parent_layers(engine, source, state.db, state.coll),
+                            parent) if parent else {}
+    current = await view_ids(engine, state.db, state.coll,
+                             engine.layers(source, state.db, state.coll),
+                             view) if view else {}
+    restore = []
+    for value, now, then in folded:
+        if then is _PARENT:
+            then = theirs.get(idkey(value))
+        if now is _VIEW:
+            now = current.get(idkey(value))
+        if not equal(then, now):
+            restore.append((value, now, then))
+    if not restore:
+        return mine
+    if mine is None:
+        mine = await engine.ensure_state(branch, state.db, state.coll, engine.pool)
+        await engine.mark_dirty(mine)
+    await _give_back(engine, branch, mine, restore)
+    return mine
 
 
 async def _give_back(engine: Engine, branch: Branch, state: NsState,
@@ -191,47 +281,3 @@ async def _give_back(engine: Engine, branch: Branch, state: NsState,
         Change(f"{state.db}.{state.coll}", i, PUT, now, img) if img is not None
         else Change(f"{state.db}.{state.coll}", i, DELETE, now, None)
         for i, now, img in restore], {"app": "mongobranch"})
-
-
-async def _images_then(engine: Engine, source: Branch, state: NsState, lsn: int,
-                       voids: list[list[int]], ids: list[Any]) -> list[tuple[Any, Any, Any]]:
-    """(id, image now, image at lsn) for the ids whose image differs; None: absent.
-
-    The image then is the fold of the entries visible then; for a document the source
-    had not changed then, the parent's image then: the pre-image of the source's first
-    later change of it, else (nothing later) the parent's image now."""
-    pool = engine.pool
-    ns = f"{state.db}.{state.coll}"
-    then: dict[Any, dict[str, Any] | None] = {}
-    for chunk in chunks(ids):
-        by_id = {"ns": ns, "id": {"$in": chunk}}
-        fold = [*matching({**visible_at(source.bid, lsn, voids), **by_id}),
-                {"$sort": {"_id": 1}},
-                {"$group": {"_id": "$id", "last": {"$last": "$$ROOT"}}}]
-        async for batch in pool.batches(engine.meta_db, {
-                "aggregate": "wal", "pipeline": fold, "cursor": {}, "allowDiskUse": True}):
-            for doc in batch:
-                last = doc["last"]
-                then[idkey(doc["_id"])] = image(last, "post") if last["op"] in HOLDS else None
-        firsts = [*matching({"b": source.bid, **by_id, "_id": {"$gt": lsn}}),
-                  {"$sort": {"_id": 1}},
-                  {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
-        async for batch in pool.batches(engine.meta_db, {
-                "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True}):
-            for doc in batch:
-                then.setdefault(idkey(doc["_id"]), image(doc["first"], "pre"))
-    rest = [value for value in ids if idkey(value) not in then]
-    if rest:
-        theirs = await view_ids(engine, state.db, state.coll,
-                                 parent_layers(engine, source, state.db, state.coll), rest)
-        for value in rest:
-            then[idkey(value)] = theirs.get(idkey(value))
-    now = await view_ids(engine, state.db, state.coll,
-                          engine.layers(source, state.db, state.coll), ids)
-    out = []
-    for value in ids:
-        key = idkey(value)
-        img, cur = then[key], now.get(key)
-        if not equal(img, cur):
-            out.append((value, cur, img))
-    return out

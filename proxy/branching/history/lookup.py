@@ -3,13 +3,17 @@ merge, reset and branches at a point compare with the WAL's images."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+from bson import ObjectId
+from bson.int64 import Int64
 
 from proxy.branching import viewscan
 from proxy.branching.engine import Engine
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
+from proxy.branching.wal import matching
 from proxy.wire.bsonutil import same
 
 BATCH = viewscan.BATCH
@@ -33,25 +37,101 @@ def chunks(ids: list[Any]) -> list[list[Any]]:
     return [ids[i:i + IN_CHUNK] for i in range(0, len(ids), IN_CHUNK)]
 
 
+# Fewer ids than this in a run of one type are looked up by `$in`, not read as a range.
+MIN_RUN = 8
+
+
+def _kind(value: Any) -> str | None:
+    """The ids a range `{$gte: lo, $lte: hi}` finds by plain comparison: numbers and
+    ObjectIds. A range never crosses types, and a collection's collation orders
+    strings its own way: those ids, and the rest, are looked up."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, Int64)) or (isinstance(value, float) and value == value):
+        return "n"
+    if isinstance(value, ObjectId):
+        return "o"
+    return None
+
+
+Fetch = Callable[[dict[str, Any], int], AsyncIterator[list[dict[str, Any]]]]
+
+
+async def _lookup(fetch: Fetch, ids: list[Any]) -> dict[Any, dict[str, Any]]:
+    """Documents by id: each run of ids of one kind is read as the range from its lowest
+    to its highest, in _id order, up to twice as many documents as it has ids (ids
+    close together cost one round trip per batch, with no `$in` to evaluate); what that
+    leaves unread, and ids of other types, by `$in` a chunk at a time."""
+    out: dict[Any, dict[str, Any]] = {}
+    rest: list[Any] = []
+    runs: dict[str, list[Any]] = {}
+    for value in ids:
+        kind = _kind(value)
+        if kind is None:
+            rest.append(value)
+        else:
+            runs.setdefault(kind, []).append(value)
+    for run in runs.values():
+        if len(run) < MIN_RUN:
+            rest.extend(run)
+            continue
+        wanted = {idkey(v) for v in run}
+        limit = 2 * len(run)
+        seen = 0
+        last: Any = None
+        async for batch in fetch({"_id": {"$gte": min(run), "$lte": max(run)}}, limit):
+            for doc in batch:
+                seen += 1
+                last = doc["_id"]
+                if idkey(last) in wanted:
+                    out[idkey(last)] = doc
+        if seen >= limit:
+            rest.extend(v for v in run if _kind(last) != _kind(v) or v > last)
+    for chunk in chunks(rest):
+        out.update(await _by_id(fetch({"_id": {"$in": chunk}}, 0)))
+    return out
+
+
 async def find_ids(engine: Engine, db: str, coll: str,
                     ids: list[Any]) -> dict[Any, dict[str, Any]]:
     """The documents of a plain collection (an overlay) with these ids, by idkey."""
-    out: dict[Any, dict[str, Any]] = {}
-    for chunk in chunks(ids):
-        out.update(await _by_id(engine.pool.batches(db, {
-            "find": coll, "filter": {"_id": {"$in": chunk}}}, BATCH)))
-    return out
+    def fetch(filt: dict[str, Any], limit: int) -> AsyncIterator[list[dict[str, Any]]]:
+        cmd: dict[str, Any] = {"find": coll, "filter": filt}
+        if limit:
+            cmd.update(sort={"_id": 1}, limit=limit)
+        return engine.pool.batches(db, cmd, BATCH)
+    return await _lookup(fetch, ids)
 
 
 async def view_ids(engine: Engine, db: str, coll: str, layers: list[NsState], ids: list[Any],
                     project_id: bool = False) -> dict[Any, dict[str, Any]]:
     """The documents of a view (no layers: the base) with these ids, by idkey."""
-    out: dict[Any, dict[str, Any]] = {}
-    for chunk in chunks(ids):
-        out.update(await _by_id(viewscan.view_batches(engine.pool, db, coll, layers,
-                                                      {"_id": {"$in": chunk}},
-                                                      project_id=project_id)))
-    return out
+    def fetch(filt: dict[str, Any], limit: int) -> AsyncIterator[list[dict[str, Any]]]:
+        return viewscan.view_batches(engine.pool, db, coll, layers, filt,
+                                     sort={"_id": 1} if limit else None, limit=limit,
+                                     project_id=project_id)
+    return await _lookup(fetch, ids)
+
+
+async def by_document(engine: Engine, filt: dict[str, Any],
+                      ) -> AsyncIterator[tuple[dict[str, Any], bool]]:
+    """The WAL entries matching a filter, each with whether it is its document's first,
+    from one cursor sorted by (id, LSN): a history operation folds each document's
+    entries as they stream past instead of looking them up a chunk of ids at a time
+    (each `$in` lookup walks the index for its ids, and SecantusDB's `$in` costs grow
+    with the square of the list). Holds one batch, never a document's whole history."""
+    pipeline = [*matching(filt), {"$sort": {"id": 1, "_id": 1}}]
+    key: Any = _NONE
+    async for batch in engine.pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
+            BATCH):
+        for entry in batch:
+            k = idkey(entry.get("id"))
+            yield entry, k != key
+            key = k
+
+
+_NONE = object()
 
 
 def equal(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
