@@ -398,6 +398,16 @@ def test_index_bound_finds_refused_as_mongod_refuses_them(pair: Pair) -> None:
     assert on_branch.value.details["errmsg"] == on_main.value.details["errmsg"]
 
 
+def test_min_max_on_an_index_made_on_the_branch_is_refused(pair: Pair) -> None:
+    """The base has no copy of an index the branch made: its side cannot scan it, so
+    the find is refused as such, not with the base's "no such index"."""
+    pair.branch.c.create_index([("sub.n", 1)])
+    with pytest.raises(OperationFailure) as refused:
+        pair.branch.command("find", "c", min={"sub.n": 30}, hint={"sub.n": 1})
+    assert refused.value.code == 115
+    assert "made on the branch" in str(refused.value)
+
+
 def test_return_key_without_a_hint_is_refused_on_a_changed_collection(pair: Pair) -> None:
     """Without a hint each collection's planner picks its own index: the keys of the
     branch's sides could come from different indexes, so it stays refused."""

@@ -48,7 +48,7 @@ async def find(req: Request) -> dict[str, Any] | None:
         if merged is not None:
             return merged
         if planner.index_bound(cmd) and refused:
-            return _index_bound_refusal(req, coll, refused)
+            return _index_bound_refusal(req, coll, refused, len(plan.sources))
         plan = planner.fall_back(plan, cmd, layers, "the upstream refused a side",
                                  branch=branch)
     if plan.refetch:
@@ -66,18 +66,18 @@ async def _hint_by_pattern(req: Request, coll: str, cmd: dict[str, Any]) -> dict
     return {**cmd, "hint": dict(key)} if isinstance(key, dict) else cmd
 
 
-def _index_bound_refusal(req: Request, coll: str,
-                         refused: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """A merged min/max/returnKey find a side refused: the base's refusal is the
+def _index_bound_refusal(req: Request, coll: str, refused: list[tuple[str, dict[str, Any]]],
+                         sides: int) -> dict[str, Any]:
+    """A merged min/max/returnKey find a side refused. Refused by every side, it is the
     upstream's own answer to the user's find (a missing hint, bounds that do not fit the
-    index); an overlay's alone means its copy of the index differs from the base's."""
-    for source, reply in refused:
-        if source == coll:
-            return reply
-    source, reply = refused[0]
-    raise req.unsupported(f"this min/max/returnKey find on a collection the branch changed: "
-                          f"the branch's copy of the index refused it "
-                          f"({reply.get('errmsg', '')!s})".replace(source, coll))
+    index), given as the base's (or first overlay's) reply. Refused by some only, their
+    copies of the index differ (one made on the branch, which the base has none of)."""
+    if len(refused) == sides:
+        return next((reply for source, reply in refused if source == coll), refused[0][1])
+    raise req.unsupported("this min/max/returnKey find on a collection the branch changed: "
+                          "the hinted index is not on every collection the branch reads "
+                          f"(one made on the branch has no copy on the base): "
+                          f"{refused[0][1].get('errmsg', '')!s}")
 
 
 async def _refetch_find(req: Request, coll: str, layers: list[NsState],
