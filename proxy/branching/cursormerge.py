@@ -68,6 +68,8 @@ class MergedCursor:
     at_cluster_time: Any = None
     # returnKey: each document goes out as the index key its side's server gave it.
     keys_only: bool = False
+    # Scratch copies the read's stages read (commands/scratchfrom.py): dropped at close.
+    scratch: list[str] = field(default_factory=list)
 
     @property
     def ns(self) -> str:
@@ -131,6 +133,9 @@ class MergedCursor:
             if side.cursor_id:
                 await run.reply(self.db, {"killCursors": side.coll, "cursors": [side.cursor_id]})
                 side.cursor_id = 0
+        for name in self.scratch:
+            await run.reply(self.db, {"drop": name})
+        self.scratch = []
 
 
 class Held(Protocol):

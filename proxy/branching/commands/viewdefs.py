@@ -21,7 +21,7 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import catalog, cursormerge, naming, planner
-from proxy.branching.commands import aggregate, changestream, ddl, read
+from proxy.branching.commands import aggregate, changestream, ddl, read, scratchfrom
 from proxy.branching.commands.base import SESSION_FIELDS, Handler, Request, carry, coll_name
 from proxy.branching.commands.catalog import exists, visible_collections
 from proxy.branching.errors import CommandError
@@ -59,8 +59,19 @@ async def _read_view(req: Request, coll: str) -> dict[str, Any] | None:
 def reading(handler: Handler) -> Handler:
     """find, count, distinct and aggregate: on a view, the rewritten aggregation; an
     aggregation whose $lookup, $unionWith or $facet reads a view reads its source's
-    branch view with the view's stages first."""
+    branch view with the view's stages first; a $graphLookup (or a $lookup no per-layer
+    join can run) from a changed collection or a view reads a scratch copy of what it
+    shows on the branch (`scratchfrom.py`), dropped when the read ends."""
     async def serve(req: Request) -> dict[str, Any] | None:
+        made: list[str] = []
+        try:
+            reply = await _serve(req, made)
+        except BaseException:
+            await scratchfrom.drop(req, made)
+            raise
+        return await scratchfrom.settle(req, reply, made)
+
+    async def _serve(req: Request, made: list[str]) -> dict[str, Any] | None:
         coll = req.cmd.get(req.name)
         if isinstance(coll, str) and coll:
             view = await _read_view(req, coll)
@@ -73,12 +84,12 @@ def reading(handler: Handler) -> Handler:
                                            "collection")
                     await _refuse_writing_into_a_view(req)
                 return await on_view(req, coll, view, _BUILDERS[req.name](req.cmd),
-                                     _FINISH[req.name])
+                                     _FINISH[req.name], made)
         if req.name != "aggregate" or not catalog.touches(req.engine, req.on_branch, req.db):
             return await handler(req)
         await _refuse_writing_into_a_view(req)
         pipeline = req.cmd.get("pipeline")
-        inlined = await _inline(req, pipeline) if isinstance(pipeline, list) else None
+        inlined = await _inline(req, pipeline, made) if isinstance(pipeline, list) else None
         if inlined is None:
             return await handler(req)
         sub = Request(req.engine, req.branch, req.ctx, req.run, req.db,
@@ -115,10 +126,12 @@ async def _refuse_writing_into_a_view(req: Request) -> None:
                            f"Namespace {db}.{coll} is a view, not a collection")
 
 
-async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline | None:
+async def _inline(req: Request, pipeline: Pipeline, made: list[str],
+                  depth: int = 0) -> Pipeline | None:
     """The pipeline with each $lookup and $unionWith from a view (at any depth: in
     sub-pipelines, $facet) reading the view's source with the view's stages first, as
-    mongod resolves them; None: it reads no view."""
+    mongod resolves them, and each stage that needs one reading a scratch copy (its
+    name appended to `made`); None: it reads no view and needs no copy."""
     if depth > catalog.MAX_VIEW_DEPTH:
         raise CommandError(Code.VIEW_DEPTH_LIMIT_EXCEEDED,
                            f"View depth too deep or view cycle detected. Maximum depth is "
@@ -131,16 +144,19 @@ async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline 
         if kind == "$facet" and isinstance(spec, dict):
             facets = {}
             for name, sub in spec.items():
-                done = await _inline(req, sub, depth + 1) if isinstance(sub, list) else None
+                done = await _inline(req, sub, made, depth + 1) if isinstance(sub, list) \
+                    else None
                 changed |= done is not None
                 facets[name] = sub if done is None else done
             out.append({"$facet": facets})
             continue
-        if kind == "$graphLookup" and isinstance(spec, dict) \
-                and isinstance(spec.get("from"), str) and spec["from"] \
-                and await _read_view(req, spec["from"]) is not None:
-            # It has no pipeline to put the view's stages in.
-            raise req.unsupported("$graphLookup from a view")
+        if kind in ("$graphLookup", "$lookup") and isinstance(spec, dict) \
+                and isinstance(spec.get("from"), str) and spec["from"]:
+            copied = await _copied(req, kind, spec, made, depth)
+            if copied is not None:
+                out.append({kind: copied})
+                changed = True
+                continue
         field = {"$lookup": "from", "$unionWith": "coll"}.get(kind)
         if field is None or not (isinstance(spec, dict)
                                  or (kind == "$unionWith" and isinstance(spec, str))):
@@ -149,7 +165,7 @@ async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline 
         spec = {"coll": spec} if isinstance(spec, str) else dict(spec)
         inner = spec.get("pipeline")
         if isinstance(inner, list):
-            done = await _inline(req, inner, depth + 1)
+            done = await _inline(req, inner, made, depth + 1)
             if done is not None:
                 spec["pipeline"], changed = done, True
         source = spec.get(field)
@@ -158,7 +174,7 @@ async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline 
             assert isinstance(source, str)
             bottom, stages = await catalog.resolve_view(req.engine, req.on_branch, req.run,
                                                         req.db, source, view)
-            stages = await _inline(req, stages, depth + 1) or stages
+            stages = await _inline(req, stages, made, depth + 1) or stages
             spec[field] = bottom
             spec["pipeline"] = stages + list(spec.get("pipeline") or [])
             changed = True
@@ -166,14 +182,46 @@ async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline 
     return out if changed else None
 
 
+async def _copied(req: Request, kind: str, spec: dict[str, Any], made: list[str],
+                  depth: int) -> dict[str, Any] | None:
+    """A $graphLookup from a view or a changed collection, or a $lookup from one that no
+    per-layer join can run (scratchfrom.splits), reading a scratch copy of what `from`
+    shows on the branch; None: the stage reads its `from` otherwise."""
+    source = spec["from"]
+    view = await _read_view(req, source)
+    if view is None:
+        if not scratchfrom.changed(req, source) or \
+                (kind == "$lookup" and not scratchfrom.splits(spec)):
+            return None
+        copy = await scratchfrom.fill(req, source, [], made)
+    else:
+        bottom, stages = await catalog.resolve_view(req.engine, req.on_branch, req.run,
+                                                    req.db, source, view)
+        # A $lookup takes the view's stages first in its own pipeline (below), unless
+        # that makes the per-layer form over a changed source with a whole-set stage.
+        if kind == "$lookup" and not (
+                scratchfrom.changed(req, bottom) and scratchfrom.splits(
+                    {**spec, "pipeline": [*stages, *(spec.get("pipeline") or [])]})):
+            return None
+        stages = await _inline(req, stages, made, depth + 1) or stages
+        copy = await scratchfrom.fill(req, bottom, stages, made, view.get("collation"))
+    spec = {**spec, "from": copy}
+    inner = spec.get("pipeline")
+    if isinstance(inner, list):
+        spec["pipeline"] = await _inline(req, inner, made, depth + 1) or inner
+    return spec
+
+
 async def view_command(req: Request, coll: str, view: dict[str, Any],
-                       agg: dict[str, Any]) -> dict[str, Any]:
+                       agg: dict[str, Any], made: list[str]) -> dict[str, Any]:
     """An aggregation of a view (agg: the read's stages, on the view's name) as the
-    aggregation of its source collection, the views' stages first."""
+    aggregation of its source collection, the views' stages first (scratch copies its
+    stages read appended to `made`)."""
     source, stages = await catalog.resolve_view(req.engine, req.on_branch, req.run, req.db,
                                                 coll, view)
     pipeline = stages + list(agg.get("pipeline") or [])
-    cmd = {**agg, "aggregate": source, "pipeline": await _inline(req, pipeline) or pipeline}
+    cmd = {**agg, "aggregate": source,
+           "pipeline": await _inline(req, pipeline, made) or pipeline}
     if "collation" in cmd and _collation(cmd["collation"]) != _collation(view.get("collation")):
         raise CommandError(Code.OPTION_NOT_SUPPORTED_ON_VIEW,
                            "Cannot override a view's default collation")
@@ -189,9 +237,9 @@ def _collation(spec: Any) -> Any:
 
 
 async def on_view(req: Request, coll: str, view: dict[str, Any], agg: dict[str, Any],
-                  finish: Finish) -> dict[str, Any] | None:
+                  finish: Finish, made: list[str]) -> dict[str, Any] | None:
     """A read of a view, run as the aggregation of the branch's view of its source."""
-    cmd = await view_command(req, coll, view, agg)
+    cmd = await view_command(req, coll, view, agg, made)
     sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
     last = cmd["pipeline"][-1] if cmd["pipeline"] else None
     if isinstance(last, dict) and {"$out", "$merge"} & set(last):
@@ -315,14 +363,18 @@ async def explain(req: Request) -> dict[str, Any] | None:
     if view is None:
         return await read.explain(req)
     assert isinstance(inner, dict) and isinstance(name, str)
-    cmd = await view_command(req, coll, view, _BUILDERS[name](inner))
-    sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
-    plan = await aggregate.planned(sub, cmd)
-    assert plan.command is not None
-    out = {"explain": {k: v for k, v in plan.command.items()
-                       if k not in ("lsid", "$clusterTime")}}
-    carry(req.cmd, out, ("verbosity", "lsid", "$clusterTime", "comment", "maxTimeMS"))
-    reply = await req.run.reply(req.db, out)
+    made: list[str] = []
+    try:
+        cmd = await view_command(req, coll, view, _BUILDERS[name](inner), made)
+        sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
+        plan = await aggregate.planned(sub, cmd)
+        assert plan.command is not None
+        out = {"explain": {k: v for k, v in plan.command.items()
+                           if k not in ("lsid", "$clusterTime")}}
+        carry(req.cmd, out, ("verbosity", "lsid", "$clusterTime", "comment", "maxTimeMS"))
+        reply = await req.run.reply(req.db, out)
+    finally:
+        await scratchfrom.drop(req, made)
     if reply.get("ok"):
         reply["mongobranch"] = {**plan.explain(), "view": f"{req.db}.{coll}"}
     return reply
