@@ -216,10 +216,10 @@ def test_graph_lookup_from_a_changed_collection(pair: tuple[Any, Any, Any, str],
 
 
 def test_a_graph_lookup_cursor_keeps_its_copy_until_it_ends(
-        pair: tuple[Any, Any, Any, str], direct: MongoClient) -> None:
+        pair: tuple[Any, Any, Any, str], direct: MongoClient, proxy: ProxyProcess) -> None:
     """A read left open holds its scratch copy (hidden from the branch's listing) until
-    its cursor is exhausted or killed."""
-    db, copy, base, _ = pair
+    its cursor is exhausted or killed, or the branch is dropped."""
+    db, copy, base, name = pair
     pipeline = [{"$match": {"k": {"$gte": 90, "$lt": 130}}}, *_GRAPH[1:]]
     for finish in ("exhaust", "kill"):
         cursor = db.items.aggregate(pipeline, batchSize=3)
@@ -231,6 +231,12 @@ def test_a_graph_lookup_cursor_keeps_its_copy_until_it_ends(
         else:
             cursor.close()
         assert _scratch(direct, base.name) == []
+    left = db.items.aggregate(pipeline, batchSize=3)
+    next(left)
+    assert len(_scratch(direct, base.name)) == 1
+    status, _ = proxy.api("DELETE", f"/branches/{name}")  # the suite keeps none
+    assert status == 200
+    assert _scratch(direct, base.name) == []
 
 
 @pytest.mark.secantus_gap(reason="SecantusDB reads a view named as $graphLookup's `from` "
