@@ -30,6 +30,7 @@ from proxy.branching import cursormerge, naming, planner, views
 from proxy.branching.commands import aggregate
 from proxy.branching.commands.base import Request
 from proxy.branching.errors import CommandError
+from proxy.wire.codes import Code
 
 Pipeline = list[dict[str, Any]]
 # Carried from the user's aggregate onto the copy's (never a session's readConcern or
@@ -57,7 +58,12 @@ async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
                collation: Any = None) -> str:
     """A scratch copy of the branch's view of `source` with these stages (a view's)
     applied; its name is appended to `made` before it is written, for the caller to drop."""
-    req.reject_transactions()
+    if req.cmd.get("autocommit") is False or req.cmd.get("startTransaction"):
+        raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+                           f"{next(iter(req.cmd))} reading {source} with $graphLookup, or a "
+                           "$lookup over its whole joined set, needs a scratch copy of what "
+                           "it shows on the branch, which cannot be made ($out) in a "
+                           f"multi-document transaction on branch {req.on_branch.name!r}")
     name = naming.scratch_from(req.on_branch.bid, secrets.token_hex(6))
     made.append(name)
     cmd: dict[str, Any] = {"aggregate": source, "pipeline": [*stages, {"$out": name}],
