@@ -213,6 +213,10 @@ def test_graph_lookup_from_a_changed_collection(pair: tuple[Any, Any, Any, str],
               {"$facet": {"f": _GRAPH}}]
     assert list(db.items.aggregate(nested)) == list(copy.items.aggregate(nested))
     assert _scratch(direct, base.name) == []
+    # explain explains the aggregation as it runs, the copy made and dropped for it.
+    plan = db.command("explain", {"aggregate": "items", "pipeline": _GRAPH, "cursor": {}})
+    assert plan["ok"] == 1.0 and plan["mongobranch"]["plan"] == "union"
+    assert _scratch(direct, base.name) == []
 
 
 def test_a_graph_lookup_cursor_keeps_its_copy_until_it_ends(

@@ -360,10 +360,24 @@ async def explain(req: Request) -> dict[str, Any] | None:
     if not isinstance(coll, str) or not coll:
         return await read.explain(req)
     view = await _read_view(req, coll)
-    if view is None:
-        return await read.explain(req)
-    assert isinstance(inner, dict) and isinstance(name, str)
     made: list[str] = []
+    if view is None:
+        pipeline = inner.get("pipeline") if isinstance(inner, dict) else None
+        if name != "aggregate" or not isinstance(inner, dict) or \
+                not isinstance(pipeline, list) or \
+                not catalog.touches(req.engine, req.on_branch, req.db):
+            return await read.explain(req)
+        # The aggregation as it would run: views its stages read inlined, scratch
+        # copies made for the stages that need them (dropped once explained).
+        try:
+            inlined = await _inline(req, pipeline, made)
+            sub = req if inlined is None else Request(
+                req.engine, req.branch, req.ctx, req.run, req.db,
+                {**req.cmd, "explain": {**inner, "pipeline": inlined}})
+            return await read.explain(sub)
+        finally:
+            await scratchfrom.drop(req, made)
+    assert isinstance(inner, dict) and isinstance(name, str)
     try:
         cmd = await view_command(req, coll, view, _BUILDERS[name](inner), made)
         sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
