@@ -530,6 +530,8 @@ def rewrite(pipeline: Pipeline, layers_of: LayersOf, branch: str) -> Pipeline:
                 layers_of(str(spec.get("from"))):
             top = views.whole(layers_of(str(spec.get("from"))))
             if top is None:
+                # A client's read has pointed it at a scratch copy by now
+                # (commands/scratchfrom.py); a pipeline that was not prepared so is refused.
                 raise not_supported("$graphLookup from a collection the branch changed", branch)
             out.append({"$graphLookup": {**spec, "from": top}})
         elif name in ("$changeStream", "$changeStreamSplitLargeEvent"):
@@ -588,6 +590,7 @@ def _lookup(spec: Any, layers_of: LayersOf, branch: str) -> Pipeline:
     names = [next(iter(st), "") if isinstance(st, dict) else repr(st) for st in inner]
     stateful = next((n for n in names if n not in PER_DOCUMENT), None)
     if stateful is not None:
+        # As for $graphLookup: a client's read reads a scratch copy instead (scratchfrom).
         raise not_supported(f"$lookup with both localField and a pipeline holding {stateful} "
                             "on a changed collection (only stages that act on each joined "
                             f"document alone: {', '.join(sorted(PER_DOCUMENT))})", branch)
