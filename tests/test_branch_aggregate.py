@@ -224,11 +224,17 @@ def test_a_graph_lookup_cursor_keeps_its_copy_until_it_ends(
     """A read left open holds its scratch copy (hidden from the branch's listing) until
     its cursor is exhausted or killed, or the branch is dropped."""
     db, copy, base, name = pair
-    pipeline = [{"$match": {"k": {"$gte": 90, "$lt": 130}}}, *_GRAPH[1:]]
+    by_k = {**_GRAPH[1]["$graphLookup"], "connectFromField": "_id", "connectToField": "k"}
+    pipeline = [{"$match": {"k": {"$gte": 90, "$lt": 130}}}, {"$graphLookup": by_k},
+                *_GRAPH[2:]]
     for finish in ("exhaust", "kill"):
         cursor = db.items.aggregate(pipeline, batchSize=3)
         first = [next(cursor) for _ in range(3)]
         assert len(_scratch(direct, base.name)) == 1
+        # Indexed by the field the traversal looks up, as `from`'s index would serve it.
+        keys = [ix["key"] for ix in direct[base.name][_scratch(direct, base.name)[0]]
+                .list_indexes()]
+        assert {"k": 1} in keys
         assert not [c for c in db.list_collection_names() if c.startswith("__mb_")]
         if finish == "exhaust":
             assert first + list(cursor) == list(copy.items.aggregate(pipeline))

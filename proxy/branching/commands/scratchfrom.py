@@ -55,9 +55,11 @@ def changed(req: Request, coll: str) -> bool:
 
 
 async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
-               collation: Any = None) -> str:
+               collation: Any = None, key: Any = None) -> str:
     """A scratch copy of the branch's view of `source` with these stages (a view's)
-    applied; its name is appended to `made` before it is written, for the caller to drop."""
+    applied; its name is appended to `made` before it is written, for the caller to drop.
+    key: the field the stage looks documents up by (connectToField, foreignField),
+    indexed on the copy once written, as the server would use an index of `from` for it."""
     if req.cmd.get("autocommit") is False or req.cmd.get("startTransaction"):
         raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
                            f"{next(iter(req.cmd))} reading {source} with $graphLookup, or a "
@@ -78,6 +80,10 @@ async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
     if not reply.get("ok"):
         raise CommandError(int(reply.get("code", 1)), str(reply.get("errmsg", "")),
                            code_name=str(reply.get("codeName", "")))
+    if isinstance(key, str) and key and key != "_id" and not key.startswith("$"):
+        # Only a lookup's speed depends on it: a refused index leaves the copy without.
+        await req.run.reply(req.db, {"createIndexes": name, "indexes": [
+            {"key": {key: 1}, "name": "__mb_from"}]})
     return name
 
 

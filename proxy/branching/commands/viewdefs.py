@@ -193,7 +193,7 @@ async def _copied(req: Request, kind: str, spec: dict[str, Any], made: list[str]
         if not scratchfrom.changed(req, source) or \
                 (kind == "$lookup" and not scratchfrom.splits(spec)):
             return None
-        copy = await scratchfrom.fill(req, source, [], made)
+        copy = await scratchfrom.fill(req, source, [], made, key=_connect_to(kind, spec))
     else:
         bottom, stages = await catalog.resolve_view(req.engine, req.on_branch, req.run,
                                                     req.db, source, view)
@@ -204,12 +204,18 @@ async def _copied(req: Request, kind: str, spec: dict[str, Any], made: list[str]
                     {**spec, "pipeline": [*stages, *(spec.get("pipeline") or [])]})):
             return None
         stages = await _inline(req, stages, made, depth + 1) or stages
-        copy = await scratchfrom.fill(req, bottom, stages, made, view.get("collation"))
+        copy = await scratchfrom.fill(req, bottom, stages, made, view.get("collation"),
+                                      key=_connect_to(kind, spec))
     spec = {**spec, "from": copy}
     inner = spec.get("pipeline")
     if isinstance(inner, list):
         spec["pipeline"] = await _inline(req, inner, made, depth + 1) or inner
     return spec
+
+
+def _connect_to(kind: str, spec: dict[str, Any]) -> Any:
+    """The field a stage looks its `from` up by: connectToField, foreignField."""
+    return spec.get("connectToField" if kind == "$graphLookup" else "foreignField")
 
 
 async def view_command(req: Request, coll: str, view: dict[str, Any],
