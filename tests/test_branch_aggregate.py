@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from bson import Decimal128, Int64
 from pymongo import MongoClient
-from pymongo.errors import OperationFailure
 
 from tests.servers import ProxyProcess
 
@@ -156,9 +155,116 @@ def test_a_lookup_with_local_field_and_a_pipeline_on_a_changed_collection(
     assert {89, 91, 100} <= joined and 95 not in joined
     assert any(j["s"] == "$changed" for doc in got for j in doc["j"])
 
-    whole = [{"$lookup": {"from": "items", "localField": "k", "foreignField": "_id",
-                          "pipeline": [{"$sort": {"k": -1}}, {"$limit": 1}], "as": "j"}}]
-    with pytest.raises(OperationFailure) as refused:
-        db.items.aggregate(whole)
-    assert refused.value.code == 115
-    assert "$sort" in str(refused.value) and "per-document" not in str(refused.value)
+
+def _scratch(direct: MongoClient, db_name: str) -> list[str]:
+    """The scratch `from` copies on the upstream (naming.scratch_from)."""
+    return direct[db_name].list_collection_names(
+        filter={"name": {"$regex": "^__mb_[0-9a-f]+_g_"}})
+
+
+def test_a_lookup_with_local_field_and_a_whole_set_pipeline_reads_a_copy(
+        pair: tuple[Any, Any, Any, str], direct: MongoClient) -> None:
+    """A pipeline over the whole joined set ($sort, $limit, $group) cannot run once per
+    layer: the join reads a scratch copy of the branch's view of `from`, the same
+    answer as the copy's; the scratch is gone after the read."""
+    db, copy, base, _ = pair
+    pipeline = [
+        {"$match": {"k": {"$gte": 88, "$lt": 104}}},
+        {"$lookup": {"from": "items", "localField": "g", "foreignField": "g",
+                     "pipeline": [{"$match": {"k": {"$lt": 200}}}, {"$sort": {"v": 1}},
+                                  {"$limit": 3}, {"$project": {"k": 1, "s": 1}}],
+                     "as": "j"}},
+        {"$lookup": {"from": "items", "localField": "g", "foreignField": "g",
+                     "pipeline": [{"$group": {"_id": None, "n": {"$sum": 1}}}],
+                     "as": "n"}},
+        {"$project": {"g": 1, "j": 1, "n": 1}}, {"$sort": {"_id": 1}}]
+    got, want = list(db.items.aggregate(pipeline)), list(copy.items.aggregate(pipeline))
+    assert got == want
+    tops = {j["_id"] for doc in got for j in doc["j"]}
+    assert tops & {f"new{i}" for i in range(40)}  # the overlay's inserts joined
+    assert got[0]["n"][0]["n"] != base.items.count_documents({"g": got[0]["g"]})
+    assert _scratch(direct, base.name) == []
+
+
+_GRAPH = [
+    {"$match": {"_id": {"$in": ["new0", "new25", "new3", 34, 4]}}},
+    {"$graphLookup": {"from": "items", "startWith": "$k", "connectFromField": "k",
+                      "connectToField": "_id", "as": "g", "maxDepth": 5,
+                      "depthField": "depth"}},
+    {"$project": {"g": {"$sortArray": {"input": "$g", "sortBy": {"_id": 1}}}}},
+    {"$project": {"g._id": 1, "g.depth": 1, "g.s": 1, "g.k": 1}},
+    {"$sort": {"_id": 1}}]
+
+
+def test_graph_lookup_from_a_changed_collection(pair: tuple[Any, Any, Any, str],
+                                                direct: MongoClient) -> None:
+    """$graphLookup recurses over a scratch copy of the branch's view of `from` (base
+    less the hidden ids, plus the overlay): the copy's answer, through changed (100
+    now points at 101), deleted (125) and inserted documents."""
+    db, copy, base, _ = pair
+    got, want = list(db.items.aggregate(_GRAPH)), list(copy.items.aggregate(_GRAPH))
+    assert got == want
+    walked = {d["_id"]: [g["_id"] for g in d["g"]] for d in got}
+    assert walked["new0"] == [100, 101] and walked["new25"] == []
+    assert any(g.get("s") == "$changed" for d in got for g in d["g"])
+    # Inside a sub-pipeline and a $facet too, each reading its own copy.
+    nested = [{"$match": {"_id": "new0"}},
+              {"$lookup": {"from": "items", "pipeline": _GRAPH, "as": "sub"}},
+              {"$facet": {"f": _GRAPH}}]
+    assert list(db.items.aggregate(nested)) == list(copy.items.aggregate(nested))
+    assert _scratch(direct, base.name) == []
+    # explain explains the aggregation as it runs, the copy made and dropped for it.
+    plan = db.command("explain", {"aggregate": "items", "pipeline": _GRAPH, "cursor": {}})
+    assert plan["ok"] == 1.0 and plan["mongobranch"]["plan"] == "union"
+    assert _scratch(direct, base.name) == []
+
+
+def test_a_graph_lookup_cursor_keeps_its_copy_until_it_ends(
+        pair: tuple[Any, Any, Any, str], direct: MongoClient, proxy: ProxyProcess) -> None:
+    """A read left open holds its scratch copy (hidden from the branch's listing) until
+    its cursor is exhausted or killed, or the branch is dropped."""
+    db, copy, base, name = pair
+    by_k = {**_GRAPH[1]["$graphLookup"], "connectFromField": "_id", "connectToField": "k"}
+    pipeline = [{"$match": {"k": {"$gte": 90, "$lt": 130}}}, {"$graphLookup": by_k},
+                *_GRAPH[2:]]
+    for finish in ("exhaust", "kill"):
+        cursor = db.items.aggregate(pipeline, batchSize=3)
+        first = [next(cursor) for _ in range(3)]
+        assert len(_scratch(direct, base.name)) == 1
+        # Indexed by the field the traversal looks up, as `from`'s index would serve it.
+        keys = [ix["key"] for ix in direct[base.name][_scratch(direct, base.name)[0]]
+                .list_indexes()]
+        assert {"k": 1} in keys
+        assert not [c for c in db.list_collection_names() if c.startswith("__mb_")]
+        if finish == "exhaust":
+            assert first + list(cursor) == list(copy.items.aggregate(pipeline))
+        else:
+            cursor.close()
+        assert _scratch(direct, base.name) == []
+    left = db.items.aggregate(pipeline, batchSize=3)
+    next(left)
+    assert len(_scratch(direct, base.name)) == 1
+    status, _ = proxy.api("DELETE", f"/branches/{name}")  # the suite keeps none
+    assert status == 200
+    assert _scratch(direct, base.name) == []
+
+
+@pytest.mark.secantus_gap(reason="SecantusDB reads a view named as $graphLookup's `from` "
+                                 "as an empty collection (mongod resolves it); the copy "
+                                 "side joins a collection holding the view's documents")
+def test_graph_lookup_from_a_view(pair: tuple[Any, Any, Any, str],
+                                  direct: MongoClient) -> None:
+    db, copy, base, _ = pair
+    view = [{"$match": {"g": {"$lt": 5}}}, {"$set": {"k": {"$add": ["$k", 1]}}}]
+    db.create_collection("shifted", viewOn="items", pipeline=view)
+    copy.items.aggregate([*view, {"$out": "shifted"}])
+    pipeline = [{"$match": {"_id": {"$in": [0, 3, 7, 12, "new1"]}}},
+                {"$graphLookup": {"from": "shifted", "startWith": "$k",
+                                  "connectFromField": "k", "connectToField": "_id",
+                                  "as": "g", "maxDepth": 3}},
+                {"$project": {"g": {"$sortArray": {"input": "$g", "sortBy": {"_id": 1}}}}},
+                {"$project": {"g._id": 1, "g.k": 1}}, {"$sort": {"_id": 1}}]
+    got, want = list(db.items.aggregate(pipeline)), list(copy.items.aggregate(pipeline))
+    assert got == want
+    assert any(len(d["g"]) > 1 for d in got)
+    assert _scratch(direct, base.name) == []

@@ -274,6 +274,44 @@ def test_views_over_a_masked_collection_are_masked(data: MongoClient,
         assert masked[DB].summaries.count_documents({"label": "total 5"}) == 0
 
 
+def test_stages_reading_a_scratch_copy_never_copy_masked_values(data: MongoClient,
+                                                                made: Branches) -> None:
+    """$graphLookup from a changed collection or a view reads a copy of what `from`
+    shows, made before the read's own masking: a masked source is refused, and a view
+    that joins a masked collection is copied with that join masked."""
+    data[DB].nodes.insert_many([{"_id": i, "next": i + 1, "user": 1 + i % 3}
+                                for i in range(4)])
+    data[DB].command("create", "contacts", viewOn="users",
+                     pipeline=[{"$project": {"email": 1}}])
+    data[DB].command("create", "nodes_with_users", viewOn="nodes", pipeline=[
+        {"$lookup": {"from": "users", "localField": "user", "foreignField": "_id",
+                     "as": "who"}}])
+    with made.client(made.create(unique("copied"), masked=True)) as masked:
+        db = masked[DB]
+        db.nodes.insert_one({"_id": 4, "next": 5, "user": 2})  # nodes now changed
+        db.users.update_one({"_id": 2}, {"$set": {"age": 46}})  # users too
+        walk = {"startWith": "$_id", "connectFromField": "next", "connectToField": "_id",
+                "as": "chain"}
+        chained = list(db.nodes.aggregate([{"$match": {"_id": 0}},
+                                           {"$graphLookup": {"from": "nodes", **walk}}]))
+        assert sorted(d["_id"] for d in chained[0]["chain"]) == [0, 1, 2, 3, 4]
+        through_view = list(db.nodes.aggregate([
+            {"$match": {"_id": 0}},
+            {"$graphLookup": {"from": "nodes_with_users", **walk}}]))
+        chain = through_view[0]["chain"]
+        assert len(chain) == 5 and all(len(d["who"]) == 1 for d in chain)
+        assert not leaked(through_view)
+        refused(lambda: list(db.orders.aggregate([{"$graphLookup": {
+            "from": "users", "startWith": "$user", "connectFromField": "_id",
+            "connectToField": "_id", "as": "g"}}])))
+        refused(lambda: list(db.orders.aggregate([{"$graphLookup": {
+            "from": "contacts", "startWith": "$user", "connectFromField": "_id",
+            "connectToField": "_id", "as": "g"}}])))
+        refused(lambda: list(db.orders.aggregate([{"$lookup": {
+            "from": "users", "localField": "user", "foreignField": "_id", "as": "who",
+            "pipeline": [{"$sort": {"age": 1}}, {"$limit": 1}]}}])))
+
+
 # -- writes -----------------------------------------------------------------------------------
 
 def test_writes_work_and_read_back_masked(masked: MongoClient, data: MongoClient) -> None:

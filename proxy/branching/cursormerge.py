@@ -22,10 +22,13 @@ from bson.int64 import Int64
 from proxy.branching.bsonorder import sort_key
 from proxy.branching.idkey import idkey
 from proxy.branching.model import NsState
-from proxy.branching.planner import Source
+from proxy.branching.planner import Source, index_bound, merge_sort
 from proxy.branching.runner import Runner
 
 SORT_KEY = "__mb_sk"
+# A returnKey find's sides read each document's _id (to drop the hidden ones) and the
+# index key the server computed for it, which is all the client then gets.
+INDEX_KEY = "__mb_ik"
 DEFAULT_FIRST_BATCH = 101
 GETMORE_BATCH = 1000
 # mongod's bound on the documents of one reply batch (BSONObjMaxUserSize).
@@ -63,6 +66,10 @@ class MergedCursor:
     used: float = field(default_factory=time.monotonic)
     # The cluster time of a snapshot read on one collection (the upstream's reply's).
     at_cluster_time: Any = None
+    # returnKey: each document goes out as the index key its side's server gave it.
+    keys_only: bool = False
+    # Scratch copies the read's stages read (commands/scratchfrom.py): dropped at close.
+    scratch: list[str] = field(default_factory=list)
 
     @property
     def ns(self) -> str:
@@ -107,13 +114,16 @@ class MergedCursor:
                 self.skip -= 1
                 continue
             sk = doc.pop(SORT_KEY, None)
-            total += len(bson.encode(doc))
+            # returnKey: no index key means the side's scan used no index, and mongod's
+            # returnKey then gives an empty document.
+            shown = (doc.get(INDEX_KEY) or {}) if self.keys_only else doc
+            total += len(bson.encode(shown))
             if out and total > MAX_REPLY_BYTES:
                 if sk is not None:
                     doc[SORT_KEY] = sk
                 side.buffer.appendleft(doc)  # the first of the next batch
                 break
-            out.append(doc)
+            out.append(shown)
             if self.limit is not None:
                 self.limit -= 1
         return out
@@ -123,6 +133,9 @@ class MergedCursor:
             if side.cursor_id:
                 await run.reply(self.db, {"killCursors": side.coll, "cursors": [side.cursor_id]})
                 side.cursor_id = 0
+        for name in self.scratch:
+            await run.reply(self.db, {"drop": name})
+        self.scratch = []
 
 
 class Held(Protocol):
@@ -394,18 +407,28 @@ async def open_one(run: Runner, db: str, coll: str, command: dict[str, Any],
 
 
 async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ...],
-                      cmd: dict[str, Any], first: int) -> MergedCursor | None:
+                      cmd: dict[str, Any], first: int,
+                      refused: list[tuple[str, dict[str, Any]]] | None = None,
+                      ) -> MergedCursor | None:
     """A merged cursor over the user's find run on each source; None when a side refused
-    it (SecantusDB fails sortKey projections over array fields that mongod computes)."""
+    it (SecantusDB fails sortKey projections over array fields that mongod computes),
+    each refusing side's collection and reply then appended to `refused`.
+
+    An index-bound find (min, max, returnKey) runs with its hint on every side, each
+    scanning its own copy of the index, merged in the index's key order; returnKey
+    becomes `{$meta: "indexKey"}` beside the _id that hidden ids are dropped by."""
     sides = [Side(src.coll, list(src.hidden)) for src in sources]
-    sort = cmd.get("sort") or {}
-    projection = dict(cmd.get("projection") or {})
+    sort = merge_sort(cmd)
+    keys_only = bool(cmd.get("returnKey"))
+    bounded = index_bound(cmd)
+    projection = {"_id": 1, INDEX_KEY: {"$meta": "indexKey"}} if keys_only \
+        else dict(cmd.get("projection") or {})
     if sort:
         projection[SORT_KEY] = {"$meta": "sortKey"}
     skip = int(cmd.get("skip") or 0)
     limit = abs(int(cmd.get("limit") or 0)) or None
     cursor = MergedCursor(db, coll, sides, [int(v) for v in sort.values()] or None, skip, limit,
-                          cmd.get("lsid"))
+                          cmd.get("lsid"), keys_only=keys_only)
     subs = []
     for side in sides:
         hidden = sum(len(ids) for ids in side.hidden)
@@ -420,14 +443,17 @@ async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ..
         for key in _SIDE_FIELDS:
             if key in cmd:
                 sub[key] = cmd[key]
-        if side.coll == coll and "hint" in cmd:
+        if "hint" in cmd and (side.coll == coll or bounded):
             sub["hint"] = cmd["hint"]
+        sub.update((k, cmd[k]) for k in ("min", "max") if cmd.get(k) is not None)
         subs.append(sub)
     replies = await run.replies(db, subs)
     for side, reply in zip(sides, replies, strict=True):
         if reply.get("ok"):
             side.cursor_id = reply["cursor"]["id"]
             side.accept(reply["cursor"]["firstBatch"])
+        elif refused is not None:
+            refused.append((side.coll, reply))
     if not all(reply.get("ok") for reply in replies):
         await cursor.close(run)
         return None

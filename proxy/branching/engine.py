@@ -391,7 +391,14 @@ class Engine:
         return branch
 
     async def _forget(self, branch: Branch) -> None:
-        """Remove a branch's overlays, WAL entries and metadata."""
+        """Remove a branch's overlays, scratch `from` copies left behind, WAL entries and
+        metadata."""
+        prefix = naming.scratch_from_prefix(branch.bid)
+        for name in sorted({s.db for s in self.states.values() if s.bid == branch.bid}):
+            left = await self.client[name].list_collection_names(
+                filter={"name": {"$regex": f"^{prefix}"}})
+            for coll in left:
+                await self.client[name].drop_collection(coll)
         for state in [s for s in self.states.values() if s.bid == branch.bid]:
             db = self.client[state.db]
             await db.drop_collection(state.live)

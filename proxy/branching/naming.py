@@ -13,6 +13,9 @@ PREFIX = "__mb_"
 MAIN = "main"
 LIVE = "l"
 HIDDEN = "h"
+# A read's copy of what a $graphLookup or $lookup `from` shows on the branch
+# (commands/scratchfrom.py), dropped when the read ends.
+SCRATCH_FROM = "g"
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -30,3 +33,12 @@ def is_reserved(coll: str) -> bool:
 
 def valid_branch_name(name: object) -> bool:
     return isinstance(name, str) and bool(_NAME_RE.match(name)) and name != "main"
+
+
+def scratch_from(bid: str, token: str) -> str:
+    return f"{scratch_from_prefix(bid)}{token}"
+
+
+def scratch_from_prefix(bid: str) -> str:
+    """The names of every scratch `from` copy of a branch begin with this."""
+    return f"{PREFIX}{bid}_{SCRATCH_FROM}_"

@@ -47,19 +47,38 @@ READ_CARRY = ("lsid", "$clusterTime", "$readPreference", "readConcern", "apiVers
               "apiStrict", "apiDeprecationErrors", "comment", "maxTimeMS", "collation", "let",
               "hint", "allowDiskUse")
 # find options with no faithful aggregate equivalent, and why (showRecordId has a
-# refetch plan, tailable finds plan_tailable: these are refused only where neither applies).
+# refetch plan, tailable finds plan_tailable, the index-bound options a merged plan:
+# these are refused only where neither applies).
+_INDEX_BOUND_WHY = "no aggregation stage takes them, and no merged find serves this one"
 _FIND_UNSUPPORTED = {
-    "min": "index bounds: no aggregation stage takes them, and a $match in their place "
-           "would re-implement the index's key order",
-    "max": "index bounds: no aggregation stage takes them, and a $match in their place "
-           "would re-implement the index's key order",
-    "returnKey": "its documents hold only index keys, with no _id to tell which the "
-                 "branch hides, from indexes of separate base and overlay collections",
+    "min": f"index bounds: {_INDEX_BOUND_WHY}",
+    "max": f"index bounds: {_INDEX_BOUND_WHY}",
+    "returnKey": f"index keys: {_INDEX_BOUND_WHY}",
     "showRecordId": "record ids exist only in a find",
     "tailable": "no cursor can tail a base and an overlay together",
     "awaitData": "no cursor can tail a base and an overlay together",
     "oplogReplay": "an oplog option",
 }
+# find options that read an index (its bounds, its keys): each side of a merged find
+# runs them with the user's hint, on its copy of the index (an overlay is created
+# with the indexes of the view it overlays, names and options included).
+INDEX_BOUND = ("min", "max", "returnKey")
+
+
+def index_bound(cmd: dict[str, Any]) -> bool:
+    """Whether a find reads an index's bounds or keys (min, max, returnKey)."""
+    return any(cmd.get(opt) for opt in INDEX_BOUND)
+
+
+def merge_sort(cmd: dict[str, Any]) -> dict[str, Any]:
+    """The order a merged find's sides are read in and merged by: the user's sort; for
+    an index-bound find without one, the hinted index's key pattern, the order mongod's
+    index scan returns them in (every side then scans its own copy of that index)."""
+    sort = cmd.get("sort") or {}
+    if sort or not index_bound(cmd):
+        return dict(sort)
+    hint = cmd.get("hint")
+    return dict(hint) if isinstance(hint, dict) else {}
 
 
 class PlanKind(enum.StrEnum):
@@ -212,12 +231,20 @@ def unmergeable(cmd: dict[str, Any], layers: list[NsState]) -> str | None:
     """Why the proxy cannot merge plain finds into this find (None: it can)."""
     if any(layer.hidden_ids is None for layer in layers):
         return "a hidden-id set is too large to keep in memory"
-    for opt in ("min", "max", "returnKey", "showRecordId", "tailable", "awaitData"):
+    for opt in ("showRecordId", "tailable", "awaitData"):
         if cmd.get(opt):
             return f"find option {opt!r} has no merged form"
-    sort = cmd.get("sort") or {}
+    hint = cmd.get("hint")
+    # min/max without a hint go to the sides, whose upstream refuses them as mongod
+    # does. returnKey without one: each collection's planner would pick its own index
+    # (keys of different indexes); a hashed or special index: no key order to merge by.
+    if index_bound(cmd) and (hint is not None or cmd.get("returnKey")) and (
+            not isinstance(hint, dict) or not hint
+            or any(isinstance(v, bool) or v not in (1, -1) for v in hint.values())):
+        return "min/max/returnKey without a hint naming an ascending/descending index"
+    sort = merge_sort(cmd)
     projection = cmd.get("projection") or {}
-    if projection.get("_id") in (0, False):
+    if projection.get("_id") in (0, False) and not cmd.get("returnKey"):
         return "the projection drops _id, which dropping hidden ids needs"
     if sort:
         if collated(cmd):
@@ -226,7 +253,7 @@ def unmergeable(cmd: dict[str, Any], layers: list[NsState]) -> str | None:
             return "a $meta or $natural sort has no sort key to merge by"
         # SecantusDB drops every field from an exclusion projection that also asks for
         # $meta (mongod does not): such finds take the server-side union.
-        if any(v in (0, False) for v in projection.values()):
+        if any(v in (0, False) for v in projection.values()) and not cmd.get("returnKey"):
             return "an exclusion projection with a sort (the sort key is a $meta field)"
     if b"$near" in bson.encode(cmd.get("filter") or {}):
         return "a $near filter orders by distance"
@@ -249,8 +276,8 @@ def plan_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
     if not layers:
         return plan(PlanKind.PASS, f"the branch never changed {coll}", [Source(coll)],
                     _own(cmd))
-    point = None if collated(cmd) else point_sources(coll, layers, cmd.get("filter"),
-                                                     skip_top_live)
+    point = None if collated(cmd) or index_bound(cmd) else \
+        point_sources(coll, layers, cmd.get("filter"), skip_top_live)
     if point is not None and not cmd.get("skip"):
         if not point:
             return plan(PlanKind.POINT,
@@ -349,7 +376,8 @@ def _union_plan(cmd: dict[str, Any], layers: list[NsState], why: str, *, branch:
     if only is None:
         return _planned(Plan("find", coll, PlanKind.UNION, why, (),
                              union_find(cmd, layers, branch=branch,
-                                        skip_top_live=skip_top_live)), _db(cmd, layers))
+                                        skip_top_live=skip_top_live, unmerged=why)),
+                        _db(cmd, layers))
     ids = {k: v for k, v in cmd.items() if k not in ("projection", "showRecordId")}
     ids["projection"] = {"_id": 1}
     return _planned(Plan("find", coll, PlanKind.UNION,
@@ -368,13 +396,15 @@ def _check_projection(projection: dict[str, Any], branch: str) -> None:
 
 
 def union_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
-               skip_top_live: bool = False) -> dict[str, Any]:
-    """The aggregate that answers a find on the branch view."""
+               skip_top_live: bool = False, unmerged: str | None = None) -> dict[str, Any]:
+    """The aggregate that answers a find on the branch view (unmerged: why no merged
+    find serves it, said in the refusal of what only a find can do)."""
     coll = cmd["find"]
     for opt, why in _FIND_UNSUPPORTED.items():
         if cmd.get(opt):
+            because = f": {unmerged}" if unmerged and opt in INDEX_BOUND else ""
             raise not_supported(f"find option {opt!r} on a collection the branch changed "
-                                f"({why})", branch)
+                                f"({why}{because})", branch)
     source, pipeline = views.view_source(coll, layers, cmd.get("filter") or {},
                                          skip_top_live=skip_top_live)
     if cmd.get("sort"):
@@ -500,6 +530,8 @@ def rewrite(pipeline: Pipeline, layers_of: LayersOf, branch: str) -> Pipeline:
                 layers_of(str(spec.get("from"))):
             top = views.whole(layers_of(str(spec.get("from"))))
             if top is None:
+                # A client's read has pointed it at a scratch copy by now
+                # (commands/scratchfrom.py); a pipeline that was not prepared so is refused.
                 raise not_supported("$graphLookup from a collection the branch changed", branch)
             out.append({"$graphLookup": {**spec, "from": top}})
         elif name in ("$changeStream", "$changeStreamSplitLargeEvent"):
@@ -558,6 +590,7 @@ def _lookup(spec: Any, layers_of: LayersOf, branch: str) -> Pipeline:
     names = [next(iter(st), "") if isinstance(st, dict) else repr(st) for st in inner]
     stateful = next((n for n in names if n not in PER_DOCUMENT), None)
     if stateful is not None:
+        # As for $graphLookup: a client's read reads a scratch copy instead (scratchfrom).
         raise not_supported(f"$lookup with both localField and a pipeline holding {stateful} "
                             "on a changed collection (only stages that act on each joined "
                             f"document alone: {', '.join(sorted(PER_DOCUMENT))})", branch)

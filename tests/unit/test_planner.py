@@ -160,10 +160,11 @@ def test_finds_the_proxy_cannot_merge_take_the_server_side_union(fields: dict[st
         plan.command["pipeline"]
 
 
-@pytest.mark.parametrize("option", ["min", "tailable"])
-def test_find_options_with_no_view_form_are_refused(option: str) -> None:
+@pytest.mark.parametrize("options", [{"min": {"x": 1}, "hint": {"x": "hashed"}},
+                                     {"tailable": True}])
+def test_find_options_with_no_view_form_are_refused(options: dict[str, Any]) -> None:
     with pytest.raises(CommandError) as info:
-        planner.plan_find(find(**{option: {"x": 1}}), [layer("b1", [1])], branch="dev")
+        planner.plan_find(find(**options), [layer("b1", [1])], branch="dev")
     assert info.value.code == Code.COMMAND_NOT_SUPPORTED
     assert "'dev'" in str(info.value)
 
@@ -206,13 +207,24 @@ def test_an_unmergeable_find_only_projection_is_a_refetch_whose_union_picks_ids(
                                              {"$project": {"_id": 1}}]
 
 
-def test_show_record_id_is_a_refetch_and_return_key_min_max_are_refused() -> None:
+def test_show_record_id_is_a_refetch_and_index_bound_finds_are_merged() -> None:
     top = layer("b1", [1])
     assert planner.plan_find(find(showRecordId=True), [top]).refetch
-    for option in ({"returnKey": True}, {"min": {"k": 1}, "hint": {"k": 1}}):
+    for option in ({"returnKey": True, "hint": {"k": -1}}, {"min": {"k": 1}, "hint": {"k": 1}},
+                   {"max": {"k": 1}}, {"min": {"_id": 1}, "hint": {"_id": 1},
+                                       "filter": {"_id": 1}}):
+        plan = planner.plan_find(find(**option), [top], branch="dev")
+        assert plan.kind is PlanKind.MERGED and len(plan.sources) == 2
+    assert planner.merge_sort(find(min={"k": 1}, hint={"k": -1})) == {"k": -1}
+    assert planner.merge_sort(find(min={"k": 1}, hint={"k": -1}, sort={"j": 1})) == {"j": 1}
+    for option in ({"returnKey": True}, {"returnKey": True, "hint": "k_1"},
+                   {"min": {"k": 1}, "hint": {"k": "2d"}}):
         with pytest.raises(CommandError) as info:
             planner.plan_find(find(**option), [top], branch="dev")
         assert info.value.code == Code.COMMAND_NOT_SUPPORTED
+        assert "hint" in str(info.value)
+    with pytest.raises(CommandError):  # a hidden set too large to hold: no merge
+        planner.plan_find(find(min={"k": 1}, hint={"k": 1}), [layer("b1", None)])
 
 
 def test_a_tailable_find_tails_only_a_collection_one_upstream_collection_holds() -> None:

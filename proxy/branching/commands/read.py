@@ -30,6 +30,8 @@ async def find(req: Request) -> dict[str, Any] | None:
     branch = req.on_branch.name
     if cmd.get("tailable"):
         return await _tailable(req, coll, layers)
+    if layers and planner.index_bound(cmd) and isinstance(cmd.get("hint"), str):
+        cmd = await _hint_by_pattern(req, coll, cmd)
     plan = planner.plan_find(cmd, layers, branch=branch)
     if plan.kind is PlanKind.PASS:
         return None
@@ -41,14 +43,41 @@ async def find(req: Request) -> dict[str, Any] | None:
             reply["cursor"]["ns"] = f"{req.db}.{coll}"
         return reply
     if plan.kind is not PlanKind.UNION:
-        merged = await _proxy_cursor(req, coll, plan)
+        refused: list[tuple[str, dict[str, Any]]] = []
+        merged = await _proxy_cursor(req, coll, plan, cmd, refused)
         if merged is not None:
             return merged
+        if planner.index_bound(cmd) and refused:
+            return _index_bound_refusal(req, coll, refused, len(plan.sources))
         plan = planner.fall_back(plan, cmd, layers, "the upstream refused a side",
                                  branch=branch)
     if plan.refetch:
         return await _refetch_find(req, coll, layers, plan)
     return await _union_find(req, coll, plan)
+
+
+async def _hint_by_pattern(req: Request, coll: str, cmd: dict[str, Any]) -> dict[str, Any]:
+    """An index-bound find whose hint names an index by name, hinted by its key pattern
+    instead: the merge is ordered by that pattern. The name is looked up in the branch's
+    index list, which each side's copy of the index shares (hints.check has refused a
+    name it does not hold)."""
+    indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
+    key = next((ix.get("key") for ix in indexes if ix.get("name") == cmd["hint"]), None)
+    return {**cmd, "hint": dict(key)} if isinstance(key, dict) else cmd
+
+
+def _index_bound_refusal(req: Request, coll: str, refused: list[tuple[str, dict[str, Any]]],
+                         sides: int) -> dict[str, Any]:
+    """A merged min/max/returnKey find a side refused. Refused by every side, it is the
+    upstream's own answer to the user's find (a missing hint, bounds that do not fit the
+    index), given as the base's (or first overlay's) reply. Refused by some only, their
+    copies of the index differ (one made on the branch, which the base has none of)."""
+    if len(refused) == sides:
+        return next((reply for source, reply in refused if source == coll), refused[0][1])
+    raise req.unsupported("this min/max/returnKey find on a collection the branch changed: "
+                          "the hinted index is not on every collection the branch reads "
+                          f"(one made on the branch has no copy on the base): "
+                          f"{refused[0][1].get('errmsg', '')!s}")
 
 
 async def _refetch_find(req: Request, coll: str, layers: list[NsState],
@@ -137,16 +166,17 @@ async def _union_find(req: Request, coll: str, plan: planner.Plan) -> dict[str, 
                              reply, cmd.get("lsid"))
 
 
-async def _proxy_cursor(req: Request, coll: str, plan: planner.Plan) -> dict[str, Any] | None:
+async def _proxy_cursor(req: Request, coll: str, plan: planner.Plan, cmd: dict[str, Any],
+                        refused: list[tuple[str, dict[str, Any]]]) -> dict[str, Any] | None:
     """A merged or in-place find as a proxy-held cursor; None when the upstream refused a
-    side, for the planner's fallback."""
-    cmd = req.cmd
+    side (a merged find's refusals appended to `refused`), for the planner's fallback."""
     first = int(cmd.get("batchSize", cursormerge.DEFAULT_FIRST_BATCH))
     at = None
     if plan.kind is PlanKind.MERGED:
         # Every side at one cluster time, when a snapshot read.
         cmd, at = await snapshotread.pinned(req, coll, cmd)
-        cursor = await cursormerge.open_merged(req.run, req.db, coll, plan.sources, cmd, first)
+        cursor = await cursormerge.open_merged(req.run, req.db, coll, plan.sources, cmd, first,
+                                               refused)
     else:
         assert plan.command is not None
         cursor = await cursormerge.open_one(req.run, req.db, coll, plan.command, first)

@@ -21,7 +21,7 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import catalog, cursormerge, masking, naming, planner
-from proxy.branching.commands import aggregate, changestream, ddl, read
+from proxy.branching.commands import aggregate, changestream, ddl, read, scratchfrom
 from proxy.branching.commands.base import SESSION_FIELDS, Handler, Request, carry, coll_name
 from proxy.branching.commands.catalog import exists, visible_collections
 from proxy.branching.errors import CommandError
@@ -63,8 +63,8 @@ async def _read_view(req: Request, coll: str) -> dict[str, Any] | None:
     return await _view(req, coll)
 
 
-async def _masked_read(req: Request, masker: masking.Masker,
-                       handler: Handler) -> dict[str, Any] | None:
+async def _masked_read(req: Request, masker: masking.Masker, handler: Handler,
+                       made: list[str]) -> dict[str, Any] | None:
     """A read on a masked branch: of a masked collection, the aggregation that masks it
     first; an aggregation, with every sub-pipeline reading one masked first."""
     coll = req.cmd.get(req.name)
@@ -94,14 +94,15 @@ async def _masked_read(req: Request, masker: masking.Masker,
             if _writes(req.cmd):
                 req.reject_transactions()
             await _refuse_writing_into_a_view(req)
-        return await on_view(req, coll, None, _BUILDERS[req.name](req.cmd), _FINISH[req.name])
+        return await on_view(req, coll, None, _BUILDERS[req.name](req.cmd), _FINISH[req.name],
+                             made)
     if req.name != "aggregate":
         return await handler(req)
     pipeline = req.cmd.get("pipeline")
     if not isinstance(pipeline, list):
         return await handler(req)
     await _refuse_writing_into_a_view(req)
-    inlined = await _inline(req, pipeline) or pipeline
+    inlined = await _inline(req, pipeline, made) or pipeline
     masked = masker.pipeline(req.db, coll if isinstance(coll, str) and coll else None,
                              inlined)
     if masked == pipeline:
@@ -123,8 +124,19 @@ def _writes(cmd: dict[str, Any]) -> bool:
 def reading(handler: Handler) -> Handler:
     """find, count, distinct and aggregate: on a view, the rewritten aggregation; an
     aggregation whose $lookup, $unionWith or $facet reads a view reads its source's
-    branch view with the view's stages first."""
+    branch view with the view's stages first; a $graphLookup (or a $lookup no per-layer
+    join can run) from a changed collection or a view reads a scratch copy of what it
+    shows on the branch (`scratchfrom.py`), dropped when the read ends."""
     async def serve(req: Request) -> dict[str, Any] | None:
+        made: list[str] = []
+        try:
+            reply = await _serve(req, made)
+        except BaseException:
+            await scratchfrom.drop(req, made)
+            raise
+        return await scratchfrom.settle(req, reply, made)
+
+    async def _serve(req: Request, made: list[str]) -> dict[str, Any] | None:
         coll = req.cmd.get(req.name)
         masker = _masker(req)
         if isinstance(coll, str) and coll:
@@ -138,14 +150,14 @@ def reading(handler: Handler) -> Handler:
                                            "collection")
                     await _refuse_writing_into_a_view(req)
                 return await on_view(req, coll, view, _BUILDERS[req.name](req.cmd),
-                                     _FINISH[req.name])
+                                     _FINISH[req.name], made)
         if masker is not None:
-            return await _masked_read(req, masker, handler)
+            return await _masked_read(req, masker, handler, made)
         if req.name != "aggregate" or not catalog.touches(req.engine, req.on_branch, req.db):
             return await handler(req)
         await _refuse_writing_into_a_view(req)
         pipeline = req.cmd.get("pipeline")
-        inlined = await _inline(req, pipeline) if isinstance(pipeline, list) else None
+        inlined = await _inline(req, pipeline, made) if isinstance(pipeline, list) else None
         if inlined is None:
             return await handler(req)
         sub = Request(req.engine, req.branch, req.ctx, req.run, req.db,
@@ -182,10 +194,12 @@ async def _refuse_writing_into_a_view(req: Request) -> None:
                            f"Namespace {db}.{coll} is a view, not a collection")
 
 
-async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline | None:
+async def _inline(req: Request, pipeline: Pipeline, made: list[str],
+                  depth: int = 0) -> Pipeline | None:
     """The pipeline with each $lookup and $unionWith from a view (at any depth: in
     sub-pipelines, $facet) reading the view's source with the view's stages first, as
-    mongod resolves them; None: it reads no view."""
+    mongod resolves them, and each stage that needs one reading a scratch copy (its
+    name appended to `made`); None: it reads no view and needs no copy."""
     if depth > catalog.MAX_VIEW_DEPTH:
         raise CommandError(Code.VIEW_DEPTH_LIMIT_EXCEEDED,
                            f"View depth too deep or view cycle detected. Maximum depth is "
@@ -198,16 +212,19 @@ async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline 
         if kind == "$facet" and isinstance(spec, dict):
             facets = {}
             for name, sub in spec.items():
-                done = await _inline(req, sub, depth + 1) if isinstance(sub, list) else None
+                done = await _inline(req, sub, made, depth + 1) if isinstance(sub, list) \
+                    else None
                 changed |= done is not None
                 facets[name] = sub if done is None else done
             out.append({"$facet": facets})
             continue
-        if kind == "$graphLookup" and isinstance(spec, dict) \
-                and isinstance(spec.get("from"), str) and spec["from"] \
-                and await _read_view(req, spec["from"]) is not None:
-            # It has no pipeline to put the view's stages in.
-            raise req.unsupported("$graphLookup from a view")
+        if kind in ("$graphLookup", "$lookup") and isinstance(spec, dict) \
+                and isinstance(spec.get("from"), str) and spec["from"]:
+            copied = await _copied(req, kind, spec, made, depth)
+            if copied is not None:
+                out.append({kind: copied})
+                changed = True
+                continue
         field = {"$lookup": "from", "$unionWith": "coll"}.get(kind)
         if field is None or not (isinstance(spec, dict)
                                  or (kind == "$unionWith" and isinstance(spec, str))):
@@ -216,7 +233,7 @@ async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline 
         spec = {"coll": spec} if isinstance(spec, str) else dict(spec)
         inner = spec.get("pipeline")
         if isinstance(inner, list):
-            done = await _inline(req, inner, depth + 1)
+            done = await _inline(req, inner, made, depth + 1)
             if done is not None:
                 spec["pipeline"], changed = done, True
         source = spec.get(field)
@@ -225,7 +242,7 @@ async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline 
             assert isinstance(source, str)
             bottom, stages = await catalog.resolve_view(req.engine, req.on_branch, req.run,
                                                         req.db, source, view)
-            stages = await _inline(req, stages, depth + 1) or stages
+            stages = await _inline(req, stages, made, depth + 1) or stages
             spec[field] = bottom
             spec["pipeline"] = stages + list(spec.get("pipeline") or [])
             changed = True
@@ -233,18 +250,65 @@ async def _inline(req: Request, pipeline: Pipeline, depth: int = 0) -> Pipeline 
     return out if changed else None
 
 
+async def _copied(req: Request, kind: str, spec: dict[str, Any], made: list[str],
+                  depth: int) -> dict[str, Any] | None:
+    """A $graphLookup from a view or a changed collection, or a $lookup from one that no
+    per-layer join can run (scratchfrom.splits), reading a scratch copy of what `from`
+    shows on the branch; None: the stage reads its `from` otherwise."""
+    source = spec["from"]
+    masker = _masker(req)
+    view = await _read_view(req, source)
+    stages: Pipeline
+    bottom, stages = source, []
+    if view is None:
+        if not scratchfrom.changed(req, source) or \
+                (kind == "$lookup" and not scratchfrom.splits(spec)):
+            return None
+    else:
+        bottom, stages = await catalog.resolve_view(req.engine, req.on_branch, req.run,
+                                                    req.db, source, view)
+        # A $lookup takes the view's stages first in its own pipeline (below), unless
+        # that makes the per-layer form over a changed source with a whole-set stage.
+        if kind == "$lookup" and not (
+                scratchfrom.changed(req, bottom) and scratchfrom.splits(
+                    {**spec, "pipeline": [*stages, *(spec.get("pipeline") or [])]})):
+            return None
+        stages = await _inline(req, stages, made, depth + 1) or stages
+    if masker is not None:
+        # The copy is made before the masking of the read that needs it: it must hold
+        # nothing a masked collection shows unmasked.
+        if masker.fields(req.db, bottom) or masker.fields(req.db, source):
+            raise masking.refusal(f"{kind} from {req.db}.{source}, which needs a copy of "
+                                  "a masked collection", masker.branch)
+        stages = masker.pipeline(req.db, bottom, stages)
+    copy = await scratchfrom.fill(req, bottom, stages, made,
+                                  view.get("collation") if view is not None else None,
+                                  key=_connect_to(kind, spec))
+    spec = {**spec, "from": copy}
+    inner = spec.get("pipeline")
+    if isinstance(inner, list):
+        spec["pipeline"] = await _inline(req, inner, made, depth + 1) or inner
+    return spec
+
+
+def _connect_to(kind: str, spec: dict[str, Any]) -> Any:
+    """The field a stage looks its `from` up by: connectToField, foreignField."""
+    return spec.get("connectToField" if kind == "$graphLookup" else "foreignField")
+
+
 async def view_command(req: Request, coll: str, view: dict[str, Any] | None,
-                       agg: dict[str, Any]) -> dict[str, Any]:
+                       agg: dict[str, Any], made: list[str]) -> dict[str, Any]:
     """An aggregation of a view (agg: the read's stages, on the view's name) as the
-    aggregation of its source collection, the views' stages first. On a masked branch
-    the source's masking stage comes before them all (view None: a masked collection)."""
+    aggregation of its source collection, the views' stages first (scratch copies its
+    stages read appended to `made`). On a masked branch the source's masking stage comes
+    before them all (view None: a masked collection)."""
     source, stages = (coll, []) if view is None else await catalog.resolve_view(
         req.engine, req.on_branch, req.run, req.db, coll, view)
     masker = _masker(req)
     # Rules may name a view too: its fields are masked after its own stages.
     own = masker.stage(req.db, coll) if masker is not None and view is not None else None
     pipeline = stages + ([own] if own else []) + list(agg.get("pipeline") or [])
-    pipeline = await _inline(req, pipeline) or pipeline
+    pipeline = await _inline(req, pipeline, made) or pipeline
     if masker is not None:
         pipeline = masker.pipeline(req.db, source, pipeline)
     cmd = {**agg, "aggregate": source, "pipeline": pipeline}
@@ -265,9 +329,10 @@ def _collation(spec: Any) -> Any:
 
 
 async def on_view(req: Request, coll: str, view: dict[str, Any] | None,
-                  agg: dict[str, Any], finish: Finish) -> dict[str, Any] | None:
+                  agg: dict[str, Any], finish: Finish, made: list[str]
+                  ) -> dict[str, Any] | None:
     """A read of a view, run as the aggregation of the branch's view of its source."""
-    cmd = await view_command(req, coll, view, agg)
+    cmd = await view_command(req, coll, view, agg, made)
     sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
     last = cmd["pipeline"][-1] if cmd["pipeline"] else None
     if isinstance(last, dict) and {"$out", "$merge"} & set(last):
@@ -394,18 +459,33 @@ async def explain(req: Request) -> dict[str, Any] | None:
     if not isinstance(coll, str) or not coll:
         return await read.explain(req)
     view = await _read_view(req, coll)
-    if view is None and masker is not None:
-        return await _explained(req, coll, None, str(name))
-    if view is None:
-        return await read.explain(req)
-    return await _explained(req, coll, view, str(name))
+    made: list[str] = []
+    try:
+        if view is None and masker is not None:
+            return await _explained(req, coll, None, str(name), made)
+        if view is None:
+            pipeline = inner.get("pipeline") if isinstance(inner, dict) else None
+            if name != "aggregate" or not isinstance(inner, dict) or \
+                    not isinstance(pipeline, list) or \
+                    not catalog.touches(req.engine, req.on_branch, req.db):
+                return await read.explain(req)
+            # The aggregation as it would run: views its stages read inlined, scratch
+            # copies made for the stages that need them (dropped once explained).
+            inlined = await _inline(req, pipeline, made)
+            sub = req if inlined is None else Request(
+                req.engine, req.branch, req.ctx, req.run, req.db,
+                {**req.cmd, "explain": {**inner, "pipeline": inlined}})
+            return await read.explain(sub)
+        return await _explained(req, coll, view, str(name), made)
+    finally:
+        await scratchfrom.drop(req, made)
 
 
 async def _explained(req: Request, coll: str, view: dict[str, Any] | None,
-                     name: str) -> dict[str, Any]:
+                     name: str, made: list[str]) -> dict[str, Any]:
     inner = req.cmd.get("explain")
     assert isinstance(inner, dict) and isinstance(name, str)
-    cmd = await view_command(req, coll, view, _BUILDERS[name](inner))
+    cmd = await view_command(req, coll, view, _BUILDERS[name](inner), made)
     sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
     plan = await aggregate.planned(sub, cmd)
     assert plan.command is not None

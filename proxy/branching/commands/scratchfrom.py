@@ -1,0 +1,119 @@
+"""A stage whose `from` no pipeline can turn into the branch's view: the upstream copies
+what `from` shows on the branch into a scratch collection, and the stage reads that.
+
+`$graphLookup` recurses over one collection the server reads as it is: it has no
+pipeline to put the branch view's stages (base minus hidden ids, plus each overlay) or a
+view's stages in. An equality `$lookup` (`localField`/`foreignField`) whose own pipeline
+holds a stage over the whole joined set (`$sort`, `$limit`, `$group`, ...) cannot be
+split into one join per layer (`planner._lookup`). For these the upstream runs the
+aggregation of what `from` shows on the branch with a final `$out` into
+`__mb_<bid>_g_<token>` (`naming.scratch_from`: in the same database, as `from` must be;
+hidden from every listing, as every reserved name is), server-side, and the stage's
+`from` names the copy; everything is still evaluated by the upstream.
+
+The copy lives as long as the read: it is dropped when the reply is whole, else when
+the proxy's cursor over the read ends or is killed (`cursormerge.MergedCursor.scratch`);
+a branch's drop sweeps copies left behind (a cursor the proxy forgot while idle, a
+crash). It costs a server-side copy of the collection per read. An upstream view in its
+place would copy nothing, and mongod resolves a view named as `from`; SecantusDB reads
+such a view as an empty collection, so the copy is what the tests can hold the branch to.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from bson.int64 import Int64
+
+from proxy.branching import cursormerge, naming, planner, views
+from proxy.branching.commands import aggregate
+from proxy.branching.commands.base import Request
+from proxy.branching.errors import CommandError
+from proxy.wire.codes import Code
+
+Pipeline = list[dict[str, Any]]
+# Carried from the user's aggregate onto the copy's (never a session's readConcern or
+# transaction: $out runs outside one).
+_CARRY = ("maxTimeMS", "comment", "apiVersion", "apiStrict", "allowDiskUse")
+
+
+def splits(spec: dict[str, Any]) -> bool:
+    """Whether a $lookup is planner._lookup's per-layer form (localField beside a
+    pipeline) with a stage the per-layer joins cannot run: it needs a copy."""
+    inner = spec.get("pipeline")
+    if "localField" not in spec or not isinstance(inner, list):
+        return False
+    return any(not isinstance(stage, dict) or next(iter(stage), "") not in planner.PER_DOCUMENT
+               for stage in inner)
+
+
+def changed(req: Request, coll: str) -> bool:
+    """Whether a collection's branch view is more than one upstream collection."""
+    layers = req.layers(coll)
+    return bool(layers) and views.whole(layers) is None
+
+
+async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
+               collation: Any = None, key: Any = None) -> str:
+    """A scratch copy of the branch's view of `source` with these stages (a view's)
+    applied; its name is appended to `made` before it is written, for the caller to drop.
+    key: the field the stage looks documents up by (connectToField, foreignField),
+    indexed on the copy once written, as the server would use an index of `from` for it."""
+    if req.cmd.get("autocommit") is False or req.cmd.get("startTransaction"):
+        raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+                           f"{next(iter(req.cmd))} reading {source} with $graphLookup, or a "
+                           "$lookup over its whole joined set, needs a scratch copy of what "
+                           "it shows on the branch, which cannot be made ($out) in a "
+                           f"multi-document transaction on branch {req.on_branch.name!r}")
+    name = naming.scratch_from(req.on_branch.bid, secrets.token_hex(6))
+    made.append(name)
+    cmd: dict[str, Any] = {"aggregate": source, "pipeline": [*stages, {"$out": name}],
+                           "cursor": {}}
+    cmd.update((k, req.cmd[k]) for k in _CARRY if k in req.cmd)
+    if collation is not None:
+        cmd["collation"] = collation
+    sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
+    command = (await aggregate.planned(sub, cmd)).command
+    assert command is not None
+    reply = await req.run.reply(req.db, command)
+    if not reply.get("ok"):
+        raise CommandError(int(reply.get("code", 1)), str(reply.get("errmsg", "")),
+                           code_name=str(reply.get("codeName", "")))
+    if isinstance(key, str) and key and key != "_id" and not key.startswith("$"):
+        # Only a lookup's speed depends on it: a refused index leaves the copy without.
+        await req.run.reply(req.db, {"createIndexes": name, "indexes": [
+            {"key": {key: 1}, "name": "__mb_from"}]})
+    return name
+
+
+async def drop(req: Request, made: list[str]) -> None:
+    for name in made:
+        await req.run.reply(req.db, {"drop": name})
+    made.clear()
+
+
+async def settle(req: Request, reply: dict[str, Any] | None, made: list[str]
+                 ) -> dict[str, Any] | None:
+    """A read over scratch copies, answered: the copies are dropped now when nothing of
+    the read is left to come, else handed to the proxy's cursor (an upstream cursor on
+    the user's namespace becomes one) to drop when it ends."""
+    if not made:
+        return reply
+    cursor = reply.get("cursor") if reply is not None and reply.get("ok") else None
+    cursor_id = cursor.get("id") if isinstance(cursor, dict) else None
+    if not cursor_id:
+        await drop(req, made)
+        return reply
+    assert isinstance(cursor, dict)
+    held = req.engine.cursors.get(cursor_id)
+    if held is None:
+        source = str(cursor.get("ns", "")).split(".", 1)[-1]
+        side = cursormerge.Side(source, [], cursor_id=cursor_id)
+        held = cursormerge.MergedCursor(req.db, source, [side], None, 0, None,
+                                        req.cmd.get("lsid"))
+        cursor["id"] = Int64(req.engine.cursors.add(held))
+    assert isinstance(held, cursormerge.MergedCursor)
+    held.scratch = [*held.scratch, *made]
+    made.clear()
+    return reply
