@@ -20,6 +20,7 @@ from proxy.branching.capture import Capture
 from proxy.branching.capture import register as capture_register
 from proxy.branching.cursormerge import CursorTable
 from proxy.branching.errors import BranchError, Kind
+from proxy.branching.failpoints import FailPoints
 from proxy.branching.lifecycle import Lifecycle
 from proxy.branching.locks import BranchLock
 from proxy.branching.model import HIDDEN_CACHE_LIMIT, ISOLATION, SNAPSHOT, Branch, NsState
@@ -118,6 +119,8 @@ class Engine:
         self.lifecycle = Lifecycle()
         # Clients' multi-document transactions on branch ports (txn.py).
         self.txns = Transactions(self)
+        # The upstream's failCommand failpoints set through the proxy (failpoints.py).
+        self.failpoints = FailPoints()
 
     # -- start-up -------------------------------------------------------------------
     async def start(self) -> None:
