@@ -504,3 +504,18 @@ def test_a_full_batch_leaves_a_branch_cursor_open_as_mongods(
                       last["cursor"]["nextBatch"], last["cursor"]["id"]]
         client[db].c.drop()
     assert seen["branch"] == seen["main"] == [2, True, [], 0]
+
+
+def test_fsync_on_a_branch_is_the_upstreams_and_its_lock_is_refused(
+        branch: MongoClient) -> None:
+    """Plain fsync flushes the upstream, the branch's collections included (pymongo's
+    validate-in-the-background test runs it first); its lock would stop main's writes
+    and every branch's, and a branch port refuses it with mongod's error shape."""
+    db = branch[unique("fs").replace("-", "_")]
+    db.c.insert_one({"_id": 1})
+    assert branch.admin.command("fsync")["ok"] == 1.0
+    assert db.validate_collection("c", background=True)["valid"] is True
+    with pytest.raises(OperationFailure) as info:
+        branch.admin.command("fsync", lock=True)
+    assert info.value.code == 20 and info.value.details["codeName"] == "IllegalOperation"
+    db.c.insert_one({"_id": 2})  # nothing was locked

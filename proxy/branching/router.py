@@ -19,6 +19,7 @@ from proxy.branching.commands import (
     hints,
     mainwrite,
     read,
+    server,
     transactions,
     validate,
     viewdefs,
@@ -75,12 +76,13 @@ BRANCH: dict[str, Handler] = {
     # Test-only (an upstream started with enableTestCommands): forwarded, and noted for
     # the failpoint probes (commands/failpoints.py).
     "configureFailPoint": failpoints.configure_fail_point,
+    "fsync": server.fsync,
     **ADMIN,
 }
 
 # Served without the branch's fences: the end of a transaction (it runs no statement),
-# a failpoint's configuration (it reads and writes no collection).
-UNFENCED = frozenset({"commitTransaction", "abortTransaction", "configureFailPoint"})
+# a failpoint's configuration and fsync (they read and write no collection).
+UNFENCED = frozenset({"commitTransaction", "abortTransaction", "configureFailPoint", "fsync"})
 
 # What a multi-document transaction on a branch may run (mongod refuses DDL, counts and
 # catalog reads in one too, bar the collection creation of 4.4+, which a branch refuses).
@@ -104,7 +106,7 @@ CURSOR_OPS = frozenset({"getMore", "killCursors"})
 # Commands that only read: they need no identity for the WAL.
 READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",
                    "listCollections", "listIndexes", "listBranches", "branchInfo",
-                   "branchLog", "branchDiff", "configureFailPoint"})
+                   "branchLog", "branchDiff", "configureFailPoint", "fsync"})
 
 # Commands that touch no collection data: forwarded unchanged from a branch port.
 # Anything neither here nor in BRANCH is refused there, so nothing reaches the base.
