@@ -407,9 +407,15 @@ def test_an_invalid_update_matching_nothing_is_refused(branch: MongoClient) -> N
     assert coll.update_many({"_id": 2}, {"$set": {"a": 1}}).matched_count == 0
 
 
+# The failpoints below are scoped to the test's client by appName: unscoped, the
+# engine's own commands of that name (the capture's copies of main's writes for the
+# branches, on its pool) may meet one first, at a time no test controls.
+APP = "conformance-fp"
+
+
 def _fail_once(client: MongoClient, name: str, **data: Any) -> None:
     client.admin.command("configureFailPoint", "failCommand", mode={"times": 1},
-                         data={"failCommands": [name], **data})
+                         data={"failCommands": [name], "appName": APP, **data})
 
 
 # Client commands a branch answers with other upstream commands than their own.
@@ -430,7 +436,8 @@ def test_a_failpoint_set_through_a_branch_fails_the_clients_command(
     the next one runs."""
     db = unique("fp").replace("-", "_")
     upstream_client[db].c.insert_many([{"_id": 1}, {"_id": 2}])
-    _, branch = fork()
+    info, _ = fork()
+    branch: MongoClient = MongoClient(info["uri"], appname=APP)
     branch[db].c.insert_one({"_id": 3})  # a changed collection: the branch's own handling
     _fail_once(branch, name, errorCode=8)
     with pytest.raises(PyMongoError) as info:
@@ -440,12 +447,14 @@ def test_a_failpoint_set_through_a_branch_fails_the_clients_command(
     assert isinstance(failure, OperationFailure) and failure.code == 8, info.value
     assert sorted(d["_id"] for d in branch[db].c.find()) == [1, 2, 3]
     _PROBED_OPS[name](branch, db)
+    branch.close()
     upstream_client.drop_database(db)
 
 
 def test_a_failpoints_write_concern_error_reaches_a_branch_write(
-        branch: MongoClient) -> None:
+        branch_info: dict[str, Any]) -> None:
     db = unique("fpw").replace("-", "_")
+    branch: MongoClient = MongoClient(branch_info["uri"], appname=APP)
     _fail_once(branch, "bulkWrite",
                writeConcernError={"code": 91, "errmsg": "Replication is being shut down"})
     with pytest.raises(ClientBulkWriteException) as info:
@@ -457,6 +466,7 @@ def test_a_failpoints_write_concern_error_reaches_a_branch_write(
     with pytest.raises(WriteConcernError):
         branch[db].c.update_one({"_id": 1}, {"$set": {"v": 1}})
     assert list(branch[db].c.find()) == [{"_id": 1, "v": 1}]
+    branch.close()
 
 
 def test_a_failpoint_for_another_application_spares_a_branch_client(
@@ -519,3 +529,28 @@ def test_fsync_on_a_branch_is_the_upstreams_and_its_lock_is_refused(
         branch.admin.command("fsync", lock=True)
     assert info.value.code == 20 and info.value.details["codeName"] == "IllegalOperation"
     db.c.insert_one({"_id": 2})  # nothing was locked
+
+
+@pytest.mark.parametrize("name", ["insert", "update", "delete"])
+def test_a_failpoint_fails_a_main_port_write_while_main_has_branches(
+        fork: Fork, test_proxy: ProxyProcess, name: str) -> None:
+    """While main has branches the main port handles its writes itself (the branches
+    keep what they forked); a failpoint on the write fails it as the upstream would,
+    not as an internal error of an engine command it happened to hit."""
+    fork()
+    db = unique("fpm").replace("-", "_")
+    ops: dict[str, Callable[[Any], Any]] = {
+        "insert": lambda c: c.database.fresh.insert_one({"_id": 2}),  # creates it
+        "update": lambda c: c.update_one({"_id": 1}, {"$set": {"v": 1}}),
+        "delete": lambda c: c.delete_one({"_id": 1}),
+    }
+    with MongoClient(test_proxy.uri, retryWrites=False, appname=APP) as main:
+        main[db].c.insert_one({"_id": 1})
+        _fail_once(main, name, errorCode=8)
+        with pytest.raises(OperationFailure) as info:
+            ops[name](main[db].c)
+        assert info.value.code == 8, info.value.details
+        assert list(main[db].c.find()) == [{"_id": 1}]
+        assert main[db].fresh.find_one() is None
+        ops[name](main[db].c)
+        main.drop_database(db)

@@ -206,22 +206,30 @@ class EngineRouter:
                       Runner(ctx.upstream_command, ctx.upstream_commands), db, cmd)
         if name in audit.WIRE_OPS:
             return await self._audited(name, ctx, handler, req)
-        if branch is None or name in ADMIN or name in UNFENCED:
+        if name in ADMIN or name in UNFENCED:
             return await handler(req)
         if in_transaction(cmd):
+            if branch is None:
+                return await handler(req)
             return await self._in_transaction(ctx, branch, name, handler, req)
-        if self.engine.failpoints.armed(name):
-            probed = await failpoints.probe(req)
-            if probed is not None and not probed.get("ok"):
-                return probed
-            if probed is not None:
-                reply = await self._fenced(name, cmd, handler, req)
-                return failpoints.with_wce(reply, probed) if reply is not None else None
-        return await self._fenced(name, cmd, handler, req)
+        if not self.engine.failpoints.armed(name):
+            return await self._fenced(name, cmd, handler, req)
+        # A failpoint names the command: the upstream is asked whether it fires on it
+        # (commands/failpoints.py), as a main port's write handled while main has
+        # branches (mainwrite.py) and a branch's handler both send it other commands.
+        probed = await failpoints.probe(req)
+        if probed is not None and not probed.get("ok"):
+            return probed
+        reply = await self._fenced(name, cmd, handler, req)
+        if probed is not None and reply is not None:
+            reply = failpoints.with_wce(reply, probed)
+        return reply
 
     async def _fenced(self, name: str, cmd: dict[str, Any], handler: Handler,
                       req: Request) -> dict[str, Any] | None:
-        branch = req.on_branch
+        branch = req.branch
+        if branch is None:
+            return await handler(req)
         if name == "getMore" and changestream.held(req):
             return await handler(req)  # a change stream reads only the WAL
         if name == "getMore" and self.engine.cursors.tailing(cmd.get("getMore")):
