@@ -554,3 +554,26 @@ def test_a_failpoint_fails_a_main_port_write_while_main_has_branches(
         assert main[db].fresh.find_one() is None
         ops[name](main[db].c)
         main.drop_database(db)
+
+
+def test_a_closed_connection_failpoint_cuts_a_branch_delete_as_a_main_one(
+        fork: Fork, test_proxy: ProxyProcess) -> None:
+    """The probe's connection is the client's own: the upstream cuts it, and the client
+    sees what the main port answers a cut connection with; nothing was deleted. (A base
+    document: the branch deletes it by hiding its id, with no delete command.)"""
+    db = unique("fpc").replace("-", "_")
+    with MongoClient(test_proxy.uri) as main:
+        main[db].c.insert_one({"_id": 1})
+    info, _ = fork()
+    seen = {}
+    for port, uri in (("branch", info["uri"]), ("main", test_proxy.uri)):
+        with MongoClient(uri, appname=APP, retryWrites=False) as c:
+            _fail_once(c, "delete", closeConnection=True)
+            with pytest.raises(PyMongoError) as failed:
+                c[db].c.delete_one({"_id": 1})
+            seen[port] = (type(failed.value), getattr(failed.value, "code", None))
+            assert c[db].c.find_one() == {"_id": 1}
+            assert c[db].c.delete_one({"_id": 1}).deleted_count == 1
+    assert seen["branch"] == seen["main"]
+    with MongoClient(test_proxy.uri) as main:
+        main.drop_database(db)
