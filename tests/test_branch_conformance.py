@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 from bson import Int64
 from pymongo import DeleteMany, InsertOne, MongoClient, UpdateOne, monitoring
-from pymongo.errors import ClientBulkWriteException, OperationFailure
+from pymongo.errors import (
+    ClientBulkWriteException,
+    OperationFailure,
+    PyMongoError,
+    WriteConcernError,
+)
 
 from tests.branchutil import Branches, unique
 from tests.servers import ProxyProcess, Secantus
@@ -400,3 +405,175 @@ def test_an_invalid_update_matching_nothing_is_refused(branch: MongoClient) -> N
         coll.update_one({"nope": 1}, {"$nosuch": {"a": 1}})
     assert info.value.code == 9, info.value.details
     assert coll.update_many({"_id": 2}, {"$set": {"a": 1}}).matched_count == 0
+
+
+# The failpoints below are scoped to the test's client by appName: unscoped, the
+# engine's own commands of that name (the capture's copies of main's writes for the
+# branches, on its pool) may meet one first, at a time no test controls.
+APP = "conformance-fp"
+
+
+def _fail_once(client: MongoClient, name: str, **data: Any) -> None:
+    client.admin.command("configureFailPoint", "failCommand", mode={"times": 1},
+                         data={"failCommands": [name], "appName": APP, **data})
+
+
+# Client commands a branch answers with other upstream commands than their own.
+_PROBED_OPS: dict[str, Callable[[MongoClient, str], Any]] = {
+    "delete": lambda c, db: c[db].c.delete_one({"_id": 1}),
+    "update": lambda c, db: c[db].c.update_one({"_id": 1}, {"$set": {"v": 1}}),
+    "findAndModify": lambda c, db: c[db].c.find_one_and_update({"_id": 1}, {"$set": {"v": 1}}),
+    "bulkWrite": lambda c, db: c.bulk_write([InsertOne({"_id": 5}, namespace=f"{db}.c")]),
+    "count": lambda c, db: c[db].c.estimated_document_count(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PROBED_OPS))
+def test_a_failpoint_set_through_a_branch_fails_the_clients_command(
+        fork: Fork, upstream_client: MongoClient, name: str) -> None:
+    """`failCommand` on a command the branch answers with others (a delete with finds and
+    overlay writes): the client's command fails as on mongod, once, and changes nothing;
+    the next one runs."""
+    db = unique("fp").replace("-", "_")
+    upstream_client[db].c.insert_many([{"_id": 1}, {"_id": 2}])
+    info, _ = fork()
+    branch: MongoClient = MongoClient(info["uri"], appname=APP)
+    branch[db].c.insert_one({"_id": 3})  # a changed collection: the branch's own handling
+    _fail_once(branch, name, errorCode=8)
+    with pytest.raises(PyMongoError) as info:
+        _PROBED_OPS[name](branch, db)
+    failure = info.value.error if isinstance(info.value, ClientBulkWriteException) \
+        else info.value
+    assert isinstance(failure, OperationFailure) and failure.code == 8, info.value
+    assert sorted(d["_id"] for d in branch[db].c.find()) == [1, 2, 3]
+    _PROBED_OPS[name](branch, db)
+    branch.close()
+    upstream_client.drop_database(db)
+
+
+def test_a_failpoints_write_concern_error_reaches_a_branch_write(
+        branch_info: dict[str, Any]) -> None:
+    db = unique("fpw").replace("-", "_")
+    branch: MongoClient = MongoClient(branch_info["uri"], appname=APP)
+    _fail_once(branch, "bulkWrite",
+               writeConcernError={"code": 91, "errmsg": "Replication is being shut down"})
+    with pytest.raises(ClientBulkWriteException) as info:
+        branch.bulk_write([InsertOne({"_id": 1}, namespace=f"{db}.c")])
+    assert info.value.write_concern_errors == [
+        {"code": 91, "errmsg": "Replication is being shut down"}]
+    assert list(branch[db].c.find()) == [{"_id": 1}]  # the write itself ran
+    _fail_once(branch, "update", writeConcernError={"code": 91, "errmsg": "down"})
+    with pytest.raises(WriteConcernError):
+        branch[db].c.update_one({"_id": 1}, {"$set": {"v": 1}})
+    assert list(branch[db].c.find()) == [{"_id": 1, "v": 1}]
+    branch.close()
+
+
+def test_a_failpoint_for_another_application_spares_a_branch_client(
+        branch_info: dict[str, Any], branch: MongoClient) -> None:
+    """The upstream evaluates the failpoint's appName against the client's own upstream
+    connection, which the probe runs on."""
+    db = unique("fpa").replace("-", "_")
+    branch[db].c.insert_one({"_id": 1})
+    _fail_once(branch, "delete", errorCode=8, appName="someone-else")
+    with MongoClient(branch_info["uri"], appname="me") as mine:
+        assert mine[db].c.delete_one({"_id": 1}).deleted_count == 1
+    with MongoClient(branch_info["uri"], appname="someone-else", retryWrites=False) as theirs:
+        with pytest.raises(OperationFailure) as info:
+            theirs[db].c.delete_one({"_id": 2})
+        assert info.value.code == 8
+
+
+def test_a_find_with_an_unknown_operator_is_refused_on_a_dropped_collection(
+        branch: MongoClient) -> None:
+    """mongod parses the filter whatever the collection holds; SecantusDB's union over no
+    documents would not: the branch answers the find's own refusal."""
+    coll = branch[unique("bad").replace("-", "_")].c
+    coll.insert_one({"_id": 1})
+    coll.drop()
+    with pytest.raises(OperationFailure) as info:
+        next(coll.find_raw_batches({"x": {"$bad": 1}}))
+    assert info.value.code == 2
+    assert isinstance(info.value.details, dict)
+
+
+def test_a_full_batch_leaves_a_branch_cursor_open_as_mongods(
+        branch: MongoClient, test_proxy: ProxyProcess) -> None:
+    """mongod closes a cursor only on a batch short of its size: after a full one, the
+    next getMore answers an empty batch (an exhaust cursor's driver counts them)."""
+    db = unique("full").replace("-", "_")
+    seen: dict[str, list[Any]] = {}
+    for port, client in (("main", MongoClient(test_proxy.uri)), ("branch", branch)):
+        client[db].c.insert_many([{"_id": i} for i in range(3)])
+        first = client[db].command({"find": "c", "batchSize": 2})
+        more = client[db].command({"getMore": first["cursor"]["id"], "collection": "c",
+                                   "batchSize": 1})
+        last = client[db].command({"getMore": first["cursor"]["id"], "collection": "c",
+                                   "batchSize": 1})
+        seen[port] = [len(first["cursor"]["firstBatch"]), bool(more["cursor"]["id"]),
+                      last["cursor"]["nextBatch"], last["cursor"]["id"]]
+        client[db].c.drop()
+    assert seen["branch"] == seen["main"] == [2, True, [], 0]
+
+
+def test_fsync_on_a_branch_is_the_upstreams_and_its_lock_is_refused(
+        branch: MongoClient) -> None:
+    """Plain fsync flushes the upstream, the branch's collections included (pymongo's
+    validate-in-the-background test runs it first); its lock would stop main's writes
+    and every branch's, and a branch port refuses it with mongod's error shape."""
+    db = branch[unique("fs").replace("-", "_")]
+    db.c.insert_one({"_id": 1})
+    assert branch.admin.command("fsync")["ok"] == 1.0
+    assert db.validate_collection("c", background=True)["valid"] is True
+    with pytest.raises(OperationFailure) as info:
+        branch.admin.command("fsync", lock=True)
+    assert info.value.code == 20 and info.value.details["codeName"] == "IllegalOperation"
+    db.c.insert_one({"_id": 2})  # nothing was locked
+
+
+@pytest.mark.parametrize("name", ["insert", "update", "delete"])
+def test_a_failpoint_fails_a_main_port_write_while_main_has_branches(
+        fork: Fork, test_proxy: ProxyProcess, name: str) -> None:
+    """While main has branches the main port handles its writes itself (the branches
+    keep what they forked); a failpoint on the write fails it as the upstream would,
+    not as an internal error of an engine command it happened to hit."""
+    fork()
+    db = unique("fpm").replace("-", "_")
+    ops: dict[str, Callable[[Any], Any]] = {
+        "insert": lambda c: c.database.fresh.insert_one({"_id": 2}),  # creates it
+        "update": lambda c: c.update_one({"_id": 1}, {"$set": {"v": 1}}),
+        "delete": lambda c: c.delete_one({"_id": 1}),
+    }
+    with MongoClient(test_proxy.uri, retryWrites=False, appname=APP) as main:
+        main[db].c.insert_one({"_id": 1})
+        _fail_once(main, name, errorCode=8)
+        with pytest.raises(OperationFailure) as info:
+            ops[name](main[db].c)
+        assert info.value.code == 8, info.value.details
+        assert list(main[db].c.find()) == [{"_id": 1}]
+        assert main[db].fresh.find_one() is None
+        ops[name](main[db].c)
+        main.drop_database(db)
+
+
+def test_a_closed_connection_failpoint_cuts_a_branch_delete_as_a_main_one(
+        fork: Fork, test_proxy: ProxyProcess) -> None:
+    """The probe's connection is the client's own: the upstream cuts it, and the client
+    sees what the main port answers a cut connection with; nothing was deleted. (A base
+    document: the branch deletes it by hiding its id, with no delete command.)"""
+    db = unique("fpc").replace("-", "_")
+    with MongoClient(test_proxy.uri) as main:
+        main[db].c.insert_one({"_id": 1})
+    info, _ = fork()
+    seen = {}
+    for port, uri in (("branch", info["uri"]), ("main", test_proxy.uri)):
+        with MongoClient(uri, appname=APP, retryWrites=False) as c:
+            _fail_once(c, "delete", closeConnection=True)
+            with pytest.raises(PyMongoError) as failed:
+                c[db].c.delete_one({"_id": 1})
+            seen[port] = (type(failed.value), getattr(failed.value, "code", None))
+            assert c[db].c.find_one() == {"_id": 1}
+            assert c[db].c.delete_one({"_id": 1}).deleted_count == 1
+    assert seen["branch"] == seen["main"]
+    with MongoClient(test_proxy.uri) as main:
+        main.drop_database(db)

@@ -23,7 +23,8 @@ from proxy.branching.bsonorder import sort_key
 from proxy.branching.idkey import idkey
 from proxy.branching.model import NsState
 from proxy.branching.planner import Source, index_bound, merge_sort
-from proxy.branching.runner import Runner
+from proxy.branching.runner import Runner, error_from
+from proxy.wire.codes import Code
 
 SORT_KEY = "__mb_sk"
 # A returnKey find's sides read each document's _id (to drop the hidden ones) and the
@@ -70,6 +71,8 @@ class MergedCursor:
     keys_only: bool = False
     # Scratch copies the read's stages read (commands/scratchfrom.py): dropped at close.
     scratch: list[str] = field(default_factory=list)
+    # The latest batch held all it was asked for (batch()).
+    filled: bool = False
 
     @property
     def ns(self) -> str:
@@ -77,9 +80,13 @@ class MergedCursor:
 
     @property
     def done(self) -> bool:
+        """As mongod's: a cursor ends with its limit, or with a batch that came back short
+        of its size; after a full batch it stays open even when nothing is left, and the
+        next getMore answers an empty batch and the end (drivers count those getMores,
+        exhaust cursors included)."""
         if self.limit is not None and self.limit <= 0:
             return True
-        return all(not s.buffer and not s.cursor_id for s in self.sides)
+        return not self.filled and all(not s.buffer and not s.cursor_id for s in self.sides)
 
     async def _refill(self, run: Runner, side: Side) -> None:
         while not side.buffer and side.cursor_id:
@@ -126,6 +133,7 @@ class MergedCursor:
             out.append(shown)
             if self.limit is not None:
                 self.limit -= 1
+        self.filled = size is not None and len(out) == size
         return out
 
     async def close(self, run: Runner) -> None:
@@ -230,6 +238,7 @@ class RefetchCursor:
     id: int = 0
     used: float = field(default_factory=time.monotonic)
     at_cluster_time: Any = None
+    filled: bool = False  # as MergedCursor's
 
     @property
     def ns(self) -> str:
@@ -237,7 +246,7 @@ class RefetchCursor:
 
     @property
     def done(self) -> bool:
-        return not self.ids.buffer and not self.ids.cursor_id
+        return not self.filled and not self.ids.buffer and not self.ids.cursor_id
 
     async def batch(self, run: Runner, size: int | None) -> list[dict[str, Any]]:
         self.used = time.monotonic()
@@ -251,6 +260,7 @@ class RefetchCursor:
             if not self.ids.buffer:
                 break
             ids.append(self.ids.buffer.popleft()["_id"])
+        self.filled = size is not None and len(ids) == size
         if not ids:
             return []
         found = await self._fetch(run, ids)
@@ -392,13 +402,26 @@ _SIDE_FIELDS = ("let", "maxTimeMS", "comment", "readConcern", "lsid", "allowDisk
                 "$readPreference", "collation", "apiVersion", "apiStrict")
 
 
+def _raise_users(failed: list[dict[str, Any]]) -> None:
+    """Raises the first side's refusal that is the user's find's own error, which mongod
+    would answer: the server-side union would not say it where SecantusDB parses a
+    `$match` over no documents lazily (an unknown operator on an empty collection
+    answers nothing instead of BadValue). An internal error of the upstream's
+    (SecantusDB's sortKey over an empty array), which the union does not meet, leaves
+    the answer to the union: the openers below return None."""
+    for reply in failed:
+        if reply.get("code") != Code.INTERNAL_ERROR:
+            raise error_from(reply)
+
+
 async def open_one(run: Runner, db: str, coll: str, command: dict[str, Any],
                    first: int) -> MergedCursor | None:
     """One find on one collection that holds the whole answer (a plan's own command, every
     option included), as a proxy cursor: only the cursor's namespace is the proxy's to
-    keep. None: the upstream refused it."""
+    keep. None: the upstream failed it internally (_raise_users)."""
     reply = await run.reply(db, {**command, "batchSize": first})
     if not reply.get("ok"):
+        _raise_users([reply])
         return None
     side = Side(str(command["find"]), [], cursor_id=reply["cursor"]["id"])
     side.accept(reply["cursor"]["firstBatch"])
@@ -410,9 +433,11 @@ async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ..
                       cmd: dict[str, Any], first: int,
                       refused: list[tuple[str, dict[str, Any]]] | None = None,
                       ) -> MergedCursor | None:
-    """A merged cursor over the user's find run on each source; None when a side refused
-    it (SecantusDB fails sortKey projections over array fields that mongod computes),
-    each refusing side's collection and reply then appended to `refused`.
+    """A merged cursor over the user's find run on each source; None when a side failed
+    internally (_raise_users: SecantusDB fails sortKey projections over array fields that
+    mongod computes), or when a side refused an index-bound find, each refusing side's
+    collection and reply then appended to `refused` (the caller tells which side lacks
+    what).
 
     An index-bound find (min, max, returnKey) runs with its hint on every side, each
     scanning its own copy of the index, merged in the index's key order; returnKey
@@ -454,7 +479,10 @@ async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ..
             side.accept(reply["cursor"]["firstBatch"])
         elif refused is not None:
             refused.append((side.coll, reply))
-    if not all(reply.get("ok") for reply in replies):
+    failed = [reply for reply in replies if not reply.get("ok")]
+    if failed:
         await cursor.close(run)
+        if not bounded:
+            _raise_users(failed)
         return None
     return cursor

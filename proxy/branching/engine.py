@@ -20,6 +20,7 @@ from proxy.branching.capture import Capture
 from proxy.branching.capture import register as capture_register
 from proxy.branching.cursormerge import CursorTable
 from proxy.branching.errors import BranchError, Kind
+from proxy.branching.failpoints import FailPoints
 from proxy.branching.lifecycle import Lifecycle
 from proxy.branching.locks import BranchLock
 from proxy.branching.model import HIDDEN_CACHE_LIMIT, ISOLATION, SNAPSHOT, Branch, NsState
@@ -122,6 +123,8 @@ class Engine:
         # Set by the serving layer under scale-out: which process serves the branches
         # (describe() shows it).
         self.owner: Callable[[], dict[str, Any] | None] | None = None
+        # The upstream's failCommand failpoints set through the proxy (failpoints.py).
+        self.failpoints = FailPoints()
 
     # -- start-up -------------------------------------------------------------------
     async def start(self) -> None:

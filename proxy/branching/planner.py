@@ -345,9 +345,10 @@ def plan_tailable(cmd: dict[str, Any], layers: list[NsState]) -> Plan:
 
 def fall_back(failed: Plan, cmd: dict[str, Any], layers: list[NsState], why: str, *,
               branch: str = "", skip_top_live: bool = False) -> Plan:
-    """The second step of a find whose merged or in-place plan the upstream refused (a
-    side failed where the union works, such as SecantusDB's sortKey over an empty array;
-    a bad query then gets the upstream's own error from the union)."""
+    """The second step of a find whose merged or in-place plan the upstream failed
+    internally (a side failed where the union works, such as SecantusDB's sortKey over an
+    empty array). A side's other refusals are the user's own error, answered as they are
+    (`cursormerge._raise_users`)."""
     return _union_plan(cmd, layers, f"the {failed.kind} plan failed ({why}): the "
                        "server-side union answers", branch=branch, skip_top_live=skip_top_live)
 

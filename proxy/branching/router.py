@@ -17,10 +17,12 @@ from proxy.branching.commands import (
     catalog,
     changestream,
     ddl,
+    failpoints,
     hints,
     mainwrite,
     masked,
     read,
+    server,
     transactions,
     validate,
     viewdefs,
@@ -77,11 +79,16 @@ BRANCH: dict[str, Handler] = {
     "validate": viewdefs.not_on_views(validate.validate),
     "commitTransaction": transactions.commit_transaction,
     "abortTransaction": transactions.abort_transaction,
+    # Test-only (an upstream started with enableTestCommands): forwarded, and noted for
+    # the failpoint probes (commands/failpoints.py).
+    "configureFailPoint": failpoints.configure_fail_point,
+    "fsync": server.fsync,
     **ADMIN,
 }
 
-# The end of a transaction: served without the branch's fences (it runs no statement).
-TXN_END = frozenset({"commitTransaction", "abortTransaction"})
+# Served without the branch's fences: the end of a transaction (it runs no statement),
+# a failpoint's configuration and fsync (they read and write no collection).
+UNFENCED = frozenset({"commitTransaction", "abortTransaction", "configureFailPoint", "fsync"})
 
 # What a multi-document transaction on a branch may run (mongod refuses DDL, counts and
 # catalog reads in one too, bar the collection creation of 4.4+, which a branch refuses).
@@ -91,6 +98,7 @@ IN_TXN = frozenset({"find", "aggregate", "distinct", "insert", "update", "delete
 # On the main port: writes are routed here only while main has child branches
 # (mainwrite.NAMES); otherwise they stay on the pass-through fast path.
 MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN,
+                            "configureFailPoint": failpoints.configure_fail_point,
                             **mainwrite.HANDLERS, "bulkWrite": bulkwrite.bulk_write_on_main}
 
 # Reads answered without waiting for the capture first (EngineRouter._read).
@@ -104,7 +112,7 @@ CURSOR_OPS = frozenset({"getMore", "killCursors"})
 # Commands that only read: they need no identity for the WAL.
 READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",
                    "listCollections", "listIndexes", "listBranches", "branchInfo",
-                   "branchLog", "branchDiff"})
+                   "branchLog", "branchDiff", "configureFailPoint", "fsync"})
 
 # Commands that touch no collection data: forwarded unchanged from a branch port.
 # Anything neither here nor in BRANCH is refused there, so nothing reaches the base.
@@ -116,9 +124,9 @@ FORWARDED = frozenset({
     "lockInfo", "currentOp", "killOp",
     "usersInfo", "rolesInfo", "atlasVersion", "getFreeMonitoringStatus", "listCommands",
     "dbStats", "connPoolStats", "isMaster", "ismaster", "hello",
-    # Test-only commands (an upstream started with enableTestCommands): they set
+    # Test-only commands (an upstream started with enableTestCommands): they wait for
     # server-wide failpoints or sleep, and read or write no collection.
-    "configureFailPoint", "waitForFailPoint", "sleep",
+    "waitForFailPoint", "sleep",
 })
 
 
@@ -238,10 +246,30 @@ class EngineRouter:
                       Runner(ctx.upstream_command, ctx.upstream_commands), db, cmd)
         if name in audit.WIRE_OPS:
             return await self._audited(name, ctx, handler, req)
-        if branch is None or name in ADMIN or name in TXN_END:
+        if name in ADMIN or name in UNFENCED:
             return await handler(req)
         if in_transaction(cmd):
+            if branch is None:
+                return await handler(req)
             return await self._in_transaction(ctx, branch, name, handler, req)
+        if not self.engine.failpoints.armed(name):
+            return await self._fenced(name, cmd, handler, req)
+        # A failpoint names the command: the upstream is asked whether it fires on it
+        # (commands/failpoints.py), as a main port's write handled while main has
+        # branches (mainwrite.py) and a branch's handler both send it other commands.
+        probed = await failpoints.probe(req)
+        if probed is not None and not probed.get("ok"):
+            return probed
+        reply = await self._fenced(name, cmd, handler, req)
+        if probed is not None and reply is not None:
+            reply = failpoints.with_wce(reply, probed)
+        return reply
+
+    async def _fenced(self, name: str, cmd: dict[str, Any], handler: Handler,
+                      req: Request) -> dict[str, Any] | None:
+        branch = req.branch
+        if branch is None:
+            return await handler(req)
         if name == "getMore" and changestream.held(req):
             return await handler(req)  # a change stream reads only the WAL
         if name == "getMore" and self.engine.cursors.tailing(cmd.get("getMore")):
