@@ -313,6 +313,11 @@ def test_writes_that_would_read_a_masked_field_are_refused(masked: MongoClient) 
     # mongod's error for a field made inside a string quotes the string.
     refused(lambda: users.update_one({"_id": 1}, {"$set": {"ssn.x": 1}}))
     refused(lambda: users.update_one({"_id": 1}, {"$set": {"profile.phone.x": 1}}))
+    # Under a name without rules, the stored values would be read as they are.
+    refused(lambda: masked.admin.command("renameCollection", f"{DB}.users",
+                                         to=f"{DB}.plain_users"))
+    refused(lambda: masked.admin.command("renameCollection", f"{DB}.users",
+                                         to=f"{DB}.orders", dropTarget=True))
     refused(lambda: masked.admin.command(
         {"bulkWrite": 1, "nsInfo": [{"ns": f"{DB}.users"}],
          "ops": [{"update": 0, "filter": {"ssn": "x"}, "updateMods": {"$set": {"a": 1}}}]}))
