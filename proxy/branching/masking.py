@@ -6,8 +6,10 @@ branch's port becomes an aggregation whose first stage, right after the collecti
 read, replaces each masked field by an expression the upstream evaluates (`Masker.stage`);
 `$lookup`/`$unionWith` sub-pipelines reading a masked collection get the same stage first
 (`Masker.pipeline`). Filters, sorts, groups and joins of the client's then see only masked
-values. What cannot be put behind such a stage is refused here, with mongod's error shape
-and a message naming masking (`refusal`).
+values. The WAL's images, which change streams and diffs show, are masked in the upstream
+by the same functions (`Masker.images`) before anything is made of them. What cannot be
+put behind such a stage is refused here, with mongod's error shape and a message naming
+masking (`refusal`).
 
 Functions, all MQL: `redact` gives "REDACTED", `null` null, `hash` a decimal string of a
 polynomial hash (base 131, modulo a 55-bit prime) of the branch's salt and the value's
