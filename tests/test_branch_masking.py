@@ -469,6 +469,19 @@ def test_diff_and_log_of_a_masked_branch_are_masked(masked: MongoClient,
         [line for line in shown.stdout.splitlines() if "4333-free" not in line])
 
 
+def test_a_long_diff_is_masked_batch_by_batch(masked: MongoClient, mbranch: dict[str, Any],
+                                              mproxy: ProxyProcess) -> None:
+    # More changes than one masking round trip takes (history.changes.BATCH).
+    masked[DB].users.insert_many([{"_id": 100 + i, "email": f"u{i}@real.example"}
+                                  for i in range(1100)])
+    shown = {d["_id"]: d["email"] for d in masked[DB].users.find({}, {"email": 1})}
+    status, body = mproxy.api("GET", f"/branches/{mbranch['name']}/diff")
+    assert status == 200 and isinstance(body, dict), body
+    inserted = {c["_id"]: c["branch"]["email"] for c in body["changes"]}
+    assert len(inserted) == 1100 and "@real" not in json.dumps(body)
+    assert all(inserted[i] == shown[i] for i in inserted)
+
+
 def test_merge_conflicts_and_the_port_of_a_masked_branch(masked: MongoClient,
                                                          mbranch: dict[str, Any],
                                                          mproxy: ProxyProcess) -> None:
