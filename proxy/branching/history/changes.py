@@ -4,6 +4,7 @@ so both read it from here."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -241,11 +242,19 @@ _SIDES = ("parent", "branch")
 
 
 async def masked_diff(engine: Engine, masker: Masker,
-                      changes: AsyncIterator[dict[str, Any]]
+                      changes: AsyncGenerator[dict[str, Any], None]
                       ) -> AsyncGenerator[dict[str, Any], None]:
     """A masked branch's diff: the document images of its masked collections, the
     branch's and its parent's alike, masked by the upstream with the branch's rules and
     salt (the values its port shows), a batch at a time; the rest passes as it is."""
+    async with contextlib.aclosing(changes):
+        async for change in _masked_batches(engine, masker, changes):
+            yield change
+
+
+async def _masked_batches(engine: Engine, masker: Masker,
+                          changes: AsyncIterator[dict[str, Any]]
+                          ) -> AsyncGenerator[dict[str, Any], None]:
     held: list[dict[str, Any]] = []
     size = 0
     async for change in changes:
