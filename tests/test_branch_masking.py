@@ -58,7 +58,12 @@ ORDERS = [{"_id": 10, "user": 1, "email": "alice@real.example", "card": "4111-11
           {"_id": 11, "user": 3, "email": "carol@real.example", "card": "4222-2222",
            "total": 7}]
 SECRETS = ["alice@real", "bob@real", "carol@real", "Alice Real", "Bob Real", "Carol Real",
-           "111-22", "222-33", "333-44", "555-01", "555-03", "vip-secret", "4111-", "4222-"]
+           "111-22", "222-33", "333-44", "555-01", "555-03", "vip-secret", "4111-", "4222-",
+           "dave@real", "Dave Real", "444-55", "555-04", "dave2@real", "erin@real",
+           "Erin Real", "555-66", "4333-", "zed@real"]
+DAVE = {"_id": 4, "email": "dave@real.example", "name": "Dave Real", "ssn": "444-55-6666",
+        "profile": {"phone": "+1-555-0404", "city": "Rome"}, "tags": ["vip-secret-d"],
+        "age": 20}
 
 
 def leaked(value: Any) -> list[str]:
@@ -346,6 +351,11 @@ def test_writes_that_would_read_a_masked_field_are_refused(masked: MongoClient) 
     # mongod's error for a field made inside a string quotes the string.
     refused(lambda: users.update_one({"_id": 1}, {"$set": {"ssn.x": 1}}))
     refused(lambda: users.update_one({"_id": 1}, {"$set": {"profile.phone.x": 1}}))
+    # Under a name without rules, the stored values would be read as they are.
+    refused(lambda: masked.admin.command("renameCollection", f"{DB}.users",
+                                         to=f"{DB}.plain_users"))
+    refused(lambda: masked.admin.command("renameCollection", f"{DB}.users",
+                                         to=f"{DB}.orders", dropTarget=True))
     refused(lambda: masked.admin.command(
         {"bulkWrite": 1, "nsInfo": [{"ns": f"{DB}.users"}],
          "ops": [{"update": 0, "filter": {"ssn": "x"}, "updateMods": {"$set": {"a": 1}}}]}))
@@ -374,11 +384,66 @@ def test_find_one_and_modify_returns_masked_documents(masked: MongoClient) -> No
 
 # -- change streams, explain, commands that show others' values, history -----------------------
 
-def test_change_streams_explain_and_others_refused(masked: MongoClient, direct: MongoClient,
-                                                  mbranch: dict[str, Any]) -> None:
-    refused(lambda: masked[DB].users.watch())
-    refused(lambda: masked[DB].watch())
-    refused(lambda: masked.watch())
+def test_change_streams_show_what_reads_show(masked: MongoClient) -> None:
+    users = masked[DB].users
+    with users.watch(full_document="updateLookup",
+                     full_document_before_change="whenAvailable") as stream:
+        users.insert_one(DAVE)
+        inserted = users.find_one({"_id": 4})
+        users.update_one({"_id": 4}, {"$set": {"email": "dave2@real.example", "age": 21}})
+        updated = users.find_one({"_id": 4})
+        users.replace_one({"_id": 4}, {"email": "erin@real.example", "name": "Erin Real",
+                                       "ssn": "555-66-7777"})
+        replaced = users.find_one({"_id": 4})
+        users.delete_one({"_id": 4})
+        parent_alice = users.find_one({"_id": 1})
+        users.update_one({"_id": 1}, {"$set": {"tags": ["zed@real.example"]}})
+        alice = users.find_one({"_id": 1})
+        events = [stream.next() for _ in range(5)]
+    assert not leaked(events), events
+    assert [e["operationType"] for e in events] == \
+        ["insert", "update", "replace", "delete", "update"]
+    assert inserted["ssn"] == "REDACTED" and inserted["email"].isdigit()
+    insert, update, replace, delete, kept = events
+    # The same document, read with find and streamed, shows the same masked values.
+    assert insert["fullDocument"] == inserted
+    assert update["fullDocument"] == updated
+    assert update["fullDocumentBeforeChange"] == inserted
+    assert update["updateDescription"]["updatedFields"] == \
+        {"email": updated["email"], "age": 21}
+    assert replace["fullDocument"] == replaced
+    assert replace["fullDocumentBeforeChange"] == updated
+    assert delete["fullDocumentBeforeChange"] == replaced
+    assert [e["documentKey"] for e in events] == [{"_id": 4}] * 4 + [{"_id": 1}]
+    # The parent's image the branch copied up is masked too.
+    assert kept["fullDocumentBeforeChange"] == parent_alice
+    assert kept["fullDocument"] == alice
+    assert kept["updateDescription"]["updatedFields"] == {"tags": alice["tags"]}
+
+
+def test_change_stream_stages_see_masked_values(masked: MongoClient) -> None:
+    users = masked[DB].users
+    probe = [{"$match": {"$or": [{"fullDocument.email": "dave@real.example"},
+                                 {"fullDocument.ssn": {"$regex": "^444"}},
+                                 {"fullDocument.end": True}]}}]
+    with users.watch(probe) as raw, masked[DB].watch(
+            [{"$match": {"fullDocument.ssn": "REDACTED"}}]) as whole_db, \
+            masked.watch([{"$match": {"ns.coll": "orders"}}]) as cluster:
+        users.insert_one(DAVE)
+        masked[DB].orders.insert_one({"_id": 12, "card": "4333-3333", "total": 1})
+        users.insert_one({"_id": 5, "end": True})
+        # A filter on the stored value matches nothing: the first event is the last insert.
+        first = raw.next()
+        assert first["documentKey"] == {"_id": 5}, first
+        seen = whole_db.next()
+        assert seen["documentKey"] == {"_id": 4} and seen["fullDocument"]["ssn"] == "REDACTED"
+        order = cluster.next()
+        assert order["fullDocument"]["card"] == "REDACTED"
+        assert not leaked([first, seen, order])
+
+
+def test_explain_and_others_refused(masked: MongoClient, direct: MongoClient,
+                                    mbranch: dict[str, Any]) -> None:
     refused(lambda: masked.admin.command("currentOp"))
     refused(lambda: masked.admin.command("getLog", "global"))
     explained = masked[DB].command("explain", {"find": "users", "filter": {"ssn": "x"}},
@@ -398,18 +463,68 @@ def test_change_streams_explain_and_others_refused(masked: MongoClient, direct: 
         assert event["documentKey"] == {"_id": 99}
 
 
-def test_history_of_a_masked_branch_is_refused(masked: MongoClient, mbranch: dict[str, Any],
-                                               mproxy: ProxyProcess) -> None:
+def test_diff_and_log_of_a_masked_branch_are_masked(masked: MongoClient,
+                                                    mbranch: dict[str, Any],
+                                                    mproxy: ProxyProcess) -> None:
+    users = masked[DB].users
+    before = {d["_id"]: d for d in users.find()}
+    users.update_one({"_id": 1}, {"$set": {"email": "zed@real.example", "age": 50}})
+    users.insert_one(DAVE)
+    users.delete_one({"_id": 3})
+    masked[DB].notes.insert_one({"_id": 1, "card": "4333-free"})  # no rules: as stored
+    after = {d["_id"]: d for d in users.find()}
+    name = mbranch["name"]
+    status, body = mproxy.api("GET", f"/branches/{name}/diff")
+    assert status == 200, body
+    assert isinstance(body, dict)
+    changes = {(c["ns"], c["_id"]): c for c in body["changes"]}
+    notes = changes.pop((f"{DB}.notes", 1))
+    assert notes["branch"] == {"_id": 1, "card": "4333-free"}
+    assert not leaked(list(changes.values())), body
+    # Both sides, the parent's current documents too, as the branch's port shows them.
+    update, insert, delete = (changes[(f"{DB}.users", i)] for i in (1, 4, 3))
+    assert (update["op"], insert["op"], delete["op"]) == ("update", "insert", "delete")
+    assert update["parent"] == json.loads(json_util.dumps(before[1]))
+    assert update["branch"] == json.loads(json_util.dumps(after[1]))
+    assert update["branch"]["email"].isdigit() and update["branch"]["age"] == 50
+    assert insert["branch"] == json.loads(json_util.dumps(after[4])) and insert["parent"] is None
+    assert delete["parent"] == json.loads(json_util.dumps(before[3]))
+    status, log = mproxy.api("GET", f"/branches/{name}/log")
+    assert status == 200 and not leaked(log), log
+    assert isinstance(log, dict) and len(log["entries"]) >= 4
+    with MongoClient(mproxy.uri) as main:
+        wired = main.admin.command("branchDiff", name)
+        assert not leaked([c for c in wired["changes"] if c["ns"] != f"{DB}.notes"])
+        assert next(c for c in wired["changes"] if c["_id"] == 4)["branch"] == after[4]
+        assert not leaked(main.admin.command("branchLog", name))
+        # The main port is the real database.
+        assert main[DB].users.find_one({"_id": 1})["email"] == "alice@real.example"
+    shown = subprocess.run([shutil.which("mongobranch") or ".venv/bin/mongobranch", "branch",
+                            "diff", name, "--json", "--admin", mproxy.admin_url],
+                           capture_output=True, text=True, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert "REDACTED" in shown.stdout and not leaked(
+        [line for line in shown.stdout.splitlines() if "4333-free" not in line])
+
+
+def test_a_long_diff_is_masked_batch_by_batch(masked: MongoClient, mbranch: dict[str, Any],
+                                              mproxy: ProxyProcess) -> None:
+    # More changes than one masking round trip takes (history.changes.BATCH).
+    masked[DB].users.insert_many([{"_id": 100 + i, "email": f"u{i}@real.example"}
+                                  for i in range(1100)])
+    shown = {d["_id"]: d["email"] for d in masked[DB].users.find({}, {"email": 1})}
+    status, body = mproxy.api("GET", f"/branches/{mbranch['name']}/diff")
+    assert status == 200 and isinstance(body, dict), body
+    inserted = {c["_id"]: c["branch"]["email"] for c in body["changes"]}
+    assert len(inserted) == 1100 and "@real" not in json.dumps(body)
+    assert all(inserted[i] == shown[i] for i in inserted)
+
+
+def test_merge_conflicts_and_the_port_of_a_masked_branch(masked: MongoClient,
+                                                         mbranch: dict[str, Any],
+                                                         mproxy: ProxyProcess) -> None:
     masked[DB].users.update_one({"_id": 1}, {"$set": {"age": 50}})
     name = mbranch["name"]
-    for path in (f"/branches/{name}/diff", f"/branches/{name}/log"):
-        status, body = mproxy.api("GET", path)
-        assert status == 403 and "mask" in body["error"], body  # type: ignore[index]
-    with MongoClient(mproxy.uri) as main:
-        with pytest.raises(OperationFailure, match="mask"):
-            main.admin.command("branchDiff", name)
-        with pytest.raises(OperationFailure, match="mask"):
-            main.admin.command("branchLog", name)
     # A merge's conflicts name the documents without their images.
     with MongoClient(mproxy.uri) as main:
         main[DB].users.update_one({"_id": 1}, {"$set": {"age": 60}})
@@ -440,10 +555,6 @@ def test_cli_creates_a_masked_branch(data: MongoClient, mproxy: ProxyProcess,
     assert branch["masked"] is True
     with MongoClient(branch["uri"]) as c:
         assert c[DB].users.find_one({"_id": 1})["ssn"] == "REDACTED"
-    shown = subprocess.run([shutil.which("mongobranch") or ".venv/bin/mongobranch", "branch",
-                            "diff", name, "--admin", mproxy.admin_url],
-                           capture_output=True, text=True, check=False)
-    assert shown.returncode == 1 and "mask" in shown.stderr
 
 
 @pytest.mark.parametrize(("table", "error"), [
@@ -507,7 +618,12 @@ async def test_an_agent_takes_a_masked_sandbox_over_mcp(data: MongoClient,
         with MongoClient(created["uri"]) as c:
             c[DB].users.update_one({"_id": 1}, {"$set": {"age": 1}})
             assert not leaked(list(c[DB].users.find()))
-        assert "mask" in await tools.error("diff_branch", name=name)
+            alice = json.loads(json_util.dumps(c[DB].users.find_one({"_id": 1})))
+        # Its changes reviewed as a diff: masked on both sides.
+        reviewed = await tools.call("diff_branch", name=name)
+        assert not leaked(reviewed), reviewed
+        change = next(c for c in reviewed["changes"] if c["_id"] == 1)
+        assert change["branch"] == alice and change["parent"]["ssn"] == "REDACTED"
 
 
 def test_indexes_and_validators_over_masked_fields_are_refused(masked: MongoClient) -> None:

@@ -89,6 +89,7 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
     main.insert_many([{"_id": 1, "v": "base"}, {"_id": 2, "v": "base"}])
     parent = made.create(unique("ui-parent"))
     child = made.create(unique("ui-child"), **{"from": parent["name"]})
+    masked = made.create(unique("ui-masked"), masked=True)
     with MongoClient(parent["uri"], serverSelectionTimeoutMS=10000) as b:
         b[db_name].items.update_one({"_id": 1}, {"$set": {"v": "branch"}})
         b[db_name].items.insert_one({"_id": 3, "v": "new"})
@@ -115,6 +116,7 @@ def test_console_views(proxy: ProxyProcess, client: MongoClient, made: Branches,
         below = cells(row(driver, child["name"]))
         assert below[1:3] == [name, str(child["port"])] and below[5] == "no changes"
         assert below[6] == "—"
+        assert cells(row(driver, masked["name"]))[6] == "masked"
         api_ok(proxy, "PATCH", f"/branches/{name}", {"protected": False})
         names = [r.get_attribute("data-branch") for r in
                  driver.find_elements(By.CSS_SELECTOR, "#tree tbody tr")]

@@ -6,8 +6,10 @@ branch's port becomes an aggregation whose first stage, right after the collecti
 read, replaces each masked field by an expression the upstream evaluates (`Masker.stage`);
 `$lookup`/`$unionWith` sub-pipelines reading a masked collection get the same stage first
 (`Masker.pipeline`). Filters, sorts, groups and joins of the client's then see only masked
-values. What cannot be put behind such a stage is refused here, with mongod's error shape
-and a message naming masking (`refusal`).
+values. The WAL's images, which change streams and diffs show, are masked in the upstream
+by the same functions (`Masker.images`) before anything is made of them. What cannot be
+put behind such a stage is refused here, with mongod's error shape and a message naming
+masking (`refusal`).
 
 Functions, all MQL: `redact` gives "REDACTED", `null` null, `hash` a decimal string of a
 polynomial hash (base 131, modulo a 55-bit prime) of the branch's salt and the value's
@@ -172,6 +174,46 @@ class Masker:
             stage[top] = {"$cond": [{"$eq": [{"$type": f"${top}"}, "missing"]}, "$$REMOVE",
                                     value]}
         return {"$set": stage}
+
+    def image(self, ns: str, doc: str) -> Any | None:
+        """An expression of the document `doc` (a field path such as "$post") of the
+        collection `ns` with its masked fields masked, by the same functions and salt as
+        `stage`, so a WAL image and a read of the same document show the same values
+        (None: the collection has no rules). Anything but a document is left as it is."""
+        fields = self.rules.get(ns, {})
+        if not fields:
+            return None
+        seed = seed_of(self.salt)
+        value: Any = doc
+        for path, rule in fields.items():
+            def leaf(expr: str, rule: str = rule) -> Any:
+                return function(rule, seed, self.lists, expr)
+
+            value = {"$let": {"vars": {"mbi": value},
+                              "in": _at("$$mbi", path.split("."), leaf)}}
+        return value
+
+    def images(self, fields: Iterable[str], namespaces: Iterable[str],
+               ns: str = "$ns") -> dict[str, Any] | None:
+        """A $set stage masking the image `fields` of documents (WAL entries, a diff's
+        changes) that name their collection in the `ns` field, with the rules of that
+        collection; only the given namespaces are looked at (those a reader can meet).
+        A missing or non-document image is left missing. None: none has rules."""
+        masked = [n for n in dict.fromkeys(namespaces) if self.rules.get(n)]
+        if not masked:
+            return None
+        out: dict[str, Any] = {}
+        for field in fields:
+            path = f"${field}"
+            cases = [{"case": {"$eq": [ns, n]}, "then": self.image(n, path)} for n in masked]
+            out[field] = {"$cond": [{"$eq": [{"$type": path}, "object"]},
+                                    {"$switch": {"branches": cases, "default": path}},
+                                    "$$REMOVE"]}
+        return {"$set": out}
+
+    def namespaces(self, db: str | None = None) -> list[str]:
+        """The collections with rules (of one database)."""
+        return [n for n in self.rules if db is None or n.partition(".")[0] == db]
 
     def pipeline(self, db: str, coll: str | None, pipeline: Pipeline) -> Pipeline:
         """A read's pipeline over db.coll (None: no collection, `aggregate: 1`) with the

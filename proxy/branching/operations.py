@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from proxy.branching import copymode, gc, history, lifecycle
+from proxy.branching import copymode, gc, history, lifecycle, masking
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.model import Branch
@@ -73,28 +73,22 @@ async def reap(engine: Engine, req: Reap) -> dict[str, Any]:
     return await lifecycle.reap(engine, req.now, req.dry_run)
 
 
-def _unmasked(branch: Branch, what: str) -> None:
-    """A masked branch's history holds its documents' stored, unmasked images (its own
-    writes and what it kept of its parent): every door refuses to show it."""
-    if branch.masked:
-        raise BranchError(Kind.FORBIDDEN,
-                          f"the {what} of masked branch {branch.name!r} is not shown: its "
-                          "images are unmasked (mongobranch masking); read the branch "
-                          "through its port")
-
-
 async def log(engine: Engine, req: Log) -> list[dict[str, Any]]:
-    if req.name in engine.branches:
-        _unmasked(engine.branches[req.name], "log")
+    """A log's entries carry no image (ids, operations, times, clients), so a masked
+    branch's log is shown as any other."""
     return await history.log(engine, req.name, req.limit, req.before_lsn)
 
 
 def diff(engine: Engine, req: Diff) -> tuple[str, AsyncGenerator[dict[str, Any], None]]:
     """The branch's parent and its changes as a stream; an unknown branch fails here,
-    before anything is streamed."""
+    before anything is streamed. A masked branch's document images, its own and its
+    parent's, come masked by the upstream (history.masked_diff)."""
     branch = engine.get(req.name)
-    _unmasked(branch, "diff")
-    return branch.parent, history.diff(engine, req.name)
+    changes = history.diff(engine, req.name)
+    masker = masking.for_branch(engine.config, branch)
+    if masker is not None:
+        changes = history.masked_diff(engine, masker, changes)
+    return branch.parent, changes
 
 
 async def merge(engine: Engine, req: MergeBranch,

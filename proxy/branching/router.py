@@ -72,7 +72,7 @@ BRANCH: dict[str, Handler] = {
     "collMod": masked.guarded(viewdefs.coll_mod),
     "drop": ddl.drop,
     "dropDatabase": ddl.drop_database,
-    "renameCollection": viewdefs.not_on_views(ddl.rename_collection),
+    "renameCollection": masked.guarded(viewdefs.not_on_views(ddl.rename_collection)),
     "createIndexes": masked.guarded(viewdefs.not_on_views(ddl.create_indexes)),
     "dropIndexes": viewdefs.not_on_views(ddl.drop_indexes),
     "deleteIndexes": viewdefs.not_on_views(ddl.drop_indexes),

@@ -91,9 +91,10 @@ function span(seconds) {
   return `${Math.floor(seconds / 86400)}d`;
 }
 
-// Protection, expiry and idle expiry, e.g. "protected · expires in 2h · idle 30m".
+// Masking, protection, expiry and idle expiry, e.g. "protected · expires in 2h · idle 30m".
 function lifecycle(branch) {
   const parts = [];
+  if (branch.masked) parts.push("masked");
   if (branch.protected) parts.push("protected");
   if (branch.expires_at) {
     parts.push(`expires in ${span(Math.max(0, (Date.parse(branch.expires_at) - Date.now()) / 1000))}`);

@@ -28,7 +28,7 @@ from bson.timestamp import Timestamp
 from pymongo.asynchronous.command_cursor import AsyncCommandCursor
 from pymongo.errors import OperationFailure
 
-from proxy.branching import gc
+from proxy.branching import gc, masking
 from proxy.branching.commands.base import Request
 from proxy.branching.copymode import MIGRATION
 from proxy.branching.cursormerge import DEFAULT_FIRST_BATCH, MAX_REPLY_BYTES
@@ -189,6 +189,10 @@ class Stream:
         self.full = full
         self.before = before
         self.stages = stages
+        # On a masked branch: the $set that masks the entries' images before any event
+        # is made of them (masking.py), so events and the client's stages see masked
+        # values only, as reads of the branch do.
+        self.masking: dict[str, Any] | None = None
         self.after = after
         self.id = 0
         self.used = time.monotonic()
@@ -223,7 +227,8 @@ class Stream:
         kinds = {"$concatArrays": [[_OPERATION],
                                    {"$cond": [dropped_db, ["dropDatabase"], []]},
                                    {"$cond": [self.invalidating, ["invalidate"], []]}]}
-        return [*matching(self._filter(lo, hi)), {"$sort": {"_id": 1}},
+        masked = [self.masking] if self.masking is not None else []
+        return [*matching(self._filter(lo, hi)), {"$sort": {"_id": 1}}, *masked,
                 {"$project": {"_id": 0, "e": {"$map": {"input": kinds, "as": "kind",
                                                        "in": _event(self.full, self.before)}}}},
                 {"$unwind": "$e"}, {"$replaceRoot": {"newRoot": "$e"}}, *self.stages]
@@ -436,6 +441,12 @@ async def open_stream(req: Request) -> dict[str, Any]:
     stream = Stream(req, ns, scope, not isinstance(target, str), invalidating, full, before,
                     stages, after)
     stream.since = since
+    masker = masking.for_branch(req.engine.config, req.branch)
+    if masker is not None:
+        # The images of the entries of every masked collection the stream can meet.
+        watched = masker.namespaces() if cluster else masker.namespaces(req.db) \
+            if not isinstance(target, str) else [ns]
+        stream.masking = masker.images(["pre", "post"], watched)
     await _check_stages(req, ns, stages)
     size = (cmd.get("cursor") or {}).get("batchSize", DEFAULT_FIRST_BATCH)
     docs = await stream.fetch(int(size), 0.0)

@@ -90,6 +90,13 @@ def _check(req: Request, masker: masking.Masker) -> None:
         # Which writes a validator fails, and its error details, tell stored values.
         raise masking.refusal(f"a validator on masked collection {req.db}.{coll}",
                               masker.branch)
+    elif name == "renameCollection" and isinstance(coll, str):
+        target = cmd.get("to")
+        if masker.rules.get(coll) and (not isinstance(target, str)
+                                       or masker.rules.get(target) != masker.rules[coll]):
+            # Under another name its documents would be read by other rules, or none.
+            raise masking.refusal(f"renaming masked collection {coll} to a collection "
+                                  "with other masking rules", masker.branch)
     elif name == "bulkWrite":
         given = cmd.get("nsInfo")
         infos: list[Any] = given if isinstance(given, list) else []

@@ -8,7 +8,13 @@ of documents, whatever the number of changes.
 
 from proxy.branching.history.at import create_at
 from proxy.branching.history.branchmerge import STRATEGIES, Applier, Caller, MergeResult, merge
-from proxy.branching.history.changes import collection_change, diff, summarize, touched
+from proxy.branching.history.changes import (
+    collection_change,
+    diff,
+    masked_diff,
+    summarize,
+    touched,
+)
 from proxy.branching.history.entries import log
 from proxy.branching.history.points import (
     recorded_resets,
@@ -27,6 +33,7 @@ __all__ = [
     "create_at",
     "diff",
     "log",
+    "masked_diff",
     "merge",
     "recorded_resets",
     "reset",

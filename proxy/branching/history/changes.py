@@ -4,15 +4,20 @@ so both read it from here."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
+
+import bson
 
 from proxy.branching import views, viewscan
 from proxy.branching.engine import Engine
 from proxy.branching.history.lookup import BATCH, branch_states, find_ids, view_ids
 from proxy.branching.idkey import idkey
 from proxy.branching.lineage import parent_layers, parent_of, replaced
+from proxy.branching.masking import Masker
 from proxy.branching.model import Branch, NsState
+from proxy.branching.stages import documents_stage
 from proxy.branching.wal import KEEP, OWN, STARTS, image, matching
 from proxy.wire.bsonutil import same
 
@@ -228,3 +233,60 @@ async def state_changes(engine: Engine, branch: Branch, state: NsState,
             change = _classify(ns, value, theirs.get(idkey(value)), mine.get(idkey(value)))
             if change is not None:
                 yield change, first
+
+
+# Images sent to the upstream in one masking round trip: a command holds 16 MiB at most
+# (a larger image goes alone).
+MASK_BYTES = 4 * 1024 * 1024
+_SIDES = ("parent", "branch")
+
+
+async def masked_diff(engine: Engine, masker: Masker,
+                      changes: AsyncGenerator[dict[str, Any], None]
+                      ) -> AsyncGenerator[dict[str, Any], None]:
+    """A masked branch's diff: the document images of its masked collections, the
+    branch's and its parent's alike, masked by the upstream with the branch's rules and
+    salt (the values its port shows), a batch at a time; the rest passes as it is."""
+    async with contextlib.aclosing(changes):
+        async for change in _masked_batches(engine, masker, changes):
+            yield change
+
+
+async def _masked_batches(engine: Engine, masker: Masker,
+                          changes: AsyncIterator[dict[str, Any]]
+                          ) -> AsyncGenerator[dict[str, Any], None]:
+    held: list[dict[str, Any]] = []
+    size = 0
+    async for change in changes:
+        if "op" not in change or not masker.rules.get(change["ns"]):
+            for done in await _masked(engine, masker, held):
+                yield done
+            held, size = [], 0
+            yield change
+            continue
+        weight = sum(len(bson.encode(change[s])) for s in _SIDES if change.get(s))
+        if held and (len(held) >= BATCH or size + weight > MASK_BYTES):
+            for done in await _masked(engine, masker, held):
+                yield done
+            held, size = [], 0
+        held.append(change)
+        size += weight
+    for done in await _masked(engine, masker, held):
+        yield done
+
+
+async def _masked(engine: Engine, masker: Masker,
+                  changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    items = [{"i": i, "s": side, "ns": change["ns"], "d": change[side]}
+             for i, change in enumerate(changes) for side in _SIDES
+             if change.get(side) is not None]
+    stage = masker.images(["d"], [c["ns"] for c in changes])
+    if not items or stage is None:
+        return changes
+    out = [dict(c) for c in changes]
+    async for batch in engine.pool.batches(engine.meta_db, {
+            "aggregate": 1, "pipeline": [documents_stage(items), stage,
+                                         {"$project": {"i": 1, "s": 1, "d": 1}}]}, BATCH):
+        for item in batch:
+            out[int(item["i"])][str(item["s"])] = item["d"]
+    return out
