@@ -44,6 +44,27 @@ def chunks(ids: list[Any]) -> list[list[Any]]:
     return [ids[i:i + IN_CHUNK] for i in range(0, len(ids), IN_CHUNK)]
 
 
+# The bytes of documents sent in one insert: a command's body is one BSON document, which
+# the upstream takes up to 16 MB (a driver's 48 MB batch of three documents near 16 MB
+# comes in a document sequence, which the proxy's own commands do not use).
+INSERT_BYTES = 8 * 1024 * 1024
+
+
+def fitted(docs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Documents in consecutive groups of at most BATCH and INSERT_BYTES (a larger
+    document alone)."""
+    groups: list[list[dict[str, Any]]] = []
+    size = 0
+    for doc in docs:
+        n = len(bson.encode(doc))
+        if not groups or len(groups[-1]) >= BATCH or size + n > INSERT_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(doc)
+        size += n
+    return groups
+
+
 def by_ids(ids: list[Any]) -> list[dict[str, Any]]:
     """The statements of a `delete` of these ids, one per chunk."""
     return [{"q": {"_id": {"$in": chunk}}, "limit": 0} for chunk in chunks(ids)]
@@ -299,20 +320,14 @@ class Writer:
         if not fresh:
             return []
         ids = [d["_id"] for d in fresh]
-        copy = {"insert": self.state.live, "documents": fresh, "ordered": False}
         if SESSION.get() is not None:
             # In a transaction both run in one upstream session, one command at a time;
             # a failure aborts the whole transaction, so nothing is left to undo.
             await self.hide(ids, pooled=True)
-            if views.enforced(self.layers):
-                await self._copy_validated(copy)
-            else:
-                await self.check(copy)
+            await self._copy(fresh)
             return ids
-        hidden, copied = await asyncio.gather(
-            self.hide(ids, pooled=True),
-            self._copy_validated(copy) if views.enforced(self.layers) else self.check(copy),
-            return_exceptions=True)
+        hidden, copied = await asyncio.gather(self.hide(ids, pooled=True), self._copy(fresh),
+                                              return_exceptions=True)
         if isinstance(copied, BaseException):
             if not isinstance(hidden, BaseException):
                 await self.unhide_pooled(hidden)
@@ -321,6 +336,14 @@ class Writer:
             await self.check({"delete": self.state.live, "deletes": by_ids(ids)})
             raise hidden
         return ids
+
+    async def _copy(self, docs: list[dict[str, Any]]) -> None:
+        for group in fitted(docs):
+            copy = {"insert": self.state.live, "documents": group, "ordered": False}
+            if views.enforced(self.layers):
+                await self._copy_validated(copy)
+            else:
+                await self.check(copy)
 
     async def _copy_validated(self, cmd: dict[str, Any]) -> None:
         """A copy into an overlay that carries a validator the branch set (collMod): the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
+from itertools import accumulate
 from typing import Any
 
 import bson
@@ -16,7 +17,7 @@ from proxy.branching import overlay, planner
 from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
-from proxy.branching.overlay import BATCH, Writer, by_ids, chunks, dup_key_error
+from proxy.branching.overlay import BATCH, Writer, by_ids, chunks, dup_key_error, fitted
 from proxy.branching.runner import SESSION
 from proxy.branching.wal import DELETE, PUT, Change
 from proxy.wire.codes import Code
@@ -100,8 +101,9 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
     ordered = writer.cmd.get("ordered", True) is not False
     n = 0
     errors: list[dict[str, Any]] = []
-    for start in range(0, len(docs), BATCH):
-        chunk = docs[start:start + BATCH]
+    groups = fitted(docs)
+    for start, chunk in zip(accumulate((len(g) for g in groups), initial=0), groups,
+                            strict=False):
         taken = await writer.parent_has([d["_id"] for d in chunk])
         clashes = await writer.collisions_new(chunk)
         batch: list[tuple[int, dict[str, Any]]] = []
