@@ -261,3 +261,29 @@ def test_a_partial_unique_index_is_enforced_across_base_and_branch(
         proxy.api("DELETE", f"/branches/bwp-{n}")
         for name in names:
             direct.drop_database(name)
+
+
+def test_a_maximum_size_bulk_insert(proxy: ProxyProcess, direct: MongoClient) -> None:
+    """pymongo's test_bulk_max_message_size on a branch: one 48 MB batch (three documents
+    near 16 MB, then small ones) comes in one message; the overlay's inserts stay under
+    the upstream's 16 MB command limit, so the batch lands whole (it used to be sent on
+    as one command the upstream refused, and the client was left waiting)."""
+    n = next(_names)
+    status, body = proxy.api("POST", "/branches", {"name": f"bw-max-{n}"})
+    assert status == 201, body
+    mb16 = 16 * 1000 * 1000
+    docs: list[dict[str, Any]] = [{"_id": 1, "l": "s" * mb16}, {"_id": 2, "l": "s" * mb16},
+                                  {"_id": 3, "l": "s" * (mb16 - 10000)}]
+    docs += [{"_id": i} for i in range(4, 2000)]
+    client: MongoClient = MongoClient(body["uri"],  # type: ignore[index]
+                                      socketTimeoutMS=300_000)
+    try:
+        coll = client[f"bw_max_{n}"].c
+        assert len(coll.insert_many(docs).inserted_ids) == len(docs)
+        assert coll.count_documents({}) == len(docs)
+        assert len(coll.find_one({"_id": 2})["l"]) == mb16
+        assert direct[f"bw_max_{n}"].c.count_documents({}) == 0  # the base is never written
+    finally:
+        client.close()
+        proxy.api("DELETE", f"/branches/bw-max-{n}")
+        direct.drop_database(f"bw_max_{n}")

@@ -106,6 +106,16 @@ class Change:
     extra: dict[str, Any] | None = None
 
 
+def _settle(done: asyncio.Future[None], exc: Exception | None = None) -> None:
+    """An append's outcome, unless its writer stopped waiting (cancelled)."""
+    if done.done():
+        return
+    if exc is None:
+        done.set_result(None)
+    else:
+        done.set_exception(exc)
+
+
 class Wal:
     def __init__(self, client: AsyncMongoClient[dict[str, Any]], db: str):
         self.db = client[db]
@@ -123,6 +133,10 @@ class Wal:
         # change streams (commands/changestream.py) sleep on it instead of polling.
         self.last: dict[str, int] = {}
         self._appended = asyncio.Event()
+        # Group commit: appends waiting to be stored, and the lock whose holder stores
+        # every one waiting in one insert (_store).
+        self._pending: list[tuple[list[dict[str, Any]], asyncio.Future[None]]] = []
+        self._storing = asyncio.Lock()
 
     async def init(self) -> None:
         await self.entries.create_index([("b", ASCENDING), ("ns", ASCENDING), ("_id", ASCENDING)])
@@ -238,15 +252,68 @@ class Wal:
                 docs.append(doc)
         if txn is not None and reply is not None:
             docs[-1]["reply"] = reply
+        if SESSION.get() is not None:
+            await self._insert(docs)
+        else:
+            await self._store(docs)
+        return first + total - 1
+
+    async def _store(self, docs: list[dict[str, Any]]) -> None:
+        """Group commit: the entries of appends that wait while an insert is under way
+        are stored together by the next, in one insert instead of one each (concurrent
+        writers on branches cost one WAL round trip between them). Each append returns
+        once its own entries are stored, or raises what storing them raised."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((docs, done))
+        async with self._storing:
+            if not done.done():
+                group, self._pending = self._pending, []
+                try:
+                    await self._commit(group)
+                except BaseException:
+                    # Cut off (cancelled, or the connection lost): the others' entries
+                    # are stored by the next holder (any stored already are found again
+                    # as duplicates, as expected); this one fails.
+                    done.cancel()
+                    self._pending[:0] = [(d, f) for d, f in group if not f.done()]
+                    raise
+        await done
+
+    async def _commit(self, group: list[tuple[list[dict[str, Any]], asyncio.Future[None]]]
+                      ) -> None:
+        """One insert of the waiting appends' entries; when it fails, each append's
+        alone, so that one append's failure (its entry too large, say) is its own."""
+        if len(group) > 1:
+            try:
+                await self._insert([doc for docs, _ in group for doc in docs])
+            except (DocumentTooLarge, BulkWriteError):
+                pass
+            else:
+                for _, done in group:
+                    _settle(done)
+                return
+        for docs, done in group:
+            try:
+                await self._insert(docs, again=len(group) > 1)
+            except Exception as exc:
+                _settle(done, exc)
+            else:
+                _settle(done)
+
+    async def _insert(self, docs: list[dict[str, Any]], *, again: bool = False) -> None:
+        """Insert entries in order. again: some may be stored already (a group's insert
+        failed part-way), so duplicates of them are expected."""
         try:
-            await self.entries.insert_many(docs, ordered=True, session=SESSION.get())
+            if again:
+                await self._insert_fitted(docs)
+            else:
+                await self.entries.insert_many(docs, ordered=True, session=SESSION.get())
         except DocumentTooLarge:  # pymongo's own size check
             await self._insert_fitted(docs)
         except BulkWriteError as exc:  # the server's (BSONObjectTooLarge)
             if not any(e.get("code") == TOO_LARGE for e in exc.details.get("writeErrors", [])):
                 raise
             await self._insert_fitted(docs)
-        return first + total - 1
 
     async def _insert_fitted(self, docs: list[dict[str, Any]]) -> None:
         """Entries over the BSON limit: a document near 16 MiB, or an update's pre- and

@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
+from itertools import accumulate
 from typing import Any
 
+import bson
 from bson import ObjectId
 
 from proxy.branching import overlay, planner
 from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
-from proxy.branching.overlay import BATCH, Writer, dup_key_error
+from proxy.branching.overlay import BATCH, Writer, by_ids, chunks, dup_key_error, fitted
 from proxy.branching.runner import SESSION
 from proxy.branching.wal import DELETE, PUT, Change
 from proxy.wire.codes import Code
+
+# The bytes of update statements sent in one command (the 16 MB limit, with room).
+_STATEMENTS_BYTES = 8 * 1024 * 1024
 
 # A handler's statements, parsed from its command.
 Statements = Callable[[Request], list[Any]]
@@ -96,8 +101,9 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
     ordered = writer.cmd.get("ordered", True) is not False
     n = 0
     errors: list[dict[str, Any]] = []
-    for start in range(0, len(docs), BATCH):
-        chunk = docs[start:start + BATCH]
+    groups = fitted(docs)
+    for start, chunk in zip(accumulate((len(g) for g in groups), initial=0), groups,
+                            strict=False):
         taken = await writer.parent_has([d["_id"] for d in chunk])
         clashes = await writer.collisions_new(chunk)
         batch: list[tuple[int, dict[str, Any]]] = []
@@ -249,12 +255,10 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
     for start in range(0, len(ids), BATCH):
         chunk = ids[start:start + BATCH]
         pres = small if small is not None else \
-            [d async for batch in writer.view_docs({"_id": {"$in": chunk}}) for d in batch]
+            [d for part in chunks(chunk)
+             async for batch in writer.view_docs({"_id": {"$in": part}}) for d in batch]
         copied = await writer.copy_on_write(pres)
-        reply = await writer.run(_with_let(writer, {
-            "update": writer.state.live,
-            "updates": [{**base_stmt, "q": _by_id(q, stmt.get("u"), {"$in": chunk}),
-                         "multi": multi}]}))
+        reply = await _update_ids(writer, base_stmt, q, stmt.get("u"), chunk, multi)
         since = len(writer.changes)
         await writer.record_puts(pres, copied, stmt.get("u"))
         clash = await writer.reject_collisions(since, copied)
@@ -262,14 +266,36 @@ async def _update_stmt(writer: Writer, stmt: dict[str, Any], index: int) -> dict
             modified = len(writer.changes) - since
             return {"n": out["n"] + modified, "nModified": out["nModified"] + modified,
                     "error": {**clash, "index": index}}
-        if not reply.get("ok"):
-            return {**out, "error": _stmt_error(index, reply)}
         out["n"] += int(reply.get("n", 0))
         out["nModified"] += int(reply.get("nModified", 0))
+        if not reply.get("ok"):
+            return {**out, "error": _stmt_error(index, reply)}
         if reply.get("writeErrors"):
             return {**out, "error": {**reply["writeErrors"][0], "index": index}}
         await writer.flush()
     return out
+
+
+async def _update_ids(writer: Writer, base_stmt: dict[str, Any], q: dict[str, Any],
+                      update: Any, ids: list[Any], multi: bool) -> dict[str, Any]:
+    """The overlay update of a batch of matched documents: one statement per chunk of
+    ids, as many to a command as keep it well under the 16 MB command limit (the
+    statement's update is repeated in each). A reply sums the commands run; the first
+    failure ends it (the statements are ordered)."""
+    per = max(1, _STATEMENTS_BYTES // len(bson.encode(base_stmt)))
+    parts = chunks(ids)
+    total: dict[str, Any] = {"n": 0, "nModified": 0, "ok": 1.0}
+    for start in range(0, len(parts), per):
+        reply = await writer.run(_with_let(writer, {
+            "update": writer.state.live,
+            "updates": [{**base_stmt, "q": _by_id(q, update, {"$in": part}), "multi": multi}
+                        for part in parts[start:start + per]]}))
+        reply["n"] = total["n"] + int(reply.get("n", 0))
+        reply["nModified"] = total["nModified"] + int(reply.get("nModified", 0))
+        total = reply
+        if not reply.get("ok") or reply.get("writeErrors"):
+            break
+    return total
 
 
 async def _update_one(writer: Writer, stmt: dict[str, Any], q: dict[str, Any],
@@ -360,8 +386,7 @@ async def _remove(writer: Writer, pres: list[dict[str, Any]]) -> None:
     owned = await writer.in_live(ids)
     mine = [i for i in ids if idkey(i) in owned]
     if mine:  # the overlay holds only ids it hides: the others are the parent's to hide
-        await writer.check({"delete": writer.state.live,
-                            "deletes": [{"q": {"_id": {"$in": mine}}, "limit": 0}]})
+        await writer.check({"delete": writer.state.live, "deletes": by_ids(mine)})
     await writer.hide([i for i in ids if idkey(i) not in owned])
     writer.changes.extend(Change(writer.ns, d["_id"], DELETE, d, None) for d in pres)
 
