@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import re
 import statistics
@@ -35,8 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,19 +135,6 @@ def run_round(client: Any, direct: Any, tag: str, n: int, big: bool
     return out
 
 
-def api(proxy: ProxyProcess, method: str, path: str, body: object | None = None
-        ) -> tuple[int, Any]:
-    """The admin API, waiting up to 15 minutes."""
-    req = urllib.request.Request(proxy.admin_url + path, method=method,
-                                 data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=900) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=10_000, help="documents per step")
@@ -195,13 +179,14 @@ def main() -> int:
                 else:
                     # Creation waits for the capture of main's changes (a minute or
                     # more after the maximum-size bulk on a loaded machine).
-                    status, body = api(proxy, "POST", "/branches", {"name": f"bulk{r}"})
+                    status, body = proxy.api("POST", "/branches", {"name": f"bulk{r}"},
+                                             timeout=900)
                     assert status == 201, (status, body)
                     quiet(direct)
                     with MongoClient(str(body["uri"]), socketTimeoutMS=180_000) as client:
                         got = run_round(client, direct, f"{target}{r}", args.n,
                                         not args.no_big)
-                    status, body = api(proxy, "DELETE", f"/branches/bulk{r}")
+                    status, body = proxy.api("DELETE", f"/branches/bulk{r}", timeout=900)
                     assert status in (200, 204), (status, body)
                 for step, fig in got.items():
                     results.setdefault((target, step), []).append(fig)

@@ -298,12 +298,13 @@ class ProxyProcess:
     def read_log(self) -> str:
         return Path(self.log).read_text(errors="replace")
 
-    def api(self, method: str, path: str, body: object | None = None) -> tuple[int, object]:
+    def api(self, method: str, path: str, body: object | None = None,
+            timeout: float = 60) -> tuple[int, object]:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.admin_url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
