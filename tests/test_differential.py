@@ -15,6 +15,10 @@ from tests.servers import ProxyProcess
 
 SEED = int(os.environ.get("MONGOBRANCH_DIFF_SEED", "20261126"))
 OPS = int(os.environ.get("MONGOBRANCH_DIFF_OPS", "2000"))
+# 2,000 seeded operations take 84-96 s alone on an idle machine; in one full-suite run
+# the first of them passed 300 s waiting on a branch's delete_many, for a reason not
+# found yet (no error or capture timeout in the proxy's log). A hang still fails here.
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.mark.parametrize("mode", ["wal", "copy"])
