@@ -78,7 +78,10 @@ class Stack:
     def api(self, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
         for attempt in (0, 1):
             if self.http is None:
-                self.http = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=60)
+                # Long enough for a restore of thousands of documents on a loaded machine:
+                # a timed-out POST is sent again and then finds its branch already made.
+                self.http = http.client.HTTPConnection("127.0.0.1", self.admin_port,
+                                                       timeout=900)
             try:
                 data = None if body is None else json.dumps(body)
                 self.http.request(method, path, body=data,

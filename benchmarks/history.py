@@ -676,13 +676,15 @@ def run_bulk(args: argparse.Namespace) -> int:
         stack = start_stack(procs, 10)
         say(f"logs in {logdir}")
         direct: MongoClient[dict[str, Any]] = MongoClient(stack.upstream, directConnection=True)
+        parts = set(args.bulk_parts.split(","))
         seed(direct[DB][DM], n)
         seed(direct[DB][HIST], n)
         # The metadata database: the capture of main's changes leaves it alone.
         scratch = direct[META]
         # The diff/merge branch: one update of each of n documents (n WAL entries).
         dmb = stack.create({"name": "dm-b"})
-        update_ranges(dmb["uri"], DM, 0, n, 500)
+        if parts & {"diff", "merge", "gc"}:
+            update_ranges(dmb["uri"], DM, 0, n, 500)
         dm_bid = bid_of(direct, "dm-b")
         # The `at` source: two passes; the point is after the first, so n documents
         # are given back their image from then.
@@ -695,77 +697,87 @@ def run_bulk(args: argparse.Namespace) -> int:
             f"{wal_count(direct, src_bid):,} entries, point LSN {point}")
 
         # diff vs a plain cursor over the same WAL entries
-        raw_s, raw_n = _timed(lambda: sum(1 for _ in direct[META]["wal"].find(
-            {"b": dm_bid}).sort("_id", 1).batch_size(1000)))
-        d = stream_diff(stack, "dm-b")
-        say(f"diff: {d.changes:,} changes {d.seconds:.2f}s; plain cursor {raw_n:,} entries "
-            f"{raw_s:.2f}s")
-        rows.append((f"diff of {d.changes:,} changes", d.seconds,
-                     f"plain cursor read of its {raw_n:,} WAL entries", raw_s, "<= 2x"))
+        if "diff" in parts:
+            raw_s, raw_n = _timed(lambda: sum(1 for _ in direct[META]["wal"].find(
+                {"b": dm_bid}).sort("_id", 1).batch_size(1000)))
+            d = stream_diff(stack, "dm-b")
+            say(f"diff: {d.changes:,} changes {d.seconds:.2f}s; plain cursor {raw_n:,} "
+                f"entries {raw_s:.2f}s")
+            rows.append((f"diff of {d.changes:,} changes", d.seconds,
+                         f"plain cursor read of its {raw_n:,} WAL entries", raw_s, "<= 2x"))
 
         # merge vs a direct bulk write of the same documents
-        branch_docs = contents(dmb["uri"], DM)
-        seed(scratch["raw_dm"], n)
+        if "merge" in parts:
+            branch_docs = contents(dmb["uri"], DM)
+            seed(scratch["raw_dm"], n)
 
-        def bulk_write() -> None:
-            for i in range(0, len(branch_docs), 1000):
-                scratch["raw_dm"].bulk_write([ReplaceOne({"_id": x["_id"]}, x, upsert=True)
-                                        for x in branch_docs[i:i + 1000]], ordered=False)
-        raw_s, _ = _timed(bulk_write)
-        m = run_merge(stack, "dm-b", {"strategy": "ours"}, "`ours`")
-        check = "identical" if contents(stack.proxy_uri, DM) == branch_docs else "DIFFERENT"
-        # Main's log holds the merge's writes (the capture preserved them for main's
-        # children) before the next operation is timed.
-        capture_s, _ = _timed(lambda: stack.api("GET", "/branches/main/log?limit=1"))
-        notes.append(f"After the merge the capture needed {capture_s:.2f}s more to log its "
-                     "writes in main's WAL (not part of either figure).")
-        say(f"merge: HTTP {m.status} {m.seconds:.2f}s applied {m.applied:,} ({check}); "
-            f"direct bulk write {raw_s:.2f}s")
-        rows.append((f"merge of {m.applied:,} changes into main (main after: {check})",
-                     m.seconds, f"bulk_write of the same {len(branch_docs):,} documents "
-                     "(replace by _id, 1,000 per call)", raw_s, "<= 3x"))
+            def bulk_write() -> None:
+                for i in range(0, len(branch_docs), 1000):
+                    scratch["raw_dm"].bulk_write(
+                        [ReplaceOne({"_id": x["_id"]}, x, upsert=True)
+                         for x in branch_docs[i:i + 1000]], ordered=False)
+            raw_s, _ = _timed(bulk_write)
+            m = run_merge(stack, "dm-b", {"strategy": "ours"}, "`ours`")
+            check = "identical" if contents(stack.proxy_uri, DM) == branch_docs \
+                else "DIFFERENT"
+            # Main's log holds the merge's writes (the capture preserved them for main's
+            # children) before the next operation is timed.
+            capture_s, _ = _timed(lambda: stack.api("GET", "/branches/main/log?limit=1"))
+            notes.append(f"After the merge the capture needed {capture_s:.2f}s more to log "
+                         "its writes in main's WAL (not part of either figure).")
+            say(f"merge: HTTP {m.status} {m.seconds:.2f}s applied {m.applied:,} ({check}); "
+                f"direct bulk write {raw_s:.2f}s")
+            rows.append((f"merge of {m.applied:,} changes into main (main after: {check})",
+                         m.seconds, f"bulk_write of the same {len(branch_docs):,} documents "
+                         "(replace by _id, 1,000 per call)", raw_s, "<= 3x"))
 
         # branch at a point vs the upstream inserting the documents restored
-        then = [doc(i, 1) for i in range(n)]
+        if "at" in parts:
+            then = [doc(i, 1) for i in range(n)]
 
-        def insert() -> None:
-            for i in range(0, n, 1000):
-                scratch["raw_restored"].insert_many(then[i:i + 1000], ordered=False)
-        raw_s, _ = _timed(insert)
-        at_s, _ = _timed(lambda: stack.create({"name": "at-b", "from": "src-b", "at": point}))
-        restored = wal_count(direct, bid_of(direct, "at-b"))
-        at_view = contents(stack.api("GET", "/branches/at-b")[1]["uri"], HIST)
-        check = "identical" if at_view == then else \
-            f"DIFFERENT ({ndiff(at_view, then)} differ)"
-        say(f"at: {restored:,} restored in {at_s:.2f}s ({check}); insert_many {raw_s:.2f}s")
-        rows.append((f"branch of src-b at a point, {restored:,} documents restored "
-                     f"(contents: {check})", at_s,
-                     f"insert_many of the same {n:,} documents (1,000 per call)", raw_s,
-                     "docs/s >= 50% of the upstream's"))
+            def insert() -> None:
+                for i in range(0, n, 1000):
+                    scratch["raw_restored"].insert_many(then[i:i + 1000], ordered=False)
+            raw_s, _ = _timed(insert)
+            at_s, _ = _timed(lambda: stack.create({"name": "at-b", "from": "src-b",
+                                                   "at": point}))
+            restored = wal_count(direct, bid_of(direct, "at-b"))
+            at_view = contents(stack.api("GET", "/branches/at-b")[1]["uri"], HIST)
+            check = "identical" if at_view == then else \
+                f"DIFFERENT ({ndiff(at_view, then)} differ)"
+            say(f"at: {restored:,} restored in {at_s:.2f}s ({check}); insert_many "
+                f"{raw_s:.2f}s")
+            rows.append((f"branch of src-b at a point, {restored:,} documents restored "
+                         f"(contents: {check})", at_s,
+                         f"insert_many of the same {n:,} documents (1,000 per call)", raw_s,
+                         "docs/s >= 50% of the upstream's"))
 
         # gc vs reading every entry and writing it back
-        entries = wal_count(direct)
+        if "gc" in parts:
+            entries = wal_count(direct)
 
-        def rewrite() -> None:
-            batch: list[dict[str, Any]] = []
-            for entry in direct[META]["wal"].find().batch_size(1000):
-                batch.append(entry)
-                if len(batch) == 1000:
+            def rewrite() -> None:
+                batch: list[dict[str, Any]] = []
+                for entry in direct[META]["wal"].find().batch_size(1000):
+                    batch.append(entry)
+                    if len(batch) == 1000:
+                        scratch["raw_wal"].insert_many(batch, ordered=False)
+                        batch = []
+                if batch:
                     scratch["raw_wal"].insert_many(batch, ordered=False)
-                    batch = []
-            if batch:
-                scratch["raw_wal"].insert_many(batch, ordered=False)
-        raw_s, _ = _timed(rewrite)
-        views = {"dm-b": (dmb["uri"], DM), "src-b": (src["uri"], HIST)}
-        before = {k: contents(uri, coll) for k, (uri, coll) in views.items()}
-        gc_s, (status, reply) = _timed(lambda: stack.api("POST", "/gc", {"retention": "0s"}))
-        same = all(contents(uri, coll) == before[k] for k, (uri, coll) in views.items())
-        say(f"gc: HTTP {status} {gc_s:.2f}s of {entries:,} entries ({str(reply)[:200]}); "
-            f"read+rewrite {raw_s:.2f}s; views {'identical' if same else 'DIFFERENT'}")
-        rows.append((f"gc of {entries:,} entries (views after: "
-                     f"{'identical' if same else 'DIFFERENT'})", gc_s,
-                     f"read of the same {entries:,} entries and insert_many of them "
-                     "(1,000 per call)", raw_s, "<= 3x"))
+            raw_s, _ = _timed(rewrite)
+            views = {"dm-b": (dmb["uri"], DM), "src-b": (src["uri"], HIST)}
+            before = {k: contents(uri, coll) for k, (uri, coll) in views.items()}
+            gc_s, (status, reply) = _timed(lambda: stack.api("POST", "/gc",
+                                                             {"retention": "0s"}))
+            same = all(contents(uri, coll) == before[k] for k, (uri, coll) in views.items())
+            say(f"gc: HTTP {status} {gc_s:.2f}s of {entries:,} entries "
+                f"({str(reply)[:200]}); read+rewrite {raw_s:.2f}s; views "
+                f"{'identical' if same else 'DIFFERENT'}")
+            rows.append((f"gc of {entries:,} entries (views after: "
+                         f"{'identical' if same else 'DIFFERENT'})", gc_s,
+                         f"read of the same {entries:,} entries and insert_many of them "
+                         "(1,000 per call)", raw_s, "<= 3x"))
         direct.close()
     finally:
         procs.stop_all()
@@ -817,6 +829,8 @@ def main() -> int:
     ap.add_argument("--bulk", type=int, default=0,
                     help="only issue 16's run: diff, merge, branch at a point and gc of this "
                          "many changes, each beside its raw baseline (prints, never writes)")
+    ap.add_argument("--bulk-parts", default="diff,merge,at,gc",
+                    help="with --bulk: which of diff,merge,at,gc to run (comma-separated)")
     args = ap.parse_args()
     if args.bulk:
         return run_bulk(args)

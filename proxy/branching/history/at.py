@@ -4,7 +4,10 @@ never the size of the base."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 from proxy.branching import copymode, gc
 from proxy.branching.engine import MAIN, Engine
@@ -120,6 +123,31 @@ async def _create_main_at(engine: Engine, name: Any, at: Any, port: Any,
     return await engine.create_branch(name, MAIN, port, None, then=restore, masked=masked)
 
 
+T = TypeVar("T")
+_END = object()
+
+
+async def _ahead(items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Asks for the next batch while the caller writes the current one: the upstream
+    prepares it (a getMore) while the proxy waits on the writes anyway."""
+    nxt: asyncio.Future[Any] = asyncio.ensure_future(anext(items, _END))
+    try:
+        while (item := await nxt) is not _END:
+            nxt = asyncio.ensure_future(anext(items, _END))
+            yield item
+    finally:
+        if not nxt.done():
+            nxt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await nxt
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            # A killCursors that fails (the connection gone) leaves the cursor to time
+            # out on the server; the restore's own outcome is what is raised.
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
 async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
     """Streams the first later entry of each changed document, a batch at a time, and
     its last: main's image now is that last entry's (the capture logged every change
@@ -132,8 +160,11 @@ async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
                           "prez": {"$first": "$prez"},
                           "last": {"$last": {"op": "$op", "post": "$post",
                                              "postz": "$postz"}}}}]
-    async for batch in pool.batches(engine.meta_db, {
-            "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True}):
+    # Overlays this restore created: nothing but its own writes is in them (the
+    # branch's lock is held; each document comes once out of the $group).
+    fresh: set[str] = set()
+    async for batch in _ahead(pool.batches(engine.meta_db, {
+            "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True})):
         by_ns: dict[str, list[tuple[Any, Any, Any]]] = {}
         for doc in batch:
             last = doc["last"]
@@ -142,12 +173,15 @@ async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
                  image(doc, "pre")))
         for ns, restore in by_ns.items():
             db, coll = ns.split(".", 1)
+            if engine.state(branch, db, coll) is None:
+                fresh.add(ns)
             state = await engine.ensure_state(branch, db, coll, pool)
             await engine.mark_dirty(state)
-            # The capture may have kept a later image for an id meanwhile: the image
-            # then replaces it.
-            await pool(db, {"delete": state.live, "deletes": [
-                {"q": {"_id": {"$in": [i for i, _, _ in restore]}}, "limit": 0}]})
+            if ns not in fresh:
+                # The capture kept a later image for an id before the restore took the
+                # branch's lock: the image then replaces it.
+                await pool(db, {"delete": state.live, "deletes": [
+                    {"q": {"_id": {"$in": [i for i, _, _ in restore]}}, "limit": 0}]})
             await _give_back(engine, branch, state, restore)
 
 
@@ -269,15 +303,22 @@ async def _give_back(engine: Engine, branch: Branch, state: NsState,
     (None: absent), logged as its changes."""
     ids = [i for i, _, _ in restore]
     docs = [img for _, _, img in restore if img is not None]
+    writes = [engine.pool(state.db, {"insert": state.hidden,
+                                     "documents": [{"_id": i} for i in ids],
+                                     "ordered": False})]
     if docs:
-        await engine.pool(state.db, {"insert": state.live, "documents": docs,
-                                     "ordered": False})
-    await engine.pool(state.db, {"insert": state.hidden,
-                                 "documents": [{"_id": i} for i in ids], "ordered": False})
-    state.hide(ids)
+        writes.append(engine.pool(state.db, {"insert": state.live, "documents": docs,
+                                             "ordered": False}))
     # Pre-images are the source's documents now, what the new branch hides: merging it
     # back finds no conflict unless the source changes them again.
-    await engine.log_changes(branch, [
+    log = engine.log_changes(branch, [
         Change(f"{state.db}.{state.coll}", i, PUT, now, img) if img is not None
         else Change(f"{state.db}.{state.coll}", i, DELETE, now, None)
         for i, now, img in restore], {"app": "mongobranch"})
+    # Side by side: the overlay is marked dirty (a crash rebuilds it from the WAL) and
+    # the branch is not served before its restore ends, so no order among them shows.
+    # All end before a failure is raised: none still runs once the branch is forgotten.
+    for outcome in await asyncio.gather(log, *writes, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    state.hide(ids)
