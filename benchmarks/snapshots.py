@@ -518,11 +518,27 @@ def reads_part(sz: Sizes, reads: dict[tuple[str, str], list[float]],
               "behind each of its upstream commands, on the client's own connection, gives "
               "the upstream's time once the read had run, and the read is answered once the "
               "capture has passed that time, unless the capture preserved something for the "
-              "child meanwhile (then it runs again). The ping costs no round trip but is "
-              "still a command for the upstream and a reply for the proxy: the issue-3 run "
-              "without the capture had the point read at 1.12x. The run before the ping was "
-              "pipelined (a pymongo `ping` beside the read) measured 2.49x / 1.86x / 2.62x.",
-              ""]
+              "child meanwhile (then it runs again). On an idle main that check almost never "
+              "waits (`barrier_waits` moved by 4 over ~5,600 back-to-back child point reads). "
+              "A point find on an id the child does not hide is the client's own find plus "
+              "the ping, its reply passed on undecoded (`Passed`, since 6d61752); "
+              "what is left of the gap, profiled on a quiet machine: the ping on the "
+              "upstream (SecantusDB answers find by _id in ~0.20 ms, find + ping in one "
+              "write in ~0.26 ms, raw socket), the proxy's CPU per read, ~300 us (user time, "
+              "/proc) against ~50-60 us on the main port's inline fast path, ~60% of it in "
+              "the two socket writes (upstream, client; py-spy --gil) and the rest Python "
+              "(~360 calls: the task, router, fences, view and plan checks, the capture "
+              "check), and this VM's "
+              "cross-CPU wake-ups (a loopback TCP round trip between two processes on "
+              "different vCPUs 79 us, on one 6 us), which the ping's reply, arriving in a "
+              "second segment in ~44% of reads, adds one of. Earlier figures: the issue-3 "
+              "run without the capture had the point read at 1.12x; before the ping was "
+              "pipelined, 2.49x / 1.86x / 2.62x; before the reply was passed undecoded, "
+              "1.68x / 1.65x / 2.57x (2026-11-30 13:03 UTC, quiet machine); four --reads-only "
+              "runs interleaved before/after it on 2026-11-30 18:35-18:42 UTC, on a machine "
+              "loaded 5-7x over its 2 CPUs by other work (load 10-15), measured the point read "
+              "at 2.21x, 2.23x before and 1.89x, 1.84x after (range 1.98x, 2.27x / 2.18x, "
+              "1.93x; aggregation 2.66x, 2.54x / 2.65x, 2.65x: no change beyond noise).", ""]
     return lines
 
 
@@ -691,7 +707,7 @@ def reads_only(sz: Sizes, quick: bool) -> int:
     lines = reads_part(sz, reads, when)
     if found.notes:
         lines += ["Wrong answers met in this run:", ""] + [f"- {t}" for t in found.notes] + [""]
-    text = "\n".join(lines)
+    text = "\n".join(lines).rstrip("\n") + "\n\n"
     print()
     print(text)
     if quick:
