@@ -534,11 +534,12 @@ def reads_part(sz: Sizes, reads: dict[tuple[str, str], list[float]],
               "second segment in ~44% of reads, adds one of. Earlier figures: the issue-3 "
               "run without the capture had the point read at 1.12x; before the ping was "
               "pipelined, 2.49x / 1.86x / 2.62x; before the reply was passed undecoded, "
-              "1.68x / 1.65x / 2.57x (2026-11-30 13:03 UTC, quiet machine); four --reads-only "
-              "runs interleaved before/after it on 2026-11-30 18:35-18:42 UTC, on a machine "
-              "loaded 5-7x over its 2 CPUs by other work (load 10-15), measured the point read "
-              "at 2.21x, 2.23x before and 1.89x, 1.84x after (range 1.98x, 2.27x / 2.18x, "
-              "1.93x; aggregation 2.66x, 2.54x / 2.65x, 2.65x: no change beyond noise).", ""]
+              "1.68x / 1.65x / 2.57x (2026-11-30 13:03 UTC, quiet machine). Six --reads-only "
+              "runs alternating before/after it on 2026-11-30 18:35-18:49 UTC, on a machine "
+              "loaded 3-7x over its 2 CPUs by other work (1-minute load 6-15), measured the "
+              "point read at 2.21x, 2.23x, 1.80x before and 1.89x, 1.84x, 1.70x after (range "
+              "1.98x, 2.27x, 1.85x / 2.18x, 1.93x, 1.73x; aggregation 2.66x, 2.54x, 2.83x / "
+              "2.65x, 2.65x, 2.55x); the table is the last, least loaded, of them.", ""]
     return lines
 
 
