@@ -32,6 +32,8 @@ sections kept).
     .venv/bin/python benchmarks/snapshots.py            # ~6-10 minutes
     .venv/bin/python benchmarks/snapshots.py --quick    # smoke run, no RESULTS.md update
     .venv/bin/python benchmarks/snapshots.py --only-restore   # part (5) alone, printed
+    .venv/bin/python benchmarks/snapshots.py --reads-only  # (2) alone, ~1-2 minutes; only
+                                                           # its paragraph is replaced
 """
 
 from __future__ import annotations
@@ -591,6 +593,56 @@ def restore_lines(sz: Sizes, restore: list[dict[str, float]], floor: float) -> l
 
 
 # -- report --------------------------------------------------------------------------------
+def reads_part(sz: Sizes, reads: dict[tuple[str, str], list[float]],
+               when: str = "") -> list[str]:
+    """Part (2) of the section: its own paragraph, so that --reads-only can replace it."""
+    targets = {"point": 1.2, "range": 1.5, "agg": 2.5}
+    labels = {"point": "point find by _id",
+              "range": "indexed range find, 20 docs (`k` in [x, x+20))",
+              "agg": f"aggregate `$match` on `k` ({max(10, sz.base // 50):,} docs) + "
+                     "`$group` on `g` (100 groups)"}
+    lines = [f"(2) Read latency, ms, on a child of main after main changed 1% of the "
+             f"{sz.base:,}-doc base ({sz.base // 100:,} docs, `update_many` on the main port "
+             "after the fork; the child holds their pre-images) vs the same reads on the "
+              f"main port; one sync client per target, {sz.read_rounds} rounds x "
+             f"{sz.read_block} requests ({sz.read_block // 2} for the aggregation), "
+             "alternating (benchmarks/branches.py's `measure_reads`)" + when + ":", "",
+             "| query | main p50 | main p99 | child p50 | child p99 | child/main p50 "
+             "| target |", "|---|---|---|---|---|---|---|"]
+    for op, limit in targets.items():
+        m, br = reads[("main", op)], reads[("branch", op)]
+        lines.append(f"| {labels[op]} | {ms(pct(m, .5))} | {ms(pct(m, .99))} | "
+                     f"{ms(pct(br, .5))} | {ms(pct(br, .99))} | "
+                     f"**{pct(br, .5) / pct(m, .5):.2f}x** | <= {limit}x |")
+    lines += ["", "A read on a child is checked rather than held back: a `ping` pipelined "
+              "behind each of its upstream commands, on the client's own connection, gives "
+              "the upstream's time once the read had run, and the read is answered once the "
+              "capture has passed that time, unless the capture preserved something for the "
+              "child meanwhile (then it runs again). On an idle main that check almost never "
+              "waits (`barrier_waits` moved by 4 over ~5,600 back-to-back child point reads). "
+              "A point find on an id the child does not hide is the client's own find plus "
+              "the ping, its reply passed on undecoded (`Passed`, since 6d61752); "
+              "what is left of the gap, profiled on a quiet machine: the ping on the "
+              "upstream (SecantusDB answers find by _id in ~0.20 ms, find + ping in one "
+              "write in ~0.26 ms, raw socket), the proxy's CPU per read, ~300 us (user time, "
+              "/proc) against ~50-60 us on the main port's inline fast path, ~60% of it in "
+              "the two socket writes (upstream, client; py-spy --gil) and the rest Python "
+              "(~360 calls: the task, router, fences, view and plan checks, the capture "
+              "check), and this VM's "
+              "cross-CPU wake-ups (a loopback TCP round trip between two processes on "
+              "different vCPUs 79 us, on one 6 us), which the ping's reply, arriving in a "
+              "second segment in ~44% of reads, adds one of. Earlier figures: the issue-3 "
+              "run without the capture had the point read at 1.12x; before the ping was "
+              "pipelined, 2.49x / 1.86x / 2.62x; before the reply was passed undecoded, "
+              "1.68x / 1.65x / 2.57x (2026-11-30 13:03 UTC, quiet machine). Six --reads-only "
+              "runs alternating before/after it on 2026-11-30 18:35-18:49 UTC, on a machine "
+              "loaded 3-7x over its 2 CPUs by other work (1-minute load 6-15), measured the "
+              "point read at 2.21x, 2.23x, 1.80x before and 1.89x, 1.84x, 1.70x after (range "
+              "1.98x, 2.27x, 1.85x / 2.18x, 1.93x, 1.73x; aggregation 2.66x, 2.54x, 2.83x / "
+              "2.65x, 2.65x, 2.55x); the table is the last, least loaded, of them.", ""]
+    return lines
+
+
 def report(sz: Sizes, command: str, elapsed: float, load: tuple[float, float],
            warm: list[float], writes: dict[tuple[int, str], list[float]],
            reads: dict[tuple[str, str], list[float]], lag: dict[str, Any],
@@ -637,33 +689,7 @@ def report(sz: Sizes, command: str, elapsed: float, load: tuple[float, float],
               "smaller the share of a write the proxy's and the capture's work is, so against "
               "a faster upstream the same children cost a larger share.", ""]
 
-    targets = {"point": 1.2, "range": 1.5, "agg": 2.5}
-    labels = {"point": "point find by _id",
-              "range": "indexed range find, 20 docs (`k` in [x, x+20))",
-              "agg": f"aggregate `$match` on `k` ({max(10, sz.base // 50):,} docs) + "
-                     "`$group` on `g` (100 groups)"}
-    lines += [f"(2) Read latency, ms, on a child of main after main changed 1% of the "
-              f"{sz.base:,}-doc base ({sz.base // 100:,} docs, `update_many` on the main port "
-              "after the fork; the child holds their pre-images) vs the same reads on the "
-              f"main port; one sync client per target, {sz.read_rounds} rounds x "
-              f"{sz.read_block} requests ({sz.read_block // 2} for the aggregation), "
-              "alternating (benchmarks/branches.py's `measure_reads`):", "",
-              "| query | main p50 | main p99 | child p50 | child p99 | child/main p50 "
-              "| target |", "|---|---|---|---|---|---|---|"]
-    for op, limit in targets.items():
-        m, br = reads[("main", op)], reads[("branch", op)]
-        lines.append(f"| {labels[op]} | {ms(pct(m, .5))} | {ms(pct(m, .99))} | "
-                     f"{ms(pct(br, .5))} | {ms(pct(br, .99))} | "
-                     f"**{pct(br, .5) / pct(m, .5):.2f}x** | <= {limit}x |")
-    lines += ["", "A read on a child is checked rather than held back: a `ping` pipelined "
-              "behind each of its upstream commands, on the client's own connection, gives "
-              "the upstream's time once the read had run, and the read is answered once the "
-              "capture has passed that time, unless the capture preserved something for the "
-              "child meanwhile (then it runs again). The ping costs no round trip but is "
-              "still a command for the upstream and a reply for the proxy: the issue-3 run "
-              "without the capture had the point read at 1.12x. The run before the ping was "
-              "pipelined (a pymongo `ping` beside the read) measured 2.49x / 1.86x / 2.62x.",
-              ""]
+    lines += reads_part(sz, reads)
 
     def row(label: str, v: list[float]) -> str:
         if not v:
@@ -731,11 +757,55 @@ def report(sz: Sizes, command: str, elapsed: float, load: tuple[float, float],
     return "\n".join(lines) + "\n"
 
 
+def reads_only(sz: Sizes, quick: bool) -> int:
+    """Part (2) alone: the same base and child as in a whole run, without (1)'s writes
+    before it; its paragraph of the section is replaced, the other parts are kept."""
+    load_start = os.getloadavg()[0]
+    procs = Procs(Path(tempfile.mkdtemp(prefix="mb-snapbench-")))
+    found = Findings()
+    try:
+        stack = start_stack(procs, "snap", set(), 10)
+        print(f"logs in {procs.logdir}", flush=True)
+        direct: MongoClient[dict[str, Any]] = MongoClient(stack.upstream, directConnection=True)
+        seed(direct[DB][BASE], sz.base)
+        direct[DB][BASE].create_index("k")
+        settle(stack, direct)
+        print("(2) reads on a child after main changed 1% ...", flush=True)
+        _uri, reads = measure_child_reads(stack, direct, sz, found)
+        direct.close()
+    finally:
+        procs.stop_all()
+    info = machine()
+    command = ".venv/bin/python benchmarks/snapshots.py " + " ".join(sys.argv[1:])
+    when = (f"; measured alone {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC (`{command}`: "
+            f"a fresh stack, the base seeded, no part (1) before it; proxy at {info['rev']}, "
+            f"1-minute load average {load_start:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end)")
+    lines = reads_part(sz, reads, when)
+    if found.notes:
+        lines += ["Wrong answers met in this run:", ""] + [f"- {t}" for t in found.notes] + [""]
+    text = "\n".join(lines).rstrip("\n") + "\n\n"
+    print()
+    print(text)
+    if quick:
+        return 0
+    results = branches.RESULTS
+    old = results.read_text()
+    start = old.index(SECTION)
+    first = old.index("(2) Read latency", start)
+    last = old.index("(3) Capture lag", first)
+    results.write_text(old[:first] + text + old[last:])
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short smoke run; no RESULTS.md")
     ap.add_argument("--rounds", type=int, default=Sizes.rounds)
     ap.add_argument("--seconds", type=float, default=Sizes.seconds, help="per write block")
+    ap.add_argument("--reads-only", action="store_true",
+                    help="run only (2), on a stack seeded with its collection alone, and "
+                         "replace only its paragraph in RESULTS.md")
     ap.add_argument("--restore-docs", type=int, default=Sizes.hist,
                     help="documents main changes after the point of (5)")
     ap.add_argument("--restore-trials", type=int, default=Sizes.restore_trials,
@@ -751,6 +821,8 @@ def main() -> int:
         sz = Sizes(items=10_000, base=2_000, lag=600, hist=2_000, rounds=1, seconds=1.0,
                    read_rounds=4, read_block=10, lag_samples=30, cycles=6, preserved=100,
                    restore_trials=1)
+    if args.reads_only:
+        return reads_only(sz, args.quick)
     load_start = os.getloadavg()[0]
     began = time.monotonic()
     procs = Procs(Path(tempfile.mkdtemp(prefix="mb-snapbench-")))

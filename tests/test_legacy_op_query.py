@@ -50,6 +50,18 @@ def ports(proxy: ProxyProcess, direct: MongoClient) -> Iterator[dict[str, Any]]:
         direct.drop_database(name)
 
 
+def test_a_legacy_read_the_branch_passes_to_the_base_is_answered(
+        ports: dict[str, Any]) -> None:
+    """A find the branch runs on the base unchanged (an id it did not change) is answered
+    with the upstream's reply passed on undecoded (router.Passed); as an OP_REPLY it is
+    still the one document."""
+    with rawwire.connect(ports["branch"]) as sock:
+        flags, found = legacy(sock, f"{ports['db']}.$cmd",
+                              {"find": "items", "filter": {"_id": 5}}, 1)
+    assert flags == 0 and found["ok"] == 1.0
+    assert found["cursor"]["firstBatch"] == [{"_id": 5, "n": 5}]
+
+
 @pytest.mark.parametrize("port", ["main", "branch"])
 def test_legacy_commands_are_served(ports: dict[str, Any], port: str) -> None:
     db = ports["db"]

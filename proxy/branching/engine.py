@@ -611,23 +611,13 @@ class Engine:
                 self.fence(MAIN).hold("w"):
             yield
 
-    @contextlib.asynccontextmanager
-    async def reading(self, branches: list[Branch], *, exact: bool = True
-                      ) -> AsyncIterator[None]:
+    def reading(self, branches: list[Branch], *, exact: bool = True) -> Reading:
         """Keeps these branches' writes (and main's) out, so none shows half preserved in a
         child (snapshot.py). Taken root first, before any branch lock; then (exact) what
         reached main before now, through the proxy or not, is preserved (capture.py). A
         cursor's later batches do not wait: they are as exact as a mongod cursor's under
         read concern "local" (docs/ARCHITECTURE.md, "Where isolation is not exact")."""
-        async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(self.fence(MAIN).hold("r"))
-            if self.capture is not None and exact:
-                # No main-port write is in flight now: every one acknowledged so far is
-                # at or before the upstream's current time, which the capture passes.
-                await self.capture.barrier()
-            for branch in reversed(branches):
-                await stack.enter_async_context(self.fence(branch.bid).hold("r"))
-            yield
+        return Reading(self, branches, exact)
 
     def ancestors(self, branch: Branch) -> list[Branch]:
         """The branches a branch reads through, nearest first, main excluded."""
@@ -763,3 +753,43 @@ class Engine:
 def overlay_index(spec: dict[str, Any]) -> dict[str, Any]:
     """An index spec fit for createIndexes on an overlay collection."""
     return {k: v for k, v in spec.items() if k not in ("v", "ns")}
+
+
+class Reading:
+    """Engine.reading's hold, for an `async with` block: every command on a branch port
+    takes it, so it is a plain class rather than a generator-based context manager."""
+
+    __slots__ = ("branches", "engine", "exact", "held")
+
+    def __init__(self, engine: Engine, branches: list[Branch], exact: bool):
+        self.engine = engine
+        self.branches = branches
+        self.exact = exact
+        self.held: list[Fence] = []
+
+    async def __aenter__(self) -> None:
+        engine = self.engine
+        held = self.held
+        try:
+            fence = engine.fence(MAIN)
+            await fence.acquire("r")
+            held.append(fence)
+            if engine.capture is not None and self.exact:
+                # No main-port write is in flight now: every one acknowledged so far is
+                # at or before the upstream's current time, which the capture passes.
+                await engine.capture.barrier()
+            for branch in reversed(self.branches):
+                fence = engine.fence(branch.bid)
+                await fence.acquire("r")
+                held.append(fence)
+        except BaseException:
+            await self._release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._release()
+
+    async def _release(self) -> None:
+        held = self.held
+        while held:
+            await held.pop().release("r")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from typing import Any
 
@@ -34,7 +33,8 @@ from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch
 from proxy.branching.runner import FAILED, Runner
 from proxy.branching.txn import first_failure, in_transaction, no_such, transient
-from proxy.net.router import Context, Continued
+from proxy.net.router import Context, Continued, Passed
+from proxy.wire.bsonutil import decode
 from proxy.wire.codes import Code
 from proxy.wire.opmsg import EXHAUST_ALLOWED, OpMsg
 
@@ -167,13 +167,16 @@ class EngineRouter:
             return branch is not None and branch.masked
         return name not in FORWARDED
 
-    async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | Continued | None:
+    async def handle(self, ctx: Context, msg: OpMsg
+                     ) -> dict[str, Any] | Continued | Passed | None:
         try:
             reply = await self._serve(ctx, msg)
         except CommandError as exc:
             reply = exc.to_reply()
-        if reply is None:
-            return None
+        if reply is None or isinstance(reply, Passed):
+            # Passed: the upstream's own successful reply to the client's read, in
+            # mongod's order with its own cluster time (never a masked one's explain).
+            return reply
         reply = self._unsalted(msg, reply)
         reply = in_mongod_order(reply, ctx.gossip)
         if msg.flags & EXHAUST_ALLOWED and _continues(msg, reply):
@@ -195,7 +198,7 @@ class EngineRouter:
         scrubbed: dict[str, Any] = masking.scrub(reply, branch.mask_salt)
         return scrubbed
 
-    async def _serve(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | None:
+    async def _serve(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | Passed | None:
         cmd = msg.command
         name = next(iter(cmd))
         db = cmd.get("$db")
@@ -243,7 +246,8 @@ class EngineRouter:
         if name not in READS:
             await ctx.authenticated_user()  # the WAL and the audit name who did it
         req = Request(self.engine, branch, ctx,
-                      Runner(ctx.upstream_command, ctx.upstream_commands), db, cmd)
+                      Runner(ctx.upstream_command, ctx.upstream_commands, ctx.upstream_raw),
+                      db, cmd)
         if name in audit.WIRE_OPS:
             return await self._audited(name, ctx, handler, req)
         if name in ADMIN or name in UNFENCED:
@@ -262,11 +266,12 @@ class EngineRouter:
             return probed
         reply = await self._fenced(name, cmd, handler, req)
         if probed is not None and reply is not None:
-            reply = failpoints.with_wce(reply, probed)
+            reply = failpoints.with_wce(
+                decode(reply.body) if isinstance(reply, Passed) else reply, probed)
         return reply
 
     async def _fenced(self, name: str, cmd: dict[str, Any], handler: Handler,
-                      req: Request) -> dict[str, Any] | None:
+                      req: Request) -> dict[str, Any] | Passed | None:
         branch = req.branch
         if branch is None:
             return await handler(req)
@@ -362,7 +367,7 @@ class EngineRouter:
         return True
 
     async def _read(self, branch: Branch, handler: Handler,
-                    req: Request) -> dict[str, Any] | None:
+                    req: Request) -> dict[str, Any] | Passed | None:
         capture = self.engine.capture
         assert capture is not None
         root = self.engine.chain(branch)[-1].bid
@@ -374,12 +379,15 @@ class EngineRouter:
             # (a reply's own operationTime does not: SecantusDB may stamp a read before
             # a write it already sees); a read that sent nothing asks afterwards.
             run = req.run.clocked()
-            reply = await handler(dataclasses.replace(req, run=run))
+            reply: dict[str, Any] | Passed | None = await handler(
+                Request(req.engine, req.branch, req.ctx, run, req.db, req.cmd))
             if reply is None:
                 # A pass-through read: sent here rather than forwarded after, so that the
-                # ping follows it.
-                reply = await run.reply(req.db, {k: v for k, v in req.cmd.items()
-                                                 if k != "$db"})
+                # ping follows it; its answer goes to the client as the upstream sent it
+                # (on a masked branch, decoded: an error may quote the masking stage).
+                own = {k: v for k, v in req.cmd.items() if k != "$db"}
+                reply = await (run.reply(req.db, own) if branch.masked
+                               else run.passed(req.db, own))
             at = now_of(run.after) if run.after is not None else await capture.clock()
             if await capture.checked(root, since, at):
                 return reply
@@ -388,8 +396,10 @@ class EngineRouter:
         await capture.barrier()
         return await handler(req)
 
-    async def _discard(self, req: Request, reply: dict[str, Any] | None) -> None:
+    async def _discard(self, req: Request, reply: dict[str, Any] | Passed | None) -> None:
         """A read answered again: the cursor its first answer opened is closed."""
+        if isinstance(reply, Passed):
+            reply = decode(reply.body)
         cursor = reply.get("cursor") if isinstance(reply, dict) else None
         if not isinstance(cursor, dict) or not cursor.get("id"):
             return

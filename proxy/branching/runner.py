@@ -13,20 +13,25 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import OperationFailure
 
+from proxy.net.router import Passed
+from proxy.wire.bsonutil import decode, raw_ok
 from proxy.wire.errors import CommandError
 
 RawRun = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 Pipelined = Callable[..., Awaitable[list[dict[str, Any]]]]
+Undecoded = Callable[..., Awaitable[list[bytes]]]
 _PING = {"ping": 1}
 
 
 class Runner:
     """Runs commands and raises CommandError for ok: 0 replies, as mongod phrased them."""
 
-    def __init__(self, raw: RawRun, pipelined: Pipelined | None = None, *,
-                 clocked: bool = False):
+    def __init__(self, raw: RawRun, pipelined: Pipelined | None = None,
+                 undecoded: Undecoded | None = None, *, clocked: bool = False):
         self.raw = raw
         self.pipelined = pipelined
+        # The same exchange as `pipelined`, replies left as the upstream's BSON (passed()).
+        self.undecoded = undecoded
         self._clocked = clocked and pipelined is not None
         # The reply to the `ping` sent right behind the latest command (clocked()).
         self.after: dict[str, Any] | None = None
@@ -36,7 +41,7 @@ class Runner:
         the latest ping's reply (`after`) states the upstream's time once that exchange
         had run, hence at least that of every write its answer shows, at no extra round
         trip. Without pipelining, a runner that sends nothing more."""
-        return Runner(self.raw, self.pipelined, clocked=True)
+        return Runner(self.raw, self.pipelined, self.undecoded, clocked=True)
 
     async def replies(self, db: str, cmds: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The replies, ok: 0 included, to commands sent together: pipelined in one
@@ -53,6 +58,19 @@ class Runner:
     async def reply(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
         """The reply as the server sent it, ok: 0 included."""
         return (await self.replies(db, [cmd]))[0]
+
+    async def passed(self, db: str, cmd: dict[str, Any]) -> dict[str, Any] | Passed:
+        """The reply to a command whose answer goes to the client unchanged: a successful
+        one as the upstream's BSON, never decoded (a clocked runner's ping still is);
+        any other decoded, as reply() gives it."""
+        if self.undecoded is None or (self._clocked and self.pipelined is None):
+            return await self.reply(db, cmd)
+        if self._clocked:
+            body, ping = await self.undecoded((db, cmd), ("admin", _PING))
+            self.after = decode(ping)
+        else:
+            (body,) = await self.undecoded((db, cmd))
+        return Passed(body) if raw_ok(body) else decode(body)
 
     async def __call__(self, db: str, cmd: dict[str, Any]) -> dict[str, Any]:
         reply = await self.reply(db, cmd)
@@ -160,6 +178,9 @@ class SystemContext:
 
     async def upstream_commands(self, *requests: tuple[str, dict[str, Any]]
                                 ) -> list[dict[str, Any]]:
+        raise RuntimeError("system requests run on the engine's pool")
+
+    async def upstream_raw(self, *requests: tuple[str, dict[str, Any]]) -> list[bytes]:
         raise RuntimeError("system requests run on the engine's pool")
 
     @property

@@ -16,8 +16,6 @@ its ancestors' fences as readers: a child never sees a parent's write half prese
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from proxy.branching import views, viewscan
@@ -47,9 +45,16 @@ class Fence:
         self._waiting = {"w": 0, "r": 0}
         self._turn = "w"
 
-    @contextlib.asynccontextmanager
-    async def hold(self, side: str) -> AsyncIterator[None]:
+    def hold(self, side: str) -> _Held:
+        return _Held(self, side)
+
+    async def acquire(self, side: str) -> None:
         other = "r" if side == "w" else "w"
+        if not self._active[other] and not self._waiting[other] and not self._cond.locked():
+            # Uncontended (every branch read takes main's fence): what the condition's
+            # path below would do without waiting, without taking its lock.
+            self._active[side] += 1
+            return
         async with self._cond:
             self._waiting[side] += 1
             try:
@@ -60,14 +65,37 @@ class Fence:
             self._active[side] += 1
             if self._waiting[other]:
                 self._turn = other
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._active[side] -= 1
-                if not self._active[side]:
-                    self._turn = other
-                self._cond.notify_all()
+
+    async def release(self, side: str) -> None:
+        other = "r" if side == "w" else "w"
+        if not self._waiting["r"] and not self._waiting["w"] and not self._cond.locked():
+            # Nobody waits on the condition (each waiter counts itself in _waiting
+            # first): nobody to notify.
+            self._active[side] -= 1
+            if not self._active[side]:
+                self._turn = other
+            return
+        async with self._cond:
+            self._active[side] -= 1
+            if not self._active[side]:
+                self._turn = other
+            self._cond.notify_all()
+
+
+class _Held:
+    """One side of a fence held for an `async with` block."""
+
+    __slots__ = ("fence", "side")
+
+    def __init__(self, fence: Fence, side: str):
+        self.fence = fence
+        self.side = side
+
+    async def __aenter__(self) -> None:
+        await self.fence.acquire(self.side)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.fence.release(self.side)
 
 
 async def preserve(engine: Engine, parent: str, changes: list[Change],

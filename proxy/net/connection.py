@@ -44,7 +44,7 @@ from proxy.net.replies import (
     internal_error,
     upstream_state_error,
 )
-from proxy.net.router import Continued, Router
+from proxy.net.router import Continued, Passed, Router
 from proxy.upstream.connection import (
     UpstreamConfig,
     UpstreamConnection,
@@ -236,6 +236,14 @@ class ClientConnection(MessageProtocol):
                 _latest_gossip.clear()
                 _latest_gossip.update(gossip)
         return replies
+
+    async def upstream_raw(self, *requests: tuple[str, dict[str, Any]]) -> list[bytes]:
+        await self.ensure_upstream()
+        try:
+            return await self.upstream.raw_commands(*requests)
+        except UpstreamUnavailable:
+            metrics.UPSTREAM_ERRORS.inc()
+            raise
 
     @property
     def gossip(self) -> dict[str, Any]:
@@ -636,7 +644,7 @@ class ClientConnection(MessageProtocol):
             self.transport.write(data)  # first: the reply leaves before the bookkeeping
         HOT.bytes_out += len(data)
 
-    def _reply(self, body: dict[str, Any], request: Frame, compressor: int | None,
+    def _reply(self, body: dict[str, Any] | bytes, request: Frame, compressor: int | None,
                name: str) -> None:
         frame = opmsg.build(body, request_id=next_request_id(), response_to=request.request_id)
         self._write(frame, compressor, name)
@@ -668,6 +676,10 @@ class ClientConnection(MessageProtocol):
                     return
                 if isinstance(routed, Continued):
                     await self._stream(routed, msg, frame, compressor, name)
+                    return
+                if isinstance(routed, Passed):
+                    if not flags & opmsg.MORE_TO_COME:
+                        self._reply(routed.body, frame, compressor, name)
                     return
                 reply = routed
             else:
@@ -712,7 +724,7 @@ class ClientConnection(MessageProtocol):
         self.identity_known = True
         return self.user
 
-    async def routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | Continued | None:
+    async def routed(self, msg: opmsg.OpMsg) -> dict[str, Any] | Continued | Passed | None:
         """The router's reply, any failure turned into an error reply; None to forward."""
         return await self._guarded(lambda: self.router.handle(self, msg), msg)
 
@@ -722,7 +734,7 @@ class ClientConnection(MessageProtocol):
         moreToCome, each answering the one before it, as mongod sends them; it ends early
         when the client goes away, and waits while the client's socket is full."""
         response_to = frame.request_id
-        reply: dict[str, Any] | Continued | None = first
+        reply: dict[str, Any] | Continued | Passed | None = first
         while isinstance(reply, Continued):
             out = opmsg.build(reply.reply, request_id=next_request_id(),
                               response_to=response_to, flags=opmsg.MORE_TO_COME)
@@ -734,11 +746,13 @@ class ClientConnection(MessageProtocol):
             reply = await self._guarded(reply.next, msg)
         if reply is None:  # a router that forwards mid-stream: the stream cannot go on
             reply = internal_error(RuntimeError("an exhaust stream ended without a reply"))
-        self._write(opmsg.build(reply, request_id=next_request_id(), response_to=response_to),
+        body = reply.body if isinstance(reply, Passed) else reply
+        self._write(opmsg.build(body, request_id=next_request_id(), response_to=response_to),
                     compressor, name)
 
-    async def _guarded(self, call: Callable[[], Awaitable[dict[str, Any] | Continued | None]],
-                       msg: opmsg.OpMsg) -> dict[str, Any] | Continued | None:
+    async def _guarded(self, call: Callable[[], Awaitable[dict[str, Any] | Continued | Passed
+                                                         | None]],
+                       msg: opmsg.OpMsg) -> dict[str, Any] | Continued | Passed | None:
         try:
             reply = await call()
         except CommandError as exc:
@@ -754,7 +768,7 @@ class ClientConnection(MessageProtocol):
             return failed
         except Exception as exc:
             return self._internal_error(msg, exc)
-        if isinstance(reply, Continued):
+        if isinstance(reply, Continued | Passed):  # a Passed reply is a successful one
             return reply
         if reply is not None and not reply.get("ok") and reply.get("code") in STATE_CHANGE_CODES:
             # An election cut the command short: labelled as mongos labels it.

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 from proxy.metrics import count_request
 from proxy.net import handshake, hello
 from proxy.net.replies import host_unreachable
+from proxy.net.router import Passed
 from proxy.upstream.connection import UpstreamUnavailable, next_request_id
 from proxy.wire import legacy, opmsg
+from proxy.wire.bsonutil import decode
 from proxy.wire.framing import Frame
 
 if TYPE_CHECKING:
@@ -68,6 +70,8 @@ async def _command(conn: ClientConnection, body: dict[str, Any]) -> dict[str, An
         routed = await conn.routed(opmsg.OpMsg(0, body))
         if isinstance(routed, dict):  # never a stream: OP_QUERY cannot allow one
             return routed
+        if isinstance(routed, Passed):
+            return decode(routed.body)
     if name in handshake.CLIENT_AUTH:
         conn.client_authenticated = True
     if name in handshake.IDENTITY_CHANGES:

@@ -18,7 +18,16 @@ class Continued:
     carries is the router's to decide; how it goes out is the connection's."""
 
     reply: dict[str, Any]
-    next: Callable[[], Awaitable[dict[str, Any] | Continued | None]]
+    next: Callable[[], Awaitable[dict[str, Any] | Continued | Passed | None]]
+
+
+@dataclass(slots=True)
+class Passed:
+    """A successful upstream reply passed on as the upstream sent it (its body section's
+    BSON, in mongod's field order with its own cluster time): what a router would
+    otherwise decode only to encode it again unchanged."""
+
+    body: bytes
 
 
 class Context(Protocol):
@@ -38,6 +47,10 @@ class Context(Protocol):
     async def upstream_commands(self, *requests: tuple[str, dict[str, Any]]
                                 ) -> list[dict[str, Any]]:
         """Run commands pipelined on this client's own upstream connection, in order."""
+        ...
+
+    async def upstream_raw(self, *requests: tuple[str, dict[str, Any]]) -> list[bytes]:
+        """As upstream_commands, the replies' body sections left undecoded."""
         ...
 
     @property
@@ -62,7 +75,9 @@ class Router(Protocol):
         """
         ...
 
-    async def handle(self, ctx: Context, msg: OpMsg) -> dict[str, Any] | Continued | None:
+    async def handle(self, ctx: Context, msg: OpMsg
+                     ) -> dict[str, Any] | Continued | Passed | None:
         """The reply body (a `Continued` one only when the request allowed an exhaust
-        stream), or None to forward the original message unchanged."""
+        stream; a `Passed` one as the upstream sent it), or None to forward the original
+        message unchanged."""
         ...

@@ -553,11 +553,36 @@ class UpstreamConnection:
                 f"upstream did not answer {next(iter(requests[0][1]), '?')} within "
                 f"{timeout:g}s (socketTimeoutMS)") from exc
 
+    async def raw_commands(self, *requests: tuple[str, dict[str, Any]]) -> list[bytes]:
+        """As `commands`, the replies' body sections left undecoded (a reply passed on
+        unchanged needs no decoding)."""
+        timeout = self.config.socket_timeout
+        if timeout is None:
+            return await self._raw_commands(requests)
+        try:
+            return await asyncio.wait_for(self._raw_commands(requests), timeout)
+        except TimeoutError as exc:
+            self.close()
+            raise UpstreamUnavailable(
+                f"upstream did not answer {next(iter(requests[0][1]), '?')} within "
+                f"{timeout:g}s (socketTimeoutMS)") from exc
+
     async def _command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         return (await self._commands(((db, body),)))[0]
 
     async def _commands(self, requests: tuple[tuple[str, dict[str, Any]], ...]
                         ) -> list[dict[str, Any]]:
+        out = []
+        for body in await self._raw_commands(requests):
+            try:
+                out.append(decode(body))
+            except ProtocolError as exc:
+                self.close()
+                raise UpstreamUnavailable(f"unreadable reply from upstream: {exc}") from exc
+        return out
+
+    async def _raw_commands(self, requests: tuple[tuple[str, dict[str, Any]], ...]
+                            ) -> list[bytes]:
         data = b"".join(opmsg.build({**body, "$db": db}, request_id=next_request_id()).to_bytes()
                         for db, body in requests)
         async with self._lock:  # one exchange at a time on the connection
@@ -569,7 +594,7 @@ class UpstreamConnection:
                 self.close()
                 raise UpstreamUnavailable(f"unexpected reply opcode {reply.op_code}")
             try:
-                out.append(decode(opmsg.body_bytes(reply)))
+                out.append(opmsg.body_bytes(reply))
             except ProtocolError as exc:
                 self.close()
                 raise UpstreamUnavailable(f"unreadable reply from upstream: {exc}") from exc

@@ -133,3 +133,45 @@ def first_key(data: bytes, offset: int) -> str:
     if end < 0 or data[offset + 4] == 0:
         return ""
     return data[start:end].decode("utf-8", "replace")
+
+
+# Value sizes of the fixed-width BSON types, for walking a document's top level.
+_FIXED = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8,
+          0x13: 16, 0x7F: 0, 0xFF: 0}
+_DOUBLE = struct.Struct("<d")
+_INT64 = struct.Struct("<q")
+
+
+def raw_ok(data: bytes) -> bool | None:
+    """Whether a reply's top-level `ok` is set, read without decoding the reply; None
+    when it cannot tell (no ok, a type this walk does not know, malformed)."""
+    try:
+        pos, end = 4, len(data) - 1
+        while pos < end:
+            kind = data[pos]
+            name_end = data.index(b"\x00", pos + 1)
+            value = name_end + 1
+            if data[pos + 1:name_end] == b"ok":
+                if kind == 0x01:
+                    return bool(_DOUBLE.unpack_from(data, value)[0])
+                if kind == 0x10:
+                    return bool(_INT32.unpack_from(data, value)[0])
+                if kind == 0x12:
+                    return bool(_INT64.unpack_from(data, value)[0])
+                if kind == 0x08:
+                    return bool(data[value])
+                return None
+            size = _FIXED.get(kind)
+            if size is not None:
+                pos = value + size
+            elif kind in (0x02, 0x0D, 0x0E):
+                pos = value + 4 + _INT32.unpack_from(data, value)[0]
+            elif kind in (0x03, 0x04):
+                pos = value + _INT32.unpack_from(data, value)[0]
+            elif kind == 0x05:
+                pos = value + 5 + _INT32.unpack_from(data, value)[0]
+            else:
+                return None
+    except (ValueError, IndexError, struct.error):
+        return None
+    return None

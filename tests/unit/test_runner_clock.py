@@ -7,7 +7,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import bson
+from bson import Binary, Int64, Regex, Timestamp
+
 from proxy.branching.runner import Runner
+from proxy.net.router import Passed
+from proxy.wire.bsonutil import raw_ok
 
 Sent = list[tuple[tuple[str, dict[str, Any]], ...]]
 
@@ -68,3 +73,52 @@ def test_without_pipelining_a_clocked_runner_sends_commands_alone() -> None:
     asyncio.run(clocked.replies("app", [{"find": "a"}, {"find": "b"}]))
     assert sent == ["find", "find"]
     assert clocked.after is None
+
+
+def undecoded_runner() -> tuple[Runner, Sent, list[bytes]]:
+    """A runner whose exchanges answer with the BSON given, in order."""
+    sent: Sent = []
+    answers: list[bytes] = []
+
+    async def raw(db: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        raise AssertionError("passed() sends through the undecoded exchange")
+
+    async def pipelined(*requests: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        raise AssertionError("passed() sends through the undecoded exchange")
+
+    async def undecoded(*requests: tuple[str, dict[str, Any]]) -> list[bytes]:
+        sent.append(requests)
+        return [answers.pop(0) for _ in requests]
+
+    return Runner(raw, pipelined, undecoded), sent, answers
+
+
+def test_a_passed_reply_keeps_the_upstreams_bytes_and_the_ping_behind_it() -> None:
+    runner, sent, answers = undecoded_runner()
+    clocked = runner.clocked()
+    found = bson.encode({"cursor": {"firstBatch": [{"_id": 1}], "id": Int64(0), "ns": "a.b"},
+                         "ok": 1.0, "operationTime": Timestamp(5, 1)})
+    answers += [found, bson.encode({"ok": 1.0, "operationTime": Timestamp(7, 2)})]
+    reply = asyncio.run(clocked.passed("a", {"find": "b", "filter": {"_id": 1}}))
+    assert isinstance(reply, Passed) and reply.body == found
+    assert [[next(iter(cmd)) for _, cmd in write] for write in sent] == [["find", "ping"]]
+    assert clocked.after is not None and clocked.after["operationTime"] == Timestamp(7, 2)
+
+
+def test_a_failed_reply_is_decoded_for_the_router_to_judge() -> None:
+    runner, _, answers = undecoded_runner()
+    answers += [bson.encode({"ok": 0.0, "errmsg": "bad", "code": 2, "codeName": "BadValue"})]
+    reply = asyncio.run(runner.passed("a", {"find": "b"}))
+    assert isinstance(reply, dict) and reply["code"] == 2 and runner.after is None
+
+
+def test_raw_ok_reads_the_top_level_ok_without_decoding() -> None:
+    assert raw_ok(bson.encode({"cursor": {"firstBatch": [{"s": "ok", "b": Binary(b"x", 4)}],
+                                          "id": Int64(3)}, "ok": 1.0})) is True
+    assert raw_ok(bson.encode({"n": 2, "ok": 1})) is True
+    assert raw_ok(bson.encode({"ok": 0.0, "errmsg": "x"})) is False
+    assert raw_ok(bson.encode({"ok": False})) is False
+    # An `ok` nested deeper is not the reply's; a type the walk does not know: undecided.
+    assert raw_ok(bson.encode({"cursor": {"ok": 1.0}})) is None
+    assert raw_ok(bson.encode({"r": Regex("a"), "ok": 1.0})) is None
+    assert raw_ok(b"\x05\x00") is None
