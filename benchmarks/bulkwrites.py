@@ -16,11 +16,15 @@ main with children also preserves what they showed, which is not the baseline he
 
 Each figure is documents/s (the median of the rounds) and the upstream operations per
 document: the increase of the upstream's serverStatus `opcounters` (all kinds) over the
-step, divided by its documents. The script never asserts; it prints a table, and with
+step, divided by its documents. With --costs it also inserts, directly, what a branch
+insert writes per document (the document, its hidden id, its WAL entry with and without
+the WAL's indexes): their sum bounds the branch's ratio whatever the proxy does. The
+script never asserts; it prints a table, and with
 --write rewrites the "## Branch bulk writes (issue 16)" section of benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/bulkwrites.py                 # N=10,000, 3 rounds
     .venv/bin/python benchmarks/bulkwrites.py -n 100100 --rounds 1 --write
+    .venv/bin/python benchmarks/bulkwrites.py -n 3000 --rounds 1 --costs
 """
 
 from __future__ import annotations
@@ -73,6 +77,54 @@ def timed(direct: Any, fn: Callable[[], int]) -> tuple[float, int, dict[str, int
     ops = {k: after[k] - before.get(k, 0) for k in after}
     ops["command"] = ops.get("command", 0) - 1
     return secs, docs, ops
+
+
+def upstream_costs(direct: Any, n: int) -> list[str]:
+    """The upstream's own cost per document of what a branch insert writes, inserted
+    directly (1,000 to a command, as the proxy sends them) into fresh collections: the
+    document itself (all main writes), its hidden id, and its WAL entry with the WAL's
+    secondary indexes (wal.py) and without. Their sum bounds a branch insert's rate
+    from above, whatever the proxy does."""
+    from bson import Int64, Timestamp
+    from pymongo import ASCENDING, DESCENDING
+
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+    def entry(i: int) -> dict[str, Any]:
+        return {"_id": Int64(i), "b": "0" * 16, "ns": f"{DB}.own", "id": i, "op": "put",
+                "ts": now, "client": {"addr": "127.0.0.1:50000", "app": "bench"},
+                "ct": Timestamp(1, i), "post": small(i)}
+
+    kinds: list[tuple[str, Callable[[int], dict[str, Any]], bool]] = [
+        ("the document (main's insert)", small, False),
+        ("its hidden id `{_id}`", lambda i: {"_id": i}, False),
+        ("its WAL entry, no secondary index", entry, False),
+        ("its WAL entry, the WAL's 3 secondary indexes", entry, True)]
+    costs: dict[str, list[float]] = {}
+    for r in range(2):
+        for k, (name, make, indexed) in enumerate(kinds):
+            coll = direct[f"{DB}_costs"][f"c{r}_{k}"]
+            if indexed:
+                coll.create_index([("b", ASCENDING), ("ns", ASCENDING), ("_id", ASCENDING)])
+                coll.create_index([("b", ASCENDING), ("_id", DESCENDING)])
+                coll.create_index([("b", ASCENDING), ("ns", ASCENDING), ("id", ASCENDING),
+                                   ("_id", ASCENDING)])
+            docs = [make(i) for i in range(n)]
+            t0 = time.perf_counter()
+            for start in range(0, n, 1000):
+                coll.insert_many(docs[start:start + 1000])
+            costs.setdefault(name, []).append((time.perf_counter() - t0) / n * 1e6)
+    direct.drop_database(f"{DB}_costs")
+    best = {name: min(v) for name, v in costs.items()}
+    lines = [f"Upstream cost per document inserted directly ({n:,} documents, best of 2):", "",
+             "| written | µs/document |", "|---|---:|"]
+    lines += [f"| {name} | {us:,.0f} |" for name, us in best.items()]
+    names = list(best)
+    floor = best[names[0]] / (best[names[0]] + best[names[1]] + best[names[3]])
+    lines += ["", "A branch insert writes the three (document, hidden id, indexed WAL "
+                  f"entry): at most {floor:.0%} of main's documents/s on this upstream "
+                  "(its commands share one Python interpreter, so their costs add up)."]
+    return lines
 
 
 def baseline_exe(tree: str | None) -> list[str]:
@@ -141,6 +193,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-big", action="store_true", help="skip the maximum-size bulk")
     ap.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    ap.add_argument("--costs", action="store_true",
+                    help="also measure the upstream's own cost of what a branch insert "
+                         "writes (direct inserts; the bound it sets on the ratio)")
     ap.add_argument("--baseline", metavar="DIR",
                     help="run the proxy from another source tree (its proxy/ package), "
                          "e.g. `git archive <commit> proxy | tar -x -C DIR`, for a before")
@@ -194,11 +249,12 @@ def main() -> int:
                     print(f"  {step:18} {docs / secs:9.0f} docs/s  {secs:7.2f}s  "
                           f"{sum(ops.values()) / max(1, docs):.3f} ops/doc  {ops}", flush=True)
         main.close()
+        costs = upstream_costs(direct, args.n) if args.costs else []
         direct.close()
     finally:
         procs.stop_all()
     elapsed = time.monotonic() - began
-    table = report(results, args)
+    table = report(results, args) + (["", *costs] if costs else [])
     print("\n".join(table))
     if args.write:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -4,6 +4,7 @@ indexes across base and branch, retryable writes, error shapes, explain."""
 from __future__ import annotations
 
 import itertools
+import random
 import threading
 import uuid
 from collections.abc import Iterator
@@ -287,3 +288,41 @@ def test_a_maximum_size_bulk_insert(proxy: ProxyProcess, direct: MongoClient) ->
         client.close()
         proxy.api("DELETE", f"/branches/bw-max-{n}")
         direct.drop_database(f"bw_max_{n}")
+
+
+def test_a_write_of_several_batches_is_logged_whole_and_in_order(
+        proxy: ProxyProcess, direct: MongoClient) -> None:
+    """A branch write of several batches logs one batch while it writes the next
+    (overlay.Writer.flush): when its reply arrives, every changed document has its WAL
+    entry, and the entries follow the write's order (inserts in document order, each
+    document's insert before its update and its delete)."""
+    n = next(_names)
+    status, body = proxy.api("POST", "/branches", {"name": f"bw-batches-{n}"})
+    assert status == 201, body
+    db_name = f"bw_batches_{n}"
+    ns = f"{db_name}.c"
+    wal = direct[proxy.meta_db or "mongobranch"]["wal"]
+    count = 2500  # three batches of the writer (BATCH = 1,000)
+    order = list(range(count))
+    random.Random(n).shuffle(order)
+    client: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
+    try:
+        coll = client[db_name].c
+        coll.insert_many([{"_id": i, "v": 0} for i in order])
+        entries = list(wal.find({"ns": ns}).sort("_id", 1))
+        assert [(e["id"], e["op"]) for e in entries] == [(i, "put") for i in order]
+        coll.update_many({}, {"$inc": {"v": 1}})
+        coll.delete_many({})
+        entries = list(wal.find({"ns": ns}).sort("_id", 1))
+        assert len(entries) == 3 * count
+        seen: dict[int, list[str]] = {}
+        for e in entries:
+            seen.setdefault(e["id"], []).append(
+                "insert" if e["op"] == "put" and e.get("pre") is None
+                else "update" if e["op"] == "put" else e["op"])
+        assert seen == {i: ["insert", "update", "delete"] for i in order}
+        assert coll.count_documents({}) == 0
+    finally:
+        client.close()
+        proxy.api("DELETE", f"/branches/bw-batches-{n}")
+        direct.drop_database(db_name)

@@ -105,6 +105,7 @@ class Writer:
         self.wc_error: dict[str, Any] | None = None
         self.write_concern = cmd.get("writeConcern")
         self.wc_sent = False
+        self._logging: asyncio.Future[int] | None = None
 
     @property
     def layers(self) -> list[NsState]:
@@ -391,11 +392,28 @@ class Writer:
 
     async def flush(self) -> None:
         """Log a large write a batch at a time, so memory stays bounded. Like a mongod
-        multi-document write, one that spans batches is not atomic across a crash."""
-        if len(self.changes) >= BATCH:
-            await self.engine.log_changes(self.branch, self.changes,
-                                              self.client, self.txn)
-            self.changes.clear()
+        multi-document write, one that spans batches is not atomic across a crash.
+
+        Outside a transaction the batch's append runs while the write goes on with its
+        next batch (the upstream stores the WAL entries of one batch beside the overlay
+        writes of the next: a branch bulk write spends most of its time in the WAL
+        insert); at most one append is in flight, so entries keep their order, and
+        `finish` (or `settle`) waits for it before the client hears back."""
+        if len(self.changes) < BATCH:
+            return
+        await self.settle()
+        changes, self.changes = self.changes, []
+        logging = self.engine.log_changes(self.branch, changes, self.client, self.txn)
+        if SESSION.get() is not None:  # one upstream session runs one command at a time
+            await logging
+        else:
+            self._logging = asyncio.ensure_future(logging)
+
+    async def settle(self) -> None:
+        """Wait for the append `flush` left running; raises what it raised."""
+        logging, self._logging = self._logging, None
+        if logging is not None:
+            await logging
 
     async def record_inserts(self, match: dict[str, Any], pres: list[dict[str, Any]]) -> None:
         """Log documents a server-side write added to the overlay (they had no pre-image)."""
@@ -427,6 +445,7 @@ class Writer:
                             "deletes": [{"q": {"_id": {"$in": []}}, "limit": 1}]})
         if self.wc_error is not None:
             reply["writeConcernError"] = self.wc_error
+        await self.settle()
         await self.engine.log_changes(self.branch, self.changes, self.client, self.txn, reply)
         self.changes.clear()
         self.engine.remember(self.txn, reply)

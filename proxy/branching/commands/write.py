@@ -47,7 +47,11 @@ async def _handle(req: Request, statements: Statements, body: Body, *,
     async with req.engine.writing(req.on_branch, (point or _point)(req, coll, stmts)):
         if (done := _recalled(req)) is not None:
             return done
-        return await body(await begin(req, coll), stmts)
+        writer = await begin(req, coll)
+        try:
+            return await body(writer, stmts)
+        finally:
+            await writer.settle()  # a batch's append still running (Writer.flush)
 
 
 async def begin(req: Request, coll: str) -> Writer:
