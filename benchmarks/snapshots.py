@@ -200,6 +200,12 @@ def measure_writes(stack: Stack, direct: MongoClient[dict[str, Any]], sz: Sizes
     for r in range(sz.rounds):
         order = list(configs) if r % 2 == 0 else list(reversed(configs))
         for kids in order:
+            if max(kids, 0) > len(live):
+                set_children(stack, max(kids, 0), live)
+                # A new child's overlay is created by the first copy-up into it: once per
+                # child and collection, not a cost of each write, so not in the blocks.
+                with MongoClient(stack.proxy_uri) as warm:
+                    warm[DB][ITEMS].update_one({"_id": 0}, {"$inc": {"warm": 1}})
             set_children(stack, max(kids, 0), live)
             made: dict[str, list[str]] = {}
             for op in OPS:
@@ -525,7 +531,9 @@ def write_lines(sz: Sizes, warm: list[float], writes: dict[tuple[int, str], list
               f"point `insert_one` (new _id), `update_one` by _id (`$inc`), `delete_one` of "
               f"the block's inserts, on a {sz.items:,}-doc collection; median of {sz.rounds} "
               f"rotating rounds of {sz.seconds:g}s blocks, each started with the capture "
-              "caught up (a marker write on the upstream, then its WAL entry); the last "
+              "caught up (a marker write on the upstream, then its WAL entry), and after new "
+              "children were made one main-port update before the blocks, so that their "
+              "overlays exist (created by the first copy-up, once per child); the last "
               "column is how long after the block that took. \"upstream direct\": the same "
               "writes straight to SecantusDB, without the proxy. Before the rounds, direct "
               "2 s blocks of updates ran until SecantusDB's own rate levelled off (it falls "
