@@ -554,7 +554,10 @@ def write_lines(sz: Sizes, warm: list[float], writes: dict[tuple[int, str], list
               "while it runs, so that no child's command runs beside it. It does not wait "
               "for the capture (unless the capture trails by more than a second): the "
               "capture preserves the pre-images into each child and logs main's change "
-              "beside it, a batch of events at a time. The ratios are taken against "
+              "beside it, a batch of events at a time; with several children a batch grows "
+              "while nothing waits for the capture (50 ms per child beyond the first, at "
+              "most 0.5 s), as each batch costs every child an insert or two whatever its "
+              "size. The ratios are taken against "
               "SecantusDB's levelled-off rate (the first row): the slower the upstream, the "
               "smaller the share of a write the proxy's and the capture's work is, so against "
               "a faster upstream the same children cost a larger share.", ""]
