@@ -81,6 +81,8 @@ LAG, HIST, ITEMS = "lag", "hist", "items"
 MAIN = "main"
 POLL = 0.002  # seconds between polls of main's WAL
 QUIET = 1.5  # seconds without writes before an idle read (see exact_reads)
+OPCOUNTERS = ("insert", "query", "update", "delete", "getmore", "command")
+POLLS = [0]  # WAL polls made by logged_after, so far (left out of the opcounters)
 
 
 @dataclass
@@ -112,8 +114,9 @@ class Findings:
 
 # -- (1) main-port writes ------------------------------------------------------------------
 def block(uri: str, op: str, seconds: float, tag: str, n_docs: int,
-          made: dict[str, list[str]]) -> float:
-    """Operations per second of 4 clients running one kind of write for a while."""
+          made: dict[str, list[str]], done: list[int] | None = None) -> float:
+    """Operations per second of 4 clients running one kind of write for a while (and
+    in `done`, how many ran)."""
     counts = [0] * CLIENTS
     stop = time.monotonic() + seconds
 
@@ -143,6 +146,8 @@ def block(uri: str, op: str, seconds: float, tag: str, n_docs: int,
         t.start()
     for t in threads:
         t.join()
+    if done is not None:
+        done.append(sum(counts))
     return sum(counts) / (time.monotonic() - started)
 
 
@@ -177,12 +182,21 @@ def precondition(uri: str, n_docs: int, most: int = 40) -> list[float]:
     return rates
 
 
+def opcounters(direct: MongoClient[dict[str, Any]]) -> dict[str, int]:
+    got = direct.admin.command("serverStatus").get("opcounters") or {}
+    return {k: int(got.get(k, 0)) for k in OPCOUNTERS}
+
+
 def measure_writes(stack: Stack, direct: MongoClient[dict[str, Any]], sz: Sizes
                    ) -> dict[tuple[int, str], list[float]]:
     """Rates per (children, op), and under (children, op + ":settle") the seconds the
     capture still needed after each block: each block starts with the capture caught
     up, so none pays for the previous block's backlog. Children -1: the same writes
-    straight to the upstream, without the proxy."""
+    straight to the upstream, without the proxy. Under (children, op + ":" + counter):
+    the upstream's opcounters moved from the block's start until the capture had
+    logged it, per write of the block, the benchmark's own commands (the settle's
+    marker write and polls, serverStatus) left out: what each write cost the upstream,
+    the write itself included."""
     results: dict[tuple[int, str], list[float]] = {}
     live: list[str] = []
     configs = (-1, 0, 1, 10)
@@ -190,17 +204,34 @@ def measure_writes(stack: Stack, direct: MongoClient[dict[str, Any]], sz: Sizes
     for r in range(sz.rounds):
         order = list(configs) if r % 2 == 0 else list(reversed(configs))
         for kids in order:
+            if max(kids, 0) > len(live):
+                set_children(stack, max(kids, 0), live)
+                # A new child's overlay is created by the first copy-up into it: once per
+                # child and collection, not a cost of each write, so not in the blocks.
+                with MongoClient(stack.proxy_uri) as warm:
+                    warm[DB][ITEMS].update_one({"_id": 0}, {"$inc": {"warm": 1}})
             set_children(stack, max(kids, 0), live)
             made: dict[str, list[str]] = {}
             for op in OPS:
                 settle(stack, direct)
+                before = opcounters(direct)
+                done: list[int] = []
                 rate = block(upstream if kids < 0 else stack.proxy_uri, op, sz.seconds,
-                             f"r{r}k{kids}", sz.items, made)
+                             f"r{r}k{kids}", sz.items, made, done)
+                polls = POLLS[0]
                 tail = settle(stack, direct)
+                moved = {k: v - before[k] for k, v in opcounters(direct).items()}
+                moved["query"] -= POLLS[0] - polls + 1  # settle's polls and `newest`
+                moved["update"] -= 1                     # settle's marker
+                moved["command"] -= 1                    # serverStatus
                 results.setdefault((kids, op), []).append(rate)
                 results.setdefault((kids, op + ":settle"), []).append(tail)
+                for k, v in moved.items():
+                    results.setdefault((kids, f"{op}:{k}"), []).append(v / max(done[0], 1))
                 print(f"  round {r} children {kids:2d} {op:6s} {rate:8.0f} ops/s, capture "
-                      f"done {tail:.1f}s later", flush=True)
+                      f"done {tail:.1f}s later; upstream ops per write: " + " ".join(
+                          f"{k} {v / max(done[0], 1):.2f}" for k, v in moved.items() if v),
+                      flush=True)
     set_children(stack, 0, live)
     return results
 
@@ -220,6 +251,7 @@ def logged_after(wal: Any, ns: str, key: Any, after: int, timeout: float = 60.0)
     t0 = perf()
     query = {"b": MAIN, "ns": ns, "id": key, "_id": {"$gt": after}}
     while perf() - t0 < timeout:
+        POLLS[0] += 1
         if wal.find_one(query, {"_id": 1}) is not None:
             return perf() - t0
         time.sleep(POLL)
@@ -643,27 +675,17 @@ def reads_part(sz: Sizes, reads: dict[tuple[str, str], list[float]],
     return lines
 
 
-def report(sz: Sizes, command: str, elapsed: float, load: tuple[float, float],
-           warm: list[float], writes: dict[tuple[int, str], list[float]],
-           reads: dict[tuple[str, str], list[float]], lag: dict[str, Any],
-           store: dict[str, float], restore: list[dict[str, float]], floor: float,
-           found: Findings) -> str:
-    info = machine()
-    lines = [SECTION, "",
-             f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; the whole run took "
-             f"{elapsed:.0f}s, seeding included. Machine: {info['nproc']} CPUs "
-             f"({info['cpu']}), {info['mem']} RAM, shared and noisy (1-minute load average "
-             f"{load[0]:.1f} at the start, {load[1]:.1f} at the end); {info['python']}, "
-             f"pymongo {info['pymongo']}; proxy at {info['rev']}. One in-memory SecantusDB "
-             "(`secantusd-py --storage-path :memory:`) and one proxy with the capture on (the "
-             f"default). Reproduce: `{command}`.", ""]
-
+def write_lines(sz: Sizes, warm: list[float], writes: dict[tuple[int, str], list[float]]
+                ) -> list[str]:
+    """Part (1) of the report."""
     med = {key: statistics.median(v) for key, v in writes.items()}
-    lines += [f"(1) Main-port write throughput, ops/s: {CLIENTS} client threads (pymongo), "
+    lines = [f"(1) Main-port write throughput, ops/s: {CLIENTS} client threads (pymongo), "
               f"point `insert_one` (new _id), `update_one` by _id (`$inc`), `delete_one` of "
               f"the block's inserts, on a {sz.items:,}-doc collection; median of {sz.rounds} "
               f"rotating rounds of {sz.seconds:g}s blocks, each started with the capture "
-              "caught up (a marker write on the upstream, then its WAL entry); the last "
+              "caught up (a marker write on the upstream, then its WAL entry), and after new "
+              "children were made one main-port update before the blocks, so that their "
+              "overlays exist (created by the first copy-up, once per child); the last "
               "column is how long after the block that took. \"upstream direct\": the same "
               "writes straight to SecantusDB, without the proxy. Before the rounds, direct "
               "2 s blocks of updates ran until SecantusDB's own rate levelled off (it falls "
@@ -684,10 +706,44 @@ def report(sz: Sizes, command: str, elapsed: float, load: tuple[float, float],
               "while it runs, so that no child's command runs beside it. It does not wait "
               "for the capture (unless the capture trails by more than a second): the "
               "capture preserves the pre-images into each child and logs main's change "
-              "beside it, a batch of events at a time. The ratios are taken against "
+              "beside it, a batch of events at a time; with several children a batch grows "
+              "while nothing waits for the capture (50 ms per child beyond the first, at "
+              "most 0.5 s), as each batch costs every child an insert or two whatever its "
+              "size. The ratios are taken against "
               "SecantusDB's levelled-off rate (the first row): the slower the upstream, the "
               "smaller the share of a write the proxy's and the capture's work is, so against "
               "a faster upstream the same children cost a larger share.", ""]
+    lines += ["Upstream operations per main write (`serverStatus().opcounters`, moved from "
+              "a block's start until the capture had logged it, divided by the block's "
+              "writes; the write itself included, the benchmark's own marker write, WAL "
+              "polls and serverStatus left out; median of the rounds):", "",
+              "| children of main | write | " + " | ".join(OPCOUNTERS) + " | all |",
+              "|---|---|" + "---|" * (len(OPCOUNTERS) + 1)]
+    for kids in (-1, 0, 1, 10):
+        for op in OPS:
+            per = [med.get((kids, f"{op}:{k}"), 0.0) for k in OPCOUNTERS]
+            lines.append(f"| {'upstream direct' if kids < 0 else kids} | {op} | "
+                         + " | ".join(f"{v:.2f}" for v in per) + f" | {sum(per):.2f} |")
+    lines.append("")
+    return lines
+
+
+def report(sz: Sizes, command: str, elapsed: float, load: tuple[float, float],
+           warm: list[float], writes: dict[tuple[int, str], list[float]],
+           reads: dict[tuple[str, str], list[float]], lag: dict[str, Any],
+           store: dict[str, float], restore: list[dict[str, float]], floor: float,
+           found: Findings) -> str:
+    info = machine()
+    lines = [SECTION, "",
+             f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; the whole run took "
+             f"{elapsed:.0f}s, seeding included. Machine: {info['nproc']} CPUs "
+             f"({info['cpu']}), {info['mem']} RAM, shared and noisy (1-minute load average "
+             f"{load[0]:.1f} at the start, {load[1]:.1f} at the end); {info['python']}, "
+             f"pymongo {info['pymongo']}; proxy at {info['rev']}. One in-memory SecantusDB "
+             "(`secantusd-py --storage-path :memory:`) and one proxy with the capture on (the "
+             f"default). Reproduce: `{command}`.", ""]
+
+    lines += write_lines(sz, warm, writes)
 
     lines += reads_part(sz, reads)
 
@@ -814,6 +870,8 @@ def main() -> int:
                     help="py-spy raw profiles of the proxy and the upstream during (5), here")
     ap.add_argument("--only-restore", action="store_true",
                     help="run part (5) alone and print its paragraph; no RESULTS.md update")
+    ap.add_argument("--writes-only", action="store_true",
+                    help="part (1) only; rewrites only its paragraphs of RESULTS.md")
     args = ap.parse_args()
     sz = Sizes(rounds=args.rounds, seconds=args.seconds, hist=args.restore_docs,
                restore_trials=args.restore_trials)
@@ -844,6 +902,15 @@ def main() -> int:
             print("\n".join(["", *restore_lines(sz, restore, floor), *found.notes]))
             return 0
         db[ITEMS].insert_many([{"_id": i, "v": i} for i in range(sz.items)])
+        if args.writes_only:
+            db[LAG].insert_one({"_id": -1, "v": 0})
+            settle(stack, direct)
+            warm = precondition(stack.upstream + "?directConnection=true", sz.items,
+                                3 if args.quick else 40)
+            writes = measure_writes(stack, direct, sz)
+            direct.close()
+            return writes_only(sz, warm, writes, time.monotonic() - began, load_start,
+                               write=not args.quick)
         seed(db[BASE], sz.base)
         db[BASE].create_index("k")
         db[LAG].insert_many([{"_id": i, "v": 0, "pad": branches.PAD} for i in range(sz.lag)])
@@ -879,6 +946,29 @@ def main() -> int:
     print(text)
     if not args.quick:
         write_results(text)
+    return 0
+
+
+def writes_only(sz: Sizes, warm: list[float], writes: dict[tuple[int, str], list[float]],
+                elapsed: float, load_start: float, write: bool) -> int:
+    """Part (1) alone: its paragraphs of the Snapshots section are replaced, dated and
+    with their own command; the rest of the section stays as its full run left it."""
+    info = machine()
+    command = ".venv/bin/python benchmarks/snapshots.py " + " ".join(sys.argv[1:])
+    lines = write_lines(sz, warm, writes)
+    lines[0] = (f"{lines[0]} Part (1) measured alone on "
+                f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC in {elapsed:.0f}s (`{command}`, "
+                f"proxy at {info['rev']}; load "
+                f"average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end).")
+    text = "\n".join(lines)
+    print()
+    print(text)
+    if write:
+        old = branches.RESULTS.read_text()
+        at = old.index(SECTION)
+        first = old.index("(1) Main-port write throughput", at)
+        second = old.index("(2) Read latency", first)
+        branches.RESULTS.write_text(old[:first] + text.rstrip("\n") + "\n\n" + old[second:])
     return 0
 
 

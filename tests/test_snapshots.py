@@ -445,6 +445,52 @@ def test_differential_branch_equals_copy_at_fork_plus_own_writes(
     direct.drop_database(f"{db_name}_ref")
 
 
+def test_several_children_of_main_each_equal_a_copy_at_their_fork(
+        proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
+        db_name: str) -> None:
+    """With several children of main the capture lets a batch of main's changes grow
+    before applying it (capture.py, `_coalesce`): runs of main's writes (through the main
+    port and straight on the upstream) between reads, forks along the way, and each child
+    always equals a plain copy of main taken at its fork plus its own writes."""
+    rng = random.Random(SEED + 99)
+    seed(client, db_name)
+    client[db_name].items.insert_many([{"_id": i, "v": i, "k": i % 5} for i in range(30, 70)])
+    kids: list[tuple[dict[str, Any], Any]] = []
+
+    def fork(n: int) -> None:
+        ref = direct[f"{db_name}_ref{n}"].items
+        ref.insert_many(list(client[db_name].items.find()))
+        kids.append((made.create(), ref))
+
+    for n in range(3):
+        fork(n)
+    clients = [MongoClient(kid["uri"]) for kid, _ in kids]
+    try:
+        for n in range(60):
+            if n == 30:
+                fork(3)
+                clients.append(MongoClient(kids[-1][0]["uri"]))
+            op = _random_op(rng, n)
+            if rng.random() < 0.6:
+                op(direct[db_name].items if rng.random() < 0.5 else client[db_name].items)
+            else:
+                which = rng.randrange(len(kids))
+                op(clients[which][db_name].items)
+                op(kids[which][1])
+            if rng.random() < 0.3:
+                which = rng.randrange(len(kids))
+                assert _contents(clients[which][db_name].items) == \
+                    _contents(kids[which][1]), (n, which)
+        for (_, ref), c in zip(kids, clients, strict=True):
+            assert _contents(c[db_name].items) == _contents(ref)
+            assert c[db_name].items.count_documents({"k": 1}) == ref.count_documents({"k": 1})
+    finally:
+        for c in clients:
+            c.close()
+        for n in range(len(kids)):
+            direct.drop_database(f"{db_name}_ref{n}")
+
+
 def test_reset_of_the_child_goes_back_to_the_parent_as_at_the_fork(
         proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
     """A reset that undoes the child's own writes shows the parent's documents as they

@@ -87,6 +87,14 @@ TICK_AFTER = 0.003
 HISTORY_LOST = 286
 # Seconds of cluster time the capture may trail main-port writes before they wait for it.
 MAX_LAG = 1
+# While nothing waits for the capture, a batch may grow for this long per child of main
+# beyond the first (up to COALESCE_MAX seconds) before it is applied (Capture._coalesce):
+# under MAX_LAG, so main-port writes do not wait for it...
+COALESCE_PER_CHILD = 0.05
+COALESCE_MAX = 0.5
+# ... or until it holds this many events per child: enough that the children's inserts
+# (one or two per child per batch) cost the upstream less than one per event.
+COALESCE_EVENTS = 3
 
 
 def tkey(ts: Timestamp) -> tuple[int, int]:
@@ -154,6 +162,10 @@ class Capture:
         self.since_lsn: int | None = None
         self.stats = Stats()
         self._waiters: list[tuple[tuple[int, int], asyncio.Future[None]]] = []
+        # Set when a waiter arrives: a batch being coalesced is applied at once.
+        self._wanted = asyncio.Event()
+        # Whether the capture holds events it has not applied yet (coalescing or applying).
+        self._holding = False
         self._task: asyncio.Task[None] | None = None
         self._enabled: set[str] = set()
         self._warned: set[str] = set()
@@ -258,21 +270,26 @@ class Capture:
                 if reply is None:
                     reply = await self._open()
                 cursor = reply["cursor"]
-                events = cursor.get("firstBatch", [])
+                events = list(cursor.get("firstBatch", []))
                 while True:
                     # The next batch is fetched while this one is applied.
                     more = asyncio.create_task(self._more(cursor)) if cursor.get("id") \
                         else None
+                    self._holding = bool(events)
                     try:
+                        if events and more is not None:
+                            cursor, more = await self._coalesce(events, cursor, more)
                         await self._batch(events, cursor.get("postBatchResumeToken"))
                     except BaseException:
                         if more is not None:
                             more.cancel()
                         raise
+                    finally:
+                        self._holding = False
                     if more is None:
                         break
                     cursor = (await more)["cursor"]
-                    events = cursor.get("nextBatch", [])
+                    events = list(cursor.get("nextBatch", []))
                     backoff = 0.1
                 reply = None
             except asyncio.CancelledError:
@@ -285,6 +302,44 @@ class Capture:
                 log.warning("change stream interrupted (%s); resuming in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _coalesce(self, events: list[dict[str, Any]], cursor: dict[str, Any],
+                        more: asyncio.Task[dict[str, Any]]
+                        ) -> tuple[dict[str, Any], asyncio.Task[dict[str, Any]] | None]:
+        """Lets the batch grow (events appended in place) while nothing waits for it:
+        each batch costs every child of main an insert or two whatever its size, so with
+        many children, steady writes to main cost the upstream far less in larger
+        batches. A read or write waiting for the capture (reached()) ends the wait at
+        once, so exact reads are not held back by it. Returns the cursor of the last
+        batch taken and the next fetch."""
+        kids = len(self.children())
+        window = min(COALESCE_PER_CHILD * (kids - 1), COALESCE_MAX)
+        if window <= 0:
+            return cursor, more
+        deadline = time.monotonic() + window
+        try:
+            while not self._waiters and len(events) < COALESCE_EVENTS * kids:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wanted.clear()
+                wanted = asyncio.ensure_future(self._wanted.wait())
+                try:
+                    await asyncio.wait((more, wanted), timeout=left,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wanted.cancel()
+                if not more.done():
+                    break
+                cursor = more.result()["cursor"]
+                events.extend(cursor.get("nextBatch", []))
+                if not cursor.get("id"):
+                    return cursor, None
+                more = asyncio.create_task(self._more(cursor))
+        except BaseException:
+            more.cancel()  # the fetch this started, which the caller does not know of
+            raise
+        return cursor, more
 
     async def _more(self, cursor: dict[str, Any]) -> dict[str, Any]:
         """The next batch. An upstream whose awaiting getMore returns at once with nothing
@@ -551,15 +606,19 @@ class Capture:
         self.stats.barrier_waits += 1
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
+        self._wanted.set()
         deadline = time.monotonic() + self.barrier_timeout
         seen = self.position
         while time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(fut), TICK_AFTER)
                 return
-            if self.position == seen:
+            if self.position == seen and not self._holding:
                 # Nothing came: the last write before `at` may be one the stream's filter
-                # leaves out. A write of the proxy's own moves the stream past it.
+                # leaves out. A write of the proxy's own moves the stream past it. Not
+                # while the capture holds events it is applying: the position moves once
+                # they are applied, and ticks would only queue on the upstream before
+                # the capture's own writes (every waiting write ticking every few ms).
                 await self._tick()
             seen = self.position
         self.stats.barrier_timeouts += 1

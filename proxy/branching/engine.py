@@ -8,6 +8,7 @@ import copy
 import datetime as dt
 import logging
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, Protocol
@@ -47,6 +48,8 @@ log = logging.getLogger("mongobranch.engine")
 MAIN = naming.MAIN
 # Replies kept for retried writes; drivers retry once, immediately.
 RETRY_MEMORY = 10_000
+# Seconds an overlay stays unchanged before its dirty marker is cleared (_flush_dirty).
+DIRTY_REST = 3.0
 
 
 class Ports(Protocol):
@@ -110,7 +113,8 @@ class Engine:
         # Collections known to exist on main (so a main-port write need not ask whether
         # it creates one); emptied by every collection-level change made through it.
         self.main_collections: set[tuple[str, str]] = set()
-        self._dirty: set[str] = set()
+        # Overlays whose dirty marker is set, and when each was last marked (monotonic).
+        self._dirty: dict[str, float] = {}
         self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
         self._flusher: asyncio.Task[None] | None = None
         # Main's changes from the upstream's change stream (capture.py); the serving
@@ -633,17 +637,24 @@ class Engine:
     async def mark_dirty(self, state: NsState) -> None:
         """Before an overlay changes: on a crash, start-up rebuilds it from the WAL. A copy
         branch's collections are its data, not a cache, and are never rebuilt."""
-        if state.key in self._dirty or self.copy_mode(state.bid):
+        if state.key in self._dirty:
+            self._dirty[state.key] = time.monotonic()
+            return
+        if self.copy_mode(state.bid):
             return
         await self.meta["dirty"].replace_one({"_id": state.key}, {"_id": state.key},
                                              upsert=True)
-        self._dirty.add(state.key)
+        self._dirty[state.key] = time.monotonic()
 
     async def _flush_dirty(self) -> None:
-        """Clears markers of overlays that are at rest, so a restart has less to rebuild."""
+        """Clears markers of overlays that are at rest, so a restart has less to rebuild.
+        Only after DIRTY_REST seconds without a change: an overlay that keeps changing
+        (a child of main copying up main's steady writes) would otherwise pay a marker
+        set and a marker cleared every second, two upstream writes per overlay."""
         while True:
             await asyncio.sleep(1.0)
-            for key in list(self._dirty):
+            rested = time.monotonic() - DIRTY_REST
+            for key in [k for k, at in self._dirty.items() if at <= rested]:
                 lock = self.branch_lock(key.split(":", 1)[0])
                 if lock.locked():
                     continue
@@ -651,8 +662,10 @@ class Engine:
                 # the set update and find its marker gone.
                 async with lock.exclusive():
                     try:
+                        if self._dirty.get(key, rested + 1) > rested:
+                            continue  # changed while the lock was awaited
                         await self.meta["dirty"].delete_one({"_id": key})
-                        self._dirty.discard(key)
+                        self._dirty.pop(key, None)
                     except Exception:  # the marker stays; start-up rebuilds needlessly
                         log.exception("could not clear dirty marker %s", key)
 
