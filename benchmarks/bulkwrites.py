@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from typing import Any
 from pymongo.errors import PyMongoError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
+from benchmarks.results import replace_section
 from tests.servers import Procs, ProxyProcess, Secantus, free_range
 
 HERE = Path(__file__).resolve().parent
@@ -293,13 +293,7 @@ def report(results: dict[tuple[str, str], list[tuple[float, int, dict[str, int]]
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    replace_section(SECTION, section)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 import passthrough as pt  # a sibling script, not a package
 
+from benchmarks.results import replace_section
 from tests.servers import Procs, ProxyProcess, free_port, wait_port
 
 SECTION = "## Proxy ceiling (issue 16)"
@@ -118,8 +119,7 @@ def report(thr: dict[Any, Any], targets: list[pt.Target], levels: list[pt.Level]
 
 
 def write_results(text: str) -> None:
-    pt.SECTION = SECTION
-    pt.write_results(text)
+    replace_section(SECTION, text)
 
 
 def main() -> int:

@@ -33,7 +33,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository, for tests/
+from benchmarks.results import replace_section  # noqa: E402
 from tests.servers import ProxyProcess, Secantus  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
@@ -197,13 +197,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-        if pattern.search(old):
-            new = pattern.sub(lambda _m: text.rstrip("\n") + "\n\n", old, count=1)
-        else:
-            new = old.rstrip("\n") + "\n\n" + text
-        RESULTS.write_text(new.rstrip("\n") + "\n")
+        replace_section(SECTION, text)
         print(f"updated {RESULTS.relative_to(HERE.parent)}")
     return 0
 

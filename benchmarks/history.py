@@ -39,7 +39,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import subprocess
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
+from benchmarks.results import replace_section
 from tests.servers import Procs, ProxyProcess, Secantus, free_range
 
 HERE = Path(__file__).resolve().parent
@@ -637,13 +637,7 @@ def report(r: dict[str, Any]) -> str:
 
 
 def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _m: text.rstrip("\n") + "\n\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    RESULTS.write_text(new.rstrip("\n") + "\n")
+    replace_section(SECTION, text)
 
 
 # -- issue 16: each operation beside its raw baseline ----------------------------------------

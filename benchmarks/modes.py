@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
+from benchmarks.results import replace_section
 from tests.servers import Procs, ProxyProcess, Secantus, free_port, free_range
 
 HERE = Path(__file__).resolve().parent
@@ -713,13 +713,7 @@ def report(args: argparse.Namespace, sizes: list[Size], doc_bytes: float) -> str
 
 
 def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _m: text.rstrip("\n") + "\n\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    RESULTS.write_text(new.rstrip("\n") + "\n")
+    replace_section(SECTION, text)
 
 
 # -- main -----------------------------------------------------------------------------------

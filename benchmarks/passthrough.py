@@ -39,7 +39,6 @@ import multiprocessing as mp
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import statistics
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
+from benchmarks.results import replace_section
 from tests.servers import Procs, ProxyProcess, Secantus, executable, free_port, wait_port
 
 HERE = Path(__file__).resolve().parent
@@ -443,13 +443,7 @@ def report(lat: dict[Any, Any], thr: dict[Any, Any], names: list[str], levels: l
 
 
 def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _m: text.rstrip("\n") + "\n\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    RESULTS.write_text(new.rstrip("\n") + "\n")
+    replace_section(SECTION, text)
 
 
 # -- main -----------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import datetime as dt
 import functools
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
+from benchmarks.results import replace_section
 from tests.servers import Procs, ProxyProcess, Secantus, free_port, free_range
 
 HERE = Path(__file__).resolve().parent
@@ -224,11 +224,7 @@ def report(args: argparse.Namespace, rounds: int,
     print(table)
     if args.quick:
         return
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _m: table + "\n", old) if pattern.search(old) \
-        else old.rstrip("\n") + "\n\n" + table + "\n"
-    RESULTS.write_text(new.rstrip("\n") + "\n")
+    replace_section(SECTION, table)
     print(f"updated {RESULTS.relative_to(HERE.parent)}")
 
 

@@ -69,9 +69,9 @@ from branches import (
     pct,
     seed,
     start_stack,
-    write_results,
 )
 
+from benchmarks.results import replace_section
 from tests.servers import Procs
 
 SECTION = "## Snapshots (issue 11)"
@@ -945,7 +945,7 @@ def main() -> int:
     print()
     print(text)
     if not args.quick:
-        write_results(text)
+        replace_section(SECTION, text)
     return 0
 
 
@@ -971,8 +971,6 @@ def writes_only(sz: Sizes, warm: list[float], writes: dict[tuple[int, str], list
         branches.RESULTS.write_text(old[:first] + text.rstrip("\n") + "\n\n" + old[second:])
     return 0
 
-
-branches.SECTION = SECTION  # write_results replaces this section only
 
 if __name__ == "__main__":
     raise SystemExit(main())
