@@ -162,3 +162,21 @@ def test_pure_python_forced_by_the_environment(value: str) -> None:
         assert out.startswith("False True pure Python (the compiled extension"), out
     else:
         assert out.startswith("True False compiled"), out
+
+
+def test_pure_python_without_the_extension() -> None:
+    """An install where the extension could not be built (no compiler) runs the fallback."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class NoExtension(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'proxy.wire._cwire':\n"
+        "            raise ImportError('not built')\n"
+        "sys.meta_path.insert(0, NoExtension())\n"
+        "from proxy.wire import fastwire as f\n"
+        "print(f.COMPILED, f.plain_name is f.py_plain_name, f.IMPLEMENTATION)\n")
+    env = {key: value for key, value in os.environ.items() if key != "MONGOBRANCH_PURE_PYTHON"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith(
+        "False True pure Python (the compiled extension proxy.wire._cwire is not built)"), out
