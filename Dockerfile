@@ -17,6 +17,23 @@
 #   docker run --mount type=bind,src=$PWD/admin-token,dst=/run/secrets/mongobranch_admin_token,readonly ...
 #
 # (or pass MONGOBRANCH_ADMIN_TOKEN with MONGOBRANCH_ADMIN_TOKEN_FILE set empty).
+
+# Build stage: the package's wheel, with its compiled relay checks (proxy/wire/_cwire.pyx,
+# Cython; pip fetches Cython as a build requirement). The image's Python headers are there;
+# gcc is added here only.
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+    && python -c "import sys, zipfile, glob; \
+names = zipfile.ZipFile(glob.glob('/wheels/*.whl')[0]).namelist(); \
+sys.exit(0 if any(n.startswith('proxy/wire/_cwire') and n.endswith('.so') for n in names) \
+         else 'the compiled extension is missing from the wheel')"
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -25,11 +42,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MONGOBRANCH_ADMIN_TOKEN_FILE=/run/secrets/mongobranch_admin_token
 
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY proxy ./proxy
-# Every dependency, SecantusDB included, ships manylinux wheels: no compiler needed.
-RUN pip install ".[embedded]" \
+# Every dependency, SecantusDB included, ships manylinux wheels; mongobranch's own wheel
+# comes from the build stage: no compiler in this image.
+COPY --from=build /wheels /wheels
+RUN pip install "$(ls /wheels/mongobranch-*.whl)[embedded]" && rm -rf /wheels \
     && useradd --system --uid 10001 --home-dir /data --create-home mongobranch
 
 USER mongobranch

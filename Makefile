@@ -6,7 +6,8 @@ NODE_STAMP := tests/node/node_modules/.installed
 
 .PHONY: serve test lint bench differential conformance clean
 
-$(STAMP): pyproject.toml
+# setup.py and the .pyx: the compiled relay checks are rebuilt when they change.
+$(STAMP): pyproject.toml setup.py proxy/wire/_cwire.pyx
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,embedded]'

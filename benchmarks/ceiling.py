@@ -16,6 +16,9 @@ of socat's. The script never asserts; it prints a table and rewrites the
 
     .venv/bin/python benchmarks/ceiling.py            # ~2 minutes
     .venv/bin/python benchmarks/ceiling.py --quick    # smoke run, no RESULTS.md update
+
+`--pure` adds the same proxy with its relay checks in pure Python (MONGOBRANCH_PURE_PYTHON=1),
+`--baseline DIR` the proxy of another source tree, as further targets.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from tests.servers import Procs, ProxyProcess, free_port, wait_port
 SECTION = "## Proxy ceiling (issue 16)"
 
 
-def start_targets(procs: Procs, logdir: Path, responders: int) -> list[pt.Target]:
+def start_targets(procs: Procs, logdir: Path, responders: int, pure: bool = False,
+                  baseline: str | None = None) -> list[pt.Target]:
     up_port = free_port()
     canned = procs.spawn("canned", [sys.executable, str(pt.HERE / "canned.py"), str(up_port),
                                     "--procs", str(responders)])
@@ -70,6 +74,30 @@ def start_targets(procs: Procs, logdir: Path, responders: int) -> list[pt.Target
     ).start(wait_healthy=False))
     p_port = proxy.port
     targets.append(pt.Target("proxy", f"mongodb://127.0.0.1:{p_port}/", p_port, proxy.pid))
+    if pure:
+        # The same tree with its relay checks in pure Python (proxy/wire/fastwire.py).
+        q_port = free_port()
+        pure_proxy = procs.add(ProxyProcess(
+            upstream, meta_db=None, branch_ports=(q_port, q_port),
+            data_dir=str(logdir / "data-pure"), log_level="WARNING", lifecycle_defaults=True,
+            log=procs.log("proxy-pure"), env={"MONGOBRANCH_PURE_PYTHON": "1"}
+        ).start(wait_healthy=False))
+        targets.append(pt.Target("proxy-pure", f"mongodb://127.0.0.1:{pure_proxy.port}/",
+                                 pure_proxy.port, pure_proxy.pid))
+    if baseline:
+        base = str(Path(baseline).resolve())
+        qb_port = free_port()
+        # Same interpreter and dependencies, the `proxy` package imported from DIR.
+        code = ("import sys; src = sys.argv.pop(1); sys.path.insert(0, src); import proxy; "
+                "assert proxy.__file__.startswith(src), proxy.__file__; "
+                "from proxy.cli import main; sys.argv[0] = 'mongobranch'; main()")
+        old = procs.add(ProxyProcess(
+            upstream, exe=[sys.executable, "-c", code, base], meta_db=None,
+            branch_ports=(qb_port, qb_port), data_dir=str(logdir / "data-b"),
+            log_level="WARNING", lifecycle_defaults=True, log=procs.log("baseline")
+        ).start(wait_healthy=False))
+        targets.append(pt.Target("baseline", f"mongodb://127.0.0.1:{old.port}/", old.port,
+                                 old.pid))
     return targets
 
 
@@ -102,7 +130,7 @@ def report(thr: dict[Any, Any], targets: list[pt.Target], levels: list[pt.Level]
         lines += ["", "Relay CPU per request, µs (proxy process; socat with its forks):", "",
                   "| target | " + " | ".join(lv.label for lv in levels) + " |",
                   "|---|" + "---|" * len(levels)]
-        for n in ("socat", "proxy"):
+        for n in [n for n in names if n != "direct"]:
             cells = [f"{sum(thr[(n, lv, 'cpu_relay')]) / sum(thr[(n, lv, 'ops_total')]) * 1e6:.1f}"
                      for lv in levels]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
@@ -132,6 +160,12 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1,
                     help="client processes (the client must not starve the relay of the cores)")
     ap.add_argument("--responders", type=int, default=1, help="canned responder processes")
+    ap.add_argument("--pure", action="store_true",
+                    help="also run the same proxy with MONGOBRANCH_PURE_PYTHON=1 (target "
+                         "proxy-pure: the relay checks in pure Python)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run the proxy from another source tree (a directory holding a "
+                         "`proxy/` package) as target 'baseline'")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.window = 2, 0.5
@@ -139,7 +173,7 @@ def main() -> int:
     logdir = Path(tempfile.mkdtemp(prefix="mongobranch-ceiling-"))
     procs = Procs(logdir)
     try:
-        targets = start_targets(procs, logdir, args.responders)
+        targets = start_targets(procs, logdir, args.responders, args.pure, args.baseline)
         print(f"targets: {', '.join(t.name for t in targets)}; levels "
               f"{', '.join(lv.label for lv in levels)} ...", flush=True)
         responder = procs.children[0]

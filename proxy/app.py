@@ -37,6 +37,7 @@ from proxy.upstream.connection import UpstreamConfig
 from proxy.upstream.monitor import UpstreamMonitor
 from proxy.upstream.scram import SUPPORTED as SUPPORTED_MECHANISMS
 from proxy.upstream.topology import UpstreamTopology
+from proxy.wire import fastwire
 
 log = logging.getLogger("mongobranch")
 
@@ -538,6 +539,7 @@ async def serve(options: ServeOptions) -> int:
             log.error("%s", exc)
             return 2
         log.info("mongobranch ready: main port %s, admin http://%s", options.listen, options.admin)
+        log.info("relay checks: %s", fastwire.IMPLEMENTATION)
         await stop.wait()
         log.info("shutting down")
     finally:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Self, TypeVar
@@ -83,11 +84,13 @@ def _program(name: str) -> str:
     return found
 
 
-def spawn(args: list[str], log: str | Path) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], log: str | Path,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """A child in its own session (a signal to its group reaches its forks too), its output
-    appended to `log`."""
+    appended to `log`; `env` is added to this process's environment."""
     with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True)
+        return subprocess.Popen(args, stdout=out, stderr=out, start_new_session=True,
+                                env=None if env is None else {**os.environ, **env})
 
 
 class _Started(Protocol):
@@ -225,6 +228,8 @@ class ProxyProcess:
     # The main and branch ports' address (scale-out tests give each process its own
     # loopback address, as each machine of a cluster has its own).
     host: str = "127.0.0.1"
+    # Environment variables set for the proxy process only (added to the tests' own).
+    env: dict[str, str] | None = None
 
     @property
     def uri(self) -> str:
@@ -257,7 +262,7 @@ class ProxyProcess:
             args += ["--deleted-retention", "0", "--no-protect-main"]
         if not self.log:
             self.log = tempfile.mktemp(prefix="mongobranch-", suffix=".log")
-        self.proc = spawn(args, self.log)
+        self.proc = spawn(args, self.log, self.env)
         wait_port(self.admin_port, proc=self.proc)
         wait_port(self.port, proc=self.proc, host=self.host)
         if wait_healthy:
@@ -308,3 +313,41 @@ class ProxyProcess:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
+
+
+# The relay's per-message checks run compiled (proxy/wire/_cwire.pyx) or in pure Python
+# (proxy/wire/fastwire.py); test modules of the relay run against both.
+RELAY_CHECKS = ("compiled", "pure")
+
+
+@contextlib.contextmanager
+def relay_checks_proxy(kind: str, session_proxy: ProxyProcess,
+                       upstream: Secantus) -> Iterator[ProxyProcess]:
+    """The session proxy for "compiled" (skipped where the extension is not built), a proxy
+    of its own started with MONGOBRANCH_PURE_PYTHON=1 for "pure"; either way its log is
+    checked to say that the relay runs the checks asked for."""
+    import pytest
+
+    from proxy.wire import fastwire
+
+    if kind == "compiled":
+        if not fastwire.COMPILED:
+            pytest.skip(f"relay checks: {fastwire.IMPLEMENTATION}")
+        _wait_relay_checks(session_proxy, "relay checks: compiled")
+        yield session_proxy
+        return
+    proc = ProxyProcess(upstream.uri, meta_db="mongobranch_test_pure",
+                        env={"MONGOBRANCH_PURE_PYTHON": "1"}).start()
+    try:
+        _wait_relay_checks(proc, "relay checks: pure Python (MONGOBRANCH_PURE_PYTHON is set)")
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _wait_relay_checks(proxy: ProxyProcess, line: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in proxy.read_log():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the proxy's log never says {line!r}")
+        time.sleep(0.05)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import OperationFailure
 
-from tests.servers import ProxyProcess
+from tests.servers import RELAY_CHECKS, ProxyProcess, Secantus, relay_checks_proxy
+
+
+@pytest.fixture(scope="module", params=RELAY_CHECKS)
+def proxy(request: pytest.FixtureRequest, proxy: ProxyProcess,
+          upstream: Secantus) -> Iterator[ProxyProcess]:
+    """Every test here runs against the relay with its compiled checks and with the
+    pure-Python fallback (MONGOBRANCH_PURE_PYTHON=1)."""
+    with relay_checks_proxy(request.param, proxy, upstream) as proc:
+        yield proc
 
 
 def test_handshake_without_direct_connection_stays_on_proxy(proxy: ProxyProcess) -> None:

@@ -6,14 +6,23 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import bson
 import pytest
 from pymongo import MongoClient
 
 from tests import rawwire
-from tests.servers import ProxyProcess
+from tests.servers import RELAY_CHECKS, ProxyProcess, Secantus, relay_checks_proxy
+
+
+@pytest.fixture(scope="module", params=RELAY_CHECKS)
+def proxy(request: pytest.FixtureRequest, proxy: ProxyProcess,
+          upstream: Secantus) -> Iterator[ProxyProcess]:
+    """Every test here runs against the relay with its compiled checks and with the
+    pure-Python fallback (MONGOBRANCH_PURE_PYTHON=1)."""
+    with relay_checks_proxy(request.param, proxy, upstream) as proc:
+        yield proc
 
 MAX_MESSAGE_SIZE = 48_000_000
 

@@ -26,7 +26,6 @@ import asyncio
 import bisect
 import itertools
 import logging
-import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -52,8 +51,8 @@ from proxy.upstream.connection import (
     next_request_id,
 )
 from proxy.upstream.topology import STATE_CHANGE_CODES, read_preference
-from proxy.wire import compression, opmsg
-from proxy.wire.bsonutil import SKIM_ELEMENTS, SKIM_OPTIONS, check_document, decode, first_key
+from proxy.wire import compression, fastwire, opmsg
+from proxy.wire.bsonutil import check_document, decode, first_key
 from proxy.wire.errors import CommandError, ProtocolError
 from proxy.wire.framing import (
     HEADER,
@@ -81,15 +80,13 @@ _MORE_TO_COME = opmsg.MORE_TO_COME
 _BODY_AT = HEADER_SIZE + 5  # a plain OP_MSG's body: after the header, flags and kind byte
 _NAME_AT = _BODY_AT + 5  # its first field's name: after the body's length and type byte
 _NOT_FAST = _NOT_PLAIN | _MORE_TO_COME
-# Length, opCode, then (if an OP_MSG) flags, first section kind and its document's length.
-_FAST_HEAD = struct.Struct("<i8xiIBi")
 _requests = HOT.requests
 _latency_counts = HOT.latency_counts
 _LATENCY_BUCKETS = LATENCY_BUCKETS
 _bisect_left = bisect.bisect_left
 _perf_counter = time.perf_counter
-_skim = SKIM_ELEMENTS
-_SKIM_OPTIONS = SKIM_OPTIONS
+_plain_name = fastwire.plain_name
+_check_body = fastwire.check_body
 _ROUTABLE = reads.ROUTABLE_COUNTERS
 _FAST_NAMES_MAX = 256  # the names are the clients' to choose: the cache stays bounded
 
@@ -288,12 +285,10 @@ class ClientConnection(MessageProtocol):
         # The fast path, inline: exactly one whole plain OP_MSG whose command is forwarded
         # unchanged, with nothing buffered, queued or in flight and the upstream connected.
         if (not self._state and not self._buf and not self._queue and not self._write_paused
-                and len(data) > _NAME_AT):
-            length, op_code, flags, kind, body_length = _FAST_HEAD.unpack_from(data)
-            if (length == len(data) and op_code == OP_MSG and kind == 0
-                    and body_length == length - _BODY_AT and not flags & _NOT_FAST
-                    and self._reading):
-                counter = self._fast_names.get(data[_NAME_AT : data.find(b"\x00", _NAME_AT)])
+                and self._reading):
+            raw = _plain_name(data, _NOT_FAST)
+            if raw is not None:
+                counter = self._fast_names.get(raw)
                 proto = self.upstream.protocol
                 cursors = self._read_cursors
                 if (counter is not None and proto is not None and proto.compressor is None
@@ -301,12 +296,8 @@ class ClientConnection(MessageProtocol):
                              or not reads.wants_member_raw(data, _BODY_AT, cursors))):
                     HOT.bytes_in += len(data)
                     _requests[counter] += 1
-                    # check_document, inlined: the body's elements, in C.
-                    try:
-                        if data[-1] or _skim is None:
-                            raise ValueError
-                        _skim(data, _NAME_AT - 1, len(data) - 1, _SKIM_OPTIONS, {}, True)
-                    except Exception:
+                    # The body's top level (fastwire); what it refuses, check_document decides.
+                    if not _check_body(data, _BODY_AT, len(data)):
                         try:
                             check_document(data, _BODY_AT, len(data))
                         except ProtocolError as exc:
@@ -470,7 +461,8 @@ class ClientConnection(MessageProtocol):
                     name = first_key(msg, _BODY_AT)
                     count_request(name)
                     if self._is_fast(name, msg) and self.upstream.connected:
-                        check_document(msg, _BODY_AT, len(msg))
+                        if not _check_body(msg, _BODY_AT, len(msg)):
+                            check_document(msg, _BODY_AT, len(msg))
                         self._forward_now(msg, None, name, flags, None)
                         return
                     _len, request_id, response_to, _op = HEADER.unpack_from(msg)
