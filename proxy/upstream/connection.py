@@ -7,9 +7,9 @@ import itertools
 import ssl
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pymongo.client_options import ClientOptions
 
@@ -29,6 +29,7 @@ from proxy.wire.framing import (
 )
 
 _request_ids = itertools.count(1 << 24)
+_T = TypeVar("_T")
 
 # Write buffer marks of upstream sockets: above the high one, the client connection that
 # writes to it stops reading its client until it drains below the low one.
@@ -527,45 +528,33 @@ class UpstreamConnection:
     async def command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         """Run one command and decode its reply (for the proxy's own requests), bounded by
         the URI's socketTimeoutMS as pymongo bounds its own."""
-        timeout = self.config.socket_timeout
-        if timeout is None:
-            return await self._command(db, body)
-        try:
-            return await asyncio.wait_for(self._command(db, body), timeout)
-        except TimeoutError as exc:
-            self.close()
-            raise UpstreamUnavailable(
-                f"upstream did not answer {next(iter(body), '?')} within {timeout:g}s "
-                "(socketTimeoutMS)") from exc
+        return await self._bounded(self._command(db, body), next(iter(body), "?"))
 
     async def commands(self, *requests: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
         """Run several commands pipelined, in one write, and decode their replies in
         order: the server runs them one after the other on this connection, so the last
         one's reply reflects everything the earlier ones saw, for no extra round trip."""
-        timeout = self.config.socket_timeout
-        if timeout is None:
-            return await self._commands(requests)
-        try:
-            return await asyncio.wait_for(self._commands(requests), timeout)
-        except TimeoutError as exc:
-            self.close()
-            raise UpstreamUnavailable(
-                f"upstream did not answer {next(iter(requests[0][1]), '?')} within "
-                f"{timeout:g}s (socketTimeoutMS)") from exc
+        return await self._bounded(self._commands(requests), next(iter(requests[0][1]), "?"))
 
     async def raw_commands(self, *requests: tuple[str, dict[str, Any]]) -> list[bytes]:
         """As `commands`, the replies' body sections left undecoded (a reply passed on
         unchanged needs no decoding)."""
+        return await self._bounded(self._raw_commands(requests),
+                                   next(iter(requests[0][1]), "?"))
+
+    async def _bounded(self, work: Coroutine[Any, Any, _T], name: str) -> _T:
+        """An exchange bounded by the URI's socketTimeoutMS: past it the connection is
+        closed (its reply could still arrive and answer the next request)."""
         timeout = self.config.socket_timeout
         if timeout is None:
-            return await self._raw_commands(requests)
+            return await work
         try:
-            return await asyncio.wait_for(self._raw_commands(requests), timeout)
+            return await asyncio.wait_for(work, timeout)
         except TimeoutError as exc:
             self.close()
             raise UpstreamUnavailable(
-                f"upstream did not answer {next(iter(requests[0][1]), '?')} within "
-                f"{timeout:g}s (socketTimeoutMS)") from exc
+                f"upstream did not answer {name} within {timeout:g}s (socketTimeoutMS)"
+            ) from exc
 
     async def _command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         return (await self._commands(((db, body),)))[0]
