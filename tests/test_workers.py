@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 from pymongo import MongoClient
+from pymongo.errors import OperationFailure
 
 from tests import rawwire
 from tests.servers import ProxyProcess, Secantus, executable
@@ -96,8 +97,8 @@ def listeners_of(proxy: ProxyProcess, port: int) -> set[int]:
     return {pid for pid in worker_pids(proxy) if inodes & _socket_inodes(pid)}
 
 
-def holder_pid(upstream: Secantus) -> int:
-    with MongoClient(upstream.uri) as client:
+def holder_pid(upstream: Secantus, uri: str | None = None) -> int:
+    with MongoClient(uri or upstream.uri) as client:
         lease = client[META_DB]["leases"].find_one({"_id": "engine"})
     assert lease is not None
     return int(str(lease["owner"]).split(":")[1])
@@ -259,3 +260,83 @@ def test_bad_workers_options_are_refused(args: list[str], message: str) -> None:
     done = subprocess.run([exe, "serve", *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+PW = "pw-workers"
+ROOT_USER = "root"
+AUTH_USERS: dict[str, list[dict[str, str]]] = {
+    ROOT_USER: [{"role": "root", "db": "admin"}],
+    "reader": [{"role": "read", "db": "app"}],
+    # may manage branches (readWrite on the metadata database)
+    "keeper": [{"role": "readWrite", "db": META_DB}, {"role": "read", "db": "app"}],
+}
+
+
+@pytest.fixture()
+def auth_upstream(tmp_path: Path) -> Iterator[Secantus]:
+    server = Secantus(storage=str(tmp_path / "db")).start()
+    with MongoClient(server.uri, directConnection=True) as c:
+        for user, roles in AUTH_USERS.items():
+            c.admin.command("createUser", user, pwd=PW, roles=roles,
+                            mechanisms=["SCRAM-SHA-256"])
+    server.stop()
+    server.auth = True
+    server.start()
+    yield server
+    server.stop()
+
+
+def _my_connections_to(port: int) -> set[int]:
+    """The local ports of this test process's connections to `port`."""
+    mine = _socket_inodes(os.getpid())
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and int(fields[9]) in mine:
+            found.add(int(fields[1].split(":")[1], 16))
+    return found
+
+
+def client_on(proxy: ProxyProcess, pid: int, user: str, limit: int = 80
+              ) -> MongoClient[dict[str, Any]]:
+    """An authenticated client all of whose connections (monitor and pool of one) the
+    worker `pid` serves, so its commands surely run there."""
+    for _ in range(limit):
+        before = _my_connections_to(proxy.port)
+        client: MongoClient[dict[str, Any]] = MongoClient(
+            proxy.uri, username=user, password=PW, maxPoolSize=1, directConnection=True,
+            serverSelectionTimeoutMS=5000)
+        client.app.command("ping")
+        ports = _my_connections_to(proxy.port) - before
+        owners = set()
+        for local in ports:
+            inodes = {inode for state, remote, inode in _tcp(proxy.port)
+                      if state == ESTABLISHED and remote == local}
+            owners |= {p for p in worker_pids(proxy) if inodes & _socket_inodes(p)}
+        if owners == {pid}:
+            return client
+        client.close()
+    raise AssertionError(f"no client landed wholly on worker {pid} in {limit} tries")
+
+
+def test_a_branch_command_through_the_other_worker_runs_with_the_clients_own_rights(
+        auth_upstream: Secantus) -> None:
+    uri = f"mongodb://{ROOT_USER}:{PW}@127.0.0.1:{auth_upstream.port}/?authSource=admin"
+    proc = ProxyProcess(uri, meta_db=META_DB, extra=["--workers", "2"]).start()
+    try:
+        until("two workers, one holding the engine", lambda: len(worker_pids(proc)) == 2
+              and holder_pid(auth_upstream, uri) in worker_pids(proc))
+        follower = next(p for p in worker_pids(proc) if p != holder_pid(auth_upstream, uri))
+        with client_on(proc, follower, "reader") as reader:
+            with pytest.raises(OperationFailure) as info:
+                reader.admin.command({"createBranch": "not-yours"})
+            assert info.value.code == 13, info.value.details
+        with client_on(proc, follower, "keeper") as keeper:
+            created = keeper.admin.command({"createBranch": "yours"})
+            assert created["ok"] == 1.0 and created["name"] == "yours", created
+        status, body = proc.api("GET", "/branches")
+        assert status == 200
+        names = {b["name"] for b in body}  # type: ignore[union-attr, index]
+        assert "yours" in names and "not-yours" not in names
+    finally:
+        proc.stop()
