@@ -350,6 +350,8 @@ class Proxy:
             # process runs the engine or relays, and to whom.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.cluster.ready.wait(), 15.0)
+            if self.link is not None:  # and reaches the holder before serving main
+                await self._follow_holder()
         else:
             await self._start_engine_and_tasks()
         main_router: Router = EngineRouter(self.engine, None)

@@ -10,6 +10,7 @@ lease and serves the branches (docs/ARCHITECTURE.md, "Workers").
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ RESTART_DELAY = 1.0
 # A worker that exits this way was started with a configuration it refuses: starting
 # it again would fail the same way.
 CONFIG_ERROR = 2
+PR_SET_PDEATHSIG = 1
 
 
 def this_worker() -> tuple[int, str] | None:
@@ -37,6 +39,16 @@ def this_worker() -> tuple[int, str] | None:
     return int(index), os.environ.get(GROUP_ENV, "")
 
 
+def _die_with_parent() -> None:
+    """In the worker before it runs: SIGTERM when the supervisor dies, even by SIGKILL,
+    so that no worker outlives it holding the ports (Linux's PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the worker outlives a killed supervisor
+        pass
+
+
 def supervise(workers: int, argv: list[str]) -> int:
     group = secrets.token_hex(4)
     procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -44,7 +56,8 @@ def supervise(workers: int, argv: list[str]) -> int:
 
     def start(index: int) -> None:
         env = {**os.environ, INDEX_ENV: str(index), GROUP_ENV: group}
-        procs[index] = subprocess.Popen([sys.executable, "-m", "proxy.cli", *argv], env=env)
+        procs[index] = subprocess.Popen([sys.executable, "-m", "proxy.cli", *argv], env=env,
+                                        preexec_fn=_die_with_parent)
         log.info("worker %d started (pid %d)", index, procs[index].pid)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

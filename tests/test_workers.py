@@ -340,3 +340,22 @@ def test_a_branch_command_through_the_other_worker_runs_with_the_clients_own_rig
         assert "yours" in names and "not-yours" not in names
     finally:
         proc.stop()
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(upstream: Secantus) -> None:
+    proc = ProxyProcess(upstream.uri, meta_db=META_DB, extra=["--workers", "2"]).start()
+    until("two workers", lambda: len(worker_pids(proc)) == 2)
+    pids = worker_pids(proc)
+    proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+    until("every worker exits", lambda: all(gone(pid) for pid in pids))
+    with socket.socket() as probe:
+        # No listener left on the main port (SO_REUSEADDR: closed connections' TIME_WAIT
+        # do not count).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", proc.port))
