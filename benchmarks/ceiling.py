@@ -159,6 +159,14 @@ def report(thr: dict[Any, Any], targets: list[pt.Target], levels: list[pt.Level]
               "connections; the proxy's one event loop reads and writes many connections' "
               "messages per wake-up. With one connection the proxy's Python per request shows "
               "(relay CPU per request above)."]
+    if any(n.startswith("proxy-") and n.endswith("w") for n in names):
+        lines += ["", "proxy-Nw is `serve --workers N`: N processes share the main port "
+                  "(SO_REUSEPORT), each relaying its own connections. It can only beat one "
+                  "process where a core is idle: on a machine whose cores the client and the "
+                  "responder already share with the relay, the workers take turns on the "
+                  "same cores, and the figure to compare is the relay CPU per request, which "
+                  "stays close to one process's (each worker's loop batches fewer "
+                  "connections)."]
     info = pt.machine()
     lines += ["", f"Machine: {', '.join(f'{k} {v}' for k, v in info.items())}; 1-minute load "
               f"average {load[0]:.1f} at the start, {load[1]:.1f} at the end (other work on "
