@@ -61,6 +61,13 @@ class _Peer:
             self.writer.close()
 
 
+def _spawn(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:
+    """A task kept referenced in `tasks` until it ends."""
+    task = asyncio.create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
 def _main_wants(name: str, intercepting: bool) -> bool:
     """The holder's main-port answer (EngineRouter.wants), from its pushed state."""
     if name in mainwrite.NAMES:
@@ -134,9 +141,7 @@ class EngineLink:
                 doc = await _read(reader)
                 kind = doc.get("t")
                 if kind == "up":
-                    task = asyncio.create_task(self._upcall(peer, doc))
-                    self._upcalls.add(task)
-                    task.add_done_callback(self._upcalls.discard)
+                    _spawn(self._upcalls, self._upcall(peer, doc))
                 elif kind == "ret":
                     self._returned(doc)
                 elif kind == "state":
@@ -160,9 +165,7 @@ class EngineLink:
         fut = self._calls.pop(doc["id"], None)
         if "intercepting" in doc and bool(doc["intercepting"]) != self.intercepting:
             self.intercepting = bool(doc["intercepting"])
-            task: asyncio.Task[None] = asyncio.create_task(self.on_state())
-            self._upcalls.add(task)
-            task.add_done_callback(self._upcalls.discard)
+            _spawn(self._upcalls, self.on_state())
         if fut is not None and not fut.done():
             fut.set_result(doc)
 
@@ -335,9 +338,7 @@ class EngineHub:
                 doc = await _read(reader)
                 kind = doc.get("t")
                 if kind == "call":
-                    task = asyncio.create_task(self._call(peer, doc))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    _spawn(self._tasks, self._call(peer, doc))
                 elif kind in ("upr", "ack"):
                     fut = waiting.pop(int(doc.get("id") or doc.get("seq") or 0), None)
                     if fut is not None and not fut.done():

@@ -16,37 +16,22 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
 from tests import rawwire
-from tests.servers import ProxyProcess, Secantus, executable
-
-T = TypeVar("T")
+from tests.servers import ProxyProcess, Secantus, executable, secantus_with_users, until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="workers share ports with SO_REUSEPORT and talk over "
                                        "abstract Unix sockets: Linux only")
 
 META_DB = "mongobranch_test"
-
-
-def until(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
-    """Polls an observable condition, bounded: the test never sleeps and hopes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
 
 
 def worker_pids(proxy: ProxyProcess) -> list[int]:
@@ -274,14 +259,7 @@ AUTH_USERS: dict[str, list[dict[str, str]]] = {
 
 @pytest.fixture()
 def auth_upstream(tmp_path: Path) -> Iterator[Secantus]:
-    server = Secantus(storage=str(tmp_path / "db")).start()
-    with MongoClient(server.uri, directConnection=True) as c:
-        for user, roles in AUTH_USERS.items():
-            c.admin.command("createUser", user, pwd=PW, roles=roles,
-                            mechanisms=["SCRAM-SHA-256"])
-    server.stop()
-    server.auth = True
-    server.start()
+    server = secantus_with_users(str(tmp_path / "db"), AUTH_USERS, PW)
     yield server
     server.stop()
 
