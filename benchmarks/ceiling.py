@@ -17,6 +17,7 @@ of socat's. The script never asserts; it prints a table and rewrites the
     .venv/bin/python benchmarks/ceiling.py            # ~2 minutes
     .venv/bin/python benchmarks/ceiling.py --quick    # smoke run, no RESULTS.md update
 
+`--proxy-workers N` (default 2) adds `serve --workers N` as target `proxy-Nw`;
 `--pure` adds the same proxy with its relay checks in pure Python (MONGOBRANCH_PURE_PYTHON=1),
 `--baseline DIR` the proxy of another source tree, as further targets.
 """
@@ -47,7 +48,7 @@ SECTION = "## Proxy ceiling (issue 16)"
 
 
 def start_targets(procs: Procs, logdir: Path, responders: int, pure: bool = False,
-                  baseline: str | None = None) -> list[pt.Target]:
+                  baseline: str | None = None, proxy_workers: int = 1) -> list[pt.Target]:
     up_port = free_port()
     canned = procs.spawn("canned", [sys.executable, str(pt.HERE / "canned.py"), str(up_port),
                                     "--procs", str(responders)])
@@ -74,6 +75,19 @@ def start_targets(procs: Procs, logdir: Path, responders: int, pure: bool = Fals
     ).start(wait_healthy=False))
     p_port = proxy.port
     targets.append(pt.Target("proxy", f"mongodb://127.0.0.1:{p_port}/", p_port, proxy.pid))
+    if proxy_workers > 1:
+        # `serve --workers N`: N processes share the main port (docs/ARCHITECTURE.md,
+        # "Workers"); their CPU is the supervisor's children's.
+        w_port = free_port()
+        multi = procs.add(ProxyProcess(
+            upstream, meta_db=None, branch_ports=(w_port, w_port),
+            data_dir=str(logdir / "data-workers"), log_level="WARNING",
+            lifecycle_defaults=True, log=procs.log("proxy-workers"),
+            extra=["--workers", str(proxy_workers)]
+        ).start(wait_healthy=False))
+        targets.append(pt.Target(f"proxy-{proxy_workers}w",
+                                 f"mongodb://127.0.0.1:{multi.port}/", multi.port, multi.pid,
+                                 children=True))
     if pure:
         # The same tree with its relay checks in pure Python (proxy/wire/fastwire.py).
         q_port = free_port()
@@ -127,6 +141,12 @@ def report(thr: dict[Any, Any], targets: list[pt.Target], levels: list[pt.Level]
 
         lines += ["", "| proxy / socat | " + " | ".join(f"{share(lv):.0%}" for lv in levels)
                   + " |", "|---|" + "---|" * len(levels)]
+        for n in [n for n in names if n.startswith("proxy-") and n.endswith("w")]:
+            def multi(lv: pt.Level, n: str = n) -> str:
+                mine = statistics.mean(thr[(n, lv, "ops")])
+                return (f"{mine / statistics.mean(thr[('socat', lv, 'ops')]):.0%} of socat, "
+                        f"{mine / statistics.mean(thr[('proxy', lv, 'ops')]):.2f}x proxy")
+            lines += [f"| {n} | " + " | ".join(multi(lv) for lv in levels) + " |"]
         lines += ["", "Relay CPU per request, µs (proxy process; socat with its forks):", "",
                   "| target | " + " | ".join(lv.label for lv in levels) + " |",
                   "|---|" + "---|" * len(levels)]
@@ -139,6 +159,14 @@ def report(thr: dict[Any, Any], targets: list[pt.Target], levels: list[pt.Level]
               "connections; the proxy's one event loop reads and writes many connections' "
               "messages per wake-up. With one connection the proxy's Python per request shows "
               "(relay CPU per request above)."]
+    if any(n.startswith("proxy-") and n.endswith("w") for n in names):
+        lines += ["", "proxy-Nw is `serve --workers N`: N processes share the main port "
+                  "(SO_REUSEPORT), each relaying its own connections. It can only beat one "
+                  "process where a core is idle: on a machine whose cores the client and the "
+                  "responder already share with the relay, the workers take turns on the "
+                  "same cores, and the figure to compare is the relay CPU per request, which "
+                  "stays close to one process's (each worker's loop batches fewer "
+                  "connections)."]
     info = pt.machine()
     lines += ["", f"Machine: {', '.join(f'{k} {v}' for k, v in info.items())}; 1-minute load "
               f"average {load[0]:.1f} at the start, {load[1]:.1f} at the end (other work on "
@@ -163,6 +191,8 @@ def main() -> int:
     ap.add_argument("--pure", action="store_true",
                     help="also run the same proxy with MONGOBRANCH_PURE_PYTHON=1 (target "
                          "proxy-pure: the relay checks in pure Python)")
+    ap.add_argument("--proxy-workers", type=int, default=2, metavar="N",
+                    help="also run `serve --workers N` as target proxy-Nw (1: not)")
     ap.add_argument("--baseline", metavar="DIR",
                     help="also run the proxy from another source tree (a directory holding a "
                          "`proxy/` package) as target 'baseline'")
@@ -173,7 +203,8 @@ def main() -> int:
     logdir = Path(tempfile.mkdtemp(prefix="mongobranch-ceiling-"))
     procs = Procs(logdir)
     try:
-        targets = start_targets(procs, logdir, args.responders, args.pure, args.baseline)
+        targets = start_targets(procs, logdir, args.responders, args.pure, args.baseline,
+                                args.proxy_workers)
         print(f"targets: {', '.join(t.name for t in targets)}; levels "
               f"{', '.join(lv.label for lv in levels)} ...", flush=True)
         responder = procs.children[0]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import functools
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,15 +31,22 @@ from proxy.cluster import Cluster
 from proxy.config import Config
 from proxy.embedded import EmbeddedServer
 from proxy.net import tls
+from proxy.net.handoff import HandoffClient, HandoffServer
 from proxy.net.handshake import Topology
+from proxy.net.router import Router
 from proxy.net.server import Listener, raise_open_file_limit
 from proxy.upstream.connection import UpstreamConfig
 from proxy.upstream.monitor import UpstreamMonitor
 from proxy.upstream.scram import SUPPORTED as SUPPORTED_MECHANISMS
 from proxy.upstream.topology import UpstreamTopology
 from proxy.wire import fastwire
+from proxy.workerlink import EngineHub, EngineLink, RemoteRouter, SwitchedRouter
 
 log = logging.getLogger("mongobranch")
+
+# The engine lease between the workers of one machine, unless --lease gives one: how
+# long branch ports wait for another worker after the holder dies.
+WORKER_LEASE = 2.0
 
 
 def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -111,6 +118,10 @@ class ServeOptions:
     # --listen host when None; every process listens on the same port numbers).
     lease: float = 0.0
     relay_host: str | None = None
+    # Workers of one machine (workers.py): this process's index among them (None: not
+    # a worker), and the name their Unix sockets share.
+    worker: int | None = None
+    worker_group: str = ""
 
 
 async def connect_upstream(
@@ -200,7 +211,8 @@ class BranchPorts:
                             legacy_op_query=self.proxy.engine.config.legacy_op_query.value,
                             anonymous_as_uri_user=self.proxy.anonymous_as_uri_user,
                             tls=self.proxy.tls,
-                            relay_to=self.proxy.relay_target(branch.port))
+                            relay_to=self.proxy.relay_target(branch.port),
+                            reuse_port=self.proxy.options.worker is not None)
         try:
             await listener.start()
         except OSError:
@@ -244,6 +256,13 @@ class Proxy:
         self.tls: ssl.SSLContext | None = None
         # Scale-out (cluster.py): None when this process alone runs the engine.
         self.cluster: Cluster | None = None
+        # Workers of one machine: where other workers hand this one connections and
+        # main-port calls, and this one's link to the worker holding the engine.
+        self.handoff: HandoffServer | None = None
+        self.hub: EngineHub | None = None
+        self.link: EngineLink | None = None
+        self._handoff_to: HandoffClient | None = None
+        self._private_admin: socket.socket | None = None
         self._stopping = False
 
     async def start(self) -> None:
@@ -287,7 +306,28 @@ class Proxy:
         self.engine.txns.lifetime = opts.transaction_lifetime
         self.ports = BranchPorts(self, host)
         self.engine.ports = self.ports
-        if opts.lease > 0:
+        lease = opts.lease or (WORKER_LEASE if opts.worker is not None else 0.0)
+        if opts.worker is not None:
+            if self.tls is not None:
+                raise UpstreamConfigError("--workers does not support --tls-cert yet")
+            base = f"\0mongobranch-{opts.worker_group}-{opts.worker}"
+            self.handoff = HandoffServer(base + ".fd", self._adopt)
+            self.handoff.start()
+            self.hub = EngineHub(base + ".rpc", EngineRouter(self.engine, None),
+                                 self.engine.intercepting_main)
+            await self.hub.start()
+            self.link = EngineLink(self._main_state_changed)
+            # The shared admin port may land on any worker: the others forward what only
+            # the holder answers to its own loopback port, known before the first round.
+            self._private_admin = socket.socket()
+            self._private_admin.bind(("127.0.0.1", 0))
+            self._private_admin.listen(128)
+            private_url = f"http://127.0.0.1:{self._private_admin.getsockname()[1]}"
+            self.cluster = Cluster(self.meta_client, opts.meta_db, lease=lease,
+                                   addr=host if host not in ("", "0.0.0.0", "::")
+                                   else "127.0.0.1", main_port=port, admin=private_url,
+                                   handoff=base)
+        elif lease > 0:
             relay_host = opts.relay_host or host
             if relay_host in ("", "0.0.0.0", "::"):
                 raise UpstreamConfigError(
@@ -296,28 +336,38 @@ class Proxy:
             if self.tls is not None:
                 raise UpstreamConfigError("--lease (scale-out) does not support --tls-cert yet: "
                                           "relayed connections would be decrypted in between")
-            self.cluster = Cluster(self.meta_client, opts.meta_db, lease=opts.lease,
+            self.cluster = Cluster(self.meta_client, opts.meta_db, lease=lease,
                                    addr=relay_host, main_port=port, admin="")
+        if self.cluster is not None:
             self.cluster.on_acquired = self._promote
             self.cluster.on_tick = self._sync_ports
             self.engine.owner = self.cluster.owner
             self.engine.unavailable = "this process does not hold the engine lease"
-            if aport:
+            if aport and self.link is None:
                 self.cluster.admin = self._admin_url(ahost, aport)
             self.cluster.start()
             # Before any port or the API answers: the first round tells whether this
             # process runs the engine or relays, and to whom.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.cluster.ready.wait(), 15.0)
+            if self.link is not None:  # and reaches the holder before serving main
+                await self._follow_holder()
         else:
             await self._start_engine_and_tasks()
+        main_router: Router = EngineRouter(self.engine, None)
+        if self.link is not None:
+            cluster = self.cluster
+            assert cluster is not None
+            main_router = SwitchedRouter(main_router, RemoteRouter(self.link),
+                                         lambda: cluster.leading)
         self.main = Listener("main", host, port, upstream=self.upstream,
-                             topology=self.topology, router=EngineRouter(self.engine, None),
+                             topology=self.topology, router=main_router,
                              stats=metrics.BRANCHES.main,
                              legacy_op_query=self.engine.config.legacy_op_query.value,
                              anonymous_as_uri_user=self.anonymous_as_uri_user, tls=self.tls,
-                             read_routing=True, relay_to=self._main_target())
-        self.engine.reroute = functools.partial(self.main.reroute, mainwrite.NAMES)
+                             read_routing=True, relay_to=self._main_target(),
+                             reuse_port=self.link is not None)
+        self.engine.reroute = self._reroute_main
         engine = self.engine
         metrics.CAPTURE[:] = [lambda: engine.capture.stats if engine.capture else None]
         await self.main.start()
@@ -327,11 +377,37 @@ class Proxy:
                              before_metrics=metrics.BranchSizes(
                                  self._measure_sizes, opts.metrics_size_interval).refresh)
         branch_routes.add_routes(app, self.engine)
-        runner = await http.start(app, ahost, aport, self.tls)
+        runner = await http.start(app, ahost, aport, self.tls,
+                                  reuse_port=self.link is not None, private=self._private_admin)
         self.admin_runner = runner
         self.admin_port = aport or runner.addresses[0][1]
-        if self.cluster is not None and not aport:
+        if self.link is None and self.cluster is not None and not aport:
             self.cluster.admin = self._admin_url(ahost, self.admin_port)  # at the next round
+
+    async def _reroute_main(self) -> None:
+        """Main's writes become the engine's (main gained children): the main port and
+        every other worker's first answer the writes they forwarded unchanged."""
+        assert self.main is not None
+        await self.main.reroute(mainwrite.NAMES)
+        if self.hub is not None:
+            await self.hub.broadcast()
+
+    async def _main_state_changed(self) -> None:
+        """The holder says main's writes changed hands: this worker's main port asks its
+        router again, once the writes it forwarded unchanged are answered."""
+        if self.main is not None:
+            await self.main.reroute(mainwrite.NAMES)
+
+    def _adopt(self, port: int, sock: Any) -> None:
+        """A connection another worker accepted and handed to this one (the holder)."""
+        listeners = [self.main] if self.main is not None else []
+        if self.ports is not None:
+            listeners += list(self.ports.listeners.values())
+        for listener in listeners:
+            if listener.port == port:
+                listener.adopt(sock)
+                return
+        sock.close()  # a branch dropped meanwhile: closed, as a closed port would
 
     async def _measure_sizes(self, names: list[str]) -> dict[str, sizes.BranchSize]:
         """Only the process running the engine knows the branches' overlays."""
@@ -366,14 +442,21 @@ class Proxy:
         await self._start_engine_and_tasks()
         for name in [n for n in self.ports.listeners if n not in self.engine.branches]:
             await self.ports.close_name(name)
+        if self.link is not None:
+            await self.link.connect(None)
+            if self.main is not None:  # its router is now the engine's own
+                await self.main.reroute(frozenset(router.MAIN) | mainwrite.NAMES)
 
-    def relay_target(self, port: int) -> Callable[[], tuple[str, int] | None] | None:
+    def relay_target(self, port: int
+                     ) -> Callable[[], tuple[str, int] | HandoffClient | None] | None:
         """A branch port's clients go to the engine lease holder's same port."""
         cluster = self.cluster
         if cluster is None:
             return None
 
-        def target() -> tuple[str, int] | None:
+        def target() -> tuple[str, int] | HandoffClient | None:
+            if self.link is not None:  # a worker: handed to the holder, socket and all
+                return None if cluster.leading else self._handoff_to
             host = cluster.relay_host()
             return None if host is None else (host, port)
         return target
@@ -383,8 +466,8 @@ class Proxy:
         and the rest) and, while main has children, its writes are the engine's work,
         and which of them a connection will send is not known when it is accepted."""
         cluster = self.cluster
-        if cluster is None:
-            return None
+        if cluster is None or self.link is not None:
+            return None  # a worker serves its main port itself (workerlink.py)
 
         def target() -> tuple[str, int] | None:
             holder = cluster.holder
@@ -406,6 +489,8 @@ class Proxy:
         """Without the lease: listen on every branch port the catalog names (to relay
         its clients), so that branches created through any process are reachable here."""
         assert self.engine is not None and self.ports is not None and self.cluster is not None
+        if self.link is not None:
+            await self._follow_holder()
         if self.cluster.leading or self._stopping:
             return
         want: dict[str, Branch] = {}
@@ -421,6 +506,21 @@ class Proxy:
             except OSError as exc:
                 log.error("branch %s: cannot listen on port %d: %s", branch.name, branch.port,
                           exc)
+
+    async def _follow_holder(self) -> None:
+        """A worker: the channels to the worker holding the engine, as the lease names it."""
+        assert self.cluster is not None and self.link is not None
+        holder = self.cluster.holder
+        name = None if self.cluster.leading or holder is None else holder.get("handoff")
+        if not name:
+            await self.link.connect(None)
+            self._handoff_to = None
+            return
+        if self._handoff_to is None or self._handoff_to.name != name + ".fd":
+            if self._handoff_to is not None:
+                self._handoff_to.close()
+            self._handoff_to = HandoffClient(name + ".fd")
+        await self.link.connect(name + ".rpc")
 
     def _anonymous_policy(self, host: str) -> bool:
         """Whether clients that do not authenticate get the URI user's privileges: the
@@ -516,6 +616,12 @@ class Proxy:
             await self.engine.stop()
         if self.cluster is not None:
             await self.cluster.stop()
+        if self.link is not None:
+            self.link.close()
+        if self.hub is not None:
+            await self.hub.stop()
+        if self.handoff is not None:
+            self.handoff.close()
         if self.meta_client:
             await self.meta_client.close()
         if self.admin_runner is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -126,6 +127,11 @@ def main() -> None:
 @click.option("--relay-host", default=None, metavar="HOST", envvar="MONGOBRANCH_RELAY_HOST",
               help="Scale-out: the address other processes reach this one's ports on (its "
                    "pod IP) [default: the --listen host; env MONGOBRANCH_RELAY_HOST].")
+@click.option("--workers", default="1", metavar="N|auto", envvar="MONGOBRANCH_WORKERS",
+              show_default=True,
+              help="Processes sharing the ports of this machine (auto: one per core); one "
+                   "runs the branch engine, every one serves main's pass-through traffic "
+                   "[env MONGOBRANCH_WORKERS].")
 def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, meta_db: str,
               meta_uri: str | None, data_dir: str, log_level: str,
               advertise_host: str | None, log_format: str,
@@ -137,7 +143,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
               admin_token_file: str | None, tls_cert: str | None,
               tls_key: str | None, tls_ca: str | None,
               anonymous_as_uri_user: bool | None, capture: bool, pre_images: bool,
-              lease: float, relay_host: str | None) -> None:
+              lease: float, relay_host: str | None, workers: str) -> None:
     """Run the proxy."""
     from proxy.admin import auth
     from proxy.app import ServeOptions, parse_hostport, parse_range, retention, serve
@@ -146,8 +152,11 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
     from proxy.config import Config, ConfigError
     from proxy.logs import configure
     from proxy.net.tls import server_context
+    from proxy.workers import supervise, this_worker
 
     configure(log_level, log_format)
+    worker = this_worker()
+    count = _worker_count(workers)
     if meta_uri is not None:
         raise click.UsageError(META_URI_REFUSED)
     try:
@@ -166,6 +175,11 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
         if lease and not relay_host and parse_hostport(listen)[0] in ("", "0.0.0.0", "::"):
             raise click.UsageError("--lease with a wildcard --listen host needs --relay-host: "
                                    "the address other processes reach this one on (a pod's IP)")
+        if count > 1 and not upstream:
+            raise click.UsageError("--workers needs --upstream: the embedded server belongs "
+                                   "to one process")
+        if count > 1 and tls_cert:
+            raise click.UsageError("--workers does not support --tls-cert yet")
         if (tls_key or tls_ca) and not tls_cert:
             raise click.UsageError("--tls-key and --tls-ca need --tls-cert")
         if tls_cert:
@@ -188,8 +202,25 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            anonymous_as_uri_user=anonymous_as_uri_user,
                            admin_token_file=admin_token_file, tls_cert=tls_cert,
                            tls_key=tls_key, tls_ca=tls_ca, capture=capture,
-                           pre_images=pre_images, lease=lease, relay_host=relay_host)
+                           pre_images=pre_images, lease=lease, relay_host=relay_host,
+                           worker=worker[0] if worker else None,
+                           worker_group=worker[1] if worker else "")
+    if count > 1 and worker is None:
+        sys.exit(supervise(count, sys.argv[1:]))
     sys.exit(_run(serve(options)))
+
+
+def _worker_count(value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise click.BadParameter(f"{value!r}: give a number of processes (1 or more) or "
+                                 "'auto'", param_hint="--workers")
+    return count
 
 
 @main.command("config")

@@ -40,7 +40,7 @@ SAFE = 0.8
 
 class Cluster:
     def __init__(self, client: AsyncMongoClient[dict[str, Any]], meta_db: str, *,
-                 lease: float, addr: str, main_port: int, admin: str):
+                 lease: float, addr: str, main_port: int, admin: str, handoff: str = ""):
         self.client = client
         self.leases = client[meta_db]["leases"]
         self.lease = lease
@@ -49,6 +49,9 @@ class Cluster:
         self.addr = addr
         self.main_port = main_port
         self.admin = admin
+        # Workers of one machine (--workers): the Unix socket name under which this
+        # process takes connections and main-port calls of the others; "" otherwise.
+        self.handoff = handoff
         # The lease document as last read (None: never read, or nobody holds it).
         self.holder: dict[str, Any] | None = None
         # Local monotonic time until which this process's lease surely holds.
@@ -131,7 +134,7 @@ class Cluster:
             before = await self.leases.find_one_and_update(
                 {"_id": LEASE_ID, "$or": [{"owner": self.me}, {"expires": {"$lt": now}}]},
                 {"$set": {"owner": self.me, "addr": self.addr, "main": self.main_port,
-                          "admin": self.admin, "expires": expires}},
+                          "admin": self.admin, "handoff": self.handoff, "expires": expires}},
                 upsert=True, return_document=ReturnDocument.BEFORE)
         except DuplicateKeyError:
             self.holder = await self.leases.find_one({"_id": LEASE_ID})
@@ -144,7 +147,8 @@ class Cluster:
         # surely holds until then.
         self._valid_until = started + self.lease * SAFE
         self.holder = {"_id": LEASE_ID, "owner": self.me, "addr": self.addr,
-                       "main": self.main_port, "admin": self.admin, "expires": expires}
+                       "main": self.main_port, "admin": self.admin, "handoff": self.handoff,
+                       "expires": expires}
         if self.leading:
             return
         self.leading = True

@@ -19,10 +19,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Self, TypeVar
+
+from pymongo import MongoClient
 
 BIN = Path(sys.executable).parent
 
@@ -351,3 +353,32 @@ def _wait_relay_checks(proxy: ProxyProcess, line: str, timeout: float = 30.0) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"the proxy's log never says {line!r}")
         time.sleep(0.05)
+
+
+_T = TypeVar("_T")
+
+
+def until(what: str, probe: Callable[[], _T | None], timeout: float = 60.0) -> _T:
+    """Polls an observable condition, bounded: a test never sleeps and hopes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(0.05)
+
+
+def secantus_with_users(storage: str, users: dict[str, list[dict[str, str]]],
+                        password: str) -> Secantus:
+    """A SecantusDB on `storage` started with --auth, holding these users (user -> roles,
+    SCRAM-SHA-256, one password): made without auth first, then restarted with it."""
+    server = Secantus(storage=storage).start()
+    with MongoClient(server.uri, directConnection=True) as c:
+        for user, roles in users.items():
+            c.admin.command("createUser", user, pwd=password, roles=roles,
+                            mechanisms=["SCRAM-SHA-256"])
+    server.stop()
+    server.auth = True
+    return server.start()

@@ -16,7 +16,7 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
 from tests import rawwire
-from tests.servers import ProxyProcess, Secantus
+from tests.servers import ProxyProcess, Secantus, secantus_with_users
 
 META = "mongobranch_test"
 PW = "pw-authz"
@@ -36,14 +36,7 @@ USERS: dict[str, list[dict[str, str]]] = {
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secantus]:
-    server = Secantus(storage=str(tmp_path_factory.mktemp("authz") / "db")).start()
-    with MongoClient(server.uri, directConnection=True) as c:
-        for user, roles in USERS.items():
-            c.admin.command("createUser", user, pwd=PW, roles=roles,
-                            mechanisms=["SCRAM-SHA-256"])
-    server.stop()
-    server.auth = True
-    server.start()
+    server = secantus_with_users(str(tmp_path_factory.mktemp("authz") / "db"), USERS, PW)
     yield server
     server.stop()
 

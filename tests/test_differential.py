@@ -43,6 +43,15 @@ def proxy(upstream: Secantus) -> Iterator[ProxyProcess]:
 
 
 @pytest.fixture()
+def two_workers(upstream: Secantus) -> Iterator[ProxyProcess]:
+    """`serve --workers 2`: the branch's connections reach either worker and are served
+    by the one holding the engine (docs/ARCHITECTURE.md, "Workers")."""
+    proc = ProxyProcess(upstream.uri, extra=["--workers", "2"]).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
 def direct(upstream: Secantus) -> Iterator[MongoClient]:
     client: MongoClient = MongoClient(upstream.uri, directConnection=True)
     yield client
@@ -59,3 +68,8 @@ def test_branch_of_branch_matches_copy(proxy: ProxyProcess, direct: MongoClient,
                                        ) -> None:
     """Writes on a parent branch, then on its child: the child equals the copy."""
     run_seed(proxy, direct, f"diff-kid-{mode}", mode, SEED, OPS // 4, kid_ops=OPS // 4)
+
+
+def test_branch_matches_copy_under_two_workers(two_workers: ProxyProcess, direct: MongoClient
+                                               ) -> None:
+    run_seed(two_workers, direct, "diff-workers", "wal", SEED + 7, OPS // 2)

@@ -13,18 +13,17 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from tests.servers import ProxyProcess, Secantus, executable, free_port, free_range
+from tests.servers import ProxyProcess, Secantus, executable, free_port, free_range, until
 
 LEASE = 2.0
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
-T = TypeVar("T")
 
 
 def _loopback_aliases() -> bool:
@@ -40,18 +39,6 @@ def _loopback_aliases() -> bool:
 pytestmark = pytest.mark.skipif(not _loopback_aliases(),
                                 reason="needs 127.0.0.2 and 127.0.0.3 on the loopback "
                                        "interface (Linux has them)")
-
-
-def until(what: str, probe: Callable[[], T | None], timeout: float = 60.0) -> T:
-    """Polls an observable condition, bounded: the test never sleeps and hopes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
 
 
 class Trio:

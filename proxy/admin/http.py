@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -139,9 +140,16 @@ async def _json_errors(request: web.Request, handler: Callable) -> web.StreamRes
 
 
 async def start(app: web.Application, host: str, port: int,
-                tls: ssl.SSLContext | None = None) -> web.AppRunner:
+                tls: ssl.SSLContext | None = None, *, reuse_port: bool = False,
+                private: socket.socket | None = None) -> web.AppRunner:
+    """The API on host:port (shared by the workers of one machine with `reuse_port`);
+    with `private`, also on that bound socket of its own, where the other workers forward
+    what only this process can answer."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls,
+                       reuse_port=reuse_port or None)
     await site.start()
+    if private is not None:
+        await web.SockSite(runner, private, ssl_context=tls).start()
     return runner

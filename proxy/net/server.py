@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 
 from proxy.metrics import RELAYED, PortStats
 from proxy.net.connection import ClientConnection
+from proxy.net.handoff import HandedOff, HandoffClient
 from proxy.net.handshake import Topology
 from proxy.net.reads import MemberCursors
 from proxy.net.relay import Relay
@@ -68,12 +70,18 @@ def _client_closed(_conn: object) -> None:
     _open_clients -= 1
 
 
+def _log_failed_adoption(task: asyncio.Task[object]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("a handed-over connection could not be served: %s", task.exception())
+
+
 class Listener:
     def __init__(self, name: str, host: str, port: int, *, upstream: UpstreamConfig,
                  topology: Topology, router: Router, stats: PortStats | None = None,
                  legacy_op_query: bool = True, anonymous_as_uri_user: bool = True,
                  tls: ssl.SSLContext | None = None, read_routing: bool = False,
-                 relay_to: Callable[[], tuple[str, int] | None] | None = None):
+                 relay_to: Callable[[], tuple[str, int] | HandoffClient | None] | None = None,
+                 reuse_port: bool = False):
         self.name = name
         self.host = host
         self.port = port
@@ -94,25 +102,35 @@ class Listener:
         # members other than the primary, shared by its connections.
         self._read_cursors = MemberCursors() if read_routing else None
         # Asked at every accept: where this port's clients are served instead of here
-        # (None: here), for scale-out; the connections relayed there.
+        # (None: here): another process's address, for scale-out, or, between workers of
+        # one machine, the channel their sockets are handed over on; the connections
+        # relayed there.
         self.relay_to = relay_to
+        # Workers share the port number (the kernel spreads accepts across them).
+        self.reuse_port = reuse_port
         self._relays: set[Relay] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._new_connection, self.host, self.port, reuse_address=True, ssl=self.tls
-        )
+            self._new_connection, self.host, self.port, reuse_address=True, ssl=self.tls,
+            reuse_port=self.reuse_port or None)
         sock = self._server.sockets[0].getsockname()
         self.port = sock[1]
         log.info("%s listening on %s:%d%s", self.name, self.host, self.port,
                  " (TLS)" if self.tls else "")
 
-    def _new_connection(self) -> ClientConnection | Relay:
+    def _new_connection(self) -> ClientConnection | Relay | HandedOff:
         target = self.relay_to() if self.relay_to is not None else None
+        if isinstance(target, HandoffClient):
+            RELAYED.labels("main" if self.name == "main" else "branch").inc()
+            return HandedOff(target, self.port)
         if target is not None:
             RELAYED.labels("main" if self.name == "main" else "branch").inc()
             return Relay(target, self._relays.add, self._relays.discard)
+        return self._served()
+
+    def _served(self) -> ClientConnection:
         return ClientConnection(
             upstream=self.upstream, topology=self.topology, router=self.router,
             listener=self.name, stopping=self.stopping, on_closed=self._closed,
@@ -121,6 +139,15 @@ class Listener:
             anonymous_as_uri_user=self.anonymous_as_uri_user,
             read_cursors=self._read_cursors,
         )
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve a connection another worker accepted on this port and handed over."""
+        loop = asyncio.get_running_loop()
+        if self.stopping.is_set():
+            sock.close()
+            return
+        task = loop.create_task(loop.connect_accepted_socket(self._served, sock, ssl=self.tls))
+        task.add_done_callback(_log_failed_adoption)
 
     def _opened(self, conn: ClientConnection) -> None:
         self._connections.add(conn)

@@ -203,7 +203,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("handlers", _branching("commands")),
     ("router", _branching("router")),
     ("front doors", ("proxy.admin", "proxy.cli", "proxy.app", "proxy.mcpserver",
-                     "proxy.cluster")),
+                     "proxy.cluster", "proxy.workers", "proxy.workerlink")),
 ]
 
 
