@@ -8,7 +8,7 @@ import pytest
 from pymongo import MongoClient
 
 from tests.branchutil import Branches, branches, unique
-from tests.servers import ProxyProcess, Secantus
+from tests.servers import RELAY_CHECKS, ProxyProcess, Secantus, relay_checks_proxy
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,23 @@ def proxy(upstream: Secantus) -> Iterator[ProxyProcess]:
     proc = ProxyProcess(upstream.uri).start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="module", params=RELAY_CHECKS)
+def relay_proxy(request: pytest.FixtureRequest, proxy: ProxyProcess,
+                upstream: Secantus) -> Iterator[ProxyProcess]:
+    """For the relay's own test modules: each of their tests runs against the relay with
+    its compiled checks and with the pure-Python fallback (MONGOBRANCH_PURE_PYTHON=1)."""
+    with relay_checks_proxy(request.param, proxy, upstream) as proc:
+        yield proc
+
+
+@pytest.fixture()
+def relay_client(relay_proxy: ProxyProcess) -> Iterator[MongoClient]:
+    """`client` on `relay_proxy`."""
+    c: MongoClient = MongoClient(relay_proxy.uri, serverSelectionTimeoutMS=10000)
+    yield c
+    c.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from bson import Binary, Int64
 from pymongo import MongoClient
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from tests import rawwire
 from tests.branchutil import branches
-from tests.servers import ProxyProcess
+from tests.servers import ProxyProcess, Secantus
 
 _names = itertools.count()
 
@@ -325,4 +325,69 @@ def test_a_write_of_several_batches_is_logged_whole_and_in_order(
     finally:
         client.close()
         proxy.api("DELETE", f"/branches/bw-batches-{n}")
+        direct.drop_database(db_name)
+
+
+@pytest.fixture(scope="module")
+def failing() -> Iterator[tuple[ProxyProcess, MongoClient]]:
+    """A proxy on an upstream of its own with mongod's test commands (failpoints), and
+    that upstream's direct client: the tests below make the WAL refuse entries."""
+    server = Secantus(extra=["--enable-test-commands"]).start()
+    proxy = ProxyProcess(server.uri, meta_db="mb_failing")
+    direct: MongoClient = MongoClient(server.uri, directConnection=True)
+    try:
+        proxy.start()
+        yield proxy, direct
+    finally:
+        direct.close()
+        proxy.stop()
+        server.stop()
+
+
+@pytest.mark.parametrize("op", ["insert", "update"])
+def test_a_write_failing_after_its_first_batch_reports_its_own_error(
+        failing: tuple[ProxyProcess, MongoClient], op: str) -> None:
+    """A branch write of two batches (overlay.BATCH = 1,000) whose first batch's WAL
+    append fails (the WAL refuses its entries: a validator the test sets on it) while the
+    second batch's overlay write fails too (a failpoint on the client's second overlay
+    insert: for an insert the documents, for an update the copy-up of the documents it
+    changes). The client gets the write's own error, not the append's, which the proxy
+    logs. The insert's overlay error comes back as a reply, the update's as an
+    exception (overlay.Writer.check): both ways of failing are covered."""
+    proxy, direct = failing
+    name = f"bw-own-{op}"
+    status, body = proxy.api("POST", "/branches", {"name": name})
+    assert status == 201, body
+    db_name = f"bw_own_{op}"
+    docs = [{"_id": i, "refused": True} for i in range(1500)]
+    if op == "update":
+        direct[db_name].c.insert_many(docs)
+    app = f"bw-own-{op}"
+    meta = direct["mb_failing"]
+    client: MongoClient = MongoClient(body["uri"], appname=app)  # type: ignore[index]
+    try:
+        meta.command("collMod", "wal", validator={"post.refused": {"$exists": False}})
+        direct.admin.command("configureFailPoint", "failCommand", mode={"skip": 1, "times": 1},
+                             data={"failCommands": ["insert"], "appName": app,
+                                   "errorCode": 2, "errorLabels": []})
+        cmd: dict[str, Any] = (
+            {"insert": "c", "documents": docs} if op == "insert" else
+            {"update": "c", "updates": [{"q": {}, "u": {"$inc": {"v": 1}}, "multi": True}]})
+        with pytest.raises(OperationFailure) as failed:
+            client[db_name].command(cmd)
+        assert failed.value.code == 2, failed.value.details
+        assert "failCommand" in str(failed.value.details), failed.value.details
+        log = proxy.read_log()
+        assert f"branch {name}: the WAL append of an earlier batch of a write on " \
+               f"{db_name}.c failed" in log
+        assert "Document failed validation" in log.partition(f"branch {name}: the WAL")[2]
+        # The branch's write lock is free again: with the WAL taking entries, a write runs.
+        meta.command("collMod", "wal", validator={})
+        client[db_name].d.insert_one({"_id": "after"})
+        assert client[db_name].d.find_one() == {"_id": "after"}
+    finally:
+        direct.admin.command("configureFailPoint", "failCommand", mode="off")
+        meta.command("collMod", "wal", validator={})
+        client.close()
+        proxy.api("DELETE", f"/branches/{name}")
         direct.drop_database(db_name)

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import OperationFailure
 
-from tests.servers import RELAY_CHECKS, ProxyProcess, Secantus, relay_checks_proxy
+from tests.servers import ProxyProcess
 
 
-@pytest.fixture(scope="module", params=RELAY_CHECKS)
-def proxy(request: pytest.FixtureRequest, proxy: ProxyProcess,
-          upstream: Secantus) -> Iterator[ProxyProcess]:
-    """Every test here runs against the relay with its compiled checks and with the
-    pure-Python fallback (MONGOBRANCH_PURE_PYTHON=1)."""
-    with relay_checks_proxy(request.param, proxy, upstream) as proc:
-        yield proc
-
-
-def test_handshake_without_direct_connection_stays_on_proxy(proxy: ProxyProcess) -> None:
-    c: MongoClient = MongoClient(proxy.uri)
+def test_handshake_without_direct_connection_stays_on_proxy(relay_proxy: ProxyProcess) -> None:
+    c: MongoClient = MongoClient(relay_proxy.uri)
     try:
         c.admin.command("ping")
         assert c.topology_description.topology_type_name == "Sharded"
-        assert c.address == ("127.0.0.1", proxy.port)
+        assert c.address == ("127.0.0.1", relay_proxy.port)
         hello = c.admin.command("hello")
         assert hello["msg"] == "isdbgrid"
         assert hello["isWritablePrimary"] is True
@@ -37,8 +26,8 @@ def test_handshake_without_direct_connection_stays_on_proxy(proxy: ProxyProcess)
         c.close()
 
 
-def test_crud_round_trip(client: MongoClient) -> None:
-    coll = client.mp_crud.items
+def test_crud_round_trip(relay_client: MongoClient) -> None:
+    coll = relay_client.mp_crud.items
     coll.drop()
     coll.insert_many([{"_id": i, "v": i * 2} for i in range(10)])
     assert coll.find_one({"_id": 3}) == {"_id": 3, "v": 6}
@@ -48,8 +37,8 @@ def test_crud_round_trip(client: MongoClient) -> None:
     assert coll.count_documents({}) == 5
 
 
-def test_cursor_getmore_across_batches_and_kill(client: MongoClient) -> None:
-    coll = client.mp_cursor.items
+def test_cursor_getmore_across_batches_and_kill(relay_client: MongoClient) -> None:
+    coll = relay_client.mp_cursor.items
     coll.drop()
     coll.insert_many([{"_id": i} for i in range(1000)])
     assert [d["_id"] for d in coll.find().sort("_id", 1).batch_size(37)] == list(range(1000))
@@ -57,17 +46,17 @@ def test_cursor_getmore_across_batches_and_kill(client: MongoClient) -> None:
     next(cursor)
     cursor_id = cursor.cursor_id
     assert cursor_id
-    reply = client.mp_cursor.command("killCursors", "items", cursors=[cursor_id])
+    reply = relay_client.mp_cursor.command("killCursors", "items", cursors=[cursor_id])
     assert cursor_id in reply["cursorsKilled"]
     with pytest.raises(OperationFailure):
-        client.mp_cursor.command("getMore", cursor_id, collection="items")
+        relay_client.mp_cursor.command("getMore", cursor_id, collection="items")
 
 
-def test_transaction_commits_and_aborts(client: MongoClient) -> None:
-    coll = client.mp_txn.items
+def test_transaction_commits_and_aborts(relay_client: MongoClient) -> None:
+    coll = relay_client.mp_txn.items
     coll.drop()
     coll.insert_one({"_id": 0})
-    with client.start_session() as s:
+    with relay_client.start_session() as s:
         with s.start_transaction():
             coll.insert_one({"_id": 1}, session=s)
         with s.start_transaction():
@@ -77,17 +66,17 @@ def test_transaction_commits_and_aborts(client: MongoClient) -> None:
 
 
 @pytest.mark.parametrize("compressor", ["zlib", "snappy"])
-def test_compression_negotiated_and_used(proxy: ProxyProcess, compressor: str) -> None:
+def test_compression_negotiated_and_used(relay_proxy: ProxyProcess, compressor: str) -> None:
     import urllib.request
 
     def bytes_in() -> float:
-        with urllib.request.urlopen(proxy.admin_url + "/metrics") as r:
+        with urllib.request.urlopen(relay_proxy.admin_url + "/metrics") as r:
             for line in r.read().decode().splitlines():
                 if line.startswith("mongobranch_bytes_in_total"):
                     return float(line.split()[1])
         raise AssertionError("no bytes_in metric")
 
-    c: MongoClient = MongoClient(proxy.uri, compressors=compressor)
+    c: MongoClient = MongoClient(relay_proxy.uri, compressors=compressor)
     try:
         c.admin.command("ping")
         pool_conn_compressors = c.admin.command("hello", compression=[compressor])["compression"]
@@ -105,8 +94,8 @@ def test_compression_negotiated_and_used(proxy: ProxyProcess, compressor: str) -
         c.close()
 
 
-async def test_async_pymongo(proxy: ProxyProcess) -> None:
-    c: AsyncMongoClient = AsyncMongoClient(proxy.uri)
+async def test_async_pymongo(relay_proxy: ProxyProcess) -> None:
+    c: AsyncMongoClient = AsyncMongoClient(relay_proxy.uri)
     try:
         coll = c.mp_async.items
         await coll.drop()
@@ -117,12 +106,12 @@ async def test_async_pymongo(proxy: ProxyProcess) -> None:
         await c.close()
 
 
-def test_healthz_and_metrics(proxy: ProxyProcess) -> None:
-    status, body = proxy.api("GET", "/healthz")
+def test_healthz_and_metrics(relay_proxy: ProxyProcess) -> None:
+    status, body = relay_proxy.api("GET", "/healthz")
     assert status == 200 and body == {"status": "ok"}
     import urllib.request
 
-    with urllib.request.urlopen(proxy.admin_url + "/metrics") as r:
+    with urllib.request.urlopen(relay_proxy.admin_url + "/metrics") as r:
         text = r.read().decode()
     for name in ("mongobranch_open_connections", "mongobranch_requests_total",
                  "mongobranch_request_seconds_bucket", "mongobranch_upstream_errors_total",

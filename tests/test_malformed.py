@@ -6,23 +6,14 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import bson
 import pytest
 from pymongo import MongoClient
 
 from tests import rawwire
-from tests.servers import RELAY_CHECKS, ProxyProcess, Secantus, relay_checks_proxy
-
-
-@pytest.fixture(scope="module", params=RELAY_CHECKS)
-def proxy(request: pytest.FixtureRequest, proxy: ProxyProcess,
-          upstream: Secantus) -> Iterator[ProxyProcess]:
-    """Every test here runs against the relay with its compiled checks and with the
-    pure-Python fallback (MONGOBRANCH_PURE_PYTHON=1)."""
-    with relay_checks_proxy(request.param, proxy, upstream) as proc:
-        yield proc
+from tests.servers import ProxyProcess
 
 MAX_MESSAGE_SIZE = 48_000_000
 
@@ -133,11 +124,11 @@ def _still_serves(client: MongoClient) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_malformed_input_closes_only_that_connection(
-    proxy: ProxyProcess, client: MongoClient, case: str
+    relay_proxy: ProxyProcess, relay_client: MongoClient, case: str
 ) -> None:
     build, reason, half_close = CASES[case]
-    _still_serves(client)
-    with rawwire.connect(proxy.port) as sock:
+    _still_serves(relay_client)
+    with rawwire.connect(relay_proxy.port) as sock:
         # The connection is a live one first: it has run a command through the upstream.
         assert rawwire.command(sock, {"ping": 1, "$db": "admin"})["ok"] == 1.0
         peer_port = sock.getsockname()[1]
@@ -145,14 +136,14 @@ def test_malformed_input_closes_only_that_connection(
         if half_close:
             sock.shutdown(socket.SHUT_WR)
         assert rawwire.closed_by_peer(sock), f"{case}: the proxy kept the connection open"
-    line = _log_line_for(proxy, peer_port)
+    line = _log_line_for(relay_proxy, peer_port)
     assert reason in line, line
-    _still_serves(client)
+    _still_serves(relay_client)
 
 
-def test_valid_checksum_is_accepted(proxy: ProxyProcess, client: MongoClient) -> None:
-    client.malformed.crc.drop()
-    with rawwire.connect(proxy.port) as sock:
+def test_valid_checksum_is_accepted(relay_proxy: ProxyProcess, relay_client: MongoClient) -> None:
+    relay_client.malformed.crc.drop()
+    with rawwire.connect(relay_proxy.port) as sock:
         reply = rawwire.command(sock, {"ping": 1, "$db": "admin"})
         assert reply["ok"] == 1.0
         sock.sendall(rawwire.op_msg({"ping": 1, "$db": "admin"}, request_id=7, checksum=True))
@@ -180,7 +171,7 @@ def test_valid_checksum_is_accepted(proxy: ProxyProcess, client: MongoClient) ->
         _op, _to, payload = rawwire.read_message(sock)
         batch = rawwire.msg_reply(payload)["cursor"]["firstBatch"]
         assert batch == [{"_id": i, "v": i} for i in range(3)]
-    assert sorted(d["_id"] for d in client.malformed.crc.find()) == [0, 1, 2]
+    assert sorted(d["_id"] for d in relay_client.malformed.crc.find()) == [0, 1, 2]
 
 
 def _op_reply(payload: bytes) -> tuple[int, list[dict[str, object]]]:
@@ -190,8 +181,8 @@ def _op_reply(payload: bytes) -> tuple[int, list[dict[str, object]]]:
     return flags, docs
 
 
-def test_legacy_op_query_is_master(proxy: ProxyProcess) -> None:
-    with rawwire.connect(proxy.port) as sock:
+def test_legacy_op_query_is_master(relay_proxy: ProxyProcess) -> None:
+    with rawwire.connect(relay_proxy.port) as sock:
         for name in ("isMaster", "ismaster"):
             sock.sendall(rawwire.op_query("admin.$cmd", {name: 1, "helloOk": True},
                                           request_id=21))
@@ -219,9 +210,9 @@ def test_legacy_op_query_is_master(proxy: ProxyProcess) -> None:
     ("malformed.items", {"isMaster": 1}, 5739101),
 ])
 def test_other_op_query_gets_an_error_reply(
-    proxy: ProxyProcess, collection: str, query: dict[str, object], code: int
+    relay_proxy: ProxyProcess, collection: str, query: dict[str, object], code: int
 ) -> None:
-    with rawwire.connect(proxy.port) as sock:
+    with rawwire.connect(relay_proxy.port) as sock:
         sock.sendall(rawwire.op_query(collection, query, request_id=31))
         op_code, response_to, payload = rawwire.read_message(sock)
         assert (op_code, response_to) == (rawwire.OP_REPLY, 31)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from bson import Int64
 from pymongo import MongoClient, monitoring
-from pymongo.errors import PyMongoError
+from pymongo.errors import NotPrimaryError, PyMongoError
 
 from tests.servers import ProxyProcess, Secantus, free_port
 
@@ -279,23 +279,106 @@ def _ports(rs_proxy: ProxyProcess, name: str) -> list[str]:
 
 def test_not_writable_primary_is_labelled_retried_and_applied_once(
         rs_proxy: ProxyProcess, admin: MongoClient) -> None:
-    """A state-change error (the failpoint's, which SecantusDB labels as mongod does)
-    retires the connection; the driver's retry runs on a new one, and applies once."""
+    """A state-change error retires the connection; the driver's retry runs on a new one,
+    and applies once. The failpoint's write errors carry no labels (`errorLabels: []`, as
+    SecantusDB's own "not primary" replies): the driver retries them only because the
+    proxy labelled them `RetryableWriteError`, as mongos does."""
     app = "topo-nwp"
     seen = _Failures()
     with MongoClient(rs_proxy.uri, appname=app, serverSelectionTimeoutMS=20000,
                      event_listeners=[seen]) as client:
         coll = client.elect.nwp
         coll.insert_one({"_id": 0})
-        _fail_next(admin, ["insert"], errorCode=10107, appName=app)
+        _fail_next(admin, ["insert"], errorCode=10107, errorLabels=[], appName=app)
         coll.insert_one({"_id": 1})
         assert coll.count_documents({}) == 2
-        _fail_next(admin, ["update"], errorCode=189, appName=app)
+        _fail_next(admin, ["update"], errorCode=189, errorLabels=[], appName=app)
         coll.update_one({"_id": 1}, {"$inc": {"n": 1}})
         assert coll.find_one({"_id": 1}) == {"_id": 1, "n": 1}
         _fail_next(admin, ["aggregate"], errorCode=11602, appName=app)
         assert coll.count_documents({}) == 2  # a retryable read
     assert seen.names == ["insert", "update", "aggregate"]
+
+
+class _Opened(monitoring.ConnectionPoolListener):
+    """The driver's own connections to the proxy: proof that a change of upstream
+    connection was the proxy's doing, not a reconnect of the driver's."""
+
+    def __init__(self) -> None:
+        self.created = 0
+        self.cleared = 0
+
+    def connection_created(self, event: monitoring.ConnectionCreatedEvent) -> None:
+        self.created += 1
+
+    def pool_cleared(self, event: monitoring.PoolClearedEvent) -> None:
+        self.cleared += 1
+
+    def pool_created(self, event: monitoring.PoolCreatedEvent) -> None:
+        pass
+
+    def pool_ready(self, event: monitoring.PoolReadyEvent) -> None:
+        pass
+
+    def pool_closed(self, event: monitoring.PoolClosedEvent) -> None:
+        pass
+
+    def connection_ready(self, event: monitoring.ConnectionReadyEvent) -> None:
+        pass
+
+    def connection_closed(self, event: monitoring.ConnectionClosedEvent) -> None:
+        pass
+
+    def connection_check_out_started(self, event: monitoring.ConnectionCheckOutStartedEvent
+                                     ) -> None:
+        pass
+
+    def connection_check_out_failed(self, event: monitoring.ConnectionCheckOutFailedEvent
+                                    ) -> None:
+        pass
+
+    def connection_checked_out(self, event: monitoring.ConnectionCheckedOutEvent) -> None:
+        pass
+
+    def connection_checked_in(self, event: monitoring.ConnectionCheckedInEvent) -> None:
+        pass
+
+
+def test_not_writable_primary_reply_is_labelled_and_moves_the_upstream_connection(
+        rs_proxy: ProxyProcess, admin: MongoClient) -> None:
+    """What the client receives for an unlabelled NotWritablePrimary: the upstream's
+    error with `RetryableWriteError` added for a retryable write (an explicit `insert`
+    with a txnNumber, which the driver does not retry, so the reply is seen as sent), and
+    its next command runs on a new upstream connection (the old one was retired with
+    that reply; `whatsmyuri` names the proxy's end of it) over the same driver connection."""
+    app = "topo-nwp-raw"
+    opened = _Opened()
+    with MongoClient(rs_proxy.uri, appname=app, maxPoolSize=1, serverSelectionTimeoutMS=20000,
+                     event_listeners=[opened]) as client:
+        db = client.elect
+        db.nwp_raw.insert_one({"_id": 0})
+        before = client.admin.command("whatsmyuri")["you"]
+        created = opened.created
+        _fail_next(admin, ["insert"], errorCode=10107, errorLabels=[], appName=app)
+        with client.start_session() as session, pytest.raises(NotPrimaryError) as failed:
+            db.command({"insert": "nwp_raw", "documents": [{"_id": 1}],
+                        "txnNumber": Int64(1)}, session=session)
+        details = failed.value.details
+        assert isinstance(details, dict)
+        assert details.get("code") == 10107
+        assert details.get("errorLabels") == ["RetryableWriteError"]
+        after = client.admin.command("whatsmyuri")["you"]
+        assert (opened.created, opened.cleared) == (created, 0)
+        assert after != before
+        # Not labelled: a write without a txnNumber is not a retryable one; its upstream
+        # connection is retired all the same.
+        _fail_next(admin, ["insert"], errorCode=10107, errorLabels=[], appName=app)
+        with pytest.raises(NotPrimaryError) as failed:
+            db.command({"insert": "nwp_raw", "documents": [{"_id": 2}]})
+        assert isinstance(failed.value.details, dict)
+        assert "errorLabels" not in failed.value.details
+        assert client.admin.command("whatsmyuri")["you"] != after
+        assert sorted(d["_id"] for d in db.nwp_raw.find()) == [0]
 
 
 @pytest.mark.parametrize("port", ["main", "branch"])

@@ -13,6 +13,7 @@ documents a statement touches and shape the reply.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +30,8 @@ from proxy.branching.txn import in_transaction
 from proxy.branching.wal import PUT, Change
 from proxy.wire.bsonutil import same
 from proxy.wire.codes import Code
+
+log = logging.getLogger("mongobranch.overlay")
 
 BATCH = 1000
 # Ids named in one `$in`. SecantusDB checks each candidate document against the whole
@@ -414,6 +417,17 @@ class Writer:
         logging, self._logging = self._logging, None
         if logging is not None:
             await logging
+
+    async def settle_failed(self, cause: object) -> None:
+        """`settle` for a write that failed before its last batch: the append still ends
+        before the client hears back, but what it raised is logged, not raised, so that
+        the client gets the write's own error (`cause`), not the log's."""
+        try:
+            await self.settle()
+        except Exception as exc:
+            log.error("branch %s: the WAL append of an earlier batch of a write on %s failed "
+                      "(superseded by the write's own error: %s)", self.branch.name, self.ns,
+                      cause, exc_info=exc)
 
     async def record_inserts(self, match: dict[str, Any], pres: list[dict[str, Any]]) -> None:
         """Log documents a server-side write added to the overlay (they had no pre-image)."""

@@ -48,10 +48,19 @@ async def _handle(req: Request, statements: Statements, body: Body, *,
         if (done := _recalled(req)) is not None:
             return done
         writer = await begin(req, coll)
+        # A batch's append may still be running (Writer.flush): it ends before the
+        # client hears back. A write that failed before its last batch gets its own
+        # error, not the append's.
         try:
-            return await body(writer, stmts)
-        finally:
-            await writer.settle()  # a batch's append still running (Writer.flush)
+            reply = await body(writer, stmts)
+        except BaseException as exc:
+            await writer.settle_failed(repr(exc))
+            raise
+        if reply.get("ok"):
+            await writer.settle()
+        else:
+            await writer.settle_failed(reply.get("errmsg"))
+        return reply
 
 
 async def begin(req: Request, coll: str) -> Writer:
