@@ -41,6 +41,7 @@ from proxy.upstream.scram import SUPPORTED as SUPPORTED_MECHANISMS
 from proxy.upstream.topology import UpstreamTopology
 from proxy.wire import fastwire
 from proxy.workerlink import EngineHub, EngineLink, RemoteRouter, SwitchedRouter
+from proxy.workers import Worker
 
 log = logging.getLogger("mongobranch")
 
@@ -118,10 +119,9 @@ class ServeOptions:
     # --listen host when None; every process listens on the same port numbers).
     lease: float = 0.0
     relay_host: str | None = None
-    # Workers of one machine (workers.py): this process's index among them (None: not
-    # a worker), and the name their Unix sockets share.
-    worker: int | None = None
-    worker_group: str = ""
+    # Workers of one machine (workers.py): who this process is among them (None: not a
+    # worker).
+    worker: Worker | None = None
 
 
 async def connect_upstream(
@@ -310,7 +310,8 @@ class Proxy:
         if opts.worker is not None:
             if self.tls is not None:
                 raise UpstreamConfigError("--workers does not support --tls-cert yet")
-            base = f"\0mongobranch-{opts.worker_group}-{opts.worker}"
+            me = opts.worker
+            base = f"\0mongobranch-{me.group}-{me.index}"
             self.handoff = HandoffServer(base + ".fd", self._adopt)
             self.handoff.start()
             self.hub = EngineHub(base + ".rpc", EngineRouter(self.engine, None),
@@ -319,9 +320,12 @@ class Proxy:
             self.link = EngineLink(self._main_state_changed)
             # The shared admin port may land on any worker: the others forward what only
             # the holder answers to its own loopback port, known before the first round.
-            self._private_admin = socket.socket()
-            self._private_admin.bind(("127.0.0.1", 0))
-            self._private_admin.listen(128)
+            if me.admin_fd is not None:
+                self._private_admin = socket.socket(fileno=me.admin_fd)
+            else:
+                self._private_admin = socket.socket()
+                self._private_admin.bind(("127.0.0.1", 0))
+                self._private_admin.listen(128)
             private_url = f"http://127.0.0.1:{self._private_admin.getsockname()[1]}"
             self.cluster = Cluster(self.meta_client, opts.meta_db, lease=lease,
                                    addr=host if host not in ("", "0.0.0.0", "::")
@@ -375,7 +379,8 @@ class Proxy:
         app = http.build_app(lambda: monitor.healthy, tokens,
                              forward_to=self._admin_target() if self.cluster else None,
                              before_metrics=metrics.BranchSizes(
-                                 self._measure_sizes, opts.metrics_size_interval).refresh)
+                                 self._measure_sizes, opts.metrics_size_interval).refresh,
+                             workers=self._metrics_peers())
         branch_routes.add_routes(app, self.engine)
         runner = await http.start(app, ahost, aport, self.tls,
                                   reuse_port=self.link is not None, private=self._private_admin)
@@ -383,6 +388,15 @@ class Proxy:
         self.admin_port = aport or runner.addresses[0][1]
         if self.link is None and self.cluster is not None and not aport:
             self.cluster.admin = self._admin_url(ahost, self.admin_port)  # at the next round
+
+    def _metrics_peers(self) -> http.Peers | None:
+        """A worker's /metrics also shows the other workers' (label `worker`)."""
+        me = self.options.worker
+        if me is None or not me.admin_ports:
+            return None
+        return http.Peers(str(me.index), [(str(i), f"http://127.0.0.1:{port}")
+                                          for i, port in enumerate(me.admin_ports)
+                                          if i != me.index])
 
     async def _reroute_main(self) -> None:
         """Main's writes become the engine's (main gained children): the main port and

@@ -203,8 +203,7 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                            admin_token_file=admin_token_file, tls_cert=tls_cert,
                            tls_key=tls_key, tls_ca=tls_ca, capture=capture,
                            pre_images=pre_images, lease=lease, relay_host=relay_host,
-                           worker=worker[0] if worker else None,
-                           worker_group=worker[1] if worker else "")
+                           worker=worker)
     if count > 1 and worker is None:
         sys.exit(supervise(count, sys.argv[1:]))
     sys.exit(_run(serve(options)))

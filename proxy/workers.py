@@ -15,15 +15,22 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from types import FrameType
 
 log = logging.getLogger("mongobranch.workers")
 
 INDEX_ENV = "MONGOBRANCH_WORKER"
 GROUP_ENV = "MONGOBRANCH_WORKER_GROUP"
+# Each worker's own admin socket (a descriptor it inherits), and every worker's port of
+# it in index order: where the others forward to the engine's holder and gather
+# /metrics from.
+ADMIN_FD_ENV = "MONGOBRANCH_WORKER_ADMIN_FD"
+ADMIN_PORTS_ENV = "MONGOBRANCH_WORKER_ADMIN_PORTS"
 RESTART_DELAY = 1.0
 # A worker that exits this way was started with a configuration it refuses: starting
 # it again would fail the same way.
@@ -31,12 +38,25 @@ CONFIG_ERROR = 2
 PR_SET_PDEATHSIG = 1
 
 
-def this_worker() -> tuple[int, str] | None:
-    """(index, group) when this process is one of a supervisor's workers."""
+@dataclass(frozen=True)
+class Worker:
+    index: int
+    group: str
+    # This worker's private admin socket, listening (None: it binds one itself).
+    admin_fd: int | None
+    # Every worker's private admin port, by index (empty: unknown).
+    admin_ports: tuple[int, ...]
+
+
+def this_worker() -> Worker | None:
+    """Set when this process is one of a supervisor's workers."""
     index = os.environ.get(INDEX_ENV)
     if index is None:
         return None
-    return int(index), os.environ.get(GROUP_ENV, "")
+    fd = os.environ.get(ADMIN_FD_ENV)
+    ports = os.environ.get(ADMIN_PORTS_ENV, "")
+    return Worker(int(index), os.environ.get(GROUP_ENV, ""), int(fd) if fd else None,
+                  tuple(int(p) for p in ports.split(",") if p))
 
 
 def _die_with_parent() -> None:
@@ -53,11 +73,21 @@ def supervise(workers: int, argv: list[str]) -> int:
     group = secrets.token_hex(4)
     procs: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
+    # Bound here, so that a worker started again gets the same port back.
+    admin = []
+    for _ in range(workers):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        admin.append(sock)
+    ports = ",".join(str(sock.getsockname()[1]) for sock in admin)
 
     def start(index: int) -> None:
-        env = {**os.environ, INDEX_ENV: str(index), GROUP_ENV: group}
+        fd = admin[index].fileno()
+        env = {**os.environ, INDEX_ENV: str(index), GROUP_ENV: group,
+               ADMIN_FD_ENV: str(fd), ADMIN_PORTS_ENV: ports}
         procs[index] = subprocess.Popen([sys.executable, "-m", "proxy.cli", *argv], env=env,
-                                        preexec_fn=_die_with_parent)
+                                        pass_fds=(fd,), preexec_fn=_die_with_parent)
         log.info("worker %d started (pid %d)", index, procs[index].pid)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

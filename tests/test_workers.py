@@ -16,11 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
@@ -337,3 +339,16 @@ def test_workers_do_not_outlive_a_killed_supervisor(upstream: Secantus) -> None:
         # do not count).
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", proc.port))
+
+
+def test_a_scrape_of_any_worker_shows_every_worker(proxy: ProxyProcess,
+                                                   upstream: Secantus) -> None:
+    environ = Path(f"/proc/{holder_pid(upstream)}/environ").read_bytes().split(b"\0")
+    holder = next(v.split(b"=", 1)[1].decode() for v in environ
+                  if v.startswith(b"MONGOBRANCH_WORKER="))
+    for _ in range(6):  # the shared admin port answers from either worker
+        with urllib.request.urlopen(proxy.admin_url + "/metrics", timeout=30) as answer:
+            text = answer.read().decode()
+        held = {s.labels["worker"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "mongobranch_engine_lease_held" for s in f.samples}
+        assert held == {"0": 0.0, "1": 0.0, holder: 1.0}, text

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 from pymongo.errors import ConnectionFailure
 
 from proxy.admin import auth
@@ -30,10 +34,20 @@ HTTP_STATUS = {Kind.INVALID: 400, Kind.FORBIDDEN: 403, Kind.NOT_FOUND: 404, Kind
 LOCAL_PATHS = ("/healthz", "/metrics")
 
 
+@dataclass
+class Peers:
+    """The other workers of this machine (`serve --workers`), whose figures a scrape of
+    any worker shows too, each sample labelled with its worker."""
+
+    me: str
+    others: list[tuple[str, str]]  # (worker label, base URL of its own admin port)
+
+
 def build_app(healthy: Callable[[], bool],
               tokens: auth.Tokens | None = None,
               forward_to: Callable[[], str | None] | None = None,
-              before_metrics: Callable[[], Awaitable[None]] | None = None) -> web.Application:
+              before_metrics: Callable[[], Awaitable[None]] | None = None,
+              workers: Peers | None = None) -> web.Application:
     """forward_to: the base URL of the process that serves the branch API instead of this
     one (None: this one), asked at every request. before_metrics: brings the figures a
     scrape reads from the upstream up to date."""
@@ -54,16 +68,65 @@ def build_app(healthy: Callable[[], bool],
             return web.json_response({"status": "ok"})
         return web.json_response({"status": "upstream unavailable"}, status=503)
 
-    async def metrics(_request: web.Request) -> web.Response:
+    async def metrics(request: web.Request) -> web.Response:
         if before_metrics is not None:
             await before_metrics()
         body = generate_latest(REGISTRY)
+        if workers is not None and request.query.get("worker") != "local":
+            if not sessions:
+                sessions.append(aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)))
+            body = await _all_workers(sessions[0], request, workers, body.decode())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     add_console(app)
     return app
+
+
+async def _all_workers(session: aiohttp.ClientSession, request: web.Request, workers: Peers,
+                       mine: str) -> bytes:
+    """This worker's exposition and the others' (asked with `?worker=local`, this
+    request's credentials), merged, every sample labelled `worker`. A worker that does not
+    answer (being restarted) is left out of this scrape, as a dead target would be."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+    texts = [(workers.me, mine)]
+    for label, base in workers.others:
+        try:
+            async with session.get(f"{base}/metrics?worker=local", headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=10)) as answer:
+                if answer.status == 200:
+                    texts.append((label, await answer.text()))
+                else:
+                    log.info("worker %s answered /metrics with %d", label, answer.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("worker %s did not answer /metrics: %s", label, exc)
+    return merged(texts)
+
+
+def merged(texts: list[tuple[str, str]]) -> bytes:
+    """Prometheus expositions as one, each sample labelled `worker` with its source."""
+    families: dict[str, Metric] = {}
+    for label, text in texts:
+        for family in text_string_to_metric_families(text):
+            into = families.get(family.name)
+            if into is None:
+                into = families[family.name] = Metric(family.name, family.documentation,
+                                                      family.type, family.unit)
+            into.samples.extend(sample._replace(labels={**sample.labels, "worker": label})
+                                for sample in family.samples)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
 
 
 def add_console(app: web.Application) -> None:
