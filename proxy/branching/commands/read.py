@@ -8,7 +8,7 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import cursormerge, planner
+from proxy.branching import cursormerge, planner, views
 from proxy.branching.commands import aggregate, changestream, snapshotread
 from proxy.branching.commands.base import (
     Request,
@@ -32,6 +32,9 @@ async def find(req: Request) -> dict[str, Any] | None:
         return await _tailable(req, coll, layers)
     if layers and planner.index_bound(cmd) and isinstance(cmd.get("hint"), str):
         cmd = await _hint_by_pattern(req, coll, cmd)
+    if layers and cmd.get("returnKey") and cmd.get("hint") is None \
+            and views.whole(layers) is None:
+        cmd = await _hint_by_plan(req, coll, cmd)
     plan = planner.plan_find(cmd, layers, branch=branch)
     if plan.kind is PlanKind.PASS:
         return None
@@ -64,6 +67,32 @@ async def _hint_by_pattern(req: Request, coll: str, cmd: dict[str, Any]) -> dict
     indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
     key = next((ix.get("key") for ix in indexes if ix.get("name") == cmd["hint"]), None)
     return {**cmd, "hint": dict(key)} if isinstance(key, dict) else cmd
+
+
+async def _hint_by_plan(req: Request, coll: str, cmd: dict[str, Any]) -> dict[str, Any]:
+    """A returnKey find without a hint, hinted with the index the base collection's own
+    planner picks for it (its explain): every side then returns keys of that one index,
+    as mongod's one plan does, merged in its key order. A plan with no index scan gives
+    every document an empty key, as mongod's does; `$natural` keeps each side on a scan."""
+    shape = {k: cmd[k] for k in ("filter", "sort", "collation") if k in cmd}
+    reply = await req.run.reply(req.db, {"explain": {"find": coll, **shape},
+                                         "verbosity": "queryPlanner"})
+    plan = (reply.get("queryPlanner") or {}).get("winningPlan") if reply.get("ok") else None
+    if not isinstance(plan, dict):
+        return cmd  # the merge then refuses it, saying why
+    key = _scanned_index(plan)
+    return {**cmd, "hint": key if key is not None else {"$natural": 1}}
+
+
+def _scanned_index(stage: dict[str, Any]) -> dict[str, Any] | None:
+    """The key pattern of the index scan in an explained plan, if it has one."""
+    if stage.get("stage") == "IXSCAN" and isinstance(stage.get("keyPattern"), dict):
+        return dict(stage["keyPattern"])
+    children = [stage.get("inputStage"), *(stage.get("inputStages") or [])]
+    for child in children:
+        if isinstance(child, dict) and (found := _scanned_index(child)) is not None:
+            return found
+    return None
 
 
 def _index_bound_refusal(req: Request, coll: str, refused: list[tuple[str, dict[str, Any]]],
