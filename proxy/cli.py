@@ -180,6 +180,11 @@ def serve_cmd(upstream: str | None, listen: str, admin: str, branch_ports: str, 
                                    "to one process")
         if count > 1 and tls_cert:
             raise click.UsageError("--workers does not support --tls-cert yet")
+        if count > 1 and lease:
+            raise click.UsageError("--workers with --lease (scale-out across machines) is not "
+                                   "supported yet: the workers of one machine share its ports "
+                                   "and hand connections over locally; run one process per "
+                                   "machine with --lease")
         if (tls_key or tls_ca) and not tls_cert:
             raise click.UsageError("--tls-key and --tls-ca need --tls-cert")
         if tls_cert:

@@ -240,6 +240,8 @@ def test_stop_stops_every_worker(upstream: Secantus) -> None:
     (["--workers", "0"], "give a number of processes"),
     (["--workers", "many"], "give a number of processes"),
     (["--workers", "2"], "--workers needs --upstream"),
+    (["--workers", "2", "--upstream", "mongodb://127.0.0.1:1/", "--lease", "5"],
+     "--workers with --lease"),
 ])
 def test_bad_workers_options_are_refused(args: list[str], message: str) -> None:
     exe = executable("mongobranch")

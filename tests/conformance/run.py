@@ -179,11 +179,17 @@ def main() -> int:
     parser.add_argument("--floor", type=float, default=1.0,
                         help="seconds a test must also lose to count as slower")
     parser.add_argument("--timeout", type=int, default=180, help="seconds per test")
+    parser.add_argument("--upstream-cache", default="8G",
+                        help="SecantusDB --cache-size: its in-memory storage lives in that "
+                             "cache, and the branch run stores each document about three "
+                             "times (overlay, hidden id, WAL images); with the 1G default "
+                             "test_bulk's large inserts fail with WT_CACHE_FULL")
     opts = parser.parse_args()
     modules = opts.module or MODULES
     tests = pymongo_tests()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    upstream = Secantus(extra=["--enable-test-commands"]).start()
+    upstream = Secantus(extra=["--enable-test-commands", "--cache-size",
+                               opts.upstream_cache]).start()
     proxy = ProxyProcess(upstream.uri, meta_db=META_DB)
     try:
         proxy.start()
