@@ -577,3 +577,40 @@ def test_create_at_before_a_drop_is_refused(proxy: ProxyProcess, client: MongoCl
                         {"name": name, "from": source["name"], "at": mark})
     assert status == 409 and "dropped or recreated" in msg
     assert proxy.api("GET", f"/branches/{name}")[0] == 404
+
+
+@pytest.mark.parametrize("collation", [None, {"locale": "en", "strength": 2}],
+                         ids=["simple", "case-insensitive"])
+def test_a_diff_over_more_than_a_batch_read_side_by_side_in_id_order(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str,
+        collation: dict[str, Any] | None) -> None:
+    """Past one batch of changed ids, a side holding few documents per change is read
+    once in _id order beside the changed ids (history/lookup.py, OrderedSide) instead of
+    a lookup per batch: every change still comes back, against the parent as it is now,
+    whatever the ids' types and whatever order the collection's default collation gives
+    its string ids (the WAL's grouping orders them by the simple collation)."""
+    ids: list[Any] = [*range(700), *(("x" if i % 2 else "X") + f"{i:04d}" for i in range(700)),
+                      *(ObjectId() for _ in range(100))]
+    coll = client[db_name].create_collection("items", collation=collation) if collation \
+        else client[db_name].items
+    coll.insert_many([{"_id": i, "v": 0} for i in ids])
+    source = made.create()
+    gone, moved = ids[5::50], ids[7::100]
+    with MongoClient(source["uri"]) as s:
+        items = s[db_name].items
+        items.update_many({}, {"$set": {"v": 1}})
+        items.delete_many({"_id": {"$in": gone}})
+        items.insert_many([{"_id": 10_000 + i, "v": 1} for i in range(30)])
+    for i in moved:  # the parent moves on after the fork: the diff is against it now
+        coll.update_one({"_id": i}, {"$set": {"v": 2}})
+    ns = f"{db_name}.items"
+    result = diff(proxy, source["name"])
+    expected = [(ns, "delete", i) for i in gone] + \
+        [(ns, "update", i) for i in ids if i not in gone] + \
+        [(ns, "insert", 10_000 + i) for i in range(30)]
+    assert doc_changes(result) == sorted(expected, key=repr)
+    by_id = {repr(c["_id"]): c for c in result["changes"] if "op" in c}
+    for i in ids:
+        change = by_id[repr(i)]
+        assert change["parent"] == {"_id": i, "v": 2 if i in moved else 0}, change
+        assert change["branch"] == (None if i in gone else {"_id": i, "v": 1}), change

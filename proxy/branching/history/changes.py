@@ -12,7 +12,18 @@ import bson
 
 from proxy.branching import views, viewscan
 from proxy.branching.engine import Engine
-from proxy.branching.history.lookup import BATCH, branch_states, find_ids, view_ids
+from proxy.branching.history.lookup import (
+    BATCH,
+    SCAN_RATIO,
+    OrderedSide,
+    branch_states,
+    collated,
+    collection_count,
+    find_ids,
+    ordered_overlay,
+    ordered_view,
+    view_ids,
+)
 from proxy.branching.idkey import idkey
 from proxy.branching.lineage import parent_layers, parent_of, replaced
 from proxy.branching.masking import Masker
@@ -225,14 +236,50 @@ async def state_changes(engine: Engine, branch: Branch, state: NsState,
     it did not replace."""
     ns = f"{state.db}.{state.coll}"
     layers = parent_layers(engine, branch, state.db, state.coll)
-    async for batch in touched(engine, branch, state):
-        ids = [value for value, _ in batch]
-        mine = await find_ids(engine, state.db, state.live, ids)
-        theirs = await view_ids(engine, state.db, state.coll, layers, ids)
-        for value, first in batch:
-            change = _classify(ns, value, theirs.get(idkey(value)), mine.get(idkey(value)))
-            if change is not None:
-                yield change, first
+    sides: tuple[OrderedSide | None, OrderedSide | None] | None = None
+    try:
+        async for batch in touched(engine, branch, state):
+            ids = [value for value, _ in batch]
+            if sides is None:
+                sides = await _ordered_sides(engine, branch, state, layers, ids)
+            mine_side, their_side = sides
+            mine = await (mine_side.upto(ids) if mine_side is not None
+                          else find_ids(engine, state.db, state.live, ids))
+            theirs = await (their_side.upto(ids) if their_side is not None
+                            else view_ids(engine, state.db, state.coll, layers, ids))
+            for value, first in batch:
+                change = _classify(ns, value, theirs.get(idkey(value)),
+                                   mine.get(idkey(value)))
+                if change is not None:
+                    yield change, first
+    finally:
+        for side in sides or ():
+            if side is not None:
+                await side.close()
+
+
+async def _ordered_sides(engine: Engine, branch: Branch, state: NsState,
+                         layers: list[NsState], ids: list[Any]
+                         ) -> tuple[OrderedSide | None, OrderedSide | None]:
+    """Which sides of a diff are read once in _id order rather than looked up a batch
+    of ids at a time: those holding at most SCAN_RATIO documents per entry the branch
+    logged in the collection, once there is more than one batch of ids."""
+    if len(ids) < BATCH:
+        return None, None  # one batch: one lookup per side
+    if "collation" in (state.options or {}) \
+            or any("collation" in (layer.options or {}) for layer in layers) \
+            or await collated(engine, state.db, state.coll):
+        return None, None  # the sides' _id order would not be the changed ids' order
+    entries = await engine.wal.count({"b": branch.bid, "ns": f"{state.db}.{state.coll}"})
+    mine = await collection_count(engine, state.db, state.live)
+    mine_side = ordered_overlay(engine, state.db, state.live) \
+        if mine <= SCAN_RATIO * entries else None
+    theirs = sum([await collection_count(engine, state.db, layer.live) for layer in layers],
+                 0 if any(layer.base_dropped for layer in layers)
+                 else await collection_count(engine, state.db, state.coll))
+    their_side = ordered_view(engine, state.db, state.coll, layers) \
+        if theirs <= SCAN_RATIO * entries else None
+    return mine_side, their_side
 
 
 # Images sent to the upstream in one masking round trip: a command holds 16 MiB at most

@@ -9,7 +9,7 @@ from typing import Any
 from bson import ObjectId
 from bson.int64 import Int64
 
-from proxy.branching import viewscan
+from proxy.branching import bsonorder, views, viewscan
 from proxy.branching.engine import Engine
 from proxy.branching.idkey import idkey
 from proxy.branching.model import Branch, NsState
@@ -138,3 +138,90 @@ def equal(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     if a is None or b is None:
         return a is b
     return same(a, b)
+
+
+# A side is read once in _id order, beside the changed ids, when it holds at most this
+# many documents per change the branch logged in the collection: each lookup of a batch
+# of ids then costs more than its share of one ordered read (on SecantusDB a range of
+# _id values is a scan of the whole collection, as measured in benchmarks/RESULTS.md,
+# "History in bulk"; mongod's lookups walk the _id index, and its ordered read does too).
+SCAN_RATIO = 4
+
+
+class OrderedSide:
+    """One collection (or view) read once in _id order, handed out a batch of ids at a
+    time: the ids come in the same order (a merge join), so one batch of documents is
+    held at a time, never the side."""
+
+    def __init__(self, batches: AsyncIterator[list[dict[str, Any]]]):
+        self._batches = batches
+        self._held: list[dict[str, Any]] = []
+        self._at = 0
+        self._done = False
+
+    async def upto(self, ids: list[Any]) -> dict[Any, dict[str, Any]]:
+        """The documents with these ids (ascending, after every id asked before), by
+        idkey; those up to the last id are read and passed."""
+        wanted = {idkey(v) for v in ids}
+        last = ids[-1]
+        out: dict[Any, dict[str, Any]] = {}
+        while True:
+            if self._at >= len(self._held):
+                if self._done:
+                    return out
+                try:
+                    self._held = await anext(self._batches)
+                except StopAsyncIteration:
+                    self._done = True
+                    self._held = []
+                self._at = 0
+                continue
+            doc = self._held[self._at]
+            if bsonorder.compare(doc["_id"], last) > 0:
+                return out
+            self._at += 1
+            key = idkey(doc["_id"])
+            if key in wanted:
+                out[key] = doc
+
+    async def close(self) -> None:
+        aclose = getattr(self._batches, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def collated(engine: Engine, db: str, coll: str) -> bool:
+    """Whether a collection has a default collation (or cannot be told)."""
+    reply = await engine.pool.reply(db, {"listCollections": 1, "filter": {"name": coll}})
+    if not reply.get("ok"):
+        return True
+    found = reply["cursor"]["firstBatch"]
+    return bool(found and (found[0].get("options") or {}).get("collation"))
+
+
+async def collection_count(engine: Engine, db: str, coll: str) -> int:
+    """The documents of a plain collection, from the server's count of it (no filter:
+    the collection's metadata on mongod)."""
+    reply = await engine.pool.reply(db, {"count": coll})
+    return int(reply.get("n", 0)) if reply.get("ok") else 0
+
+
+def _sorted(engine: Engine, db: str, coll: str, stages: list[dict[str, Any]]) -> OrderedSide:
+    """A side in _id order by an aggregation's $sort, the order the changed ids come in
+    (the WAL's $group then $sort), from the first document: a range from the first
+    changed id would leave out ids of other BSON types. Only for a collection without a
+    default collation (the caller checks): naming the simple collation would not do on
+    SecantusDB, which then orders strings as it does not without it ("x1" before "X2";
+    mongod's simple collation is the binary order either way)."""
+    return OrderedSide(engine.pool.batches(db, {
+        "aggregate": coll, "pipeline": [*stages, {"$sort": {"_id": 1}}], "cursor": {},
+        "allowDiskUse": True}, BATCH))
+
+
+def ordered_overlay(engine: Engine, db: str, coll: str) -> OrderedSide:
+    return _sorted(engine, db, coll, [])
+
+
+def ordered_view(engine: Engine, db: str, coll: str, layers: list[NsState]) -> OrderedSide:
+    source, stages = views.view_source(coll, layers)
+    return _sorted(engine, db, source, stages)
