@@ -5,13 +5,15 @@ The upstream here runs with `--enable-test-commands`, as pymongo's suite expects
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from bson import Int64
+from bson import Binary, Int64
 from pymongo import DeleteMany, InsertOne, MongoClient, UpdateOne, monitoring
 from pymongo.errors import (
+    BulkWriteError,
     ClientBulkWriteException,
     OperationFailure,
     PyMongoError,
@@ -220,6 +222,32 @@ def test_documents_near_16_mib_are_stored_and_logged_on_a_branch(
     assert sorted(c["_id"] for c in diff["changes"]) == [1, 2]
     coll.delete_many({})
     assert coll.count_documents({}) == 0
+
+
+def test_a_document_whose_wal_entry_cannot_fit_is_refused_before_it_is_stored(
+        branch: MongoClient, test_proxy: ProxyProcess, branch_info: dict[str, Any]) -> None:
+    """A document near 16 MiB that zstd does not shrink (random bytes) fits the
+    collection but not a WAL entry beside the entry's own fields: the branch refuses it
+    with mongod's BSONObjectTooLarge before writing anything, so it never shows a
+    document its log does not hold, and the rest of the write goes on as mongod's would
+    (unordered: the other documents land)."""
+    coll = branch[unique("huge").replace("-", "_")].c
+    noise = os.urandom(16 * 1024 * 1024 - 200)
+    with pytest.raises(OperationFailure) as refused:
+        coll.insert_one({"_id": 1, "b": Binary(noise)})
+    assert refused.value.code == 10334, refused.value.details
+    assert "cannot be logged" in str(refused.value)
+    assert coll.count_documents({}) == 0
+    with pytest.raises(BulkWriteError) as partly:
+        coll.insert_many([{"_id": 2}, {"_id": 3, "b": Binary(noise)}, {"_id": 4}],
+                         ordered=False)
+    assert [e["index"] for e in partly.value.details["writeErrors"]] == [1]
+    assert partly.value.details["nInserted"] == 2
+    assert sorted(d["_id"] for d in coll.find({}, {"_id": 1})) == [2, 4]
+    status, log = test_proxy.api("GET", f"/branches/{branch_info['name']}/log?limit=10")
+    assert status == 200 and isinstance(log, dict)
+    assert sorted(e.get("_id") for e in log["entries"] if e.get("ns") == coll.full_name) \
+        == [2, 4]
 
 
 def test_validate_on_a_branch(fork: Fork,

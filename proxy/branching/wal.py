@@ -65,6 +65,24 @@ def packed(image: dict[str, Any]) -> Binary | None:
     return Binary(small) if len(small) < len(raw) else None
 
 
+# Room kept in an entry for the reply a retryable write's last entry carries.
+REPLY_ROOM = 1024
+
+
+def unloggable(doc: dict[str, Any], fields: dict[str, Any]) -> int | None:
+    """The size of a document whose insert's WAL entry (these other fields of the entry
+    beside its image, and room for a reply) cannot be stored even with the image
+    compressed: a document near 16 MiB that zstd does not shrink. None when it can.
+    Checked before the document is written anywhere, so that a branch never holds a
+    document its WAL does not."""
+    size = len(bson.encode(doc, codec_options=CODEC))
+    room = MAX_ENTRY - len(bson.encode(fields, codec_options=CODEC)) - REPLY_ROOM
+    if size <= room:
+        return None
+    small = packed(doc)
+    return size if small is None or len(small) > room else None
+
+
 def image(entry: dict[str, Any], which: str) -> dict[str, Any] | None:
     """An entry's pre- or post-image, whether stored plain or compressed by gc."""
     if entry.get(which) is not None:

@@ -6,12 +6,13 @@ is the overlay writer's (overlay.py).
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import Awaitable, Callable, Hashable
 from itertools import accumulate
 from typing import Any
 
 import bson
-from bson import ObjectId
+from bson import Int64, ObjectId, Timestamp
 
 from proxy.branching import overlay, planner
 from proxy.branching.commands.base import Request, coll_name
@@ -19,7 +20,7 @@ from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
 from proxy.branching.overlay import BATCH, Writer, by_ids, chunks, dup_key_error, fitted
 from proxy.branching.runner import SESSION
-from proxy.branching.wal import DELETE, PUT, Change
+from proxy.branching.wal import DELETE, PUT, Change, unloggable
 from proxy.wire.codes import Code
 
 # The bytes of update statements sent in one command (the 16 MB limit, with room).
@@ -106,6 +107,13 @@ def _documents(req: Request) -> list[Any]:
     return [d if "_id" in d else {"_id": ObjectId(), **d} for d in raw_docs]
 
 
+def _entry_fields(writer: Writer, doc: dict[str, Any]) -> dict[str, Any]:
+    """An insert's WAL entry but its image (wal.py `_append`), for its size."""
+    return {"_id": Int64(0), "b": writer.branch.bid, "ns": writer.ns, "id": doc["_id"],
+            "op": PUT, "ts": datetime.datetime(1970, 1, 1), "client": writer.client,
+            "ct": Timestamp(0, 0), **({"txn": writer.txn} if writer.txn else {})}
+
+
 def _insert_point(req: Request, coll: str, docs: list[Any]) -> Hashable | None:
     return (req.db, coll, idkey(docs[0]["_id"])) if len(docs) == 1 else None
 
@@ -125,8 +133,25 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
         # only if every document before it lands: else the batch stops earlier and
         # never reaches it.
         held: dict[str, Any] | None = None
+        # A document over the batch bytes comes alone: only such one can be too large
+        # for its WAL entry.
+        too_large = unloggable(chunk[0], _entry_fields(writer, chunk[0])) \
+            if len(chunk) == 1 else None
         for offset, doc in enumerate(chunk):
             key = idkey(doc["_id"])
+            if too_large is not None:
+                err = {"code": int(Code.BSON_OBJECT_TOO_LARGE),
+                       "codeName": Code.BSON_OBJECT_TOO_LARGE.code_name,
+                       "errmsg": f"document of {too_large} bytes cannot be logged on branch "
+                                 f"{writer.branch.name!r}: its WAL entry would be over the "
+                                 "16 MiB BSON limit even compressed (its data does not "
+                                 "compress); store it on main or make it smaller"}
+                if ordered:
+                    held = {**err, "index": start + offset}
+                    stop = True
+                    break
+                errors.append({**err, "index": start + offset})
+                continue
             if key in taken or key in clashes:
                 err = dup_key_error(writer.ns, doc["_id"]) if key in taken else clashes[key]
                 if ordered:
