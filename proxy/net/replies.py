@@ -64,9 +64,17 @@ def error_labels(command: dict[str, Any]) -> list[str]:
     return []
 
 
+# An exception's text can quote whole documents (a failed bulk write's operations): the
+# client gets its start, the log has all of it.
+INTERNAL_ERROR_CHARS = 2000
+
+
 def internal_error(exc: Exception) -> dict[str, Any]:
     """A router failed in a way nothing else maps: the client gets an error, not silence."""
-    return {"ok": 0.0, "errmsg": f"mongobranch internal error: {exc!r}", "code": 1,
+    text = repr(exc)
+    if len(text) > INTERNAL_ERROR_CHARS:
+        text = text[:INTERNAL_ERROR_CHARS] + f"... ({len(text)} characters; see the proxy's log)"
+    return {"ok": 0.0, "errmsg": f"mongobranch internal error: {text}", "code": 1,
             "codeName": "InternalError"}
 
 

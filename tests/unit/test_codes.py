@@ -46,3 +46,16 @@ def test_no_error_is_built_from_a_literal_code() -> None:
                     and isinstance(node.args[0], ast.Constant)):
                 literal.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     assert literal == []
+
+
+def test_an_internal_error_quotes_at_most_the_start_of_its_exception() -> None:
+    """A failed bulk write's text can quote every document it held (tens of MB, over the
+    wire's message limit): the client gets the start of it in a reply a driver can read."""
+    from proxy.net.replies import INTERNAL_ERROR_CHARS, internal_error
+
+    huge = internal_error(RuntimeError("x" * 50_000_000))
+    assert len(huge["errmsg"]) < INTERNAL_ERROR_CHARS + 200
+    assert huge["errmsg"].startswith("mongobranch internal error: RuntimeError('xxx")
+    assert "see the proxy's log" in huge["errmsg"] and huge["code"] == 1
+    small = internal_error(ValueError("boom"))
+    assert small["errmsg"] == "mongobranch internal error: ValueError('boom')"
