@@ -623,6 +623,23 @@ class Engine:
         read concern "local" (docs/ARCHITECTURE.md, "Where isolation is not exact")."""
         return Reading(self, branches, exact)
 
+    def try_reading(self, branches: list[Branch]) -> list[Fence] | None:
+        """`reading(branches, exact=False)` taken from synchronous code, where it would
+        not wait: the fences held, for `stop_reading`; None (nothing held) when one of
+        them is held or awaited by writers."""
+        held: list[Fence] = []
+        for fence in [self.fence(MAIN), *(self.fence(b.bid) for b in reversed(branches))]:
+            if not fence.try_acquire("r"):
+                self.stop_reading(held)
+                return None
+            held.append(fence)
+        return held
+
+    @staticmethod
+    def stop_reading(held: list[Fence]) -> None:
+        while held:
+            held.pop().release_soon("r")
+
     def ancestors(self, branch: Branch) -> list[Branch]:
         """The branches a branch reads through, nearest first, main excluded."""
         return self.chain(branch)[1:]
