@@ -627,8 +627,12 @@ class Engine:
         """`reading(branches, exact=False)` taken from synchronous code, where it would
         not wait: the fences held, for `stop_reading`; None (nothing held) when one of
         them is held or awaited by writers."""
-        held: list[Fence] = []
-        for fence in [self.fence(MAIN), *(self.fence(b.bid) for b in reversed(branches))]:
+        fence = self.fence(MAIN)
+        if not fence.try_acquire("r"):
+            return None
+        held = [fence]
+        for branch in reversed(branches):
+            fence = self.fence(branch.bid)
             if not fence.try_acquire("r"):
                 self.stop_reading(held)
                 return None

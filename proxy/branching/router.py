@@ -194,7 +194,8 @@ class EngineRouter:
             authz.check_branch_port(cmd, db, engine.meta_db, branch.name)
         except CommandError:
             return None
-        held = engine.try_reading(engine.ancestors(branch))
+        chain = engine.chain(branch)
+        held = engine.try_reading(chain[1:])
         if held is None:
             return None
         branch.used = time.time()
@@ -205,7 +206,7 @@ class EngineRouter:
                 engine.stop_reading(held)
                 return reply is not None and raw_ok(reply) is True
             return Inline((), passes)
-        root = engine.chain(branch)[-1].bid
+        root = chain[-1].bid
         since = capture.generation.get(root, 0)
 
         def checked(reply: bytes | None, after: list[bytes]) -> bool:

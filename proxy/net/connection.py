@@ -108,6 +108,24 @@ _GOSSIP = ("$clusterTime", "operationTime")
 _latest_gossip: dict[str, Any] = {}
 
 
+# The messages of the commands routers send behind inline requests, by the tuple's
+# identity (a router's constant): each built once, its request id filled in per use.
+_AFTER: dict[int, tuple[tuple[tuple[str, dict[str, Any]], ...], list[bytes]]] = {}
+_AFTER_MAX = 64
+
+
+def _frames(after: tuple[tuple[str, dict[str, Any]], ...]) -> list[bytes]:
+    """Fresh messages for `after`, each with a new request id."""
+    known = _AFTER.get(id(after))
+    if known is None or known[0] is not after:
+        if len(_AFTER) >= _AFTER_MAX:
+            _AFTER.clear()
+        known = _AFTER[id(after)] = (after, [
+            opmsg.build({**body, "$db": db}, request_id=0).to_bytes() for db, body in after])
+    return [b"".join((msg[:4], next_request_id().to_bytes(4, "little", signed=True),
+                      msg[8:])) for msg in known[1]]
+
+
 def _plain_body(msg: bytes) -> bytes | None:
     """The body of a reply that is a plain OP_MSG (no flags, one body section filling
     the message), else None."""
@@ -599,10 +617,11 @@ class ClientConnection(MessageProtocol):
         self._req_body = None
         self._inline = inline
         self._inline_replies = []
-        after = [opmsg.build({**body, "$db": db}, request_id=next_request_id()).to_bytes()
-                 for db, body in inline.after]
         self.upstream.forward(self._on_inline_reply)
-        self.upstream.write(msg, *after)
+        if inline.after:
+            self.upstream.write(msg, *_frames(inline.after))
+        else:
+            self.upstream.write(msg)
 
     def _on_inline_reply(self, msg: bytes) -> None:
         """A reply to an inline request or to a command behind it: once all are in, the

@@ -148,7 +148,7 @@ def find_passes(engine: Engine, branch: Branch, db: str, cmd: dict[str, Any]) ->
             return False
     elif catalog.touches(engine, branch, db):
         return False  # the base's views are read from the upstream (catalog.base_views)
-    return planner.plan_find(cmd, layers, branch=branch.name).kind is planner.PlanKind.PASS
+    return planner.passes(cmd, layers)
 
 
 def _negative(limit: Any) -> bool:
