@@ -601,7 +601,11 @@ class Engine:
             yield
 
     def fence(self, bid: str) -> Fence:
-        return self._fences.setdefault(bid, Fence())
+        # Made once: every command on a branch port asks for main's.
+        fence = self._fences.get(bid)
+        if fence is None:
+            fence = self._fences[bid] = Fence()
+        return fence
 
     def intercepting_main(self) -> bool:
         """Whether main's writes are preserved for its children (it has some)."""
@@ -649,7 +653,10 @@ class Engine:
         return self.chain(branch)[1:]
 
     def branch_lock(self, bid: str) -> BranchLock:
-        return self._locks.setdefault(bid, BranchLock())
+        lock = self._locks.get(bid)
+        if lock is None:
+            lock = self._locks[bid] = BranchLock()
+        return lock
 
     def copy_mode(self, bid: str) -> bool:
         branch = self.by_bid(bid)
