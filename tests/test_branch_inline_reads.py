@@ -158,3 +158,33 @@ def test_inline_reads_answer_as_the_usual_path(
                                                              on_main.get("code"))
     finally:
         main.close()
+
+
+def test_a_state_change_error_on_an_inline_read_is_served_again(
+        stack: tuple[Secantus, ProxyProcess], made: Branches) -> None:
+    """The upstream answers an inline read with a state-change error (NotWritablePrimary):
+    the proxy retires that upstream connection with the reply, before the ping's reply
+    comes. The read is served again the usual way, on a new connection, and never
+    hangs (nor keeps main's fence held for main's writes to wait on)."""
+    server, proxy = stack
+    direct: MongoClient = MongoClient(server.uri, directConnection=True)
+    main: MongoClient = MongoClient(proxy.uri)
+    try:
+        main[DB].retired.drop()
+        main[DB].retired.insert_many([{"_id": i} for i in range(5)])
+        child = made.create()
+        with MongoClient(child["uri"], appname="inline-retired",
+                         socketTimeoutMS=30_000) as c:
+            assert c[DB].retired.find_one({"_id": 1}) == {"_id": 1}
+            direct.admin.command({"configureFailPoint": "failCommand", "mode": {"times": 1},
+                                  "data": {"failCommands": ["find"], "errorCode": 10107,
+                                           "appName": "inline-retired"}})
+            try:
+                assert c[DB].retired.find_one({"_id": 2}) == {"_id": 2}
+            finally:
+                direct.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+            main[DB].retired.update_one({"_id": 3}, {"$set": {"v": 1}})  # main's fence free
+            assert c[DB].retired.find_one({"_id": 3}) == {"_id": 3}
+    finally:
+        direct.close()
+        main.close()

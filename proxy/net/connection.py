@@ -631,8 +631,11 @@ class ClientConnection(MessageProtocol):
             return
         replies = self._inline_replies
         replies.append(msg)
-        if len(replies) <= len(inline.after):
+        complete = len(replies) > len(inline.after)
+        if not complete and self.upstream.connected:
             return
+        # Complete, or the upstream closed after this reply (a retired connection, a
+        # state-change error): the rest will not come, and the slow path reconnects.
         self._inline = None
         self._inline_replies = []
         proto = self.upstream.protocol
@@ -640,9 +643,9 @@ class ClientConnection(MessageProtocol):
             proto.sink = None
         bodies = [body for body in map(_plain_body, replies) if body is not None]
         try:
-            if len(bodies) == len(replies):
+            if complete and len(bodies) == len(replies):
                 passed = inline.check(bodies[0], bodies[1:])
-            else:  # a reply of another shape: the slow path answers the request
+            else:  # cut short, or a reply of another shape: the slow path answers it
                 passed = inline.check(None, []) and False
         except Exception:
             log.exception("an inline check failed on connection %d; served the usual way",
