@@ -601,7 +601,11 @@ class Engine:
             yield
 
     def fence(self, bid: str) -> Fence:
-        return self._fences.setdefault(bid, Fence())
+        # Made once: every command on a branch port asks for main's.
+        fence = self._fences.get(bid)
+        if fence is None:
+            fence = self._fences[bid] = Fence()
+        return fence
 
     def intercepting_main(self) -> bool:
         """Whether main's writes are preserved for its children (it has some)."""
@@ -623,12 +627,36 @@ class Engine:
         read concern "local" (docs/ARCHITECTURE.md, "Where isolation is not exact")."""
         return Reading(self, branches, exact)
 
+    def try_reading(self, branches: list[Branch]) -> list[Fence] | None:
+        """`reading(branches, exact=False)` taken from synchronous code, where it would
+        not wait: the fences held, for `stop_reading`; None (nothing held) when one of
+        them is held or awaited by writers."""
+        fence = self.fence(MAIN)
+        if not fence.try_acquire("r"):
+            return None
+        held = [fence]
+        for branch in reversed(branches):
+            fence = self.fence(branch.bid)
+            if not fence.try_acquire("r"):
+                self.stop_reading(held)
+                return None
+            held.append(fence)
+        return held
+
+    @staticmethod
+    def stop_reading(held: list[Fence]) -> None:
+        while held:
+            held.pop().release_soon("r")
+
     def ancestors(self, branch: Branch) -> list[Branch]:
         """The branches a branch reads through, nearest first, main excluded."""
         return self.chain(branch)[1:]
 
     def branch_lock(self, bid: str) -> BranchLock:
-        return self._locks.setdefault(bid, BranchLock())
+        lock = self._locks.get(bid)
+        if lock is None:
+            lock = self._locks[bid] = BranchLock()
+        return lock
 
     def copy_mode(self, bid: str) -> bool:
         branch = self.by_bid(bid)

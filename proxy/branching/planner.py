@@ -313,6 +313,19 @@ def plan_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
                 "overlays), hidden ids dropped in memory, merged by sort key", every)
 
 
+def passes(cmd: dict[str, Any], layers: list[NsState]) -> bool:
+    """Whether `plan_find` passes this find through, told where that is cheap: a
+    collection the branch never changed, or an `_id` equality on an id no layer hides.
+    False for any other find (plan_find then decides)."""
+    if not layers:
+        return True
+    if collated(cmd) or index_bound(cmd) or cmd.get("skip"):
+        return False
+    coll = cmd["find"]
+    point = point_sources(str(coll), layers, cmd.get("filter"))
+    return point is not None and len(point) == 1 and point[0].coll == coll
+
+
 def plan_tailable(cmd: dict[str, Any], layers: list[NsState]) -> Plan:
     """How a tailable find is served: only where one upstream collection holds the whole
     view can an upstream cursor tail it. The base, where the branch changed nothing of

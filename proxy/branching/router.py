@@ -33,8 +33,8 @@ from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch
 from proxy.branching.runner import FAILED, Runner
 from proxy.branching.txn import first_failure, in_transaction, no_such, transient
-from proxy.net.router import Context, Continued, Passed
-from proxy.wire.bsonutil import decode
+from proxy.net.router import Context, Continued, Inline, Passed
+from proxy.wire.bsonutil import decode, raw_ok, raw_timestamp
 from proxy.wire.codes import Code
 from proxy.wire.opmsg import EXHAUST_ALLOWED, OpMsg
 
@@ -105,6 +105,11 @@ MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN
 CHECKED_READS = frozenset({"find", "aggregate", "count", "distinct", "listCollections",
                            "listIndexes"})
 READ_ATTEMPTS = 3
+# A true singleBatch (bool) and a limit field, as a find's BSON holds them.
+_SINGLE_BATCH = b"singleBatch\x00\x01"
+_LIMIT = b"limit\x00"
+# What an inline read sends behind itself: the ping whose reply gives the upstream's time.
+_CLOCK = (("admin", {"ping": 1}),)
 
 # Commands that continue a cursor: they read nothing new of main.
 CURSOR_OPS = frozenset({"getMore", "killCursors"})
@@ -166,6 +171,58 @@ class EngineRouter:
             branch = self.engine.branches.get(self.branch)
             return branch is not None and branch.masked
         return name not in FORWARDED
+
+    def inline(self, ctx: Context, name: str, body: bytes) -> Inline | None:
+        """A branch's find that `_serve` would answer with the client's own command on
+        the base, checked against the capture afterwards (`_read`), answered without a
+        task: the same fences, taken where they would not wait, the same ping behind it
+        and the same check, on its raw reply. Anything that check does not pass (the
+        capture not past the ping's time, a preservation meanwhile, an error) is dropped
+        and served by `handle`, from the start."""
+        if name != "find" or self.branch is None or (
+                _SINGLE_BATCH not in body and _LIMIT not in body):
+            return None  # never one batch (viewdefs.find_passes): not worth decoding here
+        engine = self.engine
+        branch = engine.branches.get(self.branch)
+        if (branch is None or branch.deleted_at is not None or engine.unavailable is not None
+                or branch.name in engine.migrating or engine.failpoints.armed(name)):
+            return None
+        try:
+            cmd = decode(body)
+        except Exception:
+            return None  # refused in mongod's words by the usual path
+        db = cmd.get("$db")
+        if not isinstance(db, str) or not viewdefs.find_passes(engine, branch, db, cmd):
+            return None
+        try:
+            authz.check_branch_port(cmd, db, engine.meta_db, branch.name)
+        except CommandError:
+            return None
+        chain = engine.chain(branch)
+        held = engine.try_reading(chain[1:])
+        if held is None:
+            return None
+        branch.used = time.time()
+        capture = engine.capture
+        if capture is None or not capture.running:
+            # Reads wait for no capture (as `reading(exact=True)` waits for none then).
+            def passes(reply: bytes | None, after: list[bytes]) -> bool:
+                engine.stop_reading(held)
+                return reply is not None and raw_ok(reply) is True
+            return Inline((), passes)
+        root = chain[-1].bid
+        since = capture.generation.get(root, 0)
+
+        def checked(reply: bytes | None, after: list[bytes]) -> bool:
+            engine.stop_reading(held)
+            if reply is None or raw_ok(reply) is not True:
+                return False
+            # As `_read`: the upstream's time once the read had run, which the capture
+            # must have passed with nothing preserved for the child meanwhile.
+            at = raw_timestamp(after[0], b"operationTime")
+            return (at is not None and capture.running and at <= capture.position
+                    and capture.generation.get(root, 0) == since)
+        return Inline(_CLOCK, checked)
 
     async def handle(self, ctx: Context, msg: OpMsg
                      ) -> dict[str, Any] | Continued | Passed | None:

@@ -34,6 +34,10 @@ CHUNK = 100
 SYSTEM = {"app": "mongobranch", "why": "snapshot"}
 
 
+# Releases handed to a task (Fence.release_soon), kept referenced until they ran.
+_releasing: set[asyncio.Task[None]] = set()
+
+
 class Fence:
     """Many writers of a branch at once, or many commands of its descendants at once,
     never both. The two sides take turns when both wait, so a steady stream of either
@@ -65,6 +69,27 @@ class Fence:
             self._active[side] += 1
             if self._waiting[other]:
                 self._turn = other
+
+    def try_acquire(self, side: str) -> bool:
+        """`acquire` from synchronous code, where it would not wait (the other side
+        neither holds nor awaits the fence); False: not taken."""
+        other = "r" if side == "w" else "w"
+        if self._active[other] or self._waiting[other] or self._cond.locked():
+            return False
+        self._active[side] += 1
+        return True
+
+    def release_soon(self, side: str) -> None:
+        """`release` from synchronous code: at once when nobody waits, else in a task
+        (waiters are notified under the condition's lock)."""
+        if not self._waiting["r"] and not self._waiting["w"] and not self._cond.locked():
+            self._active[side] -= 1
+            if not self._active[side]:
+                self._turn = "r" if side == "w" else "w"
+            return
+        task = asyncio.get_running_loop().create_task(self.release(side))
+        _releasing.add(task)
+        task.add_done_callback(_releasing.discard)
 
     async def release(self, side: str) -> None:
         other = "r" if side == "w" else "w"

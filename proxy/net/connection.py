@@ -43,7 +43,7 @@ from proxy.net.replies import (
     internal_error,
     upstream_state_error,
 )
-from proxy.net.router import Continued, Passed, Router
+from proxy.net.router import Continued, Inline, Passed, Router
 from proxy.upstream.connection import (
     UpstreamConfig,
     UpstreamConnection,
@@ -106,6 +106,35 @@ _IDLE, _FORWARDING, _TASK = 0, 1, 2
 _GOSSIP = ("$clusterTime", "operationTime")
 # The latest pair decoded on any connection, for one that has not talked to the upstream.
 _latest_gossip: dict[str, Any] = {}
+
+
+# The messages of the commands routers send behind inline requests, by the tuple's
+# identity (a router's constant): each built once, its request id filled in per use.
+_AFTER: dict[int, tuple[tuple[tuple[str, dict[str, Any]], ...], list[bytes]]] = {}
+_AFTER_MAX = 64
+
+
+def _frames(after: tuple[tuple[str, dict[str, Any]], ...]) -> list[bytes]:
+    """Fresh messages for `after`, each with a new request id."""
+    known = _AFTER.get(id(after))
+    if known is None or known[0] is not after:
+        if len(_AFTER) >= _AFTER_MAX:
+            _AFTER.clear()
+        known = _AFTER[id(after)] = (after, [
+            opmsg.build({**body, "$db": db}, request_id=0).to_bytes() for db, body in after])
+    return [b"".join((msg[:4], next_request_id().to_bytes(4, "little", signed=True),
+                      msg[8:])) for msg in known[1]]
+
+
+def _plain_body(msg: bytes) -> bytes | None:
+    """The body of a reply that is a plain OP_MSG (no flags, one body section filling
+    the message), else None."""
+    if msg[12:16] != _OP_MSG_CODE or len(msg) < HEADER_SIZE + _PLAIN_HEAD.size:
+        return None
+    flags, kind, length = _PLAIN_HEAD.unpack_from(msg, HEADER_SIZE)
+    if flags or kind or length != len(msg) - _BODY_AT:
+        return None
+    return msg[_BODY_AT:]
 
 
 def _more_to_come(msg: bytes) -> bool:
@@ -194,6 +223,9 @@ class ClientConnection(MessageProtocol):
         self._req_name = ""
         self._req_msg = b""
         self._req_body: bytes | None = None  # None: the plain body of _req_msg
+        # A routed request answered inline (Router.inline), and the replies in so far.
+        self._inline: Inline | None = None
+        self._inline_replies: list[bytes] = []
 
     @property
     def busy(self) -> bool:
@@ -340,6 +372,7 @@ class ClientConnection(MessageProtocol):
         self._wake_drain()
         if self._state == _FORWARDING:
             self._state = _IDLE
+            self._inline_abandoned()
         if self._task is None:
             self._finish()
         # else: the task runs to its end (a routed command is not cut in the middle);
@@ -362,6 +395,7 @@ class ClientConnection(MessageProtocol):
         if self._state != _FORWARDING:
             return
         metrics.UPSTREAM_ERRORS.inc()
+        self._inline_abandoned()
         if self.client_authenticated:
             self._close()  # a network error: the driver retries on a new connection
             self._forward_done()
@@ -465,6 +499,13 @@ class ClientConnection(MessageProtocol):
                             check_document(msg, _BODY_AT, len(msg))
                         self._forward_now(msg, None, name, flags, None)
                         return
+                    if not flags and name not in _SLOW_NAMES and self.upstream.connected:
+                        if not _check_body(msg, _BODY_AT, len(msg)):
+                            check_document(msg, _BODY_AT, len(msg))
+                        inline = self.router.inline(self, name, msg[_BODY_AT:])
+                        if inline is not None:
+                            self._inline_now(msg, name, inline)
+                            return
                     _len, request_id, response_to, _op = HEADER.unpack_from(msg)
                     frame = Frame(request_id, response_to, OP_MSG, msg[HEADER_SIZE:])
                     sections = opmsg.Sections(flags, msg[_BODY_AT:])
@@ -564,6 +605,76 @@ class ClientConnection(MessageProtocol):
             proto.sink = None
         if self._queue or self._eof or self._shutting_down or self._lost:
             self._after_forward()
+
+    def _inline_now(self, msg: bytes, name: str, inline: Inline) -> None:
+        """A routed request the router answers inline: it goes to the upstream with the
+        router's commands behind it, in one write; `_on_inline_reply` takes the replies."""
+        self._state = _FORWARDING
+        self._req_started = _perf_counter()
+        self._req_compressor = None
+        self._req_name = name
+        self._req_msg = msg
+        self._req_body = None
+        self._inline = inline
+        self._inline_replies = []
+        self.upstream.forward(self._on_inline_reply)
+        if inline.after:
+            self.upstream.write(msg, *_frames(inline.after))
+        else:
+            self.upstream.write(msg)
+
+    def _on_inline_reply(self, msg: bytes) -> None:
+        """A reply to an inline request or to a command behind it: once all are in, the
+        router's check decides between passing the first on and the slow path."""
+        inline = self._inline
+        if inline is None:
+            return
+        replies = self._inline_replies
+        replies.append(msg)
+        complete = len(replies) > len(inline.after)
+        if not complete and self.upstream.connected:
+            return
+        # Complete, or the upstream closed after this reply (a retired connection, a
+        # state-change error): the rest will not come, and the slow path reconnects.
+        self._inline = None
+        self._inline_replies = []
+        proto = self.upstream.protocol
+        if proto is not None:
+            proto.sink = None
+        bodies = [body for body in map(_plain_body, replies) if body is not None]
+        try:
+            if complete and len(bodies) == len(replies):
+                passed = inline.check(bodies[0], bodies[1:])
+            else:  # cut short, or a reply of another shape: the slow path answers it
+                passed = inline.check(None, []) and False
+        except Exception:
+            log.exception("an inline check failed on connection %d; served the usual way",
+                          self.connection_id)
+            passed = False
+        if not passed:
+            self._state = _IDLE
+            request = self._req_msg
+            self._req_msg = b""
+            _len, request_id, response_to, _op = HEADER.unpack_from(request)
+            frame = Frame(request_id, response_to, OP_MSG, request[HEADER_SIZE:])
+            flags = _PLAIN_HEAD.unpack_from(request, HEADER_SIZE)[0]
+            sections = opmsg.Sections(flags, request[_BODY_AT:])
+            self._start(self._on_msg(frame, sections, None, self._req_started))
+            return
+        self._on_reply(replies[0])
+
+    def _inline_abandoned(self) -> None:
+        """The exchange of an inline request will not complete: the router gets back
+        what it took for it."""
+        inline = self._inline
+        if inline is None:
+            return
+        self._inline = None
+        self._inline_replies = []
+        try:
+            inline.check(None, [])
+        except Exception:
+            log.exception("an inline check failed on connection %d", self.connection_id)
 
     def _on_compressed_reply(self, msg: bytes) -> None:
         """A reply to a compressed request: compressed the same way, unless it must not be."""

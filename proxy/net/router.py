@@ -30,6 +30,21 @@ class Passed:
     body: bytes
 
 
+@dataclass(slots=True)
+class Inline:
+    """A routed request answered without a task (`Router.inline`): the connection writes
+    it to the upstream as the client sent it, the commands of `after` right behind it in
+    the same write, and once every reply is in calls `check` with the body of the
+    request's reply and those of `after`. True: that reply goes to the client as the
+    upstream sent it. False: it is dropped and `handle` serves the request as usual.
+    `check` is called exactly once; with None (and no bodies) when the exchange did
+    not complete (the client or the upstream went away), so that what the router took
+    for the request is given back."""
+
+    after: tuple[tuple[str, dict[str, Any]], ...]
+    check: Callable[[bytes | None, list[bytes]], bool]
+
+
 class Context(Protocol):
     """What a router may ask of the client connection it serves."""
 
@@ -73,6 +88,13 @@ class Router(Protocol):
         remembers the names it forwards raw, until the router's owner calls the
         listener's `reroute` for names whose answer changed.
         """
+        ...
+
+    def inline(self, ctx: Context, name: str, body: bytes) -> Inline | None:
+        """For a plain request (its command document `body`, well-formed, no flags) of a
+        name this router wants: how to answer it inline, or None to `handle` it. Called
+        synchronously, from the connection's data callback, with the upstream connected;
+        whatever the answer, the request's reply is the one `handle` would give."""
         ...
 
     async def handle(self, ctx: Context, msg: OpMsg

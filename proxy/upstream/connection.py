@@ -394,13 +394,18 @@ class UpstreamConnection:
             self._wake()
 
     # -- the synchronous fast path ---------------------------------------------------
-    def write(self, data: bytes) -> None:
-        """Hand a message to the socket (compressed when the server agreed to it);
-        UpstreamUnavailable when not connected."""
+    def write(self, data: bytes, *more: bytes) -> None:
+        """Hand messages to the socket in one write (each compressed when the server
+        agreed to it); UpstreamUnavailable when not connected."""
         proto = self._proto
         if proto is None:
             raise UpstreamUnavailable(self._error)
-        if proto.compressor is not None:
+        if more:
+            if proto.compressor is not None:
+                data = b"".join(deflate(msg, proto.compressor) for msg in (data, *more))
+            else:
+                data = b"".join((data, *more))
+        elif proto.compressor is not None:
             data = deflate(data, proto.compressor)
         proto.transport.write(data)
 

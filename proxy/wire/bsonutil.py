@@ -140,27 +140,20 @@ _FIXED = {0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 
           0x13: 16, 0x7F: 0, 0xFF: 0}
 _DOUBLE = struct.Struct("<d")
 _INT64 = struct.Struct("<q")
+_TIMESTAMP = struct.Struct("<II")  # increment, then seconds
 
 
-def raw_ok(data: bytes) -> bool | None:
-    """Whether a reply's top-level `ok` is set, read without decoding the reply; None
-    when it cannot tell (no ok, a type this walk does not know, malformed)."""
+def _raw_field(data: bytes, name: bytes) -> tuple[int, int] | None:
+    """The type byte and value offset of a top-level field, walked without decoding;
+    None when absent, or behind a type this walk does not know, or malformed."""
     try:
         pos, end = 4, len(data) - 1
         while pos < end:
             kind = data[pos]
             name_end = data.index(b"\x00", pos + 1)
             value = name_end + 1
-            if data[pos + 1:name_end] == b"ok":
-                if kind == 0x01:
-                    return bool(_DOUBLE.unpack_from(data, value)[0])
-                if kind == 0x10:
-                    return bool(_INT32.unpack_from(data, value)[0])
-                if kind == 0x12:
-                    return bool(_INT64.unpack_from(data, value)[0])
-                if kind == 0x08:
-                    return bool(data[value])
-                return None
+            if data[pos + 1:name_end] == name:
+                return kind, value
             size = _FIXED.get(kind)
             if size is not None:
                 pos = value + size
@@ -174,4 +167,39 @@ def raw_ok(data: bytes) -> bool | None:
                 return None
     except (ValueError, IndexError, struct.error):
         return None
+    return None
+
+
+def raw_ok(data: bytes) -> bool | None:
+    """Whether a reply's top-level `ok` is set, read without decoding the reply; None
+    when it cannot tell (no ok, a type this walk does not know, malformed)."""
+    found = _raw_field(data, b"ok")
+    if found is None:
+        return None
+    kind, value = found
+    try:
+        if kind == 0x01:
+            return bool(_DOUBLE.unpack_from(data, value)[0])
+        if kind == 0x10:
+            return bool(_INT32.unpack_from(data, value)[0])
+        if kind == 0x12:
+            return bool(_INT64.unpack_from(data, value)[0])
+        if kind == 0x08:
+            return bool(data[value])
+    except (IndexError, struct.error):
+        return None
+    return None
+
+
+def raw_timestamp(data: bytes, name: bytes) -> tuple[int, int] | None:
+    """A top-level BSON timestamp as (seconds, increment), read without decoding the
+    document (a reply's `operationTime`); None when absent or of another type."""
+    found = _raw_field(data, name)
+    if found is None or found[0] != 0x11:
+        return None
+    try:
+        increment, seconds = _TIMESTAMP.unpack_from(data, found[1])
+    except struct.error:
+        return None
+    return seconds, increment
     return None

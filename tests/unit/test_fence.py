@@ -79,3 +79,31 @@ def test_a_writer_holding_the_fence_keeps_readers_out_until_it_leaves() -> None:
             pass
 
     asyncio.run(run())
+
+
+def test_try_acquire_takes_only_what_acquire_would_take_at_once() -> None:
+    """The inline reads' synchronous form (Fence.try_acquire/release_soon): readers share
+    it, a writer holding or awaiting it keeps them out, and a release wakes a waiter."""
+    async def run() -> list[str]:
+        fence = Fence()
+        order: list[str] = []
+        assert fence.try_acquire("r") and fence.try_acquire("r")
+
+        async def writer() -> None:
+            async with fence.hold("w"):
+                order.append("w in")
+                assert not fence.try_acquire("r")
+
+        w = asyncio.create_task(writer())
+        await _let_run()
+        assert order == []
+        assert not fence.try_acquire("r")  # a writer waits: no reader jumps ahead of it
+        fence.release_soon("r")
+        fence.release_soon("r")
+        await w
+        assert fence.try_acquire("r")
+        fence.release_soon("r")
+        assert fence.try_acquire("w")
+        return order
+
+    assert asyncio.run(run()) == ["w in"]

@@ -405,3 +405,30 @@ def test_aggregate_refusals_and_malformed_pipelines() -> None:
         planner.plan_aggregate({"aggregate": "x", "pipeline": [{"$merge": "y"}, {"$count": "n"}]},
                                layers_of({}))
     assert info.value.code == Code.MERGE_NOT_LAST
+
+
+@pytest.mark.parametrize("cmd", [
+    find(filter={"_id": 3}), find(filter={"_id": 1}), find(filter={"_id": Int64(2)}),
+    find(filter={"_id": 2.0}), find(filter={"_id": "x"}), find(filter={"_id": {"$gt": 1}}),
+    find(filter={"_id": 3, "v": 1}), find(filter={"_id": 3}, skip=1),
+    find(filter={"_id": 3}, collation={"locale": "fr"}), find(filter={"_id": 3}, min={"_id": 1}),
+    find(filter={"x": 1}), find(), find(filter={"_id": 3}, limit=1, singleBatch=True),
+])
+@pytest.mark.parametrize("layers", [
+    [], [layer("b1", [1])], [layer("b2", [1]), layer("b1", [2])], [layer("b1", [], dropped=True)],
+    [layer("b1", None)], [layer("b1", [3])],
+], ids=["none", "one", "two", "dropped", "uncached", "hides-3"])
+def test_passes_never_says_pass_where_plan_find_does_not(cmd: dict[str, Any],
+                                                         layers: list[NsState]) -> None:
+    """The inline path's cheap test (planner.passes) says pass-through only where
+    plan_find does; for a point or an untouched collection it says so too."""
+    try:
+        planned = planner.plan_find(cmd, layers).kind is PlanKind.PASS
+    except CommandError:  # refused: the usual path answers with the refusal
+        planned = False
+    quick = planner.passes(cmd, layers)
+    assert not quick or planned
+    point = planner.point_id(cmd.get("filter")) is not None
+    if not layers or (point and not cmd.get("skip") and not planner.collated(cmd)
+                      and not planner.index_bound(cmd)):
+        assert quick == planned

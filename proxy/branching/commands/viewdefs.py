@@ -20,11 +20,13 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import catalog, cursormerge, masking, naming, planner
+from proxy.branching import catalog, cursormerge, masking, naming, planner, views
 from proxy.branching.commands import aggregate, changestream, ddl, read, scratchfrom
 from proxy.branching.commands.base import SESSION_FIELDS, Handler, Request, carry, coll_name
 from proxy.branching.commands.catalog import exists, visible_collections
+from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError
+from proxy.branching.model import Branch
 from proxy.branching.wal import CREATE, Change
 from proxy.wire.codes import Code
 
@@ -117,6 +119,40 @@ def _writes(cmd: dict[str, Any]) -> bool:
     pipeline = cmd.get("pipeline")
     last = pipeline[-1] if isinstance(pipeline, list) and pipeline else None
     return isinstance(last, dict) and bool({"$out", "$merge"} & set(last))
+
+
+# A find the connection may answer inline (EngineRouter.inline): fields whose meaning
+# the pass-through decision below covers; anything else is decided the usual way. Its
+# answer must fit one batch (singleBatch, or a negative limit): a reply the router
+# drops leaves no cursor open on the upstream.
+_INLINE_FIND = frozenset({"find", "filter", "projection", "sort", "limit", "singleBatch",
+                          "batchSize", "comment", "maxTimeMS", "lsid", "$clusterTime",
+                          "$readPreference", "$db"})
+
+
+def find_passes(engine: Engine, branch: Branch, db: str, cmd: dict[str, Any]) -> bool:
+    """Whether `reading(read.find)` serves this find as the client's own command on the
+    base, told without a round trip: no view in the way (as `_read_view` decides it),
+    nothing masked, and the planner's pass-through (a point on an id no layer hides, a
+    collection the branch never changed). False also where only a round trip can tell."""
+    if not _INLINE_FIND.issuperset(cmd) or not (
+            cmd.get("singleBatch") is True or _negative(cmd.get("limit"))):
+        return False
+    coll = cmd.get("find")
+    if not isinstance(coll, str) or not coll or branch.masked:
+        return False
+    layers = engine.layers(branch, db, coll)
+    if layers:
+        decided, view = views.shown_view(layers)
+        if not decided or view is not None:
+            return False
+    elif catalog.touches(engine, branch, db):
+        return False  # the base's views are read from the upstream (catalog.base_views)
+    return planner.passes(cmd, layers)
+
+
+def _negative(limit: Any) -> bool:
+    return isinstance(limit, int | float) and not isinstance(limit, bool) and limit < 0
 
 
 def reading(handler: Handler) -> Handler:
