@@ -29,7 +29,7 @@ from bson import Binary
 
 from proxy.branching.commands import mainwrite
 from proxy.branching.router import MAIN
-from proxy.net.router import Context, Continued, Passed, Router
+from proxy.net.router import Context, Continued, Inline, Passed, Router
 from proxy.upstream.connection import UpstreamUnavailable
 from proxy.wire.bsonutil import decode, encode
 from proxy.wire.opmsg import OpMsg
@@ -230,6 +230,9 @@ class RemoteRouter:
     def wants(self, name: str) -> bool:
         return _main_wants(name, self.link.intercepting)
 
+    def inline(self, ctx: Context, name: str, body: bytes) -> Inline | None:
+        return None  # the holder's engine answers, over the link: never inline
+
     async def handle(self, ctx: Context, msg: OpMsg
                      ) -> dict[str, Any] | Continued | Passed | None:
         return await self.link.call(ctx, msg)
@@ -246,6 +249,9 @@ class SwitchedRouter:
 
     def wants(self, name: str) -> bool:
         return (self.local if self.leading() else self.remote).wants(name)
+
+    def inline(self, ctx: Context, name: str, body: bytes) -> Inline | None:
+        return (self.local if self.leading() else self.remote).inline(ctx, name, body)
 
     async def handle(self, ctx: Context, msg: OpMsg
                      ) -> dict[str, Any] | Continued | Passed | None:
