@@ -369,6 +369,18 @@ def test_min_and_max_on_a_changed_collection(pair: Pair, hint: Any,
     assert ids & {3, 10, 17, 1000, 1001, 1002, 1003, 1004, 1005} or "max" in options
 
 
+def _return_keys(db: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """A returnKey find's keys, every batch of it."""
+    reply = db.command("find", "c", returnKey=True, **options)
+    docs = list(reply["cursor"]["firstBatch"])
+    cursor_id = reply["cursor"]["id"]
+    while cursor_id:
+        more = db.command("getMore", cursor_id, collection="c", batchSize=5)
+        docs += more["cursor"]["nextBatch"]
+        cursor_id = more["cursor"]["id"]
+    return docs
+
+
 @pytest.mark.parametrize("options", [
     {"hint": {"k": 1}},
     {"hint": "k_1", "min": {"k": 3}, "max": {"k": 100}, "batchSize": 5},
@@ -377,16 +389,7 @@ def test_min_and_max_on_a_changed_collection(pair: Pair, hint: Any,
 def test_return_key_on_a_changed_collection(pair: Pair, options: dict[str, Any]) -> None:
     """Each side reads its documents' _id (to drop the hidden) and the index key its
     server computed ({$meta: "indexKey"}); the client gets the keys, in index order."""
-    got = []
-    for db in (pair.main, pair.branch):
-        reply = db.command("find", "c", returnKey=True, **options)
-        docs = list(reply["cursor"]["firstBatch"])
-        cursor_id = reply["cursor"]["id"]
-        while cursor_id:
-            more = db.command("getMore", cursor_id, collection="c", batchSize=5)
-            docs += more["cursor"]["nextBatch"]
-            cursor_id = more["cursor"]["id"]
-        got.append(docs)
+    got = [_return_keys(db, options) for db in (pair.main, pair.branch)]
     assert got[0] and all(list(d) == ["k"] for d in got[0])
     assert got[0] == got[1]
 
@@ -421,16 +424,7 @@ def test_return_key_without_a_hint_on_a_changed_collection(pair: Pair,
     """Without a hint mongod's one plan picks one index (or none: empty keys); the branch
     hints every side with the index the base's planner picks, so the keys are of one
     index too, the same as main's."""
-    got = []
-    for db in (pair.main, pair.branch):
-        reply = db.command("find", "c", returnKey=True, **options)
-        docs = list(reply["cursor"]["firstBatch"])
-        cursor_id = reply["cursor"]["id"]
-        while cursor_id:
-            more = db.command("getMore", cursor_id, collection="c", batchSize=5)
-            docs += more["cursor"]["nextBatch"]
-            cursor_id = more["cursor"]["id"]
-        got.append(docs)
+    got = [_return_keys(db, options) for db in (pair.main, pair.branch)]
     assert got[0], "a find that selects nothing tests nothing"
     if "sort" in options:
         assert got[0] == got[1]

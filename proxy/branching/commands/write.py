@@ -107,6 +107,15 @@ def _documents(req: Request) -> list[Any]:
     return [d if "_id" in d else {"_id": ObjectId(), **d} for d in raw_docs]
 
 
+def _unloggable_error(writer: Writer, size: int) -> dict[str, Any]:
+    return {"code": int(Code.BSON_OBJECT_TOO_LARGE),
+            "codeName": Code.BSON_OBJECT_TOO_LARGE.code_name,
+            "errmsg": f"document of {size} bytes cannot be logged on branch "
+                      f"{writer.branch.name!r}: its WAL entry would be over the 16 MiB BSON "
+                      "limit even compressed (its data does not compress); store it on "
+                      "main or make it smaller"}
+
+
 def _entry_fields(writer: Writer, doc: dict[str, Any]) -> dict[str, Any]:
     """An insert's WAL entry but its image (wal.py `_append`), for its size."""
     return {"_id": Int64(0), "b": writer.branch.bid, "ns": writer.ns, "id": doc["_id"],
@@ -139,21 +148,12 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
             if len(chunk) == 1 else None
         for offset, doc in enumerate(chunk):
             key = idkey(doc["_id"])
+            err: dict[str, Any] | None = None
             if too_large is not None:
-                err = {"code": int(Code.BSON_OBJECT_TOO_LARGE),
-                       "codeName": Code.BSON_OBJECT_TOO_LARGE.code_name,
-                       "errmsg": f"document of {too_large} bytes cannot be logged on branch "
-                                 f"{writer.branch.name!r}: its WAL entry would be over the "
-                                 "16 MiB BSON limit even compressed (its data does not "
-                                 "compress); store it on main or make it smaller"}
-                if ordered:
-                    held = {**err, "index": start + offset}
-                    stop = True
-                    break
-                errors.append({**err, "index": start + offset})
-                continue
-            if key in taken or key in clashes:
+                err = _unloggable_error(writer, too_large)
+            elif key in taken or key in clashes:
                 err = dup_key_error(writer.ns, doc["_id"]) if key in taken else clashes[key]
+            if err is not None:
                 if ordered:
                     held = {**err, "index": start + offset}
                     stop = True
