@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 import passthrough as pt  # a sibling script, not a package
 
 from benchmarks.results import replace_section
-from tests.servers import Procs, ProxyProcess, free_port, wait_port
+from tests.servers import Procs, ProxyProcess, free_port, tree_exe, wait_port
 
 SECTION = "## Proxy ceiling (issue 16)"
 
@@ -99,14 +99,9 @@ def start_targets(procs: Procs, logdir: Path, responders: int, pure: bool = Fals
         targets.append(pt.Target("proxy-pure", f"mongodb://127.0.0.1:{pure_proxy.port}/",
                                  pure_proxy.port, pure_proxy.pid))
     if baseline:
-        base = str(Path(baseline).resolve())
         qb_port = free_port()
-        # Same interpreter and dependencies, the `proxy` package imported from DIR.
-        code = ("import sys; src = sys.argv.pop(1); sys.path.insert(0, src); import proxy; "
-                "assert proxy.__file__.startswith(src), proxy.__file__; "
-                "from proxy.cli import main; sys.argv[0] = 'mongobranch'; main()")
         old = procs.add(ProxyProcess(
-            upstream, exe=[sys.executable, "-c", code, base], meta_db=None,
+            upstream, exe=tree_exe(baseline), meta_db=None,
             branch_ports=(qb_port, qb_port), data_dir=str(logdir / "data-b"),
             log_level="WARNING", lifecycle_defaults=True, log=procs.log("baseline")
         ).start(wait_healthy=False))

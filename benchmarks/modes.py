@@ -52,7 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
 from benchmarks.results import replace_section
-from tests.servers import Procs, ProxyProcess, Secantus, free_port, free_range
+from tests.servers import Procs, ProxyProcess, Secantus, free_port, free_range, tree_exe
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -105,14 +105,9 @@ class Stack:
 def start_baseline(procs: Procs, tree: str, upstream: str) -> int:
     """The proxy of another source tree on the same upstream, with its own metadata
     database and one branch port; returns its admin port."""
-    src = str(Path(tree).resolve())
     qb_port = free_port()
-    # Same interpreter and dependencies, the `proxy` package imported from the tree.
-    code = ("import sys; src = sys.argv.pop(1); sys.path.insert(0, src); import proxy; "
-            "assert proxy.__file__.startswith(src), proxy.__file__; "
-            "from proxy.cli import main; sys.argv[0] = 'mongobranch'; main()")
     baseline = procs.add(ProxyProcess(
-        upstream, exe=[sys.executable, "-c", code, src], meta_db=BASELINE_META,
+        upstream, exe=tree_exe(tree), meta_db=BASELINE_META,
         branch_ports=(qb_port, qb_port), data_dir=str(procs.logdir / "data-b"),
         log_level="WARNING", lifecycle_defaults=True,
         log=procs.log("baseline")).start(wait_healthy=False))

@@ -55,7 +55,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for tests/
 from benchmarks.results import replace_section
-from tests.servers import Procs, ProxyProcess, Secantus, executable, free_port, wait_port
+from tests.servers import (
+    Procs,
+    ProxyProcess,
+    Secantus,
+    executable,
+    free_port,
+    tree_exe,
+    wait_port,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -528,14 +536,9 @@ def main() -> int:
                                   f"mongodb://127.0.0.1:{p_port}/?directConnection=true",
                                   p_port, proxy.pid))
         if args.baseline:
-            base = str(Path(args.baseline).resolve())
             qb_port = free_port()
-            # Same interpreter and dependencies, the `proxy` package imported from DIR.
-            code = ("import sys; src = sys.argv.pop(1); sys.path.insert(0, src); import proxy; "
-                    "assert proxy.__file__.startswith(src), proxy.__file__; "
-                    "from proxy.cli import main; sys.argv[0] = 'mongobranch'; main()")
             baseline = procs.add(ProxyProcess(
-                upstream, exe=[sys.executable, "-c", code, base],
+                upstream, exe=tree_exe(args.baseline),
                 meta_db="mongobranch_bench_b", branch_ports=(qb_port, qb_port),
                 data_dir=str(logdir / "data-b"), log_level="WARNING", lifecycle_defaults=True,
                 log=procs.log("baseline")).start(wait_healthy=False))

@@ -382,3 +382,15 @@ def secantus_with_users(storage: str, users: dict[str, list[dict[str, str]]],
     server.stop()
     server.auth = True
     return server.start()
+
+
+# `mongobranch` from another source tree, in this interpreter with its dependencies: the
+# `proxy` package is imported from the tree (a benchmark's baseline, before/after).
+_TREE_MAIN = ("import sys; src = sys.argv.pop(1); sys.path.insert(0, src); import proxy; "
+              "assert proxy.__file__.startswith(src), proxy.__file__; "
+              "from proxy.cli import main; sys.argv[0] = 'mongobranch'; main()")
+
+
+def tree_exe(tree: str | Path) -> list[str]:
+    """ProxyProcess.exe running the proxy of the source tree `tree`."""
+    return [sys.executable, "-c", _TREE_MAIN, str(Path(tree).resolve())]
