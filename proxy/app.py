@@ -319,13 +319,8 @@ class Proxy:
             await self.hub.start()
             self.link = EngineLink(self._main_state_changed)
             # The shared admin port may land on any worker: the others forward what only
-            # the holder answers to its own loopback port, known before the first round.
-            if me.admin_fd is not None:
-                self._private_admin = socket.socket(fileno=me.admin_fd)
-            else:
-                self._private_admin = socket.socket()
-                self._private_admin.bind(("127.0.0.1", 0))
-                self._private_admin.listen(128)
+            # the holder answers to its own loopback port (bound by the supervisor).
+            self._private_admin = socket.socket(fileno=me.admin_fd)
             private_url = f"http://127.0.0.1:{self._private_admin.getsockname()[1]}"
             self.cluster = Cluster(self.meta_client, opts.meta_db, lease=lease,
                                    addr=host if host not in ("", "0.0.0.0", "::")
@@ -392,7 +387,7 @@ class Proxy:
     def _metrics_peers(self) -> http.Peers | None:
         """A worker's /metrics also shows the other workers' (label `worker`)."""
         me = self.options.worker
-        if me is None or not me.admin_ports:
+        if me is None:
             return None
         return http.Peers(str(me.index), [(str(i), f"http://127.0.0.1:{port}")
                                           for i, port in enumerate(me.admin_ports)

@@ -42,21 +42,20 @@ PR_SET_PDEATHSIG = 1
 class Worker:
     index: int
     group: str
-    # This worker's private admin socket, listening (None: it binds one itself).
-    admin_fd: int | None
-    # Every worker's private admin port, by index (empty: unknown).
+    # This worker's private admin socket, listening, bound by the supervisor.
+    admin_fd: int
+    # Every worker's private admin port, by index.
     admin_ports: tuple[int, ...]
 
 
 def this_worker() -> Worker | None:
-    """Set when this process is one of a supervisor's workers."""
+    """Set when this process is one of a supervisor's workers (which sets every one of
+    these variables)."""
     index = os.environ.get(INDEX_ENV)
     if index is None:
         return None
-    fd = os.environ.get(ADMIN_FD_ENV)
-    ports = os.environ.get(ADMIN_PORTS_ENV, "")
-    return Worker(int(index), os.environ.get(GROUP_ENV, ""), int(fd) if fd else None,
-                  tuple(int(p) for p in ports.split(",") if p))
+    return Worker(int(index), os.environ[GROUP_ENV], int(os.environ[ADMIN_FD_ENV]),
+                  tuple(int(p) for p in os.environ[ADMIN_PORTS_ENV].split(",")))
 
 
 def _die_with_parent() -> None:
