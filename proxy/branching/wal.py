@@ -124,6 +124,24 @@ class Change:
     extra: dict[str, Any] | None = None
 
 
+def entry(lsn: int, bid: str, change: Change, now: dt.datetime, second: int,
+          client: dict[str, Any], txn: dict[str, Any] | None) -> dict[str, Any]:
+    """A change's WAL entry as stored (a retryable write's last entry also gets its
+    reply)."""
+    doc: dict[str, Any] = {"_id": Int64(lsn), "b": bid, "ns": change.ns, "id": change.id,
+                           "op": change.op, "ts": now, "client": client,
+                           "ct": Timestamp(second, lsn & 0xFFFFFFFF)}
+    if change.pre is not None:
+        doc["pre"] = change.pre
+    if change.post is not None:
+        doc["post"] = change.post
+    if change.extra:
+        doc.update(change.extra)
+    if txn is not None:
+        doc["txn"] = txn
+    return doc
+
+
 def _settle(done: asyncio.Future[None], exc: Exception | None = None) -> None:
     """An append's outcome, unless its writer stopped waiting (cancelled)."""
     if done.done():
@@ -254,20 +272,7 @@ class Wal:
         docs: list[dict[str, Any]] = []
         for bid, changes in groups:
             for change in changes:
-                doc: dict[str, Any] = {"_id": Int64(first + len(docs)), "b": bid,
-                                       "ns": change.ns, "id": change.id, "op": change.op,
-                                       "ts": now, "client": client,
-                                       "ct": Timestamp(second,
-                                                       (first + len(docs)) & 0xFFFFFFFF)}
-                if change.pre is not None:
-                    doc["pre"] = change.pre
-                if change.post is not None:
-                    doc["post"] = change.post
-                if change.extra:
-                    doc.update(change.extra)
-                if txn is not None:
-                    doc["txn"] = txn
-                docs.append(doc)
+                docs.append(entry(first + len(docs), bid, change, now, second, client, txn))
         if txn is not None and reply is not None:
             docs[-1]["reply"] = reply
         if SESSION.get() is not None:

@@ -12,7 +12,7 @@ from itertools import accumulate
 from typing import Any
 
 import bson
-from bson import Int64, ObjectId, Timestamp
+from bson import ObjectId
 
 from proxy.branching import overlay, planner
 from proxy.branching.commands.base import Request, coll_name
@@ -20,7 +20,7 @@ from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
 from proxy.branching.overlay import BATCH, Writer, by_ids, chunks, dup_key_error, fitted
 from proxy.branching.runner import SESSION
-from proxy.branching.wal import DELETE, PUT, Change, unloggable
+from proxy.branching.wal import DELETE, PUT, Change, entry, unloggable
 from proxy.wire.codes import Code
 
 # The bytes of update statements sent in one command (the 16 MB limit, with room).
@@ -117,10 +117,12 @@ def _unloggable_error(writer: Writer, size: int) -> dict[str, Any]:
 
 
 def _entry_fields(writer: Writer, doc: dict[str, Any]) -> dict[str, Any]:
-    """An insert's WAL entry but its image (wal.py `_append`), for its size."""
-    return {"_id": Int64(0), "b": writer.branch.bid, "ns": writer.ns, "id": doc["_id"],
-            "op": PUT, "ts": datetime.datetime(1970, 1, 1), "client": writer.client,
-            "ct": Timestamp(0, 0), **({"txn": writer.txn} if writer.txn else {})}
+    """An insert's WAL entry but its image, for its size."""
+    return entry(0, writer.branch.bid, Change(writer.ns, doc["_id"], PUT, None, None),
+                 _EPOCH, 0, writer.client, writer.txn)
+
+
+_EPOCH = datetime.datetime(1970, 1, 1)
 
 
 def _insert_point(req: Request, coll: str, docs: list[Any]) -> Hashable | None:
