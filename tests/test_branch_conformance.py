@@ -250,6 +250,49 @@ def test_a_document_whose_wal_entry_cannot_fit_is_refused_before_it_is_stored(
         == [2, 4]
 
 
+def test_an_update_whose_wal_entry_cannot_fit_is_undone_and_refused(
+        fork: Fork, upstream_client: MongoClient, test_proxy: ProxyProcess) -> None:
+    """An update's WAL entry holds the document's pre- and post-image: for a document of
+    random bytes over 8 MiB the two do not fit one entry even compressed. The overlay
+    write is undone and the statement fails with mongod's BSONObjectTooLarge, whether
+    the document was the base's (copied up for the write) or the branch's own; the rest
+    of the write goes on, and the branch shows and logs only what it kept."""
+    name = unique("hugeupd").replace("-", "_")
+    big = Binary(os.urandom(9 * 1024 * 1024))
+    upstream_client[name].c.insert_many([{"_id": "base", "b": big}, {"_id": "small", "n": 0}])
+    info, branch = fork()
+    coll = branch[name].c
+    coll.insert_one({"_id": "own", "b": big})
+    for target in ("base", "own"):
+        with pytest.raises(OperationFailure) as refused:
+            coll.update_one({"_id": target}, {"$set": {"n": 1}})
+        assert refused.value.code == 10334, refused.value.details
+        assert "cannot be logged" in str(refused.value)
+        with pytest.raises(OperationFailure) as fam:
+            coll.find_one_and_update({"_id": target}, {"$set": {"n": 1}})
+        assert fam.value.code == 10334, fam.value.details
+    with pytest.raises(BulkWriteError) as partly:
+        coll.bulk_write([UpdateOne({"_id": "base"}, {"$set": {"n": 1}}),
+                         UpdateOne({"_id": "small"}, {"$inc": {"n": 1}})], ordered=False)
+    assert [e["index"] for e in partly.value.details["writeErrors"]] == [0]
+    assert partly.value.details["nModified"] == 1
+    with pytest.raises(OperationFailure) as many:
+        coll.update_many({}, {"$inc": {"m": 1}})
+    assert many.value.code == 10334, many.value.details
+    # A multi-document update is not atomic, as on mongod: what it could keep stays.
+    assert {d["_id"]: (d.get("n"), d.get("m")) for d in coll.find({}, {"b": 0})} \
+        == {"base": (None, None), "own": (None, None), "small": (1, 1)}
+    assert coll.find_one({"_id": "base"}) == {"_id": "base", "b": bytes(big)}
+    status, log = test_proxy.api("GET", f"/branches/{info['name']}/log?limit=20")
+    assert status == 200 and isinstance(log, dict)
+    logged = [(e.get("_id"), e.get("op")) for e in log["entries"] if e.get("ns") == coll.full_name]
+    assert sorted(logged) == [("own", "put"), ("small", "put"), ("small", "put")], logged
+    status, diff = test_proxy.api("GET", f"/branches/{info['name']}/diff")
+    assert status == 200 and isinstance(diff, dict)
+    assert sorted(c["_id"] for c in diff["changes"] if c.get("ns") == coll.full_name) \
+        == ["own", "small"]
+
+
 def test_validate_on_a_branch(fork: Fork,
                               upstream_client: MongoClient) -> None:
     name = unique("val").replace("-", "_")

@@ -13,6 +13,7 @@ documents a statement touches and shape the reply.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,11 +28,14 @@ from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import SESSION, Runner, error_from, outside_transaction
 from proxy.branching.stages import documents_stage
 from proxy.branching.txn import in_transaction
-from proxy.branching.wal import PUT, Change
+from proxy.branching.wal import PUT, Change, entry, unloggable
 from proxy.wire.bsonutil import same
 from proxy.wire.codes import Code
 
 log = logging.getLogger("mongobranch.overlay")
+
+# The time in an entry measured for its size: its fields' sizes do not depend on it.
+_EPOCH = datetime.datetime(1970, 1, 1)
 
 BATCH = 1000
 # Ids named in one `$in`. SecantusDB checks each candidate document against the whole
@@ -181,11 +185,18 @@ class Writer:
         return found
 
     async def reject_collisions(self, since: int, copied: list[Any]) -> dict[str, Any] | None:
-        """Undo changes logged since a point that collide on a unique index with the
-        parent view; the first such error, as mongod would report it. copied: the ids
-        this write hid itself, the only ones the undo un-hides."""
+        """Undo changes logged since a point that the branch cannot keep: those that
+        collide on a unique index with the parent view, and those whose WAL entry cannot
+        be stored (`unloggable`: an update taking a document of data zstd does not
+        shrink over 8 MiB, whose entry holds both images). The first such error, as
+        mongod would report it. copied: the ids this write hid itself, the only ones the
+        undo un-hides."""
         recent = [c for c in self.changes[since:] if c.op == PUT]
         bad = await self.collisions_live([c.id for c in recent])
+        for change in recent:
+            size = unloggable(self.entry_fields(change), change.pre, change.post)
+            if size is not None:
+                bad.setdefault(idkey(change.id), self.unloggable_error(size))
         if not bad:
             return None
         copied_keys = {idkey(i) for i in copied}
@@ -205,6 +216,20 @@ class Writer:
                 await self.check({"update": self.state.live, "updates": [
                     {"q": {"_id": change.id}, "u": change.pre}]})
         return first
+
+    def entry_fields(self, change: Change) -> dict[str, Any]:
+        """A change's WAL entry but its images, for its size."""
+        return entry(0, self.branch.bid, Change(self.ns, change.id, change.op, None, None,
+                                                change.extra),
+                     _EPOCH, 0, self.client, self.txn)
+
+    def unloggable_error(self, size: int) -> dict[str, Any]:
+        return {"code": int(Code.BSON_OBJECT_TOO_LARGE),
+                "codeName": Code.BSON_OBJECT_TOO_LARGE.code_name,
+                "errmsg": f"document of {size} bytes cannot be logged on branch "
+                          f"{self.branch.name!r}: its WAL entry would be over the 16 MiB "
+                          "BSON limit even compressed (its data does not compress); store "
+                          "it on main or make it smaller"}
 
     async def parent_has(self, ids: list[Any]) -> set[Any]:
         """Which ids the parent view still shows (they would collide on insert)."""

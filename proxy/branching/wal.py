@@ -69,18 +69,25 @@ def packed(image: dict[str, Any]) -> Binary | None:
 REPLY_ROOM = 1024
 
 
-def unloggable(doc: dict[str, Any], fields: dict[str, Any]) -> int | None:
-    """The size of a document whose insert's WAL entry (these other fields of the entry
-    beside its image, and room for a reply) cannot be stored even with the image
-    compressed: a document near 16 MiB that zstd does not shrink. None when it can.
-    Checked before the document is written anywhere, so that a branch never holds a
-    document its WAL does not."""
-    size = len(bson.encode(doc, codec_options=CODEC))
+def unloggable(fields: dict[str, Any], pre: dict[str, Any] | None,
+               post: dict[str, Any] | None) -> int | None:
+    """The size of the largest image of an entry (these other fields of the entry beside
+    its images, and room for a reply) that cannot be stored even with its images
+    compressed, as `_insert_fitted` stores them: a document near 16 MiB, or an update's
+    pre- and post-image of one over 8 MiB, whose data zstd does not shrink. None when it
+    can. Checked before anything is logged, so that a branch never holds a document its
+    WAL does not."""
+    images = [bson.encode(img, codec_options=CODEC) for img in (pre, post) if img is not None]
     room = MAX_ENTRY - len(bson.encode(fields, codec_options=CODEC)) - REPLY_ROOM
-    if size <= room:
+    if sum(len(raw) for raw in images) <= room:
         return None
-    small = packed(doc)
-    return size if small is None or len(small) > room else None
+    # A compressed image is a binary field (header and subtype) in place of the document.
+    small = sum(min(len(raw), len(_ZC.compress(raw)) + _BINARY_FIELD) for raw in images)
+    return max(len(raw) for raw in images) if small > room else None
+
+
+# What storing an image as a binary field (`prez`/`postz`) adds to its bytes.
+_BINARY_FIELD = 16
 
 
 def image(entry: dict[str, Any], which: str) -> dict[str, Any] | None:

@@ -6,7 +6,6 @@ is the overlay writer's (overlay.py).
 from __future__ import annotations
 
 import asyncio
-import datetime
 from collections.abc import Awaitable, Callable, Hashable
 from itertools import accumulate
 from typing import Any
@@ -20,7 +19,7 @@ from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
 from proxy.branching.overlay import BATCH, Writer, by_ids, chunks, dup_key_error, fitted
 from proxy.branching.runner import SESSION
-from proxy.branching.wal import DELETE, PUT, Change, entry, unloggable
+from proxy.branching.wal import DELETE, PUT, Change, unloggable
 from proxy.wire.codes import Code
 
 # The bytes of update statements sent in one command (the 16 MB limit, with room).
@@ -107,24 +106,6 @@ def _documents(req: Request) -> list[Any]:
     return [d if "_id" in d else {"_id": ObjectId(), **d} for d in raw_docs]
 
 
-def _unloggable_error(writer: Writer, size: int) -> dict[str, Any]:
-    return {"code": int(Code.BSON_OBJECT_TOO_LARGE),
-            "codeName": Code.BSON_OBJECT_TOO_LARGE.code_name,
-            "errmsg": f"document of {size} bytes cannot be logged on branch "
-                      f"{writer.branch.name!r}: its WAL entry would be over the 16 MiB BSON "
-                      "limit even compressed (its data does not compress); store it on "
-                      "main or make it smaller"}
-
-
-def _entry_fields(writer: Writer, doc: dict[str, Any]) -> dict[str, Any]:
-    """An insert's WAL entry but its image, for its size."""
-    return entry(0, writer.branch.bid, Change(writer.ns, doc["_id"], PUT, None, None),
-                 _EPOCH, 0, writer.client, writer.txn)
-
-
-_EPOCH = datetime.datetime(1970, 1, 1)
-
-
 def _insert_point(req: Request, coll: str, docs: list[Any]) -> Hashable | None:
     return (req.db, coll, idkey(docs[0]["_id"])) if len(docs) == 1 else None
 
@@ -146,13 +127,14 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
         held: dict[str, Any] | None = None
         # A document over the batch bytes comes alone: only such one can be too large
         # for its WAL entry.
-        too_large = unloggable(chunk[0], _entry_fields(writer, chunk[0])) \
+        first = Change(writer.ns, chunk[0]["_id"], PUT, None, chunk[0])
+        too_large = unloggable(writer.entry_fields(first), None, chunk[0]) \
             if len(chunk) == 1 else None
         for offset, doc in enumerate(chunk):
             key = idkey(doc["_id"])
             err: dict[str, Any] | None = None
             if too_large is not None:
-                err = _unloggable_error(writer, too_large)
+                err = writer.unloggable_error(too_large)
             elif key in taken or key in clashes:
                 err = dup_key_error(writer.ns, doc["_id"]) if key in taken else clashes[key]
             if err is not None:
@@ -488,7 +470,7 @@ async def _find_and_modify(writer: Writer, stmts: list[Any]) -> dict[str, Any]:
             return _fam_error(reply)
         clash = await writer.reject_collisions(since, copied)
         if clash is not None:
-            return _dup_reply(clash)
+            return _fam_error(clash)
         return await writer.finish({
             "lastErrorObject": {"n": 1, "updatedExisting": True}, "value": value,
             "ok": 1.0})
@@ -502,14 +484,16 @@ async def _find_and_modify(writer: Writer, stmts: list[Any]) -> dict[str, Any]:
     new_id = reply["upserted"][0]["_id"]
     dup = await writer.upserted(new_id)
     if dup is not None:
-        return _dup_reply(dup)
+        return _fam_error(dup)
     return await writer.finish({
         "lastErrorObject": {"n": 1, "updatedExisting": False, "upserted": new_id},
         "value": await projected(new_id) if cmd.get("new") else None, "ok": 1.0})
 
 
 def _fam_error(reply: dict[str, Any]) -> dict[str, Any]:
-    """An update's failure, shaped as findAndModify reports it (a command error)."""
+    """An update's failure (the upstream's reply or write error, or the branch's own:
+    a unique clash with the parent view, an entry too large to log), shaped as
+    findAndModify reports it (a command error)."""
     err = reply["writeErrors"][0] if reply.get("writeErrors") else reply
     code = int(err.get("code", 8))
     # A write error carries no codeName; the command error findAndModify answers does.
@@ -519,9 +503,3 @@ def _fam_error(reply: dict[str, Any]) -> dict[str, Any]:
         if key in err:
             out[key] = err[key]
     return out
-
-
-def _dup_reply(err: dict[str, Any]) -> dict[str, Any]:
-    return {"ok": 0.0, "errmsg": err["errmsg"], "code": Code.DUPLICATE_KEY,
-            "codeName": Code.DUPLICATE_KEY.code_name,
-            "keyPattern": err["keyPattern"], "keyValue": err["keyValue"]}
