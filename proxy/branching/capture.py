@@ -38,7 +38,7 @@ from bson.timestamp import Timestamp
 from pymongo.errors import OperationFailure, PyMongoError
 
 from proxy.branching import naming, snapshot
-from proxy.branching.wal import DELETE, DROP, PUT, Change
+from proxy.branching.wal import DELETE, DROP, PUT, Change, entry_fields, unloggable
 from proxy.wire.errors import CommandError
 
 if TYPE_CHECKING:
@@ -141,6 +141,21 @@ class Stats:
     barrier_waits: int = 0
     barrier_timeouts: int = 0
     unpreservable: int = 0
+
+
+def _loggable(change: Change) -> Change:
+    """Main's history entry of a change whose images do not fit one entry even
+    compressed (an update of a document over 8 MiB whose data does not compress):
+    without its pre-image, as a change that arrived without one (a branch of main at a
+    point before it is refused), and without its post-image too if that alone does not
+    fit. Logging it whole would fail, and stop the capture, on every attempt."""
+    fields = entry_fields(naming.MAIN, change, CLIENT)
+    if unloggable(fields, change.pre, change.post) is None:
+        return change
+    extra = {**(change.extra or {}), "nopre": True}
+    if unloggable(fields, None, change.post) is None:
+        return Change(change.ns, change.id, change.op, None, change.post, extra)
+    return Change(change.ns, change.id, change.op, None, None, {**extra, "nopost": True})
 
 
 class Capture:
@@ -459,6 +474,12 @@ class Capture:
                 if kids:
                     self._unpreservable(change.ns, kids)
                 continue
+            if change.pre is not None and (size := unloggable(
+                    entry_fields(naming.MAIN, change, CLIENT), change.pre, change.pre)):
+                if kids:
+                    self._unpreservable(change.ns, kids, f"a document of {size} bytes that "
+                                        "does not compress is too large to preserve")
+                continue
             if groups and [k.bid for k in groups[-1][0]] == [k.bid for k in kids]:
                 groups[-1][1].append(change)
             else:
@@ -474,20 +495,21 @@ class Capture:
                                         deferred=keeps)
                 self._bump(kids)  # after: a read that began meanwhile saw it half done
         if self.history:
-            keeps.append((naming.MAIN, [c for _, c, _ in run]))
+            keeps.append((naming.MAIN, [_loggable(c) for _, c, _ in run]))
         await self.engine.wal.append_groups(keeps, CLIENT)
 
     def _bump(self, kids: Iterable[Branch]) -> None:
         for kid in kids:
             self.generation[kid.bid] = self.generation.get(kid.bid, 0) + 1
 
-    def _unpreservable(self, ns: str, kids: Iterable[Branch]) -> None:
-        """An update or delete arrived without its pre-image: the children forked before
-        it may now show the new document."""
+    def _unpreservable(self, ns: str, kids: Iterable[Branch],
+                       why: str = "a change arrived without its pre-image "
+                                  "(changeStreamPreAndPostImages is off for it)") -> None:
+        """An update or delete whose pre-image the children cannot keep: they may now
+        show the new document."""
         self.stats.unpreservable += 1
         for kid in kids:
-            self._break(kid, f"{ns}: a change arrived without its pre-image "
-                             "(changeStreamPreAndPostImages is off for it)")
+            self._break(kid, f"{ns}: {why}")
 
     async def _created(self, at: tuple[int, int], db: str, coll: str) -> None:
         """A collection created after a child's fork stays absent in that child."""

@@ -13,7 +13,6 @@ documents a statement touches and shape the reply.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,14 +27,11 @@ from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import SESSION, Runner, error_from, outside_transaction
 from proxy.branching.stages import documents_stage
 from proxy.branching.txn import in_transaction
-from proxy.branching.wal import PUT, Change, entry, unloggable
+from proxy.branching.wal import PUT, Change, entry_fields, unloggable
 from proxy.wire.bsonutil import same
 from proxy.wire.codes import Code
 
 log = logging.getLogger("mongobranch.overlay")
-
-# The time in an entry measured for its size: its fields' sizes do not depend on it.
-_EPOCH = datetime.datetime(1970, 1, 1)
 
 BATCH = 1000
 # Ids named in one `$in`. SecantusDB checks each candidate document against the whole
@@ -218,10 +214,7 @@ class Writer:
         return first
 
     def entry_fields(self, change: Change) -> dict[str, Any]:
-        """A change's WAL entry but its images, for its size."""
-        return entry(0, self.branch.bid, Change(self.ns, change.id, change.op, None, None,
-                                                change.extra),
-                     _EPOCH, 0, self.client, self.txn)
+        return entry_fields(self.branch.bid, change, self.client, self.txn)
 
     def unloggable_error(self, size: int) -> dict[str, Any]:
         return {"code": int(Code.BSON_OBJECT_TOO_LARGE),

@@ -149,6 +149,17 @@ def entry(lsn: int, bid: str, change: Change, now: dt.datetime, second: int,
     return doc
 
 
+def entry_fields(bid: str, change: Change, client: dict[str, Any],
+                 txn: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A change's entry but its images, for its size (`unloggable`): the sizes of its
+    other fields do not depend on the LSN or the time."""
+    return entry(0, bid, Change(change.ns, change.id, change.op, None, None, change.extra),
+                 _EPOCH, 0, client, txn)
+
+
+_EPOCH = dt.datetime(1970, 1, 1)
+
+
 def _settle(done: asyncio.Future[None], exc: Exception | None = None) -> None:
     """An append's outcome, unless its writer stopped waiting (cancelled)."""
     if done.done():
