@@ -275,7 +275,7 @@ def test_an_update_too_large_to_log_leaves_the_capture_going(
     status, info = proxy.api("GET", f"/branches/{kid['name']}")
     assert status == 200 and isinstance(info, dict)
     assert info["isolation"] == "proxy-writes-only", info
-    assert any("too large to preserve" in why for why in info["isolationBreaks"]), info
+    assert any("too large to keep" in why for why in info["isolationBreaks"]), info
     wal = direct[proxy.meta_db or ""].wal
     ns = f"{db_name}.items"
     logged = {e["id"]: e for e in wal.find({"b": "main", "ns": ns, "op": "put",

@@ -625,3 +625,28 @@ def test_children_of_main_stay_exact_across_a_restart(tmp_path: Path) -> None:
     finally:
         proxy.stop()
         server.stop()
+
+
+def test_a_document_too_large_to_keep_makes_the_child_say_so(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    """A child keeps a pre-image in a `keep` entry holding it as both images: for a
+    document of random bytes over 8 MiB that entry cannot be stored. The parent's write
+    goes on (its own entry holds the image once), the child keeps everything else and
+    says it is no longer exact, instead of the parent's write failing after its overlay
+    write."""
+    big = os.urandom(9 * 1024 * 1024)
+    client[db_name].items.insert_many([{"_id": "big", "b": big}, {"_id": "small", "v": 0}])
+    parent = made.create()
+    child = made.create(**{"from": parent["name"]})
+    assert child["isolation"] == "snapshot"
+    with made.client(parent) as p:
+        p[db_name].items.delete_many({})
+        assert p[db_name].items.count_documents({}) == 0
+    with made.client(child) as c:
+        assert c[db_name].items.find_one({"_id": "small"}) == {"_id": "small", "v": 0}
+    status, info = proxy.api("GET", f"/branches/{child['name']}")
+    assert status == 200 and isinstance(info, dict)
+    assert info["isolation"] == "proxy-writes-only", info
+    assert [why for why in info["isolationBreaks"] if "too large to keep" in why], info
+    assert sorted((e["_id"], e["op"]) for e in entries(proxy, parent["name"], limit=10)
+                  ) == [("big", "delete"), ("small", "delete")]

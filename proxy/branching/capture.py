@@ -474,12 +474,6 @@ class Capture:
                 if kids:
                     self._unpreservable(change.ns, kids)
                 continue
-            if change.pre is not None and (size := unloggable(
-                    entry_fields(naming.MAIN, change, CLIENT), change.pre, change.pre)):
-                if kids:
-                    self._unpreservable(change.ns, kids, f"a document of {size} bytes that "
-                                        "does not compress is too large to preserve")
-                continue
             if groups and [k.bid for k in groups[-1][0]] == [k.bid for k in kids]:
                 groups[-1][1].append(change)
             else:
@@ -502,14 +496,13 @@ class Capture:
         for kid in kids:
             self.generation[kid.bid] = self.generation.get(kid.bid, 0) + 1
 
-    def _unpreservable(self, ns: str, kids: Iterable[Branch],
-                       why: str = "a change arrived without its pre-image "
-                                  "(changeStreamPreAndPostImages is off for it)") -> None:
-        """An update or delete whose pre-image the children cannot keep: they may now
-        show the new document."""
+    def _unpreservable(self, ns: str, kids: Iterable[Branch]) -> None:
+        """An update or delete arrived without its pre-image: the children forked before
+        it may now show the new document."""
         self.stats.unpreservable += 1
         for kid in kids:
-            self._break(kid, f"{ns}: {why}")
+            self.engine.break_snapshot(kid, f"{ns}: a change arrived without its pre-image "
+                                            "(changeStreamPreAndPostImages is off for it)")
 
     async def _created(self, at: tuple[int, int], db: str, coll: str) -> None:
         """A collection created after a child's fork stays absent in that child."""
@@ -530,22 +523,17 @@ class Capture:
             ns == f"{db}.{coll}" or (colls is None and ns.startswith(f"{db}.")))}
         for kid in self._eligible(at):
             if snapshot.reads_base(self.engine, kid, db, colls):
-                self._break(kid, f"{op} of {db}{'.' + coll if isinstance(coll, str) else ''} "
-                                 "on the upstream, not through the proxy")
+                what = f"{db}.{coll}" if isinstance(coll, str) else db
+                self.engine.break_snapshot(kid, f"{op} of {what} on the upstream, not "
+                                                "through the proxy")
         if self.history:
             ns = f"{db}.{coll}" if isinstance(coll, str) else f"{db}.*"
             await self.engine.wal.append(naming.MAIN, [Change(ns, None, DROP, None, None,
                                                               extra)], CLIENT)
 
-    def _break(self, kid: Branch, why: str) -> None:
-        if why not in kid.breaks:
-            kid.breaks.append(why)
-            log.warning("branch %s is no longer an exact snapshot: %s", kid.name, why)
-            asyncio.get_running_loop().create_task(self.engine.save_branch(kid))
-
     def _break_all(self, why: str) -> None:
         for kid in self.children():
-            self._break(kid, why)
+            self.engine.break_snapshot(kid, why)
 
     # -- pre-images ------------------------------------------------------------------------
     async def enable_pre_images(self) -> None:

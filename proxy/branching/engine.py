@@ -352,6 +352,14 @@ class Engine:
             return ISOLATION
         return ISOLATION if any(b.breaks for b in self.chain(branch)) else SNAPSHOT
 
+    def break_snapshot(self, branch: Branch, why: str) -> None:
+        """The branch can no longer show its parent exactly as at its fork: it says so
+        (`isolationBreaks`), once per cause, and the proxy logs it."""
+        if why not in branch.breaks:
+            branch.breaks.append(why)
+            log.warning("branch %s is no longer an exact snapshot: %s", branch.name, why)
+            asyncio.get_running_loop().create_task(self.save_branch(branch))
+
     def public(self, branch: Branch) -> dict[str, Any]:
         return branch.public(self.host, self.isolation(branch))
 

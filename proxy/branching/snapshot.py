@@ -22,7 +22,7 @@ from proxy.branching import views, viewscan
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.naming import MAIN
-from proxy.branching.wal import DELETE, KEEP, OWN, PUT, Change
+from proxy.branching.wal import DELETE, KEEP, OWN, PUT, Change, entry_fields, unloggable
 from proxy.wire.codes import Code
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change],
     if independent(state):
         return 0
     owned = await owned_ids(engine, state, [c.id for c in changes])
-    fresh = [c for c in changes if idkey(c.id) not in owned]
+    fresh = [c for c in changes if idkey(c.id) not in owned and _keepable(engine, kid, c)]
     if not fresh:
         return 0
     if state is None:
@@ -179,6 +179,22 @@ async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change],
     await engine.mark_dirty(state)
     await _keep(engine, kid, state, [(c.id, c.pre) for c in fresh], deferred)
     return len(fresh)
+
+
+def _keepable(engine: Engine, kid: Branch, change: Change) -> bool:
+    """Whether the child can keep this pre-image: its `keep` entry holds it as both
+    images, which for a document over about 8 MiB whose data does not compress cannot
+    be stored. Such a document is not kept (the child would show the parent's new one):
+    the child says it is no longer exact."""
+    if change.pre is None:
+        return True
+    fields = entry_fields(kid.bid, Change(change.ns, change.id, KEEP, None, None), SYSTEM)
+    size = unloggable(fields, change.pre, change.pre)
+    if size is None:
+        return True
+    engine.break_snapshot(kid, f"{change.ns}: a document of {size} bytes that does not "
+                               "compress is too large to keep")
+    return False
 
 
 async def _keep(engine: Engine, kid: Branch, state: NsState,
