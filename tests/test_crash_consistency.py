@@ -464,3 +464,38 @@ def test_sigkill_during_copy_branch_creation(upstream: Secantus) -> None:
         for proxy in proxies:
             proxy.kill()
         direct.close()
+
+
+def test_a_capped_collection_a_branch_took_whole_is_rebuilt_capped_in_order(
+        upstream: Secantus) -> None:
+    """Killed right after its writes (the overlay still marked dirty), the branch's own
+    capped copy of a collection is rebuilt from the WAL as it was: capped with the same
+    limits, in its insertion order, evicting the oldest document on the next insert."""
+    direct: MongoClient = MongoClient(upstream.uri, directConnection=True)
+    proxies: list[ProxyProcess] = []
+    try:
+        direct[DB].create_collection("cap", capped=True, size=1 << 16, max=4)
+        direct[DB].cap.insert_many([{"_id": i} for i in (5, 1, 4, 2)])
+        first = ProxyProcess(upstream.uri, meta_db=META).start()
+        proxies.append(first)
+        status, body = first.api("POST", "/branches", {"name": BRANCH})
+        assert status == 201 and isinstance(body, dict), body
+        with MongoClient(body["uri"]) as c:
+            c[DB].cap.insert_one({"_id": 3})  # evicts 5
+            c[DB].cap.update_one({"_id": 4}, {"$set": {"v": 1}})
+            before = list(c[DB].cap.find())
+        assert [d["_id"] for d in before] == [1, 4, 2, 3]
+        assert direct[META].dirty.count_documents({}) >= 1
+        first.kill()
+        second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
+        proxies.append(second.start())
+        assert "rematerializing" in second.read_log()
+        with MongoClient(body["uri"], serverSelectionTimeoutMS=10000) as c:
+            assert list(c[DB].cap.find()) == before
+            c[DB].cap.insert_one({"_id": 0})  # evicts 1
+            assert [d["_id"] for d in c[DB].cap.find()] == [4, 2, 3, 0]
+        assert [d["_id"] for d in direct[DB].cap.find()] == [5, 1, 4, 2]
+    finally:
+        for proc in proxies:
+            proc.kill()
+        direct.close()

@@ -500,8 +500,12 @@ class Engine:
                 state.hidden_ids = None
         return out
 
-    async def ensure_state(self, branch: Branch, db: str, coll: str, run: Runner) -> NsState:
-        """The branch's overlay for a collection, created with the view's indexes."""
+    async def ensure_state(self, branch: Branch, db: str, coll: str, run: Runner, *,
+                           whole: dict[str, Any] | None = None) -> NsState:
+        """The branch's overlay for a collection, created with the view's indexes.
+
+        whole: the options of a capped collection the branch takes whole
+        (`snapshot.own_capped`): its overlay is created capped with them."""
         state = self.state(branch, db, coll)
         if state is not None:
             return state
@@ -509,19 +513,28 @@ class Engine:
         state = NsState(branch.bid, db, coll, base_dropped=branch.mode == "copy")
         indexes = await self.view_indexes(branch, db, coll, run)
         layers = self.layers(branch, db, coll)
+        if whole is not None:
+            state.options, state.options_base = dict(whole), dict(whole)
+            await self._create_overlay(state, indexes, run, {
+                **views.enforced([state]), **capped_options(whole)})
+            return await self._added(state)
         if not state.base_dropped and not views.options_of(layers) \
                 and not any(layer.base_dropped for layer in layers):
             # The base collection's own validation: the branch's writes meet it too.
-            options = await self._base_options(db, coll)
+            options = await self.base_options(db, coll)
             if views.enforced([NsState(branch.bid, db, coll, options=options)]):
                 state.options, state.options_base = options, dict(options)
         await self._create_overlay(state, indexes, run, views.enforced([state, *layers]))
+        return await self._added(state)
+
+    async def _added(self, state: NsState) -> NsState:
         await self.save_state(state)
         self.states[state.key] = state
         self.txns.created(state)
         return state
 
-    async def _base_options(self, db: str, coll: str) -> dict[str, Any]:
+    async def base_options(self, db: str, coll: str) -> dict[str, Any]:
+        """The base collection's options (validator, capped, ...); {} for none or a view."""
         # Outside a transaction: mongod runs no listCollections in one, and the base's
         # options are the same in and out of it.
         with outside_transaction():
@@ -763,12 +776,18 @@ class Engine:
             indexes = await self.view_indexes(branch, state.db, state.coll, self.pool)
         enforced = views.enforced(self.layers(branch, state.db, state.coll)
                                   if branch is not None else [state])
-        await self._create_overlay(state, indexes or [], self.pool, enforced)
+        # A collection the branch owns whole (made, refilled or taken) keeps being capped.
+        whole = capped_options(state.options) if state.base_dropped else {}
+        await self._create_overlay(state, indexes or [], self.pool, {**enforced, **whole})
         # What the overlay held was validated (or bypassed) when it was first written.
         bypass = {"bypassDocumentValidation": True} if enforced else {}
         fold = [*matching(match), {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "op": {"$last": "$op"}, "post": {"$last": "$post"},
-                            "postz": {"$last": "$postz"}}}]
+                            "postz": {"$last": "$postz"}, "first": {"$min": "$_id"}}}]
+        if whole:
+            # A capped collection's order is its insertion order: each document goes
+            # back in the order of its first entry.
+            fold.append({"$sort": {"first": 1}})
         await self.pool(self.meta_db, {
             "aggregate": "wal", "allowDiskUse": True, "cursor": {},
             "pipeline": [*fold, {"$project": {"_id": 1}},
@@ -797,6 +816,13 @@ class Engine:
             state.present = False
         await self.save_state(state)
         await self.load_hidden(state)
+
+
+def capped_options(options: dict[str, Any]) -> dict[str, Any]:
+    """What makes a collection capped, among its options."""
+    if not options.get("capped"):
+        return {}
+    return {k: options[k] for k in ("capped", "size", "max") if k in options}
 
 
 def overlay_index(spec: dict[str, Any]) -> dict[str, Any]:

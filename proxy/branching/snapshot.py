@@ -363,7 +363,7 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
             state.options = dict(owner.options)
         elif not state.options:
             state.options = dict(views.options_of(above)) or (
-                await _base_options(engine, db, coll) if present else {})
+                await engine.base_options(db, coll) if present else {})
         await engine.wal.append(kid.bid, [Change(f"{db}.{coll}", None, OWN, None, None)],
                                 SYSTEM)
         state.base_dropped = True
@@ -372,18 +372,43 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
         # child's once it reads no more of its ancestors.
         if not state.options:
             state.options = dict(views.options_of(above)) or (
-                await _base_options(engine, db, coll) if present else {})
+                await engine.base_options(db, coll) if present else {})
             state.options_base = dict(state.options)
         state.detached = True
     await engine.save_state(state)
     return copied
 
 
-async def _base_options(engine: Engine, db: str, coll: str) -> dict[str, Any]:
-    """The base collection's options (validator, ...), as the child showed them."""
-    reply = await engine.pool(db, {"listCollections": 1, "filter": {"name": coll}})
-    batch = reply["cursor"]["firstBatch"]
-    return dict(batch[0].get("options") or {}) if batch else {}
+async def own_capped(engine: Engine, branch: Branch, db: str, coll: str) -> None:
+    """A branch's first write to a capped collection that one upstream collection holds
+    whole for it (the base, or an ancestor's own copy): the branch takes the collection
+    whole, in a capped overlay of the same limits, its documents copied in their
+    natural (insertion) order as `keep` entries, so that the upstream keeps the capped
+    order, evicts the oldest documents past the limits, and tails it. An overlay beside
+    a capped collection could do none of it.
+
+    The copies come first and the `own` entry last: a crash in between leaves the branch
+    reading through an overlay holding copies of what it shows, still exact."""
+    if branch.mode == "copy":
+        return
+    layers = engine.layers(branch, db, coll)
+    if not layers:
+        source, options = coll, await engine.base_options(db, coll)
+    elif len(layers) == 1 and layers[0].base_dropped and layers[0].present:
+        source, options = layers[0].live, dict(layers[0].options)
+    else:
+        return
+    if not options.get("capped"):
+        return
+    state = await engine.ensure_state(branch, db, coll, engine.pool, whole=options)
+    await engine.mark_dirty(state)
+    async for batch in engine.pool.batches(db, {"find": source, "sort": {"$natural": 1}}):
+        await _keep(engine, branch, state, [(d["_id"], d) for d in batch])
+    await engine.wal.append(branch.bid, [Change(f"{db}.{coll}", None, OWN, None, None)],
+                            SYSTEM)
+    state.base_dropped = True
+    state.present = True
+    await engine.save_state(state)
 
 
 async def _view_shown(engine: Engine, layers: list[NsState], db: str,
