@@ -121,6 +121,9 @@ class Txn:
     pending: dict[tuple[str, Any], Change] = field(default_factory=dict)
     # First LSNs of its WAL appends, in flight until it ends (wal.PINNED).
     lsns: list[int] = field(default_factory=list)
+    # Scratch copies its reads made (commands/scratchfrom.py), (db, name): dropped when
+    # it ends, since no drop runs in a transaction.
+    scratch: list[tuple[str, str]] = field(default_factory=list)
 
     def defer(self, changes: list[Change]) -> None:
         for change in changes:
@@ -397,6 +400,9 @@ class Transactions:
                         txn.states.pop(key, None)
                 with contextlib.suppress(PyMongoError):
                     await txn.session.end_session()
+                for db, name in txn.scratch:
+                    # An abort took the copy back already (NamespaceNotFound).
+                    await self.engine.pool.reply(db, {"drop": name})
                 for state in txn.states.values():
                     await self.engine.load_hidden(state)
         finally:

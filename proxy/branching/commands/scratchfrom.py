@@ -14,7 +14,10 @@ hidden from every listing, as every reserved name is), server-side, and the stag
 The copy lives as long as the read: it is dropped when the reply is whole, else when
 the proxy's cursor over the read ends or is killed (`cursormerge.MergedCursor.scratch`);
 a branch's drop sweeps copies left behind (a cursor the proxy forgot while idle, a
-crash). It costs a server-side copy of the collection per read. An upstream view in its
+crash). In a multi-document transaction, where neither `$out` nor a drop can run, the
+copy is made in the transaction from the aggregation's batches (so it holds the
+transaction's own writes) and dropped when the transaction ends (`txn.Txn.scratch`).
+It costs a server-side copy of the collection per read. An upstream view in its
 place would copy nothing, and mongod resolves a view named as `from`; SecantusDB reads
 such a view as an empty collection, so the copy is what the tests can hold the branch to.
 """
@@ -30,11 +33,12 @@ from proxy.branching import cursormerge, naming, planner, views
 from proxy.branching.commands import aggregate
 from proxy.branching.commands.base import Request
 from proxy.branching.errors import CommandError
-from proxy.wire.codes import Code
+from proxy.branching.overlay import fitted
+from proxy.branching.txn import CURRENT
 
 Pipeline = list[dict[str, Any]]
 # Carried from the user's aggregate onto the copy's (never a session's readConcern or
-# transaction: $out runs outside one).
+# transaction fields: in a transaction the copy's commands run in its upstream session).
 _CARRY = ("maxTimeMS", "comment", "apiVersion", "apiStrict", "allowDiskUse")
 
 
@@ -60,26 +64,30 @@ async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
     applied; its name is appended to `made` before it is written, for the caller to drop.
     key: the field the stage looks documents up by (connectToField, foreignField),
     indexed on the copy once written, as the server would use an index of `from` for it."""
-    if req.cmd.get("autocommit") is False or req.cmd.get("startTransaction"):
-        raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
-                           f"{next(iter(req.cmd))} reading {source} with $graphLookup, or a "
-                           "$lookup over its whole joined set, needs a scratch copy of what "
-                           "it shows on the branch, which cannot be made ($out) in a "
-                           f"multi-document transaction on branch {req.on_branch.name!r}")
     name = naming.scratch_from(req.on_branch.bid, secrets.token_hex(6))
-    made.append(name)
-    cmd: dict[str, Any] = {"aggregate": source, "pipeline": [*stages, {"$out": name}],
-                           "cursor": {}}
+    txn = CURRENT.get()
+    out = [] if txn is not None else [{"$out": name}]
+    cmd: dict[str, Any] = {"aggregate": source, "pipeline": [*stages, *out], "cursor": {}}
     cmd.update((k, req.cmd[k]) for k in _CARRY if k in req.cmd)
     if collation is not None:
         cmd["collation"] = collation
     sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
     command = (await aggregate.planned(sub, cmd)).command
     assert command is not None
-    reply = await req.run.reply(req.db, command)
-    if not reply.get("ok"):
-        raise CommandError(int(reply.get("code", 1)), str(reply.get("errmsg", "")),
-                           code_name=str(reply.get("codeName", "")))
+    if txn is not None:
+        # No $out in a transaction, nor a drop: the copy is made in it (so it holds the
+        # transaction's own writes, in its snapshot) and dropped once it ends.
+        txn.scratch.append((req.db, name))
+        await req.run(req.db, {"create": name})
+        async for batch in req.run.batches(req.db, command):
+            for group in fitted(batch):
+                await req.run(req.db, {"insert": name, "documents": group})
+    else:
+        made.append(name)
+        reply = await req.run.reply(req.db, command)
+        if not reply.get("ok"):
+            raise CommandError(int(reply.get("code", 1)), str(reply.get("errmsg", "")),
+                               code_name=str(reply.get("codeName", "")))
     if isinstance(key, str) and key and key != "_id" and not key.startswith("$"):
         # Only a lookup's speed depends on it: a refused index leaves the copy without.
         await req.run.reply(req.db, {"createIndexes": name, "indexes": [
