@@ -802,7 +802,7 @@ def report(sz: Sizes, command: str, elapsed: float, load: tuple[float, float],
               f"{s['live'] / n:.0f} |",
               f"| hidden ids | {s['hidden_n']:.0f} | {s['hidden']:.0f} | "
               f"{s['hidden'] / n:.0f} |",
-              f"| WAL `keep` entries (pre = post image) | {s['keep_n']:.0f} | "
+              f"| WAL `keep` entries (the image once) | {s['keep_n']:.0f} | "
               f"{s['keep']:.0f} | {s['keep'] / n:.0f} |",
               f"| **data** | | **{data:.0f}** | **{data / n:.0f}** "
               f"({data / n / s['doc']:.1f}x the document) |",

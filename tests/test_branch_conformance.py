@@ -293,6 +293,27 @@ def test_an_update_whose_wal_entry_cannot_fit_is_undone_and_refused(
         == ["own", "small"]
 
 
+def test_a_delete_whose_wal_entry_cannot_fit_is_refused_before_it_is_made(
+        fork: Fork, upstream_client: MongoClient) -> None:
+    """A delete's WAL entry holds the document's pre-image: for a base document near
+    16 MiB of random bytes it cannot be stored beside the entry's fields even
+    compressed. The delete (and a findAndModify removing it) fails with
+    BSONObjectTooLarge before anything is written; other documents are deleted."""
+    name = unique("hugedel").replace("-", "_")
+    upstream_client[name].c.insert_many([
+        {"_id": "huge", "b": Binary(os.urandom(16 * 1024 * 1024 - 300))}, {"_id": "small"}])
+    _, branch = fork()
+    coll = branch[name].c
+    with pytest.raises(OperationFailure) as refused:
+        coll.delete_one({"_id": "huge"})
+    assert refused.value.code == 10334, refused.value.details
+    with pytest.raises(OperationFailure) as fam:
+        coll.find_one_and_delete({"_id": "huge"})
+    assert fam.value.code == 10334, fam.value.details
+    assert coll.delete_one({"_id": "small"}).deleted_count == 1
+    assert [d["_id"] for d in coll.find({}, {"_id": 1})] == ["huge"]
+
+
 def test_validate_on_a_branch(fork: Fork,
                               upstream_client: MongoClient) -> None:
     name = unique("val").replace("-", "_")

@@ -258,30 +258,39 @@ def test_two_proxies_on_one_upstream_leave_each_others_metadata_alone(
 def test_an_update_too_large_to_log_leaves_the_capture_going(
         proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
         db_name: str) -> None:
-    """An update of a document of random bytes over 8 MiB: its pre- and post-image do
-    not fit one WAL entry, nor would the pre-image a child keeps (it is held twice).
-    Main's history logs it without its pre-image, the child says it cannot be exact, and
+    """Updates of documents of random bytes: one of 9 MiB, whose pre- and post-image do
+    not fit one WAL entry, and one near 16 MiB, whose image alone does not. Main's
+    history logs them without the images that do not fit; a child keeps the first (a
+    `keep` entry holds its image once) and says it cannot be exact about the second;
     the capture goes on with main's next changes (it used to retry that insert forever,
     leaving every child of main waiting on it)."""
     items = client[db_name].items
     big = os.urandom(9 * 1024 * 1024)
+    huge = os.urandom(16 * 1024 * 1024 - 400)
     items.insert_many([{"_id": "big", "b": big, "n": 0}, {"_id": "small", "n": 0}])
+    items.insert_one({"_id": "huge", "b": huge})
     kid = made.create()
     assert kid["isolation"] == "snapshot"
     items.update_one({"_id": "big"}, {"$set": {"n": 1}})
+    items.update_one({"_id": "huge"}, {"$set": {"n": 1}})
     items.update_one({"_id": "small"}, {"$set": {"n": 1}})
     with made.client(kid) as b:
         assert b[db_name].items.find_one({"_id": "small"}) == {"_id": "small", "n": 0}
+        assert b[db_name].items.find_one({"_id": "big"}) == {"_id": "big", "b": big, "n": 0}
     status, info = proxy.api("GET", f"/branches/{kid['name']}")
     assert status == 200 and isinstance(info, dict)
     assert info["isolation"] == "proxy-writes-only", info
-    assert any("too large to keep" in why for why in info["isolationBreaks"]), info
+    broken = [why for why in info["isolationBreaks"] if "too large to keep" in why]
+    assert len(broken) == 1, info
     wal = direct[proxy.meta_db or ""].wal
     ns = f"{db_name}.items"
     logged = {e["id"]: e for e in wal.find({"b": "main", "ns": ns, "op": "put",
                                             "pre": {"$exists": True}}, {"post": 0})}
-    blind = list(wal.find({"b": "main", "ns": ns, "id": "big", "op": "put",
-                           "nopre": True}, {"post": 0}))
     assert logged["small"]["pre"] == {"_id": "small", "n": 0}, logged
-    assert "big" not in logged and len(blind) == 1, blind
-    assert "pre" not in blind[0] and "prez" not in blind[0], blind[0]
+    blind = {e["id"]: e for e in wal.find({"b": "main", "ns": ns, "op": "put", "nopre": True},
+                                          {"post": 0, "postz": 0})}
+    assert sorted(blind) == ["big", "huge"] and "big" not in logged, blind
+    assert all("pre" not in e and "prez" not in e for e in blind.values()), blind
+    assert blind["huge"].get("nopost") is True and "nopost" not in blind["big"], blind
+    assert wal.count_documents({"b": "main", "ns": ns, "id": "big", "nopre": True,
+                                "post": {"$exists": True}}) == 1

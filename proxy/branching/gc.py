@@ -19,7 +19,7 @@ from pymongo import DeleteMany, UpdateOne
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.naming import MAIN
-from proxy.branching.wal import STARTS, matching, packed
+from proxy.branching.wal import STARTS, first_pre, matching, packed
 
 BATCH = 1000
 IN_CHUNK = 100
@@ -87,7 +87,7 @@ async def _fold(engine: Engine, old: dict[str, Any]) -> int:
         after["_id"] = {"$gt": marker["_id"], "$lte": old["_id"]["$lte"]}
     pipeline = [*matching({**after, "op": {"$nin": list(STARTS)}}), {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "lsns": {"$push": "$_id"},
-                            "pre": {"$first": "$pre"}, "prez": {"$first": "$prez"},
+                            **first_pre(),
                             "post": {"$last": "$post"}, "n": {"$sum": 1}}},
                 {"$match": {"n": {"$gt": 1}}}]
     async for batch in engine.pool.batches(engine.meta_db, {

@@ -190,9 +190,8 @@ class Writer:
         recent = [c for c in self.changes[since:] if c.op == PUT]
         bad = await self.collisions_live([c.id for c in recent])
         for change in recent:
-            size = unloggable(self.entry_fields(change), change.pre, change.post)
-            if size is not None:
-                bad.setdefault(idkey(change.id), self.unloggable_error(size))
+            if (err := self.too_large(change)) is not None:
+                bad.setdefault(idkey(change.id), err)
         if not bad:
             return None
         copied_keys = {idkey(i) for i in copied}
@@ -213,10 +212,14 @@ class Writer:
                     {"q": {"_id": change.id}, "u": change.pre}]})
         return first
 
-    def entry_fields(self, change: Change) -> dict[str, Any]:
-        return entry_fields(self.branch.bid, change, self.client, self.txn)
-
-    def unloggable_error(self, size: int) -> dict[str, Any]:
+    def too_large(self, change: Change) -> dict[str, Any] | None:
+        """mongod's BSONObjectTooLarge for a change whose WAL entry cannot be stored even
+        with its images compressed (a document of data zstd does not shrink: an insert or
+        delete of one near 16 MiB, an update of one over 8 MiB); None when it can."""
+        size = unloggable(entry_fields(self.branch.bid, change, self.client, self.txn),
+                          change.pre, change.post)
+        if size is None:
+            return None
         return {"code": int(Code.BSON_OBJECT_TOO_LARGE),
                 "codeName": Code.BSON_OBJECT_TOO_LARGE.code_name,
                 "errmsg": f"document of {size} bytes cannot be logged on branch "

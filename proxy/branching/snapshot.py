@@ -182,14 +182,14 @@ async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change],
 
 
 def _keepable(engine: Engine, kid: Branch, change: Change) -> bool:
-    """Whether the child can keep this pre-image: its `keep` entry holds it as both
-    images, which for a document over about 8 MiB whose data does not compress cannot
-    be stored. Such a document is not kept (the child would show the parent's new one):
-    the child says it is no longer exact."""
+    """Whether the child can keep this pre-image in a `keep` entry: not a document
+    within about 1 KiB of 16 MiB whose data does not compress (main's: a branch's own
+    write of one is refused). Such a document is not kept (the child would show the
+    parent's new one): the child says it is no longer exact."""
     if change.pre is None:
         return True
     fields = entry_fields(kid.bid, Change(change.ns, change.id, KEEP, None, None), SYSTEM)
-    size = unloggable(fields, change.pre, change.pre)
+    size = unloggable(fields, None, change.pre)
     if size is None:
         return True
     engine.break_snapshot(kid, f"{change.ns}: a document of {size} bytes that does not "
@@ -213,7 +213,7 @@ async def _keep(engine: Engine, kid: Branch, state: NsState,
                          _insert(engine, state.db, state.hidden, [{"_id": i} for i in ids]))
     state.hide(ids)
     ns = f"{state.db}.{state.coll}"
-    keeps = [Change(ns, i, KEEP, img, img) for i, img in images]
+    keeps = [Change(ns, i, KEEP, None, img) for i, img in images]
     if deferred is not None:
         for keep in keeps:
             keep.extra = {"client": SYSTEM}

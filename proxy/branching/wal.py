@@ -91,13 +91,24 @@ _BINARY_FIELD = 16
 
 
 def image(entry: dict[str, Any], which: str) -> dict[str, Any] | None:
-    """An entry's pre- or post-image, whether stored plain or compressed by gc."""
+    """An entry's pre- or post-image, whether stored plain or compressed by gc. A `keep`
+    entry holds its image once, as its post-image: it is its pre-image too."""
     if entry.get(which) is not None:
         return entry[which]  # type: ignore[no-any-return]
     blob = entry.get(which + "z")
     if blob is None:
+        if which == "pre" and entry.get("op") == KEEP:
+            return image(entry, "post")
         return None
     return bson.decode(_ZD.decompress(bytes(blob)), CODEC)
+
+
+def first_pre() -> dict[str, Any]:
+    """`$group` accumulators of the first entry's pre-image, as `pre` and `prez` (read
+    them with `image`): a `keep` entry's is its post-image."""
+    keep = {"$eq": ["$op", KEEP]}
+    return {"pre": {"$first": {"$cond": [keep, "$post", "$pre"]}},
+            "prez": {"$first": {"$cond": [keep, "$postz", "$prez"]}}}
 
 
 # The fields the WAL's indexes are built on.

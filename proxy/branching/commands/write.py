@@ -19,7 +19,7 @@ from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
 from proxy.branching.overlay import BATCH, Writer, by_ids, chunks, dup_key_error, fitted
 from proxy.branching.runner import SESSION
-from proxy.branching.wal import DELETE, PUT, Change, unloggable
+from proxy.branching.wal import DELETE, PUT, Change
 from proxy.wire.codes import Code
 
 # The bytes of update statements sent in one command (the 16 MB limit, with room).
@@ -127,14 +127,13 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
         held: dict[str, Any] | None = None
         # A document over the batch bytes comes alone: only such one can be too large
         # for its WAL entry.
-        first = Change(writer.ns, chunk[0]["_id"], PUT, None, chunk[0])
-        too_large = unloggable(writer.entry_fields(first), None, chunk[0]) \
+        too_large = writer.too_large(Change(writer.ns, chunk[0]["_id"], PUT, None, chunk[0])) \
             if len(chunk) == 1 else None
         for offset, doc in enumerate(chunk):
             key = idkey(doc["_id"])
             err: dict[str, Any] | None = None
             if too_large is not None:
-                err = writer.unloggable_error(too_large)
+                err = too_large
             elif key in taken or key in clashes:
                 err = dup_key_error(writer.ns, doc["_id"]) if key in taken else clashes[key]
             if err is not None:
@@ -404,6 +403,9 @@ async def _delete(writer: Writer, stmts: list[Any]) -> dict[str, Any]:
 
 
 async def _remove(writer: Writer, pres: list[dict[str, Any]]) -> None:
+    for pre in pres:
+        if (err := writer.too_large(Change(writer.ns, pre["_id"], DELETE, pre, None))):
+            raise CommandError(err["code"], err["errmsg"], code_name=err["codeName"])
     ids = [d["_id"] for d in pres]
     owned = await writer.in_live(ids)
     mine = [i for i in ids if idkey(i) in owned]
@@ -447,6 +449,9 @@ async def _find_and_modify(writer: Writer, stmts: list[Any]) -> dict[str, Any]:
                                   if k in cmd}
     if pres:
         pre = pres[0]
+        if cmd.get("remove") and (err := writer.too_large(
+                Change(writer.ns, pre["_id"], DELETE, pre, None))) is not None:
+            return _fam_error(err)
         copied = await writer.copy_on_write([pre])
         value = None if cmd.get("new") and not cmd.get("remove") else \
             await projected(pre["_id"])

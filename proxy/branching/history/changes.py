@@ -29,7 +29,7 @@ from proxy.branching.lineage import parent_layers, parent_of, replaced
 from proxy.branching.masking import Masker
 from proxy.branching.model import Branch, NsState
 from proxy.branching.stages import documents_stage
-from proxy.branching.wal import KEEP, OWN, STARTS, image, matching
+from proxy.branching.wal import KEEP, OWN, STARTS, first_pre, image, matching
 from proxy.wire.bsonutil import same
 
 
@@ -80,8 +80,7 @@ async def touched(engine: Engine, branch: Branch,
     pipeline = [*matching({"b": branch.bid, "ns": f"{state.db}.{state.coll}",
                            "op": {"$nin": [*STARTS, OWN]}, **branch.visible()}),
                 {"$sort": {"_id": 1}},
-                {"$group": {"_id": "$id", "pre": {"$first": "$pre"},
-                            "prez": {"$first": "$prez"},
+                {"$group": {"_id": "$id", **first_pre(),
                             "own": {"$max": {"$cond": [{"$eq": ["$op", KEEP]}, 0, 1]}}}},
                 {"$match": {"own": 1}},
                 {"$sort": {"_id": 1}}]

@@ -103,5 +103,5 @@ async def _keep_fork_images(engine: Engine, branch: Branch, state: NsState, lsn:
                 for doc in part:
                     img = image(doc["first"], "pre")
                     if not equal(img, now.get(idkey(doc["_id"]))):  # the parent moved
-                        keep.append(Change(ns, doc["_id"], KEEP, img, img))
+                        keep.append(Change(ns, doc["_id"], KEEP, None, img))
             await engine.wal.append(branch.bid, keep, snapshot.SYSTEM)
