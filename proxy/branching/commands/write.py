@@ -127,7 +127,7 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
         held: dict[str, Any] | None = None
         # A document over the batch bytes comes alone: only such one can be too large
         # for its WAL entry.
-        first = Change(writer.ns, chunk[0]["_id"], PUT, None, chunk[0])
+        first = Change(writer.ns, chunk[0]["_id"], PUT, None, chunk[0], writer.inserted(start))
         too_large = unloggable(writer.entry_fields(first), None, chunk[0]) \
             if len(chunk) == 1 else None
         for offset, doc in enumerate(chunk):
