@@ -212,6 +212,41 @@ def test_concurrent_retries_of_one_write_apply_it_once(branch: tuple[Any, Any]) 
     assert db.people.find_one({"_id": 7})["seat"] == 107
 
 
+def test_concurrent_retries_of_one_client_bulk_write_apply_each_op_once(
+        branch: tuple[Any, Any]) -> None:
+    """Attempts of one client bulkWrite (same lsid and txnNumber) on several connections
+    at once run one at a time: each later one finds every op's outcome recorded, so all
+    answer alike and each insert and `$inc` lands once."""
+    db, _ = branch
+    port = db.client.address[1]
+    cmd = {"bulkWrite": 1, "ops": [
+        {"insert": 0, "document": {"_id": 100, "email": "n100@x", "team": 7, "seat": 0}},
+        {"insert": 0, "document": {"_id": 101, "email": "n101@x", "team": 7, "seat": 1}},
+        {"update": 0, "filter": {"_id": 7}, "updateMods": {"$inc": {"seat": 100}}},
+        {"update": 0, "filter": {"_id": 101}, "updateMods": {"$inc": {"seat": 10}}},
+    ], "nsInfo": [{"ns": f"{db.name}.people"}], "lsid": {"id": Binary(uuid.uuid4().bytes, 4)},
+        "txnNumber": Int64(1), "$db": "admin"}
+    replies: list[dict[str, Any]] = []
+    start = threading.Barrier(8)
+
+    def attempt() -> None:
+        with rawwire.connect(port) as sock:
+            start.wait()
+            replies.append(rawwire.command(sock, cmd))
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    answers = [(r.get("nErrors"), r.get("nInserted"), r.get("nModified"),
+                r["cursor"]["firstBatch"]) for r in replies]
+    assert answers == [answers[0]] * 8 and len(answers) == 8, replies
+    assert answers[0][:3] == (0, 2, 2), replies[0]
+    assert db.people.find_one({"_id": 7})["seat"] == 107
+    assert db.people.find_one({"_id": 101})["seat"] == 11
+
+
 def test_a_partial_unique_index_is_enforced_across_base_and_branch(
         proxy: ProxyProcess, direct: MongoClient) -> None:
     """Only the documents the index's filter selects collide, on either side: the same

@@ -22,7 +22,10 @@ writes before the kill follow an idle pause long enough for the engine to clear 
 marker, so the kill also covers a marker set again after a flush.
 
 A second test sends the same retryable write (same lsid and txnNumber) before and
-after a SIGKILL and restart: it must be applied once.
+after a SIGKILL and restart: it must be applied once. So must each op of a client
+`bulkWrite` sent again after a restart, and after a SIGKILL that cut its first attempt
+off between two of its ops (a `failCommand` failpoint of the upstream holds the op's
+overlay write, so the kill lands there, not at a time).
 
     MONGOBRANCH_CRASH_SEED=N pytest tests/test_crash_consistency.py -s   # other seeds
 """
@@ -151,9 +154,10 @@ class Workload(threading.Thread):
             self.client.close()
 
 
-def wal_fold(direct: MongoClient, bid: str) -> tuple[dict[Any, dict[str, Any]], set[Any]]:
+def wal_fold(direct: MongoClient, bid: str, coll: str = COLL
+             ) -> tuple[dict[Any, dict[str, Any]], set[Any]]:
     """Live docs and hidden ids of the overlay, as the WAL says they must be."""
-    entries = list(direct[META]["wal"].find({"b": bid, "ns": f"{DB}.{COLL}"}).sort("_id", 1))
+    entries = list(direct[META]["wal"].find({"b": bid, "ns": f"{DB}.{coll}"}).sort("_id", 1))
     drops = [i for i, e in enumerate(entries) if e["op"] == "drop"]
     if drops:
         entries = entries[drops[-1] + 1:]
@@ -164,10 +168,11 @@ def wal_fold(direct: MongoClient, bid: str) -> tuple[dict[Any, dict[str, Any]], 
     return live, set(last)
 
 
-def overlay(direct: MongoClient, bid: str) -> tuple[dict[Any, dict[str, Any]], set[Any]]:
+def overlay(direct: MongoClient, bid: str, coll: str = COLL
+            ) -> tuple[dict[Any, dict[str, Any]], set[Any]]:
     db = direct[DB]
-    live = {d["_id"]: d for d in db[f"__mb_{bid}_l_{COLL}"].find()}
-    hidden = {d["_id"] for d in db[f"__mb_{bid}_h_{COLL}"].find()}
+    live = {d["_id"]: d for d in db[f"__mb_{bid}_l_{coll}"].find()}
+    hidden = {d["_id"] for d in db[f"__mb_{bid}_h_{coll}"].find()}
     return live, hidden
 
 
@@ -177,7 +182,8 @@ def snapshot(coll: Collection) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def disk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secantus]:
-    server = Secantus(storage=str(tmp_path_factory.mktemp("crash") / "secantus")).start()
+    server = Secantus(storage=str(tmp_path_factory.mktemp("crash") / "secantus"),
+                      extra=["--enable-test-commands"]).start()
     yield server
     server.stop()
 
@@ -397,6 +403,181 @@ def test_retried_write_after_restart_is_not_applied_twice(upstream: Secantus) ->
         assert reply.get("ok") == 1, reply
         assert value() == 1, "a retried write was applied a second time after the restart"
     finally:
+        for proc in proxies:
+            proc.kill()
+        direct.close()
+
+
+BULK_APP = "bw-retry"
+
+
+def _bulk_ops(db: str, ordered: bool) -> dict[str, Any]:
+    """A client bulkWrite over two namespaces of `db`: inserts (two in a row into one
+    namespace, which run as one insert; one of a base document's _id, which fails),
+    `$inc` updates of base documents, of a document the bulk inserted, of many (multi) and
+    an upsert, an update matching nothing and a delete. Its first `update` command on the
+    client's upstream connection is op 3's overlay write (the ops before are inserts)."""
+    return {"bulkWrite": 1, "ops": [
+        {"insert": 0, "document": {"_id": 100, "v": 0}},
+        {"insert": 0, "document": {"_id": 101, "v": 0}},
+        {"insert": 1, "document": {"_id": 100, "v": 0}},
+        {"update": 0, "filter": {"_id": 1}, "updateMods": {"$inc": {"v": 1}}},
+        {"update": 1, "filter": {"_id": 2}, "updateMods": {"$inc": {"v": 1}}},
+        {"update": 0, "filter": {"_id": 100}, "updateMods": {"$inc": {"v": 10}}},
+        {"update": 1, "filter": {"v": {"$lt": 5}}, "updateMods": {"$inc": {"w": 1}},
+         "multi": True},
+        {"update": 0, "filter": {"_id": 50}, "updateMods": {"$inc": {"v": 1}}, "upsert": True},
+        {"delete": 1, "filter": {"_id": 3}, "multi": False},
+        {"update": 0, "filter": {"_id": 77}, "updateMods": {"$inc": {"v": 1}}},
+        {"insert": 1, "document": {"_id": 5}},
+        {"insert": 1, "document": {"_id": 101, "v": 0}},
+    ], "nsInfo": [{"ns": f"{db}.a"}, {"ns": f"{db}.b"}], "ordered": ordered}
+
+
+def _hello(sock: Any) -> None:
+    """A handshake naming the test's application (which a failpoint may be scoped to)."""
+    rawwire.command(sock, {"hello": 1, "client": {
+        "application": {"name": BULK_APP}, "driver": {"name": "rawwire", "version": "0"},
+        "os": {"type": "Linux"}}, "$db": "admin"})
+
+
+def _send_bulk(port: int, cmd: dict[str, Any]) -> dict[str, Any]:
+    with rawwire.connect(port, timeout=60) as sock:
+        _hello(sock)
+        return rawwire.command(sock, cmd, request_id=2)
+
+
+def _answer(reply: dict[str, Any], db: str = DB) -> dict[str, Any]:
+    """What a bulkWrite reply on `db`'s namespaces says of its ops: the per-op results
+    (error messages name the namespace as `db.<coll>`) and the counts."""
+    assert reply.get("ok") == 1, reply
+    items = [{**item, "errmsg": item["errmsg"].replace(f" {db}.", " db.")}
+             if "errmsg" in item else item for item in reply["cursor"]["firstBatch"]]
+    return {"items": items, **{k: v for k, v in reply.items() if k.startswith("n")}}
+
+
+def _bulk_setup(direct: MongoClient, ordered: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Seeds the base (and its plain copy) and applies the bulkWrite once to the copy:
+    its answer, and the retryable command to send to the branch."""
+    for db in (DB, COPY_DB):
+        for coll in ("a", "b"):
+            direct[db][coll].insert_many([{"_id": i, "v": 0} for i in range(10)])
+    expected = _answer(direct.admin.command(_bulk_ops(COPY_DB, ordered)), COPY_DB)
+    cmd = {**_bulk_ops(DB, ordered), "lsid": {"id": Binary(uuid.uuid4().bytes, 4)},
+           "txnNumber": Int64(1), "$db": "admin"}
+    return expected, cmd
+
+
+def _bulk_data(client: MongoClient, db: str) -> dict[str, list[dict[str, Any]]]:
+    return {c: list(client[db][c].find().sort("_id", 1)) for c in ("a", "b")}
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_retried_bulk_write_after_restart_is_answered(upstream: Secantus,
+                                                      ordered: bool) -> None:
+    """A client bulkWrite sent again with the same lsid and txnNumber after the proxy
+    restarted (a driver's retry of a write whose reply the crash lost) is answered with
+    the first attempt's reply, and each op is applied once (its `$inc`s too)."""
+    direct: MongoClient = MongoClient(upstream.uri, directConnection=True)
+    proxies: list[ProxyProcess] = []
+    try:
+        expected, cmd = _bulk_setup(direct, ordered)
+        assert expected["nErrors"] == 1
+        first = ProxyProcess(upstream.uri, meta_db=META).start()
+        proxies.append(first)
+        status, body = first.api("POST", "/branches", {"name": BRANCH})
+        assert status == 201, body
+        assert isinstance(body, dict)
+        port = int(body["port"])
+        assert _answer(_send_bulk(port, cmd)) == expected
+
+        first.kill()
+        second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
+        second.start()
+        proxies.append(second)
+        assert _answer(_send_bulk(port, cmd)) == expected, \
+            "the retry after the restart must repeat the first attempt's reply"
+        with MongoClient(body["uri"], serverSelectionTimeoutMS=10000) as branch:
+            assert _bulk_data(branch, DB) == _bulk_data(direct, COPY_DB), \
+                "a retried bulkWrite's ops were applied again after the restart"
+        assert _bulk_data(direct, DB) == {c: [{"_id": i, "v": 0} for i in range(10)]
+                                          for c in ("a", "b")}
+    finally:
+        for proc in proxies:
+            proc.kill()
+        direct.close()
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("held", ["update", "delete"])
+def test_bulk_write_cut_off_by_sigkill_is_completed_once_by_its_retry(
+        upstream: Secantus, ordered: bool, held: str) -> None:
+    """SIGKILL of the proxy in the middle of a client bulkWrite, then the driver's retry
+    (same lsid and txnNumber) on the restarted proxy: every op is applied exactly once,
+    and the reply is the one a single uninterrupted run gives.
+
+    The upstream holds (then fails) the first overlay write of the command named `held`
+    on the client's connection, so that the kill lands inside a chosen op: `update`, op
+    3, an update of a base document that has copied it into the overlay (ops 0-2, inserts
+    into both namespaces, are done); `delete`, op 8, a delete of a document the branch
+    changed (ops 0-7, the inserts, `$inc` updates, a multi-update and an upsert, are
+    done). The retry must run neither of the done ones again."""
+    direct: MongoClient = MongoClient(upstream.uri, directConnection=True)
+    proxies: list[ProxyProcess] = []
+    sock = None
+    try:
+        expected, cmd = _bulk_setup(direct, ordered)
+        first = ProxyProcess(upstream.uri, meta_db=META).start()
+        proxies.append(first)
+        status, body = first.api("POST", "/branches", {"name": BRANCH})
+        assert status == 201, body
+        assert isinstance(body, dict)
+        port = int(body["port"])
+        bid = direct[META]["branches"].find_one({"_id": BRANCH})["bid"]
+        # Held until long after the kill, then failed: the dead proxy's write never lands.
+        direct.admin.command("configureFailPoint", "failCommand", mode={"times": 1}, data={
+            "failCommands": [held], "appName": BULK_APP, "blockConnection": True,
+            "blockTimeMS": 120_000, "errorCode": 2})
+        sock = rawwire.connect(port)
+        _hello(sock)
+        sock.sendall(rawwire.op_msg(cmd, request_id=2))
+        wal = direct[META]["wal"]
+        done = list(range(3 if held == "update" else 8))
+
+        def reached() -> bool:
+            """Op 3 copies base document 1 into the overlay just before its held update;
+            op 8's held delete is its first write, right after op 7's upsert is logged."""
+            if held == "update":
+                return direct[DB][f"__mb_{bid}_l_a"].find_one({"_id": 1}) is not None
+            return wal.find_one({"b": bid, "ns": f"{DB}.a", "id": 50}) is not None
+
+        deadline = time.monotonic() + 60
+        while not reached() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reached(), f"op {len(done)} never began"
+        first.kill()
+        assert rawwire.closed_by_peer(sock), "the first attempt was answered"
+        direct.admin.command("configureFailPoint", "failCommand", mode="off")
+        # The ops whose outcome the first attempt logged (checked last: the test's point
+        # is what the retry does).
+        logged = sorted(e["txn"]["stmt"] for e in wal.find(
+            {"b": bid, "txn.stmt": {"$exists": True}, "reply": {"$exists": True}}))
+
+        second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
+        second.start()
+        proxies.append(second)
+        assert _answer(_send_bulk(port, cmd)) == expected
+        with MongoClient(body["uri"], serverSelectionTimeoutMS=10000) as branch:
+            assert _bulk_data(branch, DB) == _bulk_data(direct, COPY_DB), \
+                "ops of the bulkWrite cut off were applied twice, or not at all"
+        assert _answer(_send_bulk(port, cmd)) == expected  # and again, from memory
+        for coll in ("a", "b"):
+            assert overlay(direct, bid, coll) == wal_fold(direct, bid, coll)
+        assert logged == done, logged
+    finally:
+        if sock is not None:
+            sock.close()
+        direct.admin.command("configureFailPoint", "failCommand", mode="off")
         for proc in proxies:
             proc.kill()
         direct.close()

@@ -115,7 +115,9 @@ class Engine:
         self.main_collections: set[tuple[str, str]] = set()
         # Overlays whose dirty marker is set, and when each was last marked (monotonic).
         self._dirty: dict[str, float] = {}
-        self._retries: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
+        self._retries: OrderedDict[tuple[Any, Any, Any], dict[str, Any]] = OrderedDict()
+        # Attempts of a retryable write under way (retrying): its lock and how many wait.
+        self._attempts: dict[tuple[Any, Any], tuple[asyncio.Lock, list[int]]] = {}
         self._flusher: asyncio.Task[None] | None = None
         # Main's changes from the upstream's change stream (capture.py); the serving
         # layer may set capture_options (None: no capture) before start().
@@ -735,18 +737,46 @@ class Engine:
         return await self.wal.append(branch.bid, changes, client, txn, reply)
 
     # -- retryable writes -----------------------------------------------------------------
+    # A retryable write's identity is its lsid and txnNumber, and for one statement of a
+    # client bulkWrite (overlay.Stmts) the op's index too: mongod records each statement of
+    # a retryable write it executed, and a retry runs only those it did not.
+    @staticmethod
+    def _retry_key(txn: dict[str, Any]) -> tuple[Any, Any, Any]:
+        return bytes(txn["lsid"]) if txn["lsid"] else None, txn["n"], txn.get("stmt")
+
     def recall(self, txn: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The reply already given to this (lsid, txnNumber): a retry never applies twice."""
+        """The reply already given to this (lsid, txnNumber[, op]): a retry never applies
+        twice."""
         if txn is None:
             return None
-        return self._retries.get((bytes(txn["lsid"]) if txn["lsid"] else None, txn["n"]))
+        return self._retries.get(self._retry_key(txn))
 
     def remember(self, txn: dict[str, Any] | None, reply: dict[str, Any]) -> None:
         if txn is None:
             return
-        self._retries[(bytes(txn["lsid"]) if txn["lsid"] else None, txn["n"])] = reply
+        self._retries[self._retry_key(txn)] = reply
         while len(self._retries) > RETRY_MEMORY:
             self._retries.popitem(last=False)
+
+    @contextlib.asynccontextmanager
+    async def retrying(self, txn: dict[str, Any] | None) -> AsyncIterator[None]:
+        """The attempts of one retryable write (lsid, txnNumber) one at a time, as mongod
+        checks a session out to one command: a driver's retry can arrive while the first
+        attempt still runs, and a write of several statements must find each one's
+        outcome recorded, or the statement not begun."""
+        if txn is None:
+            yield
+            return
+        key = self._retry_key(txn)[:2]
+        lock, waiting = self._attempts.setdefault(key, (asyncio.Lock(), [0]))
+        waiting[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            waiting[0] -= 1
+            if not waiting[0]:
+                del self._attempts[key]
 
     async def rematerialize(self, state: NsState, upto: int | None = None) -> None:
         """Rebuild an overlay as the fold of its visible WAL entries (up to an LSN)."""

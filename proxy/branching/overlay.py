@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import bson
@@ -84,16 +85,47 @@ def txn_of(cmd: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+@dataclass(frozen=True)
+class Stmts:
+    """The ops of a client bulkWrite that one per-namespace write runs (its statements:
+    each document of an insert, or the one update or delete): the bulkWrite's retry
+    identity (lsid + txnNumber) and each statement's op index. Each op's outcome is
+    logged and remembered under the identity plus its index, so that a retry of the
+    bulkWrite, after a restart too, runs only the ops that have none (commands/bulkwrite.py)."""
+
+    txn: dict[str, Any]
+    ops: list[int]
+
+    def of(self, index: int) -> dict[str, Any]:
+        """The identity of the write's statement at this index."""
+        return {**self.txn, "stmt": self.ops[index]}
+
+
+def identity(cmd: dict[str, Any], stmts: Stmts | None) -> dict[str, Any] | None:
+    """What a write's reply is remembered under: a write of one bulkWrite op is that op's
+    (its reply is the op's outcome); one of several ops (an insert of several documents)
+    has none of its own, each document's entry carrying its op's."""
+    if stmts is None:
+        return txn_of(cmd)
+    return stmts.of(0) if len(stmts.ops) == 1 else None
+
+
+# The outcome of one inserted document, as the reply of an insert of it alone.
+INSERTED = {"n": 1, "ok": 1.0}
+
+
 class Writer:
     """One write command on one collection of a branch, under the branch's write lock.
 
     `cmd` is the client's command as it came: its write concern, its bypass of
     validation and its retry identity (lsid + txnNumber) carry over to the overlay
     writes and the WAL. `runner` is the client's connection, so the upstream judges
-    every write by the client's own privileges; `client` names it in the WAL."""
+    every write by the client's own privileges; `client` names it in the WAL. `stmts`:
+    the client bulkWrite ops it runs, whose outcomes it logs."""
 
     def __init__(self, engine: Engine, branch: Branch, runner: Runner, db: str, coll: str,
-                 state: NsState, cmd: dict[str, Any], client: dict[str, Any]):
+                 state: NsState, cmd: dict[str, Any], client: dict[str, Any],
+                 stmts: Stmts | None = None):
         self.engine = engine
         self.branch = branch
         self.runner = runner
@@ -102,13 +134,31 @@ class Writer:
         self.state = state
         self.cmd = cmd
         self.client = client
-        self.txn = txn_of(cmd)
+        self.stmts = stmts
+        self.txn = identity(cmd, stmts)
         self.ns = f"{db}.{coll}"
         self.changes: list[Change] = []
         self.wc_error: dict[str, Any] | None = None
         self.write_concern = cmd.get("writeConcern")
         self.wc_sent = False
         self._logging: asyncio.Future[int] | None = None
+
+    def inserted(self, index: int) -> dict[str, Any] | None:
+        """The extra fields of the WAL entry of the document at this index of an insert of
+        several bulkWrite ops: its op's identity and outcome (an insert that is one op
+        logs them as any retryable write does, on its last entry)."""
+        if self.stmts is None or self.txn is not None:
+            return None
+        return {"txn": self.stmts.of(index), "reply": dict(INSERTED)}
+
+    async def _log(self, changes: list[Change], reply: dict[str, Any] | None = None) -> int:
+        """Append changes to the WAL; then the outcomes of bulkWrite ops their entries
+        carry (`inserted`) are remembered, as `finish` remembers the write's reply."""
+        lsn = await self.engine.log_changes(self.branch, changes, self.client, self.txn, reply)
+        for change in changes:
+            if change.extra and "reply" in change.extra:
+                self.engine.remember(change.extra["txn"], change.extra["reply"])
+        return lsn
 
     @property
     def layers(self) -> list[NsState]:
@@ -427,7 +477,7 @@ class Writer:
             return
         await self.settle()
         changes, self.changes = self.changes, []
-        logging = self.engine.log_changes(self.branch, changes, self.client, self.txn)
+        logging = self._log(changes)
         if SESSION.get() is not None:  # one upstream session runs one command at a time
             await logging
         else:
@@ -481,7 +531,7 @@ class Writer:
         if self.wc_error is not None:
             reply["writeConcernError"] = self.wc_error
         await self.settle()
-        await self.engine.log_changes(self.branch, self.changes, self.client, self.txn, reply)
+        await self._log(self.changes, reply)
         self.changes.clear()
         self.engine.remember(self.txn, reply)
         return reply
@@ -516,7 +566,8 @@ def dup_key_error(ns: str, value: Any, index: int = 0) -> dict[str, Any]:
 
 
 async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: str,
-                cmd: dict[str, Any], client: dict[str, Any]) -> Writer:
+                cmd: dict[str, Any], client: dict[str, Any], stmts: Stmts | None = None
+                ) -> Writer:
     """A writer for a collection of a branch, under the branch's write lock: the
     collection's overlay made ready (and children given what they saw of it first)."""
     # Point writes on other ids may be setting up the same collection at the same time.
@@ -535,4 +586,4 @@ async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: s
         if state.present is not True and not await engine.txns.creating(state):
             state.present = True
             await engine.save_state(state)
-    return Writer(engine, branch, runner, db, coll, state, cmd, client)
+    return Writer(engine, branch, runner, db, coll, state, cmd, client, stmts)

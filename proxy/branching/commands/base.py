@@ -11,6 +11,7 @@ from bson.int64 import Int64
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError, not_supported
 from proxy.branching.model import Branch, NsState
+from proxy.branching.overlay import Stmts
 from proxy.branching.runner import Runner
 from proxy.branching.stages import documents_stage as documents_stage  # for the handlers
 from proxy.net.router import Context
@@ -30,6 +31,8 @@ class Request:
     run: Runner
     db: str
     cmd: dict[str, Any]
+    # A write that runs ops of a client bulkWrite (commands/bulkwrite.py): their identity.
+    stmts: Stmts | None = None
 
     @property
     def name(self) -> str:

@@ -9,8 +9,18 @@ the command and assembles mongod's reply: a cursor of per-op results (`ok`, `idx
 
 Consecutive inserts into one namespace run as one insert command (one lock, one WAL
 append); updates and deletes run one op at a time, since mongod reports each op's
-counts. A retried command (same `lsid` + `txnNumber`) is answered with the first
-attempt's reply, as the other write commands are.
+counts.
+
+Retries (same `lsid` + `txnNumber`) are answered op by op, as mongod answers them from
+the statements it recorded: each op's write carries the bulkWrite's identity and the
+op's index (overlay.Stmts), so the op's last WAL entry holds its outcome (the reply of
+its per-namespace write), which the engine remembers and reloads at start-up. An
+attempt, the first or a retry, runs only the ops with no outcome recorded and puts the
+recorded ones in its reply: across a restart, even one that cut the first attempt off
+midway, each op is applied once. An op that changed nothing has no WAL entry and runs
+again after a restart (as a statement mongod did not execute would), which gives the
+same result unless other writes changed its documents meanwhile. The whole reply is
+remembered too, in memory, for a retry to the same process.
 """
 
 from __future__ import annotations
@@ -30,8 +40,8 @@ from proxy.branching.errors import CommandError
 from proxy.wire.codes import Code
 
 # Carried from the bulkWrite onto each per-namespace command it runs. Not txnNumber:
-# retries are answered for the bulkWrite as a whole, and one txnNumber on several
-# sub-commands would make the second look like a retry of the first.
+# one txnNumber on several sub-commands would make the second look like a retry of the
+# first; each carries its ops' own identity instead (Request.stmts).
 _CARRY = tuple(f for f in SESSION_FIELDS
                if f not in ("txnNumber", "autocommit", "startTransaction", "$db"))
 _OPTIONS = ("bypassDocumentValidation", "let")
@@ -83,19 +93,27 @@ def _error_item(idx: int, err: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Bulk:
-    def __init__(self, req: Request):
+    def __init__(self, req: Request, txn: dict[str, Any] | None):
         self.req = req
+        # On a branch, each op's outcome is logged under the bulkWrite's identity and
+        # the op's index; main's writes (mainwrite.py) remember their replies in memory
+        # only, so there the whole reply is all that is remembered.
+        self.txn = txn if req.branch is not None else None
         self.items: list[dict[str, Any]] = []
         self.totals = {"nErrors": 0, "nInserted": 0, "nMatched": 0, "nModified": 0,
                        "nUpserted": 0, "nDeleted": 0}
         self.wc_error: dict[str, Any] | None = None
 
-    async def run(self, kind: str, db: str, coll: str, body: dict[str, Any]
+    async def run(self, kind: str, db: str, coll: str, body: dict[str, Any], ops: list[int]
                   ) -> dict[str, Any]:
+        """The per-namespace write of these ops (its statements, in order); a write of
+        one op whose outcome is recorded answers with it (write._handle)."""
         cmd: dict[str, Any] = {kind: coll, **body}
         carry(self.req.cmd, cmd, _CARRY + _OPTIONS)
         cmd["$db"] = db
-        sub = Request(self.req.engine, self.req.branch, self.req.ctx, self.req.run, db, cmd)
+        stmts = overlay.Stmts(self.txn, ops) if self.txn is not None else None
+        sub = Request(self.req.engine, self.req.branch, self.req.ctx, self.req.run, db, cmd,
+                      stmts)
         # On main (which has children, or this would have been forwarded) each operation
         # goes through the main port's preserving write path.
         table = _BRANCH if self.req.branch is not None else _MAIN
@@ -114,25 +132,48 @@ class _Bulk:
         self.totals["nErrors"] += 1
         self.items.append({**_error_item(idx, err), **counts})
 
+    def recalled(self, idx: int) -> dict[str, Any] | None:
+        """The outcome recorded for this op by an earlier attempt of the bulkWrite."""
+        return self.req.engine.recall({**self.txn, "stmt": idx}) if self.txn else None
+
     async def inserts(self, db: str, coll: str, ops: list[tuple[int, dict[str, Any]]],
                       ordered: bool) -> bool:
-        """Runs a run of inserts into one namespace; False when an ordered bulk stops."""
-        reply = await self.run("insert", db, coll, {
-            "documents": [op.get("document") for _, op in ops], "ordered": ordered})
-        if not reply.get("ok"):
-            for idx, _ in ops[:1] if ordered else ops:
-                self.fail(idx, _command_error(reply), n=0)
-            return False
-        failed = {e["index"]: e for e in reply.get("writeErrors", [])}
-        for offset, (idx, _) in enumerate(ops):
-            if offset in failed:
-                self.fail(idx, failed[offset], n=0)
-                if ordered:
-                    return False
+        """Runs a run of inserts into one namespace, but those an earlier attempt
+        recorded; False when an ordered bulk stops."""
+        # Each op's outcome, as the reply of an insert of its document alone.
+        outcomes = {idx: done for idx, _ in ops if (done := self.recalled(idx)) is not None}
+        todo = [(idx, op) for idx, op in ops if idx not in outcomes]
+        if todo:
+            reply = await self.run("insert", db, coll, {
+                "documents": [op.get("document") for _, op in todo], "ordered": ordered},
+                [idx for idx, _ in todo])
+            if not reply.get("ok"):
+                for idx, _ in todo[:1] if ordered else todo:
+                    outcomes[idx] = reply
+            else:
+                failed = {e["index"]: e for e in reply.get("writeErrors", [])}
+                for offset, (idx, _) in enumerate(todo):
+                    if offset in failed:
+                        outcomes[idx] = {"n": 0, "writeErrors": [failed[offset]], "ok": 1.0}
+                    elif not (ordered and failed and offset > min(failed)):
+                        outcomes[idx] = dict(overlay.INSERTED)
+        going = True
+        for idx, _ in ops:
+            outcome = outcomes.get(idx)
+            if outcome is None:  # after an ordered run's error: never run
+                return False
+            if not outcome.get("ok"):
+                self.fail(idx, _command_error(outcome), n=0)
+                going = False
+            elif outcome.get("writeErrors"):
+                self.fail(idx, outcome["writeErrors"][0], n=0)
+                going = False
             else:
                 self.totals["nInserted"] += 1
                 self.items.append({"ok": 1.0, "idx": idx, "n": 1})
-        return True
+            if not going and ordered:
+                return False
+        return going
 
     async def update(self, idx: int, db: str, coll: str, op: dict[str, Any]) -> bool:
         stmt: dict[str, Any] = {"q": op.get("filter", {}), "u": op.get("updateMods")}
@@ -141,7 +182,7 @@ class _Bulk:
                          ("sort", "sort"), ("constants", "c")):
             if src in op:
                 stmt[dst] = op[src]
-        reply = await self.run("update", db, coll, {"updates": [stmt]})
+        reply = await self.run("update", db, coll, {"updates": [stmt]}, [idx])
         if not reply.get("ok"):
             self.fail(idx, _command_error(reply), n=0, nModified=0)
             return False
@@ -164,7 +205,7 @@ class _Bulk:
         for key in ("hint", "collation"):
             if key in op:
                 stmt[key] = op[key]
-        reply = await self.run("delete", db, coll, {"deletes": [stmt]})
+        reply = await self.run("delete", db, coll, {"deletes": [stmt]}, [idx])
         if not reply.get("ok"):
             self.fail(idx, _command_error(reply), n=0)
             return False
@@ -201,7 +242,18 @@ async def bulk_write(req: Request) -> dict[str, Any]:
             raise CommandError(Code.TYPE_MISMATCH,
                                "BSON field 'insert.document' is the wrong type, expected object")
     ordered = cmd.get("ordered", True) is not False
-    bulk = _Bulk(req)
+    async with req.engine.retrying(txn):
+        if (done := req.engine.recall(txn)) is not None:
+            return done  # an attempt that ran while this one waited
+        reply = await _run(req, txn, namespaces, ops, kinds, ordered)
+        req.engine.remember(txn, reply)
+    return reply
+
+
+async def _run(req: Request, txn: dict[str, Any] | None, namespaces: list[tuple[str, str]],
+               ops: list[Any], kinds: list[tuple[str, int]], ordered: bool) -> dict[str, Any]:
+    cmd = req.cmd
+    bulk = _Bulk(req, txn)
     i = 0
     while i < len(ops):
         kind, ns_index = kinds[i]
@@ -230,7 +282,6 @@ async def bulk_write(req: Request) -> dict[str, Any]:
     if bulk.wc_error is not None:
         reply["writeConcernError"] = bulk.wc_error
     reply["ok"] = 1.0
-    req.engine.remember(txn, reply)
     return reply
 
 

@@ -67,12 +67,12 @@ async def begin(req: Request, coll: str) -> Writer:
     """The overlay writer for a client's write command; the caller holds the branch's
     write lock."""
     return await overlay.begin(req.engine, req.on_branch, req.run, req.db, coll, req.cmd,
-                               req.client())
+                               req.client(), req.stmts)
 
 
 def _recalled(req: Request) -> dict[str, Any] | None:
-    """The reply to an earlier attempt of this retryable write."""
-    return req.engine.recall(overlay.txn_of(req.cmd))
+    """The reply to an earlier attempt of this retryable write (or bulkWrite op)."""
+    return req.engine.recall(overlay.identity(req.cmd, req.stmts))
 
 
 def _point(req: Request, coll: str, stmts: list[Any]) -> Hashable | None:
@@ -127,7 +127,8 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
         held: dict[str, Any] | None = None
         # A document over the batch bytes comes alone: only such one can be too large
         # for its WAL entry.
-        too_large = writer.too_large(Change(writer.ns, chunk[0]["_id"], PUT, None, chunk[0])) \
+        first = Change(writer.ns, chunk[0]["_id"], PUT, None, chunk[0], writer.inserted(start))
+        too_large = writer.too_large(first) \
             if len(chunk) == 1 else None
         for offset, doc in enumerate(chunk):
             key = idkey(doc["_id"])
@@ -168,10 +169,11 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
                 batch = batch[:min(failed)]
                 stop = True
                 held = None
-            good = [d for i, (_, d) in enumerate(batch) if i not in failed]
-            landed = {idkey(d["_id"]) for d in good}
+            good = [(index, d) for i, (index, d) in enumerate(batch) if i not in failed]
+            landed = {idkey(d["_id"]) for _, d in good}
             await writer.unhide_absent([i for i in hid if idkey(i) not in landed])
-            writer.changes.extend(Change(writer.ns, d["_id"], PUT, None, d) for d in good)
+            writer.changes.extend(Change(writer.ns, d["_id"], PUT, None, d,
+                                         writer.inserted(index)) for index, d in good)
             n += len(good)
         if held is not None:
             errors.append(held)
