@@ -432,6 +432,57 @@ def test_return_key_on_a_changed_collection(pair: Pair, options: dict[str, Any])
     assert got[0] == got[1]
 
 
+def _by_key(docs: list[dict[str, Any]]) -> list[tuple[Any, list[str]]]:
+    """Documents in their merge order, each run of one index key as a multiset (the order
+    of documents with equal keys is the order of their records, which main's collection
+    and a branch's base and overlay do not share); repr keeps each one's field order."""
+    runs: list[tuple[Any, list[str]]] = []
+    for doc in docs:
+        if not runs or runs[-1][0] != doc["k"]:
+            runs.append((doc["k"], []))
+        runs[-1][1].append(repr(doc))
+    return [(k, sorted(reprs)) for k, reprs in runs]
+
+
+@pytest.mark.parametrize("projection", [
+    {"_id": 0, "k": 1, "sub.n": 1},
+    {"k": 1, "_id": 0, "x": {"$add": ["$sub.n", 1]}, "arr": {"$slice": 2}},
+    {"_id": 0},
+    {"sub": 0, "_id": 0, "arr": 0},
+    {"sub": 0},
+    {"_id": {"$mod": ["$sub.n", 7]}, "k": 1, "n": "$sub.n"},
+], ids=["inclusion", "computed", "only-id", "exclusion", "exclusion-keeps-id", "computed-id"])
+@pytest.mark.parametrize("options", [
+    {"min": {"k": 2}, "max": {"k": 100}},
+    {"max": {"k": 101}, "sort": {"k": -1}, "batchSize": 3},
+], ids=["bounds", "sorted-batches"])
+def test_min_max_with_a_projection_leaving_id_out(pair: Pair, projection: dict[str, Any],
+                                                  options: dict[str, Any]) -> None:
+    """Each side reads the real _id beside the user's projection (to drop the ids the
+    branch hides) and the client gets the documents as mongod's projection shapes them:
+    the same as main's, each key's documents with the same values and field order."""
+    got = []
+    for db in (pair.main, pair.branch):
+        got.append(list(db.c.find(
+            {}, projection, hint=[("k", 1)], min=options.get("min"), max=options.get("max"),
+            batch_size=options.get("batchSize", 0),
+            sort=list(options.get("sort", {}).items()) or None)))
+    assert got[0], "bounds that select nothing test nothing"
+    if projection.get("_id") == 0:
+        assert all("_id" not in d for d in got[1])
+    assert _by_key(got[0]) == _by_key(got[1])
+
+
+def test_merged_find_with_a_computed_id(pair: Pair) -> None:
+    """A projection that computes _id: the sides read the real one beside it, so the
+    branch's updated and deleted documents' base copies are still dropped."""
+    projection = {"_id": {"$mod": ["$sub.n", 7]}, "k": 1, "n": "$sub.n"}
+    got = [list(db.c.find({"k": {"$lt": 200}}, projection, batch_size=4)
+                .sort([("n", -1), ("k", 1)]))
+           for db in (pair.main, pair.branch)]
+    assert got[0] == got[1] and len(got[0]) == N + 4
+
+
 def test_index_bound_finds_refused_as_mongod_refuses_them(pair: Pair) -> None:
     """min/max without a hint: the upstream's own refusal, as on main."""
     with pytest.raises(OperationFailure) as on_main:

@@ -244,16 +244,24 @@ def unmergeable(cmd: dict[str, Any], layers: list[NsState]) -> str | None:
         return "min/max/returnKey without a hint naming an ascending/descending index"
     sort = merge_sort(cmd)
     projection = cmd.get("projection") or {}
-    if projection.get("_id") in (0, False) and not cmd.get("returnKey"):
+    bounded = index_bound(cmd)
+    # An index-bound find's sides read _id beside the user's projection, and the proxy
+    # removes it (cursormerge.side_projection): it has no union to go to.
+    if projection.get("_id") in (0, False) and not bounded:
         return "the projection drops _id, which dropping hidden ids needs"
+    if any(str(k).startswith("_id.") for k in projection) and not cmd.get("returnKey") and \
+            any(v in (0, False) for k, v in projection.items() if k != "_id"):
+        return "an exclusion projection of _id's fields: dropping hidden ids needs the " \
+            "whole _id, which an exclusion cannot compute beside them"
     if sort:
         if collated(cmd):
             return "a collation orders the sort: sort keys would need its comparison"
         if any(isinstance(v, bool) or v not in (1, -1) for v in sort.values()):
             return "a $meta or $natural sort has no sort key to merge by"
         # SecantusDB drops every field from an exclusion projection that also asks for
-        # $meta (mongod does not): such finds take the server-side union.
-        if any(v in (0, False) for v in projection.values()) and not cmd.get("returnKey"):
+        # $meta (mongod does not): such finds take the server-side union. An index-bound
+        # find has no union to take (SecantusDB 0.7 keeps the fields there).
+        if any(v in (0, False) for v in projection.values()) and not bounded:
             return "an exclusion projection with a sort (the sort key is a $meta field)"
     if b"$near" in bson.encode(cmd.get("filter") or {}):
         return "a $near filter orders by distance"
