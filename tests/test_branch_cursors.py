@@ -647,6 +647,17 @@ def test_index_bounds_under_a_collation(strings: Pair, direct: MongoClient,
         assert more["cursor"]["ns"] == f"{strings.db}.c"
 
 
+@pytest.mark.parametrize("hint", ["_id_", {"_id": 1}], ids=["name", "pattern"])
+def test_index_bounds_on_the_id_index_of_a_collated_collection_are_refused(
+        strings: Pair, hint: Any) -> None:
+    """The copy's _id index is made by $out, in the simple collation, where the
+    collection's orders _id by its default one: refused, saying why."""
+    with pytest.raises(OperationFailure) as refused:
+        strings.branch.command("find", "c", hint=hint, min={"_id": 3})
+    assert refused.value.code == 115
+    assert "_id index" in str(refused.value) and "default collation" in str(refused.value)
+
+
 @pytest.mark.secantus_gap(reason="SecantusDB sorts by a collection's default collation "
                                  "when a find asks for the simple one")
 def test_index_bounds_in_the_simple_collation_of_a_collated_collection(

@@ -141,10 +141,16 @@ async def _copy_find(req: Request, coll: str, layers: list[NsState],
     # An index listed without a collation on a collection with a default one has the
     # default (mongod lists it; SecantusDB leaves it out): the copy's says so.
     default = (await _collection_options(req, coll, layers)).get("collation")
+    named = hints.named(find.get("hint"), indexes)
+    if any(ix.get("name") == "_id_" for ix in named) and isinstance(default, dict) \
+            and default.get("locale", "simple") != "simple":
+        raise req.unsupported("this min/max/returnKey find hinting the _id index of a "
+                              "collection with a default collation, on a copy: the copy's "
+                              "_id index ($out) has the simple collation, which no command "
+                              "changes")
     specs = [{**({"collation": default} if default is not None else {}),
               **{k: v for k, v in ix.items() if k not in ("ns", "hidden")}}
-             for ix in hints.named(find.get("hint"), indexes)
-             if ix.get("name") != "_id_" and not ix.get("hidden")]
+             for ix in named if ix.get("name") != "_id_" and not ix.get("hidden")]
     made: list[str] = []
     try:
         name = await scratchfrom.fill(req, coll, [], made, indexes=specs)
