@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 from bson.int64 import Int64
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
 from bson.timestamp import Timestamp
 from pymongo import CursorType, MongoClient
 from pymongo.database import Database
@@ -432,6 +434,60 @@ def test_return_key_on_a_changed_collection(pair: Pair, options: dict[str, Any])
     assert got[0] == got[1]
 
 
+def _by_key(docs: list[dict[str, Any]]) -> list[tuple[Any, list[str]]]:
+    """Documents in their merge order, each run of one index key as a multiset (the order
+    of documents with equal keys is the order of their records, which main's collection
+    and a branch's base and overlay do not share); repr keeps each one's field order."""
+    runs: list[tuple[Any, list[str]]] = []
+    for doc in docs:
+        if not runs or runs[-1][0] != doc["k"]:
+            runs.append((doc["k"], []))
+        runs[-1][1].append(repr(doc))
+    return [(k, sorted(reprs)) for k, reprs in runs]
+
+
+@pytest.mark.parametrize("projection", [
+    {"_id": 0, "k": 1, "sub.n": 1},
+    {"k": 1, "_id": 0, "x": {"$add": ["$sub.n", 1]}, "arr": {"$slice": 2}},
+    {"_id": 0},
+    {"sub": 0, "_id": 0, "arr": 0},
+    {"sub": 0},
+    {"_id": {"$mod": ["$sub.n", 7]}, "k": 1, "n": "$sub.n"},
+    {"_id.x": 0, "sub": 0},
+], ids=["inclusion", "computed", "only-id", "exclusion", "exclusion-keeps-id", "computed-id",
+        "id-field-excluded"])
+@pytest.mark.parametrize("options", [
+    {"min": {"k": 2}, "max": {"k": 100}},
+    {"max": {"k": 101}, "sort": {"k": -1}, "batchSize": 3},
+], ids=["bounds", "sorted-batches"])
+def test_min_max_with_a_projection_leaving_id_out(pair: Pair, projection: dict[str, Any],
+                                                  options: dict[str, Any]) -> None:
+    """Each side reads the real _id beside the user's projection (to drop the ids the
+    branch hides) and the client gets the documents as mongod's projection shapes them:
+    the same as main's, each key's documents with the same values and field order. (An
+    exclusion of _id's own fields cannot read it beside them: that find runs on a copy.)"""
+    got = []
+    for db in (pair.main, pair.branch):
+        got.append(list(db.c.find(
+            {}, projection, hint=[("k", 1)], min=options.get("min"), max=options.get("max"),
+            batch_size=options.get("batchSize", 0),
+            sort=list(options.get("sort", {}).items()) or None)))
+    assert got[0], "bounds that select nothing test nothing"
+    if projection.get("_id") == 0:
+        assert all("_id" not in d for d in got[1])
+    assert _by_key(got[0]) == _by_key(got[1])
+
+
+def test_merged_find_with_a_computed_id(pair: Pair) -> None:
+    """A projection that computes _id: the sides read the real one beside it, so the
+    branch's updated and deleted documents' base copies are still dropped."""
+    projection = {"_id": {"$mod": ["$sub.n", 7]}, "k": 1, "n": "$sub.n"}
+    got = [list(db.c.find({"k": {"$lt": 200}}, projection, batch_size=4)
+                .sort([("n", -1), ("k", 1)]))
+           for db in (pair.main, pair.branch)]
+    assert got[0] == got[1] and len(got[0]) == N + 4
+
+
 def test_index_bound_finds_refused_as_mongod_refuses_them(pair: Pair) -> None:
     """min/max without a hint: the upstream's own refusal, as on main."""
     with pytest.raises(OperationFailure) as on_main:
@@ -442,14 +498,221 @@ def test_index_bound_finds_refused_as_mongod_refuses_them(pair: Pair) -> None:
     assert on_branch.value.details["errmsg"] == on_main.value.details["errmsg"]
 
 
-def test_min_max_on_an_index_made_on_the_branch_is_refused(pair: Pair) -> None:
-    """The base has no copy of an index the branch made: its side cannot scan it, so
-    the find is refused as such, not with the base's "no such index"."""
-    pair.branch.c.create_index([("sub.n", 1)])
+def _scratch_copies(direct: MongoClient, db: str) -> list[str]:
+    return [name for name in direct[db].list_collection_names()
+            if name.startswith("__mb_") and "_g_" in name]
+
+
+@pytest.mark.parametrize("hint", [{"k": 1, "_id": -1}, "k_1__id_-1"], ids=["pattern", "name"])
+def test_min_max_and_return_key_on_an_index_made_on_the_branch(
+        pair: Pair, direct: MongoClient, hint: Any) -> None:
+    """The base has no copy of an index the branch made: the branch view is copied
+    server-side with that index and the find runs on the copy, which is dropped when its
+    cursor ends. The same answer as main's once main has the index too."""
+    def read(db: Database) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        docs = list(db.c.find({"arr": {"$ne": 4}}, {"_id": 0, "sub": 1, "k": 1}, hint=hint,
+                              min={"k": 2, "_id": MaxKey()}, max={"k": 100, "_id": MaxKey()},
+                              batch_size=4))
+        keys = _return_keys(db, {"hint": hint, "max": {"k": 3, "_id": MinKey()},
+                                 "batchSize": 3})
+        return docs, keys
+
+    pair.branch.c.create_index([("k", 1), ("_id", -1)])
+    on_branch = read(pair.branch)
+    assert not _scratch_copies(direct, pair.db)
+    pair.main.c.create_index([("k", 1), ("_id", -1)])
+    on_main = read(pair.main)
+    assert on_main[0] and on_main[1]
+    assert on_main == on_branch
+    assert all(list(d) == ["k", "_id"] for d in on_main[1])
+
+
+def test_index_bound_find_on_a_copy_cursor_killed_drops_the_copy(
+        pair: Pair, direct: MongoClient) -> None:
+    """A cursor over a scratch copy that the client closes early drops the copy."""
+    pair.branch.c.create_index([("k", 1), ("_id", 1)])
+    cursor = pair.branch.c.find({}, hint=[("k", 1), ("_id", 1)], min={"k": 0, "_id": 0},
+                                batch_size=2)
+    assert len([next(cursor), next(cursor)]) == 2
+    assert _scratch_copies(direct, pair.db)
+    cursor.close()
+    assert not _scratch_copies(direct, pair.db)
+
+
+def test_index_bound_find_on_a_copy_inside_a_transaction(
+        pair: Pair, direct: MongoClient) -> None:
+    """In a transaction the copy is made in it (created, its index built, then filled),
+    so it holds the transaction's own writes; it is dropped when the transaction ends.
+    The same answer as main's, in a transaction with the same writes."""
+    def read(db: Database) -> list[dict[str, Any]]:
+        with db.client.start_session() as session:
+            session.start_transaction()
+            db.c.insert_one({"_id": 5000, "k": 4}, session=session)
+            db.c.delete_one({"_id": 13}, session=session)
+            docs = list(db.c.find({}, {"_id": 1, "k": 1}, hint=[("k", 1), ("_id", 1)],
+                                  min={"k": 4, "_id": 0}, max={"k": 5, "_id": 0},
+                                  batch_size=2, session=session))
+            session.abort_transaction()
+        return docs
+
+    pair.branch.c.create_index([("k", 1), ("_id", 1)])
+    on_branch = read(pair.branch)
+    assert not _scratch_copies(direct, pair.db)
+    pair.main.c.create_index([("k", 1), ("_id", 1)])
+    on_main = read(pair.main)
+    assert on_main == on_branch
+    assert {"_id": 5000, "k": 4} in on_main and {"_id": 13, "k": 4} not in on_main
+    assert pair.branch.c.find_one({"_id": 5000}) is None
+
+
+def test_index_bound_snapshot_read_that_needs_a_copy_is_refused(pair: Pair) -> None:
+    """A copy reads the latest data, not a snapshot's: such a read is refused, saying so."""
+    pair.branch.c.create_index([("k", 1), ("_id", 1)])
     with pytest.raises(OperationFailure) as refused:
-        pair.branch.command("find", "c", min={"sub.n": 30}, hint={"sub.n": 1})
+        pair.branch.command("find", "c", hint={"k": 1, "_id": 1}, min={"k": 3, "_id": 0},
+                            readConcern={"level": "snapshot"})
     assert refused.value.code == 115
-    assert "made on the branch" in str(refused.value)
+    assert "snapshot" in str(refused.value) and "copy" in str(refused.value)
+
+
+_EN2 = {"locale": "en", "strength": 2}
+
+
+def _collated(db: Database, name: str) -> None:
+    """A collection of mixed-case strings with a default collation and three indexes of
+    one key pattern: the default's (its collation said explicitly), simple, and en's."""
+    db.create_collection(name, collation=_EN2)
+    db[name].create_index([("s", 1), ("n", 1)], name="s_n", collation=_EN2)
+    db[name].create_index([("s", 1), ("n", 1)], name="s_n_simple",
+                          collation={"locale": "simple"})
+    db[name].create_index([("s", 1), ("n", 1)], name="s_n_en", collation=_EN)
+
+
+def test_explain_of_an_index_bound_find_that_needs_a_copy_is_refused(pair: Pair) -> None:
+    """No copy is made to explain: the explain is refused, naming why."""
+    pair.branch.c.create_index([("k", 1), ("_id", 1)])
+    with pytest.raises(OperationFailure) as refused:
+        pair.branch.command("explain", {"find": "c", "hint": {"k": 1, "_id": 1},
+                                        "min": {"k": 3, "_id": 0}, "collation": _EN})
+    assert refused.value.code == 115
+    assert "'min'" in str(refused.value)
+
+
+@pytest.fixture()
+def strings(made: Branches, client: MongoClient, direct: MongoClient,
+            db_name: str) -> Iterator[Pair]:
+    """The collated collection, forked, then the same writes on both ports; and `ref`, a
+    plain copy of main's documents made on the upstream after them."""
+    main = client[db_name]
+    _collated(main, "c")
+    main.c.insert_many([{"_id": i, "s": ["b", "A", "a", "B", "c", "C"][i % 6], "n": i}
+                        for i in range(30)])
+    info = made.create()
+    bclient = made.client(info)
+    branch = bclient[db_name]
+    for db in (main, branch):
+        db.c.update_many({"n": {"$in": [2, 9, 14]}}, {"$set": {"s": "a"}})
+        db.c.delete_many({"n": {"$in": [4, 20]}})
+        db.c.insert_many([{"_id": 100 + i, "s": "Ab"[i % 2], "n": 100 + i} for i in range(5)])
+    _collated(direct[db_name], "ref")
+    direct[db_name].ref.insert_many(list(main.c.find()))
+    yield Pair(main, branch, 0, 0, db_name, str(info["uri"]))
+    bclient.close()
+
+
+@pytest.mark.parametrize("options", [
+    {"hint": "s_n", "min": {"s": "a", "n": 0}, "max": {"s": "c", "n": 0}},
+    {"hint": "s_n", "min": {"s": "A", "n": 5}, "sort": {"s": -1, "n": -1}, "limit": 9},
+    {"hint": "s_n", "returnKey": True, "min": {"s": "b", "n": 0}, "batchSize": 3},
+    {"hint": "s_n_en", "min": {"s": "a", "n": 0}, "max": {"s": "c", "n": 0},
+     "collation": _EN, "projection": {"_id": 0}},
+], ids=["default-collation", "sorted-limit", "return-key", "find-collation"])
+def test_index_bounds_under_a_collation(strings: Pair, direct: MongoClient,
+                                        options: dict[str, Any]) -> None:
+    """A collation orders the index (and the sort): the sides' sort keys cannot be
+    compared without it, so the branch view is copied with the hinted index (its
+    collation kept) and the find runs on the copy in the collection's default collation
+    or the find's own: the same documents, in the same order, as a plain collection of
+    main's documents gives. (Against it, not main's port: SecantusDB orders an index that
+    inherits the collection's default collation by the simple one instead.)"""
+    ref = direct[strings.db].command("find", "ref", **{"collation": _EN2, **options})
+    got = strings.branch.command("find", "c", **options)
+    assert ref["cursor"]["firstBatch"], "bounds that select nothing test nothing"
+    assert got["cursor"]["firstBatch"] == ref["cursor"]["firstBatch"]
+    if "batchSize" in options:
+        assert got["cursor"]["id"]
+        more = strings.branch.command("getMore", got["cursor"]["id"], collection="c")
+        rest = direct[strings.db].command("getMore", ref["cursor"]["id"], collection="ref")
+        assert more["cursor"]["nextBatch"] == rest["cursor"]["nextBatch"]
+        assert more["cursor"]["ns"] == f"{strings.db}.c"
+
+
+@pytest.mark.parametrize("hint", ["_id_", {"_id": 1}], ids=["name", "pattern"])
+def test_index_bounds_on_the_id_index_of_a_collated_collection_are_refused(
+        strings: Pair, hint: Any) -> None:
+    """The copy's _id index is made by $out, in the simple collation, where the
+    collection's orders _id by its default one: refused, saying why."""
+    with pytest.raises(OperationFailure) as refused:
+        strings.branch.command("find", "c", hint=hint, min={"_id": 3})
+    assert refused.value.code == 115
+    assert "_id index" in str(refused.value) and "default collation" in str(refused.value)
+
+
+@pytest.mark.secantus_gap(reason="SecantusDB sorts by a collection's default collation "
+                                 "when a find asks for the simple one")
+def test_index_bounds_in_the_simple_collation_of_a_collated_collection(
+        strings: Pair, direct: MongoClient) -> None:
+    """The simple collation orders the sides' sort keys as the proxy compares them: the
+    merged find answers, as main's."""
+    simple = {"locale": "simple"}
+    first = direct[strings.db].c.find_one({}, sort=[("s", 1)], collation=simple)
+    assert first is not None
+    if first["s"] != "A":
+        pytest.skip("the upstream sorts by the collection's default collation when a find "
+                    "asks for the simple one")
+    options = {"hint": "s_n_simple", "min": {"s": "B", "n": 0}, "max": {"s": "b", "n": 0},
+               "collation": simple}
+    got = [db.command("find", "c", **options)["cursor"]["firstBatch"]
+           for db in (strings.main, strings.branch)]
+    assert got[0] and got[0] == got[1]
+
+
+@pytest.mark.secantus_gap(reason="SecantusDB has no hashed indexes (CannotCreateIndex), and "
+                                 "min/max on its 2d/2dsphere indexes fail internally")
+@pytest.mark.parametrize("spec", [[("h", "hashed")], [("g", "2dsphere")]],
+                         ids=["hashed", "2dsphere"])
+def test_index_bounds_on_a_hashed_or_special_index(
+        made: Branches, client: MongoClient, db_name: str, spec: list[tuple[str, Any]]
+        ) -> None:
+    """A hashed or special index orders its keys by what the server computes (hashes,
+    cells), which the sides' sort keys do not carry: the branch view is copied with the
+    index and the find runs on the copy, as mongod's on main."""
+    main = client[db_name]
+    main.c.insert_many([{"_id": i, "h": i % 7, "g": {"type": "Point", "coordinates": [i, i]}}
+                        for i in range(20)])
+    try:
+        main.c.create_index(spec)
+    except OperationFailure as e:
+        pytest.skip(f"the upstream has no {spec[0][1]} index: {e}")
+    try:
+        first = main.c.find_one({}, hint=spec, projection={"k": {"$meta": "indexKey"}})
+        assert first is not None
+        options = {"hint": dict(spec), "min": first["k"]}
+        main.command("find", "c", **options)
+    except OperationFailure as e:
+        pytest.skip(f"the upstream refuses min on a {spec[0][1]} index: {e}")
+    info = made.create()
+    with made.client(info) as bclient:
+        branch = bclient[db_name]
+        for db in (main, branch):
+            db.c.update_many({"_id": {"$in": [1, 8]}}, {"$set": {"x": 1}})
+            db.c.delete_many({"_id": 3})
+        got = [sorted(map(repr, db.command("find", "c", **options)["cursor"]["firstBatch"]))
+               for db in (main, branch)]
+        keys = [db.command("find", "c", returnKey=True, **options)["cursor"]["firstBatch"]
+                for db in (main, branch)]
+    assert got[0] and got[0] == got[1]
+    assert keys[0] == keys[1]
 
 
 @pytest.mark.parametrize("options", [
@@ -496,4 +759,33 @@ def test_find_only_projection_over_a_hidden_set_too_large_for_memory(
             got = [list(db.c.find(filt, projection, batch_size=40).sort("_id", -1).limit(150))
                    for db in (branch, copy)]
             assert got[0] == got[1] and len(got[0]) == 150
+    direct.drop_database(f"{db_name}_copy")
+
+
+def test_index_bounds_over_a_hidden_set_too_large_for_memory(
+        made: Branches, direct: MongoClient, db_name: str) -> None:
+    """Past the in-memory hidden-id limit the sides cannot drop hidden ids as they merge:
+    the branch view is copied server-side with the hinted index and the find runs on the
+    copy. Checked against a plain copy of the result, written before the fork."""
+    n = 25_200  # the branch's deletes hide over model.HIDDEN_CACHE_LIMIT ids
+    docs = [{"_id": i, "g": i % 10, "k": i % 47} for i in range(n)]
+    added = [{"_id": n + i, "g": 9, "k": i % 50} for i in range(30)]
+    direct[db_name].c.insert_many(docs)
+    direct[db_name].c.create_index([("k", 1), ("_id", 1)])
+    copy = direct[f"{db_name}_copy"]
+    copy.c.insert_many([d for d in docs if d["g"] >= 8] + added)
+    copy.c.create_index([("k", 1), ("_id", 1)])
+    info = made.create()
+    with made.client(info) as bclient:
+        branch = bclient[db_name]
+        branch.c.delete_many({"g": {"$lt": 8}})
+        branch.c.insert_many(added)
+        bounds = {"hint": [("k", 1), ("_id", 1)], "min": {"k": 10, "_id": MinKey()},
+                  "max": {"k": 13, "_id": MinKey()}}
+        got = [list(db.c.find({"g": 9}, {"_id": 0, "k": 1}, batch_size=40, **bounds))
+               for db in (branch, copy)]
+        assert got[0] == got[1] and len(got[0]) > 40
+        keys = [list(db.c.find({}, batch_size=50, return_key=True, **bounds).sort("k", -1))
+                for db in (branch, copy)]
+        assert keys[0] == keys[1] and len(keys[0]) > 50
     direct.drop_database(f"{db_name}_copy")

@@ -30,6 +30,9 @@ SORT_KEY = "__mb_sk"
 # A returnKey find's sides read each document's _id (to drop the hidden ones) and the
 # index key the server computed for it, which is all the client then gets.
 INDEX_KEY = "__mb_ik"
+# A side's copy of the document's real _id, where the user's projection reshapes _id
+# (computes it, or keeps some of its fields): hidden ids are dropped by it.
+ID_FIELD = "__mb_id"
 DEFAULT_FIRST_BATCH = 101
 GETMORE_BATCH = 1000
 # mongod's bound on the documents of one reply batch (BSONObjMaxUserSize).
@@ -43,13 +46,15 @@ class Side:
     hidden: list[dict[Any, Any]]
     cursor_id: int = 0
     buffer: deque[dict[str, Any]] = field(default_factory=deque)
+    # The field of a side's documents holding their real _id (see ID_FIELD).
+    id_field: str = "_id"
 
     def accept(self, docs: list[dict[str, Any]]) -> None:
         if not self.hidden:
             self.buffer.extend(docs)
             return
         for doc in docs:
-            key = idkey(doc.get("_id"))
+            key = idkey(doc.get(self.id_field))
             if not any(key in ids for ids in self.hidden):
                 self.buffer.append(doc)
 
@@ -69,6 +74,9 @@ class MergedCursor:
     at_cluster_time: Any = None
     # returnKey: each document goes out as the index key its side's server gave it.
     keys_only: bool = False
+    # The user's projection leaves _id out: each side reads it (to drop the hidden ids)
+    # and it is removed from what the client gets.
+    drop_id: bool = False
     # Scratch copies the read's stages read (commands/scratchfrom.py): dropped at close.
     scratch: list[str] = field(default_factory=list)
     # The latest batch held all it was asked for (batch()).
@@ -123,7 +131,7 @@ class MergedCursor:
             sk = doc.pop(SORT_KEY, None)
             # returnKey: no index key means the side's scan used no index, and mongod's
             # returnKey then gives an empty document.
-            shown = (doc.get(INDEX_KEY) or {}) if self.keys_only else doc
+            shown = (doc.get(INDEX_KEY) or {}) if self.keys_only else _shown(doc, self.drop_id)
             total += len(bson.encode(shown))
             if out and total > MAX_REPLY_BYTES:
                 if sk is not None:
@@ -144,6 +152,34 @@ class MergedCursor:
         for name in self.scratch:
             await run.reply(self.db, {"drop": name})
         self.scratch = []
+
+
+def _shown(doc: dict[str, Any], drop_id: bool) -> dict[str, Any]:
+    """A side's document as the client gets it: without the _id the proxy read for
+    itself (the user's projection left it out, or reshaped it: ID_FIELD)."""
+    if not drop_id and ID_FIELD not in doc:
+        return doc
+    return {k: v for k, v in doc.items() if k != ID_FIELD and not (drop_id and k == "_id")}
+
+
+def side_projection(projection: dict[str, Any]) -> tuple[dict[str, Any], str, bool]:
+    """The projection each side of a merged find runs for the user's, the field its
+    documents' real _id is then in, and whether _id is removed from what the client gets.
+    `_id: 0` is left out (the side reads _id, the proxy removes it: the other fields stay
+    as the server gave them, since _id is always the first); an `_id` the projection
+    computes, or of which it keeps some fields, is read again whole beside it as a
+    computed field (`planner.unmergeable` sends an exclusion of _id's fields, which can
+    have no computed field, to the union)."""
+    spec = dict(projection)
+    value = spec.get("_id", True)
+    subfields = any(k.startswith("_id.") for k in spec)
+    if not subfields and not isinstance(value, dict | str) and value in (0, False):
+        del spec["_id"]
+        return spec, "_id", True
+    if not subfields and not isinstance(value, dict | str) and value in (1, True):
+        return spec, "_id", False
+    spec[ID_FIELD] = "$_id"
+    return spec, ID_FIELD, False
 
 
 class Held(Protocol):
@@ -442,18 +478,19 @@ async def open_merged(run: Runner, db: str, coll: str, sources: tuple[Source, ..
     An index-bound find (min, max, returnKey) runs with its hint on every side, each
     scanning its own copy of the index, merged in the index's key order; returnKey
     becomes `{$meta: "indexKey"}` beside the _id that hidden ids are dropped by."""
-    sides = [Side(src.coll, list(src.hidden)) for src in sources]
     sort = merge_sort(cmd)
     keys_only = bool(cmd.get("returnKey"))
     bounded = index_bound(cmd)
-    projection = {"_id": 1, INDEX_KEY: {"$meta": "indexKey"}} if keys_only \
-        else dict(cmd.get("projection") or {})
+    projection, id_field, drop_id = side_projection(cmd.get("projection") or {})
+    if keys_only:
+        projection, id_field, drop_id = {"_id": 1, INDEX_KEY: {"$meta": "indexKey"}}, "_id", False
+    sides = [Side(src.coll, list(src.hidden), id_field=id_field) for src in sources]
     if sort:
         projection[SORT_KEY] = {"$meta": "sortKey"}
     skip = int(cmd.get("skip") or 0)
     limit = abs(int(cmd.get("limit") or 0)) or None
     cursor = MergedCursor(db, coll, sides, [int(v) for v in sort.values()] or None, skip, limit,
-                          cmd.get("lsid"), keys_only=keys_only)
+                          cmd.get("lsid"), keys_only=keys_only, drop_id=drop_id)
     subs = []
     for side in sides:
         hidden = sum(len(ids) for ids in side.hidden)

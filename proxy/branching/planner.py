@@ -18,6 +18,9 @@ The kinds, cheapest first:
 - merged: plain reads on the base and on each overlay, combined by the proxy (finds
   merged by server-computed sort keys, counts summed, distinct values deduplicated).
 - union: the branch view as a server-side pipeline (`views.py`), then the read's own stages.
+- copy: an index-bound find (min, max, returnKey) no merge serves: the upstream copies the
+  branch view into a scratch collection, builds the hinted index on it, and runs the
+  find there as it is (no aggregation stage takes index bounds or returns index keys).
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ READ_CARRY = ("lsid", "$clusterTime", "$readPreference", "readConcern", "apiVers
               "apiStrict", "apiDeprecationErrors", "comment", "maxTimeMS", "collation", "let",
               "hint", "allowDiskUse")
 # find options with no faithful aggregate equivalent, and why (showRecordId has a
-# refetch plan, tailable finds plan_tailable, the index-bound options a merged plan:
-# these are refused only where neither applies).
+# refetch plan, tailable finds plan_tailable, the index-bound options a merged or a copy
+# plan: these are refused only where neither applies, an explain or the engine's reads).
 _INDEX_BOUND_WHY = "no aggregation stage takes them, and no merged find serves this one"
 _FIND_UNSUPPORTED = {
     "min": f"index bounds: {_INDEX_BOUND_WHY}",
@@ -87,6 +90,7 @@ class PlanKind(enum.StrEnum):
     IN_PLACE = "in-place"
     MERGED = "merged"
     UNION = "union"
+    COPY = "copy"
 
 
 @dataclass(frozen=True)
@@ -244,16 +248,24 @@ def unmergeable(cmd: dict[str, Any], layers: list[NsState]) -> str | None:
         return "min/max/returnKey without a hint naming an ascending/descending index"
     sort = merge_sort(cmd)
     projection = cmd.get("projection") or {}
-    if projection.get("_id") in (0, False) and not cmd.get("returnKey"):
+    bounded = index_bound(cmd)
+    # An index-bound find's sides read _id beside the user's projection, and the proxy
+    # removes it (cursormerge.side_projection): it has no union to go to.
+    if projection.get("_id") in (0, False) and not bounded:
         return "the projection drops _id, which dropping hidden ids needs"
+    if any(str(k).startswith("_id.") for k in projection) and not cmd.get("returnKey") and \
+            any(v in (0, False) for k, v in projection.items() if k != "_id"):
+        return "an exclusion projection of _id's fields: dropping hidden ids needs the " \
+            "whole _id, which an exclusion cannot compute beside them"
     if sort:
         if collated(cmd):
             return "a collation orders the sort: sort keys would need its comparison"
         if any(isinstance(v, bool) or v not in (1, -1) for v in sort.values()):
             return "a $meta or $natural sort has no sort key to merge by"
         # SecantusDB drops every field from an exclusion projection that also asks for
-        # $meta (mongod does not): such finds take the server-side union.
-        if any(v in (0, False) for v in projection.values()) and not cmd.get("returnKey"):
+        # $meta (mongod does not): such finds take the server-side union. An index-bound
+        # find has no union to take (SecantusDB 0.7 keeps the fields there).
+        if any(v in (0, False) for v in projection.values()) and not bounded:
             return "an exclusion projection with a sort (the sort key is a $meta field)"
     if b"$near" in bson.encode(cmd.get("filter") or {}):
         return "a $near filter orders by distance"
@@ -304,6 +316,8 @@ def plan_find(cmd: dict[str, Any], layers: list[NsState], *, branch: str = "",
         return plan(PlanKind.IN_PLACE, f"the branch owns {coll} outright (a copy branch, or "
                     f"dropped and refilled): the find runs on {one}", every, command)
     why = unmergeable(cmd, layers)
+    if why is not None and index_bound(cmd) and not skip_top_live:
+        return copy_find(cmd, layers, why)
     if why is not None:
         return _union_plan(cmd, layers, why, branch=branch, skip_top_live=skip_top_live)
     if point:
@@ -364,6 +378,16 @@ def fall_back(failed: Plan, cmd: dict[str, Any], layers: list[NsState], why: str
     (`cursormerge._raise_users`)."""
     return _union_plan(cmd, layers, f"the {failed.kind} plan failed ({why}): the "
                        "server-side union answers", branch=branch, skip_top_live=skip_top_live)
+
+
+def copy_find(cmd: dict[str, Any], layers: list[NsState], why: str) -> Plan:
+    """An index-bound find no merged find serves (why), or whose merged sides did not all
+    hold the hinted index (one made on the branch): the union has no stage for index
+    bounds or keys, so the branch view is copied server-side into a scratch collection
+    with the hinted index (`commands/read.py`), and the find runs on the copy as it is."""
+    return _planned(Plan("find", str(cmd["find"]), PlanKind.COPY,
+                         f"{why}: the branch view is copied with the hinted index, and the "
+                         "find runs on the copy"), _db(cmd, layers))
 
 
 def find_only(cmd: dict[str, Any]) -> str | None:

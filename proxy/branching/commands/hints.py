@@ -37,6 +37,16 @@ def _resolves(hint: Any, indexes: list[dict[str, Any]]) -> bool:
     return True  # a hint of another type is refused by the upstream in its own words
 
 
+def named(hint: Any, indexes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The indexes a hint names: by name, or every one with its exact key pattern."""
+    if isinstance(hint, str):
+        return [ix for ix in indexes if ix.get("name") == hint]
+    if isinstance(hint, dict) and hint and list(hint) != ["$natural"]:
+        wanted = _pattern(hint)
+        return [ix for ix in indexes if _pattern(ix.get("key") or {}) == wanted]
+    return []
+
+
 async def check(req: Request) -> None:
     """Refuses, as mongod does (BadValue), a hint naming no index of a changed collection."""
     cmd = req.cmd

@@ -9,7 +9,7 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import cursormerge, planner, views
-from proxy.branching.commands import aggregate, changestream, snapshotread
+from proxy.branching.commands import aggregate, changestream, hints, scratchfrom, snapshotread
 from proxy.branching.commands.base import (
     Request,
     carry,
@@ -20,6 +20,7 @@ from proxy.branching.commands.base import (
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
 from proxy.branching.planner import PlanKind
+from proxy.branching.runner import outside_transaction
 from proxy.wire.codes import Code
 
 
@@ -30,6 +31,13 @@ async def find(req: Request) -> dict[str, Any] | None:
     branch = req.on_branch.name
     if cmd.get("tailable"):
         return await _tailable(req, coll, layers)
+    if layers and planner.index_bound(cmd) and "collation" not in cmd \
+            and views.whole(layers) is None:
+        # The collection's default collation orders its indexes as an explicit one
+        # would: said explicitly, the planner sees it (and sends the find to a copy).
+        collation = (await _collection_options(req, coll, layers)).get("collation")
+        if collation is not None:
+            cmd = {**cmd, "collation": collation}
     if layers and planner.index_bound(cmd) and isinstance(cmd.get("hint"), str):
         cmd = await _hint_by_pattern(req, coll, cmd)
     if layers and cmd.get("returnKey") and cmd.get("hint") is None \
@@ -38,6 +46,8 @@ async def find(req: Request) -> dict[str, Any] | None:
     plan = planner.plan_find(cmd, layers, branch=branch)
     if plan.kind is PlanKind.PASS:
         return None
+    if plan.kind is PlanKind.COPY:
+        return await _copy_find(req, coll, layers, cmd)
     if plan.kind is PlanKind.POINT:
         if plan.command is None:
             return cursor_reply(f"{req.db}.{coll}", [])
@@ -51,7 +61,12 @@ async def find(req: Request) -> dict[str, Any] | None:
         if merged is not None:
             return merged
         if planner.index_bound(cmd) and refused:
-            return _index_bound_refusal(req, coll, refused, len(plan.sources))
+            if len(refused) == len(plan.sources):
+                return _users_refusal(coll, refused)
+            # The second planning step (logged with its reason), carried out below.
+            planner.copy_find(cmd, layers, "the hinted index is not on every collection the "
+                              "branch reads (one made on the branch has no copy on the base)")
+            return await _copy_find(req, coll, layers, cmd)
         plan = planner.fall_back(plan, cmd, layers, "the upstream refused a side",
                                  branch=branch)
     if plan.refetch:
@@ -95,18 +110,61 @@ def _scanned_index(stage: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _index_bound_refusal(req: Request, coll: str, refused: list[tuple[str, dict[str, Any]]],
-                         sides: int) -> dict[str, Any]:
-    """A merged min/max/returnKey find a side refused. Refused by every side, it is the
-    upstream's own answer to the user's find (a missing hint, bounds that do not fit the
-    index), given as the base's (or first overlay's) reply. Refused by some only, their
-    copies of the index differ (one made on the branch, which the base has none of)."""
-    if len(refused) == sides:
-        return next((reply for source, reply in refused if source == coll), refused[0][1])
-    raise req.unsupported("this min/max/returnKey find on a collection the branch changed: "
-                          "the hinted index is not on every collection the branch reads "
-                          f"(one made on the branch has no copy on the base): "
-                          f"{refused[0][1].get('errmsg', '')!s}")
+def _users_refusal(coll: str, refused: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """A merged min/max/returnKey find every side refused: the upstream's own answer to
+    the user's find (a missing hint, bounds that do not fit the index), given as the
+    base's (or first overlay's) reply."""
+    return next((reply for source, reply in refused if source == coll), refused[0][1])
+
+
+async def _copy_find(req: Request, coll: str, layers: list[NsState],
+                     cmd: dict[str, Any]) -> dict[str, Any]:
+    """An index-bound find (min, max, returnKey) run as it is on a scratch copy of the
+    branch view (planner.copy_find): the upstream copies what the branch shows
+    (scratchfrom.fill: an $out, or in a transaction inserts in it), builds on the copy
+    the branch's indexes the hint names (their names and options kept), and answers the
+    user's find there, so bounds, keys, collation and any index type are the server's
+    own. The copy has no default collation: find() has given the collection's to the
+    find. It is dropped when the cursor (or the transaction) ends."""
+    if isinstance(cmd.get("readConcern"), dict) and \
+            cmd["readConcern"].get("level") == "snapshot":
+        raise req.unsupported("a snapshot read with min/max/returnKey that needs a scratch "
+                              "copy of the collection (the copy, an $out, reads the latest "
+                              "data, not the snapshot's)")
+    # The user's own hint (a name stays a name: the copy's index keeps it), else the one
+    # the branch chose for a returnKey without one.
+    find = {k: v for k, v in cmd.items() if k != "$db"}
+    find["hint"] = req.cmd.get("hint", cmd.get("hint"))
+    if find["hint"] is None:
+        del find["hint"]
+    indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
+    # An index listed without a collation on a collection with a default one has the
+    # default (mongod lists it; SecantusDB leaves it out): the copy's says so.
+    default = (await _collection_options(req, coll, layers)).get("collation")
+    named = hints.named(find.get("hint"), indexes)
+    if any(ix.get("name") == "_id_" for ix in named) and isinstance(default, dict) \
+            and default.get("locale", "simple") != "simple":
+        raise req.unsupported("this min/max/returnKey find hinting the _id index of a "
+                              "collection with a default collation, on a copy: the copy's "
+                              "_id index ($out) has the simple collation, which no command "
+                              "changes")
+    specs = [{**({"collation": default} if default is not None else {}),
+              **{k: v for k, v in ix.items() if k not in ("ns", "hidden")}}
+             for ix in named if ix.get("name") != "_id_" and not ix.get("hidden")]
+    made: list[str] = []
+    try:
+        name = await scratchfrom.fill(req, coll, [], made, indexes=specs)
+        reply = await req.run.reply(req.db, {**find, "find": name})
+    except BaseException:
+        await scratchfrom.drop(req, made)
+        raise
+    if not reply.get("ok") and isinstance(reply.get("errmsg"), str):
+        reply["errmsg"] = reply["errmsg"].replace(f"{req.db}.{name}", f"{req.db}.{coll}")
+    reply = cursormerge.adopt(req.engine.cursors, req.db, coll, name, reply,
+                              cmd.get("lsid"))
+    settled = await scratchfrom.settle(req, reply, made)
+    assert settled is not None
+    return settled
 
 
 async def _refetch_find(req: Request, coll: str, layers: list[NsState],
@@ -172,14 +230,22 @@ async def _tailable(req: Request, coll: str, layers: list[NsState]) -> dict[str,
 
 
 async def _capped(req: Request, coll: str, layers: list[NsState]) -> bool:
-    """Whether the collection the branch shows is capped: as the layer that recreated it
+    return bool((await _collection_options(req, coll, layers)).get("capped"))
+
+
+async def _collection_options(req: Request, coll: str, layers: list[NsState]
+                              ) -> dict[str, Any]:
+    """The options of the collection the branch shows: as the layer that recreated it
     made it, else as the base is."""
     dropped = next((layer for layer in layers if layer.base_dropped), None)
     if dropped is not None:
-        return bool(dropped.options.get("capped"))
-    reply = await req.run.reply(req.db, {"listCollections": 1, "filter": {"name": coll}})
+        return dict(dropped.options)
+    # Outside a transaction: mongod runs no listCollections in one, and a collection's
+    # options do not change inside one (DDL is refused there).
+    with outside_transaction():
+        reply = await req.run.reply(req.db, {"listCollections": 1, "filter": {"name": coll}})
     batch = reply.get("cursor", {}).get("firstBatch", []) if reply.get("ok") else []
-    return any((info.get("options") or {}).get("capped") for info in batch)
+    return dict(batch[0].get("options") or {}) if batch else {}
 
 
 async def _union_find(req: Request, coll: str, plan: planner.Plan) -> dict[str, Any]:

@@ -59,11 +59,15 @@ def changed(req: Request, coll: str) -> bool:
 
 
 async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
-               collation: Any = None, key: Any = None) -> str:
+               collation: Any = None, key: Any = None,
+               indexes: list[dict[str, Any]] | None = None) -> str:
     """A scratch copy of the branch's view of `source` with these stages (a view's)
     applied; its name is appended to `made` before it is written, for the caller to drop.
     key: the field the stage looks documents up by (connectToField, foreignField),
-    indexed on the copy once written, as the server would use an index of `from` for it."""
+    indexed on the copy once written, as the server would use an index of `from` for it.
+    indexes: specs the copy must have (a find's hinted index): built once written, or in a
+    transaction between the create and the inserts (an index made in one must be on an
+    empty collection it created); a refusal is the read's."""
     name = naming.scratch_from(req.on_branch.bid, secrets.token_hex(6))
     txn = CURRENT.get()
     out = [] if txn is not None else [{"$out": name}]
@@ -79,6 +83,8 @@ async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
         # transaction's own writes, in its snapshot) and dropped once it ends.
         txn.scratch.append((req.db, name))
         await req.run(req.db, {"create": name})
+        if indexes:
+            await req.run(req.db, {"createIndexes": name, "indexes": indexes})
         async for batch in req.run.batches(req.db, command):
             for group in fitted(batch):
                 await req.run(req.db, {"insert": name, "documents": group})
@@ -88,6 +94,8 @@ async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
         if not reply.get("ok"):
             raise CommandError(int(reply.get("code", 1)), str(reply.get("errmsg", "")),
                                code_name=str(reply.get("codeName", "")))
+        if indexes:
+            await req.run(req.db, {"createIndexes": name, "indexes": indexes})
     if isinstance(key, str) and key and key != "_id" and not key.startswith("$"):
         # Only a lookup's speed depends on it: a refused index leaves the copy without.
         await req.run.reply(req.db, {"createIndexes": name, "indexes": [
