@@ -186,6 +186,25 @@ def test_values_that_look_like_expressions_stay_values(proxy: ProxyProcess,
         assert db.checked.options() == {"validator": {"n": {"$type": "int"}}}
 
 
+def _at_once(port: int, cmd: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The replies to one command sent on n connections at once (a barrier releases
+    them together), as a driver's retries racing its first attempt would arrive."""
+    replies: list[dict[str, Any]] = []
+    start = threading.Barrier(n)
+
+    def attempt() -> None:
+        with rawwire.connect(port) as sock:
+            start.wait()
+            replies.append(rawwire.command(sock, cmd))
+
+    threads = [threading.Thread(target=attempt) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return replies
+
+
 def test_concurrent_retries_of_one_write_apply_it_once(branch: tuple[Any, Any]) -> None:
     """A driver may retry a write (same lsid and txnNumber) on a new connection while its
     first attempt is still running on the proxy: every attempt gets the same outcome and
@@ -195,19 +214,7 @@ def test_concurrent_retries_of_one_write_apply_it_once(branch: tuple[Any, Any]) 
     cmd = {"update": "people", "updates": [{"q": {"_id": 7}, "u": {"$inc": {"seat": 100}}}],
            "ordered": True, "lsid": {"id": Binary(uuid.uuid4().bytes, 4)},
            "txnNumber": Int64(1), "$db": db.name}
-    replies: list[dict[str, Any]] = []
-    start = threading.Barrier(8)
-
-    def attempt() -> None:
-        with rawwire.connect(port) as sock:
-            start.wait()
-            replies.append(rawwire.command(sock, cmd))
-
-    threads = [threading.Thread(target=attempt) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    replies = _at_once(port, cmd, 8)
     assert [r.get("nModified") for r in replies] == [1] * 8, replies
     assert db.people.find_one({"_id": 7})["seat"] == 107
 
@@ -226,19 +233,7 @@ def test_concurrent_retries_of_one_client_bulk_write_apply_each_op_once(
         {"update": 0, "filter": {"_id": 101}, "updateMods": {"$inc": {"seat": 10}}},
     ], "nsInfo": [{"ns": f"{db.name}.people"}], "lsid": {"id": Binary(uuid.uuid4().bytes, 4)},
         "txnNumber": Int64(1), "$db": "admin"}
-    replies: list[dict[str, Any]] = []
-    start = threading.Barrier(8)
-
-    def attempt() -> None:
-        with rawwire.connect(port) as sock:
-            start.wait()
-            replies.append(rawwire.command(sock, cmd))
-
-    threads = [threading.Thread(target=attempt) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    replies = _at_once(port, cmd, 8)
     answers = [(r.get("nErrors"), r.get("nInserted"), r.get("nModified"),
                 r["cursor"]["firstBatch"]) for r in replies]
     assert answers == [answers[0]] * 8 and len(answers) == 8, replies

@@ -197,6 +197,17 @@ def upstream(disk_server: Secantus) -> Secantus:
     return disk_server
 
 
+def _started(upstream: Secantus, proxies: list[ProxyProcess]) -> tuple[ProxyProcess,
+                                                                       dict[str, Any]]:
+    """A proxy on the module's server (added to `proxies`, for the test to kill) with
+    the test's branch made: the proxy and the branch's description."""
+    proxy = ProxyProcess(upstream.uri, meta_db=META).start()
+    proxies.append(proxy)
+    status, body = proxy.api("POST", "/branches", {"name": BRANCH})
+    assert status == 201 and isinstance(body, dict), body
+    return proxy, body
+
+
 @pytest.mark.parametrize("kill_after", [12, 45, 100])
 def test_sigkill_mid_workload(upstream: Secantus, kill_after: int) -> None:
     rng = random.Random(SEED + kill_after)
@@ -209,11 +220,7 @@ def test_sigkill_mid_workload(upstream: Secantus, kill_after: int) -> None:
         for coll in (direct[DB][COLL], direct[COPY_DB][COLL], direct[COPY_DB][WITH]):
             coll.insert_many(base)
             coll.create_index("k")
-        first = ProxyProcess(upstream.uri, meta_db=META).start()
-        proxies.append(first)
-        status, body = first.api("POST", "/branches", {"name": BRANCH})
-        assert status == 201, body
-        assert isinstance(body, dict)
+        first, body = _started(upstream, proxies)
         branch_uri = body["uri"]
         bid = direct[META]["branches"].find_one({"_id": BRANCH})["bid"]
 
@@ -371,11 +378,7 @@ def test_retried_write_after_restart_is_not_applied_twice(upstream: Secantus) ->
     proxies: list[ProxyProcess] = []
     try:
         direct[DB][COLL].insert_many([{"_id": i, "v": 0} for i in range(10)])
-        first = ProxyProcess(upstream.uri, meta_db=META).start()
-        proxies.append(first)
-        status, body = first.api("POST", "/branches", {"name": BRANCH})
-        assert status == 201, body
-        assert isinstance(body, dict)
+        first, body = _started(upstream, proxies)
         port = int(body["port"])
         cmd = {"update": COLL, "updates": [{"q": {"_id": 3}, "u": {"$inc": {"v": 1}}}],
                "ordered": True, "lsid": {"id": Binary(uuid.uuid4().bytes, 4)},
@@ -483,11 +486,7 @@ def test_retried_bulk_write_after_restart_is_answered(upstream: Secantus,
     try:
         expected, cmd = _bulk_setup(direct, ordered)
         assert expected["nErrors"] == 1
-        first = ProxyProcess(upstream.uri, meta_db=META).start()
-        proxies.append(first)
-        status, body = first.api("POST", "/branches", {"name": BRANCH})
-        assert status == 201, body
-        assert isinstance(body, dict)
+        first, body = _started(upstream, proxies)
         port = int(body["port"])
         assert _answer(_send_bulk(port, cmd)) == expected
 
@@ -527,11 +526,7 @@ def test_bulk_write_cut_off_by_sigkill_is_completed_once_by_its_retry(
     sock = None
     try:
         expected, cmd = _bulk_setup(direct, ordered)
-        first = ProxyProcess(upstream.uri, meta_db=META).start()
-        proxies.append(first)
-        status, body = first.api("POST", "/branches", {"name": BRANCH})
-        assert status == 201, body
-        assert isinstance(body, dict)
+        first, body = _started(upstream, proxies)
         port = int(body["port"])
         bid = direct[META]["branches"].find_one({"_id": BRANCH})["bid"]
         # Held until long after the kill, then failed: the dead proxy's write never lands.
@@ -657,10 +652,7 @@ def test_a_capped_collection_a_branch_took_whole_is_rebuilt_capped_in_order(
     try:
         direct[DB].create_collection("cap", capped=True, size=1 << 16, max=4)
         direct[DB].cap.insert_many([{"_id": i} for i in (5, 1, 4, 2)])
-        first = ProxyProcess(upstream.uri, meta_db=META).start()
-        proxies.append(first)
-        status, body = first.api("POST", "/branches", {"name": BRANCH})
-        assert status == 201 and isinstance(body, dict), body
+        first, body = _started(upstream, proxies)
         with MongoClient(body["uri"]) as c:
             c[DB].cap.insert_one({"_id": 3})  # evicts 5
             c[DB].cap.update_one({"_id": 4}, {"$set": {"v": 1}})
