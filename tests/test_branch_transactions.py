@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from bson import Int64
-from pymongo import MongoClient
+from pymongo import DeleteOne, InsertOne, MongoClient, UpdateOne
 from pymongo.client_session import ClientSession
 from pymongo.errors import OperationFailure
 from pymongo.read_concern import ReadConcern
@@ -653,3 +653,40 @@ def test_a_transaction_meets_the_validation_of_a_collection(
         assert coll.find_one({"_id": 20}) is None
         assert coll.find_one({"_id": 0}) == {"_id": 0, "n": 0}
     assert base.checked.count_documents({}) == 3 and base.loose.count_documents({}) == 3
+
+
+def test_a_client_bulk_write_in_a_transaction(proxy: ProxyProcess, direct: MongoClient,
+                                              setup: Any, db_name: str) -> None:
+    """A client-level bulkWrite (MongoDB 8.0) is a statement of a transaction as on
+    mongod: its ops over two collections land at the commit, all or (aborted) none, and
+    they are the same as those of the same bulkWrite in a transaction on a plain copy."""
+    branch, one, two = setup
+    before = _state(two[db_name])
+    plain = f"{db_name}_plainbw"
+    for coll in ("people", "orders"):
+        direct[plain][coll].insert_many(list(direct[db_name][coll].find()))
+
+    def models(db: str) -> list[Any]:
+        return [InsertOne(namespace=f"{db}.people", document={"_id": 20, "n": 20}),
+                UpdateOne(namespace=f"{db}.people", filter={"_id": 1}, update={"$inc": {"n": 5}}),
+                DeleteOne(namespace=f"{db}.orders", filter={"_id": 2}),
+                UpdateOne(namespace=f"{db}.orders", filter={"_id": 7}, update={"$set": {"t": 1}},
+                          upsert=True)]
+
+    with one.start_session() as session:
+        session.start_transaction()
+        one.bulk_write(models(db_name), session=session)
+        assert _state(two[db_name]) == before
+        session.abort_transaction()
+    assert _state(two[db_name]) == before
+    results = []
+    for client, db in ((one, db_name), (direct, plain)):
+        with client.start_session() as session, session.start_transaction():
+            got = client.bulk_write(models(db), session=session, verbose_results=True)
+            results.append((got.inserted_count, got.matched_count, got.modified_count,
+                            got.deleted_count, got.upserted_count))
+    assert results[0] == results[1] == (1, 1, 1, 1, 1)
+    assert _state(two[db_name]) == _state(direct[plain])
+    assert len([e for e in entries(proxy, branch["name"])
+                if e["ns"].startswith(f"{db_name}.")]) == 4
+    direct.drop_database(plain)

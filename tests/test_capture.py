@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import MongoClient
+from pymongo import InsertOne, MongoClient
+from pymongo.errors import ClientBulkWriteException, OperationFailure
 
 from tests.branchutil import Branches, branches, unique
 from tests.servers import ProxyProcess, Secantus
@@ -160,6 +161,16 @@ def test_without_capture_branches_say_proxy_writes_only(upstream: Secantus) -> N
             kid = made.create()
             assert kid["isolation"] == "proxy-writes-only"
             m[db].items.update_one({"_id": 1}, {"$set": {"v": "main port"}})
+            # Main's port splits a client bulkWrite into its own writes, which would run
+            # outside a transaction: refused there, as mongod refuses what it cannot hold.
+            with m.start_session() as session, \
+                    pytest.raises(ClientBulkWriteException) as refused:
+                session.start_transaction()
+                m.bulk_write([InsertOne(namespace=f"{db}.items", document={"_id": 9})],
+                             session=session)
+            error = refused.value.error
+            assert isinstance(error, OperationFailure) and error.code == 263, error
+            assert m[db].items.find_one({"_id": 9}) is None
             direct[db].items.update_one({"_id": 2}, {"$set": {"v": "behind"}})
             with made.client(kid) as c:
                 shown = contents(c, db)

@@ -93,7 +93,8 @@ UNFENCED = frozenset({"commitTransaction", "abortTransaction", "configureFailPoi
 # What a multi-document transaction on a branch may run (mongod refuses DDL, counts and
 # catalog reads in one too, bar the collection creation of 4.4+, which a branch refuses).
 IN_TXN = frozenset({"find", "aggregate", "distinct", "insert", "update", "delete",
-                    "findAndModify", "findandmodify", "getMore", "killCursors"})
+                    "findAndModify", "findandmodify", "getMore", "killCursors",
+                    "bulkWrite"})
 
 # On the main port: writes are routed here only while main has child branches
 # (mainwrite.NAMES); otherwise they stay on the pass-through fast path.

@@ -37,6 +37,7 @@ from proxy.branching.commands.base import (
     cursor_reply,
 )
 from proxy.branching.errors import CommandError
+from proxy.branching.txn import in_transaction
 from proxy.wire.codes import Code
 
 # Carried from the bulkWrite onto each per-namespace command it runs. Not txnNumber:
@@ -227,7 +228,12 @@ async def bulk_write(req: Request) -> dict[str, Any]:
     if req.db != "admin":
         raise CommandError(Code.UNAUTHORIZED,
                            "bulkWrite may only be run against the admin database.")
-    req.reject_transactions()
+    if req.branch is None and in_transaction(req.cmd):
+        # The main port splits it into main's own writes only without the capture; they
+        # would run outside the client's transaction.
+        raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+                           "bulkWrite cannot run in a multi-document transaction on the main "
+                           "port while main has child branches and the capture is off")
     txn = overlay.txn_of(req.cmd)
     if (done := req.engine.recall(txn)) is not None:
         return done
