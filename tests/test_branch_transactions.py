@@ -167,7 +167,7 @@ def test_commit_retried_and_unknown_transactions(setup: Any, db_name: str) -> No
                     "autocommit": False})
     assert info.value.code == 251
     with pytest.raises(OperationFailure) as info:
-        db.command({"create": unique("c"), "lsid": lsid, "txnNumber": Int64(9),
+        db.command({"count": "people", "lsid": lsid, "txnNumber": Int64(9),
                     "startTransaction": True, "autocommit": False})
     assert info.value.code == 263
 
@@ -346,7 +346,8 @@ def test_what_a_transaction_cannot_hold_is_refused_and_ends_it(setup: Any,
     before = _state(two[db_name])
     refusals = [
         lambda db, s: list(db.people.aggregate([{"$out": "copy"}], session=s)),
-        lambda db, s: db.create_collection(unique("c"), session=s),
+        lambda db, s: db.create_collection(unique("c"), capped=True, size=4096, session=s),
+        lambda db, s: db.people.create_index("n", session=s),
         lambda db, s: db.list_collection_names(session=s),
         lambda db, s: db.command("count", "people", session=s),
     ]
@@ -561,6 +562,104 @@ def test_a_collection_a_transaction_creates(setup: Any, db_name: str) -> None:
     db.gone.insert_one({"_id": 2})  # the branch still creates it outside a transaction
     assert sorted(two[db_name].list_collection_names()) == ["fresh", "gone", "orders",
                                                             "people"]
+
+
+def _ddl_transaction(db: Any, session: ClientSession) -> list[Any]:
+    """create and createIndexes in one transaction, as mongod 4.4+ runs them: a new
+    collection with options, an index on it while it is empty, then writes that meet
+    both. What it read, for the comparison with the same transaction on the upstream."""
+    db.create_collection("made", validator={"n": {"$type": "int"}}, session=session)
+    made = db.made
+    names = [made.create_index("k", unique=True, session=session),
+             db.implicit.create_index([("k", 1), ("n", -1)], name="kn", session=session)]
+    made.insert_many([{"_id": 1, "k": "a", "n": 1}, {"_id": 2, "k": "b", "n": 2}],
+                     session=session)
+    return [names, list(made.find({}, sort=[("_id", 1)], session=session)),
+            list(db.implicit.find({}, session=session))]
+
+
+def _catalog(db: Any) -> dict[str, Any]:
+    """What the transaction left in the catalog: options and index lists (but the
+    pre-images the capture turns on for main's collections, which a branch never shows)."""
+    return {name: ({k: v for k, v in info["options"].items()
+                    if k != "changeStreamPreAndPostImages"},
+                   sorted((ix["name"], list(ix["key"].items()), bool(ix.get("unique")))
+                          for ix in db[name].list_indexes()))
+            for info in db.list_collections() if (name := info["name"]) in ("made", "implicit")}
+
+
+def test_create_and_create_indexes_in_a_transaction(proxy: ProxyProcess, direct: MongoClient,
+                                                    made: Branches, db_name: str) -> None:
+    """The same transaction on a branch and on the upstream itself reads the same, leaves
+    the same catalog when it commits and nothing when it aborts. Other clients see the
+    collection from the commit on; a child of the branch never does; the upstream then
+    enforces the collection's validator and unique index on the branch's writes."""
+    plain = direct[unique("plain")]
+    branch = made.create()
+    kid = made.create(**{"from": branch["name"]})
+    one, two, child = made.client(branch), made.client(branch), made.client(kid)
+    db = one[db_name]
+    for target in (db, plain):
+        with target.client.start_session() as session:
+            session.start_transaction()
+            _ddl_transaction(target, session)
+            session.abort_transaction()
+        assert _catalog(target) == {}
+    with one.start_session() as session:
+        session.start_transaction()
+        read = _ddl_transaction(db, session)
+        assert "made" not in two[db_name].list_collection_names()
+        session.commit_transaction()
+    with direct.start_session() as session, session.start_transaction():
+        assert _ddl_transaction(plain, session) == read
+    assert _catalog(two[db_name]) == _catalog(plain) != {}
+    assert "made" not in child[db_name].list_collection_names()
+    with pytest.raises(OperationFailure) as info:
+        two[db_name].made.insert_one({"_id": 3, "k": "c", "n": "not an int"})
+    assert info.value.code == 121
+    with pytest.raises(OperationFailure) as info:
+        two[db_name].made.insert_one({"_id": 3, "k": "a", "n": 3})
+    assert info.value.code == 11000
+    # The base never changes: the upstream holds only the branches' overlays.
+    assert all(n.startswith("__mb_") for n in direct[db_name].list_collection_names())
+    for client in (one, two, child):
+        client.close()
+
+
+def test_ddl_a_transaction_cannot_run_ends_it_as_on_mongod(
+        direct: MongoClient, made: Branches, db_name: str) -> None:
+    """Creating a collection that exists (48), indexing an existing or a non-empty one
+    (263) fail as on mongod and end the transaction. The upstream answers the same but
+    where noted."""
+    plain = direct[unique("plain")]
+    direct[db_name].people.insert_one({"_id": 1})
+    plain.people.insert_one({"_id": 1})
+    branch = made.create()
+    one = made.client(branch)
+    # (mongod's code, the case, whether SecantusDB refuses it too)
+    cases = [
+        (48, lambda db, s: db.create_collection("people", session=s), True),
+        # SecantusDB gap, these two: it builds an index in a transaction on any
+        # collection, which mongod refuses ("Cannot create new indexes on existing
+        # collection", "... on non-empty collection").
+        (263, lambda db, s: db.people.create_index("n", session=s), False),
+        (263, lambda db, s: (db.create_collection("fresh", session=s),
+                             db.fresh.insert_one({"_id": 1}, session=s),
+                             db.fresh.create_index("n", session=s)), False),
+    ]
+    for code, case, upstream_too in cases:
+        for db in (one[db_name], plain) if upstream_too else (one[db_name],):
+            with db.client.start_session() as session:
+                session.start_transaction()
+                with pytest.raises(OperationFailure) as info:
+                    case(db, session)
+                assert info.value.code == code, info.value.details
+                with pytest.raises(OperationFailure) as info:
+                    db.people.insert_one({"_id": 2}, session=session)
+                assert info.value.code == 251
+    assert sorted(one[db_name].list_collection_names()) == ["people"]
+    assert one[db_name].people.find_one({"_id": 2}) is None
+    one.close()
 
 
 def test_a_commit_of_unknown_outcome_is_retried() -> None:

@@ -18,6 +18,19 @@ from proxy.wire.codes import Code
 ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
 
 
+def with_specs(before: list[dict[str, Any]], specs: list[Any]) -> list[dict[str, Any]]:
+    """An index list after createIndexes of these specs (the upstream built them): each
+    new name listed as mongod lists it, v, key, name, then the options."""
+    names = {ix["name"] for ix in before}
+    after = list(before)
+    for spec in specs:
+        if spec.get("name") not in names:
+            after.append({"v": 2, "key": spec.get("key"), "name": spec.get("name"),
+                          **{k: v for k, v in spec.items() if k not in ("key", "name")}})
+            names.add(spec.get("name"))
+    return after
+
+
 async def base_collections(run: Runner, db: str,
                            reserved: dict[str, dict[str, Any]] | None = None
                            ) -> dict[str, dict[str, Any]]:

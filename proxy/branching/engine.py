@@ -503,16 +503,25 @@ class Engine:
         return out
 
     async def ensure_state(self, branch: Branch, db: str, coll: str, run: Runner, *,
-                           whole: dict[str, Any] | None = None) -> NsState:
+                           whole: dict[str, Any] | None = None,
+                           fresh: dict[str, Any] | None = None) -> NsState:
         """The branch's overlay for a collection, created with the view's indexes.
 
         whole: the options of a capped collection the branch takes whole
-        (`snapshot.own_capped`): its overlay is created capped with them."""
+        (`snapshot.own_capped`): its overlay is created capped with them.
+        fresh: the options of a collection the branch creates in a transaction, where no
+        drop can start an overlay over (ddl's `_reset`): it is the branch's own from the
+        start, created with them, and nothing of the parent shows through it."""
         state = self.state(branch, db, coll)
         if state is not None:
             return state
         # A copy branch never reads through to its parent, even for new collections.
         state = NsState(branch.bid, db, coll, base_dropped=branch.mode == "copy")
+        if fresh is not None:
+            state.base_dropped, state.options = True, dict(fresh)
+            state.indexes = [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
+            await self._create_overlay(state, [], run, state.options)
+            return await self._added(state)
         indexes = await self.view_indexes(branch, db, coll, run)
         layers = self.layers(branch, db, coll)
         if whole is not None:

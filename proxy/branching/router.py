@@ -90,11 +90,11 @@ BRANCH: dict[str, Handler] = {
 # a failpoint's configuration and fsync (they read and write no collection).
 UNFENCED = frozenset({"commitTransaction", "abortTransaction", "configureFailPoint", "fsync"})
 
-# What a multi-document transaction on a branch may run (mongod refuses DDL, counts and
-# catalog reads in one too, bar the collection creation of 4.4+, which a branch refuses).
+# What a multi-document transaction on a branch may run (mongod refuses other DDL,
+# counts and catalog reads in one too).
 IN_TXN = frozenset({"find", "aggregate", "distinct", "insert", "update", "delete",
                     "findAndModify", "findandmodify", "getMore", "killCursors",
-                    "bulkWrite"})
+                    "bulkWrite", "create", "createIndexes"})
 
 # On the main port: writes are routed here only while main has child branches
 # (mainwrite.NAMES); otherwise they stay on the pass-through fast path.

@@ -111,6 +111,9 @@ class Txn:
     present: dict[str, NsState] = field(default_factory=dict)
     # Overlays (NsState keys) the transaction created: an abort removes them.
     new: set[str] = field(default_factory=set)
+    # Index lists of collections it created and indexed (commands/txnddl.py), by NsState
+    # key: the engine's memory takes them when it commits.
+    indexes: dict[str, tuple[NsState, list[dict[str, Any]]]] = field(default_factory=dict)
     expiry: asyncio.Task[None] | None = None
     ended: bool = False
     # Whether a statement ran: the first one sets the upstream snapshot, under the
@@ -281,6 +284,22 @@ class Transactions:
             txn.present[state.key] = state
         return True
 
+    async def set_indexes(self, state: NsState, indexes: list[dict[str, Any]]) -> None:
+        """A collection created in the transaction has these indexes once it commits:
+        in its namespace state upstream now, in the engine's memory then."""
+        txn = CURRENT.get()
+        assert txn is not None and state.key in txn.present
+        await self.engine.meta["namespaces"].replace_one(
+            {"_id": state.key}, {**state.to_doc(), "present": True, "indexes": indexes},
+            upsert=True, session=SESSION.get())
+        txn.indexes[state.key] = (state, indexes)
+
+    def indexes_of(self, state: NsState) -> list[dict[str, Any]] | None:
+        """The index list a transaction's statements see for a collection it created."""
+        txn = CURRENT.get()
+        pending = None if txn is None else txn.indexes.get(state.key)
+        return state.indexes if pending is None else pending[1]
+
     async def commit(self, key: Key) -> None:
         txn = self.open.get(key[0])
         if txn is None or txn.key != key:
@@ -393,6 +412,8 @@ class Transactions:
                 if outcome == "committed":
                     for state in txn.present.values():
                         state.present = True
+                    for state, indexes in txn.indexes.values():
+                        state.indexes, state.unique = indexes, None
                 else:
                     # The upstream rolled their documents back; the engine's memory too.
                     for key in txn.new:

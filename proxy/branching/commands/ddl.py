@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.branching import snapshot, views
-from proxy.branching.catalog import ID_INDEX
+from proxy.branching.catalog import ID_INDEX, with_specs
+from proxy.branching.commands import txnddl
 from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
 from proxy.branching.commands.catalog import exists, visible_collections
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
+from proxy.branching.runner import SESSION
 from proxy.branching.wal import CREATE, DROP, PUT, Change
 from proxy.wire.codes import Code
 
@@ -46,6 +48,8 @@ async def _state(req: Request, coll: str) -> NsState:
 async def create(req: Request) -> dict[str, Any]:
     coll = coll_name(req)
     options = {k: v for k, v in req.cmd.items() if k != "create" and k not in SESSION_FIELDS}
+    if SESSION.get() is not None:
+        return await txnddl.create(req, coll, options)
     async with req.engine.writing(req.on_branch):
         if await exists(req, coll):
             # mongod accepts a create of an existing collection only with its options.
@@ -150,6 +154,8 @@ async def create_indexes(req: Request) -> dict[str, Any]:
     specs = req.cmd.get("indexes")
     if not isinstance(specs, list) or not specs:
         raise CommandError(Code.BAD_VALUE, "Must specify at least one index to create")
+    if SESSION.get() is not None:
+        return await txnddl.create_indexes(req, coll, specs)
     async with req.engine.writing(req.on_branch):
         created = not await exists(req, coll)
         before = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run) \
@@ -161,14 +167,7 @@ async def create_indexes(req: Request) -> dict[str, Any]:
         if not reply.get("ok"):
             reply["errmsg"] = str(reply.get("errmsg", "")).replace(state.live, coll)
             return reply
-        names = {ix["name"] for ix in before}
-        after = list(before)
-        for spec in specs:
-            if spec.get("name") not in names:
-                # mongod's field order: v, key, name, then the options
-                after.append({"v": 2, "key": spec.get("key"), "name": spec.get("name"),
-                              **{k: v for k, v in spec.items() if k not in ("key", "name")}})
-                names.add(spec.get("name"))
+        after = with_specs(before, specs)
         state.indexes = after
         state.unique = None
         state.present = True
