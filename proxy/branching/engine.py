@@ -520,7 +520,7 @@ class Engine:
         if fresh is not None:
             state.base_dropped, state.options = True, dict(fresh)
             state.indexes = [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
-            await self._create_overlay(state, [], run, state.options)
+            await self._new_overlay(state, run)
             return await self._added(state)
         indexes = await self.view_indexes(branch, db, coll, run)
         layers = self.layers(branch, db, coll)
@@ -554,6 +554,20 @@ class Engine:
         if not batch or batch[0].get("type", "collection") != "collection":
             return {}
         return dict(batch[0].get("options") or {})
+
+    async def _new_overlay(self, state: NsState, run: Runner) -> None:
+        """A fresh overlay with the state's options, which the upstream judges: its
+        refusal is the client's. Collections a crash left before their state was saved
+        (no state names them, and the caller holds the branch's lock) go first, outside
+        any transaction, where a create of an existing one would abort it."""
+        with outside_transaction():
+            reply = await self.pool(state.db, {"listCollections": 1, "nameOnly": True,
+                                               "filter": {"name": {"$in": [
+                                                   state.live, state.hidden]}}})
+            for info in reply["cursor"]["firstBatch"]:
+                await self.pool.reply(state.db, {"drop": info["name"]})
+        await run(state.db, {"create": state.live, **state.options})
+        await run(state.db, {"create": state.hidden})
 
     async def _create_overlay(self, state: NsState, indexes: list[dict[str, Any]],
                               run: Runner, enforced: dict[str, Any] | None = None) -> None:

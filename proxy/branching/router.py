@@ -23,6 +23,7 @@ from proxy.branching.commands import (
     read,
     server,
     transactions,
+    txnddl,
     validate,
     viewdefs,
     write,
@@ -95,6 +96,9 @@ UNFENCED = frozenset({"commitTransaction", "abortTransaction", "configureFailPoi
 IN_TXN = frozenset({"find", "aggregate", "distinct", "insert", "update", "delete",
                     "findAndModify", "findandmodify", "getMore", "killCursors",
                     "bulkWrite", "create", "createIndexes"})
+# Their handlers in a transaction, in place of BRANCH's.
+TXN: dict[str, Handler] = {"create": masked.guarded(txnddl.create),
+                           "createIndexes": masked.guarded(txnddl.create_indexes)}
 
 # On the main port: writes are routed here only while main has child branches
 # (mainwrite.NAMES); otherwise they stay on the pass-through fast path.
@@ -378,6 +382,7 @@ class EngineRouter:
                     raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
                                        f"Cannot run '{name}' in a multi-document transaction "
                                        f"on branch {branch.name!r}")
+                handler = TXN.get(name, handler)
                 with txns.active(txn):
                     if txn.begun:
                         # The upstream snapshot is set: no write of an ancestor (nor of

@@ -7,12 +7,11 @@ from typing import Any
 
 from proxy.branching import snapshot, views
 from proxy.branching.catalog import ID_INDEX, with_specs
-from proxy.branching.commands import txnddl
 from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
 from proxy.branching.commands.catalog import exists, visible_collections
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
-from proxy.branching.runner import SESSION
+from proxy.branching.runner import outside_transaction
 from proxy.branching.wal import CREATE, DROP, PUT, Change
 from proxy.wire.codes import Code
 
@@ -45,11 +44,27 @@ async def _state(req: Request, coll: str) -> NsState:
     return state
 
 
+async def own_state(req: Request, coll: str, options: dict[str, Any]) -> NsState:
+    """The overlay of a collection the branch creates and had none of: made with the
+    options at once, the branch's own from the start (nothing of the parent shows
+    through), where `_reset` would make one and start it over. Its children keep not
+    showing the collection."""
+    engine, branch = req.engine, req.on_branch
+    with outside_transaction():
+        await snapshot.before_collection_write(engine, branch, req.db, coll)
+    state = await engine.ensure_state(branch, req.db, coll, req.run, fresh=options)
+    with outside_transaction():
+        await engine.mark_dirty(state)
+    return state
+
+
+def create_options(req: Request) -> dict[str, Any]:
+    return {k: v for k, v in req.cmd.items() if k != "create" and k not in SESSION_FIELDS}
+
+
 async def create(req: Request) -> dict[str, Any]:
     coll = coll_name(req)
-    options = {k: v for k, v in req.cmd.items() if k != "create" and k not in SESSION_FIELDS}
-    if SESSION.get() is not None:
-        return await txnddl.create(req, coll, options)
+    options = create_options(req)
     async with req.engine.writing(req.on_branch):
         if await exists(req, coll):
             # mongod accepts a create of an existing collection only with its options.
@@ -59,8 +74,14 @@ async def create(req: Request) -> dict[str, Any]:
                 raise CommandError(Code.NAMESPACE_EXISTS,
                                    f"Collection {req.db}.{coll} already exists.")
             return {"ok": 1.0}
-        state = await _state(req, coll)
-        await _reset(req, state, options, CREATE)
+        if req.engine.state(req.on_branch, req.db, coll) is None:
+            state = await own_state(req, coll, options)
+            await req.engine.log_changes(req.on_branch, [Change(f"{req.db}.{coll}", None,
+                                                                CREATE, None, None)],
+                                         req.client())
+        else:
+            state = await _state(req, coll)
+            await _reset(req, state, options, CREATE)
         state.present = True
         await req.engine.save_state(state)
     return {"ok": 1.0}
@@ -149,13 +170,16 @@ async def rename_collection(req: Request) -> dict[str, Any]:
     return {"ok": 1.0}
 
 
-async def create_indexes(req: Request) -> dict[str, Any]:
-    coll = coll_name(req)
+def index_specs(req: Request) -> list[Any]:
     specs = req.cmd.get("indexes")
     if not isinstance(specs, list) or not specs:
         raise CommandError(Code.BAD_VALUE, "Must specify at least one index to create")
-    if SESSION.get() is not None:
-        return await txnddl.create_indexes(req, coll, specs)
+    return specs
+
+
+async def create_indexes(req: Request) -> dict[str, Any]:
+    coll = coll_name(req)
+    specs = index_specs(req)
     async with req.engine.writing(req.on_branch):
         created = not await exists(req, coll)
         before = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run) \

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.branching import snapshot
+from proxy.branching import catalog
 from proxy.branching.catalog import with_specs
-from proxy.branching.commands.base import Request
+from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.commands.catalog import exists
+from proxy.branching.commands.ddl import create_options, index_specs, own_state
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
 from proxy.branching.runner import outside_transaction
@@ -58,9 +59,7 @@ async def _new(req: Request, coll: str, options: dict[str, Any]) -> NsState:
     if await _exists(req, coll, state):
         raise CommandError(Code.NAMESPACE_EXISTS, f"Collection {ns} already exists.")
     if state is None:
-        with outside_transaction():
-            await snapshot.before_collection_write(engine, branch, req.db, coll)
-        state = await engine.ensure_state(branch, req.db, coll, req.run, fresh=options)
+        state = await own_state(req, coll, options)
     elif not state.base_dropped or state.options != options:
         # An overlay the branch had before (a collection it dropped): only a drop, which
         # no transaction runs, could start it over with other options.
@@ -68,30 +67,38 @@ async def _new(req: Request, coll: str, options: dict[str, Any]) -> NsState:
             f"Cannot create {ns} with these options in a multi-document transaction on "
             f"branch {branch.name!r}: the branch dropped it earlier with other options; "
             "create it outside a transaction (mongobranch)")
-    with outside_transaction():
-        await engine.mark_dirty(state)
+    else:
+        with outside_transaction():
+            await engine.mark_dirty(state)
     engine.txns.set_aside(state)
     await engine.txns.creating(state)
     await engine.log_changes(branch, [Change(ns, None, CREATE, None, None)], req.client())
     return state
 
 
-async def create(req: Request, coll: str, options: dict[str, Any]) -> dict[str, Any]:
+async def create(req: Request) -> dict[str, Any]:
+    options = create_options(req)
     for option, kind in _NOT_IN_TRANSACTION:
         if options.get(option):
             raise _not_supported(f"Cannot create {kind} in a multi-document transaction.")
     async with req.engine.writing(req.on_branch):
-        await _new(req, coll, options)
+        await _new(req, coll_name(req), options)
     return {"ok": 1.0}
 
 
-async def create_indexes(req: Request, coll: str, specs: list[Any]) -> dict[str, Any]:
+async def create_indexes(req: Request) -> dict[str, Any]:
+    coll, specs = coll_name(req), index_specs(req)
     engine, branch, ns = req.engine, req.on_branch, f"{req.db}.{coll}"
     async with engine.writing(branch):
         state = engine.state(branch, req.db, coll)
         created = state is None or state.key not in _txn().present
         if state is None or created:
             if await _exists(req, coll, state):
+                with outside_transaction():
+                    view = await catalog.view_definition(engine, branch, req.run, req.db, coll)
+                if view is not None:
+                    raise CommandError(Code.COMMAND_NOT_SUPPORTED_ON_VIEW,
+                                       f"Namespace {ns} is a view, not a collection")
                 raise _not_supported(f"Cannot create new indexes on existing collection {ns} "
                                      "in a multi-document transaction.")
             state = await _new(req, coll, {})
