@@ -45,7 +45,7 @@ import pytest
 from bson import Binary, Int64
 from pymongo import MongoClient, ReturnDocument
 from pymongo.collection import Collection
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
 from tests import rawwire
 from tests.servers import ProxyProcess, Secantus
@@ -668,6 +668,44 @@ def test_a_capped_collection_a_branch_took_whole_is_rebuilt_capped_in_order(
             c[DB].cap.insert_one({"_id": 0})  # evicts 1
             assert [d["_id"] for d in c[DB].cap.find()] == [4, 2, 3, 0]
         assert [d["_id"] for d in direct[DB].cap.find()] == [5, 1, 4, 2]
+    finally:
+        for proc in proxies:
+            proc.kill()
+        direct.close()
+
+
+def test_a_collection_a_transaction_created_is_rebuilt_with_its_options_and_indexes(
+        upstream: Secantus) -> None:
+    """A collection made in a committed transaction (create with a validator, a unique
+    index, writes), its overlay still marked dirty when the proxy is killed, is rebuilt
+    from the WAL and the namespace state the transaction committed: the same documents,
+    options and indexes, which the upstream goes on enforcing."""
+    direct: MongoClient = MongoClient(upstream.uri, directConnection=True)
+    proxies: list[ProxyProcess] = []
+    try:
+        first, body = _started(upstream, proxies)
+        with MongoClient(body["uri"]) as c, c.start_session() as s:
+            with s.start_transaction():
+                c[DB].create_collection("made", validator={"n": {"$type": "int"}}, session=s)
+                c[DB].made.create_index("k", unique=True, session=s)
+                c[DB].made.insert_many([{"_id": 1, "k": "a", "n": 1},
+                                        {"_id": 2, "k": "b", "n": 2}], session=s)
+            before = (list(c[DB].made.find()), c[DB].made.options(),
+                      c[DB].made.index_information())
+        assert direct[META].dirty.count_documents({}) >= 1
+        first.kill()
+        second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
+        proxies.append(second.start())
+        assert "rematerializing" in second.read_log()
+        with MongoClient(body["uri"], serverSelectionTimeoutMS=10000) as c:
+            assert (list(c[DB].made.find()), c[DB].made.options(),
+                    c[DB].made.index_information()) == before
+            for bad, code in (({"_id": 3, "k": "c", "n": "x"}, 121),
+                              ({"_id": 3, "k": "a", "n": 3}, 11000)):
+                with pytest.raises(OperationFailure) as info:
+                    c[DB].made.insert_one(bad)
+                assert info.value.code == code
+        assert "made" not in direct[DB].list_collection_names()
     finally:
         for proc in proxies:
             proc.kill()
