@@ -10,8 +10,13 @@ is re-implemented here (and SecantusDB answers that list empty).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
+
+from bson.binary import UUID_SUBTYPE, Binary
+from bson.int64 import Int64
+from bson.objectid import ObjectId
 
 from proxy.branching.errors import CommandError
 from proxy.branching.naming import is_reserved
@@ -74,6 +79,133 @@ async def require_write(run: Runner, db: str, coll: str, operation: str) -> None
             raise unauthorized(
                 f"not authorized to run {operation}: it writes {db}.{coll}, which this user "
                 f"may not change; the upstream answered: {refused}")
+
+
+# -- a transaction's statements ------------------------------------------------------------
+
+# Stages that must open a pipeline: the probe's empty $match goes after them.
+_FIRST_STAGES = frozenset({"$documents", "$geoNear", "$search", "$searchMeta", "$vectorSearch",
+                           "$collStats", "$indexStats", "$currentOp", "$listSessions",
+                           "$listLocalSessions", "$planCacheStats", "$changeStream"})
+
+
+def _insert_probe(coll: Any, bypass: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    return {"insert": coll, "documents": [{"_id": ObjectId()}], **bypass}, True
+
+
+def _update_probe(coll: Any, bypass: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    return {"update": coll, "updates": [{"q": _NOTHING, "u": {"$set": {"_mb_probe": 1}}}],
+            **bypass}, False
+
+
+def _delete_probe(coll: Any) -> tuple[dict[str, Any], bool]:
+    return {"delete": coll, "deletes": [{"q": _NOTHING, "limit": 1}]}, False
+
+
+def _find_probe(coll: Any) -> tuple[dict[str, Any], bool]:
+    return {"find": coll, "filter": _NOTHING, "limit": 1, "singleBatch": True}, False
+
+
+def _write_probes(kind: str, coll: Any, upsert: bool, bypass: dict[str, Any]
+                  ) -> Iterator[tuple[dict[str, Any], bool]]:
+    if kind == "delete":
+        yield _delete_probe(coll)
+        return
+    if kind == "insert":
+        yield _insert_probe(coll, bypass)
+        return
+    yield _update_probe(coll, bypass)
+    if upsert:
+        yield _insert_probe(coll, bypass)
+
+
+def _statement_probes(db: str, cmd: dict[str, Any]
+                      ) -> Iterator[tuple[str, dict[str, Any], bool]]:
+    """(database, probe, whether it writes) for each action a statement needs, on the
+    namespaces the client named, as the client would need them on the upstream itself."""
+    name = next(iter(cmd))
+    target = cmd[name]
+    bypass = {"bypassDocumentValidation": True} if cmd.get("bypassDocumentValidation") else {}
+    if name == "find":
+        yield db, *_find_probe(target)
+    elif name == "distinct":
+        yield db, {"distinct": target, "key": "_id", "query": _NOTHING}, False
+    elif name == "aggregate":
+        # Every namespace the pipeline names is judged when the upstream parses it; no
+        # document reaches a stage past the $match, and one at most comes back.
+        stages = list(cmd.get("pipeline") or [])
+        head = stages[:1] if stages and isinstance(stages[0], dict) \
+            and next(iter(stages[0]), None) in _FIRST_STAGES else []
+        yield db, {"aggregate": target, "cursor": {}, "pipeline": [
+            *head, {"$match": _NOTHING}, *stages[len(head):], {"$limit": 1}]}, False
+    elif name in ("insert", "update", "delete"):
+        upsert = any(isinstance(u, dict) and u.get("upsert") for u in cmd.get("updates") or [])
+        for probe, writes in _write_probes(name, target, upsert, bypass):
+            yield db, probe, writes
+    elif name in ("findAndModify", "findandmodify"):
+        yield db, *_find_probe(target)
+        for probe, writes in _write_probes("delete" if cmd.get("remove") else "update",
+                                           target, bool(cmd.get("upsert")), bypass):
+            yield db, probe, writes
+    elif name == "bulkWrite":
+        namespaces = [info.get("ns") for info in cmd.get("nsInfo") or []
+                      if isinstance(info, dict)]
+        for op in cmd.get("ops") or []:
+            if not isinstance(op, dict) or not op:
+                continue
+            kind = next(iter(op))
+            index = op[kind]
+            ns = _namespace(namespaces[index]) \
+                if isinstance(index, int) and 0 <= index < len(namespaces) else None
+            if ns is not None:
+                for probe, writes in _write_probes(kind, ns[1], bool(op.get("upsert")),
+                                                   bypass):
+                    yield ns[0] or db, probe, writes
+    elif name in ("create", "createIndexes"):
+        yield db, {k: v for k, v in cmd.items() if k not in _SESSION}, True
+
+
+# What a probe copied from a client's command leaves out: it runs in no session of its.
+_SESSION = frozenset({"lsid", "txnNumber", "autocommit", "startTransaction", "$clusterTime",
+                      "readConcern", "writeConcern", "$db", "$readPreference"})
+
+
+async def require_statement(run: Runner, db: str, cmd: dict[str, Any]) -> None:
+    """A statement of a multi-document transaction on a branch runs in the engine's
+    session, as the --upstream URI's user: first the client's own connection is asked
+    whether it may do what the statement does, on the namespaces it names. Probes that
+    read or write nothing ask it of reads, updates and deletes; an insert or a creation
+    is asked by doing one in a transaction of the probe's own, always aborted, so
+    nothing the upstream makes of it stays."""
+    seen: set[str] = set()
+    for probe_db, probe, writes in _statement_probes(db, cmd):
+        key = f"{probe_db}:{next(iter(probe))}:{probe[next(iter(probe))]}:{writes}"
+        if key in seen:
+            continue
+        seen.add(key)
+        refused = await (_probe_aborted(run, probe_db, probe) if writes
+                         else _refusal(run, probe_db, probe))
+        if refused is not None:
+            raise unauthorized(refused)
+
+
+async def _refusal(run: Runner, db: str, cmd: dict[str, Any]) -> str | None:
+    """The upstream's refusal of a probe, if it refused it: any other error is the
+    statement's own to meet when it runs."""
+    reply = await run.reply(db, cmd)
+    if reply.get("code") == Code.UNAUTHORIZED:
+        return str(reply.get("errmsg", "not authorized"))
+    return None
+
+
+async def _probe_aborted(run: Runner, db: str, cmd: dict[str, Any]) -> str | None:
+    lsid = {"id": Binary(uuid.uuid4().bytes, UUID_SUBTYPE)}
+    txn = {"lsid": lsid, "txnNumber": Int64(1), "autocommit": False}
+    try:
+        return await _refusal(run, db, {**cmd, **txn, "startTransaction": True})
+    finally:
+        await run.reply("admin", {"abortTransaction": 1, **txn})
+        await run.reply("admin", {"endSessions": [lsid]})
 
 
 # -- what a branch port never serves --------------------------------------------------------

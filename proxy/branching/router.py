@@ -361,16 +361,9 @@ class EngineRouter:
         """A statement of a multi-document transaction: every upstream call it makes runs
         in the transaction's session (txn.py), on the engine's client. A statement that
         fails aborts the transaction, as on mongod."""
-        if ctx.client_authenticated:
-            # The transaction's session is the engine's, and runs as the URI's user: the
-            # client's own privileges could not judge its statements.
-            raise CommandError(Code.OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
-                               "multi-document transactions on a branch port are supported "
-                               "only for clients running as the proxy's --upstream user, not "
-                               f"for a client that authenticated itself (branch "
-                               f"{branch.name!r}, mongobranch)")
         txns = self.engine.txns
         txn = await txns.enter(branch, req.cmd)
+        own = req.run
         req.run = self.engine.pool
         failed: list[dict[str, Any]] = []
         async with txn.mutex:
@@ -383,6 +376,10 @@ class EngineRouter:
                                        f"Cannot run '{name}' in a multi-document transaction "
                                        f"on branch {branch.name!r}")
                 handler = TXN.get(name, handler)
+                if ctx.client_authenticated:
+                    # The transaction's session is the engine's, and runs as the URI's
+                    # user: the client's own privileges judge each statement first.
+                    await authz.require_statement(own, req.db, req.cmd)
                 with txns.active(txn):
                     if txn.begun:
                         # The upstream snapshot is set: no write of an ancestor (nor of
