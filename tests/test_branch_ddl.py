@@ -119,3 +119,30 @@ def test_overlay_collections_are_never_listed(pair: tuple[Any, Any, Any],
         assert not any(n.startswith("__mb_") for n in main[base.name].list_collection_names())
     finally:
         main.close()
+
+
+def test_list_collections_by_one_name_is_the_full_listing_of_that_name(
+        pair: tuple[Any, Any, Any], proxy: ProxyProcess) -> None:
+    """A listCollections filtered by one name (drivers' existence check before a create)
+    answers, on the branch and on the main port, what the full listing holds of that
+    name: a base collection, one the branch made or dropped, a view, an absent one."""
+    branch, copy, base = pair
+    for db in (branch, copy):
+        db.create_collection("made", validator={"k": {"$type": "int"}})
+        db.drop_collection("b")
+        db.create_collection("seen", viewOn="a", pipeline=[{"$match": {"k": 1}}])
+        db.a.insert_one({"_id": 100, "k": 1})
+    with MongoClient(proxy.uri) as main:
+        on_main = main[base.name]
+        for db in (branch, copy, on_main):
+            # The copy's own database holds the overlays of the branch's copy-ups of
+            # what main changed there (snapshot semantics): the upstream lists them.
+            everything = {info["name"]: info for info in db.list_collections()}
+            for name in ("a", "b", "c", "made", "seen", "absent"):
+                one = list(db.list_collections(filter={"name": name}))
+                assert one == ([everything[name]] if name in everything else []), (db, name)
+                assert db.list_collection_names(filter={"name": name}) \
+                    == [i["name"] for i in one]
+    names = [sorted(n for n in db.list_collection_names() if not n.startswith("__mb_"))
+             for db in (branch, copy)]
+    assert names == [["a", "c", "made", "seen"]] * 2

@@ -32,12 +32,14 @@ def with_specs(before: list[dict[str, Any]], specs: list[Any]) -> list[dict[str,
 
 
 async def base_collections(run: Runner, db: str,
-                           reserved: dict[str, dict[str, Any]] | None = None
-                           ) -> dict[str, dict[str, Any]]:
-    """The upstream's collections in this database, reserved names left out (kept in
-    `reserved` when given)."""
+                           reserved: dict[str, dict[str, Any]] | None = None,
+                           names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The upstream's collections in this database (of these names only, when given),
+    reserved names left out (kept in `reserved` when given)."""
     out: dict[str, dict[str, Any]] = {}
-    cmd = {"listCollections": 1}
+    cmd: dict[str, Any] = {"listCollections": 1}
+    if names is not None:
+        cmd["filter"] = {"name": {"$in": names}}
     async for batch in run.batches(db, cmd):
         for info in batch:
             if not naming.is_reserved(info["name"]):
@@ -71,11 +73,20 @@ async def exists(engine: Engine, branch: Branch, run: Runner, db: str, coll: str
     return bool(reply["cursor"]["firstBatch"])
 
 
-async def visible_collections(engine: Engine, branch: Branch, run: Runner,
-                              db: str) -> dict[str, dict[str, Any]]:
+async def visible_collections(engine: Engine, branch: Branch, run: Runner, db: str,
+                              only: str | None = None) -> dict[str, dict[str, Any]]:
+    """only: the one collection of that name, if the branch shows it. The upstream then
+    lists that name and its overlays alone, not the whole database (drivers ask it
+    before each create: pymongo's `create_collection`)."""
     overlays: dict[str, dict[str, Any]] = {}
-    base = await base_collections(run, db, overlays)
-    states = branch_states(engine, branch, db)
+    if only is None:
+        base = await base_collections(run, db, overlays)
+        states = branch_states(engine, branch, db)
+    else:
+        layers = engine.layers(branch, db, only)
+        base = await base_collections(run, db, overlays,
+                                      [only, *(layer.live for layer in layers)])
+        states = {only: layers} if layers else {}
     out: dict[str, dict[str, Any]] = {}
     for name in sorted(set(base) | set(states)):
         layers = states.get(name, [])

@@ -42,6 +42,7 @@ from proxy.branching.wal import (
 )
 from proxy.config import Config
 from proxy.net.router import Context
+from proxy.wire.codes import Code
 
 log = logging.getLogger("mongobranch.engine")
 
@@ -558,16 +559,24 @@ class Engine:
     async def _new_overlay(self, state: NsState, run: Runner) -> None:
         """A fresh overlay with the state's options, which the upstream judges: its
         refusal is the client's. Collections a crash left before their state was saved
-        (no state names them, and the caller holds the branch's lock) go first, outside
-        any transaction, where a create of an existing one would abort it."""
-        with outside_transaction():
-            reply = await self.pool(state.db, {"listCollections": 1, "nameOnly": True,
-                                               "filter": {"name": {"$in": [
-                                                   state.live, state.hidden]}}})
-            for info in reply["cursor"]["firstBatch"]:
-                await self.pool.reply(state.db, {"drop": info["name"]})
-        await run(state.db, {"create": state.live, **state.options})
-        await run(state.db, {"create": state.hidden})
+        (no state names them, and the caller holds the branch's lock) are dropped and
+        made again; in a transaction, where a create of an existing one would abort it,
+        they are looked for first and dropped outside it."""
+        names = {state.live: {"create": state.live, **state.options},
+                 state.hidden: {"create": state.hidden}}
+        if SESSION.get() is not None:
+            with outside_transaction():
+                reply = await self.pool(state.db, {"listCollections": 1, "nameOnly": True,
+                                                   "filter": {"name": {"$in": list(names)}}})
+                for info in reply["cursor"]["firstBatch"]:
+                    await self.pool.reply(state.db, {"drop": info["name"]})
+        for name, create in names.items():
+            reply = await run.reply(state.db, create)
+            if reply.get("code") == Code.NAMESPACE_EXISTS and SESSION.get() is None:
+                await run(state.db, {"drop": name})
+                reply = await run.reply(state.db, create)
+            if not reply.get("ok"):
+                raise error_from(reply)
 
     async def _create_overlay(self, state: NsState, indexes: list[dict[str, Any]],
                               run: Runner, enforced: dict[str, Any] | None = None) -> None:

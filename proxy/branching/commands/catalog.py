@@ -14,14 +14,25 @@ async def exists(req: Request, coll: str) -> bool:
     return await catalog.exists(req.engine, req.on_branch, req.run, req.db, coll)
 
 
-async def visible_collections(req: Request) -> dict[str, dict[str, Any]]:
-    return await catalog.visible_collections(req.engine, req.on_branch, req.run, req.db)
+async def visible_collections(req: Request, only: str | None = None
+                              ) -> dict[str, dict[str, Any]]:
+    return await catalog.visible_collections(req.engine, req.on_branch, req.run, req.db,
+                                             only)
+
+
+def _one_name(req: Request) -> str | None:
+    """The name a listCollections filter asks for alone (`{name: "c"}`, as drivers check
+    that a collection exists), whose answer is that collection's or nothing."""
+    filt = req.cmd.get("filter")
+    if isinstance(filt, dict) and len(filt) == 1 and isinstance(filt.get("name"), str):
+        return str(filt["name"])
+    return None
 
 
 async def _filtered(req: Request, infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Apply the user's listCollections filter on the server, as mongod would."""
     filt = req.cmd.get("filter")
-    if filt and infos:
+    if filt and infos and _one_name(req) is None:
         cmd = {"aggregate": 1, "pipeline": [documents_stage(infos), {"$match": filt}],
                "cursor": {}}
         infos = [d async for batch in req.run.batches(req.db, cmd) for d in batch]
@@ -31,10 +42,12 @@ async def _filtered(req: Request, infos: list[dict[str, Any]]) -> list[dict[str,
 
 
 async def list_collections(req: Request) -> dict[str, Any]:
+    one = _one_name(req)
     if req.branch is None:
-        infos = list((await catalog.base_collections(req.run, req.db)).values())
+        infos = list((await catalog.base_collections(
+            req.run, req.db, names=None if one is None else [one])).values())
     else:
-        infos = list((await visible_collections(req)).values())
+        infos = list((await visible_collections(req, one)).values())
     return cursor_reply(f"{req.db}.$cmd.listCollections", await _filtered(req, infos))
 
 

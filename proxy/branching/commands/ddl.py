@@ -68,7 +68,7 @@ async def create(req: Request) -> dict[str, Any]:
     async with req.engine.writing(req.on_branch):
         if await exists(req, coll):
             # mongod accepts a create of an existing collection only with its options.
-            shown = (await visible_collections(req)).get(coll) or {}
+            shown = (await visible_collections(req, coll)).get(coll) or {}
             current = dict(shown.get("options") or {})
             if options != current:
                 raise CommandError(Code.NAMESPACE_EXISTS,

@@ -638,7 +638,7 @@ async def create(req: Request) -> dict[str, Any]:
     async with req.engine.writing(req.on_branch):
         await _checked_definition(req, name, options["viewOn"], options["pipeline"])
         if await exists(req, name):
-            shown = (await visible_collections(req)).get(name) or {}
+            shown = (await visible_collections(req, name)).get(name) or {}
             if dict(shown.get("options") or {}) != options:
                 raise CommandError(Code.NAMESPACE_EXISTS,
                                    f"Namespace {req.db}.{name} already exists")
@@ -679,7 +679,7 @@ async def _mod_collection(req: Request, name: str, fields: dict[str, Any]) -> di
         raise CommandError(Code.INVALID_OPTIONS,
                            f"option only supported on a view: "
                            f"{next(k for k in fields if k in _VIEW_OPTIONS)}")
-    shown = (await visible_collections(req)).get(name) or {}
+    shown = (await visible_collections(req, name)).get(name) or {}
     before = dict(shown.get("options") or {})
     indexes = await req.engine.view_indexes(req.on_branch, req.db, name, req.run)
     state = await ddl._state(req, name)
