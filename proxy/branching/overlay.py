@@ -28,7 +28,7 @@ from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import SESSION, Runner, error_from, outside_transaction
 from proxy.branching.stages import documents_stage
 from proxy.branching.txn import in_transaction
-from proxy.branching.wal import PUT, Change, entry_fields, unloggable
+from proxy.branching.wal import DELETE, PUT, Change, entry_fields, unloggable
 from proxy.wire.bsonutil import same
 from proxy.wire.codes import Code
 
@@ -276,6 +276,10 @@ class Writer:
                           f"{self.branch.name!r}: its WAL entry would be over the 16 MiB "
                           "BSON limit even compressed (its data does not compress); store "
                           "it on main or make it smaller"}
+
+    def delete_too_large(self, pre: dict[str, Any]) -> dict[str, Any] | None:
+        """`too_large` for the delete of this document."""
+        return self.too_large(Change(self.ns, pre["_id"], DELETE, pre, None))
 
     async def parent_has(self, ids: list[Any]) -> set[Any]:
         """Which ids the parent view still shows (they would collide on insert)."""

@@ -406,7 +406,7 @@ async def _delete(writer: Writer, stmts: list[Any]) -> dict[str, Any]:
 
 async def _remove(writer: Writer, pres: list[dict[str, Any]]) -> None:
     for pre in pres:
-        if (err := writer.too_large(Change(writer.ns, pre["_id"], DELETE, pre, None))):
+        if (err := writer.delete_too_large(pre)):
             raise CommandError(err["code"], err["errmsg"], code_name=err["codeName"])
     ids = [d["_id"] for d in pres]
     owned = await writer.in_live(ids)
@@ -451,8 +451,7 @@ async def _find_and_modify(writer: Writer, stmts: list[Any]) -> dict[str, Any]:
                                   if k in cmd}
     if pres:
         pre = pres[0]
-        if cmd.get("remove") and (err := writer.too_large(
-                Change(writer.ns, pre["_id"], DELETE, pre, None))) is not None:
+        if cmd.get("remove") and (err := writer.delete_too_large(pre)) is not None:
             return _fam_error(err)
         copied = await writer.copy_on_write([pre])
         value = None if cmd.get("new") and not cmd.get("remove") else \
