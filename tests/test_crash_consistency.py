@@ -208,6 +208,17 @@ def _started(upstream: Secantus, proxies: list[ProxyProcess]) -> tuple[ProxyProc
     return proxy, body
 
 
+def _rebuilt_after_a_kill(upstream: Secantus, direct: MongoClient, first: ProxyProcess,
+                          proxies: list[ProxyProcess]) -> None:
+    """SIGKILL the proxy while an overlay is marked dirty; the next one, on the same
+    ports, rebuilds it from the WAL."""
+    assert direct[META].dirty.count_documents({}) >= 1
+    first.kill()
+    second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
+    proxies.append(second.start())
+    assert "rematerializing" in second.read_log()
+
+
 @pytest.mark.parametrize("kill_after", [12, 45, 100])
 def test_sigkill_mid_workload(upstream: Secantus, kill_after: int) -> None:
     rng = random.Random(SEED + kill_after)
@@ -658,11 +669,7 @@ def test_a_capped_collection_a_branch_took_whole_is_rebuilt_capped_in_order(
             c[DB].cap.update_one({"_id": 4}, {"$set": {"v": 1}})
             before = list(c[DB].cap.find())
         assert [d["_id"] for d in before] == [1, 4, 2, 3]
-        assert direct[META].dirty.count_documents({}) >= 1
-        first.kill()
-        second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
-        proxies.append(second.start())
-        assert "rematerializing" in second.read_log()
+        _rebuilt_after_a_kill(upstream, direct, first, proxies)
         with MongoClient(body["uri"], serverSelectionTimeoutMS=10000) as c:
             assert list(c[DB].cap.find()) == before
             c[DB].cap.insert_one({"_id": 0})  # evicts 1
@@ -692,11 +699,7 @@ def test_a_collection_a_transaction_created_is_rebuilt_with_its_options_and_inde
                                         {"_id": 2, "k": "b", "n": 2}], session=s)
             before = (list(c[DB].made.find()), c[DB].made.options(),
                       c[DB].made.index_information())
-        assert direct[META].dirty.count_documents({}) >= 1
-        first.kill()
-        second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
-        proxies.append(second.start())
-        assert "rematerializing" in second.read_log()
+        _rebuilt_after_a_kill(upstream, direct, first, proxies)
         with MongoClient(body["uri"], serverSelectionTimeoutMS=10000) as c:
             assert (list(c[DB].made.find()), c[DB].made.options(),
                     c[DB].made.index_information()) == before
