@@ -206,6 +206,7 @@ class EngineLink:
                            "connection_id": ctx.connection_id, "app_name": ctx.app_name,
                            "user": ctx.user, "peer": ctx.peer,
                            "client_authenticated": ctx.client_authenticated,
+                           "as_uri_user": ctx.as_uri_user,
                            "gossip": ctx.gossip}})
             doc = await fut
         finally:
@@ -271,6 +272,7 @@ class _RemoteContext:
         self.user = ctx.get("user")
         self.peer = str(ctx.get("peer") or "?")
         self.client_authenticated = bool(ctx.get("client_authenticated"))
+        self.as_uri_user = bool(ctx.get("as_uri_user"))
         self._gossip: dict[str, Any] = ctx.get("gossip") or {}
 
     @property

@@ -302,6 +302,13 @@ def test_anonymous_clients_and_the_uri_user(upstream: Secantus, feat: dict[str, 
                 with connect(port) as anon:  # nor on a branch port
                     refused(anon.app.items.find_one)
                     refused(anon.app.items.insert_one, {"_id": "anon"})
+                    # nor in a transaction, which runs in the proxy's own session
+                    for statement in (lambda s: anon.app.items.find_one(session=s),
+                                      lambda s: anon.app.items.insert_one({"_id": "anon"},
+                                                                          session=s)):
+                        with anon.start_session() as s:
+                            s.start_transaction()
+                            refused(statement, s)
             finally:
                 with connect(proc.port, "brancher") as c:
                     c.admin.command({"dropBranch": "anonb"})

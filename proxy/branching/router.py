@@ -376,9 +376,10 @@ class EngineRouter:
                                        f"Cannot run '{name}' in a multi-document transaction "
                                        f"on branch {branch.name!r}")
                 handler = TXN.get(name, handler)
-                if ctx.client_authenticated:
+                if not ctx.as_uri_user:
                     # The transaction's session is the engine's, and runs as the URI's
-                    # user: the client's own privileges judge each statement first.
+                    # user: the client's own privileges (an anonymous client's too,
+                    # when it is not lent that user) judge each statement first.
                     await authz.require_statement(own, req.db, req.cmd)
                 with txns.active(txn):
                     if txn.begun:

@@ -172,6 +172,7 @@ class SystemContext:
     connection_id: int = 0
     peer: str = "mongobranch"
     client_authenticated: bool = False
+    as_uri_user: bool = True
 
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("system requests run on the engine's pool")

@@ -275,6 +275,12 @@ class ClientConnection(MessageProtocol):
             raise
 
     @property
+    def as_uri_user(self) -> bool:
+        """Whether the upstream knows this client as the --upstream URI's user: it did
+        not authenticate, and the operator lends anonymous clients that user."""
+        return not self.client_authenticated and self.anonymous_as_uri_user
+
+    @property
     def gossip(self) -> dict[str, Any]:
         return self._gossip or _latest_gossip
 

@@ -52,8 +52,13 @@ class Context(Protocol):
     app_name: str | None
     user: str | None
     peer: str
-    # Whether the client authenticated itself (else it runs as the --upstream URI's user).
+    # Whether the client authenticated itself.
     client_authenticated: bool
+
+    @property
+    def as_uri_user(self) -> bool:
+        """Whether it runs as the --upstream URI's user: anonymous, and lent that user."""
+        ...
 
     async def upstream_command(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         """Run a command on this client's own upstream connection."""
