@@ -298,11 +298,12 @@ def test_uri_credentials_after_upstream_restart(
         assert c.authdb.via_uri.find_one({"_id": "after"}) == {"_id": "after"}
 
 
-def test_branch_transactions_run_as_the_uri_user_only(credentialed_proxy: ProxyProcess
-                                                      ) -> None:
+def test_branch_transactions_judge_a_client_with_its_own_privileges(
+        credentialed_proxy: ProxyProcess) -> None:
     """A transaction on a branch port runs in the engine's own session, as the --upstream
-    URI's user: it serves the clients that run as that user, and is refused (263) to a
-    client that authenticated itself, whose own privileges could not judge it."""
+    URI's user. A client running as that user is served as it is; a client that
+    authenticated itself has each statement judged with its own privileges first: the
+    read-only user reads in a transaction, and its write is refused (13) and ends it."""
     status, branch = credentialed_proxy.api("POST", "/branches", {"name": "auth-txn"})
     assert status == 201, branch
     assert isinstance(branch, dict)
@@ -316,9 +317,13 @@ def test_branch_transactions_run_as_the_uri_user_only(credentialed_proxy: ProxyP
         with MongoClient(branch["uri"], username=READER, password=READER_PASSWORD,
                          serverSelectionTimeoutMS=5000) as c, c.start_session() as session:
             session.start_transaction()
+            assert c.authdb.txn.find_one({}, session=session) == {"_id": 1}
+            with pytest.raises(OperationFailure) as info:
+                c.authdb.txn.insert_one({"_id": 2}, session=session)
+            assert info.value.code == 13, info.value.details
             with pytest.raises(OperationFailure) as info:
                 c.authdb.txn.find_one({}, session=session)
-            assert info.value.code == 263 and "authenticated itself" in str(info.value)
-            session.abort_transaction()
+            assert info.value.code == 251
+            assert c.authdb.txn.find_one({"_id": 2}) is None
     finally:
         credentialed_proxy.api("DELETE", "/branches/auth-txn")
