@@ -505,14 +505,16 @@ class Engine:
 
     async def ensure_state(self, branch: Branch, db: str, coll: str, run: Runner, *,
                            whole: dict[str, Any] | None = None,
-                           fresh: dict[str, Any] | None = None) -> NsState:
+                           fresh: dict[str, Any] | None = None,
+                           base: dict[str, Any] | None = None) -> NsState:
         """The branch's overlay for a collection, created with the view's indexes.
 
         whole: the options of a capped collection the branch takes whole
         (`snapshot.own_capped`): its overlay is created capped with them.
         fresh: the options of a collection the branch creates in a transaction, where no
         drop can start an overlay over (ddl's `_reset`): it is the branch's own from the
-        start, created with them, and nothing of the parent shows through it."""
+        start, created with them, and nothing of the parent shows through it.
+        base: the base collection's options, when the caller has just read them."""
         state = self.state(branch, db, coll)
         if state is not None:
             return state
@@ -533,7 +535,7 @@ class Engine:
         if not state.base_dropped and not views.options_of(layers) \
                 and not any(layer.base_dropped for layer in layers):
             # The base collection's own validation: the branch's writes meet it too.
-            options = await self.base_options(db, coll)
+            options = await self.base_options(db, coll) if base is None else base
             if views.enforced([NsState(branch.bid, db, coll, options=options)]):
                 state.options, state.options_base = options, dict(options)
         await self._create_overlay(state, indexes, run, views.enforced([state, *layers]))

@@ -578,12 +578,13 @@ async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: s
     async with engine.branch_lock(branch.bid).setup:
         with outside_transaction():
             await snapshot.before_collection_write(engine, branch, db, coll)
+        base = None
         if SESSION.get() is None and engine.state(branch, db, coll) is None:
-            await snapshot.own_capped(engine, branch, db, coll)
+            base = await snapshot.own_capped(engine, branch, db, coll)
         # In a transaction (txn.py) a new overlay is created in it (an abort leaves no
         # overlay behind), and the collection exists once it commits; the dirty marker
         # changes no view and is set outside it.
-        state = await engine.ensure_state(branch, db, coll, runner)
+        state = await engine.ensure_state(branch, db, coll, runner, base=base)
         with outside_transaction():
             await engine.mark_dirty(state)
         engine.txns.set_aside(state)

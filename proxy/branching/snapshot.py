@@ -379,7 +379,8 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     return copied
 
 
-async def own_capped(engine: Engine, branch: Branch, db: str, coll: str) -> None:
+async def own_capped(engine: Engine, branch: Branch, db: str, coll: str
+                     ) -> dict[str, Any] | None:
     """A branch's first write to a capped collection that one upstream collection holds
     whole for it (the base, or an ancestor's own copy): the branch takes the collection
     whole, in a capped overlay of the same limits, its documents copied in their
@@ -388,18 +389,22 @@ async def own_capped(engine: Engine, branch: Branch, db: str, coll: str) -> None
     a capped collection could do none of it.
 
     The copies come first and the `own` entry last: a crash in between leaves the branch
-    reading through an overlay holding copies of what it shows, still exact."""
+    reading through an overlay holding copies of what it shows, still exact. Returns
+    the base collection's options when it read them and the collection is not capped
+    (the overlay made next needs them too), else None."""
     if branch.mode == "copy":
-        return
+        return None
     layers = engine.layers(branch, db, coll)
     if not layers:
         source, options = coll, await engine.base_options(db, coll)
+        if not options.get("capped"):
+            return options
     elif len(layers) == 1 and layers[0].base_dropped and layers[0].present:
         source, options = layers[0].live, dict(layers[0].options)
     else:
-        return
+        return None
     if not options.get("capped"):
-        return
+        return None
     state = await engine.ensure_state(branch, db, coll, engine.pool, whole=options)
     await engine.mark_dirty(state)
     async for batch in engine.pool.batches(db, {"find": source, "sort": {"$natural": 1}}):
@@ -409,6 +414,7 @@ async def own_capped(engine: Engine, branch: Branch, db: str, coll: str) -> None
     state.base_dropped = True
     state.present = True
     await engine.save_state(state)
+    return None
 
 
 async def _view_shown(engine: Engine, layers: list[NsState], db: str,
