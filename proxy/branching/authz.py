@@ -20,7 +20,7 @@ from bson.objectid import ObjectId
 
 from proxy.branching.errors import CommandError
 from proxy.branching.naming import is_reserved
-from proxy.branching.runner import Runner, error_from
+from proxy.branching.runner import CLIENT_SESSION_FIELDS, Runner, error_from
 from proxy.wire.codes import Code
 
 # Matches no document: the probes below read or change nothing.
@@ -162,12 +162,8 @@ def _statement_probes(db: str, cmd: dict[str, Any]
                                                    bypass):
                     yield ns[0] or db, probe, writes
     elif name in ("create", "createIndexes"):
-        yield db, {k: v for k, v in cmd.items() if k not in _SESSION}, True
-
-
-# What a probe copied from a client's command leaves out: it runs in no session of its.
-_SESSION = frozenset({"lsid", "txnNumber", "autocommit", "startTransaction", "$clusterTime",
-                      "readConcern", "writeConcern", "$db", "$readPreference"})
+        # A copy of the client's command runs in no session of the client's.
+        yield db, {k: v for k, v in cmd.items() if k not in CLIENT_SESSION_FIELDS}, True
 
 
 async def require_statement(run: Runner, db: str, cmd: dict[str, Any]) -> None:
