@@ -11,11 +11,9 @@ from typing import Any
 from proxy.branching import naming, views
 from proxy.branching.engine import Engine
 from proxy.branching.errors import CommandError
-from proxy.branching.model import Branch, NsState
+from proxy.branching.model import ID_INDEX, Branch, NsState
 from proxy.branching.runner import Runner, outside_transaction
 from proxy.wire.codes import Code
-
-ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
 
 
 def with_specs(before: list[dict[str, Any]], specs: list[Any]) -> list[dict[str, Any]]:

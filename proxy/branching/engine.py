@@ -24,7 +24,14 @@ from proxy.branching.errors import BranchError, Kind
 from proxy.branching.failpoints import FailPoints
 from proxy.branching.lifecycle import Lifecycle
 from proxy.branching.locks import BranchLock
-from proxy.branching.model import HIDDEN_CACHE_LIMIT, ISOLATION, SNAPSHOT, Branch, NsState
+from proxy.branching.model import (
+    HIDDEN_CACHE_LIMIT,
+    ID_INDEX,
+    ISOLATION,
+    SNAPSHOT,
+    Branch,
+    NsState,
+)
 from proxy.branching.runner import SESSION, Runner, error_from, outside_transaction, pooled
 from proxy.branching.snapshot import Fence
 from proxy.branching.txn import CURRENT, Transactions
@@ -522,7 +529,7 @@ class Engine:
         state = NsState(branch.bid, db, coll, base_dropped=branch.mode == "copy")
         if fresh is not None:
             state.base_dropped, state.options = True, dict(fresh)
-            state.indexes = [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
+            state.indexes = [dict(ID_INDEX)]
             await self._new_overlay(state, run)
             return await self._added(state)
         indexes = await self.view_indexes(branch, db, coll, run)
@@ -616,14 +623,14 @@ class Engine:
             if layer.indexes is not None:
                 return list(layer.indexes)
             if layer.base_dropped:
-                return [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
+                return [dict(ID_INDEX)]
         # Outside a transaction: mongod runs no listIndexes in one, and a branch's indexes
         # do not change inside one (DDL is refused there).
         with outside_transaction():
             reply = await run.reply(db, {"listIndexes": coll})
         if not reply.get("ok"):
             # Not in the base: a collection the branch creates starts with _id only.
-            return [{"v": 2, "key": {"_id": 1}, "name": "_id_"}]
+            return [dict(ID_INDEX)]
         return list(reply["cursor"]["firstBatch"])
 
     async def save_branch(self, branch: Branch) -> None:

@@ -12,6 +12,8 @@ from proxy.branching.idkey import idkey
 # Hidden-id sets up to this size are kept in memory and excluded with $nin;
 # larger ones are excluded server-side by an indexed anti-join.
 HIDDEN_CACHE_LIMIT = 20_000
+# The `_id` index every collection has, as mongod lists it (copy it before changing it).
+ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
 # What a branch's snapshot holds against (docs/ARCHITECTURE.md, "Snapshots"): "snapshot"
 # while the capture of the upstream's change stream preserves every write to main, however
 # made; "proxy-writes-only" when only writes made through the proxy are preserved.

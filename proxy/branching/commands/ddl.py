@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.branching import snapshot, views
-from proxy.branching.catalog import ID_INDEX, with_specs
+from proxy.branching.catalog import with_specs
 from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
 from proxy.branching.commands.catalog import exists, visible_collections
 from proxy.branching.errors import CommandError
-from proxy.branching.model import NsState
+from proxy.branching.model import ID_INDEX, NsState
 from proxy.branching.runner import outside_transaction
 from proxy.branching.wal import CREATE, DROP, PUT, Change
 from proxy.wire.codes import Code
