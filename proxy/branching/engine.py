@@ -565,6 +565,18 @@ class Engine:
             return {}
         return dict(batch[0].get("options") or {})
 
+    @staticmethod
+    async def _overlay_left(state: NsState, run: Runner) -> list[str]:
+        """The state's overlay collections already on the upstream (an earlier run made
+        them before the state was saved), asked outside any transaction: mongod lists no
+        collections in one."""
+        with outside_transaction():
+            reply = await run.reply(state.db, {"listCollections": 1, "nameOnly": True,
+                                               "filter": {"name": {"$in": [
+                                                   state.live, state.hidden]}}})
+        return [info["name"] for info in reply["cursor"]["firstBatch"]] \
+            if reply.get("ok") else []
+
     async def _new_overlay(self, state: NsState, run: Runner) -> None:
         """A fresh overlay with the state's options, which the upstream judges: its
         refusal is the client's. Collections a crash left before their state was saved
@@ -574,11 +586,9 @@ class Engine:
         names = {state.live: {"create": state.live, **state.options},
                  state.hidden: {"create": state.hidden}}
         if SESSION.get() is not None:
-            with outside_transaction():
-                reply = await self.pool(state.db, {"listCollections": 1, "nameOnly": True,
-                                                   "filter": {"name": {"$in": list(names)}}})
-                for info in reply["cursor"]["firstBatch"]:
-                    await self.pool.reply(state.db, {"drop": info["name"]})
+            for name in await self._overlay_left(state, run):
+                with outside_transaction():
+                    await self.pool.reply(state.db, {"drop": name})
         for name, create in names.items():
             reply = await run.reply(state.db, create)
             if reply.get("code") == Code.NAMESPACE_EXISTS and SESSION.get() is None:
@@ -592,15 +602,10 @@ class Engine:
         """The overlay's collections, with the view's indexes and the validation the
         branch (or an ancestor) set with collMod (`enforced`), so that the upstream
         validates the branch's writes."""
-        if SESSION.get() is not None:
+        if SESSION.get() is not None and await self._overlay_left(state, run):
             # In a transaction an error aborts it, NamespaceExists too: create only what
             # is not there (an overlay left by an earlier run is complete).
-            with outside_transaction():
-                reply = await run.reply(state.db, {"listCollections": 1, "nameOnly": True,
-                                                   "filter": {"name": {"$in": [
-                                                       state.live, state.hidden]}}})
-            if reply.get("ok") and reply["cursor"]["firstBatch"]:
-                return
+            return
         for name in (state.live, state.hidden):
             # The validation goes in with the live collection's creation: no collMod
             # (which a client may not be allowed, and no transaction may run).
