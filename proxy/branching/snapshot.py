@@ -397,14 +397,12 @@ async def own_capped(engine: Engine, branch: Branch, db: str, coll: str
     layers = engine.layers(branch, db, coll)
     if not layers:
         source, options = coll, await engine.base_options(db, coll)
-        if not options.get("capped"):
-            return options
     elif len(layers) == 1 and layers[0].base_dropped and layers[0].present:
         source, options = layers[0].live, dict(layers[0].options)
     else:
         return None
     if not options.get("capped"):
-        return None
+        return None if layers else options
     state = await engine.ensure_state(branch, db, coll, engine.pool, whole=options)
     await engine.mark_dirty(state)
     async for batch in engine.pool.batches(db, {"find": source, "sort": {"$natural": 1}}):

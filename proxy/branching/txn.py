@@ -278,20 +278,23 @@ class Transactions:
         if txn is None:
             return False
         if state.key not in txn.present:
-            await self.engine.meta["namespaces"].replace_one(
-                {"_id": state.key}, {**state.to_doc(), "present": True}, upsert=True,
-                session=SESSION.get())
+            await self._record(state)
             txn.present[state.key] = state
         return True
+
+    async def _record(self, state: NsState, **fields: Any) -> None:
+        """A collection's namespace state as the commit makes it (present, and these
+        fields), written in the transaction."""
+        await self.engine.meta["namespaces"].replace_one(
+            {"_id": state.key}, {**state.to_doc(), "present": True, **fields}, upsert=True,
+            session=SESSION.get())
 
     async def set_indexes(self, state: NsState, indexes: list[dict[str, Any]]) -> None:
         """A collection created in the transaction has these indexes once it commits:
         in its namespace state upstream now, in the engine's memory then."""
         txn = CURRENT.get()
         assert txn is not None and state.key in txn.present
-        await self.engine.meta["namespaces"].replace_one(
-            {"_id": state.key}, {**state.to_doc(), "present": True, "indexes": indexes},
-            upsert=True, session=SESSION.get())
+        await self._record(state, indexes=indexes)
         txn.indexes[state.key] = (state, indexes)
 
     def indexes_of(self, state: NsState) -> list[dict[str, Any]] | None:
