@@ -61,12 +61,12 @@ async def _new(req: Request, coll: str, options: dict[str, Any]) -> NsState:
     if state is None:
         state = await own_state(req, coll, options)
     elif not state.base_dropped or state.options != options:
-        # An overlay the branch had before (a collection it dropped): only a drop, which
-        # no transaction runs, could start it over with other options.
+        # An overlay the branch had before (a collection it dropped, or one it kept a
+        # view of): only a drop, which no transaction runs, could start it over.
         raise _not_supported(
             f"Cannot create {ns} with these options in a multi-document transaction on "
-            f"branch {branch.name!r}: the branch dropped it earlier with other options; "
-            "create it outside a transaction (mongobranch)")
+            f"branch {branch.name!r}: the branch already has an overlay of it (dropped or "
+            "kept earlier); create it outside a transaction (mongobranch)")
     else:
         with outside_transaction():
             await engine.mark_dirty(state)
