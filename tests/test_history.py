@@ -51,12 +51,14 @@ def test_log_newest_first_with_paging(proxy: ProxyProcess, client: MongoClient,
         items.insert_one({"_id": "new", "v": 99})
         b[db_name].other.insert_many([{"_id": 1}, {"_id": 2}])
     log = entries(proxy, name)
+    # `other` is new on the branch: its first write makes it the branch's own (`own`).
     assert [(e["op"], e["ns"], e["_id"]) for e in log] == [
         ("put", f"{db_name}.other", 2), ("put", f"{db_name}.other", 1),
+        ("own", f"{db_name}.other", None),
         ("put", f"{db_name}.items", "new"), ("delete", f"{db_name}.items", 2),
         ("put", f"{db_name}.items", 1)]
     lsns = [e["lsn"] for e in log]
-    assert lsns == sorted(lsns, reverse=True) and len(set(lsns)) == 5
+    assert lsns == sorted(lsns, reverse=True) and len(set(lsns)) == 6
     assert all(e["visible"] for e in log)
     assert all(e["client"]["app"] == "hist-log" for e in log)
     for e in log:

@@ -512,6 +512,40 @@ def test_reset_of_the_child_goes_back_to_the_parent_as_at_the_fork(
     assert diff(proxy, child["name"])["changes"] == []
 
 
+def test_a_collection_new_on_the_branch_stays_its_own(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    """A collection the branch creates by writing to it is the branch's own from the
+    first write (nothing of the parent shows through it, whatever the parent does with
+    that name later), and a reset to before that write shows it absent, as at the fork.
+    Its writes hide no ids (overlay.Writer.hide), so the branch's diff and describe
+    count its changes from the WAL."""
+    seed(client, db_name)
+    child = made.create()
+    with made.client(child) as c:
+        expected = view(c[db_name])
+        mark = entries(proxy, child["name"], limit=1)
+        c[db_name].fresh.insert_many([{"_id": i, "v": "c"} for i in range(3)])
+        c[db_name].fresh.update_one({"_id": 0}, {"$set": {"v": "c2"}})
+        c[db_name].fresh.delete_one({"_id": 2})
+        # Main creates a collection of the same name, with an id the branch holds too.
+        client[db_name].fresh.insert_many([{"_id": 1, "v": "main"}, {"_id": 9, "v": "main"}])
+        client[db_name].fresh.insert_one({"_id": 10, "v": "main"})
+        assert sorted(c[db_name].fresh.find(), key=lambda d: d["_id"]) == \
+            [{"_id": 0, "v": "c2"}, {"_id": 1, "v": "c"}]
+        assert c[db_name].fresh.count_documents({"v": "main"}) == 0
+        assert c[db_name].fresh.find_one({"_id": 9}) is None
+        shown = ok(proxy, "GET", f"/branches/{child['name']}")["namespaces"][
+            f"{db_name}.fresh"]
+        assert (shown["changed"], shown["kept"], shown["live"]) == (3, 0, 2), shown
+        assert {i for ns, _, i in doc_changes(diff(proxy, child["name"]))
+                if ns == f"{db_name}.fresh"} == {0, 1}
+        ok(proxy, "POST", f"/branches/{child['name']}/reset",
+           {"to": mark[0]["lsn"] if mark else 0})
+        assert view(c[db_name]) == expected
+        assert "fresh" not in c[db_name].list_collection_names()
+        assert c[db_name].fresh.find_one({"_id": 9}) is None
+
+
 def test_the_scenario_of_issue_11(proxy: ProxyProcess, client: MongoClient,
                                   direct: MongoClient, made: Branches, db_name: str) -> None:
     """The issue's scenario, run as written, checked at every step: writes on main

@@ -461,10 +461,9 @@ class Engine:
             if state.bid != branch.bid:
                 continue
             db = self.client[state.db]
-            hidden = await db[state.hidden].count_documents({})
-            kept = await self._kept(branch, state)
+            changed, kept = await self._touched(branch, state)
             namespaces[f"{state.db}.{state.coll}"] = {
-                "changed": hidden - kept,
+                "changed": changed,
                 # Documents held only to keep the parent as it was at the fork.
                 "kept": kept,
                 "live": await db[state.live].count_documents({}),
@@ -476,18 +475,26 @@ class Engine:
             info["owner"] = self.owner()
         return info
 
-    async def _kept(self, branch: Branch, state: NsState) -> int:
-        """Ids whose only WAL entries are copy-ups of the parent (keep): held by the
-        branch's overlay, but not changes of its own."""
-        match = {"b": branch.bid, "ns": f"{state.db}.{state.coll}", **branch.visible()}
+    async def _touched(self, branch: Branch, state: NsState) -> tuple[int, int]:
+        """The ids the branch changed in a collection, and those whose only WAL entries
+        are copy-ups of the parent (keep): held by its overlay, but not changes of its
+        own. Counted from the WAL entries since the overlay last started over (a drop, a
+        create), as rematerialization folds them, not from the hidden set: a collection
+        the branch owns whole hides nothing (`overlay.Writer.hide`)."""
+        match: dict[str, Any] = {"b": branch.bid, "ns": f"{state.db}.{state.coll}",
+                                 **branch.visible()}
+        marker = await self.wal.first({**match, "op": {"$in": list(STARTS)}}, newest=True)
+        if marker is not None:
+            match["_id"] = {"$gt": marker["_id"]}
+        match["op"] = {"$nin": [*STARTS, OWN]}
         reply = await self.pool(self.meta_db, {"aggregate": "wal", "allowDiskUse": True,
                                                "cursor": {}, "pipeline": [
             *matching(match),
             {"$group": {"_id": "$id", "own": {"$max": {"$cond": [
                 {"$eq": ["$op", KEEP]}, 0, 1]}}}},
-            {"$match": {"own": 0}}, {"$count": "n"}]})
-        batch = reply["cursor"]["firstBatch"]
-        return int(batch[0]["n"]) if batch else 0
+            {"$group": {"_id": "$own", "n": {"$sum": 1}}}]})
+        counts = {d["_id"]: int(d["n"]) for d in reply["cursor"]["firstBatch"]}
+        return counts.get(1, 0), counts.get(0, 0)
 
     # -- namespaces ---------------------------------------------------------------------
     def state(self, branch: Branch, db: str, coll: str) -> NsState | None:
@@ -517,7 +524,7 @@ class Engine:
         """The branch's overlay for a collection, created with the view's indexes.
 
         whole: the options of a capped collection the branch takes whole
-        (`snapshot.own_capped`): its overlay is created capped with them.
+        (`snapshot.first_write`): its overlay is created capped with them.
         fresh: the options of a collection the branch creates in a transaction, where no
         drop can start an overlay over (ddl's `_reset`): it is the branch's own from the
         start, created with them, and nothing of the parent shows through it.
@@ -542,7 +549,7 @@ class Engine:
         if not state.base_dropped and not views.options_of(layers) \
                 and not any(layer.base_dropped for layer in layers):
             # The base collection's own validation: the branch's writes meet it too.
-            options = await self.base_options(db, coll) if base is None else base
+            options = (await self.base_options(db, coll) or {}) if base is None else base
             if views.enforced([NsState(branch.bid, db, coll, options=options)]):
                 state.options, state.options_base = options, dict(options)
         await self._create_overlay(state, indexes, run, views.enforced([state, *layers]))
@@ -554,14 +561,17 @@ class Engine:
         self.txns.created(state)
         return state
 
-    async def base_options(self, db: str, coll: str) -> dict[str, Any]:
-        """The base collection's options (validator, capped, ...); {} for none or a view."""
+    async def base_options(self, db: str, coll: str) -> dict[str, Any] | None:
+        """The base collection's options (validator, capped, ...); {} for none or a view,
+        None when the base has no such name."""
         # Outside a transaction: mongod runs no listCollections in one, and the base's
         # options are the same in and out of it.
         with outside_transaction():
             reply = await self.pool(db, {"listCollections": 1, "filter": {"name": coll}})
         batch = reply["cursor"]["firstBatch"]
-        if not batch or batch[0].get("type", "collection") != "collection":
+        if not batch:
+            return None
+        if batch[0].get("type", "collection") != "collection":
             return {}
         return dict(batch[0].get("options") or {})
 

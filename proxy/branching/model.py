@@ -8,6 +8,7 @@ from typing import Any
 
 from proxy.branching import naming
 from proxy.branching.idkey import idkey
+from proxy.branching.wal import UNVOIDED
 
 # Hidden-id sets up to this size are kept in memory and excluded with $nin;
 # larger ones are excluded server-side by an indexed anti-join.
@@ -69,12 +70,15 @@ class Branch:
                 "mask_salt": self.mask_salt}
 
     def visible(self) -> dict[str, Any]:
-        """A WAL filter leaving out the entries a reset voided. A reset never voids a
-        parent's image kept for the branch (snapshot.py): it is what the branch showed
-        before that entry too."""
+        """A WAL filter leaving out the entries a reset voided. A reset never voids what
+        the branch holds of its parent as the parent was (snapshot.py): an image kept for
+        it (`keep`), or a collection it holds whole (`own`: copied whole before the
+        parent changed the collection, or absent from the parent when the branch first
+        wrote to it, or created on the parent after the fork). Each is what the branch
+        showed before that entry too."""
         if not self.voids:
             return {}
-        return {"$nor": [{"_id": {"$gt": lo, "$lte": hi}, "op": {"$ne": "keep"}}
+        return {"$nor": [{"_id": {"$gt": lo, "$lte": hi}, "op": {"$nin": list(UNVOIDED)}}
                          for lo, hi in self.voids]}
 
     @classmethod

@@ -283,6 +283,8 @@ class Writer:
 
     async def parent_has(self, ids: list[Any]) -> set[Any]:
         """Which ids the parent view still shows (they would collide on insert)."""
+        if self.state.base_dropped:
+            return set()  # nothing of the parent shows through
         found: set[Any] = set()
         for start in range(0, len(ids), BATCH):
             chunk = ids[start:start + BATCH]
@@ -334,8 +336,14 @@ class Writer:
         """Hide ids from the parent; returns those this call hid (the others were hidden
         already: by an earlier delete, or as the branch's own documents), the only ones
         an undo may un-hide. pooled: on the engine's own connection, so it can run beside
-        a write on the client's (the hidden-id collection is the proxy's own)."""
-        if not ids:
+        a write on the client's (the hidden-id collection is the proxy's own).
+
+        A collection the branch owns whole (dropped and refilled, created by it, taken
+        whole, or any collection of a copy branch) hides nothing: its parent never shows
+        through it, so no read consults its hidden set, and a reset rebuilds that set
+        from the WAL. Its writes skip the hidden-id insert, a third of what a branch
+        insert makes the upstream write."""
+        if not ids or self.state.base_dropped:
             return []
         if SESSION.get() is not None:
             return await self._hide_in_transaction(ids, pooled)
@@ -578,15 +586,21 @@ async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: s
     async with engine.branch_lock(branch.bid).setup:
         with outside_transaction():
             await snapshot.before_collection_write(engine, branch, db, coll)
-        base = None
+        first = snapshot.FirstWrite()
         if SESSION.get() is None and engine.state(branch, db, coll) is None:
-            base = await snapshot.own_capped(engine, branch, db, coll)
+            first = await snapshot.first_write(engine, branch, db, coll)
         # In a transaction (txn.py) a new overlay is created in it (an abort leaves no
         # overlay behind), and the collection exists once it commits; the dirty marker
-        # changes no view and is set outside it.
-        state = await engine.ensure_state(branch, db, coll, runner, base=base)
+        # changes no view and is set outside it. A collection the parent does not show
+        # is the branch's own from the start, as an explicit `create` makes it: nothing
+        # of a parent's later collection of that name shows through, reads run on the
+        # overlay alone, and writes hide no ids.
+        state = await engine.ensure_state(branch, db, coll, runner, base=first.base,
+                                          fresh={} if first.absent else None)
         with outside_transaction():
             await engine.mark_dirty(state)
+        if first.absent and state.base_dropped:
+            await snapshot.own(engine, branch, state, client)
         engine.txns.set_aside(state)
         if state.present is not True and not await engine.txns.creating(state):
             state.present = True

@@ -16,6 +16,7 @@ its ancestors' fences as readers: a child never sees a parent's write half prese
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from proxy.branching import views, viewscan
@@ -363,7 +364,7 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
             state.options = dict(owner.options)
         elif not state.options:
             state.options = dict(views.options_of(above)) or (
-                await engine.base_options(db, coll) if present else {})
+                (await engine.base_options(db, coll) or {}) if present else {})
         await engine.wal.append(kid.bid, [Change(f"{db}.{coll}", None, OWN, None, None)],
                                 SYSTEM)
         state.base_dropped = True
@@ -372,47 +373,72 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
         # child's once it reads no more of its ancestors.
         if not state.options:
             state.options = dict(views.options_of(above)) or (
-                await engine.base_options(db, coll) if present else {})
+                (await engine.base_options(db, coll) or {}) if present else {})
             state.options_base = dict(state.options)
         state.detached = True
     await engine.save_state(state)
     return copied
 
 
-async def own_capped(engine: Engine, branch: Branch, db: str, coll: str
-                     ) -> dict[str, Any] | None:
-    """A branch's first write to a capped collection that one upstream collection holds
-    whole for it (the base, or an ancestor's own copy): the branch takes the collection
-    whole, in a capped overlay of the same limits, its documents copied in their
-    natural (insertion) order as `keep` entries, so that the upstream keeps the capped
-    order, evicts the oldest documents past the limits, and tails it. An overlay beside
-    a capped collection could do none of it.
+@dataclass
+class FirstWrite:
+    """What a branch's first write to a collection learnt of the parent's."""
 
-    The copies come first and the `own` entry last: a crash in between leaves the branch
-    reading through an overlay holding copies of what it shows, still exact. Returns
-    the base collection's options when it read them and the collection is not capped
-    (the overlay made next needs them too), else None."""
+    # The base collection's options, when they were read (the overlay made next needs
+    # them too).
+    base: dict[str, Any] | None = None
+    # The parent view shows no collection of that name: the write creates it.
+    absent: bool = False
+
+
+async def first_write(engine: Engine, branch: Branch, db: str, coll: str) -> FirstWrite:
+    """Before a branch's first write to a collection: whether its parent shows the
+    collection at all, and if it is capped, the branch takes it whole.
+
+    Capped, held whole by one upstream collection (the base, or an ancestor's own copy):
+    the branch takes it in a capped overlay of the same limits, its documents copied in
+    their natural (insertion) order as `keep` entries, so that the upstream keeps the
+    capped order, evicts the oldest documents past the limits, and tails it. An overlay
+    beside a capped collection could do none of it. The copies come first and the `own`
+    entry last: a crash in between leaves the branch reading through an overlay holding
+    copies of what it shows, still exact.
+
+    Absent is told only where it costs no extra round trip: the base read for its
+    options anyway, or an ancestor's state that says so."""
     if branch.mode == "copy":
-        return None
+        return FirstWrite()
     layers = engine.layers(branch, db, coll)
     if not layers:
-        source, options = coll, await engine.base_options(db, coll)
+        options = await engine.base_options(db, coll)
+        if options is None:
+            return FirstWrite(absent=True)
+        source = coll
     elif len(layers) == 1 and layers[0].base_dropped and layers[0].present:
         source, options = layers[0].live, dict(layers[0].options)
     else:
-        return None
+        decided = next((layer.present for layer in layers if layer.present is not None),
+                       None)
+        return FirstWrite(absent=decided is False)
     if not options.get("capped"):
-        return None if layers else options
+        return FirstWrite(base=None if layers else options)
     state = await engine.ensure_state(branch, db, coll, engine.pool, whole=options)
     await engine.mark_dirty(state)
     async for batch in engine.pool.batches(db, {"find": source, "sort": {"$natural": 1}}):
         await _keep(engine, branch, state, [(d["_id"], d) for d in batch])
-    await engine.wal.append(branch.bid, [Change(f"{db}.{coll}", None, OWN, None, None)],
-                            SYSTEM)
+    await own(engine, branch, state)
+    return FirstWrite()
+
+
+async def own(engine: Engine, branch: Branch, state: NsState,
+              client: dict[str, Any] = SYSTEM) -> None:
+    """The branch holds the collection whole from now on, its parent no longer showing
+    through: the `own` entry tells a rebuild from the WAL so (Engine.rematerialize).
+    client: whose write made it so (the proxy's own work by default)."""
+    await engine.wal.append(branch.bid, [Change(f"{state.db}.{state.coll}", None, OWN,
+                                                None, None)], client)
     state.base_dropped = True
     state.present = True
     await engine.save_state(state)
-    return None
 
 
 async def _view_shown(engine: Engine, layers: list[NsState], db: str,

@@ -45,6 +45,9 @@ KEEP = "keep"
 # Marks a collection a child copied whole before its parent changed the collection
 # itself (snapshot.freeze): the child reads its copy alone from then on.
 OWN = "own"
+# Entries no reset voids: what the branch holds of its parent as the parent was (a kept
+# image; a collection held whole) is what it showed before the entry too.
+UNVOIDED = (KEEP, OWN)
 # Entries whose post-image is a document the overlay holds.
 HOLDS = (PUT, KEEP)
 # Entries that replace a collection on the branch (the parent no longer shows through).

@@ -130,13 +130,12 @@ async def _aggregate_out(req: Request, target: tuple[str, str]) -> dict[str, Any
         ns = f"{db}.{coll}"
         # The overlay must stay the fold of the WAL: a drop, then one put per document.
         await engine.log_changes(branch, [Change(ns, None, CREATE, None, None)], req.client())
+        # The collection is the branch's own now: it hides nothing (overlay.Writer.hide).
         await req.run(db, {"delete": state.hidden, "deletes": [{"q": {}, "limit": 0}]})
+        state.hidden_ids = {}
         async for batch in req.run.batches(db, {"find": state.live}):
             await engine.log_changes(branch, [Change(ns, d["_id"], PUT, None, d) for d in batch],
                                      req.client())
-            await req.run(db, {"insert": state.hidden,
-                               "documents": [{"_id": d["_id"]} for d in batch]})
-        await engine.load_hidden(state)
     return reply
 
 

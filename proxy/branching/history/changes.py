@@ -75,8 +75,9 @@ async def touched(engine: Engine, branch: Branch,
     only keeps a parent's image of are not changes; their kept image is what it saw.
 
     One pass over the branch's visible WAL entries for the collection: the logged ids
-    are the hidden set (rematerialization rebuilds one from the other), and the first
-    pre-images come with them, with no per-batch lookup in the WAL."""
+    (of an overlay over its parent, the hidden set: rematerialization rebuilds one from
+    the other), and the first pre-images come with them, with no per-batch lookup in the
+    WAL."""
     pipeline = [*matching({"b": branch.bid, "ns": f"{state.db}.{state.coll}",
                            "op": {"$nin": [*STARTS, OWN]}, **branch.visible()}),
                 {"$sort": {"_id": 1}},

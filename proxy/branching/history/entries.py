@@ -7,6 +7,7 @@ from typing import Any
 
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError, Kind
+from proxy.branching.wal import UNVOIDED
 
 
 async def log(engine: Engine, name: str, limit: int = 100,
@@ -35,6 +36,6 @@ async def log(engine: Engine, name: str, limit: int = 100,
             "lsn": lsn, "time": doc["ts"].replace(tzinfo=dt.UTC).isoformat(),
             "op": doc["op"], "ns": doc["ns"], "_id": doc.get("id"),
             "client": doc.get("client") or {},
-            "visible": not any(lo < lsn <= hi for lo, hi in voids),
+            "visible": doc["op"] in UNVOIDED or not any(lo < lsn <= hi for lo, hi in voids),
         })
     return out

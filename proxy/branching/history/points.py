@@ -10,7 +10,7 @@ from proxy.branching import gc
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.model import Branch
-from proxy.branching.wal import KEEP
+from proxy.branching.wal import UNVOIDED
 
 
 async def resolve_point(engine: Engine, at: Any) -> int:
@@ -63,7 +63,8 @@ def voids_at(resets: list[tuple[int, int]], lsn: int | None) -> list[list[int]]:
 def visible_at(bid: str, lsn: int, voids: list[list[int]]) -> dict[str, Any]:
     """A WAL filter for the entries a branch showed when the log stood at lsn, given the
     voids in effect then."""
-    ranges = [{"_id": {"$gt": lo, "$lte": hi}, "op": {"$ne": KEEP}} for lo, hi in voids]
+    ranges = [{"_id": {"$gt": lo, "$lte": hi}, "op": {"$nin": list(UNVOIDED)}}
+              for lo, hi in voids]
     return {"b": bid, "_id": {"$lte": lsn}, **({"$nor": ranges} if ranges else {})}
 
 
