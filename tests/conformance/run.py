@@ -181,8 +181,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=180, help="seconds per test")
     parser.add_argument("--upstream-cache", default="8G",
                         help="SecantusDB --cache-size: its in-memory storage lives in that "
-                             "cache, and the branch run stores each document about three "
-                             "times (overlay, hidden id, WAL images); with the 1G default "
+                             "cache, and the branch run stores each document two or three "
+                             "times (overlay, WAL images, and a hidden id where the parent "
+                             "has the collection); with the 1G default "
                              "test_bulk's large inserts fail with WT_CACHE_FULL")
     opts = parser.parse_args()
     modules = opts.module or MODULES
