@@ -48,6 +48,10 @@ RAW = CodecOptions(document_class=RawBSONDocument)
 # Base sizes: "items" is the large one; "churn" is small, has a unique secondary index
 # and is the one wiped (delete_many({}), drop) and written again.
 BASE = {"items": 200, "churn": 40}
+# A collection the base does not have: the branch's first write to it makes it the
+# branch's own (snapshot.first_write), the plain copy's creates it.
+FRESH = "fresh"
+COLLS = ("items", "churn", "other", FRESH)
 GOSSIP = ("$clusterTime", "operationTime", "electionId", "opTime")
 
 
@@ -95,7 +99,7 @@ def rand_u(rng: random.Random) -> int:
 
 
 def seed_base(db: Database[Any], rng: random.Random) -> None:
-    for name in ("items", "churn", "other"):
+    for name in COLLS:
         db[name].drop()
     db.items.insert_many([make_doc(rng, i, base=True) for i in range(BASE["items"])])
     db.churn.insert_many([make_doc(rng, i, base=True) for i in range(BASE["churn"])])
@@ -224,7 +228,8 @@ class Runner:
             self.hot[name] = self.rng.sample(range(size), 10) + list(range(reserved,
                                                                           reserved + 6))
             self.inserted[name] = []
-        for name in ("items", "churn", "other"):
+        self.hot[FRESH], self.inserted[FRESH] = list(range(980, 990)), []
+        for name in COLLS:
             self.snap[name] = contents(self.copy_db[name])
 
     @property
@@ -268,7 +273,8 @@ class Runner:
 
     def step(self) -> None:
         rng = self.rng
-        self.coll = "churn" if rng.random() < 0.4 else "items"
+        roll = rng.random()
+        self.coll = "churn" if roll < 0.35 else FRESH if roll < 0.45 else "items"
         op = rng.choices(
             ["find", "count", "distinct", "agg", "insert", "insert_many", "update_one",
              "update_many", "replace", "upsert", "delete_one", "delete_many", "fam", "index",
@@ -286,7 +292,7 @@ class Runner:
             return self.rng.choice(self.hot[self.coll])
         if roll < 0.55 and self.inserted[self.coll]:
             return self.rng.choice(self.inserted[self.coll][-40:])
-        return self.rng.randint(0, BASE[self.coll] + 10)
+        return self.rng.randint(0, BASE.get(self.coll, 0) + 10)
 
     @property
     def col_of(self) -> Callable[[Database[Any]], Collection[Any]]:
@@ -425,8 +431,10 @@ class Runner:
         """A document that fails to insert next to these: a duplicate _id inside the batch,
         against the base, against the branch, or on the unique secondary key."""
         rng = self.rng
-        cause = rng.choice(["batch", "base", "branch", "unique"] if docs else
-                           ["base", "branch", "unique"])
+        causes = ["batch", "base", "branch", "unique"] if docs else ["base", "branch", "unique"]
+        if self.coll not in BASE:
+            causes.remove("base")
+        cause = rng.choice(causes)
         if cause == "batch":
             return make_doc(rng, rng.choice(docs)["_id"])
         if cause == "base":
@@ -785,9 +793,11 @@ def capture(fn: Callable[[Database[Any]], Any], db: Database[Any]) -> Outcome:
 
 # -- running seeds ------------------------------------------------------------------------
 def final_state(db: Database[Any]) -> Any:
-    return ([contents(db[name]) for name in ("items", "churn", "other")],
-            sorted(ix["name"] for ix in db.items.list_indexes()),
-            sorted(ix["name"] for ix in db.churn.list_indexes()))
+    return ([contents(db[name]) for name in COLLS],
+            [sorted(ix["name"] for ix in db[name].list_indexes()) for name in COLLS],
+            # The copy is main's data, which the branch keeps its snapshot of: the
+            # overlays that holds are in the copy's database, listed on the upstream.
+            sorted(n for n in db.list_collection_names() if not n.startswith("__mb_")))
 
 
 @contextmanager
@@ -896,8 +906,18 @@ def per_document(stream: Any) -> dict[str, list[Any]]:
 
 
 def check_final(runner: Runner) -> None:
-    if final_state(runner.branch_db) != final_state(runner.copy_db):
-        raise Divergence("final state differs (contents or index names)")
+    mine, theirs = final_state(runner.branch_db), final_state(runner.copy_db)
+    if mine == theirs:
+        return
+    parts = [f"{name}: {what}" for name, (a_docs, a_ix), (b_docs, b_ix) in zip(
+                 COLLS, zip(*mine[:2], strict=True), zip(*theirs[:2], strict=True), strict=True)
+             for what, differs in (("contents", a_docs != b_docs), ("indexes", a_ix != b_ix))
+             if differs]
+    if mine[2] != theirs[2]:
+        parts.append(f"collections: branch {mine[2]}, copy {theirs[2]}")
+    if mine[1] != theirs[1]:
+        parts.append(f"index names: branch {mine[1]}, copy {theirs[1]}")
+    raise Divergence("final state differs: " + "; ".join(parts))
 
 
 MODES = {"wal": ("wal", False), "copy": ("copy", False), "kid": ("wal", True),

@@ -42,8 +42,10 @@ REBASE = "rebase"
 # A parent's image copied up into a child before the parent changed it (snapshot.py):
 # part of what the child shows, never a change the child made.
 KEEP = "keep"
-# Marks a collection a child copied whole before its parent changed the collection
-# itself (snapshot.freeze): the child reads its copy alone from then on.
+# Marks a collection the branch holds whole, reading its overlay alone from then on: one
+# a child copied whole before its parent changed the collection itself (snapshot.freeze),
+# a capped one it took whole, one created on its parent after the fork (pinned absent),
+# or one its parent did not show when the branch first wrote to it (snapshot.first_write).
 OWN = "own"
 # Entries no reset voids: what the branch holds of its parent as the parent was (a kept
 # image; a collection held whole) is what it showed before the entry too.
