@@ -536,7 +536,8 @@ def test_a_collection_new_on_the_branch_stays_its_own(
         assert c[db_name].fresh.find_one({"_id": 9}) is None
         shown = ok(proxy, "GET", f"/branches/{child['name']}")["namespaces"][
             f"{db_name}.fresh"]
-        assert (shown["changed"], shown["kept"], shown["live"]) == (3, 0, 2), shown
+        assert (shown["changed"], shown["kept"], shown["live"], shown["dropped"]) == \
+            (3, 0, 2, False), shown
         assert {i for ns, _, i in doc_changes(diff(proxy, child["name"]))
                 if ns == f"{db_name}.fresh"} == {0, 1}
         ok(proxy, "POST", f"/branches/{child['name']}/reset",
@@ -544,6 +545,9 @@ def test_a_collection_new_on_the_branch_stays_its_own(
         assert view(c[db_name]) == expected
         assert "fresh" not in c[db_name].list_collection_names()
         assert c[db_name].fresh.find_one({"_id": 9}) is None
+        c[db_name].items.drop()  # the parent's collection, which describe says it dropped
+        shown = ok(proxy, "GET", f"/branches/{child['name']}")["namespaces"]
+        assert shown[f"{db_name}.items"]["dropped"] is True, shown
 
 
 def test_the_scenario_of_issue_11(proxy: ProxyProcess, client: MongoClient,

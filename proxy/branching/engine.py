@@ -461,13 +461,15 @@ class Engine:
             if state.bid != branch.bid:
                 continue
             db = self.client[state.db]
-            changed, kept = await self._touched(branch, state)
+            changed, kept, replaced = await self._touched(branch, state)
             namespaces[f"{state.db}.{state.coll}"] = {
                 "changed": changed,
                 # Documents held only to keep the parent as it was at the fork.
                 "kept": kept,
                 "live": await db[state.live].count_documents({}),
-                "dropped": state.base_dropped,
+                # The branch dropped or replaced (create, $out, rename) what its parent
+                # had: not a collection it first wrote to or holds whole (`own`).
+                "dropped": replaced,
             }
         info["namespaces"] = namespaces
         info["children"] = self.children(name)
@@ -475,12 +477,13 @@ class Engine:
             info["owner"] = self.owner()
         return info
 
-    async def _touched(self, branch: Branch, state: NsState) -> tuple[int, int]:
-        """The ids the branch changed in a collection, and those whose only WAL entries
-        are copy-ups of the parent (keep): held by its overlay, but not changes of its
-        own. Counted from the WAL entries since the overlay last started over (a drop, a
-        create), as rematerialization folds them, not from the hidden set: a collection
-        the branch owns whole hides nothing (`overlay.Writer.hide`)."""
+    async def _touched(self, branch: Branch, state: NsState) -> tuple[int, int, bool]:
+        """The ids the branch changed in a collection, those whose only WAL entries are
+        copy-ups of the parent (keep): held by its overlay, but not changes of its own,
+        and whether the overlay last started over with a drop or a create. Counted from
+        the WAL entries since it did, as rematerialization folds them, not from the
+        hidden set: a collection the branch owns whole hides nothing
+        (`overlay.Writer.hide`)."""
         match: dict[str, Any] = {"b": branch.bid, "ns": f"{state.db}.{state.coll}",
                                  **branch.visible()}
         marker = await self.wal.first({**match, "op": {"$in": list(STARTS)}}, newest=True)
@@ -494,7 +497,8 @@ class Engine:
                 {"$eq": ["$op", KEEP]}, 0, 1]}}}},
             {"$group": {"_id": "$own", "n": {"$sum": 1}}}]})
         counts = {d["_id"]: int(d["n"]) for d in reply["cursor"]["firstBatch"]}
-        return counts.get(1, 0), counts.get(0, 0)
+        replaced = marker is not None and marker["op"] in RESETS
+        return counts.get(1, 0), counts.get(0, 0), replaced
 
     # -- namespaces ---------------------------------------------------------------------
     def state(self, branch: Branch, db: str, coll: str) -> NsState | None:
