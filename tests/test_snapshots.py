@@ -172,7 +172,7 @@ def catalog_view(db: Database) -> dict[str, Any]:
                      "indexes": sorted(ix["name"] for ix in db[name].list_indexes()),
                      "first": db[name].find_one(sort=[("_id", 1)])}
     out["indexed"] = sorted(repr(d) for d in db.items.find({"k": 1}).hint("k_1")) \
-        if "items" in out["collections"] else None
+        if "k_1" in out.get("items", {}).get("indexes", []) else None
     return out
 
 
@@ -688,3 +688,84 @@ def test_a_child_keeps_a_large_document_its_parent_deletes(
         {"b": bid_of(direct, proxy, child["name"]), "op": "keep", "ns": f"{db_name}.items",
          "id": "big"}, {"pre": 1, "prez": 1, "postz": 1}))
     assert len(keeps) == 1 and "pre" not in keeps[0] and "prez" not in keeps[0], keeps
+
+
+@pytest.mark.parametrize("parent_kind", ["main", "branch"])
+def test_a_reset_to_before_the_branch_changed_a_collection_itself_shows_it_as_it_was(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str,
+        parent_kind: str) -> None:
+    """A reset takes a collection back across the branch's own drop and index changes:
+    its documents and indexes are the parent's as at the fork again, whatever the parent
+    did while the branch held the collection whole."""
+    seed(client, db_name)
+    parent = made.create() if parent_kind == "branch" else None
+    child = made.create(**({"from": parent["name"]} if parent else {}))
+    with made.client(child) as c:
+        expected = view(c[db_name])
+        mark = entries(proxy, child["name"], limit=1)
+        items = c[db_name].items
+        items.create_index("v")
+        items.create_index("w")
+        items.update_one({"_id": 0}, {"$set": {"x": 1}})
+        made_index = view(c[db_name])
+        between = entries(proxy, child["name"], limit=1)
+        items.drop_index("w_1")
+        items.drop()
+        items.insert_many([{"_id": i, "v": "c", "k": 1} for i in range(3)])
+        items.create_index("k", name="k_1")
+        # The parent changes documents and indexes while the branch holds items whole.
+        p = made.client(parent) if parent else client
+        p[db_name].items.update_many({"_id": {"$lt": 5}}, {"$set": {"v": "P"}})
+        p[db_name].items.insert_one({"_id": "new", "v": "P", "k": 1})
+        p[db_name].items.delete_one({"_id": 14})
+        p[db_name].items.create_index("v", name="parent_v")
+        if parent:
+            p.close()
+        ok(proxy, "POST", f"/branches/{child['name']}/reset", {"to": between[0]["lsn"]})
+        assert view(c[db_name]) == made_index
+        ok(proxy, "POST", f"/branches/{child['name']}/reset",
+           {"to": mark[0]["lsn"] if mark else 0})
+        assert view(c[db_name]) == expected
+    assert diff(proxy, child["name"])["changes"] == []
+
+
+def options_view(db: Database) -> dict[str, Any]:
+    """Each collection's options as listCollections gives them."""
+    return {c["name"]: c.get("options", {}) for c in db.list_collections()}
+
+
+@pytest.mark.parametrize("parent_kind", ["main", "branch"])
+def test_resets_across_the_branchs_own_ddl_show_each_point_as_it_was(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str,
+        parent_kind: str) -> None:
+    """The child runs every kind of DDL itself, then its parent runs them all too; a
+    reset to each point of the child's log, newest first, shows the child's catalog,
+    documents and options exactly as they were at that point (the last one: the parent
+    as at the fork)."""
+    seed(client, db_name)
+    client[db_name].other.insert_many([{"_id": i, "o": i} for i in range(3)])
+    parent = made.create() if parent_kind == "branch" else None
+    child = made.create(**({"from": parent["name"]} if parent else {}))
+    with made.client(child) as c:
+        def point() -> tuple[int, dict[str, Any]]:
+            last = entries(proxy, child["name"], limit=1)
+            return (last[0]["lsn"] if last else 0,
+                    {**catalog_view(c[db_name]), "options": options_view(c[db_name])})
+
+        points = [point()]
+        steps = [*PARENT_DDL, ("collMod", lambda p, db: p[db].command(
+            "collMod", "items", validator={"k": {"$exists": True}}))]
+        for _, ddl in steps:
+            ddl(c, db_name)
+            lsn, shown = point()
+            if lsn != points[-1][0]:
+                points.append((lsn, shown))
+        p = made.client(parent) if parent else client
+        for _, ddl in steps:
+            ddl(p, db_name)
+        p[db_name].items.insert_many([{"_id": i, "k": "p"} for i in range(10, 15)])
+        if parent:
+            p.close()
+        for lsn, shown in reversed(points):
+            ok(proxy, "POST", f"/branches/{child['name']}/reset", {"to": lsn})
+            assert point()[1] == shown, lsn

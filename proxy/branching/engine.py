@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
+from bson.int64 import Int64
 from pymongo import AsyncMongoClient
 from pymongo.errors import CollectionInvalid, DuplicateKeyError
 
@@ -487,9 +488,11 @@ class Engine:
         match: dict[str, Any] = {"b": branch.bid, "ns": f"{state.db}.{state.coll}",
                                  **branch.visible()}
         marker = await self.wal.first({**match, "op": {"$in": list(STARTS)}}, newest=True)
+        replaced = marker is not None and marker["op"] in RESETS
         if marker is not None:
             match["_id"] = {"$gt": marker["_id"]}
-        match["op"] = {"$nin": [*STARTS, OWN]}
+        # Kept since a drop or create of its own: not held (snapshot.latent).
+        match["op"] = {"$nin": [*STARTS, OWN, *([KEEP] if replaced else [])]}
         reply = await self.pool(self.meta_db, {"aggregate": "wal", "allowDiskUse": True,
                                                "cursor": {}, "pipeline": [
             *matching(match),
@@ -497,7 +500,6 @@ class Engine:
                 {"$eq": ["$op", KEEP]}, 0, 1]}}}},
             {"$group": {"_id": "$own", "n": {"$sum": 1}}}]})
         counts = {d["_id"]: int(d["n"]) for d in reply["cursor"]["firstBatch"]}
-        replaced = marker is not None and marker["op"] in RESETS
         return counts.get(1, 0), counts.get(0, 0), replaced
 
     # -- namespaces ---------------------------------------------------------------------
@@ -654,6 +656,38 @@ class Engine:
 
     async def save_branch(self, branch: Branch) -> None:
         await self.meta["branches"].replace_one({"_id": branch.name}, branch.to_doc())
+
+    async def note_catalog(self, state: NsState, lsn: int | None = None) -> None:
+        """Record the branch's own change of a collection's indexes or options as it
+        left them (saved with the state next): a reset to before it gives back the list
+        in effect then. lsn: the change's WAL entry, when it logged one."""
+        if lsn is None:
+            lsn = await self.wal.reserve(1)
+        state.catalog.append({"lsn": Int64(lsn), "indexes": state.indexes,
+                              "options": dict(state.options), "whole": state.base_dropped})
+
+    @staticmethod
+    def _restore_catalog(state: NsState, branch: Branch | None, upto: int | None) -> None:
+        """The indexes and options in effect at the branch's point: its last catalog
+        change the point shows, else what it showed of its parent (the lists it kept
+        when its parent changed them, or the parent's own: None)."""
+        if not state.catalog:
+            return
+        voids = branch.voids if branch is not None else []
+        shown = [c for c in state.catalog
+                 if (upto is None or c["lsn"] <= upto)
+                 and not any(lo < c["lsn"] <= hi for lo, hi in voids)]
+        if shown:
+            last = max(shown, key=lambda c: int(c["lsn"]))
+            state.indexes = None if last["indexes"] is None else list(last["indexes"])
+            state.options = dict(last["options"])
+            if state.base_dropped and not last["whole"]:
+                # Changed while the parent showed through, held whole since: the
+                # parent's options then, with the branch's own over them.
+                state.options = {**(state.options_base or {}), **state.options}
+        else:
+            state.indexes = None if state.index_base is None else list(state.index_base)
+            state.options = dict(state.options_base or {})
 
     async def save_state(self, state: NsState) -> None:
         """In a transaction (txn.py), in it: the state changes with the overlay."""
@@ -851,16 +885,23 @@ class Engine:
         if upto is not None:
             match["_id"] = {"$lte": upto}
         marker = await self.wal.first({**match, "op": {"$in": list(STARTS)}}, newest=True)
-        state.base_dropped = marker is not None and marker["op"] in RESETS
+        replaced = marker is not None and marker["op"] in RESETS
+        state.base_dropped = replaced
+        # Held whole (`own`, never voided), before the marker too: its parent never shows
+        # through again.
+        if await self.wal.first({**match, "op": OWN}) is not None:
+            state.owned = state.base_dropped = True
         if not state.detached:
             state.present = None  # a detached collection's presence was saved with it
         if marker is not None:
             match["_id"] = {**match.get("_id", {}), "$gt": marker["_id"]}
             state.present = marker["op"] == CREATE or None
-        # A copy of the whole collection taken before the parent changed it.
-        if await self.wal.first({**match, "op": OWN}) is not None:
-            state.base_dropped = True
-        match["op"] = {"$ne": OWN}
+        elif state.present is None and state.present_base is not None:
+            state.present = state.present_base
+        # While the branch's own drop or create stands, what it kept of its parent since
+        # waits in the WAL for a reset to before it (snapshot.latent).
+        match["op"] = {"$nin": [OWN, KEEP]} if replaced else {"$ne": OWN}
+        self._restore_catalog(state, branch, upto)
         indexes = state.indexes
         if indexes is None and branch is not None:
             indexes = await self.view_indexes(branch, state.db, state.coll, self.pool)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.model import Branch, NsState
-from proxy.branching.wal import OWN, RESETS
+from proxy.branching.wal import LATENT, OWN, RESETS
 
 
 def parent_of(engine: Engine, branch: Branch) -> Branch | None:
@@ -31,4 +31,10 @@ async def replaced(engine: Engine, branch: Branch, state: NsState) -> bool:
         # A copy branch owns every collection from its start; a WAL branch only by a drop
         # or create (entries gc removed before a drop leave no doubt either).
         return branch.mode != "copy"
+    if marker["op"] == OWN and marker.get(LATENT):
+        # Held whole since the parent changed it while the branch's own drop stood:
+        # replaced while that drop still does (no reset voided it).
+        return await engine.wal.first({
+            "b": branch.bid, "ns": f"{state.db}.{state.coll}", "op": {"$in": list(RESETS)},
+            **branch.visible()}) is not None
     return marker["op"] in RESETS

@@ -143,6 +143,18 @@ class NsState:
     # Likewise the collection options it showed when it detached: what its own collMod
     # changes are measured against.
     options_base: dict[str, Any] | None = None
+    # The parent's presence when the branch took its copy of it while holding the
+    # collection itself dropped or recreated (snapshot.freeze): what a reset to before
+    # that drop shows.
+    present_base: bool | None = None
+    # An `own` entry was logged: the branch holds the collection whole whatever a reset
+    # voids (its parent never shows through again), unlike one it dropped or created,
+    # which a reset to before the drop gives back to the parent.
+    owned: bool = False
+    # The branch's own catalog changes (indexes, options), each as it left them, at the
+    # LSN it took: a reset gives back the last one in effect at its point
+    # (Engine.rematerialize).
+    catalog: list[dict[str, Any]] = field(default_factory=list)
     # The view's unique indexes, learnt on the first write; None until then.
     unique: list[dict[str, Any]] | None = field(default=None, compare=False)
 
@@ -163,7 +175,9 @@ class NsState:
                 "base_dropped": self.base_dropped, "present": self.present,
                 "indexes": self.indexes,
                 "options": self.options, "detached": self.detached,
-                "index_base": self.index_base, "options_base": self.options_base}
+                "index_base": self.index_base, "options_base": self.options_base,
+                "present_base": self.present_base, "owned": self.owned,
+                "catalog": self.catalog}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> NsState:
@@ -171,7 +185,9 @@ class NsState:
                    base_dropped=bool(doc.get("base_dropped")), present=doc.get("present"),
                    indexes=doc.get("indexes"),
                    options=doc.get("options") or {}, detached=bool(doc.get("detached")),
-                   index_base=doc.get("index_base"), options_base=doc.get("options_base"))
+                   index_base=doc.get("index_base"), options_base=doc.get("options_base"),
+                   present_base=doc.get("present_base"), owned=bool(doc.get("owned")),
+                   catalog=list(doc.get("catalog") or []))
 
     def hide(self, ids: list[Any]) -> None:
         if self.hidden_ids is None:

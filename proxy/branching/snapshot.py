@@ -23,7 +23,18 @@ from proxy.branching import views, viewscan
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.naming import MAIN
-from proxy.branching.wal import DELETE, KEEP, OWN, PUT, Change, entry_fields, unloggable
+from proxy.branching.voids import written_through
+from proxy.branching.wal import (
+    DELETE,
+    KEEP,
+    LATENT,
+    OWN,
+    PUT,
+    Change,
+    entry_fields,
+    matching,
+    unloggable,
+)
 from proxy.wire.codes import Code
 
 if TYPE_CHECKING:
@@ -165,10 +176,61 @@ def independent(state: NsState | None) -> bool:
     return state is not None and (state.base_dropped or state.detached)
 
 
+def latent(kid: Branch, state: NsState | None) -> bool:
+    """Whether only the branch's own drop or create hides its parent here, which a
+    reset to before it would undo: the parent would show through again, as at the fork.
+    So it keeps what the parent changes meanwhile, in its WAL alone (its overlay is its
+    own collection): a rebuild folds none of it while the drop stands
+    (Engine.rematerialize), all of it once a reset voided the drop."""
+    return state is not None and state.base_dropped and not state.owned \
+        and not state.detached and kid.mode != "copy"
+
+
+async def _marked(engine: Engine, kid: Branch, state: NsState, ids: list[Any]) -> set[Any]:
+    """idkeys of the ids a latent state's parent images must not be kept for: ids the
+    branch wrote over its parent's view (a reset to before its drop shows its own
+    images; one to before those writes keeps the images then,
+    resets._keep_fork_images), and ids already kept."""
+    ns = f"{state.db}.{state.coll}"
+    through = await written_through(engine, kid, ns)
+    found: set[Any] = set()
+    for start in range(0, len(ids), CHUNK):
+        filt = {"b": kid.bid, "ns": ns, "id": {"$in": ids[start:start + CHUNK]},
+                **kid.visible(), "$or": [through, {"op": KEEP}]}
+        async for batch in engine.pool.batches(engine.meta_db, {
+                "aggregate": "wal", "cursor": {}, "allowDiskUse": True,
+                "pipeline": [*matching(filt), {"$group": {"_id": "$id"}}]}):
+            found.update(idkey(d["_id"]) for d in batch)
+    return found
+
+
+async def _keep_latent(engine: Engine, kid: Branch, state: NsState,
+                       images: list[tuple[Any, dict[str, Any] | None]],
+                       deferred: list[tuple[str, list[Change]]] | None = None) -> int:
+    """`keep` entries of a latent state (see latent): logged, never in the overlay."""
+    marked = await _marked(engine, kid, state, [i for i, _ in images])
+    ns = f"{state.db}.{state.coll}"
+    keeps = [Change(ns, i, KEEP, None, img) for i, img in images if idkey(i) not in marked]
+    if not keeps:
+        return 0
+    if deferred is not None:
+        for keep in keeps:
+            keep.extra = {"client": SYSTEM}
+        deferred.append((kid.bid, keeps))
+    else:
+        await engine.wal.append(kid.bid, keeps, SYSTEM)
+    return len(keeps)
+
+
 async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change],
                    deferred: list[tuple[str, list[Change]]] | None = None) -> int:
     db, coll = ns.split(".", 1)
     state = engine.state(kid, db, coll)
+    if latent(kid, state):
+        assert state is not None
+        return await _keep_latent(engine, kid, state,
+                                  [(c.id, c.pre) for c in changes
+                                   if _keepable(engine, kid, c)], deferred)
     if independent(state):
         return 0
     owned = await owned_ids(engine, state, [c.id for c in changes])
@@ -246,6 +308,13 @@ async def freeze(engine: Engine, parent: str, db: str, colls: list[str], *,
 
 async def _pin_indexes(engine: Engine, kid: Branch, db: str, coll: str) -> None:
     state = engine.state(kid, db, coll)
+    if state is not None and state.index_base is None and (
+            latent(kid, state) or (state.indexes is not None and not independent(state))):
+        # The branch's own list stands, but a reset to before its changes shows the
+        # parent's list as it was: it is kept (Engine.rematerialize).
+        state.index_base = await _parent_indexes(engine, kid, db, coll)
+        await engine.save_state(state)
+        return
     if independent(state) or (state is not None and state.indexes is not None):
         return
     if not await _shown(engine, engine.layers(kid, db, coll), db, coll):
@@ -261,6 +330,13 @@ async def pin_absent(engine: Engine, kid: Branch, db: str, coll: str) -> None:
     """A collection created on main after this child's fork (seen by the capture) stays
     absent in the child, unless the child has its own idea of it already."""
     state = engine.state(kid, db, coll)
+    if latent(kid, state):
+        assert state is not None
+        async with engine.branch_lock(kid.bid).exclusive():
+            if engine.branches.get(kid.name) is kid:
+                # The branch created it itself: a reset to before that shows it absent.
+                await _own_latent(engine, kid, state, False)
+        return
     if state is not None and (state.present is not None or independent(state)):
         return
     async with engine.branch_lock(kid.bid).exclusive():
@@ -272,6 +348,7 @@ async def pin_absent(engine: Engine, kid: Branch, db: str, coll: str) -> None:
                                     SYSTEM)
             state.present = False
             state.base_dropped = True
+            state.owned = True
             await engine.save_state(state)
 
 
@@ -306,6 +383,9 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     (and owns it, marked by an `own` entry). The copies come first and the flag last, so
     a crash in between leaves the child reading through its parent, still exact."""
     state = engine.state(kid, db, coll)
+    if latent(kid, state):
+        assert state is not None
+        return await _freeze_latent(engine, kid, state)
     if independent(state):
         return 0
     pool = engine.pool
@@ -318,6 +398,7 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
                                 SYSTEM)
         state.present = True
         state.base_dropped = True
+        state.owned = True
         state.detached = True
         state.options = view
         await engine.save_state(state)
@@ -360,14 +441,18 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     if state.present is None:
         state.present = present
     if whole:
-        if owner is not None:
-            state.options = dict(owner.options)
-        elif not state.options:
-            state.options = dict(views.options_of(above)) or (
-                (await engine.base_options(db, coll) or {}) if present else {})
+        shown = dict(owner.options) if owner is not None else (
+            dict(views.options_of(above))
+            or ((await engine.base_options(db, coll) or {}) if present else {}))
+        if owner is not None or not state.options:
+            state.options = dict(shown)
+        if state.options_base is None:
+            # What a reset to before the branch's own collMod gives back.
+            state.options_base = shown
         await engine.wal.append(kid.bid, [Change(f"{db}.{coll}", None, OWN, None, None)],
                                 SYSTEM)
         state.base_dropped = True
+        state.owned = True
     else:
         # The options it showed (an ancestor's collMod, else the base's) stay the
         # child's once it reads no more of its ancestors.
@@ -378,6 +463,54 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
         state.detached = True
     await engine.save_state(state)
     return copied
+
+
+async def _parent_indexes(engine: Engine, kid: Branch, db: str,
+                          coll: str) -> list[dict[str, Any]] | None:
+    """The index list the branch's parent shows for a collection (None: absent)."""
+    parent = engine.branches.get(kid.parent)
+    if parent is None:
+        if not await _shown(engine, [], db, coll):
+            return None
+        reply = await engine.pool.reply(db, {"listIndexes": coll})
+        return list(reply["cursor"]["firstBatch"]) if reply.get("ok") else None
+    if not await _shown(engine, engine.layers(parent, db, coll), db, coll):
+        return None
+    return await engine.view_indexes(parent, db, coll, engine.pool)
+
+
+async def _freeze_latent(engine: Engine, kid: Branch, state: NsState) -> int:
+    """A latent state (see latent) before its parent changes the collection itself:
+    the branch keeps the parent's whole view in its WAL, then holds it whole (`own`),
+    with the parent's indexes, options and presence as what a reset to before its drop
+    gives back."""
+    db, coll = state.db, state.coll
+    parent = engine.branches.get(kid.parent)
+    layers = [] if parent is None else engine.layers(parent, db, coll)
+    present = await _shown(engine, layers, db, coll)
+    view = await _view_shown(engine, layers, db, coll)
+    copied = 0
+    if present and view is None:
+        async for batch in viewscan.view_batches(engine.pool, db, coll, layers, {}):
+            copied += await _keep_latent(engine, kid, state, [(d["_id"], d) for d in batch])
+        if state.index_base is None:  # else kept when the parent changed it first
+            state.index_base = await _parent_indexes(engine, kid, db, coll)
+    if state.options_base is None:
+        state.options_base = dict(view) if view is not None else (
+            dict(views.options_of(layers)) or (await engine.base_options(db, coll) or {})
+            if present else {})
+    await _own_latent(engine, kid, state, present)
+    return copied
+
+
+async def _own_latent(engine: Engine, kid: Branch, state: NsState, present: bool) -> None:
+    """The branch holds a latent state's collection whole from now on, as its parent
+    shows it now (present or not), whatever a reset voids."""
+    await engine.wal.append(kid.bid, [Change(f"{state.db}.{state.coll}", None, OWN, None,
+                                             None, {LATENT: True})], SYSTEM)
+    state.owned = True
+    state.present_base = present
+    await engine.save_state(state)
 
 
 @dataclass
@@ -437,6 +570,7 @@ async def own(engine: Engine, branch: Branch, state: NsState,
     await engine.wal.append(branch.bid, [Change(f"{state.db}.{state.coll}", None, OWN,
                                                 None, None)], client)
     state.base_dropped = True
+    state.owned = True
     state.present = True
     await engine.save_state(state)
 

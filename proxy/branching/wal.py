@@ -47,6 +47,9 @@ KEEP = "keep"
 # a capped one it took whole, one created on its parent after the fork (pinned absent),
 # or one its parent did not show when the branch first wrote to it (snapshot.first_write).
 OWN = "own"
+# Marks an `own` entry logged while the branch's own drop or create stood
+# (snapshot.latent): the branch replaced the collection all the same.
+LATENT = "latent"
 # Entries no reset voids: what the branch holds of its parent as the parent was (a kept
 # image; a collection held whole) is what it showed before the entry too.
 UNVOIDED = (KEEP, OWN)

@@ -31,9 +31,11 @@ async def _reset(req: Request, state: NsState, options: dict[str, Any],
     state.indexes = [dict(ID_INDEX)]
     state.unique = None
     state.hidden_ids = {}
-    await req.engine.log_changes(req.on_branch, [Change(f"{state.db}.{state.coll}", None,
-                                                        marker, None, None, extra)],
-                                 req.client())
+    lsn = await req.engine.log_changes(req.on_branch, [Change(f"{state.db}.{state.coll}",
+                                                              None, marker, None, None,
+                                                              extra)],
+                                       req.client())
+    await req.engine.note_catalog(state, lsn)
 
 
 async def _state(req: Request, coll: str) -> NsState:
@@ -76,9 +78,11 @@ async def create(req: Request) -> dict[str, Any]:
             return {"ok": 1.0}
         if req.engine.state(req.on_branch, req.db, coll) is None:
             state = await own_state(req, coll, options)
-            await req.engine.log_changes(req.on_branch, [Change(f"{req.db}.{coll}", None,
-                                                                CREATE, None, None)],
-                                         req.client())
+            lsn = await req.engine.log_changes(req.on_branch, [Change(f"{req.db}.{coll}",
+                                                                      None, CREATE, None,
+                                                                      None)],
+                                               req.client())
+            await req.engine.note_catalog(state, lsn)
         else:
             state = await _state(req, coll)
             await _reset(req, state, options, CREATE)
@@ -154,6 +158,7 @@ async def rename_collection(req: Request) -> dict[str, Any]:
             await req.run(sdb, {"createIndexes": dst_state.live, "indexes": specs})
         dst_state.indexes = indexes
         dst_state.present = True
+        await req.engine.note_catalog(dst_state)
         ns = f"{sdb}.{tcoll}"
         async for batch in req.run.batches(sdb, {"find": dst_state.live}):
             await req.run(sdb, {"insert": dst_state.hidden,
@@ -195,6 +200,7 @@ async def create_indexes(req: Request) -> dict[str, Any]:
         state.indexes = after
         state.unique = None
         state.present = True
+        await req.engine.note_catalog(state)
         await req.engine.save_state(state)
     return {"createdCollectionAutomatically": created, "numIndexesBefore": len(before),
             "numIndexesAfter": len(after), "ok": 1.0}
@@ -228,5 +234,6 @@ async def drop_indexes(req: Request) -> dict[str, Any]:
         gone = {ix["name"] for ix in drop}
         state.indexes = [ix for ix in before if ix["name"] not in gone]
         state.unique = None
+        await req.engine.note_catalog(state)
         await req.engine.save_state(state)
     return {"nIndexesWas": len(before), "ok": 1.0}

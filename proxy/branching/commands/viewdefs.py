@@ -620,8 +620,10 @@ async def _define(req: Request, name: str, options: dict[str, Any]) -> None:
     state.options = options
     state.indexes = None
     state.unique = None
-    await req.engine.log_changes(req.on_branch, [Change(f"{req.db}.{name}", None, CREATE,
-                                                        None, None)], req.client())
+    lsn = await req.engine.log_changes(req.on_branch, [Change(f"{req.db}.{name}", None,
+                                                              CREATE, None, None)],
+                                       req.client())
+    await req.engine.note_catalog(state, lsn)
     await req.engine.save_state(state)
 
 
@@ -695,6 +697,8 @@ async def _mod_collection(req: Request, name: str, fields: dict[str, Any]) -> di
     if isinstance(spec, dict):
         state.indexes = [_modded(ix, spec) for ix in indexes]
         state.unique = None
+    if options != before or isinstance(spec, dict):
+        await req.engine.note_catalog(state)
     await req.engine.save_state(state)
     return {k: v for k, v in reply.items() if k not in ("$clusterTime", "operationTime")}
 

@@ -10,6 +10,8 @@ from proxy.branching import gc
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.model import Branch
+from proxy.branching.voids import recorded_resets as recorded_resets
+from proxy.branching.voids import voids_at as voids_at
 from proxy.branching.wal import UNVOIDED
 
 
@@ -33,31 +35,6 @@ async def resolve_point(engine: Engine, at: Any) -> int:
         when = when.astimezone(dt.UTC).replace(tzinfo=None)
     doc = await engine.wal.entries.find_one({"ts": {"$lte": when}}, sort=[("_id", -1)])
     return int(doc["_id"]) if doc else 0
-
-
-async def recorded_resets(engine: Engine, branch: Branch) -> list[tuple[int, int]]:
-    """Every reset of the branch as (to, at): the LSN it went back to, the LSN it took.
-    Voids saved before resets were recorded count as resets too."""
-    found = {(int(doc["to"]), int(doc["at"]))
-             async for doc in engine.meta["resets"].find({"b": branch.bid})}
-    found.update((int(lo), int(hi)) for lo, hi in branch.voids)
-    return sorted(found, key=lambda r: r[1])
-
-
-def voids_at(resets: list[tuple[int, int]], lsn: int | None) -> list[list[int]]:
-    """The voided ranges in effect at an LSN (None: now): the last reset taken at or
-    before it voids (to, at]; before `to`, the last reset taken at or before `to`
-    applies, and so on. Resets off that chain (taken inside a range a later reset went
-    back across) void nothing there."""
-    out: list[list[int]] = []
-    limit = lsn
-    while True:
-        before = [r for r in resets if limit is None or r[1] <= limit]
-        if not before:
-            return out
-        to, at = max(before, key=lambda r: r[1])
-        out.append([to, at])
-        limit = to
 
 
 def visible_at(bid: str, lsn: int, voids: list[list[int]]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from proxy.branching.history.points import check_reopened, recorded_resets, reso
 from proxy.branching.idkey import idkey
 from proxy.branching.lineage import parent_layers
 from proxy.branching.model import Branch, NsState
-from proxy.branching.wal import KEEP, OWN, STARTS, Change, image, matching
+from proxy.branching.voids import written_through
+from proxy.branching.wal import KEEP, OWN, RESETS, STARTS, Change, image, matching
 
 
 async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
@@ -76,9 +77,18 @@ async def _keep_fork_images(engine: Engine, branch: Branch, state: NsState, lsn:
     """After a reset voided the branch's own writes of a document, the branch reads it
     through its parent again, which may have changed it since the fork (no copy was kept
     while the branch held its own). Keep the parent's image as at the fork for it: the
-    pre-image of the branch's first entry on it (a parent change before that would have
-    left a `keep` entry, which no reset voids)."""
+    pre-image of the branch's first entry on it written while it read the document
+    through its parent (a parent change before that would have left a `keep` entry,
+    which no reset voids). An entry written while a drop or create of the branch's own
+    stood has no such pre-image; the parent's changes then were kept as they came
+    (snapshot.latent). Nothing to keep while such a drop stands after the reset; in a
+    collection the branch holds whole (`own`), every image it showed is kept, as the
+    overlay alone shows it."""
     ns = f"{state.db}.{state.coll}"
+    if await engine.wal.first({"b": branch.bid, "ns": ns, "op": {"$in": list(RESETS)},
+                               **branch.visible()}):
+        return
+    through = await written_through(engine, branch, ns)
     undone = [*matching({"b": branch.bid, "ns": ns, "_id": {"$gt": lsn, "$lte": at},
                          "op": {"$nin": [*STARTS, OWN, KEEP]}}), {"$group": {"_id": "$id"}}]
     async for batch in engine.pool.batches(engine.meta_db, {
@@ -92,16 +102,20 @@ async def _keep_fork_images(engine: Engine, branch: Branch, state: NsState, lsn:
             rest = [i for i in chunk if idkey(i) not in seen]
             if not rest:
                 continue
-            firsts = [*matching({**by_id, "id": {"$in": rest}}), {"$sort": {"_id": 1}},
+            firsts = [*matching({**by_id, "id": {"$in": rest},
+                                 **through}),
+                      {"$sort": {"_id": 1}},
                       {"$group": {"_id": "$id", "first": {"$first": "$$ROOT"}}}]
-            now = await view_ids(engine, state.db, state.coll,
-                                  parent_layers(engine, branch, state.db, state.coll), rest)
+            now = {} if state.owned else await view_ids(
+                engine, state.db, state.coll,
+                parent_layers(engine, branch, state.db, state.coll), rest)
             keep = []
             async for part in engine.pool.batches(engine.meta_db, {
                     "aggregate": "wal", "pipeline": firsts, "cursor": {},
                     "allowDiskUse": True}):
                 for doc in part:
                     img = image(doc["first"], "pre")
-                    if not equal(img, now.get(idkey(doc["_id"]))):  # the parent moved
+                    # Held whole: the overlay shows nothing else; else: the parent moved.
+                    if not equal(img, now.get(idkey(doc["_id"]))):
                         keep.append(Change(ns, doc["_id"], KEEP, None, img))
             await engine.wal.append(branch.bid, keep, snapshot.SYSTEM)
