@@ -511,6 +511,28 @@ def test_merging_a_branch_created_at_a_point_restores_the_parent(
         assert contents(s[db_name].items) == then
 
 
+def test_at_a_point_after_the_source_dropped_a_collection(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    """A branch at a point where the source's own drop stood shows the collection as
+    the source refilled it by then: neither what it wrote before the drop nor what it
+    kept of its parent since (snapshot.latent) shows, and later writes are undone."""
+    client[db_name].items.insert_many([{"_id": i, "v": i} for i in range(5)])
+    source = made.create()
+    with MongoClient(source["uri"]) as s:
+        items = s[db_name].items
+        items.update_one({"_id": 1}, {"$set": {"v": "one"}})
+        items.drop()
+        items.insert_one({"_id": 3, "v": "mine"})
+        mark = last_lsn(proxy, source["name"])
+        then = contents(items)
+        client[db_name].items.update_one({"_id": 2}, {"$set": {"v": "P"}})
+        items.insert_one({"_id": 1, "v": "later"})
+        items.update_one({"_id": 3}, {"$set": {"v": "later"}})
+    at = made.create(**{"from": source["name"], "at": mark})
+    with MongoClient(at["uri"]) as a:
+        assert contents(a[db_name].items) == then
+
+
 def test_sparse_ids_of_every_type_in_diff_at_and_merge(
         proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
     """Lookups by id read a batch's numeric and ObjectId ids as one _id range, at most

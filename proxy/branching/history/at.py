@@ -17,6 +17,7 @@ from proxy.branching.history.points import (
     check_reopened,
     recorded_resets,
     resolve_point,
+    visible_at,
     voids_at,
 )
 from proxy.branching.idkey import idkey
@@ -192,6 +193,13 @@ async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
     WAL is read once, sequentially, and never looked up per chunk of ids."""
     for state in branch_states(engine, source):
         ns = f"{state.db}.{state.coll}"
+        # A drop or create of the source's own standing at the point: the collection
+        # then was its entries since, without the parent's images it kept meanwhile
+        # (snapshot.latent). create_at refuses one after the point, so it stands now too.
+        marker = await engine.wal.first({**visible_at(source.bid, lsn, then), "ns": ns,
+                                         "op": {"$in": list(STARTS)}}, newest=True)
+        floor = int(marker["_id"]) if marker is not None and marker["op"] in RESETS \
+            else None
         mine: NsState | None = None
         pending: list[tuple[Any, Any, Any]] = []
         fold: _AtFold | None = None
@@ -203,7 +211,7 @@ async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
                     mine = await _restore_batch(engine, source, branch, state, mine, pending)
                     pending = []
             if first:
-                fold = _AtFold(lsn, then, reopened, source.voids)
+                fold = _AtFold(lsn, then, reopened, source.voids, floor)
             assert fold is not None
             fold.add(entry)
         if fold is not None and (done := fold.result()) is not None:
@@ -229,11 +237,14 @@ class _AtFold:
     of them at most. Then: the last entry visible at the point (`visible_at`), else the
     pre-image of the first later one, else the parent's image. Now: the last entry
     visible now, else the source's view. Nothing to restore unless an entry is after
-    the point or in a range a reset reopened."""
+    the point or in a range a reset reopened. Under a drop or create of the source's own
+    (floor: its LSN), only the later entries of its own count, and a document none
+    holds is absent, then and now."""
 
     def __init__(self, lsn: int, then: list[list[int]], reopened: list[tuple[int, int]],
-                 now: list[list[int]]):
+                 now: list[list[int]], floor: int | None = None):
         self.lsn, self.then, self.reopened, self.now = lsn, then, reopened, now
+        self.floor = floor
         self.id: Any = None
         self.later = False
         self.past: dict[str, Any] | None = None
@@ -243,6 +254,8 @@ class _AtFold:
     def add(self, entry: dict[str, Any]) -> None:
         at = int(entry["_id"])
         self.id = entry["id"]
+        if self.floor is not None and (at <= self.floor or entry["op"] == KEEP):
+            return
         if at > self.lsn or any(lo < at <= hi for lo, hi in self.reopened):
             self.later = True
         if at <= self.lsn and _shown(entry, self.then):
@@ -256,12 +269,12 @@ class _AtFold:
         """(id, image now, image then), None when nothing changed after the point."""
         if not self.later:
             return None
-        img_then: Any = _PARENT
+        img_then: Any = _PARENT if self.floor is None else None
         if self.past is not None:
             img_then = image(self.past, "post") if self.past["op"] in HOLDS else None
-        elif self.after is not None:
+        elif self.after is not None and self.floor is None:
             img_then = image(self.after, "pre")
-        img_now: Any = _VIEW
+        img_now: Any = _VIEW if self.floor is None else None
         if self.shown is not None:
             img_now = image(self.shown, "post") if self.shown["op"] in HOLDS else None
         return self.id, img_now, img_then
