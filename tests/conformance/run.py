@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import re
 import subprocess
@@ -201,8 +202,13 @@ def main() -> int:
             raise SystemExit(f"could not create the branch: {status} {body}")
         waited = catch_up(f"mongodb://127.0.0.1:{body['port']}/")
         print(f"[branch] its first write waited {waited:.0f} s", flush=True)
+        # The timeout stops a hang; speed is the factor's to judge: a test main ran in
+        # more than timeout/factor seconds gets factor times that on the branch, and is
+        # reported slower if it needs more than that share.
+        slowest = max((o.seconds for o in main_results.values()), default=0.0)
+        timeout = max(opts.timeout, math.ceil(opts.factor * slowest))
         branch_results = run_pytest(tests, int(body["port"]), "branch", modules, opts.keyword,
-                                    opts.timeout)
+                                    timeout)
     finally:
         proxy.kill()
         upstream.stop()
