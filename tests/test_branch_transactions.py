@@ -172,6 +172,57 @@ def test_commit_retried_and_unknown_transactions(setup: Any, db_name: str) -> No
     assert info.value.code == 263
 
 
+@pytest.mark.parametrize("concern", [{"w": 2, "wtimeout": 500}, {"w": "nosuchtag"},
+                                     {"w": 1, "j": True}])
+def test_the_commit_meets_the_clients_write_concern(
+        client: MongoClient, setup: Any, db_name: str, concern: dict[str, Any]) -> None:
+    """The client names its transaction's write concern on commitTransaction only: the
+    branch commits with it, as mongod does (an unsatisfiable one is a
+    writeConcernError beside ok: 1, the transaction committed all the same)."""
+    _, one, _ = setup
+    replies = {}
+    for port, c in (("main", client), ("branch", one)):
+        lsid = {"id": c.start_session().session_id["id"]}
+        c[db_name].command({"insert": "people", "documents": [{"_id": f"wc-{port}"}],
+                            "lsid": lsid, "txnNumber": Int64(1), "startTransaction": True,
+                            "autocommit": False})
+        reply = c.admin.command({"commitTransaction": 1, "lsid": lsid,
+                                 "txnNumber": Int64(1), "autocommit": False,
+                                 "writeConcern": concern})
+        replies[port] = {k: v for k, v in reply.items()
+                         if k not in ("$clusterTime", "operationTime")}
+        assert c[db_name].people.find_one({"_id": f"wc-{port}"}) == {"_id": f"wc-{port}"}
+    assert replies["branch"] == replies["main"]
+    assert [type(v) for v in replies["branch"].values()] == \
+        [type(v) for v in replies["main"].values()]
+    assert ("writeConcernError" in replies["branch"]) == (concern.get("w") != 1)
+
+
+@pytest.mark.parametrize(("concern", "message"), [
+    ({"w": -1}, "w cannot be less than 0"), ({"j": "yes"}, "j must be True or False"),
+    ({"w": 1, "wtimeout": -5}, "wtimeout cannot be less than 0"),
+    ({"bogus": 1}, "unrecognized write concern field: bogus")])
+def test_an_invalid_commit_write_concern_is_refused(
+        setup: Any, db_name: str, concern: dict[str, Any], message: str) -> None:
+    """A commit whose write concern is not one is refused with FailedToParse, as mongod
+    parses it, and ends the transaction: nothing of it lands, no retry label invites
+    the driver to repeat it. (SecantusDB on the main port accepts these silently; mongod
+    refuses each.)"""
+    _, one, _ = setup
+    lsid = {"id": one.start_session().session_id["id"]}
+    one[db_name].command({"insert": "people", "documents": [{"_id": "bad-wc"}],
+                          "lsid": lsid, "txnNumber": Int64(1), "startTransaction": True,
+                          "autocommit": False})
+    with pytest.raises(OperationFailure) as info:
+        one.admin.command({"commitTransaction": 1, "lsid": lsid, "txnNumber": Int64(1),
+                           "autocommit": False, "writeConcern": concern})
+    assert info.value.code == 9 and message in str(info.value.details["errmsg"])
+    assert "errorLabels" not in info.value.details
+    assert one[db_name].people.find_one({"_id": "bad-wc"}) is None
+    one[db_name].people.insert_one({"_id": "after"})
+    assert one[db_name].people.find_one({"_id": "after"}) == {"_id": "after"}
+
+
 def test_a_second_transactions_write_waits_then_conflicts(setup: Any, db_name: str) -> None:
     """One transaction holds the branch from its first write: another transaction's
     write fails with a retryable WriteConflict; once the first ends, it goes through."""

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.client_session import TransactionOptions
+from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError, WriteConcernError
 from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
 
 from proxy.branching import snapshot
 from proxy.branching.errors import CommandError
@@ -303,20 +305,33 @@ class Transactions:
         pending = None if txn is None else txn.indexes.get(state.key)
         return state.indexes if pending is None else pending[1]
 
-    async def commit(self, key: Key) -> None:
+    async def commit(self, key: Key, cmd: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Commits with the client's commitTransaction options (writeConcern,
+        maxTimeMS); returns the reply's extra fields: a writeConcernError, when the
+        commit applied but its write concern was not met (as mongod, ok: 1)."""
         txn = self.open.get(key[0])
         if txn is None or txn.key != key:
             state = self.done.get(key)
             if state == "committed":
-                return  # a retried commit: mongod answers it again
+                return {}  # a retried commit: mongod answers it again
             raise no_such(f"Transaction with txnNumber {key[1]} has been {state}"
                           if state else f"Given transaction number {key[1]} does not match "
                           "any in-progress transactions")
         async with txn.mutex:
             if txn.ended:
-                return await self.commit(key)
+                return await self.commit(key, cmd)
+            try:
+                _commit_options(txn.session, cmd or {})
+            except CommandError:
+                # A statement that fails ends the transaction; nothing to retry in it.
+                await self.abort_held(txn)
+                raise
             try:
                 await self._commit(txn)
+            except WriteConcernError as exc:
+                await self._end(txn, "committed")
+                return {"writeConcernError": {k: v for k, v in (exc.details or {}).items()
+                                              if k in _WCE_FIELDS}}
             except CommandError as exc:
                 await self._end(txn, "aborted")
                 raise transient(exc) from None
@@ -340,6 +355,7 @@ class Transactions:
                                    errorLabels=["RetryableWriteError", UNKNOWN_COMMIT]
                                    ) from None
             await self._end(txn, "committed")
+            return {}
 
     async def _commit(self, txn: Txn) -> None:
         """The children keep what they showed of every document the transaction changed
@@ -435,3 +451,35 @@ class Transactions:
             if txn.held is not None:
                 await txn.held.aclose()
                 txn.held = None
+
+
+# The fields of a writeConcernError mongod sends.
+_WCE_FIELDS = ("code", "codeName", "errmsg", "errInfo")
+
+
+def _commit_options(session: AsyncClientSession, cmd: dict[str, Any]) -> None:
+    """The client names its transaction's write concern (and commit time limit) only on
+    commitTransaction; pymongo takes both from the options the transaction started
+    with, so they are set there first (its `_transaction.opts`, the one place it reads
+    them from)."""
+    wc, limit = cmd.get("writeConcern"), cmd.get("maxTimeMS")
+    if not isinstance(wc, dict) and limit is None:
+        return
+    held = getattr(session, "_transaction", None)
+    opts = getattr(held, "opts", None)
+    if held is None or not isinstance(opts, TransactionOptions):
+        return
+    unknown = sorted(set(wc or {}) - {"w", "j", "wtimeout", "fsync", "provenance"})
+    if unknown:
+        raise CommandError(Code.FAILED_TO_PARSE,
+                           f"unrecognized write concern field: {unknown[0]}")
+    try:
+        concern = WriteConcern(**{k: v for k, v in wc.items() if k != "provenance"}) \
+            if isinstance(wc, dict) else opts.write_concern
+        held.opts = TransactionOptions(
+            read_concern=opts.read_concern, write_concern=concern,
+            read_preference=opts.read_preference,
+            max_commit_time_ms=int(limit) if isinstance(limit, int) and limit > 0
+            else opts.max_commit_time_ms)
+    except (ConfigurationError, TypeError, ValueError) as exc:
+        raise CommandError(Code.FAILED_TO_PARSE, f"invalid writeConcern: {exc}") from None

@@ -13,8 +13,8 @@ from proxy.branching.txn import Transactions
 async def commit_transaction(req: Request) -> dict[str, Any]:
     """Commits the upstream transaction; a retry of a commit that succeeded answers ok
     again, as mongod does."""
-    await req.engine.txns.commit(Transactions.key_of(req.cmd))
-    return {"ok": 1.0}
+    extra = await req.engine.txns.commit(Transactions.key_of(req.cmd), req.cmd)
+    return {"ok": 1.0, **extra}
 
 
 async def abort_transaction(req: Request) -> dict[str, Any]:
