@@ -511,6 +511,34 @@ def test_merging_a_branch_created_at_a_point_restores_the_parent(
         assert contents(s[db_name].items) == then
 
 
+def test_merging_a_dropped_collection_copies_none_of_it(
+        proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
+        db_name: str) -> None:
+    """The merge drops the parent's collection the branch dropped; the branch keeps no
+    copy of it for a reset to before its drop (snapshot.MERGING): such a reset is
+    refused and says why, a reset to after the drop still works."""
+    client[db_name].gone.insert_many([{"_id": i} for i in range(50)])
+    branch = made.create()
+    name = branch["name"]
+    with MongoClient(branch["uri"]) as b:
+        b[db_name].other.insert_one({"_id": "before"})
+        before = last_lsn(proxy, name)
+        b[db_name].gone.drop()
+        b[db_name].other.insert_one({"_id": "after"})
+        after = last_lsn(proxy, name)
+        assert merge(proxy, name)["collections"] == [
+            {"ns": f"{db_name}.gone", "collection": "dropped"}]
+        assert "gone" not in client[db_name].list_collection_names()
+        kept = direct[proxy.meta_db]["wal"].count_documents(
+            {"ns": f"{db_name}.gone", "op": "keep"})
+        assert kept == 0
+        status, body = proxy.api("POST", f"/branches/{name}/reset", {"to": before})
+        assert status == 409 and "was merged since" in str(body), body
+        ok(proxy, "POST", f"/branches/{name}/reset", {"to": after})
+        assert "gone" not in b[db_name].list_collection_names()
+        assert sorted(d["_id"] for d in b[db_name].other.find()) == ["after", "before"]
+
+
 def test_at_a_point_after_the_source_dropped_a_collection(
         proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
     """A branch at a point where the source's own drop stood shows the collection as

@@ -151,6 +151,9 @@ class NsState:
     # voids (its parent never shows through again), unlike one it dropped or created,
     # which a reset to before the drop gives back to the parent.
     owned: bool = False
+    # Resets to before this LSN are refused: the parent changed the collection while the
+    # branch's own drop stood and kept nothing of it (it was the branch's own merge).
+    reset_floor: int | None = None
     # The branch's own catalog changes (indexes, options), each as it left them, at the
     # LSN it took: a reset gives back the last one in effect at its point
     # (Engine.rematerialize).
@@ -177,7 +180,7 @@ class NsState:
                 "options": self.options, "detached": self.detached,
                 "index_base": self.index_base, "options_base": self.options_base,
                 "present_base": self.present_base, "owned": self.owned,
-                "catalog": self.catalog}
+                "reset_floor": self.reset_floor, "catalog": self.catalog}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> NsState:
@@ -187,7 +190,7 @@ class NsState:
                    options=doc.get("options") or {}, detached=bool(doc.get("detached")),
                    index_base=doc.get("index_base"), options_base=doc.get("options_base"),
                    present_base=doc.get("present_base"), owned=bool(doc.get("owned")),
-                   catalog=list(doc.get("catalog") or []))
+                   reset_floor=doc.get("reset_floor"), catalog=list(doc.get("catalog") or []))
 
     def hide(self, ids: list[Any]) -> None:
         if self.hidden_ids is None:

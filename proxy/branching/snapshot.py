@@ -16,6 +16,7 @@ its ancestors' fences as readers: a child never sees a parent's write half prese
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from proxy.branching.wal import (
     LATENT,
     OWN,
     PUT,
+    RESETS,
     Change,
     entry_fields,
     matching,
@@ -186,6 +188,26 @@ def latent(kid: Branch, state: NsState | None) -> bool:
         and not state.detached and kid.mode != "copy"
 
 
+# The branch being merged into its parent, during the merge's writes there: what the
+# parent does then is the branch's own change, which it needs no copy of. A latent
+# state of it keeps nothing and refuses resets to before its drop instead (`_forgo`):
+# merging a branch that dropped a large collection copies none of it.
+MERGING: ContextVar[str | None] = ContextVar("merging", default=None)
+
+
+async def _forgo(engine: Engine, kid: Branch, state: NsState) -> int:
+    """A latent state of the branch being merged: instead of keeping what its parent
+    changes, it holds the collection whole from now on and refuses a reset to before
+    its drop (which would have to show the parent's collection as it was)."""
+    marker = await engine.wal.first({"b": kid.bid, "ns": f"{state.db}.{state.coll}",
+                                     "op": {"$in": list(RESETS)}, **kid.visible()},
+                                    newest=True)
+    if marker is not None:
+        state.reset_floor = max(state.reset_floor or 0, int(marker["_id"]))
+    await _own_latent(engine, kid, state, False)
+    return 0
+
+
 async def _marked(engine: Engine, kid: Branch, state: NsState, ids: list[Any]) -> set[Any]:
     """idkeys of the ids a latent state's parent images must not be kept for: ids the
     branch wrote over its parent's view (a reset to before its drop shows its own
@@ -228,6 +250,8 @@ async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change],
     state = engine.state(kid, db, coll)
     if latent(kid, state):
         assert state is not None
+        if MERGING.get() == kid.bid:
+            return await _forgo(engine, kid, state)
         return await _keep_latent(engine, kid, state,
                                   [(c.id, c.pre) for c in changes
                                    if _keepable(engine, kid, c)], deferred)
@@ -385,6 +409,8 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     state = engine.state(kid, db, coll)
     if latent(kid, state):
         assert state is not None
+        if MERGING.get() == kid.bid:
+            return await _forgo(engine, kid, state)
         return await _freeze_latent(engine, kid, state)
     if independent(state):
         return 0

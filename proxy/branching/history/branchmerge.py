@@ -12,7 +12,7 @@ from typing import Any
 
 from bson.int64 import Int64
 
-from proxy.branching import authz
+from proxy.branching import authz, snapshot
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.history.changes import (
@@ -90,7 +90,11 @@ async def merge(engine: Engine, name: str, into: Any = None, strategy: Any = "ab
         for state in branch_states(engine, branch):
             await authz.require_write(caller.run, state.db, state.coll, "mergeBranch")
     result = MergeResult(name, target, strategy, dry_run)
-    await _scan(engine, branch, result, apply=True, caller=caller)
+    merging = snapshot.MERGING.set(branch.bid)
+    try:
+        await _scan(engine, branch, result, apply=True, caller=caller)
+    finally:
+        snapshot.MERGING.reset(merging)
     await engine.meta["merges"].update_one(
         {"_id": name}, {"$set": {"status": "done", "result": result.to_json(),
                                  "lsn": Int64(await engine.wal.current())}})

@@ -33,6 +33,13 @@ async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
     await gc.check_point(engine, lsn)
     resets = await recorded_resets(engine, branch)
     await check_reopened(engine, branch, resets, lsn)
+    for state in branch_states(engine, branch):
+        if state.reset_floor is not None and lsn < state.reset_floor:
+            raise BranchError(Kind.CONFLICT,
+                              f"{name} dropped or recreated {state.db}.{state.coll} at LSN "
+                              f"{state.reset_floor} and was merged since, which changed its "
+                              "parent's collection: a reset to before that LSN cannot show "
+                              "the parent's collection as it was")
     if branch.mode == "copy":
         # A copy is taken back by undoing its visible entries after the point: right
         # only when the point's voids are the current ones below it.
