@@ -146,3 +146,28 @@ def test_list_collections_by_one_name_is_the_full_listing_of_that_name(
     names = [sorted(n for n in db.list_collection_names() if not n.startswith("__mb_"))
              for db in (branch, copy)]
     assert names == [["a", "c", "made", "seen"]] * 2
+
+
+def test_writes_that_create_no_collection_leave_it_missing(
+        pair: tuple[Any, Any, Any]) -> None:
+    """A delete, or a findAndModify without upsert, on a collection that does not exist
+    leaves it missing, as on mongod and the copy; an insert or an upsert creates it. An
+    update without upsert creates none on mongod either (its documented rule: "insert or
+    update with upsert: true"); SecantusDB creates one there, so the branch is checked
+    against mongod's rule alone for it."""
+    branch, copy, _ = pair
+    both(pair, lambda db: db.gone1.delete_many({}).deleted_count)
+    both(pair, lambda db: db.gone1.delete_one({"_id": 1}).deleted_count)
+    both(pair, lambda db: db.gone2.find_one_and_update({"x": 1}, {"$set": {"y": 1}}))
+    both(pair, lambda db: db.gone2.find_one_and_delete({"x": 1}))
+    branch.c.drop()
+    copy.c.drop()
+    both(pair, lambda db: db.c.delete_one({"_id": 1}).deleted_count)
+    both(pair, lambda db: db.made1.update_one({"_id": "u"}, {"$set": {"y": 1}},
+                                              upsert=True).matched_count)
+    both(pair, lambda db: db.made2.find_one_and_update({"_id": "u"}, {"$set": {"y": 1}},
+                                                       upsert=True) is None)
+    assert branch.gone3.update_many({"x": 1}, {"$set": {"y": 1}}).matched_count == 0
+    branch.c.update_one({"_id": 1}, {"$set": {"y": 1}})
+    assert "gone3" not in branch.list_collection_names()
+    assert "c" not in branch.list_collection_names()

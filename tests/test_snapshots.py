@@ -769,3 +769,85 @@ def test_resets_across_the_branchs_own_ddl_show_each_point_as_it_was(
         for lsn, shown in reversed(points):
             ok(proxy, "POST", f"/branches/{child['name']}/reset", {"to": lsn})
             assert point()[1] == shown, lsn
+
+
+def _random_step(rng: random.Random, db: Database, side: str) -> None:
+    """One seeded write or collection-level change on `items`/`other` of a branch or
+    its parent; errors a step may meet (a dropped index, a missing collection) are the
+    step's own and leave nothing behind."""
+    coll = db[rng.choice(["items", "other"])]
+    i = rng.randrange(40)
+    kind = rng.choice(["insert", "update", "update", "delete", "upsert", "many",
+                       "index", "unindex", "drop", "refill", "rename", "collMod"])
+    try:
+        if kind == "insert":
+            coll.insert_one({"_id": f"{side}{i}", "v": i, "k": i % 3})
+        elif kind == "update":
+            coll.update_one({"_id": i}, {"$set": {"v": f"{side}{i}"}})
+        elif kind == "delete":
+            coll.delete_one({"_id": rng.randrange(40)})
+        elif kind == "upsert":
+            coll.update_one({"_id": i}, {"$inc": {"n": 1}}, upsert=True)
+        elif kind == "many":
+            coll.update_many({"k": i % 3}, {"$inc": {"m": 1}})
+        elif kind == "index":
+            coll.create_index(rng.choice(["v", "k", "m"]))
+        elif kind == "unindex":
+            coll.drop_index(rng.choice(["v_1", "k_1", "m_1"]))
+        elif kind == "drop":
+            coll.drop()
+        elif kind == "refill":
+            coll.insert_many([{"_id": j, "v": side, "k": j % 3} for j in range(i, i + 3)],
+                             ordered=False)
+        elif kind == "rename":
+            coll.rename("items" if coll.name == "other" else "other", dropTarget=True)
+        else:
+            db.command("collMod", coll.name, validator={"v": {"$exists": True}})
+    except PyMongoError:
+        pass
+
+
+@pytest.mark.parametrize("seed_offset", range(4))
+def test_seeded_resets_across_writes_and_ddl_of_both_sides(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str,
+        seed_offset: int) -> None:
+    """Seeded writes and collection-level changes on a branch and its parent, mixed;
+    then resets of the branch to its recorded points in a seeded order (back and forth,
+    across earlier resets): each shows the branch's catalog, documents, indexes and
+    options exactly as they were at that point."""
+    rng = random.Random(SEED + seed_offset)
+    seed(client, db_name)
+    client[db_name].other.insert_many([{"_id": i, "o": i, "k": i % 3} for i in range(10)])
+    parent = made.create() if seed_offset % 2 else None
+    child = made.create(**({"from": parent["name"]} if parent else {}))
+    p = made.client(parent) if parent else client
+    with made.client(child) as c:
+        def shown() -> dict[str, Any]:
+            return {"fingerprint": fingerprint(c[db_name]),
+                    "options": options_view(c[db_name])}
+
+        def newest() -> int:
+            # Main's log first: its writes so far are captured, the child's copies of
+            # them logged, so none lands inside the child's next step.
+            entries(proxy, "main", limit=1)
+            last = entries(proxy, child["name"], limit=1)
+            return int(last[0]["lsn"]) if last else 0
+
+        points: dict[int, dict[str, Any]] = {0: shown()}
+        for _ in range(30):
+            if rng.random() < 0.6:
+                before = newest()
+                _random_step(rng, c[db_name], "c")
+                # A point is the state right after a step that logged it: index changes
+                # log no entry, and take an LSN after the log's newest.
+                if (lsn := newest()) != before:
+                    points.setdefault(lsn, shown())
+            else:
+                _random_step(rng, p[db_name], "p")
+        order = list(points)
+        rng.shuffle(order)
+        for lsn in order:
+            ok(proxy, "POST", f"/branches/{child['name']}/reset", {"to": lsn})
+            assert shown() == points[lsn], (lsn, order)
+    if parent:
+        p.close()

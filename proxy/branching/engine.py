@@ -683,8 +683,10 @@ class Engine:
             state.options = dict(last["options"])
             if state.base_dropped and not last["whole"]:
                 # Changed while the parent showed through, held whole since: the
-                # parent's options then, with the branch's own over them.
+                # parent's options and index list then, with the branch's own over them.
                 state.options = {**(state.options_base or {}), **state.options}
+                if state.indexes is None and state.index_base is not None:
+                    state.indexes = list(state.index_base)
         else:
             state.indexes = None if state.index_base is None else list(state.index_base)
             state.options = dict(state.options_base or {})
@@ -891,8 +893,10 @@ class Engine:
         # through again.
         if await self.wal.first({**match, "op": OWN}) is not None:
             state.owned = state.base_dropped = True
-        if not state.detached:
-            state.present = None  # a detached collection's presence was saved with it
+        if not state.detached or state.present_base is not None:
+            # A collection detached before its presence was kept (present_base) keeps
+            # the presence saved with it.
+            state.present = None
         if marker is not None:
             match["_id"] = {**match.get("_id", {}), "$gt": marker["_id"]}
             state.present = marker["op"] == CREATE or None
@@ -912,7 +916,12 @@ class Engine:
         await self._create_overlay(state, indexes or [], self.pool, {**enforced, **whole})
         # What the overlay held was validated (or bypassed) when it was first written.
         bypass = {"bypassDocumentValidation": True} if enforced else {}
-        fold = [*matching(match), {"$sort": {"_id": 1}},
+        # A document's last entry of the branch's own wins over an image it kept of its
+        # parent, even a later one: that keep was made while a reset voided the branch's
+        # entry, which a reset across it brought back.
+        fold = [*matching(match),
+                {"$addFields": {"own": {"$cond": [{"$eq": ["$op", KEEP]}, 0, 1]}}},
+                {"$sort": {"own": 1, "_id": 1}},
                 {"$group": {"_id": "$id", "op": {"$last": "$op"}, "post": {"$last": "$post"},
                             "postz": {"$last": "$postz"}, "first": {"$min": "$_id"}}}]
         if whole:

@@ -577,11 +577,27 @@ def dup_key_error(ns: str, value: Any, index: int = 0) -> dict[str, Any]:
     }
 
 
+def creates(cmd: dict[str, Any]) -> bool:
+    """Whether a write makes a missing collection exist, as on mongod: an insert or an
+    upsert does; a delete, or an update or findAndModify without upsert, leaves it
+    missing (SecantusDB creates one for an update without upsert too)."""
+    name = next(iter(cmd), "")
+    if name == "delete":
+        return False
+    if name == "update":
+        return any(isinstance(u, dict) and u.get("upsert") for u in cmd.get("updates") or [])
+    if name.lower() == "findandmodify":
+        return bool(cmd.get("upsert"))
+    return True
+
+
 async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: str,
                 cmd: dict[str, Any], client: dict[str, Any], stmts: Stmts | None = None
                 ) -> Writer:
     """A writer for a collection of a branch, under the branch's write lock: the
-    collection's overlay made ready (and children given what they saw of it first)."""
+    collection's overlay made ready (and children given what they saw of it first). A
+    write that does not create a missing collection (`creates`) leaves it missing."""
+    making = creates(cmd)
     # Point writes on other ids may be setting up the same collection at the same time.
     async with engine.branch_lock(branch.bid).setup:
         with outside_transaction():
@@ -596,13 +612,13 @@ async def begin(engine: Engine, branch: Branch, runner: Runner, db: str, coll: s
         # of a parent's later collection of that name shows through, reads run on the
         # overlay alone, and writes hide no ids.
         state = await engine.ensure_state(branch, db, coll, runner, base=first.base,
-                                          fresh={} if first.absent else None)
+                                          fresh={} if first.absent and making else None)
         with outside_transaction():
             await engine.mark_dirty(state)
-        if first.absent and state.base_dropped:
+        if first.absent and making and state.base_dropped:
             await snapshot.own(engine, branch, state, client)
         engine.txns.set_aside(state)
-        if state.present is not True and not await engine.txns.creating(state):
+        if making and state.present is not True and not await engine.txns.creating(state):
             state.present = True
             await engine.save_state(state)
     return Writer(engine, branch, runner, db, coll, state, cmd, client, stmts)

@@ -233,15 +233,21 @@ async def _keep_latent(engine: Engine, kid: Branch, state: NsState,
     marked = await _marked(engine, kid, state, [i for i, _ in images])
     ns = f"{state.db}.{state.coll}"
     keeps = [Change(ns, i, KEEP, None, img) for i, img in images if idkey(i) not in marked]
-    if not keeps:
-        return 0
+    if keeps:
+        await _log_keeps(engine, kid, keeps, deferred)
+    return len(keeps)
+
+
+async def _log_keeps(engine: Engine, kid: Branch, keeps: list[Change],
+                     deferred: list[tuple[str, list[Change]]] | None) -> None:
+    """Log a child's `keep` entries, or leave them in `deferred` for the caller's one
+    insert."""
     if deferred is not None:
         for keep in keeps:
             keep.extra = {"client": SYSTEM}
         deferred.append((kid.bid, keeps))
     else:
         await engine.wal.append(kid.bid, keeps, SYSTEM)
-    return len(keeps)
 
 
 async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change],
@@ -300,13 +306,8 @@ async def _keep(engine: Engine, kid: Branch, state: NsState,
                          _insert(engine, state.db, state.hidden, [{"_id": i} for i in ids]))
     state.hide(ids)
     ns = f"{state.db}.{state.coll}"
-    keeps = [Change(ns, i, KEEP, None, img) for i, img in images]
-    if deferred is not None:
-        for keep in keeps:
-            keep.extra = {"client": SYSTEM}
-        deferred.append((kid.bid, keeps))
-    else:
-        await engine.wal.append(kid.bid, keeps, SYSTEM)
+    await _log_keeps(engine, kid, [Change(ns, i, KEEP, None, img) for i, img in images],
+                     deferred)
 
 
 async def freeze(engine: Engine, parent: str, db: str, colls: list[str], *,
@@ -432,16 +433,11 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     layers = engine.layers(kid, db, coll)
     above = layers[1:]
     present = await _shown(engine, layers, db, coll)
-    owner = next((layer for layer in layers if layer.present), None)
     whole = kid.parent == MAIN or any(layer.base_dropped for layer in above)
     indexes = await engine.view_indexes(kid, db, coll, pool) if present else None
-    parent = engine.branches.get(kid.parent)
-    if parent is None:  # main: the base itself is about to change
-        base = await engine.view_indexes(kid, db, coll, pool) \
-            if await _shown(engine, [], db, coll) else None
-    else:
-        base = await engine.view_indexes(parent, db, coll, pool) \
-            if await _shown(engine, engine.layers(parent, db, coll), db, coll) else None
+    # The parent's list as at the fork: kept when the parent first changed it, else now.
+    base = state.index_base if state.index_base is not None \
+        else await _parent_indexes(engine, kid, db, coll)
     await engine.mark_dirty(state)
     copied = 0
     if whole:
@@ -466,11 +462,12 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     state.index_base = base
     if state.present is None:
         state.present = present
+    if state.present_base is None:
+        # What a reset to before the branch's own drop or create shows.
+        state.present_base = present
     if whole:
-        shown = dict(owner.options) if owner is not None else (
-            dict(views.options_of(above))
-            or ((await engine.base_options(db, coll) or {}) if present else {}))
-        if owner is not None or not state.options:
+        shown = await _parent_options(engine, kid, db, coll)
+        if not state.options:  # else the branch's own collMod made them
             state.options = dict(shown)
         if state.options_base is None:
             # What a reset to before the branch's own collMod gives back.
@@ -505,6 +502,22 @@ async def _parent_indexes(engine: Engine, kid: Branch, db: str,
     return await engine.view_indexes(parent, db, coll, engine.pool)
 
 
+async def _parent_options(engine: Engine, kid: Branch, db: str, coll: str) -> dict[str, Any]:
+    """The options the branch's parent shows for a collection: a view's definition, the
+    options an ancestor set or made it with, else the base's ({}: absent)."""
+    parent = engine.branches.get(kid.parent)
+    layers = [] if parent is None else engine.layers(parent, db, coll)
+    if not await _shown(engine, layers, db, coll):
+        return {}
+    view = await _view_shown(engine, layers, db, coll)
+    if view is not None:
+        return dict(view)
+    for layer in layers:
+        if layer.options or layer.base_dropped:
+            return dict(layer.options)
+    return await engine.base_options(db, coll) or {}
+
+
 async def _freeze_latent(engine: Engine, kid: Branch, state: NsState) -> int:
     """A latent state (see latent) before its parent changes the collection itself:
     the branch keeps the parent's whole view in its WAL, then holds it whole (`own`),
@@ -522,9 +535,7 @@ async def _freeze_latent(engine: Engine, kid: Branch, state: NsState) -> int:
         if state.index_base is None:  # else kept when the parent changed it first
             state.index_base = await _parent_indexes(engine, kid, db, coll)
     if state.options_base is None:
-        state.options_base = dict(view) if view is not None else (
-            dict(views.options_of(layers)) or (await engine.base_options(db, coll) or {})
-            if present else {})
+        state.options_base = await _parent_options(engine, kid, db, coll)
     await _own_latent(engine, kid, state, present)
     return copied
 

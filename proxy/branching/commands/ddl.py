@@ -200,7 +200,11 @@ async def create_indexes(req: Request) -> dict[str, Any]:
         state.indexes = after
         state.unique = None
         state.present = True
-        await req.engine.note_catalog(state)
+        if created:
+            # One command: the collection it created has these indexes at its entry.
+            state.catalog[-1]["indexes"] = after
+        else:
+            await req.engine.note_catalog(state)
         await req.engine.save_state(state)
     return {"createdCollectionAutomatically": created, "numIndexesBefore": len(before),
             "numIndexesAfter": len(after), "ok": 1.0}

@@ -437,12 +437,21 @@ async def find_and_modify(req: Request) -> dict[str, Any] | None:
 
 
 # -- collection-level changes -------------------------------------------------------------------
+async def _caught_up(req: Request) -> None:
+    """Before children copy what they show of a collection main is about to change:
+    main's writes acknowledged so far are preserved for them (the capture runs behind
+    the upstream), so no copy holds a change of main a child never saw."""
+    if req.engine.capture is not None:
+        await req.engine.capture.barrier()
+
+
 async def ddl(req: Request) -> dict[str, Any] | None:
     """Children take their own copy of the collections named, then the command runs."""
     if not active(req):
         return None
     name = req.name
     async with req.engine.writing_main():
+        await _caught_up(req)
         req.engine.main_collections.clear()
         if name == "renameCollection":
             source, target = req.cmd.get("renameCollection"), req.cmd.get("to")
@@ -492,6 +501,7 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
     if "$merge" in last and captured(req):
         return await through_capture(req)
     async with req.engine.writing_main():
+        await _caught_up(req)
         req.engine.main_collections.clear()
         await snapshot.freeze(req.engine, naming.MAIN, db, [target])
         return await req.run.reply(req.db, {k: v for k, v in req.cmd.items() if k != "$db"})

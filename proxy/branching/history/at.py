@@ -232,6 +232,12 @@ def _shown(entry: dict[str, Any], voids: list[list[int]]) -> bool:
     return entry["op"] == KEEP or not any(lo < lsn <= hi for lo, hi in voids)
 
 
+def _over(entry: dict[str, Any], held: dict[str, Any] | None) -> bool:
+    """Whether a later entry replaces the one a fold holds: an image kept of the parent
+    never replaces an entry of the branch's own (Engine.rematerialize)."""
+    return held is None or entry["op"] != KEEP or held["op"] == KEEP
+
+
 class _AtFold:
     """One document's image then and now, from its entries in LSN order, keeping three
     of them at most. Then: the last entry visible at the point (`visible_at`), else the
@@ -258,11 +264,11 @@ class _AtFold:
             return
         if at > self.lsn or any(lo < at <= hi for lo, hi in self.reopened):
             self.later = True
-        if at <= self.lsn and _shown(entry, self.then):
+        if at <= self.lsn and _shown(entry, self.then) and _over(entry, self.past):
             self.past = entry
         if at > self.lsn and self.after is None:
             self.after = entry
-        if _shown(entry, self.now):
+        if _shown(entry, self.now) and _over(entry, self.shown):
             self.shown = entry
 
     def result(self) -> tuple[Any, Any, Any] | None:
