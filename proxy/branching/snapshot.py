@@ -208,13 +208,16 @@ async def _forgo(engine: Engine, kid: Branch, state: NsState) -> int:
     return 0
 
 
-async def _marked(engine: Engine, kid: Branch, state: NsState, ids: list[Any]) -> set[Any]:
+async def _marked(engine: Engine, kid: Branch, state: NsState, ids: list[Any],
+                  through: dict[str, Any] | None = None) -> set[Any]:
     """idkeys of the ids a latent state's parent images must not be kept for: ids the
     branch wrote over its parent's view (a reset to before its drop shows its own
     images; one to before those writes keeps the images then,
-    resets._keep_fork_images), and ids already kept."""
+    resets._keep_fork_images), and ids already kept. through: written_through's filter,
+    when the caller keeps several batches."""
     ns = f"{state.db}.{state.coll}"
-    through = await written_through(engine, kid, ns)
+    if through is None:
+        through = await written_through(engine, kid, ns)
     found: set[Any] = set()
     for start in range(0, len(ids), CHUNK):
         filt = {"b": kid.bid, "ns": ns, "id": {"$in": ids[start:start + CHUNK]},
@@ -228,9 +231,10 @@ async def _marked(engine: Engine, kid: Branch, state: NsState, ids: list[Any]) -
 
 async def _keep_latent(engine: Engine, kid: Branch, state: NsState,
                        images: list[tuple[Any, dict[str, Any] | None]],
-                       deferred: list[tuple[str, list[Change]]] | None = None) -> int:
+                       deferred: list[tuple[str, list[Change]]] | None = None,
+                       through: dict[str, Any] | None = None) -> int:
     """`keep` entries of a latent state (see latent): logged, never in the overlay."""
-    marked = await _marked(engine, kid, state, [i for i, _ in images])
+    marked = await _marked(engine, kid, state, [i for i, _ in images], through)
     ns = f"{state.db}.{state.coll}"
     keeps = [Change(ns, i, KEEP, None, img) for i, img in images if idkey(i) not in marked]
     if keeps:
@@ -488,28 +492,37 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     return copied
 
 
-async def _parent_indexes(engine: Engine, kid: Branch, db: str,
-                          coll: str) -> list[dict[str, Any]] | None:
-    """The index list the branch's parent shows for a collection (None: absent)."""
+async def _parent_indexes(engine: Engine, kid: Branch, db: str, coll: str,
+                          present: bool | None = None) -> list[dict[str, Any]] | None:
+    """The index list the branch's parent shows for a collection (None: absent).
+    present: whether the parent shows it, when the caller knows."""
     parent = engine.branches.get(kid.parent)
+    layers = [] if parent is None else engine.layers(parent, db, coll)
+    if present is None:
+        present = await _shown(engine, layers, db, coll)
+    if not present:
+        return None
     if parent is None:
-        if not await _shown(engine, [], db, coll):
-            return None
         reply = await engine.pool.reply(db, {"listIndexes": coll})
         return list(reply["cursor"]["firstBatch"]) if reply.get("ok") else None
-    if not await _shown(engine, engine.layers(parent, db, coll), db, coll):
-        return None
     return await engine.view_indexes(parent, db, coll, engine.pool)
 
 
-async def _parent_options(engine: Engine, kid: Branch, db: str, coll: str) -> dict[str, Any]:
+async def _parent_options(engine: Engine, kid: Branch, db: str, coll: str,
+                          shown: tuple[bool, dict[str, Any] | None] | None = None
+                          ) -> dict[str, Any]:
     """The options the branch's parent shows for a collection: a view's definition, the
-    options an ancestor set or made it with, else the base's ({}: absent)."""
+    options an ancestor set or made it with, else the base's ({}: absent).
+    shown: whether the parent shows it and its view definition, when the caller read
+    them already."""
     parent = engine.branches.get(kid.parent)
     layers = [] if parent is None else engine.layers(parent, db, coll)
-    if not await _shown(engine, layers, db, coll):
+    if shown is None:
+        present = await _shown(engine, layers, db, coll)
+        shown = (present, await _view_shown(engine, layers, db, coll) if present else None)
+    present, view = shown
+    if not present:
         return {}
-    view = await _view_shown(engine, layers, db, coll)
     if view is not None:
         return dict(view)
     for layer in layers:
@@ -530,12 +543,14 @@ async def _freeze_latent(engine: Engine, kid: Branch, state: NsState) -> int:
     view = await _view_shown(engine, layers, db, coll)
     copied = 0
     if present and view is None:
+        through = await written_through(engine, kid, f"{db}.{coll}")
         async for batch in viewscan.view_batches(engine.pool, db, coll, layers, {}):
-            copied += await _keep_latent(engine, kid, state, [(d["_id"], d) for d in batch])
+            copied += await _keep_latent(engine, kid, state, [(d["_id"], d) for d in batch],
+                                         through=through)
         if state.index_base is None:  # else kept when the parent changed it first
-            state.index_base = await _parent_indexes(engine, kid, db, coll)
+            state.index_base = await _parent_indexes(engine, kid, db, coll, present)
     if state.options_base is None:
-        state.options_base = await _parent_options(engine, kid, db, coll)
+        state.options_base = await _parent_options(engine, kid, db, coll, (present, view))
     await _own_latent(engine, kid, state, present)
     return copied
 
