@@ -71,6 +71,54 @@ def test_log_newest_first_with_paging(proxy: ProxyProcess, client: MongoClient,
     assert entries(proxy, name, limit=10_000) == log
 
 
+def test_index_and_option_changes_are_entries_a_reset_can_name(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    """createIndexes, dropIndexes and collMod log entries named for their command; a
+    reset to each shows the indexes and options as that command left them, and one to
+    before them all voids them in the log. A createIndexes that creates its collection
+    logs the create, then itself."""
+    seed(client, db_name)
+    branch = made.create()
+    name = branch["name"]
+    with MongoClient(branch["uri"], appname="hist-ddl") as b:
+        db = b[db_name]
+
+        def shown() -> tuple[list[tuple[str, Any]], dict[str, Any], list[str]]:
+            options = {c["name"]: c.get("options", {}) for c in db.list_collections()}
+            return (index_keys(db.items), options.get("items", {}),
+                    sorted(db.list_collection_names()))
+
+        at_fork = shown()
+        states = []
+        for step in (lambda: db.items.create_index("v"),
+                     lambda: db.items.create_index("tag"),
+                     lambda: db.items.drop_index("v_1"),
+                     lambda: db.command("collMod", "items",
+                                        validator={"v": {"$exists": True}})):
+            step()
+            states.append(shown())
+        assert states[-1][1]["validator"] == {"v": {"$exists": True}}
+        assert [ix for ix, _ in states[-1][0]] == ["_id_", "tag_1"]
+        db.fresh.create_index("x")
+        log = entries(proxy, name)
+        assert [(e["op"], e["ns"], e["_id"]) for e in log] == [
+            ("createIndexes", f"{db_name}.fresh", None), ("create", f"{db_name}.fresh", None),
+            ("collMod", f"{db_name}.items", None), ("dropIndexes", f"{db_name}.items", None),
+            ("createIndexes", f"{db_name}.items", None),
+            ("createIndexes", f"{db_name}.items", None)]
+        assert all(e["client"]["app"] == "hist-ddl" and e["visible"] for e in log)
+
+        for entry, want in zip(reversed(log[2:]), states, strict=True):
+            ok(proxy, "POST", f"/branches/{name}/reset", {"to": entry["lsn"]})
+            assert shown() == want, entry
+        ok(proxy, "POST", f"/branches/{name}/reset", {"to": 0})
+        assert shown() == at_fork
+        assert not any(e["visible"] for e in entries(proxy, name, limit=6))
+        ok(proxy, "POST", f"/branches/{name}/reset", {"to": log[0]["lsn"]})
+        assert index_keys(db.fresh) == [("_id_", {"_id": 1}), ("x_1", {"x": 1})]
+        assert shown() == (states[-1][0], states[-1][1], ["fresh", "items"])
+
+
 @pytest.mark.parametrize(("query", "message"), [
     ("limit=0", "limit must be 1-10000, got 0"),
     ("limit=-1", "limit must be 1-10000"),

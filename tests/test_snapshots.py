@@ -843,8 +843,7 @@ def test_seeded_resets_across_writes_and_ddl_of_both_sides(
             if rng.random() < 0.6:
                 before = newest()
                 _random_step(rng, c[db_name], "c")
-                # A point is the state right after a step that logged it: index changes
-                # log no entry, and take an LSN after the log's newest.
+                # A point is the state right after a step that logged an entry.
                 if (lsn := newest()) != before:
                     points.setdefault(lsn, shown())
             else:

@@ -135,7 +135,8 @@ async def undo_to(engine: Engine, branch: Branch, lsn: int,
         raise BranchError(Kind.CONFLICT, f"{branch.name} dropped or recreated {marker['ns']} after "
                                          "that point; a copy branch cannot be taken back across it")
     undone = 0
-    cursor = await engine.wal.entries.aggregate([*matching(later), {"$sort": {"_id": -1}}],
+    cursor = await engine.wal.entries.aggregate([*matching({**later, "op": {"$in": [PUT, DELETE]}}),
+                                                 {"$sort": {"_id": -1}}],
                                                 allowDiskUse=True)
     async for entry in cursor:
         db, coll = entry["ns"].split(".", 1)

@@ -37,10 +37,14 @@ from proxy.branching.runner import SESSION, Runner, error_from, outside_transact
 from proxy.branching.snapshot import Fence
 from proxy.branching.txn import CURRENT, Transactions
 from proxy.branching.wal import (
+    CATALOG,
     CREATE,
+    DELETE,
+    DOCUMENT,
     HOLDS,
     KEEP,
     OWN,
+    PUT,
     RESETS,
     STARTS,
     Change,
@@ -492,7 +496,7 @@ class Engine:
         if marker is not None:
             match["_id"] = {"$gt": marker["_id"]}
         # Kept since a drop or create of its own: not held (snapshot.latent).
-        match["op"] = {"$nin": [*STARTS, OWN, *([KEEP] if replaced else [])]}
+        match["op"] = {"$in": [PUT, DELETE] if replaced else list(DOCUMENT)}
         reply = await self.pool(self.meta_db, {"aggregate": "wal", "allowDiskUse": True,
                                                "cursor": {}, "pipeline": [
             *matching(match),
@@ -657,12 +661,21 @@ class Engine:
     async def save_branch(self, branch: Branch) -> None:
         await self.meta["branches"].replace_one({"_id": branch.name}, branch.to_doc())
 
-    async def note_catalog(self, state: NsState, lsn: int | None = None) -> None:
+    async def log_catalog(self, branch: Branch, state: NsState, command: str,
+                          client: dict[str, Any]) -> None:
+        """Log the branch's own change of a collection's indexes or options (an entry
+        named for its command, wal.CATALOG) and note what it left."""
+        assert command in CATALOG
+        lsn = await self.log_changes(branch, [Change(f"{state.db}.{state.coll}", None,
+                                                     command, None, None)], client,
+                                     preserve=False)
+        self.note_catalog(state, lsn)
+
+    @staticmethod
+    def note_catalog(state: NsState, lsn: int) -> None:
         """Record the branch's own change of a collection's indexes or options as it
-        left them (saved with the state next): a reset to before it gives back the list
-        in effect then. lsn: the change's WAL entry, when it logged one."""
-        if lsn is None:
-            lsn = await self.wal.reserve(1)
+        left them (saved with the state next), at the LSN of the entry that logged it:
+        a reset to before it gives back the list in effect then."""
         state.catalog.append({"lsn": Int64(lsn), "indexes": state.indexes,
                               "options": dict(state.options), "whole": state.base_dropped})
 
@@ -904,7 +917,7 @@ class Engine:
             state.present = state.present_base
         # While the branch's own drop or create stands, what it kept of its parent since
         # waits in the WAL for a reset to before it (snapshot.latent).
-        match["op"] = {"$nin": [OWN, KEEP]} if replaced else {"$ne": OWN}
+        match["op"] = {"$in": [PUT, DELETE] if replaced else list(DOCUMENT)}
         self._restore_catalog(state, branch, upto)
         indexes = state.indexes
         if indexes is None and branch is not None:

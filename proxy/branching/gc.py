@@ -19,7 +19,7 @@ from pymongo import DeleteMany, UpdateOne
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.naming import MAIN
-from proxy.branching.wal import STARTS, first_pre, matching, packed
+from proxy.branching.wal import DOCUMENT, STARTS, first_pre, matching, packed
 
 BATCH = 1000
 IN_CHUNK = 100
@@ -85,7 +85,8 @@ async def _fold(engine: Engine, old: dict[str, Any]) -> int:
     if marker is not None:
         gone += (await wal.delete_many({**old, "_id": {"$lt": marker["_id"]}})).deleted_count
         after["_id"] = {"$gt": marker["_id"], "$lte": old["_id"]["$lte"]}
-    pipeline = [*matching({**after, "op": {"$nin": list(STARTS)}}), {"$sort": {"_id": 1}},
+    # Document entries only: an `own` or catalog entry stays as it is.
+    pipeline = [*matching({**after, "op": {"$in": list(DOCUMENT)}}), {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", "lsns": {"$push": "$_id"},
                             **first_pre(),
                             "post": {"$last": "$post"}, "n": {"$sum": 1}}},

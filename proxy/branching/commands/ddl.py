@@ -17,10 +17,12 @@ from proxy.wire.codes import Code
 
 
 async def _reset(req: Request, state: NsState, options: dict[str, Any],
-                 marker: str = DROP, extra: dict[str, Any] | None = None) -> None:
+                 marker: str = DROP, extra: dict[str, Any] | None = None,
+                 indexes: list[dict[str, Any]] | None = None) -> None:
     """Empty the branch's collection: the base is hidden and the overlay starts over.
     `extra` marks the entry for the branch's change streams (changestream.py): the
-    drop that ends a rename or a dropDatabase."""
+    drop that ends a rename or a dropDatabase. indexes: the list the collection shows
+    from the entry on (a rename's target; the caller makes them), else `_id` alone."""
     run = req.run
     for name in (state.live, state.hidden):
         await run.reply(state.db, {"drop": name})
@@ -28,14 +30,14 @@ async def _reset(req: Request, state: NsState, options: dict[str, Any],
     await run(state.db, {"create": state.hidden})
     state.base_dropped = True
     state.options = options
-    state.indexes = [dict(ID_INDEX)]
+    state.indexes = indexes or [dict(ID_INDEX)]
     state.unique = None
     state.hidden_ids = {}
     lsn = await req.engine.log_changes(req.on_branch, [Change(f"{state.db}.{state.coll}",
                                                               None, marker, None, None,
                                                               extra)],
                                        req.client())
-    await req.engine.note_catalog(state, lsn)
+    req.engine.note_catalog(state, lsn)
 
 
 async def _state(req: Request, coll: str) -> NsState:
@@ -82,7 +84,7 @@ async def create(req: Request) -> dict[str, Any]:
                                                                       None, CREATE, None,
                                                                       None)],
                                                req.client())
-            await req.engine.note_catalog(state, lsn)
+            req.engine.note_catalog(state, lsn)
         else:
             state = await _state(req, coll)
             await _reset(req, state, options, CREATE)
@@ -148,7 +150,7 @@ async def rename_collection(req: Request) -> dict[str, Any]:
         # The target's entries are the rename's, not inserts (changestream.py).
         moved = {"from": source}
         await _reset(sub, dst_state, (src_state.options if src_state.base_dropped else {}),
-                     CREATE, moved)
+                     CREATE, moved, indexes)
         source, stages = views.view_source(scoll, layers) if layers else (scoll, [])
         await req.run(sdb, {"aggregate": source, "cursor": {}, "pipeline": [
             *stages, {"$merge": {"into": dst_state.live, "whenMatched": "replace"}}]})
@@ -156,9 +158,7 @@ async def rename_collection(req: Request) -> dict[str, Any]:
                  if ix.get("name") != "_id_"]
         if specs:
             await req.run(sdb, {"createIndexes": dst_state.live, "indexes": specs})
-        dst_state.indexes = indexes
         dst_state.present = True
-        await req.engine.note_catalog(dst_state)
         ns = f"{sdb}.{tcoll}"
         async for batch in req.run.batches(sdb, {"find": dst_state.live}):
             await req.run(sdb, {"insert": dst_state.hidden,
@@ -200,11 +200,7 @@ async def create_indexes(req: Request) -> dict[str, Any]:
         state.indexes = after
         state.unique = None
         state.present = True
-        if created:
-            # One command: the collection it created has these indexes at its entry.
-            state.catalog[-1]["indexes"] = after
-        else:
-            await req.engine.note_catalog(state)
+        await req.engine.log_catalog(req.on_branch, state, "createIndexes", req.client())
         await req.engine.save_state(state)
     return {"createdCollectionAutomatically": created, "numIndexesBefore": len(before),
             "numIndexesAfter": len(after), "ok": 1.0}
@@ -238,6 +234,6 @@ async def drop_indexes(req: Request) -> dict[str, Any]:
         gone = {ix["name"] for ix in drop}
         state.indexes = [ix for ix in before if ix["name"] not in gone]
         state.unique = None
-        await req.engine.note_catalog(state)
+        await req.engine.log_catalog(req.on_branch, state, "dropIndexes", req.client())
         await req.engine.save_state(state)
     return {"nIndexesWas": len(before), "ok": 1.0}

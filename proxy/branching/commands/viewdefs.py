@@ -623,7 +623,7 @@ async def _define(req: Request, name: str, options: dict[str, Any]) -> None:
     lsn = await req.engine.log_changes(req.on_branch, [Change(f"{req.db}.{name}", None,
                                                               CREATE, None, None)],
                                        req.client())
-    await req.engine.note_catalog(state, lsn)
+    req.engine.note_catalog(state, lsn)
     await req.engine.save_state(state)
 
 
@@ -698,7 +698,7 @@ async def _mod_collection(req: Request, name: str, fields: dict[str, Any]) -> di
         state.indexes = [_modded(ix, spec) for ix in indexes]
         state.unique = None
     if options != before or isinstance(spec, dict):
-        await req.engine.note_catalog(state)
+        await req.engine.log_catalog(req.on_branch, state, "collMod", req.client())
     await req.engine.save_state(state)
     return {k: v for k, v in reply.items() if k not in ("$clusterTime", "operationTime")}
 

@@ -25,10 +25,10 @@ from proxy.branching.lineage import parent_layers
 from proxy.branching.model import Branch, NsState
 from proxy.branching.wal import (
     DELETE,
+    DOCUMENT,
     DROP,
     HOLDS,
     KEEP,
-    OWN,
     PUT,
     RESETS,
     STARTS,
@@ -204,7 +204,7 @@ async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
         pending: list[tuple[Any, Any, Any]] = []
         fold: _AtFold | None = None
         async for entry, first in by_document(engine, {"b": source.bid, "ns": ns,
-                                                       "op": {"$nin": [*STARTS, OWN]}}):
+                                                       "op": {"$in": list(DOCUMENT)}}):
             if first and fold is not None and (done := fold.result()) is not None:
                 pending.append(done)
                 if len(pending) >= BATCH:

@@ -29,7 +29,7 @@ from proxy.branching.lineage import parent_layers, parent_of, replaced
 from proxy.branching.masking import Masker
 from proxy.branching.model import Branch, NsState
 from proxy.branching.stages import documents_stage
-from proxy.branching.wal import KEEP, OWN, STARTS, first_pre, image, matching
+from proxy.branching.wal import DOCUMENT, KEEP, first_pre, image, matching
 from proxy.wire.bsonutil import same
 
 
@@ -79,7 +79,7 @@ async def touched(engine: Engine, branch: Branch,
     the other), and the first pre-images come with them, with no per-batch lookup in the
     WAL."""
     pipeline = [*matching({"b": branch.bid, "ns": f"{state.db}.{state.coll}",
-                           "op": {"$nin": [*STARTS, OWN]}, **branch.visible()}),
+                           "op": {"$in": list(DOCUMENT)}, **branch.visible()}),
                 {"$sort": {"_id": 1}},
                 {"$group": {"_id": "$id", **first_pre(),
                             "own": {"$max": {"$cond": [{"$eq": ["$op", KEEP]}, 0, 1]}}}},
