@@ -467,24 +467,25 @@ class Capture:
     async def _documents(self, run: list[tuple[tuple[int, int], Change, bool]]) -> None:
         if not run:
             return
-        groups: list[tuple[list[Branch], list[Change]]] = []
+        # Runs of changes for the same children, in stream order; one without its
+        # pre-image alone, judged once those before it are preserved (_unpreservable).
+        groups: list[tuple[list[Branch], list[Change], bool]] = []
         for at, change, missing in run:
             kids = self._eligible(at)
-            if missing:
-                if kids:
-                    self._unpreservable(change.ns, kids)
-                continue
-            if groups and [k.bid for k in groups[-1][0]] == [k.bid for k in kids]:
+            if groups and not missing and not groups[-1][2] \
+                    and [k.bid for k in groups[-1][0]] == [k.bid for k in kids]:
                 groups[-1][1].append(change)
             else:
-                groups.append((kids, [change]))
+                groups.append((kids, [change], missing))
         # The children's keep entries and main's changes go to the WAL in one insert,
         # keeps first. A crash before it leaves the copies unlogged and main's changes
         # too: start-up rebuilds the overlays without them and the capture replays the
         # events, copying them again.
         keeps: list[tuple[str, list[Change]]] = []
-        for kids, changes in groups:
-            if kids:
+        for kids, changes, missing in groups:
+            if missing and kids:
+                await self._unpreservable(changes[0], kids)
+            elif kids:
                 await snapshot.preserve(self.engine, naming.MAIN, changes, kids=kids,
                                         deferred=keeps)
                 self._bump(kids)  # after: a read that began meanwhile saw it half done
@@ -496,13 +497,24 @@ class Capture:
         for kid in kids:
             self.generation[kid.bid] = self.generation.get(kid.bid, 0) + 1
 
-    def _unpreservable(self, ns: str, kids: Iterable[Branch]) -> None:
+    async def _unpreservable(self, change: Change, kids: Iterable[Branch]) -> None:
         """An update or delete arrived without its pre-image: the children forked before
-        it may now show the new document."""
+        it that read the document through main may now show the new one. One that holds
+        the collection whole or absent, or its own image of the document (a document
+        main inserted after its fork, kept absent), does not: so a collection main
+        creates after a fork, whose pre-images the capture turns on only once it sees
+        it, breaks no child."""
         self.stats.unpreservable += 1
+        db, coll = change.ns.split(".", 1)
         for kid in kids:
-            self.engine.break_snapshot(kid, f"{ns}: a change arrived without its pre-image "
-                                            "(changeStreamPreAndPostImages is off for it)")
+            if not snapshot.reads_base(self.engine, kid, db, [coll]):
+                continue
+            state = self.engine.state(kid, db, coll)
+            if await snapshot.owned_ids(self.engine, state, [change.id]):
+                continue
+            self.engine.break_snapshot(kid, f"{change.ns}: a change arrived without its "
+                                            "pre-image (changeStreamPreAndPostImages is "
+                                            "off for it)")
 
     async def _created(self, at: tuple[int, int], db: str, coll: str) -> None:
         """A collection created after a child's fork stays absent in that child."""
