@@ -807,11 +807,6 @@ def _random_step(rng: random.Random, db: Database, side: str) -> None:
         pass
 
 
-@pytest.mark.skipif(
-    not os.environ.get("MONGOBRANCH_SEEDED_RESETS"),
-    reason="KNOWN FAILURE, opt-in (MONGOBRANCH_SEEDED_RESETS=1): passes alone and with "
-           "its file (60 seeds), but its seeds 0-2 failed inside a full clean-clone "
-           "`make test` on 2026-12-01, cause not yet found")
 @pytest.mark.parametrize("seed_offset", range(4))
 def test_seeded_resets_across_writes_and_ddl_of_both_sides(
         proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str,

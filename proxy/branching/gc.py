@@ -49,7 +49,7 @@ async def collect(engine: Engine, retention: dt.timedelta) -> dict[str, Any]:
     wal = engine.wal.entries
     before = await _stats(engine)
     cutoff = dt.datetime.now(dt.UTC).replace(tzinfo=None) - retention
-    last_old = await wal.find_one({"ts": {"$lt": cutoff}}, sort=[("_id", -1)])
+    last_old = await anext(engine.wal.newest({"ts": {"$lt": cutoff}}, 1, {"_id": 1}), None)
     if last_old is None:
         return {"horizon_lsn": await horizon(engine), "before": before, "after": before,
                 "folded": 0, "compressed": 0}
@@ -134,14 +134,15 @@ def _folded(group: dict[str, Any]) -> dict[str, Any]:
 
 async def _compress(engine: Engine, limit: int) -> int:
     """Compress the plain images of entries up to limit: one pass per branch over its
-    (b, _id) index. A filter on the images themselves, or pages by LSN, would make
+    (b, _id) index, in no order (a find sorted by LSN is sorted in memory by
+    SecantusDB). A filter on the images themselves, or pages by LSN, would make
     SecantusDB examine the whole range for every page."""
     wal = engine.wal.entries
     done = 0
     for bid in [b.bid for b in engine.branches.values()] + [MAIN]:
         ops: list[UpdateOne] = []
         async for entry in wal.find({"b": bid, "_id": {"$lte": limit}},
-                                    {"pre": 1, "post": 1}).sort("_id", 1).batch_size(BATCH):
+                                    {"pre": 1, "post": 1}).batch_size(BATCH):
             update: dict[str, Any] = {}
             for field in ("pre", "post"):
                 if isinstance(entry.get(field), dict):

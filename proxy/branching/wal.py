@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ MAX_ENTRY = 16 * 1024 * 1024
 TOO_LARGE = 10334
 # LSNs taken from the shared counter at a time (one metadata round trip per block).
 LSN_BLOCK = 256
+# The first LSN window Wal.newest looks for the newest entries in.
+WINDOW = 4096
 
 PUT = "put"
 DELETE = "delete"
@@ -402,11 +405,50 @@ class Wal:
 
     async def first(self, filt: dict[str, Any], *, newest: bool = False
                     ) -> dict[str, Any] | None:
-        """The oldest (newest) entry matching a filter, read through an index."""
-        pipeline = [*matching(filt), {"$sort": {"_id": -1 if newest else 1}}, {"$limit": 1}]
-        async for doc in await self.entries.aggregate(pipeline):
-            return doc  # type: ignore[no-any-return]
+        """The oldest (newest) entry matching a filter, in one query: the filters it
+        takes match few entries (see `newest` for the log's newest)."""
+        async for doc in self._sorted(filt, 1, None, not newest):
+            return doc
         return None
+
+    async def newest(self, filt: dict[str, Any], limit: int,
+                     fields: dict[str, Any] | None = None, *,
+                     oldest: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Up to `limit` entries matching a filter, newest (oldest) first, streamed.
+
+        SecantusDB reads every entry a filter matches before it sorts and limits them,
+        even along an index in that order: the newest entry of main's log took 43 s
+        once it held 189,000 entries (late in a full test run). So the newest are looked
+        for in LSN windows going back from the newest issued, each eight times the last
+        (an index range, which it does bound): the cost follows how far back they are,
+        not the size of the log. `oldest`, or a filter with its own `_id` condition
+        other than a bound below, reads in one query."""
+        bound = filt.get("_id", {})
+        if oldest or not isinstance(bound, dict) or set(bound) - {"$lt", "$lte"}:
+            async for doc in self._sorted(filt, limit, fields, oldest):
+                yield doc
+            return
+        hi = await self.current()
+        if "$lt" in bound:
+            hi = min(hi, int(bound["$lt"]) - 1)
+        if "$lte" in bound:
+            hi = min(hi, int(bound["$lte"]))
+        width = WINDOW
+        while limit > 0 and hi > 0:
+            lo = max(hi - width, 0)
+            window = {**filt, "_id": {"$gt": lo, "$lte": hi}}
+            async for doc in self._sorted(window, limit, fields, False):
+                limit -= 1
+                yield doc
+            hi, width = lo, width * 8
+
+    async def _sorted(self, filt: dict[str, Any], limit: int,
+                      fields: dict[str, Any] | None, oldest: bool
+                      ) -> AsyncIterator[dict[str, Any]]:
+        pipeline = [*matching(filt), {"$sort": {"_id": 1 if oldest else -1}},
+                    {"$limit": limit}, *([{"$project": fields}] if fields else [])]
+        async for doc in await self.entries.aggregate(pipeline):
+            yield doc
 
     async def count(self, filt: dict[str, Any]) -> int:
         async for doc in await self.entries.aggregate([*matching(filt), {"$count": "n"}]):
@@ -415,8 +457,8 @@ class Wal:
 
     async def recent_replies(self, limit: int) -> list[dict[str, Any]]:
         """The newest logged retryable-write replies, newest first."""
-        cursor = self.entries.find({"reply": {"$exists": True}}, {"txn": 1, "reply": 1})
-        return [doc async for doc in cursor.sort("_id", DESCENDING).limit(limit)]
+        return [doc async for doc in self.newest({"reply": {"$exists": True}}, limit,
+                                                 {"txn": 1, "reply": 1})]
 
     async def delete_branch(self, bid: str) -> None:
         await self.entries.delete_many({"b": bid})

@@ -28,9 +28,8 @@ async def log(engine: Engine, name: str, limit: int = 100,
     if before_lsn is not None:
         query["_id"] = {"$lt": before_lsn}
     out = []
-    cursor = engine.wal.entries.find(query, {"pre": 0, "post": 0, "prez": 0, "postz": 0})
-    cursor = cursor.sort("_id", -1).limit(limit)
-    async for doc in cursor:
+    async for doc in engine.wal.newest(query, limit,
+                                       {"pre": 0, "post": 0, "prez": 0, "postz": 0}):
         lsn = int(doc["_id"])
         out.append({
             "lsn": lsn, "time": doc["ts"].replace(tzinfo=dt.UTC).isoformat(),
