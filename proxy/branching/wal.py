@@ -35,7 +35,7 @@ TOO_LARGE = 10334
 # LSNs taken from the shared counter at a time (one metadata round trip per block).
 LSN_BLOCK = 256
 # The first LSN window Wal.newest looks for the newest entries in.
-WINDOW = 4096
+WINDOW = 128
 
 PUT = "put"
 DELETE = "delete"
