@@ -201,8 +201,9 @@ class Capture:
         logged, when the upstream offers no change streams."""
         doc = await self.coll.find_one({"_id": "main"}) or {}
         token = doc.get("token")
-        logged = await self.engine.wal.first({"b": naming.MAIN, "ev": {"$exists": True}},
-                                             newest=True) if self.history else None
+        logged = await anext(self.engine.wal.newest(
+            {"b": naming.MAIN, "ev": {"$exists": True}}, 1, {"ev": 1}), None) \
+            if self.history else None
         if logged is not None and (token is None or (token_time(logged["ev"]) or (0, 0))
                                    > (token_time(token) or (0, 0))):
             token = logged["ev"]

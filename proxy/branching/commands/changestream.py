@@ -521,8 +521,8 @@ async def _start(req: Request, spec: dict[str, Any]) -> tuple[int, dt.datetime |
         # Entries logged from that second on (their times are the proxy's clock, to the
         # second a cluster time carries).
         when = dt.datetime.fromtimestamp(at.time, dt.UTC).replace(tzinfo=None)
-        before = await engine.wal.first({"b": req.on_branch.bid, "ts": {"$lt": when}},
-                                        newest=True)
+        before = await anext(engine.wal.newest({"b": req.on_branch.bid, "ts": {"$lt": when}},
+                                               1, {"_id": 1}), None)
         lsn = int(before["_id"]) if before is not None else 0
     else:
         lsn, invalidate = _parse_token(spec[option], option)
