@@ -49,7 +49,7 @@ async def collect(engine: Engine, retention: dt.timedelta) -> dict[str, Any]:
     wal = engine.wal.entries
     before = await _stats(engine)
     cutoff = dt.datetime.now(dt.UTC).replace(tzinfo=None) - retention
-    last_old = await anext(engine.wal.newest({"ts": {"$lt": cutoff}}, 1, {"_id": 1}), None)
+    last_old = await wal.find_one({"ts": {"$lt": cutoff}}, sort=[("_id", -1)])
     if last_old is None:
         return {"horizon_lsn": await horizon(engine), "before": before, "after": before,
                 "folded": 0, "compressed": 0}

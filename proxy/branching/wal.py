@@ -421,10 +421,13 @@ class Wal:
         once it held 189,000 entries (late in a full test run). So the newest are looked
         for in LSN windows going back from the newest reserved, each eight times the last
         (an index range, which it does bound): the cost follows how far back they are,
-        not the size of the log. `oldest`, or a filter with its own `_id` condition
+        not the size of the log. `oldest`, a filter without a branch (`b`: a window
+        then costs every entry in it, and one that matches nothing reads the whole log
+        window by window, slower than one pass), or one with its own `_id` condition
         other than a bound below, reads in one query."""
         bound = filt.get("_id", {})
-        if oldest or not isinstance(bound, dict) or set(bound) - {"$lt", "$lte"}:
+        if oldest or "b" not in filt or not isinstance(bound, dict) \
+                or set(bound) - {"$lt", "$lte"}:
             async for doc in self._sorted(filt, limit, fields, oldest):
                 yield doc
             return
@@ -460,8 +463,8 @@ class Wal:
 
     async def recent_replies(self, limit: int) -> list[dict[str, Any]]:
         """The newest logged retryable-write replies, newest first."""
-        return [doc async for doc in self.newest({"reply": {"$exists": True}}, limit,
-                                                 {"txn": 1, "reply": 1})]
+        cursor = self.entries.find({"reply": {"$exists": True}}, {"txn": 1, "reply": 1})
+        return [doc async for doc in cursor.sort("_id", DESCENDING).limit(limit)]
 
     async def delete_branch(self, bid: str) -> None:
         await self.entries.delete_many({"b": bid})

@@ -33,7 +33,7 @@ async def resolve_point(engine: Engine, at: Any) -> int:
         raise BranchError(Kind.INVALID, f"not an LSN or ISO-8601 time: {at!r}") from exc
     if when.tzinfo is not None:
         when = when.astimezone(dt.UTC).replace(tzinfo=None)
-    doc = await anext(engine.wal.newest({"ts": {"$lte": when}}, 1, {"_id": 1}), None)
+    doc = await engine.wal.entries.find_one({"ts": {"$lte": when}}, sort=[("_id", -1)])
     return int(doc["_id"]) if doc else 0
 
 
