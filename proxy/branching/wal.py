@@ -412,23 +412,21 @@ class Wal:
         return None
 
     async def newest(self, filt: dict[str, Any], limit: int,
-                     fields: dict[str, Any] | None = None, *,
-                     oldest: bool = False) -> AsyncIterator[dict[str, Any]]:
-        """Up to `limit` entries matching a filter, newest (oldest) first, streamed.
+                     fields: dict[str, Any] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Up to `limit` entries matching a filter, newest first, streamed.
 
         SecantusDB reads every entry a filter matches before it sorts and limits them,
         even along an index in that order: the newest entry of main's log took 43 s
         once it held 189,000 entries (late in a full test run). So the newest are looked
         for in LSN windows going back from the newest reserved, each eight times the last
         (an index range, which it does bound): the cost follows how far back they are,
-        not the size of the log. `oldest`, a filter without a branch (`b`: a window
+        not the size of the log. A filter without a branch (`b`: a window
         then costs every entry in it, and one that matches nothing reads the whole log
         window by window, slower than one pass), or one with its own `_id` condition
         other than a bound below, reads in one query."""
         bound = filt.get("_id", {})
-        if oldest or "b" not in filt or not isinstance(bound, dict) \
-                or set(bound) - {"$lt", "$lte"}:
-            async for doc in self._sorted(filt, limit, fields, oldest):
+        if "b" not in filt or not isinstance(bound, dict) or set(bound) - {"$lt", "$lte"}:
+            async for doc in self._sorted(filt, limit, fields, False):
                 yield doc
             return
         # The counter, not this process's own newest: workers share the log, each
