@@ -22,7 +22,7 @@ from proxy.branching.lineage import parent_layers, replaced
 from proxy.branching.model import Branch, NsState
 from proxy.branching.requests import Mode
 from proxy.branching.runner import Runner
-from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, Change, image, matching
+from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, WRITES, Change, image, matching
 from proxy.wire.bsonutil import same
 
 # The client app of the entries a migration to WAL mode logs: the branch re-logged as
@@ -135,7 +135,7 @@ async def undo_to(engine: Engine, branch: Branch, lsn: int,
         raise BranchError(Kind.CONFLICT, f"{branch.name} dropped or recreated {marker['ns']} after "
                                          "that point; a copy branch cannot be taken back across it")
     undone = 0
-    cursor = await engine.wal.entries.aggregate([*matching({**later, "op": {"$in": [PUT, DELETE]}}),
+    cursor = await engine.wal.entries.aggregate([*matching({**later, "op": {"$in": list(WRITES)}}),
                                                  {"$sort": {"_id": -1}}],
                                                 allowDiskUse=True)
     async for entry in cursor:

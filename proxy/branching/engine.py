@@ -39,14 +39,13 @@ from proxy.branching.txn import CURRENT, Transactions
 from proxy.branching.wal import (
     CATALOG,
     CREATE,
-    DELETE,
     DOCUMENT,
     HOLDS,
     KEEP,
     OWN,
-    PUT,
     RESETS,
     STARTS,
+    WRITES,
     Change,
     Wal,
     image,
@@ -496,7 +495,7 @@ class Engine:
         if marker is not None:
             match["_id"] = {"$gt": marker["_id"]}
         # Kept since a drop or create of its own: not held (snapshot.latent).
-        match["op"] = {"$in": [PUT, DELETE] if replaced else list(DOCUMENT)}
+        match["op"] = {"$in": list(WRITES if replaced else DOCUMENT)}
         reply = await self.pool(self.meta_db, {"aggregate": "wal", "allowDiskUse": True,
                                                "cursor": {}, "pipeline": [
             *matching(match),
@@ -917,7 +916,7 @@ class Engine:
             state.present = state.present_base
         # While the branch's own drop or create stands, what it kept of its parent since
         # waits in the WAL for a reset to before it (snapshot.latent).
-        match["op"] = {"$in": [PUT, DELETE] if replaced else list(DOCUMENT)}
+        match["op"] = {"$in": list(WRITES if replaced else DOCUMENT)}
         self._restore_catalog(state, branch, upto)
         indexes = state.indexes
         if indexes is None and branch is not None:

@@ -26,12 +26,11 @@ from proxy.branching.idkey import idkey
 from proxy.branching.naming import MAIN
 from proxy.branching.voids import written_through
 from proxy.branching.wal import (
-    DELETE,
     KEEP,
     LATENT,
     OWN,
-    PUT,
     RESETS,
+    WRITES,
     Change,
     entry_fields,
     matching,
@@ -151,7 +150,7 @@ async def preserve(engine: Engine, parent: str, changes: list[Change],
         return 0
     firsts: dict[str, dict[Any, Change]] = {}
     for change in changes:
-        if change.op in (PUT, DELETE):
+        if change.op in WRITES:
             firsts.setdefault(change.ns, {}).setdefault(idkey(change.id), change)
     if not firsts:
         return 0

@@ -37,7 +37,7 @@ from proxy.branching import snapshot
 from proxy.branching.errors import CommandError
 from proxy.branching.idkey import idkey
 from proxy.branching.runner import SESSION, outside_transaction
-from proxy.branching.wal import DELETE, PINNED, PUT, Change
+from proxy.branching.wal import PINNED, WRITES, Change
 from proxy.wire.codes import Code, code_name
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ class Txn:
 
     def defer(self, changes: list[Change]) -> None:
         for change in changes:
-            if change.op in (PUT, DELETE):
+            if change.op in WRITES:
                 self.pending.setdefault((change.ns, idkey(change.id)),
                                         Change(change.ns, change.id, change.op, change.pre,
                                                None))

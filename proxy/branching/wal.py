@@ -63,8 +63,10 @@ RESETS = (DROP, CREATE)
 # A branch's own change of a collection's indexes or options, named for its command: in
 # its log so that a reset can name it. What it left is the state's (NsState.catalog).
 CATALOG = ("createIndexes", "dropIndexes", "collMod")
+# Document changes a branch (or main) made itself.
+WRITES = (PUT, DELETE)
 # Entries about one document: what a branch shows of it folds from these alone.
-DOCUMENT = (PUT, DELETE, KEEP)
+DOCUMENT = (*WRITES, KEEP)
 # Entries replay starts after (the last one): a rebase restarts the overlay of a
 # collection whose parent still shows through (a copy branch migrated to WAL).
 STARTS = (DROP, CREATE, REBASE)

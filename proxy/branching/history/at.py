@@ -32,6 +32,7 @@ from proxy.branching.wal import (
     PUT,
     RESETS,
     STARTS,
+    WRITES,
     Change,
     image,
     matching,
@@ -155,7 +156,7 @@ async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
     before the barrier), so the base is not read again."""
     pool = engine.pool
     firsts = [*matching({"b": MAIN, "_id": {"$gt": lsn}}),
-              {"$match": {"op": {"$in": [PUT, DELETE]}}},
+              {"$match": {"op": {"$in": list(WRITES)}}},
               {"$sort": {"_id": 1}},
               {"$group": {"_id": {"ns": "$ns", "id": "$id"}, "pre": {"$first": "$pre"},
                           "prez": {"$first": "$prez"},

@@ -16,7 +16,7 @@ from proxy.branching.idkey import idkey
 from proxy.branching.lineage import parent_layers
 from proxy.branching.model import Branch, NsState
 from proxy.branching.voids import written_through
-from proxy.branching.wal import DELETE, KEEP, PUT, RESETS, Change, image, matching
+from proxy.branching.wal import KEEP, RESETS, WRITES, Change, image, matching
 
 
 async def reset(engine: Engine, name: str, to: Any) -> dict[str, Any]:
@@ -97,7 +97,7 @@ async def _keep_fork_images(engine: Engine, branch: Branch, state: NsState, lsn:
         return
     through = await written_through(engine, branch, ns)
     undone = [*matching({"b": branch.bid, "ns": ns, "_id": {"$gt": lsn, "$lte": at},
-                         "op": {"$in": [PUT, DELETE]}}), {"$group": {"_id": "$id"}}]
+                         "op": {"$in": list(WRITES)}}), {"$group": {"_id": "$id"}}]
     async for batch in engine.pool.batches(engine.meta_db, {
             "aggregate": "wal", "pipeline": undone, "cursor": {}, "allowDiskUse": True}):
         for chunk in chunks([d["_id"] for d in batch]):
