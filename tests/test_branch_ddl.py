@@ -108,6 +108,26 @@ def test_ddl_sequence_matches_a_copy(pair: tuple[Any, Any, Any]) -> None:
     assert snapshot(pair[2]) == base_before
 
 
+def test_a_unique_index_over_duplicates_is_refused_as_on_a_copy(
+        pair: tuple[Any, Any, Any]) -> None:
+    """mongod builds a unique index over the documents already there: a duplicate in the
+    base, or between the base and the branch's writes, refuses it (11000) on the branch
+    as on the copy, in the collection's own name, and leaves no index and no scratch
+    copy behind; without duplicates it is built and holds from then on."""
+    branch, _, base = pair
+    both(pair, lambda db: db.a.create_index("k", unique=True, name="k_u"))
+    both(pair, lambda db: db.a.create_index("s", unique=True, name="s_u"))
+    both(pair, lambda db: db.b.insert_one({"_id": 10, "k": 1}).inserted_id)
+    both(pair, lambda db: db.b.create_index("k", unique=True))
+    with pytest.raises(OperationFailure) as refused:
+        branch.b.create_index("k", unique=True)
+    assert "__mb_" not in str(refused.value) and f"{branch.name}.b" in str(refused.value)
+    both(pair, lambda db: db.b.delete_one({"_id": 1}).deleted_count)
+    both(pair, lambda db: db.b.create_index("k", unique=True))
+    both(pair, lambda db: db.b.insert_one({"_id": 11, "k": 2}).inserted_id)
+    assert not [n for n in base.list_collection_names() if "_g_" in n]
+
+
 def test_overlay_collections_are_never_listed(pair: tuple[Any, Any, Any],
                                               proxy: ProxyProcess) -> None:
     branch, _, base = pair

@@ -7,6 +7,7 @@ from typing import Any
 
 from proxy.branching import snapshot, views
 from proxy.branching.catalog import with_specs
+from proxy.branching.commands import scratchfrom
 from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
 from proxy.branching.commands.catalog import exists, visible_collections
 from proxy.branching.errors import CommandError
@@ -189,6 +190,10 @@ async def create_indexes(req: Request) -> dict[str, Any]:
         created = not await exists(req, coll)
         before = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run) \
             if not created else [dict(ID_INDEX)]
+        unique = [spec for spec in specs if isinstance(spec, dict) and spec.get("unique")
+                  and spec.get("name") not in {ix.get("name") for ix in before}]
+        if unique and not created and views.whole(req.layers(coll)) is None:
+            await _build_on_a_copy(req, coll, unique)
         state = await _state(req, coll)
         if created:
             await _reset(req, state, {}, CREATE)
@@ -204,6 +209,26 @@ async def create_indexes(req: Request) -> dict[str, Any]:
         await req.engine.save_state(state)
     return {"createdCollectionAutomatically": created, "numIndexesBefore": len(before),
             "numIndexesAfter": len(after), "ok": 1.0}
+
+
+async def _build_on_a_copy(req: Request, coll: str, unique: list[dict[str, Any]]) -> None:
+    """mongod builds a unique index over the documents already there and refuses it on
+    a duplicate key; the overlay holds only the branch's writes, so the upstream first
+    builds it on a scratch copy of the branch's view (a copy of the collection, as
+    mongod's build reads all of it), whose refusal is the client's, in its names."""
+    made: list[str] = []
+    try:
+        await scratchfrom.fill(req, coll, [], made, indexes=unique)
+    except CommandError as exc:
+        scratch = made[0] if made else coll
+        raise CommandError(exc.code, str(exc).replace(scratch, coll), code_name=exc.code_name,
+                           **{k: v for k, v in exc.extra.items() if k in _DUPLICATE}) from None
+    finally:
+        await scratchfrom.drop(req, made)
+
+
+# What a duplicate-key refusal carries beside its message.
+_DUPLICATE = ("keyPattern", "keyValue")
 
 
 async def drop_indexes(req: Request) -> dict[str, Any]:
