@@ -66,6 +66,47 @@ def test_a_branch_of_main_at_a_past_point(proxy: ProxyProcess, client: MongoClie
     assert "mongobranch_capture_lag_seconds " in scraped
 
 
+def test_a_branch_of_main_at_a_past_point_has_main_indexes_and_options_of_then(
+        proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
+        db_name: str) -> None:
+    """Main's index and option changes are in its history, through the main port or
+    behind the proxy's back: a branch of main at an earlier point shows the index list
+    and validator main had then."""
+    items = client[db_name].items
+    items.insert_many([{"_id": i, "v": i} for i in range(5)])
+    items.create_index("v")
+    made.create()  # waits for the capture
+    status, log = proxy.api("GET", "/branches/main/log?limit=1")
+    assert status == 200 and isinstance(log, dict)
+    point = log["entries"][0]["lsn"]
+    made.cleanup()
+
+    def shown(db: Any) -> tuple[list[str], Any]:
+        options = {c["name"]: c.get("options", {}) for c in db.list_collections()}
+        return sorted(ix["name"] for ix in db.items.list_indexes()), \
+            options["items"].get("validator")
+
+    then = shown(client[db_name])
+    assert then == (["_id_", "v_1"], None)
+    direct[db_name].items.create_index("w")
+    items.drop_index("v_1")
+    direct[db_name].command("collMod", "items", validator={"v": {"$type": "number"}})
+    assert shown(client[db_name]) == (["_id_", "w_1"], {"v": {"$type": "number"}})
+    made.create()  # waits for the capture: main's log holds the three changes
+    status, log = proxy.api("GET", "/branches/main/log?limit=3")
+    assert status == 200 and isinstance(log, dict)
+    assert [(e["op"], e["ns"]) for e in log["entries"]] == [
+        ("collMod", f"{db_name}.items"), ("dropIndexes", f"{db_name}.items"),
+        ("createIndexes", f"{db_name}.items")]
+
+    past = made.create(**{"from": "main", "at": point})
+    with made.client(past) as b:
+        assert shown(b[db_name]) == then
+        b[db_name].items.insert_one({"_id": "text", "v": "text"})  # no validator then
+        assert b[db_name].items.find_one({"v": 3}, hint="v_1") == {"_id": 3, "v": 3}
+    assert shown(client[db_name]) == (["_id_", "w_1"], {"v": {"$type": "number"}})
+
+
 def test_merging_a_branch_of_main_at_a_past_point_judges_conflicts_against_main_now(
         proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
         db_name: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from bson import ObjectId
 from pymongo import MongoClient
+from pymongo.errors import OperationFailure
 
 from tests.branchutil import Branches, fingerprint, unique
 from tests.historyutil import (
@@ -535,6 +536,60 @@ def test_create_at_an_lsn_and_at_a_time(proxy: ProxyProcess, client: MongoClient
     # The source is unchanged by all this.
     with MongoClient(source["uri"]) as s:
         assert contents(s[db_name].items) == now
+
+
+def test_create_at_gives_back_the_indexes_and_options_of_then(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    """A branch at a point shows its source's index list and options as they were then:
+    indexes the source created since are gone, those it dropped are back (unique ones
+    enforced), a TTL it changed and a validator it set or changed are as they were."""
+    seed(client, db_name)
+    client[db_name].items.create_index("v")
+    client[db_name].items.create_index("t", expireAfterSeconds=100)
+    source = made.create()
+
+    def shown(db: Any) -> tuple[list[tuple[str, Any]], dict[str, Any], Any]:
+        options = {c["name"]: c.get("options", {}) for c in db.list_collections()}
+        ttl = {ix["name"]: ix.get("expireAfterSeconds") for ix in db.items.list_indexes()}
+        return index_keys(db.items), options.get("items", {}), ttl.get("t_1")
+
+    with MongoClient(source["uri"]) as s:
+        db = s[db_name]
+        at_fork = (last_lsn(proxy, source["name"]), shown(db))
+        db.items.create_index("u", unique=True, sparse=True)
+        db.command("collMod", "items", validator={"v": {"$exists": True}})
+        db.items.update_one({"_id": 1}, {"$set": {"v": "one"}})
+        middle = (last_lsn(proxy, source["name"]), shown(db), contents(db.items))
+        db.items.drop_index("u_1")
+        db.items.create_index("w")
+        db.command("collMod", "items", index={"name": "t_1", "expireAfterSeconds": 50})
+        db.command("collMod", "items", validator={"v": {"$type": "number"}})
+        db.items.insert_one({"_id": 9, "v": 9, "tag": "base"})
+        now = shown(db)
+    assert middle[1][0] != now[0] and now[2] == 50
+    assert middle[1][1]["validator"] == {"v": {"$exists": True}}
+    assert now[1]["validator"] == {"v": {"$type": "number"}}
+
+    at = made.create(**{"from": source["name"], "at": middle[0]})
+    with MongoClient(at["uri"]) as a:
+        assert shown(a[db_name]) == middle[1]
+        assert contents(a[db_name].items) == middle[2]
+        items = a[db_name].items
+        # The unique index of then holds on the branch, and the validator of then
+        # (a string `v` passes it, where the source's current one refuses it).
+        items.insert_one({"_id": "first", "v": 0, "u": 1})
+        with pytest.raises(OperationFailure) as dup:
+            items.insert_one({"_id": "dup", "v": 0, "u": 1})
+        assert dup.value.code == 11000
+        with pytest.raises(OperationFailure) as invalid:
+            items.insert_one({"_id": "no-v"})
+        assert invalid.value.code == 121
+        items.insert_one({"_id": "text", "v": "text"})
+    before = made.create(**{"from": source["name"], "at": at_fork[0]})
+    with MongoClient(before["uri"]) as b:
+        assert shown(b[db_name]) == at_fork[1]
+    with MongoClient(source["uri"]) as s:
+        assert shown(s[db_name]) == now
 
 
 def test_merging_a_branch_created_at_a_point_restores_the_parent(

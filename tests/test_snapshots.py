@@ -12,9 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import DeleteOne, InsertOne, MongoClient, UpdateOne
+from pymongo import DeleteOne, IndexModel, InsertOne, MongoClient, UpdateOne
 from pymongo.database import Database
-from pymongo.errors import AutoReconnect, PyMongoError, ServerSelectionTimeoutError
+from pymongo.errors import (
+    AutoReconnect,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 
 from tests.branchutil import Branches, bid_of, fingerprint, unique
 from tests.historyutil import diff, doc_changes, entries, merge, ok
@@ -619,6 +624,59 @@ def test_a_drop_behind_the_proxys_back_makes_the_child_say_so(
     assert info["isolation"] == "proxy-writes-only"
     assert any(f"drop of {db_name}.items" in why for why in info["isolationBreaks"])
     assert f"branch {kid['name']} is no longer an exact snapshot" in proxy.read_log()
+
+
+def test_index_and_option_changes_behind_the_proxys_back_leave_the_child_as_it_was(
+        proxy: ProxyProcess, direct: MongoClient, made: Branches, db_name: str) -> None:
+    """Index and validator changes made on the upstream directly reach the children as
+    change events: each child that shows main's collection keeps its index list and
+    options as at its fork, exactly (no isolation break), and its own writes meet that
+    validator and those unique indexes. Two indexes of one createIndexes are two events,
+    the second already in the list read for the first: it is undone there too."""
+    items = direct[db_name].items
+    items.insert_many([{"_id": i, "v": i, "k": i % 5} for i in range(10)])
+    items.create_index("k")
+    items.create_index("v", unique=True)
+    kid = made.create()
+    with made.client(kid) as c:
+        at_fork = (sorted(ix["name"] for ix in c[db_name].items.list_indexes()),
+                   c[db_name].list_collections(filter={"name": "items"}).next()["options"])
+    items.create_indexes([IndexModel("a"), IndexModel("b", unique=True, sparse=True)])
+    items.drop_index("v_1")
+    direct[db_name].command("collMod", "items", validator={"v": {"$type": "string"}})
+    items.insert_one({"_id": "main", "v": "ten", "k": 1})
+    with made.client(kid) as c:
+        kept = c[db_name].items
+        assert kept.find_one({"_id": "main"}) is None  # waits for the capture
+        assert (sorted(ix["name"] for ix in kept.list_indexes()),
+                c[db_name].list_collections(filter={"name": "items"}).next()["options"]
+                ) == at_fork
+        assert at_fork[0] == ["_id_", "k_1", "v_1"]
+
+        def hinted() -> tuple[Any, ...]:
+            # v_1, which the base no longer has, hinted by each read that takes a hint.
+            return (kept.find_one({"v": 3}, hint="v_1"),
+                    kept.count_documents({"v": {"$gte": 3}}, hint="v_1"),
+                    [d["_id"] for d in kept.aggregate([{"$match": {"v": {"$gte": 3}}},
+                                                       {"$sort": {"_id": 1}}], hint="v_1")])
+
+        assert hinted() == ({"_id": 3, "v": 3, "k": 3}, 7, [3, 4, 5, 6, 7, 8, 9])
+        with pytest.raises(OperationFailure) as unknown:
+            kept.find_one({"a": 1}, hint="a_1")
+        assert unknown.value.code == 2
+        kept.insert_one({"_id": "own", "v": 100, "b": 1})  # no validator at the fork
+        kept.insert_one({"_id": "own2", "v": 101, "b": 1})  # no unique b at the fork
+        # v_1 comes back whole, unique (SecantusDB's dropIndexes event names only its
+        # key and name: the capture keeps the specs it listed).
+        assert next(ix for ix in kept.list_indexes() if ix["name"] == "v_1")["unique"]
+        with pytest.raises(OperationFailure) as dup:
+            kept.insert_one({"_id": "own3", "v": 3})
+        assert dup.value.code == 11000
+        assert hinted() == ({"_id": 3, "v": 3, "k": 3}, 9,
+                            [3, 4, 5, 6, 7, 8, 9, "own", "own2"])
+    _, info = proxy.api("GET", f"/branches/{kid['name']}")
+    assert isinstance(info, dict) and info["isolation"] == "snapshot", info
+    assert sorted(ix["name"] for ix in items.list_indexes()) == ["_id_", "a_1", "b_1", "k_1"]
 
 
 def test_log_of_main_lists_main_port_writes_while_main_has_children(

@@ -78,6 +78,11 @@ async def register(client: Any, meta_db: str) -> None:
 DOCUMENT_OPS = ("insert", "update", "replace", "delete")
 # Collection-level events that change what a child reads and cannot be undone for it.
 BREAKING_OPS = ("drop", "rename", "dropDatabase")
+# Events of a change to a collection's indexes or options, logged in main's history
+# under the command's name (wal.CATALOG): a branch of main at an earlier point undoes
+# them (history/catalogat.py).
+CATALOG_OPS = {"createIndexes": "createIndexes", "dropIndexes": "dropIndexes",
+               "modify": "collMod"}
 # Entries in main's WAL made by the capture name this as their client.
 CLIENT = {"app": "upstream", "via": "change stream"}
 # How long a barrier waits for the stream to move before writing a tick to wake it
@@ -192,6 +197,10 @@ class Capture:
         # Collections the stream showed a change of, and whether the catalog was listed.
         self._seen: set[str] = set()
         self._listed = False
+        # Per collection of main, its index specs as listed (by name): SecantusDB's
+        # index events name only an index's key and name, and a child keeping an index
+        # main dropped needs all of it (`unique`, a TTL).
+        self._specs: dict[str, dict[str, dict[str, Any]]] = {}
         # Other proxies' metadata databases (REGISTRY_DB): never main's data.
         self._others: set[str] = set()
 
@@ -402,7 +411,8 @@ class Capture:
 
     def _logged(self, event: dict[str, Any]) -> bool:
         """Whether main's WAL holds this event's token (start() resumes after it)."""
-        return self.history and event.get("operationType") in (*DOCUMENT_OPS, *BREAKING_OPS)
+        return self.history and event.get("operationType") in (
+            *DOCUMENT_OPS, *BREAKING_OPS, *CATALOG_OPS)
 
     def _wake(self) -> None:
         keep = []
@@ -456,6 +466,8 @@ class Capture:
                 await self._created(at, db, coll)
             elif op in BREAKING_OPS and isinstance(db, str):
                 await self._broken(at, op, db, coll, extra)
+            elif op in CATALOG_OPS and isinstance(db, str) and isinstance(coll, str):
+                await self._catalog(at, CATALOG_OPS[op], db, coll, ev, extra)
             elif op == "invalidate":
                 self.token = None
         await self._documents(run)
@@ -534,6 +546,8 @@ class Capture:
         # Recreated later, the collection starts without pre-images.
         self._enabled = {ns for ns in self._enabled if not (
             ns == f"{db}.{coll}" or (colls is None and ns.startswith(f"{db}.")))}
+        self._specs = {ns: specs for ns, specs in self._specs.items() if not (
+            ns == f"{db}.{coll}" or (colls is None and ns.startswith(f"{db}.")))}
         for kid in self._eligible(at):
             if snapshot.reads_base(self.engine, kid, db, colls):
                 what = f"{db}.{coll}" if isinstance(coll, str) else db
@@ -543,6 +557,68 @@ class Capture:
             ns = f"{db}.{coll}" if isinstance(coll, str) else f"{db}.*"
             await self.engine.wal.append(naming.MAIN, [Change(ns, None, DROP, None, None,
                                                               extra)], CLIENT)
+
+    async def _catalog(self, at: tuple[int, int], name: str, db: str, coll: str,
+                       ev: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Main's change of a collection's indexes or options: logged in its history
+        with what the event says of it (`desc`: the specs, the options set; `before`:
+        the options before a collMod), and kept as it was before by the children that
+        show main's (snapshot.keep_catalog). The capture's own collMod, which turns
+        pre-images on, is neither."""
+        desc = ev.get("operationDescription") or {}
+        if name == "collMod" and set(desc) == {"changeStreamPreAndPostImages"}:
+            return
+        if name != "collMod" and isinstance(desc.get("indexes"), list):
+            desc = {**desc, "indexes": await self._whole_specs(name, db, coll,
+                                                              desc["indexes"])}
+        elif name == "collMod" and f"{db}.{coll}" in self._specs:
+            await self._learn(db, coll)  # a TTL or hidden index changed
+        before = ev.get("stateBeforeChange") or {}
+        entry = {"op": name, "desc": desc, **({"before": before} if before else {})}
+        if self.history:
+            await self.engine.wal.append(naming.MAIN, [Change(
+                f"{db}.{coll}", None, name, None, None,
+                {**extra, **{k: v for k, v in entry.items() if k != "op"}})], CLIENT)
+        kids = self._eligible(at)
+        if kids:
+            options = name == "collMod" and bool(desc) and "index" not in desc
+            await snapshot.keep_catalog(self.engine, kids, db, coll, entry,
+                                        ev["clusterTime"],
+                                        None if options else await self._catalog_now(db, coll))
+            self._bump(kids)
+
+    async def _whole_specs(self, name: str, db: str, coll: str,
+                           specs: list[Any]) -> list[Any]:
+        """An index event's specs, each as listed when known: a created index as the
+        upstream lists it now (still there), a dropped one as it was last listed."""
+        ns = f"{db}.{coll}"
+        if name == "createIndexes":
+            await self._learn(db, coll)
+        known = self._specs.get(ns, {})
+        out = [{**spec, **known.get(str(spec.get("name")), {})} if isinstance(spec, dict)
+               else spec for spec in specs]
+        if name == "dropIndexes":
+            for spec in specs:
+                if isinstance(spec, dict):
+                    known.pop(str(spec.get("name")), None)
+        return out
+
+    async def _learn(self, db: str, coll: str) -> None:
+        """The collection's index specs as listed now, over those known: one gone from
+        the list was dropped after it, by an event the capture has yet to reach, whose
+        spec it will want (removed when that event comes)."""
+        reply = await self.engine.pool.reply(db, {"listIndexes": coll})
+        if reply.get("ok"):
+            self._specs.setdefault(f"{db}.{coll}", {}).update(
+                (ix["name"], ix) for ix in reply["cursor"]["firstBatch"])
+
+    async def _catalog_now(self, db: str, coll: str) -> snapshot.Listed | None:
+        """A collection's index list now, and the upstream's time after (None: it is
+        gone)."""
+        reply = await self.engine.pool.reply(db, {"listIndexes": coll})
+        if not reply.get("ok"):
+            return None
+        return snapshot.Listed(list(reply["cursor"]["firstBatch"]), await self.clock())
 
     def _break_all(self, why: str) -> None:
         for kid in self.children():
@@ -576,6 +652,7 @@ class Capture:
                     on = (spec.get("options") or {}).get("changeStreamPreAndPostImages", {})
                     if on.get("enabled"):
                         self._enabled.add(f"{db}.{name}")
+                        await self._learn(db, name)
                     else:
                         await self._enable(db, name)
 
@@ -587,6 +664,7 @@ class Capture:
             await self.engine.pool(db, {"collMod": coll,
                                         "changeStreamPreAndPostImages": {"enabled": True}})
             self._enabled.add(ns)
+            await self._learn(db, coll)
         except (PyMongoError, CommandError) as exc:  # the engine's runner: CommandError
             if ns not in self._warned:
                 self._warned.add(ns)

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy.branching import capture, catalog, views, viewscan
-from proxy.branching.engine import MAIN, Engine, overlay_index
+from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError, CommandError, Kind
 from proxy.branching.idkey import idkey
 from proxy.branching.lineage import parent_layers, replaced
-from proxy.branching.model import Branch, NsState
+from proxy.branching.model import Branch, NsState, overlay_index
 from proxy.branching.requests import Mode
 from proxy.branching.runner import Runner
 from proxy.branching.wal import CREATE, DELETE, PUT, REBASE, RESETS, WRITES, Change, image, matching

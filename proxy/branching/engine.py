@@ -32,6 +32,7 @@ from proxy.branching.model import (
     SNAPSHOT,
     Branch,
     NsState,
+    overlay_index,
 )
 from proxy.branching.runner import SESSION, Runner, error_from, outside_transaction, pooled
 from proxy.branching.snapshot import Fence
@@ -679,13 +680,13 @@ class Engine:
                               "options": dict(state.options), "whole": state.base_dropped})
 
     @staticmethod
-    def _restore_catalog(state: NsState, branch: Branch | None, upto: int | None) -> None:
-        """The indexes and options in effect at the branch's point: its last catalog
-        change the point shows, else what it showed of its parent (the lists it kept
-        when its parent changed them, or the parent's own: None)."""
+    def restore_catalog(state: NsState, voids: list[list[int]], upto: int | None) -> None:
+        """The indexes and options in effect at a point, under the voids in effect then:
+        the branch's last catalog change the point shows, else what it showed of its
+        parent (the lists it kept when its parent changed them, or the parent's own:
+        None)."""
         if not state.catalog:
             return
-        voids = branch.voids if branch is not None else []
         shown = [c for c in state.catalog
                  if (upto is None or c["lsn"] <= upto)
                  and not any(lo < c["lsn"] <= hi for lo, hi in voids)]
@@ -917,7 +918,7 @@ class Engine:
         # While the branch's own drop or create stands, what it kept of its parent since
         # waits in the WAL for a reset to before it (snapshot.latent).
         match["op"] = {"$in": list(WRITES if replaced else DOCUMENT)}
-        self._restore_catalog(state, branch, upto)
+        self.restore_catalog(state, branch.voids if branch is not None else [], upto)
         indexes = state.indexes
         if indexes is None and branch is not None:
             indexes = await self.view_indexes(branch, state.db, state.coll, self.pool)
@@ -975,11 +976,6 @@ def capped_options(options: dict[str, Any]) -> dict[str, Any]:
     if not options.get("capped"):
         return {}
     return {k: options[k] for k in ("capped", "size", "max") if k in options}
-
-
-def overlay_index(spec: dict[str, Any]) -> dict[str, Any]:
-    """An index spec fit for createIndexes on an overlay collection."""
-    return {k: v for k, v in spec.items() if k not in ("v", "ns")}
 
 
 class Reading:

@@ -6,6 +6,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from bson.timestamp import Timestamp
+
 from proxy.branching import naming
 from proxy.branching.idkey import idkey
 from proxy.branching.wal import UNVOIDED
@@ -15,6 +17,13 @@ from proxy.branching.wal import UNVOIDED
 HIDDEN_CACHE_LIMIT = 20_000
 # The `_id` index every collection has, as mongod lists it (copy it before changing it).
 ID_INDEX = {"v": 2, "key": {"_id": 1}, "name": "_id_"}
+
+
+def overlay_index(spec: dict[str, Any]) -> dict[str, Any]:
+    """An index spec fit for createIndexes on an overlay collection."""
+    return {k: v for k, v in spec.items() if k not in ("v", "ns")}
+
+
 # What a branch's snapshot holds against (docs/ARCHITECTURE.md, "Snapshots"): "snapshot"
 # while the capture of the upstream's change stream preserves every write to main, however
 # made; "proxy-writes-only" when only writes made through the proxy are preserved.
@@ -158,6 +167,13 @@ class NsState:
     # LSN it took: a reset gives back the last one in effect at its point
     # (Engine.rematerialize).
     catalog: list[dict[str, Any]] = field(default_factory=list)
+    # When the branch keeps an index list main changed behind the proxy's back
+    # (snapshot.keep_catalog): the upstream's time after that list was read. Main's index
+    # changes until then are in it, and are undone from it as the capture reaches them.
+    catalog_ct: Timestamp | None = None
+    # Its options are main's as before a collMod main made behind the proxy's back
+    # (snapshot._keep_options), not main's as read when the state was made.
+    options_kept: bool = False
     # The view's unique indexes, learnt on the first write; None until then.
     unique: list[dict[str, Any]] | None = field(default=None, compare=False)
 
@@ -180,7 +196,8 @@ class NsState:
                 "options": self.options, "detached": self.detached,
                 "index_base": self.index_base, "options_base": self.options_base,
                 "present_base": self.present_base, "owned": self.owned,
-                "reset_floor": self.reset_floor, "catalog": self.catalog}
+                "reset_floor": self.reset_floor, "catalog": self.catalog,
+                "catalog_ct": self.catalog_ct, "options_kept": self.options_kept}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> NsState:
@@ -190,7 +207,9 @@ class NsState:
                    options=doc.get("options") or {}, detached=bool(doc.get("detached")),
                    index_base=doc.get("index_base"), options_base=doc.get("options_base"),
                    present_base=doc.get("present_base"), owned=bool(doc.get("owned")),
-                   reset_floor=doc.get("reset_floor"), catalog=list(doc.get("catalog") or []))
+                   reset_floor=doc.get("reset_floor"), catalog=list(doc.get("catalog") or []),
+                   catalog_ct=doc.get("catalog_ct"),
+                   options_kept=bool(doc.get("options_kept")))
 
     def hide(self, ids: list[Any]) -> None:
         if self.hidden_ids is None:

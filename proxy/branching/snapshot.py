@@ -20,9 +20,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bson.timestamp import Timestamp
+from pymongo.errors import PyMongoError
+
 from proxy.branching import views, viewscan
-from proxy.branching.errors import BranchError, Kind
+from proxy.branching.catalogundo import undo
+from proxy.branching.errors import BranchError, CommandError, Kind
 from proxy.branching.idkey import idkey
+from proxy.branching.model import overlay_index
 from proxy.branching.naming import MAIN
 from proxy.branching.voids import written_through
 from proxy.branching.wal import (
@@ -42,6 +47,7 @@ if TYPE_CHECKING:
     from proxy.branching.engine import Engine
     from proxy.branching.model import Branch, NsState
 
+PRE_IMAGES = "changeStreamPreAndPostImages"
 # Ids per hidden-set lookup ($in lists stay small: SecantusDB's cost grows with their square).
 CHUNK = 100
 SYSTEM = {"app": "mongobranch", "why": "snapshot"}
@@ -340,7 +346,7 @@ async def _pin_indexes(engine: Engine, kid: Branch, db: str, coll: str) -> None:
             latent(kid, state) or (state.indexes is not None and not independent(state))):
         # The branch's own list stands, but a reset to before its changes shows the
         # parent's list as it was: it is kept (Engine.rematerialize).
-        state.index_base = await _parent_indexes(engine, kid, db, coll)
+        state.index_base = await parent_indexes(engine, kid, db, coll)
         await engine.save_state(state)
         return
     if independent(state) or (state is not None and state.indexes is not None):
@@ -351,6 +357,144 @@ async def _pin_indexes(engine: Engine, kid: Branch, db: str, coll: str) -> None:
     state = await engine.ensure_state(kid, db, coll, engine.pool)
     state.indexes = indexes
     state.index_base = list(indexes)
+    await engine.save_state(state)
+
+
+@dataclass
+class Listed:
+    """A collection's index list as read from the upstream, and the upstream's time
+    after the read: main's changes until then are in it."""
+
+    indexes: list[dict[str, Any]]
+    at: Timestamp | None
+
+
+async def keep_catalog(engine: Engine, kids: list[Branch], db: str, coll: str,
+                       entry: dict[str, Any], ct: Timestamp, listed: Listed | None) -> None:
+    """Main changed a collection's indexes or options behind the proxy's back (an event
+    the capture saw at `ct`, as catalogundo.undo takes it): each child that still shows
+    main's keeps them as they were before, as when main changes them through the proxy
+    (`_pin_indexes`, `_freeze`). An index list is read after the event (`listed`) and
+    may hold main's later changes too: each is undone from what a child kept when the
+    capture reaches it, while it is not later than that read (`NsState.catalog_ct`)."""
+    desc = entry.get("desc") or {}
+    for kid in kids:
+        async with engine.branch_lock(kid.bid).exclusive():
+            if engine.branches.get(kid.name) is not kid:
+                continue
+            state = engine.state(kid, db, coll)
+            try:
+                if entry["op"] == "collMod" and desc and "index" not in desc:
+                    await _keep_options(engine, kid, state, db, coll, entry)
+                else:
+                    await _keep_indexes(engine, kid, state, db, coll, entry, ct, listed)
+            except BranchError:
+                # An index's collMod whose event does not say how it was (SecantusDB's).
+                engine.break_snapshot(kid, f"{db}.{coll}: main changed an index with "
+                                           "collMod on the upstream, not through the "
+                                           "proxy, and the change stream did not say how "
+                                           "it was before")
+            except (PyMongoError, CommandError) as exc:
+                # Said, and the capture goes on: an event it cannot apply would stop it.
+                engine.break_snapshot(kid, f"{db}.{coll}: main changed its indexes or "
+                                           f"options on the upstream and the child could "
+                                           f"not keep them as they were ({exc})")
+
+
+def _later(ct: Timestamp, than: Timestamp) -> bool:
+    return (ct.time, ct.inc) > (than.time, than.inc)
+
+
+async def _keep_indexes(engine: Engine, kid: Branch, state: NsState | None, db: str,
+                        coll: str, entry: dict[str, Any], ct: Timestamp,
+                        listed: Listed | None) -> None:
+    ns = f"{db}.{coll}"
+    if state is not None and state.catalog_ct is not None \
+            and not _later(ct, state.catalog_ct):
+        # The list it keeps was read after this change: the change is undone there.
+        if state.indexes is not None:
+            state.indexes = undo(ns, (state.indexes, {}), [entry])[0]
+            if not state.catalog:  # else its own changes made the overlay's list
+                await _match_overlay(engine, state, state.indexes)
+            state.unique = None
+        if state.index_base is not None:
+            state.index_base = undo(ns, (state.index_base, {}), [entry])[0]
+        await engine.save_state(state)
+        return
+    if listed is None or listed.at is None:
+        return  # the collection is gone since: its drop reaches the children next
+    if state is not None and state.index_base is None and (
+            latent(kid, state) or (state.indexes is not None and not independent(state))):
+        # Its own list stands; a reset to before its changes shows main's as it was.
+        state.index_base = undo(ns, (listed.indexes, {}), [entry])[0]
+        state.catalog_ct = listed.at
+        await engine.save_state(state)
+        return
+    if independent(state) or (state is not None and state.indexes is not None):
+        return
+    if not await _shown(engine, engine.layers(kid, db, coll), db, coll):
+        return
+    kept = undo(ns, (listed.indexes, {}), [entry])[0]
+    state = await engine.ensure_state(kid, db, coll, engine.pool)
+    await _match_overlay(engine, state, kept)
+    state.indexes = kept
+    state.index_base = list(kept)
+    state.unique = None
+    state.catalog_ct = listed.at
+    await engine.save_state(state)
+
+
+async def _match_overlay(engine: Engine, state: NsState, indexes: list[dict[str, Any]]
+                         ) -> None:
+    """The overlay gets the indexes of the list the child keeps, and loses the others
+    (it was made with main's list now): the upstream enforces a unique one in it."""
+    reply = await engine.pool.reply(state.db, {"listIndexes": state.live})
+    have = {ix["name"] for ix in reply["cursor"]["firstBatch"]} if reply.get("ok") else set()
+    want = {ix["name"]: ix for ix in indexes}
+    for name in sorted(name for name in have if name not in want and name != "_id_"):
+        # One at a time: SecantusDB's dropIndexes takes no list of names.
+        await engine.pool(state.db, {"dropIndexes": state.live, "index": name})
+    missing = [overlay_index(ix) for name, ix in want.items() if name not in have]
+    if missing:
+        await engine.pool(state.db, {"createIndexes": state.live, "indexes": missing})
+
+
+async def _keep_options(engine: Engine, kid: Branch, state: NsState | None, db: str,
+                        coll: str, entry: dict[str, Any]) -> None:
+    """The options before main's collMod, from its event (`stateBeforeChange`): a child
+    showing main's keeps them, and its overlay validates its writes by them."""
+    before = (entry.get("before") or {}).get("collectionOptions")
+    if not isinstance(before, dict):
+        raise BranchError(Kind.CONFLICT, "no options before the change")
+    prior = {k: v for k, v in before.items() if k != "uuid"}
+    if state is not None and (state.options_kept or independent(state)):
+        return
+    if state is not None and any(c.get("options") for c in state.catalog):
+        # Its own collMod stands; a reset to before it shows main's as they were.
+        state.options_base = prior
+        state.options_kept = True
+        await engine.save_state(state)
+        return
+    if not await _shown(engine, engine.layers(kid, db, coll), db, coll):
+        return
+    # A state made meanwhile holds main's options as read then, which may already be
+    # these: the ones before the change replace them. Pre-images are the capture's own
+    # setting, on before the fork (SecantusDB's stateBeforeChange leaves them out): as
+    # they are now.
+    now = await engine.base_options(db, coll) or {}
+    if PRE_IMAGES in now:
+        prior.setdefault(PRE_IMAGES, now[PRE_IMAGES])
+    if not prior:
+        # No options at all: a state without options of its own shows its parent's.
+        raise CommandError(Code.INTERNAL_ERROR, "it had no options to keep")
+    state = await engine.ensure_state(kid, db, coll, engine.pool)
+    state.options = dict(prior)
+    state.options_base = dict(prior)
+    state.options_kept = True
+    enforced = views.enforced([state])
+    await engine.pool(db, {"collMod": state.live, "validator": enforced.get("validator", {}),
+                           "validationLevel": enforced.get("validationLevel", "strict"),
+                           "validationAction": enforced.get("validationAction", "error")})
     await engine.save_state(state)
 
 
@@ -440,7 +584,7 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     indexes = await engine.view_indexes(kid, db, coll, pool) if present else None
     # The parent's list as at the fork: kept when the parent first changed it, else now.
     base = state.index_base if state.index_base is not None \
-        else await _parent_indexes(engine, kid, db, coll)
+        else await parent_indexes(engine, kid, db, coll)
     await engine.mark_dirty(state)
     copied = 0
     if whole:
@@ -469,7 +613,7 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
         # What a reset to before the branch's own drop or create shows.
         state.present_base = present
     if whole:
-        shown = await _parent_options(engine, kid, db, coll)
+        shown = await parent_options(engine, kid, db, coll)
         if not state.options:  # else the branch's own collMod made them
             state.options = dict(shown)
         if state.options_base is None:
@@ -491,7 +635,7 @@ async def _freeze(engine: Engine, kid: Branch, db: str, coll: str) -> int:
     return copied
 
 
-async def _parent_indexes(engine: Engine, kid: Branch, db: str, coll: str,
+async def parent_indexes(engine: Engine, kid: Branch, db: str, coll: str,
                           present: bool | None = None) -> list[dict[str, Any]] | None:
     """The index list the branch's parent shows for a collection (None: absent).
     present: whether the parent shows it, when the caller knows."""
@@ -507,7 +651,7 @@ async def _parent_indexes(engine: Engine, kid: Branch, db: str, coll: str,
     return await engine.view_indexes(parent, db, coll, engine.pool)
 
 
-async def _parent_options(engine: Engine, kid: Branch, db: str, coll: str,
+async def parent_options(engine: Engine, kid: Branch, db: str, coll: str,
                           shown: tuple[bool, dict[str, Any] | None] | None = None
                           ) -> dict[str, Any]:
     """The options the branch's parent shows for a collection: a view's definition, the
@@ -547,9 +691,9 @@ async def _freeze_latent(engine: Engine, kid: Branch, state: NsState) -> int:
             copied += await _keep_latent(engine, kid, state, [(d["_id"], d) for d in batch],
                                          through=through)
         if state.index_base is None:  # else kept when the parent changed it first
-            state.index_base = await _parent_indexes(engine, kid, db, coll, present)
+            state.index_base = await parent_indexes(engine, kid, db, coll, present)
     if state.options_base is None:
-        state.options_base = await _parent_options(engine, kid, db, coll, (present, view))
+        state.options_base = await parent_options(engine, kid, db, coll, (present, view))
     await _own_latent(engine, kid, state, present)
     return copied
 

@@ -197,7 +197,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # The engine runs the capture, the snapshot fences and the lifecycle sweeps itself.
     ("engine", _branching("engine", "model", "wal", "runner", "overlay", "catalog", "views",
                           "planner", "cursormerge", "viewscan", "unique", "authz", "snapshot",
-                          "capture", "lifecycle", "txn", "masking", "voids")),
+                          "capture", "lifecycle", "txn", "masking", "voids", "catalogundo")),
     ("operations", _branching("history", "copymode", "gc", "sizes", "lineage", "requests",
                               "operations")),
     ("handlers", _branching("commands")),

@@ -9,7 +9,7 @@ import secrets
 from typing import Any
 
 from proxy.branching import cursormerge, overlay, planner, snapshot
-from proxy.branching.commands import changestream, snapshotread, write
+from proxy.branching.commands import changestream, hints, snapshotread, write
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.planner import PlanKind
@@ -91,13 +91,15 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
         return await _aggregate_merge(req, merge_spec)
     cmd = req.cmd
     source = cmd.get("aggregate")
+    if isinstance(source, str) and req.layers(source):
+        cmd = await hints.on_base(req, source, cmd)
     if snapshotread.requested(cmd) and isinstance(source, str) and req.layers(source):
         # Its probes and the aggregate itself at one cluster time.
         cmd, _ = await snapshotread.pinned(req, source, cmd)
     plan = await planned(req, cmd)
     explaining = "explain" in req.cmd
     if plan.kind is PlanKind.PASS and not explaining:
-        return None
+        return await hints.passed(req, source) if isinstance(source, str) else None
     assert plan.command is not None
     reply = await req.run.reply(req.db, plan.command)
     if explaining:

@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy.branching.commands.base import Request
 from proxy.branching.errors import CommandError
+from proxy.branching.runner import outside_transaction
 from proxy.wire.codes import Code
 
 # Commands whose own `hint` selects an index of the collection they name.
@@ -66,3 +67,30 @@ async def check(req: Request) -> None:
     indexes = [ix for ix in indexes if not ix.get("hidden")]
     if not _resolves(cmd["hint"], indexes):
         raise CommandError(Code.BAD_VALUE, "hint provided does not correspond to an existing index")
+
+
+async def on_base(req: Request, coll: str, cmd: dict[str, Any]) -> dict[str, Any]:
+    """A find whose base side gets the user's hint: without it when the hint names an
+    index of the branch's own list the base lacks (one its parent dropped after a
+    branch's point, history/catalogat.py), as a read on a changed collection that runs
+    as one pipeline goes without it, rather than fail."""
+    hint = cmd.get("hint")
+    layers = req.layers(coll)
+    if hint is None or all(layer.indexes is None for layer in layers) \
+            or (isinstance(hint, str) and hint == "$natural") \
+            or (isinstance(hint, dict) and list(hint) == ["$natural"]):
+        return cmd
+    with outside_transaction():  # mongod lists no indexes in a transaction
+        reply = await req.run.reply(req.db, {"listIndexes": coll})
+    if reply.get("ok") and _resolves(hint, list(reply["cursor"]["firstBatch"])):
+        return cmd
+    return {k: v for k, v in cmd.items() if k != "hint"}
+
+
+async def passed(req: Request, coll: str) -> dict[str, Any] | None:
+    """A read the planner passes to the base as the client sent it (None), or, when its
+    hint names an index the base lacks (`on_base`), its reply without the hint."""
+    cmd = await on_base(req, coll, req.cmd)
+    if cmd is req.cmd:
+        return None
+    return await req.run.reply(req.db, {k: v for k, v in cmd.items() if k != "$db"})

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from proxy.branching import copymode, gc
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError, Kind
+from proxy.branching.history.catalogat import branch_catalogs, main_catalogs
 from proxy.branching.history.lookup import BATCH, branch_states, by_document, equal, view_ids
 from proxy.branching.history.points import (
     check_reopened,
@@ -75,9 +76,10 @@ async def create_at(engine: Engine, name: Any, parent: Any, at: Any,
         await engine.save_branch(branch)
         if source.mode == "copy":
             await copymode.undo_to(engine, source, lsn, branch)
-            return
-        async with engine.writing(branch):
-            await _restore_at(engine, source, branch, lsn, then, ranges)
+        else:
+            async with engine.writing(branch):
+                await _restore_at(engine, source, branch, lsn, then, ranges)
+        await branch_catalogs(engine, source, branch, lsn, then)
 
     return await engine.create_branch(name, source.name, port, source.mode, then=restore,
                                       masked=masked)
@@ -121,6 +123,7 @@ async def _create_main_at(engine: Engine, name: Any, at: Any, port: Any,
         await engine.save_branch(branch)
         async with engine.writing(branch):
             await _restore_main_at(engine, branch, lsn)
+        await main_catalogs(engine, branch, lsn)
 
     return await engine.create_branch(name, MAIN, port, None, then=restore, masked=masked)
 
