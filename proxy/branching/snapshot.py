@@ -16,6 +16,7 @@ its ancestors' fences as readers: a child never sees a parent's write half prese
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -341,22 +342,41 @@ async def freeze(engine: Engine, parent: str, db: str, colls: list[str], *,
 
 
 async def _pin_indexes(engine: Engine, kid: Branch, db: str, coll: str) -> None:
-    state = engine.state(kid, db, coll)
+    """Before its parent changes a collection's indexes through the proxy: the list it
+    shows now."""
+    async def now() -> list[dict[str, Any]] | None:
+        return await parent_indexes(engine, kid, db, coll)
+    await _pin_list(engine, kid, engine.state(kid, db, coll), db, coll, now, None)
+
+
+async def _pin_list(engine: Engine, kid: Branch, state: NsState | None, db: str, coll: str,
+                    kept: Callable[[], Awaitable[list[dict[str, Any]] | None]],
+                    at: Timestamp | None) -> None:
+    """The child keeps the index list its parent showed before a change (`kept`): as
+    its list from now on, unless its own list stands, and then as what a reset to before
+    its own changes shows (Engine.rematerialize). at: when the list was read after the
+    change (keep_catalog), the upstream's time after it, and the overlay, made with the
+    parent's list now, is made to match."""
     if state is not None and state.index_base is None and (
             latent(kid, state) or (state.indexes is not None and not independent(state))):
-        # The branch's own list stands, but a reset to before its changes shows the
-        # parent's list as it was: it is kept (Engine.rematerialize).
-        state.index_base = await parent_indexes(engine, kid, db, coll)
+        state.index_base = await kept()
+        state.catalog_ct = at
         await engine.save_state(state)
         return
     if independent(state) or (state is not None and state.indexes is not None):
         return
     if not await _shown(engine, engine.layers(kid, db, coll), db, coll):
         return
-    indexes = await engine.view_indexes(kid, db, coll, engine.pool)
+    indexes = await kept()
+    if indexes is None:
+        return
     state = await engine.ensure_state(kid, db, coll, engine.pool)
+    if at is not None:
+        await _match_overlay(engine, state, indexes)
     state.indexes = indexes
     state.index_base = list(indexes)
+    state.catalog_ct = at
+    state.unique = None
     await engine.save_state(state)
 
 
@@ -423,25 +443,11 @@ async def _keep_indexes(engine: Engine, kid: Branch, state: NsState | None, db: 
         return
     if listed is None or listed.at is None:
         return  # the collection is gone since: its drop reaches the children next
-    if state is not None and state.index_base is None and (
-            latent(kid, state) or (state.indexes is not None and not independent(state))):
-        # Its own list stands; a reset to before its changes shows main's as it was.
-        state.index_base = undo(ns, (listed.indexes, {}), [entry])[0]
-        state.catalog_ct = listed.at
-        await engine.save_state(state)
-        return
-    if independent(state) or (state is not None and state.indexes is not None):
-        return
-    if not await _shown(engine, engine.layers(kid, db, coll), db, coll):
-        return
-    kept = undo(ns, (listed.indexes, {}), [entry])[0]
-    state = await engine.ensure_state(kid, db, coll, engine.pool)
-    await _match_overlay(engine, state, kept)
-    state.indexes = kept
-    state.index_base = list(kept)
-    state.unique = None
-    state.catalog_ct = listed.at
-    await engine.save_state(state)
+    read = listed
+
+    async def before() -> list[dict[str, Any]]:
+        return undo(ns, (read.indexes, {}), [entry])[0]
+    await _pin_list(engine, kid, state, db, coll, before, read.at)
 
 
 async def _match_overlay(engine: Engine, state: NsState, indexes: list[dict[str, Any]]
