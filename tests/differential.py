@@ -279,8 +279,8 @@ class Runner:
             ["find", "count", "distinct", "agg", "insert", "insert_many", "update_one",
              "update_many", "replace", "upsert", "delete_one", "delete_many", "fam", "index",
              "estimated", "find_one_id", "other_write", "batch", "bulk", "noop", "wipe",
-             "txn"],
-            weights=[16, 5, 4, 9, 6, 3, 7, 3, 3, 4, 4, 2, 6, 1, 1, 5, 2, 6, 4, 6, 0.5, 3],
+             "txn", "view"],
+            weights=[16, 5, 4, 9, 6, 3, 7, 3, 3, 4, 4, 2, 6, 1, 1, 5, 2, 6, 4, 6, 0.5, 3, 3],
         )[0]
         getattr(self, "op_" + op)()
 
@@ -723,6 +723,33 @@ class Runner:
         self.both(f"transaction({steps}, commit={commit})", fn, write=True,
                   ids=[s[1]["_id"] if s[0] == "insert" else s[1] for s in steps
                        if s[0] != "read"])
+
+    def op_view(self) -> None:
+        """A view over the collection, defined or defined anew on each side, then read
+        through: the branch resolves it over its own view of the source. Anew by a drop
+        and a create, not collMod: SecantusDB ignores collMod on a view (a SecantusDB
+        gap; tests/test_branch_views.py holds the branch to mongod's collMod)."""
+        rng = self.rng
+        name = f"v_{self.coll}"
+        stages: list[dict[str, Any]] = [{"$match": rand_filter(rng)}]
+        if rng.random() < 0.5:
+            stages.append({"$set": {"tier": {"$cond": [{"$gt": ["$a", 10]}, "hi", "lo"]}}})
+        if rng.random() < 0.3:
+            stages.append({"$project": {"a": 1, "b": 1, "tier": 1}})
+        filt, sort = rand_filter(rng), rand_sort(rng)
+        source = self.coll
+
+        def fn(db: Database[Any]) -> Any:
+            db.drop_collection(name)
+            db.create_collection(name, viewOn=source, pipeline=stages)
+            view = db[name]
+            return (list(view.find(filt).sort(sort)),
+                    view.count_documents(filt),
+                    list(view.aggregate([{"$match": filt},
+                                         {"$group": {"_id": "$b.c", "n": {"$sum": 1}}},
+                                         {"$sort": {"_id": 1}}])))
+        self.both(f"view {name} on {source} {stages}: find({filt}).sort({sort}), "
+                  "count, group", fn)
 
     def op_index(self) -> None:
         key_ = self.rng.choice(["a", "s", "b.c"])

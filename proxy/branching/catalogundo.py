@@ -33,7 +33,7 @@ def undo(ns: str, now: Catalog, entries: list[dict[str, Any]]) -> Catalog:
             for spec in desc.get("indexes") or []:
                 # Kept if listed: a list read after the drop and a later re-creation
                 # (undone before it, newest first) has none of that name.
-                indexes.setdefault(spec["name"], spec)
+                indexes.setdefault(str(spec.get("name")), spec)
         elif isinstance(desc.get("index"), dict) and isinstance(before.get("indexOptions"),
                                                                  dict):
             changed = desc["index"]
