@@ -23,6 +23,14 @@ from pymongo.errors import PyMongoError
 from tests.servers import ProxyProcess, Secantus, executable, free_port, free_range, until
 
 LEASE = 2.0
+# For a test that is not about takeover. Seen once in a full run on a loaded machine: the
+# holder, busy relaying a 15 MB document and a 5 MB insert_many, missed its 2 s lease and
+# stopped, and the driver's retry of the insert_many through the next holder failed with
+# a duplicate key on its first document. A retry run alone is answered from the
+# upstream's record (SecantusDB dedupes it): most likely the retry met its first attempt
+# still running there, which mongod holds back by checking the session out and
+# SecantusDB may not. Not established; takeover is tested above.
+STEADY_LEASE = 30.0
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
 
@@ -42,11 +50,11 @@ pytestmark = pytest.mark.skipif(not _loopback_aliases(),
 
 
 class Trio:
-    def __init__(self, upstream: Secantus, meta_db: str):
+    def __init__(self, upstream: Secantus, meta_db: str, lease: float = LEASE):
         self.meta = MongoClient(upstream.uri)[meta_db]
         port, ports = free_port(), free_range(10)
         self.procs = [ProxyProcess(upstream.uri, meta_db=meta_db, port=port, branch_ports=ports,
-                                   host=host, extra=["--lease", str(LEASE)]) for host in HOSTS]
+                                   host=host, extra=["--lease", str(lease)]) for host in HOSTS]
 
     def holder(self) -> ProxyProcess | None:
         """The process whose engine lease runs now (per the metadata database)."""
@@ -59,9 +67,12 @@ class Trio:
 
 
 @pytest.fixture
-def trio(upstream: Secantus) -> Iterator[Trio]:
+def trio(upstream: Secantus, request: pytest.FixtureRequest) -> Iterator[Trio]:
+    """Three processes, the first holding the lease (LEASE, or the test's
+    `lease` marker)."""
     meta_db = f"mb_scale_{secrets.token_hex(3)}"
-    trio = Trio(upstream, meta_db)
+    marker = request.node.get_closest_marker("lease")
+    trio = Trio(upstream, meta_db, marker.args[0] if marker else LEASE)
     first = trio.procs[0].start()
     # The first process takes the lease before the others start: it runs the engine.
     until("the first process holds the lease", lambda: trio.holder() is first)
@@ -243,6 +254,7 @@ def test_a_stopped_holder_hands_its_branches_over(trio: Trio, db_name: str) -> N
     assert "could not release" not in a.read_log()
 
 
+@pytest.mark.lease(STEADY_LEASE)
 def test_large_messages_cross_the_relay_whole(trio: Trio, db_name: str) -> None:
     """Byte for byte both ways, with the relay's flow control: a document near the 16 MB
     limit and a cursor of many batches, written and read through a follower."""
