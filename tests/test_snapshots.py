@@ -679,6 +679,32 @@ def test_index_and_option_changes_behind_the_proxys_back_leave_the_child_as_it_w
     assert sorted(ix["name"] for ix in items.list_indexes()) == ["_id_", "a_1", "b_1", "k_1"]
 
 
+def test_an_index_collmod_behind_the_proxys_back_is_kept_or_reported(
+        proxy: ProxyProcess, direct: MongoClient, made: Branches, db_name: str) -> None:
+    """A TTL changed with collMod on the upstream directly: the child keeps the TTL of
+    its fork where the change event says what it was (mongod's stateBeforeChange), and
+    otherwise (SecantusDB's event names neither the index nor its options) reports that
+    it is no longer exact, naming the collection; it never shows the new TTL as exact."""
+    items = direct[db_name].items
+    items.insert_many([{"_id": i, "t": i} for i in range(3)])
+    items.create_index("t", expireAfterSeconds=3600)
+    kid = made.create()
+    direct[db_name].command("collMod", "items", index={"name": "t_1",
+                                                       "expireAfterSeconds": 60})
+    items.insert_one({"_id": "after"})
+    with made.client(kid) as c:
+        assert c[db_name].items.find_one({"_id": "after"}) is None  # waits for the capture
+        ttl = {ix["name"]: ix.get("expireAfterSeconds")
+               for ix in c[db_name].items.list_indexes()}["t_1"]
+    _, info = proxy.api("GET", f"/branches/{kid['name']}")
+    assert isinstance(info, dict)
+    if info["isolation"] == "snapshot":
+        assert ttl == 3600
+    else:
+        assert any(f"{db_name}.items: main changed it with collMod" in why
+                   for why in info["isolationBreaks"]), info
+
+
 def test_log_of_main_lists_main_port_writes_while_main_has_children(
         proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
     client[db_name].items.insert_many([{"_id": i, "v": i} for i in range(5)])

@@ -409,11 +409,10 @@ async def keep_catalog(engine: Engine, kids: list[Branch], db: str, coll: str,
                 else:
                     await _keep_indexes(engine, kid, state, db, coll, entry, ct, listed)
             except BranchError:
-                # An index's collMod whose event does not say how it was (SecantusDB's).
-                engine.break_snapshot(kid, f"{db}.{coll}: main changed an index with "
-                                           "collMod on the upstream, not through the "
-                                           "proxy, and the change stream did not say how "
-                                           "it was before")
+                # A collMod whose event does not say how it was (SecantusDB's, of an index).
+                engine.break_snapshot(kid, f"{db}.{coll}: main changed it with collMod on "
+                                           "the upstream, not through the proxy, and the "
+                                           "change stream did not say how it was before")
             except (PyMongoError, CommandError) as exc:
                 # Said, and the capture goes on: an event it cannot apply would stop it.
                 engine.break_snapshot(kid, f"{db}.{coll}: main changed its indexes or "
