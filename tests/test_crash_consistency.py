@@ -48,7 +48,7 @@ from pymongo.collection import Collection
 from pymongo.errors import OperationFailure, PyMongoError
 
 from tests import rawwire
-from tests.servers import ProxyProcess, Secantus
+from tests.servers import ProxyProcess, Secantus, until
 
 SEED = int(os.environ.get("MONGOBRANCH_CRASH_SEED", "20261126"))
 BASE_DOCS = 300
@@ -589,6 +589,12 @@ def test_bulk_write_cut_off_by_sigkill_is_completed_once_by_its_retry(
         direct.close()
 
 
+def _connections(direct: MongoClient) -> int:
+    """The upstream's open connections, for knowing when a killed client's last command
+    ended (the server closes its side only then)."""
+    return int(direct.admin.command("serverStatus")["connections"]["current"])
+
+
 def test_sigkill_during_copy_branch_creation(upstream: Secantus) -> None:
     """A copy branch whose copy is cut off was never acknowledged: after a restart it is
     gone with everything it had copied, instead of serving part of its data (the
@@ -599,6 +605,7 @@ def test_sigkill_during_copy_branch_creation(upstream: Secantus) -> None:
     try:
         direct[DB]["a_big"].insert_many([{"_id": i, "pad": "x" * 200} for i in range(20_000)])
         direct[DB]["z_small"].insert_many([{"_id": i} for i in range(10)])
+        alone = _connections(direct)
         first = ProxyProcess(upstream.uri, meta_db=META).start()
         proxies.append(first)
         replies: list[Any] = []
@@ -624,12 +631,11 @@ def test_sigkill_during_copy_branch_creation(upstream: Secantus) -> None:
         creating.join(30)
         assert isinstance(replies[0], OSError), f"the copy finished before the kill: {replies}"
         bid = branch["bid"]
-        live = f"__mb_{bid}_l_a_big"
-        # The upstream finishes the dead proxy's copy on its own: let it, so nothing it
-        # writes afterwards can outlive the clean-up.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and direct[DB][live].estimated_document_count() < 20_000:
-            time.sleep(0.2)
+        # The upstream finishes what the dead proxy had sent (its copy, if the kill came
+        # after it) on its own, and closes the connection only then: wait for that, so
+        # nothing it writes afterwards can outlive the clean-up.
+        until("the dead proxy's connections to close",
+              lambda: _connections(direct) <= alone, timeout=300)
 
         second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
         second.start()
@@ -638,7 +644,9 @@ def test_sigkill_during_copy_branch_creation(upstream: Secantus) -> None:
         assert "cut off" in second.read_log()
         assert not [c for c in direct[DB].list_collection_names() if c.startswith(f"__mb_{bid}")]
         assert direct[META]["namespaces"].count_documents({"_id": {"$regex": f"^{bid}:"}}) == 0
-        status, body = second.api("POST", "/branches", {"name": name, "mode": "copy"})
+        # A copy of every document: however long a loaded machine takes over it.
+        status, body = second.api("POST", "/branches", {"name": name, "mode": "copy"},
+                                  timeout=600)
         assert status == 201, body
         client: MongoClient = MongoClient(body["uri"])  # type: ignore[index]
         try:
