@@ -417,3 +417,36 @@ def test_a_transaction_does_only_what_the_clients_privileges_allow(
     finally:
         with connect(proxy.port, "brancher") as c:
             c.admin.command({"dropBranch": "txns"})
+
+
+def test_a_user_without_list_indexes_still_creates_and_is_told_what_exists(
+        proxy: ProxyProcess, upstream: Secantus) -> None:
+    """The proxy asks whether a name exists with a listIndexes of it (Runner.has), under
+    the client's credentials; a user who may list collections but not indexes gets the
+    same answers through a listCollections instead, never the proxy's."""
+    with MongoClient(upstream.uri, directConnection=True, username=ROOT, password=PW) as c:
+        c.app.command("createRole", "listsnoindexes", roles=[], privileges=[
+            {"resource": {"db": "app", "collection": ""},
+             "actions": ["find", "insert", "listCollections", "createCollection"]}])
+        c.admin.command("createUser", "lister", pwd=PW,
+                        roles=[{"role": "listsnoindexes", "db": "app"}])
+        c.app.listed.insert_one({"_id": 1})
+    with connect(proxy.port, "brancher") as c:
+        port = c.admin.command({"createBranch": "lister"})["port"]
+    try:
+        with connect(port, "lister") as b:
+            refused(b.app.command, {"listIndexes": "listed"})
+            b.app.create_collection("fresh")
+            for name in ("listed", "fresh"):  # the command itself, not pymongo's check
+                with pytest.raises(OperationFailure) as info:
+                    b.app.command({"create": name, "capped": True, "size": 4096})
+                assert info.value.code == 48, (name, info.value.details)
+            names = b.app.list_collection_names(filter={"name": {"$in": ["fresh", "listed"]}})
+            assert sorted(names) == ["fresh", "listed"]
+            assert b.app.list_collection_names(filter={"name": "nothing"}) == []
+        with connect(proxy.port, "lister") as m:
+            assert m.app.list_collection_names(filter={"name": "listed"}) == ["listed"]
+            assert m.app.list_collection_names(filter={"name": "fresh"}) == []
+    finally:
+        with connect(proxy.port, "brancher") as c:
+            c.admin.command({"dropBranch": "lister"})

@@ -62,28 +62,12 @@ def visible(layers: list[NsState], in_base: bool) -> bool:
     return in_base
 
 
-async def base_has(run: Runner, db: str, coll: str) -> bool:
-    """Whether the upstream has a collection or view of that name. A listIndexes asks it
-    of that name alone, where a listCollections, even filtered by name, costs what the
-    whole database's list costs on SecantusDB (31 ms at 400 collections, 1.5 ms for a
-    listIndexes), and a branch's overlays make its databases large. mongod answers a
-    view's with CommandNotSupportedOnView; any answer but these three (no privilege
-    for listIndexes, a transaction) is left to the listCollections."""
-    reply = await run.reply(db, {"listIndexes": coll})
-    if reply.get("ok") or reply.get("code") == Code.COMMAND_NOT_SUPPORTED_ON_VIEW:
-        return True
-    if reply.get("code") == Code.NAMESPACE_NOT_FOUND:
-        return False
-    listed = await run(db, {"listCollections": 1, "filter": {"name": coll}, "nameOnly": True})
-    return bool(listed["cursor"]["firstBatch"])
-
-
 async def exists(engine: Engine, branch: Branch, run: Runner, db: str, coll: str) -> bool:
     layers = engine.layers(branch, db, coll)
     for layer in layers:
         if layer.present is not None:
             return layer.present
-    return await base_has(run, db, coll)
+    return await run.has(db, coll)
 
 
 async def visible_collections(engine: Engine, branch: Branch, run: Runner, db: str,
@@ -98,7 +82,7 @@ async def visible_collections(engine: Engine, branch: Branch, run: Runner, db: s
     else:
         layers = engine.layers(branch, db, only)
         decided = next((layer.present for layer in layers if layer.present is not None), None)
-        if decided is False or (decided is None and not await base_has(run, db, only)):
+        if decided is False or (decided is None and not await run.has(db, only)):
             return {}  # what a driver's create_collection asks first, mostly of new names
         base = await base_collections(run, db, overlays,
                                       [only, *(layer.live for layer in layers)])

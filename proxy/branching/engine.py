@@ -577,6 +577,8 @@ class Engine:
         # Outside a transaction: mongod runs no listCollections in one, and the base's
         # options are the same in and out of it.
         with outside_transaction():
+            if not await self.pool.has(db, coll):
+                return None
             reply = await self.pool(db, {"listCollections": 1, "filter": {"name": coll}})
         batch = reply["cursor"]["firstBatch"]
         if not batch:

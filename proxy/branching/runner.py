@@ -15,6 +15,7 @@ from pymongo.errors import OperationFailure
 
 from proxy.net.router import Passed
 from proxy.wire.bsonutil import decode, raw_ok
+from proxy.wire.codes import Code
 from proxy.wire.errors import CommandError
 
 RawRun = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -77,6 +78,22 @@ class Runner:
         if not reply.get("ok"):
             raise error_from(reply)
         return reply
+
+    async def has(self, db: str, name: str) -> bool:
+        """Whether the upstream has a collection or view of that name. A listIndexes asks
+        it of that name alone, where a listCollections, even filtered by name, costs what
+        the whole database's list costs on SecantusDB (31 ms at 400 collections, 1.5 ms
+        for a listIndexes), and a branch's overlays make its databases large. mongod
+        answers a view's with CommandNotSupportedOnView; any answer but these three (no
+        privilege for listIndexes, a transaction) is left to a listCollections."""
+        reply = await self.reply(db, {"listIndexes": name})
+        if reply.get("ok") or reply.get("code") == Code.COMMAND_NOT_SUPPORTED_ON_VIEW:
+            return True
+        if reply.get("code") == Code.NAMESPACE_NOT_FOUND:
+            return False
+        listed = await self(db, {"listCollections": 1, "filter": {"name": name},
+                                 "nameOnly": True})
+        return bool(listed["cursor"]["firstBatch"])
 
     async def batches(self, db: str, cmd: dict[str, Any],
                       batch_size: int = 1000) -> AsyncIterator[list[dict[str, Any]]]:

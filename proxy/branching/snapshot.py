@@ -781,6 +781,8 @@ async def _view_shown(engine: Engine, layers: list[NsState], db: str,
     decided, view = views.shown_view(layers)
     if decided:
         return view
+    if not await engine.pool.has(db, coll):
+        return None  # a name new to main, which its children pin absent
     reply = await engine.pool(db, {"listCollections": 1, "filter": {"name": coll}})
     batch = reply["cursor"]["firstBatch"]
     if batch and batch[0].get("type") == "view":
@@ -793,9 +795,7 @@ async def _shown(engine: Engine, layers: list[NsState], db: str, coll: str) -> b
     for layer in layers:
         if layer.present is not None:
             return layer.present
-    reply = await engine.pool(db, {"listCollections": 1, "filter": {"name": coll},
-                                   "nameOnly": True})
-    return bool(reply["cursor"]["firstBatch"])
+    return await engine.pool.has(db, coll)
 
 
 async def _insert(engine: Engine, db: str, coll: str, docs: list[dict[str, Any]],

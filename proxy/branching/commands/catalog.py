@@ -44,8 +44,11 @@ async def _filtered(req: Request, infos: list[dict[str, Any]]) -> list[dict[str,
 async def list_collections(req: Request) -> dict[str, Any]:
     one = _one_name(req)
     if req.branch is None:
-        infos = list((await catalog.base_collections(
-            req.run, req.db, names=None if one is None else [one])).values())
+        # A name the upstream lacks (a driver's create_collection asks first) is known
+        # without listing the database (Runner.has).
+        infos = [] if one is not None and not await req.run.has(req.db, one) else list(
+            (await catalog.base_collections(req.run, req.db,
+                                            names=None if one is None else [one])).values())
     else:
         infos = list((await visible_collections(req, one)).values())
     return cursor_reply(f"{req.db}.$cmd.listCollections", await _filtered(req, infos))
