@@ -168,6 +168,18 @@ def test_list_collections_by_one_name_is_the_full_listing_of_that_name(
     assert names == [["a", "c", "made", "seen"]] * 2
 
 
+def test_a_create_the_upstream_refuses_leaves_no_overlay(pair: tuple[Any, Any, Any]) -> None:
+    """A new collection's overlay (its live and hidden collections) is made in one round
+    trip: when the upstream refuses the client's options, the error is the copy's, and
+    nothing of the overlay is left; the same name can then be made."""
+    branch, _, base = pair
+    refused = both(pair, lambda db: db.command({"create": "bad", "capped": True}))
+    assert refused == ("error", 72), refused  # InvalidOptions: a capped one needs a size
+    assert not [n for n in base.list_collection_names() if n.endswith("_bad")]
+    both(pair, lambda db: db.command({"create": "bad", "capped": True, "size": 4096})["ok"])
+    assert branch.bad.options() == {"capped": True, "size": 4096}
+
+
 def test_writes_that_create_no_collection_leave_it_missing(
         pair: tuple[Any, Any, Any]) -> None:
     """A delete, or a findAndModify without upsert, on a collection that does not exist

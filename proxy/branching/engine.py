@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
 from bson.int64 import Int64
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.errors import CollectionInvalid, DuplicateKeyError
 
 from proxy.branching import naming, snapshot, views
@@ -611,13 +611,22 @@ class Engine:
             for name in await self._overlay_left(state, run):
                 with outside_transaction():
                     await self.pool.reply(state.db, {"drop": name})
-        for name, create in names.items():
-            reply = await run.reply(state.db, create)
+        # Both in one round trip where the connection pipelines; one refused (the
+        # client's options) takes back the other, so no overlay is left half made.
+        replies = await run.replies(state.db, list(names.values()))
+        made, refused = [], None
+        for (name, create), reply in zip(names.items(), replies, strict=True):
             if reply.get("code") == Code.NAMESPACE_EXISTS and SESSION.get() is None:
                 await run(state.db, {"drop": name})
                 reply = await run.reply(state.db, create)
-            if not reply.get("ok"):
-                raise error_from(reply)
+            if reply.get("ok"):
+                made.append(name)
+            elif refused is None:
+                refused = reply
+        if refused is not None:
+            for name in made:
+                await run.reply(state.db, {"drop": name})
+            raise error_from(refused)
 
     async def _create_overlay(self, state: NsState, indexes: list[dict[str, Any]],
                               run: Runner, enforced: dict[str, Any] | None = None) -> None:
@@ -710,6 +719,12 @@ class Engine:
         """In a transaction (txn.py), in it: the state changes with the overlay."""
         await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(),
                                                   upsert=True, session=SESSION.get())
+
+    async def save_states(self, states: list[NsState]) -> None:
+        """Several at once, in one round trip."""
+        await self.meta["namespaces"].bulk_write(
+            [ReplaceOne({"_id": state.key}, state.to_doc(), upsert=True) for state in states],
+            session=SESSION.get())
 
     # -- writes -------------------------------------------------------------------------
     @contextlib.asynccontextmanager
