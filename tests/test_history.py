@@ -120,6 +120,38 @@ def test_index_and_option_changes_are_entries_a_reset_can_name(
         assert shown() == (states[-1][0], states[-1][1], ["fresh", "items"])
 
 
+def test_a_drop_database_logs_each_drop_and_a_reset_gives_each_back(
+        proxy: ProxyProcess, client: MongoClient, made: Branches, db_name: str) -> None:
+    """A dropDatabase on a branch logs a drop per collection in one append (consecutive
+    LSNs): a base collection it changed, one it never touched, one it made. A reset to
+    before it gives every one back as it was; a reset to one of its drops gives back
+    the collections dropped after it."""
+    seed(client, db_name)
+    client[db_name].untouched.insert_one({"_id": 1, "v": "base"})
+    branch = made.create()
+    name = branch["name"]
+    with MongoClient(branch["uri"]) as b:
+        db = b[db_name]
+        db.items.update_one({"_id": 1}, {"$set": {"v": "branch"}})
+        db.made.insert_one({"_id": "m"})
+        db.made.create_index("x")
+        before = {n: list(db[n].find().sort("_id", 1)) for n in ("items", "made", "untouched")}
+        b.drop_database(db_name)
+        assert db.list_collection_names() == []
+        log = entries(proxy, name)
+        drops = log[:3]
+        assert sorted((e["op"], e["ns"]) for e in drops) == [
+            ("drop", f"{db_name}.{n}") for n in ("items", "made", "untouched")]
+        assert [e["lsn"] for e in drops] == list(range(drops[0]["lsn"], drops[0]["lsn"] - 3, -1))
+        ok(proxy, "POST", f"/branches/{name}/reset", {"to": drops[1]["lsn"]})
+        assert db.list_collection_names() == [drops[0]["ns"].split(".", 1)[1]]
+        ok(proxy, "POST", f"/branches/{name}/reset", {"to": log[3]["lsn"]})
+        assert {n: list(db[n].find().sort("_id", 1)) for n in sorted(
+            db.list_collection_names())} == before
+        assert index_keys(db.made) == [("_id_", {"_id": 1}), ("x_1", {"x": 1})]
+    assert list(client[db_name].items.find({"_id": 1})) == [{"_id": 1, "v": 1, "tag": "base"}]
+
+
 @pytest.mark.parametrize(("query", "message"), [
     ("limit=0", "limit must be 1-10000, got 0"),
     ("limit=-1", "limit must be 1-10000"),
