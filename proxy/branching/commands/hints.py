@@ -73,10 +73,13 @@ async def on_base(req: Request, coll: str, cmd: dict[str, Any]) -> dict[str, Any
     """A find whose base side gets the user's hint: without it when the hint names an
     index of the branch's own list the base lacks (one its parent dropped after a
     branch's point, history/catalogat.py), as a read on a changed collection that runs
-    as one pipeline goes without it, rather than fail."""
+    as one pipeline goes without it, rather than fail. A collection the branch or an
+    ancestor holds whole is not read from the base at all: its own collection has the
+    hinted index (created on the branch, say, after a drop), so the hint stays."""
     hint = cmd.get("hint")
     layers = req.layers(coll)
     if hint is None or all(layer.indexes is None for layer in layers) \
+            or any(layer.base_dropped for layer in layers) \
             or (isinstance(hint, str) and hint == "$natural") \
             or (isinstance(hint, dict) and list(hint) == ["$natural"]):
         return cmd
