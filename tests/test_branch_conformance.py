@@ -417,6 +417,34 @@ def test_a_hint_naming_no_index_is_refused_on_a_changed_collection(
     upstream_client.drop_database(name)
 
 
+def test_a_hint_of_an_index_made_on_a_refilled_collection_is_honoured(
+        fork: Fork, upstream_client: MongoClient) -> None:
+    """pymongo's test_hint_by_name on a branch: a collection the branch dropped and
+    refilled is read as it is, with the index the branch made on it, so a hint naming
+    that index (which the base's collection of the same name lacks) orders the read as
+    it does on a plain copy made the same way on the upstream."""
+    name = unique("hintown").replace("-", "_")
+    upstream_client[name].coll.insert_many([{"i": -i} for i in range(3)])
+    _, branch = fork()
+
+    def reads(coll: Any) -> list[Any]:
+        return [next(coll.find())["i"], next(coll.find().hint("fooindex"))["i"],
+                next(coll.find().hint([("i", -1)]))["i"],
+                list(coll.aggregate([{"$limit": 1}], hint="fooindex")),
+                coll.count_documents({"i": {"$gte": 90}}, hint="fooindex")]
+
+    # One the base has (without that index), one it lacks, as in pymongo's run.
+    for base_name in ("coll", "nobase"):
+        on_branch, copy = branch[name][base_name], upstream_client[name][f"copy_{base_name}"]
+        for coll in (on_branch, copy):
+            coll.drop()
+            coll.insert_many([{"_id": i, "i": i} for i in range(100)])
+            coll.create_index([("i", -1)], name="fooindex")
+        assert next(on_branch.find().hint("fooindex"))["i"] == 99  # pymongo's assertion
+        assert reads(on_branch) == reads(copy), base_name
+    upstream_client.drop_database(name)
+
+
 def test_explain_shows_the_read_plan_beside_the_upstreams_explain(
         fork: Fork, upstream_client: MongoClient) -> None:
     """explain on a branch port names the plan the read takes and why, next to the

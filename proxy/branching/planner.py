@@ -683,10 +683,11 @@ def plan_aggregate(cmd: dict[str, Any], layers_of: LayersOf, *, branch: str = ""
                              f"{coll} is unchanged; the stages naming other collections "
                              "read their branch views", (), {**out, "pipeline": rewritten}),
                         db)
-    if any(layer.base_dropped for layer in layers):
-        out.pop("hint", None)
     top = views.whole(layers)
+    if top is None and any(layer.base_dropped for layer in layers):
+        out.pop("hint", None)
     if top is not None:
+        # Its own collection holds the indexes the branch shows: the hint stays.
         out["aggregate"] = top
         out["pipeline"] = rewritten
         return _planned(Plan("aggregate", coll, PlanKind.IN_PLACE,
