@@ -315,11 +315,22 @@ def test_an_unchanged_source_joining_a_changed_collection_reads_its_view() -> No
 
 
 def test_an_aggregate_on_a_collection_the_branch_owns_runs_in_place() -> None:
+    """With its hint: the branch's own collection holds the indexes the branch shows
+    (one it made after refilling the collection, say), and mongod applies a hint."""
     top = layer("b1", dropped=True)
     cmd = {"aggregate": "items", "pipeline": [], "cursor": {}, "hint": "x_1"}
     plan = planner.plan_aggregate(cmd, layers_of({"items": [top]}))
     assert plan.kind is PlanKind.IN_PLACE
-    assert plan.command == {"aggregate": top.live, "cursor": {}, "pipeline": []}
+    assert plan.command == {"aggregate": top.live, "cursor": {}, "pipeline": [], "hint": "x_1"}
+
+
+def test_an_aggregate_over_an_ancestors_whole_collection_goes_without_the_hint() -> None:
+    """The union reads the ancestor's collection, not the one the hint was written for."""
+    cmd = {"aggregate": "items", "pipeline": [], "cursor": {}, "hint": "x_1"}
+    plan = planner.plan_aggregate(cmd, layers_of({"items": [layer("b2", [1]),
+                                                            layer("b1", dropped=True)]}))
+    assert plan.kind is not PlanKind.IN_PLACE
+    assert plan.command is not None and "hint" not in plan.command
 
 
 def test_an_aggregate_over_a_small_hidden_set_inlines_the_view_without_a_probe() -> None:
