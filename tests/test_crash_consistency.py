@@ -599,7 +599,11 @@ def test_sigkill_during_copy_branch_creation(upstream: Secantus) -> None:
     """A copy branch whose copy is cut off was never acknowledged: after a restart it is
     gone with everything it had copied, instead of serving part of its data (the
     collections not yet copied would read through to the live base)."""
-    direct: MongoClient = MongoClient(upstream.uri, directConnection=True)
+    # Polled monitoring: one monitor connection from the start, no round-trip monitor
+    # opening one later, so the upstream's connection count (`_connections`) moves
+    # only with the proxies'.
+    direct: MongoClient = MongoClient(upstream.uri, directConnection=True,
+                                      serverMonitoringMode="poll")
     proxies: list[ProxyProcess] = []
     name = "half-copied"
     try:
