@@ -228,7 +228,10 @@ def test_a_read_the_primary_serves_uses_the_clients_own_connection(
     connection, even as the client's first command: the node sees one connection
     opened for the client (serverStatus totalCreated), not one per member used."""
     proxy, node = primary_only
-    with MongoClient(node.uri, directConnection=True) as direct:
+    # Polled monitoring: its one monitor connection is open before `before`; a streaming
+    # client's round-trip monitor may open another one later (a clean-clone run counted
+    # 2 here).
+    with MongoClient(node.uri, directConnection=True, serverMonitoringMode="poll") as direct:
         before = direct.admin.command("serverStatus")["connections"]["totalCreated"]
         with MongoClient(proxy.uri, serverSelectionTimeoutMS=20000) as client:
             for mode in ("nearest", "primaryPreferred", "secondaryPreferred"):
