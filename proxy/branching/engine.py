@@ -613,20 +613,13 @@ class Engine:
                     await self.pool.reply(state.db, {"drop": name})
         # Both in one round trip where the connection pipelines; one refused (the
         # client's options) takes back the other, so no overlay is left half made.
-        replies = await run.replies(state.db, list(names.values()))
-        made, refused = [], None
-        for (name, create), reply in zip(names.items(), replies, strict=True):
+        creates = list(names.values())
+        replies = await run.replies(state.db, creates)
+        for i, (name, reply) in enumerate(zip(names, replies, strict=True)):
             if reply.get("code") == Code.NAMESPACE_EXISTS and SESSION.get() is None:
                 await run(state.db, {"drop": name})
-                reply = await run.reply(state.db, create)
-            if reply.get("ok"):
-                made.append(name)
-            elif refused is None:
-                refused = reply
-        if refused is not None:
-            for name in made:
-                await run.reply(state.db, {"drop": name})
-            raise error_from(refused)
+                replies[i] = await run.reply(state.db, creates[i])
+        await run.all_made(state.db, creates, replies)
 
     async def _create_overlay(self, state: NsState, indexes: list[dict[str, Any]],
                               run: Runner, enforced: dict[str, Any] | None = None) -> None:
@@ -716,12 +709,11 @@ class Engine:
             state.options = dict(state.options_base or {})
 
     async def save_state(self, state: NsState) -> None:
-        """In a transaction (txn.py), in it: the state changes with the overlay."""
-        await self.meta["namespaces"].replace_one({"_id": state.key}, state.to_doc(),
-                                                  upsert=True, session=SESSION.get())
+        await self.save_states([state])
 
     async def save_states(self, states: list[NsState]) -> None:
-        """Several at once, in one round trip."""
+        """In one round trip; in a transaction (txn.py), in it: the states change with
+        the overlay."""
         await self.meta["namespaces"].bulk_write(
             [ReplaceOne({"_id": state.key}, state.to_doc(), upsert=True) for state in states],
             session=SESSION.get())

@@ -79,13 +79,29 @@ class Runner:
             raise error_from(reply)
         return reply
 
+    async def all_made(self, db: str, creates: list[dict[str, Any]],
+                       replies: list[dict[str, Any]]) -> None:
+        """Collections made together or not at all: when the upstream refused one of
+        the `creates` (their `replies`), the others it made are dropped again and its
+        refusal is raised (the client's, when its options were the cause)."""
+        refused = next((reply for reply in replies if not reply.get("ok")), None)
+        if refused is None:
+            return
+        made = [create["create"] for create, reply in zip(creates, replies, strict=True)
+                if reply.get("ok")]
+        if made:
+            await self.replies(db, [{"drop": name} for name in made])
+        raise error_from(refused)
+
     async def has(self, db: str, name: str) -> bool:
         """Whether the upstream has a collection or view of that name. A listIndexes asks
         it of that name alone, where a listCollections, even filtered by name, costs what
         the whole database's list costs on SecantusDB (31 ms at 400 collections, 1.5 ms
         for a listIndexes), and a branch's overlays make its databases large. mongod
         answers a view's with CommandNotSupportedOnView; any answer but these three (no
-        privilege for listIndexes, a transaction) is left to a listCollections."""
+        privilege for listIndexes, a transaction) is left to a listCollections. Whether
+        it is a view it cannot tell: SecantusDB lists a view's indexes as a
+        collection's (`_id_`), where mongod refuses."""
         reply = await self.reply(db, {"listIndexes": name})
         if reply.get("ok") or reply.get("code") == Code.COMMAND_NOT_SUPPORTED_ON_VIEW:
             return True

@@ -12,7 +12,7 @@ from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
 from proxy.branching.commands.catalog import exists, visible_collections
 from proxy.branching.errors import CommandError
 from proxy.branching.model import ID_INDEX, NsState
-from proxy.branching.runner import error_from, outside_transaction
+from proxy.branching.runner import outside_transaction
 from proxy.branching.wal import CREATE, DROP, PUT, Change
 from proxy.wire.codes import Code
 
@@ -24,12 +24,10 @@ async def _empty(req: Request, state: NsState, options: dict[str, Any],
     makes them), else `_id` alone."""
     # One round trip where the connection pipelines: the upstream runs them in order,
     # and a name already gone is no error.
+    creates = [{"create": state.live, **options}, {"create": state.hidden}]
     replies = await req.run.replies(state.db, [
-        {"drop": state.live}, {"drop": state.hidden},
-        {"create": state.live, **options}, {"create": state.hidden}])
-    for reply in replies[2:]:
-        if not reply.get("ok"):
-            raise error_from(reply)
+        {"drop": state.live}, {"drop": state.hidden}, *creates])
+    await req.run.all_made(state.db, creates, replies[2:])
     state.base_dropped = True
     state.options = options
     state.indexes = indexes or [dict(ID_INDEX)]
