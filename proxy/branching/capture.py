@@ -568,10 +568,14 @@ class Capture:
         desc = ev.get("operationDescription") or {}
         if name == "collMod" and set(desc) == {"changeStreamPreAndPostImages"}:
             return
+        kids = self._eligible(at)
+        options = name == "collMod" and bool(desc) and "index" not in desc
+        # The children's list, when they want one, is the listing the specs learn from.
+        listed = await self._catalog_now(db, coll) if kids and not options else None
         if name != "collMod" and isinstance(desc.get("indexes"), list):
-            desc = {**desc, "indexes": await self._whole_specs(name, db, coll,
-                                                              desc["indexes"])}
-        elif name == "collMod" and f"{db}.{coll}" in self._specs:
+            desc = {**desc, "indexes": await self._whole_specs(
+                name, db, coll, desc["indexes"], learned=listed is not None)}
+        elif name == "collMod" and f"{db}.{coll}" in self._specs and listed is None:
             await self._learn(db, coll)  # a TTL or hidden index changed
         before = ev.get("stateBeforeChange") or {}
         entry = {"op": name, "desc": desc, **({"before": before} if before else {})}
@@ -579,20 +583,18 @@ class Capture:
             await self.engine.wal.append(naming.MAIN, [Change(
                 f"{db}.{coll}", None, name, None, None,
                 {**extra, **{k: v for k, v in entry.items() if k != "op"}})], CLIENT)
-        kids = self._eligible(at)
         if kids:
-            options = name == "collMod" and bool(desc) and "index" not in desc
             await snapshot.keep_catalog(self.engine, kids, db, coll, entry,
-                                        ev["clusterTime"],
-                                        None if options else await self._catalog_now(db, coll))
+                                        ev["clusterTime"], listed)
             self._bump(kids)
 
     async def _whole_specs(self, name: str, db: str, coll: str,
-                           specs: list[Any]) -> list[Any]:
+                           specs: list[Any], learned: bool = False) -> list[Any]:
         """An index event's specs, each as listed when known: a created index as the
-        upstream lists it now (still there), a dropped one as it was last listed."""
+        upstream lists it now (still there), a dropped one as it was last listed.
+        learned: the caller has just listed them."""
         ns = f"{db}.{coll}"
-        if name == "createIndexes":
+        if name == "createIndexes" and not learned:
             await self._learn(db, coll)
         known = self._specs.get(ns, {})
         out = [{**spec, **known.get(str(spec.get("name")), {})} if isinstance(spec, dict)
@@ -603,22 +605,23 @@ class Capture:
                     known.pop(str(spec.get("name")), None)
         return out
 
-    async def _learn(self, db: str, coll: str) -> None:
-        """The collection's index specs as listed now, over those known: one gone from
-        the list was dropped after it, by an event the capture has yet to reach, whose
-        spec it will want (removed when that event comes)."""
+    async def _learn(self, db: str, coll: str) -> list[dict[str, Any]] | None:
+        """The collection's index specs as listed now (None: it is gone), learnt over
+        those known: one gone from the list was dropped after it, by an event the
+        capture has yet to reach, whose spec it will want (removed when that event
+        comes)."""
         reply = await self.engine.pool.reply(db, {"listIndexes": coll})
-        if reply.get("ok"):
-            self._specs.setdefault(f"{db}.{coll}", {}).update(
-                (ix["name"], ix) for ix in reply["cursor"]["firstBatch"])
+        if not reply.get("ok"):
+            return None
+        listed = list(reply["cursor"]["firstBatch"])
+        self._specs.setdefault(f"{db}.{coll}", {}).update((ix["name"], ix) for ix in listed)
+        return listed
 
     async def _catalog_now(self, db: str, coll: str) -> snapshot.Listed | None:
         """A collection's index list now, and the upstream's time after (None: it is
         gone)."""
-        reply = await self.engine.pool.reply(db, {"listIndexes": coll})
-        if not reply.get("ok"):
-            return None
-        return snapshot.Listed(list(reply["cursor"]["firstBatch"]), await self.clock())
+        listed = await self._learn(db, coll)
+        return None if listed is None else snapshot.Listed(listed, await self.clock())
 
     def _break_all(self, why: str) -> None:
         for kid in self.children():
