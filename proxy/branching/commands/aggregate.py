@@ -99,7 +99,7 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
     plan = await planned(req, cmd)
     explaining = "explain" in req.cmd
     if plan.kind is PlanKind.PASS and not explaining:
-        return await hints.passed(req, source) if isinstance(source, str) else None
+        return await hints.passed(req, cmd)
     assert plan.command is not None
     reply = await req.run.reply(req.db, plan.command)
     if explaining:

@@ -90,10 +90,10 @@ async def on_base(req: Request, coll: str, cmd: dict[str, Any]) -> dict[str, Any
     return {k: v for k, v in cmd.items() if k != "hint"}
 
 
-async def passed(req: Request, coll: str) -> dict[str, Any] | None:
-    """A read the planner passes to the base as the client sent it (None), or, when its
-    hint names an index the base lacks (`on_base`), its reply without the hint."""
-    cmd = await on_base(req, coll, req.cmd)
-    if cmd is req.cmd:
+async def passed(req: Request, judged: dict[str, Any]) -> dict[str, Any] | None:
+    """A read the planner passes to the base as the client sent it (None), or, when
+    `on_base` took its hint out (`judged`: what it gave), its reply without the hint."""
+    if "hint" not in req.cmd or "hint" in judged:
         return None
-    return await req.run.reply(req.db, {k: v for k, v in cmd.items() if k != "$db"})
+    return await req.run.reply(req.db, {k: v for k, v in req.cmd.items()
+                                        if k not in ("hint", "$db")})

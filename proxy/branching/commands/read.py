@@ -47,7 +47,7 @@ async def find(req: Request) -> dict[str, Any] | None:
         cmd = await hints.on_base(req, coll, cmd)
     plan = planner.plan_find(cmd, layers, branch=branch)
     if plan.kind is PlanKind.PASS:
-        return await hints.passed(req, coll)
+        return await hints.passed(req, cmd)
     if plan.kind is PlanKind.COPY:
         return await _copy_find(req, coll, layers, cmd)
     if plan.kind is PlanKind.POINT:
@@ -337,7 +337,7 @@ async def count(req: Request) -> dict[str, Any] | None:
     cmd = req.cmd
     plan = planner.plan_count(cmd, req.layers(coll))
     if plan.kind is PlanKind.PASS:
-        return await hints.passed(req, coll)
+        return await hints.passed(req, await hints.on_base(req, coll, cmd))
     if plan.kind is PlanKind.UNION:
         assert plan.command is not None
         reply = await req.run(req.db, plan.command)
@@ -375,7 +375,7 @@ async def distinct(req: Request) -> dict[str, Any] | None:
     cmd = req.cmd
     plan = planner.plan_distinct(cmd, req.layers(coll), branch=req.on_branch.name)
     if plan.kind is PlanKind.PASS:
-        return await hints.passed(req, coll)
+        return await hints.passed(req, await hints.on_base(req, coll, cmd))
     if plan.kind is PlanKind.UNION:
         assert plan.command is not None
         cursor = (await req.run(req.db, plan.command))["cursor"]
