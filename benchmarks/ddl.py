@@ -18,6 +18,9 @@ The script never asserts: it prints a table and rewrites the "## DDL on a branch
 
     .venv/bin/python benchmarks/ddl.py                  # 200 collections, 100,000 documents
     .venv/bin/python benchmarks/ddl.py --colls 50 --docs 10000 --rounds 1 --no-write
+    .venv/bin/python benchmarks/ddl.py --fill 11000  # and with SecantusDB's retryable-
+                                                     # write registry full, as in
+                                                     # `make conformance`'s branch run
 """
 
 from __future__ import annotations
@@ -60,12 +63,39 @@ def unique_index(client: MongoClient[dict[str, Any]], name: str) -> float:
     return took
 
 
+FILLED = """
+The "registry full" rows come after `--fill` retryable `insert_one`s sent to the
+upstream directly (and a first write on the branch, which waits for the capture to log
+them in main's history). SecantusDB keeps the reply of each retryable write (10,000 at
+most, for 30 minutes) and, on every retryable write, scans them all and, once it holds
+10,000, sorts them. A new collection on a branch costs retryable writes of its metadata
+(its namespace state, its dirty mark, its WAL entries); on the main port, the capture's
+entry for the `create` in main's history is one. Over `make conformance` the registry
+fills: the branch run, which makes several such writes per operation of a test, runs
+with it fuller than the main run did. mongod keeps one record per session, in
+`config.transactions`.
+"""
+
+
+def fill_registry(uri: str, n: int) -> None:
+    """n retryable writes on the upstream directly, which SecantusDB keeps (FILLED)."""
+    direct: MongoClient[dict[str, Any]] = MongoClient(uri, directConnection=True)
+    with direct:
+        for i in range(n):
+            direct.ddl_fill.items.insert_one({"i": i})
+        direct.drop_database("ddl_fill")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--colls", type=int, default=200)
     ap.add_argument("--docs", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument("--fill", type=int, default=0,
+                    help="then this many retryable writes on the upstream directly, and "
+                         "the collections targets once more (11000 fills SecantusDB's "
+                         "retryable-write registry, 10,000 records)")
     args = ap.parse_args()
     server = Secantus().start()
     # Seeded on the upstream before the proxy starts: the capture, which logs main's
@@ -97,6 +127,19 @@ def main() -> None:
             runs.setdefault("collections, main (one child)", []).append(
                 collections(main_port, args.colls))
             proxy.api("DELETE", "/branches/ddl-bench")
+        if args.fill:
+            fill_registry(server.uri, args.fill)
+            status, body = proxy.api("POST", "/branches", {"name": "ddl-bench"})
+            assert status == 201 and isinstance(body, dict), body
+            with MongoClient(body["uri"]) as branch:
+                # A branch's first write waits for the capture to have logged the fill
+                # in main's history; neither target is timed while it works on that.
+                branch.ddl_warm.c.insert_one({})
+                branch.drop_database("ddl_warm")
+                runs["collections, branch, registry full"] = [collections(branch, args.colls)]
+            proxy.api("DELETE", "/branches/ddl-bench")
+            runs["collections, main (no child), registry full"] = [
+                collections(main_port, args.colls)]
         main_port.close()
     finally:
         proxy.stop()
@@ -108,14 +151,20 @@ def main() -> None:
               f"main with a child / main {got['collections, main (one child)'] / alone:.1f}x; "
               "unique index: branch / main "
               f"{got['unique index, branch'] / got['unique index, main']:.1f}x")
+    if args.fill:
+        full = got["collections, main (no child), registry full"]
+        ratios += (f"; registry full: collections, branch / main "
+                   f"{got['collections, branch, registry full'] / full:.1f}x")
     print("\n".join(rows))
     print(ratios)
     if args.no_write:
         return
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = (f".venv/bin/python benchmarks/ddl.py --colls {args.colls} --docs {args.docs} "
+               f"--rounds {args.rounds}" + (f" --fill {args.fill}" if args.fill else ""))
     text = f"""{HEADING}
 
-`.venv/bin/python benchmarks/ddl.py --colls {args.colls} --docs {args.docs} --rounds {args.rounds}`,
+`{command}`,
 {when}, {os.cpu_count()} cores (median of {args.rounds} rounds, targets interleaved in each):
 {args.colls} `create_collection` then `drop_database`, and a unique `createIndexes` on
 a collection of {args.docs:,} documents.
@@ -139,7 +188,7 @@ in main's history (about 1,000 documents/s on SecantusDB; a fork waits 30 s at m
 unique index on a branch that reads the collection through main is built first on a
 scratch copy of the branch's view (mongod refuses it over duplicates already there),
 so it costs a copy of the collection.
-"""
+{FILLED if args.fill else ""}"""
     replace_section(HEADING, text)
 
 
