@@ -570,13 +570,15 @@ class Capture:
             return
         kids = self._eligible(at)
         options = name == "collMod" and bool(desc) and "index" not in desc
+        ns = f"{db}.{coll}"
+        specs = desc.get("indexes") if name != "collMod" else None
         # The children's list, when they want one, is the listing the specs learn from.
         listed = await self._catalog_now(db, coll) if kids and not options else None
-        if name != "collMod" and isinstance(desc.get("indexes"), list):
-            desc = {**desc, "indexes": await self._whole_specs(
-                name, db, coll, desc["indexes"], learned=listed is not None)}
-        elif name == "collMod" and f"{db}.{coll}" in self._specs and listed is None:
-            await self._learn(db, coll)  # a TTL or hidden index changed
+        if listed is None and ((name == "createIndexes" and isinstance(specs, list))
+                               or (name == "collMod" and ns in self._specs)):
+            await self._learn(db, coll)  # a created index, or a TTL or hidden one changed
+        if isinstance(specs, list):
+            desc = {**desc, "indexes": self._whole_specs(name, ns, specs)}
         before = ev.get("stateBeforeChange") or {}
         entry = {"op": name, "desc": desc, **({"before": before} if before else {})}
         if self.history:
@@ -588,14 +590,10 @@ class Capture:
                                         ev["clusterTime"], listed)
             self._bump(kids)
 
-    async def _whole_specs(self, name: str, db: str, coll: str,
-                           specs: list[Any], learned: bool = False) -> list[Any]:
+    def _whole_specs(self, name: str, ns: str, specs: list[Any]) -> list[Any]:
         """An index event's specs, each as listed when known: a created index as the
-        upstream lists it now (still there), a dropped one as it was last listed.
-        learned: the caller has just listed them."""
-        ns = f"{db}.{coll}"
-        if name == "createIndexes" and not learned:
-            await self._learn(db, coll)
+        upstream lists it now (the caller has just learnt it), a dropped one as it was
+        last listed."""
         known = self._specs.get(ns, {})
         out = [{**spec, **known.get(str(spec.get("name")), {})} if isinstance(spec, dict)
                else spec for spec in specs]
