@@ -126,8 +126,8 @@ async def _copy_find(req: Request, coll: str, layers: list[NsState],
     (scratchfrom.fill: an $out, or in a transaction inserts in it), builds on the copy
     the branch's indexes the hint names (their names and options kept), and answers the
     user's find there, so bounds, keys, collation and any index type are the server's
-    own. The copy has no default collation: find() has given the collection's to the
-    find. It is dropped when the cursor (or the transaction) ends."""
+    own. The copy has the collection's default collation, so that its `_id` index orders
+    as the collection's. It is dropped when the cursor (or the transaction) ends."""
     if isinstance(cmd.get("readConcern"), dict) and \
             cmd["readConcern"].get("level") == "snapshot":
         raise req.unsupported("a snapshot read with min/max/returnKey that needs a scratch "
@@ -144,18 +144,13 @@ async def _copy_find(req: Request, coll: str, layers: list[NsState],
     # default (mongod lists it; SecantusDB leaves it out): the copy's says so.
     default = (await _collection_options(req, coll, layers)).get("collation")
     named = hints.named(find.get("hint"), indexes)
-    if any(ix.get("name") == "_id_" for ix in named) and isinstance(default, dict) \
-            and default.get("locale", "simple") != "simple":
-        raise req.unsupported("this min/max/returnKey find hinting the _id index of a "
-                              "collection with a default collation, on a copy: the copy's "
-                              "_id index ($out) has the simple collation, which no command "
-                              "changes")
     specs = [{**({"collation": default} if default is not None else {}),
               **{k: v for k, v in ix.items() if k not in ("ns", "hidden")}}
              for ix in named if ix.get("name") != "_id_" and not ix.get("hidden")]
     made: list[str] = []
     try:
-        name = await scratchfrom.fill(req, coll, [], made, indexes=specs)
+        name = await scratchfrom.fill(req, coll, [], made, indexes=specs,
+                                      default_collation=default)
         reply = await req.run.reply(req.db, {**find, "find": name})
     except BaseException:
         await scratchfrom.drop(req, made)

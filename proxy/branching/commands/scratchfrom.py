@@ -60,17 +60,28 @@ def changed(req: Request, coll: str) -> bool:
 
 async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
                collation: Any = None, key: Any = None,
-               indexes: list[dict[str, Any]] | None = None) -> str:
+               indexes: list[dict[str, Any]] | None = None,
+               default_collation: dict[str, Any] | None = None) -> str:
     """A scratch copy of the branch's view of `source` with these stages (a view's)
     applied; its name is appended to `made` before it is written, for the caller to drop.
     key: the field the stage looks documents up by (connectToField, foreignField),
     indexed on the copy once written, as the server would use an index of `from` for it.
     indexes: specs the copy must have (a find's hinted index): built once written, or in a
     transaction between the create and the inserts (an index made in one must be on an
-    empty collection it created); a refusal is the read's."""
+    empty collection it created); a refusal is the read's.
+    default_collation: the copy's own (the collection's), so that its `_id` index orders
+    as the collection's does. The copy is then created with it and filled by a `$merge`:
+    an `$out` into an existing collection keeps its options on mongod but not on
+    SecantusDB, and a `$merge` leaves the collection it fills as it was on both."""
     name = naming.scratch_from(req.on_branch.bid, secrets.token_hex(6))
     txn = CURRENT.get()
-    out = [] if txn is not None else [{"$out": name}]
+    create: dict[str, Any] = {"create": name}
+    if default_collation is not None:
+        create["collation"] = default_collation
+    out: Pipeline = []
+    if txn is None:
+        out = [{"$out": name}] if default_collation is None else [{"$merge": {
+            "into": name, "whenMatched": "fail", "whenNotMatched": "insert"}}]
     cmd: dict[str, Any] = {"aggregate": source, "pipeline": [*stages, *out], "cursor": {}}
     cmd.update((k, req.cmd[k]) for k in _CARRY if k in req.cmd)
     if collation is not None:
@@ -82,7 +93,7 @@ async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
         # No $out in a transaction, nor a drop: the copy is made in it (so it holds the
         # transaction's own writes, in its snapshot) and dropped once it ends.
         txn.scratch.append((req.db, name))
-        await req.run(req.db, {"create": name})
+        await req.run(req.db, create)
         if indexes:
             await req.run(req.db, {"createIndexes": name, "indexes": indexes})
         async for batch in req.run.batches(req.db, command):
@@ -90,6 +101,8 @@ async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
                 await req.run(req.db, {"insert": name, "documents": group})
     else:
         made.append(name)
+        if default_collation is not None:
+            await req.run(req.db, create)
         reply = await req.run.reply(req.db, command)
         if not reply.get("ok"):
             raise CommandError(int(reply.get("code", 1)), str(reply.get("errmsg", "")),
