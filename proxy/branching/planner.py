@@ -20,7 +20,8 @@ The kinds, cheapest first:
 - union: the branch view as a server-side pipeline (`views.py`), then the read's own stages.
 - copy: an index-bound find (min, max, returnKey) no merge serves: the upstream copies the
   branch view into a scratch collection, builds the hinted index on it, and runs the
-  find there as it is (no aggregation stage takes index bounds or returns index keys).
+  find there as it is (no aggregation stage takes index bounds or returns index keys);
+  also the explain of any index-bound find on a changed collection, which shows one plan.
 """
 
 from __future__ import annotations

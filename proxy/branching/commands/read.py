@@ -31,19 +31,9 @@ async def find(req: Request) -> dict[str, Any] | None:
     branch = req.on_branch.name
     if cmd.get("tailable"):
         return await _tailable(req, coll, layers)
-    if layers and planner.index_bound(cmd) and "collation" not in cmd \
-            and views.whole(layers) is None:
-        # The collection's default collation orders its indexes as an explicit one
-        # would: said explicitly, the planner sees it (and sends the find to a copy).
-        collation = (await _collection_options(req, coll, layers)).get("collation")
-        if collation is not None:
-            cmd = {**cmd, "collation": collation}
-    if layers and planner.index_bound(cmd) and isinstance(cmd.get("hint"), str):
-        cmd = await _hint_by_pattern(req, coll, cmd)
-    if layers and cmd.get("returnKey") and cmd.get("hint") is None \
-            and views.whole(layers) is None:
-        cmd = await _hint_by_plan(req, coll, cmd)
-    if layers and not planner.index_bound(cmd):
+    if layers and planner.index_bound(cmd):
+        cmd = await _index_bound_form(req, coll, layers, cmd)
+    elif layers:
         cmd = await hints.on_base(req, coll, cmd)
     plan = planner.plan_find(cmd, layers, branch=branch)
     if plan.kind is PlanKind.PASS:
@@ -74,6 +64,25 @@ async def find(req: Request) -> dict[str, Any] | None:
     if plan.refetch:
         return await _refetch_find(req, coll, layers, plan)
     return await _union_find(req, coll, plan)
+
+
+async def _index_bound_form(req: Request, coll: str, layers: list[NsState],
+                            cmd: dict[str, Any]) -> dict[str, Any]:
+    """An index-bound find (min, max, returnKey) on a changed collection, with what the
+    planner and the sides need said explicitly: the default collation, the hint's key
+    pattern, and for a returnKey without a hint the index the base's planner picks."""
+    whole = views.whole(layers) is not None
+    if "collation" not in cmd and not whole:
+        # The collection's default collation orders its indexes as an explicit one
+        # would: said explicitly, the planner sees it (and sends the find to a copy).
+        collation = (await _collection_options(req, coll, layers)).get("collation")
+        if collation is not None:
+            cmd = {**cmd, "collation": collation}
+    if isinstance(cmd.get("hint"), str):
+        cmd = await _hint_by_pattern(req, coll, cmd)
+    if cmd.get("returnKey") and cmd.get("hint") is None and not whole:
+        cmd = await _hint_by_plan(req, coll, cmd)
+    return cmd
 
 
 async def _hint_by_pattern(req: Request, coll: str, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -122,35 +131,12 @@ def _users_refusal(coll: str, refused: list[tuple[str, dict[str, Any]]]) -> dict
 async def _copy_find(req: Request, coll: str, layers: list[NsState],
                      cmd: dict[str, Any]) -> dict[str, Any]:
     """An index-bound find (min, max, returnKey) run as it is on a scratch copy of the
-    branch view (planner.copy_find): the upstream copies what the branch shows
-    (scratchfrom.fill: an $out, or in a transaction inserts in it), builds on the copy
-    the branch's indexes the hint names (their names and options kept), and answers the
-    user's find there, so bounds, keys, collation and any index type are the server's
-    own. The copy has the collection's default collation, so that its `_id` index orders
-    as the collection's. It is dropped when the cursor (or the transaction) ends."""
-    if isinstance(cmd.get("readConcern"), dict) and \
-            cmd["readConcern"].get("level") == "snapshot":
-        raise req.unsupported("a snapshot read with min/max/returnKey that needs a scratch "
-                              "copy of the collection (the copy, an $out, reads the latest "
-                              "data, not the snapshot's)")
-    # The user's own hint (a name stays a name: the copy's index keeps it), else the one
-    # the branch chose for a returnKey without one.
-    find = {k: v for k, v in cmd.items() if k != "$db"}
-    find["hint"] = req.cmd.get("hint", cmd.get("hint"))
-    if find["hint"] is None:
-        del find["hint"]
-    indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
-    # An index listed without a collation on a collection with a default one has the
-    # default (mongod lists it; SecantusDB leaves it out): the copy's says so.
-    default = (await _collection_options(req, coll, layers)).get("collation")
-    named = hints.named(find.get("hint"), indexes)
-    specs = [{**({"collation": default} if default is not None else {}),
-              **{k: v for k, v in ix.items() if k not in ("ns", "hidden")}}
-             for ix in named if ix.get("name") != "_id_" and not ix.get("hidden")]
+    branch view (planner.copy_find, `_filled_copy`), so bounds, keys, collation and any
+    index type are the server's own. The copy is dropped when the cursor (or the
+    transaction) ends."""
     made: list[str] = []
     try:
-        name = await scratchfrom.fill(req, coll, [], made, indexes=specs,
-                                      default_collation=default)
+        name, find, at = await _filled_copy(req, coll, layers, cmd, req.cmd.get("hint"), made)
         reply = await req.run.reply(req.db, {**find, "find": name})
     except BaseException:
         await scratchfrom.drop(req, made)
@@ -161,7 +147,37 @@ async def _copy_find(req: Request, coll: str, layers: list[NsState],
                               cmd.get("lsid"))
     settled = await scratchfrom.settle(req, reply, made)
     assert settled is not None
-    return settled
+    return snapshotread.stamp(settled, at)
+
+
+async def _filled_copy(req: Request, coll: str, layers: list[NsState], cmd: dict[str, Any],
+                       users_hint: Any, made: list[str]) -> tuple[str, dict[str, Any], Any]:
+    """A scratch copy of what the branch shows of `coll` (scratchfrom.fill: an $out, or
+    inserts in a transaction or at a snapshot), with the branch's indexes the hint names
+    built on it (their names and options kept) and the collection's default collation;
+    the find to run there; and the cluster time of a snapshot read. A snapshot read's
+    copy is filled from an aggregation at the read's time, so the find on it reads that
+    time's data without a read concern of its own."""
+    cmd, at = await snapshotread.pinned(req, coll, cmd)
+    concern = cmd.get("readConcern") if snapshotread.requested(cmd) else None
+    find = {k: v for k, v in cmd.items()
+            if k != "$db" and not (k == "readConcern" and concern is not None)}
+    # The user's own hint (a name stays a name: the copy's index keeps it), else the one
+    # the branch chose for a returnKey without one.
+    find["hint"] = users_hint if users_hint is not None else cmd.get("hint")
+    if find["hint"] is None:
+        del find["hint"]
+    indexes = await req.engine.view_indexes(req.on_branch, req.db, coll, req.run)
+    # An index listed without a collation on a collection with a default one has the
+    # default (mongod lists it; SecantusDB leaves it out): the copy's says so.
+    default = (await _collection_options(req, coll, layers)).get("collation")
+    named = hints.named(find.get("hint"), indexes)
+    specs = [{**({"collation": default} if default is not None else {}),
+              **{k: v for k, v in ix.items() if k not in ("ns", "hidden")}}
+             for ix in named if ix.get("name") != "_id_" and not ix.get("hidden")]
+    name = await scratchfrom.fill(req, coll, [], made, indexes=specs,
+                                  default_collation=default, read_concern=concern)
+    return name, find, at
 
 
 async def _refetch_find(req: Request, coll: str, layers: list[NsState],
@@ -431,6 +447,8 @@ async def explain(req: Request) -> dict[str, Any] | None:
         return None
     layers = req.layers(coll)
     branch = req.on_branch.name
+    if name == "find" and layers and planner.index_bound(inner) and views.whole(layers) is None:
+        return await _copy_explain(req, coll, layers, inner)
     explained: dict[str, Any] | None
     if name == "find":
         plan = planner.plan_find(inner, layers, branch=branch)
@@ -462,3 +480,40 @@ async def explain(req: Request) -> dict[str, Any] | None:
 
 def _own(cmd: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cmd.items() if k != "$db"}
+
+
+async def _copy_explain(req: Request, coll: str, layers: list[NsState],
+                        inner: dict[str, Any]) -> dict[str, Any]:
+    """The explain of an index-bound find on a changed collection: the upstream's explain
+    of the user's find on a scratch copy of the branch view, made as `_copy_find` makes
+    it, so the plan shown is the server's own for those bounds or keys over what the
+    branch shows (the sides of a merged find would each show their own). The copy is
+    dropped once explained; the reply names the collection, not the copy."""
+    cmd = await _index_bound_form(req, coll, layers, {**inner, "$db": req.db})
+    plan = planner.copy_find(cmd, layers, "an explain of an index-bound find, which shows "
+                             "one plan")
+    made: list[str] = []
+    try:
+        name, find, _ = await _filled_copy(req, coll, layers, cmd, inner.get("hint"), made)
+        out = {"explain": {**find, "find": name}}
+        carry(req.cmd, out, ("verbosity", "lsid", "$clusterTime", "comment", "maxTimeMS"))
+        reply = await req.run.reply(req.db, out)
+    finally:
+        await scratchfrom.drop(req, made)
+    renamed = _renamed(reply, {f"{req.db}.{name}": f"{req.db}.{coll}", name: coll})
+    assert isinstance(renamed, dict)
+    if renamed.get("ok"):
+        renamed["mongobranch"] = plan.explain()
+    return renamed
+
+
+def _renamed(value: Any, names: dict[str, str]) -> Any:
+    """A reply with every string that is one of `names` (a copy's name, its namespace)
+    replaced by what it stands for, at any depth."""
+    if isinstance(value, str):
+        return names.get(value, value)
+    if isinstance(value, dict):
+        return {k: _renamed(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v, names) for v in value]
+    return value

@@ -16,7 +16,8 @@ the proxy's cursor over the read ends or is killed (`cursormerge.MergedCursor.sc
 a branch's drop sweeps copies left behind (a cursor the proxy forgot while idle, a
 crash). In a multi-document transaction, where neither `$out` nor a drop can run, the
 copy is made in the transaction from the aggregation's batches (so it holds the
-transaction's own writes) and dropped when the transaction ends (`txn.Txn.scratch`).
+transaction's own writes) and dropped when the transaction ends (`txn.Txn.scratch`);
+a snapshot read's copy is made the same way from the aggregation read at its time.
 It costs a server-side copy of the collection per read. An upstream view in its
 place would copy nothing, and mongod resolves a view named as `from`; SecantusDB reads
 such a view as an empty collection, so the copy is what the tests can hold the branch to.
@@ -61,38 +62,48 @@ def changed(req: Request, coll: str) -> bool:
 async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
                collation: Any = None, key: Any = None,
                indexes: list[dict[str, Any]] | None = None,
-               default_collation: dict[str, Any] | None = None) -> str:
+               default_collation: dict[str, Any] | None = None,
+               read_concern: dict[str, Any] | None = None) -> str:
     """A scratch copy of the branch's view of `source` with these stages (a view's)
     applied; its name is appended to `made` before it is written, for the caller to drop.
     key: the field the stage looks documents up by (connectToField, foreignField),
     indexed on the copy once written, as the server would use an index of `from` for it.
-    indexes: specs the copy must have (a find's hinted index): built once written, or in a
-    transaction between the create and the inserts (an index made in one must be on an
-    empty collection it created); a refusal is the read's.
+    indexes: specs the copy must have (a find's hinted index): built once written, or
+    when it is filled by inserts between the create and the inserts (an index made in a
+    transaction must be on an empty collection it created); a refusal is the read's.
     default_collation: the copy's own (the collection's), so that its `_id` index orders
     as the collection's does. The copy is then created with it and filled by a `$merge`:
     an `$out` into an existing collection keeps its options on mongod but not on
-    SecantusDB, and a `$merge` leaves the collection it fills as it was on both."""
+    SecantusDB, and a `$merge` leaves the collection it fills as it was on both.
+    read_concern: a snapshot read's (pinned to its time), which no `$out` or `$merge`
+    takes: the aggregation reads at it and the copy is filled by inserts."""
     name = naming.scratch_from(req.on_branch.bid, secrets.token_hex(6))
     txn = CURRENT.get()
     create: dict[str, Any] = {"create": name}
     if default_collation is not None:
         create["collation"] = default_collation
+    by_inserts = txn is not None or read_concern is not None
     out: Pipeline = []
-    if txn is None:
+    if not by_inserts:
         out = [{"$out": name}] if default_collation is None else [{"$merge": {
             "into": name, "whenMatched": "fail", "whenNotMatched": "insert"}}]
     cmd: dict[str, Any] = {"aggregate": source, "pipeline": [*stages, *out], "cursor": {}}
     cmd.update((k, req.cmd[k]) for k in _CARRY if k in req.cmd)
     if collation is not None:
         cmd["collation"] = collation
+    if read_concern is not None:
+        cmd["readConcern"] = read_concern
     sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
     command = (await aggregate.planned(sub, cmd)).command
     assert command is not None
-    if txn is not None:
+    if by_inserts:
         # No $out in a transaction, nor a drop: the copy is made in it (so it holds the
-        # transaction's own writes, in its snapshot) and dropped once it ends.
-        txn.scratch.append((req.db, name))
+        # transaction's own writes, in its snapshot) and dropped once it ends. At a
+        # snapshot, the copy is made of the aggregation's batches read at its time.
+        if txn is not None:
+            txn.scratch.append((req.db, name))
+        else:
+            made.append(name)
         await req.run(req.db, create)
         if indexes:
             await req.run(req.db, {"createIndexes": name, "indexes": indexes})
