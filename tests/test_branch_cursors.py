@@ -219,6 +219,25 @@ def test_tailable_cursor_on_non_capped_collections_is_mongods_bad_value(pair: Pa
         assert errors[0] == errors[1] == (2, "BadValue", True)
 
 
+@pytest.mark.parametrize("coll", ["cap", "c"], ids=["capped", "not-capped"])
+def test_tailable_cursor_in_a_transaction_is_mongods_invalid_options(
+        capped: tuple[Database, Database], coll: str) -> None:
+    """mongod refuses a tailable cursor in a multi-document transaction before it looks
+    at the collection (InvalidOptions, jstests/core/txns/ban_tailable_cursor.js); the
+    branch does the same, on its own capped collection as on one it changed. (Against
+    mongod's documented answer, not main's port: SecantusDB opens the cursor.)"""
+    _, branch = capped
+    with branch.client.start_session() as session:
+        session.start_transaction()
+        branch.c.insert_one({"_id": 99}, session=session)  # (no write of a capped one)
+        with pytest.raises(OperationFailure) as refused:
+            branch.command("find", coll, tailable=True, awaitData=True, session=session)
+        assert refused.value.code == 72
+        assert "tailable cursor in a transaction" in str(refused.value)
+        session.abort_transaction()
+    assert branch.c.find_one({"_id": 99}) is None
+
+
 def test_a_branch_takes_a_capped_collection_whole_on_its_first_write(
         pair: Pair, made: Branches) -> None:
     """An overlay beside a capped base keeps neither its insertion order nor its size:

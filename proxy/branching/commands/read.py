@@ -21,6 +21,7 @@ from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
 from proxy.branching.planner import PlanKind
 from proxy.branching.runner import outside_transaction
+from proxy.branching.txn import CURRENT
 from proxy.wire.codes import Code
 
 
@@ -221,6 +222,10 @@ async def _first_reply(req: Request, coll: str, cursor: cursormerge.Held,
 
 
 async def _tailable(req: Request, coll: str, layers: list[NsState]) -> dict[str, Any] | None:
+    if CURRENT.get() is not None:
+        # mongod's own refusal, before it looks at the collection (find_cmd.cpp).
+        raise CommandError(Code.INVALID_OPTIONS,
+                           "It is illegal to open a tailable cursor in a transaction")
     plan = planner.plan_tailable(req.cmd, layers)
     if plan.kind is PlanKind.PASS:
         return None
