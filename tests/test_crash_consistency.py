@@ -725,3 +725,63 @@ def test_a_collection_a_transaction_created_is_rebuilt_with_its_options_and_inde
         for proc in proxies:
             proc.kill()
         direct.close()
+
+
+def test_a_write_cut_off_before_its_new_collection_was_recorded_leaves_none(
+        upstream: Secantus) -> None:
+    """A branch's first write to a collection it has none of makes the overlay, marks it
+    dirty, then logs the `own` entry and records the collection's state in one write.
+    Killed while the upstream holds that `own` entry's insert (the engine's connection,
+    `appName` mongobranch-engine): after a restart the branch does not show the
+    collection, nothing of the unacknowledged write is there, and the same insert made
+    again succeeds (the overlay the dead proxy left is dropped and made again) and is
+    rebuilt from the WAL after a second kill."""
+    direct: MongoClient = MongoClient(upstream.uri, directConnection=True)
+    proxies: list[ProxyProcess] = []
+    outcome: list[Any] = []
+    try:
+        first, body = _started(upstream, proxies)
+        bid = direct[META]["branches"].find_one({"_id": BRANCH})["bid"]
+        direct.admin.command("configureFailPoint", "failCommand", mode={"times": 1}, data={
+            "failCommands": ["insert"], "appName": "mongobranch-engine",
+            "blockConnection": True, "blockTimeMS": 120_000, "errorCode": 2})
+
+        def insert() -> None:
+            try:
+                with MongoClient(body["uri"], retryWrites=False,
+                                 serverSelectionTimeoutMS=10000) as c:
+                    outcome.append(c[DB].fresh.insert_one({"_id": 1, "v": "first"}))
+            except PyMongoError as exc:  # the kill cuts it off
+                outcome.append(exc)
+
+        writer = threading.Thread(target=insert)
+        writer.start()
+        until("the new collection's overlay and dirty marker", lambda: direct[META].dirty.find_one(
+            {"_id": f"{bid}:{DB}.fresh"}))
+        assert f"__mb_{bid}_l_fresh" in direct[DB].list_collection_names()
+        assert direct[META].namespaces.find_one({"_id": f"{bid}:{DB}.fresh"}) is None
+        first.kill()
+        writer.join(60)
+        assert outcome and isinstance(outcome[0], PyMongoError), outcome
+        direct.admin.command("configureFailPoint", "failCommand", mode="off")
+        assert direct[META].wal.count_documents({"b": bid, "ns": f"{DB}.fresh"}) == 0
+
+        second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
+        proxies.append(second.start())
+        with MongoClient(body["uri"], serverSelectionTimeoutMS=10000) as c:
+            assert "fresh" not in c[DB].list_collection_names()
+            assert c[DB].fresh.find_one() is None
+            c[DB].fresh.insert_one({"_id": 1, "v": "again"})
+            assert list(c[DB].fresh.find()) == [{"_id": 1, "v": "again"}]
+            assert "fresh" in c[DB].list_collection_names()
+        # (Its own, hiding nothing: the live documents are the WAL's.)
+        assert overlay(direct, bid, "fresh")[0] == wal_fold(direct, bid, "fresh")[0]
+        _rebuilt_after_a_kill(upstream, direct, second, proxies)
+        with MongoClient(body["uri"], serverSelectionTimeoutMS=10000) as c:
+            assert list(c[DB].fresh.find()) == [{"_id": 1, "v": "again"}]
+            assert "fresh" in c[DB].list_collection_names()
+    finally:
+        direct.admin.command("configureFailPoint", "failCommand", mode="off")
+        for proc in proxies:
+            proc.kill()
+        direct.close()

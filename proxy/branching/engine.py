@@ -535,9 +535,13 @@ class Engine:
 
         whole: the options of a capped collection the branch takes whole
         (`snapshot.first_write`): its overlay is created capped with them.
-        fresh: the options of a collection the branch creates in a transaction, where no
-        drop can start an overlay over (ddl's `_reset`): it is the branch's own from the
-        start, created with them, and nothing of the parent shows through it.
+        fresh: the options of a collection the branch creates and had none of (ddl's
+        create, txnddl's, a write's implicit one): it is the branch's own from the
+        start, created with them, and nothing of the parent shows through it. Its state
+        is not saved here: each caller saves it once it has made it what it is (owned,
+        present), one write of the namespace state where two would say the same. A crash
+        before that leaves an overlay no state names, which the next attempt drops and
+        makes again (`_new_overlay`), and a dirty marker start-up ignores.
         base: the base collection's options, when the caller has just read them."""
         state = self.state(branch, db, coll)
         if state is not None:
@@ -548,7 +552,7 @@ class Engine:
             state.base_dropped, state.options = True, dict(fresh)
             state.indexes = [dict(ID_INDEX)]
             await self._new_overlay(state, run)
-            return await self._added(state)
+            return self._added_unsaved(state)
         indexes = await self.view_indexes(branch, db, coll, run)
         layers = self.layers(branch, db, coll)
         if whole is not None:
@@ -567,6 +571,9 @@ class Engine:
 
     async def _added(self, state: NsState) -> NsState:
         await self.save_state(state)
+        return self._added_unsaved(state)
+
+    def _added_unsaved(self, state: NsState) -> NsState:
         self.states[state.key] = state
         self.txns.created(state)
         return state

@@ -60,7 +60,7 @@ async def own_state(req: Request, coll: str, options: dict[str, Any]) -> NsState
     """The overlay of a collection the branch creates and had none of: made with the
     options at once, the branch's own from the start (nothing of the parent shows
     through), where `_reset` would make one and start it over. Its children keep not
-    showing the collection."""
+    showing the collection. The caller saves its state (Engine.ensure_state's `fresh`)."""
     engine, branch = req.engine, req.on_branch
     with outside_transaction():
         await snapshot.before_collection_write(engine, branch, req.db, coll)
