@@ -96,24 +96,22 @@ async def fill(req: Request, source: str, stages: Pipeline, made: list[str],
     sub = Request(req.engine, req.branch, req.ctx, req.run, req.db, cmd)
     command = (await aggregate.planned(sub, cmd)).command
     assert command is not None
-    if by_inserts:
-        # No $out in a transaction, nor a drop: the copy is made in it (so it holds the
-        # transaction's own writes, in its snapshot) and dropped once it ends. At a
-        # snapshot, the copy is made of the aggregation's batches read at its time.
-        if txn is not None:
-            txn.scratch.append((req.db, name))
-        else:
-            made.append(name)
+    # No $out in a transaction, nor a drop: the copy is made in it (so it holds the
+    # transaction's own writes, in its snapshot) and dropped once it ends. At a
+    # snapshot, the copy is made of the aggregation's batches read at its time.
+    if txn is not None:
+        txn.scratch.append((req.db, name))
+    else:
+        made.append(name)
+    if by_inserts or default_collation is not None:
         await req.run(req.db, create)
+    if by_inserts:
         if indexes:
             await req.run(req.db, {"createIndexes": name, "indexes": indexes})
         async for batch in req.run.batches(req.db, command):
             for group in fitted(batch):
                 await req.run(req.db, {"insert": name, "documents": group})
     else:
-        made.append(name)
-        if default_collation is not None:
-            await req.run(req.db, create)
         reply = await req.run.reply(req.db, command)
         if not reply.get("ok"):
             raise CommandError(int(reply.get("code", 1)), str(reply.get("errmsg", "")),
