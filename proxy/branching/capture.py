@@ -38,7 +38,7 @@ from bson.timestamp import Timestamp
 from pymongo.errors import OperationFailure, PyMongoError
 
 from proxy.branching import naming, snapshot
-from proxy.branching.wal import DELETE, DROP, PUT, Change, entry_fields, unloggable
+from proxy.branching.wal import DELETE, DROP, PUT, Change
 from proxy.wire.errors import CommandError
 
 if TYPE_CHECKING:
@@ -146,21 +146,6 @@ class Stats:
     barrier_waits: int = 0
     barrier_timeouts: int = 0
     unpreservable: int = 0
-
-
-def _loggable(change: Change) -> Change:
-    """Main's history entry of a change whose images do not fit one entry even
-    compressed (an update of a document over 8 MiB whose data does not compress):
-    without its pre-image, as a change that arrived without one (a branch of main at a
-    point before it is refused), and without its post-image too if that alone does not
-    fit. Logging it whole would fail, and stop the capture, on every attempt."""
-    fields = entry_fields(naming.MAIN, change, CLIENT)
-    if unloggable(fields, change.pre, change.post) is None:
-        return change
-    extra = {**(change.extra or {}), "nopre": True}
-    if unloggable(fields, None, change.post) is None:
-        return Change(change.ns, change.id, change.op, None, change.post, extra)
-    return Change(change.ns, change.id, change.op, None, None, {**extra, "nopost": True})
 
 
 class Capture:
@@ -503,7 +488,7 @@ class Capture:
                                         deferred=keeps)
                 self._bump(kids)  # after: a read that began meanwhile saw it half done
         if self.history:
-            keeps.append((naming.MAIN, [_loggable(c) for _, c, _ in run]))
+            keeps.append((naming.MAIN, [c for _, c, _ in run]))
         await self.engine.wal.append_groups(keeps, CLIENT)
 
     def _bump(self, kids: Iterable[Branch]) -> None:

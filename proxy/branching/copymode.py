@@ -151,6 +151,7 @@ async def undo_to(engine: Engine, branch: Branch, lsn: int,
         state = engine.state(target, db, coll)
         if state is None:
             continue
+        await engine.wal.load([entry])
         pre = image(entry, "pre")
         if pre is None:
             await engine.pool(db, {"delete": state.live,

@@ -952,7 +952,8 @@ class Engine:
                 {"$addFields": {"own": {"$cond": [{"$eq": ["$op", KEEP]}, 0, 1]}}},
                 {"$sort": {"own": 1, "_id": 1}},
                 {"$group": {"_id": "$id", "op": {"$last": "$op"}, "post": {"$last": "$post"},
-                            "postz": {"$last": "$postz"}, "first": {"$min": "$_id"}}}]
+                            "postz": {"$last": "$postz"}, "postx": {"$last": "$postx"},
+                            "first": {"$min": "$_id"}}}]
         if whole:
             # A capped collection's order is its insertion order: each document goes
             # back in the order of its first entry.
@@ -970,15 +971,19 @@ class Engine:
                          {"$merge": {"into": {"db": state.db, "coll": state.live}}}],
             **bypass,
         })
-        # Images gc compressed are unpacked here, a batch at a time.
+        # Images gc compressed, and those stored out of line, are unpacked here, a part
+        # of a batch at a time (pymongo splits an insert by the BSON limit).
+        live = self.client[state.db][state.live]
         async for batch in self.pool.batches(self.meta_db, {
                 "aggregate": "wal", "allowDiskUse": True, "cursor": {},
                 "pipeline": [*fold, {"$match": {"op": {"$in": list(HOLDS)}, "post": None,
-                                                "postz": {"$ne": None}}}]}):
-            docs = [image(d, "post") for d in batch]
-            await self.pool(state.db, {"insert": state.live, "ordered": False,
-                                       "documents": [d for d in docs if d is not None],
-                                       **bypass})
+                                                "$or": [{"postz": {"$ne": None}},
+                                                        {"postx": {"$ne": None}}]}}]}):
+            async for part in self.wal.parts(batch):
+                docs = [d for d in (image(d, "post") for d in part) if d is not None]
+                if docs:
+                    await live.insert_many(docs, ordered=False,
+                                           bypass_document_validation=bool(bypass))
         if state.present is None and await db[state.live].count_documents({}, limit=1):
             state.present = True  # writing to a collection creates it
         elif state.present is None and state.base_dropped:

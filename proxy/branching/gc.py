@@ -13,13 +13,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import bson
 from bson.int64 import Int64
 from pymongo import DeleteMany, UpdateOne
 
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.naming import MAIN
-from proxy.branching.wal import DOCUMENT, STARTS, first_pre, matching, packed
+from proxy.branching.wal import DOCUMENT, MAX_ENTRY, STARTS, first_pre, matching, packed
 
 BATCH = 1000
 IN_CHUNK = 100
@@ -69,6 +70,8 @@ async def collect(engine: Engine, retention: dt.timedelta) -> dict[str, Any]:
         for ns in await wal.distinct("ns", old):
             folded += await _fold(engine, {**old, "ns": ns})
     compressed = await _compress(engine, limit)
+    for bid in [b.bid for b in engine.branches.values()] + [MAIN]:
+        await engine.wal.sweep_images(bid, cutoff)
     await engine.meta["gc"].replace_one(
         {"_id": "gc"}, {"_id": "gc", "horizon": Int64(limit),
                         "at": dt.datetime.now(dt.UTC).replace(tzinfo=None)}, upsert=True)
@@ -99,6 +102,16 @@ async def _fold(engine: Engine, old: dict[str, Any]) -> int:
         older: list[Any] = []
         for group in batch:
             lsns = group["lsns"]
+            if group.get("prex"):
+                # An out-of-line first pre-image: its chunks are the first entry's, which
+                # goes; stored again as the folded entry's before it names them.
+                group["prex"] = await engine.wal.copy_images(
+                    group["prex"], old["b"], int(lsns[-1]), "pre")
+            elif _too_large_to_add(group.get("pre")):
+                # The folded entry may hold a post-image as large (its own pre-image was
+                # then out of line): this one goes out of line too.
+                group["prex"] = await engine.wal.store_image(
+                    group.pop("pre"), old["b"], int(lsns[-1]), "pre")
             updates.append(UpdateOne({"_id": lsns[-1]}, _folded(group)))
             older.extend(lsns[:-1])
         # By _id, a hundred at a time: SecantusDB's `$in` costs grow with the square of
@@ -111,16 +124,26 @@ async def _fold(engine: Engine, old: dict[str, Any]) -> int:
     return gone
 
 
+def _too_large_to_add(pre: Any) -> bool:
+    """Whether a first pre-image could not be added to a folded entry even compressed:
+    over half the BSON limit."""
+    if not isinstance(pre, dict) or len(bson.encode(pre)) <= MAX_ENTRY // 2:
+        return False
+    blob = packed(pre)
+    return blob is None or len(blob) > MAX_ENTRY // 2
+
+
 def _folded(group: dict[str, Any]) -> dict[str, Any]:
     """The update making a document's last old entry the fold of them all: the first
-    pre-image (what merges compare with), its images compressed where that saves space
-    (what _compress would do next)."""
+    pre-image (what merges compare with; out of line, its chunks copied for this entry),
+    its images compressed where that saves space (what _compress would do next). An
+    out-of-line post-image stays as it is."""
     sets: dict[str, Any] = {}
     unset: dict[str, Any] = {}
-    pre, prez = group.get("pre"), group.get("prez")
+    pre, prez, prex = group.get("pre"), group.get("prez"), group.get("prex")
     if isinstance(pre, dict) and (blob := packed(pre)) is not None:
         pre, prez = None, blob
-    for field, value in (("pre", pre), ("prez", prez)):
+    for field, value in (("pre", pre), ("prez", prez), ("prex", prex)):
         if value is not None:
             sets[field] = value
         else:

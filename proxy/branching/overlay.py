@@ -28,7 +28,7 @@ from proxy.branching.model import Branch, NsState
 from proxy.branching.runner import SESSION, Runner, error_from, outside_transaction
 from proxy.branching.stages import documents_stage
 from proxy.branching.txn import in_transaction
-from proxy.branching.wal import DELETE, PUT, Change, entry_fields, unloggable
+from proxy.branching.wal import PUT, Change
 from proxy.wire.bsonutil import same
 from proxy.wire.codes import Code
 
@@ -231,17 +231,11 @@ class Writer:
         return found
 
     async def reject_collisions(self, since: int, copied: list[Any]) -> dict[str, Any] | None:
-        """Undo changes logged since a point that the branch cannot keep: those that
-        collide on a unique index with the parent view, and those whose WAL entry cannot
-        be stored (`unloggable`: an update taking a document of data zstd does not
-        shrink over 8 MiB, whose entry holds both images). The first such error, as
-        mongod would report it. copied: the ids this write hid itself, the only ones the
-        undo un-hides."""
+        """Undo changes logged since a point that collide on a unique index with the
+        parent view. The first such error, as mongod would report it. copied: the ids
+        this write hid itself, the only ones the undo un-hides."""
         recent = [c for c in self.changes[since:] if c.op == PUT]
         bad = await self.collisions_live([c.id for c in recent])
-        for change in recent:
-            if (err := self.too_large(change)) is not None:
-                bad.setdefault(idkey(change.id), err)
         if not bad:
             return None
         copied_keys = {idkey(i) for i in copied}
@@ -261,25 +255,6 @@ class Writer:
                 await self.check({"update": self.state.live, "updates": [
                     {"q": {"_id": change.id}, "u": change.pre}]})
         return first
-
-    def too_large(self, change: Change) -> dict[str, Any] | None:
-        """mongod's BSONObjectTooLarge for a change whose WAL entry cannot be stored even
-        with its images compressed (a document of data zstd does not shrink: an insert or
-        delete of one near 16 MiB, an update of one over 8 MiB); None when it can."""
-        size = unloggable(entry_fields(self.branch.bid, change, self.client, self.txn),
-                          change.pre, change.post)
-        if size is None:
-            return None
-        return {"code": int(Code.BSON_OBJECT_TOO_LARGE),
-                "codeName": Code.BSON_OBJECT_TOO_LARGE.code_name,
-                "errmsg": f"document of {size} bytes cannot be logged on branch "
-                          f"{self.branch.name!r}: its WAL entry would be over the 16 MiB "
-                          "BSON limit even compressed (its data does not compress); store "
-                          "it on main or make it smaller"}
-
-    def delete_too_large(self, pre: dict[str, Any]) -> dict[str, Any] | None:
-        """`too_large` for the delete of this document."""
-        return self.too_large(Change(self.ns, pre["_id"], DELETE, pre, None))
 
     async def parent_has(self, ids: list[Any]) -> set[Any]:
         """Which ids the parent view still shows (they would collide on insert)."""

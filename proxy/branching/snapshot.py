@@ -38,9 +38,7 @@ from proxy.branching.wal import (
     RESETS,
     WRITES,
     Change,
-    entry_fields,
     matching,
-    unloggable,
 )
 from proxy.wire.codes import Code
 
@@ -269,12 +267,11 @@ async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change],
         if MERGING.get() == kid.bid:
             return await _forgo(engine, kid, state)
         return await _keep_latent(engine, kid, state,
-                                  [(c.id, c.pre) for c in changes
-                                   if _keepable(engine, kid, c)], deferred)
+                                  [(c.id, c.pre) for c in changes], deferred)
     if independent(state):
         return 0
     owned = await owned_ids(engine, state, [c.id for c in changes])
-    fresh = [c for c in changes if idkey(c.id) not in owned and _keepable(engine, kid, c)]
+    fresh = [c for c in changes if idkey(c.id) not in owned]
     if not fresh:
         return 0
     if state is None:
@@ -282,22 +279,6 @@ async def _copy_up(engine: Engine, kid: Branch, ns: str, changes: list[Change],
     await engine.mark_dirty(state)
     await _keep(engine, kid, state, [(c.id, c.pre) for c in fresh], deferred)
     return len(fresh)
-
-
-def _keepable(engine: Engine, kid: Branch, change: Change) -> bool:
-    """Whether the child can keep this pre-image in a `keep` entry: not a document
-    within about 1 KiB of 16 MiB whose data does not compress (main's: a branch's own
-    write of one is refused). Such a document is not kept (the child would show the
-    parent's new one): the child says it is no longer exact."""
-    if change.pre is None:
-        return True
-    fields = entry_fields(kid.bid, Change(change.ns, change.id, KEEP, None, None), SYSTEM)
-    size = unloggable(fields, None, change.pre)
-    if size is None:
-        return True
-    engine.break_snapshot(kid, f"{change.ns}: a document of {size} bytes that does not "
-                               "compress is too large to keep")
-    return False
 
 
 async def _keep(engine: Engine, kid: Branch, state: NsState,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -83,36 +83,33 @@ def packed(image: dict[str, Any]) -> Binary | None:
     return Binary(small) if len(small) < len(raw) else None
 
 
-# Room kept in an entry for the reply a retryable write's last entry carries.
-REPLY_ROOM = 1024
+# Images an entry cannot hold even compressed (a document of data zstd does not shrink:
+# one within about 1 KiB of 16 MiB, or an update's pre- and post-image of one over
+# 8 MiB) are stored out of line: their BSON in chunks of `walimages`, which the entry
+# names in order (`prex`/`postx`). A chunk's id is its entry's LSN, image and index, so
+# storing it again (an insert retried) finds it there.
+IMAGES = "walimages"
+CHUNK_BYTES = 8 * 1024 * 1024
+# Out-of-line images loaded at a time (`Wal.parts`): each is up to 16 MiB.
+PART_IMAGES = 4
 
 
-def unloggable(fields: dict[str, Any], pre: dict[str, Any] | None,
-               post: dict[str, Any] | None) -> int | None:
-    """The size of the largest image of an entry (these other fields of the entry beside
-    its images, and room for a reply) that cannot be stored even with its images
-    compressed, as `_insert_fitted` stores them: a document near 16 MiB, or an update's
-    pre- and post-image of one over 8 MiB, whose data zstd does not shrink. None when it
-    can. Checked before anything is logged, so that a branch never holds a document its
-    WAL does not."""
-    images = [bson.encode(img, codec_options=CODEC) for img in (pre, post) if img is not None]
-    room = MAX_ENTRY - len(bson.encode(fields, codec_options=CODEC)) - REPLY_ROOM
-    if sum(len(raw) for raw in images) <= room:
-        return None
-    # A compressed image is a binary field (header and subtype) in place of the document.
-    small = sum(min(len(raw), len(_ZC.compress(raw)) + _BINARY_FIELD) for raw in images)
-    return max(len(raw) for raw in images) if small > room else None
+def chunk_ids(lsn: int, which: str, size: int) -> list[str]:
+    return [f"{lsn}.{which}.{i}" for i in range(max(1, -(-size // CHUNK_BYTES)))]
 
 
-# What storing an image as a binary field (`prez`/`postz`) adds to its bytes.
-_BINARY_FIELD = 16
+class Unloaded(RuntimeError):
+    """An out-of-line image read before `Wal.load` brought it in: a reader's bug."""
 
 
 def image(entry: dict[str, Any], which: str) -> dict[str, Any] | None:
-    """An entry's pre- or post-image, whether stored plain or compressed by gc. A `keep`
-    entry holds its image once, as its post-image: it is its pre-image too."""
+    """An entry's pre- or post-image, whether stored plain, compressed by gc, or out of
+    line (once `Wal.load` brought it in). A `keep` entry holds its image once, as its
+    post-image: it is its pre-image too."""
     if entry.get(which) is not None:
         return entry[which]  # type: ignore[no-any-return]
+    if entry.get(which + "x") is not None:
+        raise Unloaded(f"the {which}-image of entry {entry.get('_id')} is out of line")
     blob = entry.get(which + "z")
     if blob is None:
         if which == "pre" and entry.get("op") == KEEP:
@@ -122,11 +119,12 @@ def image(entry: dict[str, Any], which: str) -> dict[str, Any] | None:
 
 
 def first_pre() -> dict[str, Any]:
-    """`$group` accumulators of the first entry's pre-image, as `pre` and `prez` (read
-    them with `image`): a `keep` entry's is its post-image."""
+    """`$group` accumulators of the first entry's pre-image, as `pre`, `prez` and `prex`
+    (read them with `image`, after `Wal.load`): a `keep` entry's is its post-image."""
     keep = {"$eq": ["$op", KEEP]}
     return {"pre": {"$first": {"$cond": [keep, "$post", "$pre"]}},
-            "prez": {"$first": {"$cond": [keep, "$postz", "$prez"]}}}
+            "prez": {"$first": {"$cond": [keep, "$postz", "$prez"]}},
+            "prex": {"$first": {"$cond": [keep, "$postx", "$prex"]}}}
 
 
 # The fields the WAL's indexes are built on.
@@ -178,15 +176,44 @@ def entry(lsn: int, bid: str, change: Change, now: dt.datetime, second: int,
     return doc
 
 
-def entry_fields(bid: str, change: Change, client: dict[str, Any],
-                 txn: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A change's entry but its images, for its size (`unloggable`): the sizes of its
-    other fields do not depend on the LSN or the time."""
-    return entry(0, bid, Change(change.ns, change.id, change.op, None, None, change.extra),
-                 _EPOCH, 0, client, txn)
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
-_EPOCH = dt.datetime(1970, 1, 1)
+# Ids in one `$in` (SecantusDB's `$in` costs grow with the square of the list).
+_IN_CHUNK = 100
+
+
+def _size(doc: dict[str, Any]) -> int:
+    return len(bson.encode(doc, codec_options=CODEC))
+
+
+def _out_of_line(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Move an entry's images out of line, the largest first, until it fits; the
+    chunks to store before it."""
+    chunks: list[dict[str, Any]] = []
+    lsn = int(doc["_id"])
+    sides = [w for w in ("pre", "post") if doc.get(w) is not None or doc.get(w + "z") is not None]
+    for which in sorted(sides, key=lambda w: -_size({"v": doc.get(w) or doc.get(w + "z")})):
+        if _size(doc) <= MAX_ENTRY:
+            break
+        img = image(doc, which)
+        assert img is not None
+        made = _chunks(img, doc["b"], lsn, which)
+        chunks.extend(made)
+        doc.pop(which, None)
+        doc.pop(which + "z", None)
+        doc[which + "x"] = [chunk["_id"] for chunk in made]
+    return chunks
+
+
+def _chunks(img: dict[str, Any], bid: str, lsn: int, which: str) -> list[dict[str, Any]]:
+    """An image's BSON in chunks, as stored for the entry at `lsn`."""
+    raw = bson.encode(img, codec_options=CODEC)
+    now = _now()
+    return [{"_id": cid, "b": bid, "e": Int64(lsn), "ts": now,
+             "d": Binary(raw[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])}
+            for i, cid in enumerate(chunk_ids(lsn, which, len(raw)))]
 
 
 def _settle(done: asyncio.Future[None], exc: Exception | None = None) -> None:
@@ -203,6 +230,7 @@ class Wal:
     def __init__(self, client: AsyncMongoClient[dict[str, Any]], db: str):
         self.db = client[db]
         self.entries = self.db["wal"]
+        self.images = self.db[IMAGES]
         self.counters = self.db["counters"]
         self._reserving = asyncio.Lock()
         self._next = 0
@@ -226,6 +254,7 @@ class Wal:
         await self.entries.create_index([("b", ASCENDING), ("_id", DESCENDING)])
         await self.entries.create_index([("b", ASCENDING), ("ns", ASCENDING), ("id", ASCENDING),
                                          ("_id", ASCENDING)])
+        await self.images.create_index([("b", ASCENDING), ("e", ASCENDING)])
 
     async def reserve(self, n: int) -> int:
         """The first of n consecutive fresh LSNs. The counter is advanced a block at a
@@ -388,22 +417,122 @@ class Wal:
     async def _insert_fitted(self, docs: list[dict[str, Any]]) -> None:
         """Entries over the BSON limit: a document near 16 MiB, or an update's pre- and
         post-image of one over 8 MiB, do not fit one entry. Their images are stored
-        zstd-compressed (`prez`/`postz`, which every reader of images already takes, as
-        gc writes them), and the batch is inserted again: entries the first attempt
-        already stored are the same documents under the same LSN, so their duplicate-key
-        errors are what is expected."""
+        zstd-compressed (`prez`/`postz`, as gc writes them) and, where that is not
+        enough, out of line (`_out_of_line`), and the batch is inserted again: entries
+        the first attempt already stored are the same documents under the same LSN, so
+        their duplicate-key errors are what is expected."""
+        chunks: list[dict[str, Any]] = []
         for doc in docs:
-            if len(bson.encode(doc, codec_options=CODEC)) <= MAX_ENTRY:
+            if _size(doc) <= MAX_ENTRY:
                 continue
             for which in ("pre", "post"):
                 if doc.get(which) is not None and (z := packed(doc[which])) is not None:
                     doc[which + "z"] = z
                     del doc[which]
+            if _size(doc) > MAX_ENTRY:
+                chunks.extend(_out_of_line(doc))
+        await self._insert_all(self.images, chunks)
+        await self._insert_all(self.entries, docs)
+
+    @staticmethod
+    async def _insert_all(coll: Any, docs: list[dict[str, Any]]) -> None:
+        """Insert documents some of which may be stored already (duplicates expected)."""
+        if not docs:
+            return
         try:
-            await self.entries.insert_many(docs, ordered=False, session=SESSION.get())
+            await coll.insert_many(docs, ordered=False, session=SESSION.get())
         except BulkWriteError as exc:
             if any(err.get("code") != 11000 for err in exc.details.get("writeErrors", [])):
                 raise
+
+    async def load(self, holders: list[dict[str, Any]]) -> int:
+        """Bring the out-of-line images of these entries (or `$group` results holding
+        their image fields) in, as their plain `pre`/`post`, in one query; how many
+        images it brought. Each is up to 16 MiB: callers load a few at a time
+        (`parts`)."""
+        wanted: list[tuple[dict[str, Any], str, list[str]]] = [
+            (holder, which, list(holder[which + "x"])) for holder in holders
+            for which in ("pre", "post")
+            if holder.get(which) is None and holder.get(which + "x") is not None]
+        if not wanted:
+            return 0
+        ids = [cid for _, _, names in wanted for cid in names]
+        found: dict[str, bytes] = {}
+        async for stored in self.images.find({"_id": {"$in": ids}}, session=SESSION.get()):
+            found[stored["_id"]] = bytes(stored["d"])
+        for holder, which, names in wanted:
+            missing = [cid for cid in names if cid not in found]
+            if missing:
+                raise Unloaded(f"WAL image chunks {missing} are missing")
+            holder[which] = bson.decode(b"".join(found[cid] for cid in names), CODEC)
+        return len(wanted)
+
+    async def parts(self, batch: list[dict[str, Any]],
+                    holders: Callable[[dict[str, Any]], list[dict[str, Any]]] = lambda d: [d],
+                    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """A batch of entries in parts whose out-of-line images are loaded, a few such
+        images at a time, so that a batch of them never sits in memory whole (most
+        batches have none, and come as one part)."""
+        part: list[dict[str, Any]] = []
+        pending: list[dict[str, Any]] = []
+        for doc in batch:
+            heavy = [h for h in holders(doc) for w in ("pre", "post")
+                     if h.get(w) is None and h.get(w + "x") is not None]
+            if heavy and len(pending) + len(heavy) > PART_IMAGES and part:
+                await self.load(pending)
+                yield part
+                part, pending = [], []
+            part.append(doc)
+            pending.extend(holders(doc) if heavy else [])
+        if part:
+            await self.load(pending)
+            yield part
+
+    async def store_image(self, img: dict[str, Any], bid: str, lsn: int, which: str
+                          ) -> list[str]:
+        """An image stored out of line for an entry already stored (gc's fold); the
+        chunks' ids, replacing any the entry had under them."""
+        chunks = _chunks(img, bid, lsn, which)
+        for chunk in chunks:
+            await self.images.replace_one({"_id": chunk["_id"]}, chunk, upsert=True)
+        return [chunk["_id"] for chunk in chunks]
+
+    async def copy_images(self, ids: list[str], bid: str, lsn: int, which: str) -> list[str]:
+        """An out-of-line image's chunks stored again for another entry (gc gives a
+        folded entry its first pre-image); the new chunks' ids, replacing any the entry
+        had under them."""
+        now = _now()
+        new: list[str] = []
+        for i, cid in enumerate(ids):
+            chunk = await self.images.find_one({"_id": cid})
+            if chunk is None:
+                raise Unloaded(f"WAL image chunk {cid} is missing")
+            new.append(f"{lsn}.{which}.{i}")
+            await self.images.replace_one({"_id": new[-1]}, {
+                "_id": new[-1], "b": bid, "e": Int64(lsn), "ts": now, "d": chunk["d"]},
+                upsert=True)
+        return new
+
+    async def sweep_images(self, bid: str, before: dt.datetime) -> int:
+        """Delete a branch's out-of-line image chunks stored before a time that no entry
+        names: those of entries gc folded away or gave another pre-image, and those of an
+        append cut off after its chunks were stored and before its entries were (only old
+        ones: an append under way stores its entries right after its chunks)."""
+        owners: dict[str, int] = {}
+        async for chunk in self.images.find({"b": bid, "ts": {"$lt": before}}, {"e": 1}):
+            owners[chunk["_id"]] = int(chunk["e"])
+        lsns = sorted(set(owners.values()))
+        named: set[str] = set()
+        for start in range(0, len(lsns), _IN_CHUNK):
+            async for entry in self.entries.find(
+                    {"_id": {"$in": [Int64(n) for n in lsns[start:start + _IN_CHUNK]]}},
+                    {"prex": 1, "postx": 1}):
+                named.update(entry.get("prex") or [])
+                named.update(entry.get("postx") or [])
+        gone = [cid for cid in owners if cid not in named]
+        for start in range(0, len(gone), _IN_CHUNK):
+            await self.images.delete_many({"_id": {"$in": gone[start:start + _IN_CHUNK]}})
+        return len(gone)
 
     async def first(self, filt: dict[str, Any], *, newest: bool = False
                     ) -> dict[str, Any] | None:
@@ -468,3 +597,4 @@ class Wal:
 
     async def delete_branch(self, bid: str) -> None:
         await self.entries.delete_many({"b": bid})
+        await self.images.delete_many({"b": bid})

@@ -29,6 +29,7 @@ from pymongo.asynchronous.command_cursor import AsyncCommandCursor
 from pymongo.errors import OperationFailure
 
 from proxy.branching import gc, masking
+from proxy.branching.commands import imageevents
 from proxy.branching.commands.base import Request
 from proxy.branching.copymode import MIGRATION
 from proxy.branching.cursormerge import DEFAULT_FIRST_BATCH, MAX_REPLY_BYTES
@@ -119,7 +120,8 @@ _OPERATION = {"$switch": {"branches": [
      "then": "rename"},
     {"case": {"$eq": ["$op", DROP]}, "then": "drop"},
     {"case": {"$eq": ["$op", DELETE]}, "then": "delete"},
-    {"case": {"$and": [_missing("$pre"), _missing("$prez")]}, "then": "insert"},
+    {"case": {"$and": [_missing("$pre"), _missing("$prez"), _missing("$prex")]},
+     "then": "insert"},
     {"case": {"$eq": ["$rep", True]}, "then": "replace"},
 ], "default": "update"}}
 
@@ -196,7 +198,7 @@ class Stream:
         self.after = after
         self.id = 0
         self.used = time.monotonic()
-        self.cursor: AsyncCommandCursor[dict[str, Any]] | None = None
+        self.cursor: AsyncCommandCursor[dict[str, Any]] | imageevents.Listed | None = None
         self.end = after
         self.reach = after
         self.stop = False
@@ -222,7 +224,9 @@ class Stream:
                 **({"ts": {"$gte": self.since}} if self.since is not None else {}),
                 **self.branch.visible()}
 
-    def events_pipeline(self, lo: int, hi: int) -> list[dict[str, Any]]:
+    def events_pipeline(self, lo: int, hi: int, *, staged: bool = True
+                        ) -> list[dict[str, Any]]:
+        """The window's events, through the client's stages unless not `staged`."""
         dropped_db = {"$eq": ["$dropdb", True]} if self.whole_db else False
         kinds = {"$concatArrays": [[_OPERATION],
                                    {"$cond": [dropped_db, ["dropDatabase"], []]},
@@ -231,7 +235,8 @@ class Stream:
         return [*matching(self._filter(lo, hi)), {"$sort": {"_id": 1}}, *masked,
                 {"$project": {"_id": 0, "e": {"$map": {"input": kinds, "as": "kind",
                                                        "in": _event(self.full, self.before)}}}},
-                {"$unwind": "$e"}, {"$replaceRoot": {"newRoot": "$e"}}, *self.stages]
+                {"$unwind": "$e"}, {"$replaceRoot": {"newRoot": "$e"}},
+                *(self.stages if staged else [])]
 
     async def events(self, lo: int, hi: int) -> AsyncCommandCursor[dict[str, Any]]:
         try:
@@ -253,7 +258,10 @@ class Stream:
         window = [*matching(self._filter(self.after, settled)), {"$sort": {"_id": 1}},
                   {"$limit": WINDOW},
                   {"$group": {"_id": None, "n": {"$sum": 1}, "last": {"$max": "$_id"},
-                              "stop": {"$min": {"$cond": [self.invalidating, "$_id", None]}}}}]
+                              "first": {"$min": "$_id"},
+                              "stop": {"$min": {"$cond": [self.invalidating, "$_id", None]}},
+                              "apart": {"$min": {"$cond": [imageevents.HELD_APART, "$_id",
+                                                           None]}}}}]
         found = None
         try:
             async for doc in await self.engine.wal.entries.aggregate(window):
@@ -267,8 +275,26 @@ class Stream:
         self.end = int(found["stop"] if self.stop else found["last"])
         # A window that reached the settled point leaves nothing unread below it.
         self.reach = settled if not self.stop and int(found["n"]) < WINDOW else self.end
+        apart = found.get("apart")
+        if apart is not None and int(apart) <= self.end:
+            # An entry whose images the pipeline cannot read: the window stops before it,
+            # or is that entry alone (imageevents).
+            self.stop = False
+            self.end = self.reach = int(apart) - (int(found["first"]) != int(apart))
+            if self.end == int(apart):
+                self.cursor = imageevents.Listed(await self._apart(self.end))
+                return True
         self.cursor = await self.events(self.after, self.end)
         return True
+
+    async def _apart(self, lsn: int) -> list[dict[str, Any]]:
+        try:
+            bare = [doc async for doc in await self.engine.wal.entries.aggregate(
+                self.events_pipeline(self.after, lsn, staged=False))]
+        except OperationFailure as exc:
+            raise _upstream_error(exc) from exc
+        return await imageevents.events(self.engine.pool, self.engine.meta_db, self.engine.wal,
+                                        lsn, bare, self.masking, self.stages)
 
     async def _next(self) -> dict[str, Any] | None:
         """The next event of the open window; None at its end (the window is then

@@ -125,17 +125,10 @@ async def _insert(writer: Writer, docs: list[Any]) -> dict[str, Any]:
         # only if every document before it lands: else the batch stops earlier and
         # never reaches it.
         held: dict[str, Any] | None = None
-        # A document over the batch bytes comes alone: only such one can be too large
-        # for its WAL entry.
-        first = Change(writer.ns, chunk[0]["_id"], PUT, None, chunk[0], writer.inserted(start))
-        too_large = writer.too_large(first) \
-            if len(chunk) == 1 else None
         for offset, doc in enumerate(chunk):
             key = idkey(doc["_id"])
             err: dict[str, Any] | None = None
-            if too_large is not None:
-                err = too_large
-            elif key in taken or key in clashes:
+            if key in taken or key in clashes:
                 err = dup_key_error(writer.ns, doc["_id"]) if key in taken else clashes[key]
             if err is not None:
                 if ordered:
@@ -405,9 +398,6 @@ async def _delete(writer: Writer, stmts: list[Any]) -> dict[str, Any]:
 
 
 async def _remove(writer: Writer, pres: list[dict[str, Any]]) -> None:
-    for pre in pres:
-        if (err := writer.delete_too_large(pre)):
-            raise CommandError(err["code"], err["errmsg"], code_name=err["codeName"])
     ids = [d["_id"] for d in pres]
     owned = await writer.in_live(ids)
     mine = [i for i in ids if idkey(i) in owned]
@@ -451,8 +441,6 @@ async def _find_and_modify(writer: Writer, stmts: list[Any]) -> dict[str, Any]:
                                   if k in cmd}
     if pres:
         pre = pres[0]
-        if cmd.get("remove") and (err := writer.delete_too_large(pre)) is not None:
-            return _fam_error(err)
         copied = await writer.copy_on_write([pre])
         value = None if cmd.get("new") and not cmd.get("remove") else \
             await projected(pre["_id"])

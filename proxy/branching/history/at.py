@@ -30,6 +30,7 @@ from proxy.branching.wal import (
     DROP,
     HOLDS,
     KEEP,
+    PART_IMAGES,
     PUT,
     RESETS,
     STARTS,
@@ -157,37 +158,44 @@ async def _restore_main_at(engine: Engine, branch: Branch, lsn: int) -> None:
     """Streams the first later entry of each changed document, a batch at a time, and
     its last: main's image now is that last entry's (the capture logged every change
     before the barrier), so the base is not read again."""
-    pool = engine.pool
     firsts = [*matching({"b": MAIN, "_id": {"$gt": lsn}}),
               {"$match": {"op": {"$in": list(WRITES)}}},
               {"$sort": {"_id": 1}},
               {"$group": {"_id": {"ns": "$ns", "id": "$id"}, "pre": {"$first": "$pre"},
-                          "prez": {"$first": "$prez"},
+                          "prez": {"$first": "$prez"}, "prex": {"$first": "$prex"},
                           "last": {"$last": {"op": "$op", "post": "$post",
-                                             "postz": "$postz"}}}}]
+                                             "postz": "$postz", "postx": "$postx"}}}}]
     # Overlays this restore created: nothing but its own writes is in them (the
     # branch's lock is held; each document comes once out of the $group).
     fresh: set[str] = set()
-    async for batch in _ahead(pool.batches(engine.meta_db, {
+    async for batch in _ahead(engine.pool.batches(engine.meta_db, {
             "aggregate": "wal", "pipeline": firsts, "cursor": {}, "allowDiskUse": True})):
-        by_ns: dict[str, list[tuple[Any, Any, Any]]] = {}
-        for doc in batch:
-            last = doc["last"]
-            by_ns.setdefault(doc["_id"]["ns"], []).append(
-                (doc["_id"]["id"], image(last, "post") if last["op"] == PUT else None,
-                 image(doc, "pre")))
-        for ns, restore in by_ns.items():
-            db, coll = ns.split(".", 1)
-            if engine.state(branch, db, coll) is None:
-                fresh.add(ns)
-            state = await engine.ensure_state(branch, db, coll, pool)
-            await engine.mark_dirty(state)
-            if ns not in fresh:
-                # The capture kept a later image for an id before the restore took the
-                # branch's lock: the image then replaces it.
-                await pool(db, {"delete": state.live, "deletes": [
-                    {"q": {"_id": {"$in": [i for i, _, _ in restore]}}, "limit": 0}]})
-            await _give_back(engine, branch, state, restore)
+        async for part in engine.wal.parts(batch, lambda d: [d, d["last"]]):
+            await _restore_main_part(engine, branch, part, fresh)
+
+
+async def _restore_main_part(engine: Engine, branch: Branch, part: list[dict[str, Any]],
+                             fresh: set[str]) -> None:
+    """Give back one part of a batch of `_restore_main_at`, its images loaded."""
+    pool = engine.pool
+    by_ns: dict[str, list[tuple[Any, Any, Any]]] = {}
+    for doc in part:
+        last = doc["last"]
+        by_ns.setdefault(doc["_id"]["ns"], []).append(
+            (doc["_id"]["id"], image(last, "post") if last["op"] == PUT else None,
+             image(doc, "pre")))
+    for ns, restore in by_ns.items():
+        db, coll = ns.split(".", 1)
+        if engine.state(branch, db, coll) is None:
+            fresh.add(ns)
+        state = await engine.ensure_state(branch, db, coll, pool)
+        await engine.mark_dirty(state)
+        if ns not in fresh:
+            # The capture kept a later image for an id before the restore took the
+            # branch's lock: the image then replaces it.
+            await pool(db, {"delete": state.live, "deletes": [
+                {"q": {"_id": {"$in": [i for i, _, _ in restore]}}, "limit": 0}]})
+        await _give_back(engine, branch, state, restore)
 
 
 async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
@@ -206,17 +214,20 @@ async def _restore_at(engine: Engine, source: Branch, branch: Branch, lsn: int,
             else None
         mine: NsState | None = None
         pending: list[tuple[Any, Any, Any]] = []
+        # Out-of-line images loaded since the last batch went: a few of them make one.
+        heavy = 0
         fold: _AtFold | None = None
         async for entry, first in by_document(engine, {"b": source.bid, "ns": ns,
                                                        "op": {"$in": list(DOCUMENT)}}):
             if first and fold is not None and (done := fold.result()) is not None:
                 pending.append(done)
-                if len(pending) >= BATCH:
+                if len(pending) >= BATCH or heavy >= PART_IMAGES:
                     mine = await _restore_batch(engine, source, branch, state, mine, pending)
-                    pending = []
+                    pending, heavy = [], 0
             if first:
                 fold = _AtFold(lsn, then, reopened, source.voids, floor)
             assert fold is not None
+            heavy += await engine.wal.load([entry])
             fold.add(entry)
         if fold is not None and (done := fold.result()) is not None:
             pending.append(done)

@@ -88,7 +88,8 @@ async def touched(engine: Engine, branch: Branch,
     async for batch in engine.pool.batches(engine.meta_db, {
             "aggregate": "wal", "pipeline": pipeline, "cursor": {}, "allowDiskUse": True},
             BATCH):
-        yield [(d["_id"], image(d, "pre")) for d in batch]
+        async for part in engine.wal.parts(batch):
+            yield [(d["_id"], image(d, "pre")) for d in part]
 
 
 async def parent_collection(engine: Engine, branch: Branch, db: str,

@@ -116,13 +116,23 @@ async def _keep_fork_images(engine: Engine, branch: Branch, state: NsState, lsn:
             now = {} if state.owned else await view_ids(
                 engine, state.db, state.coll,
                 parent_layers(engine, branch, state.db, state.coll), rest)
-            keep = []
             async for part in engine.pool.batches(engine.meta_db, {
                     "aggregate": "wal", "pipeline": firsts, "cursor": {},
                     "allowDiskUse": True}):
-                for doc in part:
-                    img = image(doc["first"], "pre")
-                    # Held whole: the overlay shows nothing else; else: the parent moved.
-                    if not equal(img, now.get(idkey(doc["_id"]))):
-                        keep.append(Change(ns, doc["_id"], KEEP, None, img))
-            await engine.wal.append(branch.bid, keep, snapshot.SYSTEM)
+                # A part at a time: the images are loaded, up to 16 MiB each.
+                async for loaded in engine.wal.parts(part, lambda d: [d["first"]]):
+                    await engine.wal.append(branch.bid, _moved(ns, loaded, now),
+                                            snapshot.SYSTEM)
+
+
+def _moved(ns: str, firsts: list[dict[str, Any]],
+           now: dict[Any, dict[str, Any]]) -> list[Change]:
+    """`keep` entries of the parent's images at the fork (the pre-images of the first
+    entries, loaded) where the parent's now differ."""
+    keep = []
+    for doc in firsts:
+        img = image(doc["first"], "pre")
+        # Held whole: the overlay shows nothing else; else: the parent moved.
+        if not equal(img, now.get(idkey(doc["_id"]))):
+            keep.append(Change(ns, doc["_id"], KEEP, None, img))
+    return keep
