@@ -25,6 +25,7 @@ from bson.timestamp import Timestamp
 from pymongo.errors import PyMongoError
 
 from proxy.branching import views, viewscan
+from proxy.branching.batching import fitted
 from proxy.branching.catalogundo import undo
 from proxy.branching.errors import BranchError, CommandError, Kind
 from proxy.branching.idkey import idkey
@@ -781,14 +782,17 @@ async def _shown(engine: Engine, layers: list[NsState], db: str, coll: str) -> b
 
 async def _insert(engine: Engine, db: str, coll: str, docs: list[dict[str, Any]],
                   bypass: bool = False) -> None:
-    """Insert into an overlay; an id already there (a retried copy-up) is no error."""
-    cmd: dict[str, Any] = {"insert": coll, "documents": docs, "ordered": False}
-    if bypass:
-        cmd["bypassDocumentValidation"] = True
-    reply = await engine.pool(db, cmd)
-    bad = [e for e in reply.get("writeErrors", []) if e.get("code") != Code.DUPLICATE_KEY]
-    if bad:
-        raise BranchError(Kind.INTERNAL, f"cannot preserve documents in {db}.{coll}: {bad[0]}")
+    """Insert into an overlay; an id already there (a retried copy-up) is no error. In
+    groups under the BSON limit: images may be up to 16 MiB each."""
+    for group in fitted(docs):
+        cmd: dict[str, Any] = {"insert": coll, "documents": group, "ordered": False}
+        if bypass:
+            cmd["bypassDocumentValidation"] = True
+        reply = await engine.pool(db, cmd)
+        bad = [e for e in reply.get("writeErrors", []) if e.get("code") != Code.DUPLICATE_KEY]
+        if bad:
+            raise BranchError(Kind.INTERNAL,
+                              f"cannot preserve documents in {db}.{coll}: {bad[0]}")
 
 
 async def owned_ids(engine: Engine, state: NsState | None, ids: list[Any]) -> set[Any]:

@@ -193,7 +193,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("upstream", ("proxy.upstream",)),
     ("net", ("proxy.net",)),
     ("leaves", _branching("bsonorder", "idkey", "naming", "errors", "locks", "audit",
-                          "stages", "failpoints")),
+                          "stages", "failpoints", "batching")),
     # The engine runs the capture, the snapshot fences and the lifecycle sweeps itself.
     ("engine", _branching("engine", "model", "wal", "runner", "overlay", "catalog", "views",
                           "planner", "cursormerge", "viewscan", "unique", "authz", "snapshot",

@@ -31,10 +31,10 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import cursormerge, naming, planner, views
+from proxy.branching.batching import fitted
 from proxy.branching.commands import aggregate
 from proxy.branching.commands.base import Request
 from proxy.branching.errors import CommandError
-from proxy.branching.overlay import fitted
 from proxy.branching.txn import CURRENT
 
 Pipeline = list[dict[str, Any]]

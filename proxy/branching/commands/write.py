@@ -14,10 +14,11 @@ import bson
 from bson import ObjectId
 
 from proxy.branching import overlay, planner
+from proxy.branching.batching import fitted
 from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.errors import CommandError, code_name
 from proxy.branching.idkey import idkey
-from proxy.branching.overlay import BATCH, Writer, by_ids, chunks, dup_key_error, fitted
+from proxy.branching.overlay import BATCH, Writer, by_ids, chunks, dup_key_error
 from proxy.branching.runner import SESSION
 from proxy.branching.wal import DELETE, PUT, Change
 from proxy.wire.codes import Code

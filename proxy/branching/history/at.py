@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from proxy.branching import copymode, gc
+from proxy.branching.batching import fitted
 from proxy.branching.engine import MAIN, Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.history.catalogat import branch_catalogs, main_catalogs
@@ -340,9 +341,9 @@ async def _give_back(engine: Engine, branch: Branch, state: NsState,
     writes = [engine.pool(state.db, {"insert": state.hidden,
                                      "documents": [{"_id": i} for i in ids],
                                      "ordered": False})]
-    if docs:
-        writes.append(engine.pool(state.db, {"insert": state.live, "documents": docs,
-                                             "ordered": False}))
+    # In groups under the BSON limit: images may be up to 16 MiB each.
+    writes.extend(engine.pool(state.db, {"insert": state.live, "documents": group,
+                                         "ordered": False}) for group in fitted(docs))
     # Pre-images are the source's documents now, what the new branch hides: merging it
     # back finds no conflict unless the source changes them again.
     log = engine.log_changes(branch, [
