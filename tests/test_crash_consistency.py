@@ -785,3 +785,68 @@ def test_a_write_cut_off_before_its_new_collection_was_recorded_leaves_none(
         for proc in proxies:
             proc.kill()
         direct.close()
+
+
+def test_an_append_cut_off_after_its_out_of_line_images_leaves_no_change(
+        upstream: Secantus) -> None:
+    """An update of a document of random bytes over 8 MiB: its WAL entry cannot hold both
+    images (the upstream refuses it: the engine's first insert of the write), so one
+    image's chunks are stored (its second), then the entry naming them (its third).
+    Killed while the upstream holds that entry's insert: after a restart the branch shows the
+    document as it was (its overlay is rebuilt from the WAL, which has no entry of the
+    update), the chunks no entry names are left to gc, which deletes them, and the same
+    update made again is stored and logged."""
+    direct: MongoClient = MongoClient(upstream.uri, directConnection=True)
+    proxies: list[ProxyProcess] = []
+    outcome: list[Any] = []
+    nine = os.urandom(9 * 1024 * 1024)
+    try:
+        first, body = _started(upstream, proxies)
+        bid = direct[META]["branches"].find_one({"_id": BRANCH})["bid"]
+        with MongoClient(body["uri"]) as c:
+            c[DB].big.insert_one({"_id": 1, "b": nine})
+        direct.admin.command("configureFailPoint", "failCommand",
+                             mode={"skip": 2, "times": 1}, data={
+                                 "failCommands": ["insert"], "appName": "mongobranch-engine",
+                                 "blockConnection": True, "blockTimeMS": 120_000,
+                                 "errorCode": 2})
+
+        def update() -> None:
+            try:
+                with MongoClient(body["uri"], retryWrites=False,
+                                 serverSelectionTimeoutMS=10000) as c:
+                    outcome.append(c[DB].big.update_one({"_id": 1}, {"$set": {"n": 1}}))
+            except PyMongoError as exc:  # the kill cuts it off
+                outcome.append(exc)
+
+        writer = threading.Thread(target=update)
+        writer.start()
+        until("the image's chunks", lambda: direct[META].walimages.find_one({"b": bid}))
+        first.kill()
+        writer.join(60)
+        assert outcome and isinstance(outcome[0], PyMongoError), outcome
+        direct.admin.command("configureFailPoint", "failCommand", mode="off")
+        assert direct[META].wal.count_documents({"b": bid, "id": 1}) == 1  # the insert's
+        assert direct[META].walimages.count_documents({"b": bid}) >= 1
+
+        second = ProxyProcess(upstream.uri, meta_db=META, branch_ports=first.branch_ports)
+        proxies.append(second.start())
+        with MongoClient(body["uri"], serverSelectionTimeoutMS=10000) as c:
+            assert c[DB].big.find_one({"_id": 1}) == {"_id": 1, "b": nine}
+        status, result = second.api("POST", "/gc", {"retention": "0s"})
+        assert status == 200, result
+        assert direct[META].walimages.count_documents({"b": bid}) == 0
+        with MongoClient(body["uri"], serverSelectionTimeoutMS=10000) as c:
+            assert c[DB].big.update_one({"_id": 1}, {"$set": {"n": 1}}).modified_count == 1
+            assert c[DB].big.find_one({"_id": 1}) == {"_id": 1, "b": nine, "n": 1}
+        entry = direct[META].wal.find_one({"b": bid, "id": 1}, {"prex": 1, "postx": 1},
+                                          sort=[("_id", -1)])
+        assert entry is not None, entry
+        names = (entry.get("prex") or []) + (entry.get("postx") or [])
+        assert names and direct[META].walimages.count_documents(
+            {"_id": {"$in": names}}) == len(names)
+    finally:
+        direct.admin.command("configureFailPoint", "failCommand", mode="off")
+        for proc in proxies:
+            proc.kill()
+        direct.close()
