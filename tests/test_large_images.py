@@ -50,7 +50,10 @@ def test_images_too_large_for_one_entry_are_stored_out_of_line(upstream: Secantu
     restarted: ProxyProcess | None = None
     direct: MongoClient = MongoClient(upstream.uri, directConnection=True)
     nine, huge, fresh = os.urandom(NINE), os.urandom(LIMIT - 100), os.urandom(LIMIT - 100)
-    base = [{"_id": "huge", "b": huge}, {"_id": "nine", "b": nine}, {"_id": "small", "n": 0}]
+    # Text zstd shrinks: an update's entry holds both its images compressed.
+    text = "mongobranch " * (NINE // 12)
+    base = [{"_id": "huge", "b": huge}, {"_id": "nine", "b": nine}, {"_id": "small", "n": 0},
+            {"_id": "text", "s": text}]
     direct[db].items.insert_many(base[1:])
     direct[db].items.insert_one(base[0])
     try:
@@ -70,12 +73,13 @@ def test_images_too_large_for_one_entry_are_stored_out_of_line(upstream: Secantu
             mid = last_lsn(proxy, "dev")
             items.insert_one({"_id": "fresh", "b": fresh})
             items.update_one({"_id": "small"}, {"$inc": {"n": 1}})
+            items.update_one({"_id": "text"}, {"$set": {"n": 1}})
             written = [{"_id": "fresh", "b": fresh}, {"_id": "nine", "b": nine, "n": 1},
-                       {"_id": "small", "n": 1}]
+                       {"_id": "small", "n": 1}, {"_id": "text", "s": text, "n": 1}]
             assert contents(items) == written
 
             # Change events carry the images, and what the update changed.
-            update, delete, insert, small = (plain.next() for _ in range(4))
+            update, delete, insert, small, compressed = (plain.next() for _ in range(5))
             assert (update["operationType"], update["documentKey"]) == ("update", {"_id": "nine"})
             assert update["updateDescription"] == {"updatedFields": {"n": 1},
                                                    "removedFields": [], "truncatedArrays": []}
@@ -84,6 +88,8 @@ def test_images_too_large_for_one_entry_are_stored_out_of_line(upstream: Secantu
             assert (insert["operationType"], insert["fullDocument"]) == (
                 "insert", {"_id": "fresh", "b": fresh})
             assert small["updateDescription"]["updatedFields"] == {"n": 1}
+            assert compressed["updateDescription"] == update["updateDescription"]
+            assert compressed["fullDocument"] == {"_id": "text", "s": text, "n": 1}
             # The client's stages see the event with its images.
             only = deletes.next()
             assert only["documentKey"] == {"_id": "huge"}
@@ -108,12 +114,15 @@ def test_images_too_large_for_one_entry_are_stored_out_of_line(upstream: Secantu
         assert changes == sorted([(f"{db}.items", "insert", "fresh"),
                                   (f"{db}.items", "delete", "huge"),
                                   (f"{db}.items", "update", "nine"),
-                                  (f"{db}.items", "update", "small")], key=repr)
+                                  (f"{db}.items", "update", "small"),
+                                  (f"{db}.items", "update", "text")], key=repr)
+        assert wal.find_one({"b": bid, "id": "text", "prez": {"$exists": True},
+                             "postz": {"$exists": True}}, {"_id": 1}) is not None
 
         # A branch of dev at a point between its writes.
         ok(proxy, "POST", "/branches", {"name": "then", "from": "dev", "at": mid}, 201)
         assert _view(proxy, "then", db) == [{"_id": "nine", "b": nine, "n": 1},
-                                            {"_id": "small", "n": 0}]
+                                            {"_id": "small", "n": 0}, {"_id": "text", "s": text}]
 
         # dev's overlay rebuilt from the WAL alone.
         assert proxy.stop() == 0
@@ -137,7 +146,7 @@ def test_images_too_large_for_one_entry_are_stored_out_of_line(upstream: Secantu
             items.update_one({"_id": "nine"}, {"$set": {"n": 2}})
             items.update_one({"_id": "nine"}, {"$set": {"n": 3}})
         later = [{"_id": "huge", "b": again}, {"_id": "nine", "b": nine, "n": 3},
-                 {"_id": "small", "n": 0}]
+                 {"_id": "small", "n": 0}, {"_id": "text", "s": text}]
         views = {"dev": _view(restarted, "dev", db), "then": _view(restarted, "then", db)}
         assert views["dev"] == later
         diffs = {name: doc_changes(diff(restarted, name)) for name in ("dev", "then")}

@@ -29,7 +29,8 @@ async def log(engine: Engine, name: str, limit: int = 100,
         query["_id"] = {"$lt": before_lsn}
     out = []
     async for doc in engine.wal.newest(query, limit,
-                                       {"pre": 0, "post": 0, "prez": 0, "postz": 0}):
+                                       {"pre": 0, "post": 0, "prez": 0, "postz": 0,
+                                        "prex": 0, "postx": 0}):
         lsn = int(doc["_id"])
         out.append({
             "lsn": lsn, "time": doc["ts"].replace(tzinfo=dt.UTC).isoformat(),
