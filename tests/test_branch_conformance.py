@@ -294,6 +294,13 @@ def test_documents_whose_wal_entry_cannot_hold_their_images_are_written(
     assert {d["_id"]: d.get("n") for d in coll.find({}, {"b": 0})} == {
         "base": 3, "own": 2, "small": 1, 2: None, 4: None}
     assert coll.find_one({"_id": "base"}) == {"_id": "base", "b": big, "n": 3}
+    # In a transaction too (the entries' images stored in it, committed with it).
+    with branch.start_session() as session, session.start_transaction():
+        coll.update_one({"_id": "own"}, {"$set": {"t": 1}}, session=session)
+        coll.insert_one({"_id": "txn", "b": huge}, session=session)
+    assert coll.find_one({"_id": "own"}, {"t": 1}) == {"_id": "own", "t": 1}
+    assert coll.find_one({"_id": "txn"}) == {"_id": "txn", "b": huge}
+    coll.delete_one({"_id": "txn"})
     status, log = test_proxy.api("GET", f"/branches/{info['name']}/log?limit=30")
     assert status == 200 and isinstance(log, dict)
     logged = sorted(repr(e.get("_id")) for e in log["entries"] if e.get("ns") == coll.full_name)

@@ -254,7 +254,7 @@ class Wal:
         await self.entries.create_index([("b", ASCENDING), ("_id", DESCENDING)])
         await self.entries.create_index([("b", ASCENDING), ("ns", ASCENDING), ("id", ASCENDING),
                                          ("_id", ASCENDING)])
-        await self.images.create_index([("b", ASCENDING), ("e", ASCENDING)])
+        await self.images.create_index([("b", ASCENDING), ("ts", ASCENDING)])
 
     async def reserve(self, n: int) -> int:
         """The first of n consecutive fresh LSNs. The counter is advanced a block at a
@@ -401,9 +401,11 @@ class Wal:
 
     async def _insert(self, docs: list[dict[str, Any]], *, again: bool = False) -> None:
         """Insert entries in order. again: some may be stored already (a group's insert
-        failed part-way), so duplicates of them are expected."""
+        failed part-way), so duplicates of them are expected. In a transaction, entries
+        over the limit are fitted first: a write error there would abort it."""
         try:
-            if again:
+            if again or (SESSION.get() is not None
+                         and any(_size(doc) > MAX_ENTRY for doc in docs)):
                 await self._insert_fitted(docs)
             else:
                 await self.entries.insert_many(docs, ordered=True, session=SESSION.get())
