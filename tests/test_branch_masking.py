@@ -685,3 +685,29 @@ def test_a_masked_branch_of_main_at_a_past_point(mproxy: ProxyProcess, data: Mon
     # Main keeps its own later state.
     assert data[DB].users.find_one({"_id": 4})["email"] == DAVE["email"]
     assert data[DB].orders.count_documents({}) == 2
+
+
+def test_images_stored_out_of_line_are_masked(data: MongoClient, made: Branches,
+                                              mproxy: ProxyProcess) -> None:
+    """A user of 9 MiB of random bytes beside the masked fields, updated on a masked
+    branch: the update's WAL entry holds its images out of line. Its change event and
+    the branch's diff (the parent's image and the branch's, each 9 MiB) show masked
+    values only."""
+    blob = os.urandom(9 * 1024 * 1024)
+    data[DB].users.insert_one({**DAVE, "blob": blob})
+    branch = made.create(unique("masked"), masked=True)
+    with made.client(branch) as c:
+        users = c[DB].users
+        with users.watch(full_document="updateLookup") as stream:
+            users.update_one({"_id": 4}, {"$set": {"age": 21}})
+            shown = users.find_one({"_id": 4})
+            event = stream.next()
+    assert shown["ssn"] == "REDACTED" and shown["blob"] == blob
+    assert not leaked(event), event["fullDocument"]["ssn"]
+    assert event["fullDocument"] == shown
+    assert event["updateDescription"]["updatedFields"] == {"age": 21}
+    status, body = mproxy.api("GET", f"/branches/{branch['name']}/diff")
+    assert status == 200 and isinstance(body, dict), body
+    assert not leaked(body)
+    (change,) = [c for c in body["changes"] if c.get("_id") == 4]
+    assert change["branch"]["ssn"] == "REDACTED" and change["parent"]["ssn"] == "REDACTED"

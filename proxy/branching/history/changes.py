@@ -11,6 +11,7 @@ from typing import Any
 import bson
 
 from proxy.branching import views, viewscan
+from proxy.branching.batching import fitted
 from proxy.branching.engine import Engine
 from proxy.branching.history.lookup import (
     BATCH,
@@ -332,9 +333,11 @@ async def _masked(engine: Engine, masker: Masker,
     if not items or stage is None:
         return changes
     out = [dict(c) for c in changes]
-    async for batch in engine.pool.batches(engine.meta_db, {
-            "aggregate": 1, "pipeline": [documents_stage(items), stage,
-                                         {"$project": {"i": 1, "s": 1, "d": 1}}]}, BATCH):
-        for item in batch:
-            out[int(item["i"])][str(item["s"])] = item["d"]
+    # Images of up to 16 MiB each: as many in one command as fit under the BSON limit.
+    for group in fitted(items):
+        async for batch in engine.pool.batches(engine.meta_db, {
+                "aggregate": 1, "pipeline": [documents_stage(group), stage,
+                                             {"$project": {"i": 1, "s": 1, "d": 1}}]}, BATCH):
+            for item in batch:
+                out[int(item["i"])][str(item["s"])] = item["d"]
     return out
