@@ -934,3 +934,57 @@ def test_seeded_resets_across_writes_and_ddl_of_both_sides(
             assert shown() == points[lsn], (lsn, order)
     if parent:
         p.close()
+
+
+@pytest.mark.parametrize(("cmd", "changed"), [
+    ({"convertToCapped": "items", "size": 65536}, "items"),
+    ({"emptycapped": "items"}, "items"),
+    ({"cloneCollectionAsCapped": "items", "toCollection": "capped", "size": 65536},
+     "capped"),
+])
+def test_whole_collection_commands_on_main_leave_the_children_their_copy(
+        proxy: ProxyProcess, client: MongoClient, direct: MongoClient, made: Branches,
+        db_name: str, cmd: dict[str, Any], changed: str) -> None:
+    """convertToCapped, emptycapped and cloneCollectionAsCapped on the main port while
+    main has a child: the child first takes its own copy of the collection the command
+    changes or makes (as for main's other DDL), then the command runs on the upstream
+    and the client gets its answer. mongod converts, empties or clones, and the child
+    still shows the collection as at its fork. SecantusDB implements none of the three:
+    its CommandNotFound reaches the client as the upstream's answer (not a refusal of
+    the proxy's), and what mongod does to the collection is not checked there."""
+    client[db_name].items.insert_many([{"_id": i} for i in range(3)])
+    child = made.create()
+    bid = bid_of(direct, proxy, child["name"])
+    try:
+        client[db_name].command(cmd)
+    except OperationFailure as exc:
+        assert exc.code == 59, exc.details  # SecantusDB: no such command (see above)
+    state = direct[proxy.meta_db or ""].namespaces.find_one({"_id": f"{bid}:{db_name}.{changed}"})
+    # Held whole from now on (a child of main copies all it shows of a collection).
+    assert state is not None and (state.get("owned") or state.get("detached")), state
+    with made.client(child) as c:
+        assert sorted(d["_id"] for d in c[db_name].items.find()) == [0, 1, 2]
+        assert "capped" not in c[db_name].list_collection_names()
+        assert not c[db_name].items.options().get("capped")
+
+
+def test_deprecated_and_internal_commands_on_main_say_why_they_are_refused(
+        client: MongoClient, made: Branches, db_name: str) -> None:
+    """While main has a child, `applyOps` (internal to mongod) and a `mapReduce` writing
+    a collection (deprecated since 5.0) are refused with the reason; an inline mapReduce
+    writes nothing and reaches the upstream."""
+    client[db_name].items.insert_many([{"_id": i, "k": i % 2} for i in range(4)])
+    made.create()
+    for cmd, why in (({"applyOps": [{"op": "i", "ns": f"{db_name}.items", "o": {"_id": 9}}]},
+                      "internal command"),
+                     ({"mapReduce": "items", "map": "function() { emit(this.k, 1); }",
+                       "reduce": "function(k, v) { return v.length; }", "out": "counted"},
+                      "deprecated")):
+        with pytest.raises(OperationFailure) as refused:
+            client[db_name].command(cmd)
+        assert refused.value.code == 20, refused.value.details
+        assert why in str(refused.value) and "child branches" in str(refused.value)
+    reply = client[db_name].command({
+        "mapReduce": "items", "map": "function() { emit(this.k, 1); }",
+        "reduce": "function(key, values) { return values.length; }", "out": {"inline": 1}})
+    assert sorted((r["_id"], r["value"]) for r in reply["results"]) == [(0, 2.0), (1, 2.0)]

@@ -31,10 +31,14 @@ from proxy.wire.bsonutil import same
 from proxy.wire.codes import Code
 
 WRITES = ("insert", "update", "delete", "findAndModify", "findandmodify")
+# Commands that change collections as a whole (their options, indexes, or every
+# document): the children first take their own copy of each (`ddl`).
 DDL = ("create", "drop", "dropDatabase", "renameCollection", "collMod", "createIndexes",
-       "dropIndexes", "deleteIndexes")
-REFUSED = ("applyOps", "mapReduce", "convertToCapped",
-           "cloneCollectionAsCapped", "emptycapped", "cloneCollection")
+       "dropIndexes", "deleteIndexes", "convertToCapped", "cloneCollectionAsCapped",
+       "emptycapped")
+# `applyOps` is internal to mongod (its oplog entries name any namespace and command);
+# `mapReduce` is deprecated since 5.0 (its aggregation equivalent is preserved).
+REFUSED = ("applyOps", "mapReduce")
 # Every command the main port routes here while main has children (bulkWrite runs each
 # of its operations through the handlers below: commands/bulkwrite.py).
 NAMES = frozenset((*WRITES, *DDL, *REFUSED, "aggregate", "bulkWrite", "commitTransaction"))
@@ -472,7 +476,13 @@ async def ddl(req: Request) -> dict[str, Any] | None:
                     return reply
             return {"dropped": req.db, "ok": 1.0}
         else:
-            coll = coll_name(req)
+            # cloneCollectionAsCapped makes its target (its source stays as it is).
+            target = req.cmd.get("toCollection") if name == "cloneCollectionAsCapped" \
+                else coll_name(req)
+            if not isinstance(target, str) or not target:
+                raise CommandError(Code.INVALID_NAMESPACE,
+                                   f"collection name must be a non-empty string, not {target!r}")
+            coll = target
             # A new index changes no document and no read a child can make of the base;
             # a dropped one would fail the child's hints, so the child copies the
             # collection, as for every other change.
@@ -507,12 +517,21 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
         return await req.run.reply(req.db, {k: v for k, v in req.cmd.items() if k != "$db"})
 
 
+_WHY = {"applyOps": "an internal command of mongod whose oplog entries may name any "
+                    "namespace and command",
+        "mapReduce": "deprecated by mongod since 5.0; run the equivalent aggregation "
+                     "($group, $merge), which is preserved"}
+
+
 async def refused(req: Request) -> dict[str, Any] | None:
-    if not active(req):
-        return None
+    out = req.cmd.get("out")
+    if not active(req) or (req.name == "mapReduce" and isinstance(out, dict)
+                           and "inline" in out):
+        return None  # an inline mapReduce writes nothing
     raise CommandError(Code.ILLEGAL_OPERATION,
-                       f"{req.name} is refused on main while main has child branches: "
-                       "mongobranch cannot preserve what it changes for them")
+                       f"{req.name} is refused on main while main has child branches "
+                       f"(mongobranch cannot preserve what it changes for them): "
+                       f"{_WHY[req.name]}")
 
 
 HANDLERS: dict[str, Handler] = {
