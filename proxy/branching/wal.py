@@ -199,7 +199,7 @@ def _out_of_line(doc: dict[str, Any]) -> list[dict[str, Any]]:
             break
         img = image(doc, which)
         assert img is not None
-        made = _chunks(img, doc["b"], lsn, which)
+        made = _chunks(bson.encode(img, codec_options=CODEC), doc["b"], lsn, which)
         chunks.extend(made)
         doc.pop(which, None)
         doc.pop(which + "z", None)
@@ -207,9 +207,8 @@ def _out_of_line(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return chunks
 
 
-def _chunks(img: dict[str, Any], bid: str, lsn: int, which: str) -> list[dict[str, Any]]:
+def _chunks(raw: bytes, bid: str, lsn: int, which: str) -> list[dict[str, Any]]:
     """An image's BSON in chunks, as stored for the entry at `lsn`."""
-    raw = bson.encode(img, codec_options=CODEC)
     now = _now()
     return [{"_id": cid, "b": bid, "e": Int64(lsn), "ts": now,
              "d": Binary(raw[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])}
@@ -494,26 +493,17 @@ class Wal:
                           ) -> list[str]:
         """An image stored out of line for an entry already stored (gc's fold); the
         chunks' ids, replacing any the entry had under them."""
-        chunks = _chunks(img, bid, lsn, which)
+        chunks = _chunks(bson.encode(img, codec_options=CODEC), bid, lsn, which)
         for chunk in chunks:
             await self.images.replace_one({"_id": chunk["_id"]}, chunk, upsert=True)
         return [chunk["_id"] for chunk in chunks]
 
     async def copy_images(self, ids: list[str], bid: str, lsn: int, which: str) -> list[str]:
-        """An out-of-line image's chunks stored again for another entry (gc gives a
-        folded entry its first pre-image); the new chunks' ids, replacing any the entry
-        had under them."""
-        now = _now()
-        new: list[str] = []
-        for i, cid in enumerate(ids):
-            chunk = await self.images.find_one({"_id": cid})
-            if chunk is None:
-                raise Unloaded(f"WAL image chunk {cid} is missing")
-            new.append(f"{lsn}.{which}.{i}")
-            await self.images.replace_one({"_id": new[-1]}, {
-                "_id": new[-1], "b": bid, "e": Int64(lsn), "ts": now, "d": chunk["d"]},
-                upsert=True)
-        return new
+        """An out-of-line image stored again for another entry (gc gives a folded entry
+        its first pre-image), as `store_image` stores one."""
+        holder: dict[str, Any] = {which + "x": ids}
+        await self.load([holder])
+        return await self.store_image(holder[which], bid, lsn, which)
 
     async def sweep_images(self, bid: str, before: dt.datetime) -> int:
         """Delete a branch's out-of-line image chunks stored before a time that no entry

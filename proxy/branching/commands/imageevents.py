@@ -18,6 +18,7 @@ from typing import Any
 import bson
 from bson.int64 import Int64
 
+from proxy.branching.batching import INSERT_BYTES, fitted
 from proxy.branching.errors import CommandError
 from proxy.branching.runner import Runner
 from proxy.branching.stages import documents_stage
@@ -30,8 +31,8 @@ HELD_APART = {"$or": [{"$ne": [{"$type": f"${field}"}, "missing"]}
 # mongod's largest document in a reply (BSONObjMaxInternalSize): a change event over it
 # fails the getMore with BSONObjectTooLarge.
 MAX_EVENT = 16 * 1024 * 1024 + 16 * 1024
-# Bytes of field pairs sent in one comparison.
-_COMPARE_BYTES = 8 * 1024 * 1024
+# The largest field pair sent for comparison (`fitted` sends up to this much at once).
+_COMPARE_BYTES = INSERT_BYTES
 
 
 class Listed:
@@ -109,22 +110,12 @@ async def _update_description(run: Runner, meta_db: str, pre: dict[str, Any],
     def raw(value: Any) -> bytes:
         return bson.encode({"v": value})
 
-    differ = [k for k in post if k in pre and raw(pre[k]) != raw(post[k])]
+    differ = {k for k in post if k in pre and raw(pre[k]) != raw(post[k])}
+    pairs = [pair for pair in ({"k": k, "a": pre[k], "b": post[k]} for k in differ)
+             if len(bson.encode(pair)) <= _COMPARE_BYTES]
     equal: set[str] = set()
-    batch: list[dict[str, Any]] = []
-    size = 0
-    for key in differ:
-        pair = {"k": key, "a": pre[key], "b": post[key]}
-        weight = len(bson.encode(pair))
-        if weight > _COMPARE_BYTES:
-            continue
-        if batch and size + weight > _COMPARE_BYTES:
-            equal |= await _equal(run, meta_db, batch)
-            batch, size = [], 0
-        batch.append(pair)
-        size += weight
-    if batch:
-        equal |= await _equal(run, meta_db, batch)
+    for group in fitted(pairs):
+        equal |= await _equal(run, meta_db, group)
     return {"updatedFields": {k: v for k, v in post.items()
                               if k not in pre or (k in differ and k not in equal)},
             "removedFields": [k for k in pre if k not in post],
