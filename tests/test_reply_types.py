@@ -371,12 +371,21 @@ def errors(run: Session) -> None:
     run({"listIndexes": "no_such_collection"})
 
 
+def collection_stats(run: Session) -> None:
+    for coll in ("items", "refilled"):
+        run({"collStats": coll})
+        run({"aggregate": coll, "pipeline": [{"$collStats": {"storageStats": {}, "count": {}}}],
+             "cursor": {}})
+        run({"aggregate": coll, "pipeline": [{"$indexStats": {}}], "cursor": {}})
+
+
 CASES: dict[str, Case] = {f.__name__: f for f in (
     find_single_batch, find_batches, find_unsorted_batches, find_limit,
     find_single_batch_flag, find_points, find_empty, find_projection, owned_collection,
     aggregate_batches,
     aggregate_group, aggregate_merge, kill_cursors, list_collections, list_indexes, count,
-    distinct, insert, update, delete, find_and_modify, write_concern_errors, errors)}
+    distinct, insert, update, delete, find_and_modify, write_concern_errors, errors,
+    collection_stats)}
 
 
 def _comparable(name: str, reply: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,9 @@ HIDDEN = "h"
 # A read's copy of what a $graphLookup or $lookup `from` shows on the branch
 # (commands/scratchfrom.py), dropped when the read ends.
 SCRATCH_FROM = "g"
+# Never created: what the upstream answers for a collection that does not exist is
+# asked under it (commands/stats.py, commands/upkeep.py).
+ABSENT = "a"
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -25,6 +28,10 @@ def live(bid: str, coll: str) -> str:
 
 def hidden(bid: str, coll: str) -> str:
     return f"{PREFIX}{bid}_{HIDDEN}_{coll}"
+
+
+def absent(bid: str, coll: str) -> str:
+    return f"{PREFIX}{bid}_{ABSENT}_{coll}"
 
 
 def is_reserved(coll: str) -> bool:

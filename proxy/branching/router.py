@@ -22,8 +22,10 @@ from proxy.branching.commands import (
     masked,
     read,
     server,
+    stats,
     transactions,
     txnddl,
+    upkeep,
     validate,
     viewdefs,
     write,
@@ -78,6 +80,11 @@ BRANCH: dict[str, Handler] = {
     "dropIndexes": viewdefs.not_on_views(ddl.drop_indexes),
     "deleteIndexes": viewdefs.not_on_views(ddl.drop_indexes),
     "validate": viewdefs.not_on_views(validate.validate),
+    "collStats": viewdefs.not_on_views(stats.coll_stats),
+    "collstats": viewdefs.not_on_views(stats.coll_stats),
+    "compact": viewdefs.not_on_views(upkeep.upkeep),
+    "reIndex": viewdefs.not_on_views(upkeep.upkeep),
+    "planCacheClear": viewdefs.not_on_views(upkeep.upkeep),
     "commitTransaction": transactions.commit_transaction,
     "abortTransaction": transactions.abort_transaction,
     # Test-only (an upstream started with enableTestCommands): forwarded, and noted for
@@ -122,7 +129,34 @@ CURSOR_OPS = frozenset({"getMore", "killCursors"})
 # Commands that only read: they need no identity for the WAL.
 READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",
                    "listCollections", "listIndexes", "listBranches", "branchInfo",
-                   "branchLog", "branchDiff", "configureFailPoint", "fsync"})
+                   "branchLog", "branchDiff", "configureFailPoint", "fsync", "collStats",
+                   "collstats"})
+
+_SERVER_WIDE = ("it changes the server that main and every branch share, not the branch; "
+                "run it on the main port")
+_FILTERS = ("index filters belong to the server's collection and a query shape: an "
+            "unchanged collection's are main's, and a changed one's queries reach the server "
+            "in other shapes (unions, hidden ids excluded) that no filter set for the "
+            "client's shape matches; use a hint")
+# Commands a branch port refuses for good, and why (README, "Not supported on a branch
+# port"). Any other command outside BRANCH and FORWARDED is refused as not built yet.
+REFUSED: dict[str, str] = {
+    **dict.fromkeys(("mapReduce", "mapreduce"),
+                    "mongod deprecates it since 5.0; run the equivalent aggregation ($group, "
+                    "$merge), which a branch supports"),
+    **dict.fromkeys(("planCacheSetFilter", "planCacheClearFilters", "planCacheListFilters"),
+                    _FILTERS),
+    **dict.fromkeys((
+        "createUser", "updateUser", "dropUser", "dropAllUsersFromDatabase",
+        "grantRolesToUser", "revokeRolesFromUser", "createRole", "updateRole", "dropRole",
+        "dropAllRolesFromDatabase", "grantPrivilegesToRole", "revokePrivilegesFromRole",
+        "grantRolesToRole", "revokeRolesFromRole", "invalidateUserCache", "setParameter",
+        "setFeatureCompatibilityVersion", "shutdown", "replSetInitiate", "replSetReconfig",
+        "replSetStepDown", "replSetFreeze", "replSetMaintenance", "replSetSyncFrom",
+        "replSetResizeOplog", "addShard", "removeShard", "enableSharding",
+        "shardCollection", "setDefaultRWConcern", "setClusterParameter", "logRotate",
+        "rotateCertificates", "profile", "setProfilingFilterGlobally"), _SERVER_WIDE),
+}
 
 # Commands that touch no collection data: forwarded unchanged from a branch port.
 # Anything neither here nor in BRANCH is refused there, so nothing reaches the base.
@@ -297,12 +331,10 @@ class EngineRouter:
                     name in ADMIN and (name, cmd.get(name)) != ("branchInfo", branch.name))):
                 raise masking.refusal(f"command {name!r}", branch.name)
         handler = self.table.get(name)
-        if handler is None and name.lower() == "mapreduce":
+        if handler is None and self.branch is not None and name in REFUSED:
             raise CommandError(Code.COMMAND_NOT_SUPPORTED,
-                               f"mapReduce is not supported on branch {self.branch!r} "
-                               "(mongobranch): mongod deprecates it since 5.0; run the "
-                               "equivalent aggregation ($group, $merge), which a branch "
-                               "supports")
+                               f"{name} is not supported on branch {self.branch!r} "
+                               f"(mongobranch): {REFUSED[name]}")
         if handler is None:
             raise not_supported(f"command {name!r}", self.branch or "main")
         if name not in READS:

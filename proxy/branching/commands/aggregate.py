@@ -9,7 +9,7 @@ import secrets
 from typing import Any
 
 from proxy.branching import cursormerge, overlay, planner, snapshot
-from proxy.branching.commands import changestream, hints, snapshotread, write
+from proxy.branching.commands import changestream, hints, snapshotread, stats, write
 from proxy.branching.commands.base import Request, cursor_reply
 from proxy.branching.errors import CommandError
 from proxy.branching.planner import PlanKind
@@ -91,6 +91,9 @@ async def aggregate(req: Request) -> dict[str, Any] | None:
         return await _aggregate_merge(req, merge_spec)
     cmd = req.cmd
     source = cmd.get("aggregate")
+    if isinstance(source, str) and req.layers(source) and stats.stage_of(pipeline) \
+            and "explain" not in cmd:
+        return await stats.aggregate(req, source, req.layers(source))
     if isinstance(source, str) and req.layers(source):
         cmd = await hints.on_base(req, source, cmd)
     if snapshotread.requested(cmd) and isinstance(source, str) and req.layers(source):
