@@ -15,6 +15,7 @@ from proxy.branching.commands import (
     bulkwrite,
     catalog,
     changestream,
+    dbhash,
     ddl,
     failpoints,
     hints,
@@ -85,6 +86,10 @@ BRANCH: dict[str, Handler] = {
     "compact": viewdefs.not_on_views(upkeep.upkeep),
     "reIndex": viewdefs.not_on_views(upkeep.upkeep),
     "planCacheClear": viewdefs.not_on_views(upkeep.upkeep),
+    "dbHash": dbhash.db_hash,
+    "dbhash": dbhash.db_hash,
+    "dataSize": dbhash.data_size,
+    "datasize": dbhash.data_size,
     "commitTransaction": transactions.commit_transaction,
     "abortTransaction": transactions.abort_transaction,
     # Test-only (an upstream started with enableTestCommands): forwarded, and noted for
@@ -130,7 +135,7 @@ CURSOR_OPS = frozenset({"getMore", "killCursors"})
 READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",
                    "listCollections", "listIndexes", "listBranches", "branchInfo",
                    "branchLog", "branchDiff", "configureFailPoint", "fsync", "collStats",
-                   "collstats"})
+                   "collstats", "dbHash", "dbhash", "dataSize", "datasize"})
 
 _SERVER_WIDE = ("it changes the server that main and every branch share, not the branch; "
                 "run it on the main port")

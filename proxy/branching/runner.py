@@ -9,12 +9,15 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import bson
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import OperationFailure
 
 from proxy.net.router import Passed
-from proxy.wire.bsonutil import decode, raw_ok
+from proxy.wire.bsonutil import decode, encode, raw_ok
 from proxy.wire.codes import Code
 from proxy.wire.errors import CommandError
 
@@ -22,6 +25,8 @@ RawRun = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 Pipelined = Callable[..., Awaitable[list[dict[str, Any]]]]
 Undecoded = Callable[..., Awaitable[list[bytes]]]
 _PING = {"ping": 1}
+# A reply read lazily: each document of a batch keeps the upstream's own bytes.
+_RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 
 
 class Runner:
@@ -133,6 +138,47 @@ class Runner:
         finally:
             if cursor_id:
                 await self.reply(db, {"killCursors": coll, "cursors": [cursor_id]})
+
+    async def raw_batches(self, db: str, cmd: dict[str, Any],
+                          batch_size: int = 1000) -> AsyncIterator[list[bytes]]:
+        """Every batch of a cursor-returning command, each document as the upstream's own
+        BSON. Decoding and encoding again would not give those bytes back for every
+        document: a deprecated type (symbol, undefined, DBPointer) comes back as its
+        modern stand-in, a repeated field name once. A runner with no undecoded exchange
+        (the engine's pool) can only give its documents encoded again."""
+        if self.undecoded is None:
+            async for decoded in self.batches(db, cmd, batch_size):
+                yield [encode(doc) for doc in decoded]
+            return
+        cmd = dict(cmd)
+        cmd["cursor"] = {**cmd.get("cursor", {}), "batchSize": batch_size}
+        cursor = await self._raw_cursor(db, cmd)
+        coll = str(cursor["ns"]).split(".", 1)[1]
+        cursor_id = int(cursor["id"])
+        try:
+            batch = [doc.raw for doc in cursor["firstBatch"]]
+            while True:
+                if batch:
+                    yield batch
+                if not cursor_id:
+                    break
+                cursor = await self._raw_cursor(db, {"getMore": bson.Int64(cursor_id),
+                                                     "collection": coll,
+                                                     "batchSize": batch_size})
+                cursor_id = int(cursor["id"])
+                batch = [doc.raw for doc in cursor["nextBatch"]]
+        finally:
+            if cursor_id:
+                await self.reply(db, {"killCursors": coll, "cursors": [bson.Int64(cursor_id)]})
+
+    async def _raw_cursor(self, db: str, cmd: dict[str, Any]) -> RawBSONDocument:
+        assert self.undecoded is not None
+        (body,) = await self.undecoded((db, cmd))
+        if not raw_ok(body):
+            raise error_from(decode(body))
+        cursor: RawBSONDocument = bson.decode(body, _RAW)["cursor"]
+        return cursor
+
 
 def error_from(reply: dict[str, Any]) -> CommandError:
     extra = {k: v for k, v in reply.items()

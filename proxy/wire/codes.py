@@ -39,6 +39,7 @@ class Code(IntEnum):
     IMMUTABLE_FIELD = 66, "ImmutableField"
     INVALID_OPTIONS = 72, "InvalidOptions"
     INVALID_NAMESPACE = 73, "InvalidNamespace"
+    OPERATION_FAILED = 96, "OperationFailed"
     WRITE_CONFLICT = 112, "WriteConflict"
     COMMAND_NOT_SUPPORTED = 115, "CommandNotSupported"
     CONFLICTING_OPERATION_IN_PROGRESS = 117, "ConflictingOperationInProgress"
