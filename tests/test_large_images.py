@@ -24,6 +24,11 @@ LIMIT = 16 * 1024 * 1024
 NINE = 9 * 1024 * 1024
 
 
+def _bytes(direct: MongoClient, meta: str, coll: str) -> int:
+    group = {"$group": {"_id": None, "n": {"$sum": {"$bsonSize": "$$ROOT"}}}}
+    return sum(doc["n"] for doc in direct[meta][coll].aggregate([group]))
+
+
 def _chunks(direct: MongoClient, meta: str) -> tuple[set[str], set[str]]:
     """The ids of the stored image chunks, and those the WAL's entries name."""
     stored = {c["_id"] for c in direct[meta].walimages.find({}, {"_id": 1})}
@@ -151,10 +156,14 @@ def test_images_too_large_for_one_entry_are_stored_out_of_line(upstream: Secantu
         assert views["dev"] == later
         diffs = {name: doc_changes(diff(restarted, name)) for name in ("dev", "then")}
         stored_before, _ = _chunks(direct, meta)
+        sizes_before = {name: _bytes(direct, meta, name) for name in ("wal", "walimages")}
 
         result = ok(restarted, "POST", "/gc", {"retention": "0s"})
 
         assert result["folded"] > 0
+        # Its byte counts take in the images held out of line.
+        assert result["before"]["bytes"] == sizes_before["wal"] + sizes_before["walimages"]
+        assert sizes_before["walimages"] > LIMIT
         assert {"dev": _view(restarted, "dev", db),
                 "then": _view(restarted, "then", db)} == views
         assert {name: doc_changes(diff(restarted, name)) for name in ("dev", "then")} == diffs

@@ -20,7 +20,7 @@ from pymongo import DeleteMany, UpdateOne
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.naming import MAIN
-from proxy.branching.wal import DOCUMENT, MAX_ENTRY, STARTS, first_pre, matching, packed
+from proxy.branching.wal import DOCUMENT, IMAGES, MAX_ENTRY, STARTS, first_pre, matching, packed
 
 BATCH = 1000
 IN_CHUNK = 100
@@ -39,11 +39,17 @@ async def check_point(engine: Engine, lsn: int) -> None:
 
 
 async def _stats(engine: Engine) -> dict[str, int]:
-    reply = await engine.pool(engine.meta_db, {"aggregate": "wal", "cursor": {}, "pipeline": [
+    """The WAL's entries, and its bytes with the images stored out of line (walimages)."""
+    entries, size = await _sized(engine, "wal")
+    _, images = await _sized(engine, IMAGES)
+    return {"entries": entries, "bytes": size + images}
+
+
+async def _sized(engine: Engine, coll: str) -> tuple[int, int]:
+    reply = await engine.pool(engine.meta_db, {"aggregate": coll, "cursor": {}, "pipeline": [
         {"$group": {"_id": None, "n": {"$sum": 1}, "bytes": {"$sum": {"$bsonSize": "$$ROOT"}}}}]})
     batch = reply["cursor"]["firstBatch"]
-    return {"entries": int(batch[0]["n"]) if batch else 0,
-            "bytes": int(batch[0]["bytes"]) if batch else 0}
+    return (int(batch[0]["n"]), int(batch[0]["bytes"])) if batch else (0, 0)
 
 
 async def collect(engine: Engine, retention: dt.timedelta) -> dict[str, Any]:
