@@ -20,10 +20,18 @@ from pymongo import DeleteMany, UpdateOne
 from proxy.branching.engine import Engine
 from proxy.branching.errors import BranchError, Kind
 from proxy.branching.naming import MAIN
-from proxy.branching.wal import DOCUMENT, IMAGES, MAX_ENTRY, STARTS, first_pre, matching, packed
+from proxy.branching.wal import (
+    DOCUMENT,
+    IMAGES,
+    IN_CHUNK,
+    MAX_ENTRY,
+    STARTS,
+    first_pre,
+    matching,
+    packed,
+)
 
 BATCH = 1000
-IN_CHUNK = 100
 
 
 async def horizon(engine: Engine) -> int:
@@ -113,7 +121,7 @@ async def _fold(engine: Engine, old: dict[str, Any]) -> int:
                 # goes; stored again as the folded entry's before it names them.
                 group["prex"] = await engine.wal.copy_images(
                     group["prex"], old["b"], int(lsns[-1]), "pre")
-            elif _too_large_to_add(group.get("pre")):
+            elif _too_large_to_add(group):
                 # The folded entry may hold a post-image as large (its own pre-image was
                 # then out of line): this one goes out of line too.
                 group["prex"] = await engine.wal.store_image(
@@ -130,13 +138,19 @@ async def _fold(engine: Engine, old: dict[str, Any]) -> int:
     return gone
 
 
-def _too_large_to_add(pre: Any) -> bool:
+def _too_large_to_add(group: dict[str, Any]) -> bool:
     """Whether a first pre-image could not be added to a folded entry even compressed:
-    over half the BSON limit."""
+    over half the BSON limit. One that compression brings under it is left compressed
+    in the group (`prez`), which `_folded` then takes as it is."""
+    pre = group.get("pre")
     if not isinstance(pre, dict) or len(bson.encode(pre)) <= MAX_ENTRY // 2:
         return False
     blob = packed(pre)
-    return blob is None or len(blob) > MAX_ENTRY // 2
+    if blob is None or len(blob) > MAX_ENTRY // 2:
+        return True
+    group["prez"] = blob
+    del group["pre"]
+    return False
 
 
 def _folded(group: dict[str, Any]) -> dict[str, Any]:

@@ -181,7 +181,7 @@ def _now() -> dt.datetime:
 
 
 # Ids in one `$in` (SecantusDB's `$in` costs grow with the square of the list).
-_IN_CHUNK = 100
+IN_CHUNK = 100
 
 
 def _size(doc: dict[str, Any]) -> int:
@@ -515,15 +515,15 @@ class Wal:
             owners[chunk["_id"]] = int(chunk["e"])
         lsns = sorted(set(owners.values()))
         named: set[str] = set()
-        for start in range(0, len(lsns), _IN_CHUNK):
+        for start in range(0, len(lsns), IN_CHUNK):
             async for entry in self.entries.find(
-                    {"_id": {"$in": [Int64(n) for n in lsns[start:start + _IN_CHUNK]]}},
+                    {"_id": {"$in": [Int64(n) for n in lsns[start:start + IN_CHUNK]]}},
                     {"prex": 1, "postx": 1}):
                 named.update(entry.get("prex") or [])
                 named.update(entry.get("postx") or [])
         gone = [cid for cid in owners if cid not in named]
-        for start in range(0, len(gone), _IN_CHUNK):
-            await self.images.delete_many({"_id": {"$in": gone[start:start + _IN_CHUNK]}})
+        for start in range(0, len(gone), IN_CHUNK):
+            await self.images.delete_many({"_id": {"$in": gone[start:start + IN_CHUNK]}})
         return len(gone)
 
     async def first(self, filt: dict[str, Any], *, newest: bool = False
