@@ -191,3 +191,50 @@ def test_commands_a_branch_refuses_say_why(made: Branches, direct: MongoClient,
     assert failure.value.code == 115
     message = str(failure.value.details.get("errmsg"))
     assert why in message and info["name"] in message and "yet" not in message
+
+
+DB_FIGURES = ("collections", "views", "objects", "avgObjSize", "dataSize", "indexes")
+
+
+def _db_figures(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: stats.get(k) for k in DB_FIGURES}
+
+
+def test_db_stats_are_those_of_a_database_of_copies(
+        proxy: ProxyProcess, made: Branches, direct: MongoClient, db_name: str) -> None:
+    """On a branch port, the figures of a database holding what the branch shows; on the
+    main port, main's own, the branches' overlays in the same database left out. Views
+    are counted apart from collections, as mongod counts them (SecantusDB counts them
+    among the collections and reports no `views`)."""
+    _seed(direct, db_name)
+    direct[db_name].other.insert_many([{"_id": i} for i in range(5)])
+    direct[db_name].dropped.insert_one({"_id": 1})
+    branch = made.client(made.create(unique("st")))
+    db = branch[db_name]
+    _write(db)
+    db.t.create_index("s")
+    db.dropped.drop()
+    db.fresh.insert_many([{"_id": i, "f": "y" * i} for i in range(12)])
+    db.command("create", "v", viewOn="t", pipeline=[])
+    mine = db.command("dbStats")
+    assert mine["db"] == db_name and mine["objects"] == 61 + 5 + 12
+    shown = {coll: (list(db[coll].find().sort("_id", 1)),
+                    [ix for ix in db[coll].list_indexes() if ix["name"] != "_id_"])
+             for coll in ("t", "other", "fresh")}
+    with MongoClient(proxy.uri) as main:
+        on_main = main[db_name].command("dbStats")
+    made.cleanup()  # the branch's overlays go with it: main's database as the upstream has it
+    assert _db_figures(on_main) == _db_figures(direct[db_name].command("dbStats"))
+    copies = unique("copies").replace("-", "_")
+    try:
+        for coll, (docs, indexes) in shown.items():
+            direct[copies][coll].insert_many(docs)
+            for ix in indexes:
+                direct[copies][coll].create_index(list(ix["key"].items()), name=ix["name"])
+        if "views" in on_main:
+            direct[copies].command("create", "v", viewOn="t", pipeline=[])
+        want = direct[copies].command("dbStats")
+        assert _db_figures(mine) == _db_figures(want)
+        assert list(mine) == list(want)  # the upstream's own shape
+    finally:
+        direct.drop_database(copies)

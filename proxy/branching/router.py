@@ -84,6 +84,8 @@ BRANCH: dict[str, Handler] = {
     "validate": viewdefs.not_on_views(validate.validate),
     "collStats": viewdefs.not_on_views(stats.coll_stats),
     "collstats": viewdefs.not_on_views(stats.coll_stats),
+    "dbStats": stats.db_stats,
+    "dbstats": stats.db_stats,
     "convertToCapped": viewdefs.not_on_views(capped.convert_to_capped),
     "cloneCollectionAsCapped": viewdefs.not_on_views(capped.clone_collection_as_capped),
     "compact": viewdefs.not_on_views(upkeep.upkeep),
@@ -118,6 +120,7 @@ TXN: dict[str, Handler] = {"create": masked.guarded(txnddl.create),
 # On the main port: writes are routed here only while main has child branches
 # (mainwrite.NAMES); otherwise they stay on the pass-through fast path.
 MAIN: dict[str, Handler] = {"listCollections": catalog.list_collections, **ADMIN,
+                            "dbStats": stats.db_stats, "dbstats": stats.db_stats,
                             "configureFailPoint": failpoints.configure_fail_point,
                             **mainwrite.HANDLERS, "bulkWrite": bulkwrite.bulk_write_on_main}
 
@@ -138,7 +141,7 @@ CURSOR_OPS = frozenset({"getMore", "killCursors"})
 READS = frozenset({"find", "count", "distinct", "explain", "getMore", "killCursors",
                    "listCollections", "listIndexes", "listBranches", "branchInfo",
                    "branchLog", "branchDiff", "configureFailPoint", "fsync", "collStats",
-                   "collstats", "dbHash", "dbhash", "dataSize", "datasize"})
+                   "collstats", "dbStats", "dbstats", "dbHash", "dbhash", "dataSize", "datasize"})
 
 _SERVER_WIDE = ("it changes the server that main and every branch share, not the branch; "
                 "run it on the main port")
@@ -175,7 +178,7 @@ FORWARDED = frozenset({
     "connectionStatus", "getCmdLineOpts", "listDatabases", "getDefaultRWConcern", "features",
     "lockInfo", "currentOp", "killOp",
     "usersInfo", "rolesInfo", "atlasVersion", "getFreeMonitoringStatus", "listCommands",
-    "dbStats", "connPoolStats", "isMaster", "ismaster", "hello",
+    "connPoolStats", "isMaster", "ismaster", "hello", "replSetGetStatus", "replSetGetConfig",
     # Test-only commands (an upstream started with enableTestCommands): they wait for
     # server-wide failpoints or sleep, and read or write no collection.
     "waitForFailPoint", "sleep",

@@ -24,6 +24,7 @@ from typing import Any
 from bson.int64 import Int64
 
 from proxy.branching import naming, planner, views
+from proxy.branching.catalog import base_collections
 from proxy.branching.commands import catalog
 from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name, documents_stage
 from proxy.branching.cursormerge import adopt
@@ -190,6 +191,72 @@ async def coll_stats(req: Request) -> dict[str, Any] | None:
         return reply  # an error, the whole view's own collection, or a missing one
     fig = await _figures(req, coll, layers, _by_command)
     return _restated(reply, fig, _scale(reply), await _index_names(req, coll))
+
+
+async def db_stats(req: Request) -> dict[str, Any]:
+    """The database the port shows: its collections and views (main's without the
+    branches' overlays, which the upstream's own figures would count), each collection's
+    figures as `collStats` gives them there, summed into the upstream's own report of
+    the database (its shape, its engine's fields). Views are counted apart from
+    collections, as mongod counts them."""
+    options = {k: v for k, v in req.cmd.items() if k != req.name and k not in SESSION_FIELDS}
+    reply = await req.run.reply(req.db, {"dbStats": 1, **options})
+    if not reply.get("ok"):
+        return reply
+    fig = _Figures()
+    counted = {"collections": 0, "views": 0, "indexes": 0}
+    if req.branch is not None:
+        shown = await catalog.visible_collections(req)
+    else:
+        reserved: dict[str, dict[str, Any]] = {}
+        shown = await base_collections(req.run, req.db, reserved)
+        if not reserved:
+            return reply  # no branch stores anything here: the upstream's figures are main's
+    for name, info in shown.items():
+        if info.get("type") == "view":
+            counted["views"] += 1
+            continue
+        counted["collections"] += 1
+        layers = req.layers(name) if req.branch is not None else []
+        if layers:
+            one = await _figures(req, name, layers, _by_command)
+            names = await _index_names(req, name)
+        else:
+            stats = await _by_command(req, name) or {}
+            one = _Figures()
+            one.add(stats)
+            names = list(one.indexes)
+        counted["indexes"] += len(names)
+        fig.count += one.count
+        fig.size += one.size
+        fig.storage += one.storage
+        fig.free += one.free
+        for index in names:
+            fig.indexes[f"{name}.{index}"] = one.indexes.get(index, 0)
+    scale = _scale(reply)
+    index_total = sum(fig.indexes.values())
+    figures: dict[str, Any] = {
+        **counted, "objects": fig.count, "dataSize": fig.size / scale,
+        "storageSize": fig.storage / scale, "indexSize": index_total / scale,
+        "totalSize": (fig.storage + index_total) / scale,
+    }
+    out: dict[str, Any] = {}
+    for key, value in reply.items():
+        if key == "avgObjSize":
+            out[key] = type(value)(fig.size / fig.count) if fig.count else type(value)(0)
+        elif key in figures:
+            out[key] = _typed(figures[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _typed(figure: float, like: Any) -> Any:
+    """A figure in the numeric type the upstream sent for it (mongod's dbStats sends
+    sizes as doubles, SecantusDB's as integers)."""
+    if isinstance(like, float):
+        return float(figure)
+    return Int64(int(figure)) if isinstance(like, Int64) else int(figure)
 
 
 def stage_of(pipeline: Any) -> str | None:
