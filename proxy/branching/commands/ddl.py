@@ -56,17 +56,25 @@ async def _state(req: Request, coll: str) -> NsState:
     return state
 
 
-async def own_state(req: Request, coll: str, options: dict[str, Any]) -> NsState:
+async def own_state(req: Request, coll: str, options: dict[str, Any], *,
+                    dirty: bool = True) -> NsState:
     """The overlay of a collection the branch creates and had none of: made with the
     options at once, the branch's own from the start (nothing of the parent shows
     through), where `_reset` would make one and start it over. Its children keep not
-    showing the collection. The caller saves its state (Engine.ensure_state's `fresh`)."""
+    showing the collection. The caller saves its state (Engine.ensure_state's `fresh`).
+
+    dirty: mark the overlay dirty (Engine.mark_dirty), for a caller that writes it next
+    (a transaction's documents). A `create` outside a transaction leaves it empty, as
+    made: until the caller saves the state no start-up rebuilds it (a marker without a
+    state is ignored), and once saved it is what the WAL says, so the marker would
+    change nothing; the branch's first write to it sets one, as to any overlay at rest."""
     engine, branch = req.engine, req.on_branch
     with outside_transaction():
         await snapshot.before_collection_write(engine, branch, req.db, coll)
     state = await engine.ensure_state(branch, req.db, coll, req.run, fresh=options)
-    with outside_transaction():
-        await engine.mark_dirty(state)
+    if dirty:
+        with outside_transaction():
+            await engine.mark_dirty(state)
     return state
 
 
@@ -87,7 +95,9 @@ async def create(req: Request) -> dict[str, Any]:
                                    f"Collection {req.db}.{coll} already exists.")
             return {"ok": 1.0}
         if req.engine.state(req.on_branch, req.db, coll) is None:
-            state = await own_state(req, coll, options)
+            # Two upstream writes after the overlay's creation: its `create` entry,
+            # then its state (no dirty marker: own_state).
+            state = await own_state(req, coll, options, dirty=False)
             lsn = await req.engine.log_changes(req.on_branch, [Change(f"{req.db}.{coll}",
                                                                       None, CREATE, None,
                                                                       None)],
