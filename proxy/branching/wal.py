@@ -20,7 +20,7 @@ from bson.binary import Binary
 from bson.int64 import Int64
 from bson.timestamp import Timestamp
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
-from pymongo.errors import BulkWriteError, DocumentTooLarge
+from pymongo.errors import BulkWriteError, ConnectionFailure, DocumentTooLarge, OperationFailure
 
 from proxy.branching.runner import SESSION
 from proxy.wire.bsonutil import CODEC
@@ -225,6 +225,15 @@ def _settle(done: asyncio.Future[None], exc: Exception | None = None) -> None:
         done.set_exception(exc)
 
 
+# Appends of at most this many entries go in a plain `insert` command (_insert_plain);
+# larger ones (a bulk write's) through insert_many, which splits them in batches.
+PLAIN_INSERT = 100
+# The errors on which the driver retries a retryable write (pymongo's list): a plain
+# insert is sent again on them (_insert_plain).
+_RETRYABLE = frozenset({6, 7, 89, 91, 134, 189, 262, 9001, 10058, 10107, 11600, 11602,
+                        13435, 13436})
+
+
 class Wal:
     def __init__(self, client: AsyncMongoClient[dict[str, Any]], db: str):
         self.db = client[db]
@@ -406,6 +415,14 @@ class Wal:
             if again or (SESSION.get() is not None
                          and any(_size(doc) > MAX_ENTRY for doc in docs)):
                 await self._insert_fitted(docs)
+            elif SESSION.get() is None and len(docs) <= PLAIN_INSERT:
+                try:
+                    await self._insert_plain(docs)
+                except DocumentTooLarge:
+                    # pymongo's size check of a whole command, before it is sent: what
+                    # does not fit goes as insert_many sends it (in batches, the
+                    # upstream judging each entry), as every append did before.
+                    await self.entries.insert_many(docs, ordered=True)
             else:
                 await self.entries.insert_many(docs, ordered=True, session=SESSION.get())
         except DocumentTooLarge:  # pymongo's own size check
@@ -414,6 +431,39 @@ class Wal:
             if not any(e.get("code") == TOO_LARGE for e in exc.details.get("writeErrors", [])):
                 raise
             await self._insert_fitted(docs)
+
+    async def _insert_plain(self, docs: list[dict[str, Any]]) -> None:
+        """Insert entries in order with an `insert` command that is no retryable write.
+        SecantusDB keeps the reply of each retryable write (10,000 at most) and scans
+        them all at every one: once full, each costs it tens of milliseconds, one per
+        append (a branch's `create`, each write of a branch). The retryable write bought
+        nothing here: an entry's `_id` is its LSN, which no other write stores, so an
+        insert that reached the upstream twice stores the entry once. A failure the
+        driver would retry (the connection lost, a primary stepped down) is retried as
+        it would be, as an insert where entries stored already are expected duplicates
+        (`_insert_all`): each entry stored exactly once, or an error raised."""
+        cmd: dict[str, Any] = {"insert": self.entries.name, "documents": docs, "ordered": True}
+        concern = self.entries.write_concern
+        if not concern.is_server_default:
+            cmd["writeConcern"] = concern.document
+        try:
+            reply = await self.db.command(cmd, codec_options=self.entries.codec_options)
+        except ConnectionFailure:
+            await self._insert_all(self.entries, docs)
+            return
+        except OperationFailure as exc:
+            if exc.code not in _RETRYABLE:
+                raise
+            await self._insert_all(self.entries, docs)
+            return
+        if reply.get("writeErrors") or reply.get("writeConcernError"):
+            # As insert_many raises them, for _insert's handling and its callers'.
+            raise BulkWriteError({
+                "writeErrors": list(reply.get("writeErrors") or []),
+                "writeConcernErrors": ([reply["writeConcernError"]]
+                                       if reply.get("writeConcernError") else []),
+                "nInserted": reply.get("n", 0), "nUpserted": 0, "nMatched": 0,
+                "nModified": 0, "nRemoved": 0, "upserted": []})
 
     async def _insert_fitted(self, docs: list[dict[str, Any]]) -> None:
         """Entries over the BSON limit: a document near 16 MiB, or an update's pre- and
