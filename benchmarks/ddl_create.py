@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from pymongo import MongoClient
 
 from benchmarks.bulkwrites import baseline_exe, opcounters, quiet
+from benchmarks.ddl import fill_registry
 from benchmarks.results import replace_section
 from tests.servers import Procs, ProxyProcess, Secantus, free_range
 
@@ -74,12 +75,6 @@ def single_socket(uri: str, n: int, direct: Any) -> tuple[float, float, dict[str
     return created, listed, ops
 
 
-def fill_registry(direct: Any, n: int) -> None:
-    for i in range(n):
-        direct.ddl_fill.items.insert_one({"i": i})
-    direct.drop_database("ddl_fill")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--colls", type=int, default=200)
@@ -99,7 +94,7 @@ def main() -> None:
         server = procs.add(Secantus(log=procs.log("secantus")).start())
         direct: Any = MongoClient(server.uri, directConnection=True)
         if args.fill:
-            fill_registry(direct, args.fill)
+            fill_registry(server.uri, args.fill)
         trees = {"this tree": None} if args.baseline is None else {
             "baseline": args.baseline, "this tree": None}
         proxies: dict[str, ProxyProcess] = {}
