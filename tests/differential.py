@@ -279,8 +279,8 @@ class Runner:
             ["find", "count", "distinct", "agg", "insert", "insert_many", "update_one",
              "update_many", "replace", "upsert", "delete_one", "delete_many", "fam", "index",
              "estimated", "find_one_id", "other_write", "batch", "bulk", "noop", "wipe",
-             "txn", "view"],
-            weights=[16, 5, 4, 9, 6, 3, 7, 3, 3, 4, 4, 2, 6, 1, 1, 5, 2, 6, 4, 6, 0.5, 3, 3],
+             "txn", "view", "stats"],
+            weights=[16, 5, 4, 9, 6, 3, 7, 3, 3, 4, 4, 2, 6, 1, 1, 5, 2, 6, 4, 6, 0.5, 3, 3, 1],
         )[0]
         getattr(self, "op_" + op)()
 
@@ -330,6 +330,21 @@ class Runner:
     def op_estimated(self) -> None:
         col = self.col_of
         self.both("estimated_document_count()", lambda db: col(db).estimated_document_count())
+
+    def op_stats(self) -> None:
+        """What collStats and $collStats say of the documents (storage figures are the
+        stored collections', which differ by design)."""
+        col, name = self.col_of, self.coll
+
+        def fn(db: Database[Any]) -> Any:
+            try:
+                stats = db.command("collStats", name)
+            except OperationFailure as failure:
+                return failure.code
+            staged = list(col(db).aggregate([{"$collStats": {"count": {}}}]))
+            return ({k: stats.get(k) for k in ("count", "size", "avgObjSize", "nindexes")},
+                    sorted(stats.get("indexSizes", {})), [d.get("count") for d in staged])
+        self.both("collStats", fn)
 
     def op_distinct(self) -> None:
         key_ = self.rng.choice(["a", "s", "tags", "b.c", "b.d", "n", "u"])
