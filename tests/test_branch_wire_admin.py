@@ -193,8 +193,8 @@ def test_mongosh_uncaught_error_exits_non_zero(proxy: ProxyProcess) -> None:
 # -- unsupported commands on a branch port -----------------------------------------------------
 
 @pytest.mark.parametrize(("cmd", "what"), [
-    ({"createSearchIndexes": "items", "indexes": [{"definition": {"mappings": {}}}]},
-     "command 'createSearchIndexes' is not supported on branch"),
+    ({"setIndexCommitQuorum": "items", "indexNames": ["a_1"], "commitQuorum": 1},
+     "command 'setIndexCommitQuorum' is not supported on branch"),
     ({"mapReduce": "items", "map": "function() { emit(this._id, 1); }",
       "reduce": "function(k, v) { return 1; }", "out": {"inline": 1}},
      "mapReduce is not supported on branch"),
@@ -246,9 +246,10 @@ def test_change_stream_stage_after_the_first_is_refused_as_mongod_does(
 def test_unsupported_command_from_mongosh(made: Branches) -> None:
     branch = made.create()
     done = mongosh(branch["uri"], 'db.getSiblingDB("sh_db").runCommand('
-                                  '{createSearchIndexes: "items", indexes: []})')
+                                  '{setIndexCommitQuorum: "items", indexNames: ["a_1"], '
+                                  'commitQuorum: 1})')
     assert done.returncode != 0
     out = done.stdout + done.stderr
     assert "MongoServerError" in out
-    assert f"command 'createSearchIndexes' is not supported on branch '{branch['name']}'" \
+    assert f"command 'setIndexCommitQuorum' is not supported on branch '{branch['name']}'" \
         in out

@@ -151,6 +151,11 @@ _FILTERS = ("index filters belong to the server's collection and a query shape: 
             "client's shape matches; use a hint")
 # Commands a branch port refuses for good, and why (README, "Not supported on a branch
 # port"). Any other command outside BRANCH and FORWARDED is refused as not built yet.
+_SEARCH = ("Atlas Search indexes are built by a search service from the stored collections, "
+           "and score each document by statistics of the whole index: a branch's documents "
+           "are spread over the base and its overlays, which it would index and score apart")
+_USAGE = ("it reports the server's use of its stored collections, and a branch's are "
+          "overlays under reserved names beside main's; run it on the main port")
 REFUSED: dict[str, str] = {
     **dict.fromkeys(("mapReduce", "mapreduce"),
                     "mongod deprecates it since 5.0; run the equivalent aggregation ($group, "
@@ -166,7 +171,10 @@ REFUSED: dict[str, str] = {
         "replSetStepDown", "replSetFreeze", "replSetMaintenance", "replSetSyncFrom",
         "replSetResizeOplog", "addShard", "removeShard", "enableSharding",
         "shardCollection", "setDefaultRWConcern", "setClusterParameter", "logRotate",
-        "rotateCertificates", "profile", "setProfilingFilterGlobally"), _SERVER_WIDE),
+        "rotateCertificates", "profile", "setProfilingFilterGlobally", "dropConnections",
+        "autoCompact"), _SERVER_WIDE),
+    **dict.fromkeys(("createSearchIndexes", "updateSearchIndex", "dropSearchIndex"), _SEARCH),
+    "top": _USAGE,
 }
 
 # Commands that touch no collection data: forwarded unchanged from a branch port.
@@ -174,7 +182,8 @@ REFUSED: dict[str, str] = {
 FORWARDED = frozenset({
     "ping", "buildInfo", "buildinfo", "saslStart", "saslContinue",
     "authenticate", "logout", "endSessions", "startSession", "refreshSessions", "killSessions",
-    "killAllSessions", "serverStatus", "hostInfo", "whatsmyuri", "getLog", "getParameter",
+    "killAllSessions", "killAllSessionsByPattern", "getClusterParameter", "serverStatus",
+    "hostInfo", "whatsmyuri", "getLog", "getParameter",
     "connectionStatus", "getCmdLineOpts", "listDatabases", "getDefaultRWConcern", "features",
     "lockInfo", "currentOp", "killOp",
     "usersInfo", "rolesInfo", "atlasVersion", "getFreeMonitoringStatus", "listCommands",
