@@ -149,13 +149,13 @@ _FILTERS = ("index filters belong to the server's collection and a query shape: 
             "unchanged collection's are main's, and a changed one's queries reach the server "
             "in other shapes (unions, hidden ids excluded) that no filter set for the "
             "client's shape matches; use a hint")
-# Commands a branch port refuses for good, and why (README, "Not supported on a branch
-# port"). Any other command outside BRANCH and FORWARDED is refused as not built yet.
 _SEARCH = ("Atlas Search indexes are built by a search service from the stored collections, "
            "and score each document by statistics of the whole index: a branch's documents "
            "are spread over the base and its overlays, which it would index and score apart")
 _USAGE = ("it reports the server's use of its stored collections, and a branch's are "
           "overlays under reserved names beside main's; run it on the main port")
+# Commands a branch port refuses for good, and why (README, "Not supported on a branch
+# port"). Any other command outside BRANCH and FORWARDED is refused as not built yet.
 REFUSED: dict[str, str] = {
     **dict.fromkeys(("mapReduce", "mapreduce"),
                     "mongod deprecates it since 5.0; run the equivalent aggregation ($group, "
