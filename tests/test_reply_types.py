@@ -377,6 +377,7 @@ def collection_stats(run: Session) -> None:
         run({"aggregate": coll, "pipeline": [{"$collStats": {"storageStats": {}, "count": {}}}],
              "cursor": {}})
         run({"aggregate": coll, "pipeline": [{"$indexStats": {}}], "cursor": {}})
+    run({"dbStats": 1})
 
 
 CASES: dict[str, Case] = {f.__name__: f for f in (
