@@ -46,8 +46,13 @@ class _Figures:
     storage: int = 0
     free: int = 0
     indexes: dict[str, int] = field(default_factory=dict)
+    # Whether the upstream reports a non-empty collection's average size as a double
+    # (SecantusDB; mongod sends an integer), None until one is seen.
+    average_double: bool | None = None
 
     def add(self, stats: Stats) -> None:
+        if stats.get("count") and "avgObjSize" in stats:
+            self.average_double = isinstance(stats["avgObjSize"], float)
         self.count += int(stats.get("count") or 0)
         self.size += int(stats.get("size") or 0)
         self.storage += int(stats.get("storageSize") or 0)
@@ -138,8 +143,9 @@ def _restated(template: Stats, fig: _Figures, scale: int, names: list[str]) -> S
             out[key] = Int64(figures[key]) if isinstance(value, Int64) else figures[key]
         elif key == "avgObjSize":
             # mongod: the average of the unscaled sizes, an integer; an upstream that
-            # sends a double gets one.
-            if isinstance(value, float):
+            # sends a double for a non-empty collection gets one.
+            double = fig.average_double
+            if double if double is not None else isinstance(value, float):
                 out[key] = fig.size / fig.count if fig.count else 0.0
             else:
                 out[key] = fig.size // fig.count if fig.count else 0
@@ -155,14 +161,23 @@ def _scale(template: Stats) -> int:
     return int(scale) if isinstance(scale, int | float) and scale >= 1 else 1
 
 
-async def _storage(req: Request, coll: str, layers: list[NsState]) -> str:
-    """The collection whose report gives the reply its shape: the one holding the whole
-    view, else the first the view is stored in; a name the upstream never holds when
-    the branch shows no such collection, so that its answer for a missing one is the
-    user's."""
+async def _template(req: Request, coll: str, cmd_of: Callable[[str], dict[str, Any]]
+                    ) -> tuple[dict[str, Any], bool]:
+    """The upstream's reply to the command on the first collection the view is stored in
+    that it holds (an overlay is made on the branch's first write to it), which gives
+    the branch's reply its shape: with True. With False, a reply that is the user's as it
+    is: an error, or, for a collection the branch does not show, the upstream's answer
+    under a reserved name never created (its answer for a missing collection)."""
     if not await catalog.exists(req, coll):
-        return naming.absent(req.on_branch.bid, coll)
-    return views.whole(layers) or planner.sources(coll, layers)[0].coll
+        name = naming.absent(req.on_branch.bid, coll)
+        return _renamed(await req.run.reply(req.db, cmd_of(name)), req.db, name, coll), False
+    reply: dict[str, Any] = {}
+    for source in planner.sources(coll, req.layers(coll)):
+        reply = _renamed(await req.run.reply(req.db, cmd_of(source.coll)),
+                         req.db, source.coll, coll)
+        if reply.get("code") != Code.NAMESPACE_NOT_FOUND:
+            break
+    return reply, bool(reply.get("ok"))
 
 
 def _renamed(reply: dict[str, Any], db: str, inner: str, coll: str) -> dict[str, Any]:
@@ -184,11 +199,9 @@ async def coll_stats(req: Request) -> dict[str, Any] | None:
     if not layers:
         return None
     options = {k: v for k, v in req.cmd.items() if k != req.name and k not in SESSION_FIELDS}
-    first = await _storage(req, coll, layers)
-    reply = _renamed(await req.run.reply(req.db, {"collStats": first, **options}),
-                     req.db, first, coll)
-    if not reply.get("ok") or first != planner.sources(coll, layers)[0].coll:
-        return reply  # an error, the whole view's own collection, or a missing one
+    reply, view = await _template(req, coll, lambda name: {"collStats": name, **options})
+    if not view:
+        return reply
     fig = await _figures(req, coll, layers, _by_command)
     return _restated(reply, fig, _scale(reply), await _index_names(req, coll))
 
@@ -273,16 +286,14 @@ async def aggregate(req: Request, coll: str, layers: list[NsState]) -> dict[str,
     collection: the stage's documents for the branch view, then the user's other stages
     run over them by the upstream."""
     pipeline = list(req.cmd["pipeline"])
-    first = await _storage(req, coll, layers)
     head = {k: v for k, v in req.cmd.items() if k not in ("$db", "pipeline", "aggregate")}
-    reply = _renamed(await req.run.reply(req.db, {"aggregate": first, **head,
-                                                  "pipeline": pipeline[:1]}),
-                     req.db, first, coll)
+    reply, view = await _template(req, coll, lambda name: {"aggregate": name, **head,
+                                                           "pipeline": pipeline[:1]})
     if not reply.get("ok"):
         return reply
     docs = list(reply["cursor"]["firstBatch"])
     sources = [s.coll for s in planner.sources(coll, layers)]
-    if first == sources[0]:
+    if view:
         if "$collStats" in pipeline[0]:
             docs = [await _coll_stats_doc(req, coll, layers, doc) for doc in docs]
         else:
