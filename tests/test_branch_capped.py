@@ -23,13 +23,6 @@ from tests.servers import ProxyProcess
 
 
 @pytest.fixture()
-def made(proxy: ProxyProcess) -> Iterator[Branches]:
-    branches = Branches(proxy)
-    yield branches
-    branches.cleanup()
-
-
-@pytest.fixture()
 def db_name(direct: MongoClient) -> Iterator[str]:
     name = unique("capped").replace("-", "_")
     direct[name].t.insert_many([{"_id": i, "a": i, "s": "x" * 50} for i in range(40)])

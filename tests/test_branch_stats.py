@@ -23,13 +23,6 @@ VIEW_FIGURES = ("ns", "count", "size", "avgObjSize", "nindexes", "capped")
 
 
 @pytest.fixture()
-def made(proxy: ProxyProcess) -> Iterator[Branches]:
-    branches = Branches(proxy)
-    yield branches
-    branches.cleanup()
-
-
-@pytest.fixture()
 def db_name(direct: MongoClient) -> Iterator[str]:
     name = unique("stats").replace("-", "_")
     yield name
