@@ -43,6 +43,12 @@ class Request:
         assert self.branch is not None
         return self.branch
 
+    @property
+    def options(self) -> dict[str, Any]:
+        """The command's own fields: neither its name nor the session's (what a handler
+        passes on to the upstream's command on another collection)."""
+        return {k: v for k, v in self.cmd.items() if k != self.name and k not in SESSION_FIELDS}
+
     def layers(self, coll: str) -> list[NsState]:
         return self.engine.layers(self.on_branch, self.db, coll)
 

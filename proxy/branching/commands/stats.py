@@ -26,7 +26,7 @@ from bson.int64 import Int64
 from proxy.branching import naming, planner, views
 from proxy.branching.catalog import base_collections
 from proxy.branching.commands import catalog
-from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name, documents_stage
+from proxy.branching.commands.base import Request, carry, coll_name, documents_stage
 from proxy.branching.cursormerge import adopt
 from proxy.branching.errors import CommandError
 from proxy.branching.model import NsState
@@ -35,6 +35,9 @@ from proxy.wire.codes import Code
 Stats = dict[str, Any]
 # The stages that report on the collection instead of reading its documents.
 STAGES = frozenset({"$collStats", "$indexStats"})
+# Carried from the client's aggregation onto the one that runs its other stages.
+_CARRIED = ("let", "maxTimeMS", "comment", "lsid", "$clusterTime", "readConcern",
+            "apiVersion", "apiStrict", "apiDeprecationErrors", "allowDiskUse")
 
 
 @dataclass
@@ -170,17 +173,18 @@ async def _template(req: Request, coll: str, cmd_of: Callable[[str], dict[str, A
     under a reserved name never created (its answer for a missing collection)."""
     if not await catalog.exists(req, coll):
         name = naming.absent(req.on_branch.bid, coll)
-        return _renamed(await req.run.reply(req.db, cmd_of(name)), req.db, name, coll), False
+        return renamed(await req.run.reply(req.db, cmd_of(name)), req.db, name, coll), False
     reply: dict[str, Any] = {}
     for source in planner.sources(coll, req.layers(coll)):
-        reply = _renamed(await req.run.reply(req.db, cmd_of(source.coll)),
+        reply = renamed(await req.run.reply(req.db, cmd_of(source.coll)),
                          req.db, source.coll, coll)
         if reply.get("code") != Code.NAMESPACE_NOT_FOUND:
             break
     return reply, bool(reply.get("ok"))
 
 
-def _renamed(reply: dict[str, Any], db: str, inner: str, coll: str) -> dict[str, Any]:
+def renamed(reply: dict[str, Any], db: str, inner: str, coll: str) -> dict[str, Any]:
+    """A reply of the upstream's about a stored collection, naming the user's instead."""
     if "ns" in reply:
         reply["ns"] = f"{db}.{coll}"
     if isinstance(reply.get("errmsg"), str):
@@ -198,7 +202,7 @@ async def coll_stats(req: Request) -> dict[str, Any] | None:
     layers = req.layers(coll)
     if not layers:
         return None
-    options = {k: v for k, v in req.cmd.items() if k != req.name and k not in SESSION_FIELDS}
+    options = req.options
     reply, view = await _template(req, coll, lambda name: {"collStats": name, **options})
     if not view:
         return reply
@@ -212,11 +216,12 @@ async def db_stats(req: Request) -> dict[str, Any]:
     figures as `collStats` gives them there, summed into the upstream's own report of
     the database (its shape, its engine's fields). Views are counted apart from
     collections, as mongod counts them."""
-    options = {k: v for k, v in req.cmd.items() if k != req.name and k not in SESSION_FIELDS}
+    options = req.options
     reply = await req.run.reply(req.db, {"dbStats": 1, **options})
     if not reply.get("ok"):
         return reply
     fig = _Figures()
+    index_total = 0
     counted = {"collections": 0, "views": 0, "indexes": 0}
     if req.branch is not None:
         shown = await catalog.visible_collections(req)
@@ -244,10 +249,8 @@ async def db_stats(req: Request) -> dict[str, Any]:
         fig.size += one.size
         fig.storage += one.storage
         fig.free += one.free
-        for index in names:
-            fig.indexes[f"{name}.{index}"] = one.indexes.get(index, 0)
+        index_total += sum(one.indexes.get(index, 0) for index in names)
     scale = _scale(reply)
-    index_total = sum(fig.indexes.values())
     figures: dict[str, Any] = {
         **counted, "objects": fig.count, "dataSize": fig.size / scale,
         "storageSize": fig.storage / scale, "indexSize": index_total / scale,
@@ -304,10 +307,7 @@ async def aggregate(req: Request, coll: str, layers: list[NsState]) -> dict[str,
     rewritten = planner.rewrite(pipeline[1:], req.layers, req.on_branch.name)
     cmd = {"aggregate": 1, "pipeline": [documents_stage(docs), *rewritten],
            "cursor": req.cmd.get("cursor", {})}
-    for key in ("let", "maxTimeMS", "comment", "lsid", "$clusterTime", "readConcern",
-                "apiVersion", "apiStrict", "apiDeprecationErrors", "allowDiskUse"):
-        if key in req.cmd:
-            cmd[key] = req.cmd[key]
+    carry(req.cmd, cmd, _CARRIED)
     out = await req.run.reply(req.db, cmd)
     return adopt(req.engine.cursors, req.db, coll, "$cmd.aggregate", out, req.cmd.get("lsid"))
 

@@ -17,21 +17,17 @@ from typing import Any
 
 from proxy.branching import naming
 from proxy.branching.commands import catalog
-from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
+from proxy.branching.commands.base import Request, coll_name
+from proxy.branching.commands.stats import renamed
 from proxy.wire.codes import Code
-
-
-def _named(reply: dict[str, Any], inner: str, coll: str) -> dict[str, Any]:
-    if isinstance(reply.get("errmsg"), str):
-        reply["errmsg"] = reply["errmsg"].replace(inner, coll)
-    return reply
 
 
 async def upkeep(req: Request) -> dict[str, Any] | None:
     coll = coll_name(req)
-    options = {k: v for k, v in req.cmd.items() if k != req.name and k not in SESSION_FIELDS}
+    options = req.options
     absent = naming.absent(req.on_branch.bid, coll)
-    judged = _named(await req.run.reply(req.db, {req.name: absent, **options}), absent, coll)
+    judged = renamed(await req.run.reply(req.db, {req.name: absent, **options}), req.db,
+                     absent, coll)
     if not judged.get("ok") and judged.get("code") != Code.NAMESPACE_NOT_FOUND:
         return judged
     if not await catalog.exists(req, coll):
@@ -45,7 +41,7 @@ async def upkeep(req: Request) -> dict[str, Any] | None:
             if reply.get("ok"):
                 replies.append(reply)
             elif reply.get("code") != Code.NAMESPACE_NOT_FOUND:  # not made yet: skipped
-                return _named(reply, name, coll)
+                return renamed(reply, req.db, name, coll)
     if req.name == "compact":
         return _summed(replies)
     if req.name == "reIndex":

@@ -16,7 +16,7 @@ from typing import Any
 
 from proxy.branching import planner
 from proxy.branching.commands import read
-from proxy.branching.commands.base import SESSION_FIELDS, Request, coll_name
+from proxy.branching.commands.base import Request, coll_name
 from proxy.branching.commands.catalog import exists
 from proxy.branching.errors import CommandError
 from proxy.wire.codes import Code
@@ -34,7 +34,7 @@ async def validate(req: Request) -> dict[str, Any] | None:
     if not await exists(req, coll):
         raise CommandError(Code.NAMESPACE_NOT_FOUND,
                            f"Collection '{ns}' does not exist to validate.")
-    options = {k: v for k, v in req.cmd.items() if k != "validate" and k not in SESSION_FIELDS}
+    options = req.options
     storage = [side.coll for side in planner.sources(coll, layers)]
     storage += [layer.hidden for layer in layers]
     replies = []
